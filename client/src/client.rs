@@ -1,0 +1,204 @@
+//! An async client for `keyhavend` that pipelines: many requests may be in
+//! flight on one connection, each answered through its own channel when its
+//! response (matched by id) arrives.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{oneshot, Mutex as AsyncMutex};
+
+use crate::context::EncryptionContext;
+use crate::error::Error;
+use crate::frame::{encode_frame, read_frame, write_frame};
+use crate::names::KeyPath;
+use crate::wire::{self, Operation, RequestFrame, ResponseFrame, SecretBytes};
+
+/// Environment variable naming the daemon's socket.
+pub const SOCKET_ENV: &str = "KEYHAVEN_SOCKET";
+
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Value, Error>>>>>>;
+
+/// A connection to the daemon. Cheap to share behind an `Arc`; every method
+/// takes `&self` and calls may run concurrently.
+pub struct Client {
+    writer: AsyncMutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    /// Connects to the socket at `path` and says `hello`.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
+        let client = Client::from_stream(stream);
+        let hello = wire::Hello {
+            protocol: wire::PROTOCOL_VERSION,
+            client: Some(format!("keyhaven/{}", env!("CARGO_PKG_VERSION"))),
+        };
+        client.call(&hello).await?;
+        Ok(client)
+    }
+
+    /// The socket path from `$KEYHAVEN_SOCKET`, if set.
+    pub fn socket_from_env() -> Option<PathBuf> {
+        std::env::var_os(SOCKET_ENV).map(PathBuf::from)
+    }
+
+    /// Wraps an already connected stream (no `hello` is sent).
+    pub fn from_stream(stream: UnixStream) -> Client {
+        let (mut read, write) = stream.into_split();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let table = pending.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let end = loop {
+                match read_frame(&mut read, &mut buf).await {
+                    Ok(true) => {}
+                    Ok(false) => break Error::Closed,
+                    Err(e) => break e,
+                }
+                let frame: ResponseFrame = match serde_json::from_slice(&buf) {
+                    Ok(f) => f,
+                    Err(e) => break Error::Protocol(format!("undecodable response: {e}")),
+                };
+                let result = match (frame.ok, frame.error) {
+                    (_, Some(e)) => Err(Error::Daemon { code: e.code, message: e.message }),
+                    (Some(v), None) => Ok(v),
+                    (None, None) => Err(Error::Protocol("response without ok or error".into())),
+                };
+                let waiter = frame.id.and_then(|id| {
+                    table.lock().expect("pending lock").as_mut().and_then(|m| m.remove(&id))
+                });
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(result);
+                    }
+                    // An error without a request id concerns the connection as a whole.
+                    None => {
+                        if let Err(e) = result {
+                            break e;
+                        }
+                    }
+                }
+            };
+            // Fail every call still waiting, and refuse new ones.
+            let waiters = table.lock().expect("pending lock").take().unwrap_or_default();
+            for (_, tx) in waiters {
+                let _ = tx.send(Err(match &end {
+                    Error::Daemon { code, message } => {
+                        Error::Daemon { code: *code, message: message.clone() }
+                    }
+                    _ => Error::Closed,
+                }));
+            }
+        });
+        Client { writer: AsyncMutex::new(write), pending, next_id: AtomicU64::new(1), reader }
+    }
+
+    /// Sends any operation and waits for its typed response.
+    pub async fn call<O: Operation>(&self, params: &O) -> Result<O::Response, Error> {
+        let params = serde_json::to_value(params).map_err(|e| Error::Protocol(e.to_string()))?;
+        let value = self.call_raw(O::OP, params).await?;
+        serde_json::from_value(value).map_err(|e| Error::Protocol(format!("bad `{}` response: {e}", O::OP)))
+    }
+
+    /// Sends an operation by name with raw JSON params (for tools and tests).
+    pub async fn call_raw(&self, op: &str, params: Value) -> Result<Value, Error> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(&RequestFrame { id, op: op.to_owned(), params })?;
+        let (tx, rx) = oneshot::channel();
+        match self.pending.lock().expect("pending lock").as_mut() {
+            Some(map) => map.insert(id, tx),
+            None => return Err(Error::Closed),
+        };
+        let sent = write_frame(&mut *self.writer.lock().await, &frame).await;
+        if let Err(e) = sent {
+            if let Some(map) = self.pending.lock().expect("pending lock").as_mut() {
+                map.remove(&id);
+            }
+            return Err(e);
+        }
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Daemon, token and store status.
+    pub async fn health(&self) -> Result<wire::HealthResponse, Error> {
+        self.call(&wire::Health {}).await
+    }
+
+    /// Creates a named key.
+    pub async fn key_create(&self, path: &KeyPath) -> Result<wire::KeyInfo, Error> {
+        self.call(&wire::KeyCreate { tenant: path.tenant().into(), key: path.key().into() }).await
+    }
+
+    /// Lists named keys, of one tenant or all.
+    pub async fn key_list(&self, tenant: Option<&str>) -> Result<Vec<wire::KeyInfo>, Error> {
+        Ok(self.call(&wire::KeyList { tenant: tenant.map(Into::into) }).await?.keys)
+    }
+
+    /// Encrypts up to 64 KiB; returns the text ciphertext and its metadata.
+    pub async fn encrypt(
+        &self,
+        path: &KeyPath,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<wire::EncryptResponse, Error> {
+        let req = wire::Encrypt {
+            tenant: path.tenant().into(),
+            key: path.key().into(),
+            plaintext: SecretBytes::from_slice(plaintext),
+            context: context.clone(),
+        };
+        self.call(&req).await
+    }
+
+    /// Decrypts a text ciphertext.
+    pub async fn decrypt(
+        &self,
+        ciphertext: &str,
+        context: &EncryptionContext,
+    ) -> Result<wire::DecryptResponse, Error> {
+        self.call(&wire::Decrypt { ciphertext: ciphertext.into(), context: context.clone() }).await
+    }
+
+    /// Generates a data key under `path`; with `include_plaintext` false
+    /// only the envelope comes back.
+    pub async fn datakey(
+        &self,
+        path: &KeyPath,
+        context: &EncryptionContext,
+        include_plaintext: bool,
+    ) -> Result<wire::DatakeyResponse, Error> {
+        let req = wire::Datakey {
+            tenant: path.tenant().into(),
+            key: path.key().into(),
+            context: context.clone(),
+            include_plaintext,
+        };
+        self.call(&req).await
+    }
+
+    /// Unwraps a data key from its text envelope.
+    pub async fn datakey_decrypt(
+        &self,
+        envelope: &str,
+        context: &EncryptionContext,
+    ) -> Result<wire::DecryptResponse, Error> {
+        self.call(&wire::DatakeyDecrypt { envelope: envelope.into(), context: context.clone() }).await
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}

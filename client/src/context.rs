@@ -1,0 +1,151 @@
+//! The encryption context: caller-chosen key/value pairs that are bound to an
+//! envelope as additional authenticated data but never stored in it. The same
+//! pairs must be given again to decrypt (as with an AWS KMS encryption
+//! context). Canonical encoding: docs/ENVELOPE.md §4.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Most pairs in one context.
+pub const MAX_PAIRS: usize = 32;
+/// Longest key, in bytes.
+pub const MAX_KEY_LEN: usize = 128;
+/// Longest value, in bytes.
+pub const MAX_VALUE_LEN: usize = 1024;
+
+/// An encryption context. Keys are unique and kept in byte order, which is
+/// the order of the canonical encoding.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl EncryptionContext {
+    /// An empty context.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a pair, refusing a duplicate key.
+    pub fn insert(&mut self, key: &str, value: &str) -> Result<(), Error> {
+        if self.0.contains_key(key) {
+            return Err(Error::InvalidContext(format!("key `{key}` given twice")));
+        }
+        self.0.insert(key.to_owned(), value.to_owned());
+        self.validate()
+    }
+
+    /// Parses `key=value` arguments, as the CLI takes them.
+    pub fn from_pairs<I, S>(pairs: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut ctx = Self::new();
+        for pair in pairs {
+            let pair = pair.as_ref();
+            let (k, v) = pair.split_once('=').ok_or_else(|| {
+                Error::InvalidContext(format!("`{pair}` is not of the form key=value"))
+            })?;
+            ctx.insert(k, v)?;
+        }
+        Ok(ctx)
+    }
+
+    /// Checks the limits of docs/ENVELOPE.md §4.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.0.len() > MAX_PAIRS {
+            return Err(Error::InvalidContext(format!(
+                "{} pairs, at most {MAX_PAIRS} are allowed",
+                self.0.len()
+            )));
+        }
+        for (k, v) in &self.0 {
+            if k.is_empty() || k.len() > MAX_KEY_LEN {
+                return Err(Error::InvalidContext(format!(
+                    "key of {} bytes, keys are 1 to {MAX_KEY_LEN} bytes",
+                    k.len()
+                )));
+            }
+            if v.len() > MAX_VALUE_LEN {
+                return Err(Error::InvalidContext(format!(
+                    "value of key `{k}` is {} bytes, at most {MAX_VALUE_LEN} are allowed",
+                    v.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// True when there are no pairs.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The keys, in canonical order (values are deliberately not exposed
+    /// through this iterator, so that logging the keys is easy and safe).
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// The canonical encoding (docs/ENVELOPE.md §4): a u16 count, then for
+    /// each pair in byte order of the key, a u16 key length, the key, a u16
+    /// value length, the value; all lengths big-endian. Call
+    /// [`validate`](Self::validate) first: the limits keep every length in a u16.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.0.len() as u16).to_be_bytes());
+        for (k, v) in &self.0 {
+            out.extend_from_slice(&(k.len() as u16).to_be_bytes());
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            out.extend_from_slice(v.as_bytes());
+        }
+    }
+}
+
+/// Shows the keys only: values may be identifying data (a user id, an email).
+impl fmt::Debug for EncryptionContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.keys()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_is_canonical_and_exact() {
+        let a = EncryptionContext::from_pairs(["b=2", "a=1"]).unwrap();
+        let b = EncryptionContext::from_pairs(["a=1", "b=2"]).unwrap();
+        let (mut ea, mut eb) = (Vec::new(), Vec::new());
+        a.encode(&mut ea);
+        b.encode(&mut eb);
+        assert_eq!(ea, eb);
+        assert_eq!(ea, b"\x00\x02\x00\x01a\x00\x011\x00\x01b\x00\x012");
+        let mut empty = Vec::new();
+        EncryptionContext::new().encode(&mut empty);
+        assert_eq!(empty, b"\x00\x00");
+    }
+
+    #[test]
+    fn refuses_bad_pairs() {
+        assert!(EncryptionContext::from_pairs(["novalue"]).is_err());
+        assert!(EncryptionContext::from_pairs(["=v"]).is_err());
+        assert!(EncryptionContext::from_pairs(["a=1", "a=2"]).is_err());
+        let long = format!("k={}", "v".repeat(MAX_VALUE_LEN + 1));
+        assert!(EncryptionContext::from_pairs([long]).is_err());
+        let many: Vec<String> = (0..=MAX_PAIRS).map(|i| format!("k{i}=v")).collect();
+        assert!(EncryptionContext::from_pairs(many).is_err());
+    }
+
+    #[test]
+    fn debug_hides_values() {
+        let c = EncryptionContext::from_pairs(["user=alice@example.com"]).unwrap();
+        let s = format!("{c:?}");
+        assert!(s.contains("user") && !s.contains("alice"), "{s}");
+    }
+}

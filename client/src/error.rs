@@ -1,0 +1,133 @@
+//! The client crate's error type and the daemon's wire error codes.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A stable, machine-readable error code, as sent on the wire
+/// (docs/PROTOCOL.md §4). Codes are never renamed; new ones may be added,
+/// and an older client reads them as [`ErrorCode::Unknown`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The request is malformed: bad JSON, a missing or mistyped field, bad
+    /// base64, an invalid name or context.
+    BadRequest,
+    /// The `op` is not one the daemon knows.
+    UnknownOperation,
+    /// The client speaks a protocol version the daemon does not.
+    UnsupportedProtocol,
+    /// A frame was longer than the maximum; the connection is closed.
+    FrameTooLarge,
+    /// A plaintext over the `encrypt` limit (use data keys instead).
+    PayloadTooLarge,
+    /// An envelope or ciphertext that does not parse.
+    BadEnvelope,
+    /// An envelope or ciphertext that parses but does not authenticate:
+    /// altered, or a wrong encryption context.
+    Integrity,
+    /// The tenant, key or key version does not exist.
+    NotFound,
+    /// The thing to create exists already.
+    AlreadyExists,
+    /// The caller may not do this.
+    PermissionDenied,
+    /// The key or scope has been revoked.
+    Revoked,
+    /// The daemon is overloaded; retry later.
+    Busy,
+    /// The HSM cannot be used right now.
+    HsmUnavailable,
+    /// The store cannot be read or written.
+    StoreUnavailable,
+    /// A fault inside the daemon; its log says more.
+    Internal,
+    /// A code this client version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The code as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOperation => "unknown_operation",
+            ErrorCode::UnsupportedProtocol => "unsupported_protocol",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::BadEnvelope => "bad_envelope",
+            ErrorCode::Integrity => "integrity",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::Revoked => "revoked",
+            ErrorCode::Busy => "busy",
+            ErrorCode::HsmUnavailable => "hsm_unavailable",
+            ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything that can go wrong in the client crate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tenant or key name breaks the naming rules.
+    #[error("invalid {0}")]
+    InvalidName(String),
+    /// An encryption context breaks the rules of docs/ENVELOPE.md §4.
+    #[error("invalid encryption context: {0}")]
+    InvalidContext(String),
+    /// An envelope or ciphertext does not parse.
+    #[error("malformed {0}")]
+    Envelope(String),
+    /// The daemon's socket could not be reached.
+    #[error("daemon not reachable at {}: {source}", path.display())]
+    Connect {
+        /// The socket path that was tried.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// Reading or writing the socket failed.
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon closed the connection.
+    #[error("the daemon closed the connection")]
+    Closed,
+    /// A frame over the size limit.
+    #[error("frame of {0} bytes is over the limit of {max} bytes", max = crate::frame::MAX_FRAME_LEN)]
+    FrameTooLarge(usize),
+    /// The peer sent something that is not the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The daemon answered with an error.
+    #[error("{message} ({code})")]
+    Daemon {
+        /// The stable code.
+        code: ErrorCode,
+        /// The daemon's human-readable message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The daemon's error code, when the daemon answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Daemon { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Keyhaven client: everything an application needs to talk to `keyhavend`,
+//! without linking PKCS#11 or a database.
+//!
+//! # Layout
+//!
+//! - [`names`]: the rules for tenant and key names (`acme/pii`).
+//! - [`context`]: the encryption context and its canonical encoding
+//!   (docs/ENVELOPE.md §4).
+//! - [`envelope`]: the data-key envelope and ciphertext formats, binary and
+//!   text (docs/ENVELOPE.md). Parsing only checks structure; authenticity is
+//!   the daemon's (or, for ciphertexts, the key holder's) business.
+//! - [`frame`]: length-prefixed frames on the socket (docs/PROTOCOL.md §1).
+//! - [`wire`]: the JSON requests, responses and error codes
+//!   (docs/PROTOCOL.md §2–4).
+//! - [`client`]: an async client that pipelines requests on one connection.
+//! - [`error`]: the crate's error type.
+//!
+//! The daemon depends on this crate for the wire and envelope types, so the
+//! two can never disagree about the format.
+
+pub mod client;
+pub mod context;
+pub mod envelope;
+pub mod error;
+pub mod frame;
+pub mod names;
+pub mod secret;
+pub mod wire;
+
+pub use client::Client;
+pub use context::EncryptionContext;
+pub use envelope::{Ciphertext, Envelope, EnvelopeId};
+pub use error::{Error, ErrorCode};
+pub use names::KeyPath;

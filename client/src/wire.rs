@@ -1,0 +1,282 @@
+//! The JSON messages inside frames (docs/PROTOCOL.md §2–4).
+//!
+//! A request is `{"id": N, "op": "name", "params": {...}}`; its response is
+//! `{"id": N, "ok": {...}}` or `{"id": N, "error": {"code": "...",
+//! "message": "..."}}`. Responses may come back in any order: the id pairs
+//! them. Each operation is a params type implementing [`Operation`], which
+//! names its response type; unknown fields are refused.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::context::EncryptionContext;
+use crate::error::ErrorCode;
+pub use crate::secret::SecretBytes;
+
+/// The protocol version spoken by this crate.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest plaintext `encrypt` takes (64 KiB); larger data wants data keys.
+pub const MAX_ENCRYPT_PLAINTEXT: usize = 64 * 1024;
+
+/// A request frame body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestFrame {
+    /// Chosen by the client; echoed in the response.
+    pub id: u64,
+    /// The operation's name.
+    pub op: String,
+    /// The operation's parameters (an object; may be omitted when empty).
+    #[serde(default)]
+    pub params: Value,
+}
+
+/// A response frame body: exactly one of `ok` and `error` is present.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    /// The request's id; `null` when the request was too broken to have one.
+    pub id: Option<u64>,
+    /// The result, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<Value>,
+    /// The error, on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<WireError>,
+}
+
+/// An error on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireError {
+    /// Stable machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable message naming the thing concerned.
+    pub message: String,
+}
+
+/// An operation: its params type, its name on the wire and its response.
+pub trait Operation: Serialize + DeserializeOwned {
+    /// The `op` string.
+    const OP: &'static str;
+    /// What a successful call returns.
+    type Response: Serialize + DeserializeOwned;
+}
+
+macro_rules! operation {
+    ($params:ty, $op:literal, $resp:ty) => {
+        impl Operation for $params {
+            const OP: &'static str = $op;
+            type Response = $resp;
+        }
+    };
+}
+
+/// `hello`: agree on the protocol version (PROTOCOL.md §3.1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// The client's protocol version.
+    pub protocol: u32,
+    /// Free text naming the client, for the daemon's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+}
+
+/// Answer to `hello`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelloResponse {
+    /// The daemon's protocol version.
+    pub protocol: u32,
+    /// The daemon's name and version.
+    pub server: String,
+}
+operation!(Hello, "hello", HelloResponse);
+
+/// `health`: daemon, token and store status (PROTOCOL.md §3.2).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {}
+
+/// Answer to `health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealthResponse {
+    /// `ok` when everything works, else `degraded`.
+    pub status: String,
+    /// The daemon's version.
+    pub version: String,
+    /// The token.
+    pub token: TokenHealth,
+    /// The store.
+    pub store: StoreHealth,
+}
+operation!(Health, "health", HealthResponse);
+
+/// The token part of `health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenHealth {
+    /// Whether a probe call to the token succeeded.
+    pub ok: bool,
+    /// The token's label.
+    pub label: String,
+    /// The master key version in use.
+    pub master_key_version: u32,
+    /// Number of HSM worker threads.
+    pub workers: usize,
+    /// The error of the probe, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The store part of `health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreHealth {
+    /// Whether the store answered.
+    pub ok: bool,
+    /// Number of named keys.
+    pub keys: u64,
+}
+
+/// `key_create`: a new named key at version 1 (PROTOCOL.md §3.3).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyCreate {
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+}
+
+/// A named key as `key_create` and `key_list` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+    /// The version new data keys are wrapped with.
+    pub current_version: u32,
+    /// All versions that exist.
+    pub versions: Vec<u32>,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+}
+operation!(KeyCreate, "key_create", KeyInfo);
+
+/// `key_list`: named keys, of one tenant or all (PROTOCOL.md §3.4).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyList {
+    /// Only this tenant's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// Answer to `key_list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyListResponse {
+    /// The keys, sorted by tenant then key.
+    pub keys: Vec<KeyInfo>,
+}
+operation!(KeyList, "key_list", KeyListResponse);
+
+/// `encrypt`: encrypt up to 64 KiB under a fresh data key (PROTOCOL.md §3.5).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encrypt {
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+    /// The secret, base64.
+    pub plaintext: SecretBytes,
+    /// Encryption context; must be given again to decrypt.
+    #[serde(default, skip_serializing_if = "EncryptionContext::is_empty")]
+    pub context: EncryptionContext,
+}
+
+/// Answer to `encrypt`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EncryptResponse {
+    /// Text form of the ciphertext (`khc1:…`).
+    pub ciphertext: String,
+    /// The embedded data key's envelope id.
+    pub envelope_id: String,
+    /// The key version used.
+    pub key_version: u32,
+}
+operation!(Encrypt, "encrypt", EncryptResponse);
+
+/// `decrypt`: reverse `encrypt` (PROTOCOL.md §3.6).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decrypt {
+    /// Text form of the ciphertext.
+    pub ciphertext: String,
+    /// The encryption context given to `encrypt`.
+    #[serde(default, skip_serializing_if = "EncryptionContext::is_empty")]
+    pub context: EncryptionContext,
+}
+
+/// Answer to `decrypt` and `datakey_decrypt`: the secret and where it came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecryptResponse {
+    /// The plaintext (or data key), base64.
+    pub plaintext: SecretBytes,
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+    /// Key version.
+    pub key_version: u32,
+    /// Envelope id.
+    pub envelope_id: String,
+}
+operation!(Decrypt, "decrypt", DecryptResponse);
+
+/// `datakey`: a new data key and its envelope (PROTOCOL.md §3.7).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Datakey {
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+    /// Encryption context bound to the envelope.
+    #[serde(default, skip_serializing_if = "EncryptionContext::is_empty")]
+    pub context: EncryptionContext,
+    /// Whether to return the plaintext data key (default true).
+    #[serde(default = "yes")]
+    pub include_plaintext: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Answer to `datakey`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatakeyResponse {
+    /// Text form of the envelope (`khe1:…`).
+    pub envelope: String,
+    /// Envelope id.
+    pub envelope_id: String,
+    /// Key version.
+    pub key_version: u32,
+    /// The 32-byte data key, base64; absent with `include_plaintext: false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<SecretBytes>,
+}
+operation!(Datakey, "datakey", DatakeyResponse);
+
+/// `datakey_decrypt`: unwrap a data key from its envelope (PROTOCOL.md §3.8).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatakeyDecrypt {
+    /// Text form of the envelope.
+    pub envelope: String,
+    /// The encryption context given to `datakey`.
+    #[serde(default, skip_serializing_if = "EncryptionContext::is_empty")]
+    pub context: EncryptionContext,
+}
+operation!(DatakeyDecrypt, "datakey_decrypt", DecryptResponse);
