@@ -1,1 +1,84 @@
-fn main(){}
+//! The `keyhavend` binary: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keyhavend::config::Config;
+use keyhavend::{daemon, dev, init};
+
+/// Keyhaven daemon: HSM-backed key management over a Unix socket.
+#[derive(Parser)]
+#[command(name = "keyhavend", version)]
+struct Cli {
+    /// Configuration file (same as `run --config FILE`).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create (first run) or reuse a local dev install with a SoftHSM2 token, and run it.
+    Dev {
+        /// Folder of the dev install.
+        #[arg(long, default_value = ".keyhaven-dev")]
+        dir: PathBuf,
+    },
+    /// Create the master key in an existing token and an empty store.
+    Init,
+    /// Run the daemon.
+    Run,
+}
+
+fn main() -> ExitCode {
+    // Everything the daemon creates (store files, dev files) is private by default.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEYHAVEN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyhavend: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
+    let path = config.ok_or_else(|| anyhow::anyhow!("--config FILE is required"))?;
+    let config = Config::load(&path)?;
+    daemon::prepare_environment(&config);
+    Ok(config)
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Dev { dir }) => {
+            let path = dev::prepare(&dir)?;
+            let config = load(Some(path))?;
+            daemon::run(config, |c| {
+                println!("export KEYHAVEN_SOCKET={}", c.socket.display());
+            })
+        }
+        Some(Command::Init) => {
+            let config = load(cli.config)?;
+            init::initialise(&config)?;
+            println!(
+                "initialised: master key `{}-v1` in token `{}`, store at {}",
+                config.hsm.master_key_label,
+                config.hsm.token_label,
+                config.store.display()
+            );
+            Ok(())
+        }
+        Some(Command::Run) | None => daemon::run(load(cli.config)?, |_| {}),
+    }
+}

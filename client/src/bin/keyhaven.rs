@@ -1,1 +1,230 @@
-fn main(){}
+//! The `keyhaven` command line: a thin shell over [`keyhaven::Client`].
+//! Every failure prints one line naming the problem and exits non-zero.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use keyhaven::wire::MAX_ENCRYPT_PLAINTEXT;
+use keyhaven::{Client, EncryptionContext, KeyPath};
+
+/// Default socket when neither --socket nor $KEYHAVEN_SOCKET is given.
+const DEFAULT_SOCKET: &str = "/run/keyhaven/keyhaven.sock";
+
+/// Keyhaven client: keys, data keys and encryption from the keyhavend daemon.
+#[derive(Parser)]
+#[command(name = "keyhaven", version)]
+struct Cli {
+    /// The daemon's socket [default: $KEYHAVEN_SOCKET, else /run/keyhaven/keyhaven.sock].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Daemon, token and store status.
+    Health,
+    /// Named keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Encrypt stdin (at most 64 KiB) under TENANT/KEY; the text ciphertext goes to stdout.
+    Encrypt {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+        #[command(flatten)]
+        context: ContextArgs,
+        /// Print the whole response as JSON (ciphertext, envelope id, key version).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decrypt a text ciphertext from stdin; the plaintext goes to stdout.
+    Decrypt {
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+    /// Data keys: `datakey TENANT/KEY` makes one; `datakey decrypt` unwraps one.
+    Datakey(DatakeyArgs),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a named key (version 1, generated in the HSM).
+    Create {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+    },
+    /// List named keys, all or one tenant's.
+    List {
+        /// Only this tenant.
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct DatakeyArgs {
+    #[command(subcommand)]
+    sub: Option<DatakeySub>,
+    /// The key, as TENANT/KEY.
+    #[arg(required = true)]
+    key: Option<KeyPath>,
+    #[command(flatten)]
+    context: ContextArgs,
+    /// Return only the envelope, not the plaintext data key.
+    #[arg(long)]
+    no_plaintext: bool,
+}
+
+#[derive(Subcommand)]
+enum DatakeySub {
+    /// Unwrap the data key of an envelope read from stdin; prints JSON with the plaintext.
+    Decrypt {
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+}
+
+#[derive(Args)]
+struct ContextArgs {
+    /// Encryption context pair; repeat for more. Needed again to decrypt.
+    #[arg(long = "context", value_name = "KEY=VALUE")]
+    pairs: Vec<String>,
+}
+
+impl ContextArgs {
+    fn parse(&self) -> Result<EncryptionContext, keyhaven::Error> {
+        EncryptionContext::from_pairs(&self.pairs)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyhaven: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyhaven: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A CLI failure: one line for the user.
+struct Failure(String);
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<keyhaven::Error> for Failure {
+    fn from(e: keyhaven::Error) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+fn read_stdin(limit: usize, what: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, Failure> {
+    let mut buf = zeroize::Zeroizing::new(Vec::new());
+    std::io::stdin().take(limit as u64 + 1).read_to_end(&mut buf)?;
+    if buf.len() > limit {
+        return Err(Failure(format!("{what} on stdin is over {limit} bytes")));
+    }
+    Ok(buf)
+}
+
+fn read_stdin_text(what: &str) -> Result<String, Failure> {
+    let raw = read_stdin(keyhaven::frame::MAX_FRAME_LEN, what)?;
+    let text = std::str::from_utf8(&raw).map_err(|_| Failure(format!("{what} on stdin is not text")))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(Failure(format!("no {what} on stdin")));
+    }
+    Ok(text.to_owned())
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
+    let text = zeroize::Zeroizing::new(
+        serde_json::to_string_pretty(value).map_err(|e| Failure(e.to_string()))?,
+    );
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", *text)?;
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let socket = cli
+        .socket
+        .or_else(Client::socket_from_env)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    // Arguments are checked before connecting, so usage errors need no daemon.
+    let context = match &cli.command {
+        Command::Encrypt { context, .. } | Command::Decrypt { context } => Some(context.parse()?),
+        Command::Datakey(d) => match &d.sub {
+            Some(DatakeySub::Decrypt { context }) => Some(context.parse()?),
+            None => Some(d.context.parse()?),
+        },
+        _ => None,
+    }
+    .unwrap_or_default();
+    let input = match &cli.command {
+        Command::Encrypt { .. } => {
+            let data = read_stdin(MAX_ENCRYPT_PLAINTEXT, "input")
+                .map_err(|_| Failure(format!(
+                    "input is over the 64 KiB limit of `encrypt`; use `keyhaven datakey` and encrypt locally"
+                )))?;
+            Some(data)
+        }
+        _ => None,
+    };
+    let client = Client::connect(&socket).await?;
+    match cli.command {
+        Command::Health => print_json(&client.health().await?),
+        Command::Key(KeyCommand::Create { key }) => print_json(&client.key_create(&key).await?),
+        Command::Key(KeyCommand::List { tenant }) => {
+            let keys = client.key_list(tenant.as_deref()).await?;
+            print_json(&serde_json::json!({ "keys": keys }))
+        }
+        Command::Encrypt { key, json, .. } => {
+            let plaintext = input.unwrap_or_default();
+            let resp = client.encrypt(&key, &plaintext, &context).await?;
+            if json {
+                print_json(&resp)
+            } else {
+                println!("{}", resp.ciphertext);
+                Ok(())
+            }
+        }
+        Command::Decrypt { .. } => {
+            let ct = read_stdin_text("ciphertext")?;
+            let resp = client.decrypt(&ct, &context).await?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(resp.plaintext.expose())?;
+            out.flush()?;
+            Ok(())
+        }
+        Command::Datakey(DatakeyArgs { sub: Some(DatakeySub::Decrypt { .. }), .. }) => {
+            let env = read_stdin_text("envelope")?;
+            print_json(&client.datakey_decrypt(&env, &context).await?)
+        }
+        Command::Datakey(DatakeyArgs { key, no_plaintext, .. }) => {
+            let key = key.ok_or_else(|| Failure("datakey needs TENANT/KEY".into()))?;
+            print_json(&client.datakey(&key, &context, !no_plaintext).await?)
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The daemon's TOML configuration. `keyhavend dev` writes one; production
+//! installs write their own (see docs/OPERATIONS.md for an annotated
+//! example). The PIN is never inline: it comes from a file or an
+//! environment variable.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::hsm::HsmConfig;
+use crate::secret::Pin;
+
+/// Whether the daemon runs for development or production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Created by `keyhavend dev`: a SoftHSM2 token in a local folder.
+    Dev,
+    /// Everything else.
+    #[default]
+    Production,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `dev` or `production` (default).
+    #[serde(default)]
+    pub mode: Mode,
+    /// Path of the Unix socket to listen on.
+    pub socket: PathBuf,
+    /// Directory of the store.
+    pub store: PathBuf,
+    /// The token.
+    pub hsm: HsmSection,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[hsm]`: where the master key lives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmSection {
+    /// Path of the PKCS#11 module.
+    pub module: PathBuf,
+    /// Label of the token.
+    pub token_label: String,
+    /// File holding the user PIN (first line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_env: Option<String>,
+    /// Base label of the master key (version N is `{label}-vN`).
+    #[serde(default = "default_mk_label")]
+    pub master_key_label: String,
+    /// HSM worker threads, each with its own session. On SoftHSM2 one is
+    /// fastest (its internal locking makes two slower than one).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Requests that may wait for a worker before new ones get `busy`.
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    /// For SoftHSM2 only: its configuration file (sets SOFTHSM2_CONF).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softhsm2_conf: Option<PathBuf>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests one connection may have in flight (pipelined).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Seconds to let in-flight requests finish at shutdown.
+    #[serde(default = "default_drain_seconds")]
+    pub drain_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: default_max_connections(),
+            max_in_flight: default_max_in_flight(),
+            drain_seconds: default_drain_seconds(),
+        }
+    }
+}
+
+fn default_mk_label() -> String {
+    "keyhaven-mk".into()
+}
+fn default_workers() -> usize {
+    1
+}
+fn default_queue_depth() -> usize {
+    4096
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_in_flight() -> usize {
+    128
+}
+fn default_drain_seconds() -> u64 {
+    10
+}
+
+/// A configuration problem, naming the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file does not parse.
+    #[error("config {}: {reason}", path.display())]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        reason: String,
+    },
+    /// A value is wrong.
+    #[error("config {}: {reason}", path.display())]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What to change.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a configuration file. Relative paths in it are
+    /// taken relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut cfg: Config = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), reason: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.socket, &mut cfg.store, &mut cfg.hsm.module] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        for p in [&mut cfg.hsm.pin_file, &mut cfg.hsm.softhsm2_conf].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        let invalid = |reason: &str| ConfigError::Invalid { path: path.to_owned(), reason: reason.to_owned() };
+        match (&cfg.hsm.pin_file, &cfg.hsm.pin_env) {
+            (None, None) => return Err(invalid("[hsm] needs `pin_file` or `pin_env`")),
+            (Some(_), Some(_)) => return Err(invalid("[hsm] takes one of `pin_file` and `pin_env`, not both")),
+            _ => {}
+        }
+        if cfg.hsm.workers == 0 || cfg.hsm.workers > 64 {
+            return Err(invalid("[hsm] workers must be from 1 to 64"));
+        }
+        if cfg.hsm.queue_depth == 0 {
+            return Err(invalid("[hsm] queue_depth must be at least 1"));
+        }
+        if cfg.limits.max_connections == 0 || cfg.limits.max_in_flight == 0 {
+            return Err(invalid("[limits] max_connections and max_in_flight must be at least 1"));
+        }
+        if cfg.hsm.token_label.is_empty() || cfg.hsm.token_label.len() > 32 {
+            return Err(invalid("[hsm] token_label must be 1 to 32 bytes (a PKCS#11 token label)"));
+        }
+        Ok(cfg)
+    }
+
+    /// Reads the PIN from where the configuration says.
+    pub fn read_pin(&self) -> Result<Pin, String> {
+        if let Some(file) = &self.hsm.pin_file {
+            return Pin::from_file(file).map_err(|e| format!("cannot read the PIN file {}: {e}", file.display()));
+        }
+        let var = self.hsm.pin_env.as_deref().unwrap_or_default();
+        Pin::from_env(var).ok_or_else(|| format!("the PIN variable `{var}` is not set"))
+    }
+
+    /// The HSM part, with the PIN read.
+    pub fn hsm_config(&self) -> Result<HsmConfig, String> {
+        Ok(HsmConfig {
+            module: self.hsm.module.display().to_string(),
+            token_label: self.hsm.token_label.clone(),
+            pin: self.read_pin()?,
+            master_key_label: self.hsm.master_key_label.clone(),
+            workers: self.hsm.workers,
+            queue_depth: self.hsm.queue_depth,
+        })
+    }
+}

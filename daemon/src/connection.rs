@@ -1,0 +1,147 @@
+//! One client connection: frames in, requests dispatched concurrently (a
+//! client may pipeline), responses out in completion order, paired by id.
+//!
+//! A frame that is well formed but holds a bad request gets an error and the
+//! connection goes on; a frame over the size limit, or a torn one, ends the
+//! connection, because the stream can no longer be trusted to be in step.
+//! At most `max_in_flight` requests run at once per connection; past that
+//! the connection stops reading, which pushes back on the client.
+
+use std::io::Write as _;
+use std::sync::Arc;
+
+use keyhaven::frame::{encode_frame, read_frame};
+use keyhaven::wire::{ResponseFrame, WireError};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::error::Error;
+use crate::identity::Caller;
+use crate::ops::{self, Daemon};
+
+/// A request frame as the daemon reads it: params are kept as raw JSON so
+/// that each operation parses its own (and no secret passes through a
+/// generic JSON tree that would not be wiped).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InFrame<'a> {
+    id: u64,
+    op: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    params: Option<&'a RawValue>,
+}
+
+/// Just the id, to answer a frame that is otherwise broken.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<u64>,
+}
+
+type Frame = Zeroizing<Vec<u8>>;
+
+/// Serves one connection until the client closes it or shutdown is asked
+/// for; returns once every request it accepted has been answered.
+pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: CancellationToken) {
+    let caller = match Caller::of(&stream) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("cannot read the peer credentials of a connection, closing it: {e}");
+            return;
+        }
+    };
+    tracing::debug!(%caller, "connection opened");
+    let max_in_flight = daemon.config.limits.max_in_flight;
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Frame>(max_in_flight);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if wr.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let mut buf = Vec::new();
+    loop {
+        let read = tokio::select! {
+            r = read_frame(&mut rd, &mut buf) => r,
+            _ = shutdown.cancelled() => break,
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(keyhaven::Error::FrameTooLarge(n)) => {
+                let e = Error::BadRequest(format!(
+                    "frame of {n} bytes is over the limit of {} bytes; closing the connection",
+                    keyhaven::frame::MAX_FRAME_LEN
+                ));
+                let _ = tx.send(error_frame(None, keyhaven::ErrorCode::FrameTooLarge, &e)).await;
+                break;
+            }
+            Err(_) => break,
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        match serde_json::from_slice::<InFrame>(&buf) {
+            Ok(frame) => {
+                let id = frame.id;
+                let op = frame.op.into_owned();
+                let params = Zeroizing::new(frame.params.map_or("{}", |p| p.get()).to_owned());
+                let (d, tx) = (daemon.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let result = ops::dispatch(&d, &caller, &op, &params).await;
+                    let frame = match result {
+                        Ok(body) => ok_frame(id, &body),
+                        Err(e) => {
+                            log_failure(&caller, &op, &e);
+                            error_frame(Some(id), e.code(), &e)
+                        }
+                    };
+                    let _ = tx.send(frame).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                let id = serde_json::from_slice::<IdOnly>(&buf).ok().and_then(|f| f.id);
+                let err = Error::BadRequest(format!("malformed request: {e}"));
+                let _ = tx.send(error_frame(id, err.code(), &err)).await;
+            }
+        }
+        buf.zeroize();
+    }
+    buf.zeroize();
+    // Every spawned request holds a sender: the writer ends after the last answer.
+    drop(tx);
+    let _ = writer.await;
+    tracing::debug!(%caller, "connection closed");
+}
+
+fn log_failure(caller: &Caller, op: &str, e: &Error) {
+    match e {
+        Error::Hsm(_) | Error::Store(_) | Error::Internal(_) => {
+            tracing::warn!(%caller, op = %ops::printable(op), code = %e.code(), "request failed: {e}")
+        }
+        _ => tracing::debug!(%caller, op = %ops::printable(op), code = %e.code(), "request refused: {e}"),
+    }
+}
+
+/// `{"id":N,"ok":BODY}` as a frame, built around the already serialised body.
+fn ok_frame(id: u64, body: &[u8]) -> Frame {
+    let mut out = Zeroizing::new(Vec::with_capacity(body.len() + 40));
+    out.extend_from_slice(&[0; 4]);
+    write!(&mut *out, "{{\"id\":{id},\"ok\":").expect("write to a Vec");
+    out.extend_from_slice(body);
+    out.push(b'}');
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+fn error_frame(id: Option<u64>, code: keyhaven::ErrorCode, e: &Error) -> Frame {
+    let resp = ResponseFrame { id, ok: None, error: Some(WireError { code, message: e.to_string() }) };
+    Zeroizing::new(encode_frame(&resp).unwrap_or_default())
+}

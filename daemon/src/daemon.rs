@@ -1,0 +1,62 @@
+//! Starting and stopping the daemon: store, HSM workers, socket, signals.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::hsm::Hsm;
+use crate::ops::Daemon;
+use crate::server;
+use crate::store::sled_store::SledStore;
+
+/// Sets the process-wide environment the PKCS#11 module reads. Must run
+/// before any thread is started.
+pub fn prepare_environment(config: &Config) {
+    if let Some(conf) = &config.hsm.softhsm2_conf {
+        std::env::set_var("SOFTHSM2_CONF", conf);
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns after a clean drain.
+/// `on_ready` is called once the socket accepts connections.
+pub fn run(config: Config, on_ready: impl FnOnce(&Config)) -> anyhow::Result<()> {
+    let (store, meta) = SledStore::open_initialised(&config.store)?;
+    let hsm_config = config.hsm_config().map_err(anyhow::Error::msg)?;
+    let hsm = Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keyhaven-io")
+        .build()?;
+    let daemon = Arc::new(Daemon { hsm, store: Arc::new(store), config });
+    let result = runtime.block_on(async {
+        let listener = server::bind(&daemon.config.socket)
+            .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        tracing::info!(socket = %daemon.config.socket.display(), token = daemon.hsm.token_label(), "listening");
+        on_ready(&daemon.config);
+        server::run(daemon.clone(), listener, shutdown).await;
+        anyhow::Ok(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    daemon.hsm.shutdown();
+    daemon.store.flush().context("flushing the store")?;
+    let _ = std::fs::remove_file(&daemon.config.socket);
+    tracing::info!("stopped");
+    result
+}
+
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    shutdown.cancel();
+}

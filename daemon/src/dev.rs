@@ -1,0 +1,134 @@
+//! `keyhavend dev`: a complete local install in one folder, for trying
+//! Keyhaven and for tests. The first run creates a SoftHSM2 token (with its
+//! own SOFTHSM2_CONF), random PINs in 0600 files, a config, the master key
+//! and the store; later runs reuse them.
+//!
+//! ```text
+//! DIR/softhsm2.conf   DIR/tokens/   DIR/pin   DIR/so-pin
+//! DIR/keyhaven.toml   DIR/store/    DIR/keyhaven.sock
+//! ```
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use crate::config::{Config, HsmSection, Limits, Mode};
+use crate::hsm::token;
+use crate::secret::Pin;
+
+/// Token label of dev installs.
+pub const DEV_TOKEN_LABEL: &str = "keyhaven-dev";
+
+/// Where SoftHSM2's module is on common distributions.
+const SOFTHSM_MODULES: &[&str] = &[
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+];
+
+/// The SoftHSM2 module: `$KEYHAVEN_SOFTHSM_MODULE`, else the first that exists.
+pub fn find_softhsm_module() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KEYHAVEN_SOFTHSM_MODULE") {
+        return Some(PathBuf::from(p));
+    }
+    SOFTHSM_MODULES.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// Makes sure `dir` holds a dev install and returns its config path.
+pub fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let config_path = dir.join("keyhaven.toml");
+    if config_path.exists() {
+        return Ok(config_path);
+    }
+    let tokens = dir.join("tokens");
+    if tokens.exists() && fs::read_dir(&tokens)?.next().is_some() {
+        bail!(
+            "{} holds a token but no keyhaven.toml: an earlier `keyhavend dev` stopped half way; remove {} and run again",
+            tokens.display(),
+            dir.display()
+        );
+    }
+    let module = find_softhsm_module().context(
+        "SoftHSM2 is not installed (no libsofthsm2.so found); install it with `apt-get install softhsm2`, \
+         or set KEYHAVEN_SOFTHSM_MODULE to its path",
+    )?;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(&tokens)?;
+    let softhsm_conf = dir.join("softhsm2.conf");
+    write_private(
+        &softhsm_conf,
+        &format!(
+            "# SoftHSM2 configuration of this keyhavend dev install\n\
+             directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            tokens.display()
+        ),
+    )?;
+    std::env::set_var("SOFTHSM2_CONF", &softhsm_conf);
+
+    let pin = Pin::new(&random_hex(16)?);
+    let so_pin = Pin::new(&random_hex(16)?);
+    write_private(&dir.join("pin"), &format!("{}\n", pin.expose()))?;
+    write_private(&dir.join("so-pin"), &format!("{}\n", so_pin.expose()))?;
+    let pkcs11 = token::load_module(&module.display().to_string())?;
+    token::init_token(&pkcs11, DEV_TOKEN_LABEL, &so_pin, &pin).context("creating the SoftHSM2 token")?;
+    drop(pkcs11);
+
+    let config = Config {
+        mode: Mode::Dev,
+        socket: dir.join("keyhaven.sock"),
+        store: dir.join("store"),
+        hsm: HsmSection {
+            module,
+            token_label: DEV_TOKEN_LABEL.into(),
+            pin_file: Some(dir.join("pin")),
+            pin_env: None,
+            master_key_label: "keyhaven-mk".into(),
+            workers: 1,
+            queue_depth: 4096,
+            softhsm2_conf: Some(softhsm_conf),
+        },
+        limits: Limits::default(),
+    };
+    let text = format!(
+        "# Written by `keyhavend dev`. A development install: its token is a SoftHSM2\n\
+         # token in this folder and its PIN is in a file next to it.\n{}",
+        toml::to_string(&config)?
+    );
+    let tmp = dir.join("keyhaven.toml.tmp");
+    write_private(&tmp, &text)?;
+    crate::init::initialise(&config)?;
+    // The config appears last, so that a run that fails half way is noticed.
+    fs::rename(&tmp, &config_path)?;
+    Ok(config_path)
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; bytes]);
+    fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,97 @@
+//! The daemon's request error: every failure a client can see, each with a
+//! stable wire code (docs/PROTOCOL.md §4) and a message that names the thing
+//! concerned. Messages never hold key material, plaintext, PINs or context
+//! values.
+
+use keyhaven::ErrorCode;
+
+use crate::hsm::HsmError;
+use crate::store::StoreError;
+
+/// A failed request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Malformed request.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Unknown `op`.
+    #[error("unknown operation `{0}`")]
+    UnknownOperation(String),
+    /// Protocol version mismatch.
+    #[error("protocol version {0} is not supported; this daemon speaks version {v}", v = keyhaven::wire::PROTOCOL_VERSION)]
+    UnsupportedProtocol(u32),
+    /// `encrypt` input over the limit.
+    #[error("plaintext of {0} bytes is over the `encrypt` limit of 65536 bytes; use `datakey` and encrypt locally")]
+    PayloadTooLarge(usize),
+    /// Envelope or ciphertext that does not parse.
+    #[error("{0}")]
+    BadEnvelope(String),
+    /// Envelope or ciphertext that does not authenticate.
+    #[error("{0}")]
+    Integrity(String),
+    /// Unknown tenant, key or version.
+    #[error("{0}")]
+    NotFound(String),
+    /// Exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The token failed.
+    #[error("HSM: {0}")]
+    Hsm(HsmError),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(StoreError),
+    /// A fault in the daemon.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::BadRequest(_) => ErrorCode::BadRequest,
+            Error::UnknownOperation(_) => ErrorCode::UnknownOperation,
+            Error::UnsupportedProtocol(_) => ErrorCode::UnsupportedProtocol,
+            Error::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            Error::BadEnvelope(_) => ErrorCode::BadEnvelope,
+            Error::Integrity(_) => ErrorCode::Integrity,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            Error::Hsm(HsmError::Busy(_)) => ErrorCode::Busy,
+            Error::Hsm(HsmError::Integrity(_)) => ErrorCode::Integrity,
+            Error::Hsm(_) => ErrorCode::HsmUnavailable,
+            Error::Store(_) => ErrorCode::StoreUnavailable,
+            Error::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<HsmError> for Error {
+    fn from(e: HsmError) -> Self {
+        match e {
+            HsmError::Integrity(what) => Error::Integrity(what.to_owned()),
+            other => Error::Hsm(other),
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyExists(what) => Error::AlreadyExists(format!("{what} exists already")),
+            other => Error::Store(other),
+        }
+    }
+}
+
+impl From<keyhaven::Error> for Error {
+    /// Client-crate errors met while parsing a request's contents.
+    fn from(e: keyhaven::Error) -> Self {
+        match e {
+            keyhaven::Error::Envelope(_) => Error::BadEnvelope(e.to_string()),
+            other => Error::BadRequest(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The one place where PKCS#11 return codes become Keyhaven errors.
+
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CkError, RvError};
+
+/// What can go wrong with the token.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HsmError {
+    /// The PKCS#11 module could not be loaded or initialised.
+    #[error("PKCS#11 module {module}: {reason}")]
+    Module {
+        /// Module path.
+        module: String,
+        /// Why.
+        reason: String,
+    },
+    /// No token with this label is present.
+    #[error("no token labelled `{0}` is present")]
+    TokenNotFound(String),
+    /// Login failed.
+    #[error("login to token `{label}` failed: {reason}")]
+    Login {
+        /// Token label.
+        label: String,
+        /// Why (wrong PIN, locked PIN…).
+        reason: String,
+    },
+    /// The master key object is missing or unusable.
+    #[error("master key `{label}`: {reason}")]
+    MasterKey {
+        /// The key's label.
+        label: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Ciphertext or wrapped material did not authenticate.
+    #[error("{0}")]
+    Integrity(&'static str),
+    /// The worker queue is full.
+    #[error("the HSM queue is full ({0} requests waiting); retry shortly")]
+    Busy(usize),
+    /// Every worker has stopped.
+    #[error("the HSM workers have stopped")]
+    Stopped,
+    /// Any other PKCS#11 failure.
+    #[error("PKCS#11 {function:?} failed: {rv}")]
+    Pkcs11 {
+        /// The function that failed.
+        function: Function,
+        /// Its return value.
+        rv: RvError,
+    },
+    /// A failure of the cryptoki layer itself.
+    #[error("PKCS#11 library error: {0}")]
+    Library(String),
+}
+
+impl HsmError {
+    /// True when the session or login is gone and the worker must reconnect.
+    pub fn session_lost(&self) -> bool {
+        matches!(
+            self,
+            HsmError::Pkcs11 {
+                rv: RvError::SessionHandleInvalid
+                    | RvError::SessionClosed
+                    | RvError::UserNotLoggedIn
+                    | RvError::DeviceRemoved
+                    | RvError::TokenNotPresent
+                    | RvError::DeviceError
+                    | RvError::ObjectHandleInvalid
+                    | RvError::KeyHandleInvalid
+                    | RvError::CryptokiNotInitialized,
+                ..
+            }
+        )
+    }
+}
+
+impl From<CkError> for HsmError {
+    fn from(e: CkError) -> Self {
+        match e {
+            CkError::Pkcs11(rv, function) => HsmError::Pkcs11 { function, rv },
+            other => HsmError::Library(other.to_string()),
+        }
+    }
+}
+
+/// Maps a failed authenticated decryption or unwrap to an integrity error;
+/// other failures keep their PKCS#11 detail.
+pub fn integrity_or(e: CkError, what: &'static str) -> HsmError {
+    match e {
+        CkError::Pkcs11(
+            RvError::EncryptedDataInvalid
+            | RvError::EncryptedDataLenRange
+            | RvError::WrappedKeyInvalid
+            | RvError::WrappedKeyLenRange
+            | RvError::UnwrappingKeyTypeInconsistent
+            | RvError::GeneralError,
+            _,
+        ) => HsmError::Integrity(what),
+        other => other.into(),
+    }
+}

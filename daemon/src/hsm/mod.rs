@@ -1,0 +1,152 @@
+//! Everything PKCS#11. A fixed pool of worker threads, each owning one
+//! logged-in session, takes jobs from a bounded queue: async callers never
+//! block on the token and never open a session per request, and a full queue
+//! answers `busy` instead of growing without bound.
+//!
+//! - [`token`]: module, slot, login, master key.
+//! - [`worker`]: one session and its cached handles; the operations.
+//! - [`error`]: PKCS#11 return codes to [`HsmError`], in one place.
+
+pub mod error;
+pub mod token;
+pub mod worker;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use cryptoki::context::Pkcs11;
+use tokio::sync::oneshot;
+
+pub use error::HsmError;
+pub use worker::{KekId, KekRef, Worker};
+
+use crate::secret::Pin;
+
+/// How to reach the token.
+#[derive(Debug)]
+pub struct HsmConfig {
+    /// Path of the PKCS#11 module.
+    pub module: String,
+    /// Label of the token.
+    pub token_label: String,
+    /// User PIN.
+    pub pin: Pin,
+    /// Base label of the master key; version N is `{base}-vN`.
+    pub master_key_label: String,
+    /// Number of worker threads (sessions).
+    pub workers: usize,
+    /// Capacity of the job queue.
+    pub queue_depth: usize,
+}
+
+/// What every worker shares.
+pub(crate) struct Shared {
+    pkcs11: Pkcs11,
+    token_label: String,
+    pin: Pin,
+    master_key_label: String,
+    master_key_version: u32,
+}
+
+/// A job for a worker.
+pub type Job = Box<dyn FnOnce(&mut Worker) + Send>;
+
+/// The worker pool.
+pub struct Hsm {
+    jobs: async_channel::Sender<Job>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    token_label: String,
+    workers: usize,
+    queue_depth: usize,
+    master_key_version: u32,
+}
+
+impl Hsm {
+    /// Loads the module, finds the token, and starts the workers, each with
+    /// its own logged-in session. Fails when the master key version
+    /// `master_key_version` is missing or not sensitive and unextractable.
+    pub fn start(cfg: HsmConfig, master_key_version: u32) -> Result<Hsm, HsmError> {
+        let pkcs11 = token::load_module(&cfg.module)?;
+        let shared = Arc::new(Shared {
+            pkcs11,
+            token_label: cfg.token_label.clone(),
+            pin: cfg.pin,
+            master_key_label: cfg.master_key_label,
+            master_key_version,
+        });
+        let (tx, rx) = async_channel::bounded::<Job>(cfg.queue_depth.max(1));
+        let mut threads = Vec::new();
+        for i in 0..cfg.workers.max(1) {
+            let mut worker = Worker::new(shared.clone())?;
+            worker.probe()?;
+            let rx = rx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("keyhaven-hsm-{i}"))
+                .spawn(move || worker.run(rx))
+                .map_err(|e| HsmError::Library(format!("cannot start an HSM thread: {e}")))?;
+            threads.push(t);
+        }
+        Ok(Hsm {
+            jobs: tx,
+            threads: Mutex::new(threads),
+            token_label: cfg.token_label,
+            workers: cfg.workers.max(1),
+            queue_depth: cfg.queue_depth.max(1),
+            master_key_version,
+        })
+    }
+
+    /// Runs `f` on a worker and waits for its result. Refuses with
+    /// [`HsmError::Busy`] when the queue is full.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Worker) -> Result<T, HsmError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |w| {
+            let _ = tx.send(f(w));
+        });
+        self.jobs.try_send(job).map_err(|e| match e {
+            async_channel::TrySendError::Full(_) => HsmError::Busy(self.queue_depth),
+            async_channel::TrySendError::Closed(_) => HsmError::Stopped,
+        })?;
+        rx.await.map_err(|_| HsmError::Stopped)?
+    }
+
+    /// The token's label.
+    pub fn token_label(&self) -> &str {
+        &self.token_label
+    }
+
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The master key version new KEKs are wrapped under.
+    pub fn master_key_version(&self) -> u32 {
+        self.master_key_version
+    }
+
+    /// Closes the queue and waits for the workers to finish their jobs and
+    /// close their sessions.
+    pub fn shutdown(&self) {
+        self.jobs.close();
+        let threads = std::mem::take(&mut *self.threads.lock().expect("thread list lock"));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Creates master key version 1 in the token (for `keyhavend init`).
+pub fn create_first_master_key(cfg: &HsmConfig) -> Result<(), HsmError> {
+    let pkcs11 = token::load_module(&cfg.module)?;
+    let slot = token::find_token(&pkcs11, &cfg.token_label)?;
+    let session = token::open_session(&pkcs11, slot, &cfg.token_label, &cfg.pin)?;
+    let label = token::master_key_label(&cfg.master_key_label, 1);
+    token::create_master_key(&session, &label)?;
+    token::find_master_key(&session, &label)?;
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Finding the token and the master key: module loading, the slot by token
+//! label (SoftHSM renumbers slots when a token is initialised), login, and
+//! the master key's creation and checks.
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+
+use super::HsmError;
+use crate::secret::Pin;
+
+/// Loads and initialises a PKCS#11 module. OS locking is asked for: without
+/// it SoftHSM turns its own locking off.
+pub fn load_module(module: &str) -> Result<Pkcs11, HsmError> {
+    let fail = |reason: String| HsmError::Module { module: module.to_owned(), reason };
+    let pkcs11 = Pkcs11::new(module).map_err(|e| fail(format!("cannot be loaded: {e}")))?;
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(pkcs11),
+        Err(e) => Err(fail(format!("C_Initialize failed: {e}"))),
+    }
+}
+
+/// The slot whose token carries `label`.
+pub fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+    for slot in pkcs11.get_slots_with_initialized_token()? {
+        if pkcs11.get_token_info(slot)?.label().trim_end() == label {
+            return Ok(slot);
+        }
+    }
+    Err(HsmError::TokenNotFound(label.to_owned()))
+}
+
+/// Opens a read-write session and logs the user in. The login belongs to the
+/// application, so a second session finds it done already: that is success.
+pub fn open_session(pkcs11: &Pkcs11, slot: Slot, label: &str, pin: &Pin) -> Result<Session, HsmError> {
+    let session = pkcs11.open_rw_session(slot)?;
+    match session.login(UserType::User, Some(pin.auth_pin())) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+        Err(CkError::Pkcs11(rv, _)) => {
+            let reason = match rv {
+                RvError::PinIncorrect => "the PIN is incorrect".to_owned(),
+                RvError::PinLocked => "the PIN is locked; unlock it with the SO PIN".to_owned(),
+                RvError::UserPinNotInitialized => "the user PIN is not initialised".to_owned(),
+                other => other.to_string(),
+            };
+            Err(HsmError::Login { label: label.to_owned(), reason })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The label of master key version `version`: `{base}-v{version}`.
+pub fn master_key_label(base: &str, version: u32) -> String {
+    format!("{base}-v{version}")
+}
+
+/// Finds a master key version and checks that it is an AES key the token
+/// will never reveal (sensitive, never extractable) and that may unwrap.
+pub fn find_master_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+    let fail = |reason: &str| HsmError::MasterKey { label: label.to_owned(), reason: reason.to_owned() };
+    let found = session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Token(true),
+    ])?;
+    let handle = match found.as_slice() {
+        [] => return Err(fail("not found in the token")),
+        [one] => *one,
+        _ => return Err(fail("more than one object carries this label")),
+    };
+    let attrs = session.get_attributes(
+        handle,
+        &[
+            AttributeType::KeyType,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::Unwrap,
+            AttributeType::Wrap,
+        ],
+    )?;
+    for attr in attrs {
+        match attr {
+            Attribute::KeyType(t) if t != KeyType::AES => return Err(fail("is not an AES key")),
+            Attribute::Sensitive(false) => return Err(fail("is not sensitive (CKA_SENSITIVE is false)")),
+            Attribute::Extractable(true) => return Err(fail("is extractable (CKA_EXTRACTABLE is true)")),
+            Attribute::Unwrap(false) => return Err(fail("may not unwrap (CKA_UNWRAP is false)")),
+            Attribute::Wrap(false) => return Err(fail("may not wrap (CKA_WRAP is false)")),
+            _ => {}
+        }
+    }
+    Ok(handle)
+}
+
+/// Generates a master key version inside the token: AES-256, a token
+/// object, private, sensitive, never extractable, for wrapping only.
+/// Refuses when an object with that label exists already.
+pub fn create_master_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+    let existing = session.find_objects(&[Attribute::Label(label.as_bytes().to_vec())])?;
+    if !existing.is_empty() {
+        return Err(HsmError::MasterKey {
+            label: label.to_owned(),
+            reason: "exists already in the token; refusing to create a second one".to_owned(),
+        });
+    }
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+    ];
+    Ok(session.generate_key(&Mechanism::AesKeyGen, &template)?)
+}
+
+/// Initialises a fresh token in the first free slot (dev mode only): SO PIN,
+/// label, then the user PIN.
+pub fn init_token(pkcs11: &Pkcs11, label: &str, so_pin: &Pin, user_pin: &Pin) -> Result<(), HsmError> {
+    let mut free = None;
+    for slot in pkcs11.get_slots_with_token()? {
+        if !pkcs11.get_token_info(slot)?.token_initialized() {
+            free = Some(slot);
+            break;
+        }
+    }
+    let slot = free.ok_or_else(|| HsmError::Library("no free slot to initialise a token in".into()))?;
+    pkcs11.init_token(slot, so_pin.auth_pin(), label)?;
+    let slot = find_token(pkcs11, label)?;
+    let session = pkcs11.open_rw_session(slot)?;
+    session.login(UserType::So, Some(so_pin.auth_pin()))?;
+    session.init_pin(user_pin.auth_pin())?;
+    session.logout()?;
+    Ok(())
+}

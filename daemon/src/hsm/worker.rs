@@ -1,0 +1,225 @@
+//! An HSM worker: one thread that owns one logged-in session and the handles
+//! it has loaded (master key versions, unwrapped KEKs as session objects).
+//! Jobs arrive through the pool's bounded queue and run one at a time, so the
+//! session (Send, not Sync) is never shared.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use keyhaven::envelope::{NONCE_LEN, TAG_LEN};
+use keyhaven::KeyPath;
+use zeroize::Zeroizing;
+
+use super::error::integrity_or;
+use super::token::{self, master_key_label};
+use super::{HsmError, Job, Shared};
+
+/// Which key-encryption key: a version of a named key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KekId {
+    /// Tenant and key name.
+    pub path: KeyPath,
+    /// Version.
+    pub version: u32,
+}
+
+/// A KEK as the store holds it: wrapped under a master key version.
+#[derive(Clone)]
+pub struct KekRef {
+    /// Which KEK.
+    pub id: KekId,
+    /// The KEK wrapped with CKM_AES_KEY_WRAP under the master key.
+    pub wrapped: Arc<[u8]>,
+    /// The master key version that wrapped it.
+    pub master_key_version: u32,
+}
+
+/// One worker's state. Handles are valid only while `session` is the session
+/// that loaded them; a lost session clears them all.
+pub struct Worker {
+    shared: Arc<Shared>,
+    session: Option<Session>,
+    master_keys: HashMap<u32, ObjectHandle>,
+    keks: HashMap<KekId, (Arc<[u8]>, ObjectHandle)>,
+    lost: bool,
+}
+
+impl Worker {
+    /// Opens and logs in a session for a new worker.
+    pub(super) fn new(shared: Arc<Shared>) -> Result<Worker, HsmError> {
+        let mut w = Worker { shared, session: None, master_keys: HashMap::new(), keks: HashMap::new(), lost: false };
+        w.session()?;
+        Ok(w)
+    }
+
+    /// Runs jobs until the queue closes.
+    pub(super) fn run(mut self, jobs: async_channel::Receiver<Job>) {
+        while let Ok(job) = jobs.recv_blocking() {
+            job(&mut self);
+            if self.lost {
+                tracing::warn!("HSM session lost; it will be reopened for the next request");
+                self.reset();
+            }
+        }
+        self.reset();
+    }
+
+    /// Drops the session (and with it every session object) and the caches.
+    fn reset(&mut self) {
+        self.master_keys.clear();
+        self.keks.clear();
+        self.session = None;
+        self.lost = false;
+    }
+
+    /// Notes a lost session so that the next job reconnects.
+    fn note<T>(&mut self, r: Result<T, HsmError>) -> Result<T, HsmError> {
+        if let Err(e) = &r {
+            if e.session_lost() {
+                self.lost = true;
+            }
+        }
+        r
+    }
+
+    fn session(&mut self) -> Result<&Session, HsmError> {
+        if self.session.is_none() {
+            let sh = &self.shared;
+            let slot = token::find_token(&sh.pkcs11, &sh.token_label)?;
+            self.session = Some(token::open_session(&sh.pkcs11, slot, &sh.token_label, &sh.pin)?);
+        }
+        Ok(self.session.as_ref().expect("session just opened"))
+    }
+
+    /// Fills `buf` with random bytes from the token.
+    pub fn random(&mut self, buf: &mut [u8]) -> Result<(), HsmError> {
+        let r = self.session().and_then(|s| Ok(s.generate_random_slice(buf)?));
+        self.note(r)
+    }
+
+    /// A cheap call that proves the session and login still work.
+    pub fn probe(&mut self) -> Result<(), HsmError> {
+        let r = self.session().and_then(|s| {
+            s.get_session_info()?;
+            Ok(())
+        });
+        let r = r.and_then(|()| self.master_key(self.shared.master_key_version).map(|_| ()));
+        self.note(r)
+    }
+
+    fn master_key(&mut self, version: u32) -> Result<ObjectHandle, HsmError> {
+        if let Some(h) = self.master_keys.get(&version) {
+            return Ok(*h);
+        }
+        let label = master_key_label(&self.shared.master_key_label, version);
+        let h = token::find_master_key(self.session()?, &label)?;
+        self.master_keys.insert(version, h);
+        Ok(h)
+    }
+
+    /// Generates a new KEK in the token and returns it wrapped under the
+    /// current master key. The plaintext KEK never leaves the token: it is
+    /// created sensitive, wrapped, and destroyed; users of the KEK unwrap
+    /// their own non-extractable copy.
+    pub fn generate_kek(&mut self) -> Result<(Vec<u8>, u32), HsmError> {
+        let version = self.shared.master_key_version;
+        let r = self.generate_kek_under(version);
+        self.note(r).map(|w| (w, version))
+    }
+
+    fn generate_kek_under(&mut self, mk_version: u32) -> Result<Vec<u8>, HsmError> {
+        let mk = self.master_key(mk_version)?;
+        let s = self.session()?;
+        let tmp = s.generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(false),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+            ],
+        )?;
+        let wrapped = s.wrap_key(&Mechanism::AesKeyWrap, mk, tmp);
+        s.destroy_object(tmp)?;
+        Ok(wrapped?)
+    }
+
+    /// The session handle of a KEK, unwrapping it on first use.
+    fn kek(&mut self, kek: &KekRef) -> Result<ObjectHandle, HsmError> {
+        if let Some((wrapped, h)) = self.keks.get(&kek.id) {
+            if *wrapped == kek.wrapped {
+                return Ok(*h);
+            }
+            // Same name and version, other material (a key destroyed and made
+            // again): never use the old handle.
+            let stale = *h;
+            self.keks.remove(&kek.id);
+            let _ = self.session()?.destroy_object(stale);
+        }
+        let mk = self.master_key(kek.master_key_version)?;
+        let h = self
+            .session()?
+            .unwrap_key(
+                &Mechanism::AesKeyWrap,
+                mk,
+                &kek.wrapped,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                ],
+            )
+            .map_err(|e| integrity_or(e, "the key material does not unwrap under its master key"))?;
+        self.keks.insert(kek.id.clone(), (kek.wrapped.clone(), h));
+        Ok(h)
+    }
+
+    /// AES-256-GCM encryption inside the token under a KEK; returns
+    /// ciphertext followed by the 16-byte tag.
+    pub fn seal(&mut self, kek: &KekRef, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let r = self.seal_inner(kek, nonce, aad, plaintext);
+        self.note(r)
+    }
+
+    fn seal_inner(&mut self, kek: &KekRef, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let h = self.kek(kek)?;
+        let mut iv = *nonce;
+        let params = GcmParams::new(&mut iv, aad, (8 * TAG_LEN as u64).into())?;
+        Ok(self.session()?.encrypt(&Mechanism::AesGcm(params), h, plaintext)?)
+    }
+
+    /// AES-256-GCM decryption inside the token under a KEK. A tag that does
+    /// not verify is [`HsmError::Integrity`]. The plaintext is returned in a
+    /// zeroizing buffer.
+    pub fn open(&mut self, kek: &KekRef, nonce: &[u8; NONCE_LEN], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        let r = self.open_inner(kek, nonce, aad, sealed);
+        self.note(r)
+    }
+
+    fn open_inner(&mut self, kek: &KekRef, nonce: &[u8; NONCE_LEN], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        let h = self.kek(kek)?;
+        let mut iv = *nonce;
+        let params = GcmParams::new(&mut iv, aad, (8 * TAG_LEN as u64).into())?;
+        let plain = self
+            .session()?
+            .decrypt(&Mechanism::AesGcm(params), h, sealed)
+            .map_err(|e| integrity_or(e, "the envelope does not authenticate: it was altered, or the encryption context differs"))?;
+        Ok(Zeroizing::new(plain))
+    }
+}

@@ -1,0 +1,30 @@
+//! `keyhavend init`: master key version 1 in the token, and an empty store
+//! that records it. Refuses to touch a store or token that has them already.
+
+use anyhow::{bail, Context};
+
+use crate::config::Config;
+use crate::hsm;
+use crate::store::sled_store::SledStore;
+use crate::store::{Meta, Store, SCHEMA_VERSION};
+
+/// Creates the master key and initialises the store.
+pub fn initialise(config: &Config) -> anyhow::Result<()> {
+    let store = SledStore::open(&config.store)?;
+    if store.meta()?.is_some() {
+        bail!("the store at {} is initialised already; nothing to do", config.store.display());
+    }
+    let hsm_config = config.hsm_config().map_err(anyhow::Error::msg)?;
+    hsm::create_first_master_key(&hsm_config).context("creating the master key")?;
+    let meta = Meta {
+        schema_version: SCHEMA_VERSION,
+        master_key_version: 1,
+        token_label: config.hsm.token_label.clone(),
+        created_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    store.init_meta(&meta)?;
+    Ok(())
+}

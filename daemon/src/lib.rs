@@ -1,0 +1,32 @@
+//! keyhavend: a key-management daemon whose master key lives in a PKCS#11
+//! token. See ../shared/DESIGN.md for the architecture and docs/ for the
+//! wire protocol and envelope format.
+//!
+//! # Layout
+//!
+//! A request travels down this list:
+//!
+//! - [`server`]: binds the Unix socket, accepts, caps connections, drains
+//!   on shutdown.
+//! - [`connection`]: frames in and out, caller identity, pipelining.
+//! - [`ops`]: one module per operation family; [`ops::dispatch`] routes.
+//! - [`hsm`]: the PKCS#11 worker pool; every wrap and unwrap happens there.
+//! - [`store`]: the keyring (wrapped key material only) behind a trait.
+//!
+//! Around them: [`config`] (the TOML file), [`identity`] (SO_PEERCRED),
+//! [`error`] (wire error codes), [`secret`] (PIN and data-key types that
+//! never print), [`init`] and [`dev`] (setting an install up), and
+//! [`daemon`] (starting and stopping it all).
+
+pub mod config;
+pub mod connection;
+pub mod daemon;
+pub mod dev;
+pub mod error;
+pub mod hsm;
+pub mod identity;
+pub mod init;
+pub mod ops;
+pub mod secret;
+pub mod server;
+pub mod store;

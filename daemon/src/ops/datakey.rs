@@ -1,0 +1,123 @@
+//! Data keys: `datakey` and `datakey_decrypt`, and the two steps `encrypt`
+//! builds on: [`new_data_key`] and [`open_data_key`].
+//!
+//! A data key is 32 random bytes from the token, wrapped with AES-256-GCM by
+//! the current KEK version inside the token; the AAD is the envelope header
+//! and the encryption context (docs/ENVELOPE.md §2–4).
+
+use std::sync::Arc;
+
+use keyhaven::envelope::{self, Envelope, EnvelopeId, DEK_LEN, ID_LEN, NONCE_LEN, WRAPPED_DEK_LEN};
+use keyhaven::wire::{self, DatakeyResponse, DecryptResponse, SecretBytes};
+use keyhaven::{EncryptionContext, KeyPath};
+use zeroize::Zeroizing;
+
+use super::{reply, Daemon, Reply};
+use crate::error::Error;
+use crate::hsm::{KekId, KekRef};
+use crate::secret::DataKey;
+use crate::store::KeyRecord;
+
+/// A freshly made data key.
+pub struct NewDataKey {
+    /// Its envelope.
+    pub envelope: Envelope,
+    /// The plaintext key.
+    pub key: DataKey,
+    /// A spare random nonce from the same token call, for `encrypt`'s payload.
+    pub spare_nonce: [u8; NONCE_LEN],
+}
+
+fn kek_ref(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<KekRef, Error> {
+    let v = rec
+        .version(version)
+        .ok_or_else(|| Error::NotFound(format!("key `{path}` has no version {version}")))?;
+    Ok(KekRef {
+        id: KekId { path: path.clone(), version },
+        wrapped: v.wrapped_kek.as_slice().into(),
+        master_key_version: v.master_key_version,
+    })
+}
+
+fn unknown_key(path: &KeyPath) -> Error {
+    Error::NotFound(format!("unknown key `{path}`"))
+}
+
+/// Makes a data key under the current version of `path`.
+pub async fn new_data_key(d: &Daemon, path: KeyPath, context: EncryptionContext) -> Result<NewDataKey, Error> {
+    context.validate()?;
+    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    let version = rec.current_version;
+    let kek = kek_ref(&rec, &path, version)?;
+    d.hsm
+        .run(move |w| {
+            // One token call for every random value: key, id, two nonces.
+            let mut rnd = Zeroizing::new([0u8; DEK_LEN + ID_LEN + 2 * NONCE_LEN]);
+            w.random(&mut rnd[..])?;
+            let mut key: DataKey = Zeroizing::new([0u8; DEK_LEN]);
+            key.copy_from_slice(&rnd[..DEK_LEN]);
+            let id = EnvelopeId(rnd[DEK_LEN..DEK_LEN + ID_LEN].try_into().expect("16 bytes"));
+            let at = DEK_LEN + ID_LEN;
+            let nonce: [u8; NONCE_LEN] = rnd[at..at + NONCE_LEN].try_into().expect("12 bytes");
+            let spare_nonce: [u8; NONCE_LEN] = rnd[at + NONCE_LEN..].try_into().expect("12 bytes");
+            let header = envelope::envelope_header(&path, version, &id, &nonce);
+            let aad = envelope::aad(&header, &context);
+            let sealed = w.seal(&kek, &nonce, &aad, &key[..])?;
+            let wrapped: [u8; WRAPPED_DEK_LEN] = sealed
+                .as_slice()
+                .try_into()
+                .map_err(|_| crate::hsm::HsmError::Library(format!("GCM returned {} bytes, expected 48", sealed.len())))?;
+            Ok(NewDataKey { envelope: Envelope::new(path, version, id, nonce, wrapped), key, spare_nonce })
+        })
+        .await
+        .map_err(Error::from)
+}
+
+/// Unwraps the data key of `env` under `context`.
+pub async fn open_data_key(d: &Daemon, env: &Envelope, context: EncryptionContext) -> Result<DataKey, Error> {
+    context.validate()?;
+    let path = env.path().clone();
+    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    let kek = kek_ref(&rec, &path, env.key_version())?;
+    let aad = envelope::aad(&env.header(), &context);
+    let nonce = *env.nonce();
+    let wrapped = *env.wrapped_dek();
+    let plain = d.hsm.run(move |w| w.open(&kek, &nonce, &aad, &wrapped)).await?;
+    let mut key: DataKey = Zeroizing::new([0u8; DEK_LEN]);
+    if plain.len() != DEK_LEN {
+        return Err(Error::Integrity("the envelope holds no 32-byte data key".into()));
+    }
+    key.copy_from_slice(&plain);
+    Ok(key)
+}
+
+/// `datakey`.
+pub async fn generate(d: &Arc<Daemon>, req: wire::Datakey) -> Result<Reply, Error> {
+    let path = KeyPath::new(&req.tenant, &req.key)?;
+    let new = new_data_key(d, path, req.context).await?;
+    let resp = DatakeyResponse {
+        envelope: new.envelope.to_string(),
+        envelope_id: new.envelope.id().to_string(),
+        key_version: new.envelope.key_version(),
+        plaintext: req.include_plaintext.then(|| SecretBytes::from_slice(&new.key[..])),
+    };
+    reply(&resp, 256)
+}
+
+/// `datakey_decrypt`.
+pub async fn decrypt(d: &Arc<Daemon>, req: wire::DatakeyDecrypt) -> Result<Reply, Error> {
+    let env: Envelope = req.envelope.parse()?;
+    let key = open_data_key(d, &env, req.context).await?;
+    reply(&opened(&env, SecretBytes::from_slice(&key[..])), 256)
+}
+
+/// The response of `decrypt` and `datakey_decrypt`.
+pub fn opened(env: &Envelope, plaintext: SecretBytes) -> DecryptResponse {
+    DecryptResponse {
+        plaintext,
+        tenant: env.path().tenant().into(),
+        key: env.path().key().into(),
+        key_version: env.key_version(),
+        envelope_id: env.id().to_string(),
+    }
+}

@@ -1,0 +1,63 @@
+//! `encrypt` and `decrypt` of small secrets (up to 64 KiB): a fresh data key
+//! per call, and the payload sealed with it by AES-256-GCM in the daemon
+//! (docs/ENVELOPE.md §6). The data key is wiped when the call ends.
+
+use std::sync::Arc;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use keyhaven::envelope::{self, Ciphertext};
+use keyhaven::wire::{self, EncryptResponse, SecretBytes, MAX_ENCRYPT_PLAINTEXT};
+use keyhaven::KeyPath;
+use zeroize::Zeroizing;
+
+use super::datakey::{new_data_key, open_data_key, opened};
+use super::{reply, Daemon, Reply};
+use crate::error::Error;
+
+/// `encrypt`.
+pub async fn encrypt(d: &Arc<Daemon>, req: wire::Encrypt) -> Result<Reply, Error> {
+    let path = KeyPath::new(&req.tenant, &req.key)?;
+    if req.plaintext.len() > MAX_ENCRYPT_PLAINTEXT {
+        return Err(Error::PayloadTooLarge(req.plaintext.len()));
+    }
+    let new = new_data_key(d, path, req.context.clone()).await?;
+    let nonce = new.spare_nonce;
+    let header = Ciphertext::header_for(&new.envelope, &nonce);
+    let aad = envelope::aad(&header, &req.context);
+    let cipher = Aes256Gcm::new_from_slice(&new.key[..]).map_err(|_| Error::Internal("data key length".into()))?;
+    let payload = cipher
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: req.plaintext.expose(), aad: &aad })
+        .map_err(|_| Error::Internal("AES-GCM encryption failed".into()))?;
+    let ct = Ciphertext::new(new.envelope, nonce, payload);
+    let text = ct.to_string();
+    let resp = EncryptResponse {
+        envelope_id: ct.envelope().id().to_string(),
+        key_version: ct.envelope().key_version(),
+        ciphertext: text,
+    };
+    reply(&resp, resp.ciphertext.len())
+}
+
+/// `decrypt`.
+pub async fn decrypt(d: &Arc<Daemon>, req: wire::Decrypt) -> Result<Reply, Error> {
+    let ct: Ciphertext = req.ciphertext.parse()?;
+    if ct.payload().len() > MAX_ENCRYPT_PLAINTEXT + envelope::TAG_LEN {
+        return Err(Error::BadEnvelope(format!(
+            "malformed ciphertext: payload of {} bytes is over the `encrypt` limit",
+            ct.payload().len()
+        )));
+    }
+    let key = open_data_key(d, ct.envelope(), req.context.clone()).await?;
+    let aad = envelope::aad(&ct.header(), &req.context);
+    let cipher = Aes256Gcm::new_from_slice(&key[..]).map_err(|_| Error::Internal("data key length".into()))?;
+    let plain = Zeroizing::new(
+        cipher
+            .decrypt(Nonce::from_slice(ct.nonce()), Payload { msg: ct.payload(), aad: &aad })
+            .map_err(|_| {
+                Error::Integrity("the ciphertext does not authenticate: it was altered, or the encryption context differs".into())
+            })?,
+    );
+    let hint = plain.len() * 4 / 3;
+    reply(&opened(ct.envelope(), SecretBytes::from_slice(&plain)), hint)
+}

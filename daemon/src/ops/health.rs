@@ -1,0 +1,42 @@
+//! `hello` and `health`.
+
+use std::sync::Arc;
+
+use keyhaven::wire::{self, HealthResponse, HelloResponse, StoreHealth, TokenHealth};
+
+use super::{reply, Daemon, Reply};
+use crate::error::Error;
+
+pub fn hello(req: wire::Hello) -> Result<Reply, Error> {
+    if req.protocol != wire::PROTOCOL_VERSION {
+        return Err(Error::UnsupportedProtocol(req.protocol));
+    }
+    let resp = HelloResponse {
+        protocol: wire::PROTOCOL_VERSION,
+        server: format!("keyhavend/{}", env!("CARGO_PKG_VERSION")),
+    };
+    reply(&resp, 0)
+}
+
+/// Probes the token (a session call and the master key lookup) and the
+/// store; reports each rather than failing the call.
+pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error> {
+    let probe = d.hsm.run(|w| w.probe()).await;
+    let keys = d.store.key_count();
+    let token = TokenHealth {
+        ok: probe.is_ok(),
+        label: d.hsm.token_label().to_owned(),
+        master_key_version: d.hsm.master_key_version(),
+        workers: d.hsm.workers(),
+        error: probe.err().map(|e| e.to_string()),
+    };
+    let store = StoreHealth { ok: keys.is_ok(), keys: keys.unwrap_or(0) };
+    let status = if token.ok && store.ok { "ok" } else { "degraded" };
+    let resp = HealthResponse {
+        status: status.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        token,
+        store,
+    };
+    reply(&resp, 0)
+}

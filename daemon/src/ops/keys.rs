@@ -1,0 +1,56 @@
+//! Named keys: `key_create`, `key_list`.
+
+use std::sync::Arc;
+
+use keyhaven::wire::{self, KeyInfo, KeyListResponse};
+use keyhaven::KeyPath;
+
+use super::{now_unix, reply, Daemon, Reply};
+use crate::error::Error;
+use crate::store::{KeyRecord, KeyVersion};
+
+/// The public view of a key record.
+pub fn info(rec: &KeyRecord) -> KeyInfo {
+    KeyInfo {
+        tenant: rec.tenant.clone(),
+        key: rec.key.clone(),
+        current_version: rec.current_version,
+        versions: rec.versions.iter().map(|v| v.version).collect(),
+        created_at: rec.created_at,
+    }
+}
+
+/// Generates version 1 of a new key in the HSM and stores it wrapped.
+pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Error> {
+    let path = KeyPath::new(&req.tenant, &req.key)?;
+    if d.store.key(&path)?.is_some() {
+        return Err(Error::AlreadyExists(format!("key `{path}` exists already")));
+    }
+    let (wrapped_kek, master_key_version) = d.hsm.run(|w| w.generate_kek()).await?;
+    let now = now_unix();
+    let rec = KeyRecord {
+        tenant: path.tenant().into(),
+        key: path.key().into(),
+        created_at: now,
+        current_version: 1,
+        versions: vec![KeyVersion { version: 1, created_at: now, master_key_version, wrapped_kek }],
+    };
+    // The flush makes it durable before we answer; it blocks, so it runs
+    // off the async threads (key creation is rare, not a hot path).
+    let store = d.store.clone();
+    let stored = rec.clone();
+    tokio::task::spawn_blocking(move || store.create_key(&stored))
+        .await
+        .map_err(|e| Error::Internal(format!("store task: {e}")))??;
+    tracing::info!(key = %path, "key created");
+    reply(&info(&rec), 0)
+}
+
+/// Lists keys, all or one tenant's.
+pub async fn list(d: &Arc<Daemon>, req: wire::KeyList) -> Result<Reply, Error> {
+    if let Some(t) = &req.tenant {
+        keyhaven::names::validate_name("tenant", t)?;
+    }
+    let keys = d.store.keys(req.tenant.as_deref())?;
+    reply(&KeyListResponse { keys: keys.iter().map(info).collect() }, 0)
+}

@@ -1,0 +1,148 @@
+//! Persistent state behind a small trait, so that a networked backend can be
+//! added for multi-host installs; [`sled_store::SledStore`] is the embedded
+//! default. The store never holds plaintext key material: KEKs are kept only
+//! wrapped under a master key version that lives in the token.
+//!
+//! Every mutating call returns only after the write is durable.
+
+pub mod sled_store;
+
+use keyhaven::KeyPath;
+use serde::{Deserialize, Serialize};
+
+/// What the store can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The record to create exists already.
+    #[error("{0} exists already")]
+    AlreadyExists(String),
+    /// The store has not been initialised with `keyhavend init`.
+    #[error("the store at {0} is not initialised; run `keyhavend init` first")]
+    NotInitialised(String),
+    /// The store was initialised already.
+    #[error("the store at {0} is initialised already")]
+    AlreadyInitialised(String),
+    /// The store was written by an unknown schema version.
+    #[error("the store has schema version {found}; this daemon reads version {expected}")]
+    Schema {
+        /// Found in the store.
+        found: u32,
+        /// Known here.
+        expected: u32,
+    },
+    /// A record does not decode.
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The backend failed.
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// The store's global facts (the `meta` tree).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Meta {
+    /// Schema version of the records.
+    pub schema_version: u32,
+    /// The master key version that new KEKs are wrapped under.
+    pub master_key_version: u32,
+    /// Label of the token the master key lives in.
+    pub token_label: String,
+    /// When `init` ran, Unix seconds.
+    pub created_at: u64,
+}
+
+/// The schema version this daemon writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A named key and its versions (the `keyring` tree).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// The version new data keys are wrapped with.
+    pub current_version: u32,
+    /// Every version, oldest first.
+    pub versions: Vec<KeyVersion>,
+}
+
+/// One version of a named key.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct KeyVersion {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// Master key version that wraps this KEK.
+    pub master_key_version: u32,
+    /// The KEK wrapped with CKM_AES_KEY_WRAP under that master key.
+    #[serde(with = "b64")]
+    pub wrapped_kek: Vec<u8>,
+}
+
+impl std::fmt::Debug for KeyVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyVersion")
+            .field("version", &self.version)
+            .field("master_key_version", &self.master_key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyRecord {
+    /// The record's path.
+    pub fn path(&self) -> Result<KeyPath, StoreError> {
+        KeyPath::new(&self.tenant, &self.key).map_err(|e| StoreError::Corrupt {
+            key: format!("{}/{}", self.tenant, self.key),
+            reason: e.to_string(),
+        })
+    }
+
+    /// A version by number.
+    pub fn version(&self, version: u32) -> Option<&KeyVersion> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+}
+
+/// The storage backend.
+pub trait Store: Send + Sync + 'static {
+    /// The global facts; `None` before `init`.
+    fn meta(&self) -> Result<Option<Meta>, StoreError>;
+    /// Writes the global facts for the first time (refuses a second time).
+    fn init_meta(&self, meta: &Meta) -> Result<(), StoreError>;
+    /// A named key.
+    fn key(&self, path: &KeyPath) -> Result<Option<KeyRecord>, StoreError>;
+    /// Creates a named key; refuses when one exists with that path.
+    fn create_key(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    /// Named keys, all or one tenant's, sorted by tenant then key.
+    fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Number of named keys.
+    fn key_count(&self) -> Result<u64, StoreError>;
+    /// Makes every acknowledged write durable (used at shutdown).
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Base64 for byte fields in stored records.
+mod b64 {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,129 @@
+//! The embedded store: one sled database, a tree per concern (`meta`,
+//! `keyring`). Records are JSON. Keyring keys are `tenant/key`, so that one
+//! tenant's keys are a prefix scan.
+
+use std::path::{Path, PathBuf};
+
+use keyhaven::KeyPath;
+use serde::de::DeserializeOwned;
+
+use super::{KeyRecord, Meta, Store, StoreError, SCHEMA_VERSION};
+
+/// sled behind [`Store`].
+pub struct SledStore {
+    path: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    keyring: sled::Tree,
+}
+
+const META_KEY: &[u8] = b"meta";
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialise")
+}
+
+impl SledStore {
+    /// Opens (or creates) the store directory.
+    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new().path(path).open().map_err(|e| {
+            StoreError::Backend(format!("cannot open the store at {}: {e}", path.display()))
+        })?;
+        let meta = db.open_tree("meta").map_err(backend)?;
+        let keyring = db.open_tree("keyring").map_err(backend)?;
+        Ok(SledStore { path: path.to_owned(), db, meta, keyring })
+    }
+
+    /// Opens a store that `init` has prepared, checking its schema.
+    pub fn open_initialised(path: &Path) -> Result<(SledStore, Meta), StoreError> {
+        let store = SledStore::open(path)?;
+        let meta = store.meta()?.ok_or_else(|| StoreError::NotInitialised(path.display().to_string()))?;
+        if meta.schema_version != SCHEMA_VERSION {
+            return Err(StoreError::Schema { found: meta.schema_version, expected: SCHEMA_VERSION });
+        }
+        Ok((store, meta))
+    }
+
+    fn durable(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+}
+
+fn keyring_key(path: &KeyPath) -> Vec<u8> {
+    format!("{}/{}", path.tenant(), path.key()).into_bytes()
+}
+
+impl Store for SledStore {
+    fn meta(&self) -> Result<Option<Meta>, StoreError> {
+        match self.meta.get(META_KEY).map_err(backend)? {
+            Some(v) => Ok(Some(decode(META_KEY, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn init_meta(&self, meta: &Meta) -> Result<(), StoreError> {
+        let swapped = self
+            .meta
+            .compare_and_swap(META_KEY, None as Option<&[u8]>, Some(encode(meta)))
+            .map_err(backend)?;
+        if swapped.is_err() {
+            return Err(StoreError::AlreadyInitialised(self.path.display().to_string()));
+        }
+        self.durable()
+    }
+
+    fn key(&self, path: &KeyPath) -> Result<Option<KeyRecord>, StoreError> {
+        let k = keyring_key(path);
+        match self.keyring.get(&k).map_err(backend)? {
+            Some(v) => Ok(Some(decode(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn create_key(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let k = keyring_key(&record.path()?);
+        let swapped = self
+            .keyring
+            .compare_and_swap(&k, None as Option<&[u8]>, Some(encode(record)))
+            .map_err(backend)?;
+        if swapped.is_err() {
+            return Err(StoreError::AlreadyExists(format!("key `{}/{}`", record.tenant, record.key)));
+        }
+        self.durable()
+    }
+
+    fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        let prefix = tenant.map(|t| format!("{t}/")).unwrap_or_default();
+        let mut keys = self
+            .keyring
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect::<Result<Vec<KeyRecord>, _>>()?;
+        // Byte order of `tenant/key` is not tenant-then-key order (`-` < `/`).
+        keys.sort_by(|a, b| (&a.tenant, &a.key).cmp(&(&b.tenant, &b.key)));
+        Ok(keys)
+    }
+
+    fn key_count(&self) -> Result<u64, StoreError> {
+        Ok(self.keyring.len() as u64)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.durable()
+    }
+}
