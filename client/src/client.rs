@@ -75,9 +75,9 @@ impl Client {
                     (Some(v), None) => Ok(v),
                     (None, None) => Err(Error::Protocol("response without ok or error".into())),
                 };
-                let waiter = frame.id.and_then(|id| {
-                    table.lock().expect("pending lock").as_mut().and_then(|m| m.remove(&id))
-                });
+                let waiter = frame
+                    .id
+                    .and_then(|id| table.lock().expect("pending lock").as_mut().and_then(|m| m.remove(&id)));
                 match waiter {
                     Some(tx) => {
                         let _ = tx.send(result);

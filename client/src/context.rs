@@ -47,9 +47,9 @@ impl EncryptionContext {
         let mut ctx = Self::new();
         for pair in pairs {
             let pair = pair.as_ref();
-            let (k, v) = pair.split_once('=').ok_or_else(|| {
-                Error::InvalidContext(format!("`{pair}` is not of the form key=value"))
-            })?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| Error::InvalidContext(format!("`{pair}` is not of the form key=value")))?;
             ctx.insert(k, v)?;
         }
         Ok(ctx)

@@ -282,9 +282,7 @@ fn decode_text(what: &'static str, prefix: &str, s: &str) -> Result<Vec<u8>, Err
     let body = s
         .strip_prefix(prefix)
         .ok_or_else(|| malformed(what, format!("text form must start with `{prefix}`")))?;
-    URL_SAFE_NO_PAD
-        .decode(body)
-        .map_err(|e| malformed(what, format!("bad base64url: {e}")))
+    URL_SAFE_NO_PAD.decode(body).map_err(|e| malformed(what, format!("bad base64url: {e}")))
 }
 
 /// The ciphertext of `encrypt` (ENVELOPE.md §6): an envelope, then a small

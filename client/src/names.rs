@@ -25,10 +25,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
         return bad("must start with a lowercase letter or a digit");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-    {
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
         return bad("may hold only a-z, 0-9, `-` and `_`");
     }
     Ok(())
@@ -77,10 +74,7 @@ impl std::str::FromStr for KeyPath {
     fn from_str(s: &str) -> Result<Self, Error> {
         match s.split_once('/') {
             Some((tenant, key)) => KeyPath::new(tenant, key),
-            None => Err(Error::InvalidName(format!(
-                "`{}` is not of the form TENANT/KEY",
-                printable(s)
-            ))),
+            None => Err(Error::InvalidName(format!("`{}` is not of the form TENANT/KEY", printable(s)))),
         }
     }
 }

@@ -160,10 +160,13 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        let invalid = |reason: &str| ConfigError::Invalid { path: path.to_owned(), reason: reason.to_owned() };
+        let invalid =
+            |reason: &str| ConfigError::Invalid { path: path.to_owned(), reason: reason.to_owned() };
         match (&cfg.hsm.pin_file, &cfg.hsm.pin_env) {
             (None, None) => return Err(invalid("[hsm] needs `pin_file` or `pin_env`")),
-            (Some(_), Some(_)) => return Err(invalid("[hsm] takes one of `pin_file` and `pin_env`, not both")),
+            (Some(_), Some(_)) => {
+                return Err(invalid("[hsm] takes one of `pin_file` and `pin_env`, not both"))
+            }
             _ => {}
         }
         if cfg.hsm.workers == 0 || cfg.hsm.workers > 64 {
@@ -184,7 +187,8 @@ impl Config {
     /// Reads the PIN from where the configuration says.
     pub fn read_pin(&self) -> Result<Pin, String> {
         if let Some(file) = &self.hsm.pin_file {
-            return Pin::from_file(file).map_err(|e| format!("cannot read the PIN file {}: {e}", file.display()));
+            return Pin::from_file(file)
+                .map_err(|e| format!("cannot read the PIN file {}: {e}", file.display()));
         }
         let var = self.hsm.pin_env.as_deref().unwrap_or_default();
         Pin::from_env(var).ok_or_else(|| format!("the PIN variable `{var}` is not set"))

@@ -20,15 +20,18 @@ pub fn prepare_environment(config: &Config) {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns after a clean drain.
-/// `on_ready` is called once the socket accepts connections.
-pub fn run(config: Config, on_ready: impl FnOnce(&Config)) -> anyhow::Result<()> {
-    let (store, meta) = SledStore::open_initialised(&config.store)?;
+/// `on_ready` is called once the socket accepts connections. `store` is an
+/// already open store (from a `dev` first run), else the configured one is
+/// opened.
+pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Config)) -> anyhow::Result<()> {
+    let (store, meta) = match store {
+        Some(s) => SledStore::check_initialised(s)?,
+        None => SledStore::open_initialised(&config.store)?,
+    };
     let hsm_config = config.hsm_config().map_err(anyhow::Error::msg)?;
     let hsm = Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("keyhaven-io")
-        .build()?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keyhaven-io").build()?;
     let daemon = Arc::new(Daemon { hsm, store: Arc::new(store), config });
     let result = runtime.block_on(async {
         let listener = server::bind(&daemon.config.socket)
@@ -50,7 +53,8 @@ pub fn run(config: Config, on_ready: impl FnOnce(&Config)) -> anyhow::Result<()>
 
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -18,6 +18,7 @@ use anyhow::{bail, Context};
 use crate::config::{Config, HsmSection, Limits, Mode};
 use crate::hsm::token;
 use crate::secret::Pin;
+use crate::store::sled_store::SledStore;
 
 /// Token label of dev installs.
 pub const DEV_TOKEN_LABEL: &str = "keyhaven-dev";
@@ -40,8 +41,9 @@ pub fn find_softhsm_module() -> Option<PathBuf> {
     SOFTHSM_MODULES.iter().map(PathBuf::from).find(|p| p.exists())
 }
 
-/// Makes sure `dir` holds a dev install and returns its config path.
-pub fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
+/// Makes sure `dir` holds a dev install and returns its config path, and
+/// the store when this run created it (still open).
+pub fn prepare(dir: &Path) -> anyhow::Result<(PathBuf, Option<SledStore>)> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -50,7 +52,7 @@ pub fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
     let dir = dir.canonicalize()?;
     let config_path = dir.join("keyhaven.toml");
     if config_path.exists() {
-        return Ok(config_path);
+        return Ok((config_path, None));
     }
     let tokens = dir.join("tokens");
     if tokens.exists() && fs::read_dir(&tokens)?.next().is_some() {
@@ -107,10 +109,10 @@ pub fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
     );
     let tmp = dir.join("keyhaven.toml.tmp");
     write_private(&tmp, &text)?;
-    crate::init::initialise(&config)?;
+    let store = crate::init::initialise(&config)?;
     // The config appears last, so that a run that fails half way is noticed.
     fs::rename(&tmp, &config_path)?;
-    Ok(config_path)
+    Ok((config_path, Some(store)))
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {

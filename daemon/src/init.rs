@@ -8,8 +8,10 @@ use crate::hsm;
 use crate::store::sled_store::SledStore;
 use crate::store::{Meta, Store, SCHEMA_VERSION};
 
-/// Creates the master key and initialises the store.
-pub fn initialise(config: &Config) -> anyhow::Result<()> {
+/// Creates the master key and initialises the store, which stays open
+/// and is returned (sled holds a lock on it that is released only lazily
+/// after a drop, so the daemon reuses this handle rather than reopening).
+pub fn initialise(config: &Config) -> anyhow::Result<SledStore> {
     let store = SledStore::open(&config.store)?;
     if store.meta()?.is_some() {
         bail!("the store at {} is initialised already; nothing to do", config.store.display());
@@ -26,5 +28,5 @@ pub fn initialise(config: &Config) -> anyhow::Result<()> {
             .unwrap_or(0),
     };
     store.init_meta(&meta)?;
-    Ok(())
+    Ok(store)
 }

@@ -62,9 +62,9 @@ fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Dev { dir }) => {
-            let path = dev::prepare(&dir)?;
+            let (path, store) = dev::prepare(&dir)?;
             let config = load(Some(path))?;
-            daemon::run(config, |c| {
+            daemon::run(config, store, |c| {
                 println!("export KEYHAVEN_SOCKET={}", c.socket.display());
             })
         }
@@ -79,6 +79,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some(Command::Run) | None => daemon::run(load(cli.config)?, |_| {}),
+        Some(Command::Run) | None => daemon::run(load(cli.config)?, None, |_| {}),
     }
 }

@@ -1,1 +1,237 @@
+//! Test harness: every test gets its own SoftHSM2 token (in a temporary
+//! folder with its own SOFTHSM2_CONF, made by `keyhavend dev`), its own real
+//! daemon process on its own socket, and stops what it started. Nothing here
+//! mocks the token, the store, the crypto or the socket.
+//!
+//! Run through `cargo test --workspace`, which builds the `keyhavend` and
+//! `keyhaven` binaries this harness starts.
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use keyhaven::{Client, EncryptionContext, ErrorCode, KeyPath};
+
+/// Path of a workspace binary (`keyhavend`, `keyhaven`) next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> -> target/debug/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so that it is built",
+        path.display()
+    );
+    path
+}
+
+/// The SoftHSM2 module on this machine.
+pub fn softhsm_module() -> PathBuf {
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib64/pkcs11/libsofthsm2.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("SoftHSM2 is not installed: run scripts/test, which installs it")
+}
+
+/// A running `keyhavend dev` in its own temporary folder.
+pub struct TestDaemon {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    child: Option<Child>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl TestDaemon {
+    /// Creates a fresh dev install (token, master key, store) and starts it.
+    pub fn start() -> TestDaemon {
+        let dir = tempfile::Builder::new().prefix("keyhaven-test-").tempdir().expect("temp dir");
+        let socket = dir.path().join("keyhaven.sock");
+        let mut d = TestDaemon { dir, socket, child: None, stderr: None };
+        d.spawn();
+        d
+    }
+
+    /// The dev folder (token, config, store, socket).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The store folder.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(bin("keyhavend"))
+            .args(["dev", "--dir"])
+            .arg(self.dir.path())
+            .env("KEYHAVEN_LOG", "info")
+            .env_remove("SOFTHSM2_CONF")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start keyhavend");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        self.stderr = Some(std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        }));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.starts_with("export KEYHAVEN_SOCKET=") => {
+                    assert_eq!(line, format!("export KEYHAVEN_SOCKET={}", self.socket.display()));
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("wait") {
+                        let log = self.stderr.take().unwrap().join().unwrap_or_default();
+                        panic!("keyhavend exited with {status} before listening:\n{log}");
+                    }
+                    assert!(Instant::now() < deadline, "keyhavend did not start within 60 s");
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the status and the log.
+    pub fn stop(&mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("daemon running");
+        signal(child.id(), "TERM");
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        let log = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        (status, log)
+    }
+
+    /// Stops the daemon (cleanly) and starts it again on the same folder.
+    pub fn restart(&mut self) {
+        let (status, log) = self.stop();
+        assert!(status.success(), "keyhavend exited with {status}:\n{log}");
+        self.spawn();
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.expect("connect to the test daemon")
+    }
+
+    /// Runs the `keyhaven` CLI against this daemon with `stdin` as input.
+    pub fn cli(&self, args: &[&str], stdin: &[u8]) -> Output {
+        run_cli(&self.socket, args, stdin)
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the `keyhaven` CLI with `--socket socket`.
+pub fn run_cli(socket: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(bin("keyhaven"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("KEYHAVEN_SOCKET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start keyhaven");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("keyhaven output");
+    let _ = writer.join();
+    out
+}
+
+/// Sends a signal (`TERM`, `KILL`, `HUP`…) to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("kill");
+    assert!(ok.success(), "kill -{sig} {pid} failed");
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process {} did not exit within {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Parses a `key=value` list into a context.
+pub fn ctx(pairs: &[&str]) -> EncryptionContext {
+    EncryptionContext::from_pairs(pairs).expect("valid context")
+}
+
+/// Parses `tenant/key`.
+pub fn path(s: &str) -> KeyPath {
+    s.parse().expect("valid key path")
+}
+
+/// Reads every file below `dir` (for scanning the store for secrets).
+pub fn read_all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir") {
+            let p = entry.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.push((p, bytes));
+            }
+        }
+    }
+    out
+}
+
+/// True when `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}

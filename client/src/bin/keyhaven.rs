@@ -101,7 +101,17 @@ impl ContextArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line that names the problem, like every other failure.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("keyhaven: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -159,19 +169,15 @@ fn read_stdin_text(what: &str) -> Result<String, Failure> {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
-    let text = zeroize::Zeroizing::new(
-        serde_json::to_string_pretty(value).map_err(|e| Failure(e.to_string()))?,
-    );
+    let text =
+        zeroize::Zeroizing::new(serde_json::to_string_pretty(value).map_err(|e| Failure(e.to_string()))?);
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", *text)?;
     Ok(())
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let socket = cli
-        .socket
-        .or_else(Client::socket_from_env)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let socket = cli.socket.or_else(Client::socket_from_env).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     // Arguments are checked before connecting, so usage errors need no daemon.
     let context = match &cli.command {
         Command::Encrypt { context, .. } | Command::Decrypt { context } => Some(context.parse()?),
@@ -184,10 +190,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     .unwrap_or_default();
     let input = match &cli.command {
         Command::Encrypt { .. } => {
-            let data = read_stdin(MAX_ENCRYPT_PLAINTEXT, "input")
-                .map_err(|_| Failure(format!(
+            let data = read_stdin(MAX_ENCRYPT_PLAINTEXT, "input").map_err(|_| {
+                Failure(
                     "input is over the 64 KiB limit of `encrypt`; use `keyhaven datakey` and encrypt locally"
-                )))?;
+                        .into(),
+                )
+            })?;
             Some(data)
         }
         _ => None,

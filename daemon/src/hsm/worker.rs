@@ -51,7 +51,8 @@ pub struct Worker {
 impl Worker {
     /// Opens and logs in a session for a new worker.
     pub(super) fn new(shared: Arc<Shared>) -> Result<Worker, HsmError> {
-        let mut w = Worker { shared, session: None, master_keys: HashMap::new(), keks: HashMap::new(), lost: false };
+        let mut w =
+            Worker { shared, session: None, master_keys: HashMap::new(), keks: HashMap::new(), lost: false };
         w.session()?;
         Ok(w)
     }
@@ -192,12 +193,24 @@ impl Worker {
 
     /// AES-256-GCM encryption inside the token under a KEK; returns
     /// ciphertext followed by the 16-byte tag.
-    pub fn seal(&mut self, kek: &KekRef, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError> {
+    pub fn seal(
+        &mut self,
+        kek: &KekRef,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
         let r = self.seal_inner(kek, nonce, aad, plaintext);
         self.note(r)
     }
 
-    fn seal_inner(&mut self, kek: &KekRef, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError> {
+    fn seal_inner(
+        &mut self,
+        kek: &KekRef,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
         let h = self.kek(kek)?;
         let mut iv = *nonce;
         let params = GcmParams::new(&mut iv, aad, (8 * TAG_LEN as u64).into())?;
@@ -207,19 +220,33 @@ impl Worker {
     /// AES-256-GCM decryption inside the token under a KEK. A tag that does
     /// not verify is [`HsmError::Integrity`]. The plaintext is returned in a
     /// zeroizing buffer.
-    pub fn open(&mut self, kek: &KekRef, nonce: &[u8; NONCE_LEN], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    pub fn open(
+        &mut self,
+        kek: &KekRef,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         let r = self.open_inner(kek, nonce, aad, sealed);
         self.note(r)
     }
 
-    fn open_inner(&mut self, kek: &KekRef, nonce: &[u8; NONCE_LEN], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    fn open_inner(
+        &mut self,
+        kek: &KekRef,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         let h = self.kek(kek)?;
         let mut iv = *nonce;
         let params = GcmParams::new(&mut iv, aad, (8 * TAG_LEN as u64).into())?;
-        let plain = self
-            .session()?
-            .decrypt(&Mechanism::AesGcm(params), h, sealed)
-            .map_err(|e| integrity_or(e, "the envelope does not authenticate: it was altered, or the encryption context differs"))?;
+        let plain = self.session()?.decrypt(&Mechanism::AesGcm(params), h, sealed).map_err(|e| {
+            integrity_or(
+                e,
+                "the envelope does not authenticate: it was altered, or the encryption context differs",
+            )
+        })?;
         Ok(Zeroizing::new(plain))
     }
 }

@@ -44,7 +44,11 @@ fn unknown_key(path: &KeyPath) -> Error {
 }
 
 /// Makes a data key under the current version of `path`.
-pub async fn new_data_key(d: &Daemon, path: KeyPath, context: EncryptionContext) -> Result<NewDataKey, Error> {
+pub async fn new_data_key(
+    d: &Daemon,
+    path: KeyPath,
+    context: EncryptionContext,
+) -> Result<NewDataKey, Error> {
     context.validate()?;
     let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
     let version = rec.current_version;
@@ -63,10 +67,9 @@ pub async fn new_data_key(d: &Daemon, path: KeyPath, context: EncryptionContext)
             let header = envelope::envelope_header(&path, version, &id, &nonce);
             let aad = envelope::aad(&header, &context);
             let sealed = w.seal(&kek, &nonce, &aad, &key[..])?;
-            let wrapped: [u8; WRAPPED_DEK_LEN] = sealed
-                .as_slice()
-                .try_into()
-                .map_err(|_| crate::hsm::HsmError::Library(format!("GCM returned {} bytes, expected 48", sealed.len())))?;
+            let wrapped: [u8; WRAPPED_DEK_LEN] = sealed.as_slice().try_into().map_err(|_| {
+                crate::hsm::HsmError::Library(format!("GCM returned {} bytes, expected 48", sealed.len()))
+            })?;
             Ok(NewDataKey { envelope: Envelope::new(path, version, id, nonce, wrapped), key, spare_nonce })
         })
         .await

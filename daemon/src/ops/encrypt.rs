@@ -25,7 +25,8 @@ pub async fn encrypt(d: &Arc<Daemon>, req: wire::Encrypt) -> Result<Reply, Error
     let nonce = new.spare_nonce;
     let header = Ciphertext::header_for(&new.envelope, &nonce);
     let aad = envelope::aad(&header, &req.context);
-    let cipher = Aes256Gcm::new_from_slice(&new.key[..]).map_err(|_| Error::Internal("data key length".into()))?;
+    let cipher =
+        Aes256Gcm::new_from_slice(&new.key[..]).map_err(|_| Error::Internal("data key length".into()))?;
     let payload = cipher
         .encrypt(Nonce::from_slice(&nonce), Payload { msg: req.plaintext.expose(), aad: &aad })
         .map_err(|_| Error::Internal("AES-GCM encryption failed".into()))?;
@@ -50,13 +51,17 @@ pub async fn decrypt(d: &Arc<Daemon>, req: wire::Decrypt) -> Result<Reply, Error
     }
     let key = open_data_key(d, ct.envelope(), req.context.clone()).await?;
     let aad = envelope::aad(&ct.header(), &req.context);
-    let cipher = Aes256Gcm::new_from_slice(&key[..]).map_err(|_| Error::Internal("data key length".into()))?;
+    let cipher =
+        Aes256Gcm::new_from_slice(&key[..]).map_err(|_| Error::Internal("data key length".into()))?;
     let plain = Zeroizing::new(
-        cipher
-            .decrypt(Nonce::from_slice(ct.nonce()), Payload { msg: ct.payload(), aad: &aad })
-            .map_err(|_| {
-                Error::Integrity("the ciphertext does not authenticate: it was altered, or the encryption context differs".into())
-            })?,
+        cipher.decrypt(Nonce::from_slice(ct.nonce()), Payload { msg: ct.payload(), aad: &aad }).map_err(
+            |_| {
+                Error::Integrity(
+                    "the ciphertext does not authenticate: it was altered, or the encryption context differs"
+                        .into(),
+                )
+            },
+        )?,
     );
     let hint = plain.len() * 4 / 3;
     reply(&opened(ct.envelope(), SecretBytes::from_slice(&plain)), hint)

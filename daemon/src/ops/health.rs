@@ -32,11 +32,7 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
     };
     let store = StoreHealth { ok: keys.is_ok(), keys: keys.unwrap_or(0) };
     let status = if token.ok && store.ok { "ok" } else { "degraded" };
-    let resp = HealthResponse {
-        status: status.into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        token,
-        store,
-    };
+    let resp =
+        HealthResponse { status: status.into(), version: env!("CARGO_PKG_VERSION").into(), token, store };
     reply(&resp, 0)
 }

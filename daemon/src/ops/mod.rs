@@ -51,7 +51,8 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
 }
 
 fn parse<T: DeserializeOwned>(op: &str, params: &str) -> Result<T, Error> {
-    serde_json::from_str(params).map_err(|e| Error::BadRequest(format!("params of `{op}`: {}", scrub(&e.to_string()))))
+    serde_json::from_str(params)
+        .map_err(|e| Error::BadRequest(format!("params of `{op}`: {}", scrub(&e.to_string()))))
 }
 
 /// serde quotes a mistyped string value in its message (`invalid type:
@@ -77,16 +78,14 @@ pub fn printable(s: &str) -> String {
 /// so that growing it does not leave copies of a secret behind.
 fn reply<T: Serialize>(value: &T, hint: usize) -> Result<Reply, Error> {
     let mut out = Zeroizing::new(Vec::with_capacity(hint + 256));
-    serde_json::to_writer(&mut *out, value).map_err(|e| Error::Internal(format!("serialising a response: {e}")))?;
+    serde_json::to_writer(&mut *out, value)
+        .map_err(|e| Error::Internal(format!("serialising a response: {e}")))?;
     Ok(out)
 }
 
 /// Seconds since the Unix epoch.
 fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]

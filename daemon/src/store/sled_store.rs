@@ -37,9 +37,10 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 impl SledStore {
     /// Opens (or creates) the store directory.
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new().path(path).open().map_err(|e| {
-            StoreError::Backend(format!("cannot open the store at {}: {e}", path.display()))
-        })?;
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| StoreError::Backend(format!("cannot open the store at {}: {e}", path.display())))?;
         let meta = db.open_tree("meta").map_err(backend)?;
         let keyring = db.open_tree("keyring").map_err(backend)?;
         Ok(SledStore { path: path.to_owned(), db, meta, keyring })
@@ -47,8 +48,13 @@ impl SledStore {
 
     /// Opens a store that `init` has prepared, checking its schema.
     pub fn open_initialised(path: &Path) -> Result<(SledStore, Meta), StoreError> {
-        let store = SledStore::open(path)?;
-        let meta = store.meta()?.ok_or_else(|| StoreError::NotInitialised(path.display().to_string()))?;
+        SledStore::check_initialised(SledStore::open(path)?)
+    }
+
+    /// Checks that an open store was initialised, with a known schema.
+    pub fn check_initialised(store: SledStore) -> Result<(SledStore, Meta), StoreError> {
+        let meta =
+            store.meta()?.ok_or_else(|| StoreError::NotInitialised(store.path.display().to_string()))?;
         if meta.schema_version != SCHEMA_VERSION {
             return Err(StoreError::Schema { found: meta.schema_version, expected: SCHEMA_VERSION });
         }
