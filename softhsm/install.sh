@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs SoftHSM2 (the development token) and OpenSC's pkcs11-tool (which
+# the tests use to inspect the token independently) when they are missing.
+# Debian and Ubuntu; uses sudo when not run as root.
+set -euo pipefail
+need=()
+command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
+[ "${#need[@]}" -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo=sudo
+echo "installing ${need[*]} with apt-get" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
