@@ -59,7 +59,9 @@ impl<'de> Deserialize<'de> for SecretBytes {
         let mut out = Zeroizing::new(Vec::with_capacity(text.len() / 4 * 3 + 3));
         STANDARD
             .decode_vec(text.as_bytes(), &mut out)
-            .map_err(|e| serde::de::Error::custom(format_args!("bad base64: {e}")))?;
+            // The decoder's own message quotes the offending byte: a byte of
+            // the secret. Say only what is wrong.
+            .map_err(|_| serde::de::Error::custom("bad base64 (standard alphabet, padded)"))?;
         Ok(SecretBytes(out))
     }
 }

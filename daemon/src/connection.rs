@@ -86,7 +86,7 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
             Err(_) => break,
         }
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-        match serde_json::from_slice::<InFrame>(&buf) {
+        match parse_request(&buf) {
             Ok(frame) => {
                 let id = frame.id;
                 let op = frame.op.into_owned();
@@ -105,9 +105,8 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
                     drop(permit);
                 });
             }
-            Err(e) => {
+            Err(err) => {
                 let id = serde_json::from_slice::<IdOnly>(&buf).ok().and_then(|f| f.id);
-                let err = Error::BadRequest(format!("malformed request: {e}"));
                 let _ = tx.send(error_frame(id, err.code(), &err)).await;
             }
         }
@@ -118,6 +117,23 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
     drop(tx);
     let _ = writer.await;
     tracing::debug!(%caller, "connection closed");
+}
+
+/// Parses a request frame; the frame and its params must be JSON objects
+/// (serde would also read a struct from an array).
+fn parse_request(buf: &[u8]) -> Result<InFrame<'_>, Error> {
+    let is_object = |b: &[u8]| b.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{');
+    if !is_object(buf) {
+        return Err(Error::BadRequest("malformed request: a request must be a JSON object".into()));
+    }
+    let frame: InFrame =
+        serde_json::from_slice(buf).map_err(|e| Error::BadRequest(format!("malformed request: {e}")))?;
+    if let Some(p) = frame.params {
+        if !is_object(p.get().as_bytes()) && p.get() != "null" {
+            return Err(Error::BadRequest("malformed request: `params` must be a JSON object".into()));
+        }
+    }
+    Ok(frame)
 }
 
 fn log_failure(caller: &Caller, op: &str, e: &Error) {

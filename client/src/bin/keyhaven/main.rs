@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+mod bench;
 use keyhaven::wire::MAX_ENCRYPT_PLAINTEXT;
 use keyhaven::{Client, EncryptionContext, KeyPath};
 
@@ -47,6 +49,24 @@ enum Command {
     },
     /// Data keys: `datakey TENANT/KEY` makes one; `datakey decrypt` unwraps one.
     Datakey(DatakeyArgs),
+    /// Measure a running daemon: ops/s and p50/p99/p99.9 latency per op and concurrency.
+    Bench {
+        /// Operations to measure.
+        #[arg(long, value_enum, value_delimiter = ',', default_values = ["encrypt", "datakey-decrypt"])]
+        op: Vec<bench::BenchOp>,
+        /// Concurrent clients (one connection each), comma-separated.
+        #[arg(long, value_delimiter = ',', default_values = ["1", "16"])]
+        concurrency: Vec<usize>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Plaintext bytes for `encrypt`.
+        #[arg(long, default_value_t = 32)]
+        payload: usize,
+        /// Key to use (created when missing).
+        #[arg(long, default_value = "bench/bench")]
+        key: KeyPath,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,7 +132,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyhaven: cannot start: {e}");
@@ -200,8 +220,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         _ => None,
     };
+    if let Command::Bench { op, concurrency, seconds, payload, key } = &cli.command {
+        bench::header();
+        for op in op {
+            for c in concurrency {
+                let row =
+                    bench::run(&socket, key, *op, *c, std::time::Duration::from_secs(*seconds), *payload)
+                        .await?;
+                bench::print(&row);
+            }
+        }
+        return Ok(());
+    }
     let client = Client::connect(&socket).await?;
     match cli.command {
+        Command::Bench { .. } => unreachable!("handled above"),
         Command::Health => print_json(&client.health().await?),
         Command::Key(KeyCommand::Create { key }) => print_json(&client.key_create(&key).await?),
         Command::Key(KeyCommand::List { tenant }) => {
