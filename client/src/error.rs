@@ -32,6 +32,9 @@ pub enum ErrorCode {
     NotFound,
     /// The thing to create exists already.
     AlreadyExists,
+    /// A key version has wrapped as many data keys as its GCM nonce bound
+    /// allows (docs/ENVELOPE.md §7); it needs a new version.
+    KeyExhausted,
     /// The caller may not do this.
     PermissionDenied,
     /// The key or scope has been revoked.
@@ -62,6 +65,7 @@ impl ErrorCode {
             ErrorCode::Integrity => "integrity",
             ErrorCode::NotFound => "not_found",
             ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::KeyExhausted => "key_exhausted",
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Revoked => "revoked",
             ErrorCode::Busy => "busy",

@@ -81,6 +81,10 @@ pub struct Limits {
     /// Seconds to let in-flight requests finish at shutdown.
     #[serde(default = "default_drain_seconds")]
     pub drain_seconds: u64,
+    /// Data keys one KEK version may wrap (docs/ENVELOPE.md §7); at most
+    /// and by default 2^31. Lower it only to test the limit.
+    #[serde(default = "default_wraps_per_key_version")]
+    pub wraps_per_key_version: u64,
 }
 
 impl Default for Limits {
@@ -89,6 +93,7 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             max_in_flight: default_max_in_flight(),
             drain_seconds: default_drain_seconds(),
+            wraps_per_key_version: default_wraps_per_key_version(),
         }
     }
 }
@@ -110,6 +115,9 @@ fn default_max_in_flight() -> usize {
 }
 fn default_drain_seconds() -> u64 {
     10
+}
+fn default_wraps_per_key_version() -> u64 {
+    crate::wraps::MAX_WRAPS_PER_VERSION
 }
 
 /// A configuration problem, naming the file and what is wrong.
@@ -177,6 +185,9 @@ impl Config {
         }
         if cfg.limits.max_connections == 0 || cfg.limits.max_in_flight == 0 {
             return Err(invalid("[limits] max_connections and max_in_flight must be at least 1"));
+        }
+        if !(1..=crate::wraps::MAX_WRAPS_PER_VERSION).contains(&cfg.limits.wraps_per_key_version) {
+            return Err(invalid("[limits] wraps_per_key_version must be from 1 to 2147483648 (2^31)"));
         }
         if cfg.hsm.token_label.is_empty() || cfg.hsm.token_label.len() > 32 {
             return Err(invalid("[hsm] token_label must be 1 to 32 bytes (a PKCS#11 token label)"));

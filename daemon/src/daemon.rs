@@ -32,7 +32,7 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     let hsm = Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keyhaven-io").build()?;
-    let daemon = Arc::new(Daemon { hsm, store: Arc::new(store), config });
+    let daemon = Arc::new(Daemon::new(hsm, Arc::new(store), config));
     let result = runtime.block_on(async {
         let listener = server::bind(&daemon.config.socket)
             .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;

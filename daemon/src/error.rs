@@ -36,6 +36,9 @@ pub enum Error {
     /// Exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// A key version has used its wrap budget (docs/ENVELOPE.md §7).
+    #[error("{0}")]
+    KeyExhausted(String),
     /// The token failed.
     #[error("HSM: {0}")]
     Hsm(HsmError),
@@ -59,6 +62,7 @@ impl Error {
             Error::Integrity(_) => ErrorCode::Integrity,
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            Error::KeyExhausted(_) => ErrorCode::KeyExhausted,
             Error::Hsm(HsmError::Busy(_)) => ErrorCode::Busy,
             Error::Hsm(HsmError::Integrity(_)) => ErrorCode::Integrity,
             Error::Hsm(_) => ErrorCode::HsmUnavailable,

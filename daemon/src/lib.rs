@@ -11,6 +11,8 @@
 //! - [`connection`]: frames in and out, caller identity, pipelining.
 //! - [`ops`]: one module per operation family; [`ops::dispatch`] routes.
 //! - [`hsm`]: the PKCS#11 worker pool; every wrap and unwrap happens there.
+//! - [`wraps`]: counts data-key wraps per KEK version against the GCM
+//!   nonce bound.
 //! - [`store`]: the keyring (wrapped key material only) behind a trait.
 //!
 //! Around them: [`config`] (the TOML file), [`identity`] (SO_PEERCRED),
@@ -30,3 +32,4 @@ pub mod ops;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod wraps;

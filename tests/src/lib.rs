@@ -38,7 +38,7 @@ pub fn softhsm_module() -> PathBuf {
     .iter()
     .map(PathBuf::from)
     .find(|p| p.exists())
-    .expect("SoftHSM2 is not installed: run scripts/test, which installs it")
+    .expect("SoftHSM2 is not installed: run softhsm/test, which installs it")
 }
 
 /// A running `keyhavend dev` in its own temporary folder.
@@ -135,10 +135,24 @@ impl TestDaemon {
         (status, log)
     }
 
+    /// Starts the daemon again on the same folder after [`stop`](Self::stop),
+    /// so that a test can look at the stopped store in between.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "keyhavend is still running");
+        self.spawn();
+    }
+
     /// Stops the daemon (cleanly) and starts it again on the same folder.
     pub fn restart(&mut self) {
+        self.restart_with(|_| {});
+    }
+
+    /// Stops the daemon, lets `change` edit its folder (the config is
+    /// `keyhaven.toml`), and starts it again.
+    pub fn restart_with(&mut self, change: impl FnOnce(&Path)) {
         let (status, log) = self.stop();
         assert!(status.success(), "keyhavend exited with {status}:\n{log}");
+        change(self.dir.path());
         self.spawn();
     }
 

@@ -53,6 +53,7 @@ pub async fn new_data_key(
     let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
     let version = rec.current_version;
     let kek = kek_ref(&rec, &path, version)?;
+    d.wraps.take(&kek.id)?;
     d.hsm
         .run(move |w| {
             // One token call for every random value: key, id, two nonces.

@@ -33,7 +33,13 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
         key: path.key().into(),
         created_at: now,
         current_version: 1,
-        versions: vec![KeyVersion { version: 1, created_at: now, master_key_version, wrapped_kek }],
+        versions: vec![KeyVersion {
+            version: 1,
+            created_at: now,
+            master_key_version,
+            wrapped_kek,
+            wraps_reserved: 0,
+        }],
     };
     // The flush makes it durable before we answer; it blocks, so it runs
     // off the async threads (key creation is rare, not a hot path).

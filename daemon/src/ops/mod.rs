@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::hsm::Hsm;
 use crate::identity::Caller;
 use crate::store::Store;
+use crate::wraps::WrapBudget;
 
 /// What every request may use.
 pub struct Daemon {
@@ -29,6 +30,16 @@ pub struct Daemon {
     pub store: Arc<dyn Store>,
     /// The configuration the daemon started with.
     pub config: Config,
+    /// Data-key wraps counted per KEK version.
+    pub wraps: WrapBudget,
+}
+
+impl Daemon {
+    /// Puts the parts together.
+    pub fn new(hsm: Hsm, store: Arc<dyn Store>, config: Config) -> Daemon {
+        let wraps = WrapBudget::new(store.clone(), config.limits.wraps_per_key_version);
+        Daemon { hsm, store, config, wraps }
+    }
 }
 
 /// A serialised `ok` body.

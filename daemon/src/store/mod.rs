@@ -87,6 +87,10 @@ pub struct KeyVersion {
     /// The KEK wrapped with CKM_AES_KEY_WRAP under that master key.
     #[serde(with = "b64")]
     pub wrapped_kek: Vec<u8>,
+    /// Data-key wraps reserved under this version so far (docs/ENVELOPE.md
+    /// §7): an upper bound on the GCM nonces it has used.
+    #[serde(default)]
+    pub wraps_reserved: u64,
 }
 
 impl std::fmt::Debug for KeyVersion {
@@ -94,6 +98,7 @@ impl std::fmt::Debug for KeyVersion {
         f.debug_struct("KeyVersion")
             .field("version", &self.version)
             .field("master_key_version", &self.master_key_version)
+            .field("wraps_reserved", &self.wraps_reserved)
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +116,11 @@ impl KeyRecord {
     pub fn version(&self, version: u32) -> Option<&KeyVersion> {
         self.versions.iter().find(|v| v.version == version)
     }
+
+    /// A version by number, to change it.
+    pub fn version_mut(&mut self, version: u32) -> Option<&mut KeyVersion> {
+        self.versions.iter_mut().find(|v| v.version == version)
+    }
 }
 
 /// The storage backend.
@@ -123,6 +133,14 @@ pub trait Store: Send + Sync + 'static {
     fn key(&self, path: &KeyPath) -> Result<Option<KeyRecord>, StoreError>;
     /// Creates a named key; refuses when one exists with that path.
     fn create_key(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    /// Changes a named key atomically: `change` edits the current record,
+    /// and is run again if another writer changed it meanwhile. Returns the
+    /// record as written, or `None` when there is no such key.
+    fn update_key(
+        &self,
+        path: &KeyPath,
+        change: &mut dyn FnMut(&mut KeyRecord),
+    ) -> Result<Option<KeyRecord>, StoreError>;
     /// Named keys, all or one tenant's, sorted by tenant then key.
     fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
     /// Number of named keys.

@@ -110,6 +110,25 @@ impl Store for SledStore {
         self.durable()
     }
 
+    fn update_key(
+        &self,
+        path: &KeyPath,
+        change: &mut dyn FnMut(&mut KeyRecord),
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let k = keyring_key(path);
+        loop {
+            let Some(old) = self.keyring.get(&k).map_err(backend)? else { return Ok(None) };
+            let mut record: KeyRecord = decode(&k, &old)?;
+            change(&mut record);
+            let swapped =
+                self.keyring.compare_and_swap(&k, Some(old), Some(encode(&record))).map_err(backend)?;
+            if swapped.is_ok() {
+                self.durable()?;
+                return Ok(Some(record));
+            }
+        }
+    }
+
     fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
         let prefix = tenant.map(|t| format!("{t}/")).unwrap_or_default();
         let mut keys = self
