@@ -19,9 +19,38 @@ pub const MAX_VALUE_LEN: usize = 1024;
 
 /// An encryption context. Keys are unique and kept in byte order, which is
 /// the order of the canonical encoding.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct EncryptionContext(BTreeMap<String, String>);
+
+/// A JSON object of strings; a key given twice is refused rather than the
+/// last one silently winning, so that a context means one thing only.
+impl<'de> Deserialize<'de> for EncryptionContext {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = EncryptionContext;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of string values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut pairs = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: String = map.next_value()?;
+                    if pairs.contains_key(&key) {
+                        let key: String = key.chars().take(64).flat_map(char::escape_default).collect();
+                        return Err(serde::de::Error::custom(format_args!(
+                            "context key `{key}` given twice"
+                        )));
+                    }
+                    pairs.insert(key, value);
+                }
+                Ok(EncryptionContext(pairs))
+            }
+        }
+        d.deserialize_map(Pairs)
+    }
+}
 
 impl EncryptionContext {
     /// An empty context.
@@ -140,6 +169,14 @@ mod tests {
         assert!(EncryptionContext::from_pairs([long]).is_err());
         let many: Vec<String> = (0..=MAX_PAIRS).map(|i| format!("k{i}=v")).collect();
         assert!(EncryptionContext::from_pairs(many).is_err());
+    }
+
+    #[test]
+    fn a_key_given_twice_in_json_is_refused() {
+        let e = serde_json::from_str::<EncryptionContext>(r#"{"a":"1","a":"secret"}"#).unwrap_err();
+        assert!(e.to_string().contains("`a` given twice") && !e.to_string().contains("secret"), "{e}");
+        let ok: EncryptionContext = serde_json::from_str(r#"{"b":"2","a":"1"}"#).unwrap();
+        assert_eq!(ok.keys().collect::<Vec<_>>(), ["a", "b"]);
     }
 
     #[test]
