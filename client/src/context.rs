@@ -38,9 +38,9 @@ impl<'de> Deserialize<'de> for EncryptionContext {
                 while let Some(key) = map.next_key::<String>()? {
                     let value: String = map.next_value()?;
                     if pairs.contains_key(&key) {
-                        let key: String = key.chars().take(64).flat_map(char::escape_default).collect();
                         return Err(serde::de::Error::custom(format_args!(
-                            "context key `{key}` given twice"
+                            "context key `{}` given twice",
+                            shown(&key)
                         )));
                     }
                     pairs.insert(key, value);
@@ -61,7 +61,7 @@ impl EncryptionContext {
     /// Adds a pair, refusing a duplicate key.
     pub fn insert(&mut self, key: &str, value: &str) -> Result<(), Error> {
         if self.0.contains_key(key) {
-            return Err(Error::InvalidContext(format!("key `{key}` given twice")));
+            return Err(Error::InvalidContext(format!("key `{}` given twice", shown(key))));
         }
         self.0.insert(key.to_owned(), value.to_owned());
         self.validate()
@@ -101,7 +101,8 @@ impl EncryptionContext {
             }
             if v.len() > MAX_VALUE_LEN {
                 return Err(Error::InvalidContext(format!(
-                    "value of key `{k}` is {} bytes, at most {MAX_VALUE_LEN} are allowed",
+                    "value of key `{}` is {} bytes, at most {MAX_VALUE_LEN} are allowed",
+                    shown(k),
                     v.len()
                 )));
             }
@@ -133,6 +134,16 @@ impl EncryptionContext {
             out.extend_from_slice(v.as_bytes());
         }
     }
+}
+
+/// A context key as an error message quotes it: shortened and escaped, so
+/// that hostile input cannot flood a log line or drive a terminal.
+fn shown(key: &str) -> String {
+    let mut s: String = key.chars().take(64).flat_map(char::escape_default).collect();
+    if key.chars().count() > 64 {
+        s.push('…');
+    }
+    s
 }
 
 /// Shows the keys only: values may be identifying data (a user id, an email).
@@ -177,6 +188,21 @@ mod tests {
         assert!(e.to_string().contains("`a` given twice") && !e.to_string().contains("secret"), "{e}");
         let ok: EncryptionContext = serde_json::from_str(r#"{"b":"2","a":"1"}"#).unwrap();
         assert_eq!(ok.keys().collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn messages_quote_keys_shortened_and_escaped() {
+        let long = "k".repeat(MAX_KEY_LEN);
+        let mut c = EncryptionContext::new();
+        c.0.insert(long.clone(), "v".repeat(MAX_VALUE_LEN + 1));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("`{}…`", &long[..64])) && !e.contains(&long), "{e}");
+        let mut c = EncryptionContext::new();
+        c.0.insert("a\nb\u{1b}[31m".into(), "v".repeat(MAX_VALUE_LEN + 1));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(r"`a\nb\u{1b}[31m`") && !e.chars().any(char::is_control), "{e}");
+        let e = EncryptionContext::from_pairs(["a\n=1", "a\n=2"]).unwrap_err().to_string();
+        assert!(e.contains(r"`a\n`") && !e.chars().any(char::is_control), "{e}");
     }
 
     #[test]

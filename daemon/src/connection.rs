@@ -126,14 +126,58 @@ fn parse_request(buf: &[u8]) -> Result<InFrame<'_>, Error> {
     if !is_object(buf) {
         return Err(Error::BadRequest("malformed request: a request must be a JSON object".into()));
     }
-    let frame: InFrame =
-        serde_json::from_slice(buf).map_err(|e| Error::BadRequest(format!("malformed request: {e}")))?;
+    let mut de = serde_json::Deserializer::from_slice(buf);
+    let frame: InFrame = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| Error::BadRequest(format!("malformed request: {}", describe(&e))))?;
+    de.end().map_err(|e| Error::BadRequest(format!("malformed request: {e}")))?;
     if let Some(p) = frame.params {
         if !is_object(p.get().as_bytes()) && p.get() != "null" {
             return Err(Error::BadRequest("malformed request: `params` must be a JSON object".into()));
         }
     }
     Ok(frame)
+}
+
+/// What is wrong with a request or its params, for an error message
+/// (PROTOCOL.md §4): the field at fault is named, names taken from the
+/// request (unknown fields, context keys) are shortened and escaped, a
+/// mistyped string value is cut out (it may be a secret sent in the wrong
+/// field), and for a type error the position, which says nothing more than
+/// the field, is left off.
+pub(crate) fn describe(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    use serde_path_to_error::Segment;
+    let mut path: Vec<String> = e
+        .path()
+        .iter()
+        .map(|s| match s {
+            Segment::Map { key } => ops::printable(key),
+            Segment::Enum { variant } => ops::printable(variant),
+            Segment::Seq { index } => index.to_string(),
+            Segment::Unknown => "?".to_owned(),
+        })
+        .collect();
+    let inner = e.inner();
+    let mut msg = inner.to_string();
+    if inner.is_data() {
+        let at = format!(" at line {} column {}", inner.line(), inner.column());
+        if msg.ends_with(&at) {
+            msg.truncate(msg.len() - at.len());
+        }
+    }
+    // serde quotes an unknown field name raw, and it is the last segment of
+    // the path: show it escaped, once.
+    if let Some(Segment::Map { key }) = e.path().iter().next_back() {
+        if let Some(rest) = msg.strip_prefix(&format!("unknown field `{key}`")) {
+            msg = format!("unknown field `{}`{rest}", ops::printable(key));
+            path.pop();
+        }
+    }
+    let msg = ops::scrub(&msg);
+    if path.is_empty() {
+        msg
+    } else {
+        format!("field `{}`: {msg}", path.join("."))
+    }
 }
 
 fn log_failure(caller: &Caller, op: &str, e: &Error) {
@@ -160,4 +204,59 @@ fn ok_frame(id: u64, body: &[u8]) -> Frame {
 fn error_frame(id: Option<u64>, code: keyhaven::ErrorCode, e: &Error) -> Frame {
     let resp = ResponseFrame { id, ok: None, error: Some(WireError { code, message: e.to_string() }) };
     Zeroizing::new(encode_frame(&resp).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params_error<T: serde::de::DeserializeOwned + std::fmt::Debug>(json: &str) -> String {
+        let e = serde_path_to_error::deserialize::<_, T>(&mut serde_json::Deserializer::from_str(json));
+        describe(&e.unwrap_err())
+    }
+
+    fn request_error(json: &str) -> String {
+        match parse_request(json.as_bytes()) {
+            Ok(_) => panic!("{json} parsed"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn messages_name_the_field_and_quote_no_string_value() {
+        use keyhaven::wire::{Datakey, Encrypt};
+        let m = params_error::<Encrypt>(r#"{"tenant":1,"key":"k","plaintext":"aGk="}"#);
+        assert_eq!(m, "field `tenant`: invalid type: integer `1`, expected a string");
+        let m = params_error::<Encrypt>(r#"{"tenant":"t","key":"k","plaintext":"hunter2!"}"#);
+        assert!(m.starts_with("field `plaintext`: bad base64") && !m.contains("hunter2"), "{m}");
+        let m = params_error::<Encrypt>(r#"{"tenant":"t","key":"k","plaintext":"aGk=","context":{"u":4}}"#);
+        assert_eq!(m, "field `context.u`: invalid type: integer `4`, expected a string");
+        let m = params_error::<Datakey>(r#"{"tenant":"t","key":"k","include_plaintext":"hunter2"}"#);
+        assert!(
+            m.starts_with("field `include_plaintext`: invalid type: string") && !m.contains("hunter2"),
+            "{m}"
+        );
+        let m = request_error(r#"{"id":1,"op":"health"} x"#);
+        assert!(m.starts_with("malformed request: trailing characters"), "{m}");
+        let m = request_error(r#"{"id":"hunter2","op":"health"}"#);
+        assert!(m.contains("field `id`") && m.contains("u64") && !m.contains("hunter2"), "{m}");
+    }
+
+    #[test]
+    fn unknown_fields_are_shortened_and_escaped() {
+        let long = "x".repeat(5000);
+        let m = request_error(&serde_json::json!({"id": 1, "op": "health", long: 1}).to_string());
+        assert!(
+            m.starts_with(&format!("malformed request: unknown field `{}…`, expected", "x".repeat(64))),
+            "{m}"
+        );
+        let m = params_error::<keyhaven::wire::Health>(r#"{"a\nb\u001b[31m":1}"#);
+        assert_eq!(m, r"unknown field `a\nb\u{1b}[31m`, there are no fields");
+    }
+
+    #[test]
+    fn a_good_request_still_borrows_its_params() {
+        let f = parse_request(br#"{"id":3,"op":"encrypt","params":{"tenant":"t"}}"#).unwrap();
+        assert_eq!((f.id, &*f.op, f.params.map(|p| p.get())), (3, "encrypt", Some(r#"{"tenant":"t"}"#)));
+    }
 }

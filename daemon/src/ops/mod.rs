@@ -61,15 +61,20 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
     }
 }
 
+/// Parses `params` for `op`; the message names the field at fault, with any
+/// name from the request shortened and escaped and no string value quoted.
 fn parse<T: DeserializeOwned>(op: &str, params: &str) -> Result<T, Error> {
-    serde_json::from_str(params)
-        .map_err(|e| Error::BadRequest(format!("params of `{op}`: {}", scrub(&e.to_string()))))
+    let mut de = serde_json::Deserializer::from_str(params);
+    let value = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| Error::BadRequest(format!("params of `{op}`: {}", crate::connection::describe(&e))))?;
+    de.end().map_err(|e| Error::BadRequest(format!("params of `{op}`: {e}")))?;
+    Ok(value)
 }
 
 /// serde quotes a mistyped string value in its message (`invalid type:
 /// string "…"`); that value might be a secret sent in the wrong field, so
 /// it is cut out.
-fn scrub(msg: &str) -> String {
+pub(crate) fn scrub(msg: &str) -> String {
     match (msg.find("string \""), msg.rfind("\", expected")) {
         (Some(a), Some(b)) if b > a + 8 => format!("{}string \"…{}", &msg[..a], &msg[b..]),
         _ => msg.to_owned(),
