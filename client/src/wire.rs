@@ -71,6 +71,7 @@ macro_rules! operation {
         }
     };
 }
+pub(crate) use operation;
 
 /// `hello`: agree on the protocol version (PROTOCOL.md §3.1).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,7 +102,8 @@ pub struct Health {}
 /// Answer to `health`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthResponse {
-    /// `ok` when everything works, else `degraded`.
+    /// `ok` when everything works; `degraded` when the token or the store
+    /// fails; `suspended` when a whole-system suspension is in force.
     pub status: String,
     /// The daemon's version.
     pub version: String,
@@ -109,6 +111,9 @@ pub struct HealthResponse {
     pub token: TokenHealth,
     /// The store.
     pub store: StoreHealth,
+    /// The whole-system suspension in force, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<crate::revocation::Revocation>,
 }
 operation!(Health, "health", HealthResponse);
 

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -32,12 +33,16 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     let hsm = Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keyhaven-io").build()?;
-    let daemon = Arc::new(Daemon::new(hsm, Arc::new(store), config));
+    let daemon = Arc::new(Daemon::new(hsm, Arc::new(store), config).context("loading the revocations")?);
+    let mut bound = false;
     let result = runtime.block_on(async {
         let listener = server::bind(&daemon.config.socket)
             .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;
+        bound = true;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
+        // Installed before the ready line, so a SIGTERM right after it drains.
+        let (term, int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        tokio::spawn(signals(term, int, shutdown.clone()));
         tracing::info!(socket = %daemon.config.socket.display(), token = daemon.hsm.token_label(), "listening");
         on_ready(&daemon.config);
         server::run(daemon.clone(), listener, shutdown).await;
@@ -46,18 +51,15 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     daemon.hsm.shutdown();
     daemon.store.flush().context("flushing the store")?;
-    let _ = std::fs::remove_file(&daemon.config.socket);
-    tracing::info!("stopped");
+    // A daemon that was refused the socket leaves the other one's alone.
+    if bound {
+        let _ = std::fs::remove_file(&daemon.config.socket);
+        tracing::info!("stopped");
+    }
     result
 }
 
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn signals(mut term: Signal, mut int: Signal, shutdown: CancellationToken) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining"),

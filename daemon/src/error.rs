@@ -39,6 +39,13 @@ pub enum Error {
     /// A key version has used its wrap budget (docs/ENVELOPE.md §7).
     #[error("{0}")]
     KeyExhausted(String),
+    /// A revocation covers the key or data key.
+    #[error("{0}")]
+    Revoked(String),
+    /// Only the daemon's own user (or, with access policy, `break-glass`)
+    /// may do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The token failed.
     #[error("HSM: {0}")]
     Hsm(HsmError),
@@ -63,6 +70,8 @@ impl Error {
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::KeyExhausted(_) => ErrorCode::KeyExhausted,
+            Error::Revoked(_) => ErrorCode::Revoked,
+            Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::Hsm(HsmError::Busy(_)) => ErrorCode::Busy,
             Error::Hsm(HsmError::Integrity(_)) => ErrorCode::Integrity,
             Error::Hsm(_) => ErrorCode::HsmUnavailable,

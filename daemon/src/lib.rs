@@ -11,6 +11,8 @@
 //! - [`connection`]: frames in and out, caller identity, pipelining.
 //! - [`ops`]: one module per operation family; [`ops::dispatch`] routes.
 //! - [`hsm`]: the PKCS#11 worker pool; every wrap and unwrap happens there.
+//! - [`revocation`]: the in-memory index of revocations every key use
+//!   checks first.
 //! - [`wraps`]: counts data-key wraps per KEK version against the GCM
 //!   nonce bound.
 //! - [`store`]: the keyring (wrapped key material only) behind a trait.
@@ -29,6 +31,7 @@ pub mod hsm;
 pub mod identity;
 pub mod init;
 pub mod ops;
+pub mod revocation;
 pub mod secret;
 pub mod server;
 pub mod store;

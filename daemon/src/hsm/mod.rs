@@ -114,6 +114,34 @@ impl Hsm {
         rx.await.map_err(|_| HsmError::Stopped)?
     }
 
+    /// Runs `f` once on every worker and waits until all have. Each worker
+    /// holds at its job until the others have theirs, so no worker takes two
+    /// of them. Waits for room in the queue instead of answering `busy`: a
+    /// revocation must not be refused for load.
+    pub async fn on_every_worker<F>(&self, f: F) -> Result<(), HsmError>
+    where
+        F: Fn(&mut Worker) + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let all_here = Arc::new(Rendezvous::new(self.workers));
+        let mut done = Vec::with_capacity(self.workers);
+        for _ in 0..self.workers {
+            let (tx, rx) = oneshot::channel();
+            let (f, all_here) = (f.clone(), all_here.clone());
+            let job: Job = Box::new(move |w| {
+                all_here.arrive();
+                f(w);
+                let _ = tx.send(());
+            });
+            self.jobs.send(job).await.map_err(|_| HsmError::Stopped)?;
+            done.push(rx);
+        }
+        for rx in done {
+            rx.await.map_err(|_| HsmError::Stopped)?;
+        }
+        Ok(())
+    }
+
     /// The token's label.
     pub fn token_label(&self) -> &str {
         &self.token_label
@@ -136,6 +164,34 @@ impl Hsm {
         let threads = std::mem::take(&mut *self.threads.lock().expect("thread list lock"));
         for t in threads {
             let _ = t.join();
+        }
+    }
+}
+
+/// Where `n` jobs wait for each other, for at most five seconds (a worker
+/// that never comes must not hang the others).
+struct Rendezvous {
+    waiting: Mutex<usize>,
+    arrived: std::sync::Condvar,
+}
+
+impl Rendezvous {
+    fn new(n: usize) -> Rendezvous {
+        Rendezvous { waiting: Mutex::new(n), arrived: std::sync::Condvar::new() }
+    }
+
+    fn arrive(&self) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        *waiting = waiting.saturating_sub(1);
+        self.arrived.notify_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while *waiting > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!("an HSM worker did not join a pool-wide job within 5 s");
+                return;
+            }
+            waiting = self.arrived.wait_timeout(waiting, left).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 }

@@ -154,6 +154,24 @@ impl Worker {
         Ok(wrapped?)
     }
 
+    /// Destroys the loaded copies of the KEKs that `covered` selects (on
+    /// revocation), so that nothing in the token can use them any more.
+    pub fn evict(&mut self, covered: &dyn Fn(&KekId) -> bool) -> usize {
+        let ids: Vec<KekId> = self.keks.keys().filter(|id| covered(id)).cloned().collect();
+        for id in &ids {
+            if let Some((_, h)) = self.keks.remove(id) {
+                if let Some(s) = &self.session {
+                    if let Err(e) = s.destroy_object(h) {
+                        // Closing the session destroys every object it made.
+                        tracing::warn!(error = %e, "cannot destroy a revoked KEK's session object; closing the session");
+                        self.lost = true;
+                    }
+                }
+            }
+        }
+        ids.len()
+    }
+
     /// The session handle of a KEK, unwrapping it on first use.
     fn kek(&mut self, kek: &KekRef) -> Result<ObjectHandle, HsmError> {
         if let Some((wrapped, h)) = self.keks.get(&kek.id) {

@@ -32,6 +32,10 @@ fn kek_ref(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<KekRef, Erro
     let v = rec
         .version(version)
         .ok_or_else(|| Error::NotFound(format!("key `{path}` has no version {version}")))?;
+    if v.destroyed_at.is_some() {
+        // The revocation index refuses this first; the record agrees.
+        return Err(Error::Revoked(format!("key `{path}` version {version} was destroyed")));
+    }
     Ok(KekRef {
         id: KekId { path: path.clone(), version },
         wrapped: v.wrapped_kek.as_slice().into(),
@@ -50,8 +54,11 @@ pub async fn new_data_key(
     context: EncryptionContext,
 ) -> Result<NewDataKey, Error> {
     context.validate()?;
+    // Revocation before the keyring: a refusal must not say whether a key exists.
+    d.revocations.check(&path, None, None)?;
     let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
     let version = rec.current_version;
+    d.revocations.check(&path, Some(version), None)?;
     let kek = kek_ref(&rec, &path, version)?;
     d.wraps.take(&kek.id)?;
     d.hsm
@@ -81,6 +88,7 @@ pub async fn new_data_key(
 pub async fn open_data_key(d: &Daemon, env: &Envelope, context: EncryptionContext) -> Result<DataKey, Error> {
     context.validate()?;
     let path = env.path().clone();
+    d.revocations.check(&path, Some(env.key_version()), Some(&env.id()))?;
     let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
     let kek = kek_ref(&rec, &path, env.key_version())?;
     let aad = envelope::aad(&env.header(), &context);

@@ -19,7 +19,8 @@ pub fn hello(req: wire::Hello) -> Result<Reply, Error> {
 }
 
 /// Probes the token (a session call and the master key lookup) and the
-/// store; reports each rather than failing the call.
+/// store; reports each rather than failing the call. A whole-system
+/// suspension shows as status `suspended`.
 pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error> {
     let probe = d.hsm.run(|w| w.probe()).await;
     let keys = d.store.key_count();
@@ -31,8 +32,18 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         error: probe.err().map(|e| e.to_string()),
     };
     let store = StoreHealth { ok: keys.is_ok(), keys: keys.unwrap_or(0) };
-    let status = if token.ok && store.ok { "ok" } else { "degraded" };
-    let resp =
-        HealthResponse { status: status.into(), version: env!("CARGO_PKG_VERSION").into(), token, store };
+    let suspended = d.revocations.all(super::now_unix());
+    let status = match (token.ok && store.ok, &suspended) {
+        (false, _) => "degraded",
+        (true, Some(_)) => "suspended",
+        (true, None) => "ok",
+    };
+    let resp = HealthResponse {
+        status: status.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        token,
+        store,
+        suspended,
+    };
     reply(&resp, 0)
 }

@@ -39,6 +39,7 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
             master_key_version,
             wrapped_kek,
             wraps_reserved: 0,
+            destroyed_at: None,
         }],
     };
     // The flush makes it durable before we answer; it blocks, so it runs

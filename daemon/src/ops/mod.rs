@@ -7,9 +7,11 @@ mod datakey;
 mod encrypt;
 mod health;
 mod keys;
+mod revoke;
 
 use std::sync::Arc;
 
+use keyhaven::revocation::{Destroy, Revoke, RevokeLift, RevokeList};
 use keyhaven::wire::{self, Operation};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -19,6 +21,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::hsm::Hsm;
 use crate::identity::Caller;
+use crate::revocation;
 use crate::store::Store;
 use crate::wraps::WrapBudget;
 
@@ -32,13 +35,16 @@ pub struct Daemon {
     pub config: Config,
     /// Data-key wraps counted per KEK version.
     pub wraps: WrapBudget,
+    /// Revocations in force.
+    pub revocations: revocation::Index,
 }
 
 impl Daemon {
-    /// Puts the parts together.
-    pub fn new(hsm: Hsm, store: Arc<dyn Store>, config: Config) -> Daemon {
+    /// Puts the parts together, loading the revocations from the store.
+    pub fn new(hsm: Hsm, store: Arc<dyn Store>, config: Config) -> Result<Daemon, Error> {
         let wraps = WrapBudget::new(store.clone(), config.limits.wraps_per_key_version);
-        Daemon { hsm, store, config, wraps }
+        let revocations = revocation::Index::new(store.revocations()?);
+        Ok(Daemon { hsm, store, config, wraps, revocations })
     }
 }
 
@@ -47,7 +53,6 @@ pub type Reply = Zeroizing<Vec<u8>>;
 
 /// Runs operation `op` with raw JSON `params` for `caller`.
 pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) -> Result<Reply, Error> {
-    let _ = caller; // identity reaches the policy check once access policy lands
     match op {
         wire::Hello::OP => health::hello(parse(op, params)?),
         wire::Health::OP => health::health(d, parse::<wire::Health>(op, params)?).await,
@@ -57,6 +62,10 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
         wire::Decrypt::OP => encrypt::decrypt(d, parse(op, params)?).await,
         wire::Datakey::OP => datakey::generate(d, parse(op, params)?).await,
         wire::DatakeyDecrypt::OP => datakey::decrypt(d, parse(op, params)?).await,
+        Revoke::OP => revoke::revoke(d, caller, parse(op, params)?).await,
+        RevokeLift::OP => revoke::lift(d, caller, parse(op, params)?).await,
+        RevokeList::OP => revoke::list(d, parse(op, params)?),
+        Destroy::OP => revoke::destroy(d, caller, parse(op, params)?).await,
         other => Err(Error::UnknownOperation(printable(other))),
     }
 }
@@ -100,7 +109,7 @@ fn reply<T: Serialize>(value: &T, hint: usize) -> Result<Reply, Error> {
 }
 
 /// Seconds since the Unix epoch.
-fn now_unix() -> u64 {
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 

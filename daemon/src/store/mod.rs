@@ -7,6 +7,7 @@
 
 pub mod sled_store;
 
+use keyhaven::revocation::{Revocation, Scope};
 use keyhaven::KeyPath;
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +92,10 @@ pub struct KeyVersion {
     /// §7): an upper bound on the GCM nonces it has used.
     #[serde(default)]
     pub wraps_reserved: u64,
+    /// When the version was destroyed (its `wrapped_kek` erased), Unix
+    /// seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<u64>,
 }
 
 impl std::fmt::Debug for KeyVersion {
@@ -99,6 +104,7 @@ impl std::fmt::Debug for KeyVersion {
             .field("version", &self.version)
             .field("master_key_version", &self.master_key_version)
             .field("wraps_reserved", &self.wraps_reserved)
+            .field("destroyed_at", &self.destroyed_at)
             .finish_non_exhaustive()
     }
 }
@@ -145,6 +151,12 @@ pub trait Store: Send + Sync + 'static {
     fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
     /// Number of named keys.
     fn key_count(&self) -> Result<u64, StoreError>;
+    /// Every revocation record (suspensions and destructions).
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    /// Writes a revocation, replacing one of the same scope.
+    fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError>;
+    /// Removes the revocation of exactly `scope`; returns it.
+    fn remove_revocation(&self, scope: &Scope) -> Result<Option<Revocation>, StoreError>;
     /// Makes every acknowledged write durable (used at shutdown).
     fn flush(&self) -> Result<(), StoreError>;
 }

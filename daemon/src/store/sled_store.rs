@@ -1,9 +1,11 @@
 //! The embedded store: one sled database, a tree per concern (`meta`,
-//! `keyring`). Records are JSON. Keyring keys are `tenant/key`, so that one
-//! tenant's keys are a prefix scan.
+//! `keyring`, `revocations`). Records are JSON. Keyring keys are
+//! `tenant/key`, so that one tenant's keys are a prefix scan; revocation keys
+//! name their scope (see [`revocation_key`]).
 
 use std::path::{Path, PathBuf};
 
+use keyhaven::revocation::{Revocation, Scope};
 use keyhaven::KeyPath;
 use serde::de::DeserializeOwned;
 
@@ -15,6 +17,7 @@ pub struct SledStore {
     db: sled::Db,
     meta: sled::Tree,
     keyring: sled::Tree,
+    revocations: sled::Tree,
 }
 
 const META_KEY: &[u8] = b"meta";
@@ -43,7 +46,8 @@ impl SledStore {
             .map_err(|e| StoreError::Backend(format!("cannot open the store at {}: {e}", path.display())))?;
         let meta = db.open_tree("meta").map_err(backend)?;
         let keyring = db.open_tree("keyring").map_err(backend)?;
-        Ok(SledStore { path: path.to_owned(), db, meta, keyring })
+        let revocations = db.open_tree("revocations").map_err(backend)?;
+        Ok(SledStore { path: path.to_owned(), db, meta, keyring, revocations })
     }
 
     /// Opens a store that `init` has prepared, checking its schema.
@@ -69,6 +73,19 @@ impl SledStore {
 
 fn keyring_key(path: &KeyPath) -> Vec<u8> {
     format!("{}/{}", path.tenant(), path.key()).into_bytes()
+}
+
+/// The key of a scope's revocation record: `all`, `tenant/T`, `key/T/K`,
+/// `version/T/K/N` or `datakey/ID`.
+fn revocation_key(scope: &Scope) -> Vec<u8> {
+    match scope {
+        Scope::All => "all".into(),
+        Scope::Tenant { tenant } => format!("tenant/{tenant}"),
+        Scope::Key { tenant, key, version: None } => format!("key/{tenant}/{key}"),
+        Scope::Key { tenant, key, version: Some(v) } => format!("version/{tenant}/{key}/{v}"),
+        Scope::Datakey { envelope_id } => format!("datakey/{envelope_id}"),
+    }
+    .into_bytes()
 }
 
 impl Store for SledStore {
@@ -146,6 +163,32 @@ impl Store for SledStore {
 
     fn key_count(&self) -> Result<u64, StoreError> {
         Ok(self.keyring.len() as u64)
+    }
+
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.revocations
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
+        self.revocations.insert(revocation_key(&revocation.scope), encode(revocation)).map_err(backend)?;
+        self.durable()
+    }
+
+    fn remove_revocation(&self, scope: &Scope) -> Result<Option<Revocation>, StoreError> {
+        let k = revocation_key(scope);
+        match self.revocations.remove(&k).map_err(backend)? {
+            Some(v) => {
+                self.durable()?;
+                Ok(Some(decode(&k, &v)?))
+            }
+            None => Ok(None),
+        }
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -53,11 +53,15 @@ pub async fn run(
     let envelope = setup.datakey(key, &ctx, false).await?.envelope;
     let envelope = Arc::new(envelope);
     let data = Arc::new(vec![0x5au8; payload]);
+    let mut clients = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        clients.push(Client::connect(socket).await?);
+    }
+    // The clock starts once every connection is open.
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let client = Client::connect(socket).await?;
+    for client in clients {
         let (key, ctx, envelope, data) = (key.clone(), ctx.clone(), envelope.clone(), data.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(1 << 16);
@@ -113,7 +117,7 @@ pub fn header() {
 pub fn print(r: &Row) {
     println!(
         "{:<16} {:>5} {:>10} {:>10.0} {:>9} {:>9} {:>9} {:>7}",
-        format!("{:?}", r.op).to_lowercase(),
+        clap::ValueEnum::to_possible_value(&r.op).map(|v| v.get_name().to_owned()).unwrap_or_default(),
         r.concurrency,
         r.ops,
         r.ops as f64 / r.secs,

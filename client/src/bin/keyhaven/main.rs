@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod revoke;
 use keyhaven::wire::MAX_ENCRYPT_PLAINTEXT;
 use keyhaven::{Client, EncryptionContext, KeyPath};
 
@@ -49,6 +50,10 @@ enum Command {
     },
     /// Data keys: `datakey TENANT/KEY` makes one; `datakey decrypt` unwraps one.
     Datakey(DatakeyArgs),
+    /// Suspend decryption in a scope (datakey, key, tenant, all), list or lift suspensions.
+    Revoke(revoke::RevokeArgs),
+    /// Erase a suspended key's or tenant's material for good (crypto-shredding).
+    Destroy(revoke::DestroyArgs),
     /// Measure a running daemon: ops/s and p50/p99/p99.9 latency per op and concurrency.
     Bench {
         /// Operations to measure.
@@ -125,10 +130,17 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            // One line that names the problem, like every other failure.
+            // One line that names the problem, like every other failure:
+            // clap's first line, plus the indented lines that name the
+            // missing arguments, without the usage and help hints.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            eprintln!("keyhaven: {}", first.trim_start_matches("error: "));
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            let mut line = lines.next().unwrap_or_default().trim_start_matches("error: ").to_owned();
+            for detail in lines.take_while(|l| l.starts_with("  ")) {
+                line.push(' ');
+                line.push_str(detail.trim());
+            }
+            eprintln!("keyhaven: {line}");
             return ExitCode::from(2);
         }
     };
@@ -143,54 +155,73 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keyhaven: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit)
         }
     }
 }
 
-/// A CLI failure: one line for the user.
-struct Failure(String);
+/// A CLI failure: one line for the user and the exit status (2 for a
+/// usage error caught before connecting, 1 for everything else).
+struct Failure {
+    message: String,
+    exit: u8,
+}
+
+impl Failure {
+    fn new(message: String) -> Failure {
+        Failure { message, exit: 1 }
+    }
+}
+
+/// A usage error: the command line is wrong, nothing was sent.
+fn usage(e: impl std::fmt::Display) -> Failure {
+    Failure { message: e.to_string(), exit: 2 }
+}
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
 impl From<keyhaven::Error> for Failure {
     fn from(e: keyhaven::Error) -> Self {
-        Failure(e.to_string())
+        Failure::new(e.to_string())
     }
 }
 
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
-        Failure(e.to_string())
+        Failure::new(e.to_string())
     }
 }
 
-fn read_stdin(limit: usize, what: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, Failure> {
+fn read_stdin(limit: usize, what: &str, hint: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, Failure> {
     let mut buf = zeroize::Zeroizing::new(Vec::new());
-    std::io::stdin().take(limit as u64 + 1).read_to_end(&mut buf)?;
+    std::io::stdin()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Failure::new(format!("cannot read {what} from stdin: {e}")))?;
     if buf.len() > limit {
-        return Err(Failure(format!("{what} on stdin is over {limit} bytes")));
+        return Err(Failure::new(format!("{what} on stdin is over {limit} bytes{hint}")));
     }
     Ok(buf)
 }
 
 fn read_stdin_text(what: &str) -> Result<String, Failure> {
-    let raw = read_stdin(keyhaven::frame::MAX_FRAME_LEN, what)?;
-    let text = std::str::from_utf8(&raw).map_err(|_| Failure(format!("{what} on stdin is not text")))?;
+    let raw = read_stdin(keyhaven::frame::MAX_FRAME_LEN, what, "")?;
+    let text = std::str::from_utf8(&raw).map_err(|_| Failure::new(format!("{what} on stdin is not text")))?;
     let text = text.trim();
     if text.is_empty() {
-        return Err(Failure(format!("no {what} on stdin")));
+        return Err(Failure::new(format!("no {what} on stdin")));
     }
     Ok(text.to_owned())
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
-    let text =
-        zeroize::Zeroizing::new(serde_json::to_string_pretty(value).map_err(|e| Failure(e.to_string()))?);
+    let text = zeroize::Zeroizing::new(
+        serde_json::to_string_pretty(value).map_err(|e| Failure::new(e.to_string()))?,
+    );
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", *text)?;
     Ok(())
@@ -200,24 +231,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let socket = cli.socket.or_else(Client::socket_from_env).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     // Arguments are checked before connecting, so usage errors need no daemon.
     let context = match &cli.command {
-        Command::Encrypt { context, .. } | Command::Decrypt { context } => Some(context.parse()?),
+        Command::Encrypt { context, .. } | Command::Decrypt { context } => {
+            Some(context.parse().map_err(usage)?)
+        }
         Command::Datakey(d) => match &d.sub {
-            Some(DatakeySub::Decrypt { context }) => Some(context.parse()?),
-            None => Some(d.context.parse()?),
+            Some(DatakeySub::Decrypt { context }) => Some(context.parse().map_err(usage)?),
+            None => Some(d.context.parse().map_err(usage)?),
         },
+        Command::Revoke(args) => {
+            revoke::check_revoke(args)?;
+            None
+        }
+        Command::Destroy(args) => {
+            revoke::check_destroy(args)?;
+            None
+        }
         _ => None,
     }
     .unwrap_or_default();
     let input = match &cli.command {
-        Command::Encrypt { .. } => {
-            let data = read_stdin(MAX_ENCRYPT_PLAINTEXT, "input").map_err(|_| {
-                Failure(
-                    "input is over the 64 KiB limit of `encrypt`; use `keyhaven datakey` and encrypt locally"
-                        .into(),
-                )
-            })?;
-            Some(data)
-        }
+        Command::Encrypt { .. } => Some(read_stdin(
+            MAX_ENCRYPT_PLAINTEXT,
+            "input",
+            "; `encrypt` takes at most 64 KiB: use `keyhaven datakey` and encrypt locally",
+        )?),
         _ => None,
     };
     if let Command::Bench { op, concurrency, seconds, payload, key } = &cli.command {
@@ -235,7 +272,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let client = Client::connect(&socket).await?;
     match cli.command {
         Command::Bench { .. } => unreachable!("handled above"),
-        Command::Health => print_json(&client.health().await?),
+        Command::Health => {
+            let h = client.health().await?;
+            print_json(&h)?;
+            match h.status.as_str() {
+                "ok" => Ok(()),
+                other => Err(Failure::new(format!("the daemon is {other}"))),
+            }
+        }
+        Command::Revoke(args) => revoke::revoke(&client, args).await,
+        Command::Destroy(args) => revoke::destroy(&client, args).await,
         Command::Key(KeyCommand::Create { key }) => print_json(&client.key_create(&key).await?),
         Command::Key(KeyCommand::List { tenant }) => {
             let keys = client.key_list(tenant.as_deref()).await?;
@@ -264,7 +310,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_json(&client.datakey_decrypt(&env, &context).await?)
         }
         Command::Datakey(DatakeyArgs { key, no_plaintext, .. }) => {
-            let key = key.ok_or_else(|| Failure("datakey needs TENANT/KEY".into()))?;
+            let key = key.ok_or_else(|| Failure::new("datakey needs TENANT/KEY".into()))?;
             print_json(&client.datakey(&key, &context, !no_plaintext).await?)
         }
     }

@@ -1,0 +1,265 @@
+//! Emergency revocation: `revoke`, `revoke_lift`, `revoke_list` and
+//! `destroy` (docs/PROTOCOL.md §3.9–3.12, runbook in docs/OPERATIONS.md).
+//!
+//! Each change is written to the store durably, then to the in-memory index
+//! that every key use checks, then the KEK copies it covers are destroyed in
+//! every HSM worker's session; only then does the call answer. So a request
+//! that starts after the answer is refused, whatever was cached.
+
+use std::sync::Arc;
+
+use keyhaven::revocation::{
+    Destroy, DestroyResponse, LiftResponse, Revocation, RevocationKind, Revoke, RevokeLift, RevokeList,
+    RevokeListResponse, Scope,
+};
+use keyhaven::KeyPath;
+
+use super::{now_unix, reply, Daemon, Reply};
+use crate::error::Error;
+use crate::hsm::KekId;
+use crate::identity::Caller;
+use crate::revocation::{describe, rfc3339};
+use crate::store::Store;
+
+/// Runs a store change off the async threads (it waits for a flush).
+async fn blocking<T: Send + 'static>(
+    d: &Arc<Daemon>,
+    f: impl FnOnce(&dyn Store) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let store = d.store.clone();
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|e| Error::Internal(format!("store task: {e}")))?
+}
+
+/// Refuses a scope that names a key, version or tenant that does not exist:
+/// a typo must not leave a suspension that protects nothing.
+fn must_exist(d: &Daemon, scope: &Scope) -> Result<(), Error> {
+    match scope {
+        Scope::Key { tenant, key, version } => {
+            let path = KeyPath::new(tenant, key)?;
+            let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
+            if let Some(v) = version {
+                rec.version(*v).ok_or_else(|| Error::NotFound(format!("key `{path}` has no version {v}")))?;
+            }
+            Ok(())
+        }
+        Scope::Tenant { tenant } if d.store.keys(Some(tenant))?.is_empty() => {
+            Err(Error::NotFound(format!("tenant `{tenant}` has no keys")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The scopes that contain `scope`, itself first, `all` last.
+fn enclosing(scope: &Scope) -> Vec<Scope> {
+    let mut out = vec![scope.clone()];
+    if let Scope::Key { tenant, key, version: Some(_) } = scope {
+        out.push(Scope::Key { tenant: tenant.clone(), key: key.clone(), version: None });
+    }
+    if let Scope::Key { tenant, .. } = scope {
+        out.push(Scope::Tenant { tenant: tenant.clone() });
+    }
+    if *scope != Scope::All {
+        out.push(Scope::All);
+    }
+    out
+}
+
+/// Whether a loaded KEK lies in `scope`.
+fn covers(scope: &Scope, kek: &KekId) -> bool {
+    match scope {
+        Scope::All => true,
+        Scope::Tenant { tenant } => kek.path.tenant() == tenant,
+        Scope::Key { tenant, key, version } => {
+            kek.path.tenant() == tenant && kek.path.key() == key && version.is_none_or(|v| v == kek.version)
+        }
+        Scope::Datakey { .. } => false,
+    }
+}
+
+/// Destroys, in every worker's session, the loaded KEK copies in `scope`.
+async fn evict(d: &Daemon, scope: &Scope) {
+    if matches!(scope, Scope::Datakey { .. }) {
+        return; // a data key has no KEK of its own; the index refuses it
+    }
+    let s = scope.clone();
+    let evicted = std::sync::atomic::AtomicUsize::new(0);
+    let evicted = Arc::new(evicted);
+    let count = evicted.clone();
+    let r = d
+        .hsm
+        .on_every_worker(move |w| {
+            count.fetch_add(w.evict(&|id| covers(&s, id)), std::sync::atomic::Ordering::Relaxed);
+        })
+        .await;
+    match r {
+        Ok(()) => {
+            tracing::info!(scope = %scope, loaded_keks = evicted.load(std::sync::atomic::Ordering::Relaxed), "revoked KEKs unloaded from the HSM")
+        }
+        // The index refuses every use already; a stopped pool holds no keys.
+        Err(e) => tracing::warn!(scope = %scope, error = %e, "could not unload revoked KEKs"),
+    }
+}
+
+/// `revoke`: suspends a scope. Suspending it again replaces the reason and
+/// expiry and keeps the original time.
+pub async fn revoke(d: &Arc<Daemon>, caller: &Caller, req: Revoke) -> Result<Reply, Error> {
+    req.scope.validate().map_err(|e| Error::BadRequest(e.to_string()))?;
+    let now = now_unix();
+    if let Some(t) = req.expires_at.filter(|t| *t <= now) {
+        return Err(Error::BadRequest(format!("expiry {} is not in the future", rfc3339(t))));
+    }
+    must_exist(d, &req.scope)?;
+    let old = d.revocations.get(&req.scope);
+    if let Some(old) = old.as_ref().filter(|o| o.kind == RevocationKind::Destroyed) {
+        return Err(Error::AlreadyExists(describe(old)));
+    }
+    let since = old.filter(|o| o.expires_at.is_none_or(|t| now < t)).map_or(now, |o| o.since);
+    let r = Revocation {
+        scope: req.scope,
+        kind: RevocationKind::Suspended,
+        reason: req.reason,
+        since,
+        expires_at: req.expires_at,
+        by_uid: caller.uid,
+    };
+    let stored = r.clone();
+    blocking(d, move |s| Ok(s.put_revocation(&stored)?)).await?;
+    d.revocations.put(r.clone());
+    evict(d, &r.scope).await;
+    tracing::warn!(scope = %r.scope, reason = %r.reason, uid = caller.uid, pid = ?caller.pid, "suspended");
+    reply(&r, 0)
+}
+
+/// `revoke_lift`: ends a suspension. Lifting the whole-system suspension is
+/// break-glass: only the daemon's own user may do it, and it is logged as a
+/// warning.
+pub async fn lift(d: &Arc<Daemon>, caller: &Caller, req: RevokeLift) -> Result<Reply, Error> {
+    req.scope.validate().map_err(|e| Error::BadRequest(e.to_string()))?;
+    if req.scope == Scope::All {
+        let me = nix::unistd::geteuid().as_raw();
+        if caller.uid != me {
+            return Err(Error::PermissionDenied(format!(
+                "lifting the whole-system suspension is break-glass: only the daemon's own user (uid {me}) may do it"
+            )));
+        }
+    }
+    let Some(old) = d.revocations.get(&req.scope) else {
+        return Err(Error::NotFound(format!("{} is not suspended", req.scope)));
+    };
+    if old.kind == RevocationKind::Destroyed {
+        return Err(Error::BadRequest(format!("{}; a destruction cannot be lifted", describe(&old))));
+    }
+    let scope = req.scope.clone();
+    blocking(d, move |s| Ok(s.remove_revocation(&scope)?)).await?;
+    d.revocations.remove(&req.scope);
+    if req.scope == Scope::All {
+        tracing::warn!(reason = %req.reason, uid = caller.uid, pid = ?caller.pid, "BREAK-GLASS: whole-system suspension lifted");
+    } else {
+        tracing::warn!(scope = %req.scope, reason = %req.reason, uid = caller.uid, pid = ?caller.pid, "suspension lifted");
+    }
+    reply(&LiftResponse { lifted: old }, 0)
+}
+
+/// `revoke_list`: the revocations in force, broadest first.
+pub fn list(d: &Arc<Daemon>, req: RevokeList) -> Result<Reply, Error> {
+    if let Some(t) = &req.tenant {
+        keyhaven::names::validate_name("tenant", t)?;
+    }
+    let mut all = d.revocations.list(now_unix());
+    if let Some(t) = &req.tenant {
+        all.retain(|r| match &r.scope {
+            Scope::All => true,
+            Scope::Tenant { tenant } | Scope::Key { tenant, .. } => tenant == t,
+            Scope::Datakey { .. } => false,
+        });
+    }
+    reply(&RevokeListResponse { revocations: all }, 0)
+}
+
+/// `destroy`: erases the wrapped KEK material of a suspended key version,
+/// key or tenant, for good, and unloads it from the HSM.
+pub async fn destroy(d: &Arc<Daemon>, caller: &Caller, req: Destroy) -> Result<Reply, Error> {
+    req.scope.validate().map_err(|e| Error::BadRequest(e.to_string()))?;
+    let name = match &req.scope {
+        Scope::Key { tenant, key, .. } => format!("{tenant}/{key}"),
+        Scope::Tenant { tenant } => tenant.clone(),
+        Scope::All => {
+            return Err(Error::BadRequest(
+                "the whole system cannot be destroyed here: the master key is the HSM's business".into(),
+            ))
+        }
+        Scope::Datakey { .. } => {
+            return Err(Error::BadRequest(
+                "a single data key has no material in the store to destroy; suspend it with `revoke`".into(),
+            ))
+        }
+    };
+    if req.confirm != name {
+        return Err(Error::BadRequest(format!(
+            "the confirmation `{}` does not repeat the name `{name}`",
+            super::printable(&req.confirm)
+        )));
+    }
+    must_exist(d, &req.scope)?;
+    let now = now_unix();
+    let suspension = enclosing(&req.scope)
+        .iter()
+        .filter_map(|s| d.revocations.get(s))
+        .find(|r| r.kind == RevocationKind::Destroyed || r.expires_at.is_none_or(|t| now < t))
+        .ok_or_else(|| {
+            Error::BadRequest(format!(
+                "{} must be suspended before it is destroyed (`keyhaven revoke`)",
+                req.scope
+            ))
+        })?;
+    let r = Revocation {
+        scope: req.scope.clone(),
+        kind: RevocationKind::Destroyed,
+        reason: suspension.reason,
+        since: now,
+        expires_at: None,
+        by_uid: caller.uid,
+    };
+    // The destruction record first: if the erasure below is cut short, the
+    // scope stays refused and `destroy` can be run again to finish it.
+    let (stored, scope) = (r.clone(), req.scope.clone());
+    let erased = blocking(d, move |s| {
+        s.put_revocation(&stored)?;
+        erase(s, &scope, now)
+    })
+    .await?;
+    d.revocations.put(r.clone());
+    evict(d, &r.scope).await;
+    tracing::warn!(scope = %r.scope, erased = erased.len(), uid = caller.uid, pid = ?caller.pid, "destroyed");
+    reply(&DestroyResponse { revocation: r, erased }, 0)
+}
+
+/// Erases the wrapped KEK of every version in `scope`; returns them as
+/// `tenant/key@N`.
+fn erase(s: &dyn Store, scope: &Scope, now: u64) -> Result<Vec<String>, Error> {
+    let (records, only) = match scope {
+        Scope::Tenant { tenant } => (s.keys(Some(tenant))?, None),
+        Scope::Key { tenant, key, version } => {
+            let path = KeyPath::new(tenant, key)?;
+            (s.key(&path)?.into_iter().collect(), *version)
+        }
+        _ => return Ok(Vec::new()),
+    };
+    let mut erased = Vec::new();
+    for rec in records {
+        let path = rec.path()?;
+        let mut done = Vec::new();
+        s.update_key(&path, &mut |rec| {
+            done.clear();
+            for v in rec.versions.iter_mut().filter(|v| only.is_none_or(|o| o == v.version)) {
+                v.wrapped_kek.clear();
+                v.destroyed_at.get_or_insert(now);
+                done.push(format!("{path}@{}", v.version));
+            }
+        })?;
+        erased.extend(done);
+    }
+    Ok(erased)
+}

@@ -1,0 +1,495 @@
+//! Emergency revocation against the real daemon and token: every scope
+//! refuses what it covers and nothing else, lifting restores service,
+//! destruction erases the key material for good (across restarts, and in the
+//! store's files), a revocation is honoured by every request that starts
+//! after it returns, and bad revocation requests change nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyhaven::revocation::{
+    Destroy, Reason, Revocation, RevocationKind, Revoke, RevokeLift, RevokeList, Scope,
+};
+use keyhaven::wire::DatakeyResponse;
+use keyhaven::Client;
+use keyhaven_tests::*;
+
+fn key(t: &str, k: &str, version: Option<u32>) -> Scope {
+    Scope::Key { tenant: t.into(), key: k.into(), version }
+}
+
+fn tenant(t: &str) -> Scope {
+    Scope::Tenant { tenant: t.into() }
+}
+
+async fn suspend(c: &Client, scope: Scope, reason: Reason) -> Revocation {
+    c.call(&Revoke { scope, reason, expires_at: None }).await.unwrap()
+}
+
+async fn lift(c: &Client, scope: Scope) {
+    c.call(&RevokeLift { scope, reason: Reason::Unspecified }).await.unwrap();
+}
+
+/// Data keys and ciphertexts under three keys of two tenants.
+struct Fixture {
+    context: keyhaven::EncryptionContext,
+    dk: Vec<(String, DatakeyResponse)>,
+    ct: Vec<(String, String)>,
+}
+
+impl Fixture {
+    async fn new(c: &Client) -> Fixture {
+        let context = ctx(&["app=billing"]);
+        let (mut dk, mut ct) = (Vec::new(), Vec::new());
+        for name in ["acme/pii", "acme/smtp", "beta/pii"] {
+            c.key_create(&path(name)).await.unwrap();
+            for _ in 0..2 {
+                dk.push((name.to_owned(), c.datakey(&path(name), &context, true).await.unwrap()));
+            }
+            let sealed = c.encrypt(&path(name), name.as_bytes(), &context).await.unwrap();
+            ct.push((name.to_owned(), sealed.ciphertext));
+        }
+        Fixture { context, dk, ct }
+    }
+
+    /// Which of the fixture's envelopes and ciphertexts open, by key name;
+    /// refusals must say `revoked`.
+    async fn opening(&self, c: &Client) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        for (name, dk) in &self.dk {
+            out.push((
+                format!("dk {name} {}", dk.envelope_id),
+                opens(c.datakey_decrypt(&dk.envelope, &self.context).await),
+            ));
+        }
+        for (name, ct) in &self.ct {
+            out.push((format!("ct {name}"), opens(c.decrypt(ct, &self.context).await)));
+        }
+        for name in ["acme/pii", "acme/smtp", "beta/pii"] {
+            out.push((format!("new {name}"), opens(c.datakey(&path(name), &self.context, false).await)));
+        }
+        out
+    }
+}
+
+fn opens<T>(r: Result<T, keyhaven::Error>) -> bool {
+    match r {
+        Ok(_) => true,
+        Err(e) => {
+            assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+            false
+        }
+    }
+}
+
+/// The names in `opening` that were refused.
+fn refused(all: &[(String, bool)]) -> Vec<&str> {
+    all.iter().filter(|(_, ok)| !ok).map(|(n, _)| n.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_scope_refuses_what_it_covers_and_nothing_else_until_lifted() {
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    let f = Fixture::new(&c).await;
+    assert!(refused(&f.opening(&c).await).is_empty());
+
+    // One data key.
+    let id = f.dk[0].1.envelope_id.clone();
+    let r = suspend(&c, Scope::Datakey { envelope_id: id.clone() }, Reason::KeyCompromise).await;
+    assert_eq!((r.kind, r.reason), (RevocationKind::Suspended, Reason::KeyCompromise));
+    assert_eq!(refused(&f.opening(&c).await), [format!("dk acme/pii {id}")]);
+    let e = c.datakey_decrypt(&f.dk[0].1.envelope, &f.context).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&id) && msg.contains("key-compromise") && msg.contains("suspended since"), "{msg}");
+    lift(&c, Scope::Datakey { envelope_id: id }).await;
+    assert!(refused(&f.opening(&c).await).is_empty());
+
+    // A ciphertext's own data key.
+    let sealed = c.encrypt(&path("acme/pii"), b"one", &f.context).await.unwrap();
+    suspend(&c, Scope::Datakey { envelope_id: sealed.envelope_id.clone() }, Reason::Unspecified).await;
+    assert!(!opens(c.decrypt(&sealed.ciphertext, &f.context).await));
+    assert!(refused(&f.opening(&c).await).is_empty());
+    lift(&c, Scope::Datakey { envelope_id: sealed.envelope_id }).await;
+
+    // One key version, one key, one tenant: old data and new data keys.
+    let acme_pii = ["dk acme/pii", "dk acme/pii", "ct acme/pii", "new acme/pii"];
+    for (scope, expect) in [
+        (key("acme", "pii", Some(1)), acme_pii.to_vec()),
+        (key("acme", "pii", None), acme_pii.to_vec()),
+        (
+            tenant("acme"),
+            ["dk acme/pii", "dk acme/pii", "dk acme/smtp", "dk acme/smtp", "ct acme/pii", "ct acme/smtp"]
+                .into_iter()
+                .chain(["new acme/pii", "new acme/smtp"])
+                .collect(),
+        ),
+    ] {
+        suspend(&c, scope.clone(), Reason::PrivilegeWithdrawn).await;
+        let got: Vec<String> = refused(&f.opening(&c).await)
+            .iter()
+            .map(|n| n.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(got, expect, "{scope}");
+        let e = c.encrypt(&path("acme/pii"), b"x", &f.context).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Revoked));
+        lift(&c, scope).await;
+        assert!(refused(&f.opening(&c).await).is_empty());
+    }
+
+    // Everything; health says so.
+    suspend(&c, Scope::All, Reason::KeyCompromise).await;
+    assert_eq!(refused(&f.opening(&c).await).len(), f.opening(&c).await.len());
+    let h = c.health().await.unwrap();
+    assert_eq!(h.status, "suspended");
+    assert_eq!(h.suspended.unwrap().reason, Reason::KeyCompromise);
+    // A tenant that does not exist is refused as revoked too: nothing leaks.
+    let e = c.datakey(&path("nobody/x"), &f.context, false).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Revoked));
+    lift(&c, Scope::All).await;
+    assert_eq!(c.health().await.unwrap().status, "ok");
+    assert!(refused(&f.opening(&c).await).is_empty());
+    assert!(c.call(&RevokeList::default()).await.unwrap().revocations.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suspensions_survive_a_restart_and_expire_by_themselves() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    let f = Fixture::new(&c).await;
+    suspend(&c, tenant("beta"), Reason::AffiliationChanged).await;
+    let soon = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 2;
+    c.call(&Revoke { scope: key("acme", "smtp", None), reason: Reason::Superseded, expires_at: Some(soon) })
+        .await
+        .unwrap();
+    drop(c);
+    d.restart();
+    let c = d.client().await;
+    let listed = c.call(&RevokeList::default()).await.unwrap().revocations;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let acme_only = c.call(&RevokeList { tenant: Some("acme".into()) }).await.unwrap().revocations;
+    assert_eq!(acme_only.iter().map(|r| r.scope.clone()).collect::<Vec<_>>(), [key("acme", "smtp", None)]);
+    let now: Vec<String> = refused(&f.opening(&c).await).iter().map(|s| s.to_string()).collect();
+    assert!(
+        now.iter().any(|n| n.contains("beta/pii")) && now.iter().any(|n| n.contains("acme/smtp")),
+        "{now:?}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let later = f.opening(&c).await;
+    assert!(refused(&later).iter().all(|n| n.contains("beta/pii")), "{later:?}");
+    assert_eq!(c.call(&RevokeList::default()).await.unwrap().revocations.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn destruction_erases_the_material_for_good() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    let f = Fixture::new(&c).await;
+    let destroy = |scope: Scope, confirm: &str| Destroy { scope, confirm: confirm.into() };
+
+    // Not suspended yet; wrong confirmation; the whole system; a data key.
+    for (req, needle) in [
+        (destroy(key("acme", "pii", None), "acme/pii"), "must be suspended"),
+        (destroy(Scope::All, ""), "cannot be destroyed"),
+        (destroy(Scope::Datakey { envelope_id: f.dk[0].1.envelope_id.clone() }, ""), "suspend it"),
+    ] {
+        let e = c.call(&req).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+    suspend(&c, key("acme", "pii", None), Reason::KeyCompromise).await;
+    let e = c.call(&destroy(key("acme", "pii", None), "acme/smtp")).await.unwrap_err();
+    assert!(e.to_string().contains("does not repeat"), "{e}");
+    assert!(refused(&f.opening(&c).await).iter().all(|n| n.contains("acme/pii")));
+
+    // A copy of the store taken before the destruction, for later.
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let wrapped_before = stored_wrapped_keks(&d.store_dir());
+    let backup = tempfile::tempdir().unwrap();
+    copy_dir(&d.store_dir(), backup.path());
+    d.start_again();
+    let c = d.client().await;
+
+    let done = c.call(&destroy(key("acme", "pii", None), "acme/pii")).await.unwrap();
+    assert_eq!(done.erased, ["acme/pii@1"]);
+    assert_eq!(done.revocation.kind, RevocationKind::Destroyed);
+    let e = c.datakey_decrypt(&f.dk[0].1.envelope, &f.context).await.unwrap_err();
+    assert!(e.to_string().contains("was destroyed"), "{e}");
+    let e = c
+        .call(&RevokeLift { scope: key("acme", "pii", None), reason: Reason::Unspecified })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot be lifted"), "{e}");
+    let again = Revoke { scope: key("acme", "pii", None), reason: Reason::Unspecified, expires_at: None };
+    assert_eq!(c.call(&again).await.unwrap_err().code(), Some(ErrorCode::AlreadyExists));
+    // Other keys are untouched.
+    let other: Vec<&str> = vec![];
+    let still = f.opening(&c).await;
+    assert_eq!(
+        refused(&still).iter().filter(|n| !n.contains("acme/pii")).copied().collect::<Vec<_>>(),
+        other
+    );
+
+    // Survives a restart; the wrapped KEK is gone from the store: even with
+    // the revocation records removed, nothing opens.
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let (pii, _) = wrapped_before.iter().find(|(k, _)| k == "acme/pii").unwrap();
+    let after = stored_wrapped_keks(&d.store_dir());
+    assert!(after.iter().any(|(k, w)| k == pii && w.is_empty()), "{after:?}");
+    clear_revocations(&d.store_dir());
+    d.start_again();
+    let c = d.client().await;
+    let e = c.datakey_decrypt(&f.dk[0].1.envelope, &f.context).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+    assert!(e.to_string().contains("destroyed"), "{e}");
+    assert!(c.decrypt(&f.ct[1].1, &f.context).await.is_ok(), "acme/smtp still opens");
+    drop(c);
+
+    // What OPERATIONS.md states: restoring a copy taken before the
+    // destruction brings the material back while the master key exists.
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    std::fs::remove_dir_all(d.store_dir()).unwrap();
+    copy_dir(backup.path(), &d.store_dir());
+    d.start_again();
+    let c = d.client().await;
+    lift(&c, key("acme", "pii", None)).await;
+    assert!(c.datakey_decrypt(&f.dk[0].1.envelope, &f.context).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn destroying_a_tenant_erases_all_its_keys() {
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    let f = Fixture::new(&c).await;
+    suspend(&c, tenant("acme"), Reason::CessationOfOperation).await;
+    let done = c.call(&Destroy { scope: tenant("acme"), confirm: "acme".into() }).await.unwrap();
+    assert_eq!(done.erased, ["acme/pii@1", "acme/smtp@1"]);
+    let all = f.opening(&c).await;
+    let r = refused(&all);
+    assert!(r.iter().all(|n| n.contains("acme/")) && r.len() == 8, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoke_is_honoured_by_every_request_that_starts_after_it_returns() {
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    let context = ctx(&["app=load"]);
+    c.key_create(&path("acme/pii")).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &context, false).await.unwrap();
+    let envelope = Arc::new(dk.envelope);
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let client = d.client().await;
+        let (envelope, context) = (envelope.clone(), context.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while Instant::now() < stop {
+                let started = Instant::now();
+                let r = client.datakey_decrypt(&envelope, &context).await;
+                seen.push((started, r.map(|_| ()).map_err(|e| e.code())));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    suspend(&c, key("acme", "pii", None), Reason::KeyCompromise).await;
+    let returned = Instant::now();
+    let (mut before, mut after) = (0, 0);
+    for t in tasks {
+        for (started, r) in t.await.unwrap() {
+            if started > returned {
+                assert_eq!(r, Err(Some(ErrorCode::Revoked)));
+                after += 1;
+            } else {
+                before += 1;
+            }
+        }
+    }
+    assert!(before > 100 && after > 100, "too few requests to tell: {before} before, {after} after");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_revocation_requests_are_refused_and_change_nothing() {
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.unwrap();
+    suspend(&c, key("acme", "pii", Some(1)), Reason::Superseded).await;
+    let before = c.call(&RevokeList::default()).await.unwrap().revocations;
+    let raw = |op: &'static str, params: serde_json::Value| {
+        let c = &c;
+        async move { c.call_raw(op, params).await.unwrap_err() }
+    };
+    for (op, params, code, needle) in [
+        (
+            "revoke",
+            serde_json::json!({"scope": {"kind": "planet"}, "reason": "unspecified"}),
+            ErrorCode::BadRequest,
+            "planet",
+        ),
+        (
+            "revoke",
+            serde_json::json!({"scope": {"kind": "tenant", "tenant": "acme"}}),
+            ErrorCode::BadRequest,
+            "reason",
+        ),
+        (
+            "revoke",
+            serde_json::json!({"scope": {"kind": "all"}, "reason": "oops"}),
+            ErrorCode::BadRequest,
+            "key-compromise",
+        ),
+        (
+            "revoke",
+            serde_json::json!({"scope": {"kind": "key", "tenant": "acme", "key": "nope"}, "reason": "unspecified"}),
+            ErrorCode::NotFound,
+            "acme/nope",
+        ),
+        (
+            "revoke",
+            serde_json::json!({"scope": {"kind": "key", "tenant": "acme", "key": "pii", "version": 7}, "reason": "unspecified"}),
+            ErrorCode::NotFound,
+            "version 7",
+        ),
+        (
+            "revoke",
+            serde_json::json!({"scope": {"kind": "tenant", "tenant": "beta"}, "reason": "unspecified"}),
+            ErrorCode::NotFound,
+            "beta",
+        ),
+        (
+            "revoke",
+            serde_json::json!({"scope": {"kind": "datakey", "envelope_id": "xyz"}, "reason": "unspecified"}),
+            ErrorCode::BadRequest,
+            "envelope id",
+        ),
+        (
+            "revoke",
+            serde_json::json!({"scope": {"kind": "all"}, "reason": "unspecified", "expires_at": 1}),
+            ErrorCode::BadRequest,
+            "not in the future",
+        ),
+        (
+            "revoke_lift",
+            serde_json::json!({"scope": {"kind": "key", "tenant": "acme", "key": "pii"}, "reason": "unspecified"}),
+            ErrorCode::NotFound,
+            "not suspended",
+        ),
+        (
+            "revoke_lift",
+            serde_json::json!({"scope": {"kind": "all"}, "reason": "unspecified"}),
+            ErrorCode::NotFound,
+            "not suspended",
+        ),
+        (
+            "destroy",
+            serde_json::json!({"scope": {"kind": "key", "tenant": "acme", "key": "pii", "version": 1}, "confirm": "acme/pi"}),
+            ErrorCode::BadRequest,
+            "does not repeat",
+        ),
+    ] {
+        let e = raw(op, params).await;
+        assert_eq!(e.code(), Some(code), "{op}: {e}");
+        assert!(e.to_string().contains(needle), "{op}: {e}");
+    }
+    assert_eq!(c.call(&RevokeList::default()).await.unwrap().revocations, before);
+    assert_eq!(c.key_list(None).await.unwrap()[0].versions, [1]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_revokes_lists_lifts_and_destroys() {
+    let d = TestDaemon::start();
+    let ok = |args: &[&str], stdin: &[u8]| {
+        let out = d.cli(args, stdin);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let fails = |args: &[&str], code: i32| {
+        let out = d.cli(args, b"");
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
+    ok(&["key", "create", "acme/pii"], b"");
+    let sealed: serde_json::Value =
+        serde_json::from_str(&ok(&["encrypt", "acme/pii", "--json"], b"sk-live")).unwrap();
+    let id = sealed["envelope_id"].as_str().unwrap().to_owned();
+    let ct = sealed["ciphertext"].as_str().unwrap().to_owned();
+
+    // Usage errors name the problem before anything is sent.
+    assert!(fails(&["revoke", "key", "acme/pii"], 2).contains("--reason is required"));
+    assert!(fails(&["revoke", "key", "acme/pii", "--reason", "oops"], 2).contains("key-compromise"));
+    assert!(fails(&["revoke", "all", "--reason", "superseded", "--expires", "soon"], 2).contains("--expires"));
+    assert!(fails(&["destroy", "key", "acme/pii"], 2).contains("--confirm acme/pii"));
+    assert!(fails(&["destroy", "tenant", "acme", "--confirm", "acme/pii"], 2).contains("does not repeat"));
+
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(&["revoke", "datakey", &id, "--reason", "key-compromise"], b"")).unwrap();
+    assert_eq!(r["kind"], "suspended");
+    let out = d.cli(&["decrypt"], ct.as_bytes());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
+    ok(&["revoke", "key", "acme/pii", "--version", "1", "--reason", "superseded", "--expires", "1h"], b"");
+    let list: serde_json::Value = serde_json::from_str(&ok(&["revoke", "list"], b"")).unwrap();
+    assert_eq!(list["revocations"].as_array().unwrap().len(), 2, "{list}");
+    assert!(list["revocations"][0]["expires_utc"].is_string(), "{list}");
+    ok(&["revoke", "lift", "datakey", &id, "--reason", "unspecified"], b"");
+    assert!(
+        fails(&["revoke", "lift", "datakey", &id, "--reason", "unspecified"], 1).contains("not suspended")
+    );
+    let destroyed: serde_json::Value = serde_json::from_str(&ok(
+        &["destroy", "key", "acme/pii", "--version", "1", "--confirm", "acme/pii"],
+        b"",
+    ))
+    .unwrap();
+    assert_eq!(destroyed["erased"], serde_json::json!(["acme/pii@1"]));
+    let out = d.cli(&["decrypt"], ct.as_bytes());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("destroyed"));
+
+    ok(&["revoke", "all", "--reason", "key-compromise"], b"");
+    let out = d.cli(&["health"], b"");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stdout).contains("suspended"));
+    ok(&["revoke", "lift", "all", "--reason", "unspecified"], b"");
+    ok(&["health"], b"");
+}
+
+/// `tenant/key` → the wrapped KEK bytes of version 1, read from a stopped
+/// daemon's store.
+fn stored_wrapped_keks(store: &std::path::Path) -> Vec<(String, String)> {
+    let db = sled::open(store).unwrap();
+    let keyring = db.open_tree("keyring").unwrap();
+    keyring
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv.unwrap();
+            let rec: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            let wrapped = rec["versions"][0]["wrapped_kek"].as_str().unwrap_or_default().to_owned();
+            (String::from_utf8(k.to_vec()).unwrap(), wrapped)
+        })
+        .collect()
+}
+
+fn clear_revocations(store: &std::path::Path) {
+    let db = sled::open(store).unwrap();
+    db.open_tree("revocations").unwrap().clear().unwrap();
+    db.flush().unwrap();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
