@@ -1,7 +1,9 @@
 //! Emergency revocation against the real daemon and token: every scope
 //! refuses what it covers and nothing else, lifting restores service,
-//! destruction erases the key material for good (across restarts, and in the
-//! store's files), a revocation is honoured by every request that starts
+//! destruction erases the key material from the keyring for good (across
+//! restarts, even with the revocation records gone; sled's log may still hold
+//! the old bytes, see OPERATIONS.md §10.11), a revocation is honoured by every
+//! request that starts
 //! after it returns, and bad revocation requests change nothing.
 
 use std::sync::Arc;
@@ -273,6 +275,9 @@ async fn destroying_a_tenant_erases_all_its_keys() {
     let all = f.opening(&c).await;
     let r = refused(&all);
     assert!(r.iter().all(|n| n.contains("acme/")) && r.len() == 8, "{r:?}");
+    // No new key under a destroyed tenant.
+    let e = c.key_create(&path("acme/new")).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

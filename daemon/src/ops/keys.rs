@@ -23,6 +23,8 @@ pub fn info(rec: &KeyRecord) -> KeyInfo {
 /// Generates version 1 of a new key in the HSM and stores it wrapped.
 pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Error> {
     let path = KeyPath::new(&req.tenant, &req.key)?;
+    // No new key under a suspended or destroyed tenant (or the whole system).
+    d.revocations.check(&path, None, None)?;
     if d.store.key(&path)?.is_some() {
         return Err(Error::AlreadyExists(format!("key `{path}` exists already")));
     }
