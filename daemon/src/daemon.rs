@@ -32,18 +32,26 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     let hsm = Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keyhaven-io").build()?;
-    let daemon = Arc::new(Daemon::new(hsm, Arc::new(store), config));
+    for name in config.access.unknown_names() {
+        tracing::warn!("the policy names `{name}`, which the user database does not know");
+    }
+    if config.access.is_empty() {
+        tracing::warn!("the policy has no rules: nobody may use a key (docs/POLICY.md)");
+    }
+    let daemon = Arc::new(Daemon::new(hsm, Arc::new(store), config).context("opening the audit log")?);
     let result = runtime.block_on(async {
-        let listener = server::bind(&daemon.config.socket)
+        let listener = server::bind(&daemon.config)
             .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
+        tokio::spawn(signals(daemon.clone(), shutdown.clone()));
         tracing::info!(socket = %daemon.config.socket.display(), token = daemon.hsm.token_label(), "listening");
         on_ready(&daemon.config);
         server::run(daemon.clone(), listener, shutdown).await;
         anyhow::Ok(())
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The last seal needs the token: stop the audit before the HSM workers.
+    daemon.audit.stop();
     daemon.hsm.shutdown();
     daemon.store.flush().context("flushing the store")?;
     let _ = std::fs::remove_file(&daemon.config.socket);
@@ -51,16 +59,26 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     result
 }
 
-async fn signals(shutdown: CancellationToken) {
+/// SIGTERM and SIGINT drain and stop; SIGHUP reloads the policy.
+async fn signals(daemon: Arc<Daemon>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
     else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the policy");
+                let d = daemon.clone();
+                // Errors are logged by the reload itself.
+                let _ = tokio::task::spawn_blocking(move || crate::ops::reload_policy(&d)).await;
+            }
+        }
     }
     shutdown.cancel();
 }

@@ -39,6 +39,16 @@ pub enum Error {
     /// A key version has used its wrap budget (docs/ENVELOPE.md §7).
     #[error("{0}")]
     KeyExhausted(String),
+    /// The policy does not grant this (docs/POLICY.md).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A reloaded configuration was refused; the old one stays in force.
+    #[error("{0}")]
+    InvalidConfig(String),
+    /// The audit record of the request could not be made durable, so its
+    /// result is withheld (fail closed).
+    #[error("audit log: {0}")]
+    Audit(String),
     /// The token failed.
     #[error("HSM: {0}")]
     Hsm(HsmError),
@@ -63,6 +73,9 @@ impl Error {
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::KeyExhausted(_) => ErrorCode::KeyExhausted,
+            Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Error::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            Error::Audit(_) => ErrorCode::StoreUnavailable,
             Error::Hsm(HsmError::Busy(_)) => ErrorCode::Busy,
             Error::Hsm(HsmError::Integrity(_)) => ErrorCode::Integrity,
             Error::Hsm(_) => ErrorCode::HsmUnavailable,

@@ -218,6 +218,12 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
     }
 }
 
+/// The uid this test process runs as (the owner of `/proc/self`).
+pub fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").expect("/proc/self").uid()
+}
+
 /// Parses a `key=value` list into a context.
 pub fn ctx(pairs: &[&str]) -> EncryptionContext {
     EncryptionContext::from_pairs(pairs).expect("valid context")

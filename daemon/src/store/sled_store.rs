@@ -1,13 +1,14 @@
 //! The embedded store: one sled database, a tree per concern (`meta`,
-//! `keyring`). Records are JSON. Keyring keys are `tenant/key`, so that one
-//! tenant's keys are a prefix scan.
+//! `keyring`, `audit`). Records are JSON. Keyring keys are `tenant/key`, so
+//! that one tenant's keys are a prefix scan. Audit keys are `r` or `s`
+//! followed by the sequence number as 8 big-endian bytes (docs/AUDIT.md §4).
 
 use std::path::{Path, PathBuf};
 
 use keyhaven::KeyPath;
 use serde::de::DeserializeOwned;
 
-use super::{KeyRecord, Meta, Store, StoreError, SCHEMA_VERSION};
+use super::{AuditIter, AuditKind, KeyRecord, Meta, Store, StoreError, SCHEMA_VERSION};
 
 /// sled behind [`Store`].
 pub struct SledStore {
@@ -15,6 +16,7 @@ pub struct SledStore {
     db: sled::Db,
     meta: sled::Tree,
     keyring: sled::Tree,
+    audit: sled::Tree,
 }
 
 const META_KEY: &[u8] = b"meta";
@@ -43,7 +45,8 @@ impl SledStore {
             .map_err(|e| StoreError::Backend(format!("cannot open the store at {}: {e}", path.display())))?;
         let meta = db.open_tree("meta").map_err(backend)?;
         let keyring = db.open_tree("keyring").map_err(backend)?;
-        Ok(SledStore { path: path.to_owned(), db, meta, keyring })
+        let audit = db.open_tree("audit").map_err(backend)?;
+        Ok(SledStore { path: path.to_owned(), db, meta, keyring, audit })
     }
 
     /// Opens a store that `init` has prepared, checking its schema.
@@ -65,6 +68,17 @@ impl SledStore {
         self.db.flush().map_err(backend)?;
         Ok(())
     }
+}
+
+/// `r` or `s`, then the sequence number big-endian.
+pub fn audit_key(kind: AuditKind, seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = match kind {
+        AuditKind::Record => b'r',
+        AuditKind::Seal => b's',
+    };
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn keyring_key(path: &KeyPath) -> Vec<u8> {
@@ -150,5 +164,35 @@ impl Store for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.durable()
+    }
+
+    fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.audit.insert(audit_key(kind, seq), bytes).map_err(backend)?;
+        Ok(())
+    }
+
+    fn audit_flush(&self) -> Result<(), StoreError> {
+        self.durable()
+    }
+
+    fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
+        let (lo, hi) = if reverse { (0, from) } else { (from, u64::MAX) };
+        let range = self.audit.range(audit_key(kind, lo)..=audit_key(kind, hi));
+        let entry = |kv: sled::Result<(sled::IVec, sled::IVec)>| {
+            let (k, v) = kv.map_err(backend)?;
+            let seq =
+                k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or_else(|| {
+                    StoreError::Corrupt {
+                        key: format!("audit {:?}", &k[..]),
+                        reason: "not a sequence number".into(),
+                    }
+                })?;
+            Ok((seq, v.to_vec()))
+        };
+        if reverse {
+            Box::new(range.rev().map(entry))
+        } else {
+            Box::new(range.map(entry))
+        }
     }
 }
