@@ -43,7 +43,10 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         let listener = server::bind(&daemon.config)
             .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(daemon.clone(), shutdown.clone()));
+        // Installed before `on_ready`, so that a signal sent the moment the
+        // daemon says it is ready is handled, not fatal.
+        let signals = Signals::install().context("installing signal handlers")?;
+        tokio::spawn(signals.handle(daemon.clone(), shutdown.clone()));
         tracing::info!(socket = %daemon.config.socket.display(), token = daemon.hsm.token_label(), "listening");
         on_ready(&daemon.config);
         server::run(daemon.clone(), listener, shutdown).await;
@@ -60,25 +63,35 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
 }
 
 /// SIGTERM and SIGINT drain and stop; SIGHUP reloads the policy.
-async fn signals(daemon: Arc<Daemon>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
-            _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the policy");
-                let d = daemon.clone();
-                // Errors are logged by the reload itself.
-                let _ = tokio::task::spawn_blocking(move || crate::ops::reload_policy(&d)).await;
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn handle(mut self, daemon: Arc<Daemon>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { tracing::info!("SIGTERM: draining"); break }
+                _ = self.int.recv() => { tracing::info!("SIGINT: draining"); break }
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the policy");
+                    let d = daemon.clone();
+                    // A refusal is logged by the reload itself.
+                    let _ = tokio::task::spawn_blocking(move || crate::ops::reload_policy(&d)).await;
+                }
             }
         }
+        shutdown.cancel();
     }
-    shutdown.cancel();
 }
