@@ -147,7 +147,7 @@ impl Audit {
             tracing::warn!("the audit log is off ([audit] enabled = false): nothing is recorded");
             return Ok(Audit { log: None, flusher: Mutex::new(None) });
         }
-        let (last, head) = match store.audit_scan(AuditKind::Record, u64::MAX, true).next() {
+        let (mut last, mut head) = match store.audit_scan(AuditKind::Record, u64::MAX, true).next() {
             Some(entry) => {
                 let (seq, bytes) = entry?;
                 (seq, Sha256::digest(&bytes).into())
@@ -155,7 +155,21 @@ impl Audit {
             None => (0, [0u8; 32]),
         };
         let sealed = match store.audit_scan(AuditKind::Seal, u64::MAX, true).next() {
-            Some(entry) => entry?.0,
+            Some(entry) => {
+                let (seq, bytes) = entry?;
+                let seal = serde_json::from_slice::<Seal>(&bytes).ok();
+                if let Some(h) = seal.and_then(|s| unhex32(&s.head)).filter(|_| seq > last) {
+                    // Records a seal covers are gone: carry on after the seal,
+                    // so that the gap stays visible to `audit verify`.
+                    tracing::error!(
+                        "the audit log ends at record {last} but a seal covers record {seq}: \
+                         records were removed; continuing at record {}",
+                        seq + 1
+                    );
+                    (last, head) = (seq, h);
+                }
+                seq
+            }
             None => 0,
         };
         let (durable, _) = watch::channel(Durable { seq: last, failed: 0 });
@@ -463,11 +477,28 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
                 } else {
                     format!("records {expected} to {} are", pos - 1)
                 };
-                first = problem(
-                    expected,
-                    "removed",
-                    format!("{range} missing (removed); the log goes on at record {pos}"),
-                );
+                // A daemon that found its tail cut off carries on after the
+                // last seal, linking to the sealed head (see `Audit::open`).
+                let resumed = seals.iter().find(|s| s.seq == pos - 1).is_some_and(|s| {
+                    serde_json::from_slice::<AuditRecord>(&bytes).is_ok_and(|r| r.prev == s.head)
+                });
+                first = if resumed {
+                    problem(
+                        expected,
+                        "truncated",
+                        format!(
+                            "{range} missing: the log was truncated after record {} (a seal covers record {})",
+                            expected - 1,
+                            pos - 1
+                        ),
+                    )
+                } else {
+                    problem(
+                        expected,
+                        "removed",
+                        format!("{range} missing (removed); the log goes on at record {pos}"),
+                    )
+                };
             } else {
                 match serde_json::from_slice::<AuditRecord>(&bytes) {
                     Err(_) => {
