@@ -39,6 +39,8 @@ pub enum ErrorCode {
     PermissionDenied,
     /// The key or scope has been revoked.
     Revoked,
+    /// A configuration to reload was refused (the old one stays in force).
+    InvalidConfig,
     /// The daemon is overloaded; retry later.
     Busy,
     /// The HSM cannot be used right now.
@@ -68,6 +70,7 @@ impl ErrorCode {
             ErrorCode::KeyExhausted => "key_exhausted",
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Revoked => "revoked",
+            ErrorCode::InvalidConfig => "invalid_config",
             ErrorCode::Busy => "busy",
             ErrorCode::HsmUnavailable => "hsm_unavailable",
             ErrorCode::StoreUnavailable => "store_unavailable",

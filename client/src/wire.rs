@@ -285,3 +285,192 @@ pub struct DatakeyDecrypt {
     pub context: EncryptionContext,
 }
 operation!(DatakeyDecrypt, "datakey_decrypt", DecryptResponse);
+
+/// `whoami`: the caller's identity as the daemon sees it, and its grants
+/// (PROTOCOL.md §3.9).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Whoami {}
+
+/// Answer to `whoami`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhoamiResponse {
+    /// Effective uid of the connecting process.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// The uid's user name, when the daemon's user database has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// Every group the policy counts: the gid, then the uid's supplementary groups.
+    pub groups: Vec<GroupInfo>,
+    /// The process's executable, where the daemon could read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    /// The policy rules that name the caller.
+    pub grants: Vec<GrantInfo>,
+}
+operation!(Whoami, "whoami", WhoamiResponse);
+
+/// A group of the caller.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Group id.
+    pub gid: u32,
+    /// Group name, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One policy rule naming the caller.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantInfo {
+    /// The rule's name, or `rule N`.
+    pub rule: String,
+    /// Permissions it grants.
+    pub operations: Vec<String>,
+    /// `TENANT/KEY` patterns it grants them on.
+    pub keys: Vec<String>,
+}
+
+/// `admin_reload`: re-read the policy from the daemon's config file
+/// (PROTOCOL.md §3.10).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminReload {}
+
+/// Answer to `admin_reload`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdminReloadResponse {
+    /// Number of rules now in force.
+    pub rules: usize,
+}
+operation!(AdminReload, "admin_reload", AdminReloadResponse);
+
+/// `audit_read`: audit records, oldest first (PROTOCOL.md §3.11).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRead {
+    /// Only records about this tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Only records at or after this time, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    /// Only records with a sequence number above this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    /// Only the last this many matching records (at most 10 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<u32>,
+}
+
+/// Answer to `audit_read`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditReadResponse {
+    /// The records, by sequence number.
+    pub records: Vec<AuditRecord>,
+    /// The sequence number to pass as `after` to read on; `records` was cut
+    /// short to fit a frame when `more` is true.
+    pub next: u64,
+    /// Whether more matching records follow.
+    pub more: bool,
+}
+operation!(AuditRead, "audit_read", AuditReadResponse);
+
+/// One audit record (docs/AUDIT.md §2). The stored bytes are this object's
+/// JSON as the daemon wrote it; the chain hashes those bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Sequence number, from 1, without gaps.
+    pub seq: u64,
+    /// When the record was written, Unix milliseconds.
+    pub time_ms: u64,
+    /// SHA-256 of the previous record's bytes, hex (64 zeros for record 1).
+    pub prev: String,
+    /// Who asked.
+    pub caller: AuditCaller,
+    /// The operation (`alert` for an alert record).
+    pub op: String,
+    /// Tenant concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Key concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Key version concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// Envelope id concerned, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope_id: Option<String>,
+    /// The names (never the values) of the encryption context.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context_keys: Vec<String>,
+    /// `ok`, `denied`, `error` or `alert`.
+    pub outcome: String,
+    /// The error code, when the outcome is not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Free text for alert records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// The caller as an audit record holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCaller {
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// User name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Supplementary group ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u32>,
+    /// Process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// Executable path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+}
+
+/// `audit_verify`: walk the whole chain and every seal (PROTOCOL.md §3.12).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditVerify {}
+
+/// Answer to `audit_verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditVerifyResponse {
+    /// True when no problem was found.
+    pub intact: bool,
+    /// Records walked.
+    pub records: u64,
+    /// Seals checked.
+    pub seals: u64,
+    /// The highest sequence number a seal covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sealed: Option<u64>,
+    /// The first problem, when not intact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<AuditProblem>,
+}
+operation!(AuditVerify, "audit_verify", AuditVerifyResponse);
+
+/// The first thing wrong with the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditProblem {
+    /// The record concerned.
+    pub seq: u64,
+    /// `altered`, `removed`, `inserted`, `reordered`, `truncated` or `bad_seal`.
+    pub kind: String,
+    /// What was found.
+    pub message: String,
+}

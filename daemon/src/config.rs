@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::hsm::HsmConfig;
+use crate::policy::{Policy, PolicySection};
 use crate::secret::Pin;
 
 /// Whether the daemon runs for development or production.
@@ -30,6 +31,15 @@ pub struct Config {
     pub mode: Mode,
     /// Path of the Unix socket to listen on.
     pub socket: PathBuf,
+    /// File mode of the socket (default `0o660`). The policy decides what a
+    /// caller may do; the mode decides who may connect at all. Use `0o666`
+    /// (or a `socket_group`) to let other users' processes reach the policy.
+    #[serde(default = "default_socket_mode", skip_serializing_if = "is_default_socket_mode")]
+    pub socket_mode: u32,
+    /// Group to give the socket (by name), e.g. one that every client
+    /// user is in, with `socket_mode = 0o660`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
     /// Directory of the store.
     pub store: PathBuf,
     /// The token.
@@ -37,6 +47,44 @@ pub struct Config {
     /// Resource limits.
     #[serde(default)]
     pub limits: Limits,
+    /// The audit log.
+    #[serde(default)]
+    pub audit: AuditSection,
+    /// Who may do what (docs/POLICY.md).
+    #[serde(default)]
+    pub policy: PolicySection,
+    /// `policy`, compiled (by [`Config::load`]).
+    #[serde(skip)]
+    pub access: Policy,
+    /// The file this configuration was read from (for reloading).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[audit]` (docs/AUDIT.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Whether to keep the audit log. Only a dev install may turn it off
+    /// (to measure its cost); production refuses `false`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Longest time, in milliseconds, a record stays unsealed (default 1000).
+    #[serde(default = "default_seal_interval_ms")]
+    pub seal_interval_ms: u64,
+    /// Most records between two seals (default 1000).
+    #[serde(default = "default_seal_every")]
+    pub seal_every: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            enabled: true,
+            seal_interval_ms: default_seal_interval_ms(),
+            seal_every: default_seal_every(),
+        }
+    }
 }
 
 /// `[hsm]`: where the master key lives.
@@ -63,6 +111,10 @@ pub struct HsmSection {
     /// Requests that may wait for a worker before new ones get `busy`.
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
+    /// Label of the audit key (an HMAC key in the token that seals the
+    /// audit log; created on start when missing).
+    #[serde(default = "default_audit_key_label")]
+    pub audit_key_label: String,
     /// For SoftHSM2 only: its configuration file (sets SOFTHSM2_CONF).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub softhsm2_conf: Option<PathBuf>,
@@ -98,6 +150,24 @@ impl Default for Limits {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+fn default_socket_mode() -> u32 {
+    0o660
+}
+fn is_default_socket_mode(m: &u32) -> bool {
+    *m == default_socket_mode()
+}
+fn default_seal_interval_ms() -> u64 {
+    1000
+}
+fn default_seal_every() -> u64 {
+    1000
+}
+fn default_audit_key_label() -> String {
+    "keyhaven-audit".into()
+}
 fn default_mk_label() -> String {
     "keyhaven-mk".into()
 }
@@ -192,6 +262,22 @@ impl Config {
         if cfg.hsm.token_label.is_empty() || cfg.hsm.token_label.len() > 32 {
             return Err(invalid("[hsm] token_label must be 1 to 32 bytes (a PKCS#11 token label)"));
         }
+        if cfg.hsm.audit_key_label.is_empty() || cfg.hsm.audit_key_label == cfg.hsm.master_key_label {
+            return Err(invalid("[hsm] audit_key_label must be set and differ from master_key_label"));
+        }
+        if cfg.socket_mode > 0o777 || cfg.socket_mode & 0o600 != 0o600 {
+            return Err(invalid("socket_mode must be a permission mode (at most 0o777) that keeps 0o600"));
+        }
+        if !(10..=60_000).contains(&cfg.audit.seal_interval_ms) || cfg.audit.seal_every == 0 {
+            return Err(invalid(
+                "[audit] seal_interval_ms must be from 10 to 60000 and seal_every at least 1",
+            ));
+        }
+        if !cfg.audit.enabled && cfg.mode == Mode::Production {
+            return Err(invalid("[audit] enabled = false is refused in production mode"));
+        }
+        cfg.access = Policy::compile(&cfg.policy, &text).map_err(|e| invalid(&format!("[policy] {e}")))?;
+        cfg.source = Some(path.to_owned());
         Ok(cfg)
     }
 
@@ -212,6 +298,7 @@ impl Config {
             token_label: self.hsm.token_label.clone(),
             pin: self.read_pin()?,
             master_key_label: self.hsm.master_key_label.clone(),
+            audit_key_label: self.hsm.audit_key_label.clone(),
             workers: self.hsm.workers,
             queue_depth: self.hsm.queue_depth,
         })

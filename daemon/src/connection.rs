@@ -47,10 +47,19 @@ type Frame = Zeroizing<Vec<u8>>;
 /// Serves one connection until the client closes it or shutdown is asked
 /// for; returns once every request it accepted has been answered.
 pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: CancellationToken) {
-    let caller = match Caller::of(&stream) {
+    let cred = match stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!("cannot read the peer credentials of a connection, closing it: {e}");
+            return;
+        }
+    };
+    // User and group lookups may read files or ask a directory: off the async threads.
+    let resolved = tokio::task::spawn_blocking(move || Caller::resolve(cred.uid(), cred.gid(), cred.pid()));
+    let caller = match resolved.await {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::warn!("cannot resolve the identity of a connection, closing it: {e}");
             return;
         }
     };
@@ -91,7 +100,7 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
                 let id = frame.id;
                 let op = frame.op.into_owned();
                 let params = Zeroizing::new(frame.params.map_or("{}", |p| p.get()).to_owned());
-                let (d, tx) = (daemon.clone(), tx.clone());
+                let (d, tx, caller) = (daemon.clone(), tx.clone(), caller.clone());
                 tokio::spawn(async move {
                     let result = ops::dispatch(&d, &caller, &op, &params).await;
                     let frame = match result {

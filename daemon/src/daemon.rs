@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -33,22 +32,33 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     let hsm = Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keyhaven-io").build()?;
-    let daemon = Arc::new(Daemon::new(hsm, Arc::new(store), config).context("loading the revocations")?);
+    for name in config.access.unknown_names() {
+        tracing::warn!("the policy names `{name}`, which the user database does not know");
+    }
+    if config.access.is_empty() {
+        tracing::warn!("the policy has no rules: nobody may use a key (docs/POLICY.md)");
+    }
+    let daemon = Arc::new(
+        Daemon::new(hsm, Arc::new(store), config).context("opening the audit log and the revocations")?,
+    );
     let mut bound = false;
     let result = runtime.block_on(async {
-        let listener = server::bind(&daemon.config.socket)
+        let listener = server::bind(&daemon.config)
             .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;
         bound = true;
         let shutdown = CancellationToken::new();
-        // Installed before the ready line, so a SIGTERM right after it drains.
-        let (term, int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
-        tokio::spawn(signals(term, int, shutdown.clone()));
+        // Installed before `on_ready`, so that a signal sent the moment the
+        // daemon says it is ready is handled, not fatal.
+        let signals = Signals::install().context("installing signal handlers")?;
+        tokio::spawn(signals.handle(daemon.clone(), shutdown.clone()));
         tracing::info!(socket = %daemon.config.socket.display(), token = daemon.hsm.token_label(), "listening");
         on_ready(&daemon.config);
         server::run(daemon.clone(), listener, shutdown).await;
         anyhow::Ok(())
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The last seal needs the token: stop the audit before the HSM workers.
+    daemon.audit.stop();
     daemon.hsm.shutdown();
     daemon.store.flush().context("flushing the store")?;
     // A daemon that was refused the socket leaves the other one's alone.
@@ -59,10 +69,36 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     result
 }
 
-async fn signals(mut term: Signal, mut int: Signal, shutdown: CancellationToken) {
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+/// SIGTERM and SIGINT drain and stop; SIGHUP reloads the policy.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
-    shutdown.cancel();
+
+    async fn handle(mut self, daemon: Arc<Daemon>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { tracing::info!("SIGTERM: draining"); break }
+                _ = self.int.recv() => { tracing::info!("SIGINT: draining"); break }
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the policy");
+                    let d = daemon.clone();
+                    // A refusal is logged by the reload itself.
+                    let _ = tokio::task::spawn_blocking(move || crate::ops::reload_policy(&d)).await;
+                }
+            }
+        }
+        shutdown.cancel();
+    }
 }

@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::config::{Config, HsmSection, Limits, Mode};
+use crate::config::{AuditSection, Config, HsmSection, Limits, Mode};
 use crate::hsm::token;
+use crate::policy::{PolicySection, RuleSection};
 use crate::secret::Pin;
 use crate::store::sled_store::SledStore;
 
@@ -89,6 +90,8 @@ pub fn prepare(dir: &Path) -> anyhow::Result<(PathBuf, Option<SledStore>)> {
     let config = Config {
         mode: Mode::Dev,
         socket: dir.join("keyhaven.sock"),
+        socket_mode: 0o660,
+        socket_group: None,
         store: dir.join("store"),
         hsm: HsmSection {
             module,
@@ -96,11 +99,24 @@ pub fn prepare(dir: &Path) -> anyhow::Result<(PathBuf, Option<SledStore>)> {
             pin_file: Some(dir.join("pin")),
             pin_env: None,
             master_key_label: "keyhaven-mk".into(),
+            audit_key_label: "keyhaven-audit".into(),
             workers: 1,
             queue_depth: 4096,
             softhsm2_conf: Some(softhsm_conf),
         },
         limits: Limits::default(),
+        audit: AuditSection::default(),
+        // The quick start: whoever ran `keyhavend dev` may do everything.
+        policy: PolicySection {
+            rules: vec![RuleSection::new(
+                "dev: the user who ran `keyhavend dev`",
+                &[&format!("uid:{}", nix::unistd::getuid())],
+                &["*"],
+                &["*"],
+            )],
+        },
+        access: Default::default(),
+        source: None,
     };
     let text = format!(
         "# Written by `keyhavend dev`. A development install: its token is a SoftHSM2\n\

@@ -42,10 +42,16 @@ pub enum Error {
     /// A revocation covers the key or data key.
     #[error("{0}")]
     Revoked(String),
-    /// Only the daemon's own user (or, with access policy, `break-glass`)
-    /// may do this.
-    #[error("{0}")]
+    /// The policy does not grant this (docs/POLICY.md).
+    #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// A reloaded configuration was refused; the old one stays in force.
+    #[error("{0}")]
+    InvalidConfig(String),
+    /// The audit record of the request could not be made durable, so its
+    /// result is withheld (fail closed).
+    #[error("audit log: {0}")]
+    Audit(String),
     /// The token failed.
     #[error("HSM: {0}")]
     Hsm(HsmError),
@@ -72,6 +78,8 @@ impl Error {
             Error::KeyExhausted(_) => ErrorCode::KeyExhausted,
             Error::Revoked(_) => ErrorCode::Revoked,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Error::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            Error::Audit(_) => ErrorCode::StoreUnavailable,
             Error::Hsm(HsmError::Busy(_)) => ErrorCode::Busy,
             Error::Hsm(HsmError::Integrity(_)) => ErrorCode::Integrity,
             Error::Hsm(_) => ErrorCode::HsmUnavailable,

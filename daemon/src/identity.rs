@@ -1,35 +1,115 @@
 //! Who is calling: taken from the kernel (SO_PEERCRED) when the connection
-//! is accepted, never from anything the client sends.
+//! is accepted, never from anything the client sends. The uid's name and
+//! supplementary groups come from the system's user database (NSS:
+//! `/etc/passwd`, `/etc/group`, …) at that moment; the executable path is
+//! read from `/proc/PID/exe` where the daemon may, for the audit only.
 
+use std::ffi::CString;
 use std::fmt;
+use std::path::PathBuf;
 
-use tokio::net::UnixStream;
+use nix::unistd::{Gid, Group, Uid, User};
+use serde::Serialize;
 
-/// The peer process of a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The peer process of a connection, as the policy and the audit see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Caller {
     /// Effective user id.
     pub uid: u32,
     /// Effective group id.
     pub gid: u32,
     /// Process id, where the kernel gives one.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
+    /// The uid's user name, when the user database has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Every group of the caller: the peer's gid, then the supplementary
+    /// groups the user database gives the uid, without repeats.
+    pub groups: Vec<GroupId>,
+    /// The peer's executable (best effort; not used for decisions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe: Option<PathBuf>,
+}
+
+/// A group id and, when the user database knows it, its name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GroupId {
+    /// Group id.
+    pub gid: u32,
+    /// Group name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Caller {
-    /// Reads the peer credentials of an accepted connection.
-    pub fn of(stream: &UnixStream) -> std::io::Result<Caller> {
-        let cred = stream.peer_cred()?;
-        Ok(Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() })
+    /// Builds the identity of a peer from its SO_PEERCRED credentials
+    /// (`uid`, `gid`, `pid`) and the user database. The lookups block
+    /// (they may read files or ask a directory service): call this off the
+    /// async threads.
+    pub fn resolve(uid: u32, gid: u32, pid: Option<i32>) -> Caller {
+        let user = User::from_uid(Uid::from_raw(uid)).ok().flatten();
+        let mut gids = vec![gid];
+        if let Some(u) = &user {
+            if let Ok(name) = CString::new(u.name.as_bytes()) {
+                if let Ok(list) = nix::unistd::getgrouplist(&name, Gid::from_raw(gid)) {
+                    gids.extend(list.into_iter().map(Gid::as_raw));
+                }
+            }
+        }
+        let mut groups: Vec<GroupId> = Vec::with_capacity(gids.len());
+        for g in gids {
+            if groups.iter().all(|x| x.gid != g) {
+                let name = Group::from_gid(Gid::from_raw(g)).ok().flatten().map(|g| g.name);
+                groups.push(GroupId { gid: g, name });
+            }
+        }
+        let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok());
+        Caller { uid, gid, pid, user: user.map(|u| u.name), groups, exe }
+    }
+
+    /// Whether the caller is in group `gid` (primary or supplementary).
+    pub fn in_gid(&self, gid: u32) -> bool {
+        self.groups.iter().any(|g| g.gid == gid)
+    }
+
+    /// Whether the caller is in the group named `name`.
+    pub fn in_group(&self, name: &str) -> bool {
+        self.groups.iter().any(|g| g.name.as_deref() == Some(name))
     }
 }
 
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "uid={} gid={}", self.uid, self.gid)?;
+        write!(f, "uid={}", self.uid)?;
+        if let Some(u) = &self.user {
+            write!(f, "({u})")?;
+        }
+        write!(f, " gid={}", self.gid)?;
         if let Some(pid) = self.pid {
             write!(f, " pid={pid}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_resolves_with_its_groups() {
+        let c = Caller::resolve(0, 0, None);
+        assert_eq!(c.user.as_deref(), Some("root"));
+        assert!(c.in_gid(0));
+        assert!(c.in_group("root"));
+        assert_eq!(c.groups.iter().filter(|g| g.gid == 0).count(), 1, "no repeats");
+    }
+
+    #[test]
+    fn an_unknown_uid_keeps_only_its_gid() {
+        let c = Caller::resolve(4_000_000_001, 4_000_000_002, None);
+        assert_eq!(c.user, None);
+        assert_eq!(c.groups, vec![GroupId { gid: 4_000_000_002, name: None }]);
     }
 }

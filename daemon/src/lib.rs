@@ -9,7 +9,8 @@
 //! - [`server`]: binds the Unix socket, accepts, caps connections, drains
 //!   on shutdown.
 //! - [`connection`]: frames in and out, caller identity, pipelining.
-//! - [`ops`]: one module per operation family; [`ops::dispatch`] routes.
+//! - [`ops`]: one module per operation family; [`ops::dispatch`] routes,
+//!   asking [`policy`] first and recording every request in [`audit`].
 //! - [`hsm`]: the PKCS#11 worker pool; every wrap and unwrap happens there.
 //! - [`revocation`]: the in-memory index of revocations every key use
 //!   checks first.
@@ -17,11 +18,15 @@
 //!   nonce bound.
 //! - [`store`]: the keyring (wrapped key material only) behind a trait.
 //!
-//! Around them: [`config`] (the TOML file), [`identity`] (SO_PEERCRED),
+//! - [`audit`]: the hash-chained, HSM-sealed audit log, group-committed.
+//!
+//! Around them: [`config`] (the TOML file), [`identity`] (SO_PEERCRED,
+//! user and groups), [`policy`] (who may do what),
 //! [`error`] (wire error codes), [`secret`] (PIN and data-key types that
 //! never print), [`init`] and [`dev`] (setting an install up), and
 //! [`daemon`] (starting and stopping it all).
 
+pub mod audit;
 pub mod config;
 pub mod connection;
 pub mod daemon;
@@ -31,6 +36,7 @@ pub mod hsm;
 pub mod identity;
 pub mod init;
 pub mod ops;
+pub mod policy;
 pub mod revocation;
 pub mod secret;
 pub mod server;

@@ -1,9 +1,8 @@
-//! The accept loop: binds the socket (mode 0660), caps concurrent
+//! The accept loop: binds the socket (configured mode and group), caps concurrent
 //! connections, hands each to [`connection::serve`], and on shutdown stops
 //! accepting and waits (bounded) for in-flight requests to be answered.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,12 +11,15 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Config;
 use crate::connection;
 use crate::ops::Daemon;
 
-/// Binds the listening socket. A socket file left by a daemon that died is
-/// replaced; one that a live daemon answers on is not.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds the listening socket at `config.socket` with `socket_mode` and
+/// `socket_group`. A socket file left by a daemon that died is replaced;
+/// one that a live daemon answers on is not.
+pub fn bind(config: &Config) -> std::io::Result<UnixListener> {
+    let path = config.socket.as_path();
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(std::io::Error::new(
@@ -34,9 +36,14 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
-    // Until access policy lands, the socket's mode is the gate: the daemon's
-    // user and group only.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    // Who may connect at all; what a connection may do is the policy's call.
+    if let Some(name) = &config.socket_group {
+        let group = nix::unistd::Group::from_name(name)
+            .map_err(std::io::Error::from)?
+            .ok_or_else(|| std::io::Error::other(format!("socket_group `{name}` is not a known group")))?;
+        nix::unistd::chown(path, None, Some(group.gid)).map_err(std::io::Error::from)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))?;
     Ok(listener)
 }
 

@@ -178,7 +178,20 @@ impl Drop for TestDaemon {
 
 /// Runs the `keyhaven` CLI with `--socket socket`.
 pub fn run_cli(socket: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(bin("keyhaven"))
+    run_cli_cmd(Command::new(bin("keyhaven")), socket, args, stdin)
+}
+
+/// Runs the `keyhaven` CLI as `user` (its uid and primary gid; the daemon
+/// finds the supplementary groups itself).
+pub fn run_cli_as(user: &TestUser, socket: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin("keyhaven"));
+    cmd.uid(user.uid).gid(user.gid).current_dir("/");
+    run_cli_cmd(cmd, socket, args, stdin)
+}
+
+fn run_cli_cmd(mut cmd: Command, socket: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = cmd
         .arg("--socket")
         .arg(socket)
         .args(args)
@@ -196,6 +209,97 @@ pub fn run_cli(socket: &Path, args: &[&str], stdin: &[u8]) -> Output {
     let out = child.wait_with_output().expect("keyhaven output");
     let _ = writer.join();
     out
+}
+
+/// A system user made for the tests.
+#[derive(Clone, Debug)]
+pub struct TestUser {
+    /// User name.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+}
+
+/// `(id, fields)` of a `getent DB NAME` entry, if any.
+fn getent(db: &str, name: &str) -> Option<Vec<String>> {
+    let out = Command::new("getent").args([db, name]).output().expect("getent");
+    let line = String::from_utf8_lossy(&out.stdout).lines().next()?.to_owned();
+    out.status.success().then(|| line.split(':').map(str::to_owned).collect())
+}
+
+/// Runs a user-database command (`groupadd`, `useradd`, `usermod`),
+/// retrying while another process holds the lock on /etc/passwd or
+/// /etc/group (tests run in parallel, in several processes). Success
+/// and "exists already" both count as done.
+fn user_db(cmd: &str, args: &[&str], done: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        if out.status.success() || done() {
+            return;
+        }
+        // 10: cannot lock; 9: exists (a parallel test made it meanwhile).
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{cmd} {args:?} did not succeed");
+}
+
+/// The gid of group `name`, creating the group when missing. Idempotent
+/// and safe to call from parallel tests. Tests run as root (CI does).
+pub fn ensure_group(name: &str) -> u32 {
+    user_db("groupadd", &[name], || getent("group", name).is_some());
+    getent("group", name).and_then(|f| f.get(2)?.parse().ok()).expect("gid")
+}
+
+/// The user `name` (with a group of its own name as primary group and
+/// `groups` as supplementary groups), creating it or adding the groups
+/// when missing. Idempotent and safe to call from parallel tests.
+pub fn ensure_user(name: &str, groups: &[&str]) -> TestUser {
+    for g in groups {
+        ensure_group(g);
+    }
+    let exists = || getent("passwd", name).is_some();
+    let mut args = vec!["-M", "-U", "-s", "/usr/sbin/nologin"];
+    let list = groups.join(",");
+    if !groups.is_empty() {
+        args.extend(["-G", &list]);
+    }
+    args.push(name);
+    user_db("useradd", &args, exists);
+    for g in groups {
+        let member =
+            || getent("group", g).is_some_and(|f| f.get(3).is_some_and(|m| m.split(',').any(|u| u == name)));
+        user_db("usermod", &["-a", "-G", g, name], member);
+    }
+    let f = getent("passwd", name).expect("user exists");
+    TestUser { name: name.to_owned(), uid: f[2].parse().expect("uid"), gid: f[3].parse().expect("gid") }
+}
+
+impl TestDaemon {
+    /// Replaces the policy of the config with `rules` (TOML
+    /// `[[policy.rules]]` tables) and lets every local user reach the
+    /// socket (`socket_mode = 0o666`, the folder traversable), so that the
+    /// policy is the only gate. Takes effect at the next start or reload.
+    pub fn write_policy(&self, rules: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let file = self.dir().join("keyhaven.toml");
+        let text = std::fs::read_to_string(&file).expect("config");
+        let mut text = match text.find("[[policy.rules]]") {
+            Some(at) => text[..at].to_owned(),
+            None => text,
+        };
+        if !text.contains("socket_mode") {
+            let at = text.find("\nstore = ").expect("store line") + 1;
+            text.insert_str(at, "socket_mode = 0o666\n");
+        }
+        text.push_str(rules);
+        std::fs::write(&file, text).expect("write config");
+        std::fs::set_permissions(self.dir(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    }
 }
 
 /// Sends a signal (`TERM`, `KILL`, `HUP`…) to a process.
@@ -216,6 +320,12 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The uid this test process runs as (the owner of `/proc/self`).
+pub fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").expect("/proc/self").uid()
 }
 
 /// Parses a `key=value` list into a context.

@@ -228,28 +228,44 @@ fn list_secret_keys(softhsm_conf: &Path, token_label: &str, pin: &str) -> (Vec<L
     (objects, out.stdout)
 }
 
-/// Asserts that the token holds exactly one secret key, the master key
-/// version 1, AES-256, sensitive and never extractable.
+/// Asserts that the token holds exactly two secret keys: the master key
+/// version 1 (AES-256, wrap and unwrap only) and the audit key (a 256-bit
+/// generic secret for HMAC), both sensitive and never extractable.
 fn assert_only_the_master_key(softhsm_conf: &Path, token_label: &str, pin: &str) {
     let (objects, raw) = list_secret_keys(softhsm_conf, token_label, pin);
     let secret: Vec<&ListedObject> =
         objects.iter().filter(|o| o.header.starts_with("Secret Key Object")).collect();
     assert_eq!(
         secret.len(),
-        1,
-        "exactly one secret key object (the master key) must be on the token:\n{raw}"
+        2,
+        "exactly two secret key objects (the master key and the audit key) must be on the token:\n{raw}"
     );
-    let mk = secret[0];
-    assert_eq!(mk.label, "keyhaven-mk-v1", "{raw}");
-    assert!(mk.header.starts_with("Secret Key Object; AES length 32"), "not an AES-256 key:\n{raw}");
-    for needed in ["sensitive", "always sensitive", "never extractable"] {
-        assert!(mk.access.iter().any(|a| a == needed), "Access lacks `{needed}`:\n{raw}");
+    for key in &secret {
+        for needed in ["sensitive", "always sensitive", "never extractable"] {
+            assert!(key.access.iter().any(|a| a == needed), "{}: Access lacks `{needed}`:\n{raw}", key.label);
+        }
+        assert!(
+            !key.access.iter().any(|a| a == "extractable"),
+            "{} is shown as extractable:\n{raw}",
+            key.label
+        );
     }
-    assert!(!mk.access.iter().any(|a| a == "extractable"), "the master key is shown as extractable:\n{raw}");
+    let mk = secret
+        .iter()
+        .find(|o| o.label == "keyhaven-mk-v1")
+        .unwrap_or_else(|| panic!("no master key:\n{raw}"));
+    assert!(mk.header.starts_with("Secret Key Object; AES length 32"), "not an AES-256 key:\n{raw}");
     assert!(mk.usage.iter().any(|u| u == "wrap") && mk.usage.iter().any(|u| u == "unwrap"), "{raw}");
     assert!(
         !mk.usage.iter().any(|u| u == "encrypt" || u == "decrypt"),
         "the master key is for wrapping only:\n{raw}"
+    );
+    let ak =
+        secret.iter().find(|o| o.label == "keyhaven-audit").unwrap_or_else(|| panic!("no audit key:\n{raw}"));
+    assert!(ak.header.starts_with("Secret Key Object; Generic secret length 32"), "audit key type:\n{raw}");
+    assert!(
+        !ak.usage.iter().any(|u| ["encrypt", "decrypt", "wrap", "unwrap"].contains(&u.as_str())),
+        "the audit key is for HMAC only:\n{raw}"
     );
 }
 
@@ -484,7 +500,13 @@ async fn production_path_init_then_run_on_an_operator_made_token() {
             &socket,
             &store,
             "prodtest",
-            &format!("pin_file = \"{}\"\nsofthsm2_conf = \"{}\"\n", pin_file.display(), conf.display()),
+            &format!(
+                "pin_file = \"{}\"\nsofthsm2_conf = \"{}\"\n\n[[policy.rules]]\nprincipals = [\"uid:{}\"]\n\
+                 operations = [\"key-admin\", \"encrypt\", \"decrypt\"]\nkeys = [\"acme/*\"]\n",
+                pin_file.display(),
+                conf.display(),
+                my_uid()
+            ),
         ),
     );
     let config = config_arg(&config);

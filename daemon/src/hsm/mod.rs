@@ -33,6 +33,8 @@ pub struct HsmConfig {
     pub pin: Pin,
     /// Base label of the master key; version N is `{base}-vN`.
     pub master_key_label: String,
+    /// Label of the audit (HMAC) key.
+    pub audit_key_label: String,
     /// Number of worker threads (sessions).
     pub workers: usize,
     /// Capacity of the job queue.
@@ -45,6 +47,7 @@ pub(crate) struct Shared {
     token_label: String,
     pin: Pin,
     master_key_label: String,
+    audit_key_label: String,
     master_key_version: u32,
 }
 
@@ -72,6 +75,7 @@ impl Hsm {
             token_label: cfg.token_label.clone(),
             pin: cfg.pin,
             master_key_label: cfg.master_key_label,
+            audit_key_label: cfg.audit_key_label,
             master_key_version,
         });
         let (tx, rx) = async_channel::bounded::<Job>(cfg.queue_depth.max(1));
@@ -79,6 +83,10 @@ impl Hsm {
         for i in 0..cfg.workers.max(1) {
             let mut worker = Worker::new(shared.clone())?;
             worker.probe()?;
+            if i == 0 {
+                // Stores and tokens from before the audit log get their key now.
+                worker.ensure_audit_key()?;
+            }
             let rx = rx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("keyhaven-hsm-{i}"))
@@ -142,6 +150,21 @@ impl Hsm {
         Ok(())
     }
 
+    /// Like [`run`](Self::run), for a plain thread: waits for room in the
+    /// queue instead of refusing, and blocks until the job is done.
+    pub fn run_blocking<T, F>(&self, f: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Worker) -> Result<T, HsmError> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let job: Job = Box::new(move |w| {
+            let _ = tx.send(f(w));
+        });
+        self.jobs.send_blocking(job).map_err(|_| HsmError::Stopped)?;
+        rx.recv().map_err(|_| HsmError::Stopped)?
+    }
+
     /// The token's label.
     pub fn token_label(&self) -> &str {
         &self.token_label
@@ -196,7 +219,8 @@ impl Rendezvous {
     }
 }
 
-/// Creates master key version 1 in the token (for `keyhavend init`).
+/// Creates master key version 1 and the audit key in the token (for
+/// `keyhavend init`).
 pub fn create_first_master_key(cfg: &HsmConfig) -> Result<(), HsmError> {
     let pkcs11 = token::load_module(&cfg.module)?;
     let slot = token::find_token(&pkcs11, &cfg.token_label)?;
@@ -204,5 +228,6 @@ pub fn create_first_master_key(cfg: &HsmConfig) -> Result<(), HsmError> {
     let label = token::master_key_label(&cfg.master_key_label, 1);
     token::create_master_key(&session, &label)?;
     token::find_master_key(&session, &label)?;
+    token::ensure_audit_key(&session, &cfg.audit_key_label)?;
     Ok(())
 }

@@ -126,6 +126,71 @@ pub fn create_master_key(session: &Session, label: &str) -> Result<ObjectHandle,
     Ok(session.generate_key(&Mechanism::AesKeyGen, &template)?)
 }
 
+/// Finds the audit key (docs/AUDIT.md §3) and checks that the token will
+/// never reveal it; `None` when no object carries the label.
+pub fn find_audit_key(session: &Session, label: &str) -> Result<Option<ObjectHandle>, HsmError> {
+    let fail = |reason: &str| HsmError::MasterKey { label: label.to_owned(), reason: reason.to_owned() };
+    let found = session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Token(true),
+    ])?;
+    let handle = match found.as_slice() {
+        [] => return Ok(None),
+        [one] => *one,
+        _ => return Err(fail("more than one object carries this label")),
+    };
+    let attrs = session.get_attributes(
+        handle,
+        &[AttributeType::KeyType, AttributeType::Sensitive, AttributeType::Extractable, AttributeType::Sign],
+    )?;
+    for attr in attrs {
+        match attr {
+            Attribute::KeyType(t) if t != KeyType::GENERIC_SECRET => {
+                return Err(fail("is not a generic secret (HMAC) key"))
+            }
+            Attribute::Sensitive(false) => return Err(fail("is not sensitive (CKA_SENSITIVE is false)")),
+            Attribute::Extractable(true) => return Err(fail("is extractable (CKA_EXTRACTABLE is true)")),
+            Attribute::Sign(false) => return Err(fail("may not sign (CKA_SIGN is false)")),
+            _ => {}
+        }
+    }
+    Ok(Some(handle))
+}
+
+/// Finds the audit key, generating it first when the token has none: a
+/// 256-bit generic secret, a token object, private, sensitive, never
+/// extractable, for CKM_SHA256_HMAC sign and verify only.
+pub fn ensure_audit_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+    if let Some(h) = find_audit_key(session, label)? {
+        return Ok(h);
+    }
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ];
+    session.generate_key(&Mechanism::GenericSecretKeyGen, &template)?;
+    tracing::info!(label, "created the audit key in the token");
+    find_audit_key(session, label)?.ok_or_else(|| HsmError::MasterKey {
+        label: label.to_owned(),
+        reason: "was generated but cannot be found".to_owned(),
+    })
+}
+
 /// Initialises a fresh token in the first free slot (dev mode only): SO PIN,
 /// label, then the user PIN.
 pub fn init_token(pkcs11: &Pkcs11, label: &str, so_pin: &Pin, user_pin: &Pin) -> Result<(), HsmError> {

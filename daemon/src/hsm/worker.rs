@@ -45,14 +45,21 @@ pub struct Worker {
     session: Option<Session>,
     master_keys: HashMap<u32, ObjectHandle>,
     keks: HashMap<KekId, (Arc<[u8]>, ObjectHandle)>,
+    audit_key: Option<ObjectHandle>,
     lost: bool,
 }
 
 impl Worker {
     /// Opens and logs in a session for a new worker.
     pub(super) fn new(shared: Arc<Shared>) -> Result<Worker, HsmError> {
-        let mut w =
-            Worker { shared, session: None, master_keys: HashMap::new(), keks: HashMap::new(), lost: false };
+        let mut w = Worker {
+            shared,
+            session: None,
+            master_keys: HashMap::new(),
+            keks: HashMap::new(),
+            audit_key: None,
+            lost: false,
+        };
         w.session()?;
         Ok(w)
     }
@@ -73,6 +80,7 @@ impl Worker {
     fn reset(&mut self) {
         self.master_keys.clear();
         self.keks.clear();
+        self.audit_key = None;
         self.session = None;
         self.lost = false;
     }
@@ -120,6 +128,51 @@ impl Worker {
         let h = token::find_master_key(self.session()?, &label)?;
         self.master_keys.insert(version, h);
         Ok(h)
+    }
+
+    /// Finds the audit key, creating it when the token has none.
+    pub fn ensure_audit_key(&mut self) -> Result<(), HsmError> {
+        let shared = self.shared.clone();
+        let r = self.session().and_then(|s| token::ensure_audit_key(s, &shared.audit_key_label));
+        let h = self.note(r)?;
+        self.audit_key = Some(h);
+        Ok(())
+    }
+
+    fn audit_key(&mut self) -> Result<ObjectHandle, HsmError> {
+        if let Some(h) = self.audit_key {
+            return Ok(h);
+        }
+        let shared = self.shared.clone();
+        let label = &shared.audit_key_label;
+        let h = token::find_audit_key(self.session()?, label)?.ok_or_else(|| HsmError::MasterKey {
+            label: label.clone(),
+            reason: "not found in the token".into(),
+        })?;
+        self.audit_key = Some(h);
+        Ok(h)
+    }
+
+    /// HMAC-SHA256 of `data` under the audit key, computed in the token.
+    pub fn audit_mac(&mut self, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let r = self.audit_key().and_then(|k| Ok(self.session()?.sign(&Mechanism::Sha256Hmac, k, data)?));
+        self.note(r)
+    }
+
+    /// Whether `mac` is the HMAC-SHA256 of `data` under the audit key
+    /// (C_Verify in the token).
+    pub fn audit_mac_ok(&mut self, data: &[u8], mac: &[u8]) -> Result<bool, HsmError> {
+        let r = self.audit_key().and_then(|k| {
+            match self.session()?.verify(&Mechanism::Sha256Hmac, k, data, mac) {
+                Ok(()) => Ok(true),
+                Err(cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::SignatureInvalid | cryptoki::error::RvError::SignatureLenRange,
+                    _,
+                )) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        });
+        self.note(r)
     }
 
     /// Generates a new KEK in the token and returns it wrapped under the

@@ -13,6 +13,7 @@ use keyhaven::{EncryptionContext, KeyPath};
 use zeroize::Zeroizing;
 
 use super::{reply, Daemon, Reply};
+use crate::audit::Subject;
 use crate::error::Error;
 use crate::hsm::{KekId, KekRef};
 use crate::secret::DataKey;
@@ -103,10 +104,15 @@ pub async fn open_data_key(d: &Daemon, env: &Envelope, context: EncryptionContex
     Ok(key)
 }
 
-/// `datakey`.
-pub async fn generate(d: &Arc<Daemon>, req: wire::Datakey) -> Result<Reply, Error> {
-    let path = KeyPath::new(&req.tenant, &req.key)?;
+/// `datakey` under `path` (the request's key, already checked).
+pub async fn generate(
+    d: &Arc<Daemon>,
+    path: KeyPath,
+    req: wire::Datakey,
+    s: &mut Subject,
+) -> Result<Reply, Error> {
     let new = new_data_key(d, path, req.context).await?;
+    s.envelope(&new.envelope);
     let resp = DatakeyResponse {
         envelope: new.envelope.to_string(),
         envelope_id: new.envelope.id().to_string(),
@@ -116,10 +122,9 @@ pub async fn generate(d: &Arc<Daemon>, req: wire::Datakey) -> Result<Reply, Erro
     reply(&resp, 256)
 }
 
-/// `datakey_decrypt`.
-pub async fn decrypt(d: &Arc<Daemon>, req: wire::DatakeyDecrypt) -> Result<Reply, Error> {
-    let env: Envelope = req.envelope.parse()?;
-    let key = open_data_key(d, &env, req.context).await?;
+/// `datakey_decrypt` of a parsed envelope.
+pub async fn decrypt(d: &Arc<Daemon>, env: Envelope, context: EncryptionContext) -> Result<Reply, Error> {
+    let key = open_data_key(d, &env, context).await?;
     reply(&opened(&env, SecretBytes::from_slice(&key[..])), 256)
 }
 

@@ -8,20 +8,26 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use keyhaven::envelope::{self, Ciphertext};
 use keyhaven::wire::{self, EncryptResponse, SecretBytes, MAX_ENCRYPT_PLAINTEXT};
-use keyhaven::KeyPath;
+use keyhaven::{EncryptionContext, KeyPath};
 use zeroize::Zeroizing;
 
 use super::datakey::{new_data_key, open_data_key, opened};
 use super::{reply, Daemon, Reply};
+use crate::audit::Subject;
 use crate::error::Error;
 
-/// `encrypt`.
-pub async fn encrypt(d: &Arc<Daemon>, req: wire::Encrypt) -> Result<Reply, Error> {
-    let path = KeyPath::new(&req.tenant, &req.key)?;
+/// `encrypt` under `path` (the request's key, already checked).
+pub async fn encrypt(
+    d: &Arc<Daemon>,
+    path: KeyPath,
+    req: wire::Encrypt,
+    s: &mut Subject,
+) -> Result<Reply, Error> {
     if req.plaintext.len() > MAX_ENCRYPT_PLAINTEXT {
         return Err(Error::PayloadTooLarge(req.plaintext.len()));
     }
     let new = new_data_key(d, path, req.context.clone()).await?;
+    s.envelope(&new.envelope);
     let nonce = new.spare_nonce;
     let header = Ciphertext::header_for(&new.envelope, &nonce);
     let aad = envelope::aad(&header, &req.context);
@@ -40,17 +46,16 @@ pub async fn encrypt(d: &Arc<Daemon>, req: wire::Encrypt) -> Result<Reply, Error
     reply(&resp, resp.ciphertext.len())
 }
 
-/// `decrypt`.
-pub async fn decrypt(d: &Arc<Daemon>, req: wire::Decrypt) -> Result<Reply, Error> {
-    let ct: Ciphertext = req.ciphertext.parse()?;
+/// `decrypt` of a parsed ciphertext.
+pub async fn decrypt(d: &Arc<Daemon>, ct: Ciphertext, context: EncryptionContext) -> Result<Reply, Error> {
     if ct.payload().len() > MAX_ENCRYPT_PLAINTEXT + envelope::TAG_LEN {
         return Err(Error::BadEnvelope(format!(
             "malformed ciphertext: payload of {} bytes is over the `encrypt` limit",
             ct.payload().len()
         )));
     }
-    let key = open_data_key(d, ct.envelope(), req.context.clone()).await?;
-    let aad = envelope::aad(&ct.header(), &req.context);
+    let aad = envelope::aad(&ct.header(), &context);
+    let key = open_data_key(d, ct.envelope(), context).await?;
     let cipher =
         Aes256Gcm::new_from_slice(&key[..]).map_err(|_| Error::Internal("data key length".into()))?;
     let plain = Zeroizing::new(

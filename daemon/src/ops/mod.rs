@@ -3,69 +3,274 @@
 //! its response already serialised, in a zeroizing buffer, because some
 //! responses carry plaintext.
 
+mod admin;
+mod audit;
 mod datakey;
 mod encrypt;
 mod health;
 mod keys;
 mod revoke;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use keyhaven::revocation::{Destroy, Revoke, RevokeLift, RevokeList};
+use keyhaven::envelope::{Ciphertext, Envelope};
+use keyhaven::revocation::{Destroy, Revoke, RevokeLift, RevokeList, Scope};
 use keyhaven::wire::{self, Operation};
+use keyhaven::KeyPath;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
+use crate::audit::{Audit, Subject};
 use crate::config::Config;
 use crate::error::Error;
 use crate::hsm::Hsm;
 use crate::identity::Caller;
+use crate::policy::{self, Access, Policy, Target};
 use crate::revocation;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::wraps::WrapBudget;
+
+pub use admin::reload_policy;
 
 /// What every request may use.
 pub struct Daemon {
     /// The HSM worker pool.
-    pub hsm: Hsm,
+    pub hsm: Arc<Hsm>,
     /// The store.
     pub store: Arc<dyn Store>,
-    /// The configuration the daemon started with.
+    /// The configuration the daemon started with (its policy may have been
+    /// reloaded since: see [`Daemon::policy`]).
     pub config: Config,
     /// Data-key wraps counted per KEK version.
     pub wraps: WrapBudget,
+    /// The policy in force.
+    policy: RwLock<Arc<Policy>>,
+    /// The audit log.
+    pub audit: Audit,
     /// Revocations in force.
     pub revocations: revocation::Index,
 }
 
 impl Daemon {
-    /// Puts the parts together, loading the revocations from the store.
-    pub fn new(hsm: Hsm, store: Arc<dyn Store>, config: Config) -> Result<Daemon, Error> {
+    /// Puts the parts together, opens the audit log and loads the
+    /// revocations.
+    pub fn new(hsm: Hsm, store: Arc<dyn Store>, config: Config) -> Result<Daemon, StoreError> {
+        let hsm = Arc::new(hsm);
         let wraps = WrapBudget::new(store.clone(), config.limits.wraps_per_key_version);
+        let audit = Audit::open(store.clone(), hsm.clone(), &config.audit)?;
+        let policy = RwLock::new(Arc::new(config.access.clone()));
         let revocations = revocation::Index::new(store.revocations()?);
-        Ok(Daemon { hsm, store, config, wraps, revocations })
+        Ok(Daemon { hsm, store, config, wraps, policy, audit, revocations })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_policy(&self, p: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
     }
 }
 
 /// A serialised `ok` body.
 pub type Reply = Zeroizing<Vec<u8>>;
 
-/// Runs operation `op` with raw JSON `params` for `caller`.
+/// Runs operation `op` with raw JSON `params` for `caller`, and records it
+/// in the audit log before returning: when the record cannot be made
+/// durable, the result is withheld and the call fails.
 pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) -> Result<Reply, Error> {
+    let mut subject = Subject::default();
+    let mut result = route(d, caller, op, params, &mut subject).await;
+    if result.is_ok() && !subject.checked && policy::permission_for(op) != Some(Access::Open) {
+        // A route that forgot its policy check: fail closed, loudly.
+        tracing::error!(op = %printable(op), "operation ran without a policy check; result withheld");
+        result = Err(Error::Internal(format!("`{}` has no policy check", printable(op))));
+    }
+    d.audit.record(caller, op, subject, &result).await?;
+    result
+}
+
+/// Refuses unless the policy grants `caller` what `op` needs on `target`.
+/// Runs before any store or HSM work, so that a refusal says nothing about
+/// whether the key exists.
+fn allow(d: &Daemon, caller: &Caller, op: &str, target: Target, s: &mut Subject) -> Result<(), Error> {
+    s.checked = true;
+    let perm = match policy::permission_for(op) {
+        Some(Access::Open) => return Ok(()),
+        Some(Access::Needs(p)) => p,
+        None => return Err(Error::UnknownOperation(printable(op))),
+    };
+    if d.policy().allows(caller, perm, &target) {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(format!(
+            "`{op}` on {target} needs `{perm}`, which the policy does not grant to {caller}"
+        )))
+    }
+}
+
+/// What a revocation scope acts on, for the policy. A data key's tenant is
+/// not known from its id, so revoking one needs `revoke` on every tenant.
+fn scope_target(scope: &Scope) -> Target<'_> {
+    match scope {
+        Scope::Key { tenant, key, .. } => Target::Key { tenant, key },
+        Scope::Tenant { tenant } => Target::Tenant(tenant),
+        Scope::Datakey { .. } | Scope::All => Target::All,
+    }
+}
+
+/// Notes a revocation scope in the audit record.
+fn scope_subject(scope: &Scope, s: &mut Subject) {
+    match scope {
+        Scope::Key { tenant, key, version } => {
+            s.tenant = Some(tenant.clone());
+            s.key = Some(key.clone());
+            s.version = *version;
+        }
+        Scope::Tenant { tenant } => s.tenant = Some(tenant.clone()),
+        Scope::Datakey { envelope_id } => s.envelope_id = Some(printable(envelope_id)),
+        Scope::All => {}
+    }
+}
+
+/// Refuses unless the policy grants `caller` the permission `perm` on
+/// `target` (beyond the one `op` itself needs).
+fn allow_perm(
+    d: &Daemon,
+    caller: &Caller,
+    op: &str,
+    perm: policy::Permission,
+    target: Target,
+) -> Result<(), Error> {
+    if d.policy().allows(caller, perm, &target) {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(format!(
+            "`{op}` on {target} needs `{perm}`, which the policy does not grant to {caller}"
+        )))
+    }
+}
+
+fn key_target(path: &KeyPath) -> Target<'_> {
+    Target::Key { tenant: path.tenant(), key: path.key() }
+}
+
+fn tenant_target<'a>(tenant: Option<&'a str>, s: &mut Subject) -> Result<Target<'a>, Error> {
+    match tenant {
+        Some(t) => {
+            keyhaven::names::validate_name("tenant", t)?;
+            s.tenant = Some(t.to_owned());
+            Ok(Target::Tenant(t))
+        }
+        None => Ok(Target::All),
+    }
+}
+
+/// Parses params, notes the request's subject, checks the policy, runs.
+async fn route(
+    d: &Arc<Daemon>,
+    caller: &Caller,
+    op: &str,
+    params: &str,
+    s: &mut Subject,
+) -> Result<Reply, Error> {
     match op {
         wire::Hello::OP => health::hello(parse(op, params)?),
         wire::Health::OP => health::health(d, parse::<wire::Health>(op, params)?).await,
-        wire::KeyCreate::OP => keys::create(d, parse(op, params)?).await,
-        wire::KeyList::OP => keys::list(d, parse(op, params)?).await,
-        wire::Encrypt::OP => encrypt::encrypt(d, parse(op, params)?).await,
-        wire::Decrypt::OP => encrypt::decrypt(d, parse(op, params)?).await,
-        wire::Datakey::OP => datakey::generate(d, parse(op, params)?).await,
-        wire::DatakeyDecrypt::OP => datakey::decrypt(d, parse(op, params)?).await,
-        Revoke::OP => revoke::revoke(d, caller, parse(op, params)?).await,
-        RevokeLift::OP => revoke::lift(d, caller, parse(op, params)?).await,
-        RevokeList::OP => revoke::list(d, parse(op, params)?),
-        Destroy::OP => revoke::destroy(d, caller, parse(op, params)?).await,
+        wire::Whoami::OP => admin::whoami(d, caller, parse(op, params)?),
+        wire::KeyCreate::OP => {
+            let req: wire::KeyCreate = parse(op, params)?;
+            let path = KeyPath::new(&req.tenant, &req.key)?;
+            s.key(&path);
+            allow(d, caller, op, key_target(&path), s)?;
+            let r = keys::create(d, req).await?;
+            s.version = Some(1);
+            Ok(r)
+        }
+        wire::KeyList::OP => {
+            let req: wire::KeyList = parse(op, params)?;
+            let target = tenant_target(req.tenant.as_deref(), s)?;
+            allow(d, caller, op, target, s)?;
+            keys::list(d, req).await
+        }
+        wire::Encrypt::OP => {
+            let req: wire::Encrypt = parse(op, params)?;
+            let path = KeyPath::new(&req.tenant, &req.key)?;
+            s.key(&path);
+            s.context(&req.context);
+            allow(d, caller, op, key_target(&path), s)?;
+            encrypt::encrypt(d, path, req, s).await
+        }
+        wire::Decrypt::OP => {
+            let req: wire::Decrypt = parse(op, params)?;
+            s.context(&req.context);
+            let ct: Ciphertext = req.ciphertext.parse()?;
+            s.envelope(ct.envelope());
+            allow(d, caller, op, key_target(ct.envelope().path()), s)?;
+            encrypt::decrypt(d, ct, req.context).await
+        }
+        wire::Datakey::OP => {
+            let req: wire::Datakey = parse(op, params)?;
+            let path = KeyPath::new(&req.tenant, &req.key)?;
+            s.key(&path);
+            s.context(&req.context);
+            allow(d, caller, op, key_target(&path), s)?;
+            datakey::generate(d, path, req, s).await
+        }
+        wire::DatakeyDecrypt::OP => {
+            let req: wire::DatakeyDecrypt = parse(op, params)?;
+            s.context(&req.context);
+            let env: Envelope = req.envelope.parse()?;
+            s.envelope(&env);
+            allow(d, caller, op, key_target(env.path()), s)?;
+            datakey::decrypt(d, env, req.context).await
+        }
+        wire::AuditRead::OP => {
+            let req: wire::AuditRead = parse(op, params)?;
+            let target = tenant_target(req.tenant.as_deref(), s)?;
+            allow(d, caller, op, target, s)?;
+            audit::read(d, req).await
+        }
+        wire::AuditVerify::OP => {
+            let _: wire::AuditVerify = parse(op, params)?;
+            allow(d, caller, op, Target::All, s)?;
+            audit::verify(d).await
+        }
+        Revoke::OP => {
+            let req: Revoke = parse(op, params)?;
+            scope_subject(&req.scope, s);
+            allow(d, caller, op, scope_target(&req.scope), s)?;
+            revoke::revoke(d, caller, req).await
+        }
+        RevokeLift::OP => {
+            let req: RevokeLift = parse(op, params)?;
+            scope_subject(&req.scope, s);
+            allow(d, caller, op, scope_target(&req.scope), s)?;
+            if req.scope == Scope::All {
+                // Lifting everything is break-glass.
+                allow_perm(d, caller, op, policy::Permission::BreakGlass, Target::All)?;
+            }
+            revoke::lift(d, caller, req).await
+        }
+        RevokeList::OP => {
+            let req: RevokeList = parse(op, params)?;
+            let target = tenant_target(req.tenant.as_deref(), s)?;
+            allow(d, caller, op, target, s)?;
+            revoke::list(d, req)
+        }
+        Destroy::OP => {
+            let req: Destroy = parse(op, params)?;
+            scope_subject(&req.scope, s);
+            allow(d, caller, op, scope_target(&req.scope), s)?;
+            revoke::destroy(d, caller, req).await
+        }
+        wire::AdminReload::OP => {
+            let _: wire::AdminReload = parse(op, params)?;
+            allow(d, caller, op, Target::All, s)?;
+            admin::reload(d).await
+        }
         other => Err(Error::UnknownOperation(printable(other))),
     }
 }

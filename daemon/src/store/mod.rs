@@ -159,7 +159,28 @@ pub trait Store: Send + Sync + 'static {
     fn remove_revocation(&self, scope: &Scope) -> Result<Option<Revocation>, StoreError>;
     /// Makes every acknowledged write durable (used at shutdown).
     fn flush(&self) -> Result<(), StoreError>;
+    /// Writes audit entry `seq` of `kind` (docs/AUDIT.md §4). Not durable
+    /// until [`audit_flush`](Store::audit_flush): the audit log batches
+    /// many records into one flush.
+    fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Makes every audit entry written so far durable.
+    fn audit_flush(&self) -> Result<(), StoreError>;
+    /// Audit entries of `kind` by sequence number: ascending from `from`,
+    /// or (with `reverse`) descending from `from` down.
+    fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_>;
 }
+
+/// The two kinds of entries of the audit tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditKind {
+    /// A record of an operation (or an alert).
+    Record,
+    /// A seal over the chain head (docs/AUDIT.md §3).
+    Seal,
+}
+
+/// Audit entries as `(seq, bytes)`.
+pub type AuditIter<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + Send + 'a>;
 
 /// Base64 for byte fields in stored records.
 mod b64 {

@@ -1,7 +1,8 @@
 //! The embedded store: one sled database, a tree per concern (`meta`,
-//! `keyring`, `revocations`). Records are JSON. Keyring keys are
+//! `keyring`, `revocations`, `audit`). Records are JSON. Keyring keys are
 //! `tenant/key`, so that one tenant's keys are a prefix scan; revocation keys
-//! name their scope (see [`revocation_key`]).
+//! name their scope (see [`revocation_key`]). Audit keys are `r` or `s`
+//! followed by the sequence number as 8 big-endian bytes (docs/AUDIT.md §4).
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +10,7 @@ use keyhaven::revocation::{Revocation, Scope};
 use keyhaven::KeyPath;
 use serde::de::DeserializeOwned;
 
-use super::{KeyRecord, Meta, Store, StoreError, SCHEMA_VERSION};
+use super::{AuditIter, AuditKind, KeyRecord, Meta, Store, StoreError, SCHEMA_VERSION};
 
 /// sled behind [`Store`].
 pub struct SledStore {
@@ -18,6 +19,7 @@ pub struct SledStore {
     meta: sled::Tree,
     keyring: sled::Tree,
     revocations: sled::Tree,
+    audit: sled::Tree,
 }
 
 const META_KEY: &[u8] = b"meta";
@@ -47,7 +49,8 @@ impl SledStore {
         let meta = db.open_tree("meta").map_err(backend)?;
         let keyring = db.open_tree("keyring").map_err(backend)?;
         let revocations = db.open_tree("revocations").map_err(backend)?;
-        Ok(SledStore { path: path.to_owned(), db, meta, keyring, revocations })
+        let audit = db.open_tree("audit").map_err(backend)?;
+        Ok(SledStore { path: path.to_owned(), db, meta, keyring, revocations, audit })
     }
 
     /// Opens a store that `init` has prepared, checking its schema.
@@ -69,6 +72,17 @@ impl SledStore {
         self.db.flush().map_err(backend)?;
         Ok(())
     }
+}
+
+/// `r` or `s`, then the sequence number big-endian.
+pub fn audit_key(kind: AuditKind, seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = match kind {
+        AuditKind::Record => b'r',
+        AuditKind::Seal => b's',
+    };
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn keyring_key(path: &KeyPath) -> Vec<u8> {
@@ -193,5 +207,35 @@ impl Store for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.durable()
+    }
+
+    fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.audit.insert(audit_key(kind, seq), bytes).map_err(backend)?;
+        Ok(())
+    }
+
+    fn audit_flush(&self) -> Result<(), StoreError> {
+        self.durable()
+    }
+
+    fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
+        let (lo, hi) = if reverse { (0, from) } else { (from, u64::MAX) };
+        let range = self.audit.range(audit_key(kind, lo)..=audit_key(kind, hi));
+        let entry = |kv: sled::Result<(sled::IVec, sled::IVec)>| {
+            let (k, v) = kv.map_err(backend)?;
+            let seq =
+                k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or_else(|| {
+                    StoreError::Corrupt {
+                        key: format!("audit {:?}", &k[..]),
+                        reason: "not a sequence number".into(),
+                    }
+                })?;
+            Ok((seq, v.to_vec()))
+        };
+        if reverse {
+            Box::new(range.rev().map(entry))
+        } else {
+            Box::new(range.map(entry))
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod audit;
 mod bench;
 mod revoke;
 use keyhaven::wire::MAX_ENCRYPT_PLAINTEXT;
@@ -54,6 +55,14 @@ enum Command {
     Revoke(revoke::RevokeArgs),
     /// Erase a suspended key's or tenant's material for good (crypto-shredding).
     Destroy(revoke::DestroyArgs),
+    /// Who the daemon sees you as (uid, groups, process) and what the policy grants you.
+    Whoami,
+    /// Administer the daemon.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Read and check the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Measure a running daemon: ops/s and p50/p99/p99.9 latency per op and concurrency.
     Bench {
         /// Operations to measure.
@@ -84,6 +93,49 @@ enum KeyCommand {
     /// List named keys, all or one tenant's.
     List {
         /// Only this tenant.
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Re-read the policy from the daemon's config file (like SIGHUP); a policy that does not parse is refused.
+    Reload,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// The last records, oldest first; with -f, then new ones as they come.
+    Tail {
+        /// Keep printing new records.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only records about this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only records from this time: Unix seconds, an age (15m, 2h, 7d) or 2026-01-31[T12:00:00Z].
+        #[arg(long, value_parser = audit::parse_time)]
+        since: Option<u64>,
+        /// How many records to show before following.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u32,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Walk the whole hash chain and check every seal in the token; exits non-zero unless intact.
+    Verify {
+        /// Print the daemon's full answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every matching record as JSON lines (for a SIEM).
+    Export {
+        /// Only records from this time: Unix seconds, an age (15m, 2h, 7d) or 2026-01-31[T12:00:00Z].
+        #[arg(long, value_parser = audit::parse_time)]
+        since: Option<u64>,
+        /// Only records about this tenant.
+        #[arg(long)]
         tenant: Option<String>,
     },
 }
@@ -282,6 +334,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Revoke(args) => revoke::revoke(&client, args).await,
         Command::Destroy(args) => revoke::destroy(&client, args).await,
+        Command::Whoami => print_json(&client.call(&keyhaven::wire::Whoami {}).await?),
+        Command::Admin(AdminCommand::Reload) => {
+            print_json(&client.call(&keyhaven::wire::AdminReload {}).await?)
+        }
+        Command::Audit(AuditCommand::Tail { follow, tenant, since, lines, json }) => {
+            audit::tail(&client, tenant, since, lines, follow, json).await
+        }
+        Command::Audit(AuditCommand::Verify { json }) => audit::verify(&client, json).await,
+        Command::Audit(AuditCommand::Export { since, tenant }) => audit::export(&client, tenant, since).await,
         Command::Key(KeyCommand::Create { key }) => print_json(&client.key_create(&key).await?),
         Command::Key(KeyCommand::List { tenant }) => {
             let keys = client.key_list(tenant.as_deref()).await?;

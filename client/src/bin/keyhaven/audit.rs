@@ -1,0 +1,224 @@
+//! `keyhaven audit tail|verify|export` and the times they take.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keyhaven::wire::{AuditRead, AuditRecord, AuditVerify};
+use keyhaven::Client;
+
+use crate::Failure;
+
+/// Parses `--since`: Unix seconds (`1767225600`), an age (`90s`, `15m`,
+/// `2h`, `7d`), or a UTC date or time (`2026-01-01`, `2026-01-01T12:00:00Z`).
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid time `{}`: use Unix seconds, an age like 15m, 2h or 7d, or 2026-01-31[T12:00:00Z]",
+            s.chars().take(40).collect::<String>()
+        )
+    };
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    if let Some(unit) = s.chars().last().filter(|c| "smhd".contains(*c)) {
+        let n: u64 = s[..s.len() - 1].parse().map_err(|_| bad())?;
+        let mult = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => 86400,
+        };
+        return Ok(now.saturating_sub(n.saturating_mul(mult)));
+    }
+    let (date, time) = match s.split_once('T') {
+        Some((d, t)) => (d, Some(t.strip_suffix('Z').ok_or_else(bad)?)),
+        None => (s, None),
+    };
+    let num = |p: &str| p.parse::<i64>().map_err(|_| bad());
+    let dp: Vec<&str> = date.split('-').collect();
+    let [y, m, d] = dp.as_slice() else { return Err(bad()) };
+    let (y, m, d) = (num(y)?, num(m)?, num(d)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || y < 1970 {
+        return Err(bad());
+    }
+    let mut secs = days_from_civil(y, m, d) * 86400;
+    if let Some(t) = time {
+        let tp: Vec<&str> = t.split(':').collect();
+        let [h, mi, se] = tp.as_slice() else { return Err(bad()) };
+        let (h, mi, se) = (num(h)?, num(mi)?, num(se)?);
+        if !(0..24).contains(&h) || !(0..60).contains(&mi) || !(0..61).contains(&se) {
+            return Err(bad());
+        }
+        secs += h * 3600 + mi * 60 + se;
+    }
+    u64::try_from(secs).map_err(|_| bad())
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of Unix milliseconds.
+pub fn format_ms(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
+}
+
+/// One record on one line, for people.
+fn human(r: &AuditRecord) -> String {
+    let mut line = format!("{} #{} uid={}", format_ms(r.time_ms), r.seq, r.caller.uid);
+    if let Some(u) = &r.caller.user {
+        line += &format!("({u})");
+    }
+    if let Some(p) = r.caller.pid {
+        line += &format!(" pid={p}");
+    }
+    line += &format!(" {}", r.op);
+    match (&r.tenant, &r.key) {
+        (Some(t), Some(k)) => line += &format!(" {t}/{k}"),
+        (Some(t), None) => line += &format!(" {t}"),
+        _ => {}
+    }
+    if let Some(v) = r.version {
+        line += &format!(" v{v}");
+    }
+    if let Some(e) = &r.envelope_id {
+        line += &format!(" envelope={e}");
+    }
+    if !r.context_keys.is_empty() {
+        line += &format!(" context=[{}]", r.context_keys.join(","));
+    }
+    line += &format!(" {}", r.outcome);
+    if let Some(c) = &r.code {
+        line += &format!(" ({c})");
+    }
+    if let Some(d) = &r.detail {
+        line += &format!(": {d}");
+    }
+    line
+}
+
+fn print(records: &[AuditRecord], json: bool, skip_own_reads: bool) -> Result<(), Failure> {
+    let me = std::process::id() as i32;
+    let mut out = std::io::stdout().lock();
+    for r in records {
+        // `tail -f` polls; its own reads would otherwise fill the screen.
+        if skip_own_reads && r.op == "audit_read" && r.caller.pid == Some(me) {
+            continue;
+        }
+        if json {
+            writeln!(out, "{}", serde_json::to_string(r).map_err(|e| Failure::new(e.to_string()))?)?;
+        } else {
+            writeln!(out, "{}", human(r))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `audit tail`: the last `lines` records, then (with `follow`) new ones.
+pub async fn tail(
+    client: &Client,
+    tenant: Option<String>,
+    since: Option<u64>,
+    lines: u32,
+    follow: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let first =
+        client.call(&AuditRead { tenant: tenant.clone(), since, after: None, last: Some(lines) }).await?;
+    print(&first.records, json, false)?;
+    let mut next = first.records.last().map_or(0, |r| r.seq);
+    if !follow {
+        return Ok(());
+    }
+    if next == 0 {
+        // Nothing matched yet: start after the newest record of all.
+        next = client.call(&AuditRead { last: Some(1), ..Default::default() }).await?.next;
+    }
+    loop {
+        let page =
+            client.call(&AuditRead { tenant: tenant.clone(), since, after: Some(next), last: None }).await?;
+        print(&page.records, json, true)?;
+        next = page.next.max(next);
+        if !page.more {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// `audit export`: every matching record as JSON lines.
+pub async fn export(client: &Client, tenant: Option<String>, since: Option<u64>) -> Result<(), Failure> {
+    let mut after = 0;
+    loop {
+        let page =
+            client.call(&AuditRead { tenant: tenant.clone(), since, after: Some(after), last: None }).await?;
+        print(&page.records, true, false)?;
+        if !page.more {
+            return Ok(());
+        }
+        after = page.next;
+    }
+}
+
+/// `audit verify`: fails (non-zero exit) when the log is not intact.
+pub async fn verify(client: &Client, json: bool) -> Result<(), Failure> {
+    let v = client.call(&AuditVerify {}).await?;
+    if json {
+        crate::print_json(&v)?;
+    }
+    let sealed = v.last_sealed.map_or("none".to_owned(), |s| s.to_string());
+    match &v.problem {
+        None => {
+            if !json {
+                println!(
+                    "audit log intact: {} records, {} seals, last sealed record {sealed}",
+                    v.records, v.seals
+                );
+            }
+            Ok(())
+        }
+        Some(p) => Err(Failure::new(format!(
+            "audit log NOT intact at record {} ({}): {} [{} records, {} seals walked]",
+            p.seq, p.kind, p.message, v.records, v.seals
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        assert_eq!(parse_time("1767225600").unwrap(), 1767225600);
+        assert_eq!(parse_time("2026-01-01").unwrap(), 1767225600);
+        assert_eq!(parse_time("2026-01-01T01:02:03Z").unwrap(), 1767225600 + 3723);
+        assert_eq!(parse_time("2000-03-01").unwrap(), 951868800);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert!(now - parse_time("2h").unwrap() >= 7200 && now - parse_time("2h").unwrap() < 7300);
+        for bad in ["", "yesterday", "2026-13-01", "2026-01-01T25:00:00Z", "2026-01-01T01:00:00", "5w"] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_ms(1767225600123 + 3723000), "2026-01-01T01:02:03.123Z");
+        assert_eq!(format_ms(951868800000), "2000-03-01T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,624 @@
+//! The tamper-evident audit log (docs/AUDIT.md is the normative
+//! construction).
+//!
+//! Every request leaves one record: who, what, on which key, and how it
+//! ended. Records form a SHA-256 hash chain (each holds the hash of the
+//! bytes of the one before), and a flusher thread seals the chain head with
+//! an HMAC computed in the token by the audit key, at most every
+//! `seal_interval_ms` or `seal_every` records, and at shutdown.
+//!
+//! A record is durable before the response it records is sent: [`Audit::
+//! record`] returns once a flush that covers it has finished. Concurrent
+//! requests share flushes (group commit): the flusher takes everything
+//! written since its last flush, flushes once, and wakes every waiter.
+//! When the audit cannot be written, the request fails (fail closed).
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use keyhaven::envelope::Envelope;
+use keyhaven::wire::{
+    AuditCaller, AuditProblem, AuditRead, AuditReadResponse, AuditRecord, AuditVerifyResponse,
+};
+use keyhaven::{EncryptionContext, KeyPath};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::config::AuditSection;
+use crate::error::Error;
+use crate::hsm::Hsm;
+use crate::identity::Caller;
+use crate::store::{AuditKind, Store, StoreError};
+
+/// Domain separation of the seal's HMAC input (docs/AUDIT.md §3).
+pub const SEAL_CONTEXT: &[u8] = b"keyhaven-audit-seal-v1\0";
+
+/// What a request was about, filled in as dispatch understands it. Holds
+/// names, versions and ids only: never a secret or a context value.
+#[derive(Default, Debug)]
+pub struct Subject {
+    /// Tenant.
+    pub tenant: Option<String>,
+    /// Key name.
+    pub key: Option<String>,
+    /// Key version.
+    pub version: Option<u32>,
+    /// Envelope id, hex.
+    pub envelope_id: Option<String>,
+    /// Names of the encryption context's entries.
+    pub context_keys: Vec<String>,
+    /// Set when the policy was consulted for the request.
+    pub checked: bool,
+}
+
+impl Subject {
+    /// Notes the key concerned.
+    pub fn key(&mut self, path: &KeyPath) {
+        self.tenant = Some(path.tenant().to_owned());
+        self.key = Some(path.key().to_owned());
+    }
+
+    /// Notes an envelope's key, version and id (as the envelope claims them).
+    pub fn envelope(&mut self, env: &Envelope) {
+        self.key(env.path());
+        self.version = Some(env.key_version());
+        self.envelope_id = Some(env.id().to_string());
+    }
+
+    /// Notes the context's keys, never its values.
+    pub fn context(&mut self, ctx: &EncryptionContext) {
+        self.context_keys = ctx.keys().map(str::to_owned).collect();
+    }
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A seal over the chain head (docs/AUDIT.md §3).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Seal {
+    /// The sequence number of the sealed head.
+    pub seq: u64,
+    /// SHA-256 of that record's bytes, hex.
+    pub head: String,
+    /// When the seal was made, Unix milliseconds.
+    pub time_ms: u64,
+    /// HMAC-SHA256 under the audit key of [`seal_input`], hex.
+    pub mac: String,
+}
+
+/// The bytes the seal's HMAC covers: context, seq (8 bytes big-endian),
+/// head (32 bytes), time_ms (8 bytes big-endian).
+pub fn seal_input(seq: u64, head: &[u8; 32], time_ms: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SEAL_CONTEXT.len() + 48);
+    v.extend_from_slice(SEAL_CONTEXT);
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(head);
+    v.extend_from_slice(&time_ms.to_be_bytes());
+    v
+}
+
+/// How far the flusher has got: records up to `seq` are durable; a flush
+/// covering records up to `failed` failed.
+#[derive(Clone, Copy, Default)]
+struct Durable {
+    seq: u64,
+    failed: u64,
+}
+
+struct State {
+    /// Last sequence number written.
+    last: u64,
+    /// SHA-256 of the last record's bytes.
+    head: [u8; 32],
+    /// Set at shutdown.
+    stop: bool,
+}
+
+struct Log {
+    store: Arc<dyn Store>,
+    hsm: Arc<Hsm>,
+    state: Mutex<State>,
+    wake: Condvar,
+    durable: watch::Sender<Durable>,
+    seal_interval: Duration,
+    seal_every: u64,
+}
+
+/// The audit log, or nothing when `[audit] enabled = false`.
+pub struct Audit {
+    log: Option<Arc<Log>>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Audit {
+    /// Opens the log in `store` (continuing its chain) and starts the
+    /// flusher thread; with `enabled = false`, a log that records nothing.
+    pub fn open(store: Arc<dyn Store>, hsm: Arc<Hsm>, cfg: &AuditSection) -> Result<Audit, StoreError> {
+        if !cfg.enabled {
+            tracing::warn!("the audit log is off ([audit] enabled = false): nothing is recorded");
+            return Ok(Audit { log: None, flusher: Mutex::new(None) });
+        }
+        let (mut last, mut head) = match store.audit_scan(AuditKind::Record, u64::MAX, true).next() {
+            Some(entry) => {
+                let (seq, bytes) = entry?;
+                (seq, Sha256::digest(&bytes).into())
+            }
+            None => (0, [0u8; 32]),
+        };
+        let sealed = match store.audit_scan(AuditKind::Seal, u64::MAX, true).next() {
+            Some(entry) => {
+                let (seq, bytes) = entry?;
+                let seal = serde_json::from_slice::<Seal>(&bytes).ok();
+                if let Some(h) = seal.and_then(|s| unhex32(&s.head)).filter(|_| seq > last) {
+                    // Records a seal covers are gone: carry on after the seal,
+                    // so that the gap stays visible to `audit verify`.
+                    tracing::error!(
+                        "the audit log ends at record {last} but a seal covers record {seq}: \
+                         records were removed; continuing at record {}",
+                        seq + 1
+                    );
+                    (last, head) = (seq, h);
+                }
+                seq
+            }
+            None => 0,
+        };
+        let (durable, _) = watch::channel(Durable { seq: last, failed: 0 });
+        let log = Arc::new(Log {
+            store,
+            hsm,
+            state: Mutex::new(State { last, head, stop: false }),
+            wake: Condvar::new(),
+            durable,
+            seal_interval: Duration::from_millis(cfg.seal_interval_ms),
+            seal_every: cfg.seal_every,
+        });
+        let l = log.clone();
+        let t = std::thread::Builder::new()
+            .name("keyhaven-audit".into())
+            .spawn(move || l.flusher(last, sealed))
+            .map_err(|e| StoreError::Backend(format!("cannot start the audit thread: {e}")))?;
+        Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)) })
+    }
+
+    /// Whether records are kept.
+    pub fn enabled(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Records one request and waits until the record is durable. An
+    /// error means the record may be lost: the caller must not answer with
+    /// the request's result.
+    pub async fn record(
+        &self,
+        caller: &Caller,
+        op: &str,
+        subject: Subject,
+        result: &Result<crate::ops::Reply, Error>,
+    ) -> Result<(), Error> {
+        let Some(log) = &self.log else { return Ok(()) };
+        let (outcome, code) = match result {
+            Ok(_) => ("ok", None),
+            Err(e @ Error::PermissionDenied(_)) => ("denied", Some(e.code().as_str().to_owned())),
+            Err(e) => ("error", Some(e.code().as_str().to_owned())),
+        };
+        let rec = AuditRecord {
+            seq: 0,
+            time_ms: 0,
+            prev: String::new(),
+            caller: audit_caller(caller),
+            op: crate::ops::printable(op),
+            tenant: subject.tenant,
+            key: subject.key,
+            version: subject.version,
+            envelope_id: subject.envelope_id,
+            context_keys: subject.context_keys,
+            outcome: outcome.to_owned(),
+            code,
+            detail: None,
+        };
+        log.append(rec).await
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Audit {
+    /// Seals the head, flushes, and stops the flusher (at shutdown, before
+    /// the HSM workers stop).
+    pub fn stop(&self) {
+        if let Some(log) = &self.log {
+            log.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+            log.wake.notify_all();
+        }
+        let t = self.flusher.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
+
+fn audit_caller(c: &Caller) -> AuditCaller {
+    AuditCaller {
+        uid: c.uid,
+        gid: c.gid,
+        user: c.user.clone(),
+        groups: c.groups.iter().map(|g| g.gid).filter(|g| *g != c.gid).collect(),
+        pid: c.pid,
+        exe: c.exe.as_ref().map(|p| p.display().to_string()),
+    }
+}
+
+impl Log {
+    async fn append(&self, mut rec: AuditRecord) -> Result<(), Error> {
+        let fail = |e: StoreError| Error::Audit(format!("cannot write the record: {e}"));
+        let seq = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.stop {
+                return Err(Error::Audit("the daemon is stopping".into()));
+            }
+            rec.seq = st.last + 1;
+            rec.time_ms = now_ms();
+            rec.prev = hex(&st.head);
+            let bytes =
+                serde_json::to_vec(&rec).map_err(|e| Error::Internal(format!("audit record: {e}")))?;
+            self.store.audit_put(AuditKind::Record, rec.seq, &bytes).map_err(fail)?;
+            st.last = rec.seq;
+            st.head = Sha256::digest(&bytes).into();
+            rec.seq
+        };
+        self.wake.notify_one();
+        let mut rx = self.durable.subscribe();
+        let d = *rx
+            .wait_for(|d| d.seq >= seq || d.failed >= seq)
+            .await
+            .map_err(|_| Error::Audit("the audit thread has stopped".into()))?;
+        if d.seq >= seq {
+            Ok(())
+        } else {
+            Err(Error::Audit("flushing the audit log failed; the request's result is withheld".into()))
+        }
+    }
+
+    /// The flusher: one flush for every batch of records written since the
+    /// last one, a seal when one is due, until stopped.
+    fn flusher(&self, mut flushed: u64, mut sealed: u64) {
+        let mut sealed_at = Instant::now();
+        loop {
+            let (last, head, stop) = {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let due = st.last > sealed
+                        && (sealed_at.elapsed() >= self.seal_interval || st.last - sealed >= self.seal_every);
+                    if st.stop || st.last > flushed || due {
+                        break;
+                    }
+                    let wait = if st.last > sealed {
+                        self.seal_interval.saturating_sub(sealed_at.elapsed())
+                    } else {
+                        Duration::from_secs(3600)
+                    };
+                    st = self.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+                }
+                (st.last, st.head, st.stop)
+            };
+            let due = last > sealed
+                && (stop || sealed_at.elapsed() >= self.seal_interval || last - sealed >= self.seal_every);
+            if due {
+                match self.seal(last, &head) {
+                    Ok(()) => {
+                        sealed = last;
+                        sealed_at = Instant::now();
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot seal the audit log at record {last}: {e}");
+                        // Try again after an interval, not at once.
+                        sealed_at = Instant::now();
+                    }
+                }
+            }
+            match self.store.audit_flush() {
+                Ok(()) => {
+                    flushed = last;
+                    self.durable.send_modify(|d| d.seq = last);
+                }
+                Err(e) => {
+                    tracing::error!("cannot flush the audit log: {e}");
+                    self.durable.send_modify(|d| d.failed = last);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            if stop && flushed == last {
+                return;
+            }
+        }
+    }
+
+    fn seal(&self, seq: u64, head: &[u8; 32]) -> Result<(), String> {
+        let time_ms = now_ms();
+        let input = seal_input(seq, head, time_ms);
+        let mac = self.hsm.run_blocking(move |w| w.audit_mac(&input)).map_err(|e| e.to_string())?;
+        let seal = Seal { seq, head: hex(head), time_ms, mac: hex(&mac) };
+        let bytes = serde_json::to_vec(&seal).map_err(|e| e.to_string())?;
+        self.store.audit_put(AuditKind::Seal, seq, &bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// Largest `audit_read` answer, in bytes of records (frames hold 1 MiB).
+const READ_BUDGET: usize = 512 * 1024;
+
+/// `audit_read`: matching records, oldest first, cut to fit a frame.
+pub fn read(store: &dyn Store, req: &AuditRead) -> Result<AuditReadResponse, Error> {
+    let since_ms = req.since.map(|s| s.saturating_mul(1000));
+    let matches = |r: &AuditRecord| {
+        req.tenant.as_ref().is_none_or(|t| r.tenant.as_ref() == Some(t))
+            && since_ms.is_none_or(|s| r.time_ms >= s)
+    };
+    let decode = |seq: u64, bytes: &[u8]| {
+        serde_json::from_slice::<AuditRecord>(bytes).map_err(|e| {
+            Error::Store(StoreError::Corrupt { key: format!("audit record {seq}"), reason: e.to_string() })
+        })
+    };
+    let after = req.after.unwrap_or(0);
+    let mut records = Vec::new();
+    let mut size = 0;
+    let mut more = false;
+    if let Some(last) = req.last {
+        let want = last.min(10_000) as usize;
+        for entry in store.audit_scan(AuditKind::Record, u64::MAX, true) {
+            let (seq, bytes) = entry?;
+            if seq <= after || records.len() >= want || size > READ_BUDGET {
+                break;
+            }
+            let r = decode(seq, &bytes)?;
+            if since_ms.is_some_and(|s| r.time_ms < s) {
+                break;
+            }
+            if matches(&r) {
+                size += bytes.len();
+                records.push(r);
+            }
+        }
+        records.reverse();
+    } else {
+        for entry in store.audit_scan(AuditKind::Record, after.saturating_add(1), false) {
+            let (seq, bytes) = entry?;
+            if size > READ_BUDGET {
+                more = true;
+                break;
+            }
+            let r = decode(seq, &bytes)?;
+            if matches(&r) {
+                size += bytes.len();
+                records.push(r);
+            }
+        }
+    }
+    let next = records.last().map_or(after, |r| r.seq);
+    Ok(AuditReadResponse { records, next, more })
+}
+
+/// What the chain walk found, before the seals' MACs are checked in the HSM.
+pub struct Walk {
+    /// Records walked.
+    pub records: u64,
+    /// The first problem of the chain itself.
+    pub problem: Option<AuditProblem>,
+    /// Seals whose head matches the chain, to check in the token:
+    /// (seq, HMAC input, MAC).
+    pub seals: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    /// Number of seals.
+    pub seal_count: u64,
+    /// Highest sealed sequence number.
+    pub last_sealed: Option<u64>,
+}
+
+fn problem(seq: u64, kind: &str, message: String) -> Option<AuditProblem> {
+    Some(AuditProblem { seq, kind: kind.to_owned(), message })
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let v = unhex(s)?;
+    v.try_into().ok()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
+}
+
+/// Walks the whole chain and the seals (docs/AUDIT.md §5); blocking.
+pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
+    let mut seals = Vec::new();
+    let mut seal_problem = None;
+    for entry in store.audit_scan(AuditKind::Seal, 0, false) {
+        let (seq, bytes) = entry?;
+        match serde_json::from_slice::<Seal>(&bytes) {
+            Ok(s) if s.seq == seq => seals.push(s),
+            _ => {
+                seal_problem = seal_problem.or(problem(
+                    seq,
+                    "bad_seal",
+                    format!("the seal of record {seq} does not decode"),
+                ));
+            }
+        }
+    }
+    let last_sealed = seals.last().map(|s| s.seq);
+    let mut next_seal = 0;
+    let mut out =
+        Walk { records: 0, problem: None, seals: Vec::new(), seal_count: seals.len() as u64, last_sealed };
+    let mut expected = 1u64;
+    let mut prev = [0u8; 32];
+    let mut first: Option<AuditProblem> = None;
+    for entry in store.audit_scan(AuditKind::Record, 0, false) {
+        let (pos, bytes) = entry?;
+        out.records += 1;
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if first.is_none() {
+            if pos > expected {
+                let range = if pos - 1 == expected {
+                    format!("record {expected} is")
+                } else {
+                    format!("records {expected} to {} are", pos - 1)
+                };
+                // A daemon that found its tail cut off carries on after the
+                // last seal, linking to the sealed head (see `Audit::open`).
+                let resumed = seals.iter().find(|s| s.seq == pos - 1).is_some_and(|s| {
+                    serde_json::from_slice::<AuditRecord>(&bytes).is_ok_and(|r| r.prev == s.head)
+                });
+                first = if resumed {
+                    problem(
+                        expected,
+                        "truncated",
+                        format!(
+                            "{range} missing: the log was truncated after record {} (a seal covers record {})",
+                            expected - 1,
+                            pos - 1
+                        ),
+                    )
+                } else {
+                    problem(
+                        expected,
+                        "removed",
+                        format!("{range} missing (removed); the log goes on at record {pos}"),
+                    )
+                };
+            } else {
+                match serde_json::from_slice::<AuditRecord>(&bytes) {
+                    Err(_) => {
+                        first =
+                            problem(pos, "altered", format!("record {pos} does not decode: it was altered"));
+                    }
+                    Ok(r) if r.seq < pos => {
+                        first = problem(
+                            pos,
+                            "inserted",
+                            format!(
+                                "position {pos} holds a copy of record {}: a record was inserted before it",
+                                r.seq
+                            ),
+                        );
+                    }
+                    Ok(r) if r.seq > pos => {
+                        let later = store
+                            .audit_scan(AuditKind::Record, pos + 1, false)
+                            .filter_map(Result::ok)
+                            .any(|(_, b)| {
+                                serde_json::from_slice::<AuditRecord>(&b).is_ok_and(|x| x.seq == pos)
+                            });
+                        first = if later {
+                            problem(pos, "reordered", format!("position {pos} holds record {}, and record {pos} comes later: records were reordered", r.seq))
+                        } else {
+                            problem(
+                                pos,
+                                "removed",
+                                format!(
+                                    "record {pos} is missing (removed); position {pos} holds record {}",
+                                    r.seq
+                                ),
+                            )
+                        };
+                    }
+                    Ok(r) if unhex32(&r.prev) != Some(prev) => {
+                        let before = pos - 1;
+                        first = problem(before, "altered", format!("record {before} was altered (record {pos} holds another hash of it), or record {pos} was altered or inserted"));
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        // Seals of records before this one that were never reached: removed records.
+        while next_seal < seals.len() && seals[next_seal].seq < pos {
+            next_seal += 1;
+        }
+        if next_seal < seals.len() && seals[next_seal].seq == pos {
+            let s = &seals[next_seal];
+            match (unhex32(&s.head), unhex(&s.mac)) {
+                (Some(head), Some(mac)) if head == hash => {
+                    out.seals.push((pos, seal_input(pos, &head, s.time_ms), mac))
+                }
+                (Some(_), Some(_)) => {
+                    let from = seals.get(next_seal.wrapping_sub(1)).map_or(1, |p| p.seq + 1);
+                    seal_problem = seal_problem.or(problem(pos, "altered", format!("the seal of record {pos} does not match the chain: a record from {from} to {pos} was altered")));
+                }
+                _ => {
+                    seal_problem = seal_problem.or(problem(
+                        pos,
+                        "bad_seal",
+                        format!("the seal of record {pos} does not decode"),
+                    ))
+                }
+            }
+            next_seal += 1;
+        }
+        prev = hash;
+        expected = pos + 1;
+    }
+    if let Some(s) = seals.iter().find(|s| s.seq >= expected) {
+        let last = expected - 1;
+        seal_problem = seal_problem.or(problem(
+            expected,
+            "truncated",
+            format!("the log ends at record {last} but a seal covers record {}: records from {expected} were removed (truncated)", s.seq),
+        ));
+    }
+    out.problem = match (first, seal_problem) {
+        (Some(a), Some(b)) => Some(if b.seq < a.seq { b } else { a }),
+        (a, b) => a.or(b),
+    };
+    Ok(out)
+}
+
+/// Finishes a walk by checking each seal's MAC in the token.
+pub async fn verify(store: Arc<dyn Store>, hsm: &Hsm) -> Result<AuditVerifyResponse, Error> {
+    let walk = tokio::task::spawn_blocking(move || walk(&*store))
+        .await
+        .map_err(|e| Error::Internal(format!("audit walk: {e}")))??;
+    let mut problem = walk.problem;
+    for chunk in walk.seals.chunks(256) {
+        let chunk = chunk.to_vec();
+        let bad = hsm
+            .run(move |w| {
+                for (seq, input, mac) in &chunk {
+                    if !w.audit_mac_ok(input, mac)? {
+                        return Ok(Some(*seq));
+                    }
+                }
+                Ok(None)
+            })
+            .await?;
+        if let Some(seq) = bad {
+            if problem.as_ref().is_none_or(|p| seq < p.seq) {
+                problem = Some(AuditProblem {
+                    seq,
+                    kind: "bad_seal".into(),
+                    message: format!("the seal of record {seq} does not verify under the audit key: it was forged or altered"),
+                });
+            }
+            break;
+        }
+    }
+    Ok(AuditVerifyResponse {
+        intact: problem.is_none(),
+        records: walk.records,
+        seals: walk.seal_count,
+        last_sealed: walk.last_sealed,
+        problem,
+    })
+}

@@ -1,0 +1,66 @@
+//! `whoami` and `admin_reload`.
+
+use std::sync::Arc;
+
+use keyhaven::wire::{self, AdminReloadResponse, GrantInfo, GroupInfo, WhoamiResponse};
+
+use super::{reply, Daemon, Reply};
+use crate::config::Config;
+use crate::error::Error;
+use crate::identity::Caller;
+
+/// The caller as the daemon sees it, and the rules that name it.
+pub fn whoami(d: &Daemon, caller: &Caller, _req: wire::Whoami) -> Result<Reply, Error> {
+    let grants = d
+        .policy()
+        .grants(caller)
+        .into_iter()
+        .map(|g| GrantInfo {
+            rule: g.rule,
+            operations: g.operations.into_iter().map(str::to_owned).collect(),
+            keys: g.keys,
+        })
+        .collect();
+    let resp = WhoamiResponse {
+        uid: caller.uid,
+        gid: caller.gid,
+        user: caller.user.clone(),
+        pid: caller.pid,
+        groups: caller.groups.iter().map(|g| GroupInfo { gid: g.gid, name: g.name.clone() }).collect(),
+        exe: caller.exe.as_ref().map(|p| p.display().to_string()),
+        grants,
+    };
+    reply(&resp, 0)
+}
+
+/// `admin_reload`.
+pub async fn reload(d: &Arc<Daemon>) -> Result<Reply, Error> {
+    let d2 = d.clone();
+    let rules = tokio::task::spawn_blocking(move || reload_policy(&d2))
+        .await
+        .map_err(|e| Error::Internal(format!("reload task: {e}")))??;
+    reply(&AdminReloadResponse { rules }, 0)
+}
+
+/// Reads the config file again and puts its policy in force; returns the
+/// number of rules. A file that does not load is refused, with the line
+/// and reason, and the policy in force stays. Only `[policy]` is taken from
+/// the file; other changes wait for a restart. Blocking (reads the file).
+pub fn reload_policy(d: &Daemon) -> Result<usize, Error> {
+    let path = d
+        .config
+        .source
+        .as_ref()
+        .ok_or_else(|| Error::InvalidConfig("the daemon was not started from a config file".into()))?;
+    let fresh = Config::load(path).map_err(|e| {
+        tracing::warn!("policy reload refused, the policy in force stays: {e}");
+        Error::InvalidConfig(format!("{e}; the policy in force is unchanged"))
+    })?;
+    for name in fresh.access.unknown_names() {
+        tracing::warn!("the policy names `{name}`, which the user database does not know");
+    }
+    let rules = fresh.access.len();
+    d.set_policy(fresh.access);
+    tracing::info!(rules, "policy reloaded");
+    Ok(rules)
+}

@@ -1,0 +1,491 @@
+//! The audit log against the real daemon, token and store (docs/AUDIT.md):
+//! the records each operation leaves, `audit verify` on an untouched log
+//! and after each kind of tampering done with sled on the stopped daemon's
+//! store, and no secret anywhere in it.
+
+use std::path::Path;
+use std::process::Output;
+
+use base64::Engine as _;
+use keyhaven::wire::{AuditRead, AuditRecord};
+use keyhaven_tests::*;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn out_text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+async fn all_records(c: &Client) -> Vec<AuditRecord> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = c.call(&AuditRead { after: Some(after), ..Default::default() }).await.unwrap();
+        out.extend(page.records);
+        if !page.more {
+            return out;
+        }
+        after = page.next;
+    }
+}
+
+/// What one record says, without time, chain and caller.
+#[derive(Debug, PartialEq)]
+struct Says<'a> {
+    op: &'a str,
+    key: Option<&'a str>,
+    version: Option<u32>,
+    envelope_id: Option<&'a str>,
+    context_keys: &'a [&'a str],
+    outcome: &'a str,
+    code: Option<&'a str>,
+}
+
+fn says(r: &AuditRecord) -> Says<'_> {
+    Says {
+        op: &r.op,
+        key: None,
+        version: r.version,
+        envelope_id: r.envelope_id.as_deref(),
+        context_keys: &[],
+        outcome: &r.outcome,
+        code: r.code.as_deref(),
+    }
+}
+
+#[track_caller]
+fn check(r: &AuditRecord, want: Says) {
+    let key = match (&r.tenant, &r.key) {
+        (Some(t), Some(k)) => Some(format!("{t}/{k}")),
+        (Some(t), None) => Some(t.clone()),
+        _ => None,
+    };
+    assert_eq!(key.as_deref(), want.key, "record {}: {r:?}", r.seq);
+    assert_eq!(r.context_keys, want.context_keys, "record {}: {r:?}", r.seq);
+    assert_eq!(Says { key: None, context_keys: &[], ..want }, says(r), "record {}: {r:?}", r.seq);
+}
+
+const SECRET: &[u8] = b"sk-live-AUDIT-must-never-see-this-9f8e7d";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_operation_leaves_exactly_the_record_described() {
+    let mut d = TestDaemon::start();
+    let context = ctx(&["user=ctxvalue-4242", "table=ctxvalue-providers"]);
+    let (enc, dk) = {
+        let c = d.client().await; // 1 hello
+        c.key_create(&path("acme/pii")).await.unwrap(); // 2
+        let enc = c.encrypt(&path("acme/pii"), SECRET, &context).await.unwrap(); // 3
+        c.decrypt(&enc.ciphertext, &context).await.unwrap(); // 4
+        let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap(); // 5
+        c.datakey_decrypt(&dk.envelope, &context).await.unwrap(); // 6
+        c.encrypt(&path("acme/nope"), b"x", &ctx(&[])).await.unwrap_err(); // 7
+        c.decrypt(&enc.ciphertext, &ctx(&["user=ctxvalue-other"])).await.unwrap_err(); // 8
+        c.call_raw("encrypt", json!({"tenant": "acme"})).await.unwrap_err(); // 9
+        c.call_raw("frobnicate", json!({})).await.unwrap_err(); // 10
+        c.health().await.unwrap(); // 11
+        c.key_list(Some("acme")).await.unwrap(); // 12
+        (enc, dk)
+    };
+    // Root keeps acme/* and the admin side; beta is not granted.
+    d.write_policy(
+        r#"
+[[policy.rules]]
+principals = ["uid:0"]
+operations = ["*"]
+keys = ["acme/*"]
+
+[[policy.rules]]
+principals = ["uid:0"]
+operations = ["audit-read", "admin"]
+keys = ["*"]
+"#,
+    );
+    d.restart();
+    let c = d.client().await; // 13 hello
+    let e = c.encrypt(&path("beta/pii"), SECRET, &context).await.unwrap_err(); // 14
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied));
+    let records = all_records(&c).await;
+    assert_eq!(records.len(), 14, "{records:#?}");
+
+    let ck: &[&str] = &["table", "user"];
+    let env_id = Some(enc.envelope_id.as_str());
+    let dk_id = Some(dk.envelope_id.as_str());
+    let want = [
+        Says {
+            op: "hello",
+            key: None,
+            version: None,
+            envelope_id: None,
+            context_keys: &[],
+            outcome: "ok",
+            code: None,
+        },
+        Says {
+            op: "key_create",
+            key: Some("acme/pii"),
+            version: Some(1),
+            envelope_id: None,
+            context_keys: &[],
+            outcome: "ok",
+            code: None,
+        },
+        Says {
+            op: "encrypt",
+            key: Some("acme/pii"),
+            version: Some(1),
+            envelope_id: env_id,
+            context_keys: ck,
+            outcome: "ok",
+            code: None,
+        },
+        Says {
+            op: "decrypt",
+            key: Some("acme/pii"),
+            version: Some(1),
+            envelope_id: env_id,
+            context_keys: ck,
+            outcome: "ok",
+            code: None,
+        },
+        Says {
+            op: "datakey",
+            key: Some("acme/pii"),
+            version: Some(1),
+            envelope_id: dk_id,
+            context_keys: ck,
+            outcome: "ok",
+            code: None,
+        },
+        Says {
+            op: "datakey_decrypt",
+            key: Some("acme/pii"),
+            version: Some(1),
+            envelope_id: dk_id,
+            context_keys: ck,
+            outcome: "ok",
+            code: None,
+        },
+        Says {
+            op: "encrypt",
+            key: Some("acme/nope"),
+            version: None,
+            envelope_id: None,
+            context_keys: &[],
+            outcome: "error",
+            code: Some("not_found"),
+        },
+        Says {
+            op: "decrypt",
+            key: Some("acme/pii"),
+            version: Some(1),
+            envelope_id: env_id,
+            context_keys: &["user"],
+            outcome: "error",
+            code: Some("integrity"),
+        },
+        Says {
+            op: "encrypt",
+            key: None,
+            version: None,
+            envelope_id: None,
+            context_keys: &[],
+            outcome: "error",
+            code: Some("bad_request"),
+        },
+        Says {
+            op: "frobnicate",
+            key: None,
+            version: None,
+            envelope_id: None,
+            context_keys: &[],
+            outcome: "error",
+            code: Some("unknown_operation"),
+        },
+        Says {
+            op: "health",
+            key: None,
+            version: None,
+            envelope_id: None,
+            context_keys: &[],
+            outcome: "ok",
+            code: None,
+        },
+        Says {
+            op: "key_list",
+            key: Some("acme"),
+            version: None,
+            envelope_id: None,
+            context_keys: &[],
+            outcome: "ok",
+            code: None,
+        },
+        Says {
+            op: "hello",
+            key: None,
+            version: None,
+            envelope_id: None,
+            context_keys: &[],
+            outcome: "ok",
+            code: None,
+        },
+        Says {
+            op: "encrypt",
+            key: Some("beta/pii"),
+            version: None,
+            envelope_id: None,
+            context_keys: ck,
+            outcome: "denied",
+            code: Some("permission_denied"),
+        },
+    ];
+    let me = std::process::id() as i32;
+    let exe = std::env::current_exe().unwrap().display().to_string();
+    let mut prev = "0".repeat(64);
+    let mut last_time = 0;
+    for (i, (r, w)) in records.iter().zip(want).enumerate() {
+        assert_eq!(r.seq, i as u64 + 1);
+        check(r, w);
+        assert_eq!((r.caller.uid, r.caller.gid, r.caller.user.as_deref()), (0, 0, Some("root")), "{r:?}");
+        assert_eq!(r.caller.pid, Some(me), "the test process is the caller: {r:?}");
+        assert_eq!(r.caller.exe.as_deref(), Some(exe.as_str()), "{r:?}");
+        assert_eq!(r.prev, prev, "record {} must hold the hash of the one before", r.seq);
+        assert!(r.time_ms >= last_time && r.time_ms > 1_700_000_000_000, "{r:?}");
+        last_time = r.time_ms;
+        prev = hex(&Sha256::digest(serde_json::to_vec(r).unwrap()));
+    }
+
+    // The CLI shows the same records.
+    let tail = d.cli(&["audit", "tail", "--json", "-n", "14"], b"");
+    assert!(tail.status.success(), "{}", out_text(&tail));
+    let from_cli: Vec<AuditRecord> =
+        String::from_utf8_lossy(&tail.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // The last 14 include this test's `audit_read` and the CLI's own `hello`.
+    assert_eq!(from_cli.len(), 14);
+    assert_eq!(from_cli[..12], records[2..]);
+    assert_eq!((from_cli[12].op.as_str(), from_cli[13].op.as_str()), ("audit_read", "hello"));
+    let beta = d.cli(&["audit", "tail", "--tenant", "beta"], b"");
+    let beta = String::from_utf8_lossy(&beta.stdout).into_owned();
+    assert_eq!(beta.lines().count(), 1, "{beta}");
+    assert!(
+        beta.contains("uid=0(root)")
+            && beta.contains("encrypt beta/pii context=[table,user] denied (permission_denied)"),
+        "{beta}"
+    );
+    let human = String::from_utf8_lossy(&d.cli(&["audit", "tail", "-n", "100"], b"").stdout).into_owned();
+    assert!(
+        human.contains(&format!("encrypt acme/pii v1 envelope={} context=[table,user] ok", enc.envelope_id)),
+        "{human}"
+    );
+    let export = d.cli(&["audit", "export", "--since", "1h"], b"");
+    assert!(export.status.success(), "{}", out_text(&export));
+    let exported: Vec<AuditRecord> =
+        String::from_utf8_lossy(&export.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        exported.len() >= 14 && exported[..14] == records[..],
+        "export holds every record from the start"
+    );
+    let future = d.cli(&["audit", "export", "--since", "2100-01-01"], b"");
+    assert!(future.status.success() && future.stdout.is_empty(), "{}", out_text(&future));
+
+    // No secret anywhere in the audit tree or the store.
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let pin = std::fs::read_to_string(d.dir().join("pin")).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = dk.plaintext.as_ref().unwrap().expose().to_vec();
+    let needles: Vec<(&str, Vec<u8>)> = vec![
+        ("plaintext", SECRET.to_vec()),
+        ("plaintext, base64", b64.encode(SECRET).into_bytes()),
+        ("data key", key.clone()),
+        ("data key, base64", b64.encode(&key).into_bytes()),
+        ("context value", b"ctxvalue".to_vec()),
+        ("PIN", pin.trim().as_bytes().to_vec()),
+    ];
+    let db = sled::open(d.store_dir()).unwrap();
+    let tree = db.open_tree("audit").unwrap();
+    let mut entries = 0;
+    for kv in tree.iter() {
+        let (_, v) = kv.unwrap();
+        entries += 1;
+        for (what, n) in &needles {
+            assert!(!contains(&v, n), "{what} found in the audit tree: {}", String::from_utf8_lossy(&v));
+        }
+    }
+    assert!(entries > 14, "records and seals are in the `audit` tree");
+    drop(tree);
+    drop(db);
+    for (file, bytes) in read_all_files(&d.store_dir()) {
+        for (what, n) in &needles {
+            assert!(!contains(&bytes, n), "{what} found in {}", file.display());
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn rkey(seq: u64) -> Vec<u8> {
+    let mut k = vec![b'r'];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn skey(seq: u64) -> Vec<u8> {
+    let mut k = vec![b's'];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// Restores the pristine store, lets `tamper` change the audit tree with
+/// sled, starts the daemon, and returns what `keyhaven audit verify` says.
+fn verify_after(d: &mut TestDaemon, pristine: &Path, tamper: impl FnOnce(&sled::Tree)) -> Output {
+    let store = d.store_dir();
+    std::fs::remove_dir_all(&store).unwrap();
+    copy_dir(pristine, &store);
+    {
+        let db = sled::open(&store).unwrap();
+        let tree = db.open_tree("audit").unwrap();
+        tamper(&tree);
+        db.flush().unwrap();
+    }
+    d.start_again();
+    let out = d.cli(&["audit", "verify"], b"");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    out
+}
+
+#[track_caller]
+fn assert_names(out: &Output, seq: u64, kind: &str) {
+    let t = out_text(out);
+    assert!(!out.status.success(), "verify must fail: {t}");
+    assert!(
+        t.contains(&format!("NOT intact at record {seq} ({kind})")),
+        "expected record {seq} ({kind}): {t}"
+    );
+}
+
+fn record(tree: &sled::Tree, seq: u64) -> AuditRecord {
+    serde_json::from_slice(&tree.get(rkey(seq)).unwrap().expect("record exists")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_passes_untouched_and_names_the_record_after_each_kind_of_tampering() {
+    let mut d = TestDaemon::start();
+    {
+        let c = d.client().await;
+        c.key_create(&path("acme/pii")).await.unwrap();
+        for i in 0..12 {
+            let enc =
+                c.encrypt(&path("acme/pii"), format!("secret {i}").as_bytes(), &ctx(&[])).await.unwrap();
+            c.decrypt(&enc.ciphertext, &ctx(&[])).await.unwrap();
+        }
+    }
+    let (status, log) = d.stop(); // seals the head
+    assert!(status.success(), "{log}");
+    let pristine = tempfile::tempdir().unwrap();
+    copy_dir(&d.store_dir(), pristine.path());
+    let n = {
+        let db = sled::open(d.store_dir()).unwrap();
+        let tree = db.open_tree("audit").unwrap();
+        let last = tree.scan_prefix(b"r").last().unwrap().unwrap().0;
+        let n = u64::from_be_bytes(last[1..9].try_into().unwrap());
+        assert!(tree.get(skey(n)).unwrap().is_some(), "the shutdown seals the last record");
+        n
+    };
+    assert_eq!(n, 26);
+
+    // Untouched: intact, and still intact with the daemon's own new records.
+    let untouched = verify_after(&mut d, pristine.path(), |_| {});
+    assert!(untouched.status.success(), "{}", out_text(&untouched));
+    assert!(out_text(&untouched).contains("audit log intact"), "{}", out_text(&untouched));
+
+    // Edit one record in the middle.
+    let out = verify_after(&mut d, pristine.path(), |t| {
+        let mut r = record(t, 4);
+        r.caller.uid = 4242;
+        t.insert(rkey(4), serde_json::to_vec(&r).unwrap()).unwrap();
+    });
+    assert_names(&out, 4, "altered");
+
+    // Edit the last record (no later record links to it; its seal does).
+    let out = verify_after(&mut d, pristine.path(), |t| {
+        let mut r = record(t, n);
+        r.outcome = "error".into();
+        t.insert(rkey(n), serde_json::to_vec(&r).unwrap()).unwrap();
+    });
+    assert_names(&out, n, "altered");
+
+    // Edit a record and rewrite every later link: only the seal tells.
+    let out = verify_after(&mut d, pristine.path(), |t| {
+        let mut r = record(t, 3);
+        r.op = "health".into();
+        let mut bytes = serde_json::to_vec(&r).unwrap();
+        t.insert(rkey(3), bytes.clone()).unwrap();
+        for seq in 4..=n {
+            let mut next = record(t, seq);
+            next.prev = hex(&Sha256::digest(&bytes));
+            bytes = serde_json::to_vec(&next).unwrap();
+            t.insert(rkey(seq), bytes.clone()).unwrap();
+        }
+    });
+    let t = out_text(&out);
+    assert!(!out.status.success() && t.contains("(altered)") && t.contains("seal"), "{t}");
+
+    // Delete one record.
+    let out = verify_after(&mut d, pristine.path(), |t| {
+        t.remove(rkey(5)).unwrap();
+    });
+    assert_names(&out, 5, "removed");
+
+    // Insert one: a copy of record 2 at position 6, the rest moved up.
+    let out = verify_after(&mut d, pristine.path(), |t| {
+        for seq in (6..=n).rev() {
+            let v = t.get(rkey(seq)).unwrap().unwrap();
+            t.insert(rkey(seq + 1), v).unwrap();
+        }
+        t.insert(rkey(6), t.get(rkey(2)).unwrap().unwrap()).unwrap();
+    });
+    assert_names(&out, 6, "inserted");
+
+    // Reorder two.
+    let out = verify_after(&mut d, pristine.path(), |t| {
+        let (a, b) = (t.get(rkey(7)).unwrap().unwrap(), t.get(rkey(8)).unwrap().unwrap());
+        t.insert(rkey(7), b).unwrap();
+        t.insert(rkey(8), a).unwrap();
+    });
+    assert_names(&out, 7, "reordered");
+
+    // Truncate the tail that the last seal covers.
+    let out = verify_after(&mut d, pristine.path(), |t| {
+        for seq in n - 2..=n {
+            t.remove(rkey(seq)).unwrap();
+        }
+    });
+    assert_names(&out, n - 2, "truncated");
+
+    // Forge a seal.
+    let out = verify_after(&mut d, pristine.path(), |t| {
+        let mut seal: serde_json::Value = serde_json::from_slice(&t.get(skey(n)).unwrap().unwrap()).unwrap();
+        let mac = seal["mac"].as_str().unwrap().to_owned();
+        let flipped = if mac.starts_with('0') { "1" } else { "0" };
+        seal["mac"] = json!(format!("{flipped}{}", &mac[1..]));
+        t.insert(skey(n), serde_json::to_vec(&seal).unwrap()).unwrap();
+    });
+    assert_names(&out, n, "bad_seal");
+}

@@ -1,0 +1,276 @@
+//! The access policy against real processes under real uids and gids: the
+//! suite runs as root and starts the `keyhaven` CLI as users it creates
+//! (docs/POLICY.md). The daemon takes identity from SO_PEERCRED and the
+//! user database, so these are the real thing end to end.
+
+use std::process::Output;
+
+use keyhaven_tests::*;
+
+/// Users and groups shared by these tests (created once, idempotently).
+struct People {
+    alice: TestUser,
+    bob: TestUser,
+    carol: TestUser,
+    dave: TestUser,
+}
+
+fn people() -> People {
+    People {
+        alice: ensure_user("khtest-alice", &[]),
+        bob: ensure_user("khtest-bob", &["khtest-billing"]),
+        carol: ensure_user("khtest-carol", &["khtest-audit"]),
+        dave: ensure_user("khtest-dave", &[]),
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[track_caller]
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "expected success, got {}: {}", out.status, text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts a `permission_denied` that names the operation and the key.
+#[track_caller]
+fn denied(out: Output, op: &str, what: &str) -> String {
+    let t = text(&out);
+    assert!(!out.status.success(), "expected a refusal of `{op}` on {what}: {t}");
+    assert!(t.contains("(permission_denied)"), "expected permission_denied: {t}");
+    assert!(
+        t.contains(&format!("`{op}`")) && t.contains(what),
+        "the refusal must name `{op}` and {what}: {t}"
+    );
+    t
+}
+
+/// The message without the process id (which differs between two runs).
+fn no_pid(s: &str) -> String {
+    match s.find(" pid=") {
+        Some(at) => {
+            let rest = &s[at + 5..];
+            let digits = rest.chars().take_while(char::is_ascii_digit).count();
+            format!("{}{}", &s[..at], &rest[digits..])
+        }
+        None => s.to_owned(),
+    }
+}
+
+const ROOT_ADMIN: &str = r#"
+[[policy.rules]]
+name = "operators"
+principals = ["uid:0"]
+operations = ["key-admin", "admin", "audit-read"]
+keys = ["*"]
+"#;
+
+fn rules(p: &People) -> String {
+    format!(
+        r#"{ROOT_ADMIN}
+[[policy.rules]]
+principals = ["user:{}"]
+operations = ["encrypt", "decrypt"]
+keys = ["acme/*"]
+
+[[policy.rules]]
+name = "billing apps"
+principals = ["group:khtest-billing"]
+operations = ["datakey", "decrypt"]
+keys = ["*/pii"]
+
+[[policy.rules]]
+principals = ["gid:{}"]
+operations = ["audit-read"]
+keys = ["acme/*"]
+"#,
+        p.alice.name,
+        ensure_group("khtest-audit"),
+    )
+}
+
+async fn daemon_with_keys(policy: &str) -> TestDaemon {
+    let mut d = TestDaemon::start();
+    {
+        let c = d.client().await;
+        for k in ["acme/pii", "acme/smtp", "beta/pii", "beta/smtp"] {
+            c.key_create(&path(k)).await.unwrap();
+        }
+    }
+    d.write_policy(policy);
+    d.restart();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_operation_is_allowed_where_granted_and_denied_otherwise() {
+    let p = people();
+    let d = daemon_with_keys(&rules(&p)).await;
+    let s = d.socket();
+
+    // alice (user:): encrypt and decrypt on acme/*, nothing else.
+    let ct = ok(run_cli_as(&p.alice, s, &["encrypt", "acme/pii", "--context", "row=1"], b"alice's secret"));
+    let ct = ct.trim().to_owned();
+    let back = ok(run_cli_as(&p.alice, s, &["decrypt", "--context", "row=1"], ct.as_bytes()));
+    assert_eq!(back, "alice's secret");
+    ok(run_cli_as(&p.alice, s, &["encrypt", "acme/smtp"], b"x"));
+    denied(run_cli_as(&p.alice, s, &["encrypt", "beta/pii"], b"x"), "encrypt", "`beta/pii`");
+    denied(run_cli_as(&p.alice, s, &["datakey", "acme/pii"], b""), "datakey", "`acme/pii`");
+    denied(run_cli_as(&p.alice, s, &["key", "create", "acme/new"], b""), "key_create", "`acme/new`");
+    denied(run_cli_as(&p.alice, s, &["key", "list", "acme"], b""), "key_list", "tenant `acme`");
+    denied(run_cli_as(&p.alice, s, &["key", "list"], b""), "key_list", "every tenant");
+    denied(run_cli_as(&p.alice, s, &["audit", "tail"], b""), "audit_read", "every tenant");
+    denied(run_cli_as(&p.alice, s, &["admin", "reload"], b""), "admin_reload", "every tenant");
+
+    // bob (group:khtest-billing, a supplementary group): datakey and decrypt on */pii.
+    let dk = ok(run_cli_as(&p.bob, s, &["datakey", "beta/pii", "--no-plaintext"], b""));
+    let env: serde_json::Value = serde_json::from_str(&dk).unwrap();
+    let env = env["envelope"].as_str().unwrap();
+    ok(run_cli_as(&p.bob, s, &["datakey", "decrypt"], env.as_bytes()));
+    // A ciphertext alice made under acme/pii: bob's */pii decrypt grant covers it.
+    assert_eq!(
+        ok(run_cli_as(&p.bob, s, &["decrypt", "--context", "row=1"], ct.as_bytes())),
+        "alice's secret"
+    );
+    denied(run_cli_as(&p.bob, s, &["encrypt", "acme/pii"], b"x"), "encrypt", "`acme/pii`");
+    denied(run_cli_as(&p.bob, s, &["datakey", "beta/smtp"], b""), "datakey", "`beta/smtp`");
+    let smtp_ct = ok(run_cli_as(&p.alice, s, &["encrypt", "acme/smtp"], b"smtp"));
+    denied(run_cli_as(&p.bob, s, &["decrypt"], smtp_ct.trim().as_bytes()), "decrypt", "`acme/smtp`");
+
+    // carol (gid: of a supplementary group): audit-read on acme/* reads acme only.
+    let acme = ok(run_cli_as(&p.carol, s, &["audit", "tail", "--tenant", "acme", "--json"], b""));
+    assert!(!acme.is_empty() && acme.lines().all(|l| l.contains(r#""tenant":"acme""#)), "{acme}");
+    denied(
+        run_cli_as(&p.carol, s, &["audit", "tail", "--tenant", "beta"], b""),
+        "audit_read",
+        "tenant `beta`",
+    );
+    denied(run_cli_as(&p.carol, s, &["audit", "verify"], b""), "audit_verify", "every tenant");
+    denied(run_cli_as(&p.carol, s, &["decrypt"], ct.as_bytes()), "decrypt", "`acme/pii`");
+
+    // dave: named by no rule; only the free operations work.
+    ok(run_cli_as(&p.dave, s, &["health"], b""));
+    let who: serde_json::Value = serde_json::from_str(&ok(run_cli_as(&p.dave, s, &["whoami"], b""))).unwrap();
+    assert_eq!(who["uid"], p.dave.uid);
+    assert_eq!(who["user"], p.dave.name);
+    assert_eq!(who["grants"], serde_json::json!([]));
+    denied(run_cli_as(&p.dave, s, &["decrypt"], ct.as_bytes()), "decrypt", "`acme/pii`");
+
+    // root gets nothing it is not granted: key-admin yes, use of keys no.
+    ok(run_cli(s, &["key", "list"], b""));
+    denied(run_cli(s, &["encrypt", "acme/pii"], b"x"), "encrypt", "`acme/pii`");
+    denied(run_cli(s, &["decrypt"], ct.as_bytes()), "decrypt", "`acme/pii`");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denial_does_not_reveal_whether_the_key_exists() {
+    let p = people();
+    let d = daemon_with_keys(&rules(&p)).await;
+    let s = d.socket();
+    let existing = denied(run_cli_as(&p.alice, s, &["encrypt", "beta/pii"], b"x"), "encrypt", "`beta/pii`");
+    let missing = denied(run_cli_as(&p.alice, s, &["encrypt", "beta/nope"], b"x"), "encrypt", "`beta/nope`");
+    assert_eq!(no_pid(&existing.replace("beta/pii", "K")), no_pid(&missing.replace("beta/nope", "K")));
+    let missing_tenant =
+        denied(run_cli_as(&p.alice, s, &["encrypt", "nosuch/pii"], b"x"), "encrypt", "`nosuch/pii`");
+    assert_eq!(
+        no_pid(&existing.replace("beta/pii", "K")),
+        no_pid(&missing_tenant.replace("nosuch/pii", "K"))
+    );
+    // Where alice may, a missing key is simply not found.
+    let t = text(&run_cli_as(&p.alice, s, &["encrypt", "acme/nope"], b"x"));
+    assert!(t.contains("(not_found)"), "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn whoami_shows_identity_groups_and_grants() {
+    let p = people();
+    let d = daemon_with_keys(&rules(&p)).await;
+    let out = ok(run_cli_as(&p.bob, d.socket(), &["whoami"], b""));
+    let who: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(who["uid"], p.bob.uid);
+    assert_eq!(who["gid"], p.bob.gid);
+    assert_eq!(who["user"], "khtest-bob");
+    let groups: Vec<&str> =
+        who["groups"].as_array().unwrap().iter().filter_map(|g| g["name"].as_str()).collect();
+    assert!(groups.contains(&"khtest-bob") && groups.contains(&"khtest-billing"), "{out}");
+    assert!(who["pid"].as_i64().unwrap() > 0);
+    assert!(who["exe"].as_str().unwrap().ends_with("/keyhaven"), "{out}");
+    assert_eq!(
+        who["grants"],
+        serde_json::json!([{"rule": "billing apps", "operations": ["decrypt", "datakey"], "keys": ["*/pii"]}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_replaces_a_good_policy_and_keeps_the_old_one_over_a_bad_one() {
+    let p = people();
+    let d = daemon_with_keys(&rules(&p)).await;
+    let s = d.socket();
+    denied(run_cli_as(&p.alice, s, &["encrypt", "beta/pii"], b"x"), "encrypt", "`beta/pii`");
+
+    // A good policy, by `keyhaven admin reload`: alice now has beta/* too.
+    let grant_beta = format!(
+        "{}\n[[policy.rules]]\nprincipals = [\"uid:{}\"]\noperations = [\"encrypt\"]\nkeys = [\"beta/*\"]\n",
+        rules(&p),
+        p.alice.uid
+    );
+    d.write_policy(&grant_beta);
+    let r: serde_json::Value = serde_json::from_str(&ok(run_cli(s, &["admin", "reload"], b""))).unwrap();
+    assert_eq!(r["rules"], 5);
+    ok(run_cli_as(&p.alice, s, &["encrypt", "beta/pii"], b"x"));
+
+    // A bad one is refused with its line and reason; the old one stays.
+    let bad = format!("{ROOT_ADMIN}\n[[policy.rules]]\nprincipals = [\"uid:1\"]\noperations = [\n  \"decrpyt\"]\nkeys = [\"*\"]\n");
+    d.write_policy(&bad);
+    let config = std::fs::read_to_string(d.dir().join("keyhaven.toml")).unwrap();
+    let line = config.lines().position(|l| l.contains("decrpyt")).unwrap() + 1;
+    let out = run_cli(s, &["admin", "reload"], b"");
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("(invalid_config)"), "{t}");
+    assert!(t.contains(&format!("line {line}: unknown operation `decrpyt`")), "line {line}: {t}");
+    assert!(t.contains("unchanged"), "{t}");
+    ok(run_cli_as(&p.alice, s, &["encrypt", "beta/pii"], b"x"));
+
+    // Broken TOML, by SIGHUP: refused too, the old policy stays.
+    std::fs::write(d.dir().join("keyhaven.toml"), config.replace("[[policy.rules]]", "[[policy.rules"))
+        .unwrap();
+    signal(d.pid(), "HUP");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    ok(run_cli_as(&p.alice, s, &["encrypt", "beta/pii"], b"x"));
+
+    // A good one by SIGHUP: back to the first policy, beta is closed again.
+    std::fs::write(d.dir().join("keyhaven.toml"), &config).unwrap();
+    d.write_policy(&rules(&p));
+    signal(d.pid(), "HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = run_cli_as(&p.alice, s, &["encrypt", "beta/pii"], b"x");
+        if !out.status.success() {
+            denied(out, "encrypt", "`beta/pii`");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "SIGHUP did not reload the policy");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ok(run_cli_as(&p.alice, s, &["encrypt", "acme/pii"], b"x"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_does_not_start_with_a_policy_that_does_not_parse() {
+    let mut d = TestDaemon::start();
+    d.write_policy("[[policy.rules]]\nprincipals = [\"wheel\"]\noperations = [\"*\"]\nkeys = [\"*\"]\n");
+    let (status, _) = d.stop();
+    assert!(status.success());
+    let out = std::process::Command::new(bin("keyhavend"))
+        .args(["run", "--config"])
+        .arg(d.dir().join("keyhaven.toml"))
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("[policy] line") && err.contains("principal `wheel`"), "{err}");
+}
