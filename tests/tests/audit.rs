@@ -338,19 +338,6 @@ fn skey(seq: u64) -> Vec<u8> {
     k
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
 /// Restores the pristine store, lets `tamper` change the audit tree with
 /// sled, starts the daemon, and returns what `keyhaven audit verify` says.
 fn verify_after(d: &mut TestDaemon, pristine: &Path, tamper: impl FnOnce(&sled::Tree)) -> Output {

@@ -343,19 +343,6 @@ async fn pkcs11_tool_shows_one_sensitive_never_extractable_master_key() {
 // 2. A copied store against another token decrypts nothing
 // ---------------------------------------------------------------------------
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_copied_next_to_another_token_decrypts_nothing() {
     let context = ctx(&["user=42"]);

@@ -102,13 +102,7 @@ fn allow(d: &Daemon, caller: &Caller, op: &str, target: Target, s: &mut Subject)
         Some(Access::Needs(p)) => p,
         None => return Err(Error::UnknownOperation(printable(op))),
     };
-    if d.policy().allows(caller, perm, &target) {
-        Ok(())
-    } else {
-        Err(Error::PermissionDenied(format!(
-            "`{op}` on {target} needs `{perm}`, which the policy does not grant to {caller}"
-        )))
-    }
+    allow_perm(d, caller, op, perm, target)
 }
 
 /// What a revocation scope acts on, for the policy. A data key's tenant is
