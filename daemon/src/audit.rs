@@ -24,7 +24,7 @@ use keyhaven::wire::{
 use keyhaven::{EncryptionContext, KeyPath};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use crate::config::AuditSection;
 use crate::error::Error;
@@ -106,19 +106,14 @@ pub fn seal_input(seq: u64, head: &[u8; 32], time_ms: u64) -> Vec<u8> {
     v
 }
 
-/// How far the flusher has got: records up to `seq` are durable; a flush
-/// covering records up to `failed` failed.
-#[derive(Clone, Copy, Default)]
-struct Durable {
-    seq: u64,
-    failed: u64,
-}
-
 struct State {
     /// Last sequence number written.
     last: u64,
     /// SHA-256 of the last record's bytes.
     head: [u8; 32],
+    /// Requests waiting for their record to be durable, in sequence
+    /// order; the flusher answers each once (true: durable).
+    waiting: Vec<oneshot::Sender<bool>>,
     /// Set at shutdown.
     stop: bool,
 }
@@ -128,7 +123,6 @@ struct Log {
     hsm: Arc<Hsm>,
     state: Mutex<State>,
     wake: Condvar,
-    durable: watch::Sender<Durable>,
     seal_interval: Duration,
     seal_every: u64,
 }
@@ -172,20 +166,18 @@ impl Audit {
             }
             None => 0,
         };
-        let (durable, _) = watch::channel(Durable { seq: last, failed: 0 });
         let log = Arc::new(Log {
             store,
             hsm,
-            state: Mutex::new(State { last, head, stop: false }),
+            state: Mutex::new(State { last, head, waiting: Vec::new(), stop: false }),
             wake: Condvar::new(),
-            durable,
             seal_interval: Duration::from_millis(cfg.seal_interval_ms),
             seal_every: cfg.seal_every,
         });
         let l = log.clone();
         let t = std::thread::Builder::new()
             .name("keyhaven-audit".into())
-            .spawn(move || l.flusher(last, sealed))
+            .spawn(move || l.flusher(sealed))
             .map_err(|e| StoreError::Backend(format!("cannot start the audit thread: {e}")))?;
         Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)) })
     }
@@ -265,7 +257,7 @@ fn audit_caller(c: &Caller) -> AuditCaller {
 impl Log {
     async fn append(&self, mut rec: AuditRecord) -> Result<(), Error> {
         let fail = |e: StoreError| Error::Audit(format!("cannot write the record: {e}"));
-        let seq = {
+        let durable = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if st.stop {
                 return Err(Error::Audit("the daemon is stopping".into()));
@@ -278,32 +270,32 @@ impl Log {
             self.store.audit_put(AuditKind::Record, rec.seq, &bytes).map_err(fail)?;
             st.last = rec.seq;
             st.head = Sha256::digest(&bytes).into();
-            rec.seq
+            let (tx, rx) = oneshot::channel();
+            st.waiting.push(tx);
+            rx
         };
         self.wake.notify_one();
-        let mut rx = self.durable.subscribe();
-        let d = *rx
-            .wait_for(|d| d.seq >= seq || d.failed >= seq)
-            .await
-            .map_err(|_| Error::Audit("the audit thread has stopped".into()))?;
-        if d.seq >= seq {
-            Ok(())
-        } else {
-            Err(Error::Audit("flushing the audit log failed; the request's result is withheld".into()))
+        match durable.await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                Err(Error::Audit("flushing the audit log failed; the request's result is withheld".into()))
+            }
+            Err(_) => Err(Error::Audit("the audit thread has stopped".into())),
         }
     }
 
     /// The flusher: one flush for every batch of records written since the
-    /// last one, a seal when one is due, until stopped.
-    fn flusher(&self, mut flushed: u64, mut sealed: u64) {
+    /// last one (each waiting request is woken once, after the flush that
+    /// covers its record), a seal when one is due, until stopped.
+    fn flusher(&self, mut sealed: u64) {
         let mut sealed_at = Instant::now();
         loop {
-            let (last, head, stop) = {
+            let (last, head, stop, waiting) = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
                     let due = st.last > sealed
                         && (sealed_at.elapsed() >= self.seal_interval || st.last - sealed >= self.seal_every);
-                    if st.stop || st.last > flushed || due {
+                    if st.stop || !st.waiting.is_empty() || due {
                         break;
                     }
                     let wait = if st.last > sealed {
@@ -313,7 +305,7 @@ impl Log {
                     };
                     st = self.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
                 }
-                (st.last, st.head, st.stop)
+                (st.last, st.head, st.stop, std::mem::take(&mut st.waiting))
             };
             let due = last > sealed
                 && (stop || sealed_at.elapsed() >= self.seal_interval || last - sealed >= self.seal_every);
@@ -330,19 +322,18 @@ impl Log {
                     }
                 }
             }
-            match self.store.audit_flush() {
-                Ok(()) => {
-                    flushed = last;
-                    self.durable.send_modify(|d| d.seq = last);
-                }
-                Err(e) => {
-                    tracing::error!("cannot flush the audit log: {e}");
-                    self.durable.send_modify(|d| d.failed = last);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+            let flushed = self.store.audit_flush();
+            if let Err(e) = &flushed {
+                tracing::error!("cannot flush the audit log: {e}");
             }
-            if stop && flushed == last {
+            for w in waiting {
+                let _ = w.send(flushed.is_ok());
+            }
+            if stop {
                 return;
+            }
+            if flushed.is_err() {
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
