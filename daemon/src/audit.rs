@@ -131,6 +131,78 @@ struct Log {
 pub struct Audit {
     log: Option<Arc<Log>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    volume: Volume,
+}
+
+/// Decryptions counted per uid and per tenant in fixed one-minute windows,
+/// for the unusual-volume alert.
+struct Volume {
+    per_minute: u64,
+    hours: Option<[u8; 2]>,
+    block: bool,
+    counts: Mutex<VolumeCounts>,
+}
+
+#[derive(Default)]
+struct VolumeCounts {
+    minute: u64,
+    by_uid: std::collections::HashMap<u32, u64>,
+    by_tenant: std::collections::HashMap<String, u64>,
+    /// uids already alerted for decrypting outside hours this minute.
+    off_hours: std::collections::HashSet<u32>,
+}
+
+impl Volume {
+    /// Counts one decryption; returns the alerts it raises (each once a
+    /// minute per uid or tenant).
+    fn count(&self, caller: &Caller, tenant: &str, now_ms: u64) -> Vec<String> {
+        let mut alerts = Vec::new();
+        let who = match &caller.user {
+            Some(u) => format!("uid {} ({u})", caller.uid),
+            None => format!("uid {}", caller.uid),
+        };
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let minute = now_ms / 60_000;
+        if c.minute != minute {
+            *c = VolumeCounts { minute, ..Default::default() };
+        }
+        if self.per_minute > 0 {
+            let n = c.by_uid.entry(caller.uid).or_default();
+            *n += 1;
+            if *n == self.per_minute + 1 {
+                alerts.push(format!("{who} is over {} decryptions this minute", self.per_minute));
+            }
+            let n = c.by_tenant.entry(tenant.to_owned()).or_default();
+            *n += 1;
+            if *n == self.per_minute + 1 {
+                alerts.push(format!("tenant `{tenant}` is over {} decryptions this minute", self.per_minute));
+            }
+        }
+        if let Some([from, to]) = self.hours {
+            if outside_hours(from, to, now_ms) && c.off_hours.insert(caller.uid) {
+                let hour = now_ms / 3_600_000 % 24;
+                alerts.push(format!("{who} decrypts at {hour:02}h UTC, outside {from:02}h-{to:02}h"));
+            }
+        }
+        alerts
+    }
+
+    /// Whether the caller is over a limit now (for blocking).
+    fn over(&self, caller: &Caller, tenant: &str, now_ms: u64) -> bool {
+        let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let over_rate = self.per_minute > 0
+            && (c.by_uid.get(&caller.uid).is_some_and(|n| *n > self.per_minute)
+                || c.by_tenant.get(tenant).is_some_and(|n| *n > self.per_minute));
+        over_rate || self.hours.is_some_and(|[from, to]| outside_hours(from, to, now_ms))
+    }
+}
+
+/// Whether `now_ms` falls outside the UTC hours `[from, to)` (which may
+/// wrap past midnight: `[22, 6]`).
+fn outside_hours(from: u8, to: u8, now_ms: u64) -> bool {
+    let hour = (now_ms / 3_600_000 % 24) as u8;
+    let inside = if from < to { (from..to).contains(&hour) } else { hour >= from || hour < to };
+    !inside
 }
 
 impl Audit {
@@ -139,7 +211,7 @@ impl Audit {
     pub fn open(store: Arc<dyn Store>, hsm: Arc<Hsm>, cfg: &AuditSection) -> Result<Audit, StoreError> {
         if !cfg.enabled {
             tracing::warn!("the audit log is off ([audit] enabled = false): nothing is recorded");
-            return Ok(Audit { log: None, flusher: Mutex::new(None) });
+            return Ok(Audit { log: None, flusher: Mutex::new(None), volume: Volume::new(cfg) });
         }
         let (mut last, mut head) = match store.audit_scan(AuditKind::Record, u64::MAX, true).next() {
             Some(entry) => {
@@ -179,7 +251,45 @@ impl Audit {
             .name("keyhaven-audit".into())
             .spawn(move || l.flusher(sealed))
             .map_err(|e| StoreError::Backend(format!("cannot start the audit thread: {e}")))?;
-        Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)) })
+        Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)), volume: Volume::new(cfg) })
+    }
+
+    /// Counts a decryption on `tenant` for the unusual-volume alert
+    /// (`[audit] decrypt_alert_per_minute`, `decrypt_hours_utc`): writes an
+    /// alert record and a warning when it crosses a line, and refuses it
+    /// when `decrypt_alert_block` is set and the caller or tenant is over.
+    pub async fn watch_decrypt(&self, caller: &Caller, tenant: &str) -> Result<(), Error> {
+        if self.volume.per_minute == 0 && self.volume.hours.is_none() {
+            return Ok(());
+        }
+        let now = now_ms();
+        for alert in self.volume.count(caller, tenant, now) {
+            tracing::warn!(%caller, tenant, "unusual volume: {alert}");
+            if let Some(log) = &self.log {
+                let rec = AuditRecord {
+                    seq: 0,
+                    time_ms: 0,
+                    prev: String::new(),
+                    caller: audit_caller(caller),
+                    op: "alert".into(),
+                    tenant: Some(tenant.to_owned()),
+                    key: None,
+                    version: None,
+                    envelope_id: None,
+                    context_keys: Vec::new(),
+                    outcome: "alert".into(),
+                    code: None,
+                    detail: Some(alert),
+                };
+                log.append(rec).await?;
+            }
+        }
+        if self.volume.block && self.volume.over(caller, tenant, now) {
+            return Err(Error::PermissionDenied(format!(
+                "decryption by {caller} on tenant `{tenant}` refused: unusual volume ([audit] decrypt_alert_block)"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether records are kept.
@@ -219,6 +329,17 @@ impl Audit {
             detail: None,
         };
         log.append(rec).await
+    }
+}
+
+impl Volume {
+    fn new(cfg: &AuditSection) -> Volume {
+        Volume {
+            per_minute: cfg.decrypt_alert_per_minute,
+            hours: cfg.decrypt_hours_utc,
+            block: cfg.decrypt_alert_block,
+            counts: Mutex::new(VolumeCounts::default()),
+        }
     }
 }
 
@@ -612,4 +733,57 @@ pub async fn verify(store: Arc<dyn Store>, hsm: &Hsm) -> Result<AuditVerifyRespo
         last_sealed: walk.last_sealed,
         problem,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: u64 = 3_600_000;
+
+    #[test]
+    fn hours_may_wrap_past_midnight() {
+        for (from, to, hour, outside) in [
+            (8, 20, 7, true),
+            (8, 20, 8, false),
+            (8, 20, 19, false),
+            (8, 20, 20, true),
+            (22, 6, 23, false),
+            (22, 6, 5, false),
+            (22, 6, 6, true),
+            (22, 6, 12, true),
+        ] {
+            assert_eq!(
+                outside_hours(from, to, 1000 * 86_400_000 + hour * HOUR),
+                outside,
+                "{from}-{to} at {hour}"
+            );
+        }
+    }
+
+    #[test]
+    fn volume_alerts_once_a_minute_per_uid_and_per_tenant() {
+        let cfg = AuditSection {
+            decrypt_alert_per_minute: 2,
+            decrypt_hours_utc: Some([8, 20]),
+            ..AuditSection::default()
+        };
+        let v = Volume::new(&cfg);
+        let alice = Caller::resolve(4_000_000_001, 4_000_000_001, None);
+        let bob = Caller::resolve(4_000_000_002, 4_000_000_002, None);
+        let noon = 1000 * 86_400_000 + 12 * HOUR;
+        assert!(v.count(&alice, "acme", noon).is_empty());
+        assert!(v.count(&alice, "acme", noon).is_empty());
+        let a = v.count(&alice, "acme", noon);
+        assert_eq!(a.len(), 2, "{a:?}");
+        assert!(v.over(&alice, "acme", noon) && v.over(&bob, "acme", noon) && !v.over(&bob, "beta", noon));
+        assert!(v.count(&alice, "acme", noon).is_empty(), "once a minute");
+        let b = v.count(&bob, "beta", noon + 60_000);
+        assert!(b.is_empty(), "a new minute starts afresh: {b:?}");
+        let night = 1000 * 86_400_000 + 3 * HOUR;
+        let n = v.count(&bob, "beta", night);
+        assert_eq!(n, vec!["uid 4000000002 decrypts at 03h UTC, outside 08h-20h".to_owned()]);
+        assert!(v.count(&bob, "beta", night).is_empty());
+        assert!(v.over(&bob, "beta", night));
+    }
 }
