@@ -153,6 +153,15 @@ struct VolumeCounts {
 }
 
 impl Volume {
+    fn new(cfg: &AuditSection) -> Volume {
+        Volume {
+            per_minute: cfg.decrypt_alert_per_minute,
+            hours: cfg.decrypt_hours_utc,
+            block: cfg.decrypt_alert_block,
+            counts: Mutex::new(VolumeCounts::default()),
+        }
+    }
+
     /// Counts one decryption; returns the alerts it raises (each once a
     /// minute per uid or tenant).
     fn count(&self, caller: &Caller, tenant: &str, now_ms: u64) -> Vec<String> {
@@ -254,6 +263,19 @@ impl Audit {
         Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)), volume: Volume::new(cfg) })
     }
 
+    /// Seals the head, flushes, and stops the flusher (at shutdown, before
+    /// the HSM workers stop). Records asked for afterwards fail.
+    pub fn stop(&self) {
+        if let Some(log) = &self.log {
+            log.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+            log.wake.notify_all();
+        }
+        let t = self.flusher.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
     /// Counts a decryption on `tenant` for the unusual-volume alert
     /// (`[audit] decrypt_alert_per_minute`, `decrypt_hours_utc`): writes an
     /// alert record and a warning when it crosses a line, and refuses it
@@ -292,11 +314,6 @@ impl Audit {
         Ok(())
     }
 
-    /// Whether records are kept.
-    pub fn enabled(&self) -> bool {
-        self.log.is_some()
-    }
-
     /// Records one request and waits until the record is durable. An
     /// error means the record may be lost: the caller must not answer with
     /// the request's result.
@@ -332,35 +349,9 @@ impl Audit {
     }
 }
 
-impl Volume {
-    fn new(cfg: &AuditSection) -> Volume {
-        Volume {
-            per_minute: cfg.decrypt_alert_per_minute,
-            hours: cfg.decrypt_hours_utc,
-            block: cfg.decrypt_alert_block,
-            counts: Mutex::new(VolumeCounts::default()),
-        }
-    }
-}
-
 impl Drop for Audit {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-impl Audit {
-    /// Seals the head, flushes, and stops the flusher (at shutdown, before
-    /// the HSM workers stop).
-    pub fn stop(&self) {
-        if let Some(log) = &self.log {
-            log.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-            log.wake.notify_all();
-        }
-        let t = self.flusher.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = t {
-            let _ = t.join();
-        }
     }
 }
 

@@ -147,7 +147,7 @@ fn parse_request(buf: &[u8]) -> Result<InFrame<'_>, Error> {
 
 fn log_failure(caller: &Caller, op: &str, e: &Error) {
     match e {
-        Error::Hsm(_) | Error::Store(_) | Error::Internal(_) => {
+        Error::Hsm(_) | Error::Store(_) | Error::Audit(_) | Error::Internal(_) => {
             tracing::warn!(%caller, op = %ops::printable(op), code = %e.code(), "request failed: {e}")
         }
         _ => tracing::debug!(%caller, op = %ops::printable(op), code = %e.code(), "request refused: {e}"),
