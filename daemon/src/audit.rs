@@ -483,7 +483,11 @@ pub fn read(store: &dyn Store, req: &AuditRead) -> Result<AuditReadResponse, Err
         let want = last.min(10_000) as usize;
         for entry in store.audit_scan(AuditKind::Record, u64::MAX, true) {
             let (seq, bytes) = entry?;
-            if seq <= after || records.len() >= want || size > READ_BUDGET {
+            if seq <= after || records.len() >= want {
+                break;
+            }
+            if size > READ_BUDGET {
+                more = true;
                 break;
             }
             let r = decode(seq, &bytes)?;

@@ -552,3 +552,43 @@ async fn unusual_decrypt_volume_writes_alerts_and_can_block() {
     let last = all_records(&c).await.into_iter().rev().find(|r| r.op == "decrypt").unwrap();
     assert_eq!((last.outcome.as_str(), last.code.as_deref()), ("denied", Some("permission_denied")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_follow_prints_new_records_but_not_its_own_reads() {
+    use std::io::BufRead;
+    let d = TestDaemon::start();
+    let mut child = std::process::Command::new(bin("keyhaven"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["audit", "tail", "-f", "--json", "-n", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Let it poll a few times, then make something to see.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    d.client().await.key_create(&path("acme/pii")).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen.iter().any(|r: &AuditRecord| r.op == "key_create") {
+        assert!(std::time::Instant::now() < deadline, "tail -f did not show the new record: {seen:?}");
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            seen.push(serde_json::from_str(&line).unwrap());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let own = child.id() as i32;
+    assert!(
+        !seen.iter().any(|r| r.op == "audit_read" && r.caller.pid == Some(own)),
+        "its own polling is not shown: {seen:?}"
+    );
+    let ops: Vec<&str> = seen.iter().map(|r| r.op.as_str()).collect();
+    assert_eq!(ops[ops.len() - 2..], ["hello", "key_create"], "{ops:?}");
+}
