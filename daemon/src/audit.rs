@@ -239,7 +239,7 @@ impl Audit {
                     tracing::error!(
                         "the audit log ends at record {last} but a seal covers record {seq}: \
                          records were removed; continuing at record {}",
-                        seq + 1
+                        seq.saturating_add(1)
                     );
                     (last, head) = (seq, h);
                 }
@@ -374,7 +374,10 @@ impl Log {
             if st.stop {
                 return Err(Error::Audit("the daemon is stopping".into()));
             }
-            rec.seq = st.last + 1;
+            rec.seq = st
+                .last
+                .checked_add(1)
+                .ok_or_else(|| Error::Audit("the sequence numbers are used up".into()))?;
             rec.time_ms = now_ms();
             rec.prev = hex(&st.head);
             let bytes =
@@ -578,7 +581,13 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
         out.records += 1;
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
         if first.is_none() {
-            if pos > expected {
+            if pos == 0 {
+                first = problem(
+                    0,
+                    "inserted",
+                    "position 0 holds a record: one was inserted before record 1".into(),
+                );
+            } else if pos > expected {
                 let range = if pos - 1 == expected {
                     format!("record {expected} is")
                 } else {
@@ -642,6 +651,10 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
                             )
                         };
                     }
+                    Ok(r) if unhex32(&r.prev) != Some(prev) && pos == 1 => {
+                        first =
+                            problem(1, "altered", "record 1 does not start the chain: it was altered".into());
+                    }
                     Ok(r) if unhex32(&r.prev) != Some(prev) => {
                         let before = pos - 1;
                         first = problem(before, "altered", format!("record {before} was altered (record {pos} holds another hash of it), or record {pos} was altered or inserted"));
@@ -661,7 +674,7 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
                     out.seals.push((pos, seal_input(pos, &head, s.time_ms), mac))
                 }
                 (Some(_), Some(_)) => {
-                    let from = seals.get(next_seal.wrapping_sub(1)).map_or(1, |p| p.seq + 1);
+                    let from = seals.get(next_seal.wrapping_sub(1)).map_or(1, |p| p.seq.saturating_add(1));
                     seal_problem = seal_problem.or(problem(pos, "altered", format!("the seal of record {pos} does not match the chain: a record from {from} to {pos} was altered")));
                 }
                 _ => {
@@ -675,7 +688,7 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
             next_seal += 1;
         }
         prev = hash;
-        expected = pos + 1;
+        expected = pos.saturating_add(1);
     }
     if let Some(s) = seals.iter().find(|s| s.seq >= expected) {
         let last = expected - 1;
@@ -735,6 +748,66 @@ mod tests {
     use super::*;
 
     const HOUR: u64 = 3_600_000;
+
+    fn record(seq: u64, prev: &[u8; 32]) -> Vec<u8> {
+        let rec = AuditRecord {
+            seq,
+            time_ms: 1,
+            prev: hex(prev),
+            caller: AuditCaller { uid: 0, gid: 0, user: None, groups: vec![], pid: None, exe: None },
+            op: "hello".into(),
+            tenant: None,
+            key: None,
+            version: None,
+            envelope_id: None,
+            context_keys: vec![],
+            outcome: "ok".into(),
+            code: None,
+            detail: None,
+        };
+        serde_json::to_vec(&rec).unwrap()
+    }
+
+    /// A store in a fresh folder with records 1..=n chained.
+    fn chain(name: &str, n: u64) -> (crate::store::sled_store::SledStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("keyhaven-walk-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = crate::store::sled_store::SledStore::open(&dir).unwrap();
+        let mut prev = [0u8; 32];
+        for seq in 1..=n {
+            let b = record(seq, &prev);
+            store.audit_put(AuditKind::Record, seq, &b).unwrap();
+            prev = Sha256::digest(&b).into();
+        }
+        (store, dir)
+    }
+
+    #[test]
+    fn walk_survives_hostile_sequence_numbers() {
+        let (store, dir) = chain("edges", 3);
+        assert!(walk(&store).unwrap().problem.is_none());
+        store.audit_put(AuditKind::Record, 0, &record(0, &[0; 32])).unwrap();
+        let p = walk(&store).unwrap().problem.unwrap();
+        assert_eq!((p.seq, p.kind.as_str()), (0, "inserted"));
+        let (store, dir2) = chain("max", 2);
+        store.audit_put(AuditKind::Record, u64::MAX, &record(u64::MAX, &[1; 32])).unwrap();
+        store
+            .audit_put(
+                AuditKind::Seal,
+                u64::MAX,
+                br#"{"seq":18446744073709551615,"head":"00","time_ms":0,"mac":"00"}"#,
+            )
+            .unwrap();
+        let p = walk(&store).unwrap().problem.unwrap();
+        assert_eq!((p.seq, p.kind.as_str()), (3, "removed"));
+        let (store, dir3) = chain("first", 2);
+        store.audit_put(AuditKind::Record, 1, &record(1, &[7; 32])).unwrap();
+        let p = walk(&store).unwrap().problem.unwrap();
+        assert_eq!((p.seq, p.kind.as_str()), (1, "altered"));
+        for d in [dir, dir2, dir3] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 
     #[test]
     fn hours_may_wrap_past_midnight() {
