@@ -1,4 +1,4 @@
-//! Emergency revocation on the wire (docs/PROTOCOL.md §3.9–3.12): the
+//! Emergency revocation on the wire (docs/PROTOCOL.md §3.13–3.16): the
 //! scopes, the reasons, and the `revoke`, `revoke_lift`, `revoke_list` and
 //! `destroy` operations.
 //!
@@ -158,7 +158,7 @@ pub struct Revocation {
     pub by_uid: u32,
 }
 
-/// `revoke`: suspend a scope (PROTOCOL.md §3.9).
+/// `revoke`: suspend a scope (PROTOCOL.md §3.13).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Revoke {
@@ -171,7 +171,7 @@ pub struct Revoke {
     pub expires_at: Option<u64>,
 }
 
-/// `revoke_lift`: end a suspension (PROTOCOL.md §3.10).
+/// `revoke_lift`: end a suspension (PROTOCOL.md §3.14).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeLift {
@@ -188,7 +188,7 @@ pub struct LiftResponse {
     pub lifted: Revocation,
 }
 
-/// `revoke_list`: revocations in force (PROTOCOL.md §3.11).
+/// `revoke_list`: revocations in force (PROTOCOL.md §3.15).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeList {
@@ -205,7 +205,7 @@ pub struct RevokeListResponse {
 }
 
 /// `destroy`: erase the key material of a suspended key, key version or
-/// tenant for good (PROTOCOL.md §3.12).
+/// tenant for good (PROTOCOL.md §3.16).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Destroy {

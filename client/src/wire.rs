@@ -373,10 +373,10 @@ pub struct AuditRead {
 pub struct AuditReadResponse {
     /// The records, by sequence number.
     pub records: Vec<AuditRecord>,
-    /// The sequence number to pass as `after` to read on; `records` was cut
-    /// short to fit a frame when `more` is true.
+    /// The sequence number to pass as `after` to read on.
     pub next: u64,
-    /// Whether more matching records follow.
+    /// `records` was cut short to fit a frame: more matching records follow
+    /// (with `last`: older matching records were left out).
     pub more: bool,
 }
 operation!(AuditRead, "audit_read", AuditReadResponse);

@@ -24,7 +24,7 @@ use keyhaven::wire::{
 use keyhaven::{EncryptionContext, KeyPath};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use crate::config::AuditSection;
 use crate::error::Error;
@@ -106,19 +106,14 @@ pub fn seal_input(seq: u64, head: &[u8; 32], time_ms: u64) -> Vec<u8> {
     v
 }
 
-/// How far the flusher has got: records up to `seq` are durable; a flush
-/// covering records up to `failed` failed.
-#[derive(Clone, Copy, Default)]
-struct Durable {
-    seq: u64,
-    failed: u64,
-}
-
 struct State {
     /// Last sequence number written.
     last: u64,
     /// SHA-256 of the last record's bytes.
     head: [u8; 32],
+    /// Requests waiting for their record to be durable, in sequence
+    /// order; the flusher answers each once (true: durable).
+    waiting: Vec<oneshot::Sender<bool>>,
     /// Set at shutdown.
     stop: bool,
 }
@@ -128,7 +123,6 @@ struct Log {
     hsm: Arc<Hsm>,
     state: Mutex<State>,
     wake: Condvar,
-    durable: watch::Sender<Durable>,
     seal_interval: Duration,
     seal_every: u64,
 }
@@ -137,6 +131,87 @@ struct Log {
 pub struct Audit {
     log: Option<Arc<Log>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    volume: Volume,
+}
+
+/// Decryptions counted per uid and per tenant in fixed one-minute windows,
+/// for the unusual-volume alert.
+struct Volume {
+    per_minute: u64,
+    hours: Option<[u8; 2]>,
+    block: bool,
+    counts: Mutex<VolumeCounts>,
+}
+
+#[derive(Default)]
+struct VolumeCounts {
+    minute: u64,
+    by_uid: std::collections::HashMap<u32, u64>,
+    by_tenant: std::collections::HashMap<String, u64>,
+    /// uids already alerted for decrypting outside hours this minute.
+    off_hours: std::collections::HashSet<u32>,
+}
+
+impl Volume {
+    fn new(cfg: &AuditSection) -> Volume {
+        Volume {
+            per_minute: cfg.decrypt_alert_per_minute,
+            hours: cfg.decrypt_hours_utc,
+            block: cfg.decrypt_alert_block,
+            counts: Mutex::new(VolumeCounts::default()),
+        }
+    }
+
+    /// Counts one decryption; returns the alerts it raises (each once a
+    /// minute per uid or tenant).
+    fn count(&self, caller: &Caller, tenant: &str, now_ms: u64) -> Vec<String> {
+        let mut alerts = Vec::new();
+        let who = match &caller.user {
+            Some(u) => format!("uid {} ({u})", caller.uid),
+            None => format!("uid {}", caller.uid),
+        };
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let minute = now_ms / 60_000;
+        if c.minute != minute {
+            *c = VolumeCounts { minute, ..Default::default() };
+        }
+        if self.per_minute > 0 {
+            let n = c.by_uid.entry(caller.uid).or_default();
+            *n += 1;
+            if *n == self.per_minute + 1 {
+                alerts.push(format!("{who} is over {} decryptions this minute", self.per_minute));
+            }
+            let n = c.by_tenant.entry(tenant.to_owned()).or_default();
+            *n += 1;
+            if *n == self.per_minute + 1 {
+                alerts.push(format!("tenant `{tenant}` is over {} decryptions this minute", self.per_minute));
+            }
+        }
+        if let Some([from, to]) = self.hours {
+            if outside_hours(from, to, now_ms) && c.off_hours.insert(caller.uid) {
+                let hour = now_ms / 3_600_000 % 24;
+                alerts.push(format!("{who} decrypts at {hour:02}h UTC, outside {from:02}h-{to:02}h"));
+            }
+        }
+        alerts
+    }
+
+    /// Whether the caller is over a limit now (for blocking).
+    fn over(&self, caller: &Caller, tenant: &str, now_ms: u64) -> bool {
+        let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let over_rate = self.per_minute > 0
+            && (c.by_uid.get(&caller.uid).is_some_and(|n| *n > self.per_minute)
+                || c.by_tenant.get(tenant).is_some_and(|n| *n > self.per_minute));
+        over_rate || self.hours.is_some_and(|[from, to]| outside_hours(from, to, now_ms))
+    }
+}
+
+/// Whether `now_ms` falls outside the UTC hours `[from, to)` (which may
+/// wrap past midnight: `[22, 6]`).
+fn outside_hours(from: u8, to: u8, now_ms: u64) -> bool {
+    let hour = (now_ms / 3_600_000 % 24) as u8;
+    let inside = if from < to { (from..to).contains(&hour) } else { hour >= from || hour < to };
+    !inside
 }
 
 impl Audit {
@@ -145,7 +220,7 @@ impl Audit {
     pub fn open(store: Arc<dyn Store>, hsm: Arc<Hsm>, cfg: &AuditSection) -> Result<Audit, StoreError> {
         if !cfg.enabled {
             tracing::warn!("the audit log is off ([audit] enabled = false): nothing is recorded");
-            return Ok(Audit { log: None, flusher: Mutex::new(None) });
+            return Ok(Audit { log: None, flusher: Mutex::new(None), volume: Volume::new(cfg) });
         }
         let (mut last, mut head) = match store.audit_scan(AuditKind::Record, u64::MAX, true).next() {
             Some(entry) => {
@@ -164,7 +239,7 @@ impl Audit {
                     tracing::error!(
                         "the audit log ends at record {last} but a seal covers record {seq}: \
                          records were removed; continuing at record {}",
-                        seq + 1
+                        seq.saturating_add(1)
                     );
                     (last, head) = (seq, h);
                 }
@@ -172,27 +247,71 @@ impl Audit {
             }
             None => 0,
         };
-        let (durable, _) = watch::channel(Durable { seq: last, failed: 0 });
         let log = Arc::new(Log {
             store,
             hsm,
-            state: Mutex::new(State { last, head, stop: false }),
+            state: Mutex::new(State { last, head, waiting: Vec::new(), stop: false }),
             wake: Condvar::new(),
-            durable,
             seal_interval: Duration::from_millis(cfg.seal_interval_ms),
             seal_every: cfg.seal_every,
         });
         let l = log.clone();
         let t = std::thread::Builder::new()
             .name("keyhaven-audit".into())
-            .spawn(move || l.flusher(last, sealed))
+            .spawn(move || l.flusher(sealed))
             .map_err(|e| StoreError::Backend(format!("cannot start the audit thread: {e}")))?;
-        Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)) })
+        Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)), volume: Volume::new(cfg) })
     }
 
-    /// Whether records are kept.
-    pub fn enabled(&self) -> bool {
-        self.log.is_some()
+    /// Seals the head, flushes, and stops the flusher (at shutdown, before
+    /// the HSM workers stop). Records asked for afterwards fail.
+    pub fn stop(&self) {
+        if let Some(log) = &self.log {
+            log.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+            log.wake.notify_all();
+        }
+        let t = self.flusher.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
+    /// Counts a decryption on `tenant` for the unusual-volume alert
+    /// (`[audit] decrypt_alert_per_minute`, `decrypt_hours_utc`): writes an
+    /// alert record and a warning when it crosses a line, and refuses it
+    /// when `decrypt_alert_block` is set and the caller or tenant is over.
+    pub async fn watch_decrypt(&self, caller: &Caller, tenant: &str) -> Result<(), Error> {
+        if self.volume.per_minute == 0 && self.volume.hours.is_none() {
+            return Ok(());
+        }
+        let now = now_ms();
+        for alert in self.volume.count(caller, tenant, now) {
+            tracing::warn!(%caller, tenant, "unusual volume: {alert}");
+            if let Some(log) = &self.log {
+                let rec = AuditRecord {
+                    seq: 0,
+                    time_ms: 0,
+                    prev: String::new(),
+                    caller: audit_caller(caller),
+                    op: "alert".into(),
+                    tenant: Some(tenant.to_owned()),
+                    key: None,
+                    version: None,
+                    envelope_id: None,
+                    context_keys: Vec::new(),
+                    outcome: "alert".into(),
+                    code: None,
+                    detail: Some(alert),
+                };
+                log.append(rec).await?;
+            }
+        }
+        if self.volume.block && self.volume.over(caller, tenant, now) {
+            return Err(Error::PermissionDenied(format!(
+                "decryption by {caller} on tenant `{tenant}` refused: unusual volume ([audit] decrypt_alert_block)"
+            )));
+        }
+        Ok(())
     }
 
     /// Records one request and waits until the record is durable. An
@@ -236,21 +355,6 @@ impl Drop for Audit {
     }
 }
 
-impl Audit {
-    /// Seals the head, flushes, and stops the flusher (at shutdown, before
-    /// the HSM workers stop).
-    pub fn stop(&self) {
-        if let Some(log) = &self.log {
-            log.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-            log.wake.notify_all();
-        }
-        let t = self.flusher.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = t {
-            let _ = t.join();
-        }
-    }
-}
-
 fn audit_caller(c: &Caller) -> AuditCaller {
     AuditCaller {
         uid: c.uid,
@@ -265,12 +369,15 @@ fn audit_caller(c: &Caller) -> AuditCaller {
 impl Log {
     async fn append(&self, mut rec: AuditRecord) -> Result<(), Error> {
         let fail = |e: StoreError| Error::Audit(format!("cannot write the record: {e}"));
-        let seq = {
+        let durable = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if st.stop {
                 return Err(Error::Audit("the daemon is stopping".into()));
             }
-            rec.seq = st.last + 1;
+            rec.seq = st
+                .last
+                .checked_add(1)
+                .ok_or_else(|| Error::Audit("the sequence numbers are used up".into()))?;
             rec.time_ms = now_ms();
             rec.prev = hex(&st.head);
             let bytes =
@@ -278,32 +385,32 @@ impl Log {
             self.store.audit_put(AuditKind::Record, rec.seq, &bytes).map_err(fail)?;
             st.last = rec.seq;
             st.head = Sha256::digest(&bytes).into();
-            rec.seq
+            let (tx, rx) = oneshot::channel();
+            st.waiting.push(tx);
+            rx
         };
         self.wake.notify_one();
-        let mut rx = self.durable.subscribe();
-        let d = *rx
-            .wait_for(|d| d.seq >= seq || d.failed >= seq)
-            .await
-            .map_err(|_| Error::Audit("the audit thread has stopped".into()))?;
-        if d.seq >= seq {
-            Ok(())
-        } else {
-            Err(Error::Audit("flushing the audit log failed; the request's result is withheld".into()))
+        match durable.await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                Err(Error::Audit("flushing the audit log failed; the request's result is withheld".into()))
+            }
+            Err(_) => Err(Error::Audit("the audit thread has stopped".into())),
         }
     }
 
     /// The flusher: one flush for every batch of records written since the
-    /// last one, a seal when one is due, until stopped.
-    fn flusher(&self, mut flushed: u64, mut sealed: u64) {
+    /// last one (each waiting request is woken once, after the flush that
+    /// covers its record), a seal when one is due, until stopped.
+    fn flusher(&self, mut sealed: u64) {
         let mut sealed_at = Instant::now();
         loop {
-            let (last, head, stop) = {
+            let (last, head, stop, waiting) = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
                     let due = st.last > sealed
                         && (sealed_at.elapsed() >= self.seal_interval || st.last - sealed >= self.seal_every);
-                    if st.stop || st.last > flushed || due {
+                    if st.stop || !st.waiting.is_empty() || due {
                         break;
                     }
                     let wait = if st.last > sealed {
@@ -313,7 +420,7 @@ impl Log {
                     };
                     st = self.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
                 }
-                (st.last, st.head, st.stop)
+                (st.last, st.head, st.stop, std::mem::take(&mut st.waiting))
             };
             let due = last > sealed
                 && (stop || sealed_at.elapsed() >= self.seal_interval || last - sealed >= self.seal_every);
@@ -330,19 +437,18 @@ impl Log {
                     }
                 }
             }
-            match self.store.audit_flush() {
-                Ok(()) => {
-                    flushed = last;
-                    self.durable.send_modify(|d| d.seq = last);
-                }
-                Err(e) => {
-                    tracing::error!("cannot flush the audit log: {e}");
-                    self.durable.send_modify(|d| d.failed = last);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+            let flushed = self.store.audit_flush();
+            if let Err(e) = &flushed {
+                tracing::error!("cannot flush the audit log: {e}");
             }
-            if stop && flushed == last {
+            for w in waiting {
+                let _ = w.send(flushed.is_ok());
+            }
+            if stop {
                 return;
+            }
+            if flushed.is_err() {
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
@@ -380,7 +486,11 @@ pub fn read(store: &dyn Store, req: &AuditRead) -> Result<AuditReadResponse, Err
         let want = last.min(10_000) as usize;
         for entry in store.audit_scan(AuditKind::Record, u64::MAX, true) {
             let (seq, bytes) = entry?;
-            if seq <= after || records.len() >= want || size > READ_BUDGET {
+            if seq <= after || records.len() >= want {
+                break;
+            }
+            if size > READ_BUDGET {
+                more = true;
                 break;
             }
             let r = decode(seq, &bytes)?;
@@ -471,7 +581,13 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
         out.records += 1;
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
         if first.is_none() {
-            if pos > expected {
+            if pos == 0 {
+                first = problem(
+                    0,
+                    "inserted",
+                    "position 0 holds a record: one was inserted before record 1".into(),
+                );
+            } else if pos > expected {
                 let range = if pos - 1 == expected {
                     format!("record {expected} is")
                 } else {
@@ -535,6 +651,10 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
                             )
                         };
                     }
+                    Ok(r) if unhex32(&r.prev) != Some(prev) && pos == 1 => {
+                        first =
+                            problem(1, "altered", "record 1 does not start the chain: it was altered".into());
+                    }
                     Ok(r) if unhex32(&r.prev) != Some(prev) => {
                         let before = pos - 1;
                         first = problem(before, "altered", format!("record {before} was altered (record {pos} holds another hash of it), or record {pos} was altered or inserted"));
@@ -554,7 +674,7 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
                     out.seals.push((pos, seal_input(pos, &head, s.time_ms), mac))
                 }
                 (Some(_), Some(_)) => {
-                    let from = seals.get(next_seal.wrapping_sub(1)).map_or(1, |p| p.seq + 1);
+                    let from = seals.get(next_seal.wrapping_sub(1)).map_or(1, |p| p.seq.saturating_add(1));
                     seal_problem = seal_problem.or(problem(pos, "altered", format!("the seal of record {pos} does not match the chain: a record from {from} to {pos} was altered")));
                 }
                 _ => {
@@ -568,7 +688,7 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
             next_seal += 1;
         }
         prev = hash;
-        expected = pos + 1;
+        expected = pos.saturating_add(1);
     }
     if let Some(s) = seals.iter().find(|s| s.seq >= expected) {
         let last = expected - 1;
@@ -621,4 +741,117 @@ pub async fn verify(store: Arc<dyn Store>, hsm: &Hsm) -> Result<AuditVerifyRespo
         last_sealed: walk.last_sealed,
         problem,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: u64 = 3_600_000;
+
+    fn record(seq: u64, prev: &[u8; 32]) -> Vec<u8> {
+        let rec = AuditRecord {
+            seq,
+            time_ms: 1,
+            prev: hex(prev),
+            caller: AuditCaller { uid: 0, gid: 0, user: None, groups: vec![], pid: None, exe: None },
+            op: "hello".into(),
+            tenant: None,
+            key: None,
+            version: None,
+            envelope_id: None,
+            context_keys: vec![],
+            outcome: "ok".into(),
+            code: None,
+            detail: None,
+        };
+        serde_json::to_vec(&rec).unwrap()
+    }
+
+    /// A store in a fresh folder with records 1..=n chained.
+    fn chain(name: &str, n: u64) -> (crate::store::sled_store::SledStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("keyhaven-walk-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = crate::store::sled_store::SledStore::open(&dir).unwrap();
+        let mut prev = [0u8; 32];
+        for seq in 1..=n {
+            let b = record(seq, &prev);
+            store.audit_put(AuditKind::Record, seq, &b).unwrap();
+            prev = Sha256::digest(&b).into();
+        }
+        (store, dir)
+    }
+
+    #[test]
+    fn walk_survives_hostile_sequence_numbers() {
+        let (store, dir) = chain("edges", 3);
+        assert!(walk(&store).unwrap().problem.is_none());
+        store.audit_put(AuditKind::Record, 0, &record(0, &[0; 32])).unwrap();
+        let p = walk(&store).unwrap().problem.unwrap();
+        assert_eq!((p.seq, p.kind.as_str()), (0, "inserted"));
+        let (store, dir2) = chain("max", 2);
+        store.audit_put(AuditKind::Record, u64::MAX, &record(u64::MAX, &[1; 32])).unwrap();
+        store
+            .audit_put(
+                AuditKind::Seal,
+                u64::MAX,
+                br#"{"seq":18446744073709551615,"head":"00","time_ms":0,"mac":"00"}"#,
+            )
+            .unwrap();
+        let p = walk(&store).unwrap().problem.unwrap();
+        assert_eq!((p.seq, p.kind.as_str()), (3, "removed"));
+        let (store, dir3) = chain("first", 2);
+        store.audit_put(AuditKind::Record, 1, &record(1, &[7; 32])).unwrap();
+        let p = walk(&store).unwrap().problem.unwrap();
+        assert_eq!((p.seq, p.kind.as_str()), (1, "altered"));
+        for d in [dir, dir2, dir3] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[test]
+    fn hours_may_wrap_past_midnight() {
+        for (from, to, hour, outside) in [
+            (8, 20, 7, true),
+            (8, 20, 8, false),
+            (8, 20, 19, false),
+            (8, 20, 20, true),
+            (22, 6, 23, false),
+            (22, 6, 5, false),
+            (22, 6, 6, true),
+            (22, 6, 12, true),
+        ] {
+            assert_eq!(
+                outside_hours(from, to, 1000 * 86_400_000 + hour * HOUR),
+                outside,
+                "{from}-{to} at {hour}"
+            );
+        }
+    }
+
+    #[test]
+    fn volume_alerts_once_a_minute_per_uid_and_per_tenant() {
+        let cfg = AuditSection {
+            decrypt_alert_per_minute: 2,
+            decrypt_hours_utc: Some([8, 20]),
+            ..AuditSection::default()
+        };
+        let v = Volume::new(&cfg);
+        let alice = Caller::resolve(4_000_000_001, 4_000_000_001, None);
+        let bob = Caller::resolve(4_000_000_002, 4_000_000_002, None);
+        let noon = 1000 * 86_400_000 + 12 * HOUR;
+        assert!(v.count(&alice, "acme", noon).is_empty());
+        assert!(v.count(&alice, "acme", noon).is_empty());
+        let a = v.count(&alice, "acme", noon);
+        assert_eq!(a.len(), 2, "{a:?}");
+        assert!(v.over(&alice, "acme", noon) && v.over(&bob, "acme", noon) && !v.over(&bob, "beta", noon));
+        assert!(v.count(&alice, "acme", noon).is_empty(), "once a minute");
+        let b = v.count(&bob, "beta", noon + 60_000);
+        assert!(b.is_empty(), "a new minute starts afresh: {b:?}");
+        let night = 1000 * 86_400_000 + 3 * HOUR;
+        let n = v.count(&bob, "beta", night);
+        assert_eq!(n, vec!["uid 4000000002 decrypts at 03h UTC, outside 08h-20h".to_owned()]);
+        assert!(v.count(&bob, "beta", night).is_empty());
+        assert!(v.over(&bob, "beta", night));
+    }
 }

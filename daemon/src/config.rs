@@ -75,6 +75,19 @@ pub struct AuditSection {
     /// Most records between two seals (default 1000).
     #[serde(default = "default_seal_every")]
     pub seal_every: u64,
+    /// Unusual volume: more decryptions (`decrypt`, `datakey_decrypt`) than
+    /// this in one minute, by one uid or on one tenant, writes an alert
+    /// record and a warning. 0 (the default) turns it off.
+    #[serde(default)]
+    pub decrypt_alert_per_minute: u64,
+    /// Decryptions outside these UTC hours (`[from, to)`, e.g. `[7, 19]`)
+    /// write an alert record and a warning (once a minute per uid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decrypt_hours_utc: Option<[u8; 2]>,
+    /// Refuse (`permission_denied`) the decryptions that raise an alert,
+    /// instead of only recording them.
+    #[serde(default)]
+    pub decrypt_alert_block: bool,
 }
 
 impl Default for AuditSection {
@@ -83,6 +96,9 @@ impl Default for AuditSection {
             enabled: true,
             seal_interval_ms: default_seal_interval_ms(),
             seal_every: default_seal_every(),
+            decrypt_alert_per_minute: 0,
+            decrypt_hours_utc: None,
+            decrypt_alert_block: false,
         }
     }
 }
@@ -271,6 +287,11 @@ impl Config {
         if !(10..=60_000).contains(&cfg.audit.seal_interval_ms) || cfg.audit.seal_every == 0 {
             return Err(invalid(
                 "[audit] seal_interval_ms must be from 10 to 60000 and seal_every at least 1",
+            ));
+        }
+        if cfg.audit.decrypt_hours_utc.is_some_and(|[a, b]| a > 23 || b > 24 || a == b) {
+            return Err(invalid(
+                "[audit] decrypt_hours_utc must be [from, to] with hours 0 to 24, from != to",
             ));
         }
         if !cfg.audit.enabled && cfg.mode == Mode::Production {

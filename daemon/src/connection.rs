@@ -191,7 +191,7 @@ pub(crate) fn describe(e: &serde_path_to_error::Error<serde_json::Error>) -> Str
 
 fn log_failure(caller: &Caller, op: &str, e: &Error) {
     match e {
-        Error::Hsm(_) | Error::Store(_) | Error::Internal(_) => {
+        Error::Hsm(_) | Error::Store(_) | Error::Audit(_) | Error::Internal(_) => {
             tracing::warn!(%caller, op = %ops::printable(op), code = %e.code(), "request failed: {e}")
         }
         _ => tracing::debug!(%caller, op = %ops::printable(op), code = %e.code(), "request refused: {e}"),

@@ -476,3 +476,106 @@ async fn verify_passes_untouched_and_names_the_record_after_each_kind_of_tamperi
     });
     assert_names(&out, n, "bad_seal");
 }
+
+/// Waits, when needed, so that the next few seconds stay in one clock
+/// minute (the volume alert counts per minute).
+fn early_in_a_minute() {
+    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    if s % 60 >= 45 {
+        std::thread::sleep(std::time::Duration::from_secs(61 - s % 60));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unusual_decrypt_volume_writes_alerts_and_can_block() {
+    let mut d = TestDaemon::start();
+    let enc = {
+        let c = d.client().await;
+        c.key_create(&path("acme/pii")).await.unwrap();
+        c.encrypt(&path("acme/pii"), b"x", &ctx(&[])).await.unwrap()
+    };
+    let edit = |from: &'static str, to: &'static str| {
+        move |dir: &Path| {
+            let file = dir.join("keyhaven.toml");
+            let text = std::fs::read_to_string(&file).unwrap();
+            assert!(text.contains(from));
+            std::fs::write(&file, text.replacen(from, to, 1)).unwrap();
+        }
+    };
+    d.restart_with(edit("decrypt_alert_per_minute = 0\n", "decrypt_alert_per_minute = 5\n"));
+    early_in_a_minute();
+    let c = d.client().await;
+    for _ in 0..8 {
+        c.decrypt(&enc.ciphertext, &ctx(&[])).await.unwrap();
+    }
+    let records = all_records(&c).await;
+    let ops: Vec<&str> = records.iter().map(|r| r.op.as_str()).collect();
+    let first_decrypt = ops.iter().position(|o| *o == "decrypt").unwrap();
+    let alerts: Vec<&AuditRecord> = records.iter().filter(|r| r.op == "alert").collect();
+    assert_eq!(alerts.len(), 2, "one alert for the uid, one for the tenant: {ops:?}");
+    assert_eq!(ops[first_decrypt + 5..first_decrypt + 8], ["alert", "alert", "decrypt"], "{ops:?}");
+    for a in &alerts {
+        assert_eq!((a.outcome.as_str(), a.tenant.as_deref(), a.caller.uid), ("alert", Some("acme"), 0));
+    }
+    assert!(
+        alerts[0].detail.as_deref().unwrap().contains("uid 0 (root) is over 5 decryptions"),
+        "{alerts:?}"
+    );
+    assert!(alerts[1].detail.as_deref().unwrap().contains("tenant `acme` is over 5"), "{alerts:?}");
+    drop(c);
+    let (_, log) = d.stop();
+    assert!(log.contains("unusual volume"), "a warning is logged:\n{log}");
+
+    edit("decrypt_alert_block = false\n", "decrypt_alert_block = true\n")(d.dir());
+    d.start_again();
+    early_in_a_minute();
+    let c = d.client().await;
+    for _ in 0..5 {
+        c.decrypt(&enc.ciphertext, &ctx(&[])).await.unwrap();
+    }
+    let e = c.decrypt(&enc.ciphertext, &ctx(&[])).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    assert!(e.to_string().contains("unusual volume"), "{e}");
+    let last = all_records(&c).await.into_iter().rev().find(|r| r.op == "decrypt").unwrap();
+    assert_eq!((last.outcome.as_str(), last.code.as_deref()), ("denied", Some("permission_denied")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_follow_prints_new_records_but_not_its_own_reads() {
+    use std::io::BufRead;
+    let d = TestDaemon::start();
+    let mut child = std::process::Command::new(bin("keyhaven"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["audit", "tail", "-f", "--json", "-n", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Let it poll a few times, then make something to see.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    d.client().await.key_create(&path("acme/pii")).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen.iter().any(|r: &AuditRecord| r.op == "key_create") {
+        assert!(std::time::Instant::now() < deadline, "tail -f did not show the new record: {seen:?}");
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            seen.push(serde_json::from_str(&line).unwrap());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let own = child.id() as i32;
+    assert!(
+        !seen.iter().any(|r| r.op == "audit_read" && r.caller.pid == Some(own)),
+        "its own polling is not shown: {seen:?}"
+    );
+    let ops: Vec<&str> = seen.iter().map(|r| r.op.as_str()).collect();
+    assert_eq!(ops[ops.len() - 2..], ["hello", "key_create"], "{ops:?}");
+}

@@ -274,3 +274,26 @@ async fn a_daemon_does_not_start_with_a_policy_that_does_not_parse() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("[policy] line") && err.contains("principal `wheel`"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_mode_and_group_decide_who_may_connect() {
+    use std::os::unix::fs::MetadataExt;
+    let p = people();
+    let mut d = TestDaemon::start();
+    d.write_policy(&rules(&p));
+    let file = d.dir().join("keyhaven.toml");
+    let config = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        config.replace("socket_mode = 0o666", "socket_mode = 0o660\nsocket_group = \"khtest-alice\""),
+    )
+    .unwrap();
+    d.restart();
+    let meta = std::fs::metadata(d.socket()).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, p.alice.gid));
+    // alice's primary group is the socket's group: she connects (and the policy decides).
+    ok(run_cli_as(&p.alice, d.socket(), &["whoami"], b""));
+    // dave is in neither the owner nor the group: the kernel refuses the connection.
+    let t = text(&run_cli_as(&p.dave, d.socket(), &["whoami"], b""));
+    assert!(t.contains("daemon not reachable") && t.contains("ermission denied"), "{t}");
+}

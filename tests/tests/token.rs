@@ -732,3 +732,49 @@ fn sigterm_right_after_start_up_exits_cleanly() {
         assert!(!socket.exists(), "the socket must be removed");
     }
 }
+
+// ---------------------------------------------------------------------------
+// 8. The audit key of a token from before the audit log
+// ---------------------------------------------------------------------------
+
+/// A token made before the audit log has no audit key: the daemon creates
+/// it on start (sensitive, never extractable), and seals with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_without_an_audit_key_gets_one_on_start() {
+    let mut d = TestDaemon::start();
+    drop(d.client().await); // record 1, sealed at shutdown with the first audit key
+    let (status, _) = d.stop();
+    assert!(status.success());
+    let conf = d.dir().join("softhsm2.conf");
+    let pin = read_pin(&d.dir().join("pin"));
+    let out = Proc::spawn(
+        Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(softhsm_module())
+            .args(["--token-label", "keyhaven-dev", "--login", "--pin", &pin])
+            .args(["--delete-object", "--type", "secrkey", "--label", "keyhaven-audit"])
+            .env("SOFTHSM2_CONF", &conf),
+    )
+    .finish(Duration::from_secs(30));
+    assert!(out.status.success(), "pkcs11-tool failed: {}{}", out.stdout, out.stderr);
+    let (objects, raw) = list_secret_keys(&conf, "keyhaven-dev", &pin);
+    assert!(!objects.iter().any(|o| o.label == "keyhaven-audit"), "deleted:\n{raw}");
+
+    d.start_again();
+    assert_only_the_master_key(&conf, "keyhaven-dev", &pin);
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.unwrap();
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("created the audit key"), "{log}");
+    // The records made since are sealed with the new key. (Seals made with
+    // the deleted key no longer verify: that is what a lost key means.)
+    d.start_again();
+    let v = d.cli(&["audit", "verify"], b"");
+    let t = format!("{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+    assert!(
+        !v.status.success() && t.contains("(bad_seal)"),
+        "the first run's seal was made by the old key: {t}"
+    );
+}

@@ -34,6 +34,14 @@ pub enum HsmError {
         /// What is wrong.
         reason: String,
     },
+    /// The audit (HMAC) key is unusable (docs/AUDIT.md §3).
+    #[error("audit key `{label}`: {reason}")]
+    AuditKey {
+        /// The key's label.
+        label: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Ciphertext or wrapped material did not authenticate.
     #[error("{0}")]
     Integrity(&'static str),

@@ -57,20 +57,30 @@ pub fn master_key_label(base: &str, version: u32) -> String {
     format!("{base}-v{version}")
 }
 
-/// Finds a master key version and checks that it is an AES key the token
-/// will never reveal (sensitive, never extractable) and that may unwrap.
-pub fn find_master_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
-    let fail = |reason: &str| HsmError::MasterKey { label: label.to_owned(), reason: reason.to_owned() };
+/// The one secret-key token object labelled `label`, if any; more than
+/// one is an error (`fail`).
+fn find_secret_key(
+    session: &Session,
+    label: &str,
+    fail: impl Fn(&str) -> HsmError,
+) -> Result<Option<ObjectHandle>, HsmError> {
     let found = session.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::Label(label.as_bytes().to_vec()),
         Attribute::Token(true),
     ])?;
-    let handle = match found.as_slice() {
-        [] => return Err(fail("not found in the token")),
-        [one] => *one,
-        _ => return Err(fail("more than one object carries this label")),
-    };
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(fail("more than one object carries this label")),
+    }
+}
+
+/// Finds a master key version and checks that it is an AES key the token
+/// will never reveal (sensitive, never extractable) and that may unwrap.
+pub fn find_master_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+    let fail = |reason: &str| HsmError::MasterKey { label: label.to_owned(), reason: reason.to_owned() };
+    let handle = find_secret_key(session, label, fail)?.ok_or_else(|| fail("not found in the token"))?;
     let attrs = session.get_attributes(
         handle,
         &[
@@ -129,17 +139,8 @@ pub fn create_master_key(session: &Session, label: &str) -> Result<ObjectHandle,
 /// Finds the audit key (docs/AUDIT.md §3) and checks that the token will
 /// never reveal it; `None` when no object carries the label.
 pub fn find_audit_key(session: &Session, label: &str) -> Result<Option<ObjectHandle>, HsmError> {
-    let fail = |reason: &str| HsmError::MasterKey { label: label.to_owned(), reason: reason.to_owned() };
-    let found = session.find_objects(&[
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Token(true),
-    ])?;
-    let handle = match found.as_slice() {
-        [] => return Ok(None),
-        [one] => *one,
-        _ => return Err(fail("more than one object carries this label")),
-    };
+    let fail = |reason: &str| HsmError::AuditKey { label: label.to_owned(), reason: reason.to_owned() };
+    let Some(handle) = find_secret_key(session, label, fail)? else { return Ok(None) };
     let attrs = session.get_attributes(
         handle,
         &[AttributeType::KeyType, AttributeType::Sensitive, AttributeType::Extractable, AttributeType::Sign],
@@ -185,7 +186,7 @@ pub fn ensure_audit_key(session: &Session, label: &str) -> Result<ObjectHandle, 
     ];
     session.generate_key(&Mechanism::GenericSecretKeyGen, &template)?;
     tracing::info!(label, "created the audit key in the token");
-    find_audit_key(session, label)?.ok_or_else(|| HsmError::MasterKey {
+    find_audit_key(session, label)?.ok_or_else(|| HsmError::AuditKey {
         label: label.to_owned(),
         reason: "was generated but cannot be found".to_owned(),
     })

@@ -145,7 +145,7 @@ impl Worker {
         }
         let shared = self.shared.clone();
         let label = &shared.audit_key_label;
-        let h = token::find_audit_key(self.session()?, label)?.ok_or_else(|| HsmError::MasterKey {
+        let h = token::find_audit_key(self.session()?, label)?.ok_or_else(|| HsmError::AuditKey {
             label: label.clone(),
             reason: "not found in the token".into(),
         })?;

@@ -203,6 +203,7 @@ async fn route(
             let ct: Ciphertext = req.ciphertext.parse()?;
             s.envelope(ct.envelope());
             allow(d, caller, op, key_target(ct.envelope().path()), s)?;
+            d.audit.watch_decrypt(caller, ct.envelope().path().tenant()).await?;
             encrypt::decrypt(d, ct, req.context).await
         }
         wire::Datakey::OP => {
@@ -219,6 +220,7 @@ async fn route(
             let env: Envelope = req.envelope.parse()?;
             s.envelope(&env);
             allow(d, caller, op, key_target(env.path()), s)?;
+            d.audit.watch_decrypt(caller, env.path().tenant()).await?;
             datakey::decrypt(d, env, req.context).await
         }
         wire::AuditRead::OP => {

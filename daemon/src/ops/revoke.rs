@@ -1,5 +1,5 @@
 //! Emergency revocation: `revoke`, `revoke_lift`, `revoke_list` and
-//! `destroy` (docs/PROTOCOL.md §3.9–3.12, runbook in docs/OPERATIONS.md).
+//! `destroy` (docs/PROTOCOL.md §3.13–3.16, runbook in docs/OPERATIONS.md).
 //!
 //! Each change is written to the store durably, then to the in-memory index
 //! that every key use checks, then the KEK copies it covers are destroyed in

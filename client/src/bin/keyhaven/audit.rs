@@ -146,14 +146,12 @@ pub async fn tail(
     let first =
         client.call(&AuditRead { tenant: tenant.clone(), since, after: None, last: Some(lines) }).await?;
     print(&first.records, json, false)?;
-    let mut next = first.records.last().map_or(0, |r| r.seq);
     if !follow {
         return Ok(());
     }
-    if next == 0 {
-        // Nothing matched yet: start after the newest record of all.
-        next = client.call(&AuditRead { last: Some(1), ..Default::default() }).await?.next;
-    }
+    // Nothing matched yet: nothing older matches either, so reading on
+    // from the start prints only what comes.
+    let mut next = first.next;
     loop {
         let page =
             client.call(&AuditRead { tenant: tenant.clone(), since, after: Some(next), last: None }).await?;

@@ -1,5 +1,5 @@
 //! `keyhaven revoke …` and `keyhaven destroy …`: emergency revocation
-//! (runbook: docs/OPERATIONS.md, wire: docs/PROTOCOL.md §3.9–3.12).
+//! (runbook: docs/OPERATIONS.md, wire: docs/PROTOCOL.md §3.13–3.16).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
