@@ -35,6 +35,11 @@ pub enum ErrorCode {
     /// A key version has wrapped as many data keys as its GCM nonce bound
     /// allows (docs/ENVELOPE.md §7); it needs a new version.
     KeyExhausted,
+    /// The key's state forbids this use: disabled (no new data keys),
+    /// pending deletion or deleted (no use at all).
+    KeyDisabled,
+    /// The key version is below the key's minimum decryption version.
+    VersionRetired,
     /// The caller may not do this.
     PermissionDenied,
     /// The key or scope has been revoked.
@@ -68,6 +73,8 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::KeyExhausted => "key_exhausted",
+            ErrorCode::KeyDisabled => "key_disabled",
+            ErrorCode::VersionRetired => "version_retired",
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Revoked => "revoked",
             ErrorCode::InvalidConfig => "invalid_config",

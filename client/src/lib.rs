@@ -12,6 +12,7 @@
 //! - [`frame`]: length-prefixed frames on the socket (docs/PROTOCOL.md §1).
 //! - [`wire`]: the JSON requests, responses and error codes
 //!   (docs/PROTOCOL.md §2–4).
+//! - [`lifecycle`]: key versions, rotation, retirement, states, rewrap.
 //! - [`revocation`]: revocation scopes, reasons and operations.
 //! - [`client`]: an async client that pipelines requests on one connection.
 //! - [`error`]: the crate's error type.
@@ -24,6 +25,7 @@ pub mod context;
 pub mod envelope;
 pub mod error;
 pub mod frame;
+pub mod lifecycle;
 pub mod names;
 pub mod revocation;
 pub mod secret;

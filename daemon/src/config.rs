@@ -50,6 +50,9 @@ pub struct Config {
     /// The audit log.
     #[serde(default)]
     pub audit: AuditSection,
+    /// Periodic key upkeep.
+    #[serde(default)]
+    pub lifecycle: LifecycleSection,
     /// Who may do what (docs/POLICY.md).
     #[serde(default)]
     pub policy: PolicySection,
@@ -134,6 +137,36 @@ pub struct HsmSection {
     /// For SoftHSM2 only: its configuration file (sets SOFTHSM2_CONF).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub softhsm2_conf: Option<PathBuf>,
+}
+
+/// `[lifecycle]`: how often the daemon looks for due rotations and
+/// deletions, and persists usage counts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleSection {
+    /// Seconds between checks for due automatic rotations and scheduled
+    /// deletions (also done at start-up).
+    #[serde(default = "default_check_seconds")]
+    pub check_seconds: u64,
+    /// Seconds between writes of the usage counts to the store.
+    #[serde(default = "default_usage_flush_seconds")]
+    pub usage_flush_seconds: u64,
+}
+
+impl Default for LifecycleSection {
+    fn default() -> Self {
+        LifecycleSection {
+            check_seconds: default_check_seconds(),
+            usage_flush_seconds: default_usage_flush_seconds(),
+        }
+    }
+}
+
+fn default_check_seconds() -> u64 {
+    60
+}
+fn default_usage_flush_seconds() -> u64 {
+    5
 }
 
 /// `[limits]`.
@@ -262,6 +295,9 @@ impl Config {
                 return Err(invalid("[hsm] takes one of `pin_file` and `pin_env`, not both"))
             }
             _ => {}
+        }
+        if cfg.lifecycle.check_seconds == 0 || cfg.lifecycle.usage_flush_seconds == 0 {
+            return Err(invalid("[lifecycle] check_seconds and usage_flush_seconds must be at least 1"));
         }
         if cfg.hsm.workers == 0 || cfg.hsm.workers > 64 {
             return Err(invalid("[hsm] workers must be from 1 to 64"));

@@ -53,6 +53,7 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         tokio::spawn(signals.handle(daemon.clone(), shutdown.clone()));
         tracing::info!(socket = %daemon.config.socket.display(), token = daemon.hsm.token_label(), "listening");
         on_ready(&daemon.config);
+        tokio::spawn(crate::upkeep::run(daemon.clone(), shutdown.clone()));
         server::run(daemon.clone(), listener, shutdown).await;
         anyhow::Ok(())
     });
@@ -60,6 +61,9 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     // The last seal needs the token: stop the audit before the HSM workers.
     daemon.audit.stop();
     daemon.hsm.shutdown();
+    if let Err(e) = daemon.usage.flush(&*daemon.store) {
+        tracing::warn!(error = %e, "cannot write the last usage counts");
+    }
     daemon.store.flush().context("flushing the store")?;
     // A daemon that was refused the socket leaves the other one's alone.
     if bound {

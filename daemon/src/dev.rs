@@ -106,6 +106,7 @@ pub fn prepare(dir: &Path) -> anyhow::Result<(PathBuf, Option<SledStore>)> {
         },
         limits: Limits::default(),
         audit: AuditSection::default(),
+        lifecycle: Default::default(),
         // The quick start: whoever ran `keyhavend dev` may do everything.
         policy: PolicySection {
             rules: vec![RuleSection::new(

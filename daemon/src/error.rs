@@ -39,6 +39,12 @@ pub enum Error {
     /// A key version has used its wrap budget (docs/ENVELOPE.md §7).
     #[error("{0}")]
     KeyExhausted(String),
+    /// The key's state forbids this use.
+    #[error("{0}")]
+    KeyDisabled(String),
+    /// The version is below the key's minimum decryption version.
+    #[error("{0}")]
+    VersionRetired(String),
     /// A revocation covers the key or data key.
     #[error("{0}")]
     Revoked(String),
@@ -77,6 +83,8 @@ impl Error {
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::KeyExhausted(_) => ErrorCode::KeyExhausted,
             Error::Revoked(_) => ErrorCode::Revoked,
+            Error::KeyDisabled(_) => ErrorCode::KeyDisabled,
+            Error::VersionRetired(_) => ErrorCode::VersionRetired,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::InvalidConfig(_) => ErrorCode::InvalidConfig,
             Error::Audit(_) => ErrorCode::StoreUnavailable,

@@ -14,6 +14,9 @@
 //! - [`hsm`]: the PKCS#11 worker pool; every wrap and unwrap happens there.
 //! - [`revocation`]: the in-memory index of revocations every key use
 //!   checks first.
+//! - [`usage`]: decryptions and rewraps per key version, for retirement.
+//! - [`upkeep`]: periodic jobs: usage flush, automatic rotation, scheduled
+//!   deletions.
 //! - [`wraps`]: counts data-key wraps per KEK version against the GCM
 //!   nonce bound.
 //! - [`store`]: the keyring (wrapped key material only) behind a trait.
@@ -41,4 +44,6 @@ pub mod revocation;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod upkeep;
+pub mod usage;
 pub mod wraps;

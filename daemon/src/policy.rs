@@ -91,6 +91,7 @@ pub enum Access {
 /// The one map from wire operations to permissions; `None` for an unknown
 /// operation. Add new operations here (and a route in `ops::dispatch`).
 pub fn permission_for(op: &str) -> Option<Access> {
+    use keyhaven::lifecycle;
     use keyhaven::revocation::{Destroy, Revoke, RevokeLift, RevokeList};
     use keyhaven::wire::{self, Operation};
     use Permission::*;
@@ -104,6 +105,14 @@ pub fn permission_for(op: &str) -> Option<Access> {
         wire::AdminReload::OP => Access::Needs(Admin),
         // Lifting the whole-system suspension needs `break-glass` as well.
         Revoke::OP | RevokeLift::OP | RevokeList::OP | Destroy::OP => Access::Needs(Revoke),
+        lifecycle::KeyRotate::OP
+        | lifecycle::KeyShow::OP
+        | lifecycle::KeySet::OP
+        | lifecycle::KeyTrim::OP
+        | lifecycle::KeyScheduleDeletion::OP
+        | lifecycle::KeyCancelDeletion::OP => Access::Needs(KeyAdmin),
+        // Rewrap opens a data key (inside the daemon) and seals it again.
+        lifecycle::Rewrap::OP => Access::Needs(Decrypt),
         _ => return None,
     })
 }

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use keyhaven::envelope::{self, Envelope, EnvelopeId, DEK_LEN, ID_LEN, NONCE_LEN, WRAPPED_DEK_LEN};
+use keyhaven::lifecycle::KeyState;
 use keyhaven::wire::{self, DatakeyResponse, DecryptResponse, SecretBytes};
 use keyhaven::{EncryptionContext, KeyPath};
 use zeroize::Zeroizing;
@@ -29,7 +30,7 @@ pub struct NewDataKey {
     pub spare_nonce: [u8; NONCE_LEN],
 }
 
-fn kek_ref(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<KekRef, Error> {
+pub fn kek_ref(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<KekRef, Error> {
     let v = rec
         .version(version)
         .ok_or_else(|| Error::NotFound(format!("key `{path}` has no version {version}")))?;
@@ -48,6 +49,40 @@ fn unknown_key(path: &KeyPath) -> Error {
     Error::NotFound(format!("unknown key `{path}`"))
 }
 
+/// Refuses a new data key under a key that is not enabled.
+fn check_new_use(rec: &KeyRecord, path: &KeyPath) -> Result<(), Error> {
+    match rec.state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(Error::KeyDisabled(format!(
+            "key `{path}` is disabled: it makes no new data keys (existing ones still decrypt)"
+        ))),
+        other => check_decrypt_state(rec, path, other),
+    }
+}
+
+fn check_decrypt_state(rec: &KeyRecord, path: &KeyPath, state: KeyState) -> Result<(), Error> {
+    match state {
+        KeyState::Enabled | KeyState::Disabled => Ok(()),
+        KeyState::PendingDeletion => Err(Error::KeyDisabled(format!(
+            "key `{path}` is scheduled for deletion at {} and cannot be used; `keyhaven key cancel-deletion` restores it",
+            crate::revocation::rfc3339(rec.deletion_at.unwrap_or_default())
+        ))),
+        KeyState::Deleted => Err(Error::KeyDisabled(format!("key `{path}` was deleted"))),
+    }
+}
+
+/// Refuses decryption under a key's state or a retired version.
+fn check_decrypt(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<(), Error> {
+    check_decrypt_state(rec, path, rec.state)?;
+    if version < rec.min_decryption_version {
+        return Err(Error::VersionRetired(format!(
+            "key `{path}` version {version} is retired: the minimum decryption version is {}",
+            rec.min_decryption_version
+        )));
+    }
+    Ok(())
+}
+
 /// Makes a data key under the current version of `path`.
 pub async fn new_data_key(
     d: &Daemon,
@@ -58,18 +93,37 @@ pub async fn new_data_key(
     // Revocation before the keyring: a refusal must not say whether a key exists.
     d.revocations.check(&path, None, None)?;
     let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    check_new_use(&rec, &path)?;
     let version = rec.current_version;
     d.revocations.check(&path, Some(version), None)?;
     let kek = kek_ref(&rec, &path, version)?;
+    seal_data_key(d, kek, None, context).await
+}
+
+/// Wraps a data key under `kek` (a version of the key it names): a fresh
+/// one, or `existing` (a data key and its envelope id, for `rewrap`). Counts
+/// the wrap against the version's nonce budget first.
+pub async fn seal_data_key(
+    d: &Daemon,
+    kek: KekRef,
+    existing: Option<(DataKey, EnvelopeId)>,
+    context: EncryptionContext,
+) -> Result<NewDataKey, Error> {
     d.wraps.take(&kek.id)?;
+    let (path, version) = (kek.id.path.clone(), kek.id.version);
     d.hsm
         .run(move |w| {
             // One token call for every random value: key, id, two nonces.
             let mut rnd = Zeroizing::new([0u8; DEK_LEN + ID_LEN + 2 * NONCE_LEN]);
             w.random(&mut rnd[..])?;
-            let mut key: DataKey = Zeroizing::new([0u8; DEK_LEN]);
-            key.copy_from_slice(&rnd[..DEK_LEN]);
-            let id = EnvelopeId(rnd[DEK_LEN..DEK_LEN + ID_LEN].try_into().expect("16 bytes"));
+            let (key, id) = match existing {
+                Some(kept) => kept,
+                None => {
+                    let mut key: DataKey = Zeroizing::new([0u8; DEK_LEN]);
+                    key.copy_from_slice(&rnd[..DEK_LEN]);
+                    (key, EnvelopeId(rnd[DEK_LEN..DEK_LEN + ID_LEN].try_into().expect("16 bytes")))
+                }
+            };
             let at = DEK_LEN + ID_LEN;
             let nonce: [u8; NONCE_LEN] = rnd[at..at + NONCE_LEN].try_into().expect("12 bytes");
             let spare_nonce: [u8; NONCE_LEN] = rnd[at + NONCE_LEN..].try_into().expect("12 bytes");
@@ -85,13 +139,27 @@ pub async fn new_data_key(
         .map_err(Error::from)
 }
 
-/// Unwraps the data key of `env` under `context`.
+/// Unwraps the data key of `env` under `context`, counting a decryption.
 pub async fn open_data_key(d: &Daemon, env: &Envelope, context: EncryptionContext) -> Result<DataKey, Error> {
+    let (key, kek) = unwrap_data_key(d, env, context).await?;
+    d.usage.decrypted(&kek, super::now_unix());
+    Ok(key)
+}
+
+/// Unwraps the data key of `env` under `context`; counts nothing. Returns
+/// the key and the version that wrapped it.
+pub async fn unwrap_data_key(
+    d: &Daemon,
+    env: &Envelope,
+    context: EncryptionContext,
+) -> Result<(DataKey, KekId), Error> {
     context.validate()?;
     let path = env.path().clone();
     d.revocations.check(&path, Some(env.key_version()), Some(&env.id()))?;
     let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    check_decrypt(&rec, &path, env.key_version())?;
     let kek = kek_ref(&rec, &path, env.key_version())?;
+    let id = kek.id.clone();
     let aad = envelope::aad(&env.header(), &context);
     let nonce = *env.nonce();
     let wrapped = *env.wrapped_dek();
@@ -101,7 +169,7 @@ pub async fn open_data_key(d: &Daemon, env: &Envelope, context: EncryptionContex
         return Err(Error::Integrity("the envelope holds no 32-byte data key".into()));
     }
     key.copy_from_slice(&plain);
-    Ok(key)
+    Ok((key, id))
 }
 
 /// `datakey` under `path` (the request's key, already checked).

@@ -11,10 +11,11 @@ use keyhaven::wire::{self, EncryptResponse, SecretBytes, MAX_ENCRYPT_PLAINTEXT};
 use keyhaven::{EncryptionContext, KeyPath};
 use zeroize::Zeroizing;
 
-use super::datakey::{new_data_key, open_data_key, opened};
+use super::datakey::{new_data_key, open_data_key, opened, NewDataKey};
 use super::{reply, Daemon, Reply};
 use crate::audit::Subject;
 use crate::error::Error;
+use crate::secret::DataKey;
 
 /// `encrypt` under `path` (the request's key, already checked).
 pub async fn encrypt(
@@ -28,15 +29,7 @@ pub async fn encrypt(
     }
     let new = new_data_key(d, path, req.context.clone()).await?;
     s.envelope(&new.envelope);
-    let nonce = new.spare_nonce;
-    let header = Ciphertext::header_for(&new.envelope, &nonce);
-    let aad = envelope::aad(&header, &req.context);
-    let cipher =
-        Aes256Gcm::new_from_slice(&new.key[..]).map_err(|_| Error::Internal("data key length".into()))?;
-    let payload = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: req.plaintext.expose(), aad: &aad })
-        .map_err(|_| Error::Internal("AES-GCM encryption failed".into()))?;
-    let ct = Ciphertext::new(new.envelope, nonce, payload);
+    let ct = seal_payload(&new, req.plaintext.expose(), &req.context)?;
     let text = ct.to_string();
     let resp = EncryptResponse {
         envelope_id: ct.envelope().id().to_string(),
@@ -54,20 +47,46 @@ pub async fn decrypt(d: &Arc<Daemon>, ct: Ciphertext, context: EncryptionContext
             ct.payload().len()
         )));
     }
-    let aad = envelope::aad(&ct.header(), &context);
-    let key = open_data_key(d, ct.envelope(), context).await?;
-    let cipher =
-        Aes256Gcm::new_from_slice(&key[..]).map_err(|_| Error::Internal("data key length".into()))?;
-    let plain = Zeroizing::new(
-        cipher.decrypt(Nonce::from_slice(ct.nonce()), Payload { msg: ct.payload(), aad: &aad }).map_err(
-            |_| {
-                Error::Integrity(
-                    "the ciphertext does not authenticate: it was altered, or the encryption context differs"
-                        .into(),
-                )
-            },
-        )?,
-    );
+    let key = open_data_key(d, ct.envelope(), context.clone()).await?;
+    let plain = open_payload(&ct, &key, &context)?;
     let hint = plain.len() * 4 / 3;
     reply(&opened(ct.envelope(), SecretBytes::from_slice(&plain)), hint)
+}
+
+/// Seals `plaintext` with a new data key's key and spare nonce into a
+/// ciphertext (docs/ENVELOPE.md §6.2).
+pub fn seal_payload(
+    new: &NewDataKey,
+    plaintext: &[u8],
+    context: &EncryptionContext,
+) -> Result<Ciphertext, Error> {
+    let nonce = new.spare_nonce;
+    let header = Ciphertext::header_for(&new.envelope, &nonce);
+    let aad = envelope::aad(&header, context);
+    let cipher =
+        Aes256Gcm::new_from_slice(&new.key[..]).map_err(|_| Error::Internal("data key length".into()))?;
+    let payload = cipher
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad })
+        .map_err(|_| Error::Internal("AES-GCM encryption failed".into()))?;
+    Ok(Ciphertext::new(new.envelope.clone(), nonce, payload))
+}
+
+/// Opens a ciphertext's payload with its data key (docs/ENVELOPE.md §6.2).
+pub fn open_payload(
+    ct: &Ciphertext,
+    key: &DataKey,
+    context: &EncryptionContext,
+) -> Result<Zeroizing<Vec<u8>>, Error> {
+    let aad = envelope::aad(&ct.header(), context);
+    let cipher =
+        Aes256Gcm::new_from_slice(&key[..]).map_err(|_| Error::Internal("data key length".into()))?;
+    let plain = cipher
+        .decrypt(Nonce::from_slice(ct.nonce()), Payload { msg: ct.payload(), aad: &aad })
+        .map_err(|_| {
+            Error::Integrity(
+                "the ciphertext does not authenticate: it was altered, or the encryption context differs"
+                    .into(),
+            )
+        })?;
+    Ok(Zeroizing::new(plain))
 }

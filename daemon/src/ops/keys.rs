@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use keyhaven::lifecycle::KeyState;
 use keyhaven::wire::{self, KeyInfo, KeyListResponse};
 use keyhaven::KeyPath;
 
@@ -35,14 +36,11 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
         key: path.key().into(),
         created_at: now,
         current_version: 1,
-        versions: vec![KeyVersion {
-            version: 1,
-            created_at: now,
-            master_key_version,
-            wrapped_kek,
-            wraps_reserved: 0,
-            destroyed_at: None,
-        }],
+        versions: vec![KeyVersion::new(1, now, master_key_version, wrapped_kek)],
+        state: KeyState::Enabled,
+        min_decryption_version: 1,
+        rotate_every_secs: None,
+        deletion_at: None,
     };
     // The flush makes it durable before we answer; it blocks, so it runs
     // off the async threads (key creation is rare, not a hot path).

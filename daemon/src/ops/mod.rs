@@ -9,11 +9,15 @@ mod datakey;
 mod encrypt;
 mod health;
 mod keys;
+mod lifecycle;
 mod revoke;
 
 use std::sync::{Arc, RwLock};
 
 use keyhaven::envelope::{Ciphertext, Envelope};
+use keyhaven::lifecycle::{
+    KeyCancelDeletion, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow, KeyTrim, Rewrap,
+};
 use keyhaven::revocation::{Destroy, Revoke, RevokeLift, RevokeList, Scope};
 use keyhaven::wire::{self, Operation};
 use keyhaven::KeyPath;
@@ -29,9 +33,11 @@ use crate::identity::Caller;
 use crate::policy::{self, Access, Policy, Target};
 use crate::revocation;
 use crate::store::{Store, StoreError};
+use crate::usage::UsageBook;
 use crate::wraps::WrapBudget;
 
 pub use admin::reload_policy;
+pub use lifecycle::{delete_if_due, rotate_key};
 
 /// What every request may use.
 pub struct Daemon {
@@ -50,6 +56,8 @@ pub struct Daemon {
     pub audit: Audit,
     /// Revocations in force.
     pub revocations: revocation::Index,
+    /// Usage counts not yet in the store.
+    pub usage: UsageBook,
 }
 
 impl Daemon {
@@ -61,7 +69,7 @@ impl Daemon {
         let audit = Audit::open(store.clone(), hsm.clone(), &config.audit)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));
         let revocations = revocation::Index::new(store.revocations()?);
-        Ok(Daemon { hsm, store, config, wraps, policy, audit, revocations })
+        Ok(Daemon { hsm, store, config, wraps, policy, audit, revocations, usage: UsageBook::default() })
     }
 
     /// The policy in force.
@@ -160,6 +168,27 @@ fn tenant_target<'a>(tenant: Option<&'a str>, s: &mut Subject) -> Result<Target<
         }
         None => Ok(Target::All),
     }
+}
+
+/// A lifecycle operation on one named key: parse, note, check, run.
+async fn key_admin<R, F, Fut>(
+    d: &Arc<Daemon>,
+    caller: &Caller,
+    op: &str,
+    params: &str,
+    s: &mut Subject,
+    run: F,
+) -> Result<Reply, Error>
+where
+    R: DeserializeOwned + lifecycle::NamesKey,
+    F: FnOnce(Arc<Daemon>, R) -> Fut,
+    Fut: std::future::Future<Output = Result<Reply, Error>>,
+{
+    let req: R = parse(op, params)?;
+    let path = KeyPath::new(req.tenant(), req.key())?;
+    s.key(&path);
+    allow(d, caller, op, key_target(&path), s)?;
+    run(d.clone(), req).await
 }
 
 /// Parses params, notes the request's subject, checks the policy, runs.
@@ -261,6 +290,32 @@ async fn route(
             scope_subject(&req.scope, s);
             allow(d, caller, op, scope_target(&req.scope), s)?;
             revoke::destroy(d, caller, req).await
+        }
+        KeyRotate::OP => key_admin(d, caller, op, params, s, |d, r: KeyRotate| lifecycle::rotate(d, r)).await,
+        KeyShow::OP => key_admin(d, caller, op, params, s, |d, r: KeyShow| lifecycle::show(d, r)).await,
+        KeySet::OP => key_admin(d, caller, op, params, s, |d, r: KeySet| lifecycle::set(d, r)).await,
+        KeyTrim::OP => key_admin(d, caller, op, params, s, |d, r: KeyTrim| lifecycle::trim(d, r)).await,
+        KeyScheduleDeletion::OP => {
+            key_admin(d, caller, op, params, s, |d, r: KeyScheduleDeletion| {
+                lifecycle::schedule_deletion(d, r)
+            })
+            .await
+        }
+        KeyCancelDeletion::OP => {
+            key_admin(d, caller, op, params, s, |d, r: KeyCancelDeletion| lifecycle::cancel_deletion(d, r))
+                .await
+        }
+        Rewrap::OP => {
+            let req: Rewrap = parse(op, params)?;
+            s.context(&req.context);
+            let env: Envelope = if req.text.starts_with(keyhaven::envelope::CIPHERTEXT_PREFIX) {
+                req.text.parse::<Ciphertext>()?.envelope().clone()
+            } else {
+                req.text.parse()?
+            };
+            s.envelope(&env);
+            allow(d, caller, op, key_target(env.path()), s)?;
+            lifecycle::rewrap(d, req).await
         }
         wire::AdminReload::OP => {
             let _: wire::AdminReload = parse(op, params)?;

@@ -7,6 +7,7 @@
 
 pub mod sled_store;
 
+use keyhaven::lifecycle::KeyState;
 use keyhaven::revocation::{Revocation, Scope};
 use keyhaven::KeyPath;
 use serde::{Deserialize, Serialize};
@@ -72,8 +73,28 @@ pub struct KeyRecord {
     pub created_at: u64,
     /// The version new data keys are wrapped with.
     pub current_version: u32,
-    /// Every version, oldest first.
+    /// Every version still held, oldest first (trimmed ones are gone).
     pub versions: Vec<KeyVersion>,
+    /// Whether the key may be used.
+    #[serde(default = "enabled")]
+    pub state: KeyState,
+    /// Versions below this one are refused for decryption (1: none).
+    #[serde(default = "one")]
+    pub min_decryption_version: u32,
+    /// Automatic rotation period, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_every_secs: Option<u64>,
+    /// When a scheduled deletion happens, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_at: Option<u64>,
+}
+
+fn enabled() -> KeyState {
+    KeyState::Enabled
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// One version of a named key.
@@ -96,6 +117,33 @@ pub struct KeyVersion {
     /// seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destroyed_at: Option<u64>,
+    /// Data keys unwrapped under it (counted in memory, persisted every few
+    /// seconds and at shutdown).
+    #[serde(default)]
+    pub decryptions: u64,
+    /// Envelopes and ciphertexts rewrapped away from it.
+    #[serde(default)]
+    pub rewraps: u64,
+    /// Last decryption or rewrap, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<u64>,
+}
+
+impl KeyVersion {
+    /// A fresh version holding `wrapped_kek`.
+    pub fn new(version: u32, now: u64, master_key_version: u32, wrapped_kek: Vec<u8>) -> KeyVersion {
+        KeyVersion {
+            version,
+            created_at: now,
+            master_key_version,
+            wrapped_kek,
+            wraps_reserved: 0,
+            destroyed_at: None,
+            decryptions: 0,
+            rewraps: 0,
+            last_used_at: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for KeyVersion {

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod audit;
 mod bench;
+mod lifecycle;
 mod revoke;
 use keyhaven::wire::MAX_ENCRYPT_PLAINTEXT;
 use keyhaven::{Client, EncryptionContext, KeyPath};
@@ -51,6 +52,11 @@ enum Command {
     },
     /// Data keys: `datakey TENANT/KEY` makes one; `datakey decrypt` unwraps one.
     Datakey(DatakeyArgs),
+    /// Rewrap envelopes or ciphertexts (one per line on stdin) under their key's newest version.
+    Rewrap {
+        #[command(flatten)]
+        context: ContextArgs,
+    },
     /// Suspend decryption in a scope (datakey, key, tenant, all), list or lift suspensions.
     Revoke(revoke::RevokeArgs),
     /// Erase a suspended key's or tenant's material for good (crypto-shredding).
@@ -89,12 +95,17 @@ enum KeyCommand {
     Create {
         /// The key, as TENANT/KEY.
         key: KeyPath,
+        /// Rotate automatically this often (90d, 12h, …); none by default.
+        #[arg(long, value_name = "PERIOD")]
+        rotate_every: Option<String>,
     },
     /// List named keys, all or one tenant's.
     List {
         /// Only this tenant.
         tenant: Option<String>,
     },
+    #[command(flatten)]
+    Lifecycle(lifecycle::Lifecycle),
 }
 
 #[derive(Subcommand)]
@@ -294,6 +305,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             revoke::check_revoke(args)?;
             None
         }
+        Command::Key(KeyCommand::Lifecycle(cmd)) => {
+            lifecycle::check(cmd)?;
+            None
+        }
+        Command::Key(KeyCommand::Create { rotate_every: Some(p), .. }) => {
+            lifecycle::period(p)?;
+            None
+        }
+        Command::Rewrap { context } => Some(context.parse().map_err(usage)?),
         Command::Destroy(args) => {
             revoke::check_destroy(args)?;
             None
@@ -343,7 +363,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Audit(AuditCommand::Verify { json }) => audit::verify(&client, json).await,
         Command::Audit(AuditCommand::Export { since, tenant }) => audit::export(&client, tenant, since).await,
-        Command::Key(KeyCommand::Create { key }) => print_json(&client.key_create(&key).await?),
+        Command::Key(KeyCommand::Create { key, rotate_every: None }) => {
+            print_json(&client.key_create(&key).await?)
+        }
+        Command::Key(KeyCommand::Create { key, rotate_every: Some(p) }) => {
+            client.key_create(&key).await?;
+            let req = keyhaven::lifecycle::KeySet {
+                tenant: key.tenant().into(),
+                key: key.key().into(),
+                min_decryption_version: None,
+                rotate_every_secs: Some(lifecycle::period(&p)?),
+                state: None,
+            };
+            print_json(&client.call(&req).await?)
+        }
+        Command::Key(KeyCommand::Lifecycle(cmd)) => lifecycle::run(&client, cmd).await,
+        Command::Rewrap { .. } => lifecycle::rewrap(&client, context).await,
         Command::Key(KeyCommand::List { tenant }) => {
             let keys = client.key_list(tenant.as_deref()).await?;
             print_json(&serde_json::json!({ "keys": keys }))

@@ -1,0 +1,214 @@
+//! `keyhaven key rotate|show|usage|set|trim|schedule-deletion|cancel-deletion`
+//! and `keyhaven rewrap` (docs/PROTOCOL.md §3.13–3.19, runbook in
+//! docs/OPERATIONS.md).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use clap::Subcommand;
+use keyhaven::lifecycle::{
+    KeyCancelDeletion, KeyDetails, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow, KeyState, KeyTrim, Rewrap,
+};
+use keyhaven::{Client, EncryptionContext, KeyPath};
+use serde_json::json;
+
+use crate::{print_json, usage, Failure};
+
+/// The lifecycle subcommands of `keyhaven key`.
+#[derive(Subcommand)]
+pub enum Lifecycle {
+    /// Add a version (generated in the HSM); new data keys use it, older versions still decrypt.
+    Rotate {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+    },
+    /// A key's versions, states, dates, policy and usage.
+    Show {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+    },
+    /// Decryptions, rewraps and last use per version: is an old version still needed?
+    Usage {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+    },
+    /// Change a key's settings.
+    Set {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+        /// Refuse decryption under versions below N (retirement).
+        #[arg(long, value_name = "N")]
+        min_decryption_version: Option<u32>,
+        /// Rotate automatically this often (90d, 12h, …), or `off`.
+        #[arg(long, value_name = "PERIOD")]
+        rotate_every: Option<String>,
+        /// No new data keys; existing ones still decrypt.
+        #[arg(long, conflicts_with = "enable")]
+        disable: bool,
+        /// Back to normal use.
+        #[arg(long)]
+        enable: bool,
+    },
+    /// Delete for good the versions below the minimum decryption version.
+    Trim {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+    },
+    /// Stop every use now and erase the key after a waiting period (7–30 days).
+    ScheduleDeletion {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+        /// Days to wait.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Cancel a scheduled deletion; the key comes back disabled.
+    CancelDeletion {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+    },
+}
+
+/// `--rotate-every` in seconds (0 for `off`).
+pub fn period(text: &str) -> Result<u64, Failure> {
+    if text == "off" || text == "none" {
+        return Ok(0);
+    }
+    let d = humantime::parse_duration(text)
+        .map_err(|_| usage(format!("--rotate-every `{text}` is not a period like 90d, 12h or `off`")))?;
+    if d.as_secs() == 0 {
+        return Err(usage(format!("--rotate-every `{text}` is under one second")));
+    }
+    Ok(d.as_secs())
+}
+
+/// Checks the arguments before anything is sent.
+pub fn check(cmd: &Lifecycle) -> Result<(), Failure> {
+    match cmd {
+        Lifecycle::Set { min_decryption_version, rotate_every, disable, enable, .. } => {
+            if let Some(p) = rotate_every {
+                period(p)?;
+            }
+            if *min_decryption_version == Some(0) {
+                return Err(usage("--min-decryption-version starts at 1"));
+            }
+            if min_decryption_version.is_none() && rotate_every.is_none() && !disable && !enable {
+                return Err(usage(
+                    "nothing to set: give --min-decryption-version, --rotate-every, --disable or --enable",
+                ));
+            }
+            Ok(())
+        }
+        Lifecycle::ScheduleDeletion { days, .. } if !(7..=30).contains(days) => {
+            Err(usage(format!("--days {days}: a deletion waits 7 to 30 days")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn names(key: &KeyPath) -> (String, String) {
+    (key.tenant().to_owned(), key.key().to_owned())
+}
+
+pub async fn run(client: &Client, cmd: Lifecycle) -> Result<(), Failure> {
+    match cmd {
+        Lifecycle::Rotate { key } => {
+            let (tenant, key) = names(&key);
+            print_json(&view(&client.call(&KeyRotate { tenant, key }).await?))
+        }
+        Lifecycle::Show { key } => {
+            let (tenant, key) = names(&key);
+            print_json(&view(&client.call(&KeyShow { tenant, key }).await?))
+        }
+        Lifecycle::Usage { key } => {
+            let (tenant, key) = names(&key);
+            let d = client.call(&KeyShow { tenant, key }).await?;
+            let versions: Vec<_> = d
+                .versions
+                .iter()
+                .map(|v| {
+                    json!({
+                        "version": v.version,
+                        "state": v.state,
+                        "decryptions": v.decryptions,
+                        "rewraps": v.rewraps,
+                        "last_used_utc": v.last_used_at.map(utc),
+                    })
+                })
+                .collect();
+            print_json(&json!({ "key": format!("{}/{}", d.tenant, d.key), "versions": versions }))
+        }
+        Lifecycle::Set { key, min_decryption_version, rotate_every, disable, enable } => {
+            let (tenant, key) = names(&key);
+            let state = if disable { Some(KeyState::Disabled) } else { enable.then_some(KeyState::Enabled) };
+            let rotate_every_secs = rotate_every.as_deref().map(period).transpose()?;
+            let req = KeySet { tenant, key, min_decryption_version, rotate_every_secs, state };
+            print_json(&view(&client.call(&req).await?))
+        }
+        Lifecycle::Trim { key } => {
+            let (tenant, key) = names(&key);
+            let r = client.call(&KeyTrim { tenant, key }).await?;
+            print_json(&json!({ "trimmed": r.trimmed, "key": view(&r.details) }))
+        }
+        Lifecycle::ScheduleDeletion { key, days } => {
+            let (tenant, key) = names(&key);
+            print_json(&view(&client.call(&KeyScheduleDeletion { tenant, key, days: Some(days) }).await?))
+        }
+        Lifecycle::CancelDeletion { key } => {
+            let (tenant, key) = names(&key);
+            print_json(&view(&client.call(&KeyCancelDeletion { tenant, key }).await?))
+        }
+    }
+}
+
+/// `keyhaven rewrap`: one envelope or ciphertext per line on stdin, the
+/// rewrapped one per line on stdout, in order; a progress line on a terminal.
+/// A line that fails stops the run with its line number (nothing after it is
+/// written), so a partial output is never mistaken for a whole one.
+pub async fn rewrap(client: &Client, context: EncryptionContext) -> Result<(), Failure> {
+    let stdin = std::io::stdin();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let progress = std::io::stderr().is_terminal();
+    let (start, mut last) = (Instant::now(), Instant::now());
+    let mut done = 0u64;
+    for (n, line) in stdin.lock().lines().enumerate() {
+        let line = line.map_err(|e| Failure::new(format!("cannot read line {}: {e}", n + 1)))?;
+        let text = line.trim();
+        if text.is_empty() {
+            writeln!(out)?;
+            continue;
+        }
+        let r = client
+            .call(&Rewrap { text: text.to_owned(), context: context.clone() })
+            .await
+            .map_err(|e| Failure::new(format!("line {}: {e}", n + 1)))?;
+        writeln!(out, "{}", r.text)?;
+        done += 1;
+        if progress && last.elapsed() > Duration::from_millis(500) {
+            last = Instant::now();
+            let rate = done as f64 / start.elapsed().as_secs_f64();
+            eprint!("\rrewrapped {done} ({rate:.0}/s)");
+        }
+    }
+    out.flush()?;
+    if progress && done > 0 {
+        eprintln!("\rrewrapped {done}            ");
+    }
+    Ok(())
+}
+
+fn utc(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// Key details with readable times next to the Unix ones.
+fn view(d: &KeyDetails) -> serde_json::Value {
+    let mut v = serde_json::to_value(d).unwrap_or_default();
+    if let Some(t) = d.next_rotation_at {
+        v["next_rotation_utc"] = json!(utc(t));
+    }
+    if let Some(t) = d.deletion_at {
+        v["deletion_utc"] = json!(utc(t));
+    }
+    v
+}

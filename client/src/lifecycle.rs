@@ -1,0 +1,176 @@
+//! The key lifecycle on the wire (docs/PROTOCOL.md §3.13–3.19): versions and
+//! rotation, the minimum decryption version and trimming, states and
+//! scheduled deletion, usage, and `rewrap`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::context::EncryptionContext;
+use crate::wire::Operation;
+
+/// Whether a named key may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Every use.
+    Enabled,
+    /// No new data keys or ciphertexts; existing ones still decrypt, so data
+    /// stays readable while a key is phased out (stopping decryption is what
+    /// revocation is for).
+    Disabled,
+    /// No use at all until the deletion is cancelled or happens.
+    PendingDeletion,
+    /// The key material is erased; nothing under the key opens again.
+    Deleted,
+}
+
+impl KeyState {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "enabled",
+            KeyState::Disabled => "disabled",
+            KeyState::PendingDeletion => "pending_deletion",
+            KeyState::Deleted => "deleted",
+        }
+    }
+}
+
+/// One version as `key_show` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionDetails {
+    /// Version number.
+    pub version: u32,
+    /// `current` (new data keys use it), `active` (decrypts), `retired`
+    /// (below the minimum decryption version) or `destroyed`.
+    pub state: String,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// The master key version that wraps it.
+    pub master_key_version: u32,
+    /// Data-key wraps counted against its nonce budget (reserved ranges).
+    pub wraps: u64,
+    /// Decryptions (data-key unwraps) under it.
+    pub decryptions: u64,
+    /// Envelopes and ciphertexts rewrapped away from it.
+    pub rewraps: u64,
+    /// Last decryption or rewrap, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<u64>,
+}
+
+/// A named key in full (`key_show` and the lifecycle operations).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyDetails {
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+    /// Whether it may be used.
+    pub state: KeyState,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// The version new data keys use.
+    pub current_version: u32,
+    /// Versions below this one are refused for decryption.
+    pub min_decryption_version: u32,
+    /// Automatic rotation period in seconds, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_every_secs: Option<u64>,
+    /// When the next automatic rotation is due, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<u64>,
+    /// When a scheduled deletion happens, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_at: Option<u64>,
+    /// Every version still held, oldest first.
+    pub versions: Vec<VersionDetails>,
+}
+
+macro_rules! key_op {
+    ($(#[$doc:meta])* $name:ident, $op:literal, $resp:ty { $($(#[$fdoc:meta])* $field:ident : $ty:ty),* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            /// Tenant name.
+            pub tenant: String,
+            /// Key name.
+            pub key: String,
+            $($(#[$fdoc])* #[serde(default, skip_serializing_if = "Option::is_none")] pub $field: $ty,)*
+        }
+        crate::wire::operation!($name, $op, $resp);
+    };
+}
+
+key_op!(
+    /// `key_rotate`: a new version, generated in the HSM; new data keys use it.
+    KeyRotate, "key_rotate", KeyDetails {}
+);
+key_op!(
+    /// `key_show`: versions, states, dates, policy and usage.
+    KeyShow, "key_show", KeyDetails {}
+);
+key_op!(
+    /// `key_set`: change a key's lifecycle settings; absent fields stay.
+    KeySet, "key_set", KeyDetails {
+        /// Refuse decryption under versions below this one.
+        min_decryption_version: Option<u32>,
+        /// Automatic rotation period in seconds; 0 turns it off.
+        rotate_every_secs: Option<u64>,
+        /// `enabled` or `disabled`.
+        state: Option<KeyState>
+    }
+);
+key_op!(
+    /// `key_trim`: delete for good the versions below the minimum
+    /// decryption version.
+    KeyTrim, "key_trim", KeyTrimResponse {}
+);
+key_op!(
+    /// `key_schedule_deletion`: no use from now on; the material is erased
+    /// after the waiting period (7 to 30 days, default 30).
+    KeyScheduleDeletion, "key_schedule_deletion", KeyDetails {
+        /// Days to wait.
+        days: Option<u32>
+    }
+);
+key_op!(
+    /// `key_cancel_deletion`: back to `disabled`.
+    KeyCancelDeletion, "key_cancel_deletion", KeyDetails {}
+);
+
+/// Answer to `key_trim`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyTrimResponse {
+    /// The versions deleted.
+    pub trimmed: Vec<u32>,
+    /// The key afterwards.
+    pub details: KeyDetails,
+}
+
+/// `rewrap`: an envelope or ciphertext under an older version, returned
+/// under the newest; the data key never leaves the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrap {
+    /// A `khe1:` envelope or a `khc1:` ciphertext.
+    pub text: String,
+    /// The encryption context it was made with.
+    #[serde(default, skip_serializing_if = "EncryptionContext::is_empty")]
+    pub context: EncryptionContext,
+}
+
+/// Answer to `rewrap`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RewrapResponse {
+    /// The same kind of text, under the current version (unchanged when it
+    /// already was).
+    pub text: String,
+    /// The version it was under.
+    pub from_version: u32,
+    /// The version it is under now.
+    pub key_version: u32,
+    /// The envelope id (kept: it is the same data key).
+    pub envelope_id: String,
+}
+crate::wire::operation!(Rewrap, "rewrap", RewrapResponse);

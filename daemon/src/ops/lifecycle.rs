@@ -1,0 +1,365 @@
+//! The key lifecycle: `key_rotate`, `key_show`, `key_set`, `key_trim`,
+//! `key_schedule_deletion`, `key_cancel_deletion` and `rewrap`
+//! (docs/PROTOCOL.md §3.13–3.19).
+//!
+//! Every change goes through `Store::update_key`, so concurrent changes of
+//! one key (an operator's and an automatic rotation, say) never lose each
+//! other's writes, and each is durable before the call answers.
+
+use std::sync::Arc;
+
+use keyhaven::envelope::Ciphertext;
+use keyhaven::lifecycle::{
+    KeyCancelDeletion, KeyDetails, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow, KeyState, KeyTrim,
+    KeyTrimResponse, Rewrap, RewrapResponse, VersionDetails,
+};
+use keyhaven::{Envelope, KeyPath};
+
+use super::datakey::{kek_ref, seal_data_key, unwrap_data_key};
+use super::{now_unix, reply, Daemon, Reply};
+use crate::error::Error;
+use crate::store::{KeyRecord, KeyVersion, Store};
+
+/// Shortest automatic rotation period: one second (useful in tests; real
+/// periods are days).
+pub const MIN_ROTATION_SECS: u64 = 1;
+/// Waiting period of a scheduled deletion, in days.
+pub const DELETION_DAYS: std::ops::RangeInclusive<u32> = 7..=30;
+
+/// The public view of a key record.
+pub fn details(rec: &KeyRecord) -> KeyDetails {
+    let current = rec.version(rec.current_version);
+    KeyDetails {
+        tenant: rec.tenant.clone(),
+        key: rec.key.clone(),
+        state: rec.state,
+        created_at: rec.created_at,
+        current_version: rec.current_version,
+        min_decryption_version: rec.min_decryption_version,
+        rotate_every_secs: rec.rotate_every_secs,
+        next_rotation_at: rec.rotate_every_secs.zip(current).map(|(p, v)| v.created_at + p),
+        deletion_at: rec.deletion_at,
+        versions: rec
+            .versions
+            .iter()
+            .map(|v| VersionDetails {
+                version: v.version,
+                state: if v.destroyed_at.is_some() {
+                    "destroyed"
+                } else if v.version == rec.current_version {
+                    "current"
+                } else if v.version < rec.min_decryption_version {
+                    "retired"
+                } else {
+                    "active"
+                }
+                .into(),
+                created_at: v.created_at,
+                master_key_version: v.master_key_version,
+                wraps: v.wraps_reserved,
+                decryptions: v.decryptions,
+                rewraps: v.rewraps,
+                last_used_at: v.last_used_at,
+            })
+            .collect(),
+    }
+}
+
+/// The lifecycle requests name one key.
+pub trait NamesKey {
+    /// Tenant name.
+    fn tenant(&self) -> &str;
+    /// Key name.
+    fn key(&self) -> &str;
+}
+
+macro_rules! names_key {
+    ($($t:ty),*) => {$(
+        impl NamesKey for $t {
+            fn tenant(&self) -> &str { &self.tenant }
+            fn key(&self) -> &str { &self.key }
+        }
+    )*};
+}
+names_key!(KeyRotate, KeyShow, KeySet, KeyTrim, KeyScheduleDeletion, KeyCancelDeletion);
+
+fn path_of(tenant: &str, key: &str) -> Result<KeyPath, Error> {
+    Ok(KeyPath::new(tenant, key)?)
+}
+
+/// Runs a store change off the async threads (it waits for a flush).
+async fn blocking<T: Send + 'static>(
+    d: &Arc<Daemon>,
+    f: impl FnOnce(&dyn Store) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let store = d.store.clone();
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|e| Error::Internal(format!("store task: {e}")))?
+}
+
+/// Applies `change` to the key at `path`; `change` may refuse, and then
+/// nothing is written.
+async fn change_key(
+    d: &Arc<Daemon>,
+    path: KeyPath,
+    change: impl FnMut(&mut KeyRecord) -> Result<(), Error> + Send + 'static,
+) -> Result<KeyRecord, Error> {
+    let mut change = change;
+    blocking(d, move |store| {
+        let mut refused = None;
+        let written = store.update_key(&path, &mut |rec| {
+            let before = rec.clone();
+            refused = change(rec).err();
+            if refused.is_some() {
+                *rec = before; // written back unchanged
+            }
+        })?;
+        match (refused, written) {
+            (Some(e), _) => Err(e),
+            (None, None) => Err(Error::NotFound(format!("unknown key `{path}`"))),
+            (None, Some(rec)) => Ok(rec),
+        }
+    })
+    .await
+}
+
+/// Adds a version generated in the HSM and makes it current.
+pub async fn rotate_key(d: &Arc<Daemon>, path: KeyPath) -> Result<KeyRecord, Error> {
+    let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
+    refuse_gone(&rec, &path)?;
+    let (wrapped_kek, master_key_version) = d.hsm.run(|w| w.generate_kek()).await?;
+    let now = now_unix();
+    let p = path.clone();
+    let rec = change_key(d, path, move |rec| {
+        refuse_gone(rec, &p)?;
+        let next = rec.versions.iter().map(|v| v.version).max().unwrap_or(0).max(rec.current_version) + 1;
+        rec.versions.push(KeyVersion::new(next, now, master_key_version, wrapped_kek.clone()));
+        rec.current_version = next;
+        Ok(())
+    })
+    .await?;
+    tracing::info!(key = %format!("{}/{}", rec.tenant, rec.key), version = rec.current_version, "key rotated");
+    Ok(rec)
+}
+
+fn refuse_gone(rec: &KeyRecord, path: &KeyPath) -> Result<(), Error> {
+    match rec.state {
+        KeyState::PendingDeletion | KeyState::Deleted => Err(Error::KeyDisabled(format!(
+            "key `{path}` is {}; it cannot change",
+            rec.state.as_str().replace('_', " ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `key_rotate`.
+pub async fn rotate(d: Arc<Daemon>, req: KeyRotate) -> Result<Reply, Error> {
+    let d = &d;
+    let path = path_of(&req.tenant, &req.key)?;
+    d.revocations.check(&path, None, None)?;
+    reply(&details(&rotate_key(d, path).await?), 0)
+}
+
+/// `key_show`: flushes the usage counts first, so they are current.
+pub async fn show(d: Arc<Daemon>, req: KeyShow) -> Result<Reply, Error> {
+    let d = &d;
+    let path = path_of(&req.tenant, &req.key)?;
+    let dd = d.clone();
+    blocking(d, move |store| Ok(dd.usage.flush(store)?)).await?;
+    let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
+    reply(&details(&rec), 0)
+}
+
+/// `key_set`.
+pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
+    let d = &d;
+    let path = path_of(&req.tenant, &req.key)?;
+    if req.min_decryption_version.is_none() && req.rotate_every_secs.is_none() && req.state.is_none() {
+        return Err(Error::BadRequest("`key_set` needs at least one setting to change".into()));
+    }
+    if let Some(state) = req.state.filter(|s| !matches!(s, KeyState::Enabled | KeyState::Disabled)) {
+        return Err(Error::BadRequest(format!(
+            "state `{}` cannot be set directly: use `key_schedule_deletion`",
+            state.as_str()
+        )));
+    }
+    if let Some(p) = req.rotate_every_secs.filter(|p| *p != 0 && *p < MIN_ROTATION_SECS) {
+        return Err(Error::BadRequest(format!("rotation period {p} s is under the minimum")));
+    }
+    let p = path.clone();
+    let rec = change_key(d, path, move |rec| {
+        refuse_gone(rec, &p)?;
+        if let Some(min) = req.min_decryption_version {
+            if min == 0 || min > rec.current_version {
+                return Err(Error::BadRequest(format!(
+                    "minimum decryption version {min} is out of range: key `{p}` has versions up to {}",
+                    rec.current_version
+                )));
+            }
+            if min < rec.min_decryption_version && rec.version(min).is_none() {
+                return Err(Error::BadRequest(format!(
+                    "key `{p}` version {min} was trimmed; the minimum cannot go back below {}",
+                    rec.min_decryption_version
+                )));
+            }
+            rec.min_decryption_version = min;
+        }
+        if let Some(period) = req.rotate_every_secs {
+            rec.rotate_every_secs = (period != 0).then_some(period);
+        }
+        if let Some(state) = req.state {
+            rec.state = state;
+        }
+        Ok(())
+    })
+    .await?;
+    tracing::info!(key = %format!("{}/{}", rec.tenant, rec.key), state = rec.state.as_str(), min_decryption_version = rec.min_decryption_version, "key settings changed");
+    reply(&details(&rec), 0)
+}
+
+/// `key_trim`: removes the versions below the minimum decryption version,
+/// wrapped material and all.
+pub async fn trim(d: Arc<Daemon>, req: KeyTrim) -> Result<Reply, Error> {
+    let d = &d;
+    let path = path_of(&req.tenant, &req.key)?;
+    let before = d.store.key(&path)?.map(|r| r.versions.iter().map(|v| v.version).collect::<Vec<_>>());
+    let p = path.clone();
+    let rec = change_key(d, path, move |rec| {
+        let min = rec.min_decryption_version;
+        if !rec.versions.iter().any(|v| v.version < min) {
+            return Err(Error::BadRequest(format!(
+                "key `{p}` has no version below its minimum decryption version {min} to trim (the current version is never trimmed)"
+            )));
+        }
+        rec.versions.retain(|v| v.version >= min);
+        Ok(())
+    })
+    .await?;
+    let old = rec.min_decryption_version;
+    let trimmed: Vec<u32> =
+        before.unwrap_or_default().into_iter().filter(|v| rec.version(*v).is_none()).collect();
+    tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), below = old, "key versions trimmed");
+    reply(&KeyTrimResponse { trimmed, details: details(&rec) }, 0)
+}
+
+/// `key_schedule_deletion`.
+pub async fn schedule_deletion(d: Arc<Daemon>, req: KeyScheduleDeletion) -> Result<Reply, Error> {
+    let d = &d;
+    let path = path_of(&req.tenant, &req.key)?;
+    let days = req.days.unwrap_or(*DELETION_DAYS.end());
+    if !DELETION_DAYS.contains(&days) {
+        return Err(Error::BadRequest(format!("a deletion waits 7 to 30 days, not {days}")));
+    }
+    let at = now_unix() + u64::from(days) * 86_400;
+    let p = path.clone();
+    let rec = change_key(d, path, move |rec| {
+        refuse_gone(rec, &p)?;
+        rec.state = KeyState::PendingDeletion;
+        rec.deletion_at = Some(at);
+        Ok(())
+    })
+    .await?;
+    tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), days, "key scheduled for deletion");
+    reply(&details(&rec), 0)
+}
+
+/// `key_cancel_deletion`: back to `disabled`, for an operator to enable.
+pub async fn cancel_deletion(d: Arc<Daemon>, req: KeyCancelDeletion) -> Result<Reply, Error> {
+    let d = &d;
+    let path = path_of(&req.tenant, &req.key)?;
+    let p = path.clone();
+    let rec = change_key(d, path, move |rec| {
+        if rec.state != KeyState::PendingDeletion {
+            return Err(Error::BadRequest(format!(
+                "key `{p}` is {}, not scheduled for deletion",
+                rec.state.as_str().replace('_', " ")
+            )));
+        }
+        rec.state = KeyState::Disabled;
+        rec.deletion_at = None;
+        Ok(())
+    })
+    .await?;
+    tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), "key deletion cancelled; key disabled");
+    reply(&details(&rec), 0)
+}
+
+/// Deletes a key whose waiting period is over: erases every version's
+/// wrapped material and marks it deleted. Returns whether it did.
+pub fn delete_if_due(store: &dyn Store, path: &KeyPath, now: u64) -> Result<bool, Error> {
+    let mut done = false;
+    store.update_key(path, &mut |rec| {
+        done = false;
+        if rec.state == KeyState::PendingDeletion && rec.deletion_at.is_some_and(|t| t <= now) {
+            for v in &mut rec.versions {
+                v.wrapped_kek.clear();
+                v.destroyed_at.get_or_insert(now);
+            }
+            rec.state = KeyState::Deleted;
+            done = true;
+        }
+    })?;
+    Ok(done)
+}
+
+/// The envelope inside a `rewrap` input.
+enum Input {
+    Envelope(Envelope),
+    Ciphertext(Ciphertext),
+}
+
+/// `rewrap`: opens the data key inside the daemon/HSM and wraps it again
+/// under the current version, keeping the envelope id (it is the same data
+/// key). A ciphertext's payload is decrypted and sealed again with a fresh
+/// nonce, since its AAD holds the envelope. The caller never sees the key.
+pub async fn rewrap(d: &Arc<Daemon>, req: Rewrap) -> Result<Reply, Error> {
+    let input = if req.text.starts_with(keyhaven::envelope::CIPHERTEXT_PREFIX) {
+        Input::Ciphertext(req.text.parse()?)
+    } else {
+        Input::Envelope(req.text.parse()?)
+    };
+    let env = match &input {
+        Input::Envelope(e) => e.clone(),
+        Input::Ciphertext(c) => c.envelope().clone(),
+    };
+    let path = env.path().clone();
+    let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
+    let from = env.key_version();
+    if from == rec.current_version {
+        let resp = RewrapResponse {
+            text: req.text,
+            from_version: from,
+            key_version: from,
+            envelope_id: env.id().to_string(),
+        };
+        return reply(&resp, 0);
+    }
+    let (key, old) = unwrap_data_key(d, &env, req.context.clone()).await?;
+    // New data keys under the current version: its state and revocations.
+    d.revocations.check(&path, Some(rec.current_version), None)?;
+    if rec.state != KeyState::Enabled {
+        return Err(Error::KeyDisabled(format!(
+            "key `{path}` is {} and makes no new envelopes",
+            rec.state.as_str()
+        )));
+    }
+    let kek = kek_ref(&rec, &path, rec.current_version)?;
+    let payload = match &input {
+        Input::Ciphertext(c) => Some(super::encrypt::open_payload(c, &key, &req.context)?),
+        Input::Envelope(_) => None,
+    };
+    let new = seal_data_key(d, kek, Some((key, env.id())), req.context.clone()).await?;
+    d.usage.rewrapped(&old, now_unix());
+    let text = match payload {
+        None => new.envelope.to_string(),
+        Some(plain) => super::encrypt::seal_payload(&new, &plain, &req.context)?.to_string(),
+    };
+    let resp = RewrapResponse {
+        text,
+        from_version: from,
+        key_version: new.envelope.key_version(),
+        envelope_id: new.envelope.id().to_string(),
+    };
+    reply(&resp, resp.text.len())
+}

@@ -1,0 +1,67 @@
+//! Periodic jobs, in one task: usage counts written to the store every few
+//! seconds, and, at start-up and then every `[lifecycle] check_seconds`,
+//! automatic rotations that are due (also those that fell due while the
+//! daemon was down) and scheduled deletions whose waiting period is over.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyhaven::lifecycle::KeyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::ops::{self, Daemon};
+
+/// Runs until `shutdown`; the last usage flush is the caller's, after the
+/// drain.
+pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
+    let mut check = tokio::time::interval(Duration::from_secs(d.config.lifecycle.check_seconds));
+    let mut flush = tokio::time::interval(Duration::from_secs(d.config.lifecycle.usage_flush_seconds));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = check.tick() => due_keys(&d).await,
+            _ = flush.tick() => {
+                let dd = d.clone();
+                let r = tokio::task::spawn_blocking(move || dd.usage.flush(&*dd.store)).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "cannot write the usage counts; they are kept for the next try");
+                }
+            }
+        }
+    }
+}
+
+/// Rotates the keys whose period has passed and deletes those whose
+/// deletion is due.
+async fn due_keys(d: &Arc<Daemon>) {
+    let now = ops::now_unix();
+    let keys = match d.store.keys(None) {
+        Ok(k) => k,
+        Err(e) => return tracing::warn!(error = %e, "cannot list keys for rotation and deletion"),
+    };
+    for rec in keys {
+        let Ok(path) = rec.path() else { continue };
+        if rec.state == KeyState::PendingDeletion && rec.deletion_at.is_some_and(|t| t <= now) {
+            let (store, p) = (d.store.clone(), path.clone());
+            match tokio::task::spawn_blocking(move || ops::delete_if_due(&*store, &p, now)).await {
+                Ok(Ok(true)) => tracing::warn!(key = %path, "scheduled deletion done: key material erased"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(key = %path, error = %e, "scheduled deletion failed; retried later")
+                }
+                Err(e) => tracing::warn!(key = %path, error = %e, "scheduled deletion task failed"),
+            }
+            continue;
+        }
+        let due = match (rec.state, rec.rotate_every_secs, rec.version(rec.current_version)) {
+            (KeyState::Enabled | KeyState::Disabled, Some(period), Some(v)) => v.created_at + period <= now,
+            _ => false,
+        };
+        if due {
+            match ops::rotate_key(d, path.clone()).await {
+                Ok(r) => tracing::info!(key = %path, version = r.current_version, "automatic rotation"),
+                Err(e) => tracing::warn!(key = %path, error = %e, "automatic rotation failed; retried later"),
+            }
+        }
+    }
+}
