@@ -174,3 +174,53 @@ pub struct RewrapResponse {
     pub envelope_id: String,
 }
 crate::wire::operation!(Rewrap, "rewrap", RewrapResponse);
+
+/// `admin_rotate_master`: one batch of a master-key rotation. The first call
+/// makes a new master key version in the HSM and makes it current; every
+/// call rewraps up to `batch` KEK versions from the old master key to the
+/// new one; call again until `finished`. Resumable at any point: a call
+/// after a crash or restart carries on. With `rollback`, the rotation (under
+/// way or finished, while the old master key exists) runs back the other way.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminRotateMaster {
+    /// KEK versions to rewrap in this call (default 100, at most 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u32>,
+    /// Go back to the previous master key version.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback: bool,
+}
+
+/// Answer to `admin_rotate_master`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterRotationStatus {
+    /// The master key version KEKs move away from.
+    pub from: u32,
+    /// The master key version they move to; new KEKs use it already.
+    pub to: u32,
+    /// KEK versions rewrapped by this call.
+    pub rewrapped: u64,
+    /// KEK versions still under `from`.
+    pub remaining: u64,
+    /// Nothing is left under `from`: the rotation is complete.
+    pub finished: bool,
+}
+crate::wire::operation!(AdminRotateMaster, "admin_rotate_master", MasterRotationStatus);
+
+/// `admin_retire_master`: destroy an old master key version in the HSM,
+/// refused while anything is still wrapped under it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminRetireMaster {
+    /// The master key version to destroy.
+    pub version: u32,
+}
+
+/// Answer to `admin_retire_master`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetireMasterResponse {
+    /// The version destroyed.
+    pub destroyed: u32,
+}
+crate::wire::operation!(AdminRetireMaster, "admin_retire_master", RetireMasterResponse);

@@ -26,6 +26,7 @@ pub fn initialise(config: &Config) -> anyhow::Result<SledStore> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        master_rotation: None,
     };
     store.init_meta(&meta)?;
     Ok(store)

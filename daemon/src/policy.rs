@@ -102,7 +102,9 @@ pub fn permission_for(op: &str) -> Option<Access> {
         wire::Decrypt::OP | wire::DatakeyDecrypt::OP => Access::Needs(Decrypt),
         wire::Datakey::OP => Access::Needs(Datakey),
         wire::AuditRead::OP | wire::AuditVerify::OP => Access::Needs(AuditRead),
-        wire::AdminReload::OP => Access::Needs(Admin),
+        wire::AdminReload::OP | lifecycle::AdminRotateMaster::OP | lifecycle::AdminRetireMaster::OP => {
+            Access::Needs(Admin)
+        }
         // Lifting the whole-system suspension needs `break-glass` as well.
         Revoke::OP | RevokeLift::OP | RevokeList::OP | Destroy::OP => Access::Needs(Revoke),
         lifecycle::KeyRotate::OP

@@ -14,6 +14,13 @@ use crate::ops::{self, Daemon};
 /// Runs until `shutdown`; the last usage flush is the caller's, after the
 /// drain.
 pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
+    if let Ok(Some(r)) = d.store.meta().map(|m| m.and_then(|m| m.master_rotation)) {
+        tracing::warn!(
+            from = r.from,
+            to = r.to,
+            "a master-key rotation is under way: run `keyhaven admin rotate-master` to finish it"
+        );
+    }
     let mut check = tokio::time::interval(Duration::from_secs(d.config.lifecycle.check_seconds));
     let mut flush = tokio::time::interval(Duration::from_secs(d.config.lifecycle.usage_flush_seconds));
     loop {

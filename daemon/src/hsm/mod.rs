@@ -11,6 +11,7 @@ pub mod error;
 pub mod token;
 pub mod worker;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -48,7 +49,9 @@ pub(crate) struct Shared {
     pin: Pin,
     master_key_label: String,
     audit_key_label: String,
-    master_key_version: u32,
+    /// The master key version new KEKs are wrapped under; changes during a
+    /// master-key rotation.
+    master_key_version: AtomicU32,
 }
 
 /// A job for a worker.
@@ -61,7 +64,7 @@ pub struct Hsm {
     token_label: String,
     workers: usize,
     queue_depth: usize,
-    master_key_version: u32,
+    shared: Arc<Shared>,
 }
 
 impl Hsm {
@@ -76,7 +79,7 @@ impl Hsm {
             pin: cfg.pin,
             master_key_label: cfg.master_key_label,
             audit_key_label: cfg.audit_key_label,
-            master_key_version,
+            master_key_version: AtomicU32::new(master_key_version),
         });
         let (tx, rx) = async_channel::bounded::<Job>(cfg.queue_depth.max(1));
         let mut threads = Vec::new();
@@ -100,7 +103,7 @@ impl Hsm {
             token_label: cfg.token_label,
             workers: cfg.workers.max(1),
             queue_depth: cfg.queue_depth.max(1),
-            master_key_version,
+            shared,
         })
     }
 
@@ -177,7 +180,12 @@ impl Hsm {
 
     /// The master key version new KEKs are wrapped under.
     pub fn master_key_version(&self) -> u32 {
-        self.master_key_version
+        self.shared.master_key_version.load(Ordering::SeqCst)
+    }
+
+    /// Makes `version` the master key new KEKs are wrapped under.
+    pub fn set_master_key_version(&self, version: u32) {
+        self.shared.master_key_version.store(version, Ordering::SeqCst);
     }
 
     /// Closes the queue and waits for the workers to finish their jobs and

@@ -116,7 +116,10 @@ impl Worker {
             s.get_session_info()?;
             Ok(())
         });
-        let r = r.and_then(|()| self.master_key(self.shared.master_key_version).map(|_| ()));
+        let r = r.and_then(|()| {
+            self.master_key(self.shared.master_key_version.load(std::sync::atomic::Ordering::SeqCst))
+                .map(|_| ())
+        });
         self.note(r)
     }
 
@@ -180,7 +183,7 @@ impl Worker {
     /// created sensitive, wrapped, and destroyed; users of the KEK unwrap
     /// their own non-extractable copy.
     pub fn generate_kek(&mut self) -> Result<(Vec<u8>, u32), HsmError> {
-        let version = self.shared.master_key_version;
+        let version = self.shared.master_key_version.load(std::sync::atomic::Ordering::SeqCst);
         let r = self.generate_kek_under(version);
         self.note(r).map(|w| (w, version))
     }
@@ -205,6 +208,84 @@ impl Worker {
         let wrapped = s.wrap_key(&Mechanism::AesKeyWrap, mk, tmp);
         s.destroy_object(tmp)?;
         Ok(wrapped?)
+    }
+
+    /// Makes sure master key `version` exists in the token, generating it
+    /// when no object carries its label (a rotation cut short before it
+    /// recorded the new version finds the key it made). With `create`
+    /// false, only checks.
+    pub fn ensure_master_key(&mut self, version: u32, create: bool) -> Result<(), HsmError> {
+        let label = master_key_label(&self.shared.master_key_label, version);
+        let r = (|| {
+            let s = self.session()?;
+            let found = s.find_objects(&[Attribute::Label(label.as_bytes().to_vec())])?;
+            if found.is_empty() {
+                if !create {
+                    return Err(HsmError::MasterKey {
+                        label: label.clone(),
+                        reason: "not found in the token".into(),
+                    });
+                }
+                token::create_master_key(s, &label)?;
+            }
+            token::find_master_key(s, &label)
+        })();
+        let h = self.note(r)?;
+        self.master_keys.insert(version, h);
+        Ok(())
+    }
+
+    /// Rewraps a KEK from master key `from` to master key `to`, inside the
+    /// token: the KEK is unwrapped as a sensitive session object, wrapped
+    /// again and destroyed; its value never leaves the token.
+    pub fn rewrap_kek(&mut self, wrapped: &[u8], from: u32, to: u32) -> Result<Vec<u8>, HsmError> {
+        let r = (|| {
+            let (old, new) = (self.master_key(from)?, self.master_key(to)?);
+            let s = self.session()?;
+            let tmp = s
+                .unwrap_key(
+                    &Mechanism::AesKeyWrap,
+                    old,
+                    wrapped,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::Token(false),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(true),
+                        Attribute::Encrypt(false),
+                        Attribute::Decrypt(false),
+                    ],
+                )
+                .map_err(|e| integrity_or(e, "the key material does not unwrap under its master key"))?;
+            let out = s.wrap_key(&Mechanism::AesKeyWrap, new, tmp);
+            s.destroy_object(tmp)?;
+            Ok(out?)
+        })();
+        self.note(r)
+    }
+
+    /// Destroys master key `version` in the token. Returns false when no
+    /// object carries its label.
+    pub fn destroy_master_key(&mut self, version: u32) -> Result<bool, HsmError> {
+        let label = master_key_label(&self.shared.master_key_label, version);
+        self.master_keys.remove(&version);
+        let r = (|| {
+            let s = self.session()?;
+            let found = s.find_objects(&[Attribute::Label(label.as_bytes().to_vec())])?;
+            for h in &found {
+                s.destroy_object(*h)?;
+            }
+            Ok(!found.is_empty())
+        })();
+        self.note(r)
+    }
+
+    /// Forgets the cached handle of master key `version` (another worker
+    /// destroyed it).
+    pub fn forget_master_key(&mut self, version: u32) {
+        self.master_keys.remove(&version);
     }
 
     /// Destroys the loaded copies of the KEKs that `covered` selects (on

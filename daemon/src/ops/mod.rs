@@ -10,13 +10,15 @@ mod encrypt;
 mod health;
 mod keys;
 mod lifecycle;
+mod master;
 mod revoke;
 
 use std::sync::{Arc, RwLock};
 
 use keyhaven::envelope::{Ciphertext, Envelope};
 use keyhaven::lifecycle::{
-    KeyCancelDeletion, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow, KeyTrim, Rewrap,
+    AdminRetireMaster, AdminRotateMaster, KeyCancelDeletion, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow,
+    KeyTrim, Rewrap,
 };
 use keyhaven::revocation::{Destroy, Revoke, RevokeLift, RevokeList, Scope};
 use keyhaven::wire::{self, Operation};
@@ -58,6 +60,8 @@ pub struct Daemon {
     pub revocations: revocation::Index,
     /// Usage counts not yet in the store.
     pub usage: UsageBook,
+    /// One master-key rotation step at a time.
+    pub master_lock: tokio::sync::Mutex<()>,
 }
 
 impl Daemon {
@@ -69,7 +73,17 @@ impl Daemon {
         let audit = Audit::open(store.clone(), hsm.clone(), &config.audit)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));
         let revocations = revocation::Index::new(store.revocations()?);
-        Ok(Daemon { hsm, store, config, wraps, policy, audit, revocations, usage: UsageBook::default() })
+        Ok(Daemon {
+            hsm,
+            store,
+            config,
+            wraps,
+            policy,
+            audit,
+            revocations,
+            usage: UsageBook::default(),
+            master_lock: Default::default(),
+        })
     }
 
     /// The policy in force.
@@ -316,6 +330,16 @@ async fn route(
             s.envelope(&env);
             allow(d, caller, op, key_target(env.path()), s)?;
             lifecycle::rewrap(d, req).await
+        }
+        AdminRotateMaster::OP => {
+            let req: AdminRotateMaster = parse(op, params)?;
+            allow(d, caller, op, Target::All, s)?;
+            master::rotate(d, req).await
+        }
+        AdminRetireMaster::OP => {
+            let req: AdminRetireMaster = parse(op, params)?;
+            allow(d, caller, op, Target::All, s)?;
+            master::retire(d, req).await
         }
         wire::AdminReload::OP => {
             let _: wire::AdminReload = parse(op, params)?;

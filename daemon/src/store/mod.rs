@@ -57,6 +57,21 @@ pub struct Meta {
     pub token_label: String,
     /// When `init` ran, Unix seconds.
     pub created_at: u64,
+    /// A master-key rotation under way: KEKs move from one version to the
+    /// other, in batches, until none is left under `from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_rotation: Option<MasterRotation>,
+}
+
+/// A master-key rotation (or its rollback) under way.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MasterRotation {
+    /// The version KEKs are moving away from.
+    pub from: u32,
+    /// The version they move to (the current one).
+    pub to: u32,
+    /// When it began, Unix seconds.
+    pub started_at: u64,
 }
 
 /// The schema version this daemon writes.
@@ -183,6 +198,8 @@ pub trait Store: Send + Sync + 'static {
     fn meta(&self) -> Result<Option<Meta>, StoreError>;
     /// Writes the global facts for the first time (refuses a second time).
     fn init_meta(&self, meta: &Meta) -> Result<(), StoreError>;
+    /// Changes the global facts atomically (as [`Store::update_key`]).
+    fn update_meta(&self, change: &mut dyn FnMut(&mut Meta)) -> Result<Meta, StoreError>;
     /// A named key.
     fn key(&self, path: &KeyPath) -> Result<Option<KeyRecord>, StoreError>;
     /// Creates a named key; refuses when one exists with that path.

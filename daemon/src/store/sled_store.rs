@@ -121,6 +121,24 @@ impl Store for SledStore {
         self.durable()
     }
 
+    fn update_meta(&self, change: &mut dyn FnMut(&mut Meta)) -> Result<Meta, StoreError> {
+        loop {
+            let old = self
+                .meta
+                .get(META_KEY)
+                .map_err(backend)?
+                .ok_or_else(|| StoreError::NotInitialised(self.path.display().to_string()))?;
+            let mut meta: Meta = decode(META_KEY, &old)?;
+            change(&mut meta);
+            let swapped =
+                self.meta.compare_and_swap(META_KEY, Some(old), Some(encode(&meta))).map_err(backend)?;
+            if swapped.is_ok() {
+                self.durable()?;
+                return Ok(meta);
+            }
+        }
+    }
+
     fn key(&self, path: &KeyPath) -> Result<Option<KeyRecord>, StoreError> {
         let k = keyring_key(path);
         match self.keyring.get(&k).map_err(backend)? {

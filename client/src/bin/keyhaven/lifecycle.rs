@@ -7,7 +7,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::Subcommand;
 use keyhaven::lifecycle::{
-    KeyCancelDeletion, KeyDetails, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow, KeyState, KeyTrim, Rewrap,
+    AdminRotateMaster, KeyCancelDeletion, KeyDetails, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow,
+    KeyState, KeyTrim, Rewrap,
 };
 use keyhaven::{Client, EncryptionContext, KeyPath};
 use serde_json::json;
@@ -195,6 +196,33 @@ pub async fn rewrap(client: &Client, context: EncryptionContext) -> Result<(), F
         eprintln!("\rrewrapped {done}            ");
     }
     Ok(())
+}
+
+/// `keyhaven admin rotate-master`: batches until done, with a progress
+/// line per batch on stderr. Interrupted, it is resumed by running it again.
+pub async fn rotate_master(client: &Client, batch: u32, rollback: bool) -> Result<(), Failure> {
+    let mut total = 0u64;
+    let mut req = AdminRotateMaster { batch: Some(batch), rollback };
+    loop {
+        let status = client.call(&req).await?;
+        req.rollback = false; // the first call turns it round; the rest carry on
+        total += status.rewrapped;
+        eprintln!(
+            "master key {} -> {}: {total} key versions rewrapped, {} to go",
+            status.from, status.to, status.remaining
+        );
+        if status.finished {
+            return print_json(
+                &json!({ "from": status.from, "to": status.to, "rewrapped": total, "finished": true }),
+            );
+        }
+        if status.rewrapped == 0 {
+            return Err(Failure::new(format!(
+                "master-key rotation made no progress with {} key versions left; see the daemon's log",
+                status.remaining
+            )));
+        }
+    }
 }
 
 fn utc(secs: u64) -> String {

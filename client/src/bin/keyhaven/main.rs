@@ -112,6 +112,21 @@ enum KeyCommand {
 enum AdminCommand {
     /// Re-read the policy from the daemon's config file (like SIGHUP); a policy that does not parse is refused.
     Reload,
+    /// Rotate the master key: a new version in the HSM, every KEK rewrapped under it, in batches (resumable).
+    RotateMaster {
+        /// KEK versions per request.
+        #[arg(long, default_value_t = 100)]
+        batch: u32,
+        /// Go back to the previous master key version (while it exists).
+        #[arg(long)]
+        rollback: bool,
+    },
+    /// Destroy an old master key version in the HSM (refused while anything is wrapped under it).
+    RetireMaster {
+        /// The master key version.
+        #[arg(long)]
+        version: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -355,6 +370,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Revoke(args) => revoke::revoke(&client, args).await,
         Command::Destroy(args) => revoke::destroy(&client, args).await,
         Command::Whoami => print_json(&client.call(&keyhaven::wire::Whoami {}).await?),
+        Command::Admin(AdminCommand::RotateMaster { batch, rollback }) => {
+            lifecycle::rotate_master(&client, batch, rollback).await
+        }
+        Command::Admin(AdminCommand::RetireMaster { version }) => {
+            print_json(&client.call(&keyhaven::lifecycle::AdminRetireMaster { version }).await?)
+        }
         Command::Admin(AdminCommand::Reload) => {
             print_json(&client.call(&keyhaven::wire::AdminReload {}).await?)
         }
