@@ -151,6 +151,14 @@ pub struct LifecycleSection {
     /// Seconds between writes of the usage counts to the store.
     #[serde(default = "default_usage_flush_seconds")]
     pub usage_flush_seconds: u64,
+    /// For tests of scheduled deletion, in `dev` mode only: seconds added
+    /// to the clock when deciding whether a deletion is due.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub test_clock_offset_seconds: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Default for LifecycleSection {
@@ -158,6 +166,7 @@ impl Default for LifecycleSection {
         LifecycleSection {
             check_seconds: default_check_seconds(),
             usage_flush_seconds: default_usage_flush_seconds(),
+            test_clock_offset_seconds: 0,
         }
     }
 }
@@ -298,6 +307,9 @@ impl Config {
         }
         if cfg.lifecycle.check_seconds == 0 || cfg.lifecycle.usage_flush_seconds == 0 {
             return Err(invalid("[lifecycle] check_seconds and usage_flush_seconds must be at least 1"));
+        }
+        if cfg.lifecycle.test_clock_offset_seconds != 0 && cfg.mode != Mode::Dev {
+            return Err(invalid("[lifecycle] test_clock_offset_seconds is for `dev` installs only"));
         }
         if cfg.hsm.workers == 0 || cfg.hsm.workers > 64 {
             return Err(invalid("[hsm] workers must be from 1 to 64"));

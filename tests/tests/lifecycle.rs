@@ -273,3 +273,40 @@ async fn the_cli_rotates_shows_and_rewraps_a_column_through_a_pipe() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scheduled_deletion_happens_when_its_time_comes() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.unwrap();
+    c.key_create(&path("acme/kept")).await.unwrap();
+    let old = c.encrypt(&path("acme/pii"), b"gone", &ctx(&[])).await.unwrap();
+    let kept = c.encrypt(&path("acme/kept"), b"kept", &ctx(&[])).await.unwrap();
+    let r = KeyScheduleDeletion { tenant: "acme".into(), key: "pii".into(), days: Some(7) };
+    c.call(&r).await.unwrap();
+    drop(c);
+    // Eight days later, as far as the daemon's deletion check can tell.
+    d.restart_with(|dir| {
+        let file = dir.join("keyhaven.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let text = text.replace("[lifecycle]", "[lifecycle]\ntest_clock_offset_seconds = 691200");
+        std::fs::write(&file, text).unwrap();
+    });
+    let c = d.client().await;
+    let mut state = show(&c, "acme", "pii").await;
+    for _ in 0..50 {
+        if state.state == KeyState::Deleted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state = show(&c, "acme", "pii").await;
+    }
+    assert_eq!(state.state, KeyState::Deleted, "{state:?}");
+    assert!(state.versions.iter().all(|v| v.state == "destroyed"), "{state:?}");
+    let e = c.decrypt(&old.ciphertext, &ctx(&[])).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::KeyDisabled), "{e}");
+    assert!(e.to_string().contains("deleted"), "{e}");
+    assert!(c.decrypt(&kept.ciphertext, &ctx(&[])).await.is_ok());
+    let e = c.call(&KeyCancelDeletion { tenant: "acme".into(), key: "pii".into() }).await.unwrap_err();
+    assert!(e.to_string().contains("deleted"), "{e}");
+}
