@@ -485,3 +485,24 @@ fn clear_revocations(store: &std::path::Path) {
     db.open_tree("revocations").unwrap().clear().unwrap();
     db.flush().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_scope_leaves_the_other_versions_alone() {
+    use keyhaven::lifecycle::KeyRotate;
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    let context = ctx(&[]);
+    c.key_create(&path("acme/pii")).await.unwrap();
+    let v1 = c.encrypt(&path("acme/pii"), b"one", &context).await.unwrap();
+    c.call(&KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    let v2 = c.encrypt(&path("acme/pii"), b"two", &context).await.unwrap();
+    suspend(&c, key("acme", "pii", Some(1)), Reason::Superseded).await;
+    assert!(!opens(c.decrypt(&v1.ciphertext, &context).await));
+    assert!(opens(c.decrypt(&v2.ciphertext, &context).await));
+    // New data keys use version 2, which is not suspended.
+    assert!(opens(c.encrypt(&path("acme/pii"), b"three", &context).await));
+    // Destroying version 1 only.
+    c.call(&Destroy { scope: key("acme", "pii", Some(1)), confirm: "acme/pii".into() }).await.unwrap();
+    assert!(!opens(c.decrypt(&v1.ciphertext, &context).await));
+    assert!(opens(c.decrypt(&v2.ciphertext, &context).await));
+}
