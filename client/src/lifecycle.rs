@@ -1,4 +1,4 @@
-//! The key lifecycle on the wire (docs/PROTOCOL.md §3.13–3.19): versions and
+//! The key lifecycle on the wire (docs/PROTOCOL.md §3.17–3.23): versions and
 //! rotation, the minimum decryption version and trimming, states and
 //! scheduled deletion, usage, and `rewrap`.
 

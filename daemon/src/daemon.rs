@@ -52,6 +52,9 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         let signals = Signals::install().context("installing signal handlers")?;
         tokio::spawn(signals.handle(daemon.clone(), shutdown.clone()));
         tracing::info!(socket = %daemon.config.socket.display(), token = daemon.hsm.token_label(), "listening");
+        // Rotations that fell due while the daemon was down happen before it
+        // says it is ready, so no data key is made under an overdue version.
+        crate::upkeep::due_keys(&daemon).await;
         on_ready(&daemon.config);
         tokio::spawn(crate::upkeep::run(daemon.clone(), shutdown.clone()));
         server::run(daemon.clone(), listener, shutdown).await;

@@ -1,5 +1,6 @@
 //! Periodic jobs, in one task: usage counts written to the store every few
-//! seconds, and, at start-up and then every `[lifecycle] check_seconds`,
+//! seconds, and, at start-up (before the daemon says it is ready) and then
+//! every `[lifecycle] check_seconds`,
 //! automatic rotations that are due (also those that fell due while the
 //! daemon was down) and scheduled deletions whose waiting period is over.
 
@@ -40,7 +41,7 @@ pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
 
 /// Rotates the keys whose period has passed and deletes those whose
 /// deletion is due.
-async fn due_keys(d: &Arc<Daemon>) {
+pub async fn due_keys(d: &Arc<Daemon>) {
     let now = ops::now_unix() + d.config.lifecycle.test_clock_offset_seconds;
     let keys = match d.store.keys(None) {
         Ok(k) => k,
@@ -51,7 +52,11 @@ async fn due_keys(d: &Arc<Daemon>) {
         if rec.state == KeyState::PendingDeletion && rec.deletion_at.is_some_and(|t| t <= now) {
             let (store, p) = (d.store.clone(), path.clone());
             match tokio::task::spawn_blocking(move || ops::delete_if_due(&*store, &p, now)).await {
-                Ok(Ok(true)) => tracing::warn!(key = %path, "scheduled deletion done: key material erased"),
+                Ok(Ok(true)) => {
+                    tracing::warn!(key = %path, "scheduled deletion done: key material erased");
+                    let p = path.clone();
+                    ops::unload(d, move |id| id.path == p).await;
+                }
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(key = %path, error = %e, "scheduled deletion failed; retried later")
@@ -64,6 +69,10 @@ async fn due_keys(d: &Arc<Daemon>) {
             (KeyState::Enabled | KeyState::Disabled, Some(period), Some(v)) => v.created_at + period <= now,
             _ => false,
         };
+        // A suspended or destroyed key gets no new versions on its own.
+        if due && d.revocations.covering(&path, None, None, now).is_some() {
+            continue;
+        }
         if due {
             match ops::rotate_key(d, path.clone()).await {
                 Ok(r) => tracing::info!(key = %path, version = r.current_version, "automatic rotation"),

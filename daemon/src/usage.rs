@@ -45,24 +45,43 @@ impl UsageBook {
     }
 
     /// Adds the pending counts to the store. Counts of a key or version that
-    /// no longer exists are dropped.
+    /// no longer exists are dropped; counts that could not be written are
+    /// kept for the next flush.
     pub fn flush(&self, store: &dyn Store) -> Result<(), StoreError> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let mut by_key: HashMap<keyhaven::KeyPath, Vec<(u32, Delta)>> = HashMap::new();
         for (id, delta) in pending {
             by_key.entry(id.path).or_default().push((id.version, delta));
         }
+        let mut result = Ok(());
+        let mut unwritten = Vec::new();
         for (path, deltas) in by_key {
-            store.update_key(&path, &mut |rec| {
-                for (version, delta) in &deltas {
-                    if let Some(v) = rec.version_mut(*version) {
-                        v.decryptions += delta.decryptions;
-                        v.rewraps += delta.rewraps;
-                        v.last_used_at = v.last_used_at.max(Some(delta.last_used_at));
+            if result.is_ok() {
+                let written = store.update_key(&path, &mut |rec| {
+                    for (version, delta) in &deltas {
+                        if let Some(v) = rec.version_mut(*version) {
+                            v.decryptions += delta.decryptions;
+                            v.rewraps += delta.rewraps;
+                            v.last_used_at = v.last_used_at.max(Some(delta.last_used_at));
+                        }
                     }
+                });
+                match written {
+                    Ok(_) => continue,
+                    Err(e) => result = Err(e),
                 }
-            })?;
+            }
+            unwritten.push((path, deltas));
         }
-        Ok(())
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (path, deltas) in unwritten {
+            for (version, delta) in deltas {
+                let d = pending.entry(KekId { path: path.clone(), version }).or_default();
+                d.decryptions += delta.decryptions;
+                d.rewraps += delta.rewraps;
+                d.last_used_at = d.last_used_at.max(delta.last_used_at);
+            }
+        }
+        result
     }
 }

@@ -310,3 +310,22 @@ async fn a_scheduled_deletion_happens_when_its_time_comes() {
     let e = c.call(&KeyCancelDeletion { tenant: "acme".into(), key: "pii".into() }).await.unwrap_err();
     assert!(e.to_string().contains("deleted"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrap_authenticates_and_honours_revocation_even_when_nothing_changes() {
+    use keyhaven::revocation::{Reason, Revoke, Scope};
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    let context = ctx(&["row=1"]);
+    c.key_create(&path("acme/pii")).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &context, false).await.unwrap();
+    // Already current: returned as is, but only after it opened.
+    let same = c.call(&Rewrap { text: dk.envelope.clone(), context: context.clone() }).await.unwrap();
+    assert_eq!(same.text, dk.envelope);
+    let e = c.call(&Rewrap { text: dk.envelope.clone(), context: ctx(&["row=2"]) }).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Integrity), "{e}");
+    let scope = Scope::Tenant { tenant: "acme".into() };
+    c.call(&Revoke { scope, reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
+    let e = c.call(&Rewrap { text: dk.envelope.clone(), context: context.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+}

@@ -1,6 +1,6 @@
 //! The key lifecycle: `key_rotate`, `key_show`, `key_set`, `key_trim`,
 //! `key_schedule_deletion`, `key_cancel_deletion` and `rewrap`
-//! (docs/PROTOCOL.md §3.13–3.19).
+//! (docs/PROTOCOL.md §3.17–3.23).
 //!
 //! Every change goes through `Store::update_key`, so concurrent changes of
 //! one key (an operator's and an automatic rotation, say) never lose each
@@ -20,9 +20,6 @@ use super::{now_unix, reply, Daemon, Reply};
 use crate::error::Error;
 use crate::store::{KeyRecord, KeyVersion, Store};
 
-/// Shortest automatic rotation period: one second (useful in tests; real
-/// periods are days).
-pub const MIN_ROTATION_SECS: u64 = 1;
 /// Waiting period of a scheduled deletion, in days.
 pub const DELETION_DAYS: std::ops::RangeInclusive<u32> = 7..=30;
 
@@ -184,9 +181,6 @@ pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
             state.as_str()
         )));
     }
-    if let Some(p) = req.rotate_every_secs.filter(|p| *p != 0 && *p < MIN_ROTATION_SECS) {
-        return Err(Error::BadRequest(format!("rotation period {p} s is under the minimum")));
-    }
     let p = path.clone();
     let rec = change_key(d, path, move |rec| {
         refuse_gone(rec, &p)?;
@@ -239,6 +233,8 @@ pub async fn trim(d: Arc<Daemon>, req: KeyTrim) -> Result<Reply, Error> {
     let old = rec.min_decryption_version;
     let trimmed: Vec<u32> =
         before.unwrap_or_default().into_iter().filter(|v| rec.version(*v).is_none()).collect();
+    let p = rec.path()?;
+    unload(d, move |id| id.path == p && id.version < old).await;
     tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), below = old, "key versions trimmed");
     reply(&KeyTrimResponse { trimmed, details: details(&rec) }, 0)
 }
@@ -285,6 +281,20 @@ pub async fn cancel_deletion(d: Arc<Daemon>, req: KeyCancelDeletion) -> Result<R
     reply(&details(&rec), 0)
 }
 
+/// Destroys, in every HSM worker's session, the loaded KEK copies that
+/// `covered` selects (after a trim or a deletion).
+pub async fn unload(d: &Daemon, covered: impl Fn(&crate::hsm::KekId) -> bool + Send + Sync + 'static) {
+    if let Err(e) = d
+        .hsm
+        .on_every_worker(move |w| {
+            w.evict(&covered);
+        })
+        .await
+    {
+        tracing::warn!(error = %e, "could not unload KEKs from the HSM workers");
+    }
+}
+
 /// Deletes a key whose waiting period is over: erases every version's
 /// wrapped material and marks it deleted. Returns whether it did.
 pub fn delete_if_due(store: &dyn Store, path: &KeyPath, now: u64) -> Result<bool, Error> {
@@ -323,9 +333,13 @@ pub async fn rewrap(d: &Arc<Daemon>, req: Rewrap) -> Result<Reply, Error> {
         Input::Envelope(e) => e.clone(),
         Input::Ciphertext(c) => c.envelope().clone(),
     };
+    // Opened first, whatever its version: this authenticates it under its
+    // context and applies the revocations, the key's state and retirement
+    // before anything is said about the key.
     let path = env.path().clone();
-    let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
     let from = env.key_version();
+    let (key, old) = unwrap_data_key(d, &env, req.context.clone()).await?;
+    let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
     if from == rec.current_version {
         let resp = RewrapResponse {
             text: req.text,
@@ -335,13 +349,12 @@ pub async fn rewrap(d: &Arc<Daemon>, req: Rewrap) -> Result<Reply, Error> {
         };
         return reply(&resp, 0);
     }
-    let (key, old) = unwrap_data_key(d, &env, req.context.clone()).await?;
-    // New data keys under the current version: its state and revocations.
+    // New envelopes under the current version: its revocations and state.
     d.revocations.check(&path, Some(rec.current_version), None)?;
     if rec.state != KeyState::Enabled {
         return Err(Error::KeyDisabled(format!(
             "key `{path}` is {} and makes no new envelopes",
-            rec.state.as_str()
+            rec.state.as_str().replace('_', " ")
         )));
     }
     let kek = kek_ref(&rec, &path, rec.current_version)?;

@@ -39,7 +39,7 @@ use crate::usage::UsageBook;
 use crate::wraps::WrapBudget;
 
 pub use admin::reload_policy;
-pub use lifecycle::{delete_if_due, rotate_key};
+pub use lifecycle::{delete_if_due, rotate_key, unload};
 
 /// What every request may use.
 pub struct Daemon {
@@ -329,6 +329,8 @@ async fn route(
             };
             s.envelope(&env);
             allow(d, caller, op, key_target(env.path()), s)?;
+            // Rewrap opens a data key: it counts as a decryption.
+            d.audit.watch_decrypt(caller, env.path().tenant()).await?;
             lifecycle::rewrap(d, req).await
         }
         AdminRotateMaster::OP => {

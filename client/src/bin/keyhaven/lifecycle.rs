@@ -1,5 +1,5 @@
 //! `keyhaven key rotate|show|usage|set|trim|schedule-deletion|cancel-deletion`
-//! and `keyhaven rewrap` (docs/PROTOCOL.md §3.13–3.19, runbook in
+//! and `keyhaven rewrap` (docs/PROTOCOL.md §3.17–3.23, runbook in
 //! docs/OPERATIONS.md).
 
 use std::io::{BufRead, IsTerminal, Write};
