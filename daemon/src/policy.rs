@@ -25,13 +25,13 @@ pub enum Permission {
     Decrypt,
     /// `datakey`: making new data keys.
     Datakey,
-    /// `key_create`, `key_list` and future key management.
+    /// `key_create`, `key_list` and the key lifecycle operations.
     KeyAdmin,
-    /// Suspending and destroying keys (future revocation ops).
+    /// `revoke`, `revoke_lift`, `revoke_list`, `destroy`.
     Revoke,
     /// Reading and verifying the audit log.
     AuditRead,
-    /// Lifting a full-system revocation (future).
+    /// Lifting a whole-system suspension (with `revoke`).
     BreakGlass,
     /// Administering the daemon itself: `admin_reload`.
     Admin,
