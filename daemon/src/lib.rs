@@ -22,7 +22,7 @@
 //!
 //! Around them: [`config`] (the TOML file), [`identity`] (SO_PEERCRED,
 //! user and groups), [`policy`] (who may do what),
-//! [`error`] (wire error codes), [`secret`] (PIN and data-key types that
+//! [`error`] (wire error codes), [`hardening`] (production checks, no core dumps), [`secret`] (PIN and data-key types that
 //! never print), [`init`] and [`dev`] (setting an install up), and
 //! [`daemon`] (starting and stopping it all).
 
@@ -32,6 +32,7 @@ pub mod connection;
 pub mod daemon;
 pub mod dev;
 pub mod error;
+pub mod hardening;
 pub mod hsm;
 pub mod identity;
 pub mod init;
