@@ -69,7 +69,23 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     result
 }
 
-/// SIGTERM and SIGINT drain and stop; SIGHUP reloads the policy.
+/// SIGHUP: reloads what can change without a restart: the policy, and the
+/// PIN (which also lets the HSM workers try a refused login once more).
+/// Refusals are logged; what is in force stays.
+fn reload(d: &Daemon) {
+    tracing::info!("SIGHUP: reloading the policy and the PIN");
+    let _ = crate::ops::reload_policy(d);
+    match d.config.read_pin() {
+        Ok(pin) => {
+            if d.hsm.set_pin(pin) {
+                tracing::info!("PIN re-read: the HSM workers will try to log in once more");
+            }
+        }
+        Err(e) => tracing::warn!("PIN not reloaded: {e}"),
+    }
+}
+
+/// SIGTERM and SIGINT drain and stop; SIGHUP reloads (see [`reload`]).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -92,10 +108,8 @@ impl Signals {
                 _ = self.term.recv() => { tracing::info!("SIGTERM: draining"); break }
                 _ = self.int.recv() => { tracing::info!("SIGINT: draining"); break }
                 _ = self.hup.recv() => {
-                    tracing::info!("SIGHUP: reloading the policy");
                     let d = daemon.clone();
-                    // A refusal is logged by the reload itself.
-                    let _ = tokio::task::spawn_blocking(move || crate::ops::reload_policy(&d)).await;
+                    let _ = tokio::task::spawn_blocking(move || reload(&d)).await;
                 }
             }
         }
