@@ -1,4 +1,5 @@
-//! Starting and stopping the daemon: store, HSM workers, socket, signals.
+//! Starting and stopping the daemon: store, HSM workers, socket (its own, or
+//! systemd's), signals, and systemd notifications.
 
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ pub fn prepare_environment(config: &Config) {
 /// already open store (from a `dev` first run), else the configured one is
 /// opened.
 pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Config)) -> anyhow::Result<()> {
+    // Before any thread starts: this reads and clears LISTEN_FDS.
+    let inherited = crate::systemd::take_listener().context("taking the listening socket from systemd")?;
     let (store, meta) = match store {
         Some(s) => SledStore::check_initialised(s)?,
         None => SledStore::open_initialised(&config.store)?,
@@ -42,10 +45,23 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         Daemon::new(hsm, Arc::new(store), config).context("opening the audit log and the revocations")?,
     );
     let mut bound = false;
+    let activated = inherited.is_some();
     let result = runtime.block_on(async {
-        let listener = server::bind(&daemon.config)
-            .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;
-        bound = true;
+        let listener = match inherited {
+            // systemd made the socket (path, mode, owner: keyhavend.socket)
+            // and keeps it: the daemon neither binds nor removes it.
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                tracing::info!("using the socket passed by systemd");
+                tokio::net::UnixListener::from_std(l)?
+            }
+            None => {
+                let l = server::bind(&daemon.config)
+                    .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;
+                bound = true;
+                l
+            }
+        };
         let shutdown = CancellationToken::new();
         // Installed before `on_ready`, so that a signal sent the moment the
         // daemon says it is ready is handled, not fatal.
@@ -53,6 +69,7 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         tokio::spawn(signals.handle(daemon.clone(), shutdown.clone()));
         tracing::info!(socket = %daemon.config.socket.display(), token = daemon.hsm.token_label(), "listening");
         on_ready(&daemon.config);
+        crate::systemd::notify("READY=1\nSTATUS=listening");
         server::run(daemon.clone(), listener, shutdown).await;
         anyhow::Ok(())
     });
@@ -64,6 +81,8 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     // A daemon that was refused the socket leaves the other one's alone.
     if bound {
         let _ = std::fs::remove_file(&daemon.config.socket);
+    }
+    if bound || activated {
         tracing::info!("stopped");
     }
     result
@@ -74,6 +93,7 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
 /// Refusals are logged; what is in force stays.
 fn reload(d: &Daemon) {
     tracing::info!("SIGHUP: reloading the policy and the PIN");
+    crate::systemd::notify_reloading();
     let _ = crate::ops::reload_policy(d);
     match d.config.read_pin() {
         Ok(pin) => {
@@ -83,6 +103,7 @@ fn reload(d: &Daemon) {
         }
         Err(e) => tracing::warn!("PIN not reloaded: {e}"),
     }
+    crate::systemd::notify("READY=1\nSTATUS=listening");
 }
 
 /// SIGTERM and SIGINT drain and stop; SIGHUP reloads (see [`reload`]).
@@ -105,8 +126,16 @@ impl Signals {
     async fn handle(mut self, daemon: Arc<Daemon>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
-                _ = self.term.recv() => { tracing::info!("SIGTERM: draining"); break }
-                _ = self.int.recv() => { tracing::info!("SIGINT: draining"); break }
+                _ = self.term.recv() => {
+                    tracing::info!("SIGTERM: draining");
+                    crate::systemd::notify("STOPPING=1\nSTATUS=draining");
+                    break
+                }
+                _ = self.int.recv() => {
+                    tracing::info!("SIGINT: draining");
+                    crate::systemd::notify("STOPPING=1\nSTATUS=draining");
+                    break
+                }
                 _ = self.hup.recv() => {
                     let d = daemon.clone();
                     let _ = tokio::task::spawn_blocking(move || reload(&d)).await;

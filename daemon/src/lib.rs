@@ -23,8 +23,8 @@
 //! Around them: [`config`] (the TOML file), [`identity`] (SO_PEERCRED,
 //! user and groups), [`policy`] (who may do what),
 //! [`error`] (wire error codes), [`hardening`] (production checks, no core dumps), [`secret`] (PIN and data-key types that
-//! never print), [`init`] and [`dev`] (setting an install up), and
-//! [`daemon`] (starting and stopping it all).
+//! never print), [`init`] and [`dev`] (setting an install up), [`systemd`] (socket
+//! activation, sd_notify), and [`daemon`] (starting and stopping it all).
 
 pub mod audit;
 pub mod config;
@@ -42,4 +42,5 @@ pub mod revocation;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod wraps;
