@@ -102,7 +102,7 @@ impl HsmError {
             )
     }
 
-    /// The failure mode, as `health` names it (docs/OPERATIONS.md §11).
+    /// The failure mode, as `health` names it (docs/OPERATIONS.md §6).
     pub fn condition(&self) -> &'static str {
         match self {
             HsmError::Module { .. } => "module_unavailable",
