@@ -60,8 +60,10 @@ async fn the_token_going_away_and_coming_back_is_survived_without_a_restart() {
     assert!(e.to_string().contains("keyhaven-dev"), "names the token: {e}");
 
     std::fs::rename(&away, &tokdir).unwrap();
-    // The module is re-initialised at most every 2 s.
+    // The module is re-initialised at most every 2 s; a health probe is
+    // enough to find the token again.
     tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(token_condition(&c).await, ("ok".into(), None), "health finds the token again");
     // The first request after the token is back succeeds: the worker
     // re-opens its session and logs in again without the client noticing.
     c.key_create(&path("acme/after")).await.expect("works again without a restart");

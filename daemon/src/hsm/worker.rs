@@ -175,6 +175,9 @@ impl Worker {
     pub fn probe(&mut self) -> Result<(), HsmError> {
         self.retrying(|w| {
             let label = master_key_label(&w.shared.master_key_label, w.shared.master_key_version);
+            // The session first: opening one finds the token (re-initialising
+            // the module if need be); then the token must still be listed.
+            w.session()?;
             token::find_token(&w.shared.pkcs11(), &w.shared.token_label)?;
             let s = w.session()?;
             s.get_session_info()?;
