@@ -53,6 +53,14 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
             Some(l) => {
                 l.set_nonblocking(true)?;
                 tracing::info!("using the socket passed by systemd");
+                let passed = l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.to_owned()));
+                if passed.as_deref() != Some(daemon.config.socket.as_path()) {
+                    tracing::warn!(
+                        config = %daemon.config.socket.display(),
+                        passed = ?passed,
+                        "the socket systemd passed is not the config's `socket`; clients that read the config look in the wrong place"
+                    );
+                }
                 tokio::net::UnixListener::from_std(l)?
             }
             None => {

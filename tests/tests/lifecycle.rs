@@ -75,6 +75,8 @@ async fn socket_activation_and_notify_ready_reloading_stopping() {
     .unwrap();
     assert_eq!(out.0.code(), Some(0), "{}", out.1);
     assert!(out.1.contains("using the socket passed by systemd"), "{}", out.1);
+    // The test activates on another path than the config's `socket`: said.
+    assert!(out.1.contains("is not the config's `socket`"), "{}", out.1);
     assert!(activated.exists(), "the socket belongs to systemd: the daemon leaves it in place");
 }
 
