@@ -48,8 +48,14 @@ pub enum ErrorCode {
     InvalidConfig,
     /// The daemon is overloaded; retry later.
     Busy,
-    /// The HSM cannot be used right now.
+    /// The HSM cannot be used right now (module, token absent, session
+    /// lost); the daemon reconnects by itself.
     HsmUnavailable,
+    /// The token refused the daemon's login (wrong or locked PIN); the
+    /// daemon does not retry until an operator fixes the PIN and reloads.
+    HsmLoginFailed,
+    /// The master key is missing from the token or unusable.
+    MasterKeyUnavailable,
     /// The store cannot be read or written.
     StoreUnavailable,
     /// A fault inside the daemon; its log says more.
@@ -80,6 +86,8 @@ impl ErrorCode {
             ErrorCode::InvalidConfig => "invalid_config",
             ErrorCode::Busy => "busy",
             ErrorCode::HsmUnavailable => "hsm_unavailable",
+            ErrorCode::HsmLoginFailed => "hsm_login_failed",
+            ErrorCode::MasterKeyUnavailable => "master_key_unavailable",
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",

@@ -131,6 +131,12 @@ pub struct TokenHealth {
     /// The error of the probe, when it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Which failure mode, when the probe failed: `module_unavailable`,
+    /// `token_absent`, `pin_incorrect`, `pin_locked`, `login_failed`,
+    /// `session_lost`, `master_key_missing`, `master_key_unusable`, `busy`,
+    /// `stopped`, `token_error` (docs/PROTOCOL.md §3.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
 }
 
 /// The store part of `health`.

@@ -1,7 +1,8 @@
 //! The daemon's TOML configuration. `keyhavend dev` writes one; production
 //! installs write their own (see docs/OPERATIONS.md for an annotated
-//! example). The PIN is never inline: it comes from a file or an
-//! environment variable.
+//! example). The PIN is never inline: it comes from a file, an
+//! environment variable or a systemd credential (`$CREDENTIALS_DIRECTORY`).
+//! Errors name the file, the line and the key.
 
 use std::path::{Path, PathBuf};
 
@@ -120,6 +121,17 @@ pub struct HsmSection {
     /// Environment variable holding the user PIN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin_env: Option<String>,
+    /// Name of a systemd credential holding the user PIN (`LoadCredential=`):
+    /// the file `$CREDENTIALS_DIRECTORY/{name}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_credential: Option<String>,
+    /// An inline PIN: always refused. Present only so that the refusal can
+    /// say what to do instead; its value is discarded unread.
+    #[serde(default, skip_serializing)]
+    pub pin: Option<InlinePin>,
+    /// Production mode refuses a SoftHSM2 module unless this is `true`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_softhsm: bool,
     /// Base label of the master key (version N is `{label}-vN`).
     #[serde(default = "default_mk_label")]
     pub master_key_label: String,
@@ -176,6 +188,18 @@ fn default_check_seconds() -> u64 {
 }
 fn default_usage_flush_seconds() -> u64 {
     5
+}
+
+/// The value of an inline `pin = …`, thrown away as it is parsed: it is
+/// never kept, printed or compared.
+#[derive(Debug, Clone, Copy)]
+pub struct InlinePin;
+
+impl<'de> Deserialize<'de> for InlinePin {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d)?;
+        Ok(InlinePin)
+    }
 }
 
 /// `[limits]`.
@@ -260,21 +284,58 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file does not parse.
-    #[error("config {}: {reason}", path.display())]
+    #[error("config {}{}: {reason}", path.display(), at(key.as_deref(), None))]
     Parse {
         /// File.
         path: PathBuf,
+        /// The key concerned (`hsm.workers`), when known.
+        key: Option<String>,
         /// The parser's message (with line and column).
         reason: String,
     },
     /// A value is wrong.
-    #[error("config {}: {reason}", path.display())]
+    #[error("config {}{}: {reason}", path.display(), at(key.as_deref(), *line))]
     Invalid {
         /// File.
         path: PathBuf,
+        /// The key concerned (`hsm.workers`), when there is one.
+        key: Option<String>,
+        /// Its line in the file, when it is written there.
+        line: Option<usize>,
         /// What to change.
         reason: String,
     },
+}
+
+fn at(key: Option<&str>, line: Option<usize>) -> String {
+    match (key, line) {
+        (Some(k), Some(l)) => format!(", line {l}, key `{k}`"),
+        (Some(k), None) => format!(", key `{k}`"),
+        (None, Some(l)) => format!(", line {l}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// The line (from 1) where `key` (`hsm.workers`, `socket`) is set in
+/// `text`, found by a plain scan of table headers and `name =` lines.
+pub fn line_of(text: &str, key: &str) -> Option<usize> {
+    let (table, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(h) = line.strip_prefix('[') {
+            current = h.trim_start_matches('[').trim_end_matches(']').trim().to_owned();
+            continue;
+        }
+        if current == table {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim().trim_matches('"') == name {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
 }
 
 impl Config {
@@ -283,8 +344,16 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut cfg: Config = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), reason: e.to_string() })?;
+        let mut cfg: Config =
+            serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
+                let key = e.path().to_string();
+                let key = (key != "." && !key.is_empty()).then_some(key);
+                ConfigError::Parse {
+                    path: path.to_owned(),
+                    key,
+                    reason: e.into_inner().to_string().trim_end().to_owned(),
+                }
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.socket, &mut cfg.store, &mut cfg.hsm.module] {
             if p.is_relative() {
@@ -296,64 +365,123 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        let invalid =
-            |reason: &str| ConfigError::Invalid { path: path.to_owned(), reason: reason.to_owned() };
-        match (&cfg.hsm.pin_file, &cfg.hsm.pin_env) {
-            (None, None) => return Err(invalid("[hsm] needs `pin_file` or `pin_env`")),
-            (Some(_), Some(_)) => {
-                return Err(invalid("[hsm] takes one of `pin_file` and `pin_env`, not both"))
+        let invalid_key = |key: &str, reason: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: Some(key.to_owned()),
+            line: line_of(&text, key),
+            reason: reason.to_owned(),
+        };
+        let invalid = |reason: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: None,
+            line: None,
+            reason: reason.to_owned(),
+        };
+        if cfg.hsm.pin.is_some() {
+            return Err(invalid_key(
+                "hsm.pin",
+                "an inline PIN is refused: remove `pin` and put the PIN in a file named by `pin_file` \
+                 (mode 0400), a systemd credential named by `pin_credential`, or an environment variable \
+                 named by `pin_env`",
+            ));
+        }
+        let sources =
+            [cfg.hsm.pin_file.is_some(), cfg.hsm.pin_env.is_some(), cfg.hsm.pin_credential.is_some()];
+        match sources.iter().filter(|s| **s).count() {
+            0 => return Err(invalid("[hsm] needs `pin_file`, `pin_env` or `pin_credential`")),
+            1 => {}
+            _ => {
+                return Err(invalid(
+                    "[hsm] takes one of `pin_file`, `pin_env` and `pin_credential`, not both or all three",
+                ))
             }
-            _ => {}
         }
-        if cfg.lifecycle.check_seconds == 0 || cfg.lifecycle.usage_flush_seconds == 0 {
-            return Err(invalid("[lifecycle] check_seconds and usage_flush_seconds must be at least 1"));
-        }
-        if cfg.lifecycle.test_clock_offset_seconds != 0 && cfg.mode != Mode::Dev {
-            return Err(invalid("[lifecycle] test_clock_offset_seconds is for `dev` installs only"));
+        if let Some(name) = &cfg.hsm.pin_credential {
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                return Err(invalid_key(
+                    "hsm.pin_credential",
+                    "must be a credential name (no `/`), e.g. \"pin\"",
+                ));
+            }
         }
         if cfg.hsm.workers == 0 || cfg.hsm.workers > 64 {
-            return Err(invalid("[hsm] workers must be from 1 to 64"));
+            return Err(invalid_key("hsm.workers", "must be from 1 to 64"));
         }
         if cfg.hsm.queue_depth == 0 {
-            return Err(invalid("[hsm] queue_depth must be at least 1"));
+            return Err(invalid_key("hsm.queue_depth", "must be at least 1"));
         }
-        if cfg.limits.max_connections == 0 || cfg.limits.max_in_flight == 0 {
-            return Err(invalid("[limits] max_connections and max_in_flight must be at least 1"));
+        if cfg.limits.max_connections == 0 {
+            return Err(invalid_key("limits.max_connections", "must be at least 1"));
+        }
+        if cfg.limits.max_in_flight == 0 {
+            return Err(invalid_key("limits.max_in_flight", "must be at least 1"));
         }
         if !(1..=crate::wraps::MAX_WRAPS_PER_VERSION).contains(&cfg.limits.wraps_per_key_version) {
-            return Err(invalid("[limits] wraps_per_key_version must be from 1 to 2147483648 (2^31)"));
+            return Err(invalid_key("limits.wraps_per_key_version", "must be from 1 to 2147483648 (2^31)"));
         }
         if cfg.hsm.token_label.is_empty() || cfg.hsm.token_label.len() > 32 {
-            return Err(invalid("[hsm] token_label must be 1 to 32 bytes (a PKCS#11 token label)"));
+            return Err(invalid_key("hsm.token_label", "must be 1 to 32 bytes (a PKCS#11 token label)"));
         }
         if cfg.hsm.audit_key_label.is_empty() || cfg.hsm.audit_key_label == cfg.hsm.master_key_label {
-            return Err(invalid("[hsm] audit_key_label must be set and differ from master_key_label"));
+            return Err(invalid_key("hsm.audit_key_label", "must be set and differ from master_key_label"));
         }
         if cfg.socket_mode > 0o777 || cfg.socket_mode & 0o600 != 0o600 {
-            return Err(invalid("socket_mode must be a permission mode (at most 0o777) that keeps 0o600"));
-        }
-        if !(10..=60_000).contains(&cfg.audit.seal_interval_ms) || cfg.audit.seal_every == 0 {
-            return Err(invalid(
-                "[audit] seal_interval_ms must be from 10 to 60000 and seal_every at least 1",
+            return Err(invalid_key(
+                "socket_mode",
+                "must be a permission mode (at most 0o777) that keeps 0o600",
             ));
+        }
+        if !(10..=60_000).contains(&cfg.audit.seal_interval_ms) {
+            return Err(invalid_key("audit.seal_interval_ms", "must be from 10 to 60000"));
+        }
+        if cfg.audit.seal_every == 0 {
+            return Err(invalid_key("audit.seal_every", "must be at least 1"));
         }
         if cfg.audit.decrypt_hours_utc.is_some_and(|[a, b]| a > 23 || b > 24 || a == b) {
-            return Err(invalid(
-                "[audit] decrypt_hours_utc must be [from, to] with hours 0 to 24, from != to",
+            return Err(invalid_key(
+                "audit.decrypt_hours_utc",
+                "must be [from, to] with hours 0 to 24, from != to",
             ));
         }
+        if cfg.lifecycle.check_seconds == 0 {
+            return Err(invalid_key("lifecycle.check_seconds", "must be at least 1"));
+        }
+        if cfg.lifecycle.usage_flush_seconds == 0 {
+            return Err(invalid_key("lifecycle.usage_flush_seconds", "must be at least 1"));
+        }
+        if cfg.lifecycle.test_clock_offset_seconds != 0 && cfg.mode != Mode::Dev {
+            return Err(invalid_key("lifecycle.test_clock_offset_seconds", "is for `dev` installs only"));
+        }
         if !cfg.audit.enabled && cfg.mode == Mode::Production {
-            return Err(invalid("[audit] enabled = false is refused in production mode"));
+            return Err(invalid_key("audit.enabled", "`false` is refused in production mode"));
         }
         cfg.access = Policy::compile(&cfg.policy, &text).map_err(|e| invalid(&format!("[policy] {e}")))?;
         cfg.source = Some(path.to_owned());
         Ok(cfg)
     }
 
+    /// The file the PIN is read from: `pin_file`, or the systemd
+    /// credential's file under `$CREDENTIALS_DIRECTORY`.
+    pub fn pin_path(&self) -> Result<Option<PathBuf>, String> {
+        if let Some(file) = &self.hsm.pin_file {
+            return Ok(Some(file.clone()));
+        }
+        if let Some(name) = &self.hsm.pin_credential {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                format!(
+                    "`pin_credential = \"{name}\"` needs $CREDENTIALS_DIRECTORY, which systemd sets \
+                     for a unit with `LoadCredential={name}:/path/to/pin`; outside systemd use `pin_file`"
+                )
+            })?;
+            return Ok(Some(PathBuf::from(dir).join(name)));
+        }
+        Ok(None)
+    }
+
     /// Reads the PIN from where the configuration says.
     pub fn read_pin(&self) -> Result<Pin, String> {
-        if let Some(file) = &self.hsm.pin_file {
-            return Pin::from_file(file)
+        if let Some(file) = self.pin_path()? {
+            return Pin::from_file(&file)
                 .map_err(|e| format!("cannot read the PIN file {}: {e}", file.display()));
         }
         let var = self.hsm.pin_env.as_deref().unwrap_or_default();

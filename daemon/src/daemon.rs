@@ -1,4 +1,5 @@
-//! Starting and stopping the daemon: store, HSM workers, socket, signals.
+//! Starting and stopping the daemon: store, HSM workers, socket (its own, or
+//! systemd's), signals, and systemd notifications.
 
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ pub fn prepare_environment(config: &Config) {
 /// already open store (from a `dev` first run), else the configured one is
 /// opened.
 pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Config)) -> anyhow::Result<()> {
+    // Before any thread starts: this reads and clears LISTEN_FDS.
+    let inherited = crate::systemd::take_listener().context("taking the listening socket from systemd")?;
     let (store, meta) = match store {
         Some(s) => SledStore::check_initialised(s)?,
         None => SledStore::open_initialised(&config.store)?,
@@ -42,10 +45,31 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         Daemon::new(hsm, Arc::new(store), config).context("opening the audit log and the revocations")?,
     );
     let mut bound = false;
+    let activated = inherited.is_some();
     let result = runtime.block_on(async {
-        let listener = server::bind(&daemon.config)
-            .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;
-        bound = true;
+        let listener = match inherited {
+            // systemd made the socket (path, mode, owner: keyhavend.socket)
+            // and keeps it: the daemon neither binds nor removes it.
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                tracing::info!("using the socket passed by systemd");
+                let passed = l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.to_owned()));
+                if passed.as_deref() != Some(daemon.config.socket.as_path()) {
+                    tracing::warn!(
+                        config = %daemon.config.socket.display(),
+                        passed = ?passed,
+                        "the socket systemd passed is not the config's `socket`; clients that read the config look in the wrong place"
+                    );
+                }
+                tokio::net::UnixListener::from_std(l)?
+            }
+            None => {
+                let l = server::bind(&daemon.config)
+                    .with_context(|| format!("cannot listen on {}", daemon.config.socket.display()))?;
+                bound = true;
+                l
+            }
+        };
         let shutdown = CancellationToken::new();
         // Installed before `on_ready`, so that a signal sent the moment the
         // daemon says it is ready is handled, not fatal.
@@ -56,6 +80,7 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         // says it is ready, so no data key is made under an overdue version.
         crate::upkeep::due_keys(&daemon).await;
         on_ready(&daemon.config);
+        crate::systemd::notify("READY=1\nSTATUS=listening");
         tokio::spawn(crate::upkeep::run(daemon.clone(), shutdown.clone()));
         server::run(daemon.clone(), listener, shutdown).await;
         anyhow::Ok(())
@@ -71,12 +96,32 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     // A daemon that was refused the socket leaves the other one's alone.
     if bound {
         let _ = std::fs::remove_file(&daemon.config.socket);
+    }
+    if bound || activated {
         tracing::info!("stopped");
     }
     result
 }
 
-/// SIGTERM and SIGINT drain and stop; SIGHUP reloads the policy.
+/// SIGHUP: reloads what can change without a restart: the policy, and the
+/// PIN (which also lets the HSM workers try a refused login once more).
+/// Refusals are logged; what is in force stays.
+fn reload(d: &Daemon) {
+    tracing::info!("SIGHUP: reloading the policy and the PIN");
+    crate::systemd::notify_reloading();
+    let _ = crate::ops::reload_policy(d);
+    match d.config.read_pin() {
+        Ok(pin) => {
+            if d.hsm.set_pin(pin) {
+                tracing::info!("PIN re-read: the HSM workers will try to log in once more");
+            }
+        }
+        Err(e) => tracing::warn!("PIN not reloaded: {e}"),
+    }
+    crate::systemd::notify("READY=1\nSTATUS=listening");
+}
+
+/// SIGTERM and SIGINT drain and stop; SIGHUP reloads (see [`reload`]).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -96,13 +141,19 @@ impl Signals {
     async fn handle(mut self, daemon: Arc<Daemon>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
-                _ = self.term.recv() => { tracing::info!("SIGTERM: draining"); break }
-                _ = self.int.recv() => { tracing::info!("SIGINT: draining"); break }
+                _ = self.term.recv() => {
+                    tracing::info!("SIGTERM: draining");
+                    crate::systemd::notify("STOPPING=1\nSTATUS=draining");
+                    break
+                }
+                _ = self.int.recv() => {
+                    tracing::info!("SIGINT: draining");
+                    crate::systemd::notify("STOPPING=1\nSTATUS=draining");
+                    break
+                }
                 _ = self.hup.recv() => {
-                    tracing::info!("SIGHUP: reloading the policy");
                     let d = daemon.clone();
-                    // A refusal is logged by the reload itself.
-                    let _ = tokio::task::spawn_blocking(move || crate::ops::reload_policy(&d)).await;
+                    let _ = tokio::task::spawn_blocking(move || reload(&d)).await;
                 }
             }
         }

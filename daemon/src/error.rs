@@ -90,6 +90,10 @@ impl Error {
             Error::Audit(_) => ErrorCode::StoreUnavailable,
             Error::Hsm(HsmError::Busy(_)) => ErrorCode::Busy,
             Error::Hsm(HsmError::Integrity(_)) => ErrorCode::Integrity,
+            Error::Hsm(HsmError::Login { .. }) => ErrorCode::HsmLoginFailed,
+            Error::Hsm(HsmError::KeyMissing { .. } | HsmError::MasterKey { .. }) => {
+                ErrorCode::MasterKeyUnavailable
+            }
             Error::Hsm(_) => ErrorCode::HsmUnavailable,
             Error::Store(_) => ErrorCode::StoreUnavailable,
             Error::Internal(_) => ErrorCode::Internal,

@@ -25,9 +25,9 @@
 //!
 //! Around them: [`config`] (the TOML file), [`identity`] (SO_PEERCRED,
 //! user and groups), [`policy`] (who may do what),
-//! [`error`] (wire error codes), [`secret`] (PIN and data-key types that
-//! never print), [`init`] and [`dev`] (setting an install up), and
-//! [`daemon`] (starting and stopping it all).
+//! [`error`] (wire error codes), [`hardening`] (production checks, no core dumps), [`secret`] (PIN and data-key types that
+//! never print), [`init`] and [`dev`] (setting an install up), [`systemd`] (socket
+//! activation, sd_notify), and [`daemon`] (starting and stopping it all).
 
 pub mod audit;
 pub mod config;
@@ -35,6 +35,7 @@ pub mod connection;
 pub mod daemon;
 pub mod dev;
 pub mod error;
+pub mod hardening;
 pub mod hsm;
 pub mod identity;
 pub mod init;
@@ -44,6 +45,7 @@ pub mod revocation;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod upkeep;
 pub mod usage;
 pub mod wraps;

@@ -149,7 +149,7 @@ async fn retiring_the_old_master_key_makes_older_store_copies_useless() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("keyhaven-mk-v1") && err.contains("not found"), "{err}");
+    assert!(err.contains("keyhaven-mk-v1") && err.contains("not in the token"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -470,6 +470,8 @@ async fn the_store_holds_no_plaintext_data_key_plaintext_or_pin() {
 #[tokio::test(flavor = "multi_thread")]
 async fn production_path_init_then_run_on_an_operator_made_token() {
     let dir = tempfile::Builder::new().prefix("keyhaven-prod-").tempdir().unwrap();
+    // Production mode refuses a socket directory others may read.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let conf = softhsm_conf_in(dir.path());
     let pin = random_hex(16);
     let so_pin = random_hex(16);
@@ -488,7 +490,7 @@ async fn production_path_init_then_run_on_an_operator_made_token() {
             &store,
             "prodtest",
             &format!(
-                "pin_file = \"{}\"\nsofthsm2_conf = \"{}\"\n\n[[policy.rules]]\nprincipals = [\"uid:{}\"]\n\
+                "pin_file = \"{}\"\nsofthsm2_conf = \"{}\"\nallow_softhsm = true\n\n[[policy.rules]]\nprincipals = [\"uid:{}\"]\n\
                  operations = [\"key-admin\", \"encrypt\", \"decrypt\"]\nkeys = [\"acme/*\"]\n",
                 pin_file.display(),
                 conf.display(),

@@ -23,10 +23,20 @@ pub enum HsmError {
     Login {
         /// Token label.
         label: String,
-        /// Why (wrong PIN, locked PIN…).
+        /// Which failure.
+        kind: LoginFailure,
+        /// Why (wrong PIN, locked PIN…) and what to do.
         reason: String,
     },
-    /// The master key object is missing or unusable.
+    /// The master key (or the audit key) is not in the token.
+    #[error(
+        "key `{label}` is not in the token (deleted, or another token): restore it from the HSM's backup"
+    )]
+    KeyMissing {
+        /// The key's label.
+        label: String,
+    },
+    /// The master key object is unusable.
     #[error("master key `{label}`: {reason}")]
     MasterKey {
         /// The key's label.
@@ -64,24 +74,62 @@ pub enum HsmError {
     Library(String),
 }
 
+/// Why a login failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// CKR_PIN_INCORRECT.
+    Incorrect,
+    /// CKR_PIN_LOCKED.
+    Locked,
+    /// Anything else (user PIN not initialised, PIN expired…).
+    Other,
+}
+
 impl HsmError {
-    /// True when the session or login is gone and the worker must reconnect.
+    /// True when the session, the login or a cached handle is gone and the
+    /// worker must reconnect (and may retry the request once).
     pub fn session_lost(&self) -> bool {
-        matches!(
-            self,
+        matches!(self, HsmError::TokenNotFound(_))
+            || matches!(
+                self,
+                HsmError::Pkcs11 {
+                    rv: RvError::SessionHandleInvalid
+                        | RvError::SessionClosed
+                        | RvError::UserNotLoggedIn
+                        | RvError::DeviceRemoved
+                        | RvError::TokenNotPresent
+                        | RvError::TokenNotRecognized
+                        | RvError::DeviceError
+                        | RvError::ObjectHandleInvalid
+                        | RvError::KeyHandleInvalid
+                        | RvError::WrappingKeyHandleInvalid
+                        | RvError::UnwrappingKeyHandleInvalid
+                        | RvError::CryptokiNotInitialized,
+                    ..
+                }
+            )
+    }
+
+    /// The failure mode, as `health` names it (docs/OPERATIONS.md §6).
+    pub fn condition(&self) -> &'static str {
+        match self {
+            HsmError::Module { .. } => "module_unavailable",
+            HsmError::TokenNotFound(_) => "token_absent",
+            HsmError::Login { kind: LoginFailure::Incorrect, .. } => "pin_incorrect",
+            HsmError::Login { kind: LoginFailure::Locked, .. } => "pin_locked",
+            HsmError::Login { .. } => "login_failed",
+            HsmError::KeyMissing { .. } => "master_key_missing",
+            HsmError::MasterKey { .. } => "master_key_unusable",
+            HsmError::Integrity(_) => "integrity",
+            HsmError::Busy(_) => "busy",
+            HsmError::Stopped => "stopped",
             HsmError::Pkcs11 {
-                rv: RvError::SessionHandleInvalid
-                    | RvError::SessionClosed
-                    | RvError::UserNotLoggedIn
-                    | RvError::DeviceRemoved
-                    | RvError::TokenNotPresent
-                    | RvError::DeviceError
-                    | RvError::ObjectHandleInvalid
-                    | RvError::KeyHandleInvalid
-                    | RvError::CryptokiNotInitialized,
+                rv: RvError::DeviceRemoved | RvError::TokenNotPresent | RvError::TokenNotRecognized,
                 ..
-            }
-        )
+            } => "token_absent",
+            e if e.session_lost() => "session_lost",
+            _ => "token_error",
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use cryptoki::context::Pkcs11;
 use tokio::sync::oneshot;
 
-pub use error::HsmError;
+pub use error::{HsmError, LoginFailure};
 pub use worker::{KekId, KekRef, Worker};
 
 use crate::secret::Pin;
@@ -44,14 +44,63 @@ pub struct HsmConfig {
 
 /// What every worker shares.
 pub(crate) struct Shared {
-    pkcs11: Pkcs11,
+    /// The module, re-initialised when the token has gone and come back
+    /// (see [`Shared::reinitialise`]).
+    pkcs11: Mutex<Pkcs11>,
+    module: String,
+    workers: usize,
+    last_reinit: Mutex<Option<std::time::Instant>>,
     token_label: String,
-    pin: Pin,
+    pin: Mutex<Pin>,
+    /// A login the token refused (wrong or locked PIN): no worker tries
+    /// again, since every try counts against the token's retry limit and
+    /// could lock it, until [`Hsm::set_pin`] gives a PIN to try.
+    login_refused: Mutex<Option<(LoginFailure, String)>>,
     master_key_label: String,
     audit_key_label: String,
     /// The master key version new KEKs are wrapped under; changes during a
     /// master-key rotation.
     master_key_version: AtomicU32,
+}
+
+impl Shared {
+    fn pkcs11(&self) -> Pkcs11 {
+        self.pkcs11.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Finalises and initialises the module again, at most once every two
+    /// seconds. Some modules (SoftHSM2 among them) never see a token again
+    /// that went away while they were initialised; a fresh C_Initialize
+    /// does. Only with one worker, whose session is closed already: with
+    /// more, C_Finalize would pull sessions from under the other workers
+    /// (and their stale handles could close new sessions), so a pool of
+    /// several workers needs a restart for such a module. Returns whether
+    /// it re-initialised.
+    fn reinitialise(&self) -> bool {
+        if self.workers != 1 {
+            return false;
+        }
+        let mut last = self.last_reinit.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(2)) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        let mut current = self.pkcs11.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = current.clone().finalize() {
+            tracing::debug!("C_Finalize before re-initialising: {e}");
+        }
+        match token::load_module(&self.module) {
+            Ok(fresh) => {
+                *current = fresh;
+                tracing::info!(module = %self.module, "PKCS#11 module re-initialised to look for the token again");
+                true
+            }
+            Err(e) => {
+                tracing::warn!("re-initialising the PKCS#11 module failed: {e}");
+                false
+            }
+        }
+    }
 }
 
 /// A job for a worker.
@@ -74,9 +123,13 @@ impl Hsm {
     pub fn start(cfg: HsmConfig, master_key_version: u32) -> Result<Hsm, HsmError> {
         let pkcs11 = token::load_module(&cfg.module)?;
         let shared = Arc::new(Shared {
-            pkcs11,
+            pkcs11: Mutex::new(pkcs11),
+            module: cfg.module.clone(),
+            workers: cfg.workers.max(1),
+            last_reinit: Mutex::new(None),
             token_label: cfg.token_label.clone(),
-            pin: cfg.pin,
+            pin: Mutex::new(cfg.pin),
+            login_refused: Mutex::new(None),
             master_key_label: cfg.master_key_label,
             audit_key_label: cfg.audit_key_label,
             master_key_version: AtomicU32::new(master_key_version),
@@ -105,6 +158,14 @@ impl Hsm {
             queue_depth: cfg.queue_depth.max(1),
             shared,
         })
+    }
+
+    /// Puts a (re-read) PIN in place and lifts a refused login, so that the
+    /// next request tries to log in once more (SIGHUP). Returns whether a
+    /// refused login was lifted.
+    pub fn set_pin(&self, pin: Pin) -> bool {
+        *self.shared.pin.lock().unwrap_or_else(|e| e.into_inner()) = pin;
+        self.shared.login_refused.lock().unwrap_or_else(|e| e.into_inner()).take().is_some()
     }
 
     /// Runs `f` on a worker and waits for its result. Refuses with

@@ -25,9 +25,16 @@ pub fn load_module(module: &str) -> Result<Pkcs11, HsmError> {
 
 /// The slot whose token carries `label`.
 pub fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
-    for slot in pkcs11.get_slots_with_initialized_token()? {
-        if pkcs11.get_token_info(slot)?.label().trim_end() == label {
-            return Ok(slot);
+    let slots = pkcs11.get_slots_with_initialized_token().map_err(|e| {
+        tracing::debug!("C_GetSlotList: {e}");
+        HsmError::TokenNotFound(label.to_owned())
+    })?;
+    for slot in slots {
+        // A token that cannot be read (gone, device error) is not the one.
+        match pkcs11.get_token_info(slot) {
+            Ok(info) if info.label().trim_end() == label => return Ok(slot),
+            Ok(_) => {}
+            Err(e) => tracing::debug!("C_GetTokenInfo on slot {slot}: {e}"),
         }
     }
     Err(HsmError::TokenNotFound(label.to_owned()))
@@ -40,13 +47,21 @@ pub fn open_session(pkcs11: &Pkcs11, slot: Slot, label: &str, pin: &Pin) -> Resu
     match session.login(UserType::User, Some(pin.auth_pin())) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
         Err(CkError::Pkcs11(rv, _)) => {
-            let reason = match rv {
-                RvError::PinIncorrect => "the PIN is incorrect".to_owned(),
-                RvError::PinLocked => "the PIN is locked; unlock it with the SO PIN".to_owned(),
-                RvError::UserPinNotInitialized => "the user PIN is not initialised".to_owned(),
-                other => other.to_string(),
+            use super::error::LoginFailure;
+            let (kind, reason) = match rv {
+                RvError::PinIncorrect => (
+                    LoginFailure::Incorrect,
+                    "the PIN is incorrect (each failure counts against the token's retry limit)".to_owned(),
+                ),
+                RvError::PinLocked => {
+                    (LoginFailure::Locked, "the PIN is locked; unlock it with the SO PIN".to_owned())
+                }
+                RvError::UserPinNotInitialized => {
+                    (LoginFailure::Other, "the user PIN is not initialised".to_owned())
+                }
+                other => (LoginFailure::Other, other.to_string()),
             };
-            Err(HsmError::Login { label: label.to_owned(), reason })
+            Err(HsmError::Login { label: label.to_owned(), kind, reason })
         }
         Err(e) => Err(e.into()),
     }
@@ -80,7 +95,8 @@ fn find_secret_key(
 /// will never reveal (sensitive, never extractable) and that may unwrap.
 pub fn find_master_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
     let fail = |reason: &str| HsmError::MasterKey { label: label.to_owned(), reason: reason.to_owned() };
-    let handle = find_secret_key(session, label, fail)?.ok_or_else(|| fail("not found in the token"))?;
+    let handle = find_secret_key(session, label, fail)?
+        .ok_or_else(|| HsmError::KeyMissing { label: label.to_owned() })?;
     let attrs = session.get_attributes(
         handle,
         &[
@@ -186,10 +202,7 @@ pub fn ensure_audit_key(session: &Session, label: &str) -> Result<ObjectHandle, 
     ];
     session.generate_key(&Mechanism::GenericSecretKeyGen, &template)?;
     tracing::info!(label, "created the audit key in the token");
-    find_audit_key(session, label)?.ok_or_else(|| HsmError::AuditKey {
-        label: label.to_owned(),
-        reason: "was generated but cannot be found".to_owned(),
-    })
+    find_audit_key(session, label)?.ok_or_else(|| HsmError::KeyMissing { label: label.to_owned() })
 }
 
 /// Initialises a fresh token in the first free slot (dev mode only): SO PIN,

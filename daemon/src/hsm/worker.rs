@@ -76,6 +76,26 @@ impl Worker {
         self.reset();
     }
 
+    /// Runs `op`; when it fails because the session, the login or a cached
+    /// handle is gone (the token went away and came back, the session was
+    /// closed), drops the session and its handles, opens a new one, logs in
+    /// and runs `op` once more, so the client sees no error. Every
+    /// operation is safe to repeat: a failed one produced nothing.
+    fn retrying<T>(&mut self, op: impl Fn(&mut Worker) -> Result<T, HsmError>) -> Result<T, HsmError> {
+        match op(self) {
+            Err(e) if e.session_lost() => {
+                tracing::warn!(error = %e, "HSM session lost; re-opening it and retrying the request once");
+                self.reset();
+                let r = op(self);
+                if r.is_ok() {
+                    tracing::info!("HSM session re-opened");
+                }
+                self.note(r)
+            }
+            r => self.note(r),
+        }
+    }
+
     /// Drops the session (and with it every session object) and the caches.
     fn reset(&mut self) {
         self.master_keys.clear();
@@ -98,8 +118,42 @@ impl Worker {
     fn session(&mut self) -> Result<&Session, HsmError> {
         if self.session.is_none() {
             let sh = &self.shared;
-            let slot = token::find_token(&sh.pkcs11, &sh.token_label)?;
-            self.session = Some(token::open_session(&sh.pkcs11, slot, &sh.token_label, &sh.pin)?);
+            let mut refused = sh.login_refused.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((kind, reason)) = &*refused {
+                // Never try a refused PIN again by ourselves: that could lock the token.
+                return Err(HsmError::Login {
+                    label: sh.token_label.clone(),
+                    kind: *kind,
+                    reason: format!(
+                        "{reason}; not retried: fix the PIN, then send SIGHUP (or restart) to try it once"
+                    ),
+                });
+            }
+            let pkcs11 = sh.pkcs11();
+            let (pkcs11, slot) = match token::find_token(&pkcs11, &sh.token_label) {
+                Ok(slot) => (pkcs11, slot),
+                Err(e) => {
+                    if !sh.reinitialise() {
+                        return Err(e);
+                    }
+                    let pkcs11 = sh.pkcs11();
+                    let slot = token::find_token(&pkcs11, &sh.token_label)?;
+                    (pkcs11, slot)
+                }
+            };
+            let pin = sh.pin.lock().unwrap_or_else(|e| e.into_inner());
+            match token::open_session(&pkcs11, slot, &sh.token_label, &pin) {
+                Ok(s) => self.session = Some(s),
+                Err(HsmError::Login { label, kind, reason }) => {
+                    tracing::error!(
+                        token = %label,
+                        "HSM login refused: {reason}; no worker will try again until SIGHUP or a restart"
+                    );
+                    *refused = Some((kind, reason.clone()));
+                    return Err(HsmError::Login { label, kind, reason });
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(self.session.as_ref().expect("session just opened"))
     }
@@ -107,20 +161,34 @@ impl Worker {
     /// Fills `buf` with random bytes from the token.
     pub fn random(&mut self, buf: &mut [u8]) -> Result<(), HsmError> {
         let r = self.session().and_then(|s| Ok(s.generate_random_slice(buf)?));
+        if matches!(&r, Err(e) if e.session_lost()) {
+            self.reset();
+            let r = self.session().and_then(|s| Ok(s.generate_random_slice(buf)?));
+            return self.note(r);
+        }
         self.note(r)
     }
 
     /// A cheap call that proves the session and login still work.
+    /// Looks the master key up afresh (not from the cache), so that a key
+    /// deleted or a token gone since is noticed.
     pub fn probe(&mut self) -> Result<(), HsmError> {
-        let r = self.session().and_then(|s| {
+        self.retrying(|w| {
+            let current = w.shared.master_key_version.load(std::sync::atomic::Ordering::SeqCst);
+            let label = master_key_label(&w.shared.master_key_label, current);
+            // The session first: opening one finds the token (re-initialising
+            // the module if need be); then the token must still be listed.
+            w.session()?;
+            token::find_token(&w.shared.pkcs11(), &w.shared.token_label)?;
+            let s = w.session()?;
             s.get_session_info()?;
+            let h = token::find_master_key(s, &label)?;
+            if w.master_keys.get(&current).is_some_and(|cached| *cached != h) {
+                // The key was replaced (restored from a backup): drop stale handles.
+                w.lost = true;
+            }
             Ok(())
-        });
-        let r = r.and_then(|()| {
-            self.master_key(self.shared.master_key_version.load(std::sync::atomic::Ordering::SeqCst))
-                .map(|_| ())
-        });
-        self.note(r)
+        })
     }
 
     fn master_key(&mut self, version: u32) -> Result<ObjectHandle, HsmError> {
@@ -148,34 +216,34 @@ impl Worker {
         }
         let shared = self.shared.clone();
         let label = &shared.audit_key_label;
-        let h = token::find_audit_key(self.session()?, label)?.ok_or_else(|| HsmError::AuditKey {
-            label: label.clone(),
-            reason: "not found in the token".into(),
-        })?;
+        let h = token::find_audit_key(self.session()?, label)?
+            .ok_or_else(|| HsmError::KeyMissing { label: label.clone() })?;
         self.audit_key = Some(h);
         Ok(h)
     }
 
     /// HMAC-SHA256 of `data` under the audit key, computed in the token.
     pub fn audit_mac(&mut self, data: &[u8]) -> Result<Vec<u8>, HsmError> {
-        let r = self.audit_key().and_then(|k| Ok(self.session()?.sign(&Mechanism::Sha256Hmac, k, data)?));
-        self.note(r)
+        self.retrying(|w| {
+            w.audit_key().and_then(|k| Ok(w.session()?.sign(&Mechanism::Sha256Hmac, k, data)?))
+        })
     }
 
     /// Whether `mac` is the HMAC-SHA256 of `data` under the audit key
     /// (C_Verify in the token).
     pub fn audit_mac_ok(&mut self, data: &[u8], mac: &[u8]) -> Result<bool, HsmError> {
-        let r = self.audit_key().and_then(|k| {
-            match self.session()?.verify(&Mechanism::Sha256Hmac, k, data, mac) {
-                Ok(()) => Ok(true),
-                Err(cryptoki::error::Error::Pkcs11(
-                    cryptoki::error::RvError::SignatureInvalid | cryptoki::error::RvError::SignatureLenRange,
-                    _,
-                )) => Ok(false),
-                Err(e) => Err(e.into()),
-            }
-        });
-        self.note(r)
+        self.retrying(|w| w.audit_mac_ok_once(data, mac))
+    }
+
+    fn audit_mac_ok_once(&mut self, data: &[u8], mac: &[u8]) -> Result<bool, HsmError> {
+        self.audit_key().and_then(|k| match self.session()?.verify(&Mechanism::Sha256Hmac, k, data, mac) {
+            Ok(()) => Ok(true),
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::SignatureInvalid | cryptoki::error::RvError::SignatureLenRange,
+                _,
+            )) => Ok(false),
+            Err(e) => Err(e.into()),
+        })
     }
 
     /// Generates a new KEK in the token and returns it wrapped under the
@@ -184,8 +252,7 @@ impl Worker {
     /// their own non-extractable copy.
     pub fn generate_kek(&mut self) -> Result<(Vec<u8>, u32), HsmError> {
         let version = self.shared.master_key_version.load(std::sync::atomic::Ordering::SeqCst);
-        let r = self.generate_kek_under(version);
-        self.note(r).map(|w| (w, version))
+        self.retrying(|w| w.generate_kek_under(version)).map(|w| (w, version))
     }
 
     fn generate_kek_under(&mut self, mk_version: u32) -> Result<Vec<u8>, HsmError> {
@@ -352,8 +419,7 @@ impl Worker {
         aad: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
-        let r = self.seal_inner(kek, nonce, aad, plaintext);
-        self.note(r)
+        self.retrying(|w| w.seal_inner(kek, nonce, aad, plaintext))
     }
 
     fn seal_inner(
@@ -379,8 +445,7 @@ impl Worker {
         aad: &[u8],
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-        let r = self.open_inner(kek, nonce, aad, sealed);
-        self.note(r)
+        self.retrying(|w| w.open_inner(kek, nonce, aad, sealed))
     }
 
     fn open_inner(

@@ -29,6 +29,7 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         label: d.hsm.token_label().to_owned(),
         master_key_version: d.hsm.master_key_version(),
         workers: d.hsm.workers(),
+        condition: probe.as_ref().err().map(|e| e.condition().to_owned()),
         error: probe.err().map(|e| e.to_string()),
     };
     let store = StoreHealth { ok: keys.is_ok(), keys: keys.unwrap_or(0) };

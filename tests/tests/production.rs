@@ -1,0 +1,376 @@
+//! Production mode (issue 6): every start-up refusal names what to change,
+//! the PIN can come from a systemd credential, config errors name the file,
+//! line and key, core dumps are off, logs can be JSON, and the PIN never
+//! prints. Each test makes its own SoftHSM2 token with softhsm2-util, as an
+//! operator would, and runs `keyhavend` in production mode against it.
+
+use std::io::Read;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use keyhaven_tests::*;
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut buf).unwrap();
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_mode(path: &Path, text: &str, mode: u32) {
+    use std::io::Write;
+    let _ = std::fs::remove_file(path);
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A production install on a SoftHSM2 token made by softhsm2-util:
+/// `dir/{softhsm2.conf,tokens/,pin,run/,store/,keyhaven.toml}`, initialised.
+struct Install {
+    dir: tempfile::TempDir,
+    pin: String,
+}
+
+impl Install {
+    fn new() -> Install {
+        let dir = tempfile::Builder::new().prefix("keyhaven-prod-").tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("tokens")).unwrap();
+        chmod(&d.join("tokens"), 0o700);
+        write_mode(
+            &d.join("softhsm2.conf"),
+            &format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                d.join("tokens").display()
+            ),
+            0o600,
+        );
+        let pin = random_hex(16);
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", "prod", "--pin", &pin, "--so-pin", &random_hex(16)])
+            .env("SOFTHSM2_CONF", d.join("softhsm2.conf"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+        write_mode(&d.join("pin"), &format!("{pin}\n"), 0o400);
+        std::fs::create_dir(d.join("run")).unwrap();
+        chmod(&d.join("run"), 0o750);
+        let i = Install { dir, pin };
+        i.write_config("keyhaven.toml", "pin_file = \"pin\"\nallow_softhsm = true\n", "");
+        let out = i.keyhavend(&["init", "--config", "keyhaven.toml"], &[]);
+        assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+        i
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir().join("run/keyhaven.sock")
+    }
+
+    /// Writes a config `name` (mode 0600) with `hsm` lines in `[hsm]` and
+    /// `top` lines at the top level.
+    fn write_config(&self, name: &str, hsm: &str, top: &str) -> PathBuf {
+        let text = format!(
+            "{top}socket = \"run/keyhaven.sock\"\nstore = \"store\"\n\n[hsm]\nmodule = \"{}\"\n\
+             token_label = \"prod\"\nsofthsm2_conf = \"softhsm2.conf\"\n{hsm}\n\
+             [[policy.rules]]\nprincipals = [\"uid:{}\"]\noperations = [\"key-admin\", \"encrypt\", \"decrypt\"]\n\
+             keys = [\"*\"]\n",
+            softhsm_module().display(),
+            my_uid()
+        );
+        let file = self.dir().join(name);
+        write_mode(&file, &text, 0o600);
+        file
+    }
+
+    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(bin("keyhavend"));
+        cmd.args(args)
+            .current_dir(self.dir())
+            .env_remove("SOFTHSM2_CONF")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("JOURNAL_STREAM")
+            .env("KEYHAVEN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs `keyhavend ARGS` to its exit (at most 30 s).
+    fn keyhavend(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let child = self.command(args, env).spawn().unwrap();
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+        rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+            signal(pid, "KILL");
+            panic!("keyhavend {args:?} did not exit within 30 s")
+        })
+    }
+
+    /// `keyhavend run --config NAME` must refuse; returns stderr.
+    fn refused(&self, name: &str) -> String {
+        let file = self.dir().join(name);
+        let out = self.keyhavend(&["run", "--config", file.to_str().unwrap()], &[]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{name} must be refused with status 1:\n{err}");
+        assert!(!self.socket().exists(), "{name}: a refusal must leave no socket");
+        err
+    }
+
+    /// Starts `keyhavend ARGS` and waits until the socket answers.
+    fn start(&self, args: &[&str], env: &[(&str, &str)]) -> Running {
+        let mut child = self.command(args, env).spawn().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let mut out = child.stdout.take().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("keyhavend exited with {status}:\n{}", stderr.join().unwrap());
+            }
+            assert!(Instant::now() < deadline, "keyhavend did not listen within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Running { child: Some(child), stderr: Some(stderr) }
+    }
+}
+
+struct Running {
+    child: Option<Child>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Running {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM; returns (exit code, stderr).
+    fn stop(mut self) -> (Option<i32>, String) {
+        let mut child = self.child.take().unwrap();
+        signal(child.id(), "TERM");
+        let status = child.wait().unwrap();
+        (status.code(), self.stderr.take().unwrap().join().unwrap())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn production_mode_refuses_each_weak_set_up_and_names_what_to_change() {
+    let i = Install::new();
+    let d = i.dir();
+
+    // SoftHSM2 without `allow_softhsm = true`.
+    i.write_config("softhsm.toml", "pin_file = \"pin\"\n", "");
+    let err = i.refused("softhsm.toml");
+    assert!(err.contains("SoftHSM2") && err.contains("allow_softhsm = true"), "{err}");
+    assert!(err.contains("production mode refuses to start"), "{err}");
+
+    // Weak PINs (judged before any login, so the token is never tried).
+    for (n, pin) in ["", "1234", "0000", "123456", "changeme", "12345678", "zzzzzzzzzzzz", "3537363231383830"]
+        .iter()
+        .enumerate()
+    {
+        let file = d.join(format!("weak-pin-{n}"));
+        write_mode(&file, &format!("{pin}\n"), 0o400);
+        i.write_config(
+            "weak.toml",
+            &format!("pin_file = \"{}\"\nallow_softhsm = true\n", file.display()),
+            "",
+        );
+        let err = i.refused("weak.toml");
+        assert!(err.contains("user PIN is weak"), "`{pin}`: {err}");
+        assert!(err.contains(&file.display().to_string()), "names where the PIN is: {err}");
+        if pin.len() >= 6 {
+            assert!(!err.contains(pin), "the PIN must not be printed: {err}");
+        }
+    }
+
+    // An inline PIN: refused in every mode, naming the line, never echoing it.
+    let file = i.write_config("inline.toml", "pin = \"inline-S3cret-77\"\nallow_softhsm = true\n", "");
+    let line =
+        std::fs::read_to_string(&file).unwrap().lines().position(|l| l.starts_with("pin =")).unwrap() + 1;
+    let err = i.refused("inline.toml");
+    assert!(err.contains("inline PIN is refused") && err.contains("pin_file"), "{err}");
+    assert!(err.contains(&format!("line {line}, key `hsm.pin`")), "{err}");
+    assert!(!err.contains("inline-S3cret-77"), "{err}");
+    i.write_config("inline-dev.toml", "pin = \"inline-S3cret-77\"\n", "mode = \"dev\"\n");
+    assert!(i.refused("inline-dev.toml").contains("inline PIN is refused"));
+
+    // PIN file readable by others.
+    chmod(&d.join("pin"), 0o644);
+    i.write_config("ok.toml", "pin_file = \"pin\"\nallow_softhsm = true\n", "");
+    let err = i.refused("ok.toml");
+    assert!(err.contains("PIN file") && err.contains("0644") && err.contains("chmod 0400"), "{err}");
+    chmod(&d.join("pin"), 0o400);
+
+    // Socket directory readable or writable by others.
+    for mode in [0o755, 0o753] {
+        chmod(&d.join("run"), mode);
+        let err = i.refused("ok.toml");
+        assert!(err.contains("socket directory") && err.contains("chmod o-rw"), "{mode:o}: {err}");
+    }
+    chmod(&d.join("run"), 0o711);
+
+    // Store directory readable by others.
+    chmod(&d.join("store"), 0o755);
+    let err = i.refused("ok.toml");
+    assert!(err.contains("store directory") && err.contains("chmod 0700"), "{err}");
+    chmod(&d.join("store"), 0o700);
+
+    // Config file writable by others.
+    chmod(&d.join("ok.toml"), 0o666);
+    let err = i.refused("ok.toml");
+    assert!(err.contains("config file") && err.contains("chmod go-w"), "{err}");
+    chmod(&d.join("ok.toml"), 0o600);
+
+    // Several problems at once are all listed.
+    chmod(&d.join("store"), 0o777);
+    i.write_config("two.toml", "pin_file = \"pin\"\n", "");
+    let err = i.refused("two.toml");
+    assert!(err.contains("allow_softhsm") && err.contains("store directory"), "{err}");
+    chmod(&d.join("store"), 0o700);
+
+    // Fixed: it starts.
+    let running = i.start(&["run", "--config", "ok.toml"], &[]);
+    let (code, log) = running.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains(&i.pin));
+}
+
+#[test]
+fn config_errors_name_the_file_line_and_key() {
+    let i = Install::new();
+    let file = i.write_config("types.toml", "pin_file = \"pin\"\nworkers = \"two\"\n", "");
+    let line =
+        std::fs::read_to_string(&file).unwrap().lines().position(|l| l.starts_with("workers")).unwrap() + 1;
+    let err = i.refused("types.toml");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains("hsm.workers"), "names the key: {err}");
+    assert!(err.contains(&format!("line {line}")), "names line {line}: {err}");
+
+    let file = i.write_config("range.toml", "pin_file = \"pin\"\nworkers = 0\n", "");
+    let line =
+        std::fs::read_to_string(&file).unwrap().lines().position(|l| l.starts_with("workers")).unwrap() + 1;
+    let err = i.refused("range.toml");
+    assert!(err.contains(&format!("line {line}, key `hsm.workers`")), "{err}");
+    assert!(err.contains("from 1 to 64"), "{err}");
+
+    let file = i.write_config("mode.toml", "pin_file = \"pin\"\n", "mode = \"prod\"\n");
+    let err = i.refused("mode.toml");
+    assert!(err.contains(&file.display().to_string()) && err.contains("`mode`"), "{err}");
+    assert!(err.contains("line 1"), "{err}");
+}
+
+#[test]
+fn the_pin_comes_from_a_systemd_credential() {
+    let i = Install::new();
+    let creds = i.dir().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    chmod(&creds, 0o700);
+    write_mode(&creds.join("pin"), &format!("{}\n", i.pin), 0o400);
+    chmod(&i.dir().join("pin"), 0o000);
+    i.write_config("cred.toml", "pin_credential = \"pin\"\nallow_softhsm = true\n", "");
+
+    let err = i.refused("cred.toml");
+    assert!(err.contains("CREDENTIALS_DIRECTORY") && err.contains("LoadCredential"), "{err}");
+
+    let creds_s = creds.display().to_string();
+    let running = i.start(&["run", "--config", "cred.toml"], &[("CREDENTIALS_DIRECTORY", &creds_s)]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = Client::connect(&i.socket()).await.unwrap();
+        assert_eq!(c.health().await.unwrap().status, "ok");
+    });
+    let (code, log) = running.stop();
+    assert_eq!(code, Some(0), "{log}");
+
+    // Both a file and a credential: refused.
+    i.write_config("both.toml", "pin_credential = \"pin\"\npin_file = \"pin\"\nallow_softhsm = true\n", "");
+    let err = i.refused("both.toml");
+    assert!(err.contains("pin_credential") && err.contains("pin_file"), "{err}");
+}
+
+/// Core dumps are off in the running daemon, logs can be JSON, and the PIN
+/// appears nowhere in the output even at trace level, on success and on
+/// failure (a wrong PIN, a weak PIN).
+#[test]
+fn no_core_dumps_json_logs_and_the_pin_never_prints() {
+    let i = Install::new();
+    i.write_config("ok.toml", "pin_file = \"pin\"\nallow_softhsm = true\n", "");
+    let env = [("KEYHAVEN_LOG", "trace")];
+    let running = i.start(&["--log-format", "json", "run", "--config", "ok.toml"], &env);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", running.pid())).unwrap();
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "RLIMIT_CORE must be 0 (soft and hard): {core}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = Client::connect(&i.socket()).await.unwrap();
+        c.key_create(&path("acme/pii")).await.unwrap();
+        let enc = c.encrypt(&path("acme/pii"), b"json-log-plaintext", &ctx(&[])).await.unwrap();
+        c.decrypt(&enc.ciphertext, &ctx(&[])).await.unwrap();
+    });
+    let (code, log) = running.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains(&i.pin), "the PIN appears in the trace log");
+    assert!(!log.contains("json-log-plaintext"));
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 3, "{log}");
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{line}");
+    }
+    assert!(
+        log.contains("memory locked") || log.contains("memory not locked"),
+        "the memory-lock outcome is logged: {log}"
+    );
+
+    // Under systemd (JOURNAL_STREAM set): no timestamps.
+    let running = i.start(&["run", "--config", "ok.toml"], &[("JOURNAL_STREAM", "8:1234")]);
+    let (code, log) = running.stop();
+    assert_eq!(code, Some(0), "{log}");
+    let first = log.lines().next().unwrap_or_default();
+    assert!(!first.starts_with("20"), "no timestamp under systemd: {first}");
+    assert!(first.trim_start().starts_with("INFO") || first.trim_start().starts_with("WARN"), "{first}");
+
+    // A wrong PIN: the refusal names the problem, not the PIN.
+    let wrong = i.dir().join("wrong-pin");
+    let wrong_pin = random_hex(16);
+    write_mode(&wrong, &format!("{wrong_pin}\n"), 0o400);
+    i.write_config("wrong.toml", &format!("pin_file = \"{}\"\nallow_softhsm = true\n", wrong.display()), "");
+    let out = i.keyhavend(&["--log-format", "json", "run", "--config", "wrong.toml"], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("PIN is incorrect"), "{err}");
+    assert!(!err.contains(&wrong_pin) && !err.contains(&i.pin), "{err}");
+}
