@@ -161,6 +161,17 @@ impl TestDaemon {
         Client::connect(&self.socket).await.expect("connect to the test daemon")
     }
 
+    /// Runs `keyhavend run` on this folder's config while the test daemon
+    /// is stopped, to its end (for start-ups that must fail).
+    pub fn run_once(&self) -> Output {
+        Command::new(bin("keyhavend"))
+            .args(["run", "--config"])
+            .arg(self.dir().join("keyhaven.toml"))
+            .env_remove("SOFTHSM2_CONF")
+            .output()
+            .expect("run keyhavend")
+    }
+
     /// Runs the `keyhaven` CLI against this daemon with `stdin` as input.
     pub fn cli(&self, args: &[&str], stdin: &[u8]) -> Output {
         run_cli(&self.socket, args, stdin)

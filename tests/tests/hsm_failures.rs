@@ -96,12 +96,7 @@ async fn a_master_key_deleted_with_pkcs11_tool_is_named_in_health_and_errors() {
     assert!(status.success(), "{log}");
     assert!(!log.contains(&pin));
     // A restart does not hide it: start-up refuses, naming the key.
-    let out = Command::new(bin("keyhavend"))
-        .args(["run", "--config"])
-        .arg(d.dir().join("keyhaven.toml"))
-        .env_remove("SOFTHSM2_CONF")
-        .output()
-        .unwrap();
+    let out = d.run_once();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("keyhaven-mk-v1") && err.contains("not in the token"), "{err}");

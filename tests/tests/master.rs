@@ -141,12 +141,7 @@ async fn retiring_the_old_master_key_makes_older_store_copies_useless() {
     assert!(status.success(), "{log}");
     std::fs::remove_dir_all(d.store_dir()).unwrap();
     copy_dir(backup.path(), &d.store_dir());
-    let out = std::process::Command::new(bin("keyhavend"))
-        .args(["run", "--config"])
-        .arg(d.dir().join("keyhaven.toml"))
-        .env_remove("SOFTHSM2_CONF")
-        .output()
-        .unwrap();
+    let out = d.run_once();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("keyhaven-mk-v1") && err.contains("not in the token"), "{err}");

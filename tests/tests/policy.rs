@@ -264,12 +264,7 @@ async fn a_daemon_does_not_start_with_a_policy_that_does_not_parse() {
     d.write_policy("[[policy.rules]]\nprincipals = [\"wheel\"]\noperations = [\"*\"]\nkeys = [\"*\"]\n");
     let (status, _) = d.stop();
     assert!(status.success());
-    let out = std::process::Command::new(bin("keyhavend"))
-        .args(["run", "--config"])
-        .arg(d.dir().join("keyhaven.toml"))
-        .env_remove("SOFTHSM2_CONF")
-        .output()
-        .unwrap();
+    let out = d.run_once();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("[policy] line") && err.contains("principal `wheel`"), "{err}");

@@ -63,12 +63,7 @@ async fn a_wrap_limit_out_of_range_is_refused_at_start_up() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     set_wrap_limit(d.dir(), 1 << 32);
-    let out = std::process::Command::new(bin("keyhavend"))
-        .args(["run", "--config"])
-        .arg(d.dir().join("keyhaven.toml"))
-        .env_remove("SOFTHSM2_CONF")
-        .output()
-        .unwrap();
+    let out = d.run_once();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("wraps_per_key_version"), "{err}");

@@ -16,7 +16,7 @@ use keyhaven::lifecycle::{
 use keyhaven::{Envelope, KeyPath};
 
 use super::datakey::{kek_ref, seal_data_key, unwrap_data_key};
-use super::{now_unix, reply, Daemon, Reply};
+use super::{blocking, now_unix, reply, Daemon, Reply};
 use crate::error::Error;
 use crate::store::{KeyRecord, KeyVersion, Store};
 
@@ -82,17 +82,6 @@ names_key!(KeyRotate, KeyShow, KeySet, KeyTrim, KeyScheduleDeletion, KeyCancelDe
 
 fn path_of(tenant: &str, key: &str) -> Result<KeyPath, Error> {
     Ok(KeyPath::new(tenant, key)?)
-}
-
-/// Runs a store change off the async threads (it waits for a flush).
-async fn blocking<T: Send + 'static>(
-    d: &Arc<Daemon>,
-    f: impl FnOnce(&dyn Store) -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    let store = d.store.clone();
-    tokio::task::spawn_blocking(move || f(&*store))
-        .await
-        .map_err(|e| Error::Internal(format!("store task: {e}")))?
 }
 
 /// Applies `change` to the key at `path`; `change` may refuse, and then

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use keyhaven::lifecycle::{AdminRetireMaster, AdminRotateMaster, MasterRotationStatus, RetireMasterResponse};
 
-use super::{now_unix, reply, Daemon, Reply};
+use super::{blocking, now_unix, reply, Daemon, Reply};
 use crate::error::Error;
 use crate::store::{MasterRotation, Store};
 
@@ -66,8 +66,8 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster) -> Result<Reply, Er
     for (path, version, wrapped) in todo.iter().take(batch as usize) {
         let old = wrapped.clone();
         let new = d.hsm.run(move |w| w.rewrap_kek(&old, from, to)).await?;
-        let (store, path, version, old) = (d.store.clone(), path.clone(), *version, wrapped.clone());
-        tokio::task::spawn_blocking(move || {
+        let (path, version, old) = (path.clone(), *version, wrapped.clone());
+        blocking(d, move |store| {
             store.update_key(&path, &mut |rec| {
                 if let Some(v) = rec.version_mut(version) {
                     // Only if nobody changed it meanwhile (destroyed, trimmed).
@@ -76,24 +76,23 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster) -> Result<Reply, Er
                         v.master_key_version = to;
                     }
                 }
-            })
+            })?;
+            Ok(())
         })
-        .await
-        .map_err(|e| Error::Internal(format!("store task: {e}")))??;
+        .await?;
         rewrapped += 1;
     }
     let remaining = under(&*d.store, from)?.len() as u64;
     if remaining == 0 {
-        let store = d.store.clone();
-        tokio::task::spawn_blocking(move || {
+        blocking(d, move |store| {
             store.update_meta(&mut |m| {
                 if m.master_rotation.is_some_and(|r| r.from == from && r.to == to) {
                     m.master_rotation = None;
                 }
-            })
+            })?;
+            Ok(())
         })
-        .await
-        .map_err(|e| Error::Internal(format!("store task: {e}")))??;
+        .await?;
         tracing::warn!(from, to, "master-key rotation complete");
     } else {
         tracing::info!(from, to, rewrapped, remaining, "master-key rotation batch");
@@ -113,15 +112,14 @@ async fn begin(d: &Arc<Daemon>, from: u32, to: u32, create: bool) -> Result<Mast
         }
     })?;
     let rotation = MasterRotation { from, to, started_at: now_unix() };
-    let store = d.store.clone();
-    tokio::task::spawn_blocking(move || {
+    blocking(d, move |store| {
         store.update_meta(&mut |m| {
             m.master_rotation = Some(rotation);
             m.master_key_version = to;
-        })
+        })?;
+        Ok(())
     })
-    .await
-    .map_err(|e| Error::Internal(format!("store task: {e}")))??;
+    .await?;
     d.hsm.set_master_key_version(to);
     tracing::warn!(from, to, "master-key rotation started");
     Ok(rotation)

@@ -96,6 +96,17 @@ impl Daemon {
     }
 }
 
+/// Runs a store change off the async threads (it waits for a flush).
+pub(crate) async fn blocking<T: Send + 'static>(
+    d: &Arc<Daemon>,
+    f: impl FnOnce(&dyn Store) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let store = d.store.clone();
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|e| Error::Internal(format!("store task: {e}")))?
+}
+
 /// A serialised `ok` body.
 pub type Reply = Zeroizing<Vec<u8>>;
 

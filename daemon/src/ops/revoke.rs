@@ -14,23 +14,12 @@ use keyhaven::revocation::{
 };
 use keyhaven::KeyPath;
 
-use super::{now_unix, reply, Daemon, Reply};
+use super::{blocking, now_unix, reply, Daemon, Reply};
 use crate::error::Error;
 use crate::hsm::KekId;
 use crate::identity::Caller;
 use crate::revocation::{describe, rfc3339};
 use crate::store::Store;
-
-/// Runs a store change off the async threads (it waits for a flush).
-async fn blocking<T: Send + 'static>(
-    d: &Arc<Daemon>,
-    f: impl FnOnce(&dyn Store) -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    let store = d.store.clone();
-    tokio::task::spawn_blocking(move || f(&*store))
-        .await
-        .map_err(|e| Error::Internal(format!("store task: {e}")))?
-}
 
 /// Refuses a scope that names a key, version or tenant that does not exist:
 /// a typo must not leave a suspension that protects nothing.
