@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use serde::Deserialize;
 use serde_json::Value;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -16,12 +17,43 @@ use crate::context::EncryptionContext;
 use crate::error::Error;
 use crate::frame::{encode_frame, read_frame, write_frame};
 use crate::names::KeyPath;
-use crate::wire::{self, Operation, RequestFrame, ResponseFrame, SecretBytes};
+use crate::revocation::Scope;
+use crate::wire::{self, Operation, RequestFrame, SecretBytes};
 
 /// Environment variable naming the daemon's socket.
 pub const SOCKET_ENV: &str = "KEYHAVEN_SOCKET";
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Value, Error>>>>>>;
+
+/// Something the daemon or the connection tells a client unasked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A revocation is durable (PROTOCOL.md §6). `None`: a scope this
+    /// client may not see, or events were lost; it covers everything.
+    Revoked(Option<Scope>),
+    /// The connection ended; no more events will come on it.
+    Closed,
+}
+
+/// Called by the connection's reader task for each [`Event`], in order,
+/// before it reads the next frame. It must be quick and must not block.
+pub type EventHook = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// Any frame from the daemon: a response (with `id`) or an event.
+#[derive(Deserialize)]
+struct Incoming {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    ok: Option<Value>,
+    #[serde(default)]
+    error: Option<wire::WireError>,
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    scope: Option<Value>,
+}
 
 /// A connection to the daemon. Cheap to share behind an `Arc`; every method
 /// takes `&self` and calls may run concurrently.
@@ -39,7 +71,20 @@ impl Client {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
-        let client = Client::from_stream(stream);
+        Client::hello(Client::from_stream(stream)).await
+    }
+
+    /// Connects like [`connect`](Self::connect), with `hook` called for
+    /// every [`Event`] on the connection.
+    pub async fn connect_with_events(path: impl AsRef<Path>, hook: EventHook) -> Result<Client, Error> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
+        Client::hello(Client::from_stream_with_events(stream, Some(hook))).await
+    }
+
+    async fn hello(client: Client) -> Result<Client, Error> {
         let hello = wire::Hello {
             protocol: wire::PROTOCOL_VERSION,
             client: Some(format!("keyhaven/{}", env!("CARGO_PKG_VERSION"))),
@@ -55,6 +100,11 @@ impl Client {
 
     /// Wraps an already connected stream (no `hello` is sent).
     pub fn from_stream(stream: UnixStream) -> Client {
+        Client::from_stream_with_events(stream, None)
+    }
+
+    /// Wraps an already connected stream, with an event hook.
+    pub fn from_stream_with_events(stream: UnixStream, hook: Option<EventHook>) -> Client {
         let (mut read, write) = stream.into_split();
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let table = pending.clone();
@@ -66,10 +116,23 @@ impl Client {
                     Ok(false) => break Error::Closed,
                     Err(e) => break e,
                 }
-                let frame: ResponseFrame = match serde_json::from_slice(&buf) {
+                let frame: Incoming = match serde_json::from_slice(&buf) {
                     Ok(f) => f,
                     Err(e) => break Error::Protocol(format!("undecodable response: {e}")),
                 };
+                if let (None, Some(event)) = (frame.id, &frame.event) {
+                    // PROTOCOL.md §6: `revoked` with a scope; without one (a
+                    // scope this client may not see) or `lagged` (events
+                    // lost), everything is covered. Other events are newer
+                    // than this client and ignored.
+                    let scope = frame.scope.and_then(|v| serde_json::from_value::<Scope>(v).ok());
+                    match (event.as_str(), &hook) {
+                        ("revoked", Some(h)) => h(Event::Revoked(scope)),
+                        ("lagged", Some(h)) => h(Event::Revoked(None)),
+                        _ => {}
+                    }
+                    continue;
+                }
                 let result = match (frame.ok, frame.error) {
                     (_, Some(e)) => Err(Error::Daemon { code: e.code, message: e.message }),
                     (Some(v), None) => Ok(v),
@@ -100,8 +163,23 @@ impl Client {
                     _ => Error::Closed,
                 }));
             }
+            if let Some(h) = hook {
+                h(Event::Closed);
+            }
         });
         Client { writer: AsyncMutex::new(write), pending, next_id: AtomicU64::new(1), reader }
+    }
+
+    /// Whether the connection has ended (every further call fails).
+    pub fn is_closed(&self) -> bool {
+        self.pending.lock().expect("pending lock").is_none()
+    }
+
+    /// Subscribes this connection to revocation events (PROTOCOL.md §3.13,
+    /// §6); they reach the hook given to
+    /// [`connect_with_events`](Self::connect_with_events).
+    pub async fn subscribe_revocations(&self) -> Result<wire::SubscribeResponse, Error> {
+        self.call(&wire::SubscribeRevocations {}).await
     }
 
     /// Sends any operation and waits for its typed response.
