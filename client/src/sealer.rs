@@ -207,7 +207,8 @@ impl Sealer {
         let client = self.client().await?;
         let epoch = {
             let mut s = self.lock();
-            if s.live {
+            // A record over `max_bytes` leaves the cached key alone.
+            if s.live && s.seal.admits(len) {
                 if let Some(t) = s.seal.take(path, &part, len, Instant::now()) {
                     s.stats.seal_hits += 1;
                     drop(s);
