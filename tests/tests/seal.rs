@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyhaven::cache::{OpenLimits, SealLimits};
@@ -190,40 +191,61 @@ async fn cache_limits_are_exact() {
 
 // ---- several client processes -------------------------------------------
 
-/// A client process: this binary, running the ignored test `worker`.
+/// A client process: this binary, running one of the ignored tests
+/// `worker` or `event_listener`, answering in lines that start with `@@ `.
 struct Worker {
     child: Child,
     input: ChildStdin,
-    output: BufReader<ChildStdout>,
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Worker {
     fn start(d: &TestDaemon) -> Worker {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["worker", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+        let mut w = Worker::spawn(d, "worker", None);
+        assert_eq!(w.ask("ping"), "pong");
+        w
+    }
+
+    /// Starts the ignored test `test`, as `user` when given.
+    fn spawn(d: &TestDaemon, test: &str, user: Option<&TestUser>) -> Worker {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        if let Some(u) = user {
+            cmd.uid(u.uid).gid(u.gid).current_dir("/");
+        }
+        let mut child = cmd
+            .args([test, "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
             .env("KEYHAVEN_SEAL_WORKER", d.socket())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let input = child.stdin.take().unwrap();
-        let output = BufReader::new(child.stdout.take().unwrap());
-        let mut w = Worker { child, input, output };
-        assert_eq!(w.ask("ping"), "pong");
-        w
+        let output: ChildStdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines().map_while(Result::ok) {
+                // The test harness prints its own text too, on the same
+                // line as the first answer ("test worker ... @@ pong").
+                if let Some(at) = line.find("@@ ") {
+                    if tx.send(line[at + 3..].trim_end().to_owned()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Worker { child, input, lines }
+    }
+
+    fn next(&mut self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no answer from the client process within 10 s")
     }
 
     fn ask(&mut self, line: &str) -> String {
         writeln!(self.input, "{line}").unwrap();
-        loop {
-            let mut out = String::new();
-            assert!(self.output.read_line(&mut out).unwrap() > 0, "worker ended");
-            // The test harness prints its own text too, on the same
-            // line as the first answer ("test worker ... @@ pong").
-            if let Some(at) = out.find("@@ ") {
-                return out[at + 3..].trim_end().to_owned();
-            }
-        }
+        self.next()
     }
 
     /// `tenant/key@version/id` of every cached key, both caches.
@@ -267,6 +289,101 @@ fn worker() {
             _ => break,
         };
         println!("@@ {out}");
+    }
+}
+
+/// Subscribes (twice: the second changes nothing) and prints every event:
+/// `@@ ready`, then `@@ <scope JSON>` or `@@ hidden` per revocation.
+#[test]
+#[ignore = "a client process for the other tests, started by them"]
+fn event_listener() {
+    let Some(socket) = std::env::var_os("KEYHAVEN_SEAL_WORKER") else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hook: keyhaven::client::EventHook = Arc::new(move |e| {
+        let _ = tx.send(e);
+    });
+    let _client = rt.block_on(async {
+        let c = keyhaven::Client::connect_with_events(socket, hook).await.unwrap();
+        assert!(c.subscribe_revocations().await.unwrap().subscribed);
+        assert!(c.subscribe_revocations().await.unwrap().subscribed);
+        c
+    });
+    println!("@@ ready");
+    for e in rx {
+        match e {
+            keyhaven::client::Event::Revoked(Some(scope)) => {
+                println!("@@ {}", serde_json::to_string(&scope).unwrap())
+            }
+            keyhaven::client::Event::Revoked(None) => println!("@@ hidden"),
+            _ => println!("@@ closed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_show_a_scope_only_to_callers_the_policy_lets_use_it() {
+    let alice = ensure_user("khtest-alice", &[]);
+    let bob = ensure_user("khtest-bob", &["khtest-billing"]);
+    let dave = ensure_user("khtest-dave", &[]);
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    for k in ["acme/pii", "acme/smtp", "beta/pii"] {
+        c.key_create(&path(k)).await.unwrap();
+    }
+    let id = c.datakey(&path("acme/pii"), &ctx(&[]), false).await.unwrap().envelope_id;
+    drop(c);
+    d.write_policy(&format!(
+        r#"
+[[policy.rules]]
+principals = ["uid:0"]
+operations = ["key-admin", "revoke", "break-glass"]
+keys = ["*"]
+
+[[policy.rules]]
+principals = ["user:{}"]
+operations = ["encrypt", "decrypt"]
+keys = ["acme/*"]
+
+[[policy.rules]]
+principals = ["group:khtest-billing"]
+operations = ["datakey"]
+keys = ["*/pii"]
+"#,
+        alice.name
+    ));
+    d.restart();
+    let mut listeners: Vec<Worker> =
+        [&alice, &bob, &dave].into_iter().map(|u| Worker::spawn(&d, "event_listener", Some(u))).collect();
+    for l in &mut listeners {
+        assert_eq!(l.next(), "ready");
+    }
+    let c = d.client().await;
+    let json = |s: &Scope| serde_json::to_string(s).unwrap();
+    let key = |t: &str, k: &str| Scope::Key { tenant: t.into(), key: k.into(), version: None };
+    let datakey = Scope::Datakey { envelope_id: id };
+    let tenant_beta = Scope::Tenant { tenant: "beta".into() };
+    //             scope                   alice sees            bob sees              dave sees
+    let cases = [
+        (key("acme", "smtp"), [true, false, false]),
+        (key("beta", "pii"), [false, true, false]),
+        (key("acme", "pii"), [true, true, false]),
+        (tenant_beta, [false, false, false]),
+        (datakey, [true, true, true]),
+        (Scope::All, [true, true, true]),
+    ];
+    for (scope, shown) in cases {
+        c.call(&suspend_scope(scope.clone())).await.unwrap();
+        for (l, shown) in listeners.iter_mut().zip(shown) {
+            let expect = if shown { json(&scope) } else { "hidden".to_owned() };
+            assert_eq!(l.next(), expect, "{scope:?}");
+        }
+    }
+    // Lifting sends nothing; the next revocation is the next event.
+    c.call(&RevokeLift { scope: Scope::All, reason: Reason::Unspecified }).await.unwrap();
+    c.call(&suspend_scope(Scope::All)).await.unwrap();
+    for l in &mut listeners {
+        assert_eq!(l.next(), json(&Scope::All));
     }
 }
 
