@@ -153,6 +153,11 @@ impl Client {
                     }
                 }
             };
+            // Tell the hook first, so that whoever sees `is_closed` knows
+            // the hook has heard of it.
+            if let Some(h) = &hook {
+                h(Event::Closed);
+            }
             // Fail every call still waiting, and refuse new ones.
             let waiters = table.lock().expect("pending lock").take().unwrap_or_default();
             for (_, tx) in waiters {
@@ -162,9 +167,6 @@ impl Client {
                     }
                     _ => Error::Closed,
                 }));
-            }
-            if let Some(h) = hook {
-                h(Event::Closed);
             }
         });
         Client { writer: AsyncMutex::new(write), pending, next_id: AtomicU64::new(1), reader }

@@ -72,13 +72,17 @@ impl State {
                 let n = self.seal.revoke(scope.as_ref()) + self.open.revoke(scope.as_ref());
                 self.stats.revoked += n as u64;
             }
-            Event::Closed if generation == self.generation => {
+            Event::Closed => {
+                // Any connection that ends empties the caches (a late
+                // notice from an old one only costs a refetch); only the
+                // current one's end stops caching until resubscribed.
                 self.epoch += 1;
-                self.live = false;
+                if generation == self.generation {
+                    self.live = false;
+                }
                 self.seal.revoke(None);
                 self.open.revoke(None);
             }
-            _ => {}
         }
     }
 }
@@ -166,9 +170,14 @@ impl Sealer {
         }
         *conn = None;
         let generation = {
+            // Events may have been missed since the old connection ended:
+            // nothing cached then may be used again.
             let mut s = self.lock();
             s.generation += 1;
             s.live = false;
+            s.epoch += 1;
+            s.seal.revoke(None);
+            s.open.revoke(None);
             s.generation
         };
         let state = Arc::downgrade(&self.state);
