@@ -7,23 +7,29 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Mutex as AsyncMutex};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::context::EncryptionContext;
 use crate::error::Error;
 use crate::frame::{encode_frame, read_frame, write_frame};
 use crate::names::KeyPath;
 use crate::revocation::Scope;
-use crate::wire::{self, Operation, RequestFrame, SecretBytes};
+use crate::wire::{self, Operation, SecretBytes};
 
 /// Environment variable naming the daemon's socket.
 pub const SOCKET_ENV: &str = "KEYHAVEN_SOCKET";
 
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Value, Error>>>>>>;
+/// A response's `ok` body, as text: it may hold a plaintext or a data key,
+/// so it is wiped when dropped.
+type Body = Zeroizing<String>;
+
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Body, Error>>>>>>;
 
 /// Something the daemon or the connection tells a client unasked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,19 +46,29 @@ pub enum Event {
 /// before it reads the next frame. It must be quick and must not block.
 pub type EventHook = Arc<dyn Fn(Event) + Send + Sync>;
 
-/// Any frame from the daemon: a response (with `id`) or an event.
+/// Any frame from the daemon: a response (with `id`) or an event. `ok` is
+/// borrowed from the frame buffer and copied once into a [`Body`], so no
+/// generic JSON tree holds a secret that would not be wiped.
 #[derive(Deserialize)]
-struct Incoming {
+struct Incoming<'a> {
     #[serde(default)]
     id: Option<u64>,
-    #[serde(default)]
-    ok: Option<Value>,
+    #[serde(default, borrow)]
+    ok: Option<&'a RawValue>,
     #[serde(default)]
     error: Option<wire::WireError>,
     #[serde(default)]
     event: Option<String>,
-    #[serde(default)]
-    scope: Option<Value>,
+    #[serde(default, borrow)]
+    scope: Option<&'a RawValue>,
+}
+
+/// A request frame body, serialised straight from the typed params.
+#[derive(Serialize)]
+struct Outgoing<'a, P: Serialize> {
+    id: u64,
+    op: &'a str,
+    params: &'a P,
 }
 
 /// A connection to the daemon. Cheap to share behind an `Arc`; every method
@@ -118,14 +134,17 @@ impl Client {
                 }
                 let frame: Incoming = match serde_json::from_slice(&buf) {
                     Ok(f) => f,
-                    Err(e) => break Error::Protocol(format!("undecodable response: {e}")),
+                    Err(e) => {
+                        buf.as_mut_slice().zeroize();
+                        break Error::Protocol(format!("undecodable response: {e}"));
+                    }
                 };
                 if let (None, Some(event)) = (frame.id, &frame.event) {
                     // PROTOCOL.md §6: `revoked` with a scope; without one (a
                     // scope this client may not see) or `lagged` (events
                     // lost), everything is covered. Other events are newer
                     // than this client and ignored.
-                    let scope = frame.scope.and_then(|v| serde_json::from_value::<Scope>(v).ok());
+                    let scope = frame.scope.and_then(|v| serde_json::from_str::<Scope>(v.get()).ok());
                     match (event.as_str(), &hook) {
                         ("revoked", Some(h)) => h(Event::Revoked(scope)),
                         ("lagged", Some(h)) => h(Event::Revoked(None)),
@@ -135,11 +154,12 @@ impl Client {
                 }
                 let result = match (frame.ok, frame.error) {
                     (_, Some(e)) => Err(Error::Daemon { code: e.code, message: e.message }),
-                    (Some(v), None) => Ok(v),
+                    (Some(v), None) => Ok(Zeroizing::new(v.get().to_owned())),
                     (None, None) => Err(Error::Protocol("response without ok or error".into())),
                 };
-                let waiter = frame
-                    .id
+                let id = frame.id;
+                buf.as_mut_slice().zeroize();
+                let waiter = id
                     .and_then(|id| table.lock().expect("pending lock").as_mut().and_then(|m| m.remove(&id)));
                 match waiter {
                     Some(tx) => {
@@ -186,15 +206,19 @@ impl Client {
 
     /// Sends any operation and waits for its typed response.
     pub async fn call<O: Operation>(&self, params: &O) -> Result<O::Response, Error> {
-        let params = serde_json::to_value(params).map_err(|e| Error::Protocol(e.to_string()))?;
-        let value = self.call_raw(O::OP, params).await?;
-        serde_json::from_value(value).map_err(|e| Error::Protocol(format!("bad `{}` response: {e}", O::OP)))
+        let body = self.send(O::OP, params).await?;
+        serde_json::from_str(&body).map_err(|e| Error::Protocol(format!("bad `{}` response: {e}", O::OP)))
     }
 
     /// Sends an operation by name with raw JSON params (for tools and tests).
     pub async fn call_raw(&self, op: &str, params: Value) -> Result<Value, Error> {
+        let body = self.send(op, &params).await?;
+        serde_json::from_str(&body).map_err(|e| Error::Protocol(format!("bad `{op}` response: {e}")))
+    }
+
+    async fn send<P: Serialize>(&self, op: &str, params: &P) -> Result<Body, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_frame(&RequestFrame { id, op: op.to_owned(), params })?;
+        let frame = Zeroizing::new(encode_frame(&Outgoing { id, op, params })?);
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().expect("pending lock").as_mut() {
             Some(map) => map.insert(id, tx),
