@@ -17,7 +17,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::context::EncryptionContext;
 use crate::error::Error;
-use crate::frame::{encode_frame, read_frame, write_frame};
+use crate::frame::{read_frame, write_frame};
 use crate::names::KeyPath;
 use crate::revocation::Scope;
 use crate::wire::{self, Operation, SecretBytes};
@@ -61,6 +61,31 @@ struct Incoming<'a> {
     event: Option<String>,
     #[serde(default, borrow)]
     scope: Option<&'a RawValue>,
+}
+
+/// Serialises a frame into a buffer of the exact size, counted first, so
+/// that no reallocation leaves an unwiped copy of a secret behind.
+fn encode_wiped<T: Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, Error> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_err(|e| Error::Protocol(e.to_string()))?;
+    if count.0 > crate::frame::MAX_FRAME_LEN {
+        return Err(Error::FrameTooLarge(count.0));
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(4 + count.0));
+    out.extend_from_slice(&(count.0 as u32).to_be_bytes());
+    serde_json::to_writer(&mut *out, value).map_err(|e| Error::Protocol(e.to_string()))?;
+    debug_assert_eq!(out.len(), 4 + count.0);
+    Ok(out)
 }
 
 /// A request frame body, serialised straight from the typed params.
@@ -218,7 +243,7 @@ impl Client {
 
     async fn send<P: Serialize>(&self, op: &str, params: &P) -> Result<Body, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = Zeroizing::new(encode_frame(&Outgoing { id, op, params })?);
+        let frame = encode_wiped(&Outgoing { id, op, params })?;
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().expect("pending lock").as_mut() {
             Some(map) => map.insert(id, tx),
@@ -304,5 +329,25 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wiped_frames_are_the_frames_of_encode_frame() {
+        let params = wire::Encrypt {
+            tenant: "acme".into(),
+            key: "pii".into(),
+            plaintext: SecretBytes::from_slice(b"hunter2"),
+            context: EncryptionContext::from_pairs(["a=1"]).unwrap(),
+        };
+        let frame = encode_wiped(&Outgoing { id: 7, op: "encrypt", params: &params }).unwrap();
+        let value = serde_json::json!({"id": 7, "op": "encrypt", "params": params});
+        assert_eq!(frame[..4], ((frame.len() - 4) as u32).to_be_bytes());
+        assert_eq!(serde_json::from_slice::<Value>(&frame[4..]).unwrap(), value);
+        assert_eq!(frame.capacity(), frame.len());
     }
 }
