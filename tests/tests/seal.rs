@@ -630,3 +630,35 @@ fn the_cli_streams_a_large_input_in_bounded_memory() {
     // process itself, whatever the input's size.
     assert!(seal_hwm < 16 * 1024 && open_hwm < 16 * 1024, "seal {seal_hwm} KiB, open {open_hwm} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_opens_records_and_names_its_usage_errors() {
+    let d = TestDaemon::start();
+    assert!(d.cli(&["key", "create", "acme/files"], b"").status.success());
+    let s = sealer(&d, 10, 1000).await;
+    let rec = s.seal(&path("acme/files"), b"one record", &ctx(&["row=1"])).await.unwrap();
+    for input in
+        [sealed_to_text(&rec).into_bytes(), format!("  {}\n", sealed_to_text(&rec)).into_bytes(), rec]
+    {
+        let out = d.cli(&["open", "--context", "row=1"], &input);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.stdout, b"one record");
+    }
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let out = d.cli(&["seal", "acme/files", "--chunk-size", "10"], b"x");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "keyhaven: --chunk-size must be 1024 to 16777216 bytes\n");
+    let out = d.cli(&["seal", "acme/files", "--context", "novalue"], b"x");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = d.cli(&["open"], b"hello");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out), "keyhaven: stdin holds neither a sealed stream nor a sealed record\n");
+    let out = d.cli(&["seal", "acme/nokey"], b"x");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("(not_found)"), "{}", stderr(&out));
+    // Empty input seals to a stream that opens to nothing.
+    let out = d.cli(&["seal", "acme/files"], b"");
+    assert!(out.status.success());
+    let back = d.cli(&["open"], &out.stdout);
+    assert!(back.status.success() && back.stdout.is_empty(), "{}", stderr(&back));
+}

@@ -53,7 +53,8 @@ pub async fn open(socket: &Path, context: &EncryptionContext) -> Result<(), Fail
     } else {
         let mut all = zeroize::Zeroizing::new(first);
         (&mut stdin).take(MAX_RECORD_INPUT).read_to_end(&mut all).await?;
-        let bytes = if all.starts_with(SEALED_PREFIX.as_bytes()) {
+        let text_start = all.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(all.len());
+        let bytes = if all[text_start..].starts_with(SEALED_PREFIX.as_bytes()) {
             let text = std::str::from_utf8(&all)
                 .map_err(|_| Failure::new("sealed record on stdin is not text".into()))?;
             keyhaven::seal::sealed_from_text(text)?
