@@ -385,6 +385,14 @@ keys = ["*/pii"]
     for l in &mut listeners {
         assert_eq!(l.next(), json(&Scope::All));
     }
+    // A destruction is an event too.
+    let smtp = key("acme", "smtp");
+    c.call(&keyhaven::revocation::Destroy { scope: smtp.clone(), confirm: "acme/smtp".into() })
+        .await
+        .unwrap();
+    for (l, shown) in listeners.iter_mut().zip([true, false, false]) {
+        assert_eq!(l.next(), if shown { json(&smtp) } else { "hidden".to_owned() });
+    }
 }
 
 fn suspend_scope(scope: Scope) -> Revoke {
