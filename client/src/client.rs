@@ -7,21 +7,94 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Mutex as AsyncMutex};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::context::EncryptionContext;
 use crate::error::Error;
-use crate::frame::{encode_frame, read_frame, write_frame};
+use crate::frame::{read_frame, write_frame};
 use crate::names::KeyPath;
-use crate::wire::{self, Operation, RequestFrame, ResponseFrame, SecretBytes};
+use crate::revocation::Scope;
+use crate::wire::{self, Operation, SecretBytes};
 
 /// Environment variable naming the daemon's socket.
 pub const SOCKET_ENV: &str = "KEYHAVEN_SOCKET";
 
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Value, Error>>>>>>;
+/// A response's `ok` body, as text: it may hold a plaintext or a data key,
+/// so it is wiped when dropped.
+type Body = Zeroizing<String>;
+
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Body, Error>>>>>>;
+
+/// Something the daemon or the connection tells a client unasked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A revocation is durable (PROTOCOL.md §6). `None`: a scope this
+    /// client may not see, or events were lost; it covers everything.
+    Revoked(Option<Scope>),
+    /// The connection ended; no more events will come on it.
+    Closed,
+}
+
+/// Called by the connection's reader task for each [`Event`], in order,
+/// before it reads the next frame. It must be quick and must not block.
+pub type EventHook = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// Any frame from the daemon: a response (with `id`) or an event. `ok` is
+/// borrowed from the frame buffer and copied once into a [`Body`], so no
+/// generic JSON tree holds a secret that would not be wiped.
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default, borrow)]
+    ok: Option<&'a RawValue>,
+    #[serde(default)]
+    error: Option<wire::WireError>,
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default, borrow)]
+    scope: Option<&'a RawValue>,
+}
+
+/// Serialises a frame into a buffer of the exact size, counted first, so
+/// that no reallocation leaves an unwiped copy of a secret behind.
+fn encode_wiped<T: Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, Error> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_err(|e| Error::Protocol(e.to_string()))?;
+    if count.0 > crate::frame::MAX_FRAME_LEN {
+        return Err(Error::FrameTooLarge(count.0));
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(4 + count.0));
+    out.extend_from_slice(&(count.0 as u32).to_be_bytes());
+    serde_json::to_writer(&mut *out, value).map_err(|e| Error::Protocol(e.to_string()))?;
+    debug_assert_eq!(out.len(), 4 + count.0);
+    Ok(out)
+}
+
+/// A request frame body, serialised straight from the typed params.
+#[derive(Serialize)]
+struct Outgoing<'a, P: Serialize> {
+    id: u64,
+    op: &'a str,
+    params: &'a P,
+}
 
 /// A connection to the daemon. Cheap to share behind an `Arc`; every method
 /// takes `&self` and calls may run concurrently.
@@ -39,7 +112,20 @@ impl Client {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
-        let client = Client::from_stream(stream);
+        Client::hello(Client::from_stream(stream)).await
+    }
+
+    /// Connects like [`connect`](Self::connect), with `hook` called for
+    /// every [`Event`] on the connection.
+    pub async fn connect_with_events(path: impl AsRef<Path>, hook: EventHook) -> Result<Client, Error> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
+        Client::hello(Client::from_stream_with_events(stream, Some(hook))).await
+    }
+
+    async fn hello(client: Client) -> Result<Client, Error> {
         let hello = wire::Hello {
             protocol: wire::PROTOCOL_VERSION,
             client: Some(format!("keyhaven/{}", env!("CARGO_PKG_VERSION"))),
@@ -55,6 +141,11 @@ impl Client {
 
     /// Wraps an already connected stream (no `hello` is sent).
     pub fn from_stream(stream: UnixStream) -> Client {
+        Client::from_stream_with_events(stream, None)
+    }
+
+    /// Wraps an already connected stream, with an event hook.
+    pub fn from_stream_with_events(stream: UnixStream, hook: Option<EventHook>) -> Client {
         let (mut read, write) = stream.into_split();
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let table = pending.clone();
@@ -66,17 +157,34 @@ impl Client {
                     Ok(false) => break Error::Closed,
                     Err(e) => break e,
                 }
-                let frame: ResponseFrame = match serde_json::from_slice(&buf) {
+                let frame: Incoming = match serde_json::from_slice(&buf) {
                     Ok(f) => f,
-                    Err(e) => break Error::Protocol(format!("undecodable response: {e}")),
+                    Err(e) => {
+                        buf.as_mut_slice().zeroize();
+                        break Error::Protocol(format!("undecodable response: {e}"));
+                    }
                 };
+                if let (None, Some(event)) = (frame.id, &frame.event) {
+                    // PROTOCOL.md §6: `revoked` with a scope; without one (a
+                    // scope this client may not see) or `lagged` (events
+                    // lost), everything is covered. Other events are newer
+                    // than this client and ignored.
+                    let scope = frame.scope.and_then(|v| serde_json::from_str::<Scope>(v.get()).ok());
+                    match (event.as_str(), &hook) {
+                        ("revoked", Some(h)) => h(Event::Revoked(scope)),
+                        ("lagged", Some(h)) => h(Event::Revoked(None)),
+                        _ => {}
+                    }
+                    continue;
+                }
                 let result = match (frame.ok, frame.error) {
                     (_, Some(e)) => Err(Error::Daemon { code: e.code, message: e.message }),
-                    (Some(v), None) => Ok(v),
+                    (Some(v), None) => Ok(Zeroizing::new(v.get().to_owned())),
                     (None, None) => Err(Error::Protocol("response without ok or error".into())),
                 };
-                let waiter = frame
-                    .id
+                let id = frame.id;
+                buf.as_mut_slice().zeroize();
+                let waiter = id
                     .and_then(|id| table.lock().expect("pending lock").as_mut().and_then(|m| m.remove(&id)));
                 match waiter {
                     Some(tx) => {
@@ -90,6 +198,11 @@ impl Client {
                     }
                 }
             };
+            // Tell the hook first, so that whoever sees `is_closed` knows
+            // the hook has heard of it.
+            if let Some(h) = &hook {
+                h(Event::Closed);
+            }
             // Fail every call still waiting, and refuse new ones.
             let waiters = table.lock().expect("pending lock").take().unwrap_or_default();
             for (_, tx) in waiters {
@@ -104,17 +217,33 @@ impl Client {
         Client { writer: AsyncMutex::new(write), pending, next_id: AtomicU64::new(1), reader }
     }
 
+    /// Whether the connection has ended (every further call fails).
+    pub fn is_closed(&self) -> bool {
+        self.pending.lock().expect("pending lock").is_none()
+    }
+
+    /// Subscribes this connection to revocation events (PROTOCOL.md §3.26,
+    /// §6); they reach the hook given to
+    /// [`connect_with_events`](Self::connect_with_events).
+    pub async fn subscribe_revocations(&self) -> Result<wire::SubscribeResponse, Error> {
+        self.call(&wire::SubscribeRevocations {}).await
+    }
+
     /// Sends any operation and waits for its typed response.
     pub async fn call<O: Operation>(&self, params: &O) -> Result<O::Response, Error> {
-        let params = serde_json::to_value(params).map_err(|e| Error::Protocol(e.to_string()))?;
-        let value = self.call_raw(O::OP, params).await?;
-        serde_json::from_value(value).map_err(|e| Error::Protocol(format!("bad `{}` response: {e}", O::OP)))
+        let body = self.send(O::OP, params).await?;
+        serde_json::from_str(&body).map_err(|e| Error::Protocol(format!("bad `{}` response: {e}", O::OP)))
     }
 
     /// Sends an operation by name with raw JSON params (for tools and tests).
     pub async fn call_raw(&self, op: &str, params: Value) -> Result<Value, Error> {
+        let body = self.send(op, &params).await?;
+        serde_json::from_str(&body).map_err(|e| Error::Protocol(format!("bad `{op}` response: {e}")))
+    }
+
+    async fn send<P: Serialize>(&self, op: &str, params: &P) -> Result<Body, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_frame(&RequestFrame { id, op: op.to_owned(), params })?;
+        let frame = encode_wiped(&Outgoing { id, op, params })?;
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().expect("pending lock").as_mut() {
             Some(map) => map.insert(id, tx),
@@ -200,5 +329,25 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wiped_frames_are_the_frames_of_encode_frame() {
+        let params = wire::Encrypt {
+            tenant: "acme".into(),
+            key: "pii".into(),
+            plaintext: SecretBytes::from_slice(b"hunter2"),
+            context: EncryptionContext::from_pairs(["a=1"]).unwrap(),
+        };
+        let frame = encode_wiped(&Outgoing { id: 7, op: "encrypt", params: &params }).unwrap();
+        let value = serde_json::json!({"id": 7, "op": "encrypt", "params": params});
+        assert_eq!(frame[..4], ((frame.len() - 4) as u32).to_be_bytes());
+        assert_eq!(serde_json::from_slice::<Value>(&frame[4..]).unwrap(), value);
+        assert_eq!(frame.capacity(), frame.len());
     }
 }

@@ -40,7 +40,7 @@ pub const ENVELOPE_PREFIX: &str = "khe1:";
 /// Text form prefix of a ciphertext (ENVELOPE.md §5).
 pub const CIPHERTEXT_PREFIX: &str = "khc1:";
 
-fn malformed(what: &str, why: impl fmt::Display) -> Error {
+pub(crate) fn malformed(what: &str, why: impl fmt::Display) -> Error {
     Error::Envelope(format!("{what}: {why}"))
 }
 
@@ -277,7 +277,7 @@ impl fmt::Debug for Envelope {
     }
 }
 
-fn decode_text(what: &'static str, prefix: &str, s: &str) -> Result<Vec<u8>, Error> {
+pub(crate) fn decode_text(what: &'static str, prefix: &str, s: &str) -> Result<Vec<u8>, Error> {
     let s = s.trim();
     let body = s
         .strip_prefix(prefix)

@@ -134,6 +134,14 @@ pub enum Error {
     /// The peer sent something that is not the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A sealed record or stream does not authenticate under its data key
+    /// and the encryption context given: altered, truncated, reordered, or
+    /// a different context (checked in this process, docs/ENVELOPE.md §10).
+    #[error("{0} (integrity)")]
+    Integrity(String),
+    /// A setting given to the client is out of range (cache limits, chunk size).
+    #[error("invalid setting: {0}")]
+    Config(String),
     /// The daemon answered with an error.
     #[error("{message} ({code})")]
     Daemon {
@@ -145,10 +153,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// The daemon's error code, when the daemon answered with an error.
+    /// The daemon's error code, when the daemon answered with an error;
+    /// [`ErrorCode::Integrity`] also for a local authentication failure.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::Daemon { code, .. } => Some(*code),
+            Error::Integrity(_) => Some(ErrorCode::Integrity),
             _ => None,
         }
     }

@@ -14,12 +14,22 @@
 //!   (docs/PROTOCOL.md §2–4).
 //! - [`lifecycle`]: key versions, rotation, retirement, states, rewrap.
 //! - [`revocation`]: revocation scopes, reasons and operations.
-//! - [`client`]: an async client that pipelines requests on one connection.
+//! - [`client`]: an async client that pipelines requests on one connection,
+//!   and receives revocation events.
+//! - [`seal`]: the sealed-record and sealed-stream formats and their
+//!   AES-256-GCM in this process (docs/ENVELOPE.md §10).
+//! - [`cache`]: the sealing and opening caches of data keys, with their
+//!   limits.
+//! - [`sealer`]: [`Sealer`], which seals and opens with cached data keys
+//!   that revocation events reach at once.
+//! - [`blocking`]: the same for programs that do not run tokio.
 //! - [`error`]: the crate's error type.
 //!
 //! The daemon depends on this crate for the wire and envelope types, so the
 //! two can never disagree about the format.
 
+pub mod blocking;
+pub mod cache;
 pub mod client;
 pub mod context;
 pub mod envelope;
@@ -28,6 +38,8 @@ pub mod frame;
 pub mod lifecycle;
 pub mod names;
 pub mod revocation;
+pub mod seal;
+pub mod sealer;
 pub mod secret;
 pub mod wire;
 
@@ -36,3 +48,4 @@ pub use context::EncryptionContext;
 pub use envelope::{Ciphertext, Envelope, EnvelopeId};
 pub use error::{Error, ErrorCode};
 pub use names::KeyPath;
+pub use sealer::Sealer;

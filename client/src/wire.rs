@@ -292,6 +292,32 @@ pub struct DatakeyDecrypt {
 }
 operation!(DatakeyDecrypt, "datakey_decrypt", DecryptResponse);
 
+/// `subscribe_revocations`: ask the daemon to push revocation events on
+/// this connection (PROTOCOL.md §3.26, §6).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeRevocations {}
+
+/// Answer to `subscribe_revocations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubscribeResponse {
+    /// Always true: events follow on this connection until it closes.
+    pub subscribed: bool,
+}
+operation!(SubscribeRevocations, "subscribe_revocations", SubscribeResponse);
+
+/// An event frame body (PROTOCOL.md §6): no `id`, pushed by the daemon
+/// unasked on a subscribed connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventFrame {
+    /// `revoked`, or `lagged` when events were lost.
+    pub event: String,
+    /// The revoked scope; absent when this connection may not see it (or
+    /// for `lagged`): then it covers everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<crate::revocation::Scope>,
+}
+
 /// `whoami`: the caller's identity as the daemon sees it, and its grants
 /// (PROTOCOL.md §3.9).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

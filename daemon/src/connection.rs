@@ -6,17 +6,20 @@
 //! connection, because the stream can no longer be trusted to be in step.
 //! At most `max_in_flight` requests run at once per connection; past that
 //! the connection stops reading, which pushes back on the client.
+//! After `subscribe_revocations`, a forwarder task also writes revocation
+//! events (frames without an id, PROTOCOL.md §6) until the connection ends.
 
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use keyhaven::frame::{encode_frame, read_frame};
-use keyhaven::wire::{ResponseFrame, WireError};
+use keyhaven::wire::{EventFrame, Operation, ResponseFrame, SubscribeRevocations, WireError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -75,6 +78,7 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
         }
     });
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let events = Arc::new(Events { started: AtomicBool::new(false), done: CancellationToken::new() });
     let mut buf = Vec::new();
     loop {
         let read = tokio::select! {
@@ -100,9 +104,14 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
                 let id = frame.id;
                 let op = frame.op.into_owned();
                 let params = Zeroizing::new(frame.params.map_or("{}", |p| p.get()).to_owned());
-                let (d, tx, caller) = (daemon.clone(), tx.clone(), caller.clone());
+                let (d, tx, caller, events) = (daemon.clone(), tx.clone(), caller.clone(), events.clone());
                 tokio::spawn(async move {
                     let result = ops::dispatch(&d, &caller, &op, &params).await;
+                    if result.is_ok() && op == SubscribeRevocations::OP {
+                        // Before the answer goes out: every revocation
+                        // durable after the client reads it is delivered.
+                        events.start(&d, &caller, &tx);
+                    }
                     let frame = match result {
                         Ok(body) => ok_frame(id, &body),
                         Err(e) => {
@@ -122,10 +131,52 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
         buf.zeroize();
     }
     buf.zeroize();
-    // Every spawned request holds a sender: the writer ends after the last answer.
+    events.done.cancel();
+    // Every spawned request (and the event forwarder, until cancelled) holds
+    // a sender: the writer ends after the last answer.
     drop(tx);
     let _ = writer.await;
     tracing::debug!(%caller, "connection closed");
+}
+
+/// The connection's subscription to revocation events (PROTOCOL.md §6).
+struct Events {
+    started: AtomicBool,
+    /// Cancelled when the connection stops reading.
+    done: CancellationToken,
+}
+
+impl Events {
+    /// Starts forwarding revocation events to this connection, once: a
+    /// second `subscribe_revocations` is answered but changes nothing.
+    fn start(&self, d: &Arc<Daemon>, caller: &Arc<Caller>, tx: &mpsc::Sender<Frame>) {
+        if self.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut rx = d.revocation_events.subscribe();
+        let (d, caller, tx, done) = (d.clone(), caller.clone(), tx.clone(), self.done.clone());
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = done.cancelled() => break,
+                    e = rx.recv() => e,
+                };
+                let frame = match event {
+                    Ok(scope) => ops::revocation_event(&d, &caller, &scope),
+                    // Events were lost: the client must drop everything.
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(%caller, lost = n, "a subscriber fell behind on revocation events");
+                        EventFrame { event: "lagged".into(), scope: None }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                let frame = Zeroizing::new(encode_frame(&frame).unwrap_or_default());
+                if tx.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 /// Parses a request frame; the frame and its params must be JSON objects

@@ -82,7 +82,8 @@ impl fmt::Display for Permission {
 /// What an operation needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// Anyone who can connect (`hello`, `health`, `whoami`).
+    /// Anyone who can connect (`hello`, `health`, `whoami`,
+    /// `subscribe_revocations`).
     Open,
     /// This permission on the operation's target.
     Needs(Permission),
@@ -96,7 +97,11 @@ pub fn permission_for(op: &str) -> Option<Access> {
     use keyhaven::wire::{self, Operation};
     use Permission::*;
     Some(match op {
-        wire::Hello::OP | wire::Health::OP | wire::Whoami::OP => Access::Open,
+        // Revocation events carry scopes only, filtered per caller
+        // (`ops::revocation_event`, PROTOCOL.md §6).
+        wire::Hello::OP | wire::Health::OP | wire::Whoami::OP | wire::SubscribeRevocations::OP => {
+            Access::Open
+        }
         wire::KeyCreate::OP | wire::KeyList::OP => Access::Needs(KeyAdmin),
         wire::Encrypt::OP => Access::Needs(Encrypt),
         wire::Decrypt::OP | wire::DatakeyDecrypt::OP => Access::Needs(Decrypt),

@@ -54,6 +54,7 @@ pub async fn due_keys(d: &Arc<Daemon>) {
             match tokio::task::spawn_blocking(move || ops::delete_if_due(&*store, &p, now)).await {
                 Ok(Ok(true)) => {
                     tracing::warn!(key = %path, "scheduled deletion done: key material erased");
+                    ops::notify_versions(d, &path, [None]);
                     let p = path.clone();
                     ops::unload(d, move |id| id.path == p).await;
                 }

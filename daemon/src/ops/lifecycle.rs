@@ -197,6 +197,11 @@ pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
         Ok(())
     })
     .await?;
+    if req.min_decryption_version.is_some() {
+        // Retired versions: cached data keys under them must go too.
+        let retired = rec.versions.iter().map(|v| v.version).filter(|v| *v < rec.min_decryption_version);
+        notify_versions(d, &rec.path()?, retired.map(Some));
+    }
     tracing::info!(key = %format!("{}/{}", rec.tenant, rec.key), state = rec.state.as_str(), min_decryption_version = rec.min_decryption_version, "key settings changed");
     reply(&details(&rec), 0)
 }
@@ -223,6 +228,7 @@ pub async fn trim(d: Arc<Daemon>, req: KeyTrim) -> Result<Reply, Error> {
     let trimmed: Vec<u32> =
         before.unwrap_or_default().into_iter().filter(|v| rec.version(*v).is_none()).collect();
     let p = rec.path()?;
+    notify_versions(d, &p, trimmed.iter().map(|v| Some(*v)));
     unload(d, move |id| id.path == p && id.version < old).await;
     tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), below = old, "key versions trimmed");
     reply(&KeyTrimResponse { trimmed, details: details(&rec) }, 0)
@@ -245,6 +251,7 @@ pub async fn schedule_deletion(d: Arc<Daemon>, req: KeyScheduleDeletion) -> Resu
         Ok(())
     })
     .await?;
+    notify_versions(d, &rec.path()?, [None]);
     tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), days, "key scheduled for deletion");
     reply(&details(&rec), 0)
 }
@@ -268,6 +275,19 @@ pub async fn cancel_deletion(d: Arc<Daemon>, req: KeyCancelDeletion) -> Result<R
     .await?;
     tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), "key deletion cancelled; key disabled");
     reply(&details(&rec), 0)
+}
+
+/// Tells subscribed clients (PROTOCOL.md §6) to drop cached data keys of
+/// versions that may no longer be used.
+pub fn notify_versions(d: &Daemon, path: &KeyPath, versions: impl IntoIterator<Item = Option<u32>>) {
+    for version in versions {
+        let scope = keyhaven::revocation::Scope::Key {
+            tenant: path.tenant().to_owned(),
+            key: path.key().to_owned(),
+            version,
+        };
+        let _ = d.revocation_events.send(scope);
+    }
 }
 
 /// Destroys, in every HSM worker's session, the loaded KEK copies that

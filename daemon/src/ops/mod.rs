@@ -39,7 +39,7 @@ use crate::usage::UsageBook;
 use crate::wraps::WrapBudget;
 
 pub use admin::reload_policy;
-pub use lifecycle::{delete_if_due, rotate_key, unload};
+pub use lifecycle::{delete_if_due, notify_versions, rotate_key, unload};
 
 /// What every request may use.
 pub struct Daemon {
@@ -62,6 +62,9 @@ pub struct Daemon {
     pub usage: UsageBook,
     /// One master-key rotation step at a time.
     pub master_lock: tokio::sync::Mutex<()>,
+    /// Each revocation's scope, sent the moment it is durable, to every
+    /// subscribed connection (PROTOCOL.md §6; `crate::connection`).
+    pub revocation_events: tokio::sync::broadcast::Sender<Scope>,
 }
 
 impl Daemon {
@@ -73,6 +76,7 @@ impl Daemon {
         let audit = Audit::open(store.clone(), hsm.clone(), &config.audit)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));
         let revocations = revocation::Index::new(store.revocations()?);
+        let (revocation_events, _) = tokio::sync::broadcast::channel(REVOCATION_EVENTS_BUFFER);
         Ok(Daemon {
             hsm,
             store,
@@ -83,6 +87,7 @@ impl Daemon {
             revocations,
             usage: UsageBook::default(),
             master_lock: Default::default(),
+            revocation_events,
         })
     }
 
@@ -106,6 +111,10 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| Error::Internal(format!("store task: {e}")))?
 }
+
+/// Revocation events a slow subscriber may fall behind by before it is
+/// sent `lagged` (PROTOCOL.md §6).
+pub const REVOCATION_EVENTS_BUFFER: usize = 1024;
 
 /// A serialised `ok` body.
 pub type Reply = Zeroizing<Vec<u8>>;
@@ -140,7 +149,7 @@ fn allow(d: &Daemon, caller: &Caller, op: &str, target: Target, s: &mut Subject)
 
 /// What a revocation scope acts on, for the policy. A data key's tenant is
 /// not known from its id, so revoking one needs `revoke` on every tenant.
-fn scope_target(scope: &Scope) -> Target<'_> {
+pub(crate) fn scope_target(scope: &Scope) -> Target<'_> {
     match scope {
         Scope::Key { tenant, key, .. } => Target::Key { tenant, key },
         Scope::Tenant { tenant } => Target::Tenant(tenant),
@@ -178,6 +187,25 @@ fn allow_perm(
             "`{op}` on {target} needs `{perm}`, which the policy does not grant to {caller}"
         )))
     }
+}
+
+/// The revocation event for `scope` as `caller` may see it (PROTOCOL.md
+/// §6): the scope itself when it names nothing (a data key's random id, the
+/// whole system) or when the policy grants the caller a key-use permission
+/// (`encrypt`, `decrypt`, `datakey`) on it; otherwise no scope, which the
+/// client reads as "everything", so that names the caller may not learn
+/// stay hidden and no cached key is missed.
+pub fn revocation_event(d: &Daemon, caller: &Caller, scope: &Scope) -> wire::EventFrame {
+    use policy::Permission::{Datakey, Decrypt, Encrypt};
+    let policy = d.policy();
+    let shown = match scope {
+        Scope::Datakey { .. } | Scope::All => true,
+        _ => {
+            let target = scope_target(scope);
+            [Encrypt, Decrypt, Datakey].into_iter().any(|p| policy.allows(caller, p, &target))
+        }
+    };
+    wire::EventFrame { event: "revoked".into(), scope: shown.then(|| scope.clone()) }
 }
 
 fn key_target(path: &KeyPath) -> Target<'_> {
@@ -228,6 +256,13 @@ async fn route(
         wire::Hello::OP => health::hello(parse(op, params)?),
         wire::Health::OP => health::health(d, parse::<wire::Health>(op, params)?).await,
         wire::Whoami::OP => admin::whoami(d, caller, parse(op, params)?),
+        // The subscription itself is made by the connection once this
+        // answers (`crate::connection`); events are filtered per caller.
+        wire::SubscribeRevocations::OP => {
+            let _: wire::SubscribeRevocations = parse(op, params)?;
+            allow(d, caller, op, Target::All, s)?;
+            reply(&wire::SubscribeResponse { subscribed: true }, 0)
+        }
         wire::KeyCreate::OP => {
             let req: wire::KeyCreate = parse(op, params)?;
             let path = KeyPath::new(&req.tenant, &req.key)?;

@@ -4,7 +4,10 @@
 //! Each change is written to the store durably, then to the in-memory index
 //! that every key use checks, then the KEK copies it covers are destroyed in
 //! every HSM worker's session; only then does the call answer. So a request
-//! that starts after the answer is refused, whatever was cached.
+//! that starts after the answer is refused, whatever was cached. Right after
+//! the index, the scope is sent to every connection subscribed to
+//! revocation events (PROTOCOL.md §6), so that clients drop the data keys
+//! they cache before the revoker gets its answer.
 
 use std::sync::Arc;
 
@@ -116,6 +119,8 @@ pub async fn revoke(d: &Arc<Daemon>, caller: &Caller, req: Revoke) -> Result<Rep
     let stored = r.clone();
     blocking(d, move |s| Ok(s.put_revocation(&stored)?)).await?;
     d.revocations.put(r.clone());
+    // Durable and in force: tell subscribed clients to drop cached keys.
+    let _ = d.revocation_events.send(r.scope.clone());
     evict(d, &r.scope).await;
     tracing::warn!(scope = %r.scope, reason = %r.reason, uid = caller.uid, pid = ?caller.pid, "suspended");
     reply(&r, 0)
@@ -212,6 +217,7 @@ pub async fn destroy(d: &Arc<Daemon>, caller: &Caller, req: Destroy) -> Result<R
     })
     .await?;
     d.revocations.put(r.clone());
+    let _ = d.revocation_events.send(r.scope.clone());
     evict(d, &r.scope).await;
     tracing::warn!(scope = %r.scope, erased = erased.len(), uid = caller.uid, pid = ?caller.pid, "destroyed");
     reply(&DestroyResponse { revocation: r, erased }, 0)

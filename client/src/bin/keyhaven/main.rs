@@ -11,6 +11,7 @@ mod audit;
 mod bench;
 mod lifecycle;
 mod revoke;
+mod seal;
 use keyhaven::wire::MAX_ENCRYPT_PLAINTEXT;
 use keyhaven::{Client, EncryptionContext, KeyPath};
 
@@ -50,6 +51,21 @@ enum Command {
         #[command(flatten)]
         context: ContextArgs,
     },
+    /// Seal stdin under TENANT/KEY in this process (any size, streamed in chunks); binary to stdout.
+    Seal {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+        #[command(flatten)]
+        context: ContextArgs,
+        /// Plaintext bytes per chunk (1024 to 16777216).
+        #[arg(long, default_value_t = keyhaven::seal::DEFAULT_CHUNK)]
+        chunk_size: u32,
+    },
+    /// Open a sealed stream (or a khs1: sealed record) from stdin; the plaintext goes to stdout.
+    Open {
+        #[command(flatten)]
+        context: ContextArgs,
+    },
     /// Data keys: `datakey TENANT/KEY` makes one; `datakey decrypt` unwraps one.
     Datakey(DatakeyArgs),
     /// Rewrap envelopes or ciphertexts (one per line on stdin) under their key's newest version.
@@ -71,9 +87,13 @@ enum Command {
     Audit(AuditCommand),
     /// Measure a running daemon: ops/s and p50/p99/p99.9 latency per op and concurrency.
     Bench {
-        /// Operations to measure.
+        /// Operations to measure (seal and open run in this process with cached keys).
         #[arg(long, value_enum, value_delimiter = ',', default_values = ["encrypt", "datakey-decrypt"])]
         op: Vec<bench::BenchOp>,
+        /// Instead of ops/s: rounds of revoking a key that CONCURRENCY sealers use from their caches, timing
+        /// the last client's first refusal after `revoke` returns.
+        #[arg(long)]
+        revoke_delay: Option<usize>,
         /// Concurrent clients (one connection each), comma-separated.
         #[arg(long, value_delimiter = ',', default_values = ["1", "16"])]
         concurrency: Vec<usize>,
@@ -309,9 +329,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let socket = cli.socket.or_else(Client::socket_from_env).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     // Arguments are checked before connecting, so usage errors need no daemon.
     let context = match &cli.command {
-        Command::Encrypt { context, .. } | Command::Decrypt { context } => {
-            Some(context.parse().map_err(usage)?)
-        }
+        Command::Encrypt { context, .. }
+        | Command::Decrypt { context }
+        | Command::Seal { context, .. }
+        | Command::Open { context } => Some(context.parse().map_err(usage)?),
         Command::Datakey(d) => match &d.sub {
             Some(DatakeySub::Decrypt { context }) => Some(context.parse().map_err(usage)?),
             None => Some(d.context.parse().map_err(usage)?),
@@ -344,7 +365,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         )?),
         _ => None,
     };
-    if let Command::Bench { op, concurrency, seconds, payload, key } = &cli.command {
+    if let Command::Seal { chunk_size, .. } = &cli.command {
+        if !(keyhaven::seal::MIN_CHUNK..=keyhaven::seal::MAX_CHUNK).contains(chunk_size) {
+            return Err(usage(format!(
+                "--chunk-size must be {} to {} bytes",
+                keyhaven::seal::MIN_CHUNK,
+                keyhaven::seal::MAX_CHUNK
+            )));
+        }
+    }
+    match &cli.command {
+        Command::Seal { key, chunk_size, .. } => {
+            return seal::seal(&socket, key, &context, *chunk_size).await
+        }
+        Command::Open { .. } => return seal::open(&socket, &context).await,
+        _ => {}
+    }
+    if let Command::Bench { revoke_delay: Some(rounds), concurrency, payload, key, .. } = &cli.command {
+        if *rounds == 0 || concurrency.contains(&0) {
+            return Err(usage("--revoke-delay and --concurrency need at least 1"));
+        }
+        println!("{:>7} {:>7} {:>12} {:>12} {:>12}", "clients", "rounds", "p50 µs", "max µs", "min µs");
+        for c in concurrency {
+            let mut r = bench::revoke_delay(&socket, key, *c, *payload, *rounds).await?;
+            r.last_us.sort_unstable();
+            let p50 = r.last_us[r.last_us.len() / 2];
+            let (min, max) = (r.last_us[0], r.last_us[r.last_us.len() - 1]);
+            println!("{:>7} {:>7} {:>12} {:>12} {:>12}", r.clients, rounds, p50, max, min);
+        }
+        return Ok(());
+    }
+    if let Command::Bench { op, concurrency, seconds, payload, key, .. } = &cli.command {
         bench::header();
         for op in op {
             for c in concurrency {
@@ -358,7 +409,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
     let client = Client::connect(&socket).await?;
     match cli.command {
-        Command::Bench { .. } => unreachable!("handled above"),
+        Command::Bench { .. } | Command::Seal { .. } | Command::Open { .. } => unreachable!("handled above"),
         Command::Health => {
             let h = client.health().await?;
             print_json(&h)?;
