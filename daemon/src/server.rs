@@ -87,9 +87,19 @@ async fn refuse(mut stream: tokio::net::UnixStream, max: usize) {
             ),
         }),
     };
-    if let Ok(bytes) = keyhaven::frame::encode_frame(&frame) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
-    }
+    let Ok(bytes) = keyhaven::frame::encode_frame(&frame) else { return };
+    // Write the answer, then read (and drop) what the client sends until it
+    // closes, for at most a second: closing at once would make its first
+    // write fail with a broken pipe before it reads why.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        use tokio::io::AsyncReadExt;
+        stream.write_all(&bytes).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
 }
 
 /// Serves until `shutdown` is cancelled, then drains. A connection over
