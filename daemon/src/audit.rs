@@ -125,6 +125,9 @@ struct State {
     batch: Vec<(u64, Vec<u8>)>,
     /// Set at shutdown.
     stop: bool,
+    /// The flusher is waiting on the condition variable (appends notify it
+    /// only then: a notification is a system call).
+    idle: bool,
 }
 
 struct Log {
@@ -277,7 +280,14 @@ impl Audit {
             store,
             wal,
             hsm,
-            state: Mutex::new(State { last, head, waiting: Vec::new(), batch: Vec::new(), stop: false }),
+            state: Mutex::new(State {
+                last,
+                head,
+                waiting: Vec::new(),
+                batch: Vec::new(),
+                stop: false,
+                idle: false,
+            }),
             wake: Condvar::new(),
             seal_interval: Duration::from_millis(cfg.seal_interval_ms),
             seal_every: cfg.seal_every,
@@ -413,9 +423,12 @@ impl Log {
             st.batch.push((rec.seq, bytes));
             let (tx, rx) = oneshot::channel();
             st.waiting.push(tx);
-            rx
+            (rx, std::mem::take(&mut st.idle))
         };
-        self.wake.notify_one();
+        let (durable, idle) = durable;
+        if idle {
+            self.wake.notify_one();
+        }
         match durable.await {
             Ok(true) => Ok(()),
             Ok(false) => {
@@ -444,7 +457,9 @@ impl Log {
                     } else {
                         Duration::from_secs(3600)
                     };
+                    st.idle = true;
                     st = self.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+                    st.idle = false;
                 }
                 (st.last, st.head, st.stop, std::mem::take(&mut st.waiting), std::mem::take(&mut st.batch))
             };
