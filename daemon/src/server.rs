@@ -88,14 +88,20 @@ async fn refuse(mut stream: tokio::net::UnixStream, max: usize) {
         }),
     };
     let Ok(bytes) = keyhaven::frame::encode_frame(&frame) else { return };
-    // Write the answer, then read (and drop) what the client sends until it
-    // closes, for at most a second: closing at once would make its first
+    // Wait for the client's first bytes (its `hello`), answer, then read
+    // (and drop) what it sends until it closes, for at most a second in all:
+    // an answer before its first request could reach a client that has not
+    // started waiting for one yet, and closing at once would make its first
     // write fail with a broken pipe before it reads why.
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         use tokio::io::AsyncReadExt;
+        let mut sink = [0u8; 512];
+        let first = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut sink)).await;
+        if matches!(first, Ok(Ok(0))) {
+            return Ok(());
+        }
         stream.write_all(&bytes).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 512];
         while stream.read(&mut sink).await? > 0 {}
         Ok::<(), std::io::Error>(())
     })
