@@ -202,7 +202,7 @@ pub async fn run(opts: &Options, op: BenchOp, concurrency: usize) -> Result<Row,
                 let mut err = std::io::stderr().lock();
                 let _ = write!(
                     err,
-                    "\r{:<16} c={:<4} {:>5.1}/{:.0}s {:>9.0} ops/s {:>10} ops {:>6} errors ",
+                    "\r{:<16} c={:<4} {:>5.1}/{:.1}s {:>9.0} ops/s {:>10} ops {:>6} errors ",
                     op.name(),
                     concurrency,
                     start.elapsed().as_secs_f64().min(total),
