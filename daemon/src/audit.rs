@@ -75,7 +75,13 @@ impl Subject {
 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 fn now_ms() -> u64 {
@@ -114,12 +120,21 @@ struct State {
     /// Requests waiting for their record to be durable, in sequence
     /// order; the flusher answers each once (true: durable).
     waiting: Vec<oneshot::Sender<bool>>,
+    /// Records appended since the last flush, to put in the store (by the
+    /// flusher, in one go, before it answers their requests).
+    batch: Vec<(u64, Vec<u8>)>,
     /// Set at shutdown.
     stop: bool,
+    /// The flusher is waiting on the condition variable (appends notify it
+    /// only then: a notification is a system call).
+    idle: bool,
 }
 
 struct Log {
     store: Arc<dyn Store>,
+    /// The write-ahead file that makes records durable (docs/AUDIT.md §4);
+    /// only the flusher touches it.
+    wal: Option<Mutex<Wal>>,
     hsm: Arc<Hsm>,
     state: Mutex<State>,
     wake: Condvar,
@@ -217,11 +232,25 @@ fn outside_hours(from: u8, to: u8, now_ms: u64) -> bool {
 impl Audit {
     /// Opens the log in `store` (continuing its chain) and starts the
     /// flusher thread; with `enabled = false`, a log that records nothing.
-    pub fn open(store: Arc<dyn Store>, hsm: Arc<Hsm>, cfg: &AuditSection) -> Result<Audit, StoreError> {
+    ///
+    /// With `wal`, records are made durable by an `fdatasync` of that
+    /// preallocated write-ahead file rather than a flush of the store; at
+    /// open, records the file holds beyond the store's last one (a crash
+    /// between the two) are put back in the store first.
+    pub fn open(
+        store: Arc<dyn Store>,
+        hsm: Arc<Hsm>,
+        cfg: &AuditSection,
+        wal: Option<&std::path::Path>,
+    ) -> Result<Audit, StoreError> {
         if !cfg.enabled {
             tracing::warn!("the audit log is off ([audit] enabled = false): nothing is recorded");
             return Ok(Audit { log: None, flusher: Mutex::new(None), volume: Volume::new(cfg) });
         }
+        let wal = match wal {
+            Some(path) => Some(Mutex::new(Wal::open(path, &*store)?)),
+            None => None,
+        };
         let (mut last, mut head) = match store.audit_scan(AuditKind::Record, u64::MAX, true).next() {
             Some(entry) => {
                 let (seq, bytes) = entry?;
@@ -249,8 +278,16 @@ impl Audit {
         };
         let log = Arc::new(Log {
             store,
+            wal,
             hsm,
-            state: Mutex::new(State { last, head, waiting: Vec::new(), stop: false }),
+            state: Mutex::new(State {
+                last,
+                head,
+                waiting: Vec::new(),
+                batch: Vec::new(),
+                stop: false,
+                idle: false,
+            }),
             wake: Condvar::new(),
             seal_interval: Duration::from_millis(cfg.seal_interval_ms),
             seal_every: cfg.seal_every,
@@ -368,7 +405,6 @@ fn audit_caller(c: &Caller) -> AuditCaller {
 
 impl Log {
     async fn append(&self, mut rec: AuditRecord) -> Result<(), Error> {
-        let fail = |e: StoreError| Error::Audit(format!("cannot write the record: {e}"));
         let durable = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if st.stop {
@@ -382,14 +418,17 @@ impl Log {
             rec.prev = hex(&st.head);
             let bytes =
                 serde_json::to_vec(&rec).map_err(|e| Error::Internal(format!("audit record: {e}")))?;
-            self.store.audit_put(AuditKind::Record, rec.seq, &bytes).map_err(fail)?;
             st.last = rec.seq;
             st.head = Sha256::digest(&bytes).into();
+            st.batch.push((rec.seq, bytes));
             let (tx, rx) = oneshot::channel();
             st.waiting.push(tx);
-            rx
+            (rx, std::mem::take(&mut st.idle))
         };
-        self.wake.notify_one();
+        let (durable, idle) = durable;
+        if idle {
+            self.wake.notify_one();
+        }
         match durable.await {
             Ok(true) => Ok(()),
             Ok(false) => {
@@ -405,7 +444,7 @@ impl Log {
     fn flusher(&self, mut sealed: u64) {
         let mut sealed_at = Instant::now();
         loop {
-            let (last, head, stop, waiting) = {
+            let (last, head, stop, waiting, batch) = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
                     let due = st.last > sealed
@@ -418,14 +457,28 @@ impl Log {
                     } else {
                         Duration::from_secs(3600)
                     };
+                    st.idle = true;
                     st = self.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+                    st.idle = false;
                 }
-                (st.last, st.head, st.stop, std::mem::take(&mut st.waiting))
+                (st.last, st.head, st.stop, std::mem::take(&mut st.waiting), std::mem::take(&mut st.batch))
             };
+            // The records into the store (not yet durable there) and their
+            // frames for the write-ahead file.
+            let mut pending = Vec::new();
+            let mut put = Ok(());
+            for (seq, bytes) in &batch {
+                if put.is_ok() {
+                    put = self.store.audit_put(AuditKind::Record, *seq, bytes);
+                }
+                if self.wal.is_some() {
+                    frame(&mut pending, AuditKind::Record, *seq, bytes);
+                }
+            }
             let due = last > sealed
                 && (stop || sealed_at.elapsed() >= self.seal_interval || last - sealed >= self.seal_every);
             if due {
-                match self.seal(last, &head) {
+                match self.seal(last, &head, &mut pending) {
                     Ok(()) => {
                         sealed = last;
                         sealed_at = Instant::now();
@@ -437,7 +490,7 @@ impl Log {
                     }
                 }
             }
-            let flushed = self.store.audit_flush();
+            let flushed = put.and_then(|()| self.make_durable(&pending, stop));
             if let Err(e) = &flushed {
                 tracing::error!("cannot flush the audit log: {e}");
             }
@@ -453,14 +506,227 @@ impl Log {
         }
     }
 
-    fn seal(&self, seq: u64, head: &[u8; 32]) -> Result<(), String> {
+    fn seal(&self, seq: u64, head: &[u8; 32], pending: &mut Vec<u8>) -> Result<(), String> {
         let time_ms = now_ms();
         let input = seal_input(seq, head, time_ms);
         let mac = self.hsm.run_blocking(move |w| w.audit_mac(&input)).map_err(|e| e.to_string())?;
         let seal = Seal { seq, head: hex(head), time_ms, mac: hex(&mac) };
         let bytes = serde_json::to_vec(&seal).map_err(|e| e.to_string())?;
-        self.store.audit_put(AuditKind::Seal, seq, &bytes).map_err(|e| e.to_string())
+        self.store.audit_put(AuditKind::Seal, seq, &bytes).map_err(|e| e.to_string())?;
+        if self.wal.is_some() {
+            frame(pending, AuditKind::Seal, seq, &bytes);
+        }
+        Ok(())
     }
+
+    /// Makes every record and seal put so far durable: the frames in
+    /// `pending` written to the write-ahead file and `fdatasync`ed, or,
+    /// without one (or when it fails), a flush of the store. At `stop`, the
+    /// store is flushed and the file emptied.
+    fn make_durable(&self, pending: &[u8], stop: bool) -> Result<(), StoreError> {
+        let Some(wal) = &self.wal else { return self.store.audit_flush() };
+        let mut wal = wal.lock().unwrap_or_else(|e| e.into_inner());
+        if stop {
+            self.store.audit_flush()?;
+            return wal.reset().map_err(|e| StoreError::Backend(format!("audit write-ahead file: {e}")));
+        }
+        match wal.append(pending, &*self.store) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::error!("cannot write the audit write-ahead file ({e}); flushing the store instead");
+                self.store.audit_flush()
+            }
+        }
+    }
+}
+
+/// Size of the preallocated write-ahead file. Overwriting blocks that
+/// exist makes `fdatasync` write data only (no size or extent change).
+pub const WAL_SIZE: u64 = 8 << 20;
+
+/// The audit write-ahead file's name, in the store's folder.
+pub const WAL_FILE: &str = "audit.wal";
+
+/// Bytes of a frame around its value: kind, seq, length, then SHA-256 of
+/// all that and the value.
+const FRAME_HEAD: usize = 1 + 8 + 4;
+const FRAME_OVERHEAD: usize = FRAME_HEAD + 32;
+
+fn kind_byte(kind: AuditKind) -> u8 {
+    match kind {
+        AuditKind::Record => b'r',
+        AuditKind::Seal => b's',
+    }
+}
+
+/// Appends one frame: `kind (1) | seq (8, BE) | len (4, BE) | value |
+/// SHA-256 of the preceding bytes of the frame (32)`.
+fn frame(out: &mut Vec<u8>, kind: AuditKind, seq: u64, value: &[u8]) {
+    let start = out.len();
+    out.push(kind_byte(kind));
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+    out.extend_from_slice(value);
+    let sum: [u8; 32] = Sha256::digest(&out[start..]).into();
+    out.extend_from_slice(&sum);
+}
+
+/// Reads the frame at the start of `buf`: (kind, seq, value, frame length),
+/// or None when it is not a whole, intact frame (zeros, a torn write).
+fn read_frame(buf: &[u8]) -> Option<(AuditKind, u64, &[u8], usize)> {
+    let head = buf.get(..FRAME_HEAD)?;
+    let kind = match head[0] {
+        b'r' => AuditKind::Record,
+        b's' => AuditKind::Seal,
+        _ => return None,
+    };
+    let seq = u64::from_be_bytes(head[1..9].try_into().ok()?);
+    let len = u32::from_be_bytes(head[9..13].try_into().ok()?) as usize;
+    let end = FRAME_HEAD.checked_add(len)?;
+    let sum = buf.get(end..end.checked_add(32)?)?;
+    let want: [u8; 32] = Sha256::digest(&buf[..end]).into();
+    (sum == want).then(|| (kind, seq, &buf[FRAME_HEAD..end], end + 32))
+}
+
+/// The audit write-ahead file (docs/AUDIT.md §4): a preallocated file of
+/// [`WAL_SIZE`] bytes that the flusher overwrites from the start with the
+/// frames of each batch, then `fdatasync`s. When a batch would pass the
+/// end, the store is flushed first (everything before is then durable in
+/// the store) and writing starts over at offset 0. Stale frames further on
+/// are never taken for new ones: replay stops at the first frame that does
+/// not continue the chain.
+struct Wal {
+    file: std::fs::File,
+    /// Where the next batch goes.
+    offset: u64,
+}
+
+impl Wal {
+    /// Opens (creating and preallocating it when needed) the file, replays
+    /// into the store the records it holds beyond the store's last one,
+    /// flushes the store, and empties the file.
+    fn open(path: &std::path::Path, store: &dyn Store) -> Result<Wal, StoreError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let err = |what: &str, e: std::io::Error| {
+            StoreError::Backend(format!("audit write-ahead file {}: {what}: {e}", path.display()))
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| err("cannot open it", e))?;
+        let len = file.metadata().map_err(|e| err("cannot stat it", e))?.len();
+        if len > 0 {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, 0).map_err(|e| err("cannot read it", e))?;
+            let n = replay(&buf, store)?;
+            if n > 0 {
+                tracing::warn!(
+                    "the audit write-ahead file held {n} records or seals that the store had lost (a crash); put them back"
+                );
+            }
+        }
+        store.audit_flush()?;
+        if len < WAL_SIZE {
+            // Real zeros, not a hole: later writes then change no extent.
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = len;
+            while at < WAL_SIZE {
+                let n = (WAL_SIZE - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], at).map_err(|e| err("cannot preallocate it", e))?;
+                at += n as u64;
+            }
+            file.sync_all().map_err(|e| err("cannot sync it", e))?;
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+            }
+        }
+        file.flush().map_err(|e| err("cannot write it", e))?;
+        let mut wal = Wal { file, offset: 0 };
+        wal.reset().map_err(|e| err("cannot empty it", e))?;
+        Ok(wal)
+    }
+
+    /// Writes a batch of frames and waits until it is on disk.
+    fn append(&mut self, frames: &[u8], store: &dyn Store) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let len = frames.len() as u64;
+        if self.offset + len + FRAME_HEAD as u64 > WAL_SIZE {
+            // Everything before this batch (and the batch: it is in the
+            // store already) becomes durable in the store; start over.
+            store.audit_flush().map_err(|e| e.to_string())?;
+            self.offset = 0;
+            if len + FRAME_HEAD as u64 > WAL_SIZE {
+                return Ok(());
+            }
+        }
+        self.file.write_all_at(frames, self.offset).map_err(|e| e.to_string())?;
+        self.file.sync_data().map_err(|e| e.to_string())?;
+        self.offset += len;
+        Ok(())
+    }
+
+    /// Empties the file (its first frame zeroed), once the store holds
+    /// everything durably.
+    fn reset(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(&[0u8; FRAME_OVERHEAD], 0)?;
+        self.file.sync_data()?;
+        self.offset = 0;
+        Ok(())
+    }
+}
+
+/// Puts back into the store the records of a write-ahead file that continue
+/// its chain (and the seals among them); returns how many.
+fn replay(buf: &[u8], store: &dyn Store) -> Result<u64, StoreError> {
+    let (mut last, mut head) = match store.audit_scan(AuditKind::Record, u64::MAX, true).next() {
+        Some(entry) => {
+            let (seq, bytes) = entry?;
+            (seq, Sha256::digest(&bytes).into())
+        }
+        None => (0, [0u8; 32]),
+    };
+    let mut at = 0;
+    let mut n = 0;
+    let mut previous = 0;
+    while let Some((kind, seq, value, len)) = buf.get(at..).and_then(read_frame) {
+        at += len;
+        match kind {
+            // Records of one run of the file only go up; a lower one is a
+            // stale frame of an earlier run.
+            AuditKind::Record if seq < previous => break,
+            AuditKind::Record if seq <= last => previous = seq,
+            AuditKind::Record => {
+                let links = seq == last + 1
+                    && serde_json::from_slice::<AuditRecord>(value)
+                        .is_ok_and(|r| r.seq == seq && unhex32(&r.prev) == Some(head));
+                if !links {
+                    break;
+                }
+                store.audit_put(AuditKind::Record, seq, value)?;
+                previous = seq;
+                last = seq;
+                head = Sha256::digest(value).into();
+                n += 1;
+            }
+            AuditKind::Seal => {
+                let stored = store.audit_scan(AuditKind::Seal, seq, false).next().transpose()?;
+                if seq <= last && stored.is_none_or(|(s, _)| s != seq) {
+                    store.audit_put(AuditKind::Seal, seq, value)?;
+                    n += 1;
+                }
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// Largest `audit_read` answer, in bytes of records (frames hold 1 MiB).
@@ -805,6 +1071,49 @@ mod tests {
         let p = walk(&store).unwrap().problem.unwrap();
         assert_eq!((p.seq, p.kind.as_str()), (1, "altered"));
         for d in [dir, dir2, dir3] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[test]
+    fn the_write_ahead_file_puts_back_what_the_store_lost() {
+        let (full, d1) = chain("wal-full", 5);
+        let mut frames = Vec::new();
+        let mut head = [0u8; 32];
+        for entry in full.audit_scan(AuditKind::Record, 0, false) {
+            let (seq, bytes) = entry.unwrap();
+            frame(&mut frames, AuditKind::Record, seq, &bytes);
+            head = Sha256::digest(&bytes).into();
+        }
+        let seal = Seal { seq: 5, head: hex(&head), time_ms: 1, mac: "00".into() };
+        frame(&mut frames, AuditKind::Seal, 5, &serde_json::to_vec(&seal).unwrap());
+        let whole = frames.len();
+        // A stale frame of an earlier run after the batch: never replayed.
+        let stale = full.audit_scan(AuditKind::Record, 2, false).next().unwrap().unwrap().1;
+        frame(&mut frames, AuditKind::Record, 2, &stale);
+        // The store lost records 4 and 5 (a crash before its own flush).
+        let (store, d2) = chain("wal-lost", 3);
+        let path = d2.join("test.wal");
+        std::fs::write(&path, &frames).unwrap();
+        let mut wal = Wal::open(&path, &store).unwrap();
+        let w = walk(&store).unwrap();
+        assert!(w.problem.is_none() && w.records == 5 && w.seal_count == 1, "{:?}", w.problem);
+        // The file was emptied: a second open replays nothing.
+        wal.append(&frames[..whole], &store).unwrap();
+        drop(wal);
+        let (store2, d3) = chain("wal-torn", 3);
+        let torn = std::fs::read(&path).unwrap();
+        assert!(read_frame(&torn).is_some(), "the batch was written at the start");
+        // A torn last frame: the intact ones before it are replayed, not it.
+        let mut cut = frames[..whole].to_vec();
+        cut.truncate(whole - 40);
+        let path2 = d3.join("torn.wal");
+        std::fs::write(&path2, &cut).unwrap();
+        Wal::open(&path2, &store2).unwrap();
+        let w = walk(&store2).unwrap();
+        assert!(w.problem.is_none() && w.records == 5 && w.seal_count == 0, "{:?}", w.problem);
+        assert_eq!(std::fs::metadata(&path2).unwrap().len(), WAL_SIZE, "preallocated");
+        for d in [d1, d2, d3] {
             let _ = std::fs::remove_dir_all(d);
         }
     }

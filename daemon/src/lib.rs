@@ -30,6 +30,7 @@
 //! activation, sd_notify), and [`daemon`] (starting and stopping it all).
 
 pub mod audit;
+pub mod bench;
 pub mod config;
 pub mod connection;
 pub mod daemon;

@@ -47,16 +47,76 @@ pub fn bind(config: &Config) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves until `shutdown` is cancelled, then drains.
+/// File descriptors kept for everything but connections (store, token,
+/// log, listening socket).
+const SPARE_FDS: u64 = 256;
+
+/// Raises the soft open-file limit so that `max_connections` connections
+/// fit (up to the hard limit); says so when they cannot.
+pub fn raise_open_file_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = max_connections as u64 + SPARE_FDS;
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < want => {
+            let new = want.min(hard);
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, new, hard) {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {new}: {e}");
+            } else if new < want {
+                tracing::warn!(
+                    "the open-file limit is {new} (hard limit): fewer than [limits] max_connections = {max_connections} \
+                     connections fit; raise LimitNOFILE"
+                );
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open-file limit: {e}"),
+    }
+}
+
+/// Answers a connection over the cap with a `busy` error (no request id:
+/// it concerns the connection) and closes it.
+async fn refuse(mut stream: tokio::net::UnixStream, max: usize) {
+    use tokio::io::AsyncWriteExt;
+    let frame = keyhaven::wire::ResponseFrame {
+        id: None,
+        ok: None,
+        error: Some(keyhaven::wire::WireError {
+            code: keyhaven::ErrorCode::Busy,
+            message: format!(
+                "the daemon holds its maximum of {max} connections ([limits] max_connections); try again later"
+            ),
+        }),
+    };
+    let Ok(bytes) = keyhaven::frame::encode_frame(&frame) else { return };
+    // Wait for the client's first bytes (its `hello`), answer, then read
+    // (and drop) what it sends until it closes, for at most a second in all:
+    // an answer before its first request could reach a client that has not
+    // started waiting for one yet, and closing at once would make its first
+    // write fail with a broken pipe before it reads why.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        use tokio::io::AsyncReadExt;
+        let mut sink = [0u8; 512];
+        let first = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut sink)).await;
+        if matches!(first, Ok(Ok(0))) {
+            return Ok(());
+        }
+        stream.write_all(&bytes).await?;
+        stream.shutdown().await?;
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
+
+/// Serves until `shutdown` is cancelled, then drains. A connection over
+/// `max_connections` is accepted, told `busy`, and closed.
 pub async fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: CancellationToken) {
     let limits = daemon.config.limits.clone();
+    raise_open_file_limit(limits.max_connections);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
+    let mut refused_at: Option<std::time::Instant> = None;
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.cancelled() => break,
-        };
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
@@ -68,6 +128,17 @@ pub async fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Cancella
                 }
             },
             _ = shutdown.cancelled() => break,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            if refused_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(
+                    "refusing connections: {} open ([limits] max_connections)",
+                    limits.max_connections
+                );
+                refused_at = Some(std::time::Instant::now());
+            }
+            tokio::spawn(refuse(stream, limits.max_connections));
+            continue;
         };
         let (d, s) = (daemon.clone(), shutdown.clone());
         tracker.spawn(async move {

@@ -579,3 +579,36 @@ async fn tail_follow_prints_new_records_but_not_its_own_reads() {
     let ops: Vec<&str> = seen.iter().map(|r| r.op.as_str()).collect();
     assert_eq!(ops[ops.len() - 2..], ["hello", "key_create"], "{ops:?}");
 }
+
+/// A record is durable before its response (docs/AUDIT.md §4): after a
+/// SIGKILL right after the last answer, the restarted daemon has the record
+/// of every answered request (put back from the write-ahead file when the
+/// store had not flushed it), and the chain is intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn answered_requests_keep_their_records_across_sigkill() {
+    let mut d = TestDaemon::start();
+    let mut ids = Vec::new();
+    {
+        let c = d.client().await;
+        c.key_create(&path("acme/pii")).await.unwrap();
+        for i in 0..40 {
+            let enc = c.encrypt(&path("acme/pii"), format!("s{i}").as_bytes(), &ctx(&[])).await.unwrap();
+            ids.push(enc.envelope_id);
+        }
+    }
+    signal(d.pid(), "KILL");
+    let (status, _) = d.stop();
+    assert!(!status.success());
+    assert!(d.store_dir().join("audit.wal").exists());
+    d.start_again();
+    let c = d.client().await;
+    let records = all_records(&c).await;
+    for id in &ids {
+        assert!(
+            records.iter().any(|r| r.op == "encrypt" && r.envelope_id.as_deref() == Some(id)),
+            "the record of envelope {id} was lost"
+        );
+    }
+    let out = d.cli(&["audit", "verify"], b"");
+    assert!(out.status.success(), "{}", out_text(&out));
+}

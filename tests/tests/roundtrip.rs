@@ -193,3 +193,34 @@ fn the_cli_does_it_all() {
     fail(d.cli(&["key", "create", "Acme/pii"], b""), "tenant name `Acme`");
     fail(run_cli(&d.dir().join("nowhere.sock"), &["health"], b""), "daemon not reachable at");
 }
+
+/// A connection over `[limits] max_connections` is told `busy`, clearly,
+/// instead of waiting unanswered; once one closes, the next gets in.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_over_the_cap_are_refused_with_busy() {
+    let mut d = TestDaemon::start();
+    d.restart_with(|dir| {
+        let file = dir.join("keyhaven.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let text = text.replace("max_connections = 4096", "max_connections = 2");
+        assert!(text.contains("max_connections = 2"), "{text}");
+        std::fs::write(&file, text).unwrap();
+    });
+    let a = d.client().await;
+    let b = d.client().await;
+    let out = d.cli(&["health"], b"");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && text.contains("maximum of 2 connections"), "{text}");
+    assert!(text.contains("busy"), "{text}");
+    drop(a);
+    let mut ok = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if d.cli(&["health"], b"").status.success() {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "a slot frees when a connection closes");
+    b.health().await.unwrap();
+}

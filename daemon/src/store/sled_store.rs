@@ -35,6 +35,9 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
     })
 }
 
+/// sled's page cache, bytes.
+const CACHE_BYTES: u64 = 16 << 20;
+
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialise")
 }
@@ -42,10 +45,12 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 impl SledStore {
     /// Opens (or creates) the store directory.
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| StoreError::Backend(format!("cannot open the store at {}: {e}", path.display())))?;
+        // A bounded page cache: the audit tree only grows, and sled would
+        // otherwise keep up to 1 GiB of it in memory.
+        let db =
+            sled::Config::new().cache_capacity(CACHE_BYTES).path(path).open().map_err(|e| {
+                StoreError::Backend(format!("cannot open the store at {}: {e}", path.display()))
+            })?;
         let meta = db.open_tree("meta").map_err(backend)?;
         let keyring = db.open_tree("keyring").map_err(backend)?;
         let revocations = db.open_tree("revocations").map_err(backend)?;

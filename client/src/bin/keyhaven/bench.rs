@@ -1,17 +1,22 @@
 //! `keyhaven bench`: a closed-loop load generator against a running daemon.
-//! Each of `concurrency` clients has its own connection and sends its next
-//! request when the previous one is answered; latencies of every request are
-//! kept and sorted for the percentiles.
+//! Each of `concurrency` clients sends its next request when the previous
+//! one is answered, on its own connection (or, with `--new-connection`, on a
+//! new connection per request, as short-lived CLI callers do). Every
+//! latency goes into an HDR histogram (3 significant digits, nanoseconds),
+//! merged over the clients for the percentiles.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use keyhaven::cache::{OpenLimits, SealLimits};
 use keyhaven::{Client, EncryptionContext, KeyPath, Sealer};
 
 /// What to measure.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchOp {
     /// `health` (no HSM work beyond a probe).
     Health,
@@ -21,6 +26,8 @@ pub enum BenchOp {
     Datakey,
     /// `datakey_decrypt` (unwrap in the HSM).
     DatakeyDecrypt,
+    /// `rewrap` of an envelope made under an older version (unwrap and wrap in the HSM).
+    Rewrap,
     /// `decrypt` of a ciphertext of the payload.
     Decrypt,
     /// Client-side `seal` of a record of the payload, with the sealing
@@ -30,111 +37,264 @@ pub enum BenchOp {
     Open,
 }
 
+impl BenchOp {
+    /// The name as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchOp::Health => "health",
+            BenchOp::Encrypt => "encrypt",
+            BenchOp::Datakey => "datakey",
+            BenchOp::DatakeyDecrypt => "datakey-decrypt",
+            BenchOp::Rewrap => "rewrap",
+            BenchOp::Decrypt => "decrypt",
+            BenchOp::Seal => "seal",
+            BenchOp::Open => "open",
+        }
+    }
+}
+
+/// How to run.
+pub struct Options {
+    /// The daemon's socket.
+    pub socket: PathBuf,
+    /// The key to use (created when missing).
+    pub key: KeyPath,
+    /// Measuring time per op and concurrency.
+    pub duration: Duration,
+    /// Plaintext bytes for `encrypt`.
+    pub payload: usize,
+    /// A new connection (connect, `hello`) for every request.
+    pub new_connection: bool,
+    /// Print a progress line on stderr (when it is a terminal).
+    pub progress: bool,
+}
+
 /// One row of results.
+#[derive(serde::Serialize)]
 pub struct Row {
-    pub op: BenchOp,
+    pub op: &'static str,
     pub concurrency: usize,
+    pub new_connection: bool,
+    pub payload: usize,
     pub ops: u64,
     pub errors: u64,
     pub secs: f64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
+    pub ops_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
 }
 
-/// Runs one op at one concurrency for `duration`.
-pub async fn run(
-    socket: &Path,
-    key: &KeyPath,
-    op: BenchOp,
-    concurrency: usize,
-    duration: Duration,
-    payload: usize,
-) -> Result<Row, keyhaven::Error> {
-    let setup = Client::connect(socket).await?;
-    match setup.key_create(key).await {
+/// Parses a size: `512`, `512B`, `1KiB`, `4KB` (1000), `1MiB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num.parse().map_err(|_| format!("`{s}` is not a size (512, 512B, 1KiB, 4KB, 1MiB)"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1024,
+        "kb" => 1000,
+        "m" | "mib" => 1024 * 1024,
+        "mb" => 1_000_000,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (B, KiB, KB, MiB, MB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Everything a request needs, made once before the clock starts.
+struct Material {
+    key: KeyPath,
+    ctx: EncryptionContext,
+    envelope: String,
+    old_envelope: String,
+    ciphertext: String,
+    data: Vec<u8>,
+}
+
+async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Error> {
+    let setup = Client::connect(&opts.socket).await?;
+    let key = opts.key.clone();
+    match setup.key_create(&key).await {
         Ok(_) => {}
         Err(e) if e.code() == Some(keyhaven::ErrorCode::AlreadyExists) => {}
         Err(e) => return Err(e),
     }
     let ctx = EncryptionContext::from_pairs(["bench=1"])?;
-    let envelope = setup.datakey(key, &ctx, false).await?.envelope;
-    let envelope = Arc::new(envelope);
-    let data = Arc::new(vec![0x5au8; payload]);
-    let ciphertext = Arc::new(setup.encrypt(key, &data, &ctx).await?.ciphertext);
+    let mut old_envelope = String::new();
+    if op == BenchOp::Rewrap {
+        // An envelope under a version that is no longer current, so that
+        // every rewrap unwraps and wraps again.
+        old_envelope = setup.datakey(&key, &ctx, false).await?.envelope;
+        let rotate = keyhaven::lifecycle::KeyRotate { tenant: key.tenant().into(), key: key.key().into() };
+        setup.call(&rotate).await?;
+    }
+    let envelope = setup.datakey(&key, &ctx, false).await?.envelope;
+    let data = vec![0x5a; opts.payload];
+    let ciphertext = match op {
+        BenchOp::Decrypt => setup.encrypt(&key, &data, &ctx).await?.ciphertext,
+        _ => String::new(),
+    };
+    Ok(Material { key, ctx, envelope, old_envelope, ciphertext, data })
+}
+
+/// A client's own state: its sealer (for `seal` and `open`) and the
+/// records it opens.
+#[derive(Default)]
+struct Local {
+    sealer: Option<Sealer>,
+    records: Vec<Vec<u8>>,
+    n: usize,
+}
+
+async fn one(client: &Client, op: BenchOp, m: &Material, local: &mut Local) -> Result<(), keyhaven::Error> {
+    local.n += 1;
+    if let Some(s) = &local.sealer {
+        if local.n % 64 == 0 {
+            // Cache hits never wait: let the connection's reader task
+            // (revocation events) run.
+            tokio::task::yield_now().await;
+        }
+        return match op {
+            BenchOp::Seal => s.seal(&m.key, &m.data, &m.ctx).await.map(drop),
+            _ => s.open(&local.records[local.n % local.records.len()], &m.ctx).await.map(drop),
+        };
+    }
+    match op {
+        BenchOp::Decrypt => client.decrypt(&m.ciphertext, &m.ctx).await.map(drop),
+        BenchOp::Seal | BenchOp::Open => unreachable!("a sealer is made for seal and open"),
+        BenchOp::Health => client.health().await.map(drop),
+        BenchOp::Encrypt => client.encrypt(&m.key, &m.data, &m.ctx).await.map(drop),
+        BenchOp::Datakey => client.datakey(&m.key, &m.ctx, true).await.map(drop),
+        BenchOp::DatakeyDecrypt => client.datakey_decrypt(&m.envelope, &m.ctx).await.map(drop),
+        BenchOp::Rewrap => {
+            let req = keyhaven::lifecycle::Rewrap { text: m.old_envelope.clone(), context: m.ctx.clone() };
+            client.call(&req).await.map(drop)
+        }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 ns to 10 minutes, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Runs one op at one concurrency for `opts.duration`.
+pub async fn run(opts: &Options, op: BenchOp, concurrency: usize) -> Result<Row, keyhaven::Error> {
+    let m = Arc::new(prepare(opts, op).await?);
     let mut clients = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let client = Client::connect(socket).await?;
-        let sealer = match op {
-            BenchOp::Seal | BenchOp::Open => Some(bench_sealer(socket).await?),
-            _ => None,
+        let client = match opts.new_connection {
+            false => Some(Client::connect(&opts.socket).await?),
+            true => None,
         };
-        // Records to open: sealed (with the cache) before the clock starts.
-        let mut records = Vec::new();
-        if let (BenchOp::Open, Some(s)) = (op, &sealer) {
-            for _ in 0..64 {
-                records.push(s.seal(key, &data, &ctx).await?);
+        let mut local = Local::default();
+        if matches!(op, BenchOp::Seal | BenchOp::Open) {
+            let s = bench_sealer(&opts.socket).await?;
+            if op == BenchOp::Open {
+                // Records to open: sealed (with the cache) before the clock starts.
+                for _ in 0..64 {
+                    local.records.push(s.seal(&m.key, &m.data, &m.ctx).await?);
+                }
             }
+            local.sealer = Some(s);
         }
-        clients.push((client, sealer, records));
+        clients.push((client, local));
     }
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(Mutex::new(None::<String>));
     // The clock starts once every connection is open.
     let start = Instant::now();
-    let deadline = start + duration;
-    let mut tasks = Vec::new();
-    for (client, sealer, records) in clients {
-        let (key, ctx, envelope, data) = (key.clone(), ctx.clone(), envelope.clone(), data.clone());
-        let ciphertext = ciphertext.clone();
+    let deadline = start + opts.duration;
+    let mut tasks = Vec::with_capacity(concurrency);
+    for (client, mut local) in clients {
+        let (m, done, failed, first_error) = (m.clone(), done.clone(), failed.clone(), first_error.clone());
+        let socket = opts.socket.clone();
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(1 << 16);
-            let mut errors = 0u64;
-            let mut n = 0usize;
+            let mut hist = histogram();
             while Instant::now() < deadline {
                 let t = Instant::now();
-                n += 1;
-                let ok = match (op, &sealer) {
-                    (BenchOp::Health, _) => client.health().await.is_ok(),
-                    (BenchOp::Encrypt, _) => client.encrypt(&key, &data, &ctx).await.is_ok(),
-                    (BenchOp::Datakey, _) => client.datakey(&key, &ctx, true).await.is_ok(),
-                    (BenchOp::DatakeyDecrypt, _) => client.datakey_decrypt(&envelope, &ctx).await.is_ok(),
-                    (BenchOp::Decrypt, _) => client.decrypt(&ciphertext, &ctx).await.is_ok(),
-                    (BenchOp::Seal, Some(s)) => s.seal(&key, &data, &ctx).await.is_ok(),
-                    (BenchOp::Open, Some(s)) => s.open(&records[n % records.len()], &ctx).await.is_ok(),
-                    _ => false,
+                let r = match &client {
+                    Some(c) => one(c, op, &m, &mut local).await,
+                    None => match Client::connect(&socket).await {
+                        Ok(c) => one(&c, op, &m, &mut local).await,
+                        Err(e) => Err(e),
+                    },
                 };
-                if sealer.is_some() && n % 64 == 0 {
-                    // Cache hits never wait: let the connections' reader
-                    // tasks (revocation events) run.
-                    tokio::task::yield_now().await;
-                }
-                if ok {
-                    lat.push(t.elapsed().as_micros() as u64);
-                } else {
-                    errors += 1;
+                match r {
+                    Ok(()) => {
+                        let ns = t.elapsed().as_nanos().clamp(1, 600_000_000_000) as u64;
+                        hist.saturating_record(ns);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        first_error.lock().expect("error lock").get_or_insert_with(|| e.to_string());
+                    }
                 }
             }
-            (lat, errors)
+            hist
         }));
     }
-    let mut all = Vec::new();
-    let mut errors = 0;
+    let progress = (opts.progress && std::io::stderr().is_terminal()).then(|| {
+        let (done, failed) = (done.clone(), failed.clone());
+        let total = opts.duration.as_secs_f64();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let (now, n) = (Instant::now(), done.load(Ordering::Relaxed));
+                let rate = (n - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                last = (now, n);
+                let mut err = std::io::stderr().lock();
+                let _ = write!(
+                    err,
+                    "\r{:<16} c={:<4} {:>5.1}/{:.1}s {:>9.0} ops/s {:>10} ops {:>6} errors ",
+                    op.name(),
+                    concurrency,
+                    start.elapsed().as_secs_f64().min(total),
+                    total,
+                    rate,
+                    n,
+                    failed.load(Ordering::Relaxed)
+                );
+                let _ = err.flush();
+            }
+        })
+    });
+    let mut all = histogram();
     for t in tasks {
-        let (lat, e) = t.await.map_err(|e| keyhaven::Error::Protocol(e.to_string()))?;
-        all.extend(lat);
-        errors += e;
+        let h = t.await.map_err(|e| keyhaven::Error::Protocol(e.to_string()))?;
+        all.add(&h).map_err(|e| keyhaven::Error::Protocol(format!("histogram: {e}")))?;
     }
     let secs = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied();
+    if let Some(p) = progress {
+        p.abort();
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{:80}\r", "");
+        let _ = err.flush();
+    }
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let ops = all.len();
+    let first_error = first_error.lock().expect("error lock").take();
     Ok(Row {
-        op,
+        op: op.name(),
         concurrency,
-        ops: all.len() as u64,
-        errors,
+        new_connection: opts.new_connection,
+        payload: opts.payload,
+        ops,
+        errors: failed.load(Ordering::Relaxed),
         secs,
-        p50_us: pct(0.50).unwrap_or(0),
-        p99_us: pct(0.99).unwrap_or(0),
-        p999_us: pct(0.999).unwrap_or(0),
+        ops_per_sec: ops as f64 / secs,
+        p50_us: us(all.value_at_quantile(0.50)),
+        p99_us: us(all.value_at_quantile(0.99)),
+        p999_us: us(all.value_at_quantile(0.999)),
+        max_us: us(all.max()),
+        first_error,
     })
 }
 
@@ -237,25 +397,46 @@ pub async fn revoke_delay(
     Ok(RevokeDelay { clients: concurrency, last_us })
 }
 
+/// Checks that the socket exists before any work (a clearer message).
+pub fn check_socket(socket: &Path) -> Result<(), String> {
+    if socket.exists() {
+        Ok(())
+    } else {
+        Err(format!("no daemon socket at {} (set --socket or $KEYHAVEN_SOCKET)", socket.display()))
+    }
+}
+
 /// Prints the table header.
 pub fn header() {
     println!(
-        "{:<16} {:>5} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7}",
-        "op", "conc", "ops", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "errors"
+        "{:<16} {:>5} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "op", "conc", "ops", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "errors"
     );
 }
 
 /// Prints a row.
 pub fn print(r: &Row) {
+    let name = if r.new_connection { format!("{}/conn", r.op) } else { r.op.to_owned() };
     println!(
-        "{:<16} {:>5} {:>10} {:>10.0} {:>9} {:>9} {:>9} {:>7}",
-        clap::ValueEnum::to_possible_value(&r.op).map(|v| v.get_name().to_owned()).unwrap_or_default(),
-        r.concurrency,
-        r.ops,
-        r.ops as f64 / r.secs,
-        r.p50_us,
-        r.p99_us,
-        r.p999_us,
-        r.errors
+        "{:<16} {:>5} {:>10} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>7}",
+        name, r.concurrency, r.ops, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us, r.max_us, r.errors
     );
+    if let Some(e) = &r.first_error {
+        println!("  first error: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("32"), Ok(32));
+        assert_eq!(parse_size("32B"), Ok(32));
+        assert_eq!(parse_size("1KiB"), Ok(1024));
+        assert_eq!(parse_size("4KB"), Ok(4000));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert!(parse_size("1XB").is_err() && parse_size("KiB").is_err());
+    }
 }

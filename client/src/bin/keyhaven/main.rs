@@ -95,15 +95,24 @@ enum Command {
         #[arg(long)]
         revoke_delay: Option<usize>,
         /// Concurrent clients (one connection each), comma-separated.
-        #[arg(long, value_delimiter = ',', default_values = ["1", "16"])]
+        #[arg(long, value_delimiter = ',', default_values = ["1", "8", "64"])]
         concurrency: Vec<usize>,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Plaintext bytes for `encrypt`.
-        #[arg(long, default_value_t = 32)]
+        /// Measuring time per op and concurrency (5s, 500ms, 1m).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Plaintext size for `encrypt` (32, 1KiB, 4KB; at most 64KiB).
+        #[arg(long, default_value = "32", value_parser = bench::parse_size)]
         payload: usize,
-        /// Key to use (created when missing).
+        /// Open a new connection (and say hello) for every request.
+        #[arg(long)]
+        new_connection: bool,
+        /// One JSON object per row instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// No progress line on stderr.
+        #[arg(long)]
+        quiet: bool,
+        /// Key to use (created when missing; `rewrap` rotates it once per run).
         #[arg(long, default_value = "bench/bench")]
         key: KeyPath,
     },
@@ -395,14 +404,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         return Ok(());
     }
-    if let Command::Bench { op, concurrency, seconds, payload, key, .. } = &cli.command {
-        bench::header();
+    if let Command::Bench { op, concurrency, duration, payload, new_connection, json, quiet, key, .. } =
+        &cli.command
+    {
+        if *payload > MAX_ENCRYPT_PLAINTEXT {
+            return Err(usage(format!("--payload is at most {MAX_ENCRYPT_PLAINTEXT} bytes (64 KiB)")));
+        }
+        if concurrency.contains(&0) {
+            return Err(usage("--concurrency takes numbers from 1"));
+        }
+        bench::check_socket(&socket).map_err(Failure::new)?;
+        let opts = bench::Options {
+            socket: socket.clone(),
+            key: key.clone(),
+            duration: *duration,
+            payload: *payload,
+            new_connection: *new_connection,
+            progress: !*quiet,
+        };
+        if !*json {
+            bench::header();
+        }
         for op in op {
             for c in concurrency {
-                let row =
-                    bench::run(&socket, key, *op, *c, std::time::Duration::from_secs(*seconds), *payload)
-                        .await?;
-                bench::print(&row);
+                let row = bench::run(&opts, *op, *c).await?;
+                if *json {
+                    println!("{}", serde_json::to_string(&row).map_err(|e| Failure::new(e.to_string()))?);
+                } else {
+                    bench::print(&row);
+                }
+                std::io::stdout().flush()?;
             }
         }
         return Ok(());

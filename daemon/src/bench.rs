@@ -1,0 +1,346 @@
+//! `keyhavend bench`: the whole comparison in one go (docs/PERFORMANCE.md).
+//!
+//! 1. makes a fresh dev install (SoftHSM2 token, config, store) in a folder
+//!    and starts `keyhavend dev` on it, as its own process;
+//! 2. measures the raw token rate in this process: AES-256-GCM decryption
+//!    of a 32-byte data key with a session-object AES key, with the AAD a
+//!    data-key decryption uses, one session, one thread: the token's own
+//!    limit for the daemon's hottest operation;
+//! 3. runs `keyhaven bench` (a second process, as an application would be)
+//!    against the daemon;
+//! 4. prints the table and the ratio daemon/raw for data-key decryption at
+//!    the highest concurrency.
+//!
+//! A benchmark, not a test: nothing here fails on a timing.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use keyhaven::envelope::{self, EnvelopeId, NONCE_LEN, TAG_LEN};
+use keyhaven::{EncryptionContext, KeyPath};
+
+use crate::config::Config;
+use crate::hsm::token;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    /// Folder of the dev install (must not exist, or be empty); a temporary
+    /// one, removed afterwards, when absent.
+    pub dir: Option<PathBuf>,
+    /// Operations for `keyhaven bench --op`.
+    pub ops: String,
+    /// Concurrencies for `keyhaven bench --concurrency`.
+    pub concurrency: String,
+    /// Time per measurement (`keyhaven bench --duration`, and the raw run).
+    pub duration: Duration,
+    /// Also measure a new connection per request (datakey-decrypt, c=1 and c=8).
+    pub new_connection: bool,
+    /// Run the daemon with `[audit] enabled = false` (to measure its cost).
+    pub no_audit: bool,
+    /// The `keyhaven` binary; by default the one next to this executable.
+    pub keyhaven: Option<PathBuf>,
+}
+
+/// The raw token rate.
+pub struct Raw {
+    /// Decryptions per second.
+    pub ops_per_sec: f64,
+    /// Mean time per decryption.
+    pub mean_us: f64,
+}
+
+/// Measures AES-256-GCM decryption of a 32-byte data key in the token, one
+/// session, one thread, for `duration`: the same mechanism, key kind
+/// (a sensitive, non-extractable session-object AES-256 key, as an unwrapped
+/// KEK is), data and AAD size as a data-key decryption. Uses the same
+/// cryptoki call as the daemon's worker (`C_DecryptInit`, then `C_Decrypt`
+/// twice: length, then data).
+pub fn raw_datakey_decrypt(config: &Config, duration: Duration) -> anyhow::Result<Raw> {
+    let hsm = config.hsm_config().map_err(anyhow::Error::msg)?;
+    let pkcs11 = token::load_module(&hsm.module)?;
+    let slot = token::find_token(&pkcs11, &hsm.token_label)?;
+    let session = token::open_session(&pkcs11, slot, &hsm.token_label, &hsm.pin)?;
+    let key = session.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+        ],
+    )?;
+    let path: KeyPath = "bench/bench".parse()?;
+    let ctx = EncryptionContext::from_pairs(["bench=1"])?;
+    let mut nonce = [0u8; NONCE_LEN];
+    session.generate_random_slice(&mut nonce)?;
+    let header = envelope::envelope_header(&path, 1, &EnvelopeId([7; 16]), &nonce);
+    let aad = envelope::aad(&header, &ctx);
+    let mut dek = [0u8; 32];
+    session.generate_random_slice(&mut dek)?;
+    let mut iv = nonce;
+    let sealed = session.encrypt(
+        &Mechanism::AesGcm(GcmParams::new(&mut iv, &aad, (8 * TAG_LEN as u64).into())?),
+        key,
+        &dek,
+    )?;
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        for _ in 0..64 {
+            let mut iv = nonce;
+            let params = GcmParams::new(&mut iv, &aad, (8 * TAG_LEN as u64).into())?;
+            let plain = zeroize::Zeroizing::new(session.decrypt(&Mechanism::AesGcm(params), key, &sealed)?);
+            if plain.len() != 32 {
+                bail!("the token returned {} bytes, expected 32", plain.len());
+            }
+        }
+        n += 64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = session.destroy_object(key);
+    Ok(Raw { ops_per_sec: n as f64 / secs, mean_us: secs * 1e6 / n as f64 })
+}
+
+/// The daemon, stopped (SIGTERM) when dropped.
+struct DaemonProcess(Child);
+
+impl DaemonProcess {
+    fn rss_kib(&self) -> Option<u64> {
+        rss_kib(self.0.id())
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Resident memory of a process, KiB (from /proc).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn start_daemon(dir: &Path) -> anyhow::Result<(DaemonProcess, PathBuf)> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let log = std::fs::File::create(dir.join("daemon.log"))?;
+    let mut child = Command::new(exe)
+        .args(["dev", "--dir"])
+        .arg(dir)
+        .env("KEYHAVEN_LOG", std::env::var("KEYHAVEN_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("cannot start `keyhavend dev`")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let daemon = DaemonProcess(child);
+    // The daemon prints `export KEYHAVEN_SOCKET=…` once it serves.
+    let mut lines = BufReader::new(stdout).lines();
+    let socket = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(s) = l.strip_prefix("export KEYHAVEN_SOCKET=") {
+                    break PathBuf::from(s);
+                }
+            }
+            _ => bail!("the daemon stopped before serving; see {}", dir.join("daemon.log").display()),
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok((daemon, socket))
+}
+
+fn keyhaven_binary(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &args.keyhaven {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe()?;
+    let next = exe.with_file_name("keyhaven");
+    if next.exists() {
+        return Ok(next);
+    }
+    Ok(PathBuf::from("keyhaven"))
+}
+
+/// One row of `keyhaven bench --json`.
+#[derive(serde::Deserialize)]
+struct Row {
+    op: String,
+    concurrency: usize,
+    new_connection: bool,
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+fn client_bench(bin: &Path, socket: &Path, args: &[String]) -> anyhow::Result<Vec<Row>> {
+    let out = Command::new(bin)
+        .arg("--socket")
+        .arg(socket)
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("`keyhaven bench` failed ({})", out.status);
+    }
+    let mut rows = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()) {
+        rows.push(serde_json::from_str::<Row>(line).with_context(|| format!("bad row: {line}"))?);
+    }
+    Ok(rows)
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.to_owned()))
+        .and_then(|l| l.split(':').nth(1).map(|m| m.trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let softhsm = Command::new("softhsm2-util")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "?".into());
+    format!("{cores} cores ({model}), SoftHSM2 {softhsm}")
+}
+
+/// Runs the comparison and prints it.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (dir, temporary) = match &args.dir {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d)?.next().is_some() {
+                bail!("{} is not empty: `keyhavend bench` needs a fresh folder for its token", d.display());
+            }
+            (d.clone(), false)
+        }
+        None => (std::env::temp_dir().join(format!("keyhaven-bench-{}", std::process::id())), true),
+    };
+    let result = run_in(&args, &dir);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    let bin = keyhaven_binary(args)?;
+    eprintln!("keyhavend bench: a fresh dev install in {}", dir.display());
+    let (config_path, store) = crate::dev::prepare(dir)?;
+    drop(store);
+    if args.no_audit {
+        let text = std::fs::read_to_string(&config_path)?;
+        let mut doc: toml::Table = text.parse()?;
+        let audit = doc.entry("audit").or_insert_with(|| toml::Value::Table(Default::default()));
+        if let Some(t) = audit.as_table_mut() {
+            t.insert("enabled".into(), toml::Value::Boolean(false));
+        }
+        std::fs::write(&config_path, toml::to_string(&doc)?)?;
+    }
+    let config = Config::load(&config_path)?;
+    let (daemon, socket) = start_daemon(dir)?;
+    let rss_start = daemon.rss_kib();
+    eprintln!("keyhavend bench: raw token rate, {} s", args.duration.as_secs_f64());
+    let raw1 = raw_datakey_decrypt(&config, args.duration)?;
+    let mut bench_args = vec![
+        "--op".to_owned(),
+        args.ops.clone(),
+        "--concurrency".to_owned(),
+        args.concurrency.clone(),
+        "--duration".to_owned(),
+        format!("{}ms", args.duration.as_millis()),
+    ];
+    let mut rows = client_bench(&bin, &socket, &bench_args)?;
+    if args.new_connection {
+        bench_args = vec![
+            "--op".to_owned(),
+            "datakey-decrypt".to_owned(),
+            "--concurrency".to_owned(),
+            "1,8".to_owned(),
+            "--duration".to_owned(),
+            format!("{}ms", args.duration.as_millis()),
+            "--new-connection".to_owned(),
+        ];
+        rows.extend(client_bench(&bin, &socket, &bench_args)?);
+    }
+    let rss_end = daemon.rss_kib();
+    // Once more after the load, with the daemon idle: the better of the two
+    // is the token's limit (the machine's other load only lowers it).
+    let raw2 = raw_datakey_decrypt(&config, args.duration)?;
+    drop(daemon);
+    let raw = if raw2.ops_per_sec > raw1.ops_per_sec { raw2 } else { raw1 };
+
+    println!("machine: {}", machine());
+    println!("audit: {}", if args.no_audit { "off" } else { "on" });
+    println!(
+        "{:<26} {:>5} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "op", "conc", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "errors"
+    );
+    println!(
+        "{:<26} {:>5} {:>10.0} {:>9.1} {:>9} {:>9} {:>7}",
+        "raw token decrypt", 1, raw.ops_per_sec, raw.mean_us, "-", "-", 0
+    );
+    for r in &rows {
+        let name = if r.new_connection { format!("{} (new conn)", r.op) } else { r.op.clone() };
+        println!(
+            "{:<26} {:>5} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>7}",
+            name, r.concurrency, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us, r.errors
+        );
+        if let Some(e) = &r.first_error {
+            println!("  first error: {e}");
+        }
+    }
+    if let (Some(a), Some(b)) = (rss_start, rss_end) {
+        println!("daemon resident memory: {} MiB after start, {} MiB after the load", a / 1024, b / 1024);
+    }
+    let best =
+        rows.iter().filter(|r| r.op == "datakey-decrypt" && !r.new_connection).max_by_key(|r| r.concurrency);
+    match best {
+        Some(r) => println!(
+            "daemon/raw datakey-decrypt c={}: {:.2} (daemon {:.0} ops/s, raw {:.0} ops/s, p99 {:.0} µs)",
+            r.concurrency,
+            r.ops_per_sec / raw.ops_per_sec,
+            r.ops_per_sec,
+            raw.ops_per_sec,
+            r.p99_us
+        ),
+        None => {
+            println!("raw datakey-decrypt: {:.0} ops/s (no datakey-decrypt row to compare)", raw.ops_per_sec)
+        }
+    }
+    Ok(())
+}
