@@ -4,7 +4,9 @@
 //! name their scope (see [`revocation_key`]). Audit keys are `r` or `s`
 //! followed by the sequence number as 8 big-endian bytes (docs/AUDIT.md §4).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use keyhaven::revocation::{Revocation, Scope};
 use keyhaven::KeyPath;
@@ -20,6 +22,11 @@ pub struct SledStore {
     keyring: sled::Tree,
     revocations: sled::Tree,
     audit: sled::Tree,
+    /// Decoded keyring records, kept in step with every write made through
+    /// this store, so that the request path does not decode JSON and base64
+    /// for every request. Writers hold the lock across their
+    /// compare-and-swap, so the cache never goes back to an older record.
+    keys: RwLock<HashMap<Vec<u8>, KeyRecord>>,
 }
 
 const META_KEY: &[u8] = b"meta";
@@ -55,7 +62,15 @@ impl SledStore {
         let keyring = db.open_tree("keyring").map_err(backend)?;
         let revocations = db.open_tree("revocations").map_err(backend)?;
         let audit = db.open_tree("audit").map_err(backend)?;
-        Ok(SledStore { path: path.to_owned(), db, meta, keyring, revocations, audit })
+        Ok(SledStore {
+            path: path.to_owned(),
+            db,
+            meta,
+            keyring,
+            revocations,
+            audit,
+            keys: Default::default(),
+        })
     }
 
     /// Opens a store that `init` has prepared, checking its schema.
@@ -146,20 +161,32 @@ impl Store for SledStore {
 
     fn key(&self, path: &KeyPath) -> Result<Option<KeyRecord>, StoreError> {
         let k = keyring_key(path);
+        if let Some(rec) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
+            return Ok(Some(rec.clone()));
+        }
+        let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
         match self.keyring.get(&k).map_err(backend)? {
-            Some(v) => Ok(Some(decode(&k, &v)?)),
+            Some(v) => {
+                let rec: KeyRecord = decode(&k, &v)?;
+                cache.insert(k, rec.clone());
+                Ok(Some(rec))
+            }
             None => Ok(None),
         }
     }
 
     fn create_key(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let k = keyring_key(&record.path()?);
-        let swapped = self
-            .keyring
-            .compare_and_swap(&k, None as Option<&[u8]>, Some(encode(record)))
-            .map_err(backend)?;
-        if swapped.is_err() {
-            return Err(StoreError::AlreadyExists(format!("key `{}/{}`", record.tenant, record.key)));
+        {
+            let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            let swapped = self
+                .keyring
+                .compare_and_swap(&k, None as Option<&[u8]>, Some(encode(record)))
+                .map_err(backend)?;
+            if swapped.is_err() {
+                return Err(StoreError::AlreadyExists(format!("key `{}/{}`", record.tenant, record.key)));
+            }
+            cache.insert(k, record.clone());
         }
         self.durable()
     }
@@ -174,9 +201,16 @@ impl Store for SledStore {
             let Some(old) = self.keyring.get(&k).map_err(backend)? else { return Ok(None) };
             let mut record: KeyRecord = decode(&k, &old)?;
             change(&mut record);
-            let swapped =
-                self.keyring.compare_and_swap(&k, Some(old), Some(encode(&record))).map_err(backend)?;
-            if swapped.is_ok() {
+            let swapped = {
+                let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
+                let swapped =
+                    self.keyring.compare_and_swap(&k, Some(old), Some(encode(&record))).map_err(backend)?;
+                if swapped.is_ok() {
+                    cache.insert(k.clone(), record.clone());
+                }
+                swapped.is_ok()
+            };
+            if swapped {
                 self.durable()?;
                 return Ok(Some(record));
             }
