@@ -309,23 +309,8 @@ impl Worker {
         let r = (|| {
             let (old, new) = (self.master_key(from)?, self.master_key(to)?);
             let s = self.session()?;
-            let tmp = s
-                .unwrap_key(
-                    &Mechanism::AesKeyWrap,
-                    old,
-                    wrapped,
-                    &[
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::AES),
-                        Attribute::Token(false),
-                        Attribute::Private(true),
-                        Attribute::Sensitive(true),
-                        Attribute::Extractable(true),
-                        Attribute::Encrypt(false),
-                        Attribute::Decrypt(false),
-                    ],
-                )
-                .map_err(|e| integrity_or(e, "the key material does not unwrap under its master key"))?;
+            // Extractable for the one wrap below, used for nothing else.
+            let tmp = unwrap_kek(s, old, wrapped, true)?;
             let out = s.wrap_key(&Mechanism::AesKeyWrap, new, tmp);
             s.destroy_object(tmp)?;
             Ok(out?)
@@ -386,26 +371,7 @@ impl Worker {
             let _ = self.session()?.destroy_object(stale);
         }
         let mk = self.master_key(kek.master_key_version)?;
-        let h = self
-            .session()?
-            .unwrap_key(
-                &Mechanism::AesKeyWrap,
-                mk,
-                &kek.wrapped,
-                &[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::Token(false),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
-                    Attribute::Wrap(false),
-                    Attribute::Unwrap(false),
-                ],
-            )
-            .map_err(|e| integrity_or(e, "the key material does not unwrap under its master key"))?;
+        let h = unwrap_kek(self.session()?, mk, &kek.wrapped, false)?;
         self.keks.insert(kek.id.clone(), (kek.wrapped.clone(), h));
         Ok(h)
     }
@@ -466,4 +432,29 @@ impl Worker {
         })?;
         Ok(Zeroizing::new(plain))
     }
+}
+
+/// Unwraps a KEK under master key `mk` as a sensitive session object: for
+/// use (`encrypt`/`decrypt` only, never extractable) or, with
+/// `for_rewrap`, only to be wrapped again under another master key.
+fn unwrap_kek(
+    s: &Session,
+    mk: ObjectHandle,
+    wrapped: &[u8],
+    for_rewrap: bool,
+) -> Result<ObjectHandle, HsmError> {
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(for_rewrap),
+        Attribute::Encrypt(!for_rewrap),
+        Attribute::Decrypt(!for_rewrap),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+    ];
+    s.unwrap_key(&Mechanism::AesKeyWrap, mk, wrapped, &template)
+        .map_err(|e| integrity_or(e, "the key material does not unwrap under its master key"))
 }
