@@ -21,7 +21,9 @@ use crate::error::Error;
 struct Scopes {
     all: Option<Revocation>,
     tenants: HashMap<String, TenantScopes>,
-    datakeys: HashMap<String, Revocation>,
+    /// By envelope id, as bytes: the request path looks them up without
+    /// formatting the id.
+    datakeys: HashMap<[u8; 16], Revocation>,
 }
 
 #[derive(Default)]
@@ -50,7 +52,10 @@ impl Scopes {
                 self.key_mut(&tenant, &key).versions.insert(v, r);
             }
             Scope::Datakey { envelope_id } => {
-                self.datakeys.insert(envelope_id, r);
+                // Ids were checked when the revocation was made.
+                if let Ok(id) = envelope_id.parse::<EnvelopeId>() {
+                    self.datakeys.insert(id.0, r);
+                }
             }
         }
     }
@@ -74,7 +79,9 @@ impl Scopes {
                 }
             }
             Scope::Datakey { envelope_id } => {
-                self.datakeys.remove(envelope_id);
+                if let Ok(id) = envelope_id.parse::<EnvelopeId>() {
+                    self.datakeys.remove(&id.0);
+                }
             }
         }
     }
@@ -90,7 +97,7 @@ impl Scopes {
                     Some(v) => k.versions.get(v),
                 }
             }
-            Scope::Datakey { envelope_id } => self.datakeys.get(envelope_id),
+            Scope::Datakey { envelope_id } => self.datakeys.get(&envelope_id.parse::<EnvelopeId>().ok()?.0),
         }
     }
 }
@@ -210,7 +217,7 @@ impl Index {
             }
         }
         if let Some(id) = id.filter(|_| !s.datakeys.is_empty()) {
-            if let Some(r) = s.datakeys.get(&id.to_string()).filter(ok) {
+            if let Some(r) = s.datakeys.get(&id.0).filter(ok) {
                 return Some(r.clone());
             }
         }

@@ -29,7 +29,11 @@ pub struct UsageBook {
 impl UsageBook {
     fn note(&self, kek: &KekId, now: u64, f: impl FnOnce(&mut Delta)) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let d = pending.entry(kek.clone()).or_default();
+        // The key's names are cloned only for its first use in a flush interval.
+        if !pending.contains_key(kek) {
+            pending.insert(kek.clone(), Delta::default());
+        }
+        let d = pending.get_mut(kek).expect("just inserted");
         f(d);
         d.last_used_at = d.last_used_at.max(now);
     }
