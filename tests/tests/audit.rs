@@ -72,18 +72,18 @@ async fn every_operation_leaves_exactly_the_record_described() {
     let mut d = TestDaemon::start();
     let context = ctx(&["user=ctxvalue-4242", "table=ctxvalue-providers"]);
     let (enc, dk) = {
-        let c = d.client().await; // 1 hello
-        c.key_create(&path("acme/pii")).await.unwrap(); // 2
-        let enc = c.encrypt(&path("acme/pii"), SECRET, &context).await.unwrap(); // 3
-        c.decrypt(&enc.ciphertext, &context).await.unwrap(); // 4
-        let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap(); // 5
-        c.datakey_decrypt(&dk.envelope, &context).await.unwrap(); // 6
-        c.encrypt(&path("acme/nope"), b"x", &ctx(&[])).await.unwrap_err(); // 7
-        c.decrypt(&enc.ciphertext, &ctx(&["user=ctxvalue-other"])).await.unwrap_err(); // 8
-        c.call_raw("encrypt", json!({"tenant": "acme"})).await.unwrap_err(); // 9
-        c.call_raw("frobnicate", json!({})).await.unwrap_err(); // 10
-        c.health().await.unwrap(); // 11
-        c.key_list(Some("acme")).await.unwrap(); // 12
+        let c = d.client().await; // `hello`: not recorded (docs/AUDIT.md §1)
+        c.key_create(&path("acme/pii")).await.unwrap(); // 1
+        let enc = c.encrypt(&path("acme/pii"), SECRET, &context).await.unwrap(); // 2
+        c.decrypt(&enc.ciphertext, &context).await.unwrap(); // 3
+        let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap(); // 4
+        c.datakey_decrypt(&dk.envelope, &context).await.unwrap(); // 5
+        c.encrypt(&path("acme/nope"), b"x", &ctx(&[])).await.unwrap_err(); // 6
+        c.decrypt(&enc.ciphertext, &ctx(&["user=ctxvalue-other"])).await.unwrap_err(); // 7
+        c.call_raw("encrypt", json!({"tenant": "acme"})).await.unwrap_err(); // 8
+        c.call_raw("frobnicate", json!({})).await.unwrap_err(); // 9
+        c.health().await.unwrap(); // not recorded
+        c.key_list(Some("acme")).await.unwrap(); // 10
         (enc, dk)
     };
     // Root keeps acme/* and the admin side; beta is not granted.
@@ -101,25 +101,16 @@ keys = ["*"]
 "#,
     );
     d.restart();
-    let c = d.client().await; // 13 hello
-    let e = c.encrypt(&path("beta/pii"), SECRET, &context).await.unwrap_err(); // 14
+    let c = d.client().await;
+    let e = c.encrypt(&path("beta/pii"), SECRET, &context).await.unwrap_err(); // 11
     assert_eq!(e.code(), Some(ErrorCode::PermissionDenied));
     let records = all_records(&c).await;
-    assert_eq!(records.len(), 14, "{records:#?}");
+    assert_eq!(records.len(), 11, "{records:#?}");
 
     let ck: &[&str] = &["table", "user"];
     let env_id = Some(enc.envelope_id.as_str());
     let dk_id = Some(dk.envelope_id.as_str());
     let want = [
-        Says {
-            op: "hello",
-            key: None,
-            version: None,
-            envelope_id: None,
-            context_keys: &[],
-            outcome: "ok",
-            code: None,
-        },
         Says {
             op: "key_create",
             key: Some("acme/pii"),
@@ -202,26 +193,8 @@ keys = ["*"]
             code: Some("unknown_operation"),
         },
         Says {
-            op: "health",
-            key: None,
-            version: None,
-            envelope_id: None,
-            context_keys: &[],
-            outcome: "ok",
-            code: None,
-        },
-        Says {
             op: "key_list",
             key: Some("acme"),
-            version: None,
-            envelope_id: None,
-            context_keys: &[],
-            outcome: "ok",
-            code: None,
-        },
-        Says {
-            op: "hello",
-            key: None,
             version: None,
             envelope_id: None,
             context_keys: &[],
@@ -255,14 +228,14 @@ keys = ["*"]
     }
 
     // The CLI shows the same records.
-    let tail = d.cli(&["audit", "tail", "--json", "-n", "14"], b"");
+    let tail = d.cli(&["audit", "tail", "--json", "-n", "12"], b"");
     assert!(tail.status.success(), "{}", out_text(&tail));
     let from_cli: Vec<AuditRecord> =
         String::from_utf8_lossy(&tail.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    // The last 14 include this test's `audit_read` and the CLI's own `hello`.
-    assert_eq!(from_cli.len(), 14);
-    assert_eq!(from_cli[..12], records[2..]);
-    assert_eq!((from_cli[12].op.as_str(), from_cli[13].op.as_str()), ("audit_read", "hello"));
+    // The last 12 include this test's `audit_read` (the CLI's own is not shown).
+    assert_eq!(from_cli.len(), 12);
+    assert_eq!(from_cli[..11], records[..]);
+    assert_eq!(from_cli[11].op, "audit_read");
     let beta = d.cli(&["audit", "tail", "--tenant", "beta"], b"");
     let beta = String::from_utf8_lossy(&beta.stdout).into_owned();
     assert_eq!(beta.lines().count(), 1, "{beta}");
@@ -281,7 +254,7 @@ keys = ["*"]
     let exported: Vec<AuditRecord> =
         String::from_utf8_lossy(&export.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(
-        exported.len() >= 14 && exported[..14] == records[..],
+        exported.len() >= 11 && exported[..11] == records[..],
         "export holds every record from the start"
     );
     let future = d.cli(&["audit", "export", "--since", "2100-01-01"], b"");
@@ -395,7 +368,7 @@ async fn verify_passes_untouched_and_names_the_record_after_each_kind_of_tamperi
         assert!(tree.get(skey(n)).unwrap().is_some(), "the shutdown seals the last record");
         n
     };
-    assert_eq!(n, 26);
+    assert_eq!(n, 25, "key_create and 24 encrypt/decrypt; `hello` is not recorded");
 
     // Untouched: intact, and still intact with the daemon's own new records.
     let untouched = verify_after(&mut d, pristine.path(), |_| {});
@@ -577,7 +550,8 @@ async fn tail_follow_prints_new_records_but_not_its_own_reads() {
         "its own polling is not shown: {seen:?}"
     );
     let ops: Vec<&str> = seen.iter().map(|r| r.op.as_str()).collect();
-    assert_eq!(ops[ops.len() - 2..], ["hello", "key_create"], "{ops:?}");
+    assert_eq!(ops[ops.len() - 1..], ["key_create"], "{ops:?}");
+    assert!(!ops.contains(&"hello"), "`hello` is not recorded: {ops:?}");
 }
 
 /// A record is durable before its response (docs/AUDIT.md §4): after a

@@ -1,6 +1,15 @@
 //! `hello` and `health`.
+//!
+//! A `health` call probes the token (a session call, the token listing and
+//! the master key lookup: tens of microseconds on the HSM thread) and counts
+//! the store's keys. Monitors and load balancers call it often and all at
+//! once, so concurrent calls share probes through a [`ProbeGate`]: each call
+//! is answered from the first probe that *started after the call arrived*,
+//! so no answer is older than its request, and a burst of N calls costs two
+//! probes instead of N.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use keyhaven::wire::{self, HealthResponse, HelloResponse, StoreHealth, TokenHealth};
 
@@ -18,21 +27,62 @@ pub fn hello(req: wire::Hello) -> Result<Reply, Error> {
     reply(&resp, 0)
 }
 
-/// Probes the token (a session call and the master key lookup) and the
-/// store; reports each rather than failing the call. A whole-system
+/// What one probe found.
+#[derive(Clone)]
+struct Probe {
+    /// When the probe started.
+    started: Instant,
+    /// The probe's failure mode and message, when the token failed it.
+    token_error: Option<(String, String)>,
+    /// The number of keys, or `None` when the store failed.
+    keys: Option<u64>,
+}
+
+/// Shares token and store probes between concurrent `health` calls (see
+/// the module docs).
+#[derive(Default)]
+pub struct ProbeGate {
+    /// The latest probe; held across a probe, so that calls arriving during
+    /// one wait for it and then for one more that starts after them.
+    last: tokio::sync::Mutex<Option<Probe>>,
+}
+
+impl ProbeGate {
+    async fn probe(&self, d: &Daemon) -> Probe {
+        let arrived = Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some(p) = &*last {
+            if p.started >= arrived {
+                return p.clone();
+            }
+        }
+        let started = Instant::now();
+        let token = d.hsm.run(|w| w.probe()).await;
+        let p = Probe {
+            started,
+            token_error: token.err().map(|e| (e.condition().to_owned(), e.to_string())),
+            keys: d.store.key_count().ok(),
+        };
+        *last = Some(p.clone());
+        p
+    }
+}
+
+/// Probes the token and the store (shared with concurrent calls: see the
+/// module docs); reports each rather than failing the call. A whole-system
 /// suspension shows as status `suspended`.
 pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error> {
-    let probe = d.hsm.run(|w| w.probe()).await;
-    let keys = d.store.key_count();
+    let probe = d.health_probe.probe(d).await;
+    let (condition, error) = probe.token_error.map_or((None, None), |(c, e)| (Some(c), Some(e)));
     let token = TokenHealth {
-        ok: probe.is_ok(),
+        ok: error.is_none(),
         label: d.hsm.token_label().to_owned(),
         master_key_version: d.hsm.master_key_version(),
         workers: d.hsm.workers(),
-        condition: probe.as_ref().err().map(|e| e.condition().to_owned()),
-        error: probe.err().map(|e| e.to_string()),
+        condition,
+        error,
     };
-    let store = StoreHealth { ok: keys.is_ok(), keys: keys.unwrap_or(0) };
+    let store = StoreHealth { ok: probe.keys.is_some(), keys: probe.keys.unwrap_or(0) };
     let suspended = d.revocations.all(super::now_unix());
     let status = match (token.ok && store.ok, &suspended) {
         (false, _) => "degraded",

@@ -65,6 +65,8 @@ pub struct Daemon {
     /// Each revocation's scope, sent the moment it is durable, to every
     /// subscribed connection (PROTOCOL.md §6; `crate::connection`).
     pub revocation_events: tokio::sync::broadcast::Sender<Scope>,
+    /// Token probes shared by concurrent `health` calls.
+    health_probe: health::ProbeGate,
 }
 
 impl Daemon {
@@ -89,6 +91,7 @@ impl Daemon {
             usage: UsageBook::default(),
             master_lock: Default::default(),
             revocation_events,
+            health_probe: Default::default(),
         })
     }
 
@@ -131,8 +134,19 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
         tracing::error!(op = %printable(op), "operation ran without a policy check; result withheld");
         result = Err(Error::Internal(format!("`{}` has no policy check", printable(op))));
     }
-    d.audit.record(caller, op, subject, &result).await?;
+    if audited(op) {
+        d.audit.record(caller, op, subject, &result).await?;
+    }
     result
+}
+
+/// Whether requests of `op` are recorded in the audit log: all but `hello`
+/// and `health` (docs/AUDIT.md §1), which every caller may send, name no
+/// key, change nothing and return no secret; a monitor or a short-lived
+/// client sends them all the time, and their records would only bury the
+/// ones that matter and slow everyone down.
+pub fn audited(op: &str) -> bool {
+    op != wire::Hello::OP && op != wire::Health::OP
 }
 
 /// Refuses unless the policy grants `caller` what `op` needs on `target`.
