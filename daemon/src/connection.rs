@@ -1,31 +1,41 @@
-//! One client connection: frames in, requests dispatched concurrently (a
-//! client may pipeline), responses out in completion order, paired by id.
+//! One client connection: frames in, requests run concurrently (a client
+//! may pipeline), responses out in completion order, paired by id.
+//!
+//! One task does all of it: it reads frames, runs each request as a future
+//! of its own (polled by this task, not spawned), and writes each answer as
+//! soon as it is ready, together with any others ready at that moment, in
+//! one write. No request crosses to another task or thread on its way out
+//! (on two cores, every such crossing was a wake-up waiting for a core).
 //!
 //! A frame that is well formed but holds a bad request gets an error and the
 //! connection goes on; a frame over the size limit, or a torn one, ends the
-//! connection, because the stream can no longer be trusted to be in step.
+//! reading, because the stream can no longer be trusted to be in step.
 //! At most `max_in_flight` requests run at once per connection; past that
-//! the connection stops reading, which pushes back on the client.
-//! After `subscribe_revocations`, a forwarder task also writes revocation
-//! events (frames without an id, PROTOCOL.md §6) until the connection ends.
+//! the connection stops reading, which pushes back on the client. Once the
+//! client closes, or the daemon stops, the connection reads no more but
+//! still finishes and answers every request it accepted.
+//! After `subscribe_revocations`, revocation events (frames without an id,
+//! PROTOCOL.md §6) are written on the connection as they come.
 
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use keyhaven::frame::{encode_frame, read_frame};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use keyhaven::frame::{encode_frame, FrameReader};
+use keyhaven::revocation::Scope;
 use keyhaven::wire::{EventFrame, Operation, ResponseFrame, SubscribeRevocations, WireError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::Error;
 use crate::identity::Caller;
-use crate::ops::{self, Daemon};
+use crate::ops::{self, Daemon, Reply};
 
 /// A request frame as the daemon reads it: params are kept as raw JSON so
 /// that each operation parses its own (and no secret passes through a
@@ -45,7 +55,59 @@ struct IdOnly {
     id: Option<u64>,
 }
 
-type Frame = Zeroizing<Vec<u8>>;
+/// A finished request: its id, its operation and its result.
+struct Done {
+    id: u64,
+    op: String,
+    result: Result<Reply, Error>,
+}
+
+/// Answers waiting to be written, in one zeroizing buffer (answers carry
+/// plaintext). Never reallocated in place: it grows by moving to a bigger
+/// buffer and zeroing the old one.
+struct Outbox(Zeroizing<Vec<u8>>);
+
+/// An outbox grown past this is given back once written.
+const OUTBOX_KEEP: usize = 64 << 10;
+
+impl Outbox {
+    fn reserve(&mut self, more: usize) {
+        let need = self.0.len() + more;
+        if need > self.0.capacity() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(need.max(2 * self.0.capacity()).max(512)));
+            bigger.extend_from_slice(&self.0);
+            self.0 = bigger;
+        }
+    }
+
+    fn push(&mut self, frame: &[u8]) {
+        self.reserve(frame.len());
+        self.0.extend_from_slice(frame);
+    }
+
+    /// `{"id":N,"ok":BODY}` as a frame, built around the already serialised body.
+    fn push_ok(&mut self, id: u64, body: &[u8]) {
+        self.reserve(body.len() + 40);
+        let at = self.0.len();
+        self.0.extend_from_slice(&[0; 4]);
+        write!(&mut *self.0, "{{\"id\":{id},\"ok\":").expect("write to a Vec");
+        self.0.extend_from_slice(body);
+        self.0.push(b'}');
+        let len = (self.0.len() - at - 4) as u32;
+        self.0[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    fn push_error(&mut self, id: Option<u64>, code: keyhaven::ErrorCode, e: &Error) {
+        self.push(&error_frame(id, code, e));
+    }
+
+    fn clear(&mut self) {
+        self.0.zeroize();
+        if self.0.capacity() > OUTBOX_KEEP {
+            self.0 = Zeroizing::new(Vec::new());
+        }
+    }
+}
 
 /// Serves one connection until the client closes it or shutdown is asked
 /// for; returns once every request it accepted has been answered.
@@ -60,7 +122,7 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
     // User and group lookups may read files or ask a directory: off the async threads.
     let resolved = tokio::task::spawn_blocking(move || Caller::resolve(cred.uid(), cred.gid(), cred.pid()));
     let caller = match resolved.await {
-        Ok(c) => Arc::new(c),
+        Ok(c) => c,
         Err(e) => {
             tracing::warn!("cannot resolve the identity of a connection, closing it: {e}");
             return;
@@ -68,115 +130,109 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
     };
     tracing::debug!(%caller, "connection opened");
     let max_in_flight = daemon.config.limits.max_in_flight;
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Frame>(max_in_flight);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if wr.write_all(&frame).await.is_err() {
-                break;
-            }
-        }
-    });
-    let in_flight = Arc::new(Semaphore::new(max_in_flight));
-    let events = Arc::new(Events { started: AtomicBool::new(false), done: CancellationToken::new() });
-    let mut buf = Vec::new();
-    loop {
-        let read = tokio::select! {
-            r = read_frame(&mut rd, &mut buf) => r,
-            _ = shutdown.cancelled() => break,
-        };
-        match read {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(keyhaven::Error::FrameTooLarge(n)) => {
-                let e = Error::BadRequest(format!(
-                    "frame of {n} bytes is over the limit of {} bytes; closing the connection",
-                    keyhaven::frame::MAX_FRAME_LEN
-                ));
-                let _ = tx.send(error_frame(None, keyhaven::ErrorCode::FrameTooLarge, &e)).await;
-                break;
-            }
-            Err(_) => break,
-        }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-        match parse_request(&buf) {
-            Ok(frame) => {
-                let id = frame.id;
-                let op = frame.op.into_owned();
-                let params = Zeroizing::new(frame.params.map_or("{}", |p| p.get()).to_owned());
-                let (d, tx, caller, events) = (daemon.clone(), tx.clone(), caller.clone(), events.clone());
-                tokio::spawn(async move {
-                    let result = ops::dispatch(&d, &caller, &op, &params).await;
-                    if result.is_ok() && op == SubscribeRevocations::OP {
-                        // Before the answer goes out: every revocation
-                        // durable after the client reads it is delivered.
-                        events.start(&d, &caller, &tx);
+    let (rd, mut wr) = stream.into_split();
+    let mut frames = FrameReader::new(rd);
+    let mut running = FuturesUnordered::new();
+    let mut events: Option<broadcast::Receiver<Scope>> = None;
+    let mut out = Outbox(Zeroizing::new(Vec::new()));
+    let (d, caller) = (&daemon, &caller);
+    let mut reading = true;
+    let mut writing = true;
+    while reading || !running.is_empty() {
+        tokio::select! {
+            biased;
+            Some(done) = running.next(), if !running.is_empty() => answer(d, caller, done, &mut events, &mut out),
+            event = next_event(&mut events), if events.is_some() => match event {
+                Ok(scope) => push_event(&mut out, &ops::revocation_event(d, caller, &scope)),
+                // Events were lost: the client must drop everything.
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(%caller, lost = n, "a subscriber fell behind on revocation events");
+                    push_event(&mut out, &EventFrame { event: "lagged".into(), scope: None });
+                }
+                Err(broadcast::error::RecvError::Closed) => events = None,
+            },
+            _ = shutdown.cancelled(), if reading => reading = false,
+            frame = frames.next(), if reading && running.len() < max_in_flight => match frame {
+                Ok(Some(body)) => match parse_request(body) {
+                    Ok(f) => {
+                        let op = f.op.into_owned();
+                        let params = Zeroizing::new(f.params.map_or("{}", |p| p.get()).to_owned());
+                        running.push(request(d, caller, f.id, op, params));
                     }
-                    let frame = match result {
-                        Ok(body) => ok_frame(id, &body),
-                        Err(e) => {
-                            log_failure(&caller, &op, &e);
-                            error_frame(Some(id), e.code(), &e)
-                        }
-                    };
-                    let _ = tx.send(frame).await;
-                    drop(permit);
-                });
-            }
-            Err(err) => {
-                let id = serde_json::from_slice::<IdOnly>(&buf).ok().and_then(|f| f.id);
-                let _ = tx.send(error_frame(id, err.code(), &err)).await;
-            }
+                    Err(err) => {
+                        let id = serde_json::from_slice::<IdOnly>(body).ok().and_then(|f| f.id);
+                        out.push_error(id, err.code(), &err);
+                    }
+                },
+                Ok(None) => reading = false,
+                Err(keyhaven::Error::FrameTooLarge(n)) => {
+                    let e = Error::BadRequest(format!(
+                        "frame of {n} bytes is over the limit of {} bytes; closing the connection",
+                        keyhaven::frame::MAX_FRAME_LEN
+                    ));
+                    out.push_error(None, keyhaven::ErrorCode::FrameTooLarge, &e);
+                    reading = false;
+                }
+                Err(_) => reading = false,
+            },
         }
-        buf.zeroize();
+        // Every other answer ready now goes out in the same write.
+        while let Some(Some(done)) = running.next().now_or_never() {
+            answer(d, caller, done, &mut events, &mut out);
+        }
+        if !out.0.is_empty() {
+            // A client that went away still has its requests finished.
+            if writing && wr.write_all(&out.0).await.is_err() {
+                writing = false;
+            }
+            out.clear();
+        }
     }
-    buf.zeroize();
-    events.done.cancel();
-    // Every spawned request (and the event forwarder, until cancelled) holds
-    // a sender: the writer ends after the last answer.
-    drop(tx);
-    let _ = writer.await;
     tracing::debug!(%caller, "connection closed");
 }
 
-/// The connection's subscription to revocation events (PROTOCOL.md §6).
-struct Events {
-    started: AtomicBool,
-    /// Cancelled when the connection stops reading.
-    done: CancellationToken,
+/// Runs one request.
+async fn request(d: &Arc<Daemon>, caller: &Caller, id: u64, op: String, params: Zeroizing<String>) -> Done {
+    let result = ops::dispatch(d, caller, &op, &params).await;
+    Done { id, op, result }
 }
 
-impl Events {
-    /// Starts forwarding revocation events to this connection, once: a
-    /// second `subscribe_revocations` is answered but changes nothing.
-    fn start(&self, d: &Arc<Daemon>, caller: &Arc<Caller>, tx: &mpsc::Sender<Frame>) {
-        if self.started.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let mut rx = d.revocation_events.subscribe();
-        let (d, caller, tx, done) = (d.clone(), caller.clone(), tx.clone(), self.done.clone());
-        tokio::spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    _ = done.cancelled() => break,
-                    e = rx.recv() => e,
-                };
-                let frame = match event {
-                    Ok(scope) => ops::revocation_event(&d, &caller, &scope),
-                    // Events were lost: the client must drop everything.
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(%caller, lost = n, "a subscriber fell behind on revocation events");
-                        EventFrame { event: "lagged".into(), scope: None }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                let frame = Zeroizing::new(encode_frame(&frame).unwrap_or_default());
-                if tx.send(frame).await.is_err() {
-                    break;
-                }
+/// Puts the answer of a finished request in the outbox. A subscription
+/// starts here, before its answer is written: every revocation durable
+/// after the client reads the answer is delivered.
+fn answer(
+    d: &Daemon,
+    caller: &Caller,
+    done: Done,
+    events: &mut Option<broadcast::Receiver<Scope>>,
+    out: &mut Outbox,
+) {
+    match done.result {
+        Ok(body) => {
+            if done.op == SubscribeRevocations::OP && events.is_none() {
+                *events = Some(d.revocation_events.subscribe());
             }
-        });
+            out.push_ok(done.id, &body);
+        }
+        Err(e) => {
+            log_failure(caller, &done.op, &e);
+            out.push_error(Some(done.id), e.code(), &e);
+        }
     }
+}
+
+/// The next revocation event of a subscribed connection.
+async fn next_event(
+    events: &mut Option<broadcast::Receiver<Scope>>,
+) -> Result<Scope, broadcast::error::RecvError> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn push_event(out: &mut Outbox, event: &EventFrame) {
+    out.push(&Zeroizing::new(encode_frame(event).unwrap_or_default()));
 }
 
 /// Parses a request frame; the frame and its params must be JSON objects
@@ -249,19 +305,7 @@ fn log_failure(caller: &Caller, op: &str, e: &Error) {
     }
 }
 
-/// `{"id":N,"ok":BODY}` as a frame, built around the already serialised body.
-fn ok_frame(id: u64, body: &[u8]) -> Frame {
-    let mut out = Zeroizing::new(Vec::with_capacity(body.len() + 40));
-    out.extend_from_slice(&[0; 4]);
-    write!(&mut *out, "{{\"id\":{id},\"ok\":").expect("write to a Vec");
-    out.extend_from_slice(body);
-    out.push(b'}');
-    let len = (out.len() - 4) as u32;
-    out[..4].copy_from_slice(&len.to_be_bytes());
-    out
-}
-
-fn error_frame(id: Option<u64>, code: keyhaven::ErrorCode, e: &Error) -> Frame {
+fn error_frame(id: Option<u64>, code: keyhaven::ErrorCode, e: &Error) -> Zeroizing<Vec<u8>> {
     let resp = ResponseFrame { id, ok: None, error: Some(WireError { code, message: e.to_string() }) };
     Zeroizing::new(encode_frame(&resp).unwrap_or_default())
 }
