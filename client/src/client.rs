@@ -13,11 +13,11 @@ use serde_json::Value;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Mutex as AsyncMutex};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::context::EncryptionContext;
 use crate::error::Error;
-use crate::frame::{read_frame, write_frame};
+use crate::frame::{write_frame, FrameReader};
 use crate::names::KeyPath;
 use crate::revocation::Scope;
 use crate::wire::{self, Operation, SecretBytes};
@@ -146,23 +146,21 @@ impl Client {
 
     /// Wraps an already connected stream, with an event hook.
     pub fn from_stream_with_events(stream: UnixStream, hook: Option<EventHook>) -> Client {
-        let (mut read, write) = stream.into_split();
+        let (read, write) = stream.into_split();
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let table = pending.clone();
         let reader = tokio::spawn(async move {
-            let mut buf = Vec::new();
+            // The reader zeroes each frame's bytes once the next is asked for.
+            let mut frames = FrameReader::new(read);
             let end = loop {
-                match read_frame(&mut read, &mut buf).await {
-                    Ok(true) => {}
-                    Ok(false) => break Error::Closed,
+                let buf = match frames.next().await {
+                    Ok(Some(buf)) => buf,
+                    Ok(None) => break Error::Closed,
                     Err(e) => break e,
-                }
-                let frame: Incoming = match serde_json::from_slice(&buf) {
+                };
+                let frame: Incoming = match serde_json::from_slice(buf) {
                     Ok(f) => f,
-                    Err(e) => {
-                        buf.as_mut_slice().zeroize();
-                        break Error::Protocol(format!("undecodable response: {e}"));
-                    }
+                    Err(e) => break Error::Protocol(format!("undecodable response: {e}")),
                 };
                 if let (None, Some(event)) = (frame.id, &frame.event) {
                     // PROTOCOL.md §6: `revoked` with a scope; without one (a
@@ -183,7 +181,6 @@ impl Client {
                     (None, None) => Err(Error::Protocol("response without ok or error".into())),
                 };
                 let id = frame.id;
-                buf.as_mut_slice().zeroize();
                 let waiter = id
                     .and_then(|id| table.lock().expect("pending lock").as_mut().and_then(|m| m.remove(&id)));
                 match waiter {
