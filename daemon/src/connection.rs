@@ -119,13 +119,20 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
             return;
         }
     };
-    // User and group lookups may read files or ask a directory: off the async threads.
-    let resolved = tokio::task::spawn_blocking(move || Caller::resolve(cred.uid(), cred.gid(), cred.pid()));
-    let caller = match resolved.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("cannot resolve the identity of a connection, closing it: {e}");
-            return;
+    let caller = match daemon.identities.cached(cred.uid(), cred.gid(), cred.pid()) {
+        Some(c) => c,
+        None => {
+            // User and group lookups may read files or ask a directory: off the async threads.
+            let d = daemon.clone();
+            let resolved =
+                tokio::task::spawn_blocking(move || d.identities.resolve(cred.uid(), cred.gid(), cred.pid()));
+            match resolved.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("cannot resolve the identity of a connection, closing it: {e}");
+                    return;
+                }
+            }
         }
     };
     tracing::debug!(%caller, "connection opened");

@@ -4,9 +4,12 @@
 //! `/etc/passwd`, `/etc/group`, …) at that moment; the executable path is
 //! read from `/proc/PID/exe` where the daemon may, for the audit only.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::unistd::{Gid, Group, Uid, User};
 use serde::Serialize;
@@ -42,6 +45,77 @@ pub struct GroupId {
     pub name: Option<String>,
 }
 
+/// What the user database says of a uid and gid: the user name and the
+/// groups, looked up once per [`Identities::TTL`] and shared by every
+/// connection of that uid and gid in that time.
+#[derive(Debug)]
+struct Looked {
+    at: Instant,
+    user: Option<String>,
+    groups: Vec<GroupId>,
+}
+
+/// Recent user-database answers, by uid and gid. Short-lived callers (a CLI,
+/// a CGI script) open a connection per request: without this, each
+/// connection cost several file reads (`/etc/passwd`, `/etc/group`) on a
+/// blocking thread. A group change reaches new connections within
+/// [`Identities::TTL`], or at once after a policy reload (SIGHUP or `admin
+/// reload`), which empties this.
+#[derive(Default)]
+pub struct Identities {
+    seen: Mutex<HashMap<(u32, u32), Arc<Looked>>>,
+}
+
+impl Identities {
+    /// How long a lookup is used for.
+    pub const TTL: Duration = Duration::from_secs(10);
+
+    /// Entries kept at most; past it, the cache is emptied.
+    const MAX: usize = 4096;
+
+    /// The identity of a peer from its SO_PEERCRED credentials, from the
+    /// cache when it holds a recent lookup; else `None` (use
+    /// [`Identities::resolve`] off the async threads).
+    pub fn cached(&self, uid: u32, gid: u32, pid: Option<i32>) -> Option<Caller> {
+        let looked = self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(&(uid, gid)).cloned()?;
+        if looked.at.elapsed() >= Self::TTL {
+            return None;
+        }
+        Some(Caller {
+            uid,
+            gid,
+            pid,
+            user: looked.user.clone(),
+            groups: looked.groups.clone(),
+            exe: exe_of(pid),
+        })
+    }
+
+    /// Looks the peer up in the user database and keeps the answer. Blocks
+    /// (see [`Caller::resolve`]).
+    pub fn resolve(&self, uid: u32, gid: u32, pid: Option<i32>) -> Caller {
+        let caller = Caller::resolve(uid, gid, pid);
+        let looked =
+            Arc::new(Looked { at: Instant::now(), user: caller.user.clone(), groups: caller.groups.clone() });
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= Self::MAX {
+            seen.clear();
+        }
+        seen.insert((uid, gid), looked);
+        caller
+    }
+
+    /// Forgets every lookup.
+    pub fn clear(&self) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// The executable of process `pid`, best effort (procfs: no disk access).
+fn exe_of(pid: Option<i32>) -> Option<PathBuf> {
+    pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok())
+}
+
 impl Caller {
     /// Builds the identity of a peer from its SO_PEERCRED credentials
     /// (`uid`, `gid`, `pid`) and the user database. The lookups block
@@ -64,8 +138,7 @@ impl Caller {
                 groups.push(GroupId { gid: g, name });
             }
         }
-        let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok());
-        Caller { uid, gid, pid, user: user.map(|u| u.name), groups, exe }
+        Caller { uid, gid, pid, user: user.map(|u| u.name), groups, exe: exe_of(pid) }
     }
 
     /// Whether the caller is in group `gid` (primary or supplementary).
@@ -104,6 +177,17 @@ mod tests {
         assert!(c.in_gid(0));
         assert!(c.in_group("root"));
         assert_eq!(c.groups.iter().filter(|g| g.gid == 0).count(), 1, "no repeats");
+    }
+
+    #[test]
+    fn lookups_are_reused_until_cleared() {
+        let ids = Identities::default();
+        assert_eq!(ids.cached(0, 0, None), None);
+        let first = ids.resolve(0, 0, None);
+        assert_eq!(ids.cached(0, 0, None), Some(first));
+        assert_eq!(ids.cached(0, 1, None), None, "by uid and gid");
+        ids.clear();
+        assert_eq!(ids.cached(0, 0, None), None);
     }
 
     #[test]

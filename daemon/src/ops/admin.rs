@@ -61,6 +61,8 @@ pub fn reload_policy(d: &Daemon) -> Result<usize, Error> {
     }
     let rules = fresh.access.len();
     d.set_policy(fresh.access);
+    // Group changes made for the new policy count from the next connection.
+    d.identities.clear();
     tracing::info!(rules, "policy reloaded");
     Ok(rules)
 }

@@ -67,6 +67,8 @@ pub struct Daemon {
     pub revocation_events: tokio::sync::broadcast::Sender<Scope>,
     /// Token probes shared by concurrent `health` calls.
     health_probe: health::ProbeGate,
+    /// Recent user-database lookups of connecting callers.
+    pub identities: crate::identity::Identities,
 }
 
 impl Daemon {
@@ -92,6 +94,7 @@ impl Daemon {
             master_lock: Default::default(),
             revocation_events,
             health_probe: Default::default(),
+            identities: Default::default(),
         })
     }
 
