@@ -44,6 +44,9 @@ pub struct BenchArgs {
     pub new_connection: bool,
     /// Run the daemon with `[audit] enabled = false` (to measure its cost).
     pub no_audit: bool,
+    /// Then datakey-decrypt at 64 clients for this long, with the daemon's
+    /// resident memory sampled every 10 s.
+    pub soak: Option<Duration>,
     /// The `keyhaven` binary; by default the one next to this executable.
     pub keyhaven: Option<PathBuf>,
 }
@@ -222,6 +225,62 @@ fn client_bench(bin: &Path, socket: &Path, args: &[String]) -> anyhow::Result<Ve
     Ok(rows)
 }
 
+/// Runs datakey-decrypt at 64 clients for `length`, sampling the daemon's
+/// resident memory every 10 s; returns `(seconds, KiB)` samples, the first
+/// at 0 s.
+fn soak(
+    bin: &Path,
+    socket: &Path,
+    daemon: &DaemonProcess,
+    length: Duration,
+) -> anyhow::Result<Vec<(u64, u64)>> {
+    eprintln!("keyhavend bench: soak, datakey-decrypt at 64 clients for {} s", length.as_secs());
+    let mut child = Command::new(bin)
+        .arg("--socket")
+        .arg(socket)
+        .args(["bench", "--op", "datakey-decrypt", "--concurrency", "64", "--json", "--duration"])
+        .arg(format!("{}ms", length.as_millis()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    let mut next = 0;
+    loop {
+        if start.elapsed() >= Duration::from_secs(next) {
+            if let Some(kib) = daemon.rss_kib() {
+                samples.push((next, kib));
+            }
+            next += 10;
+        }
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !child.wait()?.success() {
+        bail!("`keyhaven bench` (soak) failed");
+    }
+    Ok(samples)
+}
+
+fn print_soak(samples: &[(u64, u64)]) {
+    let line: Vec<String> =
+        samples.iter().map(|(s, kib)| format!("{s}s {:.1}", *kib as f64 / 1024.0)).collect();
+    println!("soak, datakey-decrypt c=64, resident memory MiB: {}", line.join(", "));
+    let at10 = samples.iter().find(|(s, _)| *s == 10);
+    if let (Some((_, a)), Some((s, b))) = (at10, samples.last()) {
+        if *s > 10 {
+            println!(
+                "soak: resident memory from 10 s to {s} s: {:+.1} %",
+                (*b as f64 - *a as f64) * 100.0 / *a as f64
+            );
+        }
+    }
+}
+
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -298,6 +357,10 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         rows.extend(client_bench(&bin, &socket, &bench_args)?);
     }
     let rss_end = daemon.rss_kib();
+    let soak = match args.soak {
+        Some(d) => Some(soak(&bin, &socket, &daemon, d)?),
+        None => None,
+    };
     // Once more after the load, with the daemon idle: the better of the two
     // is the token's limit (the machine's other load only lowers it).
     let raw2 = raw_datakey_decrypt(&config, args.duration)?;
@@ -326,6 +389,9 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     }
     if let (Some(a), Some(b)) = (rss_start, rss_end) {
         println!("daemon resident memory: {} MiB after start, {} MiB after the load", a / 1024, b / 1024);
+    }
+    if let Some(samples) = soak {
+        print_soak(&samples);
     }
     let best =
         rows.iter().filter(|r| r.op == "datakey-decrypt" && !r.new_connection).max_by_key(|r| r.concurrency);

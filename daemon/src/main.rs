@@ -60,6 +60,10 @@ enum Command {
         /// Run the daemon with the audit log off ([audit] enabled = false), to measure its cost.
         #[arg(long)]
         no_audit: bool,
+        /// Then run datakey-decrypt at 64 clients for this long (e.g. 60s),
+        /// sampling the daemon's resident memory every 10 s, and print its growth.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        soak: Option<std::time::Duration>,
         /// The `keyhaven` binary [default: the one next to keyhavend, else from PATH].
         #[arg(long)]
         keyhaven: Option<PathBuf>,
@@ -135,7 +139,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some(Command::Bench { dir, op, concurrency, duration, new_connection, no_audit, keyhaven }) => {
+        Some(Command::Bench { dir, op, concurrency, duration, new_connection, no_audit, soak, keyhaven }) => {
             keyhavend::bench::run(keyhavend::bench::BenchArgs {
                 dir,
                 ops: op,
@@ -143,6 +147,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 duration,
                 new_connection,
                 no_audit,
+                soak,
                 keyhaven,
             })
         }

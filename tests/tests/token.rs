@@ -744,7 +744,9 @@ fn sigterm_right_after_start_up_exits_cleanly() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_without_an_audit_key_gets_one_on_start() {
     let mut d = TestDaemon::start();
-    drop(d.client().await); // record 1, sealed at shutdown with the first audit key
+    let c = d.client().await;
+    c.key_create(&path("acme/first")).await.unwrap(); // record 1, sealed at shutdown with the first audit key
+    drop(c);
     let (status, _) = d.stop();
     assert!(status.success());
     let conf = d.dir().join("softhsm2.conf");
