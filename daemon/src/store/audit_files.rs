@@ -22,9 +22,10 @@
 //! created.
 //!
 //! Memory is O(segments): the index holds each segment's first sequence
-//! number and length, plus, for the segment being written, the offset of
-//! a frame every [`MARK_EVERY`] bytes so that a reverse scan of the tail
-//! reads only its last chunk. Opening reads the last segment only (to find
+//! number and length, plus, for the segment being written (and the one
+//! before it), the offset of a frame every [`MARK_EVERY`] bytes so that a
+//! reverse scan of the tail reads only its last chunks. Other segments are
+//! read whole (once) by a reverse scan that reaches them. Opening reads the last segment only (to find
 //! a torn tail); the others are known by their names.
 //!
 //! Damage is reported, never hidden: a frame whose checksum is wrong is
@@ -252,13 +253,6 @@ impl AuditFiles {
         })
     }
 
-    /// Whether the folder holds no frame at all.
-    pub fn is_empty(&self) -> bool {
-        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-        w.pending.is_empty() && index.iter().all(|s| s.len == 0)
-    }
-
     /// Adds a frame to the next write (not durable until [`flush`](AuditFiles::flush)).
     pub fn put(&self, kind: AuditKind, seq: u64, value: &[u8]) {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -332,9 +326,12 @@ impl AuditFiles {
                 w.active = Some(a);
                 return Err(err);
             }
+            // The full segment keeps its marks (a tail read may cross into
+            // it); the one before it drops them, so memory stays bounded.
             let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = index.last_mut() {
-                s.marks = Vec::new();
+            let n = index.len();
+            if n >= 2 {
+                index[n - 2].marks = Vec::new();
             }
         }
         let path = self.dir.join(segment_name(first));

@@ -187,6 +187,15 @@ pub fn migrate_audit(path: &Path, db: &sled::Db) -> Result<AuditFiles, StoreErro
             dir.display()
         );
     }
+    if moved && !tree.is_empty() {
+        // A move whose rename happened but not the rest (a crash): these
+        // entries are in the folder already.
+        tracing::warn!(
+            "the old sled tree `audit` still held {} entries, moved already into {}; removing them",
+            tree.len(),
+            dir.display()
+        );
+    }
     drop(tree);
     db.drop_tree(OLD_TREE).map_err(backend)?;
     db.flush().map_err(backend)?;
