@@ -57,6 +57,11 @@ pub const FRAME_OVERHEAD: usize = FRAME_HEAD + 32;
 const MAX_VALUE: usize = 16 << 20;
 /// How much a forward scan reads at a time.
 const READ_CHUNK: usize = 1 << 20;
+/// How far past damage a scan looks for the next intact frame.
+const MAX_RESYNC: u64 = 256 << 20;
+/// Largest last segment that opening reads (the daemon writes at most
+/// about [`SEGMENT_BYTES`] plus a round and the preallocated zeros).
+const MAX_LAST: u64 = 1 << 30;
 
 fn kind_byte(kind: AuditKind) -> u8 {
     match kind {
@@ -380,7 +385,14 @@ fn open_last(seg: &Segment) -> Result<(Active, Vec<u64>), StoreError> {
         .open(path)
         .map_err(|e| io_err(path, 0, "cannot open the last segment", e))?;
     let size = file.metadata().map_err(|e| io_err(path, 0, "cannot stat it", e))?.len();
-    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX).min(isize::MAX as usize)];
+    if size > MAX_LAST {
+        return Err(StoreError::AuditFile {
+            file: path.display().to_string(),
+            offset: 0,
+            reason: format!("{size} bytes: larger than any segment the daemon writes"),
+        });
+    }
+    let mut buf = vec![0u8; size as usize];
     file.read_exact_at(&mut buf, 0).map_err(|e| io_err(path, 0, "cannot read it", e))?;
     let mut at = 0usize;
     let mut good_end = 0usize;
@@ -511,7 +523,7 @@ impl Frames {
                     };
                     // Read the rest of the segment and look for the next
                     // intact frame (damage is rare; this read is too).
-                    if let Err(e) = self.fill(offset, remaining as usize) {
+                    if let Err(e) = self.fill(offset, remaining.min(MAX_RESYNC) as usize) {
                         return Some(Err(e));
                     }
                     match resync(&self.buf, 0) {
