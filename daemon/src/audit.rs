@@ -132,9 +132,6 @@ struct State {
 
 struct Log {
     store: Arc<dyn Store>,
-    /// The write-ahead file that makes records durable (docs/AUDIT.md §4);
-    /// only the flusher touches it.
-    wal: Option<Mutex<Wal>>,
     hsm: Arc<Hsm>,
     state: Mutex<State>,
     wake: Condvar,
@@ -232,35 +229,17 @@ fn outside_hours(from: u8, to: u8, now_ms: u64) -> bool {
 impl Audit {
     /// Opens the log in `store` (continuing its chain) and starts the
     /// flusher thread; with `enabled = false`, a log that records nothing.
-    ///
-    /// With `wal`, records are made durable by an `fdatasync` of that
-    /// preallocated write-ahead file rather than a flush of the store; at
-    /// open, records the file holds beyond the store's last one (a crash
-    /// between the two) are put back in the store first.
-    pub fn open(
-        store: Arc<dyn Store>,
-        hsm: Arc<Hsm>,
-        cfg: &AuditSection,
-        wal: Option<&std::path::Path>,
-    ) -> Result<Audit, StoreError> {
+    pub fn open(store: Arc<dyn Store>, hsm: Arc<Hsm>, cfg: &AuditSection) -> Result<Audit, StoreError> {
         if !cfg.enabled {
             tracing::warn!("the audit log is off ([audit] enabled = false): nothing is recorded");
             return Ok(Audit { log: None, flusher: Mutex::new(None), volume: Volume::new(cfg) });
         }
-        let wal = match wal {
-            Some(path) => Some(Mutex::new(Wal::open(path, &*store)?)),
-            None => None,
-        };
-        let (mut last, mut head) = match store.audit_scan(AuditKind::Record, u64::MAX, true).next() {
-            Some(entry) => {
-                let (seq, bytes) = entry?;
-                (seq, Sha256::digest(&bytes).into())
-            }
+        let (mut last, mut head) = match newest(&*store, AuditKind::Record) {
+            Some((seq, bytes)) => (seq, Sha256::digest(&bytes).into()),
             None => (0, [0u8; 32]),
         };
-        let sealed = match store.audit_scan(AuditKind::Seal, u64::MAX, true).next() {
-            Some(entry) => {
-                let (seq, bytes) = entry?;
+        let sealed = match newest(&*store, AuditKind::Seal) {
+            Some((seq, bytes)) => {
                 let seal = serde_json::from_slice::<Seal>(&bytes).ok();
                 if let Some(h) = seal.and_then(|s| unhex32(&s.head)).filter(|_| seq > last) {
                     // Records a seal covers are gone: carry on after the seal,
@@ -278,7 +257,6 @@ impl Audit {
         };
         let log = Arc::new(Log {
             store,
-            wal,
             hsm,
             state: Mutex::new(State {
                 last,
@@ -463,22 +441,17 @@ impl Log {
                 }
                 (st.last, st.head, st.stop, std::mem::take(&mut st.waiting), std::mem::take(&mut st.batch))
             };
-            // The records into the store (not yet durable there) and their
-            // frames for the write-ahead file.
-            let mut pending = Vec::new();
+            // The round's records go to the store's pending write...
             let mut put = Ok(());
             for (seq, bytes) in &batch {
                 if put.is_ok() {
                     put = self.store.audit_put(AuditKind::Record, *seq, bytes);
                 }
-                if self.wal.is_some() {
-                    frame(&mut pending, AuditKind::Record, *seq, bytes);
-                }
             }
             let due = last > sealed
                 && (stop || sealed_at.elapsed() >= self.seal_interval || last - sealed >= self.seal_every);
             if due {
-                match self.seal(last, &head, &mut pending) {
+                match self.seal(last, &head) {
                     Ok(()) => {
                         sealed = last;
                         sealed_at = Instant::now();
@@ -490,7 +463,8 @@ impl Log {
                     }
                 }
             }
-            let flushed = put.and_then(|()| self.make_durable(&pending, stop));
+            // ... and become durable in one write and one `fdatasync`.
+            let flushed = put.and_then(|()| self.store.audit_flush());
             if let Err(e) = &flushed {
                 tracing::error!("cannot flush the audit log: {e}");
             }
@@ -506,227 +480,26 @@ impl Log {
         }
     }
 
-    fn seal(&self, seq: u64, head: &[u8; 32], pending: &mut Vec<u8>) -> Result<(), String> {
+    fn seal(&self, seq: u64, head: &[u8; 32]) -> Result<(), String> {
         let time_ms = now_ms();
         let input = seal_input(seq, head, time_ms);
         let mac = self.hsm.run_blocking(move |w| w.audit_mac(&input)).map_err(|e| e.to_string())?;
         let seal = Seal { seq, head: hex(head), time_ms, mac: hex(&mac) };
         let bytes = serde_json::to_vec(&seal).map_err(|e| e.to_string())?;
-        self.store.audit_put(AuditKind::Seal, seq, &bytes).map_err(|e| e.to_string())?;
-        if self.wal.is_some() {
-            frame(pending, AuditKind::Seal, seq, &bytes);
-        }
-        Ok(())
-    }
-
-    /// Makes every record and seal put so far durable: the frames in
-    /// `pending` written to the write-ahead file and `fdatasync`ed, or,
-    /// without one (or when it fails), a flush of the store. At `stop`, the
-    /// store is flushed and the file emptied.
-    fn make_durable(&self, pending: &[u8], stop: bool) -> Result<(), StoreError> {
-        let Some(wal) = &self.wal else { return self.store.audit_flush() };
-        let mut wal = wal.lock().unwrap_or_else(|e| e.into_inner());
-        if stop {
-            self.store.audit_flush()?;
-            return wal.reset().map_err(|e| StoreError::Backend(format!("audit write-ahead file: {e}")));
-        }
-        match wal.append(pending, &*self.store) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::error!("cannot write the audit write-ahead file ({e}); flushing the store instead");
-                self.store.audit_flush()
-            }
-        }
+        self.store.audit_put(AuditKind::Seal, seq, &bytes).map_err(|e| e.to_string())
     }
 }
 
-/// Size of the preallocated write-ahead file. Overwriting blocks that
-/// exist makes `fdatasync` write data only (no size or extent change).
-pub const WAL_SIZE: u64 = 8 << 20;
-
-/// The audit write-ahead file's name, in the store's folder.
-pub const WAL_FILE: &str = "audit.wal";
-
-/// Bytes of a frame around its value: kind, seq, length, then SHA-256 of
-/// all that and the value.
-const FRAME_HEAD: usize = 1 + 8 + 4;
-const FRAME_OVERHEAD: usize = FRAME_HEAD + 32;
-
-fn kind_byte(kind: AuditKind) -> u8 {
-    match kind {
-        AuditKind::Record => b'r',
-        AuditKind::Seal => b's',
-    }
-}
-
-/// Appends one frame: `kind (1) | seq (8, BE) | len (4, BE) | value |
-/// SHA-256 of the preceding bytes of the frame (32)`.
-fn frame(out: &mut Vec<u8>, kind: AuditKind, seq: u64, value: &[u8]) {
-    let start = out.len();
-    out.push(kind_byte(kind));
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-    out.extend_from_slice(value);
-    let sum: [u8; 32] = Sha256::digest(&out[start..]).into();
-    out.extend_from_slice(&sum);
-}
-
-/// Reads the frame at the start of `buf`: (kind, seq, value, frame length),
-/// or None when it is not a whole, intact frame (zeros, a torn write).
-fn read_frame(buf: &[u8]) -> Option<(AuditKind, u64, &[u8], usize)> {
-    let head = buf.get(..FRAME_HEAD)?;
-    let kind = match head[0] {
-        b'r' => AuditKind::Record,
-        b's' => AuditKind::Seal,
-        _ => return None,
-    };
-    let seq = u64::from_be_bytes(head[1..9].try_into().ok()?);
-    let len = u32::from_be_bytes(head[9..13].try_into().ok()?) as usize;
-    let end = FRAME_HEAD.checked_add(len)?;
-    let sum = buf.get(end..end.checked_add(32)?)?;
-    let want: [u8; 32] = Sha256::digest(&buf[..end]).into();
-    (sum == want).then(|| (kind, seq, &buf[FRAME_HEAD..end], end + 32))
-}
-
-/// The audit write-ahead file (docs/AUDIT.md §4): a preallocated file of
-/// [`WAL_SIZE`] bytes that the flusher overwrites from the start with the
-/// frames of each batch, then `fdatasync`s. When a batch would pass the
-/// end, the store is flushed first (everything before is then durable in
-/// the store) and writing starts over at offset 0. Stale frames further on
-/// are never taken for new ones: replay stops at the first frame that does
-/// not continue the chain.
-struct Wal {
-    file: std::fs::File,
-    /// Where the next batch goes.
-    offset: u64,
-}
-
-impl Wal {
-    /// Opens (creating and preallocating it when needed) the file, replays
-    /// into the store the records it holds beyond the store's last one,
-    /// flushes the store, and empties the file.
-    fn open(path: &std::path::Path, store: &dyn Store) -> Result<Wal, StoreError> {
-        use std::io::Write as _;
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
-        let err = |what: &str, e: std::io::Error| {
-            StoreError::Backend(format!("audit write-ahead file {}: {what}: {e}", path.display()))
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| err("cannot open it", e))?;
-        let len = file.metadata().map_err(|e| err("cannot stat it", e))?.len();
-        if len > 0 {
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, 0).map_err(|e| err("cannot read it", e))?;
-            let n = replay(&buf, store)?;
-            if n > 0 {
-                tracing::warn!(
-                    "the audit write-ahead file held {n} records or seals that the store had lost (a crash); put them back"
-                );
-            }
-        }
-        store.audit_flush()?;
-        if len < WAL_SIZE {
-            // Real zeros, not a hole: later writes then change no extent.
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = len;
-            while at < WAL_SIZE {
-                let n = (WAL_SIZE - at).min(zeros.len() as u64) as usize;
-                file.write_all_at(&zeros[..n], at).map_err(|e| err("cannot preallocate it", e))?;
-                at += n as u64;
-            }
-            file.sync_all().map_err(|e| err("cannot sync it", e))?;
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-            }
-        }
-        file.flush().map_err(|e| err("cannot write it", e))?;
-        let mut wal = Wal { file, offset: 0 };
-        wal.reset().map_err(|e| err("cannot empty it", e))?;
-        Ok(wal)
-    }
-
-    /// Writes a batch of frames and waits until it is on disk.
-    fn append(&mut self, frames: &[u8], store: &dyn Store) -> Result<(), String> {
-        use std::os::unix::fs::FileExt;
-        if frames.is_empty() {
-            return Ok(());
-        }
-        let len = frames.len() as u64;
-        if self.offset + len + FRAME_HEAD as u64 > WAL_SIZE {
-            // Everything before this batch (and the batch: it is in the
-            // store already) becomes durable in the store; start over.
-            store.audit_flush().map_err(|e| e.to_string())?;
-            self.offset = 0;
-            if len + FRAME_HEAD as u64 > WAL_SIZE {
-                return Ok(());
-            }
-        }
-        self.file.write_all_at(frames, self.offset).map_err(|e| e.to_string())?;
-        self.file.sync_data().map_err(|e| e.to_string())?;
-        self.offset += len;
-        Ok(())
-    }
-
-    /// Empties the file (its first frame zeroed), once the store holds
-    /// everything durably.
-    fn reset(&mut self) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file.write_all_at(&[0u8; FRAME_OVERHEAD], 0)?;
-        self.file.sync_data()?;
-        self.offset = 0;
-        Ok(())
-    }
-}
-
-/// Puts back into the store the records of a write-ahead file that continue
-/// its chain (and the seals among them); returns how many.
-fn replay(buf: &[u8], store: &dyn Store) -> Result<u64, StoreError> {
-    let (mut last, mut head) = match store.audit_scan(AuditKind::Record, u64::MAX, true).next() {
-        Some(entry) => {
-            let (seq, bytes) = entry?;
-            (seq, Sha256::digest(&bytes).into())
-        }
-        None => (0, [0u8; 32]),
-    };
-    let mut at = 0;
-    let mut n = 0;
-    let mut previous = 0;
-    while let Some((kind, seq, value, len)) = buf.get(at..).and_then(read_frame) {
-        at += len;
-        match kind {
-            // Records of one run of the file only go up; a lower one is a
-            // stale frame of an earlier run.
-            AuditKind::Record if seq < previous => break,
-            AuditKind::Record if seq <= last => previous = seq,
-            AuditKind::Record => {
-                let links = seq == last + 1
-                    && serde_json::from_slice::<AuditRecord>(value)
-                        .is_ok_and(|r| r.seq == seq && unhex32(&r.prev) == Some(head));
-                if !links {
-                    break;
-                }
-                store.audit_put(AuditKind::Record, seq, value)?;
-                previous = seq;
-                last = seq;
-                head = Sha256::digest(value).into();
-                n += 1;
-            }
-            AuditKind::Seal => {
-                let stored = store.audit_scan(AuditKind::Seal, seq, false).next().transpose()?;
-                if seq <= last && stored.is_none_or(|(s, _)| s != seq) {
-                    store.audit_put(AuditKind::Seal, seq, value)?;
-                    n += 1;
-                }
-            }
+/// The newest entry of `kind` that can be read, passing over (with an
+/// error in the log) damage that `audit verify` will report.
+fn newest(store: &dyn Store, kind: AuditKind) -> Option<(u64, Vec<u8>)> {
+    for entry in store.audit_scan(kind, u64::MAX, true) {
+        match entry {
+            Ok(e) => return Some(e),
+            Err(e) => tracing::error!("the audit log is damaged: {e}; `keyhaven audit verify` reports it"),
         }
     }
-    Ok(n)
+    None
 }
 
 /// Largest `audit_read` answer, in bytes of records (frames hold 1 MiB).
@@ -823,7 +596,19 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
     let mut seals = Vec::new();
     let mut seal_problem = None;
     for entry in store.audit_scan(AuditKind::Seal, 0, false) {
-        let (seq, bytes) = entry?;
+        let (seq, bytes) = match entry {
+            Ok(e) => e,
+            Err(StoreError::AuditFrame { seq, file, offset, reason }) => {
+                let seq = seq.unwrap_or_else(|| seals.last().map_or(1, |s: &Seal| s.seq.saturating_add(1)));
+                seal_problem = seal_problem.or(problem(
+                    seq,
+                    "bad_seal",
+                    format!("the seal of record {seq} is not intact ({file}, offset {offset}: {reason})"),
+                ));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         match serde_json::from_slice::<Seal>(&bytes) {
             Ok(s) if s.seq == seq => seals.push(s),
             _ => {
@@ -843,7 +628,24 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
     let mut prev = [0u8; 32];
     let mut first: Option<AuditProblem> = None;
     for entry in store.audit_scan(AuditKind::Record, 0, false) {
-        let (pos, bytes) = entry?;
+        let (pos, bytes) = match entry {
+            Ok(e) => e,
+            // A frame that is not intact (its checksum, or not a frame at
+            // all): the scan goes on after it.
+            Err(StoreError::AuditFrame { seq, file, offset, reason }) => {
+                out.records += 1;
+                let seq = seq.unwrap_or(expected);
+                if first.is_none() {
+                    first = problem(
+                        seq,
+                        "altered",
+                        format!("record {seq} was altered: {file}, offset {offset}: {reason}"),
+                    );
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         out.records += 1;
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
         if first.is_none() {
@@ -852,6 +654,25 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
                     0,
                     "inserted",
                     "position 0 holds a record: one was inserted before record 1".into(),
+                );
+            } else if pos < expected {
+                // Entries come in the order they were written: one that
+                // goes back was put in.
+                first = problem(
+                    expected,
+                    "inserted",
+                    format!("position {expected} holds a copy of record {pos}: a record was inserted"),
+                );
+            } else if pos > expected
+                && store
+                    .audit_scan(AuditKind::Record, expected, false)
+                    .filter_map(Result::ok)
+                    .any(|(s, _)| s == expected)
+            {
+                first = problem(
+                    expected,
+                    "reordered",
+                    format!("record {pos} comes before record {expected}: records were reordered"),
                 );
             } else if pos > expected {
                 let range = if pos - 1 == expected {
@@ -1045,6 +866,7 @@ mod tests {
             store.audit_put(AuditKind::Record, seq, &b).unwrap();
             prev = Sha256::digest(&b).into();
         }
+        store.audit_flush().unwrap();
         (store, dir)
     }
 
@@ -1053,6 +875,7 @@ mod tests {
         let (store, dir) = chain("edges", 3);
         assert!(walk(&store).unwrap().problem.is_none());
         store.audit_put(AuditKind::Record, 0, &record(0, &[0; 32])).unwrap();
+        store.audit_flush().unwrap();
         let p = walk(&store).unwrap().problem.unwrap();
         assert_eq!((p.seq, p.kind.as_str()), (0, "inserted"));
         let (store, dir2) = chain("max", 2);
@@ -1064,56 +887,17 @@ mod tests {
                 br#"{"seq":18446744073709551615,"head":"00","time_ms":0,"mac":"00"}"#,
             )
             .unwrap();
+        store.audit_flush().unwrap();
         let p = walk(&store).unwrap().problem.unwrap();
         assert_eq!((p.seq, p.kind.as_str()), (3, "removed"));
-        let (store, dir3) = chain("first", 2);
-        store.audit_put(AuditKind::Record, 1, &record(1, &[7; 32])).unwrap();
+        let (store, dir3) = chain("first", 0);
+        let one = record(1, &[7; 32]);
+        store.audit_put(AuditKind::Record, 1, &one).unwrap();
+        store.audit_put(AuditKind::Record, 2, &record(2, &Sha256::digest(&one).into())).unwrap();
+        store.audit_flush().unwrap();
         let p = walk(&store).unwrap().problem.unwrap();
         assert_eq!((p.seq, p.kind.as_str()), (1, "altered"));
         for d in [dir, dir2, dir3] {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-
-    #[test]
-    fn the_write_ahead_file_puts_back_what_the_store_lost() {
-        let (full, d1) = chain("wal-full", 5);
-        let mut frames = Vec::new();
-        let mut head = [0u8; 32];
-        for entry in full.audit_scan(AuditKind::Record, 0, false) {
-            let (seq, bytes) = entry.unwrap();
-            frame(&mut frames, AuditKind::Record, seq, &bytes);
-            head = Sha256::digest(&bytes).into();
-        }
-        let seal = Seal { seq: 5, head: hex(&head), time_ms: 1, mac: "00".into() };
-        frame(&mut frames, AuditKind::Seal, 5, &serde_json::to_vec(&seal).unwrap());
-        let whole = frames.len();
-        // A stale frame of an earlier run after the batch: never replayed.
-        let stale = full.audit_scan(AuditKind::Record, 2, false).next().unwrap().unwrap().1;
-        frame(&mut frames, AuditKind::Record, 2, &stale);
-        // The store lost records 4 and 5 (a crash before its own flush).
-        let (store, d2) = chain("wal-lost", 3);
-        let path = d2.join("test.wal");
-        std::fs::write(&path, &frames).unwrap();
-        let mut wal = Wal::open(&path, &store).unwrap();
-        let w = walk(&store).unwrap();
-        assert!(w.problem.is_none() && w.records == 5 && w.seal_count == 1, "{:?}", w.problem);
-        // The file was emptied: a second open replays nothing.
-        wal.append(&frames[..whole], &store).unwrap();
-        drop(wal);
-        let (store2, d3) = chain("wal-torn", 3);
-        let torn = std::fs::read(&path).unwrap();
-        assert!(read_frame(&torn).is_some(), "the batch was written at the start");
-        // A torn last frame: the intact ones before it are replayed, not it.
-        let mut cut = frames[..whole].to_vec();
-        cut.truncate(whole - 40);
-        let path2 = d3.join("torn.wal");
-        std::fs::write(&path2, &cut).unwrap();
-        Wal::open(&path2, &store2).unwrap();
-        let w = walk(&store2).unwrap();
-        assert!(w.problem.is_none() && w.records == 5 && w.seal_count == 0, "{:?}", w.problem);
-        assert_eq!(std::fs::metadata(&path2).unwrap().len(), WAL_SIZE, "preallocated");
-        for d in [d1, d2, d3] {
             let _ = std::fs::remove_dir_all(d);
         }
     }

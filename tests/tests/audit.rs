@@ -1,7 +1,8 @@
 //! The audit log against the real daemon, token and store (docs/AUDIT.md):
 //! the records each operation leaves, `audit verify` on an untouched log
-//! and after each kind of tampering done with sled on the stopped daemon's
-//! store, and no secret anywhere in it.
+//! and after each kind of tampering done to the segment files of the
+//! stopped daemon's store, a torn tail, a crash, the move of an old store's
+//! log out of sled, and no secret anywhere in it.
 
 use std::path::Path;
 use std::process::Output;
@@ -260,7 +261,7 @@ keys = ["*"]
     let future = d.cli(&["audit", "export", "--since", "2100-01-01"], b"");
     assert!(future.status.success() && future.stdout.is_empty(), "{}", out_text(&future));
 
-    // No secret anywhere in the audit tree or the store.
+    // No secret anywhere in the audit log or the store.
     drop(c);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
@@ -275,19 +276,18 @@ keys = ["*"]
         ("context value", b"ctxvalue".to_vec()),
         ("PIN", pin.trim().as_bytes().to_vec()),
     ];
-    let db = sled::open(d.store_dir()).unwrap();
-    let tree = db.open_tree("audit").unwrap();
     let mut entries = 0;
-    for kv in tree.iter() {
-        let (_, v) = kv.unwrap();
+    for f in audit_frames(&d.store_dir()) {
         entries += 1;
         for (what, n) in &needles {
-            assert!(!contains(&v, n), "{what} found in the audit tree: {}", String::from_utf8_lossy(&v));
+            assert!(
+                !contains(&f.value, n),
+                "{what} found in the audit log: {}",
+                String::from_utf8_lossy(&f.value)
+            );
         }
     }
-    assert!(entries > 14, "records and seals are in the `audit` tree");
-    drop(tree);
-    drop(db);
+    assert!(entries > 14, "records and seals are in the audit segment files");
     for (file, bytes) in read_all_files(&d.store_dir()) {
         for (what, n) in &needles {
             assert!(!contains(&bytes, n), "{what} found in {}", file.display());
@@ -299,35 +299,34 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn rkey(seq: u64) -> Vec<u8> {
-    let mut k = vec![b'r'];
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn skey(seq: u64) -> Vec<u8> {
-    let mut k = vec![b's'];
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// Restores the pristine store, lets `tamper` change the audit tree with
-/// sled, starts the daemon, and returns what `keyhaven audit verify` says.
-fn verify_after(d: &mut TestDaemon, pristine: &Path, tamper: impl FnOnce(&sled::Tree)) -> Output {
+/// Restores the pristine store, lets `tamper` change the store folder (the
+/// audit segment files), starts the daemon, and returns what `keyhaven
+/// audit verify` says.
+fn verify_after(d: &mut TestDaemon, pristine: &Path, tamper: impl FnOnce(&Path)) -> Output {
     let store = d.store_dir();
     std::fs::remove_dir_all(&store).unwrap();
     copy_dir(pristine, &store);
-    {
-        let db = sled::open(&store).unwrap();
-        let tree = db.open_tree("audit").unwrap();
-        tamper(&tree);
-        db.flush().unwrap();
-    }
+    tamper(&store);
     d.start_again();
     let out = d.cli(&["audit", "verify"], b"");
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     out
+}
+
+/// [`verify_after`] with `tamper` editing the log's frames, each written
+/// back with a correct checksum (an attacker who knows the format): only
+/// the hash chain and the seals can tell.
+fn verify_after_frames(
+    d: &mut TestDaemon,
+    pristine: &Path,
+    tamper: impl FnOnce(&mut Vec<AuditFrame>),
+) -> Output {
+    verify_after(d, pristine, |store| {
+        let mut frames = audit_frames(store);
+        tamper(&mut frames);
+        write_audit_frames(store, &frames);
+    })
 }
 
 #[track_caller]
@@ -340,8 +339,20 @@ fn assert_names(out: &Output, seq: u64, kind: &str) {
     );
 }
 
-fn record(tree: &sled::Tree, seq: u64) -> AuditRecord {
-    serde_json::from_slice(&tree.get(rkey(seq)).unwrap().expect("record exists")).unwrap()
+/// Where the frame of record (`b'r'`) or seal (`b's'`) `seq` is.
+fn at(frames: &[AuditFrame], kind: u8, seq: u64) -> usize {
+    frames.iter().position(|f| f.kind == kind && f.seq == seq).expect("the frame exists")
+}
+
+fn record(frames: &[AuditFrame], seq: u64) -> AuditRecord {
+    serde_json::from_slice(&frames[at(frames, b'r', seq)].value).unwrap()
+}
+
+fn set_record(frames: &mut [AuditFrame], r: &AuditRecord) -> Vec<u8> {
+    let bytes = serde_json::to_vec(r).unwrap();
+    let i = at(frames, b'r', r.seq);
+    frames[i].value = bytes.clone();
+    bytes
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -361,11 +372,13 @@ async fn verify_passes_untouched_and_names_the_record_after_each_kind_of_tamperi
     let pristine = tempfile::tempdir().unwrap();
     copy_dir(&d.store_dir(), pristine.path());
     let n = {
-        let db = sled::open(d.store_dir()).unwrap();
-        let tree = db.open_tree("audit").unwrap();
-        let last = tree.scan_prefix(b"r").last().unwrap().unwrap().0;
-        let n = u64::from_be_bytes(last[1..9].try_into().unwrap());
-        assert!(tree.get(skey(n)).unwrap().is_some(), "the shutdown seals the last record");
+        let frames = audit_frames(&d.store_dir());
+        let n = frames.iter().filter(|f| f.kind == b'r').map(|f| f.seq).max().unwrap();
+        assert_eq!(
+            frames.last().map(|f| (f.kind, f.seq)),
+            Some((b's', n)),
+            "the shutdown seals the last record"
+        );
         n
     };
     assert_eq!(n, 25, "key_create and 24 encrypt/decrypt; `hello` is not recorded");
@@ -376,78 +389,109 @@ async fn verify_passes_untouched_and_names_the_record_after_each_kind_of_tamperi
     assert!(out_text(&untouched).contains("audit log intact"), "{}", out_text(&untouched));
 
     // Edit one record in the middle.
-    let out = verify_after(&mut d, pristine.path(), |t| {
-        let mut r = record(t, 4);
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        let mut r = record(f, 4);
         r.caller.uid = 4242;
-        t.insert(rkey(4), serde_json::to_vec(&r).unwrap()).unwrap();
+        set_record(f, &r);
     });
     assert_names(&out, 4, "altered");
 
     // Edit the last record (no later record links to it; its seal does).
-    let out = verify_after(&mut d, pristine.path(), |t| {
-        let mut r = record(t, n);
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        let mut r = record(f, n);
         r.outcome = "error".into();
-        t.insert(rkey(n), serde_json::to_vec(&r).unwrap()).unwrap();
+        set_record(f, &r);
     });
     assert_names(&out, n, "altered");
 
     // Edit a record and rewrite every later link: only the seal tells.
-    let out = verify_after(&mut d, pristine.path(), |t| {
-        let mut r = record(t, 3);
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        let mut r = record(f, 3);
         r.op = "health".into();
-        let mut bytes = serde_json::to_vec(&r).unwrap();
-        t.insert(rkey(3), bytes.clone()).unwrap();
+        let mut bytes = set_record(f, &r);
         for seq in 4..=n {
-            let mut next = record(t, seq);
+            let mut next = record(f, seq);
             next.prev = hex(&Sha256::digest(&bytes));
-            bytes = serde_json::to_vec(&next).unwrap();
-            t.insert(rkey(seq), bytes.clone()).unwrap();
+            bytes = set_record(f, &next);
         }
     });
     let t = out_text(&out);
     assert!(!out.status.success() && t.contains("(altered)") && t.contains("seal"), "{t}");
 
     // Delete one record.
-    let out = verify_after(&mut d, pristine.path(), |t| {
-        t.remove(rkey(5)).unwrap();
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        f.remove(at(f, b'r', 5));
     });
     assert_names(&out, 5, "removed");
 
-    // Insert one: a copy of record 2 at position 6, the rest moved up.
-    let out = verify_after(&mut d, pristine.path(), |t| {
-        for seq in (6..=n).rev() {
-            let v = t.get(rkey(seq)).unwrap().unwrap();
-            t.insert(rkey(seq + 1), v).unwrap();
-        }
-        t.insert(rkey(6), t.get(rkey(2)).unwrap().unwrap()).unwrap();
+    // Insert one: a copy of record 2 before record 6.
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        let copy = f[at(f, b'r', 2)].clone();
+        f.insert(at(f, b'r', 6), copy);
     });
     assert_names(&out, 6, "inserted");
 
-    // Reorder two.
-    let out = verify_after(&mut d, pristine.path(), |t| {
-        let (a, b) = (t.get(rkey(7)).unwrap().unwrap(), t.get(rkey(8)).unwrap().unwrap());
-        t.insert(rkey(7), b).unwrap();
-        t.insert(rkey(8), a).unwrap();
+    // Insert one, the rest moved up: a copy of record 2 at position 6, the
+    // headers of the later ones renumbered.
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        let mut copy = f[at(f, b'r', 2)].clone();
+        let i = at(f, b'r', 6);
+        for later in f[i..].iter_mut() {
+            later.seq += 1;
+        }
+        copy.seq = 6;
+        f.insert(i, copy);
+    });
+    assert_names(&out, 6, "inserted");
+
+    // Reorder two frames.
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        let (a, b) = (at(f, b'r', 7), at(f, b'r', 8));
+        f.swap(a, b);
+    });
+    assert_names(&out, 7, "reordered");
+
+    // Reorder two records' contents, the headers kept.
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        let (a, b) = (at(f, b'r', 7), at(f, b'r', 8));
+        let v = f[a].value.clone();
+        f[a].value = std::mem::replace(&mut f[b].value, v);
     });
     assert_names(&out, 7, "reordered");
 
     // Truncate the tail that the last seal covers.
-    let out = verify_after(&mut d, pristine.path(), |t| {
-        for seq in n - 2..=n {
-            t.remove(rkey(seq)).unwrap();
-        }
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        f.retain(|x| x.kind != b'r' || x.seq < n - 2);
     });
     assert_names(&out, n - 2, "truncated");
 
     // Forge a seal.
-    let out = verify_after(&mut d, pristine.path(), |t| {
-        let mut seal: serde_json::Value = serde_json::from_slice(&t.get(skey(n)).unwrap().unwrap()).unwrap();
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        let i = at(f, b's', n);
+        let mut seal: serde_json::Value = serde_json::from_slice(&f[i].value).unwrap();
         let mac = seal["mac"].as_str().unwrap().to_owned();
         let flipped = if mac.starts_with('0') { "1" } else { "0" };
         seal["mac"] = json!(format!("{flipped}{}", &mac[1..]));
-        t.insert(skey(n), serde_json::to_vec(&seal).unwrap()).unwrap();
+        f[i].value = serde_json::to_vec(&seal).unwrap();
     });
     assert_names(&out, n, "bad_seal");
+
+    // A byte changed in the middle, the frame's checksum left wrong: not
+    // taken for a torn tail (nothing is cut off), and reported.
+    let mut size = 0;
+    let out = verify_after(&mut d, pristine.path(), |store| {
+        let seg = &audit_segments(store)[0];
+        let (offset, frame) =
+            read_audit_frames(seg).into_iter().find(|(_, f)| f.kind == b'r' && f.seq == 10).unwrap();
+        let mut bytes = std::fs::read(seg).unwrap();
+        let i = offset + 13 + frame.value.iter().position(|b| *b == b'"').unwrap();
+        bytes[i + 1] ^= 0x20;
+        size = bytes.len();
+        std::fs::write(seg, bytes).unwrap();
+    });
+    assert_names(&out, 10, "altered");
+    let seg = &audit_segments(&d.store_dir())[0];
+    assert!(std::fs::metadata(seg).unwrap().len() as usize >= size, "nothing was cut off");
 }
 
 /// Waits, when needed, so that the next few seconds stay in one clock
@@ -556,8 +600,7 @@ async fn tail_follow_prints_new_records_but_not_its_own_reads() {
 
 /// A record is durable before its response (docs/AUDIT.md §4): after a
 /// SIGKILL right after the last answer, the restarted daemon has the record
-/// of every answered request (put back from the write-ahead file when the
-/// store had not flushed it), and the chain is intact.
+/// of every answered request in its segment files, and the chain is intact.
 #[tokio::test(flavor = "multi_thread")]
 async fn answered_requests_keep_their_records_across_sigkill() {
     let mut d = TestDaemon::start();
@@ -573,7 +616,8 @@ async fn answered_requests_keep_their_records_across_sigkill() {
     signal(d.pid(), "KILL");
     let (status, _) = d.stop();
     assert!(!status.success());
-    assert!(d.store_dir().join("audit.wal").exists());
+    assert!(!audit_segments(&d.store_dir()).is_empty(), "the audit log is in segment files");
+    assert!(!d.store_dir().join("audit.wal").exists(), "no write-ahead file any more");
     d.start_again();
     let c = d.client().await;
     let records = all_records(&c).await;
@@ -585,4 +629,104 @@ async fn answered_requests_keep_their_records_across_sigkill() {
     }
     let out = d.cli(&["audit", "verify"], b"");
     assert!(out.status.success(), "{}", out_text(&out));
+}
+
+/// A write cut short by a crash (docs/AUDIT.md §4): the bytes after the
+/// last intact frame of the last segment were never acknowledged; the
+/// daemon cuts them off with a warning, and the chain goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_torn_tail_is_cut_off_and_the_chain_goes_on() {
+    let mut d = TestDaemon::start();
+    {
+        let c = d.client().await;
+        c.key_create(&path("acme/pii")).await.unwrap();
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let seg = audit_segments(&d.store_dir()).pop().unwrap();
+    let frames = read_audit_frames(&seg);
+    let (offset, last) = frames.last().unwrap().clone();
+    let data = offset + last.encode().len();
+    let half =
+        AuditFrame { kind: b'r', seq: last.seq + 1, value: br#"{"seq":99,"never":"answered"}"#.to_vec() };
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes.extend_from_slice(&half.encode()[..20]);
+    std::fs::write(&seg, &bytes).unwrap();
+
+    d.start_again();
+    let out = d.cli(&["audit", "verify"], b"");
+    assert!(out.status.success(), "{}", out_text(&out));
+    let c = d.client().await;
+    c.encrypt(&path("acme/pii"), b"x", &ctx(&[])).await.unwrap();
+    let records = all_records(&c).await;
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.seq, i as u64 + 1, "{records:#?}");
+    }
+    drop(c);
+    let out = d.cli(&["audit", "verify"], b"");
+    assert!(out.status.success(), "{}", out_text(&out));
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!("truncating the segment at offset {data}")),
+        "a warning names the offset:\n{log}"
+    );
+    assert!(audit_frames(&d.store_dir()).iter().all(|f| !contains(&f.value, b"never")));
+}
+
+/// A store made before the segment files keeps its log in the sled tree
+/// `audit` (keys `r`/`s` + u64be(seq)) and `audit.wal`: the daemon moves it
+/// into the files at start, the write-ahead file's records included.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_store_moves_its_audit_log_out_of_sled() {
+    let mut d = TestDaemon::start();
+    {
+        let c = d.client().await;
+        c.key_create(&path("acme/pii")).await.unwrap();
+        for _ in 0..5 {
+            c.encrypt(&path("acme/pii"), b"x", &ctx(&[])).await.unwrap();
+        }
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let store = d.store_dir();
+    let frames = audit_frames(&store);
+    let n = frames.iter().filter(|f| f.kind == b'r').count() as u64;
+    // The old layout: the tree without the last two records and the final
+    // seal, which only the write-ahead file holds (a crash before sled's
+    // flush), followed by a stale frame of an earlier round.
+    std::fs::remove_dir_all(store.join("audit")).unwrap();
+    {
+        let db = sled::open(&store).unwrap();
+        let tree = db.open_tree("audit").unwrap();
+        let mut wal = Vec::new();
+        for f in &frames {
+            let mut key = vec![f.kind];
+            key.extend_from_slice(&f.seq.to_be_bytes());
+            if f.seq + 2 > n {
+                wal.extend(f.encode());
+            } else {
+                tree.insert(key, f.value.clone()).unwrap();
+            }
+        }
+        wal.extend(frames[0].encode());
+        wal.resize(1 << 20, 0);
+        std::fs::write(store.join("audit.wal"), wal).unwrap();
+        db.flush().unwrap();
+    }
+    d.start_again();
+    let out = d.cli(&["audit", "verify"], b"");
+    assert!(out.status.success(), "{}", out_text(&out));
+    let c = d.client().await;
+    let records = all_records(&c).await;
+    assert!(records.len() as u64 > n && records.iter().enumerate().all(|(i, r)| r.seq == i as u64 + 1));
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains(&format!("moved the audit log ({n} records, ")), "{log}");
+    assert!(!store.join("audit.wal").exists());
+    let db = sled::open(&store).unwrap();
+    assert!(!db.tree_names().iter().any(|t| &t[..] == b"audit"), "the old tree is gone");
+    drop(db);
+    assert_eq!(&audit_frames(&store)[..frames.len()], &frames[..], "the same frames, in the same order");
 }

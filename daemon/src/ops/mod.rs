@@ -77,8 +77,7 @@ impl Daemon {
     pub fn new(hsm: Hsm, store: Arc<dyn Store>, config: Config) -> Result<Daemon, StoreError> {
         let hsm = Arc::new(hsm);
         let wraps = WrapBudget::new(store.clone(), config.limits.wraps_per_key_version);
-        let wal = config.store.join(crate::audit::WAL_FILE);
-        let audit = Audit::open(store.clone(), hsm.clone(), &config.audit, Some(&wal))?;
+        let audit = Audit::open(store.clone(), hsm.clone(), &config.audit)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));
         let revocations = revocation::Index::new(store.revocations()?);
         let (revocation_events, _) = tokio::sync::broadcast::channel(REVOCATION_EVENTS_BUFFER);

@@ -5,6 +5,7 @@
 //!
 //! Every mutating call returns only after the write is durable.
 
+pub mod audit_files;
 pub mod sled_store;
 
 use keyhaven::lifecycle::KeyState;
@@ -44,6 +45,29 @@ pub enum StoreError {
     /// The backend failed.
     #[error("store backend: {0}")]
     Backend(String),
+    /// An audit segment file cannot be read or written.
+    #[error("audit log {file}, offset {offset}: {reason}")]
+    AuditFile {
+        /// The segment file.
+        file: String,
+        /// Where.
+        offset: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// An audit segment holds bytes that are not an intact frame (altered,
+    /// or not a frame at all).
+    #[error("audit log {file}, offset {offset}{}: {reason}", seq.map(|s| format!(" (entry {s})")).unwrap_or_default())]
+    AuditFrame {
+        /// The segment file.
+        file: String,
+        /// Where the frame starts.
+        offset: u64,
+        /// The sequence number its header claims, when it has a header.
+        seq: Option<u64>,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// The store's global facts (the `meta` tree).
@@ -224,18 +248,22 @@ pub trait Store: Send + Sync + 'static {
     fn remove_revocation(&self, scope: &Scope) -> Result<Option<Revocation>, StoreError>;
     /// Makes every acknowledged write durable (used at shutdown).
     fn flush(&self) -> Result<(), StoreError>;
-    /// Writes audit entry `seq` of `kind` (docs/AUDIT.md §4). Not durable
-    /// until [`audit_flush`](Store::audit_flush): the audit log batches
-    /// many records into one flush.
+    /// Appends audit entry `seq` of `kind` (docs/AUDIT.md §4). Not durable,
+    /// nor visible to [`audit_scan`](Store::audit_scan), until
+    /// [`audit_flush`](Store::audit_flush): the audit log batches many
+    /// records into one write.
     fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
-    /// Makes every audit entry written so far durable.
+    /// Makes every audit entry appended so far durable (one write and one
+    /// `fdatasync`); on failure they stay pending for the next flush.
     fn audit_flush(&self) -> Result<(), StoreError>;
-    /// Audit entries of `kind` by sequence number: ascending from `from`,
-    /// or (with `reverse`) descending from `from` down.
+    /// Audit entries of `kind` in the order they were written (which is
+    /// sequence order unless the files were tampered with): ascending from
+    /// `from`, or (with `reverse`) descending from `from` down. Damage is
+    /// returned as [`StoreError::AuditFrame`], and the scan goes on.
     fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_>;
 }
 
-/// The two kinds of entries of the audit tree.
+/// The two kinds of entries of the audit log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuditKind {
     /// A record of an operation (or an alert).

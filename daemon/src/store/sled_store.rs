@@ -1,8 +1,14 @@
 //! The embedded store: one sled database, a tree per concern (`meta`,
 //! `keyring`, `revocations`, `audit`). Records are JSON. Keyring keys are
 //! `tenant/key`, so that one tenant's keys are a prefix scan; revocation keys
-//! name their scope (see [`revocation_key`]). Audit keys are `r` or `s`
-//! followed by the sequence number as 8 big-endian bytes (docs/AUDIT.md §4).
+//! name their scope (see [`revocation_key`]).
+//!
+//! The audit log is not in sled: it lives in append-only segment files in
+//! the `audit/` folder next to sled's own ([`AuditFiles`], docs/AUDIT.md
+//! §4), which this store owns and delegates to. Stores made before kept it
+//! in an `audit` tree (keys `r` or `s` then the sequence number as 8
+//! big-endian bytes) made durable by `audit.wal`; opening such a store
+//! moves it into the files once ([`migrate_audit`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +18,7 @@ use keyhaven::revocation::{Revocation, Scope};
 use keyhaven::KeyPath;
 use serde::de::DeserializeOwned;
 
+use super::audit_files::{self, AuditFiles};
 use super::{AuditIter, AuditKind, KeyRecord, Meta, Store, StoreError, SCHEMA_VERSION};
 
 /// sled behind [`Store`].
@@ -21,7 +28,7 @@ pub struct SledStore {
     meta: sled::Tree,
     keyring: sled::Tree,
     revocations: sled::Tree,
-    audit: sled::Tree,
+    audit: AuditFiles,
     /// Decoded keyring records, kept in step with every write made through
     /// this store, so that the request path does not decode JSON and base64
     /// for every request. Writers hold the lock across their
@@ -52,8 +59,7 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 impl SledStore {
     /// Opens (or creates) the store directory.
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        // A bounded page cache: the audit tree only grows, and sled would
-        // otherwise keep up to 1 GiB of it in memory.
+        // A bounded page cache (sled would otherwise keep up to 1 GiB).
         let db =
             sled::Config::new().cache_capacity(CACHE_BYTES).path(path).open().map_err(|e| {
                 StoreError::Backend(format!("cannot open the store at {}: {e}", path.display()))
@@ -61,7 +67,7 @@ impl SledStore {
         let meta = db.open_tree("meta").map_err(backend)?;
         let keyring = db.open_tree("keyring").map_err(backend)?;
         let revocations = db.open_tree("revocations").map_err(backend)?;
-        let audit = db.open_tree("audit").map_err(backend)?;
+        let audit = migrate_audit(path, &db)?;
         Ok(SledStore {
             path: path.to_owned(),
             db,
@@ -94,7 +100,168 @@ impl SledStore {
     }
 }
 
-/// `r` or `s`, then the sequence number big-endian.
+/// The audit log's folder, in the store's.
+pub const AUDIT_DIR: &str = "audit";
+/// The write-ahead file of stores from before the segment files.
+pub const OLD_WAL: &str = "audit.wal";
+/// The tree that held the audit log in stores from before the segment files.
+const OLD_TREE: &[u8] = b"audit";
+
+/// Opens the audit log's segment files; first, when the store still has
+/// its log in the old `audit` tree (and maybe `audit.wal`), moves it there:
+/// the write-ahead file's records that continue the tree's chain are put
+/// back into the tree (as the old daemon did at start), the tree's entries
+/// are written in sequence order (a seal after its record) into a
+/// temporary folder that is synced and then renamed to `audit/`, and only
+/// then are the tree and the old file removed. A crash before the rename
+/// leaves the old layout whole (the move starts again); after it, the
+/// folder is the log, and the tree and file are left-overs removed here.
+pub fn migrate_audit(path: &Path, db: &sled::Db) -> Result<AuditFiles, StoreError> {
+    let dir = path.join(AUDIT_DIR);
+    let wal = path.join(OLD_WAL);
+    let had_tree = db.tree_names().iter().any(|n| &n[..] == OLD_TREE);
+    if !had_tree && !wal.exists() {
+        return AuditFiles::open(&dir);
+    }
+    let moved = std::fs::read_dir(&dir)
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".log"))));
+    let tree = db.open_tree(OLD_TREE).map_err(backend)?;
+    if !moved {
+        if wal.exists() {
+            let n = replay_old_wal(&wal, &tree)?;
+            if n > 0 {
+                tracing::warn!("{}: put back {n} audit records or seals the tree had lost", wal.display());
+            }
+        }
+        let tmp = path.join("audit.migrating");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .map_err(|e| StoreError::Backend(format!("cannot remove {}: {e}", tmp.display())))?;
+        }
+        let files = AuditFiles::open(&tmp)?;
+        let (mut records, mut seals) = (0u64, 0u64);
+        let mut r = tree.scan_prefix(b"r").peekable();
+        let mut s = tree.scan_prefix(b"s").peekable();
+        loop {
+            let seq_of = |kv: Option<&sled::Result<(sled::IVec, sled::IVec)>>| match kv {
+                Some(Ok((k, _))) => Some(old_seq(k)),
+                Some(Err(_)) => Some(0),
+                None => None,
+            };
+            let take_seal = match (seq_of(r.peek()), seq_of(s.peek())) {
+                (None, None) => break,
+                (Some(a), Some(b)) => b < a,
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+            };
+            let (k, v) = if take_seal { s.next() } else { r.next() }
+                .transpose()
+                .map_err(backend)?
+                .ok_or_else(|| StoreError::Backend("audit tree: an entry vanished".into()))?;
+            let kind = if take_seal { AuditKind::Seal } else { AuditKind::Record };
+            files.put(kind, old_seq(&k), &v);
+            if take_seal {
+                seals += 1;
+            } else {
+                records += 1;
+            }
+            if (records + seals) % 4096 == 0 {
+                files.flush()?;
+            }
+        }
+        files.flush()?;
+        drop(files);
+        if dir.exists() {
+            // An empty folder (nothing was ever written to it).
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| StoreError::Backend(format!("cannot remove {}: {e}", dir.display())))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| {
+            StoreError::Backend(format!("cannot rename {} to {}: {e}", tmp.display(), dir.display()))
+        })?;
+        std::fs::File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::Backend(format!("cannot sync the folder {}: {e}", path.display())))?;
+        tracing::info!(
+            "moved the audit log ({records} records, {seals} seals) from the sled tree into {}",
+            dir.display()
+        );
+    }
+    if moved && !tree.is_empty() {
+        // A move whose rename happened but not the rest (a crash): these
+        // entries are in the folder already.
+        tracing::warn!(
+            "the old sled tree `audit` still held {} entries, moved already into {}; removing them",
+            tree.len(),
+            dir.display()
+        );
+    }
+    drop(tree);
+    db.drop_tree(OLD_TREE).map_err(backend)?;
+    db.flush().map_err(backend)?;
+    if wal.exists() {
+        std::fs::remove_file(&wal)
+            .map_err(|e| StoreError::Backend(format!("cannot remove {}: {e}", wal.display())))?;
+    }
+    AuditFiles::open(&dir)
+}
+
+/// The sequence number of an old audit tree key (0 when it has none).
+fn old_seq(k: &[u8]) -> u64 {
+    k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// The old daemon's start-up replay: puts into the tree the records of the
+/// write-ahead file that continue the tree's chain (its `seq` is the last
+/// plus one and its `prev` the hash of the last), and the seals among them,
+/// stopping at the first frame that is torn, not a frame, or goes back (a
+/// stale frame of an earlier run). Returns how many.
+fn replay_old_wal(wal: &Path, tree: &sled::Tree) -> Result<u64, StoreError> {
+    use sha2::{Digest, Sha256};
+    #[derive(serde::Deserialize)]
+    struct Link {
+        seq: u64,
+        prev: String,
+    }
+    let buf =
+        std::fs::read(wal).map_err(|e| StoreError::Backend(format!("cannot read {}: {e}", wal.display())))?;
+    let (mut last, mut head) = match tree.scan_prefix(b"r").next_back().transpose().map_err(backend)? {
+        Some((k, v)) => (old_seq(&k), Sha256::digest(&v).into()),
+        None => (0, [0u8; 32]),
+    };
+    let (mut at, mut n, mut previous) = (0, 0, 0);
+    while let Some((kind, seq, value, len)) = buf.get(at..).and_then(audit_files::read_frame) {
+        at += len;
+        match kind {
+            AuditKind::Record if seq < previous => break,
+            AuditKind::Record if seq <= last => previous = seq,
+            AuditKind::Record => {
+                let links = seq == last + 1
+                    && serde_json::from_slice::<Link>(value)
+                        .is_ok_and(|r| r.seq == seq && r.prev == crate::audit::hex(&head));
+                if !links {
+                    break;
+                }
+                tree.insert(audit_key(AuditKind::Record, seq), value).map_err(backend)?;
+                (previous, last) = (seq, seq);
+                head = Sha256::digest(value).into();
+                n += 1;
+            }
+            AuditKind::Seal => {
+                let key = audit_key(AuditKind::Seal, seq);
+                if seq <= last && !tree.contains_key(key).map_err(backend)? {
+                    tree.insert(key, value).map_err(backend)?;
+                    n += 1;
+                }
+            }
+        }
+    }
+    tree.flush().map_err(backend)?;
+    Ok(n)
+}
+
+/// The old audit tree's keys: `r` or `s`, then the sequence number
+/// big-endian.
 pub fn audit_key(kind: AuditKind, seq: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = match kind {
@@ -267,32 +434,15 @@ impl Store for SledStore {
     }
 
     fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        self.audit.insert(audit_key(kind, seq), bytes).map_err(backend)?;
+        self.audit.put(kind, seq, bytes);
         Ok(())
     }
 
     fn audit_flush(&self) -> Result<(), StoreError> {
-        self.durable()
+        self.audit.flush()
     }
 
     fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
-        let (lo, hi) = if reverse { (0, from) } else { (from, u64::MAX) };
-        let range = self.audit.range(audit_key(kind, lo)..=audit_key(kind, hi));
-        let entry = |kv: sled::Result<(sled::IVec, sled::IVec)>| {
-            let (k, v) = kv.map_err(backend)?;
-            let seq =
-                k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or_else(|| {
-                    StoreError::Corrupt {
-                        key: format!("audit {:?}", &k[..]),
-                        reason: "not a sequence number".into(),
-                    }
-                })?;
-            Ok((seq, v.to_vec()))
-        };
-        if reverse {
-            Box::new(range.rev().map(entry))
-        } else {
-            Box::new(range.map(entry))
-        }
+        self.audit.scan(kind, from, reverse)
     }
 }
