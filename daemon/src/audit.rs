@@ -137,6 +137,8 @@ struct Log {
     wake: Condvar,
     seal_interval: Duration,
     seal_every: u64,
+    /// `[audit] commit_gather_us`.
+    commit_gather: Duration,
 }
 
 /// The audit log, or nothing when `[audit] enabled = false`.
@@ -269,6 +271,7 @@ impl Audit {
             wake: Condvar::new(),
             seal_interval: Duration::from_millis(cfg.seal_interval_ms),
             seal_every: cfg.seal_every,
+            commit_gather: Duration::from_micros(cfg.commit_gather_us),
         });
         let l = log.clone();
         let t = std::thread::Builder::new()
@@ -421,6 +424,9 @@ impl Log {
     /// covers its record), a seal when one is due, until stopped.
     fn flusher(&self, mut sealed: u64) {
         let mut sealed_at = Instant::now();
+        // When the last round started, and how many records it served.
+        let mut round_at = Instant::now();
+        let mut round_records = 0;
         loop {
             let (last, head, stop, waiting, batch) = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -439,8 +445,21 @@ impl Log {
                     st = self.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
                     st.idle = false;
                 }
+                // Under load (the last round served more than
+                // GATHER_AFTER records), let the records of requests still
+                // on their way join this round: one `fdatasync` for more of
+                // them, fewer rounds. With few clients, every round goes
+                // at once.
+                let left = self.commit_gather.saturating_sub(round_at.elapsed());
+                if round_records > GATHER_AFTER && !st.stop && !left.is_zero() {
+                    drop(st);
+                    std::thread::sleep(left);
+                    st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                }
+                round_at = Instant::now();
                 (st.last, st.head, st.stop, std::mem::take(&mut st.waiting), std::mem::take(&mut st.batch))
             };
+            round_records = batch.len();
             // The round's records go to the store's pending write...
             let mut put = Ok(());
             for (seq, bytes) in &batch {
@@ -489,6 +508,10 @@ impl Log {
         self.store.audit_put(AuditKind::Seal, seq, &bytes).map_err(|e| e.to_string())
     }
 }
+
+/// A round that served more records than this makes the next one gather
+/// (`[audit] commit_gather_us`).
+const GATHER_AFTER: usize = 8;
 
 /// The newest entry of `kind` that can be read, passing over (with an
 /// error in the log) damage that `audit verify` will report.
