@@ -245,20 +245,34 @@ fn push_event(out: &mut Outbox, event: &EventFrame) {
 /// Parses a request frame; the frame and its params must be JSON objects
 /// (serde would also read a struct from an array).
 fn parse_request(buf: &[u8]) -> Result<InFrame<'_>, Error> {
-    let is_object = |b: &[u8]| b.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{');
     if !is_object(buf) {
         return Err(Error::BadRequest("malformed request: a request must be a JSON object".into()));
     }
-    let mut de = serde_json::Deserializer::from_slice(buf);
-    let frame: InFrame = serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| Error::BadRequest(format!("malformed request: {}", describe(&e))))?;
-    de.end().map_err(|e| Error::BadRequest(format!("malformed request: {e}")))?;
+    // Without path tracking first (see `ops::parse`).
+    let frame = match serde_json::from_slice::<InFrame>(buf) {
+        Ok(frame) => frame,
+        Err(_) => parse_request_slowly(buf)?,
+    };
     if let Some(p) = frame.params {
         if !is_object(p.get().as_bytes()) && p.get() != "null" {
             return Err(Error::BadRequest("malformed request: `params` must be a JSON object".into()));
         }
     }
     Ok(frame)
+}
+
+/// Parses a frame that failed to parse, for an error that names the field.
+fn parse_request_slowly(buf: &[u8]) -> Result<InFrame<'_>, Error> {
+    let mut de = serde_json::Deserializer::from_slice(buf);
+    let frame: InFrame = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| Error::BadRequest(format!("malformed request: {}", describe(&e))))?;
+    de.end().map_err(|e| Error::BadRequest(format!("malformed request: {e}")))?;
+    Ok(frame)
+}
+
+/// Whether JSON text starts as an object.
+fn is_object(b: &[u8]) -> bool {
+    b.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{')
 }
 
 /// What is wrong with a request or its params, for an error message

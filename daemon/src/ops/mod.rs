@@ -418,6 +418,11 @@ async fn route(
 /// Parses `params` for `op`; the message names the field at fault, with any
 /// name from the request shortened and escaped and no string value quoted.
 fn parse<T: DeserializeOwned>(op: &str, params: &str) -> Result<T, Error> {
+    // The common case without the path tracking; it is only needed to name
+    // the field of an error, so a refused params is parsed again for that.
+    if let Ok(value) = serde_json::from_str(params) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_str(params);
     let value = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| Error::BadRequest(format!("params of `{op}`: {}", crate::connection::describe(&e))))?;

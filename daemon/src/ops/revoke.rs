@@ -230,7 +230,7 @@ fn erase(s: &dyn Store, scope: &Scope, now: u64) -> Result<Vec<String>, Error> {
         Scope::Tenant { tenant } => (s.keys(Some(tenant))?, None),
         Scope::Key { tenant, key, version } => {
             let path = KeyPath::new(tenant, key)?;
-            (s.key(&path)?.into_iter().collect(), *version)
+            (s.key(&path)?.map(|r| (*r).clone()).into_iter().collect(), *version)
         }
         _ => return Ok(Vec::new()),
     };

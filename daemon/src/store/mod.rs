@@ -225,7 +225,7 @@ pub trait Store: Send + Sync + 'static {
     /// Changes the global facts atomically (as [`Store::update_key`]).
     fn update_meta(&self, change: &mut dyn FnMut(&mut Meta)) -> Result<Meta, StoreError>;
     /// A named key.
-    fn key(&self, path: &KeyPath) -> Result<Option<KeyRecord>, StoreError>;
+    fn key(&self, path: &KeyPath) -> Result<Option<std::sync::Arc<KeyRecord>>, StoreError>;
     /// Creates a named key; refuses when one exists with that path.
     fn create_key(&self, record: &KeyRecord) -> Result<(), StoreError>;
     /// Changes a named key atomically: `change` edits the current record,

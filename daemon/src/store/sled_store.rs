@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use keyhaven::revocation::{Revocation, Scope};
 use keyhaven::KeyPath;
@@ -33,7 +33,7 @@ pub struct SledStore {
     /// this store, so that the request path does not decode JSON and base64
     /// for every request. Writers hold the lock across their
     /// compare-and-swap, so the cache never goes back to an older record.
-    keys: RwLock<HashMap<Vec<u8>, KeyRecord>>,
+    keys: RwLock<HashMap<Vec<u8>, Arc<KeyRecord>>>,
 }
 
 const META_KEY: &[u8] = b"meta";
@@ -326,7 +326,7 @@ impl Store for SledStore {
         }
     }
 
-    fn key(&self, path: &KeyPath) -> Result<Option<KeyRecord>, StoreError> {
+    fn key(&self, path: &KeyPath) -> Result<Option<Arc<KeyRecord>>, StoreError> {
         let k = keyring_key(path);
         if let Some(rec) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
             return Ok(Some(rec.clone()));
@@ -334,7 +334,7 @@ impl Store for SledStore {
         let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
         match self.keyring.get(&k).map_err(backend)? {
             Some(v) => {
-                let rec: KeyRecord = decode(&k, &v)?;
+                let rec: Arc<KeyRecord> = Arc::new(decode(&k, &v)?);
                 cache.insert(k, rec.clone());
                 Ok(Some(rec))
             }
@@ -353,7 +353,7 @@ impl Store for SledStore {
             if swapped.is_err() {
                 return Err(StoreError::AlreadyExists(format!("key `{}/{}`", record.tenant, record.key)));
             }
-            cache.insert(k, record.clone());
+            cache.insert(k, Arc::new(record.clone()));
         }
         self.durable()
     }
@@ -373,7 +373,7 @@ impl Store for SledStore {
                 let swapped =
                     self.keyring.compare_and_swap(&k, Some(old), Some(encode(&record))).map_err(backend)?;
                 if swapped.is_ok() {
-                    cache.insert(k.clone(), record.clone());
+                    cache.insert(k.clone(), Arc::new(record.clone()));
                 }
                 swapped.is_ok()
             };
