@@ -50,7 +50,15 @@ pub struct EnvelopeId(pub [u8; ID_LEN]);
 
 impl fmt::Display for EnvelopeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        // Lowercase hex in one write (it is formatted for every response
+        // and audit record that names an envelope).
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 2 * ID_LEN];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 15)];
+        }
+        f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -445,6 +453,8 @@ mod tests {
     fn envelope_id_text() {
         let id = EnvelopeId([0x0f; ID_LEN]);
         assert_eq!(id.to_string(), "0f".repeat(16));
+        let every = EnvelopeId(std::array::from_fn(|i| (i as u8) * 17));
+        assert_eq!(every.to_string(), "00112233445566778899aabbccddeeff");
         assert_eq!(id.to_string().parse::<EnvelopeId>().unwrap(), id);
         assert!("0F".repeat(16).parse::<EnvelopeId>().is_err());
         assert!("0f".parse::<EnvelopeId>().is_err());
