@@ -44,6 +44,8 @@ pub struct BenchArgs {
     pub new_connection: bool,
     /// Run the daemon with `[audit] enabled = false` (to measure its cost).
     pub no_audit: bool,
+    /// `[hsm] workers` for the daemon, when not the dev default.
+    pub workers: Option<usize>,
     /// Then datakey-decrypt at 64 clients for this long, with the daemon's
     /// resident memory sampled every 10 s.
     pub soak: Option<Duration>,
@@ -321,12 +323,20 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     eprintln!("keyhavend bench: a fresh dev install in {}", dir.display());
     let (config_path, store) = crate::dev::prepare(dir)?;
     drop(store);
-    if args.no_audit {
+    if args.no_audit || args.workers.is_some() {
         let text = std::fs::read_to_string(&config_path)?;
         let mut doc: toml::Table = text.parse()?;
-        let audit = doc.entry("audit").or_insert_with(|| toml::Value::Table(Default::default()));
-        if let Some(t) = audit.as_table_mut() {
-            t.insert("enabled".into(), toml::Value::Boolean(false));
+        let mut set = |section: &str, key: &str, value: toml::Value| {
+            let table = doc.entry(section).or_insert_with(|| toml::Value::Table(Default::default()));
+            if let Some(t) = table.as_table_mut() {
+                t.insert(key.into(), value);
+            }
+        };
+        if args.no_audit {
+            set("audit", "enabled", toml::Value::Boolean(false));
+        }
+        if let Some(n) = args.workers {
+            set("hsm", "workers", toml::Value::Integer(n as i64));
         }
         std::fs::write(&config_path, toml::to_string(&doc)?)?;
     }
@@ -368,7 +378,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     let raw = if raw2.ops_per_sec > raw1.ops_per_sec { raw2 } else { raw1 };
 
     println!("machine: {}", machine());
-    println!("audit: {}", if args.no_audit { "off" } else { "on" });
+    println!("audit: {}, HSM workers: {}", if args.no_audit { "off" } else { "on" }, config.hsm.workers);
     println!(
         "{:<26} {:>5} {:>10} {:>9} {:>9} {:>9} {:>7}",
         "op", "conc", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "errors"

@@ -60,6 +60,9 @@ enum Command {
         /// Run the daemon with the audit log off ([audit] enabled = false), to measure its cost.
         #[arg(long)]
         no_audit: bool,
+        /// HSM worker threads of the daemon ([hsm] workers; the dev default is 1).
+        #[arg(long)]
+        workers: Option<usize>,
         /// Then run datakey-decrypt at 64 clients for this long (e.g. 60s),
         /// sampling the daemon's resident memory every 10 s, and print its growth.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -139,18 +142,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some(Command::Bench { dir, op, concurrency, duration, new_connection, no_audit, soak, keyhaven }) => {
-            keyhavend::bench::run(keyhavend::bench::BenchArgs {
-                dir,
-                ops: op,
-                concurrency,
-                duration,
-                new_connection,
-                no_audit,
-                soak,
-                keyhaven,
-            })
-        }
+        Some(Command::Bench {
+            dir,
+            op,
+            concurrency,
+            duration,
+            new_connection,
+            no_audit,
+            workers,
+            soak,
+            keyhaven,
+        }) => keyhavend::bench::run(keyhavend::bench::BenchArgs {
+            dir,
+            ops: op,
+            concurrency,
+            duration,
+            new_connection,
+            no_audit,
+            workers,
+            soak,
+            keyhaven,
+        }),
         Some(Command::Run) | None => daemon::run(load(cli.config)?, None, |_| {}),
     }
 }
