@@ -292,3 +292,40 @@ async fn socket_mode_and_group_decide_who_may_connect() {
     let t = text(&run_cli_as(&p.dave, d.socket(), &["whoami"], b""));
     assert!(t.contains("daemon not reachable") && t.contains("ermission denied"), "{t}");
 }
+
+/// Runs `gpasswd ARGS` until it succeeds (other tests may hold the lock on
+/// /etc/group for a moment).
+fn gpasswd(args: &[&str]) {
+    for _ in 0..200 {
+        let out = std::process::Command::new("gpasswd").args(args).output().expect("gpasswd");
+        if out.status.success() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("gpasswd {args:?} did not succeed");
+}
+
+/// The daemon reuses a uid's groups for 10 s (POLICY.md §1); a policy
+/// reload forgets them, so a user added to a group is granted what the
+/// group is granted from the next connection after the reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_change_applies_from_the_next_connection_after_a_reload() {
+    let erin = ensure_user("khtest-erin", &["khtest-late"]);
+    gpasswd(&["-d", "khtest-erin", "khtest-late"]); // from an earlier run, or from ensure_user
+    let policy = format!(
+        "{ROOT_ADMIN}\n[[policy.rules]]\nprincipals = [\"group:khtest-late\"]\noperations = [\"encrypt\"]\nkeys = [\"acme/*\"]\n"
+    );
+    let d = daemon_with_keys(&policy).await;
+    let s = d.socket();
+    // Not in the group: denied (and the daemon now holds erin's groups).
+    denied(run_cli_as(&erin, s, &["encrypt", "acme/pii"], b"x"), "encrypt", "`acme/pii`");
+    gpasswd(&["-a", "khtest-erin", "khtest-late"]);
+    ok(run_cli(s, &["admin", "reload"], b""));
+    ok(run_cli_as(&erin, s, &["encrypt", "acme/pii"], b"x"));
+    let who: serde_json::Value = serde_json::from_str(&ok(run_cli_as(&erin, s, &["whoami"], b""))).unwrap();
+    let groups: Vec<&str> =
+        who["groups"].as_array().unwrap().iter().filter_map(|g| g["name"].as_str()).collect();
+    assert!(groups.contains(&"khtest-late"), "{who}");
+    gpasswd(&["-d", "khtest-erin", "khtest-late"]);
+}
