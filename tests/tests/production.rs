@@ -284,6 +284,10 @@ fn config_errors_name_the_file_line_and_key() {
     assert!(err.contains(&format!("line {line}, key `hsm.workers`")), "{err}");
     assert!(err.contains("from 1 to 64"), "{err}");
 
+    i.write_config("gather.toml", "pin_file = \"pin\"\n[audit]\ncommit_gather_us = 20000\n", "");
+    let err = i.refused("gather.toml");
+    assert!(err.contains("key `audit.commit_gather_us`") && err.contains("from 0 to 10000"), "{err}");
+
     let file = i.write_config("mode.toml", "pin_file = \"pin\"\n", "mode = \"prod\"\n");
     let err = i.refused("mode.toml");
     assert!(err.contains(&file.display().to_string()) && err.contains("`mode`"), "{err}");
