@@ -10,31 +10,9 @@ use crate::error::Error;
 /// Largest frame body, in bytes (1 MiB).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 
-/// Reads one frame body into `buf` (cleared first). Returns `Ok(false)` on a
-/// clean end of stream between frames, `Error::FrameTooLarge` when the
-/// announced length is over the limit (the body is then left unread, so the
-/// stream can no longer be trusted to be in step).
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<bool, Error> {
-    let mut len = [0u8; 4];
-    // Distinguish a clean close (no byte of a new frame) from a torn one.
-    let n = r.read(&mut len).await?;
-    if n == 0 {
-        return Ok(false);
-    }
-    r.read_exact(&mut len[n..]).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(Error::FrameTooLarge(len));
-    }
-    buf.clear();
-    buf.resize(len, 0);
-    r.read_exact(buf).await?;
-    Ok(true)
-}
-
 /// Reads frames through one buffer, so that one `read` call usually brings
-/// a whole frame, or several pipelined ones, where [`read_frame`] needs two
-/// calls per frame. Frames carry plaintext: bytes are zeroed as their frame
+/// a whole frame, or several pipelined ones, instead of one call for the length and
+/// one for the body. Frames carry plaintext: bytes are zeroed as their frame
 /// is consumed, when the buffer moves or shrinks, and when the reader is
 /// dropped. [`FrameReader::next`] is cancel safe (bytes read so far stay in
 /// the buffer), so it may race other futures in a `select!`.
@@ -101,11 +79,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             self.end += n;
         }
-    }
-
-    /// The stream, for whoever reads past the frames.
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.inner
     }
 
     /// Zeroes and drops the frame returned last.
@@ -176,19 +149,9 @@ mod tests {
     async fn round_trip_and_limits() {
         let frame = encode_frame(&serde_json::json!({"id": 1})).unwrap();
         assert_eq!(&frame[..4], &[0, 0, 0, 8]);
-        let mut buf = Vec::new();
-        let mut r = &frame[..];
-        assert!(read_frame(&mut r, &mut buf).await.unwrap());
-        assert_eq!(buf, br#"{"id":1}"#);
-        assert!(!read_frame(&mut r, &mut buf).await.unwrap());
-
-        let big = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
-        let mut r = &big[..];
-        assert!(matches!(read_frame(&mut r, &mut buf).await, Err(Error::FrameTooLarge(_))));
-
-        let torn = [0u8, 0, 0, 9, b'{'];
-        let mut r = &torn[..];
-        assert!(matches!(read_frame(&mut r, &mut buf).await, Err(Error::Io(_))));
+        let mut r = FrameReader::new(&frame[..]);
+        assert_eq!(r.next().await.unwrap().unwrap(), br#"{"id":1}"#);
+        assert!(r.next().await.unwrap().is_none());
     }
 
     /// A reader that hands out at most `step` bytes per read.

@@ -28,28 +28,36 @@ use keyhaven::{EncryptionContext, KeyPath};
 use crate::config::Config;
 use crate::hsm::token;
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run: the options of `keyhavend bench`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Folder of the dev install (must not exist, or be empty); a temporary
-    /// one, removed afterwards, when absent.
+    /// Folder for the dev install (must not exist or be empty) [default: a temporary one, removed after].
+    #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Operations for `keyhaven bench --op`.
+    #[arg(long = "op", value_name = "OP", default_value = "health,encrypt,datakey,datakey-decrypt,rewrap")]
     pub ops: String,
-    /// Concurrencies for `keyhaven bench --concurrency`.
+    /// Concurrent clients for `keyhaven bench --concurrency`.
+    #[arg(long, default_value = "1,8,64")]
     pub concurrency: String,
-    /// Time per measurement (`keyhaven bench --duration`, and the raw run).
+    /// Time per measurement (and for the raw token rate).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Also measure a new connection per request (datakey-decrypt, c=1 and c=8).
+    /// Also measure a new connection per request (datakey-decrypt at 1 and 8 clients).
+    #[arg(long)]
     pub new_connection: bool,
-    /// Run the daemon with `[audit] enabled = false` (to measure its cost).
+    /// Run the daemon with the audit log off ([audit] enabled = false), to measure its cost.
+    #[arg(long)]
     pub no_audit: bool,
-    /// `[hsm] workers` for the daemon, when not the dev default.
+    /// HSM worker threads of the daemon ([hsm] workers; the dev default is 1).
+    #[arg(long)]
     pub workers: Option<usize>,
-    /// Then datakey-decrypt at 64 clients for this long, with the daemon's
-    /// resident memory sampled every 10 s.
+    /// Then run datakey-decrypt at 64 clients for this long (e.g. 60s),
+    /// sampling the daemon's resident memory every 10 s, and print its growth.
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub soak: Option<Duration>,
-    /// The `keyhaven` binary; by default the one next to this executable.
+    /// The `keyhaven` binary [default: the one next to keyhavend, else from PATH].
+    #[arg(long)]
     pub keyhaven: Option<PathBuf>,
 }
 

@@ -41,36 +41,7 @@ enum Command {
     /// Run the daemon.
     Run,
     /// Benchmark: a fresh dev install, the raw token rate, then `keyhaven bench` against it.
-    Bench {
-        /// Folder for the dev install (must not exist or be empty) [default: a temporary one, removed after].
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Operations for `keyhaven bench --op`.
-        #[arg(long, default_value = "health,encrypt,datakey,datakey-decrypt,rewrap")]
-        op: String,
-        /// Concurrent clients for `keyhaven bench --concurrency`.
-        #[arg(long, default_value = "1,8,64")]
-        concurrency: String,
-        /// Time per measurement (and for the raw token rate).
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        duration: std::time::Duration,
-        /// Also measure a new connection per request (datakey-decrypt at 1 and 8 clients).
-        #[arg(long)]
-        new_connection: bool,
-        /// Run the daemon with the audit log off ([audit] enabled = false), to measure its cost.
-        #[arg(long)]
-        no_audit: bool,
-        /// HSM worker threads of the daemon ([hsm] workers; the dev default is 1).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Then run datakey-decrypt at 64 clients for this long (e.g. 60s),
-        /// sampling the daemon's resident memory every 10 s, and print its growth.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        soak: Option<std::time::Duration>,
-        /// The `keyhaven` binary [default: the one next to keyhavend, else from PATH].
-        #[arg(long)]
-        keyhaven: Option<PathBuf>,
-    },
+    Bench(keyhavend::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -142,27 +113,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some(Command::Bench {
-            dir,
-            op,
-            concurrency,
-            duration,
-            new_connection,
-            no_audit,
-            workers,
-            soak,
-            keyhaven,
-        }) => keyhavend::bench::run(keyhavend::bench::BenchArgs {
-            dir,
-            ops: op,
-            concurrency,
-            duration,
-            new_connection,
-            no_audit,
-            workers,
-            soak,
-            keyhaven,
-        }),
+        Some(Command::Bench(args)) => keyhavend::bench::run(args),
         Some(Command::Run) | None => daemon::run(load(cli.config)?, None, |_| {}),
     }
 }
