@@ -192,19 +192,26 @@ pub struct AdminRotateMaster {
     pub rollback: bool,
 }
 
-/// Answer to `admin_rotate_master`.
+/// Answer to `admin_rotate_master`. KEKs cannot leave the master key that
+/// wraps them (docs/SECURITY.md), so a rotation gives every key a new
+/// version under the new master key; older versions stay under the old one
+/// until their data is rewrapped and they are trimmed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MasterRotationStatus {
-    /// The master key version KEKs move away from.
+    /// The master key version the rotation moves away from.
     pub from: u32,
-    /// The master key version they move to; new KEKs use it already.
+    /// The master key version it moves to; new KEKs use it already.
     pub to: u32,
-    /// KEK versions rewrapped by this call.
-    pub rewrapped: u64,
-    /// KEK versions still under `from`.
+    /// Keys given a new current version under `to` by this call.
+    pub rotated: u64,
+    /// Keys whose current version is still under another master key.
     pub remaining: u64,
-    /// Nothing is left under `from`: the rotation is complete.
+    /// Every key's current version is under `to`: the rotation is complete.
     pub finished: bool,
+    /// Key versions still wrapped under `from` (older versions, kept for
+    /// decryption): `from` can be retired once their data is rewrapped and
+    /// they are trimmed or destroyed.
+    pub left_under_from: u64,
 }
 crate::wire::operation!(AdminRotateMaster, "admin_rotate_master", MasterRotationStatus);
 

@@ -114,8 +114,30 @@ pub struct HealthResponse {
     /// The whole-system suspension in force, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspended: Option<crate::revocation::Revocation>,
+    /// What the token enforces to keep key material inside it
+    /// (docs/SECURITY.md).
+    #[serde(default)]
+    pub custody: CustodyHealth,
 }
 operation!(Health, "health", HealthResponse);
+
+/// The custody part of `health`: what the token was seen to enforce when
+/// the daemon started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CustodyHealth {
+    /// `enforced` when the token refused, for every master key version in
+    /// use, to unwrap a KEK into an extractable or non-sensitive key (so no
+    /// PIN holder can take a KEK out in plaintext); `not_enforced` when it
+    /// did not for at least one (listed in `unconfined_master_keys`).
+    pub kek_confinement: String,
+    /// Master key versions under which the token does not confine KEKs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unconfined_master_keys: Vec<u32>,
+    /// Master key versions checked against their pin in the store (their
+    /// `CKA_ID` and canary) at start.
+    #[serde(default)]
+    pub pinned_master_keys: Vec<u32>,
+}
 
 /// The token part of `health`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

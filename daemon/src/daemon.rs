@@ -33,6 +33,7 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     };
     let hsm_config = config.hsm_config().map_err(anyhow::Error::msg)?;
     let hsm = Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?;
+    crate::ops::master::check_pins(&hsm, &store).context("checking the master keys against the store")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keyhaven-io").build()?;
     for name in config.access.unknown_names() {

@@ -91,9 +91,9 @@ impl Error {
             Error::Hsm(HsmError::Busy(_)) => ErrorCode::Busy,
             Error::Hsm(HsmError::Integrity(_)) => ErrorCode::Integrity,
             Error::Hsm(HsmError::Login { .. }) => ErrorCode::HsmLoginFailed,
-            Error::Hsm(HsmError::KeyMissing { .. } | HsmError::MasterKey { .. }) => {
-                ErrorCode::MasterKeyUnavailable
-            }
+            Error::Hsm(
+                HsmError::KeyMissing { .. } | HsmError::MasterKey { .. } | HsmError::MasterKeyMismatch { .. },
+            ) => ErrorCode::MasterKeyUnavailable,
             Error::Hsm(_) => ErrorCode::HsmUnavailable,
             Error::Store(_) => ErrorCode::StoreUnavailable,
             Error::Internal(_) => ErrorCode::Internal,

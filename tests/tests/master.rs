@@ -1,10 +1,14 @@
-//! Master-key rotation against the real daemon and token: every KEK moves to
-//! the new master key in batches while service goes on; SIGKILL at several
-//! points and a restart lose nothing; rollback; retiring the old master key
-//! is refused while it is needed and then makes every older copy of the
+//! Master-key rotation against the real daemon and token: every key gets a
+//! new version under the new master key in batches while service goes on
+//! (KEKs are confined to the master key that wraps them, so none is
+//! rewrapped); SIGKILL at several points and a restart lose nothing;
+//! rollback; retiring the old master key is refused while a key version
+//! needs it, and after rewrap and trim it makes every older copy of the
 //! store useless, which is how a destruction is made to hold against backups.
 
-use keyhaven::lifecycle::{AdminRetireMaster, AdminRotateMaster, KeyRotate, MasterRotationStatus};
+use keyhaven::lifecycle::{
+    AdminRetireMaster, AdminRotateMaster, KeyRotate, KeySet, KeyTrim, MasterRotationStatus, Rewrap,
+};
 use keyhaven::revocation::{Destroy, Reason, Revoke, Scope};
 use keyhaven::wire::EncryptResponse;
 use keyhaven::Client;
@@ -36,6 +40,33 @@ async fn step(c: &Client, batch: u32, rollback: bool) -> MasterRotationStatus {
     c.call(&AdminRotateMaster { batch: Some(batch), rollback }).await.unwrap()
 }
 
+/// The runbook's second half (docs/OPERATIONS.md): every ciphertext
+/// rewrapped under its key's current version, every key's older versions
+/// trimmed. Returns the rewrapped ciphertexts.
+async fn rewrap_and_trim(c: &Client, sealed: &[(String, EncryptResponse)]) -> Vec<(String, EncryptResponse)> {
+    let mut out = Vec::new();
+    for (name, s) in sealed {
+        let r = c.call(&Rewrap { text: s.ciphertext.clone(), context: ctx(&[]) }).await.unwrap();
+        out.push((name.clone(), EncryptResponse { ciphertext: r.text, ..s.clone() }));
+    }
+    for name in KEYS {
+        let (t, k) = name.split_once('/').unwrap();
+        let show = c.call(&keyhaven::lifecycle::KeyShow { tenant: t.into(), key: k.into() }).await.unwrap();
+        let min = Some(show.current_version);
+        c.call(&KeySet {
+            tenant: t.into(),
+            key: k.into(),
+            min_decryption_version: min,
+            rotate_every_secs: None,
+            state: None,
+        })
+        .await
+        .unwrap();
+        c.call(&KeyTrim { tenant: t.into(), key: k.into() }).await.unwrap();
+    }
+    out
+}
+
 fn kill_and_restart(d: &mut TestDaemon) {
     signal(d.pid(), "KILL");
     let (status, _) = d.stop();
@@ -49,9 +80,10 @@ async fn rotation_in_batches_survives_sigkill_at_every_step() {
     let c = d.client().await;
     let sealed = fixture(&c).await;
 
-    // Started, one batch of three done, then killed.
+    // Started, three of the four keys given a version under v2, then killed.
     let s = step(&c, 3, false).await;
-    assert_eq!((s.from, s.to, s.rewrapped, s.remaining, s.finished), (1, 2, 3, 5, false));
+    assert_eq!((s.from, s.to, s.rotated, s.remaining, s.finished), (1, 2, 3, 1, false));
+    assert_eq!(s.left_under_from, 8, "the old versions stay where they are");
     assert_eq!(c.health().await.unwrap().token.master_key_version, 2);
     // Service goes on mid-rotation: old and new KEKs open, new keys use v2.
     all_open(&c, &sealed).await;
@@ -60,7 +92,10 @@ async fn rotation_in_batches_survives_sigkill_at_every_step() {
     kill_and_restart(&mut d);
 
     let c = d.client().await;
-    assert_eq!(c.health().await.unwrap().token.master_key_version, 2);
+    let health = c.health().await.unwrap();
+    assert_eq!(health.token.master_key_version, 2);
+    assert_eq!(health.custody.kek_confinement, "enforced", "{health:?}");
+    assert_eq!(health.custody.pinned_master_keys, vec![1, 2], "{health:?}");
     all_open(&c, &sealed).await;
     // Retiring either side mid-rotation is refused.
     for v in [1, 2] {
@@ -68,29 +103,27 @@ async fn rotation_in_batches_survives_sigkill_at_every_step() {
         assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
     }
     let s = step(&c, 2, false).await;
-    assert_eq!((s.from, s.to, s.rewrapped, s.remaining), (1, 2, 2, 3));
+    assert_eq!((s.from, s.to, s.rotated, s.remaining, s.finished), (1, 2, 1, 0, true));
     drop(c);
     kill_and_restart(&mut d);
 
-    let c = d.client().await;
-    let s = step(&c, 100, false).await;
-    assert_eq!((s.rewrapped, s.remaining, s.finished), (3, 0, true));
-    all_open(&c, &sealed).await;
-    drop(c);
-    kill_and_restart(&mut d);
-
-    // Finished: v1 wraps nothing any more and can go; v2 cannot.
+    // Finished: every key's current version is under v2; v1 still wraps the
+    // older versions, so it cannot go yet, and v2 never while current.
     let c = d.client().await;
     all_open(&c, &sealed).await;
     let e = c.call(&AdminRetireMaster { version: 2 }).await.unwrap_err();
     assert!(e.to_string().contains("current"), "{e}");
+    let e = c.call(&AdminRetireMaster { version: 1 }).await.unwrap_err();
+    assert!(e.to_string().contains("still wraps 8 key version"), "{e}");
+    let rewrapped = rewrap_and_trim(&c, &sealed).await;
     assert_eq!(c.call(&AdminRetireMaster { version: 1 }).await.unwrap().destroyed, 1);
     let e = c.call(&AdminRetireMaster { version: 1 }).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
-    all_open(&c, &sealed).await;
+    all_open(&c, &rewrapped).await;
+    assert_eq!(c.health().await.unwrap().custody.pinned_master_keys, vec![2]);
     drop(c);
     d.restart();
-    all_open(&d.client().await, &sealed).await;
+    all_open(&d.client().await, &rewrapped).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -99,17 +132,17 @@ async fn rollback_returns_to_the_old_master_key_while_it_exists() {
     let c = d.client().await;
     let sealed = fixture(&c).await;
     assert!(step(&c, 100, false).await.finished);
-    let back = step(&c, 5, true).await;
-    assert_eq!((back.from, back.to, back.rewrapped, back.remaining), (2, 1, 5, 3));
+    let back = step(&c, 3, true).await;
+    assert_eq!((back.from, back.to, back.rotated, back.remaining), (2, 1, 3, 1));
     assert!(step(&c, 100, false).await.finished);
     assert_eq!(c.health().await.unwrap().token.master_key_version, 1);
     all_open(&c, &sealed).await;
-    // v2 now wraps nothing: retire it; then there is nothing to roll back to.
-    c.call(&AdminRetireMaster { version: 2 }).await.unwrap();
-    let e = c.call(&AdminRotateMaster { batch: None, rollback: true }).await.unwrap_err();
-    assert!(e.to_string().contains("no earlier"), "{e}");
-    // A new rotation makes version 2 again.
-    assert_eq!(step(&c, 100, false).await.to, 2);
+    // v2 still wraps the versions the first rotation made.
+    let e = c.call(&AdminRetireMaster { version: 2 }).await.unwrap_err();
+    assert!(e.to_string().contains("still wraps 4 key version"), "{e}");
+    // A new rotation goes to version 2 again: the pinned key, not a new one.
+    let s = step(&c, 100, false).await;
+    assert_eq!((s.from, s.to, s.finished), (1, 2, true));
     all_open(&c, &sealed).await;
 }
 
@@ -131,9 +164,27 @@ async fn retiring_the_old_master_key_makes_older_store_copies_useless() {
     c.call(&Revoke { scope: scope.clone(), reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
     c.call(&Destroy { scope, confirm: "acme/pii".into() }).await.unwrap();
     assert!(step(&c, 100, false).await.finished);
-    c.call(&AdminRetireMaster { version: 1 }).await.unwrap();
     let others: Vec<_> = sealed.iter().filter(|(n, _)| n != "acme/pii").cloned().collect();
-    all_open(&c, &others).await;
+    let mut rewrapped = Vec::new();
+    for (name, s) in &others {
+        let r = c.call(&Rewrap { text: s.ciphertext.clone(), context: ctx(&[]) }).await.unwrap();
+        rewrapped.push((name.clone(), EncryptResponse { ciphertext: r.text, ..s.clone() }));
+    }
+    for name in KEYS.iter().filter(|n| **n != "acme/pii") {
+        let (t, k) = name.split_once('/').unwrap();
+        c.call(&KeySet {
+            tenant: t.into(),
+            key: k.into(),
+            min_decryption_version: Some(3),
+            rotate_every_secs: None,
+            state: None,
+        })
+        .await
+        .unwrap();
+        c.call(&KeyTrim { tenant: t.into(), key: k.into() }).await.unwrap();
+    }
+    c.call(&AdminRetireMaster { version: 1 }).await.unwrap();
+    all_open(&c, &rewrapped).await;
     drop(c);
 
     // The old copy needs master key 1, which the token no longer has.

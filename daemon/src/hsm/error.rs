@@ -44,6 +44,17 @@ pub enum HsmError {
         /// What is wrong.
         reason: String,
     },
+    /// A master key version is not the key the store recorded when it was
+    /// made (another `CKA_ID`, or its canary does not unwrap: replaced or
+    /// planted), or a key carries its label that the store never recorded
+    /// making. Never adopted silently (docs/SECURITY.md).
+    #[error("master key `{label}` is not the one the store recorded: {reason}")]
+    MasterKeyMismatch {
+        /// The key's label.
+        label: String,
+        /// What differs, and what to do.
+        reason: String,
+    },
     /// The audit (HMAC) key is unusable (docs/AUDIT.md §3).
     #[error("audit key `{label}`: {reason}")]
     AuditKey {
@@ -120,6 +131,7 @@ impl HsmError {
             HsmError::Login { .. } => "login_failed",
             HsmError::KeyMissing { .. } => "master_key_missing",
             HsmError::MasterKey { .. } => "master_key_unusable",
+            HsmError::MasterKeyMismatch { .. } => "master_key_mismatch",
             HsmError::Integrity(_) => "integrity",
             HsmError::Busy(_) => "busy",
             HsmError::Stopped => "stopped",

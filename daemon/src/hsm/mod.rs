@@ -5,8 +5,10 @@
 //!
 //! - [`token`]: module, slot, login, master key.
 //! - [`worker`]: one session and its cached handles; the operations.
+//! - [`confine`]: the unwrap template that keeps every KEK inside the token.
 //! - [`error`]: PKCS#11 return codes to [`HsmError`], in one place.
 
+pub mod confine;
 pub mod error;
 pub mod token;
 pub mod worker;
@@ -61,9 +63,27 @@ pub(crate) struct Shared {
     /// The master key version new KEKs are wrapped under; changes during a
     /// master-key rotation.
     master_key_version: AtomicU32,
+    /// The `CKA_ID` the store pinned for each master key version in use: a
+    /// key found under a version's label with another id is refused.
+    master_ids: Mutex<std::collections::HashMap<u32, Vec<u8>>>,
 }
 
 impl Shared {
+    /// Refuses master key `version` found under `label` with `CKA_ID` `id`
+    /// when the store pinned another id for it.
+    fn check_master_id(&self, version: u32, label: &str, id: &[u8]) -> Result<(), HsmError> {
+        let ids = self.master_ids.lock().unwrap_or_else(|e| e.into_inner());
+        match ids.get(&version) {
+            Some(pinned) if pinned.as_slice() != id => Err(HsmError::MasterKeyMismatch {
+                label: label.to_owned(),
+                reason:
+                    "its CKA_ID is not the one the store pinned when the key was made: the key was replaced"
+                        .into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn pkcs11(&self) -> Pkcs11 {
         self.pkcs11.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -114,6 +134,9 @@ pub struct Hsm {
     workers: usize,
     queue_depth: usize,
     shared: Arc<Shared>,
+    /// For each master key version checked at start: whether the token
+    /// refused to unwrap under it into an extractable key (`hsm::confine`).
+    confinement: Mutex<std::collections::BTreeMap<u32, bool>>,
 }
 
 impl Hsm {
@@ -121,6 +144,12 @@ impl Hsm {
     /// its own logged-in session. Fails when the master key version
     /// `master_key_version` is missing or not sensitive and unextractable.
     pub fn start(cfg: HsmConfig, master_key_version: u32) -> Result<Hsm, HsmError> {
+        Hsm::start_with(cfg, master_key_version, true)
+    }
+
+    /// Like [`start`](Self::start), but without looking for a master key
+    /// (`probe` false): for `keyhavend init`, which makes the first one.
+    fn start_with(cfg: HsmConfig, master_key_version: u32, probe: bool) -> Result<Hsm, HsmError> {
         let pkcs11 = token::load_module(&cfg.module)?;
         let shared = Arc::new(Shared {
             pkcs11: Mutex::new(pkcs11),
@@ -133,13 +162,16 @@ impl Hsm {
             master_key_label: cfg.master_key_label,
             audit_key_label: cfg.audit_key_label,
             master_key_version: AtomicU32::new(master_key_version),
+            master_ids: Mutex::new(Default::default()),
         });
         let (tx, rx) = async_channel::bounded::<Job>(cfg.queue_depth.max(1));
         let mut threads = Vec::new();
         for i in 0..cfg.workers.max(1) {
             let mut worker = Worker::new(shared.clone())?;
-            worker.probe()?;
-            if i == 0 {
+            if probe {
+                worker.probe()?;
+            }
+            if i == 0 && probe {
                 // Stores and tokens from before the audit log get their key now.
                 worker.ensure_audit_key()?;
             }
@@ -157,6 +189,7 @@ impl Hsm {
             workers: cfg.workers.max(1),
             queue_depth: cfg.queue_depth.max(1),
             shared,
+            confinement: Mutex::new(Default::default()),
         })
     }
 
@@ -244,6 +277,29 @@ impl Hsm {
         self.shared.master_key_version.load(Ordering::SeqCst)
     }
 
+    /// Pins master key `version` to `CKA_ID` `id` for every worker (from the
+    /// store's record, at start).
+    pub fn pin_master_id(&self, version: u32, id: &[u8]) {
+        self.shared.master_ids.lock().unwrap_or_else(|e| e.into_inner()).insert(version, id.to_vec());
+    }
+
+    /// Records whether the token confines the KEKs that master key
+    /// `version` unwraps (what `health` reports as `custody`).
+    pub fn set_confinement(&self, version: u32, confined: bool) {
+        self.confinement.lock().unwrap_or_else(|e| e.into_inner()).insert(version, confined);
+    }
+
+    /// Forgets master key `version`'s confinement (retired).
+    pub fn forget_confinement(&self, version: u32) {
+        self.confinement.lock().unwrap_or_else(|e| e.into_inner()).remove(&version);
+    }
+
+    /// Each checked master key version and whether the token confines the
+    /// KEKs it unwraps, lowest version first.
+    pub fn confinement(&self) -> Vec<(u32, bool)> {
+        self.confinement.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(v, c)| (*v, *c)).collect()
+    }
+
     /// Makes `version` the master key new KEKs are wrapped under.
     pub fn set_master_key_version(&self, version: u32) {
         self.shared.master_key_version.store(version, Ordering::SeqCst);
@@ -289,14 +345,16 @@ impl Rendezvous {
 }
 
 /// Creates master key version 1 and the audit key in the token (for
-/// `keyhavend init`).
-pub fn create_first_master_key(cfg: &HsmConfig) -> Result<(), HsmError> {
-    let pkcs11 = token::load_module(&cfg.module)?;
-    let slot = token::find_token(&pkcs11, &cfg.token_label)?;
-    let session = token::open_session(&pkcs11, slot, &cfg.token_label, &cfg.pin)?;
-    let label = token::master_key_label(&cfg.master_key_label, 1);
-    token::create_master_key(&session, &label)?;
-    token::find_master_key(&session, &label)?;
-    token::ensure_audit_key(&session, &cfg.audit_key_label)?;
-    Ok(())
+/// `keyhavend init`); returns the master key's `CKA_ID` and canary for the
+/// store to pin.
+pub fn create_first_master_key(cfg: HsmConfig) -> Result<(Vec<u8>, Vec<u8>), HsmError> {
+    let hsm = Hsm::start_with(HsmConfig { workers: 1, ..cfg }, 1, false)?;
+    let r = hsm.run_blocking(|w| {
+        let id = w.random_id()?;
+        let canary = w.make_master_key(1, &id, false)?;
+        w.ensure_audit_key()?;
+        Ok((id, canary))
+    });
+    hsm.shutdown();
+    r
 }

@@ -92,8 +92,13 @@ fn find_secret_key(
 }
 
 /// Finds a master key version and checks that it is an AES key the token
-/// will never reveal (sensitive, never extractable) and that may unwrap.
-pub fn find_master_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+/// made and will never reveal: sensitive and never extractable since it was
+/// generated (`CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE`), generated in
+/// the token (`CKA_LOCAL`, where the token reports it), and able to unwrap.
+/// A key a PIN holder imported with a value of their choosing
+/// (C_CreateObject) fails the first two. Returns the handle and the key's
+/// `CKA_ID`, which the store pins (`ops::master`).
+pub fn find_master_key(session: &Session, label: &str) -> Result<(ObjectHandle, Vec<u8>), HsmError> {
     let fail = |reason: &str| HsmError::MasterKey { label: label.to_owned(), reason: reason.to_owned() };
     let handle = find_secret_key(session, label, fail)?
         .ok_or_else(|| HsmError::KeyMissing { label: label.to_owned() })?;
@@ -105,8 +110,14 @@ pub fn find_master_key(session: &Session, label: &str) -> Result<ObjectHandle, H
             AttributeType::Extractable,
             AttributeType::Unwrap,
             AttributeType::Wrap,
+            AttributeType::AlwaysSensitive,
+            AttributeType::NeverExtractable,
+            AttributeType::Local,
+            AttributeType::Id,
         ],
     )?;
+    let mut id = Vec::new();
+    let (mut always_sensitive, mut never_extractable) = (false, false);
     for attr in attrs {
         match attr {
             Attribute::KeyType(t) if t != KeyType::AES => return Err(fail("is not an AES key")),
@@ -114,16 +125,32 @@ pub fn find_master_key(session: &Session, label: &str) -> Result<ObjectHandle, H
             Attribute::Extractable(true) => return Err(fail("is extractable (CKA_EXTRACTABLE is true)")),
             Attribute::Unwrap(false) => return Err(fail("may not unwrap (CKA_UNWRAP is false)")),
             Attribute::Wrap(false) => return Err(fail("may not wrap (CKA_WRAP is false)")),
+            Attribute::AlwaysSensitive(v) => always_sensitive = v,
+            Attribute::NeverExtractable(v) => never_extractable = v,
+            Attribute::Local(false) => {
+                return Err(fail(
+                    "was not generated inside the token (CKA_LOCAL is false): its value may be known outside it; refusing to use it",
+                ))
+            }
+            Attribute::Id(v) => id = v,
             _ => {}
         }
     }
-    Ok(handle)
+    if !always_sensitive || !never_extractable {
+        return Err(fail(
+            "was not generated as a secret inside the token (CKA_ALWAYS_SENSITIVE or CKA_NEVER_EXTRACTABLE is false): \
+             it may have been imported with a value someone knows; refusing to use it",
+        ));
+    }
+    Ok((handle, id))
 }
 
 /// Generates a master key version inside the token: AES-256, a token
-/// object, private, sensitive, never extractable, for wrapping only.
-/// Refuses when an object with that label exists already.
-pub fn create_master_key(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+/// object, private, sensitive, never extractable, not copyable, for wrapping
+/// only, with `id` as its `CKA_ID` and the unwrap template that confines
+/// every KEK it unwraps ([`super::confine`]). Refuses when an object with
+/// that label exists already.
+pub fn create_master_key(session: &Session, label: &str, id: &[u8]) -> Result<ObjectHandle, HsmError> {
     let existing = session.find_objects(&[Attribute::Label(label.as_bytes().to_vec())])?;
     if !existing.is_empty() {
         return Err(HsmError::MasterKey {
@@ -136,11 +163,13 @@ pub fn create_master_key(session: &Session, label: &str) -> Result<ObjectHandle,
         Attribute::KeyType(KeyType::AES),
         Attribute::ValueLen(32.into()),
         Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Modifiable(false),
+        Attribute::Copyable(false),
         Attribute::Wrap(true),
         Attribute::Unwrap(true),
         Attribute::Encrypt(false),
@@ -148,6 +177,7 @@ pub fn create_master_key(session: &Session, label: &str) -> Result<ObjectHandle,
         Attribute::Sign(false),
         Attribute::Verify(false),
         Attribute::Derive(false),
+        super::confine::master_unwrap_template(),
     ];
     Ok(session.generate_key(&Mechanism::AesKeyGen, &template)?)
 }

@@ -14,6 +14,7 @@ use keyhaven::envelope::{NONCE_LEN, TAG_LEN};
 use keyhaven::KeyPath;
 use zeroize::Zeroizing;
 
+use super::confine;
 use super::error::integrity_or;
 use super::token::{self, master_key_label};
 use super::{HsmError, Job, Shared};
@@ -169,6 +170,13 @@ impl Worker {
         self.note(r)
     }
 
+    /// 16 random bytes from the token: a new master key's `CKA_ID`.
+    pub fn random_id(&mut self) -> Result<Vec<u8>, HsmError> {
+        let mut id = vec![0u8; 16];
+        self.random(&mut id)?;
+        Ok(id)
+    }
+
     /// A cheap call that proves the session and login still work.
     /// Looks the master key up afresh (not from the cache), so that a key
     /// deleted or a token gone since is noticed.
@@ -182,7 +190,8 @@ impl Worker {
             token::find_token(&w.shared.pkcs11(), &w.shared.token_label)?;
             let s = w.session()?;
             s.get_session_info()?;
-            let h = token::find_master_key(s, &label)?;
+            let (h, id) = token::find_master_key(s, &label)?;
+            w.shared.check_master_id(current, &label, &id)?;
             if w.master_keys.get(&current).is_some_and(|cached| *cached != h) {
                 // The key was replaced (restored from a backup): drop stale handles.
                 w.lost = true;
@@ -196,7 +205,8 @@ impl Worker {
             return Ok(*h);
         }
         let label = master_key_label(&self.shared.master_key_label, version);
-        let h = token::find_master_key(self.session()?, &label)?;
+        let (h, id) = token::find_master_key(self.session()?, &label)?;
+        self.shared.check_master_id(version, &label, &id)?;
         self.master_keys.insert(version, h);
         Ok(h)
     }
@@ -252,7 +262,13 @@ impl Worker {
     /// their own non-extractable copy.
     pub fn generate_kek(&mut self) -> Result<(Vec<u8>, u32), HsmError> {
         let version = self.shared.master_key_version.load(std::sync::atomic::Ordering::SeqCst);
-        self.retrying(|w| w.generate_kek_under(version)).map(|w| (w, version))
+        self.generate_kek_for(version).map(|w| (w, version))
+    }
+
+    /// Like [`generate_kek`](Self::generate_kek), under master key
+    /// `mk_version` (a master-key rotation's target).
+    pub fn generate_kek_for(&mut self, mk_version: u32) -> Result<Vec<u8>, HsmError> {
+        self.retrying(|w| w.generate_kek_under(mk_version))
     }
 
     fn generate_kek_under(&mut self, mk_version: u32) -> Result<Vec<u8>, HsmError> {
@@ -277,43 +293,114 @@ impl Worker {
         Ok(wrapped?)
     }
 
-    /// Makes sure master key `version` exists in the token, generating it
-    /// when no object carries its label (a rotation cut short before it
-    /// recorded the new version finds the key it made). With `create`
-    /// false, only checks.
-    pub fn ensure_master_key(&mut self, version: u32, create: bool) -> Result<(), HsmError> {
+    /// Makes master key `version` in the token with `CKA_ID` `id` and
+    /// returns its canary (see [`MasterKeyPin`](crate::store::MasterKeyPin)).
+    /// A key already under its label is adopted only with `adopt` (the
+    /// store recorded making it, and a rotation is resuming) and only when
+    /// it carries `id`; otherwise it is refused as possibly planted.
+    pub fn make_master_key(&mut self, version: u32, id: &[u8], adopt: bool) -> Result<Vec<u8>, HsmError> {
         let label = master_key_label(&self.shared.master_key_label, version);
         let r = (|| {
             let s = self.session()?;
             let found = s.find_objects(&[Attribute::Label(label.as_bytes().to_vec())])?;
             if found.is_empty() {
-                if !create {
-                    return Err(HsmError::MasterKey {
-                        label: label.clone(),
-                        reason: "not found in the token".into(),
-                    });
-                }
-                token::create_master_key(s, &label)?;
+                token::create_master_key(s, &label, id)?;
+            } else if !adopt {
+                return Err(HsmError::MasterKeyMismatch {
+                    label: label.clone(),
+                    reason:
+                        "an object carries this label, but the store never recorded making it (it may have \
+                             been planted by someone with the PIN); refusing to adopt it. Inspect it with \
+                             pkcs11-tool --list-objects, delete it if it is not yours, and rotate again"
+                            .into(),
+                });
             }
-            token::find_master_key(s, &label)
+            let (h, found_id) = token::find_master_key(s, &label)?;
+            if found_id != id {
+                return Err(HsmError::MasterKeyMismatch {
+                    label: label.clone(),
+                    reason: "its CKA_ID is not the one the store recorded for the key it was making; \
+                             refusing to adopt it"
+                        .into(),
+                });
+            }
+            Ok(h)
         })();
         let h = self.note(r)?;
         self.master_keys.insert(version, h);
-        Ok(())
+        self.shared.master_ids.lock().unwrap_or_else(|e| e.into_inner()).insert(version, id.to_vec());
+        self.make_canary(h)
     }
 
-    /// Rewraps a KEK from master key `from` to master key `to`, inside the
-    /// token: the KEK is unwrapped as a sensitive session object, wrapped
-    /// again and destroyed; its value never leaves the token.
-    pub fn rewrap_kek(&mut self, wrapped: &[u8], from: u32, to: u32) -> Result<Vec<u8>, HsmError> {
+    /// Pins an existing master key version (a store from before pinning):
+    /// its attributes are checked as for every use, and its `CKA_ID` and a
+    /// new canary are returned for the store.
+    pub fn pin_master_key(&mut self, version: u32) -> Result<(Vec<u8>, Vec<u8>), HsmError> {
+        let label = master_key_label(&self.shared.master_key_label, version);
+        let r = self.session().and_then(|s| token::find_master_key(s, &label));
+        let (h, id) = self.note(r)?;
+        self.master_keys.insert(version, h);
+        self.shared.master_ids.lock().unwrap_or_else(|e| e.into_inner()).insert(version, id.clone());
+        Ok((id, self.make_canary(h)?))
+    }
+
+    /// A random AES key made in the token and wrapped under master key `mk`.
+    fn make_canary(&mut self, mk: ObjectHandle) -> Result<Vec<u8>, HsmError> {
         let r = (|| {
-            let (old, new) = (self.master_key(from)?, self.master_key(to)?);
             let s = self.session()?;
-            // Extractable for the one wrap below, used for nothing else.
-            let tmp = unwrap_kek(s, old, wrapped, true)?;
-            let out = s.wrap_key(&Mechanism::AesKeyWrap, new, tmp);
+            let tmp = s.generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(false),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(true),
+                ],
+            )?;
+            let wrapped = s.wrap_key(&Mechanism::AesKeyWrap, mk, tmp);
             s.destroy_object(tmp)?;
-            Ok(out?)
+            Ok(wrapped?)
+        })();
+        self.note(r)
+    }
+
+    /// Checks master key `version` against its pin: the same `CKA_ID`, and
+    /// its canary unwraps (the same key material). Then asks the token to
+    /// unwrap the canary as an extractable, non-sensitive key, which the
+    /// master key's unwrap template forbids: returns whether the token
+    /// refused (it enforces the confinement of KEKs) or not (a master key
+    /// from before confinement, or a token that ignores unwrap templates).
+    pub fn check_master_key(&mut self, version: u32, id: &[u8], canary: &[u8]) -> Result<bool, HsmError> {
+        let label = master_key_label(&self.shared.master_key_label, version);
+        self.shared.master_ids.lock().unwrap_or_else(|e| e.into_inner()).insert(version, id.to_vec());
+        self.master_keys.remove(&version);
+        let r = (|| {
+            let mk = self.master_key(version)?;
+            let s = self.session()?;
+            match s.unwrap_key(&Mechanism::AesKeyWrap, mk, canary, &confine::kek_unwrap_template()) {
+                Ok(h) => s.destroy_object(h)?,
+                Err(cryptoki::error::Error::Pkcs11(rv, _)) if !lost_session(rv) => {
+                    return Err(HsmError::MasterKeyMismatch {
+                        label: label.clone(),
+                        reason: format!(
+                            "it does not unwrap the canary the store made under it ({rv}): the key under this \
+                             label is another key than the one the store's KEKs are wrapped under. Restore \
+                             the right key from the HSM's backup"
+                        ),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+            match s.unwrap_key(&Mechanism::AesKeyWrap, mk, canary, &confine::forbidden_unwrap_template()) {
+                Ok(h) => {
+                    s.destroy_object(h)?;
+                    Ok(false)
+                }
+                Err(cryptoki::error::Error::Pkcs11(rv, _)) if !lost_session(rv) => Ok(true),
+                Err(e) => Err(e.into()),
+            }
         })();
         self.note(r)
     }
@@ -323,6 +410,7 @@ impl Worker {
     pub fn destroy_master_key(&mut self, version: u32) -> Result<bool, HsmError> {
         let label = master_key_label(&self.shared.master_key_label, version);
         self.master_keys.remove(&version);
+        self.shared.master_ids.lock().unwrap_or_else(|e| e.into_inner()).remove(&version);
         let r = (|| {
             let s = self.session()?;
             let found = s.find_objects(&[Attribute::Label(label.as_bytes().to_vec())])?;
@@ -371,7 +459,7 @@ impl Worker {
             let _ = self.session()?.destroy_object(stale);
         }
         let mk = self.master_key(kek.master_key_version)?;
-        let h = unwrap_kek(self.session()?, mk, &kek.wrapped, false)?;
+        let h = unwrap_kek(self.session()?, mk, &kek.wrapped)?;
         self.keks.insert(kek.id.clone(), (kek.wrapped.clone(), h));
         Ok(h)
     }
@@ -434,27 +522,16 @@ impl Worker {
     }
 }
 
-/// Unwraps a KEK under master key `mk` as a sensitive session object: for
-/// use (`encrypt`/`decrypt` only, never extractable) or, with
-/// `for_rewrap`, only to be wrapped again under another master key.
-fn unwrap_kek(
-    s: &Session,
-    mk: ObjectHandle,
-    wrapped: &[u8],
-    for_rewrap: bool,
-) -> Result<ObjectHandle, HsmError> {
-    let template = [
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(for_rewrap),
-        Attribute::Encrypt(!for_rewrap),
-        Attribute::Decrypt(!for_rewrap),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-    ];
-    s.unwrap_key(&Mechanism::AesKeyWrap, mk, wrapped, &template)
+/// Unwraps a KEK under master key `mk` as a sensitive, non-extractable
+/// session object for encrypt and decrypt only: the template the master
+/// key's `CKA_UNWRAP_TEMPLATE` demands ([`confine`]).
+fn unwrap_kek(s: &Session, mk: ObjectHandle, wrapped: &[u8]) -> Result<ObjectHandle, HsmError> {
+    s.unwrap_key(&Mechanism::AesKeyWrap, mk, wrapped, &confine::kek_unwrap_template())
         .map_err(|e| integrity_or(e, "the key material does not unwrap under its master key"))
+}
+
+/// Return values that mean the session or token is gone, not that the
+/// token refused the request.
+fn lost_session(rv: cryptoki::error::RvError) -> bool {
+    HsmError::Pkcs11 { function: cryptoki::context::Function::UnwrapKey, rv }.session_lost()
 }

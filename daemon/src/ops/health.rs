@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyhaven::wire::{self, HealthResponse, HelloResponse, StoreHealth, TokenHealth};
+use keyhaven::wire::{self, CustodyHealth, HealthResponse, HelloResponse, StoreHealth, TokenHealth};
 
 use super::{reply, Daemon, Reply};
 use crate::error::Error;
@@ -98,12 +98,20 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         (true, Some(_)) => "suspended",
         (true, None) => "ok",
     };
+    let confinement = d.hsm.confinement();
+    let unconfined: Vec<u32> = confinement.iter().filter(|(_, c)| !c).map(|(v, _)| *v).collect();
+    let custody = CustodyHealth {
+        kek_confinement: if unconfined.is_empty() { "enforced" } else { "not_enforced" }.into(),
+        unconfined_master_keys: unconfined,
+        pinned_master_keys: confinement.iter().map(|(v, _)| *v).collect(),
+    };
     let resp = HealthResponse {
         status: status.into(),
         version: env!("CARGO_PKG_VERSION").into(),
         token,
         store,
         suspended,
+        custody,
     };
     reply(&resp, 0)
 }

@@ -112,9 +112,22 @@ async fn change_key(
 
 /// Adds a version generated in the HSM and makes it current.
 pub async fn rotate_key(d: &Arc<Daemon>, path: KeyPath) -> Result<KeyRecord, Error> {
+    rotate_key_under(d, path, None).await
+}
+
+/// Like [`rotate_key`], with the new KEK wrapped under master key
+/// `master_key` (a master-key rotation) rather than the current one.
+pub async fn rotate_key_under(
+    d: &Arc<Daemon>,
+    path: KeyPath,
+    master_key: Option<u32>,
+) -> Result<KeyRecord, Error> {
     let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
     refuse_gone(&rec, &path)?;
-    let (wrapped_kek, master_key_version) = d.hsm.run(|w| w.generate_kek()).await?;
+    let (wrapped_kek, master_key_version) = match master_key {
+        None => d.hsm.run(|w| w.generate_kek()).await?,
+        Some(mk) => (d.hsm.run(move |w| w.generate_kek_for(mk)).await?, mk),
+    };
     let now = now_unix();
     let p = path.clone();
     let rec = change_key(d, path, move |rec| {

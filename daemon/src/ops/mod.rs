@@ -10,7 +10,7 @@ mod encrypt;
 mod health;
 mod keys;
 mod lifecycle;
-mod master;
+pub mod master;
 mod revoke;
 
 use std::sync::{Arc, RwLock};

@@ -85,6 +85,63 @@ pub struct Meta {
     /// other, in batches, until none is left under `from`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_rotation: Option<MasterRotation>,
+    /// Every master key version in the token that the store relies on, as
+    /// pinned when it was made (docs/SECURITY.md): a key under its label
+    /// that does not match is refused, never adopted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub master_keys: Vec<MasterKeyPin>,
+    /// A master key being made: recorded before C_GenerateKey, so that a
+    /// rotation interrupted between the two adopts the key it made (same
+    /// `CKA_ID`) and nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_pending: Option<PendingMasterKey>,
+}
+
+impl Meta {
+    /// The pin of master key `version`, if the store has one.
+    pub fn master_pin(&self, version: u32) -> Option<&MasterKeyPin> {
+        self.master_keys.iter().find(|p| p.version == version)
+    }
+}
+
+/// A master key version's identity, recorded when it is made.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MasterKeyPin {
+    /// The version (its label is `{base}-v{version}`).
+    pub version: u32,
+    /// The `CKA_ID` it was generated with (random, 16 bytes; empty for a key
+    /// pinned when a store from before pinning was first opened).
+    #[serde(with = "b64")]
+    pub id: Vec<u8>,
+    /// A random AES key generated in the token and wrapped under this master
+    /// key when it was pinned: only the same key material unwraps it, which
+    /// the daemon checks at every start.
+    #[serde(with = "b64")]
+    pub canary: Vec<u8>,
+    /// When it was pinned, Unix seconds.
+    pub pinned_at: u64,
+}
+
+impl std::fmt::Debug for MasterKeyPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterKeyPin").field("version", &self.version).finish_non_exhaustive()
+    }
+}
+
+/// A master key version about to be generated.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingMasterKey {
+    /// The version.
+    pub version: u32,
+    /// The `CKA_ID` it is generated with.
+    #[serde(with = "b64")]
+    pub id: Vec<u8>,
+}
+
+impl std::fmt::Debug for PendingMasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingMasterKey").field("version", &self.version).finish_non_exhaustive()
+    }
 }
 
 /// A master-key rotation (or its rollback) under way.

@@ -206,19 +206,30 @@ pub async fn rotate_master(client: &Client, batch: u32, rollback: bool) -> Resul
     loop {
         let status = client.call(&req).await?;
         req.rollback = false; // the first call turns it round; the rest carry on
-        total += status.rewrapped;
+        total += status.rotated;
         eprintln!(
-            "master key {} -> {}: {total} key versions rewrapped, {} to go",
+            "master key {} -> {}: {total} keys given a new version, {} to go",
             status.from, status.to, status.remaining
         );
         if status.finished {
-            return print_json(
-                &json!({ "from": status.from, "to": status.to, "rewrapped": total, "finished": true }),
-            );
+            if status.left_under_from > 0 {
+                eprintln!(
+                    "{} older key versions stay under master key {} until their data is rewrapped and they are \
+                     trimmed (docs/OPERATIONS.md); then retire it",
+                    status.left_under_from, status.from
+                );
+            }
+            return print_json(&json!({
+                "from": status.from,
+                "to": status.to,
+                "rotated": total,
+                "finished": true,
+                "left_under_from": status.left_under_from,
+            }));
         }
-        if status.rewrapped == 0 {
+        if status.rotated == 0 {
             return Err(Failure::new(format!(
-                "master-key rotation made no progress with {} key versions left; see the daemon's log",
+                "master-key rotation made no progress with {} keys left; see the daemon's log",
                 status.remaining
             )));
         }
