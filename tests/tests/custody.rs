@@ -1,0 +1,163 @@
+//! Custody against a PIN holder (docs/SECURITY.md): someone with the user
+//! PIN works on the real token directly, past the daemon, with an attacker's
+//! PKCS#11 probe (`p11probe`, cryptoki on the SoftHSM2 module). They must
+//! not get a KEK out in plaintext, and a master key they plant or swap in
+//! must never be adopted.
+
+use std::path::Path;
+use std::process::Output;
+
+use keyhaven_tests::*;
+
+/// Runs the probe against the test daemon's token with its PIN.
+fn probe(d: &TestDaemon, args: &[&str]) -> Output {
+    std::process::Command::new(bin("p11probe"))
+        .arg(softhsm_module())
+        .arg("keyhaven-dev")
+        .arg(d.dir().join("pin"))
+        .args(args)
+        .env("SOFTHSM2_CONF", d.dir().join("softhsm2.conf"))
+        .output()
+        .expect("run p11probe")
+}
+
+fn probe_ok(d: &TestDaemon, args: &[&str]) -> String {
+    let out = probe(d, args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "p11probe {args:?}: {text}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The wrapped KEK of `tenant/key`'s version 1 and the master key version
+/// that wraps it, from a stopped daemon's store.
+fn stored_kek(store: &Path, name: &str) -> (String, u64) {
+    let db = sled::open(store).unwrap();
+    let v = db.open_tree("keyring").unwrap().get(name.as_bytes()).unwrap().expect("key record");
+    let rec: serde_json::Value = serde_json::from_slice(&v).unwrap();
+    let version = &rec["versions"][0];
+    (version["wrapped_kek"].as_str().unwrap().to_owned(), version["master_key_version"].as_u64().unwrap())
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pin_holder_cannot_take_a_kek_out_of_the_token() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.unwrap();
+    let sealed = c.encrypt(&path("acme/pii"), b"card 4111", &ctx(&[])).await.unwrap();
+    let health = c.health().await.unwrap();
+    assert_eq!(health.custody.kek_confinement, "enforced", "{health:?}");
+    assert!(health.custody.unconfined_master_keys.is_empty());
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+
+    let (wrapped, mk) = stored_kek(&d.store_dir(), "acme/pii");
+    let report = probe_ok(&d, &["extract", &format!("keyhaven-mk-v{mk}"), &wrapped]);
+    // The control: the stored material is a real KEK under that master key.
+    assert!(report.contains("control-confined-unwrap: ok"), "{report}");
+    for attack in [
+        "unwrap-plain",
+        "unwrap-extractable",
+        "unwrap-pad-plain",
+        "unwrap-generic",
+        "unwrap-token-object",
+        "decrypt-with-master-key",
+        "wrap-under-own-key",
+        "set-extractable",
+        "set-not-sensitive",
+        "copy-extractable",
+        "read-value",
+    ] {
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(&format!("{attack}:")))
+            .unwrap_or_else(|| panic!("{report}"));
+        assert!(line.contains("refused"), "the token let a PIN holder do {attack}:\n{report}");
+    }
+
+    // Nothing the probe did harmed the daemon.
+    d.start_again();
+    let back = d.client().await.decrypt(&sealed.ciphertext, &ctx(&[])).await.unwrap();
+    assert_eq!(back.plaintext.expose(), b"card 4111");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planted_master_key_is_never_adopted_by_a_rotation() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.unwrap();
+    let sealed = c.encrypt(&path("acme/pii"), b"secret", &ctx(&[])).await.unwrap();
+
+    // A key with a value the attacker knows, under the next version's label.
+    probe_ok(&d, &["plant", "keyhaven-mk-v2"]);
+    drop(c);
+    d.restart(); // a restart in between must not help
+    let out = d.cli(&["admin", "rotate-master"], b"");
+    assert!(!out.status.success(), "a rotation adopted a planted key");
+    let err = stderr(&out);
+    assert!(err.contains("keyhaven-mk-v2") && err.contains("never recorded making it"), "{err}");
+    let c = d.client().await;
+    assert_eq!(c.health().await.unwrap().token.master_key_version, 1);
+
+    // A key generated in the token (so it passes the attribute checks) that
+    // the store never recorded making is refused as well.
+    probe_ok(&d, &["destroy", "keyhaven-mk-v2"]);
+    probe_ok(&d, &["generate", "keyhaven-mk-v2", "00112233"]);
+    let out = d.cli(&["admin", "rotate-master"], b"");
+    assert!(!out.status.success(), "a rotation adopted a key the store never made");
+    // (The first refusal left the version it was making recorded, with a
+    // CKA_ID of its own: this key does not carry it.)
+    assert!(stderr(&out).contains("refusing to adopt it"), "{}", stderr(&out));
+    assert_eq!(c.health().await.unwrap().token.master_key_version, 1);
+
+    // Once the stray key is gone, the rotation makes and pins its own.
+    probe_ok(&d, &["destroy", "keyhaven-mk-v2"]);
+    let out = d.cli(&["admin", "rotate-master"], b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = probe_ok(&d, &["id", "keyhaven-mk-v2"]);
+    assert_eq!(id.len(), 32, "a 16-byte random CKA_ID: {id}");
+    drop(c);
+    d.restart();
+    let c = d.client().await;
+    assert_eq!(c.health().await.unwrap().custody.pinned_master_keys, vec![1, 2]);
+    assert_eq!(c.decrypt(&sealed.ciphertext, &ctx(&[])).await.unwrap().plaintext.expose(), b"secret");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_key_swapped_under_its_label_stops_the_start() {
+    let mut d = TestDaemon::start();
+    d.client().await.key_create(&path("acme/pii")).await.unwrap();
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+
+    // Same label, same CKA_ID, generated in the token: only the canary
+    // tells it from the real one.
+    let id = probe_ok(&d, &["id", "keyhaven-mk-v1"]);
+    probe_ok(&d, &["destroy", "keyhaven-mk-v1"]);
+    probe_ok(&d, &["generate", "keyhaven-mk-v1", &id]);
+    let out = d.run_once();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("keyhaven-mk-v1")
+            && err.contains("canary")
+            && err.contains("not the one the store recorded"),
+        "{err}"
+    );
+
+    // Another CKA_ID is named as such.
+    probe_ok(&d, &["destroy", "keyhaven-mk-v1"]);
+    probe_ok(&d, &["generate", "keyhaven-mk-v1", "abcdef"]);
+    let err = stderr(&d.run_once());
+    assert!(err.contains("CKA_ID") && err.contains("replaced"), "{err}");
+
+    // A key imported by value under the label: not generated in the token.
+    probe_ok(&d, &["destroy", "keyhaven-mk-v1"]);
+    probe_ok(&d, &["plant", "keyhaven-mk-v1"]);
+    let err = stderr(&d.run_once());
+    assert!(err.contains("keyhaven-mk-v1") && err.contains("not generated"), "{err}");
+}
