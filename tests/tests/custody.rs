@@ -161,3 +161,86 @@ async fn a_master_key_swapped_under_its_label_stops_the_start() {
     let err = stderr(&d.run_once());
     assert!(err.contains("keyhaven-mk-v1") && err.contains("not generated"), "{err}");
 }
+
+/// OPERATIONS.md §12.6, run as written: the PIN changed with pkcs11-tool
+/// and reloaded by SIGHUP, the master key rotated, the old data rewrapped
+/// and the old versions trimmed, the old master key retired.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_departed_administrator_runbook_removes_their_access() {
+    use keyhaven::lifecycle::{AdminRetireMaster, KeySet, KeyTrim, Rewrap};
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.unwrap();
+    let old = c.encrypt(&path("acme/pii"), b"made before", &ctx(&[])).await.unwrap();
+
+    // 1. The PIN is changed in the token and the daemon re-reads it.
+    let old_pin = std::fs::read_to_string(d.dir().join("pin")).unwrap().trim().to_owned();
+    let new_pin = "f00dfeedcafe4b1d9e2a";
+    let out = std::process::Command::new("pkcs11-tool")
+        .args(["--module"])
+        .arg(softhsm_module())
+        .args([
+            "--token-label",
+            "keyhaven-dev",
+            "--login",
+            "--pin",
+            &old_pin,
+            "--change-pin",
+            "--new-pin",
+            new_pin,
+        ])
+        .env("SOFTHSM2_CONF", d.dir().join("softhsm2.conf"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(d.dir().join("pin"), format!("{new_pin}\n")).unwrap();
+    signal(d.pid(), "HUP");
+    let kept = d.dir().join("old-pin");
+    std::fs::write(&kept, &old_pin).unwrap();
+    let out = std::process::Command::new(bin("p11probe"))
+        .arg(softhsm_module())
+        .arg("keyhaven-dev")
+        .arg(&kept)
+        .args(["id", "keyhaven-mk-v1"])
+        .env("SOFTHSM2_CONF", d.dir().join("softhsm2.conf"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the old PIN still logs in");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("PinIncorrect"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 2. The master key is rotated: new data is under a new key version,
+    //    under the new master key.
+    let out = d.cli(&["admin", "rotate-master"], b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let new = c.encrypt(&path("acme/pii"), b"made after", &ctx(&[])).await.unwrap();
+    assert_eq!((old.key_version, new.key_version), (1, 2));
+
+    // 3. Old data rewrapped, old version trimmed, old master key retired.
+    let rewrapped = c.call(&Rewrap { text: old.ciphertext.clone(), context: ctx(&[]) }).await.unwrap();
+    let set = KeySet {
+        tenant: "acme".into(),
+        key: "pii".into(),
+        min_decryption_version: Some(2),
+        rotate_every_secs: None,
+        state: None,
+    };
+    c.call(&set).await.unwrap();
+    c.call(&KeyTrim { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    c.call(&AdminRetireMaster { version: 1 }).await.unwrap();
+    let e = c.decrypt(&old.ciphertext, &ctx(&[])).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::VersionRetired), "{e}");
+    assert_eq!(c.decrypt(&rewrapped.text, &ctx(&[])).await.unwrap().plaintext.expose(), b"made before");
+    assert_eq!(c.decrypt(&new.ciphertext, &ctx(&[])).await.unwrap().plaintext.expose(), b"made after");
+    drop(c);
+
+    // The daemon starts again on the new PIN; the token no longer holds v1.
+    d.restart();
+    let c = d.client().await;
+    assert_eq!(c.health().await.unwrap().custody.pinned_master_keys, vec![2]);
+    let out = probe(&d, &["id", "keyhaven-mk-v1"]);
+    assert!(!out.status.success(), "master key 1 is still in the token");
+}

@@ -141,9 +141,9 @@ enum KeyCommand {
 enum AdminCommand {
     /// Re-read the policy from the daemon's config file (like SIGHUP); a policy that does not parse is refused.
     Reload,
-    /// Rotate the master key: a new version in the HSM, every KEK rewrapped under it, in batches (resumable).
+    /// Rotate the master key: a new version in the HSM, and a new version of every key under it, in batches (resumable).
     RotateMaster {
-        /// KEK versions per request.
+        /// Keys per request.
         #[arg(long, default_value_t = 100)]
         batch: u32,
         /// Go back to the previous master key version (while it exists).
