@@ -332,6 +332,29 @@ impl Audit {
         Ok(())
     }
 
+    /// Records an act done outside the socket (an operator's command, such
+    /// as `keyhavend accept-store`) as an `alert` record naming the uid that
+    /// did it, and waits until it is durable.
+    pub async fn operator_event(&self, op: &str, uid: u32, detail: String) -> Result<(), Error> {
+        let Some(log) = &self.log else { return Ok(()) };
+        let rec = AuditRecord {
+            seq: 0,
+            time_ms: 0,
+            prev: String::new(),
+            caller: AuditCaller { uid, gid: 0, user: None, groups: Vec::new(), pid: None, exe: None },
+            op: op.into(),
+            tenant: None,
+            key: None,
+            version: None,
+            envelope_id: None,
+            context_keys: Vec::new(),
+            outcome: "alert".into(),
+            code: None,
+            detail: Some(detail),
+        };
+        log.append(rec).await
+    }
+
     /// Records one request and waits until the record is durable. An
     /// error means the record may be lost: the caller must not answer with
     /// the request's result.
@@ -602,7 +625,8 @@ fn problem(seq: u64, kind: &str, message: String) -> Option<AuditProblem> {
     Some(AuditProblem { seq, kind: kind.to_owned(), message })
 }
 
-fn unhex32(s: &str) -> Option<[u8; 32]> {
+/// 64 hex digits to 32 bytes.
+pub fn unhex32(s: &str) -> Option<[u8; 32]> {
     let v = unhex(s)?;
     v.try_into().ok()
 }

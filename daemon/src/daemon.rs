@@ -32,7 +32,11 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         None => SledStore::open_initialised(&config.store)?,
     };
     let hsm_config = config.hsm_config().map_err(anyhow::Error::msg)?;
-    let hsm = Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?;
+    let hsm = Arc::new(Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?);
+    let anchored = store
+        .attach_anchor(crate::anchor::TokenAnchor::new(hsm.clone()))
+        .context("checking the store against its anchor in the token")?;
+    tracing::info!(generation = anchored.generation, "the store matches its anchor in the token");
     crate::ops::master::check_pins(&hsm, &store).context("checking the master keys against the store")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keyhaven-io").build()?;
@@ -80,6 +84,7 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         // Rotations that fell due while the daemon was down happen before it
         // says it is ready, so no data key is made under an overdue version.
         crate::upkeep::due_keys(&daemon).await;
+        record_store_accepted(&daemon).await?;
         on_ready(&daemon.config);
         crate::systemd::notify("READY=1\nSTATUS=listening");
         tokio::spawn(crate::upkeep::run(daemon.clone(), shutdown.clone()));
@@ -87,12 +92,14 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         anyhow::Ok(())
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    // The last seal needs the token: stop the audit before the HSM workers.
+    // The last seal needs the token, and so does every store write (its
+    // anchor): stop the audit and write the usage counts before the HSM
+    // workers stop.
     daemon.audit.stop();
-    daemon.hsm.shutdown();
     if let Err(e) = daemon.usage.flush(&*daemon.store) {
         tracing::warn!(error = %e, "cannot write the last usage counts");
     }
+    daemon.hsm.shutdown();
     daemon.store.flush().context("flushing the store")?;
     // A daemon that was refused the socket leaves the other one's alone.
     if bound {
@@ -102,6 +109,27 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         tracing::info!("stopped");
     }
     result
+}
+
+/// An operator's `keyhavend accept-store` since the last start goes into the
+/// audit log, and then out of the store's meta record.
+async fn record_store_accepted(d: &Arc<crate::ops::Daemon>) -> anyhow::Result<()> {
+    let Some(a) = d.store.meta()?.and_then(|m| m.store_accepted) else { return Ok(()) };
+    let when =
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.at));
+    let replaced =
+        a.replaced_generation.map_or("no anchor".to_owned(), |g| format!("the anchor of write {g}"));
+    let detail = format!("the store was accepted as it is over {replaced} at {when}: {}", a.reason);
+    tracing::warn!(uid = a.uid, "keyhavend accept-store: {detail}");
+    d.audit
+        .operator_event("accept_store", a.uid, detail)
+        .await
+        .context("recording accept-store in the audit log")?;
+    let store = d.store.clone();
+    tokio::task::spawn_blocking(move || store.update_meta(&mut |m| m.store_accepted = None))
+        .await
+        .context("store task")??;
+    Ok(())
 }
 
 /// SIGHUP: reloads what can change without a restart: the policy, and the

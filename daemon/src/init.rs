@@ -28,6 +28,7 @@ pub fn initialise(config: &Config) -> anyhow::Result<SledStore> {
         master_rotation: None,
         master_keys: vec![MasterKeyPin { version: 1, id, canary, pinned_at: now }],
         master_pending: None,
+        store_accepted: None,
     };
     store.init_meta(&meta)?;
     Ok(store)

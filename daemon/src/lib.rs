@@ -19,7 +19,9 @@
 //!   deletions.
 //! - [`wraps`]: counts data-key wraps per KEK version against the GCM
 //!   nonce bound.
-//! - [`store`]: the keyring (wrapped key material only) behind a trait.
+//! - [`store`]: the keyring (wrapped key material only) behind a trait;
+//!   [`anchor`] keeps the digest of its state in the token, so that an
+//!   altered or rolled-back store is refused at start.
 //!
 //! - [`audit`]: the hash-chained, HSM-sealed audit log, group-committed.
 //!
@@ -29,6 +31,7 @@
 //! never print), [`init`] and [`dev`] (setting an install up), [`systemd`] (socket
 //! activation, sd_notify), and [`daemon`] (starting and stopping it all).
 
+pub mod anchor;
 pub mod audit;
 pub mod bench;
 pub mod config;

@@ -40,6 +40,12 @@ enum Command {
     Init,
     /// Run the daemon.
     Run,
+    /// Accept the store as it is over the token's anchor, after restoring a backup on purpose (recorded in the audit log).
+    AcceptStore {
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
     /// Benchmark: a fresh dev install, the raw token rate, then `keyhaven bench` against it.
     Bench(keyhavend::bench::BenchArgs),
 }
@@ -114,6 +120,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Bench(args)) => keyhavend::bench::run(args),
+        Some(Command::AcceptStore { reason }) => {
+            let config = load(cli.config)?;
+            println!("{}", keyhavend::anchor::accept_store(&config, &reason)?);
+            Ok(())
+        }
         Some(Command::Run) | None => daemon::run(load(cli.config)?, None, |_| {}),
     }
 }

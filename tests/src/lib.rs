@@ -172,6 +172,22 @@ impl TestDaemon {
             .expect("run keyhavend")
     }
 
+    /// Runs `keyhavend accept-store --reason REASON` on this folder while
+    /// the test daemon is stopped (an operator who restored a backup on
+    /// purpose), and asserts that it succeeded.
+    pub fn accept_store(&self, reason: &str) -> String {
+        let out = Command::new(bin("keyhavend"))
+            .args(["accept-store", "--reason", reason, "--config"])
+            .arg(self.dir().join("keyhaven.toml"))
+            .env_remove("SOFTHSM2_CONF")
+            .output()
+            .expect("run keyhavend accept-store");
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "accept-store failed: {text}");
+        text
+    }
+
     /// Runs the `keyhaven` CLI against this daemon with `stdin` as input.
     pub fn cli(&self, args: &[&str], stdin: &[u8]) -> Output {
         run_cli(&self.socket, args, stdin)

@@ -235,8 +235,9 @@ async fn destruction_erases_the_material_for_good() {
         other
     );
 
-    // Survives a restart; the wrapped KEK is gone from the store: even with
-    // the revocation records removed, nothing opens.
+    // Survives a restart; the wrapped KEK is gone from the store. Revocation
+    // records removed by hand are caught by the token's anchor; and even
+    // accepted by an operator, nothing opens.
     drop(c);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
@@ -244,6 +245,10 @@ async fn destruction_erases_the_material_for_good() {
     let after = stored_wrapped_keks(&d.store_dir());
     assert!(after.iter().any(|(k, w)| k == pii && w.is_empty()), "{after:?}");
     clear_revocations(&d.store_dir());
+    let out = d.run_once();
+    assert!(!out.status.success(), "a store whose revocations were removed by hand started");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match the token's anchor"));
+    d.accept_store("test: revocations removed by hand");
     d.start_again();
     let c = d.client().await;
     let e = c.datakey_decrypt(&f.dk[0].1.envelope, &f.context).await.unwrap_err();
@@ -253,11 +258,15 @@ async fn destruction_erases_the_material_for_good() {
     drop(c);
 
     // What OPERATIONS.md states: restoring a copy taken before the
-    // destruction brings the material back while the master key exists.
+    // destruction brings the material back while the master key exists,
+    // once an operator accepts the older copy on purpose.
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     std::fs::remove_dir_all(d.store_dir()).unwrap();
     copy_dir(backup.path(), &d.store_dir());
+    let out = d.run_once();
+    assert!(!out.status.success(), "an older copy of the store started unnoticed");
+    d.accept_store("test: restored the backup on purpose");
     d.start_again();
     let c = d.client().await;
     lift(&c, key("acme", "pii", None)).await;

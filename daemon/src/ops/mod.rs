@@ -74,8 +74,7 @@ pub struct Daemon {
 impl Daemon {
     /// Puts the parts together, opens the audit log and loads the
     /// revocations.
-    pub fn new(hsm: Hsm, store: Arc<dyn Store>, config: Config) -> Result<Daemon, StoreError> {
-        let hsm = Arc::new(hsm);
+    pub fn new(hsm: Arc<Hsm>, store: Arc<dyn Store>, config: Config) -> Result<Daemon, StoreError> {
         let wraps = WrapBudget::new(store.clone(), config.limits.wraps_per_key_version);
         let audit = Audit::open(store.clone(), hsm.clone(), &config.audit)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));

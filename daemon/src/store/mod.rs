@@ -7,6 +7,7 @@
 
 pub mod audit_files;
 pub mod sled_store;
+pub mod state;
 
 use keyhaven::lifecycle::KeyState;
 use keyhaven::revocation::{Revocation, Scope};
@@ -45,6 +46,10 @@ pub enum StoreError {
     /// The backend failed.
     #[error("store backend: {0}")]
     Backend(String),
+    /// The store's records are not the state the token's anchor vouches for
+    /// (altered, swapped, removed, or an older copy): see [`state`].
+    #[error("the store does not match the token's anchor: {0}")]
+    Tampered(String),
     /// An audit segment file cannot be read or written.
     #[error("audit log {file}, offset {offset}: {reason}")]
     AuditFile {
@@ -95,6 +100,24 @@ pub struct Meta {
     /// `CKA_ID`) and nothing else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_pending: Option<PendingMasterKey>,
+    /// An operator accepted the store as it is over the token's anchor
+    /// (`keyhavend accept-store`, after restoring a backup on purpose); the
+    /// daemon records it in the audit log at its next start, then clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_accepted: Option<StoreAccepted>,
+}
+
+/// `keyhavend accept-store`: who, when, why, and what it replaced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreAccepted {
+    /// When, Unix seconds.
+    pub at: u64,
+    /// The uid that ran the command.
+    pub uid: u32,
+    /// The operator's reason.
+    pub reason: String,
+    /// The anchor's generation it replaced (`None`: the token had none).
+    pub replaced_generation: Option<u64>,
 }
 
 impl Meta {

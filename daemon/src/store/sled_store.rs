@@ -12,13 +12,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use keyhaven::revocation::{Revocation, Scope};
 use keyhaven::KeyPath;
 use serde::de::DeserializeOwned;
 
 use super::audit_files::{self, AuditFiles};
+use super::state::{Anchor, AnchorState, StateDigest};
 use super::{AuditIter, AuditKind, KeyRecord, Meta, Store, StoreError, SCHEMA_VERSION};
 
 /// sled behind [`Store`].
@@ -34,7 +35,22 @@ pub struct SledStore {
     /// for every request. Writers hold the lock across their
     /// compare-and-swap, so the cache never goes back to an older record.
     keys: RwLock<HashMap<Vec<u8>, Arc<KeyRecord>>>,
+    /// The token's anchor and the digest of every record, once
+    /// [`attach_anchor`](SledStore::attach_anchor) has checked the store
+    /// against it (docs/SECURITY.md §3). Also the writers' lock: every
+    /// mutation holds it from its anchor's `pending` to its `committed`.
+    anchored: Mutex<Option<Anchored>>,
 }
+
+/// A store checked against its anchor.
+struct Anchored {
+    anchor: Arc<dyn Anchor>,
+    digest: StateDigest,
+    generation: u64,
+}
+
+/// The trees whose records the anchor covers.
+const ANCHORED_TREES: [&str; 3] = ["meta", "keyring", "revocations"];
 
 const META_KEY: &[u8] = b"meta";
 
@@ -76,6 +92,7 @@ impl SledStore {
             revocations,
             audit,
             keys: Default::default(),
+            anchored: Mutex::new(None),
         })
     }
 
@@ -98,6 +115,127 @@ impl SledStore {
         self.db.flush().map_err(backend)?;
         Ok(())
     }
+
+    /// Checks the store against the token's anchor, then anchors every
+    /// write from now on (docs/SECURITY.md §3, [`super::state`]). The
+    /// store's digest must be the anchor's committed one, or its pending one
+    /// (a crash after the store's write; committed now). With no anchor in
+    /// the token yet (a new install, or a store from before anchoring), the
+    /// store is anchored as it is. Returns the anchor as it stands.
+    pub fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError> {
+        let mut guard = self.writer();
+        let mut digest = StateDigest::default();
+        for (name, tree) in ANCHORED_TREES.iter().zip([&self.meta, &self.keyring, &self.revocations]) {
+            for kv in tree.iter() {
+                let (k, v) = kv.map_err(backend)?;
+                digest.load(name, &k, &v);
+            }
+        }
+        digest.finish_load();
+        let now = super::super::ops::now_unix();
+        let state = match anchor.read()? {
+            None => {
+                tracing::warn!(
+                    "the token holds no anchor for this store: anchoring the store as it is now \
+                     (a new install, or the first start of a store from before anchoring)"
+                );
+                AnchorState { generation: 0, written_at: now, committed: digest.digest(), pending: None }
+            }
+            Some(a) if a.committed == digest.digest() => a,
+            Some(a) if a.pending == Some(digest.digest()) => {
+                tracing::info!(generation = a.generation + 1, "committing the store write a stop cut short");
+                AnchorState {
+                    generation: a.generation + 1,
+                    written_at: now,
+                    committed: digest.digest(),
+                    pending: None,
+                }
+            }
+            Some(a) => {
+                let when = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.written_at),
+                );
+                return Err(StoreError::Tampered(format!(
+                    "its records are not the state the token vouches for (write {}, at {when}): a record was \
+                     altered, removed, added or swapped, or this is an older copy of the store. If you \
+                     restored a backup on purpose, run `keyhavend accept-store --reason TEXT` \
+                     (docs/OPERATIONS.md §7)",
+                    a.generation
+                )));
+            }
+        };
+        anchor.write(&state)?;
+        *guard = Some(Anchored { anchor, digest, generation: state.generation });
+        Ok(state)
+    }
+
+    /// Anchors the store as it is now, whatever the token held (an operator
+    /// who restored a backup on purpose: `keyhavend accept-store`). Returns
+    /// the anchor it replaced.
+    pub fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError> {
+        let old = anchor.read()?;
+        let mut digest = StateDigest::default();
+        for (name, tree) in ANCHORED_TREES.iter().zip([&self.meta, &self.keyring, &self.revocations]) {
+            for kv in tree.iter() {
+                let (k, v) = kv.map_err(backend)?;
+                digest.load(name, &k, &v);
+            }
+        }
+        digest.finish_load();
+        let generation = old.as_ref().map_or(0, |a| a.generation + 1);
+        let state = AnchorState {
+            generation,
+            written_at: super::super::ops::now_unix(),
+            committed: digest.digest(),
+            pending: None,
+        };
+        anchor.write(&state)?;
+        *self.writer() = Some(Anchored { anchor, digest, generation });
+        Ok(old)
+    }
+
+    /// The writers' lock (see `anchored`).
+    fn writer(&self) -> MutexGuard<'_, Option<Anchored>> {
+        self.anchored.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Before a write of `tree`/`key` (`None`: a removal): records in the token
+/// the digest the store is about to have, next to the one it has.
+fn prepare(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    let Some(a) = anchored else { return Ok(()) };
+    let state = AnchorState {
+        generation: a.generation,
+        written_at: super::super::ops::now_unix(),
+        committed: a.digest.digest(),
+        pending: Some(a.digest.with(tree, key, value)),
+    };
+    a.anchor.write(&state)
+}
+
+/// After the write is durable: the store has the new state; records it in
+/// the token as the committed one.
+fn commit(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    let Some(a) = anchored else { return Ok(()) };
+    a.digest.set(tree, key, value);
+    a.generation += 1;
+    let state = AnchorState {
+        generation: a.generation,
+        written_at: super::super::ops::now_unix(),
+        committed: a.digest.digest(),
+        pending: None,
+    };
+    a.anchor.write(&state)
 }
 
 /// The audit log's folder, in the store's.
@@ -298,17 +436,22 @@ impl Store for SledStore {
     }
 
     fn init_meta(&self, meta: &Meta) -> Result<(), StoreError> {
+        let mut w = self.writer();
+        let value = encode(meta);
+        prepare(&mut w, "meta", META_KEY, Some(&value))?;
         let swapped = self
             .meta
-            .compare_and_swap(META_KEY, None as Option<&[u8]>, Some(encode(meta)))
+            .compare_and_swap(META_KEY, None as Option<&[u8]>, Some(value.clone()))
             .map_err(backend)?;
         if swapped.is_err() {
             return Err(StoreError::AlreadyInitialised(self.path.display().to_string()));
         }
-        self.durable()
+        self.durable()?;
+        commit(&mut w, "meta", META_KEY, Some(&value))
     }
 
     fn update_meta(&self, change: &mut dyn FnMut(&mut Meta)) -> Result<Meta, StoreError> {
+        let mut w = self.writer();
         loop {
             let old = self
                 .meta
@@ -317,10 +460,13 @@ impl Store for SledStore {
                 .ok_or_else(|| StoreError::NotInitialised(self.path.display().to_string()))?;
             let mut meta: Meta = decode(META_KEY, &old)?;
             change(&mut meta);
+            let value = encode(&meta);
+            prepare(&mut w, "meta", META_KEY, Some(&value))?;
             let swapped =
-                self.meta.compare_and_swap(META_KEY, Some(old), Some(encode(&meta))).map_err(backend)?;
+                self.meta.compare_and_swap(META_KEY, Some(old), Some(value.clone())).map_err(backend)?;
             if swapped.is_ok() {
                 self.durable()?;
+                commit(&mut w, "meta", META_KEY, Some(&value))?;
                 return Ok(meta);
             }
         }
@@ -344,18 +490,25 @@ impl Store for SledStore {
 
     fn create_key(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let k = keyring_key(&record.path()?);
+        let mut w = self.writer();
+        let value = encode(record);
+        if self.keyring.contains_key(&k).map_err(backend)? {
+            return Err(StoreError::AlreadyExists(format!("key `{}/{}`", record.tenant, record.key)));
+        }
+        prepare(&mut w, "keyring", &k, Some(&value))?;
         {
             let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
             let swapped = self
                 .keyring
-                .compare_and_swap(&k, None as Option<&[u8]>, Some(encode(record)))
+                .compare_and_swap(&k, None as Option<&[u8]>, Some(value.clone()))
                 .map_err(backend)?;
             if swapped.is_err() {
                 return Err(StoreError::AlreadyExists(format!("key `{}/{}`", record.tenant, record.key)));
             }
-            cache.insert(k, Arc::new(record.clone()));
+            cache.insert(k.clone(), Arc::new(record.clone()));
         }
-        self.durable()
+        self.durable()?;
+        commit(&mut w, "keyring", &k, Some(&value))
     }
 
     fn update_key(
@@ -364,14 +517,20 @@ impl Store for SledStore {
         change: &mut dyn FnMut(&mut KeyRecord),
     ) -> Result<Option<KeyRecord>, StoreError> {
         let k = keyring_key(path);
+        let mut w = self.writer();
         loop {
             let Some(old) = self.keyring.get(&k).map_err(backend)? else { return Ok(None) };
             let mut record: KeyRecord = decode(&k, &old)?;
             change(&mut record);
+            let value = encode(&record);
+            if value[..] == old[..] {
+                return Ok(Some(record)); // nothing changed: nothing to write
+            }
+            prepare(&mut w, "keyring", &k, Some(&value))?;
             let swapped = {
                 let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
                 let swapped =
-                    self.keyring.compare_and_swap(&k, Some(old), Some(encode(&record))).map_err(backend)?;
+                    self.keyring.compare_and_swap(&k, Some(old), Some(value.clone())).map_err(backend)?;
                 if swapped.is_ok() {
                     cache.insert(k.clone(), Arc::new(record.clone()));
                 }
@@ -379,6 +538,7 @@ impl Store for SledStore {
             };
             if swapped {
                 self.durable()?;
+                commit(&mut w, "keyring", &k, Some(&value))?;
                 return Ok(Some(record));
             }
         }
@@ -414,15 +574,26 @@ impl Store for SledStore {
     }
 
     fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
-        self.revocations.insert(revocation_key(&revocation.scope), encode(revocation)).map_err(backend)?;
-        self.durable()
+        let k = revocation_key(&revocation.scope);
+        let value = encode(revocation);
+        let mut w = self.writer();
+        prepare(&mut w, "revocations", &k, Some(&value))?;
+        self.revocations.insert(&k, value.clone()).map_err(backend)?;
+        self.durable()?;
+        commit(&mut w, "revocations", &k, Some(&value))
     }
 
     fn remove_revocation(&self, scope: &Scope) -> Result<Option<Revocation>, StoreError> {
         let k = revocation_key(scope);
+        let mut w = self.writer();
+        if !self.revocations.contains_key(&k).map_err(backend)? {
+            return Ok(None);
+        }
+        prepare(&mut w, "revocations", &k, None)?;
         match self.revocations.remove(&k).map_err(backend)? {
             Some(v) => {
                 self.durable()?;
+                commit(&mut w, "revocations", &k, None)?;
                 Ok(Some(decode(&k, &v)?))
             }
             None => Ok(None),

@@ -1,0 +1,234 @@
+//! The store's state, anchored in the token (docs/SECURITY.md §3).
+//!
+//! Every record the store holds (meta, keyring, revocations) is a leaf:
+//! SHA-256 over its tree, key and value. Leaves fall into 256 buckets by
+//! the first byte of their path's hash; a bucket's hash covers its leaves
+//! in path order, and the state digest covers the 256 bucket hashes: a hash
+//! tree of depth two, so a write rehashes one bucket, not the whole store.
+//!
+//! The digest of the last acknowledged state lives in the token
+//! ([`Anchor`]), where nobody without the PIN can change it. Each write
+//! records the digest it is about to make as `pending`, writes the store,
+//! makes it durable, then records it as `committed`. At start the store's
+//! digest must be the committed one, or the pending one (a crash between
+//! the store's write and the commit; it is committed then). Anything else is
+//! an altered, swapped, removed or rolled-back record, or an older copy of
+//! the store, and the daemon refuses to start ([`StoreError::Tampered`]).
+//! The audit log is not part of this state: its own hash chain and seals
+//! protect it (docs/AUDIT.md).
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use super::StoreError;
+
+/// Domain separation of the state digest.
+const STATE_CONTEXT: &[u8] = b"keyhaven-store-state-v1\0";
+
+/// A record's path in the digest: its tree and key.
+fn path(tree: &str, key: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(tree.len() + 1 + key.len());
+    p.extend_from_slice(tree.as_bytes());
+    p.push(0);
+    p.extend_from_slice(key);
+    p
+}
+
+/// The digest of every record's path and value, kept up to date write by
+/// write.
+pub struct StateDigest {
+    buckets: Vec<BTreeMap<Vec<u8>, [u8; 32]>>,
+    bucket_hashes: Vec<[u8; 32]>,
+}
+
+impl Default for StateDigest {
+    fn default() -> Self {
+        let buckets: Vec<BTreeMap<Vec<u8>, [u8; 32]>> = vec![BTreeMap::new(); 256];
+        let bucket_hashes = buckets.iter().map(bucket_hash).collect();
+        StateDigest { buckets, bucket_hashes }
+    }
+}
+
+fn bucket_of(path: &[u8]) -> usize {
+    Sha256::digest(path)[0] as usize
+}
+
+fn leaf(path: &[u8], value: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update((path.len() as u64).to_be_bytes());
+    h.update(path);
+    h.update(value);
+    h.finalize().into()
+}
+
+fn bucket_hash(bucket: &BTreeMap<Vec<u8>, [u8; 32]>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for (path, leaf) in bucket {
+        h.update((path.len() as u64).to_be_bytes());
+        h.update(path);
+        h.update(leaf);
+    }
+    h.finalize().into()
+}
+
+impl StateDigest {
+    /// Adds (or replaces) a record while loading the store: call
+    /// [`finish_load`](Self::finish_load) after the last one.
+    pub fn load(&mut self, tree: &str, key: &[u8], value: &[u8]) {
+        let p = path(tree, key);
+        let l = leaf(&p, value);
+        self.buckets[bucket_of(&p)].insert(p, l);
+    }
+
+    /// Hashes every bucket after [`load`](Self::load).
+    pub fn finish_load(&mut self) {
+        self.bucket_hashes = self.buckets.iter().map(bucket_hash).collect();
+    }
+
+    /// The digest of the whole state.
+    pub fn digest(&self) -> [u8; 32] {
+        top(&self.bucket_hashes)
+    }
+
+    /// The digest the state would have with record `tree`/`key` set to
+    /// `value` (`None`: removed); nothing changes.
+    pub fn with(&self, tree: &str, key: &[u8], value: Option<&[u8]>) -> [u8; 32] {
+        let p = path(tree, key);
+        let b = bucket_of(&p);
+        let mut bucket = self.buckets[b].clone();
+        match value {
+            Some(v) => bucket.insert(p.clone(), leaf(&p, v)),
+            None => bucket.remove(&p),
+        };
+        let mut hashes = self.bucket_hashes.clone();
+        hashes[b] = bucket_hash(&bucket);
+        top(&hashes)
+    }
+
+    /// Sets record `tree`/`key` to `value` (`None`: removed).
+    pub fn set(&mut self, tree: &str, key: &[u8], value: Option<&[u8]>) {
+        let p = path(tree, key);
+        let b = bucket_of(&p);
+        match value {
+            Some(v) => {
+                let l = leaf(&p, v);
+                self.buckets[b].insert(p, l)
+            }
+            None => self.buckets[b].remove(&p),
+        };
+        self.bucket_hashes[b] = bucket_hash(&self.buckets[b]);
+    }
+}
+
+fn top(bucket_hashes: &[[u8; 32]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(STATE_CONTEXT);
+    for b in bucket_hashes {
+        h.update(b);
+    }
+    h.finalize().into()
+}
+
+/// What the token holds about the store: the digest of the last
+/// acknowledged state, the one a write is making, and how many writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnchorState {
+    /// Writes anchored so far.
+    pub generation: u64,
+    /// When the anchor was last written, Unix seconds.
+    pub written_at: u64,
+    /// The digest of the last acknowledged state.
+    pub committed: [u8; 32],
+    /// The digest a write under way is making.
+    pub pending: Option<[u8; 32]>,
+}
+
+/// The prefix of an anchor's text form.
+const ANCHOR_PREFIX: &str = "khanchor1";
+
+impl AnchorState {
+    /// Text form (it is kept in a token object's label):
+    /// `khanchor1 GEN TIME COMMITTED PENDING`, digests in hex, `-` for no
+    /// pending digest.
+    pub fn encode(&self) -> String {
+        let pending = self.pending.map_or_else(|| "-".to_owned(), |p| crate::audit::hex(&p));
+        format!(
+            "{ANCHOR_PREFIX} {} {} {} {pending}",
+            self.generation,
+            self.written_at,
+            crate::audit::hex(&self.committed)
+        )
+    }
+
+    /// Parses [`encode`](Self::encode)'s form.
+    pub fn decode(text: &str) -> Result<AnchorState, StoreError> {
+        let bad = || StoreError::Tampered(format!("the token's store anchor does not parse: {text:?}"));
+        let parts: Vec<&str> = text.split(' ').collect();
+        let [prefix, generation, written_at, committed, pending] = parts.as_slice() else {
+            return Err(bad());
+        };
+        if *prefix != ANCHOR_PREFIX {
+            return Err(bad());
+        }
+        let digest = |s: &str| crate::audit::unhex32(s).ok_or_else(bad);
+        Ok(AnchorState {
+            generation: generation.parse().map_err(|_| bad())?,
+            written_at: written_at.parse().map_err(|_| bad())?,
+            committed: digest(committed)?,
+            pending: if *pending == "-" { None } else { Some(digest(pending)?) },
+        })
+    }
+}
+
+/// Where the anchor is kept: in the token ([`crate::anchor::TokenAnchor`]).
+pub trait Anchor: Send + Sync {
+    /// The anchor, or `None` when the token holds none yet.
+    fn read(&self) -> Result<Option<AnchorState>, StoreError>;
+    /// Replaces the anchor; returns once the token has it.
+    fn write(&self, state: &AnchorState) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_digest_follows_every_change_and_only_them() {
+        let mut d = StateDigest::default();
+        let empty = d.digest();
+        let with_a = d.with("keyring", b"acme/pii", Some(b"v1"));
+        assert_ne!(with_a, empty);
+        assert_eq!(d.digest(), empty, "`with` changes nothing");
+        d.set("keyring", b"acme/pii", Some(b"v1"));
+        assert_eq!(d.digest(), with_a);
+        // Another value, another tree, or the same bytes moved: another digest.
+        assert_ne!(d.with("keyring", b"acme/pii", Some(b"v2")), with_a);
+        let mut moved = StateDigest::default();
+        moved.set("revocations", b"acme/pii", Some(b"v1"));
+        assert_ne!(moved.digest(), with_a);
+        // Loading gives what setting gives; removing goes back.
+        let mut loaded = StateDigest::default();
+        loaded.load("keyring", b"acme/pii", b"v1");
+        loaded.finish_load();
+        assert_eq!(loaded.digest(), with_a);
+        d.set("keyring", b"acme/pii", None);
+        assert_eq!(d.digest(), empty);
+    }
+
+    #[test]
+    fn the_anchor_text_round_trips_and_refuses_garbage() {
+        let a = AnchorState {
+            generation: 7,
+            written_at: 1_700_000_000,
+            committed: [1; 32],
+            pending: Some([2; 32]),
+        };
+        assert_eq!(AnchorState::decode(&a.encode()).unwrap(), a);
+        let b = AnchorState { pending: None, ..a };
+        assert_eq!(AnchorState::decode(&b.encode()).unwrap(), b);
+        for bad in ["", "khanchor1 1 2 3 4", "khanchor2 7 1 - -", &a.encode().replace("khanchor1", "x")] {
+            assert!(AnchorState::decode(bad).is_err(), "{bad}");
+        }
+    }
+}
