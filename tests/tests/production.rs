@@ -378,3 +378,33 @@ fn no_core_dumps_json_logs_and_the_pin_never_prints() {
     assert!(err.contains("PIN is incorrect"), "{err}");
     assert!(!err.contains(&wrong_pin) && !err.contains(&i.pin), "{err}");
 }
+
+/// Issue 13 §6: a config syntax error on or near an inline `pin = "…"`
+/// line is reported by line and column; the error never quotes the line.
+#[test]
+fn a_config_syntax_error_never_quotes_a_pin_line() {
+    let i = Install::new();
+    let secret = "Inl1ne-S3cret-PIN-93";
+    for (n, hsm) in [
+        format!("pin = \"{secret}\n"),
+        format!("pin = {secret}\n"),
+        format!("pin = \"{secret}\" trailing\n"),
+        format!("pin = \"{secret}\\q\"\n"),
+        format!("pin = \"{secret}\"\nworkers = = 1\n"),
+        format!("workers = 1 1\npin = \"{secret}\"\n"),
+        format!("pin_file = {secret}\n"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("syntax-{n}.toml");
+        let file = i.write_config(&name, hsm, "");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let line = text.lines().position(|l| l.contains(secret)).unwrap() + 1;
+        let err = i.refused(&name);
+        assert!(!err.contains(secret) && !err.contains("S3cret"), "{hsm:?}: the PIN is quoted: {err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        let near = [line - 1, line, line + 1].iter().any(|l| err.contains(&format!("line {l}, column")));
+        assert!(near, "{hsm:?}: names the line ({line}) and column: {err}");
+    }
+}
