@@ -381,6 +381,7 @@ fn audit_caller(c: &Caller) -> AuditCaller {
         groups: c.groups.iter().map(|g| g.gid).filter(|g| *g != c.gid).collect(),
         pid: c.pid,
         exe: c.exe.as_ref().map(|p| p.display().to_string()),
+        cgroup: c.cgroup.clone(),
     }
 }
 
@@ -864,7 +865,7 @@ mod tests {
             seq,
             time_ms: 1,
             prev: hex(prev),
-            caller: AuditCaller { uid: 0, gid: 0, user: None, groups: vec![], pid: None, exe: None },
+            caller: AuditCaller::default(),
             op: "hello".into(),
             tenant: None,
             key: None,

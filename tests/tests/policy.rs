@@ -197,6 +197,8 @@ async fn whoami_shows_identity_groups_and_grants() {
     assert!(groups.contains(&"khtest-bob") && groups.contains(&"khtest-billing"), "{out}");
     assert!(who["pid"].as_i64().unwrap() > 0);
     assert!(who["exe"].as_str().unwrap().ends_with("/keyhaven"), "{out}");
+    // The CLI runs in this process's control group (children inherit it).
+    assert_eq!(who["cgroup"], own_cgroup().expect("/proc/self/cgroup"), "{out}");
     assert_eq!(
         who["grants"],
         serde_json::json!([{"rule": "billing apps", "operations": ["decrypt", "datakey"], "keys": ["*/pii"]}])
@@ -328,4 +330,17 @@ async fn a_group_change_applies_from_the_next_connection_after_a_reload() {
         who["groups"].as_array().unwrap().iter().filter_map(|g| g["name"].as_str()).collect();
     assert!(groups.contains(&"khtest-late"), "{who}");
     gpasswd(&["-d", "khtest-erin", "khtest-late"]);
+}
+
+/// The path the daemon records as a process's control group: the unified
+/// hierarchy's (`0::/…`), else systemd's v1 one.
+fn own_cgroup() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = |l: &str| l.splitn(3, ':').nth(2).map(str::to_owned);
+    let found = text
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .and_then(path)
+        .or_else(|| text.lines().find(|l| l.split(':').nth(1) == Some("name=systemd")).and_then(path));
+    found.filter(|p| !p.is_empty())
 }
