@@ -461,7 +461,10 @@ fn production_mode_checks_owners_and_every_directory_up_the_path() {
     i.write_config_at(&d.join("module.toml"), &module);
     let err = i.refused("module.toml");
     assert!(err.contains(&format!("the PKCS#11 module {} has mode 0666", module.display())), "{err}");
-    assert!(err.contains("not writable by its group or others") && err.contains("chmod go-w"), "{err}");
+    assert!(
+        err.contains("must not be writable by its group or others") && err.contains("chmod go-w"),
+        "{err}"
+    );
     chmod(&module, 0o755);
     chown(&module, &dave);
     let err = i.refused("module.toml");
@@ -510,7 +513,7 @@ fn production_mode_checks_owners_and_every_directory_up_the_path() {
         err.contains(&format!("the socket directory {} has mode 0770", d.join("run").display())),
         "{err}"
     );
-    assert!(err.contains("not writable by its group"), "{err}");
+    assert!(err.contains("must not be writable by its group"), "{err}");
     chmod(&d.join("run"), 0o750);
     chown(&d.join("run"), &dave);
     let err = i.refused("ok.toml");
