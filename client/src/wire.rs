@@ -364,6 +364,11 @@ pub struct WhoamiResponse {
     /// The process's executable, where the daemon could read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exe: Option<String>,
+    /// The process's control group at connect time (the unified
+    /// hierarchy's path, else systemd's v1 one), where the daemon could
+    /// read it; at most 512 bytes. Absent from older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
     /// The policy rules that name the caller.
     pub grants: Vec<GrantInfo>,
 }
@@ -475,7 +480,7 @@ pub struct AuditRecord {
 }
 
 /// The caller as an audit record holds it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditCaller {
     /// Effective uid.
     pub uid: u32,
@@ -493,6 +498,9 @@ pub struct AuditCaller {
     /// Executable path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exe: Option<String>,
+    /// Control group at connect time (absent in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// `audit_verify`: walk the whole chain and every seal (PROTOCOL.md §3.12).

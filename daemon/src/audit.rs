@@ -341,7 +341,7 @@ impl Audit {
             seq: 0,
             time_ms: 0,
             prev: String::new(),
-            caller: AuditCaller { uid, gid: 0, user: None, groups: Vec::new(), pid: None, exe: None },
+            caller: AuditCaller { uid, ..AuditCaller::default() },
             op: op.into(),
             tenant: None,
             key: None,
@@ -404,6 +404,7 @@ fn audit_caller(c: &Caller) -> AuditCaller {
         groups: c.groups.iter().map(|g| g.gid).filter(|g| *g != c.gid).collect(),
         pid: c.pid,
         exe: c.exe.as_ref().map(|p| p.display().to_string()),
+        cgroup: c.cgroup.clone(),
     }
 }
 
@@ -888,7 +889,7 @@ mod tests {
             seq,
             time_ms: 1,
             prev: hex(prev),
-            caller: AuditCaller { uid: 0, gid: 0, user: None, groups: vec![], pid: None, exe: None },
+            caller: AuditCaller::default(),
             op: "hello".into(),
             tenant: None,
             key: None,

@@ -294,14 +294,20 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file does not parse.
-    #[error("config {}{}: {reason}", path.display(), at(key.as_deref(), None))]
+    /// The file does not parse. The message names the line, the column
+    /// and the key, and never quotes the file: the line could hold a PIN
+    /// (an inline `pin = …`, or a PIN pasted in the wrong place).
+    #[error("config {}{}: {reason}", path.display(), at_column(key.as_deref(), *line, *column))]
     Parse {
         /// File.
         path: PathBuf,
         /// The key concerned (`hsm.workers`), when known.
         key: Option<String>,
-        /// The parser's message (with line and column).
+        /// Its line in the file (from 1), when the parser knows it.
+        line: Option<usize>,
+        /// Its column (from 1), when the parser knows it.
+        column: Option<usize>,
+        /// The parser's message, without the quoted line.
         reason: String,
     },
     /// A value is wrong.
@@ -316,6 +322,32 @@ pub enum ConfigError {
         /// What to change.
         reason: String,
     },
+}
+
+fn at_column(key: Option<&str>, line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(", line {l}, column {c}{}", at(key, None)),
+        _ => at(key, line),
+    }
+}
+
+/// Line and column (both from 1) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The parser's message for a key, safe to print: the TOML parser's own
+/// text quotes the offending line, so only its message is kept, and a
+/// message about a PIN key (`hsm.pin…`), which could quote the value, is
+/// replaced.
+fn parse_reason(key: Option<&str>, message: &str) -> String {
+    if key.is_some_and(|k| k.starts_with("hsm.pin")) {
+        return "this value is not valid here (not shown: it may be a PIN)".into();
+    }
+    message.trim().to_owned()
 }
 
 fn at(key: Option<&str>, line: Option<usize>) -> String {
@@ -359,10 +391,14 @@ impl Config {
             serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
                 let key = e.path().to_string();
                 let key = (key != "." && !key.is_empty()).then_some(key);
+                let inner = e.into_inner();
+                let (line, column) = inner.span().map(|s| line_column(&text, s.start)).unzip();
                 ConfigError::Parse {
                     path: path.to_owned(),
+                    reason: parse_reason(key.as_deref(), inner.message()),
                     key,
-                    reason: e.into_inner().to_string().trim_end().to_owned(),
+                    line,
+                    column,
                 }
             })?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -513,5 +549,42 @@ impl Config {
             workers: self.hsm.workers,
             queue_depth: self.hsm.queue_depth,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A syntax error on or near an inline PIN line, or a PIN put where a
+    /// path or name goes: the error names the place, never the PIN.
+    #[test]
+    fn parse_errors_never_quote_the_line() {
+        let dir = std::env::temp_dir().join(format!("keyhaven-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let head = "socket = \"s\"\nstore = \"d\"\n[hsm]\nmodule = \"m.so\"\ntoken_label = \"t\"\npin_file = \"p\"\n";
+        for (n, bad) in [
+            "pin = \"Inl1ne-S3cret-4242\n",
+            "pin = Inl1ne-S3cret-4242\n",
+            "pin = \"Inl1ne-S3cret-4242\\q\"\n",
+            "pin = \"Inl1ne-S3cret-4242\" x\n",
+            "pin = \"Inl1ne-S3cret-4242\"\npin = \"Inl1ne-S3cret-4242\"\n",
+            "pin = \"Inl1ne-S3cret-4242\"\nworkers = = 2\n",
+            "workers = 2 2\npin = \"Inl1ne-S3cret-4242\"\n",
+            "pin_env = Inl1ne-S3cret-4242\n",
+            "pin_credential = 4242424242424242\n",
+            "Inl1ne-S3cret-4242\n",
+            "[Inl1ne-S3cret-4242\n",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let file = dir.join(format!("c{n}.toml"));
+            std::fs::write(&file, format!("{head}{bad}")).unwrap();
+            let err = Config::load(&file).expect_err(bad).to_string();
+            assert!(!err.contains("S3cret") && !err.contains("4242"), "{bad:?} -> {err}");
+            assert!(err.contains("line 7") || err.contains("line 8"), "{bad:?} -> {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

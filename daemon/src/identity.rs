@@ -1,8 +1,15 @@
 //! Who is calling: taken from the kernel (SO_PEERCRED) when the connection
 //! is accepted, never from anything the client sends. The uid's name and
 //! supplementary groups come from the system's user database (NSS:
-//! `/etc/passwd`, `/etc/group`, …) at that moment; the executable path is
-//! read from `/proc/PID/exe` where the daemon may, for the audit only.
+//! `/etc/passwd`, `/etc/group`, …) at that moment; the executable path and
+//! the control group are read from `/proc/PID/exe` and `/proc/PID/cgroup`
+//! where the daemon may, for `whoami` and the audit only.
+//!
+//! SO_PEERCRED gives the credentials of the process that called
+//! `connect()`, as they were then: whoever holds the connected socket
+//! later (a process it was passed to with SCM_RIGHTS, a child across
+//! fork/exec, the same process after dropping privileges) is served as
+//! that identity (docs/POLICY.md §1.1).
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -33,7 +40,14 @@ pub struct Caller {
     /// The peer's executable (best effort; not used for decisions).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exe: Option<PathBuf>,
+    /// The peer's control group, read at connect time (best effort, at
+    /// most [`MAX_CGROUP_LEN`] bytes; not used for decisions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
+
+/// Longest control-group path kept; a longer one is cut and ends in `…`.
+pub const MAX_CGROUP_LEN: usize = 512;
 
 /// A group id and, when the user database knows it, its name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -88,6 +102,7 @@ impl Identities {
             user: looked.user.clone(),
             groups: looked.groups.clone(),
             exe: exe_of(pid),
+            cgroup: cgroup_of(pid),
         })
     }
 
@@ -116,6 +131,38 @@ fn exe_of(pid: Option<i32>) -> Option<PathBuf> {
     pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok())
 }
 
+/// The control group of process `pid`, best effort (procfs: no disk
+/// access; the first 4 KiB of `/proc/PID/cgroup`).
+fn cgroup_of(pid: Option<i32>) -> Option<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(format!("/proc/{}/cgroup", pid?)).ok()?;
+    let mut text = String::new();
+    file.take(4096).read_to_string(&mut text).ok()?;
+    cgroup_path(&text)
+}
+
+/// The path of the unified (v2) hierarchy (`0::/…`) in the text of a
+/// `/proc/PID/cgroup`, else that of systemd's v1 hierarchy
+/// (`N:name=systemd:/…`); at most [`MAX_CGROUP_LEN`] bytes.
+fn cgroup_path(text: &str) -> Option<String> {
+    let path_of = |line: &str| line.splitn(3, ':').nth(2).map(str::to_owned);
+    let path =
+        text.lines().find(|l| l.starts_with("0::")).and_then(path_of).or_else(|| {
+            text.lines().find(|l| l.split(':').nth(1) == Some("name=systemd")).and_then(path_of)
+        })?;
+    if path.is_empty() {
+        return None;
+    }
+    if path.len() <= MAX_CGROUP_LEN {
+        return Some(path);
+    }
+    let mut end = MAX_CGROUP_LEN - '…'.len_utf8();
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(format!("{}…", &path[..end]))
+}
+
 impl Caller {
     /// Builds the identity of a peer from its SO_PEERCRED credentials
     /// (`uid`, `gid`, `pid`) and the user database. The lookups block
@@ -138,7 +185,7 @@ impl Caller {
                 groups.push(GroupId { gid: g, name });
             }
         }
-        Caller { uid, gid, pid, user: user.map(|u| u.name), groups, exe: exe_of(pid) }
+        Caller { uid, gid, pid, user: user.map(|u| u.name), groups, exe: exe_of(pid), cgroup: cgroup_of(pid) }
     }
 
     /// Whether the caller is in group `gid` (primary or supplementary).
@@ -188,6 +235,23 @@ mod tests {
         assert_eq!(ids.cached(0, 1, None), None, "by uid and gid");
         ids.clear();
         assert_eq!(ids.cached(0, 0, None), None);
+    }
+
+    #[test]
+    fn the_cgroup_is_the_unified_path_or_systemds_and_bounded() {
+        assert_eq!(
+            cgroup_path("0::/system.slice/billing.service\n").as_deref(),
+            Some("/system.slice/billing.service")
+        );
+        let v1 = "12:pids:/user.slice\n1:name=systemd:/system.slice/cron.service\n";
+        assert_eq!(cgroup_path(v1).as_deref(), Some("/system.slice/cron.service"));
+        assert_eq!(cgroup_path("4:memory:/x\n"), None);
+        let long = format!("0::/{}\n", "é".repeat(400));
+        let cut = cgroup_path(&long).unwrap();
+        assert!(cut.len() <= MAX_CGROUP_LEN && cut.ends_with('…'), "{}", cut.len());
+        let me = Caller::resolve(0, 0, Some(std::process::id() as i32));
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        assert_eq!(me.cgroup, cgroup_path(&own));
     }
 
     #[test]

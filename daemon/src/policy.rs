@@ -451,6 +451,7 @@ mod tests {
             user: Some(user.into()),
             groups: groups.iter().map(|(g, n)| GroupId { gid: *g, name: Some((*n).into()) }).collect(),
             exe: None,
+            cgroup: None,
         }
     }
 

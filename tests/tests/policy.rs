@@ -197,6 +197,8 @@ async fn whoami_shows_identity_groups_and_grants() {
     assert!(groups.contains(&"khtest-bob") && groups.contains(&"khtest-billing"), "{out}");
     assert!(who["pid"].as_i64().unwrap() > 0);
     assert!(who["exe"].as_str().unwrap().ends_with("/keyhaven"), "{out}");
+    // The CLI runs in this process's control group (children inherit it).
+    assert_eq!(who["cgroup"], own_cgroup().expect("/proc/self/cgroup"), "{out}");
     assert_eq!(
         who["grants"],
         serde_json::json!([{"rule": "billing apps", "operations": ["decrypt", "datakey"], "keys": ["*/pii"]}])
@@ -328,4 +330,159 @@ async fn a_group_change_applies_from_the_next_connection_after_a_reload() {
         who["groups"].as_array().unwrap().iter().filter_map(|g| g["name"].as_str()).collect();
     assert!(groups.contains(&"khtest-late"), "{who}");
     gpasswd(&["-d", "khtest-erin", "khtest-late"]);
+}
+
+/// The path the daemon records as a process's control group: the unified
+/// hierarchy's (`0::/…`), else systemd's v1 one.
+fn own_cgroup() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = |l: &str| l.splitn(3, ':').nth(2).map(str::to_owned);
+    let found = text
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .and_then(path)
+        .or_else(|| text.lines().find(|l| l.split(':').nth(1) == Some("name=systemd")).and_then(path));
+    found.filter(|p| !p.is_empty())
+}
+
+/// Set in the environment of the borrowing process that
+/// [`a_connected_socket_passed_with_scm_rights_lends_its_identity`] starts.
+const BORROWER: &str = "KEYHAVEN_TEST_BORROWER";
+
+/// Issue 13 §7, POLICY.md §1.1: identity travels with the socket. A
+/// granted process (this test, as root) connects, then passes the
+/// connected socket with SCM_RIGHTS to a process running as dave, whom
+/// the policy grants nothing. Over the borrowed socket dave is served as
+/// root: `whoami` shows root's uid, pid and control group, and an encrypt
+/// that dave's own connection is refused succeeds; the audit names root
+/// and this process's pid, and the control group read at connect time.
+/// This documents SO_PEERCRED's nature; it is not a defence.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connected_socket_passed_with_scm_rights_lends_its_identity() {
+    use std::io::IoSlice;
+    use std::mem::MaybeUninit;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+
+    let p = people();
+    let policy = format!(
+        "{ROOT_ADMIN}\n[[policy.rules]]\nname = \"root encrypts\"\nprincipals = [\"uid:0\"]\n\
+         operations = [\"encrypt\"]\nkeys = [\"acme/*\"]\n"
+    );
+    let d = daemon_with_keys(&policy).await;
+    let s = d.socket();
+    assert_eq!(my_uid(), 0, "the suite runs as root");
+    // dave's own connection: refused.
+    denied(run_cli_as(&p.dave, s, &["encrypt", "acme/pii"], b"x"), "encrypt", "`acme/pii`");
+
+    // Connect as root, then hand the connected socket to a process running
+    // as dave (this test binary again, running only the borrower below),
+    // over a socket pair that is its stdin.
+    let conn = std::os::unix::net::UnixStream::connect(s).unwrap();
+    let (mine, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "fd_passing_borrower", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(BORROWER, "1")
+        .uid(p.dave.uid)
+        .gid(p.dave.gid)
+        .current_dir("/")
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fds = [conn.as_fd()];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+    rustix::net::sendmsg(&mine, &[IoSlice::new(b"f")], &mut control, SendFlags::empty()).unwrap();
+    drop(conn); // dave's process now holds the only copy
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "the borrower failed: {said}");
+    let line =
+        said.lines().find_map(|l| Some(l.split_once("BORROWER ")?.1)).unwrap_or_else(|| panic!("{said}"));
+    let got: serde_json::Value = serde_json::from_str(line).unwrap();
+
+    // It really is dave's process, in another pid …
+    assert_eq!(got["uid"], p.dave.uid, "{got}");
+    let me = std::process::id();
+    assert_ne!(got["pid"], me, "{got}");
+    // … served as root, with this process's pid and control group.
+    let who = &got["whoami"];
+    assert_eq!(
+        (&who["uid"], &who["user"], &who["pid"]),
+        (&serde_json::json!(0), &serde_json::json!("root"), &serde_json::json!(me)),
+        "{got}"
+    );
+    let cgroup = own_cgroup().expect("the kernel offers /proc/self/cgroup");
+    assert_eq!(who["cgroup"], cgroup, "{got}");
+    assert_eq!(got["encrypt"], "ok", "{got}");
+
+    // The audit names root and this pid for the encrypt dave's process made.
+    let tail = ok(run_cli(s, &["audit", "tail", "--json"], b""));
+    let records: Vec<serde_json::Value> = tail.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let encrypts: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["op"] == "encrypt" && r["outcome"] == "ok").collect();
+    assert_eq!(encrypts.len(), 1, "{tail}");
+    let caller = &encrypts[0]["caller"];
+    assert_eq!((&caller["uid"], &caller["pid"]), (&serde_json::json!(0), &serde_json::json!(me)), "{tail}");
+    assert_eq!(caller["cgroup"], cgroup, "{tail}");
+    let refused: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["op"] == "encrypt" && r["outcome"] == "denied").collect();
+    assert_eq!(refused.len(), 1, "{tail}");
+    assert_eq!(refused[0]["caller"]["uid"], p.dave.uid, "dave's own connection is dave: {tail}");
+}
+
+/// The borrowing process of
+/// [`a_connected_socket_passed_with_scm_rights_lends_its_identity`]: run
+/// only by that test (as another user, with [`BORROWER`] set and a socket
+/// pair as stdin). Receives a connected socket with SCM_RIGHTS, asks
+/// `whoami` and encrypts over it, and prints what happened as one
+/// `BORROWER {json}` line.
+#[test]
+#[ignore = "started by a_connected_socket_passed_with_scm_rights_lends_its_identity"]
+fn fd_passing_borrower() {
+    use std::io::IoSliceMut;
+    use std::mem::MaybeUninit;
+
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+
+    if std::env::var_os(BORROWER).is_none() {
+        return;
+    }
+    let mut byte = [0u8; 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let stdin = std::io::stdin();
+    rustix::net::recvmsg(&stdin, &mut [IoSliceMut::new(&mut byte)], &mut control, RecvFlags::empty())
+        .expect("recvmsg");
+    let fd = control
+        .drain()
+        .find_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })
+        .expect("a socket passed with SCM_RIGHTS");
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async move {
+        let c = Client::from_stream(tokio::net::UnixStream::from_std(stream).unwrap());
+        let who = c.call(&keyhaven::wire::Whoami {}).await.expect("whoami");
+        let encrypt = match c.encrypt(&path("acme/pii"), b"borrowed", &ctx(&[])).await {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        serde_json::json!({
+            "uid": my_uid(),
+            "pid": std::process::id(),
+            "whoami": who,
+            "encrypt": encrypt,
+        })
+    });
+    println!("BORROWER {report}");
 }

@@ -40,6 +40,11 @@ struct Install {
 
 impl Install {
     fn new() -> Install {
+        Install::with_pin(&random_hex(16))
+    }
+
+    /// An install whose token's user PIN is `pin`.
+    fn with_pin(pin: &str) -> Install {
         let dir = tempfile::Builder::new().prefix("keyhaven-prod-").tempdir().unwrap();
         let d = dir.path();
         std::fs::create_dir(d.join("tokens")).unwrap();
@@ -52,7 +57,7 @@ impl Install {
             ),
             0o600,
         );
-        let pin = random_hex(16);
+        let pin = pin.to_owned();
         let out = Command::new("softhsm2-util")
             .args(["--init-token", "--free", "--label", "prod", "--pin", &pin, "--so-pin", &random_hex(16)])
             .env("SOFTHSM2_CONF", d.join("softhsm2.conf"))
@@ -91,6 +96,20 @@ impl Install {
         let file = self.dir().join(name);
         write_mode(&file, &text, 0o600);
         file
+    }
+
+    /// Writes the config `file` (mode 0600, anywhere) naming every path
+    /// absolutely: the install's socket, store, PIN file and token, and
+    /// `module`.
+    fn write_config_at(&self, file: &Path, module: &Path) {
+        let d = self.dir().display();
+        let text = format!(
+            "socket = \"{d}/run/keyhaven.sock\"\nstore = \"{d}/store\"\n\n[hsm]\nmodule = \"{}\"\n\
+             token_label = \"prod\"\nsofthsm2_conf = \"{d}/softhsm2.conf\"\npin_file = \"{d}/pin\"\n\
+             allow_softhsm = true\n",
+            module.display()
+        );
+        write_mode(file, &text, 0o600);
     }
 
     fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -377,4 +396,224 @@ fn no_core_dumps_json_logs_and_the_pin_never_prints() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("PIN is incorrect"), "{err}");
     assert!(!err.contains(&wrong_pin) && !err.contains(&i.pin), "{err}");
+}
+
+fn chown(path: &Path, user: &TestUser) {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)).unwrap();
+}
+
+/// Issue 13 §6: production mode checks owners as well as modes, for the
+/// config file, the PKCS#11 module, the PIN file and the socket and store
+/// directories, and for every directory on the way to each up to `/` (as
+/// written and with links resolved). Each refusal names the path, the
+/// owner or mode found and what is required. An unprivileged user who
+/// owns the config (the policy, `[hsm] module`), the module (the code the
+/// PIN is handed to) or a directory above them could otherwise take the
+/// PIN or the keys.
+#[test]
+fn production_mode_checks_owners_and_every_directory_up_the_path() {
+    let i = Install::new();
+    let d = i.dir();
+    let dave = ensure_user("khtest-dave", &[]);
+    let owned_by_dave = format!("belongs to uid {} (khtest-dave)", dave.uid);
+
+    // The config owned by an unprivileged user, even at 0644.
+    let config = d.join("ok.toml");
+    i.write_config("ok.toml", "pin_file = \"pin\"\nallow_softhsm = true\n", "");
+    chmod(&config, 0o644);
+    chown(&config, &dave);
+    let err = i.refused("ok.toml");
+    assert!(err.contains(&format!("the config file {} {owned_by_dave}", config.display())), "{err}");
+    assert!(err.contains("must belong to root or to the daemon's user (uid 0)"), "{err}");
+    assert!(err.contains("chown root"), "{err}");
+    std::os::unix::fs::lchown(&config, Some(0), Some(0)).unwrap();
+
+    // The config in a world-writable directory (not sticky), or in one an
+    // unprivileged user owns.
+    let open = d.join("open");
+    std::fs::create_dir(&open).unwrap();
+    i.write_config_at(&open.join("k.toml"), &softhsm_module());
+    chmod(&open, 0o777);
+    let err = i.refused("open/k.toml");
+    assert!(
+        err.contains(&format!(
+            "{}, on the way to the config file {}",
+            open.display(),
+            open.join("k.toml").display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("has mode 0777") && err.contains("sticky") && err.contains("chmod go-w"), "{err}");
+    chmod(&open, 0o755);
+    chown(&open, &dave);
+    let err = i.refused("open/k.toml");
+    assert!(err.contains(&format!("{}, on the way to the config file", open.display())), "{err}");
+    assert!(err.contains(&owned_by_dave) && err.contains("every directory up to /"), "{err}");
+    std::os::unix::fs::lchown(&open, Some(0), Some(0)).unwrap();
+
+    // The module: world-writable, owned by an unprivileged user, in a
+    // directory others may write, or reached by a link through one.
+    let lib = d.join("lib");
+    std::fs::create_dir(&lib).unwrap();
+    let module = lib.join("libsofthsm2.so");
+    std::fs::copy(softhsm_module(), &module).unwrap();
+    chmod(&module, 0o666);
+    i.write_config_at(&d.join("module.toml"), &module);
+    let err = i.refused("module.toml");
+    assert!(err.contains(&format!("the PKCS#11 module {} has mode 0666", module.display())), "{err}");
+    assert!(
+        err.contains("must not be writable by its group or others") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    chmod(&module, 0o755);
+    chown(&module, &dave);
+    let err = i.refused("module.toml");
+    assert!(err.contains(&format!("the PKCS#11 module {} {owned_by_dave}", module.display())), "{err}");
+    std::os::unix::fs::lchown(&module, Some(0), Some(0)).unwrap();
+    chmod(&lib, 0o775);
+    let err = i.refused("module.toml");
+    assert!(err.contains(&format!("{}, on the way to the PKCS#11 module", lib.display())), "{err}");
+    assert!(err.contains("has mode 0775"), "{err}");
+    chmod(&lib, 0o755);
+    let daves = d.join("daves");
+    std::fs::create_dir(&daves).unwrap();
+    std::fs::copy(softhsm_module(), daves.join("libsofthsm2.so")).unwrap();
+    chown(&daves, &dave);
+    std::os::unix::fs::symlink(daves.join("libsofthsm2.so"), lib.join("link.so")).unwrap();
+    i.write_config_at(&d.join("link.toml"), &lib.join("link.so"));
+    let err = i.refused("link.toml");
+    assert!(
+        err.contains(&format!(
+            "{}, on the way to the PKCS#11 module {}",
+            daves.display(),
+            lib.join("link.so").display()
+        )),
+        "a link is followed: {err}"
+    );
+
+    // The PIN file in a directory an unprivileged user owns.
+    let pins = d.join("pins");
+    std::fs::create_dir(&pins).unwrap();
+    write_mode(&pins.join("pin"), &format!("{}\n", i.pin), 0o400);
+    chown(&pins, &dave);
+    i.write_config(
+        "pins.toml",
+        &format!("pin_file = \"{}\"\nallow_softhsm = true\n", pins.join("pin").display()),
+        "",
+    );
+    let err = i.refused("pins.toml");
+    assert!(err.contains(&format!("{}, on the way to the PIN file", pins.display())), "{err}");
+    assert!(err.contains(&owned_by_dave), "{err}");
+
+    // Socket and store directories: group-writable (0770), or owned by an
+    // unprivileged user.
+    chmod(&d.join("run"), 0o770);
+    let err = i.refused("ok.toml");
+    assert!(
+        err.contains(&format!("the socket directory {} has mode 0770", d.join("run").display())),
+        "{err}"
+    );
+    assert!(err.contains("must not be writable by its group"), "{err}");
+    chmod(&d.join("run"), 0o750);
+    chown(&d.join("run"), &dave);
+    let err = i.refused("ok.toml");
+    assert!(
+        err.contains(&format!("the socket directory {} {owned_by_dave}", d.join("run").display())),
+        "{err}"
+    );
+    std::os::unix::fs::lchown(d.join("run"), Some(0), Some(0)).unwrap();
+    chmod(&d.join("store"), 0o770);
+    let err = i.refused("ok.toml");
+    assert!(
+        err.contains(&format!("the store directory {} has mode 0770", d.join("store").display())),
+        "{err}"
+    );
+    assert!(err.contains("chmod 0700"), "{err}");
+    chmod(&d.join("store"), 0o700);
+
+    // A directory shared by several checked paths is named once, with all
+    // of them.
+    chmod(d, 0o777);
+    let err = i.refused("ok.toml");
+    assert_eq!(err.matches(&format!("{}, on the way to", d.display())).count(), 1, "{err}");
+    assert!(
+        err.contains("the config file")
+            && err.contains("the PIN file")
+            && err.contains("the store directory"),
+        "{err}"
+    );
+    chmod(d, 0o700);
+
+    // Fixed, with the config in a sticky directory of root's (like /tmp,
+    // which holds this whole install) and the module copy: it starts.
+    chmod(&open, 0o1777);
+    i.write_config_at(&open.join("k.toml"), &module);
+    let running = i.start(&["run", "--config", "open/k.toml"], &[]);
+    let (code, log) = running.stop();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Issue 13 §6: PINs that passed the old length-and-trivial-pattern rule
+/// are refused by the strength rule (common words, leet, keyboard walks,
+/// repeated stretches); a random 16-character PIN is accepted, and the
+/// daemon starts with it.
+#[test]
+fn production_mode_refuses_common_and_patterned_pins_and_accepts_a_random_one() {
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut bytes).unwrap();
+    let random: String = bytes.iter().map(|b| ALNUM[*b as usize % ALNUM.len()] as char).collect();
+    let i = Install::with_pin(&random);
+    let d = i.dir();
+    for (n, pin) in
+        ["qwertyuiop", "password1234", "123123123", "P@ssw0rd2024!", "1qaz2wsx", "Xk9Xk9Xk9Xk9", "asdfghjkl;"]
+            .iter()
+            .enumerate()
+    {
+        let file = d.join(format!("weak-pin-{n}"));
+        write_mode(&file, &format!("{pin}\n"), 0o400);
+        i.write_config(
+            "weak.toml",
+            &format!("pin_file = \"{}\"\nallow_softhsm = true\n", file.display()),
+            "",
+        );
+        let err = i.refused("weak.toml");
+        assert!(err.contains("user PIN is weak") && err.contains("OPERATIONS.md §1.7"), "`{pin}`: {err}");
+        assert!(!err.contains(pin), "the PIN must not be printed: {err}");
+    }
+    i.write_config("ok.toml", "pin_file = \"pin\"\nallow_softhsm = true\n", "");
+    let running = i.start(&["run", "--config", "ok.toml"], &[]);
+    let (code, log) = running.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains(&random));
+}
+
+/// Issue 13 §6: a config syntax error on or near an inline `pin = "…"`
+/// line is reported by line and column; the error never quotes the line.
+#[test]
+fn a_config_syntax_error_never_quotes_a_pin_line() {
+    let i = Install::new();
+    let secret = "Inl1ne-S3cret-PIN-93";
+    for (n, hsm) in [
+        format!("pin = \"{secret}\n"),
+        format!("pin = {secret}\n"),
+        format!("pin = \"{secret}\" trailing\n"),
+        format!("pin = \"{secret}\\q\"\n"),
+        format!("pin = \"{secret}\"\nworkers = = 1\n"),
+        format!("workers = 1 1\npin = \"{secret}\"\n"),
+        format!("pin_file = {secret}\n"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("syntax-{n}.toml");
+        let file = i.write_config(&name, hsm, "");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let line = text.lines().position(|l| l.contains(secret)).unwrap() + 1;
+        let err = i.refused(&name);
+        assert!(!err.contains(secret) && !err.contains("S3cret"), "{hsm:?}: the PIN is quoted: {err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        let near = [line - 1, line, line + 1].iter().any(|l| err.contains(&format!("line {l}, column")));
+        assert!(near, "{hsm:?}: names the line ({line}) and column: {err}");
+    }
 }

@@ -28,6 +28,7 @@ pub fn whoami(d: &Daemon, caller: &Caller, _req: wire::Whoami) -> Result<Reply, 
         pid: caller.pid,
         groups: caller.groups.iter().map(|g| GroupInfo { gid: g.gid, name: g.name.clone() }).collect(),
         exe: caller.exe.as_ref().map(|p| p.display().to_string()),
+        cgroup: caller.cgroup.clone(),
         grants,
     };
     reply(&resp, 0)
