@@ -496,6 +496,51 @@ pub struct AuditVerifyResponse {
 }
 operation!(AuditVerify, "audit_verify", AuditVerifyResponse);
 
+/// `audit_export`: the log as it is stored, records and seals, for checking
+/// away from the host with the audit public key (PROTOCOL.md §3.27).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditExport {
+    /// Start with the first record at or after this time, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    /// Only records with a higher `seq` (and the seals of those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+}
+
+/// Answer to `audit_export`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditExportResponse {
+    /// JSON lines in the order of the chain: each record's exact stored
+    /// bytes, and after a record the seals that cover it as
+    /// `{"seal":{...}}` (AUDIT.md §3.3).
+    pub lines: Vec<String>,
+    /// The highest record `seq` returned (or `after`): pass it as `after`.
+    pub next: u64,
+    /// Cut to fit a frame: more follows.
+    pub more: bool,
+}
+operation!(AuditExport, "audit_export", AuditExportResponse);
+
+/// `audit_public_key`: the public half of the audit signing key
+/// (PROTOCOL.md §3.28).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditPublicKey {}
+
+/// Answer to `audit_public_key`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditPublicKeyResponse {
+    /// `ecdsa-p256-sha256`.
+    pub algorithm: String,
+    /// The key pair's label in the token.
+    pub label: String,
+    /// The public key, PEM (`-----BEGIN PUBLIC KEY-----`, SubjectPublicKeyInfo).
+    pub pem: String,
+}
+operation!(AuditPublicKey, "audit_public_key", AuditPublicKeyResponse);
+
 /// The first thing wrong with the audit log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditProblem {

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keyhaven::envelope::Envelope;
 use keyhaven::wire::{
-    AuditCaller, AuditProblem, AuditRead, AuditReadResponse, AuditRecord, AuditVerifyResponse,
+    AuditCaller, AuditExport, AuditExportResponse, AuditProblem, AuditRead, AuditReadResponse, AuditRecord,
+    AuditVerifyResponse,
 };
 use keyhaven::{EncryptionContext, KeyPath};
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,9 @@ use crate::store::{AuditKind, Store, StoreError};
 
 /// Domain separation of the seal's HMAC input (docs/AUDIT.md §3).
 pub const SEAL_CONTEXT: &[u8] = b"keyhaven-audit-seal-v1\0";
+
+/// Domain separation of the signed head (docs/AUDIT.md §3.3).
+pub const HEAD_CONTEXT: &[u8] = b"keyhaven-audit-head-v1\0";
 
 /// What a request was about, filled in as dispatch understands it. Holds
 /// names, versions and ids only: never a secret or a context value.
@@ -99,6 +103,11 @@ pub struct Seal {
     pub time_ms: u64,
     /// HMAC-SHA256 under the audit key of [`seal_input`], hex.
     pub mac: String,
+    /// ECDSA P-256 signature by the audit signing key of SHA-256 of
+    /// [`head_message`], DER, hex (docs/AUDIT.md §3.3). Absent on seals
+    /// made before the signing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 /// The bytes the seal's HMAC covers: context, seq (8 bytes big-endian),
@@ -110,6 +119,30 @@ pub fn seal_input(seq: u64, head: &[u8; 32], time_ms: u64) -> Vec<u8> {
     v.extend_from_slice(head);
     v.extend_from_slice(&time_ms.to_be_bytes());
     v
+}
+
+/// The message the audit signing key signs (docs/AUDIT.md §3.3): context,
+/// seq (8 bytes big-endian), head (32 bytes), time_ms (8 bytes
+/// big-endian). The token signs its SHA-256 digest with ECDSA P-256.
+pub fn head_message(seq: u64, head: &[u8; 32], time_ms: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEAD_CONTEXT.len() + 48);
+    v.extend_from_slice(HEAD_CONTEXT);
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(head);
+    v.extend_from_slice(&time_ms.to_be_bytes());
+    v
+}
+
+/// Makes the seal of record `seq` whose hash is `head`: its MAC and its
+/// signature, both in the token, in one job.
+fn make_seal(hsm: &Hsm, seq: u64, head: &[u8; 32]) -> Result<Seal, String> {
+    let time_ms = now_ms();
+    let input = seal_input(seq, head, time_ms);
+    let digest: [u8; 32] = Sha256::digest(head_message(seq, head, time_ms)).into();
+    let (mac, sig) = hsm
+        .run_blocking(move |w| Ok((w.audit_mac(&input)?, w.audit_sign(&digest)?)))
+        .map_err(|e| e.to_string())?;
+    Ok(Seal { seq, head: hex(head), time_ms, mac: hex(&mac), sig: Some(hex(&sig)) })
 }
 
 struct State {
@@ -500,10 +533,7 @@ impl Log {
     }
 
     fn seal(&self, seq: u64, head: &[u8; 32]) -> Result<(), String> {
-        let time_ms = now_ms();
-        let input = seal_input(seq, head, time_ms);
-        let mac = self.hsm.run_blocking(move |w| w.audit_mac(&input)).map_err(|e| e.to_string())?;
-        let seal = Seal { seq, head: hex(head), time_ms, mac: hex(&mac) };
+        let seal = make_seal(&self.hsm, seq, head)?;
         let bytes = serde_json::to_vec(&seal).map_err(|e| e.to_string())?;
         self.store.audit_put(AuditKind::Seal, seq, &bytes).map_err(|e| e.to_string())
     }
@@ -581,6 +611,65 @@ pub fn read(store: &dyn Store, req: &AuditRead) -> Result<AuditReadResponse, Err
     }
     let next = records.last().map_or(after, |r| r.seq);
     Ok(AuditReadResponse { records, next, more })
+}
+
+/// `audit_export`: records as stored and the seals after the records they
+/// cover, oldest first, cut to fit a frame (docs/AUDIT.md §7).
+pub fn export(store: &dyn Store, req: &AuditExport) -> Result<AuditExportResponse, Error> {
+    let since_ms = req.since.map(|s| s.saturating_mul(1000));
+    let after = req.after.unwrap_or(0);
+    let mut records = Vec::new();
+    let mut size = 0;
+    let mut more = false;
+    for entry in store.audit_scan(AuditKind::Record, after.saturating_add(1), false) {
+        let (seq, bytes) = entry?;
+        if size > READ_BUDGET {
+            more = true;
+            break;
+        }
+        if records.is_empty() {
+            if let Some(since) = since_ms {
+                let r = serde_json::from_slice::<AuditRecord>(&bytes).map_err(|e| {
+                    Error::Store(StoreError::Corrupt {
+                        key: format!("audit record {seq}"),
+                        reason: e.to_string(),
+                    })
+                })?;
+                if r.time_ms < since {
+                    continue;
+                }
+            }
+        }
+        let text = String::from_utf8(bytes).map_err(|_| {
+            Error::Store(StoreError::Corrupt {
+                key: format!("audit record {seq}"),
+                reason: "not UTF-8: it was altered".into(),
+            })
+        })?;
+        size += text.len();
+        records.push((seq, text));
+    }
+    let (Some(first), Some(last)) = (records.first().map(|r| r.0), records.last().map(|r| r.0)) else {
+        return Ok(AuditExportResponse { lines: Vec::new(), next: after, more: false });
+    };
+    let mut seals: Vec<(u64, String)> = Vec::new();
+    for entry in store.audit_scan(AuditKind::Seal, first, false) {
+        let (seq, bytes) = entry?;
+        if seq > last {
+            break;
+        }
+        seals.push((seq, format!("{{\"seal\":{}}}", String::from_utf8_lossy(&bytes))));
+    }
+    let mut lines = Vec::with_capacity(records.len() + seals.len());
+    let mut seals = seals.into_iter().peekable();
+    for (seq, text) in records {
+        lines.push(text);
+        while let Some((_, seal)) = seals.next_if(|(s, _)| *s <= seq) {
+            lines.push(seal);
+        }
+    }
+    lines.extend(seals.map(|(_, s)| s));
+    Ok(AuditExportResponse { lines, next: last, more })
 }
 
 /// What the chain walk found, before the seals' MACs are checked in the HSM.

@@ -770,3 +770,150 @@ async fn a_burst_of_clients_keeps_every_record_once_in_an_intact_chain() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+/// `openssl dgst -sha256 -verify pub -signature sig msg`.
+fn openssl_verifies(dir: &Path, public: &Path, message: &[u8], sig: &[u8]) -> (bool, String) {
+    let (m, s) = (dir.join("head.bin"), dir.join("sig.der"));
+    std::fs::write(&m, message).unwrap();
+    std::fs::write(&s, sig).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(public)
+        .arg("-signature")
+        .arg(&s)
+        .arg(&m)
+        .output()
+        .expect("run openssl");
+    (out.status.success(), out_text(&out))
+}
+
+/// Issue 13 §4: the audit head is signed by an ECDSA P-256 key generated
+/// in the token; `audit public-key` gives its public half and `audit export
+/// --signed` the records as stored with the signed seals, so that a tool
+/// nobody here wrote (openssl) checks a sealed head, and the chain up to
+/// it, away from the daemon; a flipped byte is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exported_log_verifies_with_openssl_and_the_public_key() {
+    let mut d = TestDaemon::start();
+    {
+        let c = d.client().await;
+        c.key_create(&path("acme/pii")).await.unwrap();
+        for i in 0..3 {
+            c.encrypt(&path("acme/pii"), format!("s{i}").as_bytes(), &ctx(&[])).await.unwrap();
+        }
+    }
+    d.restart(); // seals the head
+    let work = tempfile::tempdir().unwrap();
+    let public = work.path().join("pub.pem");
+    let pem = d.cli(&["audit", "public-key"], b"");
+    assert!(pem.status.success(), "{}", out_text(&pem));
+    std::fs::write(&public, &pem.stdout).unwrap();
+    let text = std::process::Command::new("openssl")
+        .args(["pkey", "-pubin", "-noout", "-text", "-in"])
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert!(out_text(&text).contains("prime256v1"), "{}", out_text(&text));
+
+    let export = d.cli(&["audit", "export", "--signed"], b"");
+    assert!(export.status.success(), "{}", out_text(&export));
+    let lines: Vec<&[u8]> = export.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    // Walk the chain as an outsider: each record line's SHA-256 is the next one's `prev`.
+    let mut hashes = std::collections::HashMap::new();
+    let mut prev = "0".repeat(64);
+    let mut signed = Vec::new();
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        if let Some(seal) = v.get("seal") {
+            signed.push(seal.clone());
+            continue;
+        }
+        assert_eq!(v["prev"], prev.as_str(), "the chain links at record {}", v["seq"]);
+        prev = hex(&Sha256::digest(line));
+        hashes.insert(v["seq"].as_u64().unwrap(), prev.clone());
+    }
+    let seal = signed.last().expect("a signed seal").clone();
+    let seq = seal["seq"].as_u64().unwrap();
+    assert!(seq >= 4, "the restart sealed the records: {seal}");
+    assert_eq!(seal["head"], hashes[&seq].as_str(), "the seal's head is the exported record's hash");
+    let mut message = b"keyhaven-audit-head-v1\0".to_vec();
+    message.extend_from_slice(&seq.to_be_bytes());
+    message.extend_from_slice(&unhex(seal["head"].as_str().unwrap()));
+    message.extend_from_slice(&seal["time_ms"].as_u64().unwrap().to_be_bytes());
+    let sig = unhex(seal["sig"].as_str().expect("the seal is signed"));
+    let (ok, said) = openssl_verifies(work.path(), &public, &message, &sig);
+    assert!(ok && said.contains("Verified OK"), "openssl: {said}");
+
+    // One flipped byte, in the head or in the signature: refused.
+    for i in [message.len() - 9 - 5, message.len() - 1] {
+        let mut bad = message.clone();
+        bad[i] ^= 1;
+        let (ok, said) = openssl_verifies(work.path(), &public, &bad, &sig);
+        assert!(!ok && said.contains("Verification failure"), "byte {i}: {said}");
+    }
+    let mut bad_sig = sig.clone();
+    let last = bad_sig.len() - 1;
+    bad_sig[last] ^= 1;
+    assert!(!openssl_verifies(work.path(), &public, &message, &bad_sig).0);
+    // A record changed in the export no longer hashes to the signed head.
+    let line = lines.iter().find(|l| hex(&Sha256::digest(l)) == hashes[&seq]).unwrap();
+    let mut changed = line.to_vec();
+    let i = changed.iter().position(|b| *b == b'1').unwrap();
+    changed[i] = b'2';
+    assert_ne!(hex(&Sha256::digest(&changed)), hashes[&seq]);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// `pkcs11-tool` on a dev daemon's token, logged in.
+fn pkcs11_tool(d: &TestDaemon, args: &[&str]) -> Output {
+    let pin = std::fs::read_to_string(d.dir().join("pin")).unwrap();
+    let out = std::process::Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(softhsm_module())
+        .args(["--token-label", "keyhaven-dev", "--login", "--pin", pin.trim_end()])
+        .args(args)
+        .env("SOFTHSM2_CONF", d.dir().join("softhsm2.conf"))
+        .output()
+        .expect("run pkcs11-tool");
+    assert!(out.status.success(), "pkcs11-tool {args:?}: {}", out_text(&out));
+    out
+}
+
+/// A token from before the signing key (issue 13 §4): the daemon generates
+/// the key pair in the token at start, as it does the audit key; the
+/// private key is sensitive, never extractable and was made there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_without_the_audit_signing_key_gets_one_generated_in_it_at_start() {
+    let mut d = TestDaemon::start();
+    let first = d.cli(&["audit", "public-key"], b"");
+    assert!(first.status.success(), "{}", out_text(&first));
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    for kind in ["privkey", "pubkey"] {
+        pkcs11_tool(&d, &["--delete-object", "--type", kind, "--label", "keyhaven-audit-signing"]);
+    }
+    let listed = pkcs11_tool(&d, &["--list-objects", "--type", "privkey"]);
+    assert!(!contains(&listed.stdout, b"keyhaven-audit-signing"), "{}", out_text(&listed));
+
+    d.start_again();
+    let second = d.cli(&["audit", "public-key"], b"");
+    assert!(second.status.success(), "{}", out_text(&second));
+    assert!(second.stdout.starts_with(b"-----BEGIN PUBLIC KEY-----\n"));
+    assert_ne!(first.stdout, second.stdout, "a new key pair");
+    let listed = String::from_utf8(pkcs11_tool(&d, &["--list-objects", "--type", "privkey"]).stdout).unwrap();
+    let at = listed.find("label:      keyhaven-audit-signing").unwrap_or_else(|| panic!("{listed}"));
+    let object = listed[..at].rfind("Private Key Object").map(|s| &listed[s..]).unwrap();
+    // Its lines: the header, then indented ones.
+    let end = object.match_indices('\n').map(|(i, _)| i + 1).find(|i| !object[*i..].starts_with(' '));
+    let object = &object[..end.unwrap_or(object.len())];
+    assert!(object.starts_with("Private Key Object; EC"), "{object}");
+    assert!(object.contains("Access:     sensitive, always sensitive, never extractable, local"), "{object}");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("created the audit signing key (ECDSA P-256) in the token"), "{log}");
+}

@@ -5,9 +5,11 @@
 //!
 //! - [`token`]: module, slot, login, master key.
 //! - [`worker`]: one session and its cached handles; the operations.
+//! - [`signing`]: the audit signing key (ECDSA P-256).
 //! - [`error`]: PKCS#11 return codes to [`HsmError`], in one place.
 
 pub mod error;
+pub mod signing;
 pub mod token;
 pub mod worker;
 
@@ -142,6 +144,7 @@ impl Hsm {
             if i == 0 {
                 // Stores and tokens from before the audit log get their key now.
                 worker.ensure_audit_key()?;
+                worker.ensure_audit_signing_key()?;
             }
             let rx = rx.clone();
             let t = std::thread::Builder::new()
@@ -288,8 +291,8 @@ impl Rendezvous {
     }
 }
 
-/// Creates master key version 1 and the audit key in the token (for
-/// `keyhavend init`).
+/// Creates master key version 1, the audit key and the audit signing key
+/// in the token (for `keyhavend init`).
 pub fn create_first_master_key(cfg: &HsmConfig) -> Result<(), HsmError> {
     let pkcs11 = token::load_module(&cfg.module)?;
     let slot = token::find_token(&pkcs11, &cfg.token_label)?;
@@ -298,5 +301,6 @@ pub fn create_first_master_key(cfg: &HsmConfig) -> Result<(), HsmError> {
     token::create_master_key(&session, &label)?;
     token::find_master_key(&session, &label)?;
     token::ensure_audit_key(&session, &cfg.audit_key_label)?;
+    signing::ensure_signing_key(&session, &signing::signing_key_label(&cfg.audit_key_label))?;
     Ok(())
 }

@@ -1,9 +1,9 @@
-//! `keyhaven audit tail|verify|export` and the times they take.
+//! `keyhaven audit tail|verify|export|public-key` and the times they take.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyhaven::wire::{AuditRead, AuditRecord, AuditVerify};
+use keyhaven::wire::{AuditExport, AuditRead, AuditRecord, AuditVerify};
 use keyhaven::Client;
 
 use crate::Failure;
@@ -174,6 +174,23 @@ pub async fn export(client: &Client, tenant: Option<String>, since: Option<u64>)
             return Ok(());
         }
         after = page.next;
+    }
+}
+
+/// `audit export --signed`: the records as stored and the seals, JSON lines.
+pub async fn export_signed(client: &Client, since: Option<u64>) -> Result<(), Failure> {
+    let mut after = None;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let page = client.call(&AuditExport { since, after }).await?;
+        for line in &page.lines {
+            writeln!(out, "{line}")?;
+        }
+        if !page.more {
+            out.flush()?;
+            return Ok(());
+        }
+        after = Some(page.next);
     }
 }
 
