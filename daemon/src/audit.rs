@@ -683,7 +683,7 @@ pub struct Walk {
     pub seals: Vec<(u64, Vec<u8>, Vec<u8>)>,
     /// Number of seals.
     pub seal_count: u64,
-    /// Highest sealed sequence number.
+    /// Highest sealed sequence number (seals that go back are not counted).
     pub last_sealed: Option<u64>,
 }
 
@@ -722,7 +722,29 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
             Err(e) => return Err(e.into()),
         };
         match serde_json::from_slice::<Seal>(&bytes) {
-            Ok(s) if s.seq == seq => seals.push(s),
+            // Seals are written in the order of the chain: each covers a
+            // later record than the one before it.
+            Ok(s) if s.seq == seq => match seals.last() {
+                Some(p) if p.seq == seq => {
+                    seal_problem = seal_problem.or(problem(
+                        seq,
+                        "bad_seal",
+                        format!("the seal of record {seq} appears twice: a copy was put in"),
+                    ));
+                }
+                Some(p) if p.seq > seq => {
+                    seal_problem = seal_problem.or(problem(
+                        seq,
+                        "bad_seal",
+                        format!(
+                            "the seal of record {seq} comes after the seal of record {}: seals never go \
+                             back, this one was put in",
+                            p.seq
+                        ),
+                    ));
+                }
+                _ => seals.push(s),
+            },
             _ => {
                 seal_problem = seal_problem.or(problem(
                     seq,

@@ -303,12 +303,22 @@ fn hex(b: &[u8]) -> String {
 /// audit segment files), starts the daemon, and returns what `keyhaven
 /// audit verify` says.
 fn verify_after(d: &mut TestDaemon, pristine: &Path, tamper: impl FnOnce(&Path)) -> Output {
+    verify_after_with(d, pristine, &["audit", "verify"], tamper)
+}
+
+/// [`verify_after`] with the CLI's arguments given (`--json`).
+fn verify_after_with(
+    d: &mut TestDaemon,
+    pristine: &Path,
+    args: &[&str],
+    tamper: impl FnOnce(&Path),
+) -> Output {
     let store = d.store_dir();
     std::fs::remove_dir_all(&store).unwrap();
     copy_dir(pristine, &store);
     tamper(&store);
     d.start_again();
-    let out = d.cli(&["audit", "verify"], b"");
+    let out = d.cli(args, b"");
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     out
@@ -769,6 +779,77 @@ async fn a_burst_of_clients_keeps_every_record_once_in_an_intact_chain() {
     assert!(out.status.success() && out_text(&out).contains("audit log intact"), "{}", out_text(&out));
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
+}
+
+/// A log with two seals: records 1..=k sealed at a clean restart, more
+/// records, and the final seal at n made by a clean stop. Returns (k, n)
+/// with the daemon stopped.
+async fn two_seals(d: &mut TestDaemon) -> (u64, u64) {
+    {
+        let c = d.client().await;
+        c.key_create(&path("acme/pii")).await.unwrap();
+        for i in 0..4 {
+            c.encrypt(&path("acme/pii"), format!("a{i}").as_bytes(), &ctx(&[])).await.unwrap();
+        }
+    }
+    d.restart(); // seals the head
+    {
+        let c = d.client().await;
+        for i in 0..6 {
+            c.encrypt(&path("acme/pii"), format!("b{i}").as_bytes(), &ctx(&[])).await.unwrap();
+        }
+    }
+    let (status, log) = d.stop(); // seals the head again
+    assert!(status.success(), "{log}");
+    let frames = audit_frames(&d.store_dir());
+    let seals: Vec<u64> = frames.iter().filter(|f| f.kind == b's').map(|f| f.seq).collect();
+    let n = frames.iter().filter(|f| f.kind == b'r').map(|f| f.seq).max().unwrap();
+    assert_eq!(frames.last().map(|f| (f.kind, f.seq)), Some((b's', n)), "the stop sealed the last record");
+    assert!(seals.len() >= 2, "{seals:?}");
+    (seals[seals.len() - 2], n)
+}
+
+fn verify_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out_text(out)))
+}
+
+/// Issue 13 §4: seals appended to the log (a copy of the last seal, a copy
+/// of an earlier genuine seal after it) are `bad_seal`s named by record,
+/// and `last_sealed` never goes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn seals_that_repeat_or_go_back_are_bad_seals_and_last_sealed_never_goes_back() {
+    let mut d = TestDaemon::start();
+    let (k, n) = two_seals(&mut d).await;
+    let pristine = tempfile::tempdir().unwrap();
+    copy_dir(&d.store_dir(), pristine.path());
+    let args = ["audit", "verify", "--json"];
+
+    let untouched = verify_after_with(&mut d, pristine.path(), &args, |_| {});
+    assert!(untouched.status.success(), "{}", out_text(&untouched));
+
+    let out = verify_after_with(&mut d, pristine.path(), &args, |store| {
+        let mut f = audit_frames(store);
+        let copy = f[at(&f, b's', n)].clone();
+        f.push(copy);
+        write_audit_frames(store, &f);
+    });
+    assert_names(&out, n, "bad_seal");
+    assert!(out_text(&out).contains(&format!("the seal of record {n} appears twice")), "{}", out_text(&out));
+    assert!(verify_json(&out)["last_sealed"].as_u64().unwrap() >= n);
+
+    let out = verify_after_with(&mut d, pristine.path(), &args, |store| {
+        let mut f = audit_frames(store);
+        let copy = f[at(&f, b's', k)].clone();
+        f.push(copy);
+        write_audit_frames(store, &f);
+    });
+    assert_names(&out, k, "bad_seal");
+    assert!(
+        out_text(&out).contains(&format!("the seal of record {k} comes after the seal of record {n}")),
+        "{}",
+        out_text(&out)
+    );
+    assert!(verify_json(&out)["last_sealed"].as_u64().unwrap() >= n, "last_sealed went back");
 }
 
 fn unhex(s: &str) -> Vec<u8> {
