@@ -450,6 +450,10 @@ pub struct AuditRecord {
     /// Free text for alert records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// On the alert record a daemon writes at start when records were
+    /// covered by no valid seal: the first and last of them (AUDIT.md §4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsealed: Option<[u64; 2]>,
 }
 
 /// The caller as an audit record holds it.
@@ -493,8 +497,31 @@ pub struct AuditVerifyResponse {
     /// The first problem, when not intact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<AuditProblem>,
+    /// `intact`, `unsealed` (no problem, but records that no seal vouched
+    /// for when the daemon started: `unsealed` lists them) or `not_intact`.
+    #[serde(default)]
+    pub status: String,
+    /// Records that were covered by no valid seal when a daemon started
+    /// (and were sealed only then), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsealed: Vec<AuditUnsealed>,
 }
 operation!(AuditVerify, "audit_verify", AuditVerifyResponse);
+
+/// Records that no valid seal covered when a daemon started (AUDIT.md §4):
+/// they were written before a crash, or changed while the daemon was
+/// stopped; nobody can tell which.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditUnsealed {
+    /// The first of them.
+    pub from: u64,
+    /// The last of them.
+    pub to: u64,
+    /// The alert record that reports them.
+    pub reported_in: u64,
+    /// When the daemon started (the alert record's time), Unix milliseconds.
+    pub time_ms: u64,
+}
 
 /// `audit_export`: the log as it is stored, records and seals, for checking
 /// away from the host with the audit public key (PROTOCOL.md §3.27).

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use keyhaven::envelope::Envelope;
 use keyhaven::wire::{
     AuditCaller, AuditExport, AuditExportResponse, AuditProblem, AuditRead, AuditReadResponse, AuditRecord,
-    AuditVerifyResponse,
+    AuditUnsealed, AuditVerifyResponse,
 };
 use keyhaven::{EncryptionContext, KeyPath};
 use serde::{Deserialize, Serialize};
@@ -273,10 +273,9 @@ impl Audit {
             Some((seq, bytes)) => (seq, Sha256::digest(&bytes).into()),
             None => (0, [0u8; 32]),
         };
-        let sealed = match newest(&*store, AuditKind::Seal) {
-            Some((seq, bytes)) => {
-                let seal = serde_json::from_slice::<Seal>(&bytes).ok();
-                if let Some(h) = seal.and_then(|s| unhex32(&s.head)).filter(|_| seq > last) {
+        let mut sealed = match newest_valid_seal(&*store, &hsm, last)? {
+            Some((seq, h)) => {
+                if seq > last {
                     // Records a seal covers are gone: carry on after the seal,
                     // so that the gap stays visible to `audit verify`.
                     tracing::error!(
@@ -290,6 +289,9 @@ impl Audit {
             }
             None => 0,
         };
+        if last > sealed {
+            (last, head, sealed) = report_unsealed(&*store, &hsm, sealed + 1, last, head)?;
+        }
         let log = Arc::new(Log {
             store,
             hsm,
@@ -353,6 +355,7 @@ impl Audit {
                     outcome: "alert".into(),
                     code: None,
                     detail: Some(alert),
+                    unsealed: None,
                 };
                 log.append(rec).await?;
             }
@@ -395,6 +398,7 @@ impl Audit {
             outcome: outcome.to_owned(),
             code,
             detail: None,
+            unsealed: None,
         };
         log.append(rec).await
     }
@@ -537,6 +541,118 @@ impl Log {
         let bytes = serde_json::to_vec(&seal).map_err(|e| e.to_string())?;
         self.store.audit_put(AuditKind::Seal, seq, &bytes).map_err(|e| e.to_string())
     }
+}
+
+/// Reports records `from..=to`, which no valid seal covers at start (docs/
+/// AUDIT.md §4): a warning, then an alert record that names them (the
+/// `unsealed` field), which is made durable and then sealed. Only then may
+/// anything seal over them. Returns the new last record, its hash, and the
+/// last sealed record.
+fn report_unsealed(
+    store: &dyn Store,
+    hsm: &Hsm,
+    from: u64,
+    to: u64,
+    head: [u8; 32],
+) -> Result<(u64, [u8; 32], u64), StoreError> {
+    let range = if from == to { format!("record {from} is") } else { format!("records {from} to {to} are") };
+    let seq =
+        to.checked_add(1).ok_or_else(|| StoreError::Backend("audit sequence numbers used up".into()))?;
+    let detail = format!(
+        "{range} covered by no valid seal at start: written before the daemon stopped without sealing \
+         them (a crash), or changed while it was stopped; nobody vouches for them"
+    );
+    tracing::warn!("audit log: {detail}; reported in alert record {seq}, which is sealed now");
+    let rec = AuditRecord {
+        seq,
+        time_ms: now_ms(),
+        prev: hex(&head),
+        caller: AuditCaller {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            user: None,
+            groups: Vec::new(),
+            pid: i32::try_from(std::process::id()).ok(),
+            exe: std::env::current_exe().ok().map(|p| p.display().to_string()),
+        },
+        op: "alert".into(),
+        tenant: None,
+        key: None,
+        version: None,
+        envelope_id: None,
+        context_keys: Vec::new(),
+        outcome: "alert".into(),
+        code: None,
+        detail: Some(detail),
+        unsealed: Some([from, to]),
+    };
+    let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Backend(format!("audit record: {e}")))?;
+    let head: [u8; 32] = Sha256::digest(&bytes).into();
+    store.audit_put(AuditKind::Record, seq, &bytes)?;
+    // The alert first, on its own: it is durable before any seal covers it.
+    store.audit_flush()?;
+    let sealed = match make_seal(hsm, seq, &head) {
+        Ok(seal) => {
+            let b = serde_json::to_vec(&seal).map_err(|e| StoreError::Backend(format!("audit seal: {e}")))?;
+            store.audit_put(AuditKind::Seal, seq, &b)?;
+            store.audit_flush()?;
+            seq
+        }
+        Err(e) => {
+            tracing::warn!("cannot seal the audit log at record {seq}: {e}; the flusher tries again");
+            from - 1
+        }
+    };
+    Ok((seq, head, sealed))
+}
+
+/// The newest seal (the last one written) whose MAC verifies in the token
+/// and whose head is the hash of the record it names, or that names a
+/// record past the end of the log (a cut-off tail), as (seq, head). Seals
+/// that fail are passed over with an error in the log (`audit verify`
+/// reports them).
+fn newest_valid_seal(store: &dyn Store, hsm: &Hsm, last: u64) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+    for entry in store.audit_scan(AuditKind::Seal, u64::MAX, true) {
+        let (seq, bytes) = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("the audit log is damaged: {e}; `keyhaven audit verify` reports it");
+                continue;
+            }
+        };
+        let decoded = serde_json::from_slice::<Seal>(&bytes)
+            .ok()
+            .filter(|s| s.seq == seq)
+            .and_then(|s| Some((s.time_ms, unhex32(&s.head)?, unhex(&s.mac)?)));
+        let Some((time_ms, head, mac)) = decoded else {
+            tracing::error!("the audit log's seal of record {seq} does not decode; passed over");
+            continue;
+        };
+        let input = seal_input(seq, &head, time_ms);
+        let ok = hsm.run_blocking(move |w| w.audit_mac_ok(&input, &mac)).map_err(|e| {
+            StoreError::Backend(format!("checking the audit log's seal of record {seq} in the token: {e}"))
+        })?;
+        if !ok {
+            tracing::error!(
+                "the audit log's seal of record {seq} does not verify under the audit key (forged or \
+                 altered); passed over"
+            );
+            continue;
+        }
+        if seq > last {
+            return Ok(Some((seq, head)));
+        }
+        match store.audit_scan(AuditKind::Record, seq, true).find_map(Result::ok) {
+            Some((s, b)) if s == seq && <[u8; 32]>::from(Sha256::digest(&b)) == head => {
+                return Ok(Some((seq, head)))
+            }
+            _ => tracing::error!(
+                "the audit log's seal of record {seq} does not match record {seq}: a record up to \
+                 {seq} was changed; passed over"
+            ),
+        }
+    }
+    Ok(None)
 }
 
 /// A round that served more records than this makes the next one gather
@@ -685,7 +801,13 @@ pub struct Walk {
     pub seal_count: u64,
     /// Highest sealed sequence number (seals that go back are not counted).
     pub last_sealed: Option<u64>,
+    /// Records reported at a start as covered by no valid seal.
+    pub unsealed: Vec<AuditUnsealed>,
 }
+
+/// How the `unsealed` field of a record starts in its JSON (the daemon
+/// writes it after `detail`; inside a string a quote is escaped).
+const UNSEALED_FIELD: &[u8] = b",\"unsealed\":[";
 
 fn problem(seq: u64, kind: &str, message: String) -> Option<AuditProblem> {
     Some(AuditProblem { seq, kind: kind.to_owned(), message })
@@ -756,8 +878,14 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
     }
     let last_sealed = seals.last().map(|s| s.seq);
     let mut next_seal = 0;
-    let mut out =
-        Walk { records: 0, problem: None, seals: Vec::new(), seal_count: seals.len() as u64, last_sealed };
+    let mut out = Walk {
+        records: 0,
+        problem: None,
+        seals: Vec::new(),
+        seal_count: seals.len() as u64,
+        last_sealed,
+        unsealed: Vec::new(),
+    };
     let mut expected = 1u64;
     let mut prev = [0u8; 32];
     let mut first: Option<AuditProblem> = None;
@@ -908,6 +1036,14 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
             }
             next_seal += 1;
         }
+        // The alert a daemon wrote at start about records no seal covered.
+        if bytes.windows(UNSEALED_FIELD.len()).any(|w| w == UNSEALED_FIELD) {
+            if let Ok(AuditRecord { unsealed: Some([from, to]), time_ms, .. }) =
+                serde_json::from_slice::<AuditRecord>(&bytes)
+            {
+                out.unsealed.push(AuditUnsealed { from, to, reported_in: pos, time_ms });
+            }
+        }
         prev = hash;
         expected = pos.saturating_add(1);
     }
@@ -955,12 +1091,19 @@ pub async fn verify(store: Arc<dyn Store>, hsm: &Hsm) -> Result<AuditVerifyRespo
             break;
         }
     }
+    let status = match (&problem, walk.unsealed.is_empty()) {
+        (Some(_), _) => "not_intact",
+        (None, false) => "unsealed",
+        (None, true) => "intact",
+    };
     Ok(AuditVerifyResponse {
-        intact: problem.is_none(),
+        intact: status == "intact",
         records: walk.records,
         seals: walk.seal_count,
         last_sealed: walk.last_sealed,
         problem,
+        status: status.into(),
+        unsealed: walk.unsealed,
     })
 }
 
@@ -985,6 +1128,7 @@ mod tests {
             outcome: "ok".into(),
             code: None,
             detail: None,
+            unsealed: None,
         };
         serde_json::to_vec(&rec).unwrap()
     }

@@ -637,8 +637,24 @@ async fn answered_requests_keep_their_records_across_sigkill() {
             "the record of envelope {id} was lost"
         );
     }
-    let out = d.cli(&["audit", "verify"], b"");
-    assert!(out.status.success(), "{}", out_text(&out));
+    // The chain is whole. The records after the last seal made before the
+    // kill were sealed by nobody: the start reports them (docs/AUDIT.md §4)
+    // in record 42, after key_create and the 40 encrypts.
+    let out = d.cli(&["audit", "verify", "--json"], b"");
+    let v = verify_json(&out);
+    assert!(v.get("problem").is_none(), "{v}");
+    let last_sealed_before = v["unsealed"][0]["from"].as_u64().map_or(41, |from| from - 1);
+    if last_sealed_before < 41 {
+        assert_eq!(out.status.code(), Some(3), "{}", out_text(&out));
+        assert_eq!(v["status"], "unsealed");
+        assert_eq!(
+            (v["unsealed"][0]["to"].as_u64(), v["unsealed"][0]["reported_in"].as_u64()),
+            (Some(41), Some(42)),
+            "{v}"
+        );
+    } else {
+        assert!(out.status.success(), "{}", out_text(&out));
+    }
 }
 
 /// A write cut short by a crash (docs/AUDIT.md §4): the bytes after the
@@ -813,6 +829,63 @@ fn verify_json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out_text(out)))
 }
 
+/// Issue 13 §4: with the daemon stopped, the final seal is deleted and a
+/// record after the previous seal rewritten, the chain relinked. The
+/// daemon must not seal the forgery as if it had vouched for it: at start
+/// it warns naming the records no valid seal covers, writes an alert
+/// record naming them (sealed only after it), and `audit verify` reports
+/// them as `unsealed`, never plain intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_no_seal_covers_at_start_are_reported_unsealed_not_sealed_as_intact() {
+    let mut d = TestDaemon::start();
+    let (k, n) = two_seals(&mut d).await;
+    let store = d.store_dir();
+    let mut frames = audit_frames(&store);
+    frames.remove(at(&frames, b's', n));
+    let mut r = record(&frames, k + 1);
+    r.caller.uid = 4242;
+    r.outcome = "error".into();
+    let mut bytes = set_record(&mut frames, &r);
+    for seq in k + 2..=n {
+        let mut next = record(&frames, seq);
+        next.prev = hex(&Sha256::digest(&bytes));
+        bytes = set_record(&mut frames, &next);
+    }
+    write_audit_frames(&store, &frames);
+
+    d.start_again();
+    let out = d.cli(&["audit", "verify", "--json"], b"");
+    assert_eq!(out.status.code(), Some(3), "{}", out_text(&out));
+    let v = verify_json(&out);
+    assert_eq!(v["status"], "unsealed", "{v}");
+    assert_eq!(v["intact"], false, "{v}");
+    assert!(v.get("problem").is_none(), "the chain itself is whole: {v}");
+    assert_eq!(
+        v["unsealed"],
+        json!([{"from": k + 1, "to": n, "reported_in": n + 1, "time_ms": v["unsealed"][0]["time_ms"]}]),
+        "{v}"
+    );
+    let t = out_text(&out);
+    assert!(t.contains("UNSEALED in part") && t.contains(&format!("records {} to {n}", k + 1)), "{t}");
+
+    let c = d.client().await;
+    let alert = all_records(&c).await.into_iter().find(|r| r.seq == n + 1).expect("the alert record");
+    assert_eq!((alert.op.as_str(), alert.outcome.as_str()), ("alert", "alert"));
+    assert_eq!(alert.unsealed, Some([k + 1, n]));
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!("records {} to {n} are covered by no valid seal at start", k + 1)),
+        "a warning names the range:\n{log}"
+    );
+    // The start sealed the alert, not the forged records alone: the first
+    // seal after record k is the one of the alert.
+    let frames = audit_frames(&store);
+    let after_k: Vec<u64> = frames.iter().filter(|f| f.kind == b's' && f.seq > k).map(|f| f.seq).collect();
+    assert_eq!(after_k.first(), Some(&(n + 1)), "{after_k:?}");
+}
+
 /// Issue 13 §4: seals appended to the log (a copy of the last seal, a copy
 /// of an earlier genuine seal after it) are `bad_seal`s named by record,
 /// and `last_sealed` never goes back.
@@ -826,6 +899,7 @@ async fn seals_that_repeat_or_go_back_are_bad_seals_and_last_sealed_never_goes_b
 
     let untouched = verify_after_with(&mut d, pristine.path(), &args, |_| {});
     assert!(untouched.status.success(), "{}", out_text(&untouched));
+    assert_eq!(verify_json(&untouched)["status"], "intact");
 
     let out = verify_after_with(&mut d, pristine.path(), &args, |store| {
         let mut f = audit_frames(store);

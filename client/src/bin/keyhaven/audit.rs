@@ -194,14 +194,42 @@ pub async fn export_signed(client: &Client, since: Option<u64>) -> Result<(), Fa
     }
 }
 
-/// `audit verify`: fails (non-zero exit) when the log is not intact.
+/// `audit verify`: fails (exit 1) when the log is not intact, and exits 3
+/// when it is but a start found records no seal covered.
 pub async fn verify(client: &Client, json: bool) -> Result<(), Failure> {
     let v = client.call(&AuditVerify {}).await?;
     if json {
         crate::print_json(&v)?;
     }
     let sealed = v.last_sealed.map_or("none".to_owned(), |s| s.to_string());
+    let unsealed: Vec<String> = v
+        .unsealed
+        .iter()
+        .map(|u| {
+            let range = if u.from == u.to {
+                format!("record {}", u.from)
+            } else {
+                format!("records {} to {}", u.from, u.to)
+            };
+            format!(
+                "{range} (reported unsealed at a start, {}, in record {})",
+                format_ms(u.time_ms),
+                u.reported_in
+            )
+        })
+        .collect();
     match &v.problem {
+        None if !unsealed.is_empty() => Err(Failure {
+            message: format!(
+                "audit log UNSEALED in part: no problem found, but no seal vouched for {} when the daemon \
+                 started: written before a crash, or changed while it was stopped [{} records, {} seals, \
+                 last sealed record {sealed}]",
+                unsealed.join(", "),
+                v.records,
+                v.seals
+            ),
+            exit: 3,
+        }),
         None => {
             if !json {
                 println!(

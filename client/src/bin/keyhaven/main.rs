@@ -178,7 +178,8 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Walk the whole hash chain and check every seal in the token; exits non-zero unless intact.
+    /// Walk the whole hash chain and check every seal in the token; exits 0 when intact, 3 when
+    /// intact but records were found unsealed at a start, 1 otherwise.
     Verify {
         /// Print the daemon's full answer as JSON.
         #[arg(long)]
