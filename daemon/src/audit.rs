@@ -788,15 +788,27 @@ pub fn export(store: &dyn Store, req: &AuditExport) -> Result<AuditExportRespons
     Ok(AuditExportResponse { lines, next: last, more })
 }
 
+/// A seal to check in the token.
+#[derive(Clone)]
+pub struct SealCheck {
+    /// The record it covers.
+    pub seq: u64,
+    /// The HMAC input ([`seal_input`]).
+    pub input: Vec<u8>,
+    /// The MAC.
+    pub mac: Vec<u8>,
+    /// SHA-256 of [`head_message`] and the DER signature, when signed.
+    pub signed: Option<([u8; 32], Vec<u8>)>,
+}
+
 /// What the chain walk found, before the seals' MACs are checked in the HSM.
 pub struct Walk {
     /// Records walked.
     pub records: u64,
     /// The first problem of the chain itself.
     pub problem: Option<AuditProblem>,
-    /// Seals whose head matches the chain, to check in the token:
-    /// (seq, HMAC input, MAC).
-    pub seals: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    /// Seals whose head matches the chain, to check in the token.
+    pub seals: Vec<SealCheck>,
     /// Number of seals.
     pub seal_count: u64,
     /// Highest sealed sequence number (seals that go back are not counted).
@@ -878,6 +890,7 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
     }
     let last_sealed = seals.last().map(|s| s.seq);
     let mut next_seal = 0;
+    let mut signed_before = false;
     let mut out = Walk {
         records: 0,
         problem: None,
@@ -1020,7 +1033,39 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
             let s = &seals[next_seal];
             match (unhex32(&s.head), unhex(&s.mac)) {
                 (Some(head), Some(mac)) if head == hash => {
-                    out.seals.push((pos, seal_input(pos, &head, s.time_ms), mac))
+                    let signed = match s.sig.as_deref().map(unhex) {
+                        // The daemon signs every seal since the signing key.
+                        None if signed_before => {
+                            seal_problem = seal_problem.or(problem(
+                                pos,
+                                "bad_seal",
+                                format!(
+                                    "the seal of record {pos} is not signed though an earlier seal is: its \
+                                     signature was removed"
+                                ),
+                            ));
+                            None
+                        }
+                        None => None,
+                        Some(Some(sig)) => {
+                            Some((Sha256::digest(head_message(pos, &head, s.time_ms)).into(), sig))
+                        }
+                        Some(None) => {
+                            seal_problem = seal_problem.or(problem(
+                                pos,
+                                "bad_seal",
+                                format!("the signature of the seal of record {pos} does not decode"),
+                            ));
+                            None
+                        }
+                    };
+                    signed_before |= s.sig.is_some();
+                    out.seals.push(SealCheck {
+                        seq: pos,
+                        input: seal_input(pos, &head, s.time_ms),
+                        mac,
+                        signed,
+                    })
                 }
                 (Some(_), Some(_)) => {
                     let from = seals.get(next_seal.wrapping_sub(1)).map_or(1, |p| p.seq.saturating_add(1));
@@ -1072,20 +1117,30 @@ pub async fn verify(store: Arc<dyn Store>, hsm: &Hsm) -> Result<AuditVerifyRespo
         let chunk = chunk.to_vec();
         let bad = hsm
             .run(move |w| {
-                for (seq, input, mac) in &chunk {
-                    if !w.audit_mac_ok(input, mac)? {
-                        return Ok(Some(*seq));
+                let mut bad_mac = None;
+                for c in &chunk {
+                    if !w.audit_mac_ok(&c.input, &c.mac)? {
+                        bad_mac = Some((c.seq, "its MAC does not verify under the audit key"));
+                        break;
                     }
                 }
-                Ok(None)
+                let (seqs, signed): (Vec<u64>, Vec<_>) =
+                    chunk.iter().filter_map(|c| Some((c.seq, c.signed.clone()?))).unzip();
+                let bad_sig = w
+                    .audit_signatures_check(&signed)?
+                    .map(|i| (seqs[i], "its signature does not verify under the audit signing key"));
+                Ok(match (bad_mac, bad_sig) {
+                    (Some(m), Some(s)) => Some(if s.0 < m.0 { s } else { m }),
+                    (m, s) => m.or(s),
+                })
             })
             .await?;
-        if let Some(seq) = bad {
+        if let Some((seq, why)) = bad {
             if problem.as_ref().is_none_or(|p| seq < p.seq) {
                 problem = Some(AuditProblem {
                     seq,
                     kind: "bad_seal".into(),
-                    message: format!("the seal of record {seq} does not verify under the audit key: it was forged or altered"),
+                    message: format!("the seal of record {seq} is bad: {why}: it was forged or altered"),
                 });
             }
             break;

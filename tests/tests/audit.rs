@@ -926,6 +926,40 @@ async fn seals_that_repeat_or_go_back_are_bad_seals_and_last_sealed_never_goes_b
     assert!(verify_json(&out)["last_sealed"].as_u64().unwrap() >= n, "last_sealed went back");
 }
 
+/// Issue 13 §4: `audit verify` checks each seal's signature in the token
+/// too: a seal whose signature was altered, or removed while earlier seals
+/// are signed, is a `bad_seal` though its MAC is good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seal_whose_signature_is_altered_or_removed_is_a_bad_seal() {
+    let mut d = TestDaemon::start();
+    let (_, n) = two_seals(&mut d).await;
+    let pristine = tempfile::tempdir().unwrap();
+    copy_dir(&d.store_dir(), pristine.path());
+    let edit_seal = |f: &mut Vec<AuditFrame>, change: &dyn Fn(&mut serde_json::Value)| {
+        let i = at(f, b's', n);
+        let mut seal: serde_json::Value = serde_json::from_slice(&f[i].value).unwrap();
+        change(&mut seal);
+        f[i].value = serde_json::to_vec(&seal).unwrap();
+    };
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        edit_seal(f, &|seal| {
+            let sig = seal["sig"].as_str().expect("signed").to_owned();
+            // The last hex digit: inside the DER integer s.
+            let flipped = if sig.ends_with('0') { '1' } else { '0' };
+            seal["sig"] = json!(format!("{}{flipped}", &sig[..sig.len() - 1]));
+        })
+    });
+    assert_names(&out, n, "bad_seal");
+    assert!(out_text(&out).contains("signature does not verify"), "{}", out_text(&out));
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        edit_seal(f, &|seal| {
+            seal.as_object_mut().unwrap().remove("sig");
+        })
+    });
+    assert_names(&out, n, "bad_seal");
+    assert!(out_text(&out).contains("is not signed though an earlier seal is"), "{}", out_text(&out));
+}
+
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }

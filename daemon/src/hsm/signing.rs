@@ -209,6 +209,33 @@ pub fn signature_der(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The PKCS#11 form (`r || s`, each 32 bytes) of a DER P-256 ECDSA
+/// signature; `None` when it is not one.
+pub fn signature_raw(der: &[u8]) -> Option<Vec<u8>> {
+    let body = match der {
+        [0x30, len, body @ ..] if usize::from(*len) == body.len() && *len < 0x80 => body,
+        _ => return None,
+    };
+    let integer = |b: &[u8]| -> Option<(Vec<u8>, usize)> {
+        let [0x02, len, rest @ ..] = b else { return None };
+        let len = usize::from(*len);
+        let v = rest.get(..len)?;
+        let v = match v {
+            [0, tail @ ..] if !tail.is_empty() => tail,
+            v => v,
+        };
+        if v.len() > 32 || v.is_empty() {
+            return None;
+        }
+        let mut out = vec![0u8; 32 - v.len()];
+        out.extend_from_slice(v);
+        Some((out, 2 + len))
+    };
+    let (r, used) = integer(body)?;
+    let (s, used2) = integer(&body[used..])?;
+    (used + used2 == body.len()).then(|| [r, s].concat())
+}
+
 impl Hsm {
     /// The label of the audit signing key pair in the token.
     pub fn audit_signing_key_label(&self) -> String {
@@ -243,6 +270,34 @@ impl Worker {
         })
     }
 
+    /// The index of the first of `signed` (SHA-256 digest, DER signature)
+    /// whose signature does not verify under the audit signing key
+    /// (C_Verify in the token), if any.
+    pub fn audit_signatures_check(
+        &mut self,
+        signed: &[([u8; 32], Vec<u8>)],
+    ) -> Result<Option<usize>, HsmError> {
+        let label = self.signing_label();
+        self.retrying(|w| {
+            let s = w.session()?;
+            let (_, public) =
+                find_signing_key(s, &label)?.ok_or_else(|| HsmError::KeyMissing { label: label.clone() })?;
+            for (i, (digest, der)) in signed.iter().enumerate() {
+                let Some(raw) = signature_raw(der) else { return Ok(Some(i)) };
+                match s.verify(&Mechanism::Ecdsa, public, digest, &raw) {
+                    Ok(()) => {}
+                    Err(cryptoki::error::Error::Pkcs11(
+                        cryptoki::error::RvError::SignatureInvalid
+                        | cryptoki::error::RvError::SignatureLenRange,
+                        _,
+                    )) => return Ok(Some(i)),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(None)
+        })
+    }
+
     /// The audit signing key's public half, DER SubjectPublicKeyInfo.
     pub fn audit_public_key(&mut self) -> Result<Vec<u8>, HsmError> {
         let label = self.signing_label();
@@ -268,6 +323,13 @@ mod tests {
         assert_eq!(&der[..5], &[0x30, 2 + 33 + 3, 0x02, 33, 0x00]);
         assert_eq!(&der[der.len() - 3..], &[0x02, 1, 1]);
         assert!(signature_der(&[1, 2, 3]).is_none());
+        assert_eq!(signature_raw(&der).unwrap(), raw.to_vec());
+        let mut random = [0u8; 64];
+        for (i, b) in random.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(97).wrapping_add(5);
+        }
+        assert_eq!(signature_raw(&signature_der(&random).unwrap()).unwrap(), random.to_vec());
+        assert!(signature_raw(&der[..der.len() - 1]).is_none());
     }
 
     #[test]
