@@ -477,6 +477,10 @@ pub struct AuditRecord {
     /// Free text for alert records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// On the alert record a daemon writes at start when records were
+    /// covered by no valid seal: the first and last of them (AUDIT.md §4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsealed: Option<[u64; 2]>,
 }
 
 /// The caller as an audit record holds it.
@@ -523,8 +527,76 @@ pub struct AuditVerifyResponse {
     /// The first problem, when not intact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<AuditProblem>,
+    /// `intact`, `unsealed` (no problem, but records that no seal vouched
+    /// for when the daemon started: `unsealed` lists them) or `not_intact`.
+    #[serde(default)]
+    pub status: String,
+    /// Records that were covered by no valid seal when a daemon started
+    /// (and were sealed only then), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsealed: Vec<AuditUnsealed>,
 }
 operation!(AuditVerify, "audit_verify", AuditVerifyResponse);
+
+/// Records that no valid seal covered when a daemon started (AUDIT.md §4):
+/// they were written before a crash, or changed while the daemon was
+/// stopped; nobody can tell which.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditUnsealed {
+    /// The first of them.
+    pub from: u64,
+    /// The last of them.
+    pub to: u64,
+    /// The alert record that reports them.
+    pub reported_in: u64,
+    /// When the daemon started (the alert record's time), Unix milliseconds.
+    pub time_ms: u64,
+}
+
+/// `audit_export`: the log as it is stored, records and seals, for checking
+/// away from the host with the audit public key (PROTOCOL.md §3.27).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditExport {
+    /// Start with the first record at or after this time, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    /// Only records with a higher `seq` (and the seals of those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+}
+
+/// Answer to `audit_export`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditExportResponse {
+    /// JSON lines in the order of the chain: each record's exact stored
+    /// bytes, and after a record the seals that cover it as
+    /// `{"seal":{...}}` (AUDIT.md §3.3).
+    pub lines: Vec<String>,
+    /// The highest record `seq` returned (or `after`): pass it as `after`.
+    pub next: u64,
+    /// Cut to fit a frame: more follows.
+    pub more: bool,
+}
+operation!(AuditExport, "audit_export", AuditExportResponse);
+
+/// `audit_public_key`: the public half of the audit signing key
+/// (PROTOCOL.md §3.28).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditPublicKey {}
+
+/// Answer to `audit_public_key`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditPublicKeyResponse {
+    /// `ecdsa-p256-sha256`.
+    pub algorithm: String,
+    /// The key pair's label in the token.
+    pub label: String,
+    /// The public key, PEM (`-----BEGIN PUBLIC KEY-----`, SubjectPublicKeyInfo).
+    pub pem: String,
+}
+operation!(AuditPublicKey, "audit_public_key", AuditPublicKeyResponse);
 
 /// The first thing wrong with the audit log.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keyhaven::envelope::Envelope;
 use keyhaven::wire::{
-    AuditCaller, AuditProblem, AuditRead, AuditReadResponse, AuditRecord, AuditVerifyResponse,
+    AuditCaller, AuditExport, AuditExportResponse, AuditProblem, AuditRead, AuditReadResponse, AuditRecord,
+    AuditUnsealed, AuditVerifyResponse,
 };
 use keyhaven::{EncryptionContext, KeyPath};
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,9 @@ use crate::store::{AuditKind, Store, StoreError};
 
 /// Domain separation of the seal's HMAC input (docs/AUDIT.md §3).
 pub const SEAL_CONTEXT: &[u8] = b"keyhaven-audit-seal-v1\0";
+
+/// Domain separation of the signed head (docs/AUDIT.md §3.3).
+pub const HEAD_CONTEXT: &[u8] = b"keyhaven-audit-head-v1\0";
 
 /// What a request was about, filled in as dispatch understands it. Holds
 /// names, versions and ids only: never a secret or a context value.
@@ -99,6 +103,11 @@ pub struct Seal {
     pub time_ms: u64,
     /// HMAC-SHA256 under the audit key of [`seal_input`], hex.
     pub mac: String,
+    /// ECDSA P-256 signature by the audit signing key of SHA-256 of
+    /// [`head_message`], DER, hex (docs/AUDIT.md §3.3). Absent on seals
+    /// made before the signing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 /// The bytes the seal's HMAC covers: context, seq (8 bytes big-endian),
@@ -110,6 +119,30 @@ pub fn seal_input(seq: u64, head: &[u8; 32], time_ms: u64) -> Vec<u8> {
     v.extend_from_slice(head);
     v.extend_from_slice(&time_ms.to_be_bytes());
     v
+}
+
+/// The message the audit signing key signs (docs/AUDIT.md §3.3): context,
+/// seq (8 bytes big-endian), head (32 bytes), time_ms (8 bytes
+/// big-endian). The token signs its SHA-256 digest with ECDSA P-256.
+pub fn head_message(seq: u64, head: &[u8; 32], time_ms: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEAD_CONTEXT.len() + 48);
+    v.extend_from_slice(HEAD_CONTEXT);
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(head);
+    v.extend_from_slice(&time_ms.to_be_bytes());
+    v
+}
+
+/// Makes the seal of record `seq` whose hash is `head`: its MAC and its
+/// signature, both in the token, in one job.
+fn make_seal(hsm: &Hsm, seq: u64, head: &[u8; 32]) -> Result<Seal, String> {
+    let time_ms = now_ms();
+    let input = seal_input(seq, head, time_ms);
+    let digest: [u8; 32] = Sha256::digest(head_message(seq, head, time_ms)).into();
+    let (mac, sig) = hsm
+        .run_blocking(move |w| Ok((w.audit_mac(&input)?, w.audit_sign(&digest)?)))
+        .map_err(|e| e.to_string())?;
+    Ok(Seal { seq, head: hex(head), time_ms, mac: hex(&mac), sig: Some(hex(&sig)) })
 }
 
 struct State {
@@ -240,10 +273,9 @@ impl Audit {
             Some((seq, bytes)) => (seq, Sha256::digest(&bytes).into()),
             None => (0, [0u8; 32]),
         };
-        let sealed = match newest(&*store, AuditKind::Seal) {
-            Some((seq, bytes)) => {
-                let seal = serde_json::from_slice::<Seal>(&bytes).ok();
-                if let Some(h) = seal.and_then(|s| unhex32(&s.head)).filter(|_| seq > last) {
+        let mut sealed = match newest_valid_seal(&*store, &hsm, last)? {
+            Some((seq, h)) => {
+                if seq > last {
                     // Records a seal covers are gone: carry on after the seal,
                     // so that the gap stays visible to `audit verify`.
                     tracing::error!(
@@ -257,6 +289,9 @@ impl Audit {
             }
             None => 0,
         };
+        if last > sealed {
+            (last, head, sealed) = report_unsealed(&*store, &hsm, sealed + 1, last, head)?;
+        }
         let log = Arc::new(Log {
             store,
             hsm,
@@ -320,6 +355,7 @@ impl Audit {
                     outcome: "alert".into(),
                     code: None,
                     detail: Some(alert),
+                    unsealed: None,
                 };
                 log.append(rec).await?;
             }
@@ -351,6 +387,7 @@ impl Audit {
             outcome: "alert".into(),
             code: None,
             detail: Some(detail),
+            unsealed: None,
         };
         log.append(rec).await
     }
@@ -385,6 +422,7 @@ impl Audit {
             outcome: outcome.to_owned(),
             code,
             detail: None,
+            unsealed: None,
         };
         log.append(rec).await
     }
@@ -524,13 +562,123 @@ impl Log {
     }
 
     fn seal(&self, seq: u64, head: &[u8; 32]) -> Result<(), String> {
-        let time_ms = now_ms();
-        let input = seal_input(seq, head, time_ms);
-        let mac = self.hsm.run_blocking(move |w| w.audit_mac(&input)).map_err(|e| e.to_string())?;
-        let seal = Seal { seq, head: hex(head), time_ms, mac: hex(&mac) };
+        let seal = make_seal(&self.hsm, seq, head)?;
         let bytes = serde_json::to_vec(&seal).map_err(|e| e.to_string())?;
         self.store.audit_put(AuditKind::Seal, seq, &bytes).map_err(|e| e.to_string())
     }
+}
+
+/// Reports records `from..=to`, which no valid seal covers at start (docs/
+/// AUDIT.md §4): a warning, then an alert record that names them (the
+/// `unsealed` field), which is made durable and then sealed. Only then may
+/// anything seal over them. Returns the new last record, its hash, and the
+/// last sealed record.
+fn report_unsealed(
+    store: &dyn Store,
+    hsm: &Hsm,
+    from: u64,
+    to: u64,
+    head: [u8; 32],
+) -> Result<(u64, [u8; 32], u64), StoreError> {
+    let range = if from == to { format!("record {from} is") } else { format!("records {from} to {to} are") };
+    let seq =
+        to.checked_add(1).ok_or_else(|| StoreError::Backend("audit sequence numbers used up".into()))?;
+    let detail = format!(
+        "{range} covered by no valid seal at start: written before the daemon stopped without sealing \
+         them (a crash), or changed while it was stopped; nobody vouches for them"
+    );
+    tracing::warn!("audit log: {detail}; reported in alert record {seq}, which is sealed now");
+    let rec = AuditRecord {
+        seq,
+        time_ms: now_ms(),
+        prev: hex(&head),
+        caller: AuditCaller {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            user: None,
+            groups: Vec::new(),
+            pid: i32::try_from(std::process::id()).ok(),
+            exe: std::env::current_exe().ok().map(|p| p.display().to_string()),
+            cgroup: None,
+        },
+        op: "alert".into(),
+        tenant: None,
+        key: None,
+        version: None,
+        envelope_id: None,
+        context_keys: Vec::new(),
+        outcome: "alert".into(),
+        code: None,
+        detail: Some(detail),
+        unsealed: Some([from, to]),
+    };
+    let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Backend(format!("audit record: {e}")))?;
+    let head: [u8; 32] = Sha256::digest(&bytes).into();
+    store.audit_put(AuditKind::Record, seq, &bytes)?;
+    // The alert first, on its own: it is durable before any seal covers it.
+    store.audit_flush()?;
+    let sealed = match make_seal(hsm, seq, &head) {
+        Ok(seal) => {
+            let b = serde_json::to_vec(&seal).map_err(|e| StoreError::Backend(format!("audit seal: {e}")))?;
+            store.audit_put(AuditKind::Seal, seq, &b)?;
+            store.audit_flush()?;
+            seq
+        }
+        Err(e) => {
+            tracing::warn!("cannot seal the audit log at record {seq}: {e}; the flusher tries again");
+            from - 1
+        }
+    };
+    Ok((seq, head, sealed))
+}
+
+/// The newest seal (the last one written) whose MAC verifies in the token
+/// and whose head is the hash of the record it names, or that names a
+/// record past the end of the log (a cut-off tail), as (seq, head). Seals
+/// that fail are passed over with an error in the log (`audit verify`
+/// reports them).
+fn newest_valid_seal(store: &dyn Store, hsm: &Hsm, last: u64) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+    for entry in store.audit_scan(AuditKind::Seal, u64::MAX, true) {
+        let (seq, bytes) = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("the audit log is damaged: {e}; `keyhaven audit verify` reports it");
+                continue;
+            }
+        };
+        let decoded = serde_json::from_slice::<Seal>(&bytes)
+            .ok()
+            .filter(|s| s.seq == seq)
+            .and_then(|s| Some((s.time_ms, unhex32(&s.head)?, unhex(&s.mac)?)));
+        let Some((time_ms, head, mac)) = decoded else {
+            tracing::error!("the audit log's seal of record {seq} does not decode; passed over");
+            continue;
+        };
+        let input = seal_input(seq, &head, time_ms);
+        let ok = hsm.run_blocking(move |w| w.audit_mac_ok(&input, &mac)).map_err(|e| {
+            StoreError::Backend(format!("checking the audit log's seal of record {seq} in the token: {e}"))
+        })?;
+        if !ok {
+            tracing::error!(
+                "the audit log's seal of record {seq} does not verify under the audit key (forged or \
+                 altered); passed over"
+            );
+            continue;
+        }
+        if seq > last {
+            return Ok(Some((seq, head)));
+        }
+        match store.audit_scan(AuditKind::Record, seq, true).find_map(Result::ok) {
+            Some((s, b)) if s == seq && <[u8; 32]>::from(Sha256::digest(&b)) == head => {
+                return Ok(Some((seq, head)))
+            }
+            _ => tracing::error!(
+                "the audit log's seal of record {seq} does not match record {seq}: a record up to \
+                 {seq} was changed; passed over"
+            ),
+        }
+    }
+    Ok(None)
 }
 
 /// A round that served more records than this makes the next one gather
@@ -607,20 +755,97 @@ pub fn read(store: &dyn Store, req: &AuditRead) -> Result<AuditReadResponse, Err
     Ok(AuditReadResponse { records, next, more })
 }
 
+/// `audit_export`: records as stored and the seals after the records they
+/// cover, oldest first, cut to fit a frame (docs/AUDIT.md §7).
+pub fn export(store: &dyn Store, req: &AuditExport) -> Result<AuditExportResponse, Error> {
+    let since_ms = req.since.map(|s| s.saturating_mul(1000));
+    let after = req.after.unwrap_or(0);
+    let mut records = Vec::new();
+    let mut size = 0;
+    let mut more = false;
+    for entry in store.audit_scan(AuditKind::Record, after.saturating_add(1), false) {
+        let (seq, bytes) = entry?;
+        if size > READ_BUDGET {
+            more = true;
+            break;
+        }
+        if records.is_empty() {
+            if let Some(since) = since_ms {
+                let r = serde_json::from_slice::<AuditRecord>(&bytes).map_err(|e| {
+                    Error::Store(StoreError::Corrupt {
+                        key: format!("audit record {seq}"),
+                        reason: e.to_string(),
+                    })
+                })?;
+                if r.time_ms < since {
+                    continue;
+                }
+            }
+        }
+        let text = String::from_utf8(bytes).map_err(|_| {
+            Error::Store(StoreError::Corrupt {
+                key: format!("audit record {seq}"),
+                reason: "not UTF-8: it was altered".into(),
+            })
+        })?;
+        size += text.len();
+        records.push((seq, text));
+    }
+    let (Some(first), Some(last)) = (records.first().map(|r| r.0), records.last().map(|r| r.0)) else {
+        return Ok(AuditExportResponse { lines: Vec::new(), next: after, more: false });
+    };
+    let mut seals: Vec<(u64, String)> = Vec::new();
+    for entry in store.audit_scan(AuditKind::Seal, first, false) {
+        let (seq, bytes) = entry?;
+        if seq > last {
+            break;
+        }
+        seals.push((seq, format!("{{\"seal\":{}}}", String::from_utf8_lossy(&bytes))));
+    }
+    let mut lines = Vec::with_capacity(records.len() + seals.len());
+    let mut seals = seals.into_iter().peekable();
+    for (seq, text) in records {
+        lines.push(text);
+        while let Some((_, seal)) = seals.next_if(|(s, _)| *s <= seq) {
+            lines.push(seal);
+        }
+    }
+    lines.extend(seals.map(|(_, s)| s));
+    Ok(AuditExportResponse { lines, next: last, more })
+}
+
+/// A seal to check in the token.
+#[derive(Clone)]
+pub struct SealCheck {
+    /// The record it covers.
+    pub seq: u64,
+    /// The HMAC input ([`seal_input`]).
+    pub input: Vec<u8>,
+    /// The MAC.
+    pub mac: Vec<u8>,
+    /// SHA-256 of [`head_message`] and the DER signature, when signed.
+    pub signed: Option<([u8; 32], Vec<u8>)>,
+}
+
 /// What the chain walk found, before the seals' MACs are checked in the HSM.
 pub struct Walk {
     /// Records walked.
     pub records: u64,
     /// The first problem of the chain itself.
     pub problem: Option<AuditProblem>,
-    /// Seals whose head matches the chain, to check in the token:
-    /// (seq, HMAC input, MAC).
-    pub seals: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    /// Seals whose head matches the chain, to check in the token.
+    pub seals: Vec<SealCheck>,
     /// Number of seals.
     pub seal_count: u64,
-    /// Highest sealed sequence number.
+    /// Highest sealed sequence number (seals that go back are not counted).
     pub last_sealed: Option<u64>,
+    /// Records reported at a start as covered by no valid seal.
+    pub unsealed: Vec<AuditUnsealed>,
 }
+
+/// How the `unsealed` field of a record starts in its JSON (the daemon
+/// writes it after `detail`; inside a string a quote is escaped).
+const UNSEALED_FIELD: &[u8] = b",\"unsealed\":[";
 
 fn problem(seq: u64, kind: &str, message: String) -> Option<AuditProblem> {
     Some(AuditProblem { seq, kind: kind.to_owned(), message })
@@ -658,7 +883,29 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
             Err(e) => return Err(e.into()),
         };
         match serde_json::from_slice::<Seal>(&bytes) {
-            Ok(s) if s.seq == seq => seals.push(s),
+            // Seals are written in the order of the chain: each covers a
+            // later record than the one before it.
+            Ok(s) if s.seq == seq => match seals.last() {
+                Some(p) if p.seq == seq => {
+                    seal_problem = seal_problem.or(problem(
+                        seq,
+                        "bad_seal",
+                        format!("the seal of record {seq} appears twice: a copy was put in"),
+                    ));
+                }
+                Some(p) if p.seq > seq => {
+                    seal_problem = seal_problem.or(problem(
+                        seq,
+                        "bad_seal",
+                        format!(
+                            "the seal of record {seq} comes after the seal of record {}: seals never go \
+                             back, this one was put in",
+                            p.seq
+                        ),
+                    ));
+                }
+                _ => seals.push(s),
+            },
             _ => {
                 seal_problem = seal_problem.or(problem(
                     seq,
@@ -670,8 +917,15 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
     }
     let last_sealed = seals.last().map(|s| s.seq);
     let mut next_seal = 0;
-    let mut out =
-        Walk { records: 0, problem: None, seals: Vec::new(), seal_count: seals.len() as u64, last_sealed };
+    let mut signed_before = false;
+    let mut out = Walk {
+        records: 0,
+        problem: None,
+        seals: Vec::new(),
+        seal_count: seals.len() as u64,
+        last_sealed,
+        unsealed: Vec::new(),
+    };
     let mut expected = 1u64;
     let mut prev = [0u8; 32];
     let mut first: Option<AuditProblem> = None;
@@ -806,7 +1060,39 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
             let s = &seals[next_seal];
             match (unhex32(&s.head), unhex(&s.mac)) {
                 (Some(head), Some(mac)) if head == hash => {
-                    out.seals.push((pos, seal_input(pos, &head, s.time_ms), mac))
+                    let signed = match s.sig.as_deref().map(unhex) {
+                        // The daemon signs every seal since the signing key.
+                        None if signed_before => {
+                            seal_problem = seal_problem.or(problem(
+                                pos,
+                                "bad_seal",
+                                format!(
+                                    "the seal of record {pos} is not signed though an earlier seal is: its \
+                                     signature was removed"
+                                ),
+                            ));
+                            None
+                        }
+                        None => None,
+                        Some(Some(sig)) => {
+                            Some((Sha256::digest(head_message(pos, &head, s.time_ms)).into(), sig))
+                        }
+                        Some(None) => {
+                            seal_problem = seal_problem.or(problem(
+                                pos,
+                                "bad_seal",
+                                format!("the signature of the seal of record {pos} does not decode"),
+                            ));
+                            None
+                        }
+                    };
+                    signed_before |= s.sig.is_some();
+                    out.seals.push(SealCheck {
+                        seq: pos,
+                        input: seal_input(pos, &head, s.time_ms),
+                        mac,
+                        signed,
+                    })
                 }
                 (Some(_), Some(_)) => {
                     let from = seals.get(next_seal.wrapping_sub(1)).map_or(1, |p| p.seq.saturating_add(1));
@@ -821,6 +1107,14 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
                 }
             }
             next_seal += 1;
+        }
+        // The alert a daemon wrote at start about records no seal covered.
+        if bytes.windows(UNSEALED_FIELD.len()).any(|w| w == UNSEALED_FIELD) {
+            if let Ok(AuditRecord { unsealed: Some([from, to]), time_ms, .. }) =
+                serde_json::from_slice::<AuditRecord>(&bytes)
+            {
+                out.unsealed.push(AuditUnsealed { from, to, reported_in: pos, time_ms });
+            }
         }
         prev = hash;
         expected = pos.saturating_add(1);
@@ -850,31 +1144,48 @@ pub async fn verify(store: Arc<dyn Store>, hsm: &Hsm) -> Result<AuditVerifyRespo
         let chunk = chunk.to_vec();
         let bad = hsm
             .run(move |w| {
-                for (seq, input, mac) in &chunk {
-                    if !w.audit_mac_ok(input, mac)? {
-                        return Ok(Some(*seq));
+                let mut bad_mac = None;
+                for c in &chunk {
+                    if !w.audit_mac_ok(&c.input, &c.mac)? {
+                        bad_mac = Some((c.seq, "its MAC does not verify under the audit key"));
+                        break;
                     }
                 }
-                Ok(None)
+                let (seqs, signed): (Vec<u64>, Vec<_>) =
+                    chunk.iter().filter_map(|c| Some((c.seq, c.signed.clone()?))).unzip();
+                let bad_sig = w
+                    .audit_signatures_check(&signed)?
+                    .map(|i| (seqs[i], "its signature does not verify under the audit signing key"));
+                Ok(match (bad_mac, bad_sig) {
+                    (Some(m), Some(s)) => Some(if s.0 < m.0 { s } else { m }),
+                    (m, s) => m.or(s),
+                })
             })
             .await?;
-        if let Some(seq) = bad {
+        if let Some((seq, why)) = bad {
             if problem.as_ref().is_none_or(|p| seq < p.seq) {
                 problem = Some(AuditProblem {
                     seq,
                     kind: "bad_seal".into(),
-                    message: format!("the seal of record {seq} does not verify under the audit key: it was forged or altered"),
+                    message: format!("the seal of record {seq} is bad: {why}: it was forged or altered"),
                 });
             }
             break;
         }
     }
+    let status = match (&problem, walk.unsealed.is_empty()) {
+        (Some(_), _) => "not_intact",
+        (None, false) => "unsealed",
+        (None, true) => "intact",
+    };
     Ok(AuditVerifyResponse {
-        intact: problem.is_none(),
+        intact: status == "intact",
         records: walk.records,
         seals: walk.seal_count,
         last_sealed: walk.last_sealed,
         problem,
+        status: status.into(),
+        unsealed: walk.unsealed,
     })
 }
 
@@ -899,6 +1210,7 @@ mod tests {
             outcome: "ok".into(),
             code: None,
             detail: None,
+            unsealed: None,
         };
         serde_json::to_vec(&rec).unwrap()
     }

@@ -106,7 +106,9 @@ pub fn permission_for(op: &str) -> Option<Access> {
         wire::Encrypt::OP => Access::Needs(Encrypt),
         wire::Decrypt::OP | wire::DatakeyDecrypt::OP => Access::Needs(Decrypt),
         wire::Datakey::OP => Access::Needs(Datakey),
-        wire::AuditRead::OP | wire::AuditVerify::OP => Access::Needs(AuditRead),
+        wire::AuditRead::OP | wire::AuditVerify::OP | wire::AuditExport::OP | wire::AuditPublicKey::OP => {
+            Access::Needs(AuditRead)
+        }
         wire::AdminReload::OP | lifecycle::AdminRotateMaster::OP | lifecycle::AdminRetireMaster::OP => {
             Access::Needs(Admin)
         }

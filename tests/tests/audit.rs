@@ -303,12 +303,22 @@ fn hex(b: &[u8]) -> String {
 /// audit segment files), starts the daemon, and returns what `keyhaven
 /// audit verify` says.
 fn verify_after(d: &mut TestDaemon, pristine: &Path, tamper: impl FnOnce(&Path)) -> Output {
+    verify_after_with(d, pristine, &["audit", "verify"], tamper)
+}
+
+/// [`verify_after`] with the CLI's arguments given (`--json`).
+fn verify_after_with(
+    d: &mut TestDaemon,
+    pristine: &Path,
+    args: &[&str],
+    tamper: impl FnOnce(&Path),
+) -> Output {
     let store = d.store_dir();
     std::fs::remove_dir_all(&store).unwrap();
     copy_dir(pristine, &store);
     tamper(&store);
     d.start_again();
-    let out = d.cli(&["audit", "verify"], b"");
+    let out = d.cli(args, b"");
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     out
@@ -627,8 +637,24 @@ async fn answered_requests_keep_their_records_across_sigkill() {
             "the record of envelope {id} was lost"
         );
     }
-    let out = d.cli(&["audit", "verify"], b"");
-    assert!(out.status.success(), "{}", out_text(&out));
+    // The chain is whole. The records after the last seal made before the
+    // kill were sealed by nobody: the start reports them (docs/AUDIT.md §4)
+    // in record 42, after key_create and the 40 encrypts.
+    let out = d.cli(&["audit", "verify", "--json"], b"");
+    let v = verify_json(&out);
+    assert!(v.get("problem").is_none(), "{v}");
+    let last_sealed_before = v["unsealed"][0]["from"].as_u64().map_or(41, |from| from - 1);
+    if last_sealed_before < 41 {
+        assert_eq!(out.status.code(), Some(3), "{}", out_text(&out));
+        assert_eq!(v["status"], "unsealed");
+        assert_eq!(
+            (v["unsealed"][0]["to"].as_u64(), v["unsealed"][0]["reported_in"].as_u64()),
+            (Some(41), Some(42)),
+            "{v}"
+        );
+    } else {
+        assert!(out.status.success(), "{}", out_text(&out));
+    }
 }
 
 /// A write cut short by a crash (docs/AUDIT.md §4): the bytes after the
@@ -769,4 +795,314 @@ async fn a_burst_of_clients_keeps_every_record_once_in_an_intact_chain() {
     assert!(out.status.success() && out_text(&out).contains("audit log intact"), "{}", out_text(&out));
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
+}
+
+/// A log with two seals: records 1..=k sealed at a clean restart, more
+/// records, and the final seal at n made by a clean stop. Returns (k, n)
+/// with the daemon stopped.
+async fn two_seals(d: &mut TestDaemon) -> (u64, u64) {
+    {
+        let c = d.client().await;
+        c.key_create(&path("acme/pii")).await.unwrap();
+        for i in 0..4 {
+            c.encrypt(&path("acme/pii"), format!("a{i}").as_bytes(), &ctx(&[])).await.unwrap();
+        }
+    }
+    d.restart(); // seals the head
+    {
+        let c = d.client().await;
+        for i in 0..6 {
+            c.encrypt(&path("acme/pii"), format!("b{i}").as_bytes(), &ctx(&[])).await.unwrap();
+        }
+    }
+    let (status, log) = d.stop(); // seals the head again
+    assert!(status.success(), "{log}");
+    let frames = audit_frames(&d.store_dir());
+    let seals: Vec<u64> = frames.iter().filter(|f| f.kind == b's').map(|f| f.seq).collect();
+    let n = frames.iter().filter(|f| f.kind == b'r').map(|f| f.seq).max().unwrap();
+    assert_eq!(frames.last().map(|f| (f.kind, f.seq)), Some((b's', n)), "the stop sealed the last record");
+    assert!(seals.len() >= 2, "{seals:?}");
+    (seals[seals.len() - 2], n)
+}
+
+fn verify_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out_text(out)))
+}
+
+/// Issue 13 §4: with the daemon stopped, the final seal is deleted and a
+/// record after the previous seal rewritten, the chain relinked. The
+/// daemon must not seal the forgery as if it had vouched for it: at start
+/// it warns naming the records no valid seal covers, writes an alert
+/// record naming them (sealed only after it), and `audit verify` reports
+/// them as `unsealed`, never plain intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_no_seal_covers_at_start_are_reported_unsealed_not_sealed_as_intact() {
+    let mut d = TestDaemon::start();
+    let (k, n) = two_seals(&mut d).await;
+    let store = d.store_dir();
+    let mut frames = audit_frames(&store);
+    frames.remove(at(&frames, b's', n));
+    let mut r = record(&frames, k + 1);
+    r.caller.uid = 4242;
+    r.outcome = "error".into();
+    let mut bytes = set_record(&mut frames, &r);
+    for seq in k + 2..=n {
+        let mut next = record(&frames, seq);
+        next.prev = hex(&Sha256::digest(&bytes));
+        bytes = set_record(&mut frames, &next);
+    }
+    write_audit_frames(&store, &frames);
+
+    d.start_again();
+    let out = d.cli(&["audit", "verify", "--json"], b"");
+    assert_eq!(out.status.code(), Some(3), "{}", out_text(&out));
+    let v = verify_json(&out);
+    assert_eq!(v["status"], "unsealed", "{v}");
+    assert_eq!(v["intact"], false, "{v}");
+    assert!(v.get("problem").is_none(), "the chain itself is whole: {v}");
+    assert_eq!(
+        v["unsealed"],
+        json!([{"from": k + 1, "to": n, "reported_in": n + 1, "time_ms": v["unsealed"][0]["time_ms"]}]),
+        "{v}"
+    );
+    let t = out_text(&out);
+    assert!(t.contains("UNSEALED in part") && t.contains(&format!("records {} to {n}", k + 1)), "{t}");
+
+    let c = d.client().await;
+    let alert = all_records(&c).await.into_iter().find(|r| r.seq == n + 1).expect("the alert record");
+    assert_eq!((alert.op.as_str(), alert.outcome.as_str()), ("alert", "alert"));
+    assert_eq!(alert.unsealed, Some([k + 1, n]));
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!("records {} to {n} are covered by no valid seal at start", k + 1)),
+        "a warning names the range:\n{log}"
+    );
+    // The start sealed the alert, not the forged records alone: the first
+    // seal after record k is the one of the alert.
+    let frames = audit_frames(&store);
+    let after_k: Vec<u64> = frames.iter().filter(|f| f.kind == b's' && f.seq > k).map(|f| f.seq).collect();
+    assert_eq!(after_k.first(), Some(&(n + 1)), "{after_k:?}");
+}
+
+/// Issue 13 §4: seals appended to the log (a copy of the last seal, a copy
+/// of an earlier genuine seal after it) are `bad_seal`s named by record,
+/// and `last_sealed` never goes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn seals_that_repeat_or_go_back_are_bad_seals_and_last_sealed_never_goes_back() {
+    let mut d = TestDaemon::start();
+    let (k, n) = two_seals(&mut d).await;
+    let pristine = tempfile::tempdir().unwrap();
+    copy_dir(&d.store_dir(), pristine.path());
+    let args = ["audit", "verify", "--json"];
+
+    let untouched = verify_after_with(&mut d, pristine.path(), &args, |_| {});
+    assert!(untouched.status.success(), "{}", out_text(&untouched));
+    assert_eq!(verify_json(&untouched)["status"], "intact");
+
+    let out = verify_after_with(&mut d, pristine.path(), &args, |store| {
+        let mut f = audit_frames(store);
+        let copy = f[at(&f, b's', n)].clone();
+        f.push(copy);
+        write_audit_frames(store, &f);
+    });
+    assert_names(&out, n, "bad_seal");
+    assert!(out_text(&out).contains(&format!("the seal of record {n} appears twice")), "{}", out_text(&out));
+    assert!(verify_json(&out)["last_sealed"].as_u64().unwrap() >= n);
+
+    let out = verify_after_with(&mut d, pristine.path(), &args, |store| {
+        let mut f = audit_frames(store);
+        let copy = f[at(&f, b's', k)].clone();
+        f.push(copy);
+        write_audit_frames(store, &f);
+    });
+    assert_names(&out, k, "bad_seal");
+    assert!(
+        out_text(&out).contains(&format!("the seal of record {k} comes after the seal of record {n}")),
+        "{}",
+        out_text(&out)
+    );
+    assert!(verify_json(&out)["last_sealed"].as_u64().unwrap() >= n, "last_sealed went back");
+}
+
+/// Issue 13 §4: `audit verify` checks each seal's signature in the token
+/// too: a seal whose signature was altered, or removed while earlier seals
+/// are signed, is a `bad_seal` though its MAC is good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seal_whose_signature_is_altered_or_removed_is_a_bad_seal() {
+    let mut d = TestDaemon::start();
+    let (_, n) = two_seals(&mut d).await;
+    let pristine = tempfile::tempdir().unwrap();
+    copy_dir(&d.store_dir(), pristine.path());
+    let edit_seal = |f: &mut Vec<AuditFrame>, change: &dyn Fn(&mut serde_json::Value)| {
+        let i = at(f, b's', n);
+        let mut seal: serde_json::Value = serde_json::from_slice(&f[i].value).unwrap();
+        change(&mut seal);
+        f[i].value = serde_json::to_vec(&seal).unwrap();
+    };
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        edit_seal(f, &|seal| {
+            let sig = seal["sig"].as_str().expect("signed").to_owned();
+            // The last hex digit: inside the DER integer s.
+            let flipped = if sig.ends_with('0') { '1' } else { '0' };
+            seal["sig"] = json!(format!("{}{flipped}", &sig[..sig.len() - 1]));
+        })
+    });
+    assert_names(&out, n, "bad_seal");
+    assert!(out_text(&out).contains("signature does not verify"), "{}", out_text(&out));
+    let out = verify_after_frames(&mut d, pristine.path(), |f| {
+        edit_seal(f, &|seal| {
+            seal.as_object_mut().unwrap().remove("sig");
+        })
+    });
+    assert_names(&out, n, "bad_seal");
+    assert!(out_text(&out).contains("is not signed though an earlier seal is"), "{}", out_text(&out));
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+/// `openssl dgst -sha256 -verify pub -signature sig msg`.
+fn openssl_verifies(dir: &Path, public: &Path, message: &[u8], sig: &[u8]) -> (bool, String) {
+    let (m, s) = (dir.join("head.bin"), dir.join("sig.der"));
+    std::fs::write(&m, message).unwrap();
+    std::fs::write(&s, sig).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(public)
+        .arg("-signature")
+        .arg(&s)
+        .arg(&m)
+        .output()
+        .expect("run openssl");
+    (out.status.success(), out_text(&out))
+}
+
+/// Issue 13 §4: the audit head is signed by an ECDSA P-256 key generated
+/// in the token; `audit public-key` gives its public half and `audit export
+/// --signed` the records as stored with the signed seals, so that a tool
+/// nobody here wrote (openssl) checks a sealed head, and the chain up to
+/// it, away from the daemon; a flipped byte is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exported_log_verifies_with_openssl_and_the_public_key() {
+    let mut d = TestDaemon::start();
+    {
+        let c = d.client().await;
+        c.key_create(&path("acme/pii")).await.unwrap();
+        for i in 0..3 {
+            c.encrypt(&path("acme/pii"), format!("s{i}").as_bytes(), &ctx(&[])).await.unwrap();
+        }
+    }
+    d.restart(); // seals the head
+    let work = tempfile::tempdir().unwrap();
+    let public = work.path().join("pub.pem");
+    let pem = d.cli(&["audit", "public-key"], b"");
+    assert!(pem.status.success(), "{}", out_text(&pem));
+    std::fs::write(&public, &pem.stdout).unwrap();
+    let text = std::process::Command::new("openssl")
+        .args(["pkey", "-pubin", "-noout", "-text", "-in"])
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert!(out_text(&text).contains("prime256v1"), "{}", out_text(&text));
+
+    let export = d.cli(&["audit", "export", "--signed"], b"");
+    assert!(export.status.success(), "{}", out_text(&export));
+    let lines: Vec<&[u8]> = export.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    // Walk the chain as an outsider: each record line's SHA-256 is the next one's `prev`.
+    let mut hashes = std::collections::HashMap::new();
+    let mut prev = "0".repeat(64);
+    let mut signed = Vec::new();
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        if let Some(seal) = v.get("seal") {
+            signed.push(seal.clone());
+            continue;
+        }
+        assert_eq!(v["prev"], prev.as_str(), "the chain links at record {}", v["seq"]);
+        prev = hex(&Sha256::digest(line));
+        hashes.insert(v["seq"].as_u64().unwrap(), prev.clone());
+    }
+    let seal = signed.last().expect("a signed seal").clone();
+    let seq = seal["seq"].as_u64().unwrap();
+    assert!(seq >= 4, "the restart sealed the records: {seal}");
+    assert_eq!(seal["head"], hashes[&seq].as_str(), "the seal's head is the exported record's hash");
+    let mut message = b"keyhaven-audit-head-v1\0".to_vec();
+    message.extend_from_slice(&seq.to_be_bytes());
+    message.extend_from_slice(&unhex(seal["head"].as_str().unwrap()));
+    message.extend_from_slice(&seal["time_ms"].as_u64().unwrap().to_be_bytes());
+    let sig = unhex(seal["sig"].as_str().expect("the seal is signed"));
+    let (ok, said) = openssl_verifies(work.path(), &public, &message, &sig);
+    assert!(ok && said.contains("Verified OK"), "openssl: {said}");
+
+    // One flipped byte, in the head or in the signature: refused.
+    for i in [message.len() - 9 - 5, message.len() - 1] {
+        let mut bad = message.clone();
+        bad[i] ^= 1;
+        let (ok, said) = openssl_verifies(work.path(), &public, &bad, &sig);
+        assert!(!ok && said.contains("Verification failure"), "byte {i}: {said}");
+    }
+    let mut bad_sig = sig.clone();
+    let last = bad_sig.len() - 1;
+    bad_sig[last] ^= 1;
+    assert!(!openssl_verifies(work.path(), &public, &message, &bad_sig).0);
+    // A record changed in the export no longer hashes to the signed head.
+    let line = lines.iter().find(|l| hex(&Sha256::digest(l)) == hashes[&seq]).unwrap();
+    let mut changed = line.to_vec();
+    let i = changed.iter().position(|b| *b == b'1').unwrap();
+    changed[i] = b'2';
+    assert_ne!(hex(&Sha256::digest(&changed)), hashes[&seq]);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// `pkcs11-tool` on a dev daemon's token, logged in.
+fn pkcs11_tool(d: &TestDaemon, args: &[&str]) -> Output {
+    let pin = std::fs::read_to_string(d.dir().join("pin")).unwrap();
+    let out = std::process::Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(softhsm_module())
+        .args(["--token-label", "keyhaven-dev", "--login", "--pin", pin.trim_end()])
+        .args(args)
+        .env("SOFTHSM2_CONF", d.dir().join("softhsm2.conf"))
+        .output()
+        .expect("run pkcs11-tool");
+    assert!(out.status.success(), "pkcs11-tool {args:?}: {}", out_text(&out));
+    out
+}
+
+/// A token from before the signing key (issue 13 §4): the daemon generates
+/// the key pair in the token at start, as it does the audit key; the
+/// private key is sensitive, never extractable and was made there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_without_the_audit_signing_key_gets_one_generated_in_it_at_start() {
+    let mut d = TestDaemon::start();
+    let first = d.cli(&["audit", "public-key"], b"");
+    assert!(first.status.success(), "{}", out_text(&first));
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    for kind in ["privkey", "pubkey"] {
+        pkcs11_tool(&d, &["--delete-object", "--type", kind, "--label", "keyhaven-audit-signing"]);
+    }
+    let listed = pkcs11_tool(&d, &["--list-objects", "--type", "privkey"]);
+    assert!(!contains(&listed.stdout, b"keyhaven-audit-signing"), "{}", out_text(&listed));
+
+    d.start_again();
+    let second = d.cli(&["audit", "public-key"], b"");
+    assert!(second.status.success(), "{}", out_text(&second));
+    assert!(second.stdout.starts_with(b"-----BEGIN PUBLIC KEY-----\n"));
+    assert_ne!(first.stdout, second.stdout, "a new key pair");
+    let listed = String::from_utf8(pkcs11_tool(&d, &["--list-objects", "--type", "privkey"]).stdout).unwrap();
+    let at = listed.find("label:      keyhaven-audit-signing").unwrap_or_else(|| panic!("{listed}"));
+    let object = listed[..at].rfind("Private Key Object").map(|s| &listed[s..]).unwrap();
+    // Its lines: the header, then indented ones.
+    let end = object.match_indices('\n').map(|(i, _)| i + 1).find(|i| !object[*i..].starts_with(' '));
+    let object = &object[..end.unwrap_or(object.len())];
+    assert!(object.starts_with("Private Key Object; EC"), "{object}");
+    assert!(object.contains("Access:     sensitive, always sensitive, never extractable, local"), "{object}");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("created the audit signing key (ECDSA P-256) in the token"), "{log}");
 }

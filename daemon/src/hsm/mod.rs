@@ -6,10 +6,12 @@
 //! - [`token`]: module, slot, login, master key.
 //! - [`worker`]: one session and its cached handles; the operations.
 //! - [`confine`]: the unwrap template that keeps every KEK inside the token.
+//! - [`signing`]: the audit signing key (ECDSA P-256).
 //! - [`error`]: PKCS#11 return codes to [`HsmError`], in one place.
 
 pub mod confine;
 pub mod error;
+pub mod signing;
 pub mod token;
 pub mod worker;
 
@@ -174,6 +176,7 @@ impl Hsm {
             if i == 0 && probe {
                 // Stores and tokens from before the audit log get their key now.
                 worker.ensure_audit_key()?;
+                worker.ensure_audit_signing_key()?;
             }
             let rx = rx.clone();
             let t = std::thread::Builder::new()
@@ -344,15 +347,16 @@ impl Rendezvous {
     }
 }
 
-/// Creates master key version 1 and the audit key in the token (for
-/// `keyhavend init`); returns the master key's `CKA_ID` and canary for the
-/// store to pin.
+/// Creates master key version 1, the audit key and the audit signing key
+/// in the token (for `keyhavend init`); returns the master key's `CKA_ID`
+/// and canary for the store to pin.
 pub fn create_first_master_key(cfg: HsmConfig) -> Result<(Vec<u8>, Vec<u8>), HsmError> {
     let hsm = Hsm::start_with(HsmConfig { workers: 1, ..cfg }, 1, false)?;
     let r = hsm.run_blocking(|w| {
         let id = w.random_id()?;
         let canary = w.make_master_key(1, &id, false)?;
         w.ensure_audit_key()?;
+        w.ensure_audit_signing_key()?;
         Ok((id, canary))
     });
     hsm.shutdown();

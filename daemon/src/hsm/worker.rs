@@ -42,7 +42,7 @@ pub struct KekRef {
 /// One worker's state. Handles are valid only while `session` is the session
 /// that loaded them; a lost session clears them all.
 pub struct Worker {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     session: Option<Session>,
     master_keys: HashMap<u32, ObjectHandle>,
     keks: HashMap<KekId, (Arc<[u8]>, ObjectHandle)>,
@@ -82,7 +82,10 @@ impl Worker {
     /// closed), drops the session and its handles, opens a new one, logs in
     /// and runs `op` once more, so the client sees no error. Every
     /// operation is safe to repeat: a failed one produced nothing.
-    fn retrying<T>(&mut self, op: impl Fn(&mut Worker) -> Result<T, HsmError>) -> Result<T, HsmError> {
+    pub(super) fn retrying<T>(
+        &mut self,
+        op: impl Fn(&mut Worker) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
         match op(self) {
             Err(e) if e.session_lost() => {
                 tracing::warn!(error = %e, "HSM session lost; re-opening it and retrying the request once");
@@ -116,7 +119,7 @@ impl Worker {
         r
     }
 
-    fn session(&mut self) -> Result<&Session, HsmError> {
+    pub(super) fn session(&mut self) -> Result<&Session, HsmError> {
         if self.session.is_none() {
             let sh = &self.shared;
             let mut refused = sh.login_refused.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,4 +1,5 @@
-//! `audit_read` and `audit_verify` (docs/AUDIT.md).
+//! `audit_read`, `audit_verify`, `audit_export` and `audit_public_key`
+//! (docs/AUDIT.md).
 
 use std::sync::Arc;
 
@@ -19,5 +20,25 @@ pub async fn read(d: &Arc<Daemon>, req: wire::AuditRead) -> Result<Reply, Error>
 /// `audit_verify`.
 pub async fn verify(d: &Arc<Daemon>) -> Result<Reply, Error> {
     let resp = crate::audit::verify(d.store.clone(), &d.hsm).await?;
+    reply(&resp, 0)
+}
+
+/// `audit_export`.
+pub async fn export(d: &Arc<Daemon>, req: wire::AuditExport) -> Result<Reply, Error> {
+    let store = d.store.clone();
+    let resp = tokio::task::spawn_blocking(move || crate::audit::export(&*store, &req))
+        .await
+        .map_err(|e| Error::Internal(format!("audit export task: {e}")))??;
+    reply(&resp, 0)
+}
+
+/// `audit_public_key`.
+pub async fn public_key(d: &Arc<Daemon>) -> Result<Reply, Error> {
+    let spki = d.hsm.run(|w| w.audit_public_key()).await?;
+    let resp = wire::AuditPublicKeyResponse {
+        algorithm: "ecdsa-p256-sha256".into(),
+        label: d.hsm.audit_signing_key_label(),
+        pem: crate::hsm::signing::pem(&spki),
+    };
     reply(&resp, 0)
 }

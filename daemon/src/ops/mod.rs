@@ -339,6 +339,16 @@ async fn route(
             allow(d, caller, op, Target::All, s)?;
             audit::verify(d).await
         }
+        wire::AuditExport::OP => {
+            let req: wire::AuditExport = parse(op, params)?;
+            allow(d, caller, op, Target::All, s)?;
+            audit::export(d, req).await
+        }
+        wire::AuditPublicKey::OP => {
+            let _: wire::AuditPublicKey = parse(op, params)?;
+            allow(d, caller, op, Target::All, s)?;
+            audit::public_key(d).await
+        }
         Revoke::OP => {
             let req: Revoke = parse(op, params)?;
             scope_subject(&req.scope, s);

@@ -1,9 +1,9 @@
-//! `keyhaven audit tail|verify|export` and the times they take.
+//! `keyhaven audit tail|verify|export|public-key` and the times they take.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyhaven::wire::{AuditRead, AuditRecord, AuditVerify};
+use keyhaven::wire::{AuditExport, AuditRead, AuditRecord, AuditVerify};
 use keyhaven::Client;
 
 use crate::Failure;
@@ -177,14 +177,59 @@ pub async fn export(client: &Client, tenant: Option<String>, since: Option<u64>)
     }
 }
 
-/// `audit verify`: fails (non-zero exit) when the log is not intact.
+/// `audit export --signed`: the records as stored and the seals, JSON lines.
+pub async fn export_signed(client: &Client, since: Option<u64>) -> Result<(), Failure> {
+    let mut after = None;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let page = client.call(&AuditExport { since, after }).await?;
+        for line in &page.lines {
+            writeln!(out, "{line}")?;
+        }
+        if !page.more {
+            out.flush()?;
+            return Ok(());
+        }
+        after = Some(page.next);
+    }
+}
+
+/// `audit verify`: fails (exit 1) when the log is not intact, and exits 3
+/// when it is but a start found records no seal covered.
 pub async fn verify(client: &Client, json: bool) -> Result<(), Failure> {
     let v = client.call(&AuditVerify {}).await?;
     if json {
         crate::print_json(&v)?;
     }
     let sealed = v.last_sealed.map_or("none".to_owned(), |s| s.to_string());
+    let unsealed: Vec<String> = v
+        .unsealed
+        .iter()
+        .map(|u| {
+            let range = if u.from == u.to {
+                format!("record {}", u.from)
+            } else {
+                format!("records {} to {}", u.from, u.to)
+            };
+            format!(
+                "{range} (reported unsealed at a start, {}, in record {})",
+                format_ms(u.time_ms),
+                u.reported_in
+            )
+        })
+        .collect();
     match &v.problem {
+        None if !unsealed.is_empty() => Err(Failure {
+            message: format!(
+                "audit log UNSEALED in part: no problem found, but no seal vouched for {} when the daemon \
+                 started: written before a crash, or changed while it was stopped [{} records, {} seals, \
+                 last sealed record {sealed}]",
+                unsealed.join(", "),
+                v.records,
+                v.seals
+            ),
+            exit: 3,
+        }),
         None => {
             if !json {
                 println!(

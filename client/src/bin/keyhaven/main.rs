@@ -178,7 +178,8 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Walk the whole hash chain and check every seal in the token; exits non-zero unless intact.
+    /// Walk the whole hash chain and check every seal in the token; exits 0 when intact, 3 when
+    /// intact but records were found unsealed at a start, 1 otherwise.
     Verify {
         /// Print the daemon's full answer as JSON.
         #[arg(long)]
@@ -190,9 +191,15 @@ enum AuditCommand {
         #[arg(long, value_parser = audit::parse_time)]
         since: Option<u64>,
         /// Only records about this tenant.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "signed")]
         tenant: Option<String>,
+        /// The records exactly as stored, each followed by the signed seals that cover it, for
+        /// checking with `audit public-key` away from this host (docs/AUDIT.md §3.3).
+        #[arg(long)]
+        signed: bool,
     },
+    /// The public key that signs the audit log's seals, PEM.
+    PublicKey,
 }
 
 #[derive(Args)]
@@ -465,7 +472,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             audit::tail(&client, tenant, since, lines, follow, json).await
         }
         Command::Audit(AuditCommand::Verify { json }) => audit::verify(&client, json).await,
-        Command::Audit(AuditCommand::Export { since, tenant }) => audit::export(&client, tenant, since).await,
+        Command::Audit(AuditCommand::Export { since, tenant: _, signed: true }) => {
+            audit::export_signed(&client, since).await
+        }
+        Command::Audit(AuditCommand::Export { since, tenant, signed: false }) => {
+            audit::export(&client, tenant, since).await
+        }
+        Command::Audit(AuditCommand::PublicKey) => {
+            print!("{}", client.call(&keyhaven::wire::AuditPublicKey {}).await?.pem);
+            Ok(())
+        }
         Command::Key(KeyCommand::Create { key, rotate_every: None }) => {
             print_json(&client.key_create(&key).await?)
         }
