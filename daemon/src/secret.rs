@@ -1,6 +1,6 @@
 //! Secret values the daemon holds: the token PIN and plaintext data keys.
-//! Neither prints: Pin has a redacting Debug and no Display; data keys live in
-//! `Zeroizing` buffers that are wiped when dropped.
+//! Neither prints: both have a redacting Debug and no Display. A data key
+//! lives in one heap place for its whole life and is wiped when dropped.
 
 use std::fmt;
 use std::path::Path;
@@ -8,8 +8,45 @@ use std::path::Path;
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
-/// A plaintext data key, wiped on drop.
-pub type DataKey = Zeroizing<[u8; keyhaven::envelope::DEK_LEN]>;
+/// A plaintext data key: 32 bytes in one heap allocation, wiped when
+/// dropped. Moving a `DataKey` (out of an HSM job, through a channel, out
+/// of a future) moves a pointer, never the key: a key held by value in a
+/// `Zeroizing` array left a copy behind at every move, which a scan of the
+/// daemon's memory found (tests/tests/memory.rs).
+pub struct DataKey(Box<[u8; keyhaven::envelope::DEK_LEN]>);
+
+impl DataKey {
+    /// A key copied from `bytes`, which must be 32 bytes long; the copy is
+    /// made straight into the heap.
+    pub fn from_slice(bytes: &[u8]) -> Option<DataKey> {
+        let mut key = DataKey(Box::new([0u8; keyhaven::envelope::DEK_LEN]));
+        if bytes.len() != key.0.len() {
+            return None;
+        }
+        key.0.copy_from_slice(bytes);
+        Some(key)
+    }
+}
+
+impl std::ops::Deref for DataKey {
+    type Target = [u8; keyhaven::envelope::DEK_LEN];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey(<redacted>)")
+    }
+}
 
 /// The token user PIN.
 pub struct Pin(AuthPin);

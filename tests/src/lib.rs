@@ -384,7 +384,17 @@ pub fn read_all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 /// True when `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
+}
+
+/// Which of `needles` occur in `hay` (their indices, ascending), in one
+/// pass over `hay`: for scans of whole stores or a process's memory.
+pub fn find_any(hay: &[u8], needles: &[Vec<u8>]) -> Vec<usize> {
+    let ac = aho_corasick::AhoCorasick::new(needles).expect("needles");
+    let mut found: Vec<usize> = ac.find_overlapping_iter(hay).map(|m| m.pattern().as_usize()).collect();
+    found.sort_unstable();
+    found.dedup();
+    found
 }
 
 /// Copies a folder tree (a stopped daemon's store, say).

@@ -119,8 +119,7 @@ pub async fn seal_data_key(
             let (key, id) = match existing {
                 Some(kept) => kept,
                 None => {
-                    let mut key: DataKey = Zeroizing::new([0u8; DEK_LEN]);
-                    key.copy_from_slice(&rnd[..DEK_LEN]);
+                    let key = DataKey::from_slice(&rnd[..DEK_LEN]).expect("32 bytes");
                     (key, EnvelopeId(rnd[DEK_LEN..DEK_LEN + ID_LEN].try_into().expect("16 bytes")))
                 }
             };
@@ -163,12 +162,14 @@ pub async fn unwrap_data_key(
     let aad = envelope::aad(&env.header(), &context);
     let nonce = *env.nonce();
     let wrapped = *env.wrapped_dek();
-    let plain = d.hsm.run(move |w| w.open(&kek, &nonce, &aad, &wrapped)).await?;
-    let mut key: DataKey = Zeroizing::new([0u8; DEK_LEN]);
-    if plain.len() != DEK_LEN {
-        return Err(Error::Integrity("the envelope holds no 32-byte data key".into()));
-    }
-    key.copy_from_slice(&plain);
+    let key = d
+        .hsm
+        .run(move |w| {
+            let plain = w.open(&kek, &nonce, &aad, &wrapped)?;
+            Ok(DataKey::from_slice(&plain))
+        })
+        .await?
+        .ok_or_else(|| Error::Integrity("the envelope holds no 32-byte data key".into()))?;
     Ok((key, id))
 }
 
