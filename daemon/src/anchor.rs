@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use crate::hsm::anchor::AnchorKind;
 use crate::hsm::Hsm;
 use crate::store::state::{Anchor, AnchorState};
 use crate::store::StoreError;
@@ -39,6 +40,10 @@ pub fn accept_store(config: &crate::config::Config, reason: &str) -> anyhow::Res
     let hsm = Arc::new(Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?);
     let result = (|| {
         let old = store.accept_as_is(TokenAnchor::new(hsm.clone()))?;
+        // The audit log restored with the store is accepted too: its next
+        // seal is anchored afresh.
+        let none = crate::audit::AuditAnchor { seq: 0, head: [0; 32] }.encode();
+        hsm.run_blocking(move |w| w.write_anchor(AnchorKind::Audit, &none)).map_err(unavailable)?;
         let accepted = crate::store::StoreAccepted {
             at: crate::ops::now_unix(),
             uid: nix::unistd::getuid().as_raw(),
@@ -67,7 +72,7 @@ fn unavailable(e: crate::hsm::HsmError) -> StoreError {
 
 impl Anchor for TokenAnchor {
     fn read(&self) -> Result<Option<AnchorState>, StoreError> {
-        match self.hsm.run_blocking(|w| w.read_anchor()).map_err(unavailable)? {
+        match self.hsm.run_blocking(|w| w.read_anchor(AnchorKind::Store)).map_err(unavailable)? {
             Some(text) => AnchorState::decode(&text).map(Some),
             None => Ok(None),
         }
@@ -75,6 +80,6 @@ impl Anchor for TokenAnchor {
 
     fn write(&self, state: &AnchorState) -> Result<(), StoreError> {
         let text = state.encode();
-        self.hsm.run_blocking(move |w| w.write_anchor(&text)).map_err(unavailable)
+        self.hsm.run_blocking(move |w| w.write_anchor(AnchorKind::Store, &text)).map_err(unavailable)
     }
 }

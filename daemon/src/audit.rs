@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 
 use crate::config::AuditSection;
 use crate::error::Error;
+use crate::hsm::anchor::AnchorKind;
 use crate::hsm::Hsm;
 use crate::identity::Caller;
 use crate::store::{AuditKind, Store, StoreError};
@@ -273,6 +274,7 @@ impl Audit {
             Some((seq, bytes)) => (seq, Sha256::digest(&bytes).into()),
             None => (0, [0u8; 32]),
         };
+        check_anchor(&*store, &hsm, last)?;
         let mut sealed = match newest_valid_seal(&*store, &hsm, last)? {
             Some((seq, h)) => {
                 if seq > last {
@@ -292,6 +294,8 @@ impl Audit {
         if last > sealed {
             (last, head, sealed) = report_unsealed(&*store, &hsm, sealed + 1, last, head)?;
         }
+        // Here every record is sealed: `head` is the sealed head.
+        let sealed_head = head;
         let log = Arc::new(Log {
             store,
             hsm,
@@ -311,7 +315,7 @@ impl Audit {
         let l = log.clone();
         let t = std::thread::Builder::new()
             .name("keyhaven-audit".into())
-            .spawn(move || l.flusher(sealed))
+            .spawn(move || l.flusher(sealed, sealed_head))
             .map_err(|e| StoreError::Backend(format!("cannot start the audit thread: {e}")))?;
         Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)), volume: Volume::new(cfg) })
     }
@@ -484,8 +488,11 @@ impl Log {
     /// The flusher: one flush for every batch of records written since the
     /// last one (each waiting request is woken once, after the flush that
     /// covers its record), a seal when one is due, until stopped.
-    fn flusher(&self, mut sealed: u64) {
+    fn flusher(&self, mut sealed: u64, mut sealed_head: [u8; 32]) {
         let mut sealed_at = Instant::now();
+        // The last seal anchored in the token by this run (none yet: the
+        // first round anchors the seal it started from).
+        let mut anchored = 0u64;
         // When the last round started, and how many records it served.
         let mut round_at = Instant::now();
         let mut round_records = 0;
@@ -535,6 +542,7 @@ impl Log {
                 match self.seal(last, &head) {
                     Ok(()) => {
                         sealed = last;
+                        sealed_head = head;
                         sealed_at = Instant::now();
                     }
                     Err(e) => {
@@ -551,6 +559,17 @@ impl Log {
             }
             for w in waiting {
                 let _ = w.send(flushed.is_ok());
+            }
+            // A durable seal is anchored in the token (after the answers:
+            // the anchor only ever trails the log).
+            if flushed.is_ok() && sealed > anchored {
+                let text = AuditAnchor { seq: sealed, head: sealed_head }.encode();
+                match self.hsm.run_blocking(move |w| w.write_anchor(AnchorKind::Audit, &text)) {
+                    Ok(()) => anchored = sealed,
+                    Err(e) => tracing::warn!(
+                        "cannot anchor the audit log's seal of record {sealed} in the token: {e}"
+                    ),
+                }
             }
             if stop {
                 return;
@@ -679,6 +698,60 @@ fn newest_valid_seal(store: &dyn Store, hsm: &Hsm, last: u64) -> Result<Option<(
         }
     }
     Ok(None)
+}
+
+/// The audit log's anchor in the token (docs/AUDIT.md §4): the last seal
+/// that was durable, by record and head. The log may run ahead of it (a
+/// stop before the anchor's write), never behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditAnchor {
+    /// The sealed record (0: nothing anchored, as after `accept-store`).
+    pub seq: u64,
+    /// The chain head at it: SHA-256 of that record.
+    pub head: [u8; 32],
+}
+
+impl AuditAnchor {
+    /// Text form: `khaudit1 SEQ HEAD`.
+    pub fn encode(&self) -> String {
+        format!("khaudit1 {} {}", self.seq, hex(&self.head))
+    }
+
+    /// Parses [`encode`](Self::encode)'s form.
+    pub fn decode(text: &str) -> Result<AuditAnchor, StoreError> {
+        let bad = || StoreError::Tampered(format!("the token's audit anchor does not parse: {text:?}"));
+        let parts: Vec<&str> = text.split(' ').collect();
+        let ["khaudit1", seq, head] = parts.as_slice() else { return Err(bad()) };
+        Ok(AuditAnchor { seq: seq.parse().map_err(|_| bad())?, head: unhex32(head).ok_or_else(bad)? })
+    }
+}
+
+/// At start: the log must still hold the record the token's anchor names,
+/// with the same hash. A log cut back before it, or any copy in which that
+/// record differs (an older log, or one rewritten and relinked after it),
+/// is refused: `audit verify` could not tell, since the seals went with it.
+fn check_anchor(store: &dyn Store, hsm: &Hsm, last: u64) -> Result<(), StoreError> {
+    let text = hsm
+        .run_blocking(|w| w.read_anchor(AnchorKind::Audit))
+        .map_err(|e| StoreError::Backend(format!("cannot read the audit log's anchor in the token: {e}")))?;
+    let Some(anchor) = text.as_deref().map(AuditAnchor::decode).transpose()? else { return Ok(()) };
+    if anchor.seq == 0 {
+        return Ok(());
+    }
+    let accept = "If you restored the store and its audit log from a backup on purpose, run \
+                  `keyhavend accept-store --reason TEXT` (docs/OPERATIONS.md §7)";
+    match store.audit_scan(AuditKind::Record, anchor.seq, true).find_map(Result::ok) {
+        Some((s, b)) if s == anchor.seq && <[u8; 32]>::from(Sha256::digest(&b)) == anchor.head => Ok(()),
+        Some((s, _)) if s == anchor.seq => Err(StoreError::Tampered(format!(
+            "audit record {s} is not the record that was sealed and anchored in the token: the log was \
+             replaced or rewritten after it. {accept}"
+        ))),
+        _ => Err(StoreError::Tampered(format!(
+            "the audit log ends at record {last}, but record {} was sealed and anchored in the token: the \
+             log was cut back or replaced by an older copy. {accept}",
+            anchor.seq
+        ))),
+    }
 }
 
 /// A round that served more records than this makes the next one gather

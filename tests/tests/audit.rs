@@ -316,6 +316,10 @@ fn verify_after_with(
     let store = d.store_dir();
     std::fs::remove_dir_all(&store).unwrap();
     copy_dir(pristine, &store);
+    // Putting the older copy back is a restore, which the token's anchors
+    // refuse until an operator accepts it (docs/AUDIT.md §4); the tampering
+    // comes after, as someone who writes the files would do it.
+    d.accept_store("test: the pristine copy, put back");
     tamper(&store);
     d.start_again();
     let out = d.cli(args, b"");
@@ -853,6 +857,18 @@ async fn records_no_seal_covers_at_start_are_reported_unsealed_not_sealed_as_int
     }
     write_audit_frames(&store, &frames);
 
+    // Record n was sealed and anchored in the token at the stop: the
+    // rewritten log is refused outright.
+    let refused = d.run_once();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains(&format!("audit record {n} is not the record that was sealed and anchored")),
+        "{err}"
+    );
+    // Accepted by an operator as it is, the records no seal covers are
+    // reported, not sealed as if vouched for.
+    d.accept_store("test: accepting the rewritten log to see it reported");
     d.start_again();
     let out = d.cli(&["audit", "verify", "--json"], b"");
     assert_eq!(out.status.code(), Some(3), "{}", out_text(&out));

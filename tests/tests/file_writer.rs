@@ -194,3 +194,45 @@ async fn sigkill_during_writes_never_leaves_a_store_its_anchor_refuses() {
     }
     assert!(cut_short >= 3, "the kills did not land among the writes ({cut_short} of 6 rounds)");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_audit_log_cut_back_with_its_seals_is_refused_at_start() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.unwrap();
+    drop(c);
+    d.restart(); // a seal at the stop
+    let c = d.client().await;
+    for _ in 0..5 {
+        c.key_list(None).await.unwrap();
+    }
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let frames = audit_frames(&d.store_dir());
+    let last_seal = frames.iter().rposition(|f| f.kind == b's').expect("a seal at the clean stop");
+
+    // The tail cut off together with the seal that covers it, back to an
+    // earlier seal: a shorter log that verifies on its own.
+    let earlier_seal = frames[..last_seal].iter().rposition(|f| f.kind == b's').expect("an earlier seal");
+    write_audit_frames(&d.store_dir(), &frames[..=earlier_seal]);
+    let out = d.run_once();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a log cut back with its seals started");
+    assert!(err.contains("sealed and anchored in the token") && err.contains("accept-store"), "{err}");
+
+    // Put back whole, it starts; then an operator who restores on purpose
+    // gets the shorter log accepted, and the accept is recorded.
+    write_audit_frames(&d.store_dir(), &frames);
+    d.start_again();
+    drop(d.client().await);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    write_audit_frames(&d.store_dir(), &frames[..=earlier_seal]);
+    d.accept_store("test: restored an older audit log");
+    d.start_again();
+    let c = d.client().await;
+    let page = c.call(&AuditRead { tenant: None, ..Default::default() }).await.unwrap();
+    assert!(page.records.iter().any(|r| r.op == "accept_store"));
+    assert!(d.cli(&["audit", "verify"], b"").status.success());
+}

@@ -374,14 +374,20 @@ async fn a_store_copied_next_to_another_token_decrypts_nothing() {
     std::fs::remove_dir_all(b.store_dir()).unwrap();
     copy_dir(&a.store_dir(), &b.store_dir());
 
-    // B's master key v1 is not the one A's store pinned: B refuses to start.
+    // B's token anchors B's own store: A's copy does not match it.
+    let out = b.run_once();
+    assert!(!out.status.success(), "a store started next to another token's anchor");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not match the token's anchor"), "{err}");
+    // B's operator (who has B's PIN) accepts the copy: B's master key v1 is
+    // not the one A's store pinned, and B still refuses to start.
+    b.accept_store("test: a store from another install");
     let out = b.run_once();
     assert!(!out.status.success(), "a store started next to another token's master key");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("keyhaven-mk-v1") && err.contains("not the one the store recorded"), "{err}");
-    // A file writer strips the pins (the store's records are not yet
-    // authenticated, SECURITY.md §3): B then pins its own key and starts,
-    // but still decrypts nothing.
+    // With the pins stripped as well (and accepted once more), B pins its
+    // own key and starts, but still decrypts nothing.
     {
         let db = sled::open(b.store_dir()).unwrap();
         let meta = db.open_tree("meta").unwrap();
@@ -390,6 +396,7 @@ async fn a_store_copied_next_to_another_token_decrypts_nothing() {
         meta.insert("meta", serde_json::to_vec(&m).unwrap()).unwrap();
         db.flush().unwrap();
     }
+    b.accept_store("test: pins stripped");
     let config = b.dir().join("keyhaven.toml");
     let mut daemon = Proc::spawn(&mut keyhavend(&["run", "--config", &config_arg(&config)]));
     daemon.wait_for_socket(b.socket());

@@ -5,10 +5,12 @@
 //!
 //! - [`token`]: module, slot, login, master key.
 //! - [`worker`]: one session and its cached handles; the operations.
+//! - [`anchor`]: the store's and the audit log's anchors, token data objects.
 //! - [`confine`]: the unwrap template that keeps every KEK inside the token.
 //! - [`signing`]: the audit signing key (ECDSA P-256).
 //! - [`error`]: PKCS#11 return codes to [`HsmError`], in one place.
 
+pub mod anchor;
 pub mod confine;
 pub mod error;
 pub mod signing;

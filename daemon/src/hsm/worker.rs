@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use keyhaven::envelope::{NONCE_LEN, TAG_LEN};
 use keyhaven::KeyPath;
@@ -408,48 +408,6 @@ impl Worker {
         self.note(r)
     }
 
-    /// The store anchor's text (docs/SECURITY.md §3): the label of the one
-    /// token data object whose `CKA_APPLICATION` is [`ANCHOR_APPLICATION`],
-    /// or `None` when there is none. (SoftHSM2 makes a data object's
-    /// `CKA_VALUE` read-only after creation, and a new object per write
-    /// costs ~20 ms there; its label is modifiable, for ~0.35 ms.)
-    pub fn read_anchor(&mut self) -> Result<Option<String>, HsmError> {
-        self.retrying(|w| {
-            let s = w.session()?;
-            Ok(match find_anchor(s)? {
-                None => None,
-                Some(h) => s.get_attributes(h, &[AttributeType::Label])?.into_iter().find_map(|a| match a {
-                    Attribute::Label(l) => Some(String::from_utf8_lossy(&l).into_owned()),
-                    _ => None,
-                }),
-            })
-        })
-    }
-
-    /// Writes the store anchor's text, creating the object the first time:
-    /// a private token data object, so that nobody without the PIN can read
-    /// or change it.
-    pub fn write_anchor(&mut self, text: &str) -> Result<(), HsmError> {
-        self.retrying(|w| {
-            let s = w.session()?;
-            let label = Attribute::Label(text.as_bytes().to_vec());
-            match find_anchor(s)? {
-                Some(h) => s.update_attributes(h, &[label])?,
-                None => {
-                    s.create_object(&[
-                        Attribute::Class(ObjectClass::DATA),
-                        Attribute::Token(true),
-                        Attribute::Private(true),
-                        Attribute::Modifiable(true),
-                        Attribute::Application(ANCHOR_APPLICATION.to_vec()),
-                        label,
-                    ])?;
-                }
-            }
-            Ok(())
-        })
-    }
-
     /// Destroys master key `version` in the token. Returns false when no
     /// object carries its label.
     pub fn destroy_master_key(&mut self, version: u32) -> Result<bool, HsmError> {
@@ -579,24 +537,4 @@ fn unwrap_kek(s: &Session, mk: ObjectHandle, wrapped: &[u8]) -> Result<ObjectHan
 /// token refused the request.
 fn lost_session(rv: cryptoki::error::RvError) -> bool {
     HsmError::Pkcs11 { function: cryptoki::context::Function::UnwrapKey, rv }.session_lost()
-}
-
-/// The `CKA_APPLICATION` of the store anchor's data object.
-pub const ANCHOR_APPLICATION: &[u8] = b"keyhaven-store-anchor";
-
-/// The store anchor's data object, if any; more than one is an error.
-fn find_anchor(s: &Session) -> Result<Option<ObjectHandle>, HsmError> {
-    let found = s.find_objects(&[
-        Attribute::Class(ObjectClass::DATA),
-        Attribute::Token(true),
-        Attribute::Application(ANCHOR_APPLICATION.to_vec()),
-    ])?;
-    match found.as_slice() {
-        [] => Ok(None),
-        [one] => Ok(Some(*one)),
-        _ => Err(HsmError::Library(format!(
-            "{} token objects carry the store anchor's application `keyhaven-store-anchor`; there must be one",
-            found.len()
-        ))),
-    }
 }
