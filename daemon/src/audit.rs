@@ -346,20 +346,8 @@ impl Audit {
             tracing::warn!(%caller, tenant, "unusual volume: {alert}");
             if let Some(log) = &self.log {
                 let rec = AuditRecord {
-                    seq: 0,
-                    time_ms: 0,
-                    prev: String::new(),
-                    caller: audit_caller(caller),
-                    op: "alert".into(),
                     tenant: Some(tenant.to_owned()),
-                    key: None,
-                    version: None,
-                    envelope_id: None,
-                    context_keys: Vec::new(),
-                    outcome: "alert".into(),
-                    code: None,
-                    detail: Some(alert),
-                    unsealed: None,
+                    ..alert_record(audit_caller(caller), "alert", alert)
                 };
                 log.append(rec).await?;
             }
@@ -377,23 +365,7 @@ impl Audit {
     /// did it, and waits until it is durable.
     pub async fn operator_event(&self, op: &str, uid: u32, detail: String) -> Result<(), Error> {
         let Some(log) = &self.log else { return Ok(()) };
-        let rec = AuditRecord {
-            seq: 0,
-            time_ms: 0,
-            prev: String::new(),
-            caller: AuditCaller { uid, ..AuditCaller::default() },
-            op: op.into(),
-            tenant: None,
-            key: None,
-            version: None,
-            envelope_id: None,
-            context_keys: Vec::new(),
-            outcome: "alert".into(),
-            code: None,
-            detail: Some(detail),
-            unsealed: None,
-        };
-        log.append(rec).await
+        log.append(alert_record(AuditCaller { uid, ..AuditCaller::default() }, op, detail)).await
     }
 
     /// Records one request and waits until the record is durable. An
@@ -435,6 +407,27 @@ impl Audit {
 impl Drop for Audit {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// An alert record (outcome `alert`) of `op` by `caller`, saying `detail`;
+/// its place in the chain is filled in when it is appended.
+fn alert_record(caller: AuditCaller, op: &str, detail: String) -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        time_ms: 0,
+        prev: String::new(),
+        caller,
+        op: op.into(),
+        tenant: None,
+        key: None,
+        version: None,
+        envelope_id: None,
+        context_keys: Vec::new(),
+        outcome: "alert".into(),
+        code: None,
+        detail: Some(detail),
+        unsealed: None,
     }
 }
 
@@ -620,16 +613,8 @@ fn report_unsealed(
             exe: std::env::current_exe().ok().map(|p| p.display().to_string()),
             cgroup: None,
         },
-        op: "alert".into(),
-        tenant: None,
-        key: None,
-        version: None,
-        envelope_id: None,
-        context_keys: Vec::new(),
-        outcome: "alert".into(),
-        code: None,
-        detail: Some(detail),
         unsealed: Some([from, to]),
+        ..alert_record(AuditCaller::default(), "alert", detail)
     };
     let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Backend(format!("audit record: {e}")))?;
     let head: [u8; 32] = Sha256::digest(&bytes).into();

@@ -387,6 +387,13 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
+/// Opens a stopped daemon's sled store to read or edit it by hand. Without
+/// sled's background flusher, so that the file lock goes with the handle
+/// (a daemon started right after must not find it held).
+pub fn open_stopped_store(store: &Path) -> sled::Db {
+    sled::Config::new().path(store).flush_every_ms(None).open().expect("open the stopped store")
+}
+
 /// Which of `needles` occur in `hay` (their indices, ascending), in one
 /// pass over `hay`: for scans of whole stores or a process's memory.
 pub fn find_any(hay: &[u8], needles: &[Vec<u8>]) -> Vec<usize> {

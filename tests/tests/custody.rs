@@ -31,7 +31,7 @@ fn probe_ok(d: &TestDaemon, args: &[&str]) -> String {
 /// The wrapped KEK of `tenant/key`'s version 1 and the master key version
 /// that wraps it, from a stopped daemon's store.
 fn stored_kek(store: &Path, name: &str) -> (String, u64) {
-    let db = sled::open(store).unwrap();
+    let db = open_stopped_store(store);
     let v = db.open_tree("keyring").unwrap().get(name.as_bytes()).unwrap().expect("key record");
     let rec: serde_json::Value = serde_json::from_slice(&v).unwrap();
     let version = &rec["versions"][0];
@@ -64,6 +64,7 @@ async fn a_pin_holder_cannot_take_a_kek_out_of_the_token() {
         "unwrap-extractable",
         "unwrap-pad-plain",
         "unwrap-generic",
+        "unwrap-derivable",
         "unwrap-token-object",
         "decrypt-with-master-key",
         "wrap-under-own-key",

@@ -13,7 +13,7 @@ use keyhaven_tests::*;
 
 /// Edits record `key` of `tree` in a stopped daemon's store.
 fn edit(store: &Path, tree: &str, key: &str, change: impl FnOnce(&mut serde_json::Value)) {
-    let db = sled::open(store).unwrap();
+    let db = open_stopped_store(store);
     let t = db.open_tree(tree).unwrap();
     let mut v: serde_json::Value = serde_json::from_slice(&t.get(key).unwrap().expect("record")).unwrap();
     change(&mut v);
@@ -72,7 +72,7 @@ async fn every_hand_edit_of_the_store_is_refused_at_start() {
     restore(&d, pristine.path());
 
     let (a, b) = {
-        let db = sled::open(d.store_dir()).unwrap();
+        let db = open_stopped_store(&d.store_dir());
         let t = db.open_tree("keyring").unwrap();
         let get = |k: &str| serde_json::from_slice::<serde_json::Value>(&t.get(k).unwrap().unwrap()).unwrap();
         (
@@ -86,7 +86,7 @@ async fn every_hand_edit_of_the_store_is_refused_at_start() {
     restore(&d, pristine.path());
 
     {
-        let db = sled::open(d.store_dir()).unwrap();
+        let db = open_stopped_store(&d.store_dir());
         db.open_tree("revocations").unwrap().clear().unwrap();
         db.flush().unwrap();
     }
@@ -98,7 +98,7 @@ async fn every_hand_edit_of_the_store_is_refused_at_start() {
     restore(&d, pristine.path());
 
     {
-        let db = sled::open(d.store_dir()).unwrap();
+        let db = open_stopped_store(&d.store_dir());
         db.open_tree("keyring").unwrap().remove("beta/pii").unwrap();
         db.flush().unwrap();
     }

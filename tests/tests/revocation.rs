@@ -476,7 +476,7 @@ async fn the_cli_revokes_lists_lifts_and_destroys() {
 /// `tenant/key` → the wrapped KEK bytes of version 1, read from a stopped
 /// daemon's store.
 fn stored_wrapped_keks(store: &std::path::Path) -> Vec<(String, String)> {
-    let db = sled::open(store).unwrap();
+    let db = open_stopped_store(store);
     let keyring = db.open_tree("keyring").unwrap();
     keyring
         .iter()
@@ -490,7 +490,7 @@ fn stored_wrapped_keks(store: &std::path::Path) -> Vec<(String, String)> {
 }
 
 fn clear_revocations(store: &std::path::Path) {
-    let db = sled::open(store).unwrap();
+    let db = open_stopped_store(store);
     db.open_tree("revocations").unwrap().clear().unwrap();
     db.flush().unwrap();
 }

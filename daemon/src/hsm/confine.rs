@@ -2,8 +2,12 @@
 //! "PIN holder").
 //!
 //! Every master key is generated with a `CKA_UNWRAP_TEMPLATE`: a key it
-//! unwraps must be a sensitive, non-extractable AES session object that can
-//! neither wrap, unwrap nor derive. A token that enforces the template (SoftHSM2
+//! unwraps must be a sensitive, non-extractable session object that cannot
+//! derive. The template names no class or key type, so that the key types
+//! still to come (HMAC, EC and RSA private keys, stored wrapped the same
+//! way) fit under the same master key; derivation is refused because some
+//! tokens' derivation mechanisms (`CKM_CONCATENATE_BASE_AND_DATA`,
+//! `CKM_XOR_BASE_AND_DATA`) would copy a key's bits into an extractable one. A token that enforces the template (SoftHSM2
 //! 2.6 does: any other template is `CKR_TEMPLATE_INCONSISTENT`) refuses a PIN
 //! holder who unwraps a stored KEK with a template of their own choosing, so
 //! no KEK ever exists outside the token in plaintext, whoever holds the PIN.
@@ -21,37 +25,30 @@
 
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use cryptoki_sys::{
-    CKA_CLASS, CKA_EXTRACTABLE, CKA_KEY_TYPE, CKA_SENSITIVE, CKA_TOKEN, CKA_UNWRAP, CKA_UNWRAP_TEMPLATE,
-    CKA_WRAP, CKK_AES, CKO_SECRET_KEY, CK_ATTRIBUTE, CK_ATTRIBUTE_TYPE, CK_BBOOL, CK_FALSE, CK_TRUE,
-    CK_ULONG,
+    CKA_DERIVE, CKA_EXTRACTABLE, CKA_SENSITIVE, CKA_TOKEN, CKA_UNWRAP_TEMPLATE, CK_ATTRIBUTE,
+    CK_ATTRIBUTE_TYPE, CK_BBOOL, CK_FALSE, CK_TRUE, CK_ULONG,
 };
 
-static CLASS_SECRET_KEY: CK_ULONG = CKO_SECRET_KEY;
-static KEY_TYPE_AES: CK_ULONG = CKK_AES;
 static TRUE: CK_BBOOL = CK_TRUE;
 static FALSE: CK_BBOOL = CK_FALSE;
 
 /// The attributes every key unwrapped under a master key must carry: the
-/// master key's `CKA_UNWRAP_TEMPLATE`, and exactly what
-/// [`kek_unwrap_template`] asks for.
-fn confined() -> [(CK_ATTRIBUTE_TYPE, usize, usize); 7] {
-    let ulong = std::mem::size_of::<CK_ULONG>();
+/// master key's `CKA_UNWRAP_TEMPLATE`, which [`kek_unwrap_template`]
+/// includes.
+fn confined() -> [(CK_ATTRIBUTE_TYPE, usize, usize); 4] {
     let bool_ = std::mem::size_of::<CK_BBOOL>();
-    let p = |r: &'static CK_ULONG| r as *const CK_ULONG as usize;
     let b = |r: &'static CK_BBOOL| r as *const CK_BBOOL as usize;
     [
-        (CKA_CLASS, p(&CLASS_SECRET_KEY), ulong),
-        (CKA_KEY_TYPE, p(&KEY_TYPE_AES), ulong),
         (CKA_TOKEN, b(&FALSE), bool_),
         (CKA_SENSITIVE, b(&TRUE), bool_),
         (CKA_EXTRACTABLE, b(&FALSE), bool_),
-        (CKA_WRAP, b(&FALSE), bool_),
-        (CKA_UNWRAP, b(&FALSE), bool_),
+        (CKA_DERIVE, b(&FALSE), bool_),
     ]
 }
 
 /// The template a KEK is unwrapped with: [`confined`] plus what the key is
-/// for (encrypt and decrypt with AES-GCM; never derive).
+/// for (an AES key for encrypt and decrypt with AES-GCM; it never wraps or
+/// unwraps).
 pub fn kek_unwrap_template() -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -75,7 +72,7 @@ pub fn master_unwrap_template() -> Attribute {
             == 2 * std::mem::size_of::<CK_ULONG>() + std::mem::size_of::<usize>(),
         "CK_ATTRIBUTE is type, pointer, length, without padding"
     );
-    let mut bytes = Vec::with_capacity(7 * std::mem::size_of::<CK_ATTRIBUTE>());
+    let mut bytes = Vec::with_capacity(confined().len() * std::mem::size_of::<CK_ATTRIBUTE>());
     for (kind, pointer, len) in confined() {
         bytes.extend_from_slice(&kind.to_ne_bytes());
         bytes.extend_from_slice(&pointer.to_ne_bytes());

@@ -276,24 +276,7 @@ impl Worker {
 
     fn generate_kek_under(&mut self, mk_version: u32) -> Result<Vec<u8>, HsmError> {
         let mk = self.master_key(mk_version)?;
-        let s = self.session()?;
-        let tmp = s.generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(32.into()),
-                Attribute::Token(false),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(true),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-            ],
-        )?;
-        let wrapped = s.wrap_key(&Mechanism::AesKeyWrap, mk, tmp);
-        s.destroy_object(tmp)?;
-        Ok(wrapped?)
+        generate_wrapped(self.session()?, mk)
     }
 
     /// Makes master key `version` in the token with `CKA_ID` `id` and
@@ -349,23 +332,7 @@ impl Worker {
 
     /// A random AES key made in the token and wrapped under master key `mk`.
     fn make_canary(&mut self, mk: ObjectHandle) -> Result<Vec<u8>, HsmError> {
-        let r = (|| {
-            let s = self.session()?;
-            let tmp = s.generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Token(false),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(true),
-                ],
-            )?;
-            let wrapped = s.wrap_key(&Mechanism::AesKeyWrap, mk, tmp);
-            s.destroy_object(tmp)?;
-            Ok(wrapped?)
-        })();
+        let r = self.session().and_then(|s| generate_wrapped(s, mk));
         self.note(r)
     }
 
@@ -523,6 +490,30 @@ impl Worker {
         })?;
         Ok(Zeroizing::new(plain))
     }
+}
+
+/// Generates an AES-256 key in the token as a sensitive session object,
+/// wraps it under master key `mk` and destroys it: a new KEK, or a canary.
+/// Its value never leaves the token; users of a KEK unwrap their own
+/// confined copy ([`unwrap_kek`]).
+fn generate_wrapped(s: &Session, mk: ObjectHandle) -> Result<Vec<u8>, HsmError> {
+    let tmp = s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(true),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+        ],
+    )?;
+    let wrapped = s.wrap_key(&Mechanism::AesKeyWrap, mk, tmp);
+    s.destroy_object(tmp)?;
+    Ok(wrapped?)
 }
 
 /// Unwraps a KEK under master key `mk` as a sensitive, non-extractable

@@ -124,14 +124,7 @@ impl SledStore {
     /// store is anchored as it is. Returns the anchor as it stands.
     pub fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError> {
         let mut guard = self.writer();
-        let mut digest = StateDigest::default();
-        for (name, tree) in ANCHORED_TREES.iter().zip([&self.meta, &self.keyring, &self.revocations]) {
-            for kv in tree.iter() {
-                let (k, v) = kv.map_err(backend)?;
-                digest.load(name, &k, &v);
-            }
-        }
-        digest.finish_load();
+        let digest = self.state_digest()?;
         let now = super::super::ops::now_unix();
         let state = match anchor.read()? {
             None => {
@@ -174,14 +167,7 @@ impl SledStore {
     /// the anchor it replaced.
     pub fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError> {
         let old = anchor.read()?;
-        let mut digest = StateDigest::default();
-        for (name, tree) in ANCHORED_TREES.iter().zip([&self.meta, &self.keyring, &self.revocations]) {
-            for kv in tree.iter() {
-                let (k, v) = kv.map_err(backend)?;
-                digest.load(name, &k, &v);
-            }
-        }
-        digest.finish_load();
+        let digest = self.state_digest()?;
         let generation = old.as_ref().map_or(0, |a| a.generation + 1);
         let state = AnchorState {
             generation,
@@ -192,6 +178,19 @@ impl SledStore {
         anchor.write(&state)?;
         *self.writer() = Some(Anchored { anchor, digest, generation });
         Ok(old)
+    }
+
+    /// The digest of every anchored record as the store holds them now.
+    fn state_digest(&self) -> Result<StateDigest, StoreError> {
+        let mut digest = StateDigest::default();
+        for (name, tree) in ANCHORED_TREES.iter().zip([&self.meta, &self.keyring, &self.revocations]) {
+            for kv in tree.iter() {
+                let (k, v) = kv.map_err(backend)?;
+                digest.load(name, &k, &v);
+            }
+        }
+        digest.finish_load();
+        Ok(digest)
     }
 
     /// The writers' lock (see `anchored`).

@@ -152,6 +152,12 @@ fn extract(session: &Session, mk: ObjectHandle, wrapped: &[u8]) {
     let mut generic = aes(false, true);
     generic[1] = Attribute::KeyType(KeyType::GENERIC_SECRET);
     report("unwrap-generic", session.unwrap_key(&kw, mk, wrapped, &generic), |h| value_of(session, h));
+    let mut derivable = aes(true, false);
+    derivable.push(Attribute::Derive(true));
+    report("unwrap-derivable", session.unwrap_key(&kw, mk, wrapped, &derivable), |_| {
+        "a copy that derives (CKM_CONCATENATE_BASE_AND_DATA would copy its bits where the token has it)"
+            .into()
+    });
     let mut as_token = aes(true, true);
     as_token[2] = Attribute::Token(true);
     report("unwrap-token-object", session.unwrap_key(&kw, mk, wrapped, &as_token), |_| "token copy".into());
