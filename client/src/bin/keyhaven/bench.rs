@@ -30,6 +30,9 @@ pub enum BenchOp {
     Rewrap,
     /// `decrypt` of a ciphertext of the payload.
     Decrypt,
+    /// `key_create` of a new key each time (tenant `bench-create`): a
+    /// write, made durable and anchored in the token before the answer.
+    KeyCreate,
     /// Client-side `seal` of a record of the payload, with the sealing
     /// cache (one `Sealer`, so one connection and one cache, per client).
     Seal,
@@ -47,6 +50,7 @@ impl BenchOp {
             BenchOp::DatakeyDecrypt => "datakey-decrypt",
             BenchOp::Rewrap => "rewrap",
             BenchOp::Decrypt => "decrypt",
+            BenchOp::KeyCreate => "key-create",
             BenchOp::Seal => "seal",
             BenchOp::Open => "open",
         }
@@ -113,6 +117,9 @@ struct Material {
     old_envelope: String,
     ciphertext: String,
     data: Vec<u8>,
+    /// For `key-create`: this run's prefix, and keys made so far.
+    run: u128,
+    created: AtomicU64,
 }
 
 async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Error> {
@@ -138,7 +145,8 @@ async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Erro
         BenchOp::Decrypt => setup.encrypt(&key, &data, &ctx).await?.ciphertext,
         _ => String::new(),
     };
-    Ok(Material { key, ctx, envelope, old_envelope, ciphertext, data })
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    Ok(Material { key, ctx, envelope, old_envelope, ciphertext, data, run, created: AtomicU64::new(0) })
 }
 
 /// A client's own state: its sealer (for `seal` and `open`) and the
@@ -165,6 +173,10 @@ async fn one(client: &Client, op: BenchOp, m: &Material, local: &mut Local) -> R
     }
     match op {
         BenchOp::Decrypt => client.decrypt(&m.ciphertext, &m.ctx).await.map(drop),
+        BenchOp::KeyCreate => {
+            let n = m.created.fetch_add(1, Ordering::Relaxed);
+            client.key_create(&KeyPath::new("bench-create", &format!("k{}-{n}", m.run))?).await.map(drop)
+        }
         BenchOp::Seal | BenchOp::Open => unreachable!("a sealer is made for seal and open"),
         BenchOp::Health => client.health().await.map(drop),
         BenchOp::Encrypt => client.encrypt(&m.key, &m.data, &m.ctx).await.map(drop),
