@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs SoftHSM2 (the development token) and OpenSC's pkcs11-tool (which
-# the tests use to inspect the token independently) when they are missing.
+# Installs SoftHSM2 (the development token), OpenSC's pkcs11-tool (which
+# the tests use to inspect the token independently) and pkcs11-spy when
+# they are missing.
 # Debian and Ubuntu; uses sudo when not run as root.
 set -euo pipefail
 need=()
 command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
+# pkcs11-spy logs every call the daemon makes to the module (tests count logins).
+compgen -G "/usr/lib/*/pkcs11-spy.so" >/dev/null || compgen -G "/usr/lib/*/*/pkcs11-spy.so" >/dev/null || need+=(opensc-pkcs11)
 [ "${#need[@]}" -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo=sudo

@@ -31,10 +31,15 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         Some(s) => SledStore::check_initialised(s)?,
         None => SledStore::open_initialised(&config.store)?,
     };
-    let hsm_config = config.hsm_config().map_err(anyhow::Error::msg)?;
-    let hsm = Arc::new(Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?);
+    let hsm_config = config.hsm_config().map_err(crate::exit::StartError::Pin)?;
+    let hsm = Arc::new(
+        Hsm::start(hsm_config, meta.master_key_version)
+            .map_err(|e| crate::softhsm::explain(&config, e))
+            .context("starting the HSM workers")?,
+    );
     let anchored = store
         .attach_anchor(crate::anchor::TokenAnchor::new(hsm.clone()))
+        .map_err(|e| crate::softhsm::explain(&config, e))
         .context("checking the store against its anchor in the token")?;
     tracing::info!(generation = anchored.generation, "the store matches its anchor in the token");
     crate::ops::master::check_pins(&hsm, &store).context("checking the master keys against the store")?;

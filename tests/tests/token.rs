@@ -566,7 +566,7 @@ fn refused(dir: &Path, name: &str, text: &str) -> (PathBuf, String) {
     write_private(&file, text);
     let out = keyhavend_once(&["run", "--config", &config_arg(&file)]);
     assert!(!out.status.success(), "{name}: keyhavend must refuse to start; stderr:\n{}", out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{name}: {}", out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{name}: must exit 78 (EX_CONFIG): {}", out.stderr);
     assert!(!out.stderr.is_empty(), "{name}: no message");
     (file, out.stderr)
 }
