@@ -144,14 +144,7 @@ fn reload(d: &Daemon) {
     tracing::info!("SIGHUP: reloading the policy and the PIN");
     crate::systemd::notify_reloading();
     let _ = crate::ops::reload_policy(d);
-    match d.config.read_pin() {
-        Ok(pin) => {
-            if d.hsm.set_pin(pin) {
-                tracing::info!("PIN re-read: the HSM workers will try to log in once more");
-            }
-        }
-        Err(e) => tracing::warn!("PIN not reloaded: {e}"),
-    }
+    crate::ops::reload_pin(d);
     crate::systemd::notify("READY=1\nSTATUS=listening");
 }
 

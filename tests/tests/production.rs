@@ -778,6 +778,55 @@ fn log_lines_carry_their_priority_to_the_journal() {
     assert!(!log.lines().any(|l| l.starts_with('<')), "{log}");
 }
 
+/// Issue 14 §6: the unit's `ExecReload=` waits for the daemon's answer and
+/// fails when the new policy is refused (the old one stays in force), and
+/// succeeds when it is taken.
+#[test]
+fn the_units_reload_command_fails_when_the_new_policy_is_refused() {
+    let i = Install::new();
+    let good = i.write_config("reload.toml", "pin_file = \"pin\"\nallow_softhsm = true\n", "");
+    let good_text = std::fs::read_to_string(&good).unwrap();
+    let running = i.start(&["run", "--config", "reload.toml"], &[]);
+    let exec = unit_values(&unit("keyhavend.service"), "ExecReload").pop().expect("ExecReload=");
+    let pid = running.pid().to_string();
+    let argv: Vec<String> = exec
+        .split_whitespace()
+        .map(|a| match a {
+            "/usr/local/bin/keyhaven" => bin("keyhaven").display().to_string(),
+            "/run/keyhaven/keyhaven.sock" => i.socket().display().to_string(),
+            "$MAINPID" => pid.clone(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let reload = || Command::new(&argv[0]).args(&argv[1..]).env_remove("KEYHAVEN_SOCKET").output().unwrap();
+
+    // A policy that does not compile: reload fails, naming why.
+    let broken = good_text.replace("\"decrypt\"]", "\"decrypt\", \"no-such-operation\"]");
+    assert_ne!(broken, good_text);
+    write_mode(&good, &broken, 0o600);
+    let out = reload();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "`{exec}` must fail on a refused policy: {err}");
+    assert!(err.contains("no-such-operation") && err.contains("invalid_config"), "{err}");
+    // The old policy is in force.
+    let out = run_cli(&i.socket(), &["key", "create", "acme/reload"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A good one: reload succeeds and the new rule is in force.
+    let mut text = good_text.clone();
+    text.push_str(&format!(
+        "\n[[policy.rules]]\nprincipals = [\"uid:{}\"]\noperations = [\"datakey\"]\nkeys = [\"*\"]\n",
+        my_uid()
+    ));
+    write_mode(&good, &text, 0o600);
+    let out = reload();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run_cli(&i.socket(), &["datakey", "acme/reload"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, log) = running.stop();
+    assert_eq!(code, Some(0), "{log}");
+}
+
 /// Issue 14: `keyhavend check` lists every problem `run` would meet, at
 /// once, and exits 78; it passes (0) a config that `run` starts with.
 #[test]
