@@ -733,6 +733,57 @@ fn a_wrong_pin_exits_78_after_one_login_and_the_unit_does_not_restart_on_78() {
     assert!(err.contains("no token labelled `absent`"), "{err}");
 }
 
+/// Issue 14 §1: the socket unit's directory, made by systemd as root:root
+/// with its `DirectoryMode=`, and the socket's `SocketGroup=` and
+/// `SocketMode=`: a user in the group is served, one outside it is not,
+/// and the production check accepts the directory.
+#[test]
+fn the_socket_units_directory_lets_the_clients_group_in_and_no_one_else() {
+    let socket_unit = unit("keyhavend.socket");
+    let value = |key: &str| unit_values(&socket_unit, key).pop().unwrap_or_else(|| panic!("{key}= missing"));
+    let dir_mode = u32::from_str_radix(&value("DirectoryMode"), 8).unwrap();
+    let socket_mode = u32::from_str_radix(&value("SocketMode"), 8).unwrap();
+    let group = value("SocketGroup");
+    ensure_group(&group);
+    let member = ensure_user("kh-sock-member", &[&group]);
+    let outsider = ensure_user("kh-sock-outsider", &[]);
+
+    let i = Install::new();
+    chmod(i.dir(), 0o711);
+    chmod(&i.dir().join("run"), dir_mode);
+    i.write_config(
+        "group.toml",
+        "pin_file = \"pin\"\nallow_softhsm = true\n",
+        &format!("socket_group = \"{group}\"\nsocket_mode = 0o{socket_mode:o}\n"),
+    );
+    let running = i.start(&["run", "--config", "group.toml"], &[]);
+    // As a login would run it: the user's uid, its primary group and every
+    // group it is in.
+    let as_user = |user: &TestUser| {
+        Command::new("setpriv")
+            .arg(format!("--reuid={}", user.uid))
+            .arg(format!("--regid={}", user.gid))
+            .arg("--init-groups")
+            .arg(bin("keyhaven"))
+            .arg("--socket")
+            .arg(i.socket())
+            .arg("whoami")
+            .current_dir("/")
+            .output()
+            .unwrap()
+    };
+    let out = as_user(&member);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "a user in `{group}` is served (directory {dir_mode:04o}): {text}");
+    assert!(text.contains("kh-sock-member"), "{text}");
+    let out = as_user(&outsider);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a user outside `{group}` is refused");
+    assert!(err.contains("Permission denied"), "{err}");
+    let (code, log) = running.stop();
+    assert_eq!(code, Some(0), "{log}");
+}
+
 /// Issue 14 §4: when stderr is the journal (`$JOURNAL_STREAM` names it),
 /// every line carries its priority as an sd-daemon prefix, so that
 /// `journalctl -p warning` shows the warnings; elsewhere, no prefixes.
