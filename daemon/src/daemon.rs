@@ -32,10 +32,19 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         None => SledStore::open_initialised(&config.store)?,
     };
     let hsm_config = config.hsm_config().map_err(crate::exit::StartError::Pin)?;
+    // A PIN the token refused at an earlier start is not presented again.
+    crate::refusal::check(&config.store, &config.hsm.token_label, &hsm_config.pin)?;
+    let started = Hsm::start(hsm_config, meta.master_key_version);
+    match &started {
+        Ok(_) => crate::refusal::clear(&config.store),
+        Err(e) => {
+            if let Ok(pin) = config.read_pin() {
+                crate::refusal::note(&config.store, &config.hsm.token_label, &pin, e);
+            }
+        }
+    }
     let hsm = Arc::new(
-        Hsm::start(hsm_config, meta.master_key_version)
-            .map_err(|e| crate::softhsm::explain(&config, e))
-            .context("starting the HSM workers")?,
+        started.map_err(|e| crate::softhsm::explain(&config, e)).context("starting the HSM workers")?,
     );
     let anchored = store
         .attach_anchor(crate::anchor::TokenAnchor::new(hsm.clone()))

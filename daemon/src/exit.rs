@@ -7,7 +7,7 @@
 //! | status | meaning | examples |
 //! |---|---|---|
 //! | 0 | clean stop | SIGTERM, drained |
-//! | 78 `EX_CONFIG` | an operator must act | wrong or locked PIN, config that does not load, production checks refused, PIN unreadable, module that cannot be loaded, master or audit key missing or not the one recorded, store not initialised or not matching its anchor |
+//! | 78 `EX_CONFIG` | an operator must act | wrong or locked PIN (or one the token refused at an earlier start), config that does not load, production checks refused, PIN unreadable, module that cannot be loaded, master or audit key missing or not the one recorded, store not initialised or not matching its anchor |
 //! | 69 `EX_UNAVAILABLE` | the token is not there (yet) | no token with the label, the token failing |
 //! | 75 `EX_TEMPFAIL` | try again later | store locked by another process, socket in use by another daemon, store I/O |
 //! | 1 | anything else | |
@@ -47,7 +47,11 @@ pub fn status(error: &anyhow::Error) -> u8 {
 }
 
 fn kind(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
-    if e.is::<ConfigError>() || e.is::<Refused>() || e.is::<StartError>() {
+    if e.is::<ConfigError>()
+        || e.is::<Refused>()
+        || e.is::<StartError>()
+        || e.is::<crate::refusal::RefusedBefore>()
+    {
         return Some(EX_CONFIG);
     }
     if let Some(h) = e.downcast_ref::<HsmError>() {

@@ -124,6 +124,11 @@ fn check(config: Option<PathBuf>) -> ExitCode {
             }
             Err(refused) => problems.extend(refused.problems.iter().map(ToString::to_string)),
         }
+        if let Ok(pin) = config.read_pin() {
+            if let Err(e) = keyhavend::refusal::check(&config.store, &config.hsm.token_label, &pin) {
+                problems.push(e.to_string());
+            }
+        }
         daemon::prepare_environment(config);
         problems.extend(check_token(config));
         if !config.store.is_dir() {

@@ -961,3 +961,61 @@ fn check_names_softhsm_token_files_on_a_read_only_file_system() {
     assert!(err.contains("SoftHSM2 could not open its token files"), "{err}");
     assert!(err.contains("Read-only file system") && err.contains(&format!("ReadWritePaths={t}")), "{err}");
 }
+
+/// Issue 14 §2: a PIN the token refused at start is not presented again by
+/// later starts (a restart, or the socket unit starting the service at the
+/// next connection) until the PIN changes or an operator removes the note;
+/// `check` reports it; the right PIN is tried once and clears it.
+#[test]
+fn a_refused_pin_is_not_presented_again_until_it_changes() {
+    let i = Install::new();
+    let wrong = i.dir().join("wrong-pin");
+    write_mode(&wrong, &format!("{}\n", random_hex(16)), 0o400);
+    let file = i.write_config("spy.toml", "pin_file = \"wrong-pin\"\n", "");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace(&softhsm_module().display().to_string(), &pkcs11_spy().display().to_string());
+    write_mode(&file, &text, 0o600);
+    let module = softhsm_module();
+    let run = |n: usize, args: &[&str]| {
+        let log = i.dir().join(format!("spy-{n}.log"));
+        let env = [("PKCS11SPY", module.to_str().unwrap()), ("PKCS11SPY_OUTPUT", log.to_str().unwrap())];
+        let out = i.keyhavend(args, &env);
+        let logins = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("C_Login"))
+            .count();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned(), logins)
+    };
+    let (code, err, logins) = run(1, &["run", "--config", "spy.toml"]);
+    assert_eq!((code, logins), (Some(78), 1), "{err}");
+    let note = i.dir().join("store/login-refused");
+    assert!(note.exists(), "{err}");
+    let noted = std::fs::read_to_string(&note).unwrap();
+    let wrong_pin = std::fs::read_to_string(&wrong).unwrap();
+    assert!(!noted.contains(wrong_pin.trim()) && !noted.contains(&i.pin), "{noted}");
+
+    // Started again with the same PIN: refused before any login.
+    for n in 2..4 {
+        let (code, err, logins) = run(n, &["run", "--config", "spy.toml"]);
+        assert_eq!((code, logins), (Some(78), 0), "start {n} presented the refused PIN again: {err}");
+        assert!(err.contains("refused this PIN at") && err.contains(&note.display().to_string()), "{err}");
+    }
+    let (code, err, logins) = run(4, &["check", "--config", "spy.toml"]);
+    assert_eq!((code, logins), (Some(78), 0), "{err}");
+    assert!(err.contains("refused this PIN at"), "{err}");
+
+    // The PIN source changes (the right PIN): tried once, it starts, and the note goes.
+    write_mode(&wrong, &format!("{}\n", i.pin), 0o400);
+    let (code, err, logins) = run(5, &["check", "--config", "spy.toml"]);
+    assert_eq!((code, logins), (Some(0), 0), "{err}");
+    let log6 = i.dir().join("spy-6.log");
+    let env = [("PKCS11SPY", module.to_str().unwrap()), ("PKCS11SPY_OUTPUT", log6.to_str().unwrap())];
+    let running = i.start(&["run", "--config", "spy.toml"], &env);
+    assert!(!note.exists(), "a login that went through removes the note");
+    let (code, log) = running.stop();
+    assert_eq!(code, Some(0), "{log}");
+    let logins = std::fs::read_to_string(&log6).unwrap().lines().filter(|l| l.contains("C_Login")).count();
+    assert_eq!(logins, 1, "the changed PIN is tried once");
+}
