@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | 0 | clean stop | SIGTERM, drained |
 //! | 78 `EX_CONFIG` | an operator must act | wrong or locked PIN (or one the token refused at an earlier start), config that does not load, production checks refused, PIN unreadable, module that cannot be loaded, master or audit key missing or not the one recorded, store not initialised or not matching its anchor |
-//! | 69 `EX_UNAVAILABLE` | the token is not there (yet) | no token with the label, the token failing |
+//! | 69 `EX_UNAVAILABLE` | the token is not there (yet) | no token with the label, the token failing (unless SoftHSM2's token files are the cause: 78) |
 //! | 75 `EX_TEMPFAIL` | try again later | store locked by another process, socket in use by another daemon, store I/O |
 //! | 1 | anything else | |
 
@@ -51,6 +51,7 @@ fn kind(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
         || e.is::<Refused>()
         || e.is::<StartError>()
         || e.is::<crate::refusal::RefusedBefore>()
+        || e.is::<crate::softhsm::TokenFiles>()
     {
         return Some(EX_CONFIG);
     }

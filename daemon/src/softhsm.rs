@@ -85,15 +85,27 @@ pub fn token_files_problem(config: &Config) -> Option<String> {
     Some(format!("SoftHSM2 could not open its token files ({}: {}; {fix})", path.display(), errno.desc()))
 }
 
-/// `error`, with the token-file problem added in front when there is one,
-/// so that "no token labelled … is present" says why.
+/// A failure of the token whose cause is SoftHSM2's token files: an
+/// operator must fix their owner or mount (exit 78, not the 69 of a token
+/// that is merely absent).
+#[derive(Debug, thiserror::Error)]
+#[error("{problem}")]
+pub struct TokenFiles {
+    /// What is wrong with the files, and the fix.
+    pub problem: String,
+    /// The module's own failure.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+/// `error`, with the token-file problem in front when there is one, so that
+/// "no token labelled … is present" says why.
 pub fn explain<E>(config: &Config, error: E) -> anyhow::Error
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    let error = anyhow::Error::new(error);
     match token_files_problem(config) {
-        Some(problem) => error.context(problem),
-        None => error,
+        Some(problem) => anyhow::Error::new(TokenFiles { problem, source: Box::new(error) }),
+        None => anyhow::Error::new(error),
     }
 }

@@ -936,7 +936,9 @@ fn keyhavend_check_lists_every_problem_at_once_and_passes_what_run_starts() {
 
 /// Issue 14 §8: SoftHSM2's token files on a read-only file system (what
 /// `ProtectSystem=strict` makes of them without `ReadWritePaths=`):
-/// `check` names the file, the cause and the unit line that fixes it.
+/// `check` names the file, the cause and the unit line that fixes it, and
+/// so does `run`, whose SoftHSM2 says only "no token labelled … is
+/// present", with exit 78.
 #[test]
 fn check_names_softhsm_token_files_on_a_read_only_file_system() {
     let i = Install::new();
@@ -960,6 +962,23 @@ fn check_names_softhsm_token_files_on_a_read_only_file_system() {
     assert_eq!(out.status.code(), Some(78), "{err}");
     assert!(err.contains("SoftHSM2 could not open its token files"), "{err}");
     assert!(err.contains("Read-only file system") && err.contains(&format!("ReadWritePaths={t}")), "{err}");
+
+    // `run` on the same read-only token: it fails, and says why.
+    let script = script.replace(" check --config ok.toml", " run --config ok.toml");
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .current_dir(i.dir())
+        .env_remove("SOFTHSM2_CONF")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // An operator must fix it: 78, not the 69 of a token that is merely absent.
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("SoftHSM2 could not open its token files") && err.contains("Read-only file system"),
+        "{err}"
+    );
 }
 
 /// Issue 14 §2: a PIN the token refused at start is not presented again by
