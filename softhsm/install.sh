@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs SoftHSM2 (the development token), OpenSC's pkcs11-tool (which
-# the tests use to inspect the token independently) and openssl (which checks
-# the audit log's signatures) when they are missing.
+# the tests use to inspect the token independently), pkcs11-spy (which counts
+# the daemon's calls to the module) and openssl (which checks the audit log's
+# signatures) when they are missing.
 # Debian and Ubuntu; uses sudo when not run as root.
 set -euo pipefail
 need=()
@@ -9,6 +10,8 @@ command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
 # The audit tests verify exported signatures with openssl's own tool.
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# pkcs11-spy logs every call the daemon makes to the module (tests count logins).
+compgen -G "/usr/lib/*/pkcs11-spy.so" >/dev/null || compgen -G "/usr/lib/*/*/pkcs11-spy.so" >/dev/null || need+=(opensc-pkcs11)
 [ "${#need[@]}" -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo=sudo

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -24,6 +25,123 @@ use crate::wire::{self, Operation, SecretBytes};
 
 /// Environment variable naming the daemon's socket.
 pub const SOCKET_ENV: &str = "KEYHAVEN_SOCKET";
+
+/// How long [`Client::connect`] waits, by default, for the socket to accept
+/// and the daemon to answer `hello`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a request waits, by default, for its answer.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a client waits before giving up with [`Error::Timeout`]
+/// (`None`: for ever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting and the `hello` exchange: a socket that systemd holds
+    /// while the service cannot start accepts, and then never answers.
+    pub connect: Option<Duration>,
+    /// Each request, from sending it to its answer.
+    pub request: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { connect: Some(DEFAULT_CONNECT_TIMEOUT), request: Some(DEFAULT_REQUEST_TIMEOUT) }
+    }
+}
+
+/// Connects a [`Client`] with other timeouts or an event hook:
+/// `Client::builder().request_timeout(None).connect(path)`.
+#[derive(Default, Clone)]
+pub struct ClientBuilder {
+    timeouts: Timeouts,
+    hook: Option<EventHook>,
+}
+
+impl ClientBuilder {
+    /// The connect (and `hello`) timeout; `None` waits for ever.
+    pub fn connect_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeouts.connect = timeout;
+        self
+    }
+
+    /// The timeout of each request; `None` waits for ever.
+    pub fn request_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeouts.request = timeout;
+        self
+    }
+
+    /// Both timeouts.
+    pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Calls `hook` for every [`Event`] on the connection.
+    pub fn events(mut self, hook: EventHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// Connects to the socket at `path` and says `hello`, within the
+    /// connect timeout.
+    pub async fn connect(self, path: impl AsRef<Path>) -> Result<Client, Error> {
+        let path = path.as_ref();
+        let timeouts = self.timeouts;
+        let attempt = async {
+            let stream = UnixStream::connect(path)
+                .await
+                .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
+            let mut client = Client::from_stream_with_events(stream, self.hook);
+            // `hello` is part of connecting: its wait counts against the
+            // connect timeout, not the request timeout.
+            client.request_timeout = None;
+            let client = Client::hello(client).await?;
+            Ok::<Client, Error>(client)
+        };
+        let mut client = match timeouts.connect {
+            None => attempt.await?,
+            Some(after) => tokio::time::timeout(after, attempt)
+                .await
+                .map_err(|_| Error::Timeout { what: TimedOut::Connect(path.to_owned()), after })??,
+        };
+        client.request_timeout = timeouts.request;
+        Ok(client)
+    }
+}
+
+/// A timeout as errors say it: `5 s`, `0.25 s`.
+pub(crate) fn seconds(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} s", d.as_secs_f64())
+    }
+}
+
+/// What timed out, in an [`Error::Timeout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TimedOut {
+    /// Connecting to this socket, or the daemon's answer to `hello` on it.
+    Connect(PathBuf),
+    /// The answer to a request of this operation.
+    Request(String),
+}
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TimedOut::Connect(path) => write!(
+                f,
+                "connecting to the daemon at {} (it accepted no connection, or did not answer `hello`; \
+                 is keyhavend starting or failing? see `systemctl status keyhavend`)",
+                path.display()
+            ),
+            TimedOut::Request(op) => write!(f, "the daemon's answer to `{op}`"),
+        }
+    }
+}
 
 /// A response's `ok` body, as text: it may hold a plaintext or a data key,
 /// so it is wiped when dropped.
@@ -103,26 +221,25 @@ pub struct Client {
     pending: Pending,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    request_timeout: Option<Duration>,
 }
 
 impl Client {
-    /// Connects to the socket at `path` and says `hello`.
+    /// Connects to the socket at `path` and says `hello`, with the default
+    /// [`Timeouts`] (5 s to connect and be greeted, 30 s per request).
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
-        let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
-        Client::hello(Client::from_stream(stream)).await
+        Client::builder().connect(path).await
     }
 
     /// Connects like [`connect`](Self::connect), with `hook` called for
     /// every [`Event`] on the connection.
     pub async fn connect_with_events(path: impl AsRef<Path>, hook: EventHook) -> Result<Client, Error> {
-        let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
-        Client::hello(Client::from_stream_with_events(stream, Some(hook))).await
+        Client::builder().events(hook).connect(path).await
+    }
+
+    /// A builder for other timeouts ([`ClientBuilder`]).
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
     }
 
     async fn hello(client: Client) -> Result<Client, Error> {
@@ -211,7 +328,18 @@ impl Client {
                 }));
             }
         });
-        Client { writer: AsyncMutex::new(write), pending, next_id: AtomicU64::new(1), reader }
+        Client {
+            writer: AsyncMutex::new(write),
+            pending,
+            next_id: AtomicU64::new(1),
+            reader,
+            request_timeout: Timeouts::default().request,
+        }
+    }
+
+    /// Sets the timeout of each request from now on (`None`: for ever).
+    pub fn set_request_timeout(&mut self, timeout: Option<Duration>) {
+        self.request_timeout = timeout;
     }
 
     /// Whether the connection has ended (every further call fails).
@@ -246,14 +374,22 @@ impl Client {
             Some(map) => map.insert(id, tx),
             None => return Err(Error::Closed),
         };
-        let sent = write_frame(&mut *self.writer.lock().await, &frame).await;
-        if let Err(e) = sent {
+        let exchange = async {
+            write_frame(&mut *self.writer.lock().await, &frame).await?;
+            rx.await.map_err(|_| Error::Closed)?
+        };
+        let result = match self.request_timeout {
+            None => exchange.await,
+            Some(after) => tokio::time::timeout(after, exchange)
+                .await
+                .unwrap_or_else(|_| Err(Error::Timeout { what: TimedOut::Request(op.to_owned()), after })),
+        };
+        if result.is_err() {
             if let Some(map) = self.pending.lock().expect("pending lock").as_mut() {
                 map.remove(&id);
             }
-            return Err(e);
         }
-        rx.await.map_err(|_| Error::Closed)?
+        result
     }
 
     /// Daemon, token and store status.

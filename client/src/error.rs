@@ -128,6 +128,14 @@ pub enum Error {
     /// The daemon closed the connection.
     #[error("the daemon closed the connection")]
     Closed,
+    /// No answer within a timeout ([`crate::client::Timeouts`]).
+    #[error("timed out after {} waiting for {what}", crate::client::seconds(*after))]
+    Timeout {
+        /// What was waited for.
+        what: crate::client::TimedOut,
+        /// The timeout.
+        after: std::time::Duration,
+    },
     /// A frame over the size limit.
     #[error("frame of {0} bytes is over the limit of {max} bytes", max = crate::frame::MAX_FRAME_LEN)]
     FrameTooLarge(usize),

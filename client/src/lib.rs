@@ -43,7 +43,7 @@ pub mod sealer;
 pub mod secret;
 pub mod wire;
 
-pub use client::Client;
+pub use client::{Client, ClientBuilder, TimedOut, Timeouts};
 pub use context::EncryptionContext;
 pub use envelope::{Ciphertext, Envelope, EnvelopeId};
 pub use error::{Error, ErrorCode};

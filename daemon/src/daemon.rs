@@ -31,10 +31,24 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
         Some(s) => SledStore::check_initialised(s)?,
         None => SledStore::open_initialised(&config.store)?,
     };
-    let hsm_config = config.hsm_config().map_err(anyhow::Error::msg)?;
-    let hsm = Arc::new(Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?);
+    let hsm_config = config.hsm_config().map_err(crate::exit::StartError::Pin)?;
+    // A PIN the token refused at an earlier start is not presented again.
+    crate::refusal::check(&config.store, &config.hsm.token_label, &hsm_config.pin)?;
+    let started = Hsm::start(hsm_config, meta.master_key_version);
+    match &started {
+        Ok(_) => crate::refusal::clear(&config.store),
+        Err(e) => {
+            if let Ok(pin) = config.read_pin() {
+                crate::refusal::note(&config.store, &config.hsm.token_label, &pin, e);
+            }
+        }
+    }
+    let hsm = Arc::new(
+        started.map_err(|e| crate::softhsm::explain(&config, e)).context("starting the HSM workers")?,
+    );
     let anchored = store
         .attach_anchor(crate::anchor::TokenAnchor::new(hsm.clone()))
+        .map_err(|e| crate::softhsm::explain(&config, e))
         .context("checking the store against its anchor in the token")?;
     tracing::info!(generation = anchored.generation, "the store matches its anchor in the token");
     crate::ops::master::check_pins(&hsm, &store).context("checking the master keys against the store")?;
@@ -139,14 +153,7 @@ fn reload(d: &Daemon) {
     tracing::info!("SIGHUP: reloading the policy and the PIN");
     crate::systemd::notify_reloading();
     let _ = crate::ops::reload_policy(d);
-    match d.config.read_pin() {
-        Ok(pin) => {
-            if d.hsm.set_pin(pin) {
-                tracing::info!("PIN re-read: the HSM workers will try to log in once more");
-            }
-        }
-        Err(e) => tracing::warn!("PIN not reloaded: {e}"),
-    }
+    crate::ops::reload_pin(d);
     crate::systemd::notify("READY=1\nSTATUS=listening");
 }
 

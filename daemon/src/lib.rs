@@ -27,7 +27,7 @@
 //!
 //! Around them: [`config`] (the TOML file), [`identity`] (SO_PEERCRED,
 //! user and groups), [`policy`] (who may do what),
-//! [`error`] (wire error codes), [`hardening`] (production checks, no core dumps), [`secret`] (PIN and data-key types that
+//! [`error`] (wire error codes), [`exit`] (exit statuses), [`logging`] (stderr and the journal), [`softhsm`] (its token files), [`refusal`] (a refused PIN is not presented again), [`hardening`] (production checks, no core dumps), [`secret`] (PIN and data-key types that
 //! never print), [`init`] and [`dev`] (setting an install up), [`systemd`] (socket
 //! activation, sd_notify), and [`daemon`] (starting and stopping it all).
 
@@ -39,15 +39,19 @@ pub mod connection;
 pub mod daemon;
 pub mod dev;
 pub mod error;
+pub mod exit;
 pub mod hardening;
 pub mod hsm;
 pub mod identity;
 pub mod init;
+pub mod logging;
 pub mod ops;
 pub mod policy;
+pub mod refusal;
 pub mod revocation;
 pub mod secret;
 pub mod server;
+pub mod softhsm;
 pub mod store;
 pub mod systemd;
 pub mod upkeep;

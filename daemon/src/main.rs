@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use keyhavend::config::Config;
+use keyhavend::config::{Config, Mode};
+use keyhavend::exit::{StartError, EX_CONFIG};
 use keyhavend::hardening::{self, MemoryLock};
-use keyhavend::{daemon, dev, init};
+use keyhavend::{daemon, dev, init, logging};
 
 /// Keyhaven daemon: HSM-backed key management over a Unix socket.
 #[derive(Parser)]
@@ -40,6 +41,12 @@ enum Command {
     Init,
     /// Run the daemon.
     Run,
+    /// Check a config as `run` would, without starting: every config error and production refusal at once,
+    /// the PIN readable (and strong, in production), the PKCS#11 module loadable, the token present and its
+    /// files accessible. Exits 0 when all pass, 78 otherwise. Does not log in (a wrong PIN would count
+    /// against the token's retry limit), so it cannot see a wrong PIN, missing keys or a store that does
+    /// not match its anchor.
+    Check,
     /// Accept the store as it is over the token's anchor, after restoring a backup on purpose (recorded in the audit log).
     AcceptStore {
         /// Why (recorded in the audit log).
@@ -54,27 +61,30 @@ fn main() -> ExitCode {
     // Everything the daemon creates (store files, dev files) is private by default.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let journal = logging::stderr_is_journal();
+    init_logging(cli.log_format, journal);
+    if let Some(Command::Check) = cli.command {
+        return check(cli.config);
+    }
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keyhavend: {e:#}");
-            ExitCode::FAILURE
+            logging::eprint_lines(journal, "<3>", &format!("keyhavend: {e:#}"));
+            ExitCode::from(keyhavend::exit::status(&e))
         }
     }
 }
 
-/// Logs to stderr, human-readable or JSON. Under systemd (JOURNAL_STREAM
-/// set) without timestamps, because the journal adds its own; colours only
-/// on a terminal.
-fn init_logging(format: LogFormat) {
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+/// Logs to stderr, human-readable or JSON. When stderr is the journal,
+/// without timestamps (the journal adds its own) and with each line's
+/// priority (`<4>` for a warning); colours only on a terminal.
+fn init_logging(format: LogFormat, journal: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KEYHAVEN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(logging::Stderr { journal })
         .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match (format, journal) {
         (LogFormat::Json, false) => builder.json().init(),
@@ -84,12 +94,94 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// `keyhavend check`: every problem `run` would meet before it logs in, all
+/// at once, one per line on stderr; 0 when there are none, else 78.
+fn check(config: Option<PathBuf>) -> ExitCode {
+    let mut problems: Vec<String> = Vec::new();
+    let Some(path) = config else {
+        eprintln!("keyhavend: --config FILE is required");
+        return ExitCode::from(EX_CONFIG);
+    };
+    // No core dump while the PIN is in memory; no memory lock needed.
+    if let Err(e) = hardening::process_hygiene(Mode::Dev) {
+        problems.push(e);
+    }
+    let config = match Config::load(&path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    if let Some(config) = &config {
+        match hardening::check(config) {
+            Ok(()) => {
+                if config.mode != Mode::Production {
+                    if let Err(e) = config.read_pin() {
+                        problems.push(e);
+                    }
+                }
+            }
+            Err(refused) => problems.extend(refused.problems.iter().map(ToString::to_string)),
+        }
+        if let Ok(pin) = config.read_pin() {
+            if let Err(e) = keyhavend::refusal::check(&config.store, &config.hsm.token_label, &pin) {
+                problems.push(e.to_string());
+            }
+        }
+        daemon::prepare_environment(config);
+        problems.extend(check_token(config));
+        if !config.store.is_dir() {
+            problems.push(format!(
+                "the store {} does not exist: run `keyhavend init --config {}`",
+                config.store.display(),
+                path.display()
+            ));
+        }
+    }
+    if problems.is_empty() {
+        println!(
+            "config {}: ok (not checked: the PIN against the token, the master and audit keys, the store \
+             against its anchor in the token)",
+            path.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let n = problems.len();
+    eprintln!(
+        "keyhavend: config {}: {n} problem{} `run` would refuse:\n  - {}",
+        path.display(),
+        if n == 1 { "" } else { "s" },
+        problems.join("\n  - ")
+    );
+    ExitCode::from(EX_CONFIG)
+}
+
+/// The module loads, the token is there, and (SoftHSM2) its files can be
+/// read and written. No session is opened and nobody logs in.
+fn check_token(config: &Config) -> Vec<String> {
+    use keyhavend::hsm::token;
+    let mut problems = Vec::new();
+    let module = config.hsm.module.display().to_string();
+    match token::load_module(&module) {
+        Ok(pkcs11) => {
+            if let Err(e) = token::find_token(&pkcs11, &config.hsm.token_label) {
+                problems.push(e.to_string());
+            }
+            let _ = pkcs11.finalize();
+        }
+        Err(e) => problems.push(e.to_string()),
+    }
+    problems.extend(keyhavend::softhsm::token_files_problem(config));
+    problems
+}
+
 /// Reads the config, applies the process hygiene (no core dumps, memory
 /// locked where allowed) and, in production mode, refuses a weak set-up.
 fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
-    let path = config.ok_or_else(|| anyhow::anyhow!("--config FILE is required"))?;
+    let path = config.ok_or(StartError::NoConfig)?;
     let config = Config::load(&path)?;
-    match hardening::process_hygiene(config.mode).map_err(anyhow::Error::msg)? {
+    match hardening::process_hygiene(config.mode).map_err(StartError::Hygiene)? {
         MemoryLock::Locked => tracing::info!("memory locked (mlockall): secrets stay out of swap"),
         MemoryLock::NotLocked(why) => tracing::warn!("memory not locked: {why}"),
         MemoryLock::Skipped => {}
@@ -125,6 +217,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{}", keyhavend::anchor::accept_store(&config, &reason)?);
             Ok(())
         }
+        Some(Command::Check) => unreachable!("handled in main"),
         Some(Command::Run) | None => daemon::run(load(cli.config)?, None, |_| {}),
     }
 }

@@ -98,7 +98,7 @@ async fn a_master_key_deleted_with_pkcs11_tool_is_named_in_health_and_errors() {
     // A restart does not hide it: start-up refuses, naming the key.
     let out = d.run_once();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(78), "{err}");
     assert!(err.contains("keyhaven-mk-v1") && err.contains("not in the token"), "{err}");
 }
 
@@ -207,6 +207,6 @@ async fn a_missing_module_is_refused_at_start_naming_it() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(78), "{err}");
     assert!(err.contains("/nonexistent/libvendor-pkcs11.so") && err.contains("cannot be loaded"), "{err}");
 }

@@ -37,10 +37,28 @@ pub fn whoami(d: &Daemon, caller: &Caller, _req: wire::Whoami) -> Result<Reply, 
 /// `admin_reload`.
 pub async fn reload(d: &Arc<Daemon>) -> Result<Reply, Error> {
     let d2 = d.clone();
-    let rules = tokio::task::spawn_blocking(move || reload_policy(&d2))
-        .await
-        .map_err(|e| Error::Internal(format!("reload task: {e}")))??;
+    let rules = tokio::task::spawn_blocking(move || {
+        let rules = reload_policy(&d2);
+        reload_pin(&d2);
+        rules
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("reload task: {e}")))??;
     reply(&AdminReloadResponse { rules }, 0)
+}
+
+/// Reads the PIN again and lifts a refused login, so that the HSM workers
+/// try it once more (SIGHUP and `admin_reload`). A PIN that cannot be read
+/// leaves the one in force.
+pub fn reload_pin(d: &Daemon) {
+    match d.config.read_pin() {
+        Ok(pin) => {
+            if d.hsm.set_pin(pin) {
+                tracing::info!("PIN re-read: the HSM workers will try to log in once more");
+            }
+        }
+        Err(e) => tracing::warn!("PIN not reloaded: {e}"),
+    }
 }
 
 /// Reads the config file again and puts its policy in force; returns the

@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -25,6 +26,13 @@ struct Cli {
     /// The daemon's socket [default: $KEYHAVEN_SOCKET, else /run/keyhaven/keyhaven.sock].
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
+    /// Longest wait for each answer from the daemon (30s, 2m; 0 waits for ever) [default: 30s; none for
+    /// `audit verify`].
+    #[arg(long, global = true, env = "KEYHAVEN_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// Longest wait to connect and be greeted by the daemon (0 waits for ever).
+    #[arg(long, global = true, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: std::time::Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -445,7 +453,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         return Ok(());
     }
-    let client = Client::connect(&socket).await?;
+    let request_timeout = match cli.timeout {
+        Some(t) => t,
+        // One request that walks the whole log and asks the token about every seal.
+        None if matches!(cli.command, Command::Audit(AuditCommand::Verify { .. })) => Duration::ZERO,
+        None => keyhaven::client::DEFAULT_REQUEST_TIMEOUT,
+    };
+    let client = Client::builder()
+        .connect_timeout(Some(cli.connect_timeout).filter(|t| !t.is_zero()))
+        .request_timeout(Some(request_timeout).filter(|t| !t.is_zero()))
+        .connect(&socket)
+        .await?;
     match cli.command {
         Command::Bench { .. } | Command::Seal { .. } | Command::Open { .. } => unreachable!("handled above"),
         Command::Health => {
