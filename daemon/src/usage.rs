@@ -57,28 +57,22 @@ impl UsageBook {
         for (id, delta) in pending {
             by_key.entry(id.path).or_default().push((id.version, delta));
         }
-        let mut result = Ok(());
-        let mut unwritten = Vec::new();
-        for (path, deltas) in by_key {
-            if result.is_ok() {
-                let written = store.update_key(&path, &mut |rec| {
-                    for (version, delta) in &deltas {
-                        if let Some(v) = rec.version_mut(*version) {
-                            v.decryptions += delta.decryptions;
-                            v.rewraps += delta.rewraps;
-                            v.last_used_at = v.last_used_at.max(Some(delta.last_used_at));
-                        }
-                    }
-                });
-                match written {
-                    Ok(_) => continue,
-                    Err(e) => result = Err(e),
+        // One write for every key (one anchor update in the token).
+        let paths: Vec<keyhaven::KeyPath> = by_key.keys().cloned().collect();
+        let result = store.update_keys(&paths, &mut |path, rec| {
+            for (version, delta) in by_key.get(path).map(Vec::as_slice).unwrap_or_default() {
+                if let Some(v) = rec.version_mut(*version) {
+                    v.decryptions += delta.decryptions;
+                    v.rewraps += delta.rewraps;
+                    v.last_used_at = v.last_used_at.max(Some(delta.last_used_at));
                 }
             }
-            unwritten.push((path, deltas));
+        });
+        if result.is_ok() {
+            return result;
         }
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        for (path, deltas) in unwritten {
+        for (path, deltas) in by_key {
             for (version, delta) in deltas {
                 let d = pending.entry(KekId { path: path.clone(), version }).or_default();
                 d.decryptions += delta.decryptions;

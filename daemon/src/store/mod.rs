@@ -316,6 +316,15 @@ pub trait Store: Send + Sync + 'static {
         path: &KeyPath,
         change: &mut dyn FnMut(&mut KeyRecord),
     ) -> Result<Option<KeyRecord>, StoreError>;
+    /// Changes several named keys in one write (and one anchor update):
+    /// `change` edits each current record; paths with no key are passed
+    /// over. For the usage counts' flush, which touches every key used
+    /// since the last one.
+    fn update_keys(
+        &self,
+        paths: &[KeyPath],
+        change: &mut dyn FnMut(&KeyPath, &mut KeyRecord),
+    ) -> Result<(), StoreError>;
     /// Named keys, all or one tenant's, sorted by tenant then key.
     fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
     /// Number of named keys.

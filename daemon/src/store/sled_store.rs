@@ -207,12 +207,21 @@ fn prepare(
     key: &[u8],
     value: Option<&[u8]>,
 ) -> Result<(), StoreError> {
+    prepare_all(anchored, tree, &[(key, value)])
+}
+
+/// [`prepare`] for several records of `tree`, written together.
+fn prepare_all(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    changes: &[(&[u8], Option<&[u8]>)],
+) -> Result<(), StoreError> {
     let Some(a) = anchored else { return Ok(()) };
     let state = AnchorState {
         generation: a.generation,
         written_at: super::super::ops::now_unix(),
         committed: a.digest.digest(),
-        pending: Some(a.digest.with(tree, key, value)),
+        pending: Some(a.digest.with_all(tree, changes)),
     };
     a.anchor.write(&state)
 }
@@ -225,8 +234,19 @@ fn commit(
     key: &[u8],
     value: Option<&[u8]>,
 ) -> Result<(), StoreError> {
+    commit_all(anchored, tree, &[(key, value)])
+}
+
+/// [`commit`] for several records of `tree`, written together.
+fn commit_all(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    changes: &[(&[u8], Option<&[u8]>)],
+) -> Result<(), StoreError> {
     let Some(a) = anchored else { return Ok(()) };
-    a.digest.set(tree, key, value);
+    for (key, value) in changes {
+        a.digest.set(tree, key, *value);
+    }
     a.generation += 1;
     let state = AnchorState {
         generation: a.generation,
@@ -541,6 +561,45 @@ impl Store for SledStore {
                 return Ok(Some(record));
             }
         }
+    }
+
+    fn update_keys(
+        &self,
+        paths: &[KeyPath],
+        change: &mut dyn FnMut(&KeyPath, &mut KeyRecord),
+    ) -> Result<(), StoreError> {
+        let mut w = self.writer();
+        // Writers hold `w`, so nothing changes these records under us.
+        let mut writes: Vec<(Vec<u8>, Vec<u8>, KeyRecord)> = Vec::new();
+        for path in paths {
+            let k = keyring_key(path);
+            let Some(old) = self.keyring.get(&k).map_err(backend)? else { continue };
+            let mut record: KeyRecord = decode(&k, &old)?;
+            change(path, &mut record);
+            let value = encode(&record);
+            if value[..] != old[..] {
+                writes.push((k, value, record));
+            }
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let changes: Vec<(&[u8], Option<&[u8]>)> =
+            writes.iter().map(|(k, v, _)| (k.as_slice(), Some(v.as_slice()))).collect();
+        prepare_all(&mut w, "keyring", &changes)?;
+        let mut batch = sled::Batch::default();
+        for (k, v, _) in &writes {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        {
+            let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            self.keyring.apply_batch(batch).map_err(backend)?;
+            for (k, _, record) in &writes {
+                cache.insert(k.clone(), Arc::new(record.clone()));
+            }
+        }
+        self.durable()?;
+        commit_all(&mut w, "keyring", &changes)
     }
 
     fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {

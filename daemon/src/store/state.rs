@@ -94,15 +94,26 @@ impl StateDigest {
     /// The digest the state would have with record `tree`/`key` set to
     /// `value` (`None`: removed); nothing changes.
     pub fn with(&self, tree: &str, key: &[u8], value: Option<&[u8]>) -> [u8; 32] {
-        let p = path(tree, key);
-        let b = bucket_of(&p);
-        let mut bucket = self.buckets[b].clone();
-        match value {
-            Some(v) => bucket.insert(p.clone(), leaf(&p, v)),
-            None => bucket.remove(&p),
-        };
+        self.with_all(tree, &[(key, value)])
+    }
+
+    /// The digest the state would have with every record of `changes` (in
+    /// `tree`) set to its value (`None`: removed); nothing changes.
+    pub fn with_all(&self, tree: &str, changes: &[(&[u8], Option<&[u8]>)]) -> [u8; 32] {
+        let mut touched: BTreeMap<usize, BTreeMap<Vec<u8>, [u8; 32]>> = BTreeMap::new();
+        for (key, value) in changes {
+            let p = path(tree, key);
+            let b = bucket_of(&p);
+            let bucket = touched.entry(b).or_insert_with(|| self.buckets[b].clone());
+            match value {
+                Some(v) => bucket.insert(p.clone(), leaf(&p, v)),
+                None => bucket.remove(&p),
+            };
+        }
         let mut hashes = self.bucket_hashes.clone();
-        hashes[b] = bucket_hash(&bucket);
+        for (b, bucket) in &touched {
+            hashes[*b] = bucket_hash(bucket);
+        }
         top(&hashes)
     }
 
@@ -204,6 +215,12 @@ mod tests {
         assert_eq!(d.digest(), with_a);
         // Another value, another tree, or the same bytes moved: another digest.
         assert_ne!(d.with("keyring", b"acme/pii", Some(b"v2")), with_a);
+        // Several changes at once give what they give one by one.
+        let both = d.with_all("keyring", &[(b"acme/pii", Some(b"v2")), (b"beta/x", Some(b"v3"))]);
+        let mut one_by_one = StateDigest::default();
+        one_by_one.set("keyring", b"acme/pii", Some(b"v2"));
+        one_by_one.set("keyring", b"beta/x", Some(b"v3"));
+        assert_eq!(both, one_by_one.digest());
         let mut moved = StateDigest::default();
         moved.set("revocations", b"acme/pii", Some(b"v1"));
         assert_ne!(moved.digest(), with_a);
