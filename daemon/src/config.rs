@@ -230,6 +230,25 @@ pub struct Limits {
     /// and by default 2^31. Lower it only to test the limit.
     #[serde(default = "default_wraps_per_key_version")]
     pub wraps_per_key_version: u64,
+    /// Seconds a frame, once its first byte arrived, may take to arrive
+    /// whole; a connection over it is closed.
+    #[serde(default = "default_frame_timeout_seconds")]
+    pub frame_timeout_seconds: u64,
+    /// Seconds a connection may stay idle (nothing received, nothing
+    /// running, nothing to write, no subscription) before it is closed.
+    #[serde(default = "default_idle_timeout_seconds")]
+    pub idle_timeout_seconds: u64,
+    /// Bytes all connections together may hold for partly received frames.
+    #[serde(default = "default_request_buffer_bytes")]
+    pub request_buffer_bytes: usize,
+    /// Bytes of answers one connection may have waiting for its client to
+    /// read; past it the daemon reads no more requests from it.
+    #[serde(default = "default_outbox_bytes")]
+    pub outbox_bytes: usize,
+    /// Seconds a client may leave its answers unread (the daemon writes
+    /// nothing) before the connection is dropped.
+    #[serde(default = "default_write_timeout_seconds")]
+    pub write_timeout_seconds: u64,
 }
 
 impl Default for Limits {
@@ -239,6 +258,11 @@ impl Default for Limits {
             max_in_flight: default_max_in_flight(),
             drain_seconds: default_drain_seconds(),
             wraps_per_key_version: default_wraps_per_key_version(),
+            frame_timeout_seconds: default_frame_timeout_seconds(),
+            idle_timeout_seconds: default_idle_timeout_seconds(),
+            request_buffer_bytes: default_request_buffer_bytes(),
+            outbox_bytes: default_outbox_bytes(),
+            write_timeout_seconds: default_write_timeout_seconds(),
         }
     }
 }
@@ -279,9 +303,29 @@ fn default_max_in_flight() -> usize {
 fn default_drain_seconds() -> u64 {
     10
 }
+fn default_frame_timeout_seconds() -> u64 {
+    10
+}
+fn default_idle_timeout_seconds() -> u64 {
+    600
+}
+fn default_request_buffer_bytes() -> usize {
+    256 << 20
+}
+fn default_outbox_bytes() -> usize {
+    4 << 20
+}
+fn default_write_timeout_seconds() -> u64 {
+    30
+}
 fn default_wraps_per_key_version() -> u64 {
     crate::wraps::MAX_WRAPS_PER_VERSION
 }
+
+/// The least and the most `[limits]` request_buffer_bytes and
+/// outbox_bytes may be.
+const MIN_BUFFER_BYTES: usize = 2 << 20;
+const MAX_BUFFER_BYTES: usize = 16 << 30;
 
 /// A configuration problem, naming the file and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -462,6 +506,33 @@ impl Config {
         }
         if cfg.limits.max_in_flight == 0 {
             return Err(invalid_key("limits.max_in_flight", "must be at least 1"));
+        }
+        if !(1..=3600).contains(&cfg.limits.frame_timeout_seconds) {
+            return Err(invalid_key("limits.frame_timeout_seconds", "must be from 1 to 3600"));
+        }
+        if !(1..=86400).contains(&cfg.limits.idle_timeout_seconds) {
+            return Err(invalid_key("limits.idle_timeout_seconds", "must be from 1 to 86400"));
+        }
+        if !(1..=3600).contains(&cfg.limits.write_timeout_seconds) {
+            return Err(invalid_key("limits.write_timeout_seconds", "must be from 1 to 3600"));
+        }
+        if !(MIN_BUFFER_BYTES..=MAX_BUFFER_BYTES).contains(&cfg.limits.request_buffer_bytes) {
+            return Err(invalid_key(
+                "limits.request_buffer_bytes",
+                "must be from 2097152 (2 MiB: two largest frames) to 17179869184 (16 GiB)",
+            ));
+        }
+        if !(MIN_BUFFER_BYTES..=MAX_BUFFER_BYTES).contains(&cfg.limits.outbox_bytes) {
+            return Err(invalid_key(
+                "limits.outbox_bytes",
+                "must be from 2097152 (2 MiB: two largest frames) to 17179869184 (16 GiB)",
+            ));
+        }
+        if cfg.limits.drain_seconds > 3600 {
+            return Err(invalid_key("limits.drain_seconds", "must be at most 3600"));
+        }
+        if cfg.limits.max_in_flight > 65536 {
+            return Err(invalid_key("limits.max_in_flight", "must be from 1 to 65536"));
         }
         if !(1..=crate::wraps::MAX_WRAPS_PER_VERSION).contains(&cfg.limits.wraps_per_key_version) {
             return Err(invalid_key("limits.wraps_per_key_version", "must be from 1 to 2147483648 (2^31)"));

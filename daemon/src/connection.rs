@@ -22,12 +22,14 @@ use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
-use keyhaven::frame::{encode_frame, FrameReader};
+use keyhaven::frame::{encode_frame, FrameBudget, FrameReader};
 use keyhaven::revocation::Scope;
 use keyhaven::wire::{EventFrame, Operation, ResponseFrame, SubscribeRevocations, WireError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -109,9 +111,38 @@ impl Outbox {
     }
 }
 
+/// Why a connection is dropped before its client closes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DropReason {
+    /// A frame started and did not arrive whole within the frame timeout.
+    SlowFrame,
+    /// Nothing happened on the connection for the idle timeout.
+    Idle,
+    /// Answers waited unread for the write timeout.
+    Unread,
+    /// Answers and events waiting went over the outbox cap.
+    OutboxFull,
+}
+
 /// Serves one connection until the client closes it or shutdown is asked
-/// for; returns once every request it accepted has been answered.
-pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: CancellationToken) {
+/// for; returns once every request it accepted has been answered (or, for
+/// a client dropped for one of the reasons of [`DropReason`], run to its end).
+///
+/// Bounds (OPERATIONS.md §2 `[limits]`): a partly received frame holds
+/// buffer bytes as they arrive, taken from `budget`, shared by every
+/// connection; it must arrive whole within `frame_timeout_seconds`; a
+/// connection with nothing to do is closed after `idle_timeout_seconds`;
+/// answers wait in an outbox of at most `outbox_bytes` (past it nothing
+/// more is read), and a client that reads none of them for
+/// `write_timeout_seconds` is dropped. The connection's task keeps running
+/// requests while a write waits, so a client that does not read delays
+/// nobody else's requests.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    stream: UnixStream,
+    shutdown: CancellationToken,
+    budget: Arc<FrameBudget>,
+) {
     let cred = match stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
@@ -136,16 +167,54 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
         }
     };
     tracing::debug!(%caller, "connection opened");
-    let max_in_flight = daemon.config.limits.max_in_flight;
-    let (rd, mut wr) = stream.into_split();
-    let mut frames = FrameReader::new(rd);
+    let limits = &daemon.config.limits;
+    let max_in_flight = limits.max_in_flight;
+    let frame_timeout = Duration::from_secs(limits.frame_timeout_seconds);
+    let idle_timeout = Duration::from_secs(limits.idle_timeout_seconds);
+    let write_timeout = Duration::from_secs(limits.write_timeout_seconds);
+    let outbox_max = limits.outbox_bytes;
+    let (rd, wr) = stream.into_split();
+    let mut frames = Some(FrameReader::with_budget(rd, budget));
+    let mut wr = Some(wr);
     let mut running = FuturesUnordered::new();
     let mut events: Option<broadcast::Receiver<Scope>> = None;
     let mut out = Outbox(Zeroizing::new(Vec::new()));
+    // Bytes of `out` already written.
+    let mut written = 0usize;
     let (d, caller) = (&daemon, &caller);
     let mut reading = true;
-    let mut writing = true;
-    while reading || !running.is_empty() {
+    let mut dropped: Option<DropReason> = None;
+    // Last time a frame arrived or the client took answers.
+    let mut active = Instant::now();
+    // Since when answers wait with none written.
+    let mut unread_since: Option<Instant> = None;
+    // When reading last resumed after a pause (in-flight or outbox cap):
+    // time paused does not count against a partial frame.
+    let mut paused = false;
+    let mut resumed = Instant::now();
+    while reading || !running.is_empty() || (wr.is_some() && written < out.0.len()) {
+        let can_read = reading && running.len() < max_in_flight && out.0.len() - written < outbox_max;
+        if can_read && paused {
+            resumed = Instant::now();
+        }
+        paused = !can_read;
+        let now = Instant::now();
+        let mut deadline = now + idle_timeout.max(frame_timeout);
+        if let Some(t) = unread_since.filter(|_| wr.is_some()) {
+            deadline = deadline.min(t + write_timeout);
+        }
+        if can_read {
+            match frames.as_ref().and_then(|f| f.partial_since()) {
+                Some(t) => deadline = deadline.min(t.max(resumed) + frame_timeout),
+                None => {
+                    // A frame may start during the wait: look again then.
+                    deadline = deadline.min(now + frame_timeout);
+                    if running.is_empty() && out.0.is_empty() && events.is_none() {
+                        deadline = deadline.min(active + idle_timeout);
+                    }
+                }
+            }
+        }
         tokio::select! {
             biased;
             Some(done) = running.next(), if !running.is_empty() => answer(d, caller, done, &mut events, &mut out),
@@ -158,19 +227,48 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
                 }
                 Err(broadcast::error::RecvError::Closed) => events = None,
             },
+            r = write_some(&mut wr, &out.0[written..]), if wr.is_some() && written < out.0.len() => match r {
+                Ok(n) => {
+                    written += n;
+                    active = Instant::now();
+                    unread_since = None;
+                }
+                // A client that went away still has its requests finished.
+                Err(_) => wr = None,
+            },
             _ = shutdown.cancelled(), if reading => reading = false,
-            frame = frames.next(), if reading && running.len() < max_in_flight => match frame {
-                Ok(Some(body)) => match parse_request(body) {
-                    Ok(f) => {
-                        let op = f.op.into_owned();
-                        let params = Zeroizing::new(f.params.map_or("{}", |p| p.get()).to_owned());
-                        running.push(request(d, caller, f.id, op, params));
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let now = Instant::now();
+                let partial = frames.as_ref().and_then(|f| f.partial_since());
+                if unread_since.is_some_and(|t| wr.is_some() && now >= t + write_timeout) {
+                    dropped = Some(DropReason::Unread);
+                } else if can_read && partial.is_some_and(|t| now >= t.max(resumed) + frame_timeout) {
+                    dropped = Some(DropReason::SlowFrame);
+                } else if can_read
+                    && partial.is_none()
+                    && running.is_empty()
+                    && out.0.is_empty()
+                    && events.is_none()
+                    && now >= active + idle_timeout
+                {
+                    dropped = Some(DropReason::Idle);
+                }
+            },
+            frame = next_frame(&mut frames), if can_read => match frame {
+                Ok(Some(body)) => {
+                    active = Instant::now();
+                    match parse_request(body) {
+                        Ok(f) => {
+                            let op = f.op.into_owned();
+                            let params = Zeroizing::new(f.params.map_or("{}", |p| p.get()).to_owned());
+                            running.push(request(d, caller, f.id, op, params));
+                        }
+                        Err(err) => {
+                            let id = serde_json::from_slice::<IdOnly>(body).ok().and_then(|f| f.id);
+                            out.push_error(id, err.code(), &err);
+                        }
                     }
-                    Err(err) => {
-                        let id = serde_json::from_slice::<IdOnly>(body).ok().and_then(|f| f.id);
-                        out.push_error(id, err.code(), &err);
-                    }
-                },
+                }
                 Ok(None) => reading = false,
                 Err(keyhaven::Error::FrameTooLarge(n)) => {
                     let e = Error::BadRequest(format!(
@@ -180,6 +278,15 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
                     out.push_error(None, keyhaven::ErrorCode::FrameTooLarge, &e);
                     reading = false;
                 }
+                Err(keyhaven::Error::FrameBudgetSpent(n)) => {
+                    tracing::warn!(%caller, "closing a connection: [limits] request_buffer_bytes ({n}) is spent");
+                    let e = Error::Busy(format!(
+                        "the daemon holds its maximum of {n} bytes of partly received requests \
+                         ([limits] request_buffer_bytes); closing the connection, try again later"
+                    ));
+                    out.push_error(None, keyhaven::ErrorCode::Busy, &e);
+                    reading = false;
+                }
                 Err(_) => reading = false,
             },
         }
@@ -187,15 +294,94 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
         while let Some(Some(done)) = running.next().now_or_never() {
             answer(d, caller, done, &mut events, &mut out);
         }
-        if !out.0.is_empty() {
-            // A client that went away still has its requests finished.
-            if writing && wr.write_all(&out.0).await.is_err() {
-                writing = false;
-            }
+        if written == out.0.len() || wr.is_none() {
+            written = 0;
             out.clear();
+        } else if unread_since.is_none() {
+            unread_since = Some(Instant::now());
+        }
+        if dropped.is_none() && out.0.len() - written > outbox_max + MAX_OUTBOX_OVER {
+            dropped = Some(DropReason::OutboxFull);
+        }
+        if let Some(why) = dropped.take() {
+            drop_client(caller, why, &limits_text(limits, why), &mut wr, &mut frames, &mut out);
+            written = 0;
+            reading = false;
+            events = None;
         }
     }
     tracing::debug!(%caller, "connection closed");
+}
+
+/// How far past `outbox_bytes` answers already running and events may
+/// take the outbox before the client is dropped: as many largest answers
+/// as `max_in_flight` allows would be too many to hold, so a fixed margin.
+const MAX_OUTBOX_OVER: usize = 16 << 20;
+
+fn limits_text(l: &crate::config::Limits, why: DropReason) -> String {
+    match why {
+        DropReason::SlowFrame => format!(
+            "a frame did not arrive whole within {} s ([limits] frame_timeout_seconds); closing the connection",
+            l.frame_timeout_seconds
+        ),
+        DropReason::Idle => format!("idle for {} s ([limits] idle_timeout_seconds)", l.idle_timeout_seconds),
+        DropReason::Unread => {
+            format!("answers unread for {} s ([limits] write_timeout_seconds)", l.write_timeout_seconds)
+        }
+        DropReason::OutboxFull => format!(
+            "more than {} bytes of answers unread ([limits] outbox_bytes)",
+            l.outbox_bytes + MAX_OUTBOX_OVER
+        ),
+    }
+}
+
+/// Drops a client: a frame too slow is told why (`bad_request`, no id,
+/// without waiting for the client to read it); an idle connection is
+/// closed cleanly between frames; a client that does not read is told
+/// nothing. Its socket is closed at once; requests it started still run to
+/// their end, their answers thrown away.
+fn drop_client(
+    caller: &Caller,
+    why: DropReason,
+    text: &str,
+    wr: &mut Option<OwnedWriteHalf>,
+    frames: &mut Option<FrameReader<OwnedReadHalf>>,
+    out: &mut Outbox,
+) {
+    match why {
+        DropReason::Idle => tracing::debug!(%caller, "closing a connection: {text}"),
+        _ => tracing::info!(%caller, "dropping a client: {text}"),
+    }
+    out.clear();
+    if why == DropReason::SlowFrame {
+        if let Some(w) = wr.as_ref() {
+            let e = Error::BadRequest(text.to_owned());
+            let _ = w.try_write(&error_frame(None, keyhaven::ErrorCode::BadRequest, &e));
+        }
+    }
+    *wr = None;
+    *frames = None;
+}
+
+/// Writes what it can of `buf`; `Ok(0)` is an error (the client is gone).
+async fn write_some(wr: &mut Option<OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
+    match wr {
+        Some(w) => match w.write(buf).await? {
+            0 => Err(std::io::ErrorKind::WriteZero.into()),
+            n => Ok(n),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The next frame, from a reader not yet dropped.
+async fn next_frame(
+    frames: &mut Option<FrameReader<OwnedReadHalf>>,
+) -> Result<Option<&[u8]>, keyhaven::Error> {
+    match frames {
+        Some(f) => f.next().await,
+        None => Ok(None),
+    }
 }
 
 /// Runs one request.

@@ -115,6 +115,7 @@ pub async fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Cancella
     raise_open_file_limit(limits.max_connections);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
+    let budget = Arc::new(keyhaven::frame::FrameBudget::new(limits.request_buffer_bytes));
     let mut refused_at: Option<std::time::Instant> = None;
     loop {
         let stream = tokio::select! {
@@ -140,9 +141,9 @@ pub async fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Cancella
             tokio::spawn(refuse(stream, limits.max_connections));
             continue;
         };
-        let (d, s) = (daemon.clone(), shutdown.clone());
+        let (d, s, b) = (daemon.clone(), shutdown.clone(), budget.clone());
         tracker.spawn(async move {
-            connection::serve(d, stream, s).await;
+            connection::serve(d, stream, s, b).await;
             drop(permit);
         });
     }
