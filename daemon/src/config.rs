@@ -220,6 +220,10 @@ pub struct Limits {
     /// Connections served at once; more wait in the listen backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections one uid may hold at once (more than `max_connections`
+    /// acts as `max_connections`).
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
     /// Requests one connection may have in flight (pipelined).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -255,6 +259,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: default_max_connections(),
+            max_connections_per_uid: default_max_connections_per_uid(),
             max_in_flight: default_max_in_flight(),
             drain_seconds: default_drain_seconds(),
             wraps_per_key_version: default_wraps_per_key_version(),
@@ -296,6 +301,9 @@ fn default_queue_depth() -> usize {
 }
 fn default_max_connections() -> usize {
     4096
+}
+fn default_max_connections_per_uid() -> usize {
+    1024
 }
 fn default_max_in_flight() -> usize {
     128
@@ -503,6 +511,12 @@ impl Config {
         }
         if cfg.limits.max_connections == 0 {
             return Err(invalid_key("limits.max_connections", "must be at least 1"));
+        }
+        if cfg.limits.max_connections > 1 << 20 {
+            return Err(invalid_key("limits.max_connections", "must be from 1 to 1048576"));
+        }
+        if !(1..=1 << 20).contains(&cfg.limits.max_connections_per_uid) {
+            return Err(invalid_key("limits.max_connections_per_uid", "must be from 1 to 1048576"));
         }
         if cfg.limits.max_in_flight == 0 {
             return Err(invalid_key("limits.max_in_flight", "must be at least 1"));
