@@ -566,8 +566,8 @@ impl Config {
         if !(10..=60_000).contains(&cfg.audit.seal_interval_ms) {
             return Err(invalid_key("audit.seal_interval_ms", "must be from 10 to 60000"));
         }
-        if cfg.audit.seal_every == 0 {
-            return Err(invalid_key("audit.seal_every", "must be at least 1"));
+        if !(1..=1_000_000).contains(&cfg.audit.seal_every) {
+            return Err(invalid_key("audit.seal_every", "must be from 1 to 1000000"));
         }
         if cfg.audit.commit_gather_us > 10_000 {
             return Err(invalid_key("audit.commit_gather_us", "must be from 0 to 10000 (10 ms)"));
@@ -578,11 +578,14 @@ impl Config {
                 "must be [from, to] with hours 0 to 24, from != to",
             ));
         }
-        if cfg.lifecycle.check_seconds == 0 {
-            return Err(invalid_key("lifecycle.check_seconds", "must be at least 1"));
+        if !(1..=86_400).contains(&cfg.lifecycle.check_seconds) {
+            return Err(invalid_key("lifecycle.check_seconds", "must be from 1 to 86400 (a day)"));
         }
-        if cfg.lifecycle.usage_flush_seconds == 0 {
-            return Err(invalid_key("lifecycle.usage_flush_seconds", "must be at least 1"));
+        if !(1..=86_400).contains(&cfg.lifecycle.usage_flush_seconds) {
+            return Err(invalid_key("lifecycle.usage_flush_seconds", "must be from 1 to 86400 (a day)"));
+        }
+        if cfg.lifecycle.test_clock_offset_seconds > 100 * 365 * 86_400 {
+            return Err(invalid_key("lifecycle.test_clock_offset_seconds", "must be at most 100 years"));
         }
         if cfg.lifecycle.test_clock_offset_seconds != 0 && cfg.mode != Mode::Dev {
             return Err(invalid_key("lifecycle.test_clock_offset_seconds", "is for `dev` installs only"));

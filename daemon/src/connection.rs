@@ -51,10 +51,43 @@ struct InFrame<'a> {
     params: Option<&'a RawValue>,
 }
 
-/// Just the id, to answer a frame that is otherwise broken.
-#[derive(Deserialize)]
-struct IdOnly {
-    id: Option<u64>,
+/// The `id` to echo for a frame that is not a valid request (PROTOCOL.md
+/// §1): "the request's `id` if the body is a JSON object with an unsigned
+/// integer `id`, else `null`". So a body that is not JSON text (not UTF-8
+/// throughout, not well formed, trailing bytes) gets `null`, and so does an
+/// object with `id` twice (which of them would be the request's?) or an
+/// `id` that is not an unsigned integer.
+fn echoed_id(body: &[u8]) -> Option<u64> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+    struct Ids;
+    impl<'de> Visitor<'de> for Ids {
+        /// The `id` values found: `Some(n)` for an unsigned integer.
+        type Value = Vec<Option<u64>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut ids = Vec::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key == "id" {
+                    let v: serde_json::Value = map.next_value()?;
+                    ids.push(v.as_u64());
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(ids)
+        }
+    }
+    // JSON text is UTF-8 throughout (RFC 8259 §8.1), in strings skipped too.
+    std::str::from_utf8(body).ok()?;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let ids = de.deserialize_map(Ids).ok()?;
+    de.end().ok()?;
+    match ids[..] {
+        [Some(id)] => Some(id),
+        _ => None,
+    }
 }
 
 /// A finished request: its id, its operation and its result.
@@ -264,8 +297,7 @@ pub async fn serve(
                             running.push(request(d, caller, f.id, op, params));
                         }
                         Err(err) => {
-                            let id = serde_json::from_slice::<IdOnly>(body).ok().and_then(|f| f.id);
-                            out.push_error(id, err.code(), &err);
+                            out.push_error(echoed_id(body), err.code(), &err);
                         }
                     }
                 }
@@ -563,6 +595,20 @@ mod tests {
         );
         let m = params_error::<keyhaven::wire::Health>(r#"{"a\nb\u001b[31m":1}"#);
         assert_eq!(m, r"unknown field `a\nb\u{1b}[31m`, there are no fields");
+    }
+
+    #[test]
+    fn the_echoed_id_follows_protocol_1() {
+        assert_eq!(echoed_id(br#"{"id":7,"op":1}"#), Some(7));
+        assert_eq!(echoed_id(br#"{"op":"health","i\u0064":8,"x":[1,{"id":2}]}"#), Some(8));
+        assert_eq!(echoed_id(br#"{"id":18446744073709551615}"#), Some(u64::MAX));
+        assert_eq!(echoed_id(b"{\"id\":1,\"op\":\"he\xffalth\"}"), None, "invalid UTF-8");
+        assert_eq!(echoed_id(br#"{"id":1,"id":1,"op":"health"}"#), None, "id twice");
+        assert_eq!(echoed_id(br#"{"id":1,"op":"health"} x"#), None, "trailing bytes");
+        assert_eq!(echoed_id(br#"{"id":1,"op":"health""#), None, "not well formed");
+        for bad in [r#"{"id":-1}"#, r#"{"id":1.5}"#, r#"{"id":"1"}"#, r#"{"id":null}"#, "[1]", "1", ""] {
+            assert_eq!(echoed_id(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]

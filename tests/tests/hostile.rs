@@ -309,6 +309,30 @@ keys = ["acme/*"]
     }
 }
 
+/// Runs `keyhavend run` on the test daemon's config (stopped) to its end;
+/// one that has not ended after 30 s (it started) is killed, and the test
+/// fails.
+fn run_bounded(d: &TestDaemon) -> std::process::Output {
+    let mut child = std::process::Command::new(bin("keyhavend"))
+        .args(["run", "--config"])
+        .arg(d.dir().join("keyhaven.toml"))
+        .env_remove("SOFTHSM2_CONF")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run keyhavend");
+    let began = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if began.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keyhavend started (killed after 30 s)");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().expect("output")
+}
+
 /// Finding 2: a configured cap that leaves no reserve under the hard
 /// open-file limit stops the start, naming the numbers.
 #[tokio::test(flavor = "multi_thread")]
@@ -323,25 +347,7 @@ async fn a_connection_cap_without_a_reserve_of_descriptors_stops_the_start() {
     };
     let cap = hard - 100;
     set_limits(d.dir(), &[("max_connections", &cap.to_string())]);
-    // Bounded: a daemon that does not refuse is killed after 30 s.
-    let mut child = std::process::Command::new(bin("keyhavend"))
-        .args(["run", "--config"])
-        .arg(d.dir().join("keyhaven.toml"))
-        .env_remove("SOFTHSM2_CONF")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run keyhavend");
-    let began = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if began.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("keyhavend started with max_connections = {cap} under a hard limit of {hard}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().expect("output");
+    let out = run_bounded(&d);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started with max_connections = {cap} under a hard limit of {hard}");
     for part in [
@@ -351,4 +357,108 @@ async fn a_connection_cap_without_a_reserve_of_descriptors_stops_the_start() {
     ] {
         assert!(err.contains(&part), "`{part}` missing from: {err}");
     }
+}
+
+/// Sends `body` as one frame on a fresh connection and reads one answer.
+async fn ask_raw(d: &TestDaemon, body: &[u8]) -> serde_json::Value {
+    let mut s = UnixStream::connect(d.socket()).await.expect("connect");
+    s.write_all(&frame(body)).await.expect("write");
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
+        .await
+        .expect("answer")
+        .expect("read");
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.expect("read body");
+    serde_json::from_slice(&buf).expect("JSON answer")
+}
+
+/// Finding 5: a rotation period that would wrap the due time around is
+/// refused with `bad_request` naming the field, from the CLI and on the
+/// wire; nothing changes, and two restarts make no new version (before:
+/// accepted, and the key rotated at every restart).
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_range_durations_are_refused_and_nothing_wraps() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.expect("create acme/pii");
+    let out = d.cli(&["key", "set", "acme/pii", "--rotate-every", "18446744073709551615s"], b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains("bad_request") && err.contains("rotate_every_secs"), "{err}");
+    for period in [u64::MAX, 100 * 365 * 86_400 + 1] {
+        let body = format!(
+            r#"{{"id":9,"op":"key_set","params":{{"tenant":"acme","key":"pii","rotate_every_secs":{period}}}}}"#
+        );
+        let a = ask_raw(&d, body.as_bytes()).await;
+        assert_eq!(a["id"], 9, "{a}");
+        assert_eq!(a["error"]["code"], "bad_request", "{a}");
+        assert!(a["error"]["message"].as_str().unwrap().contains("out of range"), "{a}");
+    }
+    // The largest period allowed is taken and does not wrap.
+    let body = format!(
+        r#"{{"id":10,"op":"key_set","params":{{"tenant":"acme","key":"pii","rotate_every_secs":{}}}}}"#,
+        100u64 * 365 * 86_400
+    );
+    let a = ask_raw(&d, body.as_bytes()).await;
+    assert!(a["ok"]["next_rotation_at"].as_u64().unwrap() > a["ok"]["created_at"].as_u64().unwrap(), "{a}");
+    drop(c);
+    d.restart();
+    d.restart();
+    let c = d.client().await;
+    let show = keyhaven::lifecycle::KeyShow { tenant: "acme".into(), key: "pii".into() };
+    let details = c.call(&show).await.expect("key show");
+    assert_eq!(details.current_version, 1, "a restart rotated the key: {details:?}");
+    finish(&mut d);
+}
+
+/// Finding 5: durations and counts in the config are range-checked: the
+/// start stops, naming the key and its range.
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_range_config_values_stop_the_start() {
+    let mut d = TestDaemon::start();
+    let (status, _) = d.stop();
+    assert!(status.success());
+    let file = d.dir().join("keyhaven.toml");
+    let original = std::fs::read_to_string(&file).unwrap();
+    for (key, value, range) in [
+        ("frame_timeout_seconds", "0", "from 1 to 3600"),
+        ("idle_timeout_seconds", "9223372036854775807", "from 1 to 86400"),
+        ("write_timeout_seconds", "100000", "from 1 to 3600"),
+        ("request_buffer_bytes", "1024", "from 2097152"),
+        ("max_connections_per_uid", "0", "from 1 to 1048576"),
+        ("drain_seconds", "9223372036854775807", "at most 3600"),
+        ("check_seconds", "9223372036854775807", "from 1 to 86400"),
+    ] {
+        std::fs::write(&file, &original).unwrap();
+        set_limits(d.dir(), &[(key, value)]);
+        let out = run_bounded(&d);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key} = {value} was accepted");
+        assert!(err.contains(key) && err.contains(range), "{key} = {value}: {err}");
+    }
+    std::fs::write(&file, &original).unwrap();
+}
+
+/// Finding 8: the `id` answered for a frame that is not a valid request
+/// follows PROTOCOL.md §1: the request's unsigned integer `id` when the
+/// body is a JSON object with one, else `null`. Not UTF-8 throughout (before:
+/// `id: 1`), `id` twice, and a torn object get `null`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_id_echoed_for_a_bad_frame_follows_protocol_1() {
+    let mut d = TestDaemon::start();
+    let cases: [(&[u8], serde_json::Value); 6] = [
+        (b"{\"id\":1,\"op\":\"he\xffalth\"}", serde_json::Value::Null),
+        (br#"{"id":1,"id":2,"op":"health"}"#, serde_json::Value::Null),
+        (br#"{"id":1,"id":1,"op":"health"}"#, serde_json::Value::Null),
+        (br#"{"id":3,"op":"health""#, serde_json::Value::Null),
+        (br#"{"id":4,"op":7}"#, 4.into()),
+        (br#"{"op":"health","id":5,"extra":true}"#, 5.into()),
+    ];
+    for (body, id) in cases {
+        let a = ask_raw(&d, body).await;
+        assert_eq!(a["id"], id, "{}: {a}", String::from_utf8_lossy(body));
+        assert_eq!(a["error"]["code"], "bad_request", "{a}");
+    }
+    finish(&mut d);
 }
