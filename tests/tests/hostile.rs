@@ -462,3 +462,45 @@ async fn the_id_echoed_for_a_bad_frame_follows_protocol_1() {
     }
     finish(&mut d);
 }
+
+/// Finding 1: partly received frames of all connections share
+/// `request_buffer_bytes` (here its least, 2 MiB). Four connections each
+/// send 600 KiB of a 1 MiB frame: those past the budget get `busy` naming
+/// it and are closed; once they are gone the budget is whole again.
+#[tokio::test(flavor = "multi_thread")]
+async fn partly_received_frames_share_one_budget() {
+    let mut d = TestDaemon::start();
+    d.restart_with(|dir| set_limits(dir, &[("request_buffer_bytes", "2097152")]));
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let mut s = UnixStream::connect(d.socket()).await.expect("connect");
+        let mut bytes = (1u32 << 20).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&vec![b' '; 600 << 10]);
+        // The daemon may close it mid-way: a write error is expected then.
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.write_all(&bytes)).await;
+        conns.push(s);
+    }
+    let mut busy = 0;
+    for s in conns.iter_mut() {
+        let mut len = [0u8; 4];
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut len)).await {
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut body).await.expect("body");
+            let a: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(a["error"]["code"], "busy", "{a}");
+            assert!(a["error"]["message"].as_str().unwrap().contains("request_buffer_bytes"), "{a}");
+            busy += 1;
+        }
+    }
+    assert!((1..=3).contains(&busy), "{busy} of 4 connections were told busy");
+    drop(conns);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A 900 KiB frame now fits: it is read whole (and is a bad request).
+    let mut big = br#"{"id":77,"op":"health","pad":""#.to_vec();
+    big.extend_from_slice(&vec![b'x'; 900 << 10]);
+    big.extend_from_slice(br#""}"#);
+    let a = ask_raw(&d, &big).await;
+    assert_eq!(a["id"], 77, "{a}");
+    assert_eq!(a["error"]["code"], "bad_request", "{a}");
+    finish(&mut d);
+}
