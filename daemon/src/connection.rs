@@ -225,6 +225,12 @@ pub async fn serve(
     // time paused does not count against a partial frame.
     let mut paused = false;
     let mut resumed = Instant::now();
+    // One timer, moved earlier when a deadline comes nearer and re-armed
+    // when it fires (a deadline later than needed only means one more look).
+    let far = || Instant::now() + Duration::from_secs(365 * 86_400);
+    let mut armed = far();
+    let timer = tokio::time::sleep_until(armed.into());
+    tokio::pin!(timer);
     while reading || !running.is_empty() || (wr.is_some() && written < out.0.len()) {
         let can_read = reading && running.len() < max_in_flight && out.0.len() - written < outbox_max;
         if can_read && paused {
@@ -248,6 +254,10 @@ pub async fn serve(
                 }
             }
         }
+        if deadline < armed {
+            armed = deadline;
+            timer.as_mut().reset(armed.into());
+        }
         tokio::select! {
             biased;
             Some(done) = running.next(), if !running.is_empty() => answer(d, caller, done, &mut events, &mut out),
@@ -270,7 +280,8 @@ pub async fn serve(
                 Err(_) => wr = None,
             },
             _ = shutdown.cancelled(), if reading => reading = false,
-            _ = tokio::time::sleep_until(deadline.into()) => {
+            _ = &mut timer => {
+                armed = far();
                 let now = Instant::now();
                 let partial = frames.as_ref().and_then(|f| f.partial_since());
                 if unread_since.is_some_and(|t| wr.is_some() && now >= t + write_timeout) {

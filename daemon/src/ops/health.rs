@@ -45,6 +45,16 @@ struct Probe {
     keys: Option<u64>,
 }
 
+impl Probe {
+    /// Whether a call that arrived at `arrived` may be answered from this
+    /// probe: it started after the call arrived, or it was good and
+    /// started at most [`REUSE_GOOD`] before.
+    fn reusable(&self, arrived: Instant) -> bool {
+        let good = self.token_error.is_none() && self.keys.is_some();
+        self.started >= arrived || (good && arrived.duration_since(self.started) <= REUSE_GOOD)
+    }
+}
+
 /// Shares token and store probes between concurrent `health` calls (see
 /// the module docs).
 #[derive(Default)]
@@ -63,6 +73,13 @@ impl ProbeGate {
     /// read, holding the lock, and every `health` waited on it).
     async fn probe(d: &Arc<Daemon>) -> Probe {
         let arrived = Instant::now();
+        // The common case, a probe to reuse, without a task: the lock is
+        // only tried, and let go at once.
+        if let Ok(last) = d.health_probe.last.try_lock() {
+            if let Some(p) = last.as_ref().filter(|p| p.reusable(arrived)) {
+                return p.clone();
+            }
+        }
         let d2 = d.clone();
         match tokio::spawn(async move { d2.health_probe.probe_since(&d2, arrived).await }).await {
             Ok(p) => p,
@@ -76,11 +93,8 @@ impl ProbeGate {
 
     async fn probe_since(&self, d: &Daemon, arrived: Instant) -> Probe {
         let mut last = self.last.lock().await;
-        if let Some(p) = &*last {
-            let good = p.token_error.is_none() && p.keys.is_some();
-            if p.started >= arrived || (good && arrived.duration_since(p.started) <= REUSE_GOOD) {
-                return p.clone();
-            }
+        if let Some(p) = last.as_ref().filter(|p| p.reusable(arrived)) {
+            return p.clone();
         }
         let started = Instant::now();
         let token = d.hsm.run(|w| w.probe()).await;
