@@ -260,6 +260,25 @@ pub async fn serve(
         }
         tokio::select! {
             biased;
+            // First: a connection always busy must still meet its deadlines.
+            _ = &mut timer => {
+                armed = far();
+                let now = Instant::now();
+                let partial = frames.as_ref().and_then(|f| f.partial_since());
+                if unread_since.is_some_and(|t| wr.is_some() && now >= t + write_timeout) {
+                    dropped = Some(DropReason::Unread);
+                } else if can_read && partial.is_some_and(|t| now >= t.max(resumed) + frame_timeout) {
+                    dropped = Some(DropReason::SlowFrame);
+                } else if can_read
+                    && partial.is_none()
+                    && running.is_empty()
+                    && out.0.is_empty()
+                    && events.is_none()
+                    && now >= active + idle_timeout
+                {
+                    dropped = Some(DropReason::Idle);
+                }
+            },
             Some(done) = running.next(), if !running.is_empty() => answer(d, caller, done, &mut events, &mut out),
             event = next_event(&mut events), if events.is_some() => match event {
                 Ok(scope) => push_event(&mut out, &ops::revocation_event(d, caller, &scope)),
@@ -280,24 +299,6 @@ pub async fn serve(
                 Err(_) => wr = None,
             },
             _ = shutdown.cancelled(), if reading => reading = false,
-            _ = &mut timer => {
-                armed = far();
-                let now = Instant::now();
-                let partial = frames.as_ref().and_then(|f| f.partial_since());
-                if unread_since.is_some_and(|t| wr.is_some() && now >= t + write_timeout) {
-                    dropped = Some(DropReason::Unread);
-                } else if can_read && partial.is_some_and(|t| now >= t.max(resumed) + frame_timeout) {
-                    dropped = Some(DropReason::SlowFrame);
-                } else if can_read
-                    && partial.is_none()
-                    && running.is_empty()
-                    && out.0.is_empty()
-                    && events.is_none()
-                    && now >= active + idle_timeout
-                {
-                    dropped = Some(DropReason::Idle);
-                }
-            },
             frame = next_frame(&mut frames), if can_read => match frame {
                 Ok(Some(body)) => {
                     active = Instant::now();

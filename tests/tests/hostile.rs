@@ -23,6 +23,11 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value")
 }
 
+/// The daemon's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
 /// Sets `[limits]` keys in the config (the dev config lists every key).
 fn set_limits(dir: &std::path::Path, values: &[(&str, &str)]) {
     let file = dir.join("keyhaven.toml");
@@ -173,6 +178,7 @@ async fn clients_that_never_read_are_dropped_and_health_stays_prompt() {
     d.restart_with(|dir| set_limits(dir, &[("write_timeout_seconds", &WRITE_TIMEOUT.to_string())]));
     let monitor = d.client().await;
     healthy_within(&monitor, Duration::from_secs(2)).await;
+    let fds_before = open_fds(d.pid());
 
     let mut writers = Vec::new();
     let mut reads = Vec::new();
@@ -198,11 +204,18 @@ async fn clients_that_never_read_are_dropped_and_health_stays_prompt() {
         healthy_within(&fresh, Duration::from_secs(2)).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_secs(WRITE_TIMEOUT)).await;
+    // Reading now would make them readers: wait (bounded) for the daemon
+    // to close them, seen as its descriptors going back down.
+    let waited = Instant::now();
+    while open_fds(d.pid()) > fds_before + 2 {
+        assert!(waited.elapsed() < Duration::from_secs(60), "non-readers still open after 60 s");
+        healthy_within(&monitor, Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for (i, r) in reads.iter_mut().enumerate() {
         let mut all = Vec::new();
-        let ended = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut all)).await;
-        assert!(ended.is_ok(), "non-reader {i} was not dropped");
+        let ended = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut all)).await;
+        assert!(ended.is_ok(), "non-reader {i} was not dropped ({} answers read)", bodies(&all).len());
         let answered = bodies(&all).len() as u64;
         assert!(answered < CALLS, "non-reader {i} got all {answered} answers: served, not dropped");
     }
