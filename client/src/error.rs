@@ -139,6 +139,10 @@ pub enum Error {
     /// A frame over the size limit.
     #[error("frame of {0} bytes is over the limit of {max} bytes", max = crate::frame::MAX_FRAME_LEN)]
     FrameTooLarge(usize),
+    /// A frame reader would grow its buffer past a shared budget
+    /// ([`crate::frame::FrameBudget`]) to hold a partly received frame.
+    #[error("the budget of {0} bytes for partly received frames is spent")]
+    FrameBudgetSpent(usize),
     /// The peer sent something that is not the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),

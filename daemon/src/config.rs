@@ -220,6 +220,10 @@ pub struct Limits {
     /// Connections served at once; more wait in the listen backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections one uid may hold at once (more than `max_connections`
+    /// acts as `max_connections`).
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
     /// Requests one connection may have in flight (pipelined).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -230,15 +234,40 @@ pub struct Limits {
     /// and by default 2^31. Lower it only to test the limit.
     #[serde(default = "default_wraps_per_key_version")]
     pub wraps_per_key_version: u64,
+    /// Seconds a frame, once its first byte arrived, may take to arrive
+    /// whole; a connection over it is closed.
+    #[serde(default = "default_frame_timeout_seconds")]
+    pub frame_timeout_seconds: u64,
+    /// Seconds a connection may stay idle (nothing received, nothing
+    /// running, nothing to write, no subscription) before it is closed.
+    #[serde(default = "default_idle_timeout_seconds")]
+    pub idle_timeout_seconds: u64,
+    /// Bytes all connections together may hold for partly received frames.
+    #[serde(default = "default_request_buffer_bytes")]
+    pub request_buffer_bytes: usize,
+    /// Bytes of answers one connection may have waiting for its client to
+    /// read; past it the daemon reads no more requests from it.
+    #[serde(default = "default_outbox_bytes")]
+    pub outbox_bytes: usize,
+    /// Seconds a client may leave its answers unread (the daemon writes
+    /// nothing) before the connection is dropped.
+    #[serde(default = "default_write_timeout_seconds")]
+    pub write_timeout_seconds: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: default_max_connections(),
+            max_connections_per_uid: default_max_connections_per_uid(),
             max_in_flight: default_max_in_flight(),
             drain_seconds: default_drain_seconds(),
             wraps_per_key_version: default_wraps_per_key_version(),
+            frame_timeout_seconds: default_frame_timeout_seconds(),
+            idle_timeout_seconds: default_idle_timeout_seconds(),
+            request_buffer_bytes: default_request_buffer_bytes(),
+            outbox_bytes: default_outbox_bytes(),
+            write_timeout_seconds: default_write_timeout_seconds(),
         }
     }
 }
@@ -273,15 +302,38 @@ fn default_queue_depth() -> usize {
 fn default_max_connections() -> usize {
     4096
 }
+fn default_max_connections_per_uid() -> usize {
+    1024
+}
 fn default_max_in_flight() -> usize {
     128
 }
 fn default_drain_seconds() -> u64 {
     10
 }
+fn default_frame_timeout_seconds() -> u64 {
+    10
+}
+fn default_idle_timeout_seconds() -> u64 {
+    600
+}
+fn default_request_buffer_bytes() -> usize {
+    256 << 20
+}
+fn default_outbox_bytes() -> usize {
+    4 << 20
+}
+fn default_write_timeout_seconds() -> u64 {
+    30
+}
 fn default_wraps_per_key_version() -> u64 {
     crate::wraps::MAX_WRAPS_PER_VERSION
 }
+
+/// The least and the most `[limits]` request_buffer_bytes and
+/// outbox_bytes may be.
+const MIN_BUFFER_BYTES: usize = 2 << 20;
+const MAX_BUFFER_BYTES: usize = 16 << 30;
 
 /// A configuration problem, naming the file and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -460,8 +512,41 @@ impl Config {
         if cfg.limits.max_connections == 0 {
             return Err(invalid_key("limits.max_connections", "must be at least 1"));
         }
+        if cfg.limits.max_connections > 1 << 20 {
+            return Err(invalid_key("limits.max_connections", "must be from 1 to 1048576"));
+        }
+        if !(1..=1 << 20).contains(&cfg.limits.max_connections_per_uid) {
+            return Err(invalid_key("limits.max_connections_per_uid", "must be from 1 to 1048576"));
+        }
         if cfg.limits.max_in_flight == 0 {
             return Err(invalid_key("limits.max_in_flight", "must be at least 1"));
+        }
+        if !(1..=3600).contains(&cfg.limits.frame_timeout_seconds) {
+            return Err(invalid_key("limits.frame_timeout_seconds", "must be from 1 to 3600"));
+        }
+        if !(1..=86400).contains(&cfg.limits.idle_timeout_seconds) {
+            return Err(invalid_key("limits.idle_timeout_seconds", "must be from 1 to 86400"));
+        }
+        if !(1..=3600).contains(&cfg.limits.write_timeout_seconds) {
+            return Err(invalid_key("limits.write_timeout_seconds", "must be from 1 to 3600"));
+        }
+        if !(MIN_BUFFER_BYTES..=MAX_BUFFER_BYTES).contains(&cfg.limits.request_buffer_bytes) {
+            return Err(invalid_key(
+                "limits.request_buffer_bytes",
+                "must be from 2097152 (2 MiB: two largest frames) to 17179869184 (16 GiB)",
+            ));
+        }
+        if !(MIN_BUFFER_BYTES..=MAX_BUFFER_BYTES).contains(&cfg.limits.outbox_bytes) {
+            return Err(invalid_key(
+                "limits.outbox_bytes",
+                "must be from 2097152 (2 MiB: two largest frames) to 17179869184 (16 GiB)",
+            ));
+        }
+        if cfg.limits.drain_seconds > 3600 {
+            return Err(invalid_key("limits.drain_seconds", "must be at most 3600"));
+        }
+        if cfg.limits.max_in_flight > 65536 {
+            return Err(invalid_key("limits.max_in_flight", "must be from 1 to 65536"));
         }
         if !(1..=crate::wraps::MAX_WRAPS_PER_VERSION).contains(&cfg.limits.wraps_per_key_version) {
             return Err(invalid_key("limits.wraps_per_key_version", "must be from 1 to 2147483648 (2^31)"));
@@ -481,8 +566,8 @@ impl Config {
         if !(10..=60_000).contains(&cfg.audit.seal_interval_ms) {
             return Err(invalid_key("audit.seal_interval_ms", "must be from 10 to 60000"));
         }
-        if cfg.audit.seal_every == 0 {
-            return Err(invalid_key("audit.seal_every", "must be at least 1"));
+        if !(1..=1_000_000).contains(&cfg.audit.seal_every) {
+            return Err(invalid_key("audit.seal_every", "must be from 1 to 1000000"));
         }
         if cfg.audit.commit_gather_us > 10_000 {
             return Err(invalid_key("audit.commit_gather_us", "must be from 0 to 10000 (10 ms)"));
@@ -493,11 +578,14 @@ impl Config {
                 "must be [from, to] with hours 0 to 24, from != to",
             ));
         }
-        if cfg.lifecycle.check_seconds == 0 {
-            return Err(invalid_key("lifecycle.check_seconds", "must be at least 1"));
+        if !(1..=86_400).contains(&cfg.lifecycle.check_seconds) {
+            return Err(invalid_key("lifecycle.check_seconds", "must be from 1 to 86400 (a day)"));
         }
-        if cfg.lifecycle.usage_flush_seconds == 0 {
-            return Err(invalid_key("lifecycle.usage_flush_seconds", "must be at least 1"));
+        if !(1..=86_400).contains(&cfg.lifecycle.usage_flush_seconds) {
+            return Err(invalid_key("lifecycle.usage_flush_seconds", "must be from 1 to 86400 (a day)"));
+        }
+        if cfg.lifecycle.test_clock_offset_seconds > 100 * 365 * 86_400 {
+            return Err(invalid_key("lifecycle.test_clock_offset_seconds", "must be at most 100 years"));
         }
         if cfg.lifecycle.test_clock_offset_seconds != 0 && cfg.mode != Mode::Dev {
             return Err(invalid_key("lifecycle.test_clock_offset_seconds", "is for `dev` installs only"));

@@ -22,12 +22,14 @@ use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
-use keyhaven::frame::{encode_frame, FrameReader};
+use keyhaven::frame::{encode_frame, FrameBudget, FrameReader};
 use keyhaven::revocation::Scope;
 use keyhaven::wire::{EventFrame, Operation, ResponseFrame, SubscribeRevocations, WireError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -49,10 +51,43 @@ struct InFrame<'a> {
     params: Option<&'a RawValue>,
 }
 
-/// Just the id, to answer a frame that is otherwise broken.
-#[derive(Deserialize)]
-struct IdOnly {
-    id: Option<u64>,
+/// The `id` to echo for a frame that is not a valid request (PROTOCOL.md
+/// §1): "the request's `id` if the body is a JSON object with an unsigned
+/// integer `id`, else `null`". So a body that is not JSON text (not UTF-8
+/// throughout, not well formed, trailing bytes) gets `null`, and so does an
+/// object with `id` twice (which of them would be the request's?) or an
+/// `id` that is not an unsigned integer.
+fn echoed_id(body: &[u8]) -> Option<u64> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+    struct Ids;
+    impl<'de> Visitor<'de> for Ids {
+        /// The `id` values found: `Some(n)` for an unsigned integer.
+        type Value = Vec<Option<u64>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut ids = Vec::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key == "id" {
+                    let v: serde_json::Value = map.next_value()?;
+                    ids.push(v.as_u64());
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(ids)
+        }
+    }
+    // JSON text is UTF-8 throughout (RFC 8259 §8.1), in strings skipped too.
+    std::str::from_utf8(body).ok()?;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let ids = de.deserialize_map(Ids).ok()?;
+    de.end().ok()?;
+    match ids[..] {
+        [Some(id)] => Some(id),
+        _ => None,
+    }
 }
 
 /// A finished request: its id, its operation and its result.
@@ -109,9 +144,38 @@ impl Outbox {
     }
 }
 
+/// Why a connection is dropped before its client closes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DropReason {
+    /// A frame started and did not arrive whole within the frame timeout.
+    SlowFrame,
+    /// Nothing happened on the connection for the idle timeout.
+    Idle,
+    /// Answers waited unread for the write timeout.
+    Unread,
+    /// Answers and events waiting went over the outbox cap.
+    OutboxFull,
+}
+
 /// Serves one connection until the client closes it or shutdown is asked
-/// for; returns once every request it accepted has been answered.
-pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: CancellationToken) {
+/// for; returns once every request it accepted has been answered (or, for
+/// a client dropped for one of the reasons of [`DropReason`], run to its end).
+///
+/// Bounds (OPERATIONS.md §2 `[limits]`): a partly received frame holds
+/// buffer bytes as they arrive, taken from `budget`, shared by every
+/// connection; it must arrive whole within `frame_timeout_seconds`; a
+/// connection with nothing to do is closed after `idle_timeout_seconds`;
+/// answers wait in an outbox of at most `outbox_bytes` (past it nothing
+/// more is read), and a client that reads none of them for
+/// `write_timeout_seconds` is dropped. The connection's task keeps running
+/// requests while a write waits, so a client that does not read delays
+/// nobody else's requests.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    stream: UnixStream,
+    shutdown: CancellationToken,
+    budget: Arc<FrameBudget>,
+) {
     let cred = match stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
@@ -136,18 +200,85 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
         }
     };
     tracing::debug!(%caller, "connection opened");
-    let max_in_flight = daemon.config.limits.max_in_flight;
-    let (rd, mut wr) = stream.into_split();
-    let mut frames = FrameReader::new(rd);
+    let limits = &daemon.config.limits;
+    let max_in_flight = limits.max_in_flight;
+    let frame_timeout = Duration::from_secs(limits.frame_timeout_seconds);
+    let idle_timeout = Duration::from_secs(limits.idle_timeout_seconds);
+    let write_timeout = Duration::from_secs(limits.write_timeout_seconds);
+    let outbox_max = limits.outbox_bytes;
+    let (rd, wr) = stream.into_split();
+    let mut frames = Some(FrameReader::with_budget(rd, budget));
+    let mut wr = Some(wr);
     let mut running = FuturesUnordered::new();
     let mut events: Option<broadcast::Receiver<Scope>> = None;
     let mut out = Outbox(Zeroizing::new(Vec::new()));
+    // Bytes of `out` already written.
+    let mut written = 0usize;
     let (d, caller) = (&daemon, &caller);
     let mut reading = true;
-    let mut writing = true;
-    while reading || !running.is_empty() {
+    let mut dropped: Option<DropReason> = None;
+    // Last time a frame arrived or the client took answers.
+    let mut active = Instant::now();
+    // Since when answers wait with none written.
+    let mut unread_since: Option<Instant> = None;
+    // When reading last resumed after a pause (in-flight or outbox cap):
+    // time paused does not count against a partial frame.
+    let mut paused = false;
+    let mut resumed = Instant::now();
+    // One timer, moved earlier when a deadline comes nearer and re-armed
+    // when it fires (a deadline later than needed only means one more look).
+    let far = || Instant::now() + Duration::from_secs(365 * 86_400);
+    let mut armed = far();
+    let timer = tokio::time::sleep_until(armed.into());
+    tokio::pin!(timer);
+    while reading || !running.is_empty() || (wr.is_some() && written < out.0.len()) {
+        let can_read = reading && running.len() < max_in_flight && out.0.len() - written < outbox_max;
+        if can_read && paused {
+            resumed = Instant::now();
+        }
+        paused = !can_read;
+        let now = Instant::now();
+        let mut deadline = now + idle_timeout.max(frame_timeout);
+        if let Some(t) = unread_since.filter(|_| wr.is_some()) {
+            deadline = deadline.min(t + write_timeout);
+        }
+        if can_read {
+            match frames.as_ref().and_then(|f| f.partial_since()) {
+                Some(t) => deadline = deadline.min(t.max(resumed) + frame_timeout),
+                None => {
+                    // A frame may start during the wait: look again then.
+                    deadline = deadline.min(now + frame_timeout);
+                    if running.is_empty() && out.0.is_empty() && events.is_none() {
+                        deadline = deadline.min(active + idle_timeout);
+                    }
+                }
+            }
+        }
+        if deadline < armed {
+            armed = deadline;
+            timer.as_mut().reset(armed.into());
+        }
         tokio::select! {
             biased;
+            // First: a connection always busy must still meet its deadlines.
+            _ = &mut timer => {
+                armed = far();
+                let now = Instant::now();
+                let partial = frames.as_ref().and_then(|f| f.partial_since());
+                if unread_since.is_some_and(|t| wr.is_some() && now >= t + write_timeout) {
+                    dropped = Some(DropReason::Unread);
+                } else if can_read && partial.is_some_and(|t| now >= t.max(resumed) + frame_timeout) {
+                    dropped = Some(DropReason::SlowFrame);
+                } else if can_read
+                    && partial.is_none()
+                    && running.is_empty()
+                    && out.0.is_empty()
+                    && events.is_none()
+                    && now >= active + idle_timeout
+                {
+                    dropped = Some(DropReason::Idle);
+                }
+            },
             Some(done) = running.next(), if !running.is_empty() => answer(d, caller, done, &mut events, &mut out),
             event = next_event(&mut events), if events.is_some() => match event {
                 Ok(scope) => push_event(&mut out, &ops::revocation_event(d, caller, &scope)),
@@ -158,19 +289,30 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
                 }
                 Err(broadcast::error::RecvError::Closed) => events = None,
             },
+            r = write_some(&mut wr, &out.0[written..]), if wr.is_some() && written < out.0.len() => match r {
+                Ok(n) => {
+                    written += n;
+                    active = Instant::now();
+                    unread_since = None;
+                }
+                // A client that went away still has its requests finished.
+                Err(_) => wr = None,
+            },
             _ = shutdown.cancelled(), if reading => reading = false,
-            frame = frames.next(), if reading && running.len() < max_in_flight => match frame {
-                Ok(Some(body)) => match parse_request(body) {
-                    Ok(f) => {
-                        let op = f.op.into_owned();
-                        let params = Zeroizing::new(f.params.map_or("{}", |p| p.get()).to_owned());
-                        running.push(request(d, caller, f.id, op, params));
+            frame = next_frame(&mut frames), if can_read => match frame {
+                Ok(Some(body)) => {
+                    active = Instant::now();
+                    match parse_request(body) {
+                        Ok(f) => {
+                            let op = f.op.into_owned();
+                            let params = Zeroizing::new(f.params.map_or("{}", |p| p.get()).to_owned());
+                            running.push(request(d, caller, f.id, op, params));
+                        }
+                        Err(err) => {
+                            out.push_error(echoed_id(body), err.code(), &err);
+                        }
                     }
-                    Err(err) => {
-                        let id = serde_json::from_slice::<IdOnly>(body).ok().and_then(|f| f.id);
-                        out.push_error(id, err.code(), &err);
-                    }
-                },
+                }
                 Ok(None) => reading = false,
                 Err(keyhaven::Error::FrameTooLarge(n)) => {
                     let e = Error::BadRequest(format!(
@@ -180,6 +322,15 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
                     out.push_error(None, keyhaven::ErrorCode::FrameTooLarge, &e);
                     reading = false;
                 }
+                Err(keyhaven::Error::FrameBudgetSpent(n)) => {
+                    tracing::warn!(%caller, "closing a connection: [limits] request_buffer_bytes ({n}) is spent");
+                    let e = Error::Busy(format!(
+                        "the daemon holds its maximum of {n} bytes of partly received requests \
+                         ([limits] request_buffer_bytes); closing the connection, try again later"
+                    ));
+                    out.push_error(None, keyhaven::ErrorCode::Busy, &e);
+                    reading = false;
+                }
                 Err(_) => reading = false,
             },
         }
@@ -187,15 +338,94 @@ pub async fn serve(daemon: Arc<Daemon>, stream: UnixStream, shutdown: Cancellati
         while let Some(Some(done)) = running.next().now_or_never() {
             answer(d, caller, done, &mut events, &mut out);
         }
-        if !out.0.is_empty() {
-            // A client that went away still has its requests finished.
-            if writing && wr.write_all(&out.0).await.is_err() {
-                writing = false;
-            }
+        if written == out.0.len() || wr.is_none() {
+            written = 0;
             out.clear();
+        } else if unread_since.is_none() {
+            unread_since = Some(Instant::now());
+        }
+        if dropped.is_none() && out.0.len() - written > outbox_max + MAX_OUTBOX_OVER {
+            dropped = Some(DropReason::OutboxFull);
+        }
+        if let Some(why) = dropped.take() {
+            drop_client(caller, why, &limits_text(limits, why), &mut wr, &mut frames, &mut out);
+            written = 0;
+            reading = false;
+            events = None;
         }
     }
     tracing::debug!(%caller, "connection closed");
+}
+
+/// How far past `outbox_bytes` answers already running and events may
+/// take the outbox before the client is dropped: as many largest answers
+/// as `max_in_flight` allows would be too many to hold, so a fixed margin.
+const MAX_OUTBOX_OVER: usize = 16 << 20;
+
+fn limits_text(l: &crate::config::Limits, why: DropReason) -> String {
+    match why {
+        DropReason::SlowFrame => format!(
+            "a frame did not arrive whole within {} s ([limits] frame_timeout_seconds); closing the connection",
+            l.frame_timeout_seconds
+        ),
+        DropReason::Idle => format!("idle for {} s ([limits] idle_timeout_seconds)", l.idle_timeout_seconds),
+        DropReason::Unread => {
+            format!("answers unread for {} s ([limits] write_timeout_seconds)", l.write_timeout_seconds)
+        }
+        DropReason::OutboxFull => format!(
+            "more than {} bytes of answers unread ([limits] outbox_bytes)",
+            l.outbox_bytes + MAX_OUTBOX_OVER
+        ),
+    }
+}
+
+/// Drops a client: a frame too slow is told why (`bad_request`, no id,
+/// without waiting for the client to read it); an idle connection is
+/// closed cleanly between frames; a client that does not read is told
+/// nothing. Its socket is closed at once; requests it started still run to
+/// their end, their answers thrown away.
+fn drop_client(
+    caller: &Caller,
+    why: DropReason,
+    text: &str,
+    wr: &mut Option<OwnedWriteHalf>,
+    frames: &mut Option<FrameReader<OwnedReadHalf>>,
+    out: &mut Outbox,
+) {
+    match why {
+        DropReason::Idle => tracing::debug!(%caller, "closing a connection: {text}"),
+        _ => tracing::info!(%caller, "dropping a client: {text}"),
+    }
+    out.clear();
+    if why == DropReason::SlowFrame {
+        if let Some(w) = wr.as_ref() {
+            let e = Error::BadRequest(text.to_owned());
+            let _ = w.try_write(&error_frame(None, keyhaven::ErrorCode::BadRequest, &e));
+        }
+    }
+    *wr = None;
+    *frames = None;
+}
+
+/// Writes what it can of `buf`; `Ok(0)` is an error (the client is gone).
+async fn write_some(wr: &mut Option<OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
+    match wr {
+        Some(w) => match w.write(buf).await? {
+            0 => Err(std::io::ErrorKind::WriteZero.into()),
+            n => Ok(n),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The next frame, from a reader not yet dropped.
+async fn next_frame(
+    frames: &mut Option<FrameReader<OwnedReadHalf>>,
+) -> Result<Option<&[u8]>, keyhaven::Error> {
+    match frames {
+        Some(f) => f.next().await,
+        None => Ok(None),
+    }
 }
 
 /// Runs one request.
@@ -377,6 +607,20 @@ mod tests {
         );
         let m = params_error::<keyhaven::wire::Health>(r#"{"a\nb\u001b[31m":1}"#);
         assert_eq!(m, r"unknown field `a\nb\u{1b}[31m`, there are no fields");
+    }
+
+    #[test]
+    fn the_echoed_id_follows_protocol_1() {
+        assert_eq!(echoed_id(br#"{"id":7,"op":1}"#), Some(7));
+        assert_eq!(echoed_id(br#"{"op":"health","i\u0064":8,"x":[1,{"id":2}]}"#), Some(8));
+        assert_eq!(echoed_id(br#"{"id":18446744073709551615}"#), Some(u64::MAX));
+        assert_eq!(echoed_id(b"{\"id\":1,\"op\":\"he\xffalth\"}"), None, "invalid UTF-8");
+        assert_eq!(echoed_id(br#"{"id":1,"id":1,"op":"health"}"#), None, "id twice");
+        assert_eq!(echoed_id(br#"{"id":1,"op":"health"} x"#), None, "trailing bytes");
+        assert_eq!(echoed_id(br#"{"id":1,"op":"health""#), None, "not well formed");
+        for bad in [r#"{"id":-1}"#, r#"{"id":1.5}"#, r#"{"id":"1"}"#, r#"{"id":null}"#, "[1]", "1", ""] {
+            assert_eq!(echoed_id(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub fn prepare_environment(config: &Config) {
 pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Config)) -> anyhow::Result<()> {
     // Before any thread starts: this reads and clears LISTEN_FDS.
     let inherited = crate::systemd::take_listener().context("taking the listening socket from systemd")?;
+    server::raise_open_file_limit(&config.limits)?;
     let (store, meta) = match store {
         Some(s) => SledStore::check_initialised(s)?,
         None => SledStore::open_initialised(&config.store)?,

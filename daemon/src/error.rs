@@ -64,6 +64,10 @@ pub enum Error {
     /// The store failed.
     #[error("store: {0}")]
     Store(StoreError),
+    /// The daemon is at a limit of its own (connections, buffered bytes);
+    /// try again later.
+    #[error("{0}")]
+    Busy(String),
     /// A fault in the daemon.
     #[error("internal error: {0}")]
     Internal(String),
@@ -74,6 +78,7 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::BadRequest(_) => ErrorCode::BadRequest,
+            Error::Busy(_) => ErrorCode::Busy,
             Error::UnknownOperation(_) => ErrorCode::UnknownOperation,
             Error::UnsupportedProtocol(_) => ErrorCode::UnsupportedProtocol,
             Error::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,

@@ -42,7 +42,7 @@ pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
 /// Rotates the keys whose period has passed and deletes those whose
 /// deletion is due.
 pub async fn due_keys(d: &Arc<Daemon>) {
-    let now = ops::now_unix() + d.config.lifecycle.test_clock_offset_seconds;
+    let now = ops::now_unix().saturating_add(d.config.lifecycle.test_clock_offset_seconds);
     let keys = match d.store.keys(None) {
         Ok(k) => k,
         Err(e) => return tracing::warn!(error = %e, "cannot list keys for rotation and deletion"),
@@ -67,7 +67,10 @@ pub async fn due_keys(d: &Arc<Daemon>) {
             continue;
         }
         let due = match (rec.state, rec.rotate_every_secs, rec.version(rec.current_version)) {
-            (KeyState::Enabled | KeyState::Disabled, Some(period), Some(v)) => v.created_at + period <= now,
+            // Saturating: a period stored before it was range-checked never wraps.
+            (KeyState::Enabled | KeyState::Disabled, Some(period), Some(v)) => {
+                v.created_at.saturating_add(period) <= now
+            }
             _ => false,
         };
         // A suspended or destroyed key gets no new versions on its own.

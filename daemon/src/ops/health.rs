@@ -45,25 +45,56 @@ struct Probe {
     keys: Option<u64>,
 }
 
+impl Probe {
+    /// Whether a call that arrived at `arrived` may be answered from this
+    /// probe: it started after the call arrived, or it was good and
+    /// started at most [`REUSE_GOOD`] before.
+    fn reusable(&self, arrived: Instant) -> bool {
+        let good = self.token_error.is_none() && self.keys.is_some();
+        self.started >= arrived || (good && arrived.duration_since(self.started) <= REUSE_GOOD)
+    }
+}
+
 /// Shares token and store probes between concurrent `health` calls (see
 /// the module docs).
 #[derive(Default)]
 pub struct ProbeGate {
     /// The latest probe; held across a probe, so that calls arriving during
     /// one wait for it (and, when it failed, for one more that starts after
-    /// them).
+    /// them). Only tasks of the gate's own take it (see [`ProbeGate::probe`]).
     last: tokio::sync::Mutex<Option<Probe>>,
 }
 
 impl ProbeGate {
-    async fn probe(&self, d: &Daemon) -> Probe {
+    /// A probe for a call that arrives now. The lock is taken, held across
+    /// the token probe and released by a task of its own, never by the
+    /// caller's: a connection's task may stop polling its requests for a
+    /// while (before this, one blocked writing to a client that did not
+    /// read, holding the lock, and every `health` waited on it).
+    async fn probe(d: &Arc<Daemon>) -> Probe {
         let arrived = Instant::now();
-        let mut last = self.last.lock().await;
-        if let Some(p) = &*last {
-            let good = p.token_error.is_none() && p.keys.is_some();
-            if p.started >= arrived || (good && arrived.duration_since(p.started) <= REUSE_GOOD) {
+        // The common case, a probe to reuse, without a task: the lock is
+        // only tried, and let go at once.
+        if let Ok(last) = d.health_probe.last.try_lock() {
+            if let Some(p) = last.as_ref().filter(|p| p.reusable(arrived)) {
                 return p.clone();
             }
+        }
+        let d2 = d.clone();
+        match tokio::spawn(async move { d2.health_probe.probe_since(&d2, arrived).await }).await {
+            Ok(p) => p,
+            Err(e) => Probe {
+                started: arrived,
+                token_error: Some(("internal".into(), format!("the health probe's task failed: {e}"))),
+                keys: None,
+            },
+        }
+    }
+
+    async fn probe_since(&self, d: &Daemon, arrived: Instant) -> Probe {
+        let mut last = self.last.lock().await;
+        if let Some(p) = last.as_ref().filter(|p| p.reusable(arrived)) {
+            return p.clone();
         }
         let started = Instant::now();
         let token = d.hsm.run(|w| w.probe()).await;
@@ -81,7 +112,7 @@ impl ProbeGate {
 /// module docs); reports each rather than failing the call. A whole-system
 /// suspension shows as status `suspended`.
 pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error> {
-    let probe = d.health_probe.probe(d).await;
+    let probe = ProbeGate::probe(d).await;
     let (condition, error) = probe.token_error.map_or((None, None), |(c, e)| (Some(c), Some(e)));
     let token = TokenHealth {
         ok: error.is_none(),

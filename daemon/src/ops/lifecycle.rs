@@ -23,6 +23,10 @@ use crate::store::{KeyRecord, KeyVersion, Store};
 /// Waiting period of a scheduled deletion, in days.
 pub const DELETION_DAYS: std::ops::RangeInclusive<u32> = 7..=30;
 
+/// Period of automatic rotation, in seconds: 1 s to 100 years (0 turns it
+/// off). Longer periods would wrap the due time around.
+pub const ROTATE_EVERY_SECS: std::ops::RangeInclusive<u64> = 1..=100 * 365 * 86_400;
+
 /// The public view of a key record.
 pub fn details(rec: &KeyRecord) -> KeyDetails {
     let current = rec.version(rec.current_version);
@@ -34,7 +38,7 @@ pub fn details(rec: &KeyRecord) -> KeyDetails {
         current_version: rec.current_version,
         min_decryption_version: rec.min_decryption_version,
         rotate_every_secs: rec.rotate_every_secs,
-        next_rotation_at: rec.rotate_every_secs.zip(current).map(|(p, v)| v.created_at + p),
+        next_rotation_at: rec.rotate_every_secs.zip(current).map(|(p, v)| v.created_at.saturating_add(p)),
         deletion_at: rec.deletion_at,
         versions: rec
             .versions
@@ -176,6 +180,13 @@ pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
     let path = path_of(&req.tenant, &req.key)?;
     if req.min_decryption_version.is_none() && req.rotate_every_secs.is_none() && req.state.is_none() {
         return Err(Error::BadRequest("`key_set` needs at least one setting to change".into()));
+    }
+    if let Some(period) = req.rotate_every_secs.filter(|p| *p != 0 && !ROTATE_EVERY_SECS.contains(p)) {
+        return Err(Error::BadRequest(format!(
+            "field `rotate_every_secs`: {period} is out of range: an automatic rotation period is from 1 s to \
+             {} s (100 years), or 0 to turn it off",
+            ROTATE_EVERY_SECS.end()
+        )));
     }
     if let Some(state) = req.state.filter(|s| !matches!(s, KeyState::Enabled | KeyState::Disabled)) {
         return Err(Error::BadRequest(format!(
