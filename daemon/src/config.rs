@@ -315,7 +315,10 @@ fn default_frame_timeout_seconds() -> u64 {
     10
 }
 fn default_idle_timeout_seconds() -> u64 {
-    600
+    // An hour: long enough that an application's pooled connection is not
+    // closed between quiet spells (the Rust `Client` does not reconnect
+    // yet), short enough that abandoned connections give their slot back.
+    3600
 }
 fn default_request_buffer_bytes() -> usize {
     256 << 20
