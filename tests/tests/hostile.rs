@@ -10,6 +10,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// `body` with its length prefix.
+/// The attacks run one at a time: each loads both cores (thousands of
+/// connections), and their time limits (health within 2 s, drops within
+/// seconds) are about the daemon, not about sharing the machine with
+/// another attack in the same test binary.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static ALONE: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    ALONE.get_or_init(Default::default).lock().await
+}
+
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(body);
@@ -119,6 +128,7 @@ fn finish(d: &mut TestDaemon) -> String {
 /// `frame_timeout_seconds` and closed after the deadline, not before.
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_frames_hold_little_memory_and_are_dropped_after_the_deadline() {
+    let _alone = one_at_a_time().await;
     const SLOW: usize = 1000;
     const DEADLINE: u64 = 3;
     let mut d = TestDaemon::start();
@@ -171,6 +181,7 @@ async fn slow_frames_hold_little_memory_and_are_dropped_after_the_deadline() {
 /// (its stream ends with answers missing), not served for ever.
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_that_never_read_are_dropped_and_health_stays_prompt() {
+    let _alone = one_at_a_time().await;
     const READERS: usize = 100;
     const CALLS: u64 = 3000;
     const WRITE_TIMEOUT: u64 = 3;
@@ -205,9 +216,11 @@ async fn clients_that_never_read_are_dropped_and_health_stays_prompt() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Reading now would make them readers: wait (bounded) for the daemon
-    // to close them, seen as its descriptors going back down.
+    // to close every one of them, seen as its descriptors going back down
+    // to where they were (a tolerance let a few be read before they were
+    // dropped, which made them readers: a flaky failure in CI).
     let waited = Instant::now();
-    while open_fds(d.pid()) > fds_before + 2 {
+    while open_fds(d.pid()) > fds_before {
         assert!(waited.elapsed() < Duration::from_secs(60), "non-readers still open after 60 s");
         healthy_within(&monitor, Duration::from_secs(2)).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -234,6 +247,7 @@ async fn clients_that_never_read_are_dropped_and_health_stays_prompt() {
 /// working; the log shows no token failure and no spinning accept.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_past_the_per_uid_cap_leaves_another_user_served_and_the_token_healthy() {
+    let _alone = one_at_a_time().await;
     const FLOOD: usize = 2000;
     let good_user = ensure_user("khtest-hostile", &[]);
     let mut d = TestDaemon::start();
@@ -482,6 +496,7 @@ async fn the_id_echoed_for_a_bad_frame_follows_protocol_1() {
 /// it and are closed; once they are gone the budget is whole again.
 #[tokio::test(flavor = "multi_thread")]
 async fn partly_received_frames_share_one_budget() {
+    let _alone = one_at_a_time().await;
     let mut d = TestDaemon::start();
     d.restart_with(|dir| set_limits(dir, &[("request_buffer_bytes", "2097152")]));
     let mut conns = Vec::new();
