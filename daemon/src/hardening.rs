@@ -710,7 +710,7 @@ pub fn check(config: &Config) -> Result<(), Refused> {
     if let Some(dir) = config.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         paths.check(Checked::SocketDir, dir, false);
     }
-    paths.check(Checked::StoreDir, &config.store, false);
+    paths.check(Checked::StoreDir, &config.store.path, false);
     problems.extend(paths.finish());
     if problems.is_empty() {
         Ok(())

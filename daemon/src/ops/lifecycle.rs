@@ -330,7 +330,7 @@ pub async fn unload(d: &Daemon, covered: impl Fn(&crate::hsm::KekId) -> bool + S
 
 /// Deletes a key whose waiting period is over: erases every version's
 /// wrapped material and marks it deleted. Returns whether it did.
-pub fn delete_if_due(store: &dyn Store, path: &KeyPath, now: u64) -> Result<bool, Error> {
+pub fn delete_if_due(store: &Store, path: &KeyPath, now: u64) -> Result<bool, Error> {
     let mut done = false;
     store.update_key(path, &mut |rec| {
         done = false;

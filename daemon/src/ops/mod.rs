@@ -46,7 +46,7 @@ pub struct Daemon {
     /// The HSM worker pool.
     pub hsm: Arc<Hsm>,
     /// The store.
-    pub store: Arc<dyn Store>,
+    pub store: Store,
     /// The configuration the daemon started with (its policy may have been
     /// reloaded since: see [`Daemon::policy`]).
     pub config: Config,
@@ -74,7 +74,7 @@ pub struct Daemon {
 impl Daemon {
     /// Puts the parts together, opens the audit log and loads the
     /// revocations.
-    pub fn new(hsm: Arc<Hsm>, store: Arc<dyn Store>, config: Config) -> Result<Daemon, StoreError> {
+    pub fn new(hsm: Arc<Hsm>, store: Store, config: Config) -> Result<Daemon, StoreError> {
         let wraps = WrapBudget::new(store.clone(), config.limits.wraps_per_key_version);
         let audit = Audit::open(store.clone(), hsm.clone(), &config.audit)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));
@@ -109,10 +109,10 @@ impl Daemon {
 /// Runs a store change off the async threads (it waits for a flush).
 pub(crate) async fn blocking<T: Send + 'static>(
     d: &Arc<Daemon>,
-    f: impl FnOnce(&dyn Store) -> Result<T, Error> + Send + 'static,
+    f: impl FnOnce(&Store) -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
     let store = d.store.clone();
-    tokio::task::spawn_blocking(move || f(&*store))
+    tokio::task::spawn_blocking(move || f(&store))
         .await
         .map_err(|e| Error::Internal(format!("store task: {e}")))?
 }

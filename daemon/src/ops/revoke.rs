@@ -225,7 +225,7 @@ pub async fn destroy(d: &Arc<Daemon>, caller: &Caller, req: Destroy) -> Result<R
 
 /// Erases the wrapped KEK of every version in `scope`; returns them as
 /// `tenant/key@N`.
-fn erase(s: &dyn Store, scope: &Scope, now: u64) -> Result<Vec<String>, Error> {
+fn erase(s: &Store, scope: &Scope, now: u64) -> Result<Vec<String>, Error> {
     let (records, only) = match scope {
         Scope::Tenant { tenant } => (s.keys(Some(tenant))?, None),
         Scope::Key { tenant, key, version } => {

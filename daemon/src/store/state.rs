@@ -200,6 +200,139 @@ pub trait Anchor: Send + Sync {
     fn write(&self, state: &AnchorState) -> Result<(), StoreError>;
 }
 
+/// A store checked against its anchor: the anchor, the digest of every
+/// record as the store holds them, and the writes anchored so far. Each
+/// backend keeps one behind its writers' lock, and every mutation holds
+/// that lock from its [`prepare`] to its [`commit`].
+pub struct Anchored {
+    anchor: std::sync::Arc<dyn Anchor>,
+    digest: StateDigest,
+    generation: u64,
+}
+
+/// Checks a store whose records have `digest` against the token's anchor
+/// (docs/SECURITY.md §3). The digest must be the anchor's committed one,
+/// or its pending one (a crash after the store's write; committed now).
+/// With no anchor in the token yet (a new install, or a store from before
+/// anchoring), the store is anchored as it is. Returns what anchors every
+/// write from now on, and the anchor as it stands.
+pub fn attach(
+    anchor: std::sync::Arc<dyn Anchor>,
+    digest: StateDigest,
+) -> Result<(Anchored, AnchorState), StoreError> {
+    let now = crate::ops::now_unix();
+    let state = match anchor.read()? {
+        None => {
+            tracing::warn!(
+                "the token holds no anchor for this store: anchoring the store as it is now \
+                 (a new install, or the first start of a store from before anchoring)"
+            );
+            AnchorState { generation: 0, written_at: now, committed: digest.digest(), pending: None }
+        }
+        Some(a) if a.committed == digest.digest() => a,
+        Some(a) if a.pending == Some(digest.digest()) => {
+            tracing::info!(generation = a.generation + 1, "committing the store write a stop cut short");
+            AnchorState {
+                generation: a.generation + 1,
+                written_at: now,
+                committed: digest.digest(),
+                pending: None,
+            }
+        }
+        Some(a) => {
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.written_at),
+            );
+            return Err(StoreError::Tampered(format!(
+                "its records are not the state the token vouches for (write {}, at {when}): a record was \
+                 altered, removed, added or swapped, or this is an older copy of the store. If you \
+                 restored a backup on purpose, run `keyhavend accept-store --reason TEXT` \
+                 (docs/OPERATIONS.md §7)",
+                a.generation
+            )));
+        }
+    };
+    anchor.write(&state)?;
+    let generation = state.generation;
+    Ok((Anchored { anchor, digest, generation }, state))
+}
+
+/// Anchors a store whose records have `digest` as it is, whatever the
+/// token held (`keyhavend accept-store`). Returns the anchor it replaced.
+pub fn accept(
+    anchor: std::sync::Arc<dyn Anchor>,
+    digest: StateDigest,
+) -> Result<(Anchored, Option<AnchorState>), StoreError> {
+    let old = anchor.read()?;
+    let generation = old.as_ref().map_or(0, |a| a.generation + 1);
+    let state = AnchorState {
+        generation,
+        written_at: crate::ops::now_unix(),
+        committed: digest.digest(),
+        pending: None,
+    };
+    anchor.write(&state)?;
+    Ok((Anchored { anchor, digest, generation }, old))
+}
+
+/// Before a write of `tree`/`key` (`None`: a removal): records in the token
+/// the digest the store is about to have, next to the one it has.
+pub fn prepare(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    prepare_all(anchored, tree, &[(key, value)])
+}
+
+/// [`prepare`] for several records of `tree`, written together.
+pub fn prepare_all(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    changes: &[(&[u8], Option<&[u8]>)],
+) -> Result<(), StoreError> {
+    let Some(a) = anchored else { return Ok(()) };
+    let state = AnchorState {
+        generation: a.generation,
+        written_at: crate::ops::now_unix(),
+        committed: a.digest.digest(),
+        pending: Some(a.digest.with_all(tree, changes)),
+    };
+    a.anchor.write(&state)
+}
+
+/// After the write is durable: the store has the new state; records it in
+/// the token as the committed one.
+pub fn commit(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    commit_all(anchored, tree, &[(key, value)])
+}
+
+/// [`commit`] for several records of `tree`, written together.
+pub fn commit_all(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    changes: &[(&[u8], Option<&[u8]>)],
+) -> Result<(), StoreError> {
+    let Some(a) = anchored else { return Ok(()) };
+    for (key, value) in changes {
+        a.digest.set(tree, key, *value);
+    }
+    a.generation += 1;
+    let state = AnchorState {
+        generation: a.generation,
+        written_at: crate::ops::now_unix(),
+        committed: a.digest.digest(),
+        pending: None,
+    };
+    a.anchor.write(&state)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
