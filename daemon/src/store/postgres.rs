@@ -219,6 +219,8 @@ impl PgStore {
         let location = self.location.clone();
         self.on_db(move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
+            // `IF NOT EXISTS` on a made schema is not news.
+            tx.batch_execute("SET LOCAL client_min_messages = warning").await.map_err(db)?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
             tx.batch_execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, \

@@ -1,0 +1,85 @@
+//! The daemon on PostgreSQL, end to end: `keyhavend dev --postgres URL`
+//! with a real token, the real daemon and a throwaway PostgreSQL cluster.
+//! Keys made, used, rotated and revoked survive a restart of the daemon
+//! and of the server; the audit log verifies from the database; a database
+//! writer who lifts a revocation is refused at the next start, as a file
+//! writer is with sled (docs/SECURITY.md §3).
+
+use keyhaven::revocation::{Reason, Revoke, RevokeLift, Scope};
+use keyhaven::wire::AuditVerify;
+use keyhaven_tests::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_on_postgres_keeps_keys_revocations_and_audit_across_restarts() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let mut d = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let c = d.client().await;
+    assert_eq!(c.health().await.unwrap().store.keys, 0);
+    c.key_create(&path("acme/pii")).await.unwrap();
+    let again = c.key_create(&path("acme/pii")).await.unwrap_err();
+    assert_eq!(again.code(), Some(ErrorCode::AlreadyExists));
+    let context = ctx(&["user=42"]);
+    let v1 = c.encrypt(&path("acme/pii"), b"under version 1", &context).await.unwrap();
+    let envelope = c.datakey(&path("acme/pii"), &context, false).await.unwrap();
+    c.call(&keyhaven::lifecycle::KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    let v2 = c.encrypt(&path("acme/pii"), b"under version 2", &context).await.unwrap();
+    assert_eq!((v1.key_version, v2.key_version), (1, 2));
+    c.key_create(&path("beta/x")).await.unwrap();
+    let beta = c.encrypt(&path("beta/x"), b"beta", &context).await.unwrap();
+    let scope = Scope::Tenant { tenant: "beta".into() };
+    c.call(&Revoke { scope: scope.clone(), reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
+    let refused = c.decrypt(&beta.ciphertext, &context).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Revoked));
+    // What the database holds: the records, under the daemon's schema.
+    assert_eq!(pg.psql("keyhaven", "SELECT count(*) FROM keyring"), "2");
+    assert_eq!(pg.psql("keyhaven", "SELECT count(*) FROM revocations"), "1");
+    assert_eq!(pg.psql("keyhaven", "SELECT max(version) FROM schema_version"), "1");
+    drop(c);
+
+    // The daemon restarts: everything is read back from the database.
+    d.restart();
+    let c = d.client().await;
+    assert_eq!(c.health().await.unwrap().store.keys, 2);
+    for (ct, plain) in [(&v1, &b"under version 1"[..]), (&v2, b"under version 2")] {
+        assert_eq!(c.decrypt(&ct.ciphertext, &context).await.unwrap().plaintext.expose(), plain);
+    }
+    let dk = c.datakey_decrypt(&envelope.envelope, &context).await.unwrap();
+    assert_eq!(dk.key_version, 1);
+    let refused = c.decrypt(&beta.ciphertext, &context).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Revoked), "the revocation survives the restart");
+
+    // The PostgreSQL server restarts under the running daemon: the next
+    // requests are served (the pool reconnects), and writes go on.
+    pg.restart();
+    let mut rotated = None;
+    for _ in 0..3 {
+        match c.call(&keyhaven::lifecycle::KeyRotate { tenant: "acme".into(), key: "pii".into() }).await {
+            Ok(r) => {
+                rotated = Some(r);
+                break;
+            }
+            Err(e) => eprintln!("a rotation right after the server restarted: {e}"),
+        }
+    }
+    assert_eq!(rotated.expect("a rotation after the server restarted").current_version, 3);
+    c.call(&RevokeLift { scope, reason: Reason::Unspecified }).await.unwrap();
+    assert_eq!(c.decrypt(&beta.ciphertext, &context).await.unwrap().plaintext.expose(), b"beta");
+    let verified = c.call(&AuditVerify {}).await.unwrap();
+    assert!(verified.intact, "{verified:?}");
+    assert!(verified.records >= 10, "{verified:?}");
+    assert!(pg.psql("keyhaven", "SELECT count(*) FROM audit WHERE kind = 0").parse::<u64>().unwrap() >= 10);
+    let scope = Scope::Key { tenant: "acme".into(), key: "pii".into(), version: None };
+    c.call(&Revoke { scope, reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+
+    // A database writer lifts the revocation behind the daemon's back:
+    // the daemon refuses to start, naming the way out.
+    pg.psql("keyhaven", "DELETE FROM revocations");
+    let out = d.run_once();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a tampered database: {err}");
+    assert!(err.contains("does not match the token's anchor") && err.contains("accept-store"), "{err}");
+}
