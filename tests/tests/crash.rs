@@ -77,19 +77,19 @@ async fn writer(c: Client, tenant: String, worker: usize) -> BTreeMap<String, Ke
     for n in 0u64.. {
         let key = format!("w{worker}k{n}");
         let log: &mut KeyLog = logs.entry(key.clone()).or_default();
-        for step in 0..STEPS.len() {
+        for (step, name) in STEPS.iter().enumerate() {
             let (op, p) = params(step, &tenant, &key, n);
             log.in_flight = true;
             match c.call_raw(op, p).await {
                 Ok(answer) => {
                     log.in_flight = false;
                     log.acked = Some(step);
-                    if STEPS[step] == "datakey" {
+                    if *name == "datakey" {
                         log.envelope = answer["envelope"].as_str().map(str::to_owned);
                     }
                 }
                 Err(e) if e.code().is_none() => return logs, // the kill: no answer
-                Err(e) => panic!("{tenant}/{key} step {}: the daemon refused: {e}", STEPS[step]),
+                Err(e) => panic!("{tenant}/{key} step {name}: the daemon refused: {e}"),
             }
         }
     }
