@@ -6,8 +6,10 @@ use keyhaven::lifecycle::KeyState;
 use keyhaven::wire::{self, KeyInfo, KeyListResponse};
 use keyhaven::KeyPath;
 
-use super::{now_unix, reply, Daemon, Reply};
+use super::{key_target, reply, route, tenant_target, Cx, Daemon, Op, Reply, Route};
+use crate::clock::now_unix;
 use crate::error::Error;
+use crate::policy::{Access, Permission};
 use crate::store::{KeyRecord, KeyVersion};
 
 /// The public view of a key record.
@@ -60,4 +62,28 @@ pub async fn list(d: &Arc<Daemon>, req: wire::KeyList) -> Result<Reply, Error> {
     }
     let keys = d.store.keys(req.tenant.as_deref())?;
     reply(&KeyListResponse { keys: keys.iter().map(info).collect() }, 0)
+}
+
+/// `key_create` and `key_list` (`key-admin`).
+pub(super) const OPS: &[Route] = &[route::<wire::KeyCreate>(), route::<wire::KeyList>()];
+
+impl Op for wire::KeyCreate {
+    const ACCESS: Access = Access::Needs(Permission::KeyAdmin);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        let path = KeyPath::new(&self.tenant, &self.key)?;
+        cx.s.key(&path);
+        cx.allow(key_target(&path))?;
+        let r = create(cx.d, self).await?;
+        cx.s.version = Some(1);
+        Ok(r)
+    }
+}
+
+impl Op for wire::KeyList {
+    const ACCESS: Access = Access::Needs(Permission::KeyAdmin);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        let target = tenant_target(self.tenant.as_deref(), cx.s)?;
+        cx.allow(target)?;
+        list(cx.d, self).await
+    }
 }

@@ -41,12 +41,30 @@ enum RevokeWhat {
     },
 }
 
+/// An envelope id from 32 hex digits in either case, or from a stored
+/// value's embedded envelope (read offline, as `keyhaven inspect` does).
+fn envelope_id(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.contains(':') {
+        return crate::inspect::text(s).map(|found| found.envelope_id);
+    }
+    if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(s.to_ascii_lowercase());
+    }
+    Err(format!(
+        "an envelope id is 32 hex digits, or give the khe1:/khc1:/khs1: value itself (got {} characters)",
+        s.chars().count()
+    ))
+}
+
 /// A scope on the command line.
 #[derive(Subcommand)]
 enum ScopeArg {
-    /// One data key, by the envelope id that `datakey` and `encrypt --json` print.
+    /// One data key: its envelope id (as `datakey`, `encrypt --json` and `inspect` print it), or the stored
+    /// value itself (a khe1: envelope, khc1: ciphertext or khs1: record), whose envelope id is used.
     Datakey {
-        /// 32 hex digits.
+        /// 32 hex digits (either case), or a khe1:/khc1:/khs1: text form.
+        #[arg(value_name = "ENVELOPE_ID|VALUE", value_parser = envelope_id)]
         envelope_id: String,
     },
     /// One key, or one version of it.
