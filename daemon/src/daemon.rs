@@ -129,7 +129,7 @@ pub fn run(config: Config, store: Option<Store>, on_ready: impl FnOnce(&Config))
 /// An operator's `keyhavend accept-store` since the last start goes into the
 /// audit log, and then out of the store's meta record.
 async fn record_store_accepted(d: &Arc<crate::ops::Daemon>) -> anyhow::Result<()> {
-    let Some(a) = d.store.meta()?.and_then(|m| m.store_accepted) else { return Ok(()) };
+    let Some(a) = d.store.backend().meta().await?.and_then(|m| m.store_accepted) else { return Ok(()) };
     let when =
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.at));
     let replaced =

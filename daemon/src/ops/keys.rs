@@ -28,7 +28,7 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
     let path = KeyPath::new(&req.tenant, &req.key)?;
     // No new key under a suspended or destroyed tenant (or the whole system).
     d.revocations.check(&path, None, None)?;
-    if d.store.key(&path)?.is_some() {
+    if d.store.backend().key(&path).await?.is_some() {
         return Err(Error::AlreadyExists(format!("key `{path}` exists already")));
     }
     let (wrapped_kek, master_key_version) = d.hsm.run(|w| w.generate_kek()).await?;
@@ -60,7 +60,7 @@ pub async fn list(d: &Arc<Daemon>, req: wire::KeyList) -> Result<Reply, Error> {
     if let Some(t) = &req.tenant {
         keyhaven::names::validate_name("tenant", t)?;
     }
-    let keys = d.store.keys(req.tenant.as_deref())?;
+    let keys = d.store.backend().keys(req.tenant.as_deref()).await?;
     reply(&KeyListResponse { keys: keys.iter().map(info).collect() }, 0)
 }
 

@@ -75,7 +75,12 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster) -> Result<Reply, Er
     }
     // One rotation step at a time.
     let _one = d.master_lock.lock().await;
-    let meta = d.store.meta()?.ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
+    let meta = d
+        .store
+        .backend()
+        .meta()
+        .await?
+        .ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
     let rotation = match (meta.master_rotation, req.rollback) {
         (Some(r), false) => r,
         (Some(r), true) => begin(d, &meta, r.to, r.from).await?,
@@ -195,7 +200,12 @@ async fn make_pinned(d: &Arc<Daemon>, meta: &Meta, version: u32) -> Result<(), E
 pub async fn retire(d: &Arc<Daemon>, req: AdminRetireMaster) -> Result<Reply, Error> {
     let _one = d.master_lock.lock().await;
     let v = req.version;
-    let meta = d.store.meta()?.ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
+    let meta = d
+        .store
+        .backend()
+        .meta()
+        .await?
+        .ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
     if v == meta.master_key_version {
         return Err(Error::BadRequest(format!("master key version {v} is the current one")));
     }
