@@ -858,4 +858,35 @@ mod tests {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// `[store]`: a folder or a table; the connection string from one
+    /// source, never inline in production, never printed; sled takes none.
+    #[test]
+    fn the_store_section_takes_one_connection_string_source_never_inline_in_production() {
+        let path = Path::new("/etc/keyhaven/keyhaven.toml");
+        let hsm = "[hsm]\nmodule = \"m.so\"\ntoken_label = \"t\"\npin_file = \"p\"\n";
+        let cfg = |mode: &str, store: &str| format!("mode = \"{mode}\"\nsocket = \"s\"\n{store}\n{hsm}");
+        let plain = Config::parse(&cfg("production", "store = \"d\""), path).unwrap();
+        assert_eq!(
+            (plain.store.backend, plain.store.path.as_path()),
+            (StoreBackend::Sled, Path::new("/etc/keyhaven/d"))
+        );
+        let pg = "[store]\nbackend = \"postgres\"\npath = \"d\"\n";
+        let ok = Config::parse(&cfg("production", &format!("{pg}url_file = \"pg-url\"")), path).unwrap();
+        assert_eq!(ok.store.url_file.as_deref(), Some(Path::new("/etc/keyhaven/pg-url")));
+        let secret = "url = \"postgresql://kh:S3cret-4242@db/kh\"";
+        let dev = Config::parse(&cfg("dev", &format!("{pg}{secret}")), path).unwrap();
+        assert!(!format!("{dev:?}").contains("S3cret"), "Debug prints the inline connection string");
+        for (mode, store, names) in [
+            ("production", format!("{pg}{secret}"), "store.url"),
+            ("production", pg.to_owned(), "url_file"),
+            ("dev", format!("{pg}url_env = \"A\"\nurl_file = \"f\""), "not several"),
+            ("dev", "[store]\npath = \"d\"\nurl_env = \"A\"".to_owned(), "postgres"),
+            ("dev", format!("{pg}url_credential = \"../x\""), "store.url_credential"),
+            ("dev", format!("{pg}port = 5432"), "port"),
+        ] {
+            let err = Config::parse(&cfg(mode, &store), path).expect_err(&store).to_string();
+            assert!(err.contains(names) && !err.contains("S3cret"), "{store:?} -> {err}");
+        }
+    }
 }

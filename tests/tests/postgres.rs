@@ -83,3 +83,47 @@ async fn a_daemon_on_postgres_keeps_keys_revocations_and_audit_across_restarts()
     assert!(!out.status.success(), "started on a tampered database: {err}");
     assert!(err.contains("does not match the token's anchor") && err.contains("accept-store"), "{err}");
 }
+
+/// Production checks the connection string's file as it checks the PIN
+/// file's: a file others may read is refused, with the fix; the same
+/// file at 0400 is not.
+#[test]
+fn production_checks_the_connection_string_file_like_the_pin_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix("keyhaven-pgprod-").tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["run", "store"] {
+        std::fs::create_dir(d.join(sub)).unwrap();
+        std::fs::set_permissions(d.join(sub), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    std::fs::write(d.join("pin"), "Correct-Horse-Battery-9\n").unwrap();
+    std::fs::set_permissions(d.join("pin"), std::fs::Permissions::from_mode(0o400)).unwrap();
+    let config = d.join("keyhaven.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket = \"run/keyhaven.sock\"\n[store]\nbackend = \"postgres\"\npath = \"store\"\n\
+             url_file = \"pg-url\"\n[hsm]\nmodule = \"{}\"\ntoken_label = \"prod\"\npin_file = \"pin\"\n\
+             allow_softhsm = true\n",
+            softhsm_module().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let check = |mode: u32| {
+        std::fs::write(d.join("pg-url"), "host=/run/postgresql password=S3cret-4242 dbname=kh\n").unwrap();
+        std::fs::set_permissions(d.join("pg-url"), std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = std::process::Command::new(bin("keyhavend"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .env_remove("SOFTHSM2_CONF")
+            .output()
+            .unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let open = check(0o644);
+    assert!(open.contains("the PostgreSQL connection string file") && open.contains("chmod 0400"), "{open}");
+    assert!(!open.contains("S3cret"), "{open}");
+    let closed = check(0o400);
+    assert!(!closed.contains("connection string file"), "{closed}");
+}
