@@ -635,8 +635,18 @@ impl TestPostgres {
         self.psql("postgres", &format!("CREATE DATABASE {name}"));
     }
 
+    /// Stops the server (fast: open connections are cut), until
+    /// [`TestPostgres::restart`] starts it again.
+    pub fn stop(&self) {
+        let data = self.dir.path().join("data");
+        let out =
+            self.command("pg_ctl").args(["stop", "-w", "-m", "fast", "-D"]).arg(&data).output().unwrap();
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Stops the server (fast: open connections are cut) and starts it
-    /// again, as a restart under load would.
+    /// again, as a restart under load would; or starts it after
+    /// [`TestPostgres::stop`].
     pub fn restart(&self) {
         let data = self.dir.path().join("data");
         let out = self

@@ -127,3 +127,45 @@ fn production_checks_the_connection_string_file_like_the_pin_file() {
     let closed = check(0o400);
     assert!(!closed.contains("connection string file"), "{closed}");
 }
+
+/// PostgreSQL down under a running daemon: what needs the database fails
+/// with `store_unavailable` (an audited operation's result is withheld,
+/// since its record cannot be made durable), nothing is served unaudited,
+/// and once the server is back the same daemon serves again.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_postgres_down_the_daemon_withholds_answers_and_recovers_when_it_returns() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let d = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.unwrap();
+    let context = ctx(&["user=42"]);
+    let ct = c.encrypt(&path("acme/pii"), b"kept", &context).await.unwrap();
+    let records = |pg: &TestPostgres| pg.psql("keyhaven", "SELECT count(*) FROM audit WHERE kind = 0");
+    let before = records(&pg);
+    pg.stop();
+    let refused = c.decrypt(&ct.ciphertext, &context).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::StoreUnavailable), "{refused}");
+    let refused = c.key_create(&path("acme/other")).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::StoreUnavailable), "{refused}");
+    let h = c.health().await.unwrap();
+    assert!(!h.store.ok && h.status != "ok", "{h:?}");
+    pg.restart();
+    let mut served = None;
+    for _ in 0..20 {
+        match c.decrypt(&ct.ciphertext, &context).await {
+            Ok(p) => {
+                served = Some(p);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
+    assert_eq!(served.expect("served again once PostgreSQL is back").plaintext.expose(), b"kept");
+    assert_eq!(c.health().await.unwrap().status, "ok");
+    c.key_create(&path("acme/other")).await.unwrap();
+    // The refused requests' records went in with the next flush, before the answers that followed.
+    assert!(records(&pg).parse::<u64>().unwrap() > before.parse::<u64>().unwrap());
+    let verified = c.call(&AuditVerify {}).await.unwrap();
+    assert!(verified.intact, "{verified:?}");
+}

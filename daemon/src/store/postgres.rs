@@ -90,12 +90,14 @@ pub struct PgStore {
 }
 
 fn db(e: tokio_postgres::Error) -> StoreError {
-    // The error names what failed (connection, statement, constraint); it
-    // never holds the connection string.
-    StoreError::Backend(format!(
-        "postgres: {}",
-        e.as_db_error().map_or_else(|| e.to_string(), |d| d.to_string())
-    ))
+    // The error names what failed (connection, statement, constraint) and
+    // why (the cause: refused, no such socket, timed out); it never holds
+    // the connection string.
+    let mut text = e.as_db_error().map_or_else(|| e.to_string(), |d| d.to_string());
+    if let Some(cause) = std::error::Error::source(&e).filter(|_| e.as_db_error().is_none()) {
+        text = format!("{text}: {cause}");
+    }
+    StoreError::Backend(format!("postgres: {text}"))
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -194,7 +196,10 @@ impl PgStore {
             anchored: tokio::sync::Mutex::new(None),
             audit_pending: Mutex::new(Vec::new()),
         };
-        super::wait(Box::pin(store.migrate()))?;
+        super::wait(Box::pin(store.migrate())).map_err(|e| match e {
+            StoreError::Backend(why) => StoreError::Backend(format!("{}: {why}", store.location)),
+            other => other,
+        })?;
         Ok(store)
     }
 
