@@ -333,3 +333,42 @@ fn production_refuses_postgres_over_tcp_without_tls() {
         assert!(text.contains("sslmode=require") && !text.contains("hunter2"), "{url}: {text}");
     }
 }
+
+/// A write that fails after its anchor was prepared (here the database
+/// refuses it; in life, the connection breaks before the answer) leaves
+/// the daemon unsure whether it happened: the next write first reads the
+/// database and settles the anchor on what it holds, so the daemon keeps
+/// writing and still starts on the database afterwards.
+#[test]
+fn postgres_settles_a_failed_write_before_the_next_and_still_starts() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("kh");
+    pg.psql(
+        "kh",
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.record LIKE '%\"decryptions\":99%' THEN RAISE EXCEPTION 'refused by a trigger'; END IF; \
+         RETURN NEW; END $$",
+    );
+    let anchor = Arc::new(MemoryAnchor::default());
+    let s = open_pg(&pg, "kh");
+    s.attach_anchor(anchor.clone()).unwrap();
+    s.init_meta(&meta()).unwrap();
+    s.create_key(&record("acme", "one")).unwrap();
+    s.create_key(&record("acme", "two")).unwrap();
+    pg.psql("kh", "CREATE TRIGGER refuse BEFORE UPDATE ON keyring FOR EACH ROW EXECUTE FUNCTION refuse()");
+    let err = s.update_key(&path("acme/one"), &mut |r| r.versions[0].decryptions = 99).unwrap_err();
+    assert!(err.to_string().contains("refused by a trigger"), "{err}");
+    // A batch whose second row is refused: the first is not written either.
+    let paths = [path("acme/one"), path("acme/two")];
+    let err = s
+        .update_keys(&paths, &mut |p, r| r.versions[0].decryptions = if p.key() == "two" { 99 } else { 5 })
+        .unwrap_err();
+    assert!(err.to_string().contains("refused by a trigger"), "{err}");
+    assert_eq!(s.key(&path("acme/one")).unwrap().unwrap().versions[0].decryptions, 0);
+    s.update_key(&path("acme/two"), &mut |r| r.versions[0].decryptions = 7).unwrap();
+    drop(s);
+    let s = open_pg(&pg, "kh");
+    s.attach_anchor(anchor).expect("the database starts after the failed writes");
+    assert_eq!(s.key(&path("acme/two")).unwrap().unwrap().versions[0].decryptions, 7);
+    assert_eq!(s.key(&path("acme/one")).unwrap().unwrap().versions[0].decryptions, 0);
+}

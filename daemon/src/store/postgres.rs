@@ -28,7 +28,9 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::config::Host;
 
 use super::sled_store::{keyring_key, revocation_key};
-use super::state::{commit, commit_all, prepare, prepare_all, Anchor, AnchorState, Anchored, StateDigest};
+use super::state::{
+    commit, commit_all, in_doubt, prepare, prepare_all, settle, Anchor, AnchorState, Anchored, StateDigest,
+};
 use super::{
     AuditIter, AuditKind, Backend, KeyChange, KeyRecord, KeysChange, Meta, MetaChange, StoreError,
     StoreFuture,
@@ -255,7 +257,26 @@ impl PgStore {
 
     /// The digest of every anchored record as the database holds them now.
     fn state_digest(&self) -> Result<StateDigest, StoreError> {
-        let rows = super::wait(Box::pin(self.on_db(|c| async move {
+        super::wait(Box::pin(self.read_digest()))
+    }
+
+    /// Before a write, under the writers' lock: when the last write's
+    /// outcome is unknown (its commit may have happened before the
+    /// connection broke), reads the database's state and settles the
+    /// anchor on it ([`super::state::settle`]).
+    async fn settle(&self, w: &mut Option<Anchored>) -> Result<(), StoreError> {
+        if !in_doubt(w) {
+            return Ok(());
+        }
+        let digest = self.read_digest().await?;
+        settle(w, digest)?;
+        // A key record the lost write did change is re-read.
+        self.keys.write().unwrap_or_else(|e| e.into_inner()).clear();
+        Ok(())
+    }
+
+    async fn read_digest(&self) -> Result<StateDigest, StoreError> {
+        let rows = (self.on_db(|c| async move {
             let mut rows: Vec<(&'static str, Vec<u8>, String)> = Vec::new();
             for r in c.query("SELECT id, record FROM meta", &[]).await.map_err(db)? {
                 rows.push(("meta", r.get::<_, String>(0).into_bytes(), r.get(1)));
@@ -268,7 +289,8 @@ impl PgStore {
                 rows.push(("revocations", r.get::<_, String>(0).into_bytes(), r.get(1)));
             }
             Ok(rows)
-        })))?;
+        }))
+        .await?;
         let mut digest = StateDigest::default();
         for (tree, key, value) in &rows {
             digest.load(tree, key, value.as_bytes());
@@ -335,6 +357,7 @@ impl Backend for PgStore {
     fn init_meta<'a>(&'a self, meta: &'a Meta) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut w = self.anchored.lock().await;
+            self.settle(&mut w).await?;
             let value = encode(meta);
             prepare(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))?;
             let v = value.clone();
@@ -358,6 +381,7 @@ impl Backend for PgStore {
     fn update_meta<'a>(&'a self, change: MetaChange<'a>) -> StoreFuture<'a, Meta> {
         Box::pin(async move {
             let mut w = self.anchored.lock().await;
+            self.settle(&mut w).await?;
             loop {
                 let row = self
                     .on_db(|c| async move {
@@ -417,6 +441,7 @@ impl Backend for PgStore {
             let path = record.path()?;
             let k = keyring_key(&path);
             let mut w = self.anchored.lock().await;
+            self.settle(&mut w).await?;
             if self.read_key(&path).await?.is_some() {
                 return Err(StoreError::AlreadyExists(format!("key `{path}`")));
             }
@@ -450,6 +475,7 @@ impl Backend for PgStore {
         Box::pin(async move {
             let k = keyring_key(path);
             let mut w = self.anchored.lock().await;
+            self.settle(&mut w).await?;
             loop {
                 let Some((mut record, old, version)) = self.read_key(path).await? else { return Ok(None) };
                 change(&mut record);
@@ -484,6 +510,7 @@ impl Backend for PgStore {
     fn update_keys<'a>(&'a self, paths: &'a [KeyPath], change: KeysChange<'a>) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut w = self.anchored.lock().await;
+            self.settle(&mut w).await?;
             // Writers hold `w`; the transaction's conditional updates refuse
             // rows another writer changed, and then nothing is written.
             let mut writes: Vec<(KeyPath, String, i64, KeyRecord)> = Vec::new();
@@ -593,6 +620,7 @@ impl Backend for PgStore {
             let k = revocation_key(&revocation.scope);
             let value = encode(revocation);
             let mut w = self.anchored.lock().await;
+            self.settle(&mut w).await?;
             prepare(&mut w, "revocations", &k, Some(value.as_bytes()))?;
             let (scope, v) = (String::from_utf8_lossy(&k).into_owned(), value.clone());
             self.on_db(move |c| async move {
@@ -614,6 +642,7 @@ impl Backend for PgStore {
             let k = revocation_key(scope);
             let key = String::from_utf8_lossy(&k).into_owned();
             let mut w = self.anchored.lock().await;
+            self.settle(&mut w).await?;
             let sc = key.clone();
             let present = self
                 .on_db(move |c| async move {

@@ -208,6 +208,10 @@ pub struct Anchored {
     anchor: std::sync::Arc<dyn Anchor>,
     digest: StateDigest,
     generation: u64,
+    /// The digest of a write prepared and not committed: the write failed,
+    /// or its outcome is unknown (a networked store whose answer was lost
+    /// after its commit). See [`in_doubt`].
+    pending: Option<[u8; 32]>,
 }
 
 /// Checks a store whose records have `digest` against the token's anchor
@@ -254,7 +258,7 @@ pub fn attach(
     };
     anchor.write(&state)?;
     let generation = state.generation;
-    Ok((Anchored { anchor, digest, generation }, state))
+    Ok((Anchored { anchor, digest, generation, pending: None }, state))
 }
 
 /// Anchors a store whose records have `digest` as it is, whatever the
@@ -272,7 +276,7 @@ pub fn accept(
         pending: None,
     };
     anchor.write(&state)?;
-    Ok((Anchored { anchor, digest, generation }, old))
+    Ok((Anchored { anchor, digest, generation, pending: None }, old))
 }
 
 /// Before a write of `tree`/`key` (`None`: a removal): records in the token
@@ -293,13 +297,55 @@ pub fn prepare_all(
     changes: &[(&[u8], Option<&[u8]>)],
 ) -> Result<(), StoreError> {
     let Some(a) = anchored else { return Ok(()) };
+    let pending = a.digest.with_all(tree, changes);
+    a.pending = Some(pending);
     let state = AnchorState {
         generation: a.generation,
         written_at: crate::ops::now_unix(),
         committed: a.digest.digest(),
-        pending: Some(a.digest.with_all(tree, changes)),
+        pending: Some(pending),
     };
     a.anchor.write(&state)
+}
+
+/// Whether a write was prepared and not committed since: the store may
+/// hold its state or the one before, and the digest kept in memory may be
+/// wrong. The next write must [`settle`] first.
+pub fn in_doubt(anchored: &Option<Anchored>) -> bool {
+    anchored.as_ref().is_some_and(|a| a.pending.is_some())
+}
+
+/// After a write in doubt: `digest` is the store's state read afresh. It
+/// is the committed state (the write did not happen), or the pending one
+/// (it did: committed now, as at a start after a crash); anything else is
+/// a change nobody anchored, refused as at start.
+pub fn settle(anchored: &mut Option<Anchored>, digest: StateDigest) -> Result<(), StoreError> {
+    let Some(a) = anchored else { return Ok(()) };
+    let Some(pending) = a.pending else { return Ok(()) };
+    let now = digest.digest();
+    if now == a.digest.digest() {
+        tracing::info!("a store write that failed did not happen");
+    } else if now == pending {
+        tracing::info!(
+            generation = a.generation + 1,
+            "a store write whose answer was lost did happen: committing it"
+        );
+        a.generation += 1;
+        a.digest = digest;
+    } else {
+        return Err(StoreError::Tampered(
+            "after a store write that failed, the store holds neither the state before it nor the state it was \
+             making: another writer changed it"
+                .into(),
+        ));
+    }
+    a.pending = None;
+    a.anchor.write(&AnchorState {
+        generation: a.generation,
+        written_at: crate::ops::now_unix(),
+        committed: a.digest.digest(),
+        pending: None,
+    })
 }
 
 /// After the write is durable: the store has the new state; records it in
@@ -324,6 +370,7 @@ pub fn commit_all(
         a.digest.set(tree, key, *value);
     }
     a.generation += 1;
+    a.pending = None;
     let state = AnchorState {
         generation: a.generation,
         written_at: crate::ops::now_unix(),
@@ -379,6 +426,52 @@ mod tests {
         assert_eq!(AnchorState::decode(&b.encode()).unwrap(), b);
         for bad in ["", "khanchor1 1 2 3 4", "khanchor2 7 1 - -", &a.encode().replace("khanchor1", "x")] {
             assert!(AnchorState::decode(bad).is_err(), "{bad}");
+        }
+    }
+
+    struct Memory(std::sync::Mutex<Option<AnchorState>>);
+    impl Anchor for Memory {
+        fn read(&self) -> Result<Option<AnchorState>, StoreError> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        fn write(&self, state: &AnchorState) -> Result<(), StoreError> {
+            *self.0.lock().unwrap() = Some(state.clone());
+            Ok(())
+        }
+    }
+
+    fn loaded(records: &[(&[u8], &[u8])]) -> StateDigest {
+        let mut d = StateDigest::default();
+        for (k, v) in records {
+            d.load("keyring", k, v);
+        }
+        d.finish_load();
+        d
+    }
+
+    #[test]
+    fn a_write_in_doubt_settles_to_what_the_store_holds_and_nothing_else() {
+        let before: &[(&[u8], &[u8])] = &[(b"acme/a", b"1")];
+        let after: &[(&[u8], &[u8])] = &[(b"acme/a", b"2")];
+        let other: &[(&[u8], &[u8])] = &[(b"acme/a", b"3")];
+        for (store_holds, settles, generation) in [(before, true, 0), (after, true, 1), (other, false, 0)] {
+            let memory = std::sync::Arc::new(Memory(Default::default()));
+            let (a, _) = attach(memory.clone(), loaded(before)).unwrap();
+            let mut anchored = Some(a);
+            let base = memory.read().unwrap().unwrap().generation;
+            prepare(&mut anchored, "keyring", b"acme/a", Some(b"2")).unwrap();
+            assert!(in_doubt(&anchored));
+            // The write's answer is lost: the store holds one state or another.
+            let result = settle(&mut anchored, loaded(store_holds));
+            assert_eq!(result.is_ok(), settles, "{result:?}");
+            if settles {
+                assert!(!in_doubt(&anchored));
+                let anchor = memory.read().unwrap().unwrap();
+                assert_eq!((anchor.generation - base, anchor.pending), (generation, None));
+                assert_eq!(anchor.committed, loaded(store_holds).digest());
+                // And a start on that store is accepted.
+                attach(memory.clone(), loaded(store_holds)).unwrap();
+            }
         }
     }
 }
