@@ -402,9 +402,53 @@ impl Client {
         self.call(&wire::KeyCreate { tenant: path.tenant().into(), key: path.key().into() }).await
     }
 
-    /// Lists named keys, of one tenant or all.
+    /// Lists named keys, of one tenant or all, following every page.
     pub async fn key_list(&self, tenant: Option<&str>) -> Result<Vec<wire::KeyInfo>, Error> {
-        Ok(self.call(&wire::KeyList { tenant: tenant.map(Into::into) }).await?.keys)
+        let mut keys = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.key_list_page(tenant, after.take(), None).await?;
+            keys.extend(page.keys);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(keys),
+            }
+        }
+    }
+
+    /// One page of [`key_list`](Self::key_list): at most `limit` keys
+    /// (default and most: [`wire::MAX_LIST_PAGE`]) after `after`.
+    pub async fn key_list_page(
+        &self,
+        tenant: Option<&str>,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<wire::KeyListResponse, Error> {
+        self.call(&wire::KeyList { tenant: tenant.map(Into::into), limit, after }).await
+    }
+
+    /// Every revocation in force (of one tenant, or all), following every
+    /// page of `revoke_list`.
+    pub async fn revoke_list(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<crate::revocation::Revocation>, Error> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .call(&crate::revocation::RevokeList {
+                    tenant: tenant.map(Into::into),
+                    limit: None,
+                    after: after.take(),
+                })
+                .await?;
+            all.extend(page.revocations);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// Encrypts up to 64 KiB; returns the text ciphertext and its metadata.
