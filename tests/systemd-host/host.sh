@@ -11,6 +11,9 @@
 #   missing. Each run boots an overlay on it, so the cache stays clean.
 # - `systemd-nspawn -b --register=no --keep-unit`: the host's PID 1 need not
 #   be systemd (no machined to register with, no scope to make).
+# - RLIMIT_MEMLOCK unlimited for the container's PID 1, as a host's PID 1
+#   has it: the process that runs this test may have a finite hard limit,
+#   and then the unit's LimitMEMLOCK=infinity could not be granted.
 # - Commands run inside through nsenter into the namespaces of the
 #   container's PID 1 (nspawn's child).
 # - The container is stopped and the overlay removed on every exit.
@@ -87,6 +90,7 @@ mount -t overlay overlay -o "lowerdir=$image,upperdir=$work/upper,workdir=$work/
 name="khtest-$$"
 systemd-nspawn -q -b --register=no --keep-unit -M "$name" -D "$work/root" \
     --bind-ro="$work/share:/mnt/keyhaven" --console=read-only \
+    --rlimit=RLIMIT_MEMLOCK=infinity \
     >"$work/console.log" 2>&1 </dev/null &
 nspawn_pid=$!
 leader=""
