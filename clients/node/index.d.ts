@@ -155,3 +155,99 @@ export declare class Client {
   rewrap(text: string, context?: EncryptionContext): Promise<RewrapResult>;
   subscribeRevocations(): Promise<{ subscribed: boolean }>;
 }
+
+// ---- Local sealing (ENVELOPE.md §10) ----
+
+export declare const MAX_MESSAGES_PER_KEY: number;
+export declare const MIN_CHUNK: 1024;
+export declare const MAX_CHUNK: 16777216;
+export declare const DEFAULT_CHUNK: 65536;
+
+/** Required limits of the sealing cache, per data key. */
+export interface SealLimits {
+  /** From when the daemon returned the key; ≥ 1. */
+  maxAgeMs: number;
+  /** Records per key, 1..2^31. */
+  maxMessages: number;
+  /** Plaintext bytes per key, ≥ 1; a larger record gets a key of its own. */
+  maxBytes: number;
+}
+/** Limits of the opening cache; `maxEntries: 0` turns it off. */
+export interface OpenLimits {
+  maxAgeMs?: number;
+  maxEntries: number;
+}
+export interface SealerOptions {
+  socket?: string;
+  connectTimeoutMs?: number | null;
+  requestTimeoutMs?: number | null;
+  seal: SealLimits;
+  open: OpenLimits;
+}
+export interface SealerStats {
+  datakeys: number;
+  unwraps: number;
+  sealHits: number;
+  openHits: number;
+  revoked: number;
+  events: number;
+  connections: number;
+  sealKeys: number;
+  openKeys: number;
+}
+
+export declare class Sealer {
+  constructor(opts: SealerOptions);
+  readonly socket: string;
+  /** Seal one record; `sealedToText` gives its `khs1:` text. */
+  seal(path: KeyPathLike, plaintext: BytesLike, context?: EncryptionContext): Promise<Buffer>;
+  /** Open a record, as bytes or `khs1:` text. */
+  open(sealed: Buffer | Uint8Array | string, context?: EncryptionContext): Promise<Buffer>;
+  /** A Transform sealing its input as one sealed stream (a data key of its own). */
+  sealStream(path: KeyPathLike, context?: EncryptionContext, opts?: { chunkSize?: number }): import('node:stream').Transform;
+  /** A Transform opening a sealed stream; on error, discard what it pushed. */
+  openStream(context?: EncryptionContext): import('node:stream').Transform;
+  getStats(): SealerStats;
+  /** Empty both caches (keys overwritten). */
+  clear(): void;
+  /** Close the connection and empty both caches. */
+  close(): void;
+}
+
+export interface EnvelopeInfo {
+  tenant: string;
+  key: string;
+  version: number;
+  /** 32 lowercase hex digits. */
+  id: string;
+}
+export interface ParsedRecord {
+  header: Buffer;
+  envelope: Buffer;
+  envelopeInfo: EnvelopeInfo;
+  nonce: Buffer;
+  payload: Buffer;
+}
+export interface ParsedStreamHeader {
+  header: Buffer;
+  envelope: Buffer;
+  envelopeInfo: EnvelopeInfo;
+  chunkSize: number;
+}
+export declare function sealedToText(bytes: Buffer): string;
+export declare function sealedFromText(text: string): Buffer;
+/** Structural parse; the fields are claims until the daemon unwraps the key. */
+export declare function parseEnvelope(bytes: Buffer): EnvelopeInfo;
+export declare function parseRecord(bytes: Buffer): ParsedRecord;
+/** Low level: seal a record with a data key you hold (`nonce` for test vectors only). */
+export declare function sealRecord(key: Buffer, envelope: Buffer, context: EncryptionContext | undefined | null, plaintext: Buffer, nonce?: Buffer): Buffer;
+export declare function openRecord(key: Buffer, record: ParsedRecord, context?: EncryptionContext | null): Buffer;
+export declare function streamHeader(envelope: Buffer, chunkSize: number): Buffer;
+/** `null` while more bytes are needed. */
+export declare function parseStreamHeader(bytes: Buffer): ParsedStreamHeader | null;
+export declare class ChunkCipher {
+  constructor(key: Buffer, header: Buffer, context?: EncryptionContext | null);
+  seal(plaintext: Buffer, last: boolean): Buffer;
+  open(sealed: Buffer, last: boolean): Buffer;
+  wipe(): void;
+}

@@ -39,3 +39,23 @@ export async function example(): Promise<void> {
   }
   await kh.close();
 }
+
+import { Sealer, parseRecord, sealedToText, type SealerStats } from 'keyhaven';
+import { pipeline } from 'node:stream/promises';
+import { Readable, Writable } from 'node:stream';
+
+export async function sealing(): Promise<void> {
+  const s = new Sealer({
+    seal: { maxAgeMs: 300_000, maxMessages: 10_000, maxBytes: 100 << 20 },
+    open: { maxAgeMs: 300_000, maxEntries: 1000 },
+  });
+  const rec: Buffer = await s.seal('acme/pii', 'x', { column: 'iban' });
+  const text: string = sealedToText(rec);
+  const plain: Buffer = await s.open(text, { column: 'iban' });
+  const id: string = parseRecord(rec).envelopeInfo.id;
+  const stats: SealerStats = s.getStats();
+  await pipeline(Readable.from([plain]), s.sealStream('acme/files', {}, { chunkSize: 65536 }), new Writable());
+  await pipeline(Readable.from([]), s.openStream({}), new Writable());
+  void [id, stats.sealKeys];
+  s.close();
+}
