@@ -123,7 +123,11 @@ export class Connection {
       return;
     }
     if (!('id' in msg) && typeof msg.event === 'string') {
-      this.onEvent?.(msg);
+      try {
+        this.onEvent?.(msg);
+      } catch {
+        // A throwing listener must not take the connection (or the process) down.
+      }
       return;
     }
     if (msg.id === null) {

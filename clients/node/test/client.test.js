@@ -230,3 +230,27 @@ test('bad options are refused', () => {
   assert.throws(() => new Client({ requestTimeoutMs: -1 }), (e) => e.code === 'config');
   assert.throws(() => new Client({ socket: '' }), (e) => e.code === 'config');
 });
+
+test('events reach onEvent; a listener that throws harms nothing', async () => {
+  const seen = [];
+  const c = new Client({
+    socket: d.socket,
+    connections: 1,
+    onEvent: (e) => {
+      seen.push(e);
+      throw new Error('listener bug');
+    },
+  });
+  try {
+    await kh.keyCreate('acme/evt');
+    assert.deepEqual(await c.subscribeRevocations(), { subscribed: true });
+    await kh.call('revoke', { scope: { kind: 'key', tenant: 'acme', key: 'evt' }, reason: 'unspecified' });
+    const t0 = Date.now();
+    while (seen.length === 0 && Date.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 5));
+    assert.deepEqual(seen, [{ event: 'revoked', scope: { kind: 'key', tenant: 'acme', key: 'evt' } }]);
+    assert.equal((await c.health()).status, 'ok');
+    assert.equal(c.connectionsOpened, 1);
+  } finally {
+    await c.close();
+  }
+});

@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
@@ -224,3 +224,22 @@ def test_bad_options() -> None:
         with pytest.raises(InvalidInput) as e:
             Client(**kwargs)
         assert e.value.code == "config"
+
+
+def test_events_reach_on_event_and_a_failing_callback_harms_nothing(daemon: Daemon, kh: Client) -> None:
+    seen: List[Dict[str, Any]] = []
+
+    def listener(e: Dict[str, Any]) -> None:
+        seen.append(e)
+        raise RuntimeError("listener bug")
+
+    with Client(daemon.socket, connections=1, on_event=listener) as c:
+        kh.key_create("acme/evt")
+        assert c.subscribe_revocations() == {"subscribed": True}
+        kh.call("revoke", {"scope": {"kind": "key", "tenant": "acme", "key": "evt"}, "reason": "unspecified"})
+        t0 = time.monotonic()
+        while not seen and time.monotonic() - t0 < 5:
+            time.sleep(0.005)
+        assert seen == [{"event": "revoked", "scope": {"kind": "key", "tenant": "acme", "key": "evt"}}]
+        assert c.health()["status"] == "ok"
+        assert c.connections_opened == 1

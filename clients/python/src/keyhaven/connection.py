@@ -159,7 +159,10 @@ class Connection:
     def _dispatch(self, msg: Dict[str, Any]) -> None:
         if "id" not in msg and isinstance(msg.get("event"), str):
             if self.on_event is not None:
-                self.on_event(msg)
+                try:
+                    self.on_event(msg)
+                except Exception:  # noqa: S110 (a failing callback must not end the reader thread)
+                    pass
             return
         rid = msg.get("id")
         if rid is None:
