@@ -254,3 +254,25 @@ test('events reach onEvent; a listener that throws harms nothing', async () => {
     await c.close();
   }
 });
+
+test('a daemon restart: calls fail typed while it is down, and the same Client carries on after', async () => {
+  const d2 = await startDaemon();
+  const c = new Client({ socket: d2.socket, connections: 2, connectTimeoutMs: 2000 });
+  let d3;
+  try {
+    await c.keyCreate('acme/restart');
+    const enc = await c.encrypt('acme/restart', 'survives', { r: '1' });
+    await d2.stop({ keep: true });
+    // Down: a connection the client had not yet seen close fails as
+    // `connection_closed`, a new one as `connect_failed`.
+    await assert.rejects(c.health(), (e) => ['connect_failed', 'connection_closed'].includes(e.code));
+    await rejectsWith(c.health(), 'connect_failed');
+    d3 = await startDaemon(d2.dir);
+    assert.equal(d3.socket, d2.socket);
+    assert.equal((await c.decrypt(enc.ciphertext, { r: '1' })).plaintext.toString(), 'survives');
+  } finally {
+    await c.close();
+    if (d3) await d3.stop();
+    else await d2.stop();
+  }
+});

@@ -11,8 +11,8 @@ export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 export const KEYHAVEND = path.join(ROOT, 'target/debug/keyhavend');
 export const KEYHAVEN = path.join(ROOT, 'target/debug/keyhaven');
 
-export async function startDaemon() {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kh-node-'));
+/** Start a dev daemon; `dir` reuses the install of an earlier one (a restart). */
+export async function startDaemon(dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kh-node-'))) {
   const child = spawn(KEYHAVEND, ['dev', '--dir', path.join(dir, 'dev')], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -44,13 +44,14 @@ export async function startDaemon() {
     cli(args, input) {
       return execFileSync(KEYHAVEN, ['--socket', socket, ...args], { input, maxBuffer: 64 << 20 });
     },
-    async stop() {
+    /** Stop it; `keep` leaves its folder for a restart. */
+    async stop({ keep = false } = {}) {
       if (child.exitCode === null) {
         const exited = new Promise((r) => child.once('exit', r));
         child.kill('SIGTERM');
         await exited;
       }
-      fs.rmSync(dir, { recursive: true, force: true });
+      if (!keep) fs.rmSync(dir, { recursive: true, force: true });
     },
   };
 }

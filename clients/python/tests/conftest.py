@@ -20,8 +20,9 @@ KEYHAVEN = ROOT / "target" / "debug" / "keyhaven"
 
 
 class Daemon:
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="kh-py-")
+    def __init__(self, dir: Optional[str] = None) -> None:
+        """Start a dev daemon; ``dir`` reuses the install of an earlier one (a restart)."""
+        self.dir = dir or tempfile.mkdtemp(prefix="kh-py-")
         self.proc = subprocess.Popen(
             [str(KEYHAVEND), "dev", "--dir", os.path.join(self.dir, "dev")],
             stdin=subprocess.DEVNULL,
@@ -63,7 +64,8 @@ class Daemon:
             [str(KEYHAVEN), "--socket", self.socket, *args], input=input, capture_output=True, check=True
         ).stdout
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
+        """Stop it; ``keep`` leaves its folder for a restart."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -71,7 +73,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -19,6 +19,7 @@ from keyhaven import (
     ConnectError,
     DaemonError,
     InvalidInput,
+    KeyhavenError,
     KeyhavenTimeout,
     encode_context,
 )
@@ -243,3 +244,25 @@ def test_events_reach_on_event_and_a_failing_callback_harms_nothing(daemon: Daem
         assert seen == [{"event": "revoked", "scope": {"kind": "key", "tenant": "acme", "key": "evt"}}]
         assert c.health()["status"] == "ok"
         assert c.connections_opened == 1
+
+
+def test_daemon_restart_fails_typed_then_the_same_client_carries_on() -> None:
+    d2 = Daemon()
+    d3: Optional[Daemon] = None
+    try:
+        with Client(d2.socket, connect_timeout=2) as c:
+            c.key_create("acme/restart")
+            ct = c.encrypt("acme/restart", "survives", {"r": "1"}).ciphertext
+            d2.stop(keep=True)
+            # Down: a connection not yet seen closing fails as connection_closed, a new one as connect_failed.
+            for _ in range(2):
+                with pytest.raises(KeyhavenError) as e:
+                    c.health()
+                assert e.value.code in ("connect_failed", "connection_closed")
+            with pytest.raises(ConnectError):
+                c.health()
+            d3 = Daemon(d2.dir)
+            assert d3.socket == d2.socket
+            assert bytes(c.decrypt(ct, {"r": "1"}).plaintext) == b"survives"
+    finally:
+        (d3 or d2).stop()
