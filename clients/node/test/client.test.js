@@ -276,3 +276,42 @@ test('a daemon restart: calls fail typed while it is down, and the same Client c
     else await d2.stop();
   }
 });
+
+test('a peer that sends an oversized or unreadable frame fails the calls with `protocol`', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kh-node-hostile-'));
+  const sockets = [];
+  const servers = [];
+  try {
+    for (const [name, reply] of [
+      ['huge', () => Buffer.from([0x00, 0x20, 0x00, 0x00])], // announces 2 MiB
+      ['garbage', () => Buffer.concat([Buffer.from([0, 0, 0, 3]), Buffer.from('{x}')])],
+    ]) {
+      const p = path.join(dir, `${name}.sock`);
+      const server = net.createServer((s) => {
+        sockets.push(s);
+        let hello = true;
+        s.on('data', (b) => {
+          if (hello) {
+            hello = false;
+            const id = JSON.parse(b.subarray(4).toString()).id;
+            const body = Buffer.from(JSON.stringify({ id, ok: { protocol: 1, server: name } }));
+            const head = Buffer.alloc(4);
+            head.writeUInt32BE(body.length);
+            s.write(Buffer.concat([head, body]));
+          } else {
+            s.write(reply());
+          }
+        });
+      });
+      servers.push(server);
+      await new Promise((r) => server.listen(p, r));
+      const c = new Client({ socket: p, requestTimeoutMs: 5000 });
+      await rejectsWith(c.health(), 'protocol');
+      await c.close();
+    }
+  } finally {
+    for (const s of sockets) s.destroy();
+    for (const s of servers) await new Promise((r) => s.close(r));
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -266,3 +266,32 @@ def test_daemon_restart_fails_typed_then_the_same_client_carries_on() -> None:
             assert bytes(c.decrypt(ct, {"r": "1"}).plaintext) == b"survives"
     finally:
         (d3 or d2).stop()
+
+
+@pytest.mark.parametrize(
+    "reply", [b"\x00\x20\x00\x00", b"\x00\x00\x00\x03{x}"], ids=["2 MiB frame", "not JSON"]
+)
+def test_a_peer_sending_a_bad_frame_fails_calls_with_protocol(reply: bytes) -> None:
+    d = tempfile.mkdtemp(prefix="kh-py-hostile-")
+    path = os.path.join(d, "peer.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(4)
+    held: List[socket.socket] = []
+
+    def serve() -> None:
+        s, _ = srv.accept()
+        held.append(s)
+        n = struct.unpack(">I", s.recv(4))[0]
+        rid = json.loads(s.recv(n))["id"]
+        body = json.dumps({"id": rid, "ok": {"protocol": 1, "server": "hostile"}}).encode()
+        s.sendall(struct.pack(">I", len(body)) + body)
+        s.recv(4096)
+        s.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    with Client(path, request_timeout=5) as c, pytest.raises(KeyhavenError) as e:
+        c.health()
+    assert e.value.code == "protocol"
+    for s in [*held, srv]:
+        s.close()
