@@ -61,5 +61,28 @@ for (const [name, op] of Object.entries(ops)) {
     );
   }
 }
+// Revocation delay: from the answer to `revoke` until the Sealer's cache no
+// longer holds the key (the event has arrived and been applied).
+const rounds = Number(args['revoke-rounds'] ?? 20);
+const revKey = { tenant: 'bench', key: 'node-rev' };
+try {
+  await kh.keyCreate(revKey);
+} catch (e) {
+  if (e.code !== 'already_exists') throw e;
+}
+const delays = [];
+for (let i = 0; i < rounds; i++) {
+  await sealer.seal(revKey, 'x');
+  const scope = { kind: 'key', ...revKey };
+  await kh.call('revoke', { scope, reason: 'unspecified' });
+  const t0 = performance.now();
+  while (sealer.getStats().sealKeys > 1) await new Promise((r) => setImmediate(r));
+  delays.push(performance.now() - t0);
+  await kh.call('revoke_lift', { scope, reason: 'unspecified' });
+}
+delays.sort((a, b) => a - b);
+console.log(
+  `revoke -> cache empty, ${rounds} rounds: p50 ${pct(delays, 50).toFixed(2)} ms, max ${delays.at(-1).toFixed(2)} ms`,
+);
 sealer.close();
 await kh.close();

@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--payload", type=int, default=32)
+    ap.add_argument("--revoke-rounds", type=int, default=20)
     a = ap.parse_args()
     kh = Client(a.socket)
     key = "bench/python"
@@ -72,6 +73,28 @@ def main() -> None:
                 return lat[min(len(lat) - 1, int(p / 100 * len(lat)))]
 
             print(f"{name:<11} {c:>4} {len(lat) / a.duration:>10.0f} {pct(50):>8.2f} {pct(99):>8.2f}")
+    # Revocation delay: from the answer to `revoke` until the Sealer's cache no
+    # longer holds the key (the event has arrived and been applied).
+    try:
+        kh.key_create("bench/python-rev")
+    except DaemonError as e:
+        if e.code != "already_exists":
+            raise
+    delays: List[float] = []
+    scope = {"kind": "key", "tenant": "bench", "key": "python-rev"}
+    for _ in range(a.revoke_rounds):
+        sealer.seal("bench/python-rev", "x")
+        kh.call("revoke", {"scope": scope, "reason": "unspecified"})
+        t0 = time.perf_counter()
+        while sealer.stats().seal_keys > 1:
+            time.sleep(0)
+        delays.append((time.perf_counter() - t0) * 1000)
+        kh.call("revoke_lift", {"scope": scope, "reason": "unspecified"})
+    delays.sort()
+    print(
+        f"revoke -> cache empty, {a.revoke_rounds} rounds: "
+        f"p50 {delays[len(delays) // 2]:.2f} ms, max {delays[-1]:.2f} ms"
+    )
     sealer.close()
     kh.close()
 
