@@ -273,7 +273,7 @@ impl Client {
                 let buf = match frames.next().await {
                     Ok(Some(buf)) => buf,
                     Ok(None) => break Error::Closed,
-                    Err(e) => break e,
+                    Err(e) => break e.peer_gone(),
                 };
                 let frame: Incoming = match serde_json::from_slice(buf) {
                     Ok(f) => f,
@@ -375,7 +375,9 @@ impl Client {
             None => return Err(Error::Closed),
         };
         let exchange = async {
-            write_frame(&mut *self.writer.lock().await, &frame).await?;
+            // A daemon that closed the connection (at a stop, or after an
+            // idle timeout) shows as a broken pipe or a reset when writing.
+            write_frame(&mut *self.writer.lock().await, &frame).await.map_err(Error::peer_gone)?;
             rx.await.map_err(|_| Error::Closed)?
         };
         let result = match self.request_timeout {
@@ -526,5 +528,19 @@ mod tests {
         assert_eq!(frame[..4], ((frame.len() - 4) as u32).to_be_bytes());
         assert_eq!(serde_json::from_slice::<Value>(&frame[4..]).unwrap(), value);
         assert_eq!(frame.capacity(), frame.len());
+    }
+
+    /// A daemon that closed the connection is `Closed` ("the daemon closed
+    /// the connection"), never a raw "Broken pipe", whichever of the write
+    /// and the read notices first.
+    #[tokio::test]
+    async fn a_connection_the_peer_closed_is_closed_not_a_broken_pipe() {
+        for _ in 0..20 {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            drop(theirs);
+            let client = Client::from_stream(ours);
+            let e = client.health().await.expect_err("nobody answers");
+            assert!(matches!(e, Error::Closed), "{e:?}");
+        }
     }
 }
