@@ -334,6 +334,42 @@ fn parse<T: DeserializeOwned>(op: &str, params: &str) -> Result<T, Error> {
     Ok(value)
 }
 
+/// The most bytes of entries a list page holds, whatever their number: far
+/// under the 1 MiB frame limit (PROTOCOL.md §1), so that no list answer
+/// can break it (a key with thousands of versions has a long entry).
+const LIST_PAGE_BYTES: usize = 512 << 10;
+
+/// Takes entries for one page: at most `limit`, and no more than
+/// [`LIST_PAGE_BYTES`] of them (but always one, when there is one).
+/// Returns the page and whether entries are left over.
+fn page<T: Serialize>(entries: impl IntoIterator<Item = T>, limit: usize) -> (Vec<T>, bool) {
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut entries = entries.into_iter().peekable();
+    while let Some(entry) = entries.peek() {
+        let size = serde_json::to_vec(entry).map(|v| v.len() + 1).unwrap_or(0);
+        if page.len() == limit || (!page.is_empty() && bytes + size > LIST_PAGE_BYTES) {
+            break;
+        }
+        bytes += size;
+        page.extend(entries.next());
+    }
+    let more = entries.peek().is_some();
+    (page, more)
+}
+
+/// A list's page size: `limit` when given (1 to
+/// [`wire::MAX_LIST_PAGE`]), else the most.
+fn page_limit(limit: Option<u32>) -> Result<usize, Error> {
+    match limit {
+        None => Ok(wire::MAX_LIST_PAGE as usize),
+        Some(n @ 1..=wire::MAX_LIST_PAGE) => Ok(n as usize),
+        Some(n) => {
+            Err(Error::BadRequest(format!("`limit` {n} is out of range: from 1 to {}", wire::MAX_LIST_PAGE)))
+        }
+    }
+}
+
 /// Serialises a response into a zeroizing buffer sized up front (`hint`),
 /// so that growing it does not leave copies of a secret behind.
 fn reply<T: Serialize>(value: &T, hint: usize) -> Result<Reply, Error> {

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
-use keyhaven::revocation::{Destroy, Reason, Revocation, Revoke, RevokeLift, RevokeList, Scope};
+use keyhaven::revocation::{Destroy, Reason, Revocation, Revoke, RevokeLift, Scope};
 use keyhaven::{Client, KeyPath};
 use serde_json::{json, Value};
 
@@ -166,8 +166,7 @@ fn expires_at(text: Option<&str>) -> Result<Option<u64>, Failure> {
 pub async fn revoke(client: &Client, args: RevokeArgs) -> Result<(), Failure> {
     match &args.what {
         RevokeWhat::List { tenant } => {
-            let resp = client.call(&RevokeList { tenant: tenant.clone() }).await?;
-            let list: Vec<Value> = resp.revocations.iter().map(view).collect();
+            let list: Vec<Value> = client.revoke_list(tenant.as_deref()).await?.iter().map(view).collect();
             print_json(&json!({ "revocations": list }))
         }
         RevokeWhat::Lift { scope } => {
