@@ -45,7 +45,7 @@ pub fn accept_store(config: &crate::config::Config, reason: &str) -> anyhow::Res
         let none = crate::audit::AuditAnchor { seq: 0, head: [0; 32] }.encode();
         hsm.run_blocking(move |w| w.write_anchor(AnchorKind::Audit, &none)).map_err(unavailable)?;
         let accepted = crate::store::StoreAccepted {
-            at: crate::ops::now_unix(),
+            at: crate::clock::now_unix(),
             uid: nix::unistd::getuid().as_raw(),
             reason: reason.to_owned(),
             replaced_generation: old.as_ref().map(|a| a.generation),

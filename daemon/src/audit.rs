@@ -371,12 +371,12 @@ impl Audit {
     /// Records one request and waits until the record is durable. An
     /// error means the record may be lost: the caller must not answer with
     /// the request's result.
-    pub async fn record(
+    pub async fn record<T>(
         &self,
         caller: &Caller,
         op: &str,
         subject: Subject,
-        result: &Result<crate::ops::Reply, Error>,
+        result: &Result<T, Error>,
     ) -> Result<(), Error> {
         let Some(log) = &self.log else { return Ok(()) };
         let (outcome, code) = match result {
@@ -389,7 +389,7 @@ impl Audit {
             time_ms: 0,
             prev: String::new(),
             caller: audit_caller(caller),
-            op: crate::ops::printable(op),
+            op: crate::text::printable(op),
             tenant: subject.tenant,
             key: subject.key,
             version: subject.version,

@@ -442,12 +442,18 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks the text of the configuration file at `path`
+    /// (which only names the file in errors and anchors relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config =
-            serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
                 let key = e.path().to_string();
                 let key = (key != "." && !key.is_empty()).then_some(key);
                 let inner = e.into_inner();
-                let (line, column) = inner.span().map(|s| line_column(&text, s.start)).unzip();
+                let (line, column) = inner.span().map(|s| line_column(text, s.start)).unzip();
                 ConfigError::Parse {
                     path: path.to_owned(),
                     reason: parse_reason(key.as_deref(), inner.message()),
@@ -470,7 +476,7 @@ impl Config {
         let invalid_key = |key: &str, reason: &str| ConfigError::Invalid {
             path: path.to_owned(),
             key: Some(key.to_owned()),
-            line: line_of(&text, key),
+            line: line_of(text, key),
             reason: reason.to_owned(),
         };
         let invalid = |reason: &str| ConfigError::Invalid {
@@ -596,7 +602,7 @@ impl Config {
         if !cfg.audit.enabled && cfg.mode == Mode::Production {
             return Err(invalid_key("audit.enabled", "`false` is refused in production mode"));
         }
-        cfg.access = Policy::compile(&cfg.policy, &text).map_err(|e| invalid(&format!("[policy] {e}")))?;
+        cfg.access = Policy::compile(&cfg.policy, text).map_err(|e| invalid(&format!("[policy] {e}")))?;
         cfg.source = Some(path.to_owned());
         Ok(cfg)
     }

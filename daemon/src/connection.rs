@@ -38,6 +38,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::error::Error;
 use crate::identity::Caller;
 use crate::ops::{self, Daemon, Reply};
+use crate::text::describe;
 
 /// A request frame as the daemon reads it: params are kept as raw JSON so
 /// that each operation parses its own (and no secret passes through a
@@ -505,54 +506,14 @@ fn is_object(b: &[u8]) -> bool {
     b.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{')
 }
 
-/// What is wrong with a request or its params, for an error message
-/// (PROTOCOL.md §4): the field at fault is named, names taken from the
-/// request (unknown fields, context keys) are shortened and escaped, a
-/// mistyped string value is cut out (it may be a secret sent in the wrong
-/// field), and for a type error the position, which says nothing more than
-/// the field, is left off.
-pub(crate) fn describe(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
-    use serde_path_to_error::Segment;
-    let mut path: Vec<String> = e
-        .path()
-        .iter()
-        .map(|s| match s {
-            Segment::Map { key } => ops::printable(key),
-            Segment::Enum { variant } => ops::printable(variant),
-            Segment::Seq { index } => index.to_string(),
-            Segment::Unknown => "?".to_owned(),
-        })
-        .collect();
-    let inner = e.inner();
-    let mut msg = inner.to_string();
-    if inner.is_data() {
-        let at = format!(" at line {} column {}", inner.line(), inner.column());
-        if msg.ends_with(&at) {
-            msg.truncate(msg.len() - at.len());
-        }
-    }
-    // serde quotes an unknown field name raw, and it is the last segment of
-    // the path: show it escaped, once.
-    if let Some(Segment::Map { key }) = e.path().iter().next_back() {
-        if let Some(rest) = msg.strip_prefix(&format!("unknown field `{key}`")) {
-            msg = format!("unknown field `{}`{rest}", ops::printable(key));
-            path.pop();
-        }
-    }
-    let msg = ops::scrub(&msg);
-    if path.is_empty() {
-        msg
-    } else {
-        format!("field `{}`: {msg}", path.join("."))
-    }
-}
-
 fn log_failure(caller: &Caller, op: &str, e: &Error) {
     match e {
         Error::Hsm(_) | Error::Store(_) | Error::Audit(_) | Error::Internal(_) => {
-            tracing::warn!(%caller, op = %ops::printable(op), code = %e.code(), "request failed: {e}")
+            tracing::warn!(%caller, op = %crate::text::printable(op), code = %e.code(), "request failed: {e}")
         }
-        _ => tracing::debug!(%caller, op = %ops::printable(op), code = %e.code(), "request refused: {e}"),
+        _ => {
+            tracing::debug!(%caller, op = %crate::text::printable(op), code = %e.code(), "request refused: {e}")
+        }
     }
 }
 
@@ -567,7 +528,7 @@ mod tests {
 
     fn params_error<T: serde::de::DeserializeOwned + std::fmt::Debug>(json: &str) -> String {
         let e = serde_path_to_error::deserialize::<_, T>(&mut serde_json::Deserializer::from_str(json));
-        describe(&e.unwrap_err())
+        crate::text::describe(&e.unwrap_err())
     }
 
     fn request_error(json: &str) -> String {

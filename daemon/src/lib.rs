@@ -9,8 +9,10 @@
 //! - [`server`]: binds the Unix socket, accepts, caps connections, drains
 //!   on shutdown.
 //! - [`connection`]: frames in and out, caller identity, pipelining.
-//! - [`ops`]: one module per operation family; [`ops::dispatch`] routes,
-//!   asking [`policy`] first and recording every request in [`audit`].
+//! - [`ops`]: one module per operation family, each declaring its
+//!   operations (wire type, permission, policy target, audit subject,
+//!   handler); [`ops::dispatch`] finds the declaration, which asks
+//!   [`policy`] first, and records every request in [`audit`].
 //! - [`hsm`]: the PKCS#11 worker pool; every wrap and unwrap happens there.
 //! - [`revocation`]: the in-memory index of revocations every key use
 //!   checks first.
@@ -29,11 +31,13 @@
 //! user and groups), [`policy`] (who may do what),
 //! [`error`] (wire error codes), [`exit`] (exit statuses), [`logging`] (stderr and the journal), [`softhsm`] (its token files), [`refusal`] (a refused PIN is not presented again), [`hardening`] (production checks, no core dumps), [`secret`] (PIN and data-key types that
 //! never print), [`init`] and [`dev`] (setting an install up), [`systemd`] (socket
-//! activation, sd_notify), and [`daemon`] (starting and stopping it all).
+//! activation, sd_notify), [`text`] (client input made safe for messages), [`clock`]
+//! (Unix time), and [`daemon`] (starting and stopping it all).
 
 pub mod anchor;
 pub mod audit;
 pub mod bench;
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod daemon;
@@ -54,6 +58,7 @@ pub mod server;
 pub mod softhsm;
 pub mod store;
 pub mod systemd;
+pub mod text;
 pub mod upkeep;
 pub mod usage;
 pub mod wraps;

@@ -4,9 +4,10 @@
 //! of the rules naming it grants; nothing else (default deny; root is not
 //! special). Identity is the kernel's (see [`crate::identity`]).
 //!
-//! Every wire operation maps to the permission it needs in one place,
-//! [`permission_for`]; dispatch asks [`Policy::check`] before any store or
-//! HSM work, so a refusal never depends on whether a key exists.
+//! Every wire operation declares the permission it needs where it is
+//! declared (`crate::ops`, [`Access`]); its handler asks the policy before
+//! any store or HSM work, so a refusal never depends on whether a key
+//! exists.
 
 use std::fmt;
 use std::ops::Range;
@@ -87,43 +88,6 @@ pub enum Access {
     Open,
     /// This permission on the operation's target.
     Needs(Permission),
-}
-
-/// The one map from wire operations to permissions; `None` for an unknown
-/// operation. Add new operations here (and a route in `ops::dispatch`).
-pub fn permission_for(op: &str) -> Option<Access> {
-    use keyhaven::lifecycle;
-    use keyhaven::revocation::{Destroy, Revoke, RevokeLift, RevokeList};
-    use keyhaven::wire::{self, Operation};
-    use Permission::*;
-    Some(match op {
-        // Revocation events carry scopes only, filtered per caller
-        // (`ops::revocation_event`, PROTOCOL.md §6).
-        wire::Hello::OP | wire::Health::OP | wire::Whoami::OP | wire::SubscribeRevocations::OP => {
-            Access::Open
-        }
-        wire::KeyCreate::OP | wire::KeyList::OP => Access::Needs(KeyAdmin),
-        wire::Encrypt::OP => Access::Needs(Encrypt),
-        wire::Decrypt::OP | wire::DatakeyDecrypt::OP => Access::Needs(Decrypt),
-        wire::Datakey::OP => Access::Needs(Datakey),
-        wire::AuditRead::OP | wire::AuditVerify::OP | wire::AuditExport::OP | wire::AuditPublicKey::OP => {
-            Access::Needs(AuditRead)
-        }
-        wire::AdminReload::OP | lifecycle::AdminRotateMaster::OP | lifecycle::AdminRetireMaster::OP => {
-            Access::Needs(Admin)
-        }
-        // Lifting the whole-system suspension needs `break-glass` as well.
-        Revoke::OP | RevokeLift::OP | RevokeList::OP | Destroy::OP => Access::Needs(Revoke),
-        lifecycle::KeyRotate::OP
-        | lifecycle::KeyShow::OP
-        | lifecycle::KeySet::OP
-        | lifecycle::KeyTrim::OP
-        | lifecycle::KeyScheduleDeletion::OP
-        | lifecycle::KeyCancelDeletion::OP => Access::Needs(KeyAdmin),
-        // Rewrap opens a data key (inside the daemon) and seals it again.
-        lifecycle::Rewrap::OP => Access::Needs(Decrypt),
-        _ => return None,
-    })
 }
 
 /// What an operation acts on.
@@ -329,7 +293,7 @@ impl Policy {
                             o,
                             format!(
                                 "unknown operation `{}` (known: {}, or `*`)",
-                                crate::ops::printable(o.get_ref()),
+                                crate::text::printable(o.get_ref()),
                                 Permission::ALL.map(Permission::name).join(", ")
                             ),
                         )
@@ -405,7 +369,7 @@ fn parse_principal(s: &str) -> Result<Principal, String> {
     let bad = || {
         format!(
             "principal `{}` must be `user:NAME`, `uid:N`, `group:NAME` or `gid:N`",
-            crate::ops::printable(s)
+            crate::text::printable(s)
         )
     };
     let (kind, value) = s.split_once(':').ok_or_else(bad)?;
@@ -426,7 +390,7 @@ fn parse_pattern(s: &str) -> Result<Pattern, String> {
     let bad = || {
         format!(
             "key pattern `{}` must be `*` or `TENANT/KEY`, each part of a-z, 0-9, `-`, `_` and `*`",
-            crate::ops::printable(s)
+            crate::text::printable(s)
         )
     };
     let (tenant, key) = if s == "*" { ("*", "*") } else { s.split_once('/').ok_or_else(bad)? };
@@ -561,15 +525,5 @@ keys = ["*"]
         for bad in ["acme/", "/pii", "a/b/c", "ACME/pii", "a b/c"] {
             assert!(parse_pattern(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn every_known_op_has_an_access_and_unknown_ones_none() {
-        for op in ["hello", "health", "whoami"] {
-            assert_eq!(permission_for(op), Some(Access::Open));
-        }
-        assert_eq!(permission_for("datakey_decrypt"), Some(Access::Needs(Permission::Decrypt)));
-        assert_eq!(permission_for("admin_reload"), Some(Access::Needs(Permission::Admin)));
-        assert_eq!(permission_for("nope"), None);
     }
 }

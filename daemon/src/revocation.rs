@@ -230,7 +230,7 @@ impl Index {
         if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             return Ok(());
         }
-        match self.covering(path, version, id, crate::ops::now_unix()) {
+        match self.covering(path, version, id, crate::clock::now_unix()) {
             None => Ok(()),
             Some(r) => Err(Error::Revoked(describe(&r))),
         }

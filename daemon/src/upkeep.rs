@@ -42,7 +42,7 @@ pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
 /// Rotates the keys whose period has passed and deletes those whose
 /// deletion is due.
 pub async fn due_keys(d: &Arc<Daemon>) {
-    let now = ops::now_unix().saturating_add(d.config.lifecycle.test_clock_offset_seconds);
+    let now = crate::clock::now_unix().saturating_add(d.config.lifecycle.test_clock_offset_seconds);
     let keys = match d.store.keys(None) {
         Ok(k) => k,
         Err(e) => return tracing::warn!(error = %e, "cannot list keys for rotation and deletion"),

@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use keyhaven::wire::{self, AdminReloadResponse, GrantInfo, GroupInfo, WhoamiResponse};
 
-use super::{reply, Daemon, Reply};
+use super::{reply, route, Cx, Daemon, Op, Reply, Route};
 use crate::config::Config;
 use crate::error::Error;
 use crate::identity::Caller;
+use crate::policy::{Access, Permission, Target};
 
 /// The caller as the daemon sees it, and the rules that name it.
 pub fn whoami(d: &Daemon, caller: &Caller, _req: wire::Whoami) -> Result<Reply, Error> {
@@ -84,4 +85,29 @@ pub fn reload_policy(d: &Daemon) -> Result<usize, Error> {
     d.identities.clear();
     tracing::info!(rules, "policy reloaded");
     Ok(rules)
+}
+
+/// `whoami` (open) and `admin_reload` (`admin`).
+pub(super) const OPS: &[Route] = &[route::<wire::Whoami>(), route::<wire::AdminReload>()];
+
+impl Op for wire::Whoami {
+    const ACCESS: Access = Access::Open;
+    async fn handle(self, cx: Cx<'_>) -> Result<Reply, Error> {
+        whoami(cx.d, cx.caller, self)
+    }
+}
+
+impl Op for wire::AdminReload {
+    const ACCESS: Access = Access::Needs(Permission::Admin);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        // The daemon's own user may reload, as it may send SIGHUP: the
+        // unit's `ExecReload=keyhaven admin reload` runs as that user
+        // and waits for the answer (docs/POLICY.md §1).
+        if cx.caller.uid == nix::unistd::geteuid().as_raw() {
+            cx.s.checked = true;
+        } else {
+            cx.allow(Target::All)?;
+        }
+        reload(cx.d).await
+    }
 }

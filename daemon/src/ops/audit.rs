@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use keyhaven::wire;
 
-use super::{reply, Daemon, Reply};
+use super::{reply, route, tenant_target, Cx, Daemon, Op, Reply, Route};
 use crate::error::Error;
+use crate::policy::{Access, Permission, Target};
 
 /// `audit_read`.
 pub async fn read(d: &Arc<Daemon>, req: wire::AuditRead) -> Result<Reply, Error> {
@@ -41,4 +42,45 @@ pub async fn public_key(d: &Arc<Daemon>) -> Result<Reply, Error> {
         pem: crate::hsm::signing::pem(&spki),
     };
     reply(&resp, 0)
+}
+
+/// The audit operations, all `audit-read`.
+pub(super) const OPS: &[Route] = &[
+    route::<wire::AuditRead>(),
+    route::<wire::AuditVerify>(),
+    route::<wire::AuditExport>(),
+    route::<wire::AuditPublicKey>(),
+];
+
+impl Op for wire::AuditRead {
+    const ACCESS: Access = Access::Needs(Permission::AuditRead);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        let target = tenant_target(self.tenant.as_deref(), cx.s)?;
+        cx.allow(target)?;
+        read(cx.d, self).await
+    }
+}
+
+impl Op for wire::AuditVerify {
+    const ACCESS: Access = Access::Needs(Permission::AuditRead);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        cx.allow(Target::All)?;
+        verify(cx.d).await
+    }
+}
+
+impl Op for wire::AuditExport {
+    const ACCESS: Access = Access::Needs(Permission::AuditRead);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        cx.allow(Target::All)?;
+        export(cx.d, self).await
+    }
+}
+
+impl Op for wire::AuditPublicKey {
+    const ACCESS: Access = Access::Needs(Permission::AuditRead);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        cx.allow(Target::All)?;
+        public_key(cx.d).await
+    }
 }

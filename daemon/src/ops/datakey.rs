@@ -13,10 +13,11 @@ use keyhaven::wire::{self, DatakeyResponse, DecryptResponse, SecretBytes};
 use keyhaven::{EncryptionContext, KeyPath};
 use zeroize::Zeroizing;
 
-use super::{reply, Daemon, Reply};
+use super::{key_target, reply, route, Cx, Daemon, Op, Reply, Route};
 use crate::audit::Subject;
 use crate::error::Error;
 use crate::hsm::{KekId, KekRef};
+use crate::policy::{Access, Permission};
 use crate::secret::DataKey;
 use crate::store::KeyRecord;
 
@@ -141,7 +142,7 @@ pub async fn seal_data_key(
 /// Unwraps the data key of `env` under `context`, counting a decryption.
 pub async fn open_data_key(d: &Daemon, env: &Envelope, context: EncryptionContext) -> Result<DataKey, Error> {
     let (key, kek) = unwrap_data_key(d, env, context).await?;
-    d.usage.decrypted(&kek, super::now_unix());
+    d.usage.decrypted(&kek, crate::clock::now_unix());
     Ok(key)
 }
 
@@ -205,5 +206,31 @@ pub fn opened(env: &Envelope, plaintext: SecretBytes) -> DecryptResponse {
         key: env.path().key().into(),
         key_version: env.key_version(),
         envelope_id: env.id().to_string(),
+    }
+}
+
+/// `datakey` (`datakey`) and `datakey_decrypt` (`decrypt`).
+pub(super) const OPS: &[Route] = &[route::<wire::Datakey>(), route::<wire::DatakeyDecrypt>()];
+
+impl Op for wire::Datakey {
+    const ACCESS: Access = Access::Needs(Permission::Datakey);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        let path = KeyPath::new(&self.tenant, &self.key)?;
+        cx.s.key(&path);
+        cx.s.context(&self.context);
+        cx.allow(key_target(&path))?;
+        generate(cx.d, path, self, cx.s).await
+    }
+}
+
+impl Op for wire::DatakeyDecrypt {
+    const ACCESS: Access = Access::Needs(Permission::Decrypt);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        cx.s.context(&self.context);
+        let env: Envelope = self.envelope.parse()?;
+        cx.s.envelope(&env);
+        cx.allow(key_target(env.path()))?;
+        cx.d.audit.watch_decrypt(cx.caller, env.path().tenant()).await?;
+        decrypt(cx.d, env, self.context).await
     }
 }

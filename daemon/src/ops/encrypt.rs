@@ -12,9 +12,10 @@ use keyhaven::{EncryptionContext, KeyPath};
 use zeroize::Zeroizing;
 
 use super::datakey::{new_data_key, open_data_key, opened, NewDataKey};
-use super::{reply, Daemon, Reply};
+use super::{key_target, reply, route, Cx, Daemon, Op, Reply, Route};
 use crate::audit::Subject;
 use crate::error::Error;
+use crate::policy::{Access, Permission};
 use crate::secret::DataKey;
 
 /// `encrypt` under `path` (the request's key, already checked).
@@ -89,4 +90,30 @@ pub fn open_payload(
             )
         })?;
     Ok(Zeroizing::new(plain))
+}
+
+/// `encrypt` (`encrypt`) and `decrypt` (`decrypt`) of small secrets.
+pub(super) const OPS: &[Route] = &[route::<wire::Encrypt>(), route::<wire::Decrypt>()];
+
+impl Op for wire::Encrypt {
+    const ACCESS: Access = Access::Needs(Permission::Encrypt);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        let path = KeyPath::new(&self.tenant, &self.key)?;
+        cx.s.key(&path);
+        cx.s.context(&self.context);
+        cx.allow(key_target(&path))?;
+        encrypt(cx.d, path, self, cx.s).await
+    }
+}
+
+impl Op for wire::Decrypt {
+    const ACCESS: Access = Access::Needs(Permission::Decrypt);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        cx.s.context(&self.context);
+        let ct: Ciphertext = self.ciphertext.parse()?;
+        cx.s.envelope(ct.envelope());
+        cx.allow(key_target(ct.envelope().path()))?;
+        cx.d.audit.watch_decrypt(cx.caller, ct.envelope().path().tenant()).await?;
+        decrypt(cx.d, ct, self.context).await
+    }
 }

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use keyhaven::wire::{self, CustodyHealth, HealthResponse, HelloResponse, StoreHealth, TokenHealth};
 
-use super::{reply, Daemon, Reply};
+use super::{reply, route, Cx, Daemon, Op, Reply, Route};
 use crate::error::Error;
+use crate::policy::Access;
 
 pub fn hello(req: wire::Hello) -> Result<Reply, Error> {
     if req.protocol != wire::PROTOCOL_VERSION {
@@ -123,7 +124,7 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         error,
     };
     let store = StoreHealth { ok: probe.keys.is_some(), keys: probe.keys.unwrap_or(0) };
-    let suspended = d.revocations.all(super::now_unix());
+    let suspended = d.revocations.all(crate::clock::now_unix());
     let status = match (token.ok && store.ok, &suspended) {
         (false, _) => "degraded",
         (true, Some(_)) => "suspended",
@@ -145,4 +146,24 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         custody,
     };
     reply(&resp, 0)
+}
+
+/// `hello` and `health`: open to every caller and not audited
+/// (docs/AUDIT.md §1).
+pub(super) const OPS: &[Route] = &[route::<wire::Hello>(), route::<wire::Health>()];
+
+impl Op for wire::Hello {
+    const ACCESS: Access = Access::Open;
+    const AUDITED: bool = false;
+    async fn handle(self, _cx: Cx<'_>) -> Result<Reply, Error> {
+        hello(self)
+    }
+}
+
+impl Op for wire::Health {
+    const ACCESS: Access = Access::Open;
+    const AUDITED: bool = false;
+    async fn handle(self, cx: Cx<'_>) -> Result<Reply, Error> {
+        health(cx.d, self).await
+    }
 }

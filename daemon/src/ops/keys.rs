@@ -6,8 +6,10 @@ use keyhaven::lifecycle::KeyState;
 use keyhaven::wire::{self, KeyInfo, KeyListResponse};
 use keyhaven::KeyPath;
 
-use super::{now_unix, reply, Daemon, Reply};
+use super::{key_target, reply, route, tenant_target, Cx, Daemon, Op, Reply, Route};
+use crate::clock::now_unix;
 use crate::error::Error;
+use crate::policy::{Access, Permission};
 use crate::store::{KeyRecord, KeyVersion};
 
 /// The public view of a key record.
@@ -53,11 +55,50 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
     reply(&info(&rec), 0)
 }
 
-/// Lists keys, all or one tenant's.
+/// Lists keys, all or one tenant's, one page at a time (PROTOCOL.md §3.4).
 pub async fn list(d: &Arc<Daemon>, req: wire::KeyList) -> Result<Reply, Error> {
     if let Some(t) = &req.tenant {
         keyhaven::names::validate_name("tenant", t)?;
     }
+    let limit = super::page_limit(req.limit)?;
+    let after = match &req.after {
+        Some(text) => Some(text.parse::<KeyPath>().map_err(|e| {
+            Error::BadRequest(format!(
+                "`after` must be a key as TENANT/KEY, the `next` of the previous page: {e}"
+            ))
+        })?),
+        None => None,
+    };
     let keys = d.store.keys(req.tenant.as_deref())?;
-    reply(&KeyListResponse { keys: keys.iter().map(info).collect() }, 0)
+    let start = match &after {
+        Some(a) => keys.partition_point(|k| (k.tenant.as_str(), k.key.as_str()) <= (a.tenant(), a.key())),
+        None => 0,
+    };
+    let (keys, more) = super::page(keys[start..].iter().map(info), limit);
+    let next = more.then(|| keys.last().map(|k| format!("{}/{}", k.tenant, k.key))).flatten();
+    reply(&KeyListResponse { keys, next }, 0)
+}
+
+/// `key_create` and `key_list` (`key-admin`).
+pub(super) const OPS: &[Route] = &[route::<wire::KeyCreate>(), route::<wire::KeyList>()];
+
+impl Op for wire::KeyCreate {
+    const ACCESS: Access = Access::Needs(Permission::KeyAdmin);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        let path = KeyPath::new(&self.tenant, &self.key)?;
+        cx.s.key(&path);
+        cx.allow(key_target(&path))?;
+        let r = create(cx.d, self).await?;
+        cx.s.version = Some(1);
+        Ok(r)
+    }
+}
+
+impl Op for wire::KeyList {
+    const ACCESS: Access = Access::Needs(Permission::KeyAdmin);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        let target = tenant_target(self.tenant.as_deref(), cx.s)?;
+        cx.allow(target)?;
+        list(cx.d, self).await
+    }
 }

@@ -16,8 +16,10 @@ use keyhaven::lifecycle::{
 use keyhaven::{Envelope, KeyPath};
 
 use super::datakey::{kek_ref, seal_data_key, unwrap_data_key};
-use super::{blocking, now_unix, reply, Daemon, Reply};
+use super::{blocking, key_target, reply, route, Cx, Daemon, Op, Reply, Route};
+use crate::clock::now_unix;
 use crate::error::Error;
+use crate::policy::{Access, Permission};
 use crate::store::{KeyRecord, KeyVersion, Store};
 
 /// Waiting period of a scheduled deletion, in days.
@@ -408,4 +410,56 @@ pub async fn rewrap(d: &Arc<Daemon>, req: Rewrap) -> Result<Reply, Error> {
         envelope_id: new.envelope.id().to_string(),
     };
     reply(&resp, resp.text.len())
+}
+
+/// The key lifecycle operations (`key-admin`) and `rewrap` (`decrypt`).
+pub(super) const OPS: &[Route] = &[
+    route::<KeyRotate>(),
+    route::<KeyShow>(),
+    route::<KeySet>(),
+    route::<KeyTrim>(),
+    route::<KeyScheduleDeletion>(),
+    route::<KeyCancelDeletion>(),
+    route::<Rewrap>(),
+];
+
+/// Declares a `key-admin` operation on one named key: note, check, run.
+macro_rules! key_admin {
+    ($($t:ty => $run:ident),* $(,)?) => {$(
+        impl Op for $t {
+            const ACCESS: Access = Access::Needs(Permission::KeyAdmin);
+            async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+                let path = KeyPath::new(self.tenant(), self.key())?;
+                cx.s.key(&path);
+                cx.allow(key_target(&path))?;
+                $run(cx.d.clone(), self).await
+            }
+        }
+    )*};
+}
+key_admin!(
+    KeyRotate => rotate,
+    KeyShow => show,
+    KeySet => set,
+    KeyTrim => trim,
+    KeyScheduleDeletion => schedule_deletion,
+    KeyCancelDeletion => cancel_deletion,
+);
+
+// Rewrap opens a data key (inside the daemon) and seals it again: it needs
+// `decrypt`, and counts as a decryption.
+impl Op for Rewrap {
+    const ACCESS: Access = Access::Needs(Permission::Decrypt);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        cx.s.context(&self.context);
+        let env: Envelope = if self.text.starts_with(keyhaven::envelope::CIPHERTEXT_PREFIX) {
+            self.text.parse::<Ciphertext>()?.envelope().clone()
+        } else {
+            self.text.parse()?
+        };
+        cx.s.envelope(&env);
+        cx.allow(key_target(env.path()))?;
+        cx.d.audit.watch_decrypt(cx.caller, env.path().tenant()).await?;
+        rewrap(cx.d, self).await
+    }
 }

@@ -29,9 +29,11 @@ use std::sync::Arc;
 use keyhaven::lifecycle::{AdminRetireMaster, AdminRotateMaster, MasterRotationStatus, RetireMasterResponse};
 use keyhaven::KeyPath;
 
-use super::{blocking, now_unix, reply, Daemon, Reply};
+use super::{blocking, reply, route, Cx, Daemon, Op, Reply, Route};
+use crate::clock::now_unix;
 use crate::error::Error;
 use crate::hsm::Hsm;
+use crate::policy::{Access, Permission, Target};
 use crate::store::{MasterKeyPin, MasterRotation, Meta, PendingMasterKey, Store};
 
 /// Default and largest batch.
@@ -282,4 +284,23 @@ pub fn check_pins(hsm: &Hsm, store: &dyn Store) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// `admin_rotate_master` and `admin_retire_master` (`admin`).
+pub(super) const OPS: &[Route] = &[route::<AdminRotateMaster>(), route::<AdminRetireMaster>()];
+
+impl Op for AdminRotateMaster {
+    const ACCESS: Access = Access::Needs(Permission::Admin);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        cx.allow(Target::All)?;
+        rotate(cx.d, self).await
+    }
+}
+
+impl Op for AdminRetireMaster {
+    const ACCESS: Access = Access::Needs(Permission::Admin);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        cx.allow(Target::All)?;
+        retire(cx.d, self).await
+    }
 }

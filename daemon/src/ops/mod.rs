@@ -1,7 +1,14 @@
-//! The operations, one module per family. [`dispatch`] parses an operation's
-//! params (refusing unknown fields) and runs it for a caller. Each returns
-//! its response already serialised, in a zeroizing buffer, because some
-//! responses carry plaintext.
+//! The operations, one module per family. Each operation is declared once,
+//! in its family's module, as an [`Op`]: its wire type (the params type,
+//! whose `OP` is its name), the permission it needs, whether it is audited,
+//! and its handler, which notes the audit subject, names the policy target
+//! ([`Cx::allow`]) before any store or HSM work, and runs. Each family lists
+//! its operations in an `OPS` table; [`dispatch`] finds the declaration by
+//! name, parses the params (refusing unknown fields) and runs it for a
+//! caller. Adding an operation touches its family's module only.
+//!
+//! Every handler returns its response already serialised, in a zeroizing
+//! buffer, because some responses carry plaintext.
 
 mod admin;
 mod audit;
@@ -13,14 +20,11 @@ mod lifecycle;
 pub mod master;
 mod revoke;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use keyhaven::envelope::{Ciphertext, Envelope};
-use keyhaven::lifecycle::{
-    AdminRetireMaster, AdminRotateMaster, KeyCancelDeletion, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow,
-    KeyTrim, Rewrap,
-};
-use keyhaven::revocation::{Destroy, Revoke, RevokeLift, RevokeList, Scope};
+use keyhaven::revocation::Scope;
 use keyhaven::wire::{self, Operation};
 use keyhaven::KeyPath;
 use serde::de::DeserializeOwned;
@@ -35,9 +39,12 @@ use crate::identity::Caller;
 use crate::policy::{self, Access, Policy, Target};
 use crate::revocation;
 use crate::store::{Store, StoreError};
+use crate::text::printable;
 use crate::usage::UsageBook;
 use crate::wraps::WrapBudget;
 
+/// Kept for the store's callers; the clock lives in [`crate::clock`].
+pub use crate::clock::now_unix;
 pub use admin::{reload_pin, reload_policy};
 pub use lifecycle::{delete_if_due, notify_versions, rotate_key, unload};
 
@@ -124,18 +131,121 @@ pub const REVOCATION_EVENTS_BUFFER: usize = 1024;
 /// A serialised `ok` body.
 pub type Reply = Zeroizing<Vec<u8>>;
 
+/// One operation, declared once in its family's module: the params type
+/// (`Self`, whose [`Operation::OP`] is the operation's name on the wire),
+/// what the policy must grant, whether it is audited, and the handler.
+trait Op: Operation + Send + 'static {
+    /// What the operation needs from the policy.
+    const ACCESS: Access;
+    /// Whether requests are recorded in the audit log (see [`audited`]).
+    const AUDITED: bool = true;
+
+    /// Runs a parsed request: notes what it names in `cx.s` (the audit
+    /// subject), asks [`Cx::allow`] for its policy target before any store
+    /// or HSM work, so that a refusal says nothing about whether the key
+    /// exists, and then does the work.
+    fn handle(self, cx: Cx<'_>) -> impl Future<Output = Result<Reply, Error>> + Send;
+}
+
+/// What a handler runs with.
+struct Cx<'a> {
+    /// The daemon.
+    d: &'a Arc<Daemon>,
+    /// Who asked.
+    caller: &'a Caller,
+    /// What the audit record will name.
+    s: &'a mut Subject,
+    /// The operation's name.
+    op: &'static str,
+    /// What the operation needs.
+    access: Access,
+}
+
+impl Cx<'_> {
+    /// Refuses unless the policy grants the caller what the operation needs
+    /// on `target`.
+    fn allow(&mut self, target: Target) -> Result<(), Error> {
+        self.s.checked = true;
+        match self.access {
+            Access::Open => Ok(()),
+            Access::Needs(p) => self.allow_perm(p, target),
+        }
+    }
+
+    /// Refuses unless the policy grants the caller `perm` on `target`
+    /// (beyond the permission the operation itself needs).
+    fn allow_perm(&self, perm: policy::Permission, target: Target) -> Result<(), Error> {
+        if self.d.policy().allows(self.caller, perm, &target) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied(format!(
+                "`{}` on {target} needs `{perm}`, which the policy does not grant to {}",
+                self.op, self.caller
+            )))
+        }
+    }
+}
+
+/// A handler's future.
+type Handling<'a> = Pin<Box<dyn Future<Output = Result<Reply, Error>> + Send + 'a>>;
+
+/// An entry of a family's `OPS` table: an [`Op`] with its type erased.
+struct Route {
+    name: &'static str,
+    access: Access,
+    audited: bool,
+    run: for<'a> fn(Cx<'a>, &'a str) -> Handling<'a>,
+}
+
+/// The table entry of operation `T`.
+const fn route<T: Op>() -> Route {
+    Route { name: T::OP, access: T::ACCESS, audited: T::AUDITED, run: parse_and_handle::<T> }
+}
+
+fn parse_and_handle<'a, T: Op>(cx: Cx<'a>, params: &'a str) -> Handling<'a> {
+    Box::pin(async move { parse::<T>(T::OP, params)?.handle(cx).await })
+}
+
+/// Every family's operations.
+const FAMILIES: [&[Route]; 9] = [
+    health::OPS,
+    admin::OPS,
+    keys::OPS,
+    encrypt::OPS,
+    datakey::OPS,
+    lifecycle::OPS,
+    master::OPS,
+    revoke::OPS,
+    audit::OPS,
+];
+
+/// The declaration of operation `op`, if there is one.
+fn find(op: &str) -> Option<&'static Route> {
+    FAMILIES.iter().flat_map(|f| f.iter()).find(|r| r.name == op)
+}
+
+/// What operation `op` needs from the policy; `None` for an unknown
+/// operation.
+pub fn access_for(op: &str) -> Option<Access> {
+    find(op).map(|r| r.access)
+}
+
 /// Runs operation `op` with raw JSON `params` for `caller`, and records it
 /// in the audit log before returning: when the record cannot be made
 /// durable, the result is withheld and the call fails.
 pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) -> Result<Reply, Error> {
     let mut subject = Subject::default();
-    let mut result = route(d, caller, op, params, &mut subject).await;
-    if result.is_ok() && !subject.checked && policy::permission_for(op) != Some(Access::Open) {
-        // A route that forgot its policy check: fail closed, loudly.
+    let route = find(op);
+    let mut result = match route {
+        Some(r) => (r.run)(Cx { d, caller, s: &mut subject, op: r.name, access: r.access }, params).await,
+        None => Err(Error::UnknownOperation(printable(op))),
+    };
+    if result.is_ok() && !subject.checked && route.is_some_and(|r| r.access != Access::Open) {
+        // A handler that forgot its policy check: fail closed, loudly.
         tracing::error!(op = %printable(op), "operation ran without a policy check; result withheld");
         result = Err(Error::Internal(format!("`{}` has no policy check", printable(op))));
     }
-    if audited(op) {
+    if route.is_none_or(|r| r.audited) {
         d.audit.record(caller, op, subject, &result).await?;
     }
     result
@@ -145,22 +255,10 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
 /// and `health` (docs/AUDIT.md §1), which every caller may send, name no
 /// key, change nothing and return no secret; a monitor or a short-lived
 /// client sends them all the time, and their records would only bury the
-/// ones that matter and slow everyone down.
+/// ones that matter and slow everyone down. Unknown operations are
+/// recorded.
 pub fn audited(op: &str) -> bool {
-    op != wire::Hello::OP && op != wire::Health::OP
-}
-
-/// Refuses unless the policy grants `caller` what `op` needs on `target`.
-/// Runs before any store or HSM work, so that a refusal says nothing about
-/// whether the key exists.
-fn allow(d: &Daemon, caller: &Caller, op: &str, target: Target, s: &mut Subject) -> Result<(), Error> {
-    s.checked = true;
-    let perm = match policy::permission_for(op) {
-        Some(Access::Open) => return Ok(()),
-        Some(Access::Needs(p)) => p,
-        None => return Err(Error::UnknownOperation(printable(op))),
-    };
-    allow_perm(d, caller, op, perm, target)
+    find(op).is_none_or(|r| r.audited)
 }
 
 /// What a revocation scope acts on, for the policy. A data key's tenant is
@@ -184,24 +282,6 @@ fn scope_subject(scope: &Scope, s: &mut Subject) {
         Scope::Tenant { tenant } => s.tenant = Some(tenant.clone()),
         Scope::Datakey { envelope_id } => s.envelope_id = Some(printable(envelope_id)),
         Scope::All => {}
-    }
-}
-
-/// Refuses unless the policy grants `caller` the permission `perm` on
-/// `target` (beyond the one `op` itself needs).
-fn allow_perm(
-    d: &Daemon,
-    caller: &Caller,
-    op: &str,
-    perm: policy::Permission,
-    target: Target,
-) -> Result<(), Error> {
-    if d.policy().allows(caller, perm, &target) {
-        Ok(())
-    } else {
-        Err(Error::PermissionDenied(format!(
-            "`{op}` on {target} needs `{perm}`, which the policy does not grant to {caller}"
-        )))
     }
 }
 
@@ -239,198 +319,6 @@ fn tenant_target<'a>(tenant: Option<&'a str>, s: &mut Subject) -> Result<Target<
     }
 }
 
-/// A lifecycle operation on one named key: parse, note, check, run.
-async fn key_admin<R, F, Fut>(
-    d: &Arc<Daemon>,
-    caller: &Caller,
-    op: &str,
-    params: &str,
-    s: &mut Subject,
-    run: F,
-) -> Result<Reply, Error>
-where
-    R: DeserializeOwned + lifecycle::NamesKey,
-    F: FnOnce(Arc<Daemon>, R) -> Fut,
-    Fut: std::future::Future<Output = Result<Reply, Error>>,
-{
-    let req: R = parse(op, params)?;
-    let path = KeyPath::new(req.tenant(), req.key())?;
-    s.key(&path);
-    allow(d, caller, op, key_target(&path), s)?;
-    run(d.clone(), req).await
-}
-
-/// Parses params, notes the request's subject, checks the policy, runs.
-async fn route(
-    d: &Arc<Daemon>,
-    caller: &Caller,
-    op: &str,
-    params: &str,
-    s: &mut Subject,
-) -> Result<Reply, Error> {
-    match op {
-        wire::Hello::OP => health::hello(parse(op, params)?),
-        wire::Health::OP => health::health(d, parse::<wire::Health>(op, params)?).await,
-        wire::Whoami::OP => admin::whoami(d, caller, parse(op, params)?),
-        // The subscription itself is made by the connection once this
-        // answers (`crate::connection`); events are filtered per caller.
-        wire::SubscribeRevocations::OP => {
-            let _: wire::SubscribeRevocations = parse(op, params)?;
-            allow(d, caller, op, Target::All, s)?;
-            reply(&wire::SubscribeResponse { subscribed: true }, 0)
-        }
-        wire::KeyCreate::OP => {
-            let req: wire::KeyCreate = parse(op, params)?;
-            let path = KeyPath::new(&req.tenant, &req.key)?;
-            s.key(&path);
-            allow(d, caller, op, key_target(&path), s)?;
-            let r = keys::create(d, req).await?;
-            s.version = Some(1);
-            Ok(r)
-        }
-        wire::KeyList::OP => {
-            let req: wire::KeyList = parse(op, params)?;
-            let target = tenant_target(req.tenant.as_deref(), s)?;
-            allow(d, caller, op, target, s)?;
-            keys::list(d, req).await
-        }
-        wire::Encrypt::OP => {
-            let req: wire::Encrypt = parse(op, params)?;
-            let path = KeyPath::new(&req.tenant, &req.key)?;
-            s.key(&path);
-            s.context(&req.context);
-            allow(d, caller, op, key_target(&path), s)?;
-            encrypt::encrypt(d, path, req, s).await
-        }
-        wire::Decrypt::OP => {
-            let req: wire::Decrypt = parse(op, params)?;
-            s.context(&req.context);
-            let ct: Ciphertext = req.ciphertext.parse()?;
-            s.envelope(ct.envelope());
-            allow(d, caller, op, key_target(ct.envelope().path()), s)?;
-            d.audit.watch_decrypt(caller, ct.envelope().path().tenant()).await?;
-            encrypt::decrypt(d, ct, req.context).await
-        }
-        wire::Datakey::OP => {
-            let req: wire::Datakey = parse(op, params)?;
-            let path = KeyPath::new(&req.tenant, &req.key)?;
-            s.key(&path);
-            s.context(&req.context);
-            allow(d, caller, op, key_target(&path), s)?;
-            datakey::generate(d, path, req, s).await
-        }
-        wire::DatakeyDecrypt::OP => {
-            let req: wire::DatakeyDecrypt = parse(op, params)?;
-            s.context(&req.context);
-            let env: Envelope = req.envelope.parse()?;
-            s.envelope(&env);
-            allow(d, caller, op, key_target(env.path()), s)?;
-            d.audit.watch_decrypt(caller, env.path().tenant()).await?;
-            datakey::decrypt(d, env, req.context).await
-        }
-        wire::AuditRead::OP => {
-            let req: wire::AuditRead = parse(op, params)?;
-            let target = tenant_target(req.tenant.as_deref(), s)?;
-            allow(d, caller, op, target, s)?;
-            audit::read(d, req).await
-        }
-        wire::AuditVerify::OP => {
-            let _: wire::AuditVerify = parse(op, params)?;
-            allow(d, caller, op, Target::All, s)?;
-            audit::verify(d).await
-        }
-        wire::AuditExport::OP => {
-            let req: wire::AuditExport = parse(op, params)?;
-            allow(d, caller, op, Target::All, s)?;
-            audit::export(d, req).await
-        }
-        wire::AuditPublicKey::OP => {
-            let _: wire::AuditPublicKey = parse(op, params)?;
-            allow(d, caller, op, Target::All, s)?;
-            audit::public_key(d).await
-        }
-        Revoke::OP => {
-            let req: Revoke = parse(op, params)?;
-            scope_subject(&req.scope, s);
-            allow(d, caller, op, scope_target(&req.scope), s)?;
-            revoke::revoke(d, caller, req).await
-        }
-        RevokeLift::OP => {
-            let req: RevokeLift = parse(op, params)?;
-            scope_subject(&req.scope, s);
-            allow(d, caller, op, scope_target(&req.scope), s)?;
-            if req.scope == Scope::All {
-                // Lifting everything is break-glass.
-                allow_perm(d, caller, op, policy::Permission::BreakGlass, Target::All)?;
-            }
-            revoke::lift(d, caller, req).await
-        }
-        RevokeList::OP => {
-            let req: RevokeList = parse(op, params)?;
-            let target = tenant_target(req.tenant.as_deref(), s)?;
-            allow(d, caller, op, target, s)?;
-            revoke::list(d, req)
-        }
-        Destroy::OP => {
-            let req: Destroy = parse(op, params)?;
-            scope_subject(&req.scope, s);
-            allow(d, caller, op, scope_target(&req.scope), s)?;
-            revoke::destroy(d, caller, req).await
-        }
-        KeyRotate::OP => key_admin(d, caller, op, params, s, |d, r: KeyRotate| lifecycle::rotate(d, r)).await,
-        KeyShow::OP => key_admin(d, caller, op, params, s, |d, r: KeyShow| lifecycle::show(d, r)).await,
-        KeySet::OP => key_admin(d, caller, op, params, s, |d, r: KeySet| lifecycle::set(d, r)).await,
-        KeyTrim::OP => key_admin(d, caller, op, params, s, |d, r: KeyTrim| lifecycle::trim(d, r)).await,
-        KeyScheduleDeletion::OP => {
-            key_admin(d, caller, op, params, s, |d, r: KeyScheduleDeletion| {
-                lifecycle::schedule_deletion(d, r)
-            })
-            .await
-        }
-        KeyCancelDeletion::OP => {
-            key_admin(d, caller, op, params, s, |d, r: KeyCancelDeletion| lifecycle::cancel_deletion(d, r))
-                .await
-        }
-        Rewrap::OP => {
-            let req: Rewrap = parse(op, params)?;
-            s.context(&req.context);
-            let env: Envelope = if req.text.starts_with(keyhaven::envelope::CIPHERTEXT_PREFIX) {
-                req.text.parse::<Ciphertext>()?.envelope().clone()
-            } else {
-                req.text.parse()?
-            };
-            s.envelope(&env);
-            allow(d, caller, op, key_target(env.path()), s)?;
-            // Rewrap opens a data key: it counts as a decryption.
-            d.audit.watch_decrypt(caller, env.path().tenant()).await?;
-            lifecycle::rewrap(d, req).await
-        }
-        AdminRotateMaster::OP => {
-            let req: AdminRotateMaster = parse(op, params)?;
-            allow(d, caller, op, Target::All, s)?;
-            master::rotate(d, req).await
-        }
-        AdminRetireMaster::OP => {
-            let req: AdminRetireMaster = parse(op, params)?;
-            allow(d, caller, op, Target::All, s)?;
-            master::retire(d, req).await
-        }
-        wire::AdminReload::OP => {
-            let _: wire::AdminReload = parse(op, params)?;
-            // The daemon's own user may reload, as it may send SIGHUP: the
-            // unit's `ExecReload=keyhaven admin reload` runs as that user
-            // and waits for the answer (docs/POLICY.md §1).
-            if caller.uid == nix::unistd::geteuid().as_raw() {
-                s.checked = true;
-            } else {
-                allow(d, caller, op, Target::All, s)?;
-            }
-            admin::reload(d).await
-        }
-        other => Err(Error::UnknownOperation(printable(other))),
-    }
-}
-
 /// Parses `params` for `op`; the message names the field at fault, with any
 /// name from the request shortened and escaped and no string value quoted.
 fn parse<T: DeserializeOwned>(op: &str, params: &str) -> Result<T, Error> {
@@ -441,28 +329,45 @@ fn parse<T: DeserializeOwned>(op: &str, params: &str) -> Result<T, Error> {
     }
     let mut de = serde_json::Deserializer::from_str(params);
     let value = serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| Error::BadRequest(format!("params of `{op}`: {}", crate::connection::describe(&e))))?;
+        .map_err(|e| Error::BadRequest(format!("params of `{op}`: {}", crate::text::describe(&e))))?;
     de.end().map_err(|e| Error::BadRequest(format!("params of `{op}`: {e}")))?;
     Ok(value)
 }
 
-/// serde quotes a mistyped string value in its message (`invalid type:
-/// string "…"`); that value might be a secret sent in the wrong field, so
-/// it is cut out.
-pub(crate) fn scrub(msg: &str) -> String {
-    match (msg.find("string \""), msg.rfind("\", expected")) {
-        (Some(a), Some(b)) if b > a + 8 => format!("{}string \"…{}", &msg[..a], &msg[b..]),
-        _ => msg.to_owned(),
+/// The most bytes of entries a list page holds, whatever their number: far
+/// under the 1 MiB frame limit (PROTOCOL.md §1), so that no list answer
+/// can break it (a key with thousands of versions has a long entry).
+const LIST_PAGE_BYTES: usize = 512 << 10;
+
+/// Takes entries for one page: at most `limit`, and no more than
+/// [`LIST_PAGE_BYTES`] of them (but always one, when there is one).
+/// Returns the page and whether entries are left over.
+fn page<T: Serialize>(entries: impl IntoIterator<Item = T>, limit: usize) -> (Vec<T>, bool) {
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut entries = entries.into_iter().peekable();
+    while let Some(entry) = entries.peek() {
+        let size = serde_json::to_vec(entry).map(|v| v.len() + 1).unwrap_or(0);
+        if page.len() == limit || (!page.is_empty() && bytes + size > LIST_PAGE_BYTES) {
+            break;
+        }
+        bytes += size;
+        page.extend(entries.next());
     }
+    let more = entries.peek().is_some();
+    (page, more)
 }
 
-/// Shortens hostile input before it goes into a message.
-pub fn printable(s: &str) -> String {
-    let mut out: String = s.chars().take(64).flat_map(char::escape_default).collect();
-    if s.chars().count() > 64 {
-        out.push('…');
+/// A list's page size: `limit` when given (1 to
+/// [`wire::MAX_LIST_PAGE`]), else the most.
+fn page_limit(limit: Option<u32>) -> Result<usize, Error> {
+    match limit {
+        None => Ok(wire::MAX_LIST_PAGE as usize),
+        Some(n @ 1..=wire::MAX_LIST_PAGE) => Ok(n as usize),
+        Some(n) => {
+            Err(Error::BadRequest(format!("`limit` {n} is out of range: from 1 to {}", wire::MAX_LIST_PAGE)))
+        }
     }
-    out
 }
 
 /// Serialises a response into a zeroizing buffer sized up front (`hint`),
@@ -474,22 +379,30 @@ fn reply<T: Serialize>(value: &T, hint: usize) -> Result<Reply, Error> {
     Ok(out)
 }
 
-/// Seconds since the Unix epoch.
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Permission;
 
     #[test]
-    fn scrub_cuts_quoted_values() {
-        let e = serde_json::from_str::<wire::Datakey>(
-            r#"{"tenant":"a","key":"b","include_plaintext":"hunter2"}"#,
-        )
-        .unwrap_err();
-        let s = scrub(&e.to_string());
-        assert!(!s.contains("hunter2") && s.contains("expected"), "{s}");
+    fn every_operation_is_declared_once() {
+        let mut names: Vec<&str> = FAMILIES.iter().flat_map(|f| f.iter()).map(|r| r.name).collect();
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n, "an operation is declared twice");
+    }
+
+    #[test]
+    fn operations_map_to_permissions() {
+        for op in ["hello", "health", "whoami", "subscribe_revocations"] {
+            assert_eq!(access_for(op), Some(Access::Open));
+        }
+        assert_eq!(access_for("datakey_decrypt"), Some(Access::Needs(Permission::Decrypt)));
+        assert_eq!(access_for("rewrap"), Some(Access::Needs(Permission::Decrypt)));
+        assert_eq!(access_for("key_list"), Some(Access::Needs(Permission::KeyAdmin)));
+        assert_eq!(access_for("admin_reload"), Some(Access::Needs(Permission::Admin)));
+        assert_eq!(access_for("nope"), None);
+        assert!(!audited("hello") && !audited("health") && audited("whoami") && audited("nope"));
     }
 }

@@ -15,12 +15,17 @@ use keyhaven::revocation::{
     Destroy, DestroyResponse, LiftResponse, Revocation, RevocationKind, Revoke, RevokeLift, RevokeList,
     RevokeListResponse, Scope,
 };
+use keyhaven::wire;
 use keyhaven::KeyPath;
 
-use super::{blocking, now_unix, reply, Daemon, Reply};
+use super::{
+    blocking, reply, route, scope_subject, scope_target, tenant_target, Cx, Daemon, Op, Reply, Route,
+};
+use crate::clock::now_unix;
 use crate::error::Error;
 use crate::hsm::KekId;
 use crate::identity::Caller;
+use crate::policy::{Access, Permission, Target};
 use crate::revocation::{describe, rfc3339};
 use crate::store::Store;
 
@@ -153,6 +158,10 @@ pub fn list(d: &Arc<Daemon>, req: RevokeList) -> Result<Reply, Error> {
     if let Some(t) = &req.tenant {
         keyhaven::names::validate_name("tenant", t)?;
     }
+    let limit = super::page_limit(req.limit)?;
+    if let Some(after) = &req.after {
+        after.validate().map_err(|e| Error::BadRequest(format!("`after`: {e}")))?;
+    }
     let mut all = d.revocations.list(now_unix());
     if let Some(t) = &req.tenant {
         all.retain(|r| match &r.scope {
@@ -161,7 +170,14 @@ pub fn list(d: &Arc<Daemon>, req: RevokeList) -> Result<Reply, Error> {
             Scope::Datakey { .. } => false,
         });
     }
-    reply(&RevokeListResponse { revocations: all }, 0)
+    all.sort_by(|a, b| a.scope.list_order().cmp(&b.scope.list_order()));
+    let start = match &req.after {
+        Some(after) => all.partition_point(|r| r.scope.list_order() <= after.list_order()),
+        None => 0,
+    };
+    let (page, more) = super::page(all.drain(start..), limit);
+    let next = more.then(|| page.last().map(|r| r.scope.clone())).flatten();
+    reply(&RevokeListResponse { revocations: page, next }, 0)
 }
 
 /// `destroy`: erases the wrapped KEK material of a suspended key version,
@@ -249,4 +265,65 @@ fn erase(s: &dyn Store, scope: &Scope, now: u64) -> Result<Vec<String>, Error> {
         erased.extend(done);
     }
     Ok(erased)
+}
+
+/// The revocation operations (`revoke`; lifting everything needs
+/// `break-glass` too), and the subscription to revocation events (open:
+/// events are filtered per caller, `super::revocation_event`).
+pub(super) const OPS: &[Route] = &[
+    route::<Revoke>(),
+    route::<RevokeLift>(),
+    route::<RevokeList>(),
+    route::<Destroy>(),
+    route::<wire::SubscribeRevocations>(),
+];
+
+impl Op for Revoke {
+    const ACCESS: Access = Access::Needs(Permission::Revoke);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        scope_subject(&self.scope, cx.s);
+        cx.allow(scope_target(&self.scope))?;
+        revoke(cx.d, cx.caller, self).await
+    }
+}
+
+impl Op for RevokeLift {
+    const ACCESS: Access = Access::Needs(Permission::Revoke);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        scope_subject(&self.scope, cx.s);
+        cx.allow(scope_target(&self.scope))?;
+        if self.scope == Scope::All {
+            // Lifting everything is break-glass.
+            cx.allow_perm(Permission::BreakGlass, Target::All)?;
+        }
+        lift(cx.d, cx.caller, self).await
+    }
+}
+
+impl Op for RevokeList {
+    const ACCESS: Access = Access::Needs(Permission::Revoke);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        let target = tenant_target(self.tenant.as_deref(), cx.s)?;
+        cx.allow(target)?;
+        list(cx.d, self)
+    }
+}
+
+impl Op for Destroy {
+    const ACCESS: Access = Access::Needs(Permission::Revoke);
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        scope_subject(&self.scope, cx.s);
+        cx.allow(scope_target(&self.scope))?;
+        destroy(cx.d, cx.caller, self).await
+    }
+}
+
+// The subscription itself is made by the connection once this answers
+// (`crate::connection`).
+impl Op for wire::SubscribeRevocations {
+    const ACCESS: Access = Access::Open;
+    async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        cx.allow(Target::All)?;
+        reply(&wire::SubscribeResponse { subscribed: true }, 0)
+    }
 }
