@@ -315,3 +315,21 @@ test('a peer that sends an oversized or unreadable frame fails the calls with `p
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('keyList follows the daemon\'s pages to the end', async () => {
+  const names = ['a1', 'a2', 'a3', 'a4', 'a5'];
+  for (const n of names) await kh.keyCreate(`paged/${n}`);
+  const keys = await kh.keyList('paged', { pageSize: 2 });
+  assert.deepEqual(
+    keys.map((k) => k.key),
+    names,
+  );
+  assert.deepEqual(
+    (await kh.keyList('paged')).map((k) => k.key),
+    names,
+  );
+  const all = await kh.keyList(undefined, { pageSize: 3 });
+  assert.ok(all.some((k) => k.tenant === 'acme') && all.filter((k) => k.tenant === 'paged').length === 5);
+  await rejectsWith(kh.keyList('paged', { pageSize: 0 }), 'bad_request', InvalidInputError);
+  await rejectsWith(kh.keyList('paged', { pageSize: 1001 }), 'bad_request', InvalidInputError);
+});

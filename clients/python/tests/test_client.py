@@ -295,3 +295,18 @@ def test_a_peer_sending_a_bad_frame_fails_calls_with_protocol(reply: bytes) -> N
     assert e.value.code == "protocol"
     for s in [*held, srv]:
         s.close()
+
+
+def test_key_list_follows_the_daemons_pages(kh: Client) -> None:
+    names = ["a1", "a2", "a3", "a4", "a5"]
+    for n in names:
+        kh.key_create(f"paged/{n}")
+    assert [k["key"] for k in kh.key_list("paged", page_size=2)] == names
+    assert [k["key"] for k in kh.key_list("paged")] == names
+    every = kh.key_list(page_size=3)
+    assert (
+        any(k["tenant"] == "acme" for k in every) and len([k for k in every if k["tenant"] == "paged"]) == 5
+    )
+    for bad in (0, 1001):
+        with pytest.raises(InvalidInput):
+            kh.key_list("paged", page_size=bad)
