@@ -97,7 +97,7 @@ test('bad input is refused before anything is sent, with the code the daemon wou
   await rejectsWith(kh.encrypt('acme/pii', 42), 'bad_request', InvalidInputError);
   await rejectsWith(kh.decrypt(42), 'bad_request', InvalidInputError);
   // Over 1 MiB once framed: refused here, the connection stays usable.
-  await rejectsWith(kh.encrypt('acme/pii', Buffer.alloc(800 * 1024)), 'frame_too_large', DaemonError);
+  await rejectsWith(kh.encrypt('acme/pii', Buffer.alloc(800 * 1024)), 'frame_too_large', InvalidInputError);
   // Limits of the daemon come back typed.
   await rejectsWith(kh.encrypt('acme/pii', Buffer.alloc(65537)), 'payload_too_large', DaemonError);
   await rejectsWith(kh.encrypt('acme/nope', 'x'), 'not_found', DaemonError);
