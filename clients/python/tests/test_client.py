@@ -6,10 +6,10 @@ import json
 import os
 import socket
 import struct
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
@@ -186,8 +186,8 @@ def test_reconnects_after_losing_the_connection(daemon: Daemon) -> None:
         assert c.connections_opened == 2
 
 
-def test_connect_failures_and_timeouts_are_typed() -> None:
-    d = tempfile.mkdtemp(prefix="kh-py-silent-")
+def test_connect_failures_and_timeouts_are_typed(tmp_path: Path) -> None:
+    d = str(tmp_path)
     held: List[socket.socket] = []
     with pytest.raises(ConnectError) as e:
         Client(os.path.join(d, "none.sock")).health()
@@ -271,8 +271,8 @@ def test_daemon_restart_fails_typed_then_the_same_client_carries_on() -> None:
 @pytest.mark.parametrize(
     "reply", [b"\x00\x20\x00\x00", b"\x00\x00\x00\x03{x}"], ids=["2 MiB frame", "not JSON"]
 )
-def test_a_peer_sending_a_bad_frame_fails_calls_with_protocol(reply: bytes) -> None:
-    d = tempfile.mkdtemp(prefix="kh-py-hostile-")
+def test_a_peer_sending_a_bad_frame_fails_calls_with_protocol(reply: bytes, tmp_path: Path) -> None:
+    d = str(tmp_path)
     path = os.path.join(d, "peer.sock")
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
