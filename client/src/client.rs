@@ -401,7 +401,45 @@ impl Client {
 
     /// Creates a named key.
     pub async fn key_create(&self, path: &KeyPath) -> Result<wire::KeyInfo, Error> {
-        self.call(&wire::KeyCreate { tenant: path.tenant().into(), key: path.key().into() }).await
+        self.key_create_of_type(path, crate::KeyType::default()).await
+    }
+
+    /// Creates a named key of type `key_type`.
+    pub async fn key_create_of_type(
+        &self,
+        path: &KeyPath,
+        key_type: crate::KeyType,
+    ) -> Result<wire::KeyInfo, Error> {
+        self.call(&wire::KeyCreate { tenant: path.tenant().into(), key: path.key().into(), key_type }).await
+    }
+
+    /// The MAC tag (`khm1:…`) of `message` under an `hmac-sha256` key: its
+    /// current version, or `version`.
+    pub async fn mac(
+        &self,
+        path: &KeyPath,
+        message: &[u8],
+        version: Option<u32>,
+    ) -> Result<crate::mac::MacResponse, Error> {
+        let req = crate::mac::Mac {
+            tenant: path.tenant().into(),
+            key: path.key().into(),
+            message: SecretBytes::from_slice(message),
+            version,
+        };
+        self.call(&req).await
+    }
+
+    /// Whether `tag` is the MAC of `message` under the version of `path` it
+    /// names.
+    pub async fn mac_verify(&self, path: &KeyPath, message: &[u8], tag: &str) -> Result<bool, Error> {
+        let req = crate::mac::MacVerify {
+            tenant: path.tenant().into(),
+            key: path.key().into(),
+            message: SecretBytes::from_slice(message),
+            tag: tag.into(),
+        };
+        Ok(self.call(&req).await?.valid)
     }
 
     /// Lists named keys, of one tenant or all, following every page.

@@ -42,6 +42,9 @@ pub enum ErrorCode {
     VersionRetired,
     /// The caller may not do this.
     PermissionDenied,
+    /// The key is of another type than the operation needs (e.g. `mac`
+    /// under an `aes256-gcm` key).
+    WrongKeyType,
     /// The key or scope has been revoked.
     Revoked,
     /// A configuration to reload was refused (the old one stays in force).
@@ -82,6 +85,7 @@ impl ErrorCode {
             ErrorCode::KeyDisabled => "key_disabled",
             ErrorCode::VersionRetired => "version_retired",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::WrongKeyType => "wrong_key_type",
             ErrorCode::Revoked => "revoked",
             ErrorCode::InvalidConfig => "invalid_config",
             ErrorCode::Busy => "busy",

@@ -12,6 +12,8 @@
 //! - [`frame`]: length-prefixed frames on the socket (docs/PROTOCOL.md §1).
 //! - [`wire`]: the JSON requests, responses and error codes
 //!   (docs/PROTOCOL.md §2–4).
+//! - [`keytype`]: the kinds of named key (`aes256-gcm`, `hmac-sha256`).
+//! - [`mac`]: MACs under HMAC keys, and the tag's text form.
 //! - [`lifecycle`]: key versions, rotation, retirement, states, rewrap.
 //! - [`revocation`]: revocation scopes, reasons and operations.
 //! - [`client`]: an async client that pipelines requests on one connection,
@@ -35,7 +37,9 @@ pub mod context;
 pub mod envelope;
 pub mod error;
 pub mod frame;
+pub mod keytype;
 pub mod lifecycle;
+pub mod mac;
 pub mod names;
 pub mod revocation;
 pub mod seal;
@@ -47,5 +51,6 @@ pub use client::{Client, ClientBuilder, TimedOut, Timeouts};
 pub use context::EncryptionContext;
 pub use envelope::{Ciphertext, Envelope, EnvelopeId};
 pub use error::{Error, ErrorCode};
+pub use keytype::KeyType;
 pub use names::KeyPath;
 pub use sealer::Sealer;

@@ -65,6 +65,9 @@ pub struct KeyDetails {
     pub tenant: String,
     /// Key name.
     pub key: String,
+    /// What kind of key (`aes256-gcm` from a daemon that predates types).
+    #[serde(rename = "type", default)]
+    pub key_type: crate::keytype::KeyType,
     /// Whether it may be used.
     pub state: KeyState,
     /// Creation time, Unix seconds.

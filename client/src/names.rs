@@ -33,7 +33,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
 
 /// Shortens and escapes a name for an error message, so that hostile input
 /// cannot flood a log line or a terminal.
-fn printable(name: &str) -> String {
+pub(crate) fn printable(name: &str) -> String {
     let mut s: String = name.chars().take(64).flat_map(char::escape_default).collect();
     if name.chars().count() > 64 {
         s.push('…');

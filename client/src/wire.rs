@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::context::EncryptionContext;
 use crate::error::ErrorCode;
+use crate::keytype::KeyType;
 pub use crate::secret::SecretBytes;
 
 /// The protocol version spoken by this crate.
@@ -178,6 +179,9 @@ pub struct KeyCreate {
     pub tenant: String,
     /// Key name.
     pub key: String,
+    /// What kind of key; `aes256-gcm` when absent.
+    #[serde(rename = "type", default, skip_serializing_if = "KeyType::is_default")]
+    pub key_type: KeyType,
 }
 
 /// A named key as `key_create` and `key_list` show it.
@@ -193,6 +197,9 @@ pub struct KeyInfo {
     pub versions: Vec<u32>,
     /// Creation time, Unix seconds.
     pub created_at: u64,
+    /// What kind of key (`aes256-gcm` from a daemon that predates types).
+    #[serde(rename = "type", default)]
+    pub key_type: KeyType,
 }
 operation!(KeyCreate, "key_create", KeyInfo);
 

@@ -147,7 +147,8 @@ export declare class Client {
   keyCreate(path: KeyPathLike): Promise<KeyInfo>;
   /** KeyDetails (PROTOCOL.md §3.17). */
   keyShow(path: KeyPathLike): Promise<Record<string, any>>;
-  keyList(tenant?: string): Promise<KeyInfo[]>;
+  /** Every key (of one tenant), following the daemon's pages of at most `pageSize` (1..1000). */
+  keyList(tenant?: string | null, opts?: { pageSize?: number }): Promise<KeyInfo[]>;
   encrypt(path: KeyPathLike, plaintext: BytesLike, context?: EncryptionContext): Promise<EncryptResult>;
   decrypt(ciphertext: string, context?: EncryptionContext): Promise<DecryptResult>;
   datakey(path: KeyPathLike, context?: EncryptionContext, opts?: { includePlaintext?: boolean }): Promise<DatakeyResult>;

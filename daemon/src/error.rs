@@ -24,6 +24,10 @@ pub enum Error {
     /// `encrypt` input over the limit.
     #[error("plaintext of {0} bytes is over the `encrypt` limit of 65536 bytes; use `datakey` and encrypt locally")]
     PayloadTooLarge(usize),
+    /// Another input over its operation's size limit (the message says
+    /// which).
+    #[error("{0}")]
+    InputTooLarge(String),
     /// Envelope or ciphertext that does not parse.
     #[error("{0}")]
     BadEnvelope(String),
@@ -48,6 +52,9 @@ pub enum Error {
     /// A revocation covers the key or data key.
     #[error("{0}")]
     Revoked(String),
+    /// The key is of another type than the operation needs.
+    #[error("{0}")]
+    WrongKeyType(String),
     /// The policy does not grant this (docs/POLICY.md).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
@@ -81,7 +88,7 @@ impl Error {
             Error::Busy(_) => ErrorCode::Busy,
             Error::UnknownOperation(_) => ErrorCode::UnknownOperation,
             Error::UnsupportedProtocol(_) => ErrorCode::UnsupportedProtocol,
-            Error::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            Error::PayloadTooLarge(_) | Error::InputTooLarge(_) => ErrorCode::PayloadTooLarge,
             Error::BadEnvelope(_) => ErrorCode::BadEnvelope,
             Error::Integrity(_) => ErrorCode::Integrity,
             Error::NotFound(_) => ErrorCode::NotFound,
@@ -91,6 +98,7 @@ impl Error {
             Error::KeyDisabled(_) => ErrorCode::KeyDisabled,
             Error::VersionRetired(_) => ErrorCode::VersionRetired,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Error::WrongKeyType(_) => ErrorCode::WrongKeyType,
             Error::InvalidConfig(_) => ErrorCode::InvalidConfig,
             Error::Audit(_) => ErrorCode::StoreUnavailable,
             Error::Hsm(HsmError::Busy(_)) => ErrorCode::Busy,

@@ -36,11 +36,15 @@ pub enum Permission {
     BreakGlass,
     /// Administering the daemon itself: `admin_reload`.
     Admin,
+    /// `mac`: making MAC tags under `hmac-sha256` keys.
+    Mac,
+    /// `mac_verify`: checking MAC tags.
+    MacVerify,
 }
 
 impl Permission {
     /// Every permission, in the order `whoami` shows them.
-    pub const ALL: [Permission; 8] = [
+    pub const ALL: [Permission; 10] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Datakey,
@@ -49,6 +53,8 @@ impl Permission {
         Permission::AuditRead,
         Permission::BreakGlass,
         Permission::Admin,
+        Permission::Mac,
+        Permission::MacVerify,
     ];
 
     /// The name used in the config and on the wire.
@@ -62,6 +68,8 @@ impl Permission {
             Permission::AuditRead => "audit-read",
             Permission::BreakGlass => "break-glass",
             Permission::Admin => "admin",
+            Permission::Mac => "mac",
+            Permission::MacVerify => "mac-verify",
         }
     }
 

@@ -4,6 +4,8 @@
 // envelope id (age, entries). A key leaving either cache is overwritten
 // with zeros in its Buffer.
 
+import { inspect } from 'node:util';
+
 import { InvalidInputError } from './errors.js';
 import { MAX_MESSAGES_PER_KEY } from './seal.js';
 
@@ -109,6 +111,15 @@ export class SealCache {
   get size() {
     return this.entries.size;
   }
+
+  /** Counts and limits only: never key material. */
+  [inspect.custom]() {
+    return `SealCache { keys: ${this.entries.size}, limits: ${JSON.stringify(this.limits)} }`;
+  }
+
+  toJSON() {
+    return { keys: this.entries.size, limits: this.limits };
+  }
 }
 
 export class OpenCache {
@@ -159,5 +170,14 @@ export class OpenCache {
 
   get size() {
     return this.entries.size;
+  }
+
+  /** Counts and limits only: never key material. */
+  [inspect.custom]() {
+    return `OpenCache { keys: ${this.entries.size}, limits: ${JSON.stringify(this.limits)} }`;
+  }
+
+  toJSON() {
+    return { keys: this.entries.size, limits: this.limits };
   }
 }

@@ -3,7 +3,7 @@
 // wire's field names (PROTOCOL.md §3), with base64 fields decoded to Buffers.
 
 import { Connection } from './connection.js';
-import { InvalidInputError } from './errors.js';
+import { InvalidInputError, ProtocolError } from './errors.js';
 import { b64decode, b64encode, checkName, contextObject, keyPath, toBytes } from './codec.js';
 
 export const SOCKET_ENV = 'KEYHAVEN_SOCKET';
@@ -143,9 +143,26 @@ export class Client {
     return this.call('key_show', keyPath(path));
   }
 
-  async keyList(tenant) {
-    const params = tenant === undefined ? {} : { tenant: checkName(tenant, 'tenant') };
-    return (await this.call('key_list', params)).keys;
+  /**
+   * Every key (of one tenant): follows the daemon's pages (PROTOCOL.md §3.4)
+   * of at most `pageSize` keys (1..1000; the daemon's default 1000).
+   */
+  async keyList(tenant, { pageSize } = {}) {
+    const params = tenant === undefined || tenant === null ? {} : { tenant: checkName(tenant, 'tenant') };
+    if (pageSize !== undefined) {
+      if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > 1000) {
+        throw new InvalidInputError('bad_request', 'pageSize must be an integer from 1 to 1000');
+      }
+      params.limit = pageSize;
+    }
+    const keys = [];
+    for (;;) {
+      const ok = await this.call('key_list', params);
+      keys.push(...ok.keys);
+      if (typeof ok.next !== 'string') return keys;
+      if (ok.next === params.after) throw new ProtocolError('`key_list` returned the same page again');
+      params.after = ok.next;
+    }
   }
 
   async encrypt(path, plaintext, context) {

@@ -5,7 +5,14 @@
 
 import net from 'node:net';
 
-import { ConnectError, ConnectionClosedError, DaemonError, ProtocolError, TimeoutError } from './errors.js';
+import {
+  ConnectError,
+  ConnectionClosedError,
+  DaemonError,
+  InvalidInputError,
+  ProtocolError,
+  TimeoutError,
+} from './errors.js';
 
 export const MAX_FRAME = 1024 * 1024;
 export const PROTOCOL_VERSION = 1;
@@ -75,7 +82,10 @@ export class Connection {
     const body = Buffer.from(JSON.stringify(params === undefined ? { id, op } : { id, op, params }), 'utf8');
     if (body.length > MAX_FRAME) {
       return Promise.reject(
-        new DaemonError('frame_too_large', `a request of ${body.length} bytes is over the frame limit of ${MAX_FRAME} bytes`),
+        new InvalidInputError(
+          'frame_too_large',
+          `a request of ${body.length} bytes is over the frame limit of ${MAX_FRAME} bytes`,
+        ),
       );
     }
     return new Promise((resolve, reject) => {

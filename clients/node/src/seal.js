@@ -4,6 +4,7 @@
 // a tag that does not verify is `integrity`.
 
 import crypto from 'node:crypto';
+import { inspect } from 'node:util';
 
 import { IntegrityError, InvalidInputError } from './errors.js';
 import { b64urlDecode, b64urlEncode, checkName, encodeContext } from './codec.js';
@@ -251,5 +252,13 @@ export class ChunkCipher {
 
   wipe() {
     this.key.fill(0);
+  }
+
+  [inspect.custom]() {
+    return `ChunkCipher { index: ${this.index}, done: ${this.done} }`;
+  }
+
+  toJSON() {
+    return { index: this.index, done: this.done };
   }
 }

@@ -7,6 +7,7 @@
 // in is used for its one call and not cached.
 
 import { Transform } from 'node:stream';
+import { inspect } from 'node:util';
 
 import { b64decode, contextObject, encodeContext, keyPath, toBytes } from './codec.js';
 import { Connection } from './connection.js';
@@ -51,6 +52,15 @@ export class Sealer {
     this.conn = null;
     this.connecting = null;
     this.stats = { datakeys: 0, unwraps: 0, sealHits: 0, openHits: 0, revoked: 0, events: 0, connections: 0 };
+  }
+
+  /** The socket, liveness and counts: never key material. */
+  [inspect.custom]() {
+    return `Sealer { socket: ${JSON.stringify(this.socket)}, live: ${this.live}, sealKeys: ${this.sealCache.size}, openKeys: ${this.openCache.size} }`;
+  }
+
+  toJSON() {
+    return { socket: this.socket, live: this.live, ...this.getStats() };
   }
 
   /** Counters, and the keys held now. */

@@ -97,7 +97,7 @@ test('bad input is refused before anything is sent, with the code the daemon wou
   await rejectsWith(kh.encrypt('acme/pii', 42), 'bad_request', InvalidInputError);
   await rejectsWith(kh.decrypt(42), 'bad_request', InvalidInputError);
   // Over 1 MiB once framed: refused here, the connection stays usable.
-  await rejectsWith(kh.encrypt('acme/pii', Buffer.alloc(800 * 1024)), 'frame_too_large', DaemonError);
+  await rejectsWith(kh.encrypt('acme/pii', Buffer.alloc(800 * 1024)), 'frame_too_large', InvalidInputError);
   // Limits of the daemon come back typed.
   await rejectsWith(kh.encrypt('acme/pii', Buffer.alloc(65537)), 'payload_too_large', DaemonError);
   await rejectsWith(kh.encrypt('acme/nope', 'x'), 'not_found', DaemonError);
@@ -314,4 +314,22 @@ test('a peer that sends an oversized or unreadable frame fails the calls with `p
     for (const s of servers) await new Promise((r) => s.close(r));
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('keyList follows the daemon\'s pages to the end', async () => {
+  const names = ['a1', 'a2', 'a3', 'a4', 'a5'];
+  for (const n of names) await kh.keyCreate(`paged/${n}`);
+  const keys = await kh.keyList('paged', { pageSize: 2 });
+  assert.deepEqual(
+    keys.map((k) => k.key),
+    names,
+  );
+  assert.deepEqual(
+    (await kh.keyList('paged')).map((k) => k.key),
+    names,
+  );
+  const all = await kh.keyList(undefined, { pageSize: 3 });
+  assert.ok(all.some((k) => k.tenant === 'acme') && all.filter((k) => k.tenant === 'paged').length === 5);
+  await rejectsWith(kh.keyList('paged', { pageSize: 0 }), 'bad_request', InvalidInputError);
+  await rejectsWith(kh.keyList('paged', { pageSize: 1001 }), 'bad_request', InvalidInputError);
 });

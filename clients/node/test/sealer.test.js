@@ -242,3 +242,43 @@ test('a Sealer needs every cache limit, within bounds', () => {
   ];
   for (const opts of bad) assert.throws(() => new Sealer({ socket: '/nonexistent', ...opts }), (e) => e.code === 'config', JSON.stringify(opts));
 });
+
+test('cached keys are overwritten when they leave a cache, and never printed', async () => {
+  const { inspect } = await import('node:util');
+  const s = sealer({ seal: { maxMessages: 2 } });
+  try {
+    const keysOf = (cache) => [...cache.entries.values()].map((e) => e.key);
+    const rec = await s.seal('acme/pii', 'x', { w: '1' });
+    await s.open(rec, { w: '1' });
+    const [sealKey] = keysOf(s.sealCache);
+    const [openKey] = keysOf(s.openCache);
+    assert.ok(sealKey.some((b) => b !== 0) && openKey.some((b) => b !== 0));
+    // Nothing that prints the sealer or its caches shows key bytes.
+    const hexKey = sealKey.toString('hex');
+    for (const shown of [inspect(s, { depth: 10 }), JSON.stringify(s), inspect(s.sealCache), inspect(s.openCache)]) {
+      assert.ok(!shown.includes(hexKey) && !shown.includes(sealKey.toString('base64')), shown);
+      assert.ok(!/<Buffer/.test(shown), shown);
+    }
+    // A limit: the third record needs a new key; the old one is zeroed.
+    await s.seal('acme/pii', 'x', { w: '1' });
+    await s.seal('acme/pii', 'x', { w: '1' });
+    assert.ok(sealKey.every((b) => b === 0), 'evicted at its message limit');
+    // clear() zeroes the opening cache's key, and the new sealing key.
+    const [sealKey2] = keysOf(s.sealCache);
+    s.clear();
+    assert.ok(openKey.every((b) => b === 0) && sealKey2.every((b) => b === 0));
+    // A revocation event zeroes the keys in scope.
+    await s.seal('acme/files', 'x', {});
+    const [filesKey] = keysOf(s.sealCache);
+    await kh.call('revoke', { scope: { kind: 'key', tenant: 'acme', key: 'files' }, reason: 'unspecified' });
+    await until(() => filesKey.every((b) => b === 0));
+    await kh.call('revoke_lift', { scope: { kind: 'key', tenant: 'acme', key: 'files' }, reason: 'unspecified' });
+    // close() zeroes everything.
+    await s.seal('acme/pii', 'y', {});
+    const [last] = keysOf(s.sealCache);
+    s.close();
+    assert.ok(last.every((b) => b === 0));
+  } finally {
+    s.close();
+  }
+});

@@ -6,10 +6,10 @@ import json
 import os
 import socket
 import struct
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
@@ -105,9 +105,9 @@ def test_bad_input_is_refused_before_sending(
 
 
 def test_limits_come_back_typed(kh: Client) -> None:
-    with pytest.raises(DaemonError) as e:
+    with pytest.raises(InvalidInput) as local:
         kh.encrypt("acme/pii", bytes(800 * 1024))
-    assert e.value.code == "frame_too_large"
+    assert local.value.code == "frame_too_large"
     with pytest.raises(DaemonError) as e:
         kh.encrypt("acme/pii", bytes(65537))
     assert e.value.code == "payload_too_large"
@@ -186,8 +186,8 @@ def test_reconnects_after_losing_the_connection(daemon: Daemon) -> None:
         assert c.connections_opened == 2
 
 
-def test_connect_failures_and_timeouts_are_typed() -> None:
-    d = tempfile.mkdtemp(prefix="kh-py-silent-")
+def test_connect_failures_and_timeouts_are_typed(tmp_path: Path) -> None:
+    d = str(tmp_path)
     held: List[socket.socket] = []
     with pytest.raises(ConnectError) as e:
         Client(os.path.join(d, "none.sock")).health()
@@ -271,8 +271,8 @@ def test_daemon_restart_fails_typed_then_the_same_client_carries_on() -> None:
 @pytest.mark.parametrize(
     "reply", [b"\x00\x20\x00\x00", b"\x00\x00\x00\x03{x}"], ids=["2 MiB frame", "not JSON"]
 )
-def test_a_peer_sending_a_bad_frame_fails_calls_with_protocol(reply: bytes) -> None:
-    d = tempfile.mkdtemp(prefix="kh-py-hostile-")
+def test_a_peer_sending_a_bad_frame_fails_calls_with_protocol(reply: bytes, tmp_path: Path) -> None:
+    d = str(tmp_path)
     path = os.path.join(d, "peer.sock")
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
@@ -295,3 +295,18 @@ def test_a_peer_sending_a_bad_frame_fails_calls_with_protocol(reply: bytes) -> N
     assert e.value.code == "protocol"
     for s in [*held, srv]:
         s.close()
+
+
+def test_key_list_follows_the_daemons_pages(kh: Client) -> None:
+    names = ["a1", "a2", "a3", "a4", "a5"]
+    for n in names:
+        kh.key_create(f"paged/{n}")
+    assert [k["key"] for k in kh.key_list("paged", page_size=2)] == names
+    assert [k["key"] for k in kh.key_list("paged")] == names
+    every = kh.key_list(page_size=3)
+    assert (
+        any(k["tenant"] == "acme" for k in every) and len([k for k in every if k["tenant"] == "paged"]) == 5
+    )
+    for bad in (0, 1001):
+        with pytest.raises(InvalidInput):
+            kh.key_list("paged", page_size=bad)

@@ -222,3 +222,32 @@ def test_every_cache_limit_is_required(make: Callable[[], Optional[object]]) -> 
     with pytest.raises(KeyhavenError) as e:
         make()
     assert e.value.code == "config"
+
+
+def test_cached_keys_are_overwritten_when_they_leave_a_cache(daemon: Daemon, kh: Client) -> None:
+    with sealer(daemon, SealLimits(max_age=60, max_messages=2, max_bytes=1000)) as s:
+
+        def keys(cache: object) -> list[bytearray]:
+            return [e.key for e in cache.entries.values()]  # type: ignore[attr-defined]
+
+        rec = s.seal("acme/pii", "x", {"w": "1"})
+        s.open(rec, {"w": "1"})
+        (seal_key,), (open_key,) = keys(s._seal), keys(s._open)
+        assert any(seal_key) and any(open_key)
+        shown = repr(s._seal.entries) + repr(s._open.entries) + repr(s) + repr(s.stats())
+        assert seal_key.hex() not in shown and "bytearray" not in shown
+        s.seal("acme/pii", "x", {"w": "1"})
+        s.seal("acme/pii", "x", {"w": "1"})  # past max_messages: a new key
+        assert not any(seal_key)
+        (seal_key2,) = keys(s._seal)
+        s.clear()
+        assert not any(open_key) and not any(seal_key2)
+        s.seal("acme/files", "x", {})
+        (files_key,) = keys(s._seal)
+        scope = {"kind": "key", "tenant": "acme", "key": "files"}
+        kh.call("revoke", {"scope": scope, "reason": "unspecified"})
+        until(lambda: not any(files_key))
+        kh.call("revoke_lift", {"scope": scope, "reason": "unspecified"})
+        s.seal("acme/pii", "y", {})
+        (last,) = keys(s._seal)
+    assert not any(last)  # close() on leaving the with block

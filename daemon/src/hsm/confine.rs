@@ -65,6 +65,27 @@ pub fn kek_unwrap_template() -> Vec<Attribute> {
     ]
 }
 
+/// The template an HMAC key version is unwrapped with: [`confined`] plus
+/// what the key is for (a generic secret that signs and verifies with
+/// CKM_SHA256_HMAC; it encrypts, wraps and unwraps nothing).
+pub fn hmac_unwrap_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Private(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Derive(false),
+    ]
+}
+
 /// `CKA_UNWRAP_TEMPLATE` = [`confined`], as an attribute for C_GenerateKey.
 pub fn master_unwrap_template() -> Attribute {
     const _: () = assert!(

@@ -37,6 +37,8 @@ pub struct KekRef {
     pub wrapped: Arc<[u8]>,
     /// The master key version that wrapped it.
     pub master_key_version: u32,
+    /// What kind of key it is (the unwrap template and mechanisms follow).
+    pub key_type: keyhaven::KeyType,
 }
 
 /// One worker's state. Handles are valid only while `session` is the session
@@ -263,20 +265,33 @@ impl Worker {
     /// current master key. The plaintext KEK never leaves the token: it is
     /// created sensitive, wrapped, and destroyed; users of the KEK unwrap
     /// their own non-extractable copy.
-    pub fn generate_kek(&mut self) -> Result<(Vec<u8>, u32), HsmError> {
+    /// An HMAC key (`key_type` `hmac-sha256`) is made and wrapped the same
+    /// way.
+    pub fn generate_kek(&mut self, key_type: keyhaven::KeyType) -> Result<(Vec<u8>, u32), HsmError> {
         let version = self.shared.master_key_version.load(std::sync::atomic::Ordering::SeqCst);
-        self.generate_kek_for(version).map(|w| (w, version))
+        self.generate_kek_for(key_type, version).map(|w| (w, version))
     }
 
     /// Like [`generate_kek`](Self::generate_kek), under master key
     /// `mk_version` (a master-key rotation's target).
-    pub fn generate_kek_for(&mut self, mk_version: u32) -> Result<Vec<u8>, HsmError> {
-        self.retrying(|w| w.generate_kek_under(mk_version))
+    pub fn generate_kek_for(
+        &mut self,
+        key_type: keyhaven::KeyType,
+        mk_version: u32,
+    ) -> Result<Vec<u8>, HsmError> {
+        self.retrying(|w| w.generate_kek_under(key_type, mk_version))
     }
 
-    fn generate_kek_under(&mut self, mk_version: u32) -> Result<Vec<u8>, HsmError> {
+    fn generate_kek_under(
+        &mut self,
+        key_type: keyhaven::KeyType,
+        mk_version: u32,
+    ) -> Result<Vec<u8>, HsmError> {
         let mk = self.master_key(mk_version)?;
-        generate_wrapped(self.session()?, mk)
+        match key_type {
+            keyhaven::KeyType::HmacSha256 => generate_wrapped_hmac(self.session()?, mk),
+            _ => generate_wrapped(self.session()?, mk),
+        }
     }
 
     /// Makes master key `version` in the token with `CKA_ID` `id` and
@@ -429,9 +444,34 @@ impl Worker {
             let _ = self.session()?.destroy_object(stale);
         }
         let mk = self.master_key(kek.master_key_version)?;
-        let h = unwrap_kek(self.session()?, mk, &kek.wrapped)?;
+        let h = unwrap_kek(self.session()?, mk, &kek.wrapped, kek.key_type)?;
         self.keks.insert(kek.id.clone(), (kek.wrapped.clone(), h));
         Ok(h)
+    }
+
+    /// HMAC-SHA256 of `data` under an HMAC key version, computed in the
+    /// token.
+    pub fn mac(&mut self, key: &KekRef, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        self.retrying(|w| {
+            let h = w.kek(key)?;
+            Ok(w.session()?.sign(&Mechanism::Sha256Hmac, h, data)?)
+        })
+    }
+
+    /// Whether `mac` is the HMAC-SHA256 of `data` under an HMAC key version
+    /// (C_Verify in the token, which compares).
+    pub fn mac_ok(&mut self, key: &KekRef, data: &[u8], mac: &[u8]) -> Result<bool, HsmError> {
+        self.retrying(|w| {
+            let h = w.kek(key)?;
+            match w.session()?.verify(&Mechanism::Sha256Hmac, h, data, mac) {
+                Ok(()) => Ok(true),
+                Err(cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::SignatureInvalid | cryptoki::error::RvError::SignatureLenRange,
+                    _,
+                )) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })
     }
 
     /// AES-256-GCM encryption inside the token under a KEK; returns
@@ -519,9 +559,41 @@ fn generate_wrapped(s: &Session, mk: ObjectHandle) -> Result<Vec<u8>, HsmError> 
 /// Unwraps a KEK under master key `mk` as a sensitive, non-extractable
 /// session object for encrypt and decrypt only: the template the master
 /// key's `CKA_UNWRAP_TEMPLATE` demands ([`confine`]).
-fn unwrap_kek(s: &Session, mk: ObjectHandle, wrapped: &[u8]) -> Result<ObjectHandle, HsmError> {
-    s.unwrap_key(&Mechanism::AesKeyWrap, mk, wrapped, &confine::kek_unwrap_template())
+fn unwrap_kek(
+    s: &Session,
+    mk: ObjectHandle,
+    wrapped: &[u8],
+    key_type: keyhaven::KeyType,
+) -> Result<ObjectHandle, HsmError> {
+    let template = match key_type {
+        keyhaven::KeyType::HmacSha256 => confine::hmac_unwrap_template(),
+        _ => confine::kek_unwrap_template(),
+    };
+    s.unwrap_key(&Mechanism::AesKeyWrap, mk, wrapped, &template)
         .map_err(|e| integrity_or(e, "the key material does not unwrap under its master key"))
+}
+
+/// Generates a 256-bit HMAC key in the token as a sensitive session object,
+/// wraps it under master key `mk` and destroys it, as [`generate_wrapped`]
+/// does for AES keys.
+fn generate_wrapped_hmac(s: &Session, mk: ObjectHandle) -> Result<Vec<u8>, HsmError> {
+    let tmp = s.generate_key(
+        &Mechanism::GenericSecretKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(true),
+            Attribute::Sign(true),
+            Attribute::Verify(true),
+        ],
+    )?;
+    let wrapped = s.wrap_key(&Mechanism::AesKeyWrap, mk, tmp);
+    s.destroy_object(tmp)?;
+    Ok(wrapped?)
 }
 
 /// Return values that mean the session or token is gone, not that the

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use keyhaven::envelope::{self, Envelope, EnvelopeId, DEK_LEN, ID_LEN, NONCE_LEN, WRAPPED_DEK_LEN};
 use keyhaven::lifecycle::KeyState;
 use keyhaven::wire::{self, DatakeyResponse, DecryptResponse, SecretBytes};
-use keyhaven::{EncryptionContext, KeyPath};
+use keyhaven::{EncryptionContext, KeyPath, KeyType};
 use zeroize::Zeroizing;
 
 use super::{key_target, reply, route, Cx, Daemon, Op, Reply, Route};
@@ -43,15 +43,16 @@ pub fn kek_ref(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<KekRef, 
         id: KekId { path: path.clone(), version },
         wrapped: v.wrapped_kek.as_slice().into(),
         master_key_version: v.master_key_version,
+        key_type: rec.key_type,
     })
 }
 
-fn unknown_key(path: &KeyPath) -> Error {
+pub(super) fn unknown_key(path: &KeyPath) -> Error {
     Error::NotFound(format!("unknown key `{path}`"))
 }
 
 /// Refuses a new data key under a key that is not enabled.
-fn check_new_use(rec: &KeyRecord, path: &KeyPath) -> Result<(), Error> {
+pub(super) fn check_new_use(rec: &KeyRecord, path: &KeyPath) -> Result<(), Error> {
     match rec.state {
         KeyState::Enabled => Ok(()),
         KeyState::Disabled => Err(Error::KeyDisabled(format!(
@@ -61,7 +62,7 @@ fn check_new_use(rec: &KeyRecord, path: &KeyPath) -> Result<(), Error> {
     }
 }
 
-fn check_decrypt_state(rec: &KeyRecord, path: &KeyPath, state: KeyState) -> Result<(), Error> {
+pub(super) fn check_decrypt_state(rec: &KeyRecord, path: &KeyPath, state: KeyState) -> Result<(), Error> {
     match state {
         KeyState::Enabled | KeyState::Disabled => Ok(()),
         KeyState::PendingDeletion => Err(Error::KeyDisabled(format!(
@@ -73,7 +74,7 @@ fn check_decrypt_state(rec: &KeyRecord, path: &KeyPath, state: KeyState) -> Resu
 }
 
 /// Refuses decryption under a key's state or a retired version.
-fn check_decrypt(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<(), Error> {
+pub(super) fn check_decrypt(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<(), Error> {
     check_decrypt_state(rec, path, rec.state)?;
     if version < rec.min_decryption_version {
         return Err(Error::VersionRetired(format!(
@@ -94,6 +95,7 @@ pub async fn new_data_key(
     // Revocation before the keyring: a refusal must not say whether a key exists.
     d.revocations.check(&path, None, None)?;
     let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
+    super::require_type(&rec, &path, KeyType::Aes256Gcm, "making a data key")?;
     check_new_use(&rec, &path)?;
     let version = rec.current_version;
     d.revocations.check(&path, Some(version), None)?;
@@ -157,6 +159,7 @@ pub async fn unwrap_data_key(
     let path = env.path().clone();
     d.revocations.check(&path, Some(env.key_version()), Some(&env.id()))?;
     let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
+    super::require_type(&rec, &path, KeyType::Aes256Gcm, "opening an envelope")?;
     check_decrypt(&rec, &path, env.key_version())?;
     let kek = kek_ref(&rec, &path, env.key_version())?;
     let id = kek.id.clone();

@@ -20,10 +20,12 @@ pub fn info(rec: &KeyRecord) -> KeyInfo {
         current_version: rec.current_version,
         versions: rec.versions.iter().map(|v| v.version).collect(),
         created_at: rec.created_at,
+        key_type: rec.key_type,
     }
 }
 
-/// Generates version 1 of a new key in the HSM and stores it wrapped.
+/// Generates version 1 of a new key of the requested type in the HSM and
+/// stores it wrapped.
 pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Error> {
     let path = KeyPath::new(&req.tenant, &req.key)?;
     // No new key under a suspended or destroyed tenant (or the whole system).
@@ -31,7 +33,8 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
     if d.store.backend().key(&path).await?.is_some() {
         return Err(Error::AlreadyExists(format!("key `{path}` exists already")));
     }
-    let (wrapped_kek, master_key_version) = d.hsm.run(|w| w.generate_kek()).await?;
+    let kind = req.key_type;
+    let (wrapped_kek, master_key_version) = d.hsm.run(move |w| w.generate_kek(kind)).await?;
     let now = now_unix();
     let rec = KeyRecord {
         tenant: path.tenant().into(),
@@ -43,6 +46,7 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
         min_decryption_version: 1,
         rotate_every_secs: None,
         deletion_at: None,
+        key_type: kind,
     };
     // The flush makes it durable before we answer; it blocks, so it runs
     // off the async threads (key creation is rare, not a hot path).
@@ -51,7 +55,7 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
     tokio::task::spawn_blocking(move || store.create_key(&stored))
         .await
         .map_err(|e| Error::Internal(format!("store task: {e}")))??;
-    tracing::info!(key = %path, "key created");
+    tracing::info!(key = %path, key_type = %kind, "key created");
     reply(&info(&rec), 0)
 }
 

@@ -35,6 +35,7 @@ pub fn details(rec: &KeyRecord) -> KeyDetails {
     KeyDetails {
         tenant: rec.tenant.clone(),
         key: rec.key.clone(),
+        key_type: rec.key_type,
         state: rec.state,
         created_at: rec.created_at,
         current_version: rec.current_version,
@@ -135,9 +136,12 @@ pub async fn rotate_key_under(
         .await?
         .ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
     refuse_gone(&rec, &path)?;
+    // A new version of the key's own type (an HMAC key's versions are HMAC
+    // keys).
+    let kind = rec.key_type;
     let (wrapped_kek, master_key_version) = match master_key {
-        None => d.hsm.run(|w| w.generate_kek()).await?,
-        Some(mk) => (d.hsm.run(move |w| w.generate_kek_for(mk)).await?, mk),
+        None => d.hsm.run(move |w| w.generate_kek(kind)).await?,
+        Some(mk) => (d.hsm.run(move |w| w.generate_kek_for(kind, mk)).await?, mk),
     };
     let now = now_unix();
     let p = path.clone();

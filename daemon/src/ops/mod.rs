@@ -17,6 +17,7 @@ mod encrypt;
 mod health;
 mod keys;
 mod lifecycle;
+mod mac;
 pub mod master;
 mod revoke;
 
@@ -207,7 +208,7 @@ fn parse_and_handle<'a, T: Op>(cx: Cx<'a>, params: &'a str) -> Handling<'a> {
 }
 
 /// Every family's operations.
-const FAMILIES: [&[Route]; 9] = [
+const FAMILIES: [&[Route]; 10] = [
     health::OPS,
     admin::OPS,
     keys::OPS,
@@ -217,6 +218,7 @@ const FAMILIES: [&[Route]; 9] = [
     master::OPS,
     revoke::OPS,
     audit::OPS,
+    mac::OPS,
 ];
 
 /// The declaration of operation `op`, if there is one.
@@ -288,20 +290,38 @@ fn scope_subject(scope: &Scope, s: &mut Subject) {
 /// The revocation event for `scope` as `caller` may see it (PROTOCOL.md
 /// §6): the scope itself when it names nothing (a data key's random id, the
 /// whole system) or when the policy grants the caller a key-use permission
-/// (`encrypt`, `decrypt`, `datakey`) on it; otherwise no scope, which the
+/// (`encrypt`, `decrypt`, `datakey`, `mac`, `mac-verify`) on it; otherwise no scope, which the
 /// client reads as "everything", so that names the caller may not learn
 /// stay hidden and no cached key is missed.
 pub fn revocation_event(d: &Daemon, caller: &Caller, scope: &Scope) -> wire::EventFrame {
-    use policy::Permission::{Datakey, Decrypt, Encrypt};
+    use policy::Permission::{Datakey, Decrypt, Encrypt, Mac, MacVerify};
     let policy = d.policy();
     let shown = match scope {
         Scope::Datakey { .. } | Scope::All => true,
         _ => {
             let target = scope_target(scope);
-            [Encrypt, Decrypt, Datakey].into_iter().any(|p| policy.allows(caller, p, &target))
+            [Encrypt, Decrypt, Datakey, Mac, MacVerify].into_iter().any(|p| policy.allows(caller, p, &target))
         }
     };
     wire::EventFrame { event: "revoked".into(), scope: shown.then(|| scope.clone()) }
+}
+
+/// Refuses with `wrong_key_type` unless the key at `path` is of type
+/// `want` (what operation `op` needs).
+fn require_type(
+    rec: &crate::store::KeyRecord,
+    path: &KeyPath,
+    want: keyhaven::KeyType,
+    op: &str,
+) -> Result<(), Error> {
+    if rec.key_type == want {
+        Ok(())
+    } else {
+        Err(Error::WrongKeyType(format!(
+            "key `{path}` is of type `{}`; `{op}` needs a key of type `{want}`",
+            rec.key_type
+        )))
+    }
 }
 
 fn key_target(path: &KeyPath) -> Target<'_> {

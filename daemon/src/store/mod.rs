@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use keyhaven::lifecycle::KeyState;
 use keyhaven::revocation::{Revocation, Scope};
-use keyhaven::KeyPath;
+use keyhaven::{KeyPath, KeyType};
 use serde::{Deserialize, Serialize};
 
 use self::state::{Anchor, AnchorState};
@@ -228,6 +228,10 @@ pub struct KeyRecord {
     /// When a scheduled deletion happens, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_at: Option<u64>,
+    /// What kind of key; every version is of this type. Absent (records
+    /// from before key types, and every AES key) means `aes256-gcm`.
+    #[serde(default, skip_serializing_if = "KeyType::is_default")]
+    pub key_type: KeyType,
 }
 
 fn enabled() -> KeyState {
@@ -247,7 +251,8 @@ pub struct KeyVersion {
     pub created_at: u64,
     /// Master key version that wraps this KEK.
     pub master_key_version: u32,
-    /// The KEK wrapped with CKM_AES_KEY_WRAP under that master key.
+    /// The version's secret (a KEK, or an HMAC key: the record's
+    /// `key_type`) wrapped with CKM_AES_KEY_WRAP under that master key.
     #[serde(with = "b64")]
     pub wrapped_kek: Vec<u8>,
     /// Data-key wraps reserved under this version so far (docs/ENVELOPE.md

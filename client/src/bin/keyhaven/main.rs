@@ -77,6 +77,8 @@ enum Command {
     },
     /// Data keys: `datakey TENANT/KEY` makes one; `datakey decrypt` unwraps one.
     Datakey(DatakeyArgs),
+    /// MAC tags under hmac-sha256 keys: `mac TENANT/KEY < msg` prints a tag; `mac verify` checks one.
+    Mac(MacArgs),
     /// Rewrap envelopes or ciphertexts (one per line on stdin) under their key's newest version.
     Rewrap {
         #[command(flatten)]
@@ -143,6 +145,9 @@ enum KeyCommand {
         /// Rotate automatically this often (90d, 12h, …); none by default.
         #[arg(long, value_name = "PERIOD")]
         rotate_every: Option<String>,
+        /// What kind of key: aes256-gcm (encryption, data keys) or hmac-sha256 (MAC tags).
+        #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm")]
+        key_type: keyhaven::KeyType,
     },
     /// List named keys, all or one tenant's.
     List {
@@ -239,6 +244,35 @@ enum DatakeySub {
     Decrypt {
         #[command(flatten)]
         context: ContextArgs,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct MacArgs {
+    #[command(subcommand)]
+    sub: Option<MacSub>,
+    /// The key, as TENANT/KEY (of type hmac-sha256).
+    #[arg(required = true)]
+    key: Option<KeyPath>,
+    /// Use this key version instead of the current one (e.g. to compute a blind index under an older version).
+    #[arg(long)]
+    version: Option<u32>,
+    /// Print the whole response as JSON (tag, key version).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum MacSub {
+    /// Check a tag against the message on stdin; exits 0 when it matches, 1 when it does not or cannot be
+    /// checked (the message says why).
+    Verify {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+        /// The tag, khm1:….
+        #[arg(long)]
+        tag: String,
     },
 }
 
@@ -381,6 +415,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             lifecycle::period(p)?;
             None
         }
+        Command::Mac(MacArgs { sub: Some(MacSub::Verify { tag, .. }), .. }) => {
+            tag.parse::<keyhaven::mac::MacTag>().map_err(usage)?;
+            None
+        }
         Command::Rewrap { context } => Some(context.parse().map_err(usage)?),
         Command::Destroy(args) => {
             revoke::check_destroy(args)?;
@@ -394,6 +432,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             MAX_ENCRYPT_PLAINTEXT,
             "input",
             "; `encrypt` takes at most 64 KiB: use `keyhaven datakey` and encrypt locally",
+        )?),
+        Command::Mac(_) => Some(read_stdin(
+            keyhaven::mac::MAX_MAC_MESSAGE,
+            "message",
+            "; MAC a digest of a longer message instead",
         )?),
         _ => None,
     };
@@ -513,11 +556,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print!("{}", client.call(&keyhaven::wire::AuditPublicKey {}).await?.pem);
             Ok(())
         }
-        Command::Key(KeyCommand::Create { key, rotate_every: None }) => {
-            print_json(&client.key_create(&key).await?)
+        Command::Key(KeyCommand::Create { key, rotate_every: None, key_type }) => {
+            print_json(&client.key_create_of_type(&key, key_type).await?)
         }
-        Command::Key(KeyCommand::Create { key, rotate_every: Some(p) }) => {
-            client.key_create(&key).await?;
+        Command::Key(KeyCommand::Create { key, rotate_every: Some(p), key_type }) => {
+            client.key_create_of_type(&key, key_type).await?;
             let req = keyhaven::lifecycle::KeySet {
                 tenant: key.tenant().into(),
                 key: key.key().into(),
@@ -554,6 +597,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Datakey(DatakeyArgs { sub: Some(DatakeySub::Decrypt { .. }), .. }) => {
             let env = read_stdin_text("envelope")?;
             print_json(&client.datakey_decrypt(&env, &context).await?)
+        }
+        Command::Mac(MacArgs { sub: Some(MacSub::Verify { key, tag }), .. }) => {
+            let message = input.unwrap_or_default();
+            let tag_version = tag.parse::<keyhaven::mac::MacTag>().map_err(usage)?.version;
+            if client.mac_verify(&key, &message, &tag).await? {
+                eprintln!("keyhaven: the tag matches (key `{key}` version {tag_version})");
+                Ok(())
+            } else {
+                Err(Failure::new(format!(
+                    "the tag does not match the message under key `{key}` version {tag_version}"
+                )))
+            }
+        }
+        Command::Mac(MacArgs { key, version, json, .. }) => {
+            let key = key.ok_or_else(|| Failure::new("mac needs TENANT/KEY".into()))?;
+            let message = input.unwrap_or_default();
+            let resp = client.mac(&key, &message, version).await?;
+            if json {
+                print_json(&resp)
+            } else {
+                println!("{}", resp.tag);
+                Ok(())
+            }
         }
         Command::Datakey(DatakeyArgs { key, no_plaintext, .. }) => {
             let key = key.ok_or_else(|| Failure::new("datakey needs TENANT/KEY".into()))?;

@@ -25,7 +25,7 @@ from .codec import (
     to_bytes,
 )
 from .connection import Connection, EventCallback
-from .errors import InvalidInput
+from .errors import InvalidInput, ProtocolError
 
 SOCKET_ENV = "KEYHAVEN_SOCKET"
 DEFAULT_SOCKET = "/run/keyhaven/keyhaven.sock"
@@ -185,10 +185,28 @@ class Client:
         tenant, key = key_path(path)
         return self.call("key_show", {"tenant": tenant, "key": key})
 
-    def key_list(self, tenant: Optional[str] = None) -> List[Dict[str, Any]]:
-        params = {} if tenant is None else {"tenant": check_name(tenant, "tenant")}
-        keys: List[Dict[str, Any]] = self.call("key_list", params)["keys"]
-        return keys
+    def key_list(
+        self, tenant: Optional[str] = None, *, page_size: Optional[int] = None
+    ) -> List[Dict[str, Any]]:
+        """Every key (of one tenant), following the daemon's pages (PROTOCOL.md §3.4).
+
+        ``page_size``: at most this many keys a page, 1..1000 (the daemon's default 1000).
+        """
+        params: Dict[str, Any] = {} if tenant is None else {"tenant": check_name(tenant, "tenant")}
+        if page_size is not None:
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
+                raise InvalidInput("bad_request", "page_size must be an int from 1 to 1000")
+            params["limit"] = page_size
+        keys: List[Dict[str, Any]] = []
+        while True:
+            ok = self.call("key_list", params)
+            keys.extend(ok["keys"])
+            nxt = ok.get("next")
+            if not isinstance(nxt, str):
+                return keys
+            if nxt == params.get("after"):
+                raise ProtocolError("`key_list` returned the same page again")
+            params["after"] = nxt
 
     def encrypt(
         self, path: KeyPathLike, plaintext: Union[Bytes, str], context: Context = None

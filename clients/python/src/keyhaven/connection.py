@@ -21,6 +21,7 @@ from .errors import (
     ConnectError,
     ConnectionClosed,
     DaemonError,
+    InvalidInput,
     KeyhavenError,
     KeyhavenTimeout,
     ProtocolError,
@@ -102,7 +103,7 @@ class Connection:
         if len(body) > MAX_FRAME:
             with self._lock:
                 self._pending.pop(rid, None)
-            raise DaemonError(
+            raise InvalidInput(
                 "frame_too_large",
                 f"a request of {len(body)} bytes is over the frame limit of {MAX_FRAME} bytes",
             )
