@@ -43,7 +43,7 @@ pub struct Config {
     pub socket_group: Option<String>,
     /// The store: a folder (the embedded sled store), or a `[store]` table
     /// that names its backend (docs/CLUSTER.md).
-    #[serde(deserialize_with = "store_section")]
+    #[serde(deserialize_with = "store_section", serialize_with = "write_store_section")]
     pub store: StoreSection,
     /// The token.
     pub hsm: HsmSection,
@@ -170,6 +170,20 @@ impl StoreSection {
         self.url.clone().map(zeroize::Zeroizing::new).ok_or_else(|| {
             "[store] backend = \"postgres\" needs `url_file`, `url_env` or `url_credential`".to_owned()
         })
+    }
+}
+
+/// The embedded store as the plain folder (`store = "…"`, as configs have
+/// always said it), anything else as a `[store]` table.
+fn write_store_section<S: serde::Serializer>(store: &StoreSection, s: S) -> Result<S::Ok, S::Error> {
+    let plain = StoreSection::sled(store.path.clone());
+    let is_plain = store.backend == StoreBackend::Sled
+        && [&store.url_file, &store.tls_ca_file].iter().all(|f| f.is_none())
+        && [&store.url_env, &store.url_credential, &store.url].iter().all(|v| v.is_none());
+    if is_plain {
+        plain.path.serialize(s)
+    } else {
+        store.serialize(s)
     }
 }
 
@@ -874,6 +888,11 @@ mod tests {
         let pg = "[store]\nbackend = \"postgres\"\npath = \"d\"\n";
         let ok = Config::parse(&cfg("production", &format!("{pg}url_file = \"pg-url\"")), path).unwrap();
         assert_eq!(ok.store.url_file.as_deref(), Some(Path::new("/etc/keyhaven/pg-url")));
+        // Written back (as `keyhavend dev` does): sled as the plain folder, postgres as a table.
+        assert!(toml::to_string(&plain).unwrap().contains("\nstore = \"/etc/keyhaven/d\"\n"));
+        let written = toml::to_string(&ok).unwrap();
+        assert!(written.contains("[store]\nbackend = \"postgres\""), "{written}");
+        assert_eq!(Config::parse(&written, path).unwrap().store.url_file, ok.store.url_file);
         let secret = "url = \"postgresql://kh:S3cret-4242@db/kh\"";
         let dev = Config::parse(&cfg("dev", &format!("{pg}{secret}")), path).unwrap();
         assert!(!format!("{dev:?}").contains("S3cret"), "Debug prints the inline connection string");

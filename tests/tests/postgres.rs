@@ -25,6 +25,10 @@ async fn a_daemon_on_postgres_keeps_keys_revocations_and_audit_across_restarts()
     c.call(&keyhaven::lifecycle::KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
     let v2 = c.encrypt(&path("acme/pii"), b"under version 2", &context).await.unwrap();
     assert_eq!((v1.key_version, v2.key_version), (1, 2));
+    // A field the key record gained after the schema was written (its
+    // type) goes through without a migration.
+    c.key_create_of_type(&path("acme/hooks"), keyhaven::KeyType::HmacSha256).await.unwrap();
+    let tag = c.mac(&path("acme/hooks"), b"webhook", None).await.unwrap().tag;
     c.key_create(&path("beta/x")).await.unwrap();
     let beta = c.encrypt(&path("beta/x"), b"beta", &context).await.unwrap();
     let scope = Scope::Tenant { tenant: "beta".into() };
@@ -32,7 +36,11 @@ async fn a_daemon_on_postgres_keeps_keys_revocations_and_audit_across_restarts()
     let refused = c.decrypt(&beta.ciphertext, &context).await.unwrap_err();
     assert_eq!(refused.code(), Some(ErrorCode::Revoked));
     // What the database holds: the records, under the daemon's schema.
-    assert_eq!(pg.psql("keyhaven", "SELECT count(*) FROM keyring"), "2");
+    assert_eq!(pg.psql("keyhaven", "SELECT count(*) FROM keyring"), "3");
+    assert_eq!(
+        pg.psql("keyhaven", "SELECT record::jsonb->>'key_type' FROM keyring WHERE name = 'hooks'"),
+        "hmac-sha256"
+    );
     assert_eq!(pg.psql("keyhaven", "SELECT count(*) FROM revocations"), "1");
     assert_eq!(pg.psql("keyhaven", "SELECT max(version) FROM schema_version"), "1");
     drop(c);
@@ -40,7 +48,13 @@ async fn a_daemon_on_postgres_keeps_keys_revocations_and_audit_across_restarts()
     // The daemon restarts: everything is read back from the database.
     d.restart();
     let c = d.client().await;
-    assert_eq!(c.health().await.unwrap().store.keys, 2);
+    assert_eq!(c.health().await.unwrap().store.keys, 3);
+    assert!(
+        c.mac_verify(&path("acme/hooks"), b"webhook", &tag).await.unwrap(),
+        "the hmac key after a restart"
+    );
+    let wrong = c.encrypt(&path("acme/hooks"), b"m", &context).await.unwrap_err();
+    assert_eq!(wrong.code(), Some(ErrorCode::WrongKeyType), "its type survived the restart");
     for (ct, plain) in [(&v1, &b"under version 1"[..]), (&v2, b"under version 2")] {
         assert_eq!(c.decrypt(&ct.ciphertext, &context).await.unwrap().plaintext.expose(), plain);
     }
