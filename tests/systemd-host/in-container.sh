@@ -157,7 +157,8 @@ served=$(cat "$load_dir"/count.* | awk '{ s += $1 } END { print s }')
 [ "$served" -gt 0 ] || fail "no request was served under load"
 journal_since "$t_stop" | grep -i 'drain' || fail "no drain line in the journal at stop"
 # What OPERATIONS.md §4 says a client sees at a stop: its connection closed
-# before its request was read, or no daemon to connect to.
+# before its request was read (the client says so whether its read or its
+# write noticed: never a raw "Broken pipe"), or no daemon to connect to.
 if grep -h . "$load_dir"/err.* | grep -v -e 'closed the connection' -e 'not reachable' -e 'connecting to the daemon'; then
     fail "clients saw errors other than a closed or refused connection"
 fi
@@ -225,6 +226,12 @@ docs remove
 [ ! -e /usr/bin/keyhavend ] || fail "keyhavend still there after remove"
 [ ! -e /run/keyhaven/keyhaven.sock ] || fail "socket still there after remove"
 [ -d /var/lib/keyhaven/store ] && [ -e /etc/keyhaven/pin ] && [ -e /etc/keyhaven/keyhaven.toml ] || fail "remove deleted the store, the PIN or the config"
+# A reinstall after remove carries on: the config is there and the socket
+# was enabled, so postinst starts the socket, and the store serves.
+docs install
+expect_prop keyhavend.socket ActiveState active
+echo -n "$ct" | as billing keyhaven decrypt >/dev/null || fail "decrypt after remove and reinstall"
+docs remove
 docs purge
 [ ! -e /etc/systemd/system/sockets.target.wants/keyhavend.socket ] || fail "purge left the socket enabled"
 [ ! -e /etc/keyhaven/keyhaven.toml.example ] || fail "purge left the example config"
@@ -232,6 +239,6 @@ docs purge
 dpkg -s keyhaven >/dev/null 2>&1 && fail "keyhaven still known to dpkg after purge"
 docs erase
 [ ! -e /var/lib/keyhaven ] && ! getent passwd keyhaven >/dev/null || fail "erase left the store or the user"
-ok "remove keeps store, config and PIN; purge forgets the units; erase removes the rest"
+ok "remove keeps store, config and PIN (a reinstall serves again); purge forgets the units; erase removes the rest"
 echo
 echo "ALL PASSED"
