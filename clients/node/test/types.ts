@@ -11,6 +11,8 @@ import {
   type DecryptResult,
   type EncryptResult,
   type ErrorCode,
+  type MacResult,
+  type MacVerifyResult,
 } from 'keyhaven';
 
 export async function example(): Promise<void> {
@@ -26,7 +28,11 @@ export async function example(): Promise<void> {
   const v: number = keys[0].current_version + re.key_version + n;
   const c: Buffer = encodeContext(contextObject({ a: 'b' }));
   const p: { tenant: string; key: string } = keyPath('acme/pii');
-  void [v, c, p];
+  const idx = await kh.keyCreate('acme/email-index', { type: 'hmac-sha256' });
+  const m: MacResult = await kh.mac('acme/email-index', 'alice@example.com', { version: idx.current_version });
+  const ok: MacVerifyResult = await kh.macVerify('acme/email-index', Buffer.from('x'), m.tag);
+  const valid: boolean = ok.valid && m.key_version === ok.key_version;
+  void [v, c, p, valid];
   try {
     await kh.health();
   } catch (e) {
