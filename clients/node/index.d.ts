@@ -267,3 +267,28 @@ export declare class ChunkCipher {
   open(sealed: Buffer, last: boolean): Buffer;
   wipe(): void;
 }
+
+// ---- Field encryption for SQL rows (src/fields.js) ----
+
+/** A row's primary key: a value, or the values of a composite key (joined with `/`). */
+export type RowId = string | number | bigint | ReadonlyArray<string | number | bigint>;
+/** NFKC, surrounding space removed, lower-cased: the default normalisation of a blind index. */
+export declare function normaliseText(value: string): string;
+/** Encrypts one column's values through the daemon, bound to `{table, column, row}`. */
+export declare class EncryptedColumn {
+  constructor(client: Client, key: KeyPathLike, table: string, column: string);
+  readonly table: string;
+  readonly column: string;
+  context(row: RowId): { table: string; column: string; row: string };
+  encrypt(row: RowId, value: string | null | undefined): Promise<string | null>;
+  /** A value moved from another row or column rejects with a DaemonError `integrity`. */
+  decrypt(row: RowId, stored: string | null | undefined): Promise<string | null>;
+}
+/** `khm1:` tags of normalised values under an `hmac-sha256` key, for equality lookups. */
+export declare class BlindIndex {
+  constructor(client: Client, key: KeyPathLike, opts?: { normalise?: (value: string) => string });
+  /** The current version's tag (what a write stores). */
+  tag(value: string | null | undefined): Promise<string | null>;
+  /** The tag under every version the key still has (or `versions`): `WHERE col = ANY($1)`. */
+  tags(value: string, versions?: number[]): Promise<string[]>;
+}
