@@ -12,7 +12,8 @@ export type WireCode =
   | 'bad_request' | 'unknown_operation' | 'unsupported_protocol' | 'frame_too_large' | 'payload_too_large'
   | 'bad_envelope' | 'integrity' | 'not_found' | 'already_exists' | 'key_exhausted' | 'key_disabled'
   | 'version_retired' | 'permission_denied' | 'invalid_config' | 'revoked' | 'busy' | 'hsm_unavailable'
-  | 'hsm_login_failed' | 'master_key_unavailable' | 'store_unavailable' | 'internal' | (string & {});
+  | 'hsm_login_failed' | 'master_key_unavailable' | 'store_unavailable' | 'internal' | 'wrong_key_type'
+  | (string & {});
 
 export type ErrorCode = WireCode | (typeof CLIENT_CODES)[number];
 
@@ -104,7 +105,19 @@ export interface KeyInfo {
   current_version: number;
   versions: number[];
   created_at: number;
+  /** `aes256-gcm` or `hmac-sha256` (absent from daemons that predate key types). */
+  type?: KeyType | string;
   [field: string]: unknown;
+}
+export type KeyType = 'aes256-gcm' | 'hmac-sha256';
+export interface MacResult {
+  /** `khm1:` text form, 53 characters (PROTOCOL.md §3.29). */
+  tag: string;
+  key_version: number;
+}
+export interface MacVerifyResult {
+  valid: boolean;
+  key_version: number;
 }
 export interface EncryptResult {
   ciphertext: string;
@@ -144,7 +157,7 @@ export declare class Client {
   close(): Promise<void>;
   health(): Promise<Record<string, any>>;
   whoami(): Promise<Record<string, any>>;
-  keyCreate(path: KeyPathLike): Promise<KeyInfo>;
+  keyCreate(path: KeyPathLike, opts?: { type?: KeyType }): Promise<KeyInfo>;
   /** KeyDetails (PROTOCOL.md §3.17). */
   keyShow(path: KeyPathLike): Promise<Record<string, any>>;
   /** Every key (of one tenant), following the daemon's pages of at most `pageSize` (1..1000). */
@@ -154,6 +167,8 @@ export declare class Client {
   datakey(path: KeyPathLike, context?: EncryptionContext, opts?: { includePlaintext?: boolean }): Promise<DatakeyResult>;
   datakeyDecrypt(envelope: string, context?: EncryptionContext): Promise<DecryptResult & { plaintext: Buffer }>;
   rewrap(text: string, context?: EncryptionContext): Promise<RewrapResult>;
+  mac(path: KeyPathLike, message: BytesLike, opts?: { version?: number }): Promise<MacResult>;
+  macVerify(path: KeyPathLike, message: BytesLike, tag: string): Promise<MacVerifyResult>;
   subscribeRevocations(): Promise<{ subscribed: boolean }>;
 }
 
@@ -251,4 +266,29 @@ export declare class ChunkCipher {
   seal(plaintext: Buffer, last: boolean): Buffer;
   open(sealed: Buffer, last: boolean): Buffer;
   wipe(): void;
+}
+
+// ---- Field encryption for SQL rows (src/fields.js) ----
+
+/** A row's primary key: a value, or the values of a composite key (joined with `/`). */
+export type RowId = string | number | bigint | ReadonlyArray<string | number | bigint>;
+/** NFKC, surrounding space removed, lower-cased: the default normalisation of a blind index. */
+export declare function normaliseText(value: string): string;
+/** Encrypts one column's values through the daemon, bound to `{table, column, row}`. */
+export declare class EncryptedColumn {
+  constructor(client: Client, key: KeyPathLike, table: string, column: string);
+  readonly table: string;
+  readonly column: string;
+  context(row: RowId): { table: string; column: string; row: string };
+  encrypt(row: RowId, value: string | null | undefined): Promise<string | null>;
+  /** A value moved from another row or column rejects with a DaemonError `integrity`. */
+  decrypt(row: RowId, stored: string | null | undefined): Promise<string | null>;
+}
+/** `khm1:` tags of normalised values under an `hmac-sha256` key, for equality lookups. */
+export declare class BlindIndex {
+  constructor(client: Client, key: KeyPathLike, opts?: { normalise?: (value: string) => string });
+  /** The current version's tag (what a write stores). */
+  tag(value: string | null | undefined): Promise<string | null>;
+  /** The tag under every version the key still has (or `versions`): `WHERE col = ANY($1)`. */
+  tags(value: string, versions?: number[]): Promise<string[]>;
 }

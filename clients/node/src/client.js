@@ -135,8 +135,19 @@ export class Client {
     return this.call('whoami');
   }
 
-  keyCreate(path) {
-    return this.call('key_create', keyPath(path));
+  /**
+   * Make a key; `type` is `aes256-gcm` (the daemon's default when omitted)
+   * or `hmac-sha256` (for `mac`/`macVerify`, PROTOCOL.md §3.3).
+   */
+  keyCreate(path, { type } = {}) {
+    const params = keyPath(path);
+    if (type !== undefined) {
+      if (typeof type !== 'string' || type === '') {
+        throw new InvalidInputError('bad_request', 'type must be a key type string such as hmac-sha256');
+      }
+      params.type = type;
+    }
+    return this.call('key_create', params);
   }
 
   keyShow(path) {
@@ -199,6 +210,33 @@ export class Client {
   rewrap(text, context) {
     if (typeof text !== 'string') throw new InvalidInputError('bad_request', 'text must be a khe1: or khc1: string');
     return this.call('rewrap', { text, context: contextObject(context) });
+  }
+
+  /**
+   * The HMAC-SHA256 tag (`khm1:`) of `message` under an `hmac-sha256` key,
+   * computed in the daemon's token (PROTOCOL.md §3.29). `version`: an older
+   * key version, to reproduce the tags it gave (e.g. a blind index made
+   * before a rotation). Resolves with `{ tag, key_version }`.
+   */
+  async mac(path, message, { version } = {}) {
+    const params = { ...keyPath(path), message: b64encode(toBytes(message, 'message')) };
+    if (version !== undefined) {
+      if (!Number.isInteger(version) || version < 1 || version > 0xffffffff) {
+        throw new InvalidInputError('bad_request', 'version must be an integer >= 1');
+      }
+      params.version = version;
+    }
+    return this.call('mac', params);
+  }
+
+  /**
+   * Whether `tag` is the MAC of `message` under the key version the tag
+   * names (PROTOCOL.md §3.30). Resolves with `{ valid, key_version }`; a
+   * mismatch is `valid: false`, not an error.
+   */
+  async macVerify(path, message, tag) {
+    if (typeof tag !== 'string') throw new InvalidInputError('bad_request', 'tag must be a khm1: string');
+    return this.call('mac_verify', { ...keyPath(path), message: b64encode(toBytes(message, 'message')), tag });
   }
 
   subscribeRevocations() {

@@ -20,3 +20,4 @@ export {
   MAX_CHUNK,
   DEFAULT_CHUNK,
 } from './seal.js';
+export { EncryptedColumn, BlindIndex, normaliseText } from './fields.js';

@@ -2,7 +2,10 @@
 // declarations the way an application would, so that a wrong or missing
 // declaration fails the check.
 import {
+  BlindIndex,
   Client,
+  EncryptedColumn,
+  normaliseText,
   DaemonError,
   KeyhavenError,
   encodeContext,
@@ -11,6 +14,8 @@ import {
   type DecryptResult,
   type EncryptResult,
   type ErrorCode,
+  type MacResult,
+  type MacVerifyResult,
 } from 'keyhaven';
 
 export async function example(): Promise<void> {
@@ -26,7 +31,17 @@ export async function example(): Promise<void> {
   const v: number = keys[0].current_version + re.key_version + n;
   const c: Buffer = encodeContext(contextObject({ a: 'b' }));
   const p: { tenant: string; key: string } = keyPath('acme/pii');
-  void [v, c, p];
+  const idx = await kh.keyCreate('acme/email-index', { type: 'hmac-sha256' });
+  const m: MacResult = await kh.mac('acme/email-index', 'alice@example.com', { version: idx.current_version });
+  const ok: MacVerifyResult = await kh.macVerify('acme/email-index', Buffer.from('x'), m.tag);
+  const valid: boolean = ok.valid && m.key_version === ok.key_version;
+  const col = new EncryptedColumn(kh, 'acme/pii', 'users', 'email');
+  const stored: string | null = await col.encrypt(['u1', 2], 'alice@example.com');
+  const back: string | null = await col.decrypt('u1/2', stored);
+  const bidx = new BlindIndex(kh, 'acme/email-index', { normalise: normaliseText });
+  const tags: string[] = await bidx.tags('alice@example.com');
+  const t: string | null = await bidx.tag(back);
+  void [v, c, p, valid, tags, t];
   try {
     await kh.health();
   } catch (e) {

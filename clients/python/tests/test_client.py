@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -21,6 +22,8 @@ from keyhaven import (
     InvalidInput,
     KeyhavenError,
     KeyhavenTimeout,
+    MacResult,
+    MacVerifyResult,
     encode_context,
 )
 from keyhaven.codec import b64decode
@@ -310,3 +313,50 @@ def test_key_list_follows_the_daemons_pages(kh: Client) -> None:
     for bad in (0, 1001):
         with pytest.raises(InvalidInput):
             kh.key_list("paged", page_size=bad)
+
+
+def test_mac_and_mac_verify(kh: Client) -> None:
+    info = kh.key_create("acme/email-index", type="hmac-sha256")
+    assert info["type"] == "hmac-sha256"
+    m = kh.mac("acme/email-index", "alice@example.com")
+    assert isinstance(m, MacResult)
+    assert m.tag.startswith("khm1:") and len(m.tag) == 53 and m.key_version == 1
+    # Deterministic (what a blind index needs); different messages differ.
+    assert kh.mac("acme/email-index", b"alice@example.com").tag == m.tag
+    assert kh.mac("acme/email-index", "bob@example.com").tag != m.tag
+    raw = base64.urlsafe_b64decode(m.tag[5:] + "====")
+    assert len(raw) == 36 and int.from_bytes(raw[:4], "big") == 1
+
+    assert kh.mac_verify("acme/email-index", "alice@example.com", m.tag) == MacVerifyResult(True, 1)
+    assert not kh.mac_verify("acme/email-index", "alice@example.con", m.tag).valid
+    assert not kh.mac_verify("acme/email-index", b"", m.tag).valid
+    flipped = bytearray(raw)
+    flipped[20] ^= 1
+    bad = "khm1:" + base64.urlsafe_b64encode(bytes(flipped)).decode().rstrip("=")
+    assert not kh.mac_verify("acme/email-index", "alice@example.com", bad).valid
+    kh.key_create("acme/other-index", type="hmac-sha256")
+    assert not kh.mac_verify("acme/other-index", "alice@example.com", m.tag).valid
+
+    kh.key_create("acme/aes-only")
+    for call in (
+        lambda: kh.mac("acme/aes-only", "x"),
+        lambda: kh.mac_verify("acme/aes-only", "x", m.tag),
+        lambda: kh.encrypt("acme/email-index", "x"),
+    ):
+        with pytest.raises(DaemonError) as e:
+            call()
+        assert e.value.code == "wrong_key_type"
+    with pytest.raises(DaemonError) as e:
+        kh.key_create("acme/k3", type="rot13")
+    assert e.value.code == "bad_request"
+    with pytest.raises(DaemonError) as e:
+        kh.mac_verify("acme/email-index", "x", "khm1:AAAA")
+    assert e.value.code == "bad_request"
+    with pytest.raises(DaemonError) as e:
+        kh.mac("acme/email-index", "x", version=2)
+    assert e.value.code == "not_found"
+    with pytest.raises(InvalidInput) as ei:
+        kh.mac("acme/email-index", "x", version=0)
+    assert ei.value.code == "bad_request"
+    with pytest.raises(InvalidInput):
+        kh.mac_verify("acme/email-index", "x", 42)  # type: ignore[arg-type]

@@ -12,6 +12,8 @@ from .client import (
     DatakeyResult,
     DecryptResult,
     EncryptResult,
+    MacResult,
+    MacVerifyResult,
     RewrapResult,
 )
 from .codec import context_object, encode_context, key_path
@@ -65,6 +67,8 @@ __all__ = [
     "InvalidInput",
     "KeyhavenError",
     "KeyhavenTimeout",
+    "MacResult",
+    "MacVerifyResult",
     "OpenLimits",
     "ProtocolError",
     "Record",

@@ -68,6 +68,19 @@ class RewrapResult:
     envelope_id: str
 
 
+@dataclass
+class MacResult:
+    tag: str
+    """``khm1:`` text form, 53 characters (PROTOCOL.md §3.29)."""
+    key_version: int
+
+
+@dataclass
+class MacVerifyResult:
+    valid: bool
+    key_version: int
+
+
 def _timeout(value: Any, default: float, name: str) -> Optional[float]:
     if value is _UNSET:
         return default
@@ -177,9 +190,15 @@ class Client:
     def whoami(self) -> Dict[str, Any]:
         return self.call("whoami")
 
-    def key_create(self, path: KeyPathLike) -> Dict[str, Any]:
+    def key_create(self, path: KeyPathLike, *, type: Optional[str] = None) -> Dict[str, Any]:
+        """Make a key; ``type``: ``aes256-gcm`` (the daemon's default) or ``hmac-sha256`` (§3.3)."""
         tenant, key = key_path(path)
-        return self.call("key_create", {"tenant": tenant, "key": key})
+        params: Dict[str, Any] = {"tenant": tenant, "key": key}
+        if type is not None:
+            if not isinstance(type, str) or not type:
+                raise InvalidInput("bad_request", "type must be a key type str such as hmac-sha256")
+            params["type"] = type
+        return self.call("key_create", params)
 
     def key_show(self, path: KeyPathLike) -> Dict[str, Any]:
         tenant, key = key_path(path)
@@ -273,6 +292,41 @@ class Client:
             raise InvalidInput("bad_request", "text must be a khe1: or khc1: str")
         ok = self.call("rewrap", {"text": text, "context": context_object(context)})
         return RewrapResult(ok["text"], ok["from_version"], ok["key_version"], ok["envelope_id"])
+
+    def mac(
+        self, path: KeyPathLike, message: Union[Bytes, str], *, version: Optional[int] = None
+    ) -> MacResult:
+        """The HMAC-SHA256 tag of ``message`` under an ``hmac-sha256`` key, made in the token (§3.29).
+
+        ``version``: an older key version, to reproduce the tags it gave
+        (e.g. to look up a blind index made before a rotation).
+        """
+        tenant, key = key_path(path)
+        params: Dict[str, Any] = {
+            "tenant": tenant,
+            "key": key,
+            "message": b64encode(to_bytes(message, "message")),
+        }
+        if version is not None:
+            if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 0xFFFFFFFF:
+                raise InvalidInput("bad_request", "version must be an int >= 1")
+            params["version"] = version
+        ok = self.call("mac", params)
+        return MacResult(ok["tag"], ok["key_version"])
+
+    def mac_verify(self, path: KeyPathLike, message: Union[Bytes, str], tag: str) -> MacVerifyResult:
+        """Whether ``tag`` is the MAC of ``message`` under the version it names (§3.30).
+
+        A mismatch is ``valid=False``, not an error.
+        """
+        if not isinstance(tag, str):
+            raise InvalidInput("bad_request", "tag must be a khm1: str")
+        tenant, key = key_path(path)
+        ok = self.call(
+            "mac_verify",
+            {"tenant": tenant, "key": key, "message": b64encode(to_bytes(message, "message")), "tag": tag},
+        )
+        return MacVerifyResult(bool(ok["valid"]), ok["key_version"])
 
     def subscribe_revocations(self) -> Dict[str, Any]:
         return self.call("subscribe_revocations")
