@@ -14,6 +14,7 @@
 //!   (docs/PROTOCOL.md §2–4).
 //! - [`keytype`]: the kinds of named key (`aes256-gcm`, `hmac-sha256`).
 //! - [`mac`]: MACs under HMAC keys, and the tag's text form.
+//! - [`sign`]: signatures under ECDSA keys, and their public keys.
 //! - [`lifecycle`]: key versions, rotation, retirement, states, rewrap.
 //! - [`revocation`]: revocation scopes, reasons and operations.
 //! - [`client`]: an async client that pipelines requests on one connection,
@@ -45,6 +46,7 @@ pub mod revocation;
 pub mod seal;
 pub mod sealer;
 pub mod secret;
+pub mod sign;
 pub mod wire;
 
 pub use client::{Client, ClientBuilder, TimedOut, Timeouts};
