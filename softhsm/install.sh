@@ -12,6 +12,8 @@ command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # pkcs11-spy logs every call the daemon makes to the module (tests count logins).
 compgen -G "/usr/lib/*/pkcs11-spy.so" >/dev/null || compgen -G "/usr/lib/*/*/pkcs11-spy.so" >/dev/null || need+=(opensc-pkcs11)
+# The signing tests verify `keyhaven jwt sign` tokens with PyJWT (Debian's).
+/usr/bin/python3 -c 'import jwt, cryptography' >/dev/null 2>&1 || need+=(python3-jwt python3-cryptography)
 [ "${#need[@]}" -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo=sudo

@@ -229,3 +229,93 @@ keys = ["*"]
     let out = run_cli_as(&reader, sock, &["sign", "acme/jwt"], b"m");
     assert!(text(&out).contains("permission_denied") && text(&out).contains("`sign`"), "{}", text(&out));
 }
+
+/// Verifies a compact JWS against a JWKS with PyJWT (Debian's
+/// python3-jwt): finds the key by the token's `kid`, checks the signature
+/// and `exp`. Returns the `sub` claim, or PyJWT's complaint as an error.
+fn pyjwt_verify(dir: &Path, jwks: &str, token: &str) -> Result<String, String> {
+    const SCRIPT: &str = r#"
+import json, sys, jwt
+jwks = json.load(open(sys.argv[1]))
+token = open(sys.argv[2]).read().strip()
+kid = jwt.get_unverified_header(token)["kid"]
+keys = {k["kid"]: jwt.PyJWK(k) for k in jwks["keys"]}
+if kid not in keys:
+    sys.exit("no key with kid " + kid)
+claims = jwt.decode(token, keys[kid].key, algorithms=["ES256", "ES384"])
+print(claims["sub"])
+"#;
+    let (j, t) = (dir.join("jwks.json"), dir.join("token"));
+    std::fs::write(&j, jwks).unwrap();
+    std::fs::write(&t, token).unwrap();
+    let out =
+        Command::new("/usr/bin/python3").arg("-c").arg(SCRIPT).arg(&j).arg(&t).output().expect("python3");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(text(&out))
+    }
+}
+
+#[tokio::test]
+async fn pyjwt_verifies_keyhaven_jwts_against_the_jwks_across_a_rotation() {
+    let d = TestDaemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let claims = tmp.path().join("claims.json");
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    std::fs::write(&claims, format!(r#"{{"sub": "alice", "exp": {exp}}}"#)).unwrap();
+    let claims = claims.to_str().unwrap();
+    for (key_type, alg) in [("ecdsa-p256", "ES256"), ("ecdsa-p384", "ES384")] {
+        let key = format!("acme/{key_type}");
+        ok(d.cli(&["key", "create", &key, "--type", key_type], b""));
+        let t1 = ok(d.cli(&["jwt", "sign", &key, "--claims", claims], b"")).trim().to_owned();
+        let header: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t1.split('.').next().unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!((header["alg"].as_str(), header["kid"].as_str()), (Some(alg), Some(&*format!("{key}@1"))));
+        let jwks1 = ok(d.cli(&["key", "jwks", &key], b""));
+        assert_eq!(pyjwt_verify(tmp.path(), &jwks1, &t1), Ok("alice".into()));
+
+        // Tampered claims or signature: refused.
+        let mut parts: Vec<String> = t1.split('.').map(str::to_owned).collect();
+        let evil = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!(r#"{{"sub": "mallory", "exp": {exp}}}"#));
+        let forged = format!("{}.{evil}.{}", parts[0], parts[2]);
+        assert!(pyjwt_verify(tmp.path(), &jwks1, &forged)
+            .unwrap_err()
+            .contains("Signature verification failed"));
+        let last = parts[2].pop().unwrap();
+        parts[2].push(if last == 'A' { 'B' } else { 'A' });
+        assert!(pyjwt_verify(tmp.path(), &jwks1, &parts.join(".")).is_err());
+
+        // Rotation: new tokens carry kid @2; the new JWKS verifies old and new
+        // tokens (nobody is logged out); the old JWKS does not know @2.
+        ok(d.cli(&["key", "rotate", &key], b""));
+        let t2 = ok(d.cli(&["jwt", "sign", &key, "--claims", claims], b"")).trim().to_owned();
+        let jwks2 = ok(d.cli(&["key", "jwks", &key], b""));
+        let set: serde_json::Value = serde_json::from_str(&jwks2).unwrap();
+        let kids: Vec<&str> =
+            set["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
+        assert_eq!(kids, [format!("{key}@2"), format!("{key}@1")]);
+        assert_eq!(pyjwt_verify(tmp.path(), &jwks2, &t2), Ok("alice".into()));
+        assert_eq!(pyjwt_verify(tmp.path(), &jwks2, &t1), Ok("alice".into()));
+        assert!(pyjwt_verify(tmp.path(), &jwks1, &t2).unwrap_err().contains("no key with kid"));
+
+        // Retiring version 1 drops it from the JWKS: its tokens stop verifying.
+        ok(d.cli(&["key", "set", &key, "--min-decryption-version", "2"], b""));
+        let jwks3 = ok(d.cli(&["key", "jwks", &key], b""));
+        assert!(pyjwt_verify(tmp.path(), &jwks3, &t1).unwrap_err().contains("no key with kid"));
+        assert_eq!(pyjwt_verify(tmp.path(), &jwks3, &t2), Ok("alice".into()));
+    }
+    // Not a signing key: a named error, and no token.
+    ok(d.cli(&["key", "create", "acme/hooks", "--type", "hmac-sha256"], b""));
+    let out = d.cli(&["jwt", "sign", "acme/hooks", "--claims", claims], b"");
+    assert!(!out.status.success() && text(&out).contains("wrong_key_type"), "{}", text(&out));
+    std::fs::write(tmp.path().join("list.json"), "[1]").unwrap();
+    let out = d.cli(
+        &["jwt", "sign", "acme/ecdsa-p256", "--claims", tmp.path().join("list.json").to_str().unwrap()],
+        b"",
+    );
+    assert!(!out.status.success() && text(&out).contains("JSON object"), "{}", text(&out));
+}

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod audit;
 mod bench;
+mod jwt;
 mod lifecycle;
 mod revoke;
 mod seal;
@@ -91,6 +92,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// JSON Web Tokens signed by an ECDSA key.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
     /// Rewrap envelopes or ciphertexts (one per line on stdin) under their key's newest version.
     Rewrap {
         #[command(flatten)]
@@ -160,6 +164,11 @@ enum KeyCommand {
         /// Only this tenant.
         tenant: Option<String>,
     },
+    /// The public keys of a signing key's versions still in use, as a JWKS (kid = TENANT/KEY@N).
+    Jwks {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+    },
     /// The public key of a signing key's version, PEM.
     Public {
         /// The key, as TENANT/KEY.
@@ -170,6 +179,18 @@ enum KeyCommand {
     },
     #[command(flatten)]
     Lifecycle(lifecycle::Lifecycle),
+}
+
+#[derive(Subcommand)]
+enum JwtCommand {
+    /// A compact JWS (ES256/ES384) of the JSON object in FILE, `kid` = the signing version's id (TENANT/KEY@N).
+    Sign {
+        /// The key, as TENANT/KEY (ecdsa-p256 or ecdsa-p384).
+        key: KeyPath,
+        /// The claims, a JSON object.
+        #[arg(long, value_name = "FILE")]
+        claims: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -625,6 +646,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Ok(())
             }
         }
+        Command::Key(KeyCommand::Jwks { key }) => jwt::jwks(&client, &key).await,
+        Command::Jwt(JwtCommand::Sign { key, claims }) => jwt::sign(&client, &key, &claims).await,
         Command::Key(KeyCommand::Public { key, version }) => {
             let req =
                 keyhaven::sign::PublicKey { tenant: key.tenant().into(), key: key.key().into(), version };
