@@ -2,7 +2,8 @@
 # Installs SoftHSM2 (the development token), OpenSC's pkcs11-tool (which
 # the tests use to inspect the token independently), pkcs11-spy (which counts
 # the daemon's calls to the module) and openssl (which checks the audit log's
-# signatures) when they are missing.
+# signatures), and PostgreSQL and OpenSSL's headers (the PostgreSQL store)
+# when they are missing.
 # Debian and Ubuntu; uses sudo when not run as root.
 set -euo pipefail
 need=()
@@ -12,6 +13,11 @@ command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # pkcs11-spy logs every call the daemon makes to the module (tests count logins).
 compgen -G "/usr/lib/*/pkcs11-spy.so" >/dev/null || compgen -G "/usr/lib/*/*/pkcs11-spy.so" >/dev/null || need+=(opensc-pkcs11)
+# The PostgreSQL store's tests start throwaway clusters with its server
+# binaries (initdb, pg_ctl, psql); its TLS builds on the system's OpenSSL.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+[ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 # The signing tests verify `keyhaven jwt sign` tokens with PyJWT (Debian's).
 /usr/bin/python3 -c 'import jwt, cryptography' >/dev/null 2>&1 || need+=(python3-jwt python3-cryptography)
 [ "${#need[@]}" -eq 0 ] && exit 0

@@ -273,7 +273,7 @@ impl Client {
                 let buf = match frames.next().await {
                     Ok(Some(buf)) => buf,
                     Ok(None) => break Error::Closed,
-                    Err(e) => break e,
+                    Err(e) => break e.peer_gone(),
                 };
                 let frame: Incoming = match serde_json::from_slice(buf) {
                     Ok(f) => f,
@@ -375,7 +375,9 @@ impl Client {
             None => return Err(Error::Closed),
         };
         let exchange = async {
-            write_frame(&mut *self.writer.lock().await, &frame).await?;
+            // A daemon that closed the connection (at a stop, or after an
+            // idle timeout) shows as a broken pipe or a reset when writing.
+            write_frame(&mut *self.writer.lock().await, &frame).await.map_err(Error::peer_gone)?;
             rx.await.map_err(|_| Error::Closed)?
         };
         let result = match self.request_timeout {
@@ -440,9 +442,53 @@ impl Client {
         Ok(self.call(&req).await?.valid)
     }
 
-    /// Lists named keys, of one tenant or all.
+    /// Lists named keys, of one tenant or all, following every page.
     pub async fn key_list(&self, tenant: Option<&str>) -> Result<Vec<wire::KeyInfo>, Error> {
-        Ok(self.call(&wire::KeyList { tenant: tenant.map(Into::into) }).await?.keys)
+        let mut keys = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.key_list_page(tenant, after.take(), None).await?;
+            keys.extend(page.keys);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(keys),
+            }
+        }
+    }
+
+    /// One page of [`key_list`](Self::key_list): at most `limit` keys
+    /// (default and most: [`wire::MAX_LIST_PAGE`]) after `after`.
+    pub async fn key_list_page(
+        &self,
+        tenant: Option<&str>,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<wire::KeyListResponse, Error> {
+        self.call(&wire::KeyList { tenant: tenant.map(Into::into), limit, after }).await
+    }
+
+    /// Every revocation in force (of one tenant, or all), following every
+    /// page of `revoke_list`.
+    pub async fn revoke_list(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<crate::revocation::Revocation>, Error> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .call(&crate::revocation::RevokeList {
+                    tenant: tenant.map(Into::into),
+                    limit: None,
+                    after: after.take(),
+                })
+                .await?;
+            all.extend(page.revocations);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// Encrypts up to 64 KiB; returns the text ciphertext and its metadata.
@@ -520,5 +566,19 @@ mod tests {
         assert_eq!(frame[..4], ((frame.len() - 4) as u32).to_be_bytes());
         assert_eq!(serde_json::from_slice::<Value>(&frame[4..]).unwrap(), value);
         assert_eq!(frame.capacity(), frame.len());
+    }
+
+    /// A daemon that closed the connection is `Closed` ("the daemon closed
+    /// the connection"), never a raw "Broken pipe", whichever of the write
+    /// and the read notices first.
+    #[tokio::test]
+    async fn a_connection_the_peer_closed_is_closed_not_a_broken_pipe() {
+        for _ in 0..20 {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            drop(theirs);
+            let client = Client::from_stream(ours);
+            let e = client.health().await.expect_err("nobody answers");
+            assert!(matches!(e, Error::Closed), "{e:?}");
+        }
     }
 }

@@ -169,6 +169,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// [`Error::Closed`] for a socket error that means the daemon closed
+    /// the connection (a broken pipe or a reset); any other error as it is.
+    pub(crate) fn peer_gone(self) -> Error {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        match self {
+            Error::Io(e) if matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) => {
+                Error::Closed
+            }
+            other => other,
+        }
+    }
+
     /// The daemon's error code, when the daemon answered with an error;
     /// [`ErrorCode::Integrity`] also for a local authentication failure.
     pub fn code(&self) -> Option<ErrorCode> {

@@ -195,6 +195,13 @@ pub struct RevokeList {
     /// Only those that touch this tenant (its keys, itself, and `all`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// At most this many revocations in the answer, 1 to
+    /// [`crate::wire::MAX_LIST_PAGE`] (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// The revocations after this scope: the previous page's `next`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Scope>,
 }
 
 /// Answer to `revoke_list`.
@@ -202,6 +209,23 @@ pub struct RevokeList {
 pub struct RevokeListResponse {
     /// Revocations, narrowest scope last.
     pub revocations: Vec<Revocation>,
+    /// Present when more follow: pass it as `after` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Scope>,
+}
+
+impl Scope {
+    /// The scope's place in `revoke_list`'s order: the whole system, then
+    /// each tenant (by name) with its keys (by name), each key before its
+    /// versions; then data keys, by envelope id.
+    pub fn list_order(&self) -> (u8, &str, &str, u32, &str) {
+        match self {
+            Scope::All => (0, "", "", 0, ""),
+            Scope::Tenant { tenant } => (1, tenant, "", 0, ""),
+            Scope::Key { tenant, key, version } => (1, tenant, key, version.unwrap_or(0), ""),
+            Scope::Datakey { envelope_id } => (2, "", "", 0, envelope_id),
+        }
+    }
 }
 
 /// `destroy`: erase the key material of a suspended key, key version or

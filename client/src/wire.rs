@@ -210,13 +210,28 @@ pub struct KeyList {
     /// Only this tenant's keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// At most this many keys in the answer, 1 to [`MAX_LIST_PAGE`]
+    /// (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// The keys after this one (`tenant/key`): the previous page's `next`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
+
+/// The most entries a list answer (`key_list`, `revoke_list`) holds, and
+/// its default page size: with the longest names, a page stays well under
+/// the frame limit.
+pub const MAX_LIST_PAGE: u32 = 1000;
 
 /// Answer to `key_list`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyListResponse {
     /// The keys, sorted by tenant then key.
     pub keys: Vec<KeyInfo>,
+    /// Present when more keys follow: pass it as `after` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 operation!(KeyList, "key_list", KeyListResponse);
 

@@ -30,12 +30,12 @@ impl TokenAnchor {
 pub fn accept_store(config: &crate::config::Config, reason: &str) -> anyhow::Result<String> {
     use anyhow::Context;
 
-    use crate::store::Store;
     let reason = reason.trim();
     if reason.is_empty() || reason.len() > 500 {
         anyhow::bail!("--reason must say why, in 1 to 500 characters");
     }
-    let (store, meta) = crate::store::sled_store::SledStore::open_initialised(&config.store)?;
+    let store = crate::store::open(config)?;
+    let meta = store.check_initialised()?;
     let hsm_config = config.hsm_config().map_err(anyhow::Error::msg)?;
     let hsm = Arc::new(Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?);
     let result = (|| {
@@ -59,10 +59,10 @@ pub fn accept_store(config: &crate::config::Config, reason: &str) -> anyhow::Res
     Ok(match old {
         Some(a) => format!(
             "the store at {} is accepted as it is; it replaces the token's anchor of write {} (recorded in the audit log at the next start)",
-            config.store.display(),
+            store.location(),
             a.generation
         ),
-        None => format!("the store at {} is anchored as it is (the token held no anchor)", config.store.display()),
+        None => format!("the store at {} is anchored as it is (the token held no anchor)", store.location()),
     })
 }
 

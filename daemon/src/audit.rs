@@ -165,7 +165,7 @@ struct State {
 }
 
 struct Log {
-    store: Arc<dyn Store>,
+    store: Store,
     hsm: Arc<Hsm>,
     state: Mutex<State>,
     wake: Condvar,
@@ -265,17 +265,17 @@ fn outside_hours(from: u8, to: u8, now_ms: u64) -> bool {
 impl Audit {
     /// Opens the log in `store` (continuing its chain) and starts the
     /// flusher thread; with `enabled = false`, a log that records nothing.
-    pub fn open(store: Arc<dyn Store>, hsm: Arc<Hsm>, cfg: &AuditSection) -> Result<Audit, StoreError> {
+    pub fn open(store: Store, hsm: Arc<Hsm>, cfg: &AuditSection) -> Result<Audit, StoreError> {
         if !cfg.enabled {
             tracing::warn!("the audit log is off ([audit] enabled = false): nothing is recorded");
             return Ok(Audit { log: None, flusher: Mutex::new(None), volume: Volume::new(cfg) });
         }
-        let (mut last, mut head) = match newest(&*store, AuditKind::Record) {
+        let (mut last, mut head) = match newest(&store, AuditKind::Record) {
             Some((seq, bytes)) => (seq, Sha256::digest(&bytes).into()),
             None => (0, [0u8; 32]),
         };
-        check_anchor(&*store, &hsm, last)?;
-        let mut sealed = match newest_valid_seal(&*store, &hsm, last)? {
+        check_anchor(&store, &hsm, last)?;
+        let mut sealed = match newest_valid_seal(&store, &hsm, last)? {
             Some((seq, h)) => {
                 if seq > last {
                     // Records a seal covers are gone: carry on after the seal,
@@ -292,7 +292,7 @@ impl Audit {
             None => 0,
         };
         if last > sealed {
-            (last, head, sealed) = report_unsealed(&*store, &hsm, sealed + 1, last, head)?;
+            (last, head, sealed) = report_unsealed(&store, &hsm, sealed + 1, last, head)?;
         }
         // Here every record is sealed: `head` is the sealed head.
         let sealed_head = head;
@@ -586,7 +586,7 @@ impl Log {
 /// anything seal over them. Returns the new last record, its hash, and the
 /// last sealed record.
 fn report_unsealed(
-    store: &dyn Store,
+    store: &Store,
     hsm: &Hsm,
     from: u64,
     to: u64,
@@ -641,7 +641,7 @@ fn report_unsealed(
 /// record past the end of the log (a cut-off tail), as (seq, head). Seals
 /// that fail are passed over with an error in the log (`audit verify`
 /// reports them).
-fn newest_valid_seal(store: &dyn Store, hsm: &Hsm, last: u64) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+fn newest_valid_seal(store: &Store, hsm: &Hsm, last: u64) -> Result<Option<(u64, [u8; 32])>, StoreError> {
     for entry in store.audit_scan(AuditKind::Seal, u64::MAX, true) {
         let (seq, bytes) = match entry {
             Ok(e) => e,
@@ -715,7 +715,7 @@ impl AuditAnchor {
 /// with the same hash. A log cut back before it, or any copy in which that
 /// record differs (an older log, or one rewritten and relinked after it),
 /// is refused: `audit verify` could not tell, since the seals went with it.
-fn check_anchor(store: &dyn Store, hsm: &Hsm, last: u64) -> Result<(), StoreError> {
+fn check_anchor(store: &Store, hsm: &Hsm, last: u64) -> Result<(), StoreError> {
     let text = hsm
         .run_blocking(|w| w.read_anchor(AnchorKind::Audit))
         .map_err(|e| StoreError::Backend(format!("cannot read the audit log's anchor in the token: {e}")))?;
@@ -745,7 +745,7 @@ const GATHER_AFTER: usize = 8;
 
 /// The newest entry of `kind` that can be read, passing over (with an
 /// error in the log) damage that `audit verify` will report.
-fn newest(store: &dyn Store, kind: AuditKind) -> Option<(u64, Vec<u8>)> {
+fn newest(store: &Store, kind: AuditKind) -> Option<(u64, Vec<u8>)> {
     for entry in store.audit_scan(kind, u64::MAX, true) {
         match entry {
             Ok(e) => return Some(e),
@@ -759,7 +759,7 @@ fn newest(store: &dyn Store, kind: AuditKind) -> Option<(u64, Vec<u8>)> {
 const READ_BUDGET: usize = 512 * 1024;
 
 /// `audit_read`: matching records, oldest first, cut to fit a frame.
-pub fn read(store: &dyn Store, req: &AuditRead) -> Result<AuditReadResponse, Error> {
+pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> {
     let since_ms = req.since.map(|s| s.saturating_mul(1000));
     let matches = |r: &AuditRecord| {
         req.tenant.as_ref().is_none_or(|t| r.tenant.as_ref() == Some(t))
@@ -815,7 +815,7 @@ pub fn read(store: &dyn Store, req: &AuditRead) -> Result<AuditReadResponse, Err
 
 /// `audit_export`: records as stored and the seals after the records they
 /// cover, oldest first, cut to fit a frame (docs/AUDIT.md §7).
-pub fn export(store: &dyn Store, req: &AuditExport) -> Result<AuditExportResponse, Error> {
+pub fn export(store: &Store, req: &AuditExport) -> Result<AuditExportResponse, Error> {
     let since_ms = req.since.map(|s| s.saturating_mul(1000));
     let after = req.after.unwrap_or(0);
     let mut records = Vec::new();
@@ -923,7 +923,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Walks the whole chain and the seals (docs/AUDIT.md §5); blocking.
-pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
+pub fn walk(store: &Store) -> Result<Walk, Error> {
     let mut seals = Vec::new();
     let mut seal_problem = None;
     for entry in store.audit_scan(AuditKind::Seal, 0, false) {
@@ -1193,8 +1193,8 @@ pub fn walk(store: &dyn Store) -> Result<Walk, Error> {
 }
 
 /// Finishes a walk by checking each seal's MAC in the token.
-pub async fn verify(store: Arc<dyn Store>, hsm: &Hsm) -> Result<AuditVerifyResponse, Error> {
-    let walk = tokio::task::spawn_blocking(move || walk(&*store))
+pub async fn verify(store: Store, hsm: &Hsm) -> Result<AuditVerifyResponse, Error> {
+    let walk = tokio::task::spawn_blocking(move || walk(&store))
         .await
         .map_err(|e| Error::Internal(format!("audit walk: {e}")))??;
     let mut problem = walk.problem;
@@ -1274,10 +1274,12 @@ mod tests {
     }
 
     /// A store in a fresh folder with records 1..=n chained.
-    fn chain(name: &str, n: u64) -> (crate::store::sled_store::SledStore, std::path::PathBuf) {
+    fn chain(name: &str, n: u64) -> (crate::store::Store, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("keyhaven-walk-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let store = crate::store::sled_store::SledStore::open(&dir).unwrap();
+        let store = crate::store::Store::new(std::sync::Arc::new(
+            crate::store::sled_store::SledStore::open(&dir).unwrap(),
+        ));
         let mut prev = [0u8; 32];
         for seq in 1..=n {
             let b = record(seq, &prev);

@@ -329,7 +329,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     let bin = keyhaven_binary(args)?;
     eprintln!("keyhavend bench: a fresh dev install in {}", dir.display());
-    let (config_path, store) = crate::dev::prepare(dir)?;
+    let (config_path, store) = crate::dev::prepare(dir, None)?;
     drop(store);
     if args.no_audit || args.workers.is_some() {
         let text = std::fs::read_to_string(&config_path)?;

@@ -41,8 +41,10 @@ pub struct Config {
     /// user is in, with `socket_mode = 0o660`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<String>,
-    /// Directory of the store.
-    pub store: PathBuf,
+    /// The store: a folder (the embedded sled store), or a `[store]` table
+    /// that names its backend (docs/CLUSTER.md).
+    #[serde(deserialize_with = "store_section", serialize_with = "write_store_section")]
+    pub store: StoreSection,
     /// The token.
     pub hsm: HsmSection,
     /// Resource limits.
@@ -63,6 +65,144 @@ pub struct Config {
     /// The file this configuration was read from (for reloading).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// Which store backend keeps the keyring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// sled, embedded, in the folder `path` (the default).
+    #[default]
+    Sled,
+    /// A PostgreSQL database (docs/CLUSTER.md).
+    Postgres,
+}
+
+/// `store = "FOLDER"`, or `[store]`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sled` (default) or `postgres`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// sled: the store's folder. postgres: the daemon's own local folder
+    /// (notes such as a refused PIN's), the database being elsewhere.
+    pub path: PathBuf,
+    /// postgres: a file holding the connection string (first line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<PathBuf>,
+    /// postgres: an environment variable holding the connection string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<String>,
+    /// postgres: a systemd credential holding the connection string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_credential: Option<String>,
+    /// postgres: an inline connection string, for `dev` installs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// postgres: a PEM file of CA certificates to trust for TLS, besides
+    /// the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // An inline connection string may hold a password: never printed.
+        f.debug_struct("StoreSection")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("url_file", &self.url_file)
+            .field("url_env", &self.url_env)
+            .field("url_credential", &self.url_credential)
+            .field("url", &self.url.as_ref().map(|_| "(redacted)"))
+            .finish()
+    }
+}
+
+impl StoreSection {
+    /// The embedded store in `path`.
+    pub fn sled(path: PathBuf) -> StoreSection {
+        StoreSection {
+            backend: StoreBackend::Sled,
+            path,
+            url_file: None,
+            url_env: None,
+            url_credential: None,
+            url: None,
+            tls_ca_file: None,
+        }
+    }
+
+    /// The PostgreSQL connection string, from where the section says.
+    pub fn read_url(&self) -> Result<zeroize::Zeroizing<String>, String> {
+        let from_file = |file: &Path| {
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
+                format!("cannot read the PostgreSQL connection string file {}: {e}", file.display())
+            })?);
+            let line = text.lines().next().unwrap_or_default().trim();
+            if line.is_empty() {
+                return Err(format!("the PostgreSQL connection string file {} is empty", file.display()));
+            }
+            Ok(zeroize::Zeroizing::new(line.to_owned()))
+        };
+        if let Some(file) = &self.url_file {
+            return from_file(file);
+        }
+        if let Some(name) = &self.url_credential {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                format!(
+                    "`url_credential = \"{name}\"` needs $CREDENTIALS_DIRECTORY, which systemd sets for a unit \
+                     with `LoadCredential={name}:/path/to/file`; outside systemd use `url_file`"
+                )
+            })?;
+            return from_file(&PathBuf::from(dir).join(name));
+        }
+        if let Some(var) = &self.url_env {
+            return std::env::var(var)
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| zeroize::Zeroizing::new(v.trim().to_owned()))
+                .ok_or_else(|| {
+                    format!("the variable `{var}` (the PostgreSQL connection string) is not set")
+                });
+        }
+        self.url.clone().map(zeroize::Zeroizing::new).ok_or_else(|| {
+            "[store] backend = \"postgres\" needs `url_file`, `url_env` or `url_credential`".to_owned()
+        })
+    }
+}
+
+/// The embedded store as the plain folder (`store = "…"`, as configs have
+/// always said it), anything else as a `[store]` table.
+fn write_store_section<S: serde::Serializer>(store: &StoreSection, s: S) -> Result<S::Ok, S::Error> {
+    let plain = StoreSection::sled(store.path.clone());
+    let is_plain = store.backend == StoreBackend::Sled
+        && [&store.url_file, &store.tls_ca_file].iter().all(|f| f.is_none())
+        && [&store.url_env, &store.url_credential, &store.url].iter().all(|v| v.is_none());
+    if is_plain {
+        plain.path.serialize(s)
+    } else {
+        store.serialize(s)
+    }
+}
+
+/// `store` is either a folder (sled) or a table.
+fn store_section<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StoreSection, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = StoreSection;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a folder for the embedded store, or a [store] table")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StoreSection, E> {
+            Ok(StoreSection::sled(PathBuf::from(v)))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<StoreSection, A::Error> {
+            StoreSection::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_any(V)
 }
 
 /// `[audit]` (docs/AUDIT.md).
@@ -442,12 +582,18 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks the text of the configuration file at `path`
+    /// (which only names the file in errors and anchors relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config =
-            serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
                 let key = e.path().to_string();
                 let key = (key != "." && !key.is_empty()).then_some(key);
                 let inner = e.into_inner();
-                let (line, column) = inner.span().map(|s| line_column(&text, s.start)).unzip();
+                let (line, column) = inner.span().map(|s| line_column(text, s.start)).unzip();
                 ConfigError::Parse {
                     path: path.to_owned(),
                     reason: parse_reason(key.as_deref(), inner.message()),
@@ -457,12 +603,20 @@ impl Config {
                 }
             })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.socket, &mut cfg.store, &mut cfg.hsm.module] {
+        for p in [&mut cfg.socket, &mut cfg.store.path, &mut cfg.hsm.module] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
-        for p in [&mut cfg.hsm.pin_file, &mut cfg.hsm.softhsm2_conf].into_iter().flatten() {
+        for p in [
+            &mut cfg.hsm.pin_file,
+            &mut cfg.hsm.softhsm2_conf,
+            &mut cfg.store.url_file,
+            &mut cfg.store.tls_ca_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -470,7 +624,7 @@ impl Config {
         let invalid_key = |key: &str, reason: &str| ConfigError::Invalid {
             path: path.to_owned(),
             key: Some(key.to_owned()),
-            line: line_of(&text, key),
+            line: line_of(text, key),
             reason: reason.to_owned(),
         };
         let invalid = |reason: &str| ConfigError::Invalid {
@@ -596,7 +750,8 @@ impl Config {
         if !cfg.audit.enabled && cfg.mode == Mode::Production {
             return Err(invalid_key("audit.enabled", "`false` is refused in production mode"));
         }
-        cfg.access = Policy::compile(&cfg.policy, &text).map_err(|e| invalid(&format!("[policy] {e}")))?;
+        check_store(&cfg.store, cfg.mode).map_err(|(key, reason)| invalid_key(key, &reason))?;
+        cfg.access = Policy::compile(&cfg.policy, text).map_err(|e| invalid(&format!("[policy] {e}")))?;
         cfg.source = Some(path.to_owned());
         Ok(cfg)
     }
@@ -643,6 +798,45 @@ impl Config {
     }
 }
 
+/// `[store]`: the connection string's source, as for the PIN (one of
+/// them; never inline in production); nothing of it for sled.
+fn check_store(store: &StoreSection, mode: Mode) -> Result<(), (&'static str, String)> {
+    let sources = [
+        store.url_file.is_some(),
+        store.url_env.is_some(),
+        store.url_credential.is_some(),
+        store.url.is_some(),
+    ];
+    let n = sources.iter().filter(|s| **s).count();
+    match store.backend {
+        StoreBackend::Sled if n > 0 || store.tls_ca_file.is_some() => Err((
+            "store.backend",
+            "the connection settings (`url*`, `tls_ca_file`) are for `backend = \"postgres\"`".into(),
+        )),
+        StoreBackend::Sled => Ok(()),
+        StoreBackend::Postgres if store.url.is_some() && mode == Mode::Production => Err((
+            "store.url",
+            "an inline connection string is refused in production: put it in a file named by `url_file` \
+             (mode 0400), a systemd credential named by `url_credential`, or a variable named by `url_env`"
+                .into(),
+        )),
+        StoreBackend::Postgres if n == 0 => {
+            Err(("store.backend", "`postgres` needs `url_file`, `url_env` or `url_credential`".into()))
+        }
+        StoreBackend::Postgres if n > 1 => Err((
+            "store.backend",
+            "takes one of `url_file`, `url_env`, `url_credential` and `url`, not several".into(),
+        )),
+        StoreBackend::Postgres => match &store.url_credential {
+            Some(name) if name.is_empty() || name.contains('/') || name == "." || name == ".." => Err((
+                "store.url_credential",
+                "must be a credential name (no `/`), e.g. \"postgres-url\"".into(),
+            )),
+            _ => Ok(()),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,5 +871,41 @@ mod tests {
             assert!(err.contains("line 7") || err.contains("line 8"), "{bad:?} -> {err}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `[store]`: a folder or a table; the connection string from one
+    /// source, never inline in production, never printed; sled takes none.
+    #[test]
+    fn the_store_section_takes_one_connection_string_source_never_inline_in_production() {
+        let path = Path::new("/etc/keyhaven/keyhaven.toml");
+        let hsm = "[hsm]\nmodule = \"m.so\"\ntoken_label = \"t\"\npin_file = \"p\"\n";
+        let cfg = |mode: &str, store: &str| format!("mode = \"{mode}\"\nsocket = \"s\"\n{store}\n{hsm}");
+        let plain = Config::parse(&cfg("production", "store = \"d\""), path).unwrap();
+        assert_eq!(
+            (plain.store.backend, plain.store.path.as_path()),
+            (StoreBackend::Sled, Path::new("/etc/keyhaven/d"))
+        );
+        let pg = "[store]\nbackend = \"postgres\"\npath = \"d\"\n";
+        let ok = Config::parse(&cfg("production", &format!("{pg}url_file = \"pg-url\"")), path).unwrap();
+        assert_eq!(ok.store.url_file.as_deref(), Some(Path::new("/etc/keyhaven/pg-url")));
+        // Written back (as `keyhavend dev` does): sled as the plain folder, postgres as a table.
+        assert!(toml::to_string(&plain).unwrap().contains("\nstore = \"/etc/keyhaven/d\"\n"));
+        let written = toml::to_string(&ok).unwrap();
+        assert!(written.contains("[store]\nbackend = \"postgres\""), "{written}");
+        assert_eq!(Config::parse(&written, path).unwrap().store.url_file, ok.store.url_file);
+        let secret = "url = \"postgresql://kh:S3cret-4242@db/kh\"";
+        let dev = Config::parse(&cfg("dev", &format!("{pg}{secret}")), path).unwrap();
+        assert!(!format!("{dev:?}").contains("S3cret"), "Debug prints the inline connection string");
+        for (mode, store, names) in [
+            ("production", format!("{pg}{secret}"), "store.url"),
+            ("production", pg.to_owned(), "url_file"),
+            ("dev", format!("{pg}url_env = \"A\"\nurl_file = \"f\""), "not several"),
+            ("dev", "[store]\npath = \"d\"\nurl_env = \"A\"".to_owned(), "postgres"),
+            ("dev", format!("{pg}url_credential = \"../x\""), "store.url_credential"),
+            ("dev", format!("{pg}port = 5432"), "port"),
+        ] {
+            let err = Config::parse(&cfg(mode, &store), path).expect_err(&store).to_string();
+            assert!(err.contains(names) && !err.contains("S3cret"), "{store:?} -> {err}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::hsm::Hsm;
 use crate::ops::Daemon;
 use crate::server;
-use crate::store::sled_store::SledStore;
+use crate::store::Store;
 
 /// Sets the process-wide environment the PKCS#11 module reads. Must run
 /// before any thread is started.
@@ -24,23 +24,24 @@ pub fn prepare_environment(config: &Config) {
 /// `on_ready` is called once the socket accepts connections. `store` is an
 /// already open store (from a `dev` first run), else the configured one is
 /// opened.
-pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Config)) -> anyhow::Result<()> {
+pub fn run(config: Config, store: Option<Store>, on_ready: impl FnOnce(&Config)) -> anyhow::Result<()> {
     // Before any thread starts: this reads and clears LISTEN_FDS.
     let inherited = crate::systemd::take_listener().context("taking the listening socket from systemd")?;
     server::raise_open_file_limit(&config.limits)?;
-    let (store, meta) = match store {
-        Some(s) => SledStore::check_initialised(s)?,
-        None => SledStore::open_initialised(&config.store)?,
+    let store = match store {
+        Some(s) => s,
+        None => crate::store::open(&config)?,
     };
+    let meta = store.check_initialised()?;
     let hsm_config = config.hsm_config().map_err(crate::exit::StartError::Pin)?;
     // A PIN the token refused at an earlier start is not presented again.
-    crate::refusal::check(&config.store, &config.hsm.token_label, &hsm_config.pin)?;
+    crate::refusal::check(&config.store.path, &config.hsm.token_label, &hsm_config.pin)?;
     let started = Hsm::start(hsm_config, meta.master_key_version);
     match &started {
-        Ok(_) => crate::refusal::clear(&config.store),
+        Ok(_) => crate::refusal::clear(&config.store.path),
         Err(e) => {
             if let Ok(pin) = config.read_pin() {
-                crate::refusal::note(&config.store, &config.hsm.token_label, &pin, e);
+                crate::refusal::note(&config.store.path, &config.hsm.token_label, &pin, e);
             }
         }
     }
@@ -61,9 +62,8 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     if config.access.is_empty() {
         tracing::warn!("the policy has no rules: nobody may use a key (docs/POLICY.md)");
     }
-    let daemon = Arc::new(
-        Daemon::new(hsm, Arc::new(store), config).context("opening the audit log and the revocations")?,
-    );
+    let daemon =
+        Arc::new(Daemon::new(hsm, store, config).context("opening the audit log and the revocations")?);
     let mut bound = false;
     let activated = inherited.is_some();
     let result = runtime.block_on(async {
@@ -111,7 +111,7 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
     // anchor): stop the audit and write the usage counts before the HSM
     // workers stop.
     daemon.audit.stop();
-    if let Err(e) = daemon.usage.flush(&*daemon.store) {
+    if let Err(e) = daemon.usage.flush(&daemon.store) {
         tracing::warn!(error = %e, "cannot write the last usage counts");
     }
     daemon.hsm.shutdown();
@@ -129,7 +129,7 @@ pub fn run(config: Config, store: Option<SledStore>, on_ready: impl FnOnce(&Conf
 /// An operator's `keyhavend accept-store` since the last start goes into the
 /// audit log, and then out of the store's meta record.
 async fn record_store_accepted(d: &Arc<crate::ops::Daemon>) -> anyhow::Result<()> {
-    let Some(a) = d.store.meta()?.and_then(|m| m.store_accepted) else { return Ok(()) };
+    let Some(a) = d.store.backend().meta().await?.and_then(|m| m.store_accepted) else { return Ok(()) };
     let when =
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.at));
     let replaced =

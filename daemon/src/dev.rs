@@ -7,6 +7,10 @@
 //! DIR/softhsm2.conf   DIR/tokens/   DIR/pin   DIR/so-pin
 //! DIR/keyhaven.toml   DIR/store/    DIR/keyhaven.sock
 //! ```
+//!
+//! With `--postgres URL` the store is that database (docs/CLUSTER.md): the
+//! connection string goes into `DIR/postgres-url` (0600) and `DIR/store/`
+//! keeps only the daemon's local notes.
 
 use std::fs;
 use std::io::Read;
@@ -15,14 +19,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::config::{AuditSection, Config, HsmSection, Limits, Mode};
+use crate::config::{AuditSection, Config, HsmSection, Limits, Mode, StoreBackend, StoreSection};
 use crate::hsm::token;
 use crate::policy::{PolicySection, RuleSection};
 use crate::secret::Pin;
-use crate::store::sled_store::SledStore;
+use crate::store::Store;
 
 /// Token label of dev installs.
 pub const DEV_TOKEN_LABEL: &str = "keyhaven-dev";
+
+/// The file of a dev install's PostgreSQL connection string.
+pub const POSTGRES_URL_FILE: &str = "postgres-url";
 
 /// Where SoftHSM2's module is on common distributions.
 const SOFTHSM_MODULES: &[&str] = &[
@@ -43,8 +50,9 @@ pub fn find_softhsm_module() -> Option<PathBuf> {
 }
 
 /// Makes sure `dir` holds a dev install and returns its config path, and
-/// the store when this run created it (still open).
-pub fn prepare(dir: &Path) -> anyhow::Result<(PathBuf, Option<SledStore>)> {
+/// the store when this run created it (still open). `postgres`: the
+/// connection string of the database to keep the store in.
+pub fn prepare(dir: &Path, postgres: Option<&str>) -> anyhow::Result<(PathBuf, Option<Store>)> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -53,7 +61,20 @@ pub fn prepare(dir: &Path) -> anyhow::Result<(PathBuf, Option<SledStore>)> {
     let dir = dir.canonicalize()?;
     let config_path = dir.join("keyhaven.toml");
     if config_path.exists() {
-        return Ok((config_path, None));
+        let url_file = dir.join(POSTGRES_URL_FILE);
+        match postgres {
+            Some(_) if !url_file.exists() => bail!(
+                "{} is a dev install on sled; --postgres applies to a new folder only (docs/CLUSTER.md)",
+                dir.display()
+            ),
+            Some(url) if fs::read_to_string(&url_file)?.trim() != url.trim() => bail!(
+                "{} is a dev install on another PostgreSQL database (see {}); --postgres applies to a new \
+                 folder only",
+                dir.display(),
+                url_file.display()
+            ),
+            _ => return Ok((config_path, None)),
+        }
     }
     let tokens = dir.join("tokens");
     if tokens.exists() && fs::read_dir(&tokens)?.next().is_some() {
@@ -92,7 +113,18 @@ pub fn prepare(dir: &Path) -> anyhow::Result<(PathBuf, Option<SledStore>)> {
         socket: dir.join("keyhaven.sock"),
         socket_mode: 0o660,
         socket_group: None,
-        store: dir.join("store"),
+        store: match postgres {
+            None => StoreSection::sled(dir.join("store")),
+            Some(url) => {
+                write_private(&dir.join(POSTGRES_URL_FILE), &format!("{}\n", url.trim()))?;
+                fs::DirBuilder::new().recursive(true).mode(0o700).create(dir.join("store"))?;
+                StoreSection {
+                    backend: StoreBackend::Postgres,
+                    url_file: Some(dir.join(POSTGRES_URL_FILE)),
+                    ..StoreSection::sled(dir.join("store"))
+                }
+            }
+        },
         hsm: HsmSection {
             module,
             token_label: DEV_TOKEN_LABEL.into(),

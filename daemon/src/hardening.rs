@@ -388,6 +388,9 @@ pub enum Checked {
     SocketDir,
     /// The store directory.
     StoreDir,
+    /// The file the PostgreSQL connection string is read from (`[store]
+    /// url_file` or its systemd credential): it holds the password.
+    StoreUrlFile,
 }
 
 impl Checked {
@@ -398,6 +401,7 @@ impl Checked {
             Checked::PinFile => "the PIN file",
             Checked::SocketDir => "the socket directory",
             Checked::StoreDir => "the store directory",
+            Checked::StoreUrlFile => "the PostgreSQL connection string file",
         }
     }
 
@@ -415,7 +419,7 @@ impl Checked {
                  the PIN)",
                 "chmod go-w",
             ),
-            Checked::PinFile => (
+            Checked::PinFile | Checked::StoreUrlFile => (
                 0o027,
                 "must be readable by its owner only, or its owner and group (0400, or 0440 for a group the daemon \
                  is in)",
@@ -710,7 +714,15 @@ pub fn check(config: &Config) -> Result<(), Refused> {
     if let Some(dir) = config.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         paths.check(Checked::SocketDir, dir, false);
     }
-    paths.check(Checked::StoreDir, &config.store, false);
+    paths.check(Checked::StoreDir, &config.store.path, false);
+    let url_file = match (&config.store.url_file, &config.store.url_credential) {
+        (Some(f), _) => Some(f.clone()),
+        (_, Some(name)) => std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| PathBuf::from(d).join(name)),
+        _ => None,
+    };
+    if let Some(file) = url_file {
+        paths.check(Checked::StoreUrlFile, &file, true);
+    }
     problems.extend(paths.finish());
     if problems.is_empty() {
         Ok(())

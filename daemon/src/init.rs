@@ -5,16 +5,15 @@ use anyhow::{bail, Context};
 
 use crate::config::Config;
 use crate::hsm;
-use crate::store::sled_store::SledStore;
 use crate::store::{MasterKeyPin, Meta, Store, SCHEMA_VERSION};
 
 /// Creates the master key and initialises the store, which stays open
 /// and is returned (sled holds a lock on it that is released only lazily
 /// after a drop, so the daemon reuses this handle rather than reopening).
-pub fn initialise(config: &Config) -> anyhow::Result<SledStore> {
-    let store = SledStore::open(&config.store)?;
+pub fn initialise(config: &Config) -> anyhow::Result<Store> {
+    let store = crate::store::open(config)?;
     if store.meta()?.is_some() {
-        bail!("the store at {} is initialised already; nothing to do", config.store.display());
+        bail!("the store at {} is initialised already; nothing to do", store.location());
     }
     let hsm_config = config.hsm_config().map_err(anyhow::Error::msg)?;
     let (id, canary) = hsm::create_first_master_key(hsm_config).context("creating the master key")?;

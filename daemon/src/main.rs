@@ -36,6 +36,10 @@ enum Command {
         /// Folder of the dev install.
         #[arg(long, default_value = ".keyhaven-dev")]
         dir: PathBuf,
+        /// Keep the store in this PostgreSQL database (a libpq connection string or `postgresql://` URL)
+        /// instead of sled; written to DIR/postgres-url (0600) on the first run (docs/CLUSTER.md).
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
     },
     /// Create the master key in an existing token and an empty store.
     Init,
@@ -125,16 +129,16 @@ fn check(config: Option<PathBuf>) -> ExitCode {
             Err(refused) => problems.extend(refused.problems.iter().map(ToString::to_string)),
         }
         if let Ok(pin) = config.read_pin() {
-            if let Err(e) = keyhavend::refusal::check(&config.store, &config.hsm.token_label, &pin) {
+            if let Err(e) = keyhavend::refusal::check(&config.store.path, &config.hsm.token_label, &pin) {
                 problems.push(e.to_string());
             }
         }
         daemon::prepare_environment(config);
         problems.extend(check_token(config));
-        if !config.store.is_dir() {
+        if !config.store.path.is_dir() {
             problems.push(format!(
                 "the store {} does not exist: run `keyhavend init --config {}`",
-                config.store.display(),
+                config.store.path.display(),
                 path.display()
             ));
         }
@@ -193,8 +197,8 @@ fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Some(Command::Dev { dir }) => {
-            let (path, store) = dev::prepare(&dir)?;
+        Some(Command::Dev { dir, postgres }) => {
+            let (path, store) = dev::prepare(&dir, postgres.as_deref())?;
             let config = load(Some(path))?;
             daemon::run(config, store, |c| {
                 println!("export KEYHAVEN_SOCKET={}", c.socket.display());
@@ -207,7 +211,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 "initialised: master key `{}-v1` in token `{}`, store at {}",
                 config.hsm.master_key_label,
                 config.hsm.token_label,
-                config.store.display()
+                config.store.path.display()
             );
             Ok(())
         }

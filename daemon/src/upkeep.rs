@@ -30,7 +30,7 @@ pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
             _ = check.tick() => due_keys(&d).await,
             _ = flush.tick() => {
                 let dd = d.clone();
-                let r = tokio::task::spawn_blocking(move || dd.usage.flush(&*dd.store)).await;
+                let r = tokio::task::spawn_blocking(move || dd.usage.flush(&dd.store)).await;
                 if let Ok(Err(e)) = r {
                     tracing::warn!(error = %e, "cannot write the usage counts; they are kept for the next try");
                 }
@@ -51,7 +51,7 @@ pub async fn due_keys(d: &Arc<Daemon>) {
         let Ok(path) = rec.path() else { continue };
         if rec.state == KeyState::PendingDeletion && rec.deletion_at.is_some_and(|t| t <= now) {
             let (store, p) = (d.store.clone(), path.clone());
-            match tokio::task::spawn_blocking(move || ops::delete_if_due(&*store, &p, now)).await {
+            match tokio::task::spawn_blocking(move || ops::delete_if_due(&store, &p, now)).await {
                 Ok(Ok(true)) => {
                     tracing::warn!(key = %path, "scheduled deletion done: key material erased");
                     ops::notify_versions(d, &path, [None]);

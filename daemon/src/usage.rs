@@ -51,7 +51,7 @@ impl UsageBook {
     /// Adds the pending counts to the store. Counts of a key or version that
     /// no longer exists are dropped; counts that could not be written are
     /// kept for the next flush.
-    pub fn flush(&self, store: &dyn Store) -> Result<(), StoreError> {
+    pub fn flush(&self, store: &Store) -> Result<(), StoreError> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let mut by_key: HashMap<keyhaven::KeyPath, Vec<(u32, Delta)>> = HashMap::new();
         for (id, delta) in pending {

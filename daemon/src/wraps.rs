@@ -9,7 +9,7 @@
 //! persisted figure never underestimates the nonces used.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use crate::error::Error;
 use crate::hsm::KekId;
@@ -30,7 +30,7 @@ struct Range {
 
 /// Counts wraps per KEK version.
 pub struct WrapBudget {
-    store: Arc<dyn Store>,
+    store: Store,
     limit: u64,
     reservation: u64,
     ranges: Mutex<HashMap<KekId, Range>>,
@@ -39,7 +39,7 @@ pub struct WrapBudget {
 impl WrapBudget {
     /// A budget of `limit` wraps per version (at most
     /// [`MAX_WRAPS_PER_VERSION`]).
-    pub fn new(store: Arc<dyn Store>, limit: u64) -> WrapBudget {
+    pub fn new(store: Store, limit: u64) -> WrapBudget {
         let limit = limit.clamp(1, MAX_WRAPS_PER_VERSION);
         // At most 2048 ranges per version: restarts can waste little.
         let reservation = (limit / 2048).clamp(1, MAX_RESERVATION);

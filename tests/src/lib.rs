@@ -47,6 +47,8 @@ pub struct TestDaemon {
     socket: PathBuf,
     child: Option<Child>,
     stderr: Option<std::thread::JoinHandle<String>>,
+    /// `keyhavend dev --postgres URL`: the store is that database.
+    postgres: Option<String>,
 }
 
 impl TestDaemon {
@@ -54,7 +56,17 @@ impl TestDaemon {
     pub fn start() -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("keyhaven-test-").tempdir().expect("temp dir");
         let socket = dir.path().join("keyhaven.sock");
-        let mut d = TestDaemon { dir, socket, child: None, stderr: None };
+        let mut d = TestDaemon { dir, socket, child: None, stderr: None, postgres: None };
+        d.spawn();
+        d
+    }
+
+    /// As [`TestDaemon::start`], with the store in PostgreSQL database
+    /// `url` (`keyhavend dev --postgres URL`).
+    pub fn start_postgres(url: &str) -> TestDaemon {
+        let dir = tempfile::Builder::new().prefix("keyhaven-test-").tempdir().expect("temp dir");
+        let socket = dir.path().join("keyhaven.sock");
+        let mut d = TestDaemon { dir, socket, child: None, stderr: None, postgres: Some(url.to_owned()) };
         d.spawn();
         d
     }
@@ -83,6 +95,7 @@ impl TestDaemon {
         let mut child = Command::new(bin("keyhavend"))
             .args(["dev", "--dir"])
             .arg(self.dir.path())
+            .args(self.postgres.iter().flat_map(|url| ["--postgres", url]))
             .env("KEYHAVEN_LOG", "info")
             .env_remove("SOFTHSM2_CONF")
             .stdin(Stdio::null())
@@ -495,4 +508,162 @@ pub fn write_audit_frames(store: &Path, frames: &[AuditFrame]) {
     let first = frames.first().map_or(1, |f| f.seq);
     let bytes: Vec<u8> = frames.iter().flat_map(AuditFrame::encode).collect();
     std::fs::write(store.join("audit").join(format!("{first:020}.log")), bytes).unwrap();
+}
+
+/// The PostgreSQL server binaries (`initdb`, `pg_ctl`, `psql`):
+/// `$KEYHAVEN_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin` (Debian's
+/// `postgresql` package). `Err` names what is missing.
+pub fn postgres_bin_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("KEYHAVEN_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+                    let bin = e.path().join("bin");
+                    bin.join("initdb").exists().then_some((v, bin))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.pop().map(|(_, p)| p).ok_or_else(|| {
+        "PostgreSQL's server binaries (initdb) are not in /usr/lib/postgresql/*/bin: \
+         `apt-get install postgresql` (softhsm/install.sh does), or set KEYHAVEN_PG_BIN"
+            .to_owned()
+    })
+}
+
+/// A throwaway PostgreSQL cluster for one test: `initdb` in a temporary
+/// folder, a Unix socket in that folder and no TCP listener, run as
+/// `nobody` when the tests run as root (PostgreSQL refuses root); stopped
+/// (and its folder removed) on drop.
+pub struct TestPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    user: Option<&'static str>,
+}
+
+impl TestPostgres {
+    /// Starts a cluster; `None` (after saying what is missing) when
+    /// PostgreSQL is not installed, outside CI. In CI (`CI` set) a missing
+    /// PostgreSQL fails the test.
+    pub fn start() -> Option<TestPostgres> {
+        let bin = match postgres_bin_dir() {
+            Ok(b) => b,
+            Err(why) if std::env::var_os("CI").is_none() => {
+                eprintln!("SKIPPED: this test needs PostgreSQL: {why}");
+                return None;
+            }
+            Err(why) => panic!("{why}"),
+        };
+        let dir = tempfile::Builder::new().prefix("keyhaven-pg-").tempdir().expect("temp dir");
+        let user = (my_uid() == 0).then_some("nobody");
+        if user.is_some() {
+            // The server runs as `nobody`; root (the tests) reaches the socket anyway.
+            let ok = Command::new("chown").arg("nobody").arg(dir.path()).status().expect("chown").success();
+            assert!(ok, "chown nobody {}", dir.path().display());
+            std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        let pg = TestPostgres { dir, bin, user };
+        let data = pg.dir.path().join("data");
+        let out = pg
+            .command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "keyhaven", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let options = format!(
+            "-k {} -c listen_addresses='' -c shared_buffers=16MB -c max_connections=40",
+            pg.dir.path().display()
+        );
+        let out = pg
+            .command("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-D"])
+            .arg(&data)
+            .arg("-l")
+            .arg(pg.dir.path().join("server.log"))
+            .args(["-o", &options])
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "PostgreSQL did not start: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(pg.dir.path().join("server.log")).unwrap_or_default()
+        );
+        Some(pg)
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        match self.user {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    /// The connection string of database `db` (over the Unix socket).
+    pub fn url(&self, db: &str) -> String {
+        format!("host={} user=keyhaven dbname={db}", self.dir.path().display())
+    }
+
+    /// Runs `sql` in database `db` with `psql`; returns its output
+    /// (unaligned, tuples only); panics on an error.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(self.dir.path())
+            .args(["-U", "keyhaven", "-d", db, "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql `{sql}`: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Creates an empty database.
+    pub fn create_db(&self, name: &str) {
+        self.psql("postgres", &format!("CREATE DATABASE {name}"));
+    }
+
+    /// Stops the server (fast: open connections are cut), until
+    /// [`TestPostgres::restart`] starts it again.
+    pub fn stop(&self) {
+        let data = self.dir.path().join("data");
+        let out =
+            self.command("pg_ctl").args(["stop", "-w", "-m", "fast", "-D"]).arg(&data).output().unwrap();
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Stops the server (fast: open connections are cut) and starts it
+    /// again, as a restart under load would; or starts it after
+    /// [`TestPostgres::stop`].
+    pub fn restart(&self) {
+        let data = self.dir.path().join("data");
+        let out = self
+            .command("pg_ctl")
+            .args(["restart", "-w", "-m", "fast", "-D"])
+            .arg(&data)
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl restart: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = self.command("pg_ctl").args(["stop", "-w", "-m", "immediate", "-D"]).arg(&data).output();
+    }
 }

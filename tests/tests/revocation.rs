@@ -169,7 +169,7 @@ async fn suspensions_survive_a_restart_and_expire_by_themselves() {
     let c = d.client().await;
     let listed = c.call(&RevokeList::default()).await.unwrap().revocations;
     assert_eq!(listed.len(), 2, "{listed:?}");
-    let acme_only = c.call(&RevokeList { tenant: Some("acme".into()) }).await.unwrap().revocations;
+    let acme_only = c.revoke_list(Some("acme")).await.unwrap();
     assert_eq!(acme_only.iter().map(|r| r.scope.clone()).collect::<Vec<_>>(), [key("acme", "smtp", None)]);
     let now: Vec<String> = refused(&f.opening(&c).await).iter().map(|s| s.to_string()).collect();
     assert!(

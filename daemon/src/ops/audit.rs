@@ -12,7 +12,7 @@ use crate::policy::{Access, Permission, Target};
 /// `audit_read`.
 pub async fn read(d: &Arc<Daemon>, req: wire::AuditRead) -> Result<Reply, Error> {
     let store = d.store.clone();
-    let resp = tokio::task::spawn_blocking(move || crate::audit::read(&*store, &req))
+    let resp = tokio::task::spawn_blocking(move || crate::audit::read(&store, &req))
         .await
         .map_err(|e| Error::Internal(format!("audit read task: {e}")))??;
     reply(&resp, 0)
@@ -27,7 +27,7 @@ pub async fn verify(d: &Arc<Daemon>) -> Result<Reply, Error> {
 /// `audit_export`.
 pub async fn export(d: &Arc<Daemon>, req: wire::AuditExport) -> Result<Reply, Error> {
     let store = d.store.clone();
-    let resp = tokio::task::spawn_blocking(move || crate::audit::export(&*store, &req))
+    let resp = tokio::task::spawn_blocking(move || crate::audit::export(&store, &req))
         .await
         .map_err(|e| Error::Internal(format!("audit export task: {e}")))??;
     reply(&resp, 0)

@@ -94,7 +94,7 @@ pub async fn new_data_key(
     context.validate()?;
     // Revocation before the keyring: a refusal must not say whether a key exists.
     d.revocations.check(&path, None, None)?;
-    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
     super::require_type(&rec, &path, KeyType::Aes256Gcm, "making a data key")?;
     check_new_use(&rec, &path)?;
     let version = rec.current_version;
@@ -158,7 +158,7 @@ pub async fn unwrap_data_key(
     context.validate()?;
     let path = env.path().clone();
     d.revocations.check(&path, Some(env.key_version()), Some(&env.id()))?;
-    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
     super::require_type(&rec, &path, KeyType::Aes256Gcm, "opening an envelope")?;
     check_decrypt(&rec, &path, env.key_version())?;
     let kek = kek_ref(&rec, &path, env.key_version())?;

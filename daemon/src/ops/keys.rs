@@ -30,7 +30,7 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
     let path = KeyPath::new(&req.tenant, &req.key)?;
     // No new key under a suspended or destroyed tenant (or the whole system).
     d.revocations.check(&path, None, None)?;
-    if d.store.key(&path)?.is_some() {
+    if d.store.backend().key(&path).await?.is_some() {
         return Err(Error::AlreadyExists(format!("key `{path}` exists already")));
     }
     let kind = req.key_type;
@@ -59,13 +59,28 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
     reply(&info(&rec), 0)
 }
 
-/// Lists keys, all or one tenant's.
+/// Lists keys, all or one tenant's, one page at a time (PROTOCOL.md §3.4).
 pub async fn list(d: &Arc<Daemon>, req: wire::KeyList) -> Result<Reply, Error> {
     if let Some(t) = &req.tenant {
         keyhaven::names::validate_name("tenant", t)?;
     }
-    let keys = d.store.keys(req.tenant.as_deref())?;
-    reply(&KeyListResponse { keys: keys.iter().map(info).collect() }, 0)
+    let limit = super::page_limit(req.limit)?;
+    let after = match &req.after {
+        Some(text) => Some(text.parse::<KeyPath>().map_err(|e| {
+            Error::BadRequest(format!(
+                "`after` must be a key as TENANT/KEY, the `next` of the previous page: {e}"
+            ))
+        })?),
+        None => None,
+    };
+    let keys = d.store.backend().keys(req.tenant.as_deref()).await?;
+    let start = match &after {
+        Some(a) => keys.partition_point(|k| (k.tenant.as_str(), k.key.as_str()) <= (a.tenant(), a.key())),
+        None => 0,
+    };
+    let (keys, more) = super::page(keys[start..].iter().map(info), limit);
+    let next = more.then(|| keys.last().map(|k| format!("{}/{}", k.tenant, k.key))).flatten();
+    reply(&KeyListResponse { keys, next }, 0)
 }
 
 /// `key_create` and `key_list` (`key-admin`).

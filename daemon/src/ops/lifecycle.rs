@@ -130,7 +130,12 @@ pub async fn rotate_key_under(
     path: KeyPath,
     master_key: Option<u32>,
 ) -> Result<KeyRecord, Error> {
-    let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
+    let rec = d
+        .store
+        .backend()
+        .key(&path)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
     refuse_gone(&rec, &path)?;
     // A new version of the key's own type (an HMAC key's versions are HMAC
     // keys).
@@ -191,7 +196,12 @@ pub async fn show(d: Arc<Daemon>, req: KeyShow) -> Result<Reply, Error> {
     let path = path_of(&req.tenant, &req.key)?;
     let dd = d.clone();
     blocking(d, move |store| Ok(dd.usage.flush(store)?)).await?;
-    let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
+    let rec = d
+        .store
+        .backend()
+        .key(&path)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
     reply(&details(&rec), 0)
 }
 
@@ -256,7 +266,8 @@ pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
 pub async fn trim(d: Arc<Daemon>, req: KeyTrim) -> Result<Reply, Error> {
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
-    let before = d.store.key(&path)?.map(|r| r.versions.iter().map(|v| v.version).collect::<Vec<_>>());
+    let before =
+        d.store.backend().key(&path).await?.map(|r| r.versions.iter().map(|v| v.version).collect::<Vec<_>>());
     let p = path.clone();
     let rec = change_key(d, path, move |rec| {
         let min = rec.min_decryption_version;
@@ -351,7 +362,7 @@ pub async fn unload(d: &Daemon, covered: impl Fn(&crate::hsm::KekId) -> bool + S
 
 /// Deletes a key whose waiting period is over: erases every version's
 /// wrapped material and marks it deleted. Returns whether it did.
-pub fn delete_if_due(store: &dyn Store, path: &KeyPath, now: u64) -> Result<bool, Error> {
+pub fn delete_if_due(store: &Store, path: &KeyPath, now: u64) -> Result<bool, Error> {
     let mut done = false;
     store.update_key(path, &mut |rec| {
         done = false;
@@ -393,7 +404,12 @@ pub async fn rewrap(d: &Arc<Daemon>, req: Rewrap) -> Result<Reply, Error> {
     let path = env.path().clone();
     let from = env.key_version();
     let (key, old) = unwrap_data_key(d, &env, req.context.clone()).await?;
-    let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
+    let rec = d
+        .store
+        .backend()
+        .key(&path)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
     if from == rec.current_version {
         let resp = RewrapResponse {
             text: req.text,

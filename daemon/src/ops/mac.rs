@@ -64,7 +64,7 @@ async fn mac(d: &Arc<Daemon>, path: KeyPath, req: Mac, s: &mut Subject) -> Resul
     check_size(req.message.len())?;
     // Revocation before the keyring: a refusal must not say whether a key exists.
     d.revocations.check(&path, None, None)?;
-    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
     require_type(&rec, &path, KeyType::HmacSha256, "mac")?;
     match rec.state {
         KeyState::Enabled => {}
@@ -92,7 +92,7 @@ async fn mac(d: &Arc<Daemon>, path: KeyPath, req: Mac, s: &mut Subject) -> Resul
 async fn verify(d: &Arc<Daemon>, path: KeyPath, req: MacVerify, tag: MacTag) -> Result<Reply, Error> {
     check_size(req.message.len())?;
     d.revocations.check(&path, Some(tag.version), None)?;
-    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
     require_type(&rec, &path, KeyType::HmacSha256, "mac_verify")?;
     check_decrypt(&rec, &path, tag.version)?;
     let key = kek_ref(&rec, &path, tag.version)?;

@@ -40,7 +40,7 @@ use crate::store::{MasterKeyPin, MasterRotation, Meta, PendingMasterKey, Store};
 const BATCH: (u32, u32) = (100, 10_000);
 
 /// Number of key versions wrapped under master key `mk`.
-fn versions_under(store: &dyn Store, mk: u32) -> Result<u64, Error> {
+fn versions_under(store: &Store, mk: u32) -> Result<u64, Error> {
     let mut n = 0;
     for rec in store.keys(None)? {
         n += rec.versions.iter().filter(|v| v.master_key_version == mk && !v.wrapped_kek.is_empty()).count();
@@ -51,7 +51,7 @@ fn versions_under(store: &dyn Store, mk: u32) -> Result<u64, Error> {
 /// Keys whose current version is wrapped under another master key than
 /// `mk` and that can still change (not deleted, current version not
 /// destroyed).
-fn behind(store: &dyn Store, mk: u32) -> Result<Vec<KeyPath>, Error> {
+fn behind(store: &Store, mk: u32) -> Result<Vec<KeyPath>, Error> {
     use keyhaven::lifecycle::KeyState;
     let mut out = Vec::new();
     for rec in store.keys(None)? {
@@ -75,7 +75,12 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster) -> Result<Reply, Er
     }
     // One rotation step at a time.
     let _one = d.master_lock.lock().await;
-    let meta = d.store.meta()?.ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
+    let meta = d
+        .store
+        .backend()
+        .meta()
+        .await?
+        .ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
     let rotation = match (meta.master_rotation, req.rollback) {
         (Some(r), false) => r,
         (Some(r), true) => begin(d, &meta, r.to, r.from).await?,
@@ -195,7 +200,12 @@ async fn make_pinned(d: &Arc<Daemon>, meta: &Meta, version: u32) -> Result<(), E
 pub async fn retire(d: &Arc<Daemon>, req: AdminRetireMaster) -> Result<Reply, Error> {
     let _one = d.master_lock.lock().await;
     let v = req.version;
-    let meta = d.store.meta()?.ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
+    let meta = d
+        .store
+        .backend()
+        .meta()
+        .await?
+        .ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
     if v == meta.master_key_version {
         return Err(Error::BadRequest(format!("master key version {v} is the current one")));
     }
@@ -236,7 +246,7 @@ pub async fn retire(d: &Arc<Daemon>, req: AdminRetireMaster) -> Result<Reply, Er
 /// without a pin (a store from before pinning) is pinned now, once its
 /// attributes pass, with a warning. A pinned version that is not in use and
 /// is gone from the token is forgotten.
-pub fn check_pins(hsm: &Hsm, store: &dyn Store) -> Result<(), Error> {
+pub fn check_pins(hsm: &Hsm, store: &Store) -> Result<(), Error> {
     let meta = store.meta()?.ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
     let mut in_use = std::collections::BTreeSet::from([meta.master_key_version]);
     if let Some(r) = meta.master_rotation {

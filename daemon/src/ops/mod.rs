@@ -55,7 +55,7 @@ pub struct Daemon {
     /// The HSM worker pool.
     pub hsm: Arc<Hsm>,
     /// The store.
-    pub store: Arc<dyn Store>,
+    pub store: Store,
     /// The configuration the daemon started with (its policy may have been
     /// reloaded since: see [`Daemon::policy`]).
     pub config: Config,
@@ -83,7 +83,7 @@ pub struct Daemon {
 impl Daemon {
     /// Puts the parts together, opens the audit log and loads the
     /// revocations.
-    pub fn new(hsm: Arc<Hsm>, store: Arc<dyn Store>, config: Config) -> Result<Daemon, StoreError> {
+    pub fn new(hsm: Arc<Hsm>, store: Store, config: Config) -> Result<Daemon, StoreError> {
         let wraps = WrapBudget::new(store.clone(), config.limits.wraps_per_key_version);
         let audit = Audit::open(store.clone(), hsm.clone(), &config.audit)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));
@@ -118,10 +118,10 @@ impl Daemon {
 /// Runs a store change off the async threads (it waits for a flush).
 pub(crate) async fn blocking<T: Send + 'static>(
     d: &Arc<Daemon>,
-    f: impl FnOnce(&dyn Store) -> Result<T, Error> + Send + 'static,
+    f: impl FnOnce(&Store) -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
     let store = d.store.clone();
-    tokio::task::spawn_blocking(move || f(&*store))
+    tokio::task::spawn_blocking(move || f(&store))
         .await
         .map_err(|e| Error::Internal(format!("store task: {e}")))?
 }
@@ -356,6 +356,42 @@ fn parse<T: DeserializeOwned>(op: &str, params: &str) -> Result<T, Error> {
         .map_err(|e| Error::BadRequest(format!("params of `{op}`: {}", crate::text::describe(&e))))?;
     de.end().map_err(|e| Error::BadRequest(format!("params of `{op}`: {e}")))?;
     Ok(value)
+}
+
+/// The most bytes of entries a list page holds, whatever their number: far
+/// under the 1 MiB frame limit (PROTOCOL.md §1), so that no list answer
+/// can break it (a key with thousands of versions has a long entry).
+const LIST_PAGE_BYTES: usize = 512 << 10;
+
+/// Takes entries for one page: at most `limit`, and no more than
+/// [`LIST_PAGE_BYTES`] of them (but always one, when there is one).
+/// Returns the page and whether entries are left over.
+fn page<T: Serialize>(entries: impl IntoIterator<Item = T>, limit: usize) -> (Vec<T>, bool) {
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut entries = entries.into_iter().peekable();
+    while let Some(entry) = entries.peek() {
+        let size = serde_json::to_vec(entry).map(|v| v.len() + 1).unwrap_or(0);
+        if page.len() == limit || (!page.is_empty() && bytes + size > LIST_PAGE_BYTES) {
+            break;
+        }
+        bytes += size;
+        page.extend(entries.next());
+    }
+    let more = entries.peek().is_some();
+    (page, more)
+}
+
+/// A list's page size: `limit` when given (1 to
+/// [`wire::MAX_LIST_PAGE`]), else the most.
+fn page_limit(limit: Option<u32>) -> Result<usize, Error> {
+    match limit {
+        None => Ok(wire::MAX_LIST_PAGE as usize),
+        Some(n @ 1..=wire::MAX_LIST_PAGE) => Ok(n as usize),
+        Some(n) => {
+            Err(Error::BadRequest(format!("`limit` {n} is out of range: from 1 to {}", wire::MAX_LIST_PAGE)))
+        }
+    }
 }
 
 /// Serialises a response into a zeroizing buffer sized up front (`hint`),

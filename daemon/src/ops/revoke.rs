@@ -158,6 +158,10 @@ pub fn list(d: &Arc<Daemon>, req: RevokeList) -> Result<Reply, Error> {
     if let Some(t) = &req.tenant {
         keyhaven::names::validate_name("tenant", t)?;
     }
+    let limit = super::page_limit(req.limit)?;
+    if let Some(after) = &req.after {
+        after.validate().map_err(|e| Error::BadRequest(format!("`after`: {e}")))?;
+    }
     let mut all = d.revocations.list(now_unix());
     if let Some(t) = &req.tenant {
         all.retain(|r| match &r.scope {
@@ -166,7 +170,14 @@ pub fn list(d: &Arc<Daemon>, req: RevokeList) -> Result<Reply, Error> {
             Scope::Datakey { .. } => false,
         });
     }
-    reply(&RevokeListResponse { revocations: all }, 0)
+    all.sort_by(|a, b| a.scope.list_order().cmp(&b.scope.list_order()));
+    let start = match &req.after {
+        Some(after) => all.partition_point(|r| r.scope.list_order() <= after.list_order()),
+        None => 0,
+    };
+    let (page, more) = super::page(all.drain(start..), limit);
+    let next = more.then(|| page.last().map(|r| r.scope.clone())).flatten();
+    reply(&RevokeListResponse { revocations: page, next }, 0)
 }
 
 /// `destroy`: erases the wrapped KEK material of a suspended key version,
@@ -230,7 +241,7 @@ pub async fn destroy(d: &Arc<Daemon>, caller: &Caller, req: Destroy) -> Result<R
 
 /// Erases the wrapped KEK of every version in `scope`; returns them as
 /// `tenant/key@N`.
-fn erase(s: &dyn Store, scope: &Scope, now: u64) -> Result<Vec<String>, Error> {
+fn erase(s: &Store, scope: &Scope, now: u64) -> Result<Vec<String>, Error> {
     let (records, only) = match scope {
         Scope::Tenant { tenant } => (s.keys(Some(tenant))?, None),
         Scope::Key { tenant, key, version } => {

@@ -4,15 +4,26 @@
 //! wrapped under a master key version that lives in the token.
 //!
 //! Every mutating call returns only after the write is durable.
+//!
+//! [`Backend`] is what a backend implements: futures, and writes shaped as
+//! single atomic changes, so that a networked store fits without being
+//! bent to an embedded one's shape. [`Store`] is what callers hold.
 
 pub mod audit_files;
+pub mod postgres;
 pub mod sled_store;
 pub mod state;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use keyhaven::lifecycle::KeyState;
 use keyhaven::revocation::{Revocation, Scope};
 use keyhaven::{KeyPath, KeyType};
 use serde::{Deserialize, Serialize};
+
+use self::state::{Anchor, AnchorState};
 
 /// What the store can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +45,17 @@ pub enum StoreError {
         found: u32,
         /// Known here.
         expected: u32,
+    },
+    /// The database's schema is newer than this daemon knows: a newer
+    /// daemon migrated it.
+    #[error("{store}: the database schema is version {found}, newer than this daemon knows ({known}); run a keyhavend at least as new as the one that migrated it")]
+    NewerSchema {
+        /// The store.
+        store: String,
+        /// Found in `schema_version`.
+        found: i32,
+        /// The newest this daemon knows.
+        known: i32,
     },
     /// A record does not decode.
     #[error("corrupt record {key}: {reason}")]
@@ -307,60 +329,261 @@ impl KeyRecord {
     }
 }
 
-/// The storage backend.
-pub trait Store: Send + Sync + 'static {
+/// Opens the store the configuration names (without checking that it was
+/// initialised: see [`Store::check_initialised`]).
+pub fn open(config: &crate::config::Config) -> Result<Store, StoreError> {
+    use crate::config::{Mode, StoreBackend};
+    match config.store.backend {
+        StoreBackend::Sled => Ok(Store::new(Arc::new(sled_store::SledStore::open(&config.store.path)?))),
+        StoreBackend::Postgres => {
+            let url = config.store.read_url().map_err(StoreError::Backend)?;
+            let options = postgres::PgOptions {
+                require_tls: config.mode == Mode::Production,
+                ca_file: config.store.tls_ca_file.clone(),
+            };
+            Ok(Store::new(Arc::new(postgres::PgStore::open(&url, &options)?)))
+        }
+    }
+}
+
+/// A store operation under way: what [`Backend`]'s methods return.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A change to a named key, run on its current record.
+pub type KeyChange<'a> = &'a mut (dyn FnMut(&mut KeyRecord) + Send);
+
+/// A change to several named keys, run on each current record.
+pub type KeysChange<'a> = &'a mut (dyn FnMut(&KeyPath, &mut KeyRecord) + Send);
+
+/// A change to the global facts.
+pub type MetaChange<'a> = &'a mut (dyn FnMut(&mut Meta) + Send);
+
+/// A storage backend. Its operations are futures, so that a networked
+/// store ([`postgres::PgStore`]) waits on the network without holding a
+/// thread; the embedded one ([`sled_store::SledStore`]) completes them on
+/// the thread that polls them. Every write is one atomic change (a record,
+/// a batch of records, or a conditional update of one) and its future
+/// completes only once the change is durable.
+pub trait Backend: Send + Sync + 'static {
+    /// Which backend this is, for `health` and messages.
+    fn kind(&self) -> &'static str;
+    /// Where the store is, for messages (a folder, or a database without
+    /// its password).
+    fn location(&self) -> String;
     /// The global facts; `None` before `init`.
-    fn meta(&self) -> Result<Option<Meta>, StoreError>;
+    fn meta(&self) -> StoreFuture<'_, Option<Meta>>;
     /// Writes the global facts for the first time (refuses a second time).
-    fn init_meta(&self, meta: &Meta) -> Result<(), StoreError>;
-    /// Changes the global facts atomically (as [`Store::update_key`]).
-    fn update_meta(&self, change: &mut dyn FnMut(&mut Meta)) -> Result<Meta, StoreError>;
+    fn init_meta<'a>(&'a self, meta: &'a Meta) -> StoreFuture<'a, ()>;
+    /// Changes the global facts atomically (as [`Backend::update_key`]).
+    fn update_meta<'a>(&'a self, change: MetaChange<'a>) -> StoreFuture<'a, Meta>;
     /// A named key.
-    fn key(&self, path: &KeyPath) -> Result<Option<std::sync::Arc<KeyRecord>>, StoreError>;
+    fn key<'a>(&'a self, path: &'a KeyPath) -> StoreFuture<'a, Option<Arc<KeyRecord>>>;
     /// Creates a named key; refuses when one exists with that path.
-    fn create_key(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    fn create_key<'a>(&'a self, record: &'a KeyRecord) -> StoreFuture<'a, ()>;
     /// Changes a named key atomically: `change` edits the current record,
-    /// and is run again if another writer changed it meanwhile. Returns the
-    /// record as written, or `None` when there is no such key.
-    fn update_key(
-        &self,
-        path: &KeyPath,
-        change: &mut dyn FnMut(&mut KeyRecord),
-    ) -> Result<Option<KeyRecord>, StoreError>;
-    /// Changes several named keys in one write (and one anchor update):
-    /// `change` edits each current record; paths with no key are passed
-    /// over. For the usage counts' flush, which touches every key used
-    /// since the last one.
-    fn update_keys(
-        &self,
-        paths: &[KeyPath],
-        change: &mut dyn FnMut(&KeyPath, &mut KeyRecord),
-    ) -> Result<(), StoreError>;
+    /// which is written only if nobody changed it meanwhile (a
+    /// compare-and-swap on the record, or on its row version); otherwise
+    /// `change` runs again on the newer record. Returns the record as
+    /// written, or `None` when there is no such key.
+    fn update_key<'a>(
+        &'a self,
+        path: &'a KeyPath,
+        change: KeyChange<'a>,
+    ) -> StoreFuture<'a, Option<KeyRecord>>;
+    /// Changes several named keys in one atomic write (and one anchor
+    /// update): `change` edits each current record; paths with no key are
+    /// passed over. For the usage counts' flush, which touches every key
+    /// used since the last one.
+    fn update_keys<'a>(&'a self, paths: &'a [KeyPath], change: KeysChange<'a>) -> StoreFuture<'a, ()>;
     /// Named keys, all or one tenant's, sorted by tenant then key.
-    fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
+    fn keys<'a>(&'a self, tenant: Option<&'a str>) -> StoreFuture<'a, Vec<KeyRecord>>;
     /// Number of named keys.
-    fn key_count(&self) -> Result<u64, StoreError>;
+    fn key_count(&self) -> StoreFuture<'_, u64>;
     /// Every revocation record (suspensions and destructions).
-    fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    fn revocations(&self) -> StoreFuture<'_, Vec<Revocation>>;
     /// Writes a revocation, replacing one of the same scope.
-    fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError>;
+    fn put_revocation<'a>(&'a self, revocation: &'a Revocation) -> StoreFuture<'a, ()>;
     /// Removes the revocation of exactly `scope`; returns it.
-    fn remove_revocation(&self, scope: &Scope) -> Result<Option<Revocation>, StoreError>;
+    fn remove_revocation<'a>(&'a self, scope: &'a Scope) -> StoreFuture<'a, Option<Revocation>>;
     /// Makes every acknowledged write durable (used at shutdown).
-    fn flush(&self) -> Result<(), StoreError>;
+    fn flush(&self) -> StoreFuture<'_, ()>;
     /// Appends audit entry `seq` of `kind` (docs/AUDIT.md §4). Not durable,
-    /// nor visible to [`audit_scan`](Store::audit_scan), until
-    /// [`audit_flush`](Store::audit_flush): the audit log batches many
-    /// records into one write.
+    /// nor visible to [`audit_scan`](Backend::audit_scan), until
+    /// [`audit_flush`](Backend::audit_flush): the audit log batches many
+    /// records into one write. Buffers in memory only, so it is not a
+    /// future.
     fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
-    /// Makes every audit entry appended so far durable (one write and one
-    /// `fdatasync`); on failure they stay pending for the next flush.
-    fn audit_flush(&self) -> Result<(), StoreError>;
+    /// Makes every audit entry appended so far durable (one write); on
+    /// failure they stay pending for the next flush.
+    fn audit_flush(&self) -> StoreFuture<'_, ()>;
     /// Audit entries of `kind` in the order they were written (which is
-    /// sequence order unless the files were tampered with): ascending from
+    /// sequence order unless the log was tampered with): ascending from
     /// `from`, or (with `reverse`) descending from `from` down. Damage is
-    /// returned as [`StoreError::AuditFrame`], and the scan goes on.
+    /// returned as [`StoreError::AuditFrame`], and the scan goes on. An
+    /// iterator that blocks on each page (the audit reader runs off the
+    /// async threads), so that a scan of a long log never holds it all.
     fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_>;
+    /// Checks the store against the token's anchor, then anchors every
+    /// write from now on (docs/SECURITY.md §3, [`state`]). Returns the
+    /// anchor as it stands. Called once, at start, off the async threads.
+    fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError>;
+    /// Anchors the store as it is now, whatever the token held
+    /// (`keyhavend accept-store`). Returns the anchor it replaced.
+    fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError>;
+}
+
+/// The store as the daemon's callers use it: a [`Backend`], with each
+/// operation also callable from synchronous code ([`Store::meta`] etc.
+/// wait for the backend's future). The synchronous calls are for code that
+/// runs off the async threads (`ops::blocking`, the audit writer, start-up
+/// and shutdown); async code awaits [`Store::backend`]'s futures.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+impl Store {
+    /// The store kept by `backend`.
+    pub fn new(backend: Arc<dyn Backend>) -> Store {
+        Store { backend }
+    }
+
+    /// The backend, to await its operations.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// Which backend this is.
+    pub fn kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// Where the store is, for messages.
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+
+    /// See [`Backend::meta`].
+    pub fn meta(&self) -> Result<Option<Meta>, StoreError> {
+        wait(self.backend.meta())
+    }
+
+    /// The global facts of a store that `init` prepared, with a schema this
+    /// daemon knows.
+    pub fn check_initialised(&self) -> Result<Meta, StoreError> {
+        let meta = self.meta()?.ok_or_else(|| StoreError::NotInitialised(self.location()))?;
+        if meta.schema_version != SCHEMA_VERSION {
+            return Err(StoreError::Schema { found: meta.schema_version, expected: SCHEMA_VERSION });
+        }
+        Ok(meta)
+    }
+
+    /// See [`Backend::init_meta`].
+    pub fn init_meta(&self, meta: &Meta) -> Result<(), StoreError> {
+        wait(self.backend.init_meta(meta))
+    }
+
+    /// See [`Backend::update_meta`].
+    pub fn update_meta(&self, change: MetaChange<'_>) -> Result<Meta, StoreError> {
+        wait(self.backend.update_meta(change))
+    }
+
+    /// See [`Backend::key`].
+    pub fn key(&self, path: &KeyPath) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        wait(self.backend.key(path))
+    }
+
+    /// See [`Backend::create_key`].
+    pub fn create_key(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        wait(self.backend.create_key(record))
+    }
+
+    /// See [`Backend::update_key`].
+    pub fn update_key(&self, path: &KeyPath, change: KeyChange<'_>) -> Result<Option<KeyRecord>, StoreError> {
+        wait(self.backend.update_key(path, change))
+    }
+
+    /// See [`Backend::update_keys`].
+    pub fn update_keys(&self, paths: &[KeyPath], change: KeysChange<'_>) -> Result<(), StoreError> {
+        wait(self.backend.update_keys(paths, change))
+    }
+
+    /// See [`Backend::keys`].
+    pub fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        wait(self.backend.keys(tenant))
+    }
+
+    /// See [`Backend::key_count`].
+    pub fn key_count(&self) -> Result<u64, StoreError> {
+        wait(self.backend.key_count())
+    }
+
+    /// See [`Backend::revocations`].
+    pub fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        wait(self.backend.revocations())
+    }
+
+    /// See [`Backend::put_revocation`].
+    pub fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
+        wait(self.backend.put_revocation(revocation))
+    }
+
+    /// See [`Backend::remove_revocation`].
+    pub fn remove_revocation(&self, scope: &Scope) -> Result<Option<Revocation>, StoreError> {
+        wait(self.backend.remove_revocation(scope))
+    }
+
+    /// See [`Backend::flush`].
+    pub fn flush(&self) -> Result<(), StoreError> {
+        wait(self.backend.flush())
+    }
+
+    /// See [`Backend::audit_put`].
+    pub fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.backend.audit_put(kind, seq, bytes)
+    }
+
+    /// See [`Backend::audit_flush`].
+    pub fn audit_flush(&self) -> Result<(), StoreError> {
+        wait(self.backend.audit_flush())
+    }
+
+    /// See [`Backend::audit_scan`].
+    pub fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
+        self.backend.audit_scan(kind, from, reverse)
+    }
+
+    /// See [`Backend::attach_anchor`].
+    pub fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError> {
+        self.backend.attach_anchor(anchor)
+    }
+
+    /// See [`Backend::accept_as_is`].
+    pub fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError> {
+        self.backend.accept_as_is(anchor)
+    }
+}
+
+/// Runs a store future to its end on this thread. Only for threads that
+/// may block (never an async worker: a backend's futures do their I/O on
+/// the backend's own threads, so this cannot deadlock, but it would hold
+/// the worker).
+pub fn wait<T>(fut: StoreFuture<'_, T>) -> Result<T, StoreError> {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = fut;
+    loop {
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(r) => return r,
+            std::task::Poll::Pending => std::thread::park(),
+        }
+    }
 }
 
 /// The two kinds of entries of the audit log.

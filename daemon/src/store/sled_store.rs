@@ -19,8 +19,11 @@ use keyhaven::KeyPath;
 use serde::de::DeserializeOwned;
 
 use super::audit_files::{self, AuditFiles};
-use super::state::{Anchor, AnchorState, StateDigest};
-use super::{AuditIter, AuditKind, KeyRecord, Meta, Store, StoreError, SCHEMA_VERSION};
+use super::state::{commit, commit_all, prepare, prepare_all, Anchor, AnchorState, Anchored, StateDigest};
+use super::{
+    AuditIter, AuditKind, Backend, KeyChange, KeyRecord, KeysChange, Meta, MetaChange, StoreError,
+    StoreFuture,
+};
 
 /// sled behind [`Store`].
 pub struct SledStore {
@@ -40,13 +43,6 @@ pub struct SledStore {
     /// against it (docs/SECURITY.md §3). Also the writers' lock: every
     /// mutation holds it from its anchor's `pending` to its `committed`.
     anchored: Mutex<Option<Anchored>>,
-}
-
-/// A store checked against its anchor.
-struct Anchored {
-    anchor: Arc<dyn Anchor>,
-    digest: StateDigest,
-    generation: u64,
 }
 
 /// The trees whose records the anchor covers.
@@ -96,87 +92,25 @@ impl SledStore {
         })
     }
 
-    /// Opens a store that `init` has prepared, checking its schema.
-    pub fn open_initialised(path: &Path) -> Result<(SledStore, Meta), StoreError> {
-        SledStore::check_initialised(SledStore::open(path)?)
-    }
-
-    /// Checks that an open store was initialised, with a known schema.
-    pub fn check_initialised(store: SledStore) -> Result<(SledStore, Meta), StoreError> {
-        let meta =
-            store.meta()?.ok_or_else(|| StoreError::NotInitialised(store.path.display().to_string()))?;
-        if meta.schema_version != SCHEMA_VERSION {
-            return Err(StoreError::Schema { found: meta.schema_version, expected: SCHEMA_VERSION });
-        }
-        Ok((store, meta))
-    }
-
     fn durable(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(backend)?;
         Ok(())
     }
 
     /// Checks the store against the token's anchor, then anchors every
-    /// write from now on (docs/SECURITY.md §3, [`super::state`]). The
-    /// store's digest must be the anchor's committed one, or its pending one
-    /// (a crash after the store's write; committed now). With no anchor in
-    /// the token yet (a new install, or a store from before anchoring), the
-    /// store is anchored as it is. Returns the anchor as it stands.
+    /// write from now on (see [`Backend::attach_anchor`]).
     pub fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError> {
         let mut guard = self.writer();
-        let digest = self.state_digest()?;
-        let now = super::super::ops::now_unix();
-        let state = match anchor.read()? {
-            None => {
-                tracing::warn!(
-                    "the token holds no anchor for this store: anchoring the store as it is now \
-                     (a new install, or the first start of a store from before anchoring)"
-                );
-                AnchorState { generation: 0, written_at: now, committed: digest.digest(), pending: None }
-            }
-            Some(a) if a.committed == digest.digest() => a,
-            Some(a) if a.pending == Some(digest.digest()) => {
-                tracing::info!(generation = a.generation + 1, "committing the store write a stop cut short");
-                AnchorState {
-                    generation: a.generation + 1,
-                    written_at: now,
-                    committed: digest.digest(),
-                    pending: None,
-                }
-            }
-            Some(a) => {
-                let when = humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.written_at),
-                );
-                return Err(StoreError::Tampered(format!(
-                    "its records are not the state the token vouches for (write {}, at {when}): a record was \
-                     altered, removed, added or swapped, or this is an older copy of the store. If you \
-                     restored a backup on purpose, run `keyhavend accept-store --reason TEXT` \
-                     (docs/OPERATIONS.md §7)",
-                    a.generation
-                )));
-            }
-        };
-        anchor.write(&state)?;
-        *guard = Some(Anchored { anchor, digest, generation: state.generation });
+        let (anchored, state) = super::state::attach(anchor, self.state_digest()?)?;
+        *guard = Some(anchored);
         Ok(state)
     }
 
-    /// Anchors the store as it is now, whatever the token held (an operator
-    /// who restored a backup on purpose: `keyhavend accept-store`). Returns
-    /// the anchor it replaced.
+    /// Anchors the store as it is now, whatever the token held (see
+    /// [`Backend::accept_as_is`]).
     pub fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError> {
-        let old = anchor.read()?;
-        let digest = self.state_digest()?;
-        let generation = old.as_ref().map_or(0, |a| a.generation + 1);
-        let state = AnchorState {
-            generation,
-            written_at: super::super::ops::now_unix(),
-            committed: digest.digest(),
-            pending: None,
-        };
-        anchor.write(&state)?;
-        *self.writer() = Some(Anchored { anchor, digest, generation });
+        let (anchored, old) = super::state::accept(anchor, self.state_digest()?)?;
+        *self.writer() = Some(anchored);
         Ok(old)
     }
 
@@ -197,64 +131,6 @@ impl SledStore {
     fn writer(&self) -> MutexGuard<'_, Option<Anchored>> {
         self.anchored.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// Before a write of `tree`/`key` (`None`: a removal): records in the token
-/// the digest the store is about to have, next to the one it has.
-fn prepare(
-    anchored: &mut Option<Anchored>,
-    tree: &str,
-    key: &[u8],
-    value: Option<&[u8]>,
-) -> Result<(), StoreError> {
-    prepare_all(anchored, tree, &[(key, value)])
-}
-
-/// [`prepare`] for several records of `tree`, written together.
-fn prepare_all(
-    anchored: &mut Option<Anchored>,
-    tree: &str,
-    changes: &[(&[u8], Option<&[u8]>)],
-) -> Result<(), StoreError> {
-    let Some(a) = anchored else { return Ok(()) };
-    let state = AnchorState {
-        generation: a.generation,
-        written_at: super::super::ops::now_unix(),
-        committed: a.digest.digest(),
-        pending: Some(a.digest.with_all(tree, changes)),
-    };
-    a.anchor.write(&state)
-}
-
-/// After the write is durable: the store has the new state; records it in
-/// the token as the committed one.
-fn commit(
-    anchored: &mut Option<Anchored>,
-    tree: &str,
-    key: &[u8],
-    value: Option<&[u8]>,
-) -> Result<(), StoreError> {
-    commit_all(anchored, tree, &[(key, value)])
-}
-
-/// [`commit`] for several records of `tree`, written together.
-fn commit_all(
-    anchored: &mut Option<Anchored>,
-    tree: &str,
-    changes: &[(&[u8], Option<&[u8]>)],
-) -> Result<(), StoreError> {
-    let Some(a) = anchored else { return Ok(()) };
-    for (key, value) in changes {
-        a.digest.set(tree, key, *value);
-    }
-    a.generation += 1;
-    let state = AnchorState {
-        generation: a.generation,
-        written_at: super::super::ops::now_unix(),
-        committed: a.digest.digest(),
-        pending: None,
-    };
-    a.anchor.write(&state)
 }
 
 /// The audit log's folder, in the store's.
@@ -429,13 +305,13 @@ pub fn audit_key(kind: AuditKind, seq: u64) -> [u8; 9] {
     k
 }
 
-fn keyring_key(path: &KeyPath) -> Vec<u8> {
+pub(super) fn keyring_key(path: &KeyPath) -> Vec<u8> {
     format!("{}/{}", path.tenant(), path.key()).into_bytes()
 }
 
 /// The key of a scope's revocation record: `all`, `tenant/T`, `key/T/K`,
 /// `version/T/K/N` or `datakey/ID`.
-fn revocation_key(scope: &Scope) -> Vec<u8> {
+pub(super) fn revocation_key(scope: &Scope) -> Vec<u8> {
     match scope {
         Scope::All => "all".into(),
         Scope::Tenant { tenant } => format!("tenant/{tenant}"),
@@ -446,7 +322,9 @@ fn revocation_key(scope: &Scope) -> Vec<u8> {
     .into_bytes()
 }
 
-impl Store for SledStore {
+/// The operations, synchronous (sled's calls block); [`Backend`]'s
+/// futures run them when polled.
+impl SledStore {
     fn meta(&self) -> Result<Option<Meta>, StoreError> {
         match self.meta.get(META_KEY).map_err(backend)? {
             Some(v) => Ok(Some(decode(META_KEY, &v)?)),
@@ -469,7 +347,7 @@ impl Store for SledStore {
         commit(&mut w, "meta", META_KEY, Some(&value))
     }
 
-    fn update_meta(&self, change: &mut dyn FnMut(&mut Meta)) -> Result<Meta, StoreError> {
+    fn update_meta(&self, change: MetaChange<'_>) -> Result<Meta, StoreError> {
         let mut w = self.writer();
         loop {
             let old = self
@@ -530,11 +408,7 @@ impl Store for SledStore {
         commit(&mut w, "keyring", &k, Some(&value))
     }
 
-    fn update_key(
-        &self,
-        path: &KeyPath,
-        change: &mut dyn FnMut(&mut KeyRecord),
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    fn update_key(&self, path: &KeyPath, change: KeyChange<'_>) -> Result<Option<KeyRecord>, StoreError> {
         let k = keyring_key(path);
         let mut w = self.writer();
         loop {
@@ -563,11 +437,7 @@ impl Store for SledStore {
         }
     }
 
-    fn update_keys(
-        &self,
-        paths: &[KeyPath],
-        change: &mut dyn FnMut(&KeyPath, &mut KeyRecord),
-    ) -> Result<(), StoreError> {
+    fn update_keys(&self, paths: &[KeyPath], change: KeysChange<'_>) -> Result<(), StoreError> {
         let mut w = self.writer();
         // Writers hold `w`, so nothing changes these records under us.
         let mut writes: Vec<(Vec<u8>, Vec<u8>, KeyRecord)> = Vec::new();
@@ -657,9 +527,71 @@ impl Store for SledStore {
             None => Ok(None),
         }
     }
+}
 
-    fn flush(&self) -> Result<(), StoreError> {
-        self.durable()
+impl Backend for SledStore {
+    fn kind(&self) -> &'static str {
+        "sled"
+    }
+
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn meta(&self) -> StoreFuture<'_, Option<Meta>> {
+        Box::pin(std::future::ready(SledStore::meta(self)))
+    }
+
+    fn init_meta<'a>(&'a self, meta: &'a Meta) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(SledStore::init_meta(self, meta)))
+    }
+
+    fn update_meta<'a>(&'a self, change: MetaChange<'a>) -> StoreFuture<'a, Meta> {
+        Box::pin(std::future::ready(SledStore::update_meta(self, change)))
+    }
+
+    fn key<'a>(&'a self, path: &'a KeyPath) -> StoreFuture<'a, Option<Arc<KeyRecord>>> {
+        Box::pin(std::future::ready(SledStore::key(self, path)))
+    }
+
+    fn create_key<'a>(&'a self, record: &'a KeyRecord) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(SledStore::create_key(self, record)))
+    }
+
+    fn update_key<'a>(
+        &'a self,
+        path: &'a KeyPath,
+        change: KeyChange<'a>,
+    ) -> StoreFuture<'a, Option<KeyRecord>> {
+        Box::pin(std::future::ready(SledStore::update_key(self, path, change)))
+    }
+
+    fn update_keys<'a>(&'a self, paths: &'a [KeyPath], change: KeysChange<'a>) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(SledStore::update_keys(self, paths, change)))
+    }
+
+    fn keys<'a>(&'a self, tenant: Option<&'a str>) -> StoreFuture<'a, Vec<KeyRecord>> {
+        Box::pin(std::future::ready(SledStore::keys(self, tenant)))
+    }
+
+    fn key_count(&self) -> StoreFuture<'_, u64> {
+        Box::pin(std::future::ready(SledStore::key_count(self)))
+    }
+
+    fn revocations(&self) -> StoreFuture<'_, Vec<Revocation>> {
+        Box::pin(std::future::ready(SledStore::revocations(self)))
+    }
+
+    fn put_revocation<'a>(&'a self, revocation: &'a Revocation) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(SledStore::put_revocation(self, revocation)))
+    }
+
+    fn remove_revocation<'a>(&'a self, scope: &'a Scope) -> StoreFuture<'a, Option<Revocation>> {
+        Box::pin(std::future::ready(SledStore::remove_revocation(self, scope)))
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(self.durable()))
     }
 
     fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
@@ -667,11 +599,19 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn audit_flush(&self) -> Result<(), StoreError> {
-        self.audit.flush()
+    fn audit_flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(self.audit.flush()))
     }
 
     fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
         self.audit.scan(kind, from, reverse)
+    }
+
+    fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError> {
+        SledStore::attach_anchor(self, anchor)
+    }
+
+    fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError> {
+        SledStore::accept_as_is(self, anchor)
     }
 }

@@ -200,6 +200,186 @@ pub trait Anchor: Send + Sync {
     fn write(&self, state: &AnchorState) -> Result<(), StoreError>;
 }
 
+/// A store checked against its anchor: the anchor, the digest of every
+/// record as the store holds them, and the writes anchored so far. Each
+/// backend keeps one behind its writers' lock, and every mutation holds
+/// that lock from its [`prepare`] to its [`commit`].
+pub struct Anchored {
+    anchor: std::sync::Arc<dyn Anchor>,
+    digest: StateDigest,
+    generation: u64,
+    /// The digest of a write prepared and not committed: the write failed,
+    /// or its outcome is unknown (a networked store whose answer was lost
+    /// after its commit). See [`in_doubt`].
+    pending: Option<[u8; 32]>,
+}
+
+/// Checks a store whose records have `digest` against the token's anchor
+/// (docs/SECURITY.md §3). The digest must be the anchor's committed one,
+/// or its pending one (a crash after the store's write; committed now).
+/// With no anchor in the token yet (a new install, or a store from before
+/// anchoring), the store is anchored as it is. Returns what anchors every
+/// write from now on, and the anchor as it stands.
+pub fn attach(
+    anchor: std::sync::Arc<dyn Anchor>,
+    digest: StateDigest,
+) -> Result<(Anchored, AnchorState), StoreError> {
+    let now = crate::ops::now_unix();
+    let state = match anchor.read()? {
+        None => {
+            tracing::warn!(
+                "the token holds no anchor for this store: anchoring the store as it is now \
+                 (a new install, or the first start of a store from before anchoring)"
+            );
+            AnchorState { generation: 0, written_at: now, committed: digest.digest(), pending: None }
+        }
+        Some(a) if a.committed == digest.digest() => a,
+        Some(a) if a.pending == Some(digest.digest()) => {
+            tracing::info!(generation = a.generation + 1, "committing the store write a stop cut short");
+            AnchorState {
+                generation: a.generation + 1,
+                written_at: now,
+                committed: digest.digest(),
+                pending: None,
+            }
+        }
+        Some(a) => {
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.written_at),
+            );
+            return Err(StoreError::Tampered(format!(
+                "its records are not the state the token vouches for (write {}, at {when}): a record was \
+                 altered, removed, added or swapped, or this is an older copy of the store. If you \
+                 restored a backup on purpose, run `keyhavend accept-store --reason TEXT` \
+                 (docs/OPERATIONS.md §7)",
+                a.generation
+            )));
+        }
+    };
+    anchor.write(&state)?;
+    let generation = state.generation;
+    Ok((Anchored { anchor, digest, generation, pending: None }, state))
+}
+
+/// Anchors a store whose records have `digest` as it is, whatever the
+/// token held (`keyhavend accept-store`). Returns the anchor it replaced.
+pub fn accept(
+    anchor: std::sync::Arc<dyn Anchor>,
+    digest: StateDigest,
+) -> Result<(Anchored, Option<AnchorState>), StoreError> {
+    let old = anchor.read()?;
+    let generation = old.as_ref().map_or(0, |a| a.generation + 1);
+    let state = AnchorState {
+        generation,
+        written_at: crate::ops::now_unix(),
+        committed: digest.digest(),
+        pending: None,
+    };
+    anchor.write(&state)?;
+    Ok((Anchored { anchor, digest, generation, pending: None }, old))
+}
+
+/// Before a write of `tree`/`key` (`None`: a removal): records in the token
+/// the digest the store is about to have, next to the one it has.
+pub fn prepare(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    prepare_all(anchored, tree, &[(key, value)])
+}
+
+/// [`prepare`] for several records of `tree`, written together.
+pub fn prepare_all(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    changes: &[(&[u8], Option<&[u8]>)],
+) -> Result<(), StoreError> {
+    let Some(a) = anchored else { return Ok(()) };
+    let pending = a.digest.with_all(tree, changes);
+    a.pending = Some(pending);
+    let state = AnchorState {
+        generation: a.generation,
+        written_at: crate::ops::now_unix(),
+        committed: a.digest.digest(),
+        pending: Some(pending),
+    };
+    a.anchor.write(&state)
+}
+
+/// Whether a write was prepared and not committed since: the store may
+/// hold its state or the one before, and the digest kept in memory may be
+/// wrong. The next write must [`settle`] first.
+pub fn in_doubt(anchored: &Option<Anchored>) -> bool {
+    anchored.as_ref().is_some_and(|a| a.pending.is_some())
+}
+
+/// After a write in doubt: `digest` is the store's state read afresh. It
+/// is the committed state (the write did not happen), or the pending one
+/// (it did: committed now, as at a start after a crash); anything else is
+/// a change nobody anchored, refused as at start.
+pub fn settle(anchored: &mut Option<Anchored>, digest: StateDigest) -> Result<(), StoreError> {
+    let Some(a) = anchored else { return Ok(()) };
+    let Some(pending) = a.pending else { return Ok(()) };
+    let now = digest.digest();
+    if now == a.digest.digest() {
+        tracing::info!("a store write that failed did not happen");
+    } else if now == pending {
+        tracing::info!(
+            generation = a.generation + 1,
+            "a store write whose answer was lost did happen: committing it"
+        );
+        a.generation += 1;
+        a.digest = digest;
+    } else {
+        return Err(StoreError::Tampered(
+            "after a store write that failed, the store holds neither the state before it nor the state it was \
+             making: another writer changed it"
+                .into(),
+        ));
+    }
+    a.pending = None;
+    a.anchor.write(&AnchorState {
+        generation: a.generation,
+        written_at: crate::ops::now_unix(),
+        committed: a.digest.digest(),
+        pending: None,
+    })
+}
+
+/// After the write is durable: the store has the new state; records it in
+/// the token as the committed one.
+pub fn commit(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    commit_all(anchored, tree, &[(key, value)])
+}
+
+/// [`commit`] for several records of `tree`, written together.
+pub fn commit_all(
+    anchored: &mut Option<Anchored>,
+    tree: &str,
+    changes: &[(&[u8], Option<&[u8]>)],
+) -> Result<(), StoreError> {
+    let Some(a) = anchored else { return Ok(()) };
+    for (key, value) in changes {
+        a.digest.set(tree, key, *value);
+    }
+    a.generation += 1;
+    a.pending = None;
+    let state = AnchorState {
+        generation: a.generation,
+        written_at: crate::ops::now_unix(),
+        committed: a.digest.digest(),
+        pending: None,
+    };
+    a.anchor.write(&state)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +426,52 @@ mod tests {
         assert_eq!(AnchorState::decode(&b.encode()).unwrap(), b);
         for bad in ["", "khanchor1 1 2 3 4", "khanchor2 7 1 - -", &a.encode().replace("khanchor1", "x")] {
             assert!(AnchorState::decode(bad).is_err(), "{bad}");
+        }
+    }
+
+    struct Memory(std::sync::Mutex<Option<AnchorState>>);
+    impl Anchor for Memory {
+        fn read(&self) -> Result<Option<AnchorState>, StoreError> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        fn write(&self, state: &AnchorState) -> Result<(), StoreError> {
+            *self.0.lock().unwrap() = Some(state.clone());
+            Ok(())
+        }
+    }
+
+    fn loaded(records: &[(&[u8], &[u8])]) -> StateDigest {
+        let mut d = StateDigest::default();
+        for (k, v) in records {
+            d.load("keyring", k, v);
+        }
+        d.finish_load();
+        d
+    }
+
+    #[test]
+    fn a_write_in_doubt_settles_to_what_the_store_holds_and_nothing_else() {
+        let before: &[(&[u8], &[u8])] = &[(b"acme/a", b"1")];
+        let after: &[(&[u8], &[u8])] = &[(b"acme/a", b"2")];
+        let other: &[(&[u8], &[u8])] = &[(b"acme/a", b"3")];
+        for (store_holds, settles, generation) in [(before, true, 0), (after, true, 1), (other, false, 0)] {
+            let memory = std::sync::Arc::new(Memory(Default::default()));
+            let (a, _) = attach(memory.clone(), loaded(before)).unwrap();
+            let mut anchored = Some(a);
+            let base = memory.read().unwrap().unwrap().generation;
+            prepare(&mut anchored, "keyring", b"acme/a", Some(b"2")).unwrap();
+            assert!(in_doubt(&anchored));
+            // The write's answer is lost: the store holds one state or another.
+            let result = settle(&mut anchored, loaded(store_holds));
+            assert_eq!(result.is_ok(), settles, "{result:?}");
+            if settles {
+                assert!(!in_doubt(&anchored));
+                let anchor = memory.read().unwrap().unwrap();
+                assert_eq!((anchor.generation - base, anchor.pending), (generation, None));
+                assert_eq!(anchor.committed, loaded(store_holds).digest());
+                // And a start on that store is accepted.
+                attach(memory.clone(), loaded(store_holds)).unwrap();
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod audit;
 mod bench;
+mod inspect;
 mod jwt;
 mod lifecycle;
 mod revoke;
@@ -106,6 +107,13 @@ enum Command {
     Destroy(revoke::DestroyArgs),
     /// Who the daemon sees you as (uid, groups, process) and what the policy grants you.
     Whoami,
+    /// Decode a khe1:/khc1:/khs1: text form (argument, or one per line on stdin) or a binary envelope,
+    /// ciphertext, record or stream (stdin) offline: format, tenant, key, version, envelope id; one JSON
+    /// object each. Nothing is checked with the daemon: the fields are claims until it unwraps the envelope.
+    Inspect {
+        /// The text form; stdin when absent.
+        value: Option<String>,
+    },
     /// Administer the daemon.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -480,6 +488,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         )?),
         _ => None,
     };
+    if let Command::Inspect { value } = &cli.command {
+        return inspect::run(value.as_deref());
+    }
     if let Command::Seal { chunk_size, .. } = &cli.command {
         if !(keyhaven::seal::MIN_CHUNK..=keyhaven::seal::MAX_CHUNK).contains(chunk_size) {
             return Err(usage(format!(
@@ -556,7 +567,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .connect(&socket)
         .await?;
     match cli.command {
-        Command::Bench { .. } | Command::Seal { .. } | Command::Open { .. } => unreachable!("handled above"),
+        Command::Bench { .. } | Command::Seal { .. } | Command::Open { .. } | Command::Inspect { .. } => {
+            unreachable!("handled above")
+        }
         Command::Health => {
             let h = client.health().await?;
             print_json(&h)?;

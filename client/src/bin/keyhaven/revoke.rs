@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
-use keyhaven::revocation::{Destroy, Reason, Revocation, Revoke, RevokeLift, RevokeList, Scope};
+use keyhaven::revocation::{Destroy, Reason, Revocation, Revoke, RevokeLift, Scope};
 use keyhaven::{Client, KeyPath};
 use serde_json::{json, Value};
 
@@ -41,12 +41,30 @@ enum RevokeWhat {
     },
 }
 
+/// An envelope id from 32 hex digits in either case, or from a stored
+/// value's embedded envelope (read offline, as `keyhaven inspect` does).
+fn envelope_id(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.contains(':') {
+        return crate::inspect::text(s).map(|found| found.envelope_id);
+    }
+    if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(s.to_ascii_lowercase());
+    }
+    Err(format!(
+        "an envelope id is 32 hex digits, or give the khe1:/khc1:/khs1: value itself (got {} characters)",
+        s.chars().count()
+    ))
+}
+
 /// A scope on the command line.
 #[derive(Subcommand)]
 enum ScopeArg {
-    /// One data key, by the envelope id that `datakey` and `encrypt --json` print.
+    /// One data key: its envelope id (as `datakey`, `encrypt --json` and `inspect` print it), or the stored
+    /// value itself (a khe1: envelope, khc1: ciphertext or khs1: record), whose envelope id is used.
     Datakey {
-        /// 32 hex digits.
+        /// 32 hex digits (either case), or a khe1:/khc1:/khs1: text form.
+        #[arg(value_name = "ENVELOPE_ID|VALUE", value_parser = envelope_id)]
         envelope_id: String,
     },
     /// One key, or one version of it.
@@ -148,8 +166,7 @@ fn expires_at(text: Option<&str>) -> Result<Option<u64>, Failure> {
 pub async fn revoke(client: &Client, args: RevokeArgs) -> Result<(), Failure> {
     match &args.what {
         RevokeWhat::List { tenant } => {
-            let resp = client.call(&RevokeList { tenant: tenant.clone() }).await?;
-            let list: Vec<Value> = resp.revocations.iter().map(view).collect();
+            let list: Vec<Value> = client.revoke_list(tenant.as_deref()).await?.iter().map(view).collect();
             print_json(&json!({ "revocations": list }))
         }
         RevokeWhat::Lift { scope } => {

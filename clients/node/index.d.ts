@@ -1,0 +1,254 @@
+// Types of the `keyhaven` package (hand-written: the package ships the
+// JavaScript it is tested with, no build step; `npm run typecheck` checks
+// these declarations and test/types.ts, which uses every export).
+
+/// <reference types="node" />
+
+/** Codes that only this client produces (never sent by the daemon). */
+export declare const CLIENT_CODES: readonly ['connect_failed', 'connection_closed', 'timeout', 'protocol', 'config'];
+
+/** A wire error code (PROTOCOL.md §4); unknown codes are passed through. */
+export type WireCode =
+  | 'bad_request' | 'unknown_operation' | 'unsupported_protocol' | 'frame_too_large' | 'payload_too_large'
+  | 'bad_envelope' | 'integrity' | 'not_found' | 'already_exists' | 'key_exhausted' | 'key_disabled'
+  | 'version_retired' | 'permission_denied' | 'invalid_config' | 'revoked' | 'busy' | 'hsm_unavailable'
+  | 'hsm_login_failed' | 'master_key_unavailable' | 'store_unavailable' | 'internal' | (string & {});
+
+export type ErrorCode = WireCode | (typeof CLIENT_CODES)[number];
+
+export declare class KeyhavenError extends Error {
+  constructor(code: string, message: string, options?: ErrorOptions);
+  readonly code: ErrorCode;
+}
+/** The daemon answered with an error; `code` is its wire code. */
+export declare class DaemonError extends KeyhavenError {
+  constructor(code: string, message: string);
+}
+/** `connect_failed` */
+export declare class ConnectError extends KeyhavenError {
+  constructor(socket: string, cause: unknown);
+  readonly socket: string;
+}
+/** `timeout` */
+export declare class TimeoutError extends KeyhavenError {
+  constructor(what: string, afterMs: number);
+  readonly afterMs: number;
+}
+/** `connection_closed`: the outcome of the request is unknown; the next call reconnects. */
+export declare class ConnectionClosedError extends KeyhavenError {
+  constructor(message?: string);
+}
+/** A bad argument caught before anything was sent: `bad_request`, `bad_envelope` or `config`. */
+export declare class InvalidInputError extends KeyhavenError {
+  constructor(code: string, message: string);
+}
+/** `integrity`: local decryption failed to authenticate. */
+export declare class IntegrityError extends KeyhavenError {
+  constructor(message: string);
+}
+/** `protocol`: the daemon sent something unreadable. */
+export declare class ProtocolError extends KeyhavenError {
+  constructor(message: string);
+}
+
+/** `"tenant/key"` or `{tenant, key}`. */
+export type KeyPathLike = string | { tenant: string; key: string };
+/** An encryption context: string pairs (ENVELOPE.md §4). */
+export type EncryptionContext = Record<string, string> | Map<string, string>;
+/** Plaintext input: bytes, or a string taken as UTF-8. */
+export type BytesLike = Buffer | Uint8Array | string;
+
+export declare const SOCKET_ENV: 'KEYHAVEN_SOCKET';
+export declare const DEFAULT_SOCKET: '/run/keyhaven/keyhaven.sock';
+export declare const DEFAULT_CONNECT_TIMEOUT_MS: 5000;
+export declare const DEFAULT_REQUEST_TIMEOUT_MS: 30000;
+export declare const VERSION: string;
+
+/** `C(ctx)`: the canonical encoding of ENVELOPE.md §4.2. */
+export declare function encodeContext(context?: EncryptionContext | null): Buffer;
+/** The context as the wire's object, keys in canonical (UTF-8 byte) order; validated. */
+export declare function contextObject(context?: EncryptionContext | null): Record<string, string>;
+/** Checks and splits a key path. */
+export declare function keyPath(path: KeyPathLike): { tenant: string; key: string };
+
+export interface ClientOptions {
+  /** The socket; else `$KEYHAVEN_SOCKET`, else `/run/keyhaven/keyhaven.sock`. */
+  socket?: string;
+  /** Connect and `hello`; 5000 by default; `null` or `0`: no limit. */
+  connectTimeoutMs?: number | null;
+  /** Each answer; 30000 by default; `null` or `0`: no limit. */
+  requestTimeoutMs?: number | null;
+  /** Connections in the pool, 1..64; 2 by default. */
+  connections?: number;
+  /** Sent in `hello`. */
+  clientName?: string;
+  /** Event frames (PROTOCOL.md §6), on connections that subscribed. */
+  onEvent?: (event: RevocationEvent) => void;
+}
+
+export interface RevocationScope {
+  kind: 'datakey' | 'key' | 'tenant' | 'all' | (string & {});
+  envelope_id?: string;
+  tenant?: string;
+  key?: string;
+  version?: number;
+}
+export interface RevocationEvent {
+  event: 'revoked' | 'lagged' | (string & {});
+  scope?: RevocationScope;
+}
+
+export interface KeyInfo {
+  tenant: string;
+  key: string;
+  current_version: number;
+  versions: number[];
+  created_at: number;
+  [field: string]: unknown;
+}
+export interface EncryptResult {
+  ciphertext: string;
+  envelope_id: string;
+  key_version: number;
+}
+export interface DecryptResult {
+  plaintext: Buffer;
+  tenant: string;
+  key: string;
+  key_version: number;
+  envelope_id: string;
+}
+export interface DatakeyResult {
+  envelope: string;
+  envelope_id: string;
+  key_version: number;
+  /** The 32-byte data key; absent with `includePlaintext: false`. */
+  plaintext?: Buffer;
+}
+export interface RewrapResult {
+  text: string;
+  from_version: number;
+  key_version: number;
+  envelope_id: string;
+}
+
+export declare class Client {
+  constructor(opts?: ClientOptions);
+  readonly socket: string;
+  readonly connectTimeoutMs: number | null;
+  readonly requestTimeoutMs: number | null;
+  /** Connections opened so far, reconnects included. */
+  readonly connectionsOpened: number;
+  /** Any operation by name (PROTOCOL.md §3); resolves with the `ok` object. */
+  call(op: string, params?: Record<string, unknown>): Promise<Record<string, any>>;
+  close(): Promise<void>;
+  health(): Promise<Record<string, any>>;
+  whoami(): Promise<Record<string, any>>;
+  keyCreate(path: KeyPathLike): Promise<KeyInfo>;
+  /** KeyDetails (PROTOCOL.md §3.17). */
+  keyShow(path: KeyPathLike): Promise<Record<string, any>>;
+  /** Every key (of one tenant), following the daemon's pages of at most `pageSize` (1..1000). */
+  keyList(tenant?: string | null, opts?: { pageSize?: number }): Promise<KeyInfo[]>;
+  encrypt(path: KeyPathLike, plaintext: BytesLike, context?: EncryptionContext): Promise<EncryptResult>;
+  decrypt(ciphertext: string, context?: EncryptionContext): Promise<DecryptResult>;
+  datakey(path: KeyPathLike, context?: EncryptionContext, opts?: { includePlaintext?: boolean }): Promise<DatakeyResult>;
+  datakeyDecrypt(envelope: string, context?: EncryptionContext): Promise<DecryptResult & { plaintext: Buffer }>;
+  rewrap(text: string, context?: EncryptionContext): Promise<RewrapResult>;
+  subscribeRevocations(): Promise<{ subscribed: boolean }>;
+}
+
+// ---- Local sealing (ENVELOPE.md §10) ----
+
+export declare const MAX_MESSAGES_PER_KEY: number;
+export declare const MIN_CHUNK: 1024;
+export declare const MAX_CHUNK: 16777216;
+export declare const DEFAULT_CHUNK: 65536;
+
+/** Required limits of the sealing cache, per data key. */
+export interface SealLimits {
+  /** From when the daemon returned the key; ≥ 1. */
+  maxAgeMs: number;
+  /** Records per key, 1..2^31. */
+  maxMessages: number;
+  /** Plaintext bytes per key, ≥ 1; a larger record gets a key of its own. */
+  maxBytes: number;
+}
+/** Limits of the opening cache; `maxEntries: 0` turns it off. */
+export interface OpenLimits {
+  maxAgeMs?: number;
+  maxEntries: number;
+}
+export interface SealerOptions {
+  socket?: string;
+  connectTimeoutMs?: number | null;
+  requestTimeoutMs?: number | null;
+  seal: SealLimits;
+  open: OpenLimits;
+}
+export interface SealerStats {
+  datakeys: number;
+  unwraps: number;
+  sealHits: number;
+  openHits: number;
+  revoked: number;
+  events: number;
+  connections: number;
+  sealKeys: number;
+  openKeys: number;
+}
+
+export declare class Sealer {
+  constructor(opts: SealerOptions);
+  readonly socket: string;
+  /** Seal one record; `sealedToText` gives its `khs1:` text. */
+  seal(path: KeyPathLike, plaintext: BytesLike, context?: EncryptionContext): Promise<Buffer>;
+  /** Open a record, as bytes or `khs1:` text. */
+  open(sealed: Buffer | Uint8Array | string, context?: EncryptionContext): Promise<Buffer>;
+  /** A Transform sealing its input as one sealed stream (a data key of its own). */
+  sealStream(path: KeyPathLike, context?: EncryptionContext, opts?: { chunkSize?: number }): import('node:stream').Transform;
+  /** A Transform opening a sealed stream; on error, discard what it pushed. */
+  openStream(context?: EncryptionContext): import('node:stream').Transform;
+  getStats(): SealerStats;
+  /** Empty both caches (keys overwritten). */
+  clear(): void;
+  /** Close the connection and empty both caches. */
+  close(): void;
+}
+
+export interface EnvelopeInfo {
+  tenant: string;
+  key: string;
+  version: number;
+  /** 32 lowercase hex digits. */
+  id: string;
+}
+export interface ParsedRecord {
+  header: Buffer;
+  envelope: Buffer;
+  envelopeInfo: EnvelopeInfo;
+  nonce: Buffer;
+  payload: Buffer;
+}
+export interface ParsedStreamHeader {
+  header: Buffer;
+  envelope: Buffer;
+  envelopeInfo: EnvelopeInfo;
+  chunkSize: number;
+}
+export declare function sealedToText(bytes: Buffer): string;
+export declare function sealedFromText(text: string): Buffer;
+/** Structural parse; the fields are claims until the daemon unwraps the key. */
+export declare function parseEnvelope(bytes: Buffer): EnvelopeInfo;
+export declare function parseRecord(bytes: Buffer): ParsedRecord;
+/** Low level: seal a record with a data key you hold (`nonce` for test vectors only). */
+export declare function sealRecord(key: Buffer, envelope: Buffer, context: EncryptionContext | undefined | null, plaintext: Buffer, nonce?: Buffer): Buffer;
+export declare function openRecord(key: Buffer, record: ParsedRecord, context?: EncryptionContext | null): Buffer;
+export declare function streamHeader(envelope: Buffer, chunkSize: number): Buffer;
+/** `null` while more bytes are needed. */
+export declare function parseStreamHeader(bytes: Buffer): ParsedStreamHeader | null;
+export declare class ChunkCipher {
+  constructor(key: Buffer, header: Buffer, context?: EncryptionContext | null);
+  seal(plaintext: Buffer, last: boolean): Buffer;
+  open(sealed: Buffer, last: boolean): Buffer;
+  wipe(): void;
+}

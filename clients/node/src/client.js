@@ -1,0 +1,207 @@
+// The Client: the operations an application uses, over a small pool of
+// pipelined connections that are (re)opened on demand. Results carry the
+// wire's field names (PROTOCOL.md §3), with base64 fields decoded to Buffers.
+
+import { Connection } from './connection.js';
+import { InvalidInputError, ProtocolError } from './errors.js';
+import { b64decode, b64encode, checkName, contextObject, keyPath, toBytes } from './codec.js';
+
+export const SOCKET_ENV = 'KEYHAVEN_SOCKET';
+export const DEFAULT_SOCKET = '/run/keyhaven/keyhaven.sock';
+export const DEFAULT_CONNECT_TIMEOUT_MS = 5000;
+export const DEFAULT_REQUEST_TIMEOUT_MS = 30000;
+export const VERSION = '0.1.0';
+
+function timeoutOption(value, fallback, name) {
+  if (value === undefined) return fallback;
+  if (value === null || value === 0) return null; // wait for ever
+  if (typeof value !== 'number' || !Number.isFinite(value) || value < 0) {
+    throw new InvalidInputError('config', `${name} must be a number of milliseconds ≥ 0, or null`);
+  }
+  return value;
+}
+
+export class Client {
+  /**
+   * @param {object} [opts]
+   * @param {string} [opts.socket] the socket; else $KEYHAVEN_SOCKET, else /run/keyhaven/keyhaven.sock
+   * @param {number|null} [opts.connectTimeoutMs] connect and `hello`, 5000 by default; null or 0: no limit
+   * @param {number|null} [opts.requestTimeoutMs] each answer, 30000 by default; null or 0: no limit
+   * @param {number} [opts.connections] connections in the pool, 1..64 (default 2)
+   * @param {string} [opts.clientName] sent in `hello`
+   */
+  constructor(opts = {}) {
+    this.socket = opts.socket ?? process.env[SOCKET_ENV] ?? DEFAULT_SOCKET;
+    if (typeof this.socket !== 'string' || this.socket === '') {
+      throw new InvalidInputError('config', 'socket must be a non-empty path');
+    }
+    this.connectTimeoutMs = timeoutOption(opts.connectTimeoutMs, DEFAULT_CONNECT_TIMEOUT_MS, 'connectTimeoutMs');
+    this.requestTimeoutMs = timeoutOption(opts.requestTimeoutMs, DEFAULT_REQUEST_TIMEOUT_MS, 'requestTimeoutMs');
+    const n = opts.connections ?? 2;
+    if (!Number.isInteger(n) || n < 1 || n > 64) {
+      throw new InvalidInputError('config', 'connections must be an integer from 1 to 64');
+    }
+    this.clientName = opts.clientName ?? `keyhaven-node/${VERSION}`;
+    this.onEvent = opts.onEvent;
+    this.slots = new Array(n).fill(null); // each: Promise<Connection> | null
+    this.closed = false;
+    this.connects = 0;
+  }
+
+  /** Connections opened so far (reconnects included). */
+  get connectionsOpened() {
+    return this.connects;
+  }
+
+  #open(i) {
+    const slot = { conn: null, promise: null };
+    slot.promise = Connection.open({
+      socket: this.socket,
+      connectTimeoutMs: this.connectTimeoutMs,
+      clientName: this.clientName,
+      onEvent: this.onEvent,
+      onClose: () => {
+        if (this.slots[i] === slot) this.slots[i] = null;
+      },
+    }).then(
+      (conn) => {
+        slot.conn = conn;
+        return conn;
+      },
+      (err) => {
+        if (this.slots[i] === slot) this.slots[i] = null;
+        throw err;
+      },
+    );
+    this.connects++;
+    this.slots[i] = slot;
+    return slot.promise;
+  }
+
+  /**
+   * A live connection: an idle open one, else a new one in a free slot,
+   * else the open one with the fewest requests in flight (pipelining).
+   */
+  async connection() {
+    if (this.closed) throw new InvalidInputError('config', 'the client is closed');
+    let best = null;
+    let opening = null;
+    let free = -1;
+    for (let i = 0; i < this.slots.length; i++) {
+      const s = this.slots[i];
+      if (s !== null && s.conn !== null && s.conn.closed) this.slots[i] = null;
+      if (this.slots[i] === null) {
+        if (free < 0) free = i;
+      } else if (s.conn === null) {
+        opening = s;
+      } else if (best === null || s.conn.inFlight < best.conn.inFlight) {
+        best = s;
+      }
+    }
+    if (best !== null && best.conn.inFlight === 0) return best.conn;
+    if (free >= 0 && (best === null || opening === null)) return this.#open(free);
+    if (best !== null) return best.conn;
+    return opening.promise;
+  }
+
+  /** Close every connection; calls in flight fail with `connection_closed`. */
+  async close() {
+    this.closed = true;
+    const slots = this.slots;
+    this.slots = slots.map(() => null);
+    await Promise.all(
+      slots.map(async (s) => {
+        if (s === null) return;
+        try {
+          (await s.promise).destroy(null);
+        } catch {
+          // it never opened
+        }
+      }),
+    );
+  }
+
+  /** Any operation by name (PROTOCOL.md §3): resolves with the `ok` object. */
+  async call(op, params) {
+    const conn = await this.connection();
+    return conn.request(op, params, this.requestTimeoutMs);
+  }
+
+  health() {
+    return this.call('health');
+  }
+
+  whoami() {
+    return this.call('whoami');
+  }
+
+  keyCreate(path) {
+    return this.call('key_create', keyPath(path));
+  }
+
+  keyShow(path) {
+    return this.call('key_show', keyPath(path));
+  }
+
+  /**
+   * Every key (of one tenant): follows the daemon's pages (PROTOCOL.md §3.4)
+   * of at most `pageSize` keys (1..1000; the daemon's default 1000).
+   */
+  async keyList(tenant, { pageSize } = {}) {
+    const params = tenant === undefined || tenant === null ? {} : { tenant: checkName(tenant, 'tenant') };
+    if (pageSize !== undefined) {
+      if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > 1000) {
+        throw new InvalidInputError('bad_request', 'pageSize must be an integer from 1 to 1000');
+      }
+      params.limit = pageSize;
+    }
+    const keys = [];
+    for (;;) {
+      const ok = await this.call('key_list', params);
+      keys.push(...ok.keys);
+      if (typeof ok.next !== 'string') return keys;
+      if (ok.next === params.after) throw new ProtocolError('`key_list` returned the same page again');
+      params.after = ok.next;
+    }
+  }
+
+  async encrypt(path, plaintext, context) {
+    const params = {
+      ...keyPath(path),
+      plaintext: b64encode(toBytes(plaintext, 'plaintext')),
+      context: contextObject(context),
+    };
+    return this.call('encrypt', params);
+  }
+
+  async decrypt(ciphertext, context) {
+    if (typeof ciphertext !== 'string') throw new InvalidInputError('bad_request', 'ciphertext must be a khc1: string');
+    const ok = await this.call('decrypt', { ciphertext, context: contextObject(context) });
+    return { ...ok, plaintext: b64decode(ok.plaintext, 'the plaintext') };
+  }
+
+  async datakey(path, context, { includePlaintext = true } = {}) {
+    const ok = await this.call('datakey', {
+      ...keyPath(path),
+      context: contextObject(context),
+      include_plaintext: includePlaintext,
+    });
+    if (ok.plaintext !== undefined) ok.plaintext = b64decode(ok.plaintext, 'the data key');
+    return ok;
+  }
+
+  async datakeyDecrypt(envelope, context) {
+    if (typeof envelope !== 'string') throw new InvalidInputError('bad_request', 'envelope must be a khe1: string');
+    const ok = await this.call('datakey_decrypt', { envelope, context: contextObject(context) });
+    return { ...ok, plaintext: b64decode(ok.plaintext, 'the data key') };
+  }
+
+  rewrap(text, context) {
+    if (typeof text !== 'string') throw new InvalidInputError('bad_request', 'text must be a khe1: or khc1: string');
+    return this.call('rewrap', { text, context: contextObject(context) });
+  }
+
+  subscribeRevocations() {
+    return this.call('subscribe_revocations');
+  }
+}

@@ -1,0 +1,278 @@
+"""The Client: the operations an application uses.
+
+Calls go over a small pool of pipelined connections, (re)opened on demand,
+and may be made from many threads at once. Results carry the wire's field
+names (PROTOCOL.md §3); base64 fields are decoded to ``bytearray`` (which
+the caller can wipe).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Union
+
+from .codec import (
+    Bytes,
+    Context,
+    KeyPathLike,
+    b64decode,
+    b64encode,
+    check_name,
+    context_object,
+    key_path,
+    to_bytes,
+)
+from .connection import Connection, EventCallback
+from .errors import InvalidInput, ProtocolError
+
+SOCKET_ENV = "KEYHAVEN_SOCKET"
+DEFAULT_SOCKET = "/run/keyhaven/keyhaven.sock"
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_REQUEST_TIMEOUT = 30.0
+VERSION = "0.1.0"
+
+_UNSET: Any = object()
+
+
+@dataclass
+class EncryptResult:
+    ciphertext: str
+    envelope_id: str
+    key_version: int
+
+
+@dataclass
+class DecryptResult:
+    plaintext: bytearray = field(repr=False)
+    tenant: str
+    key: str
+    key_version: int
+    envelope_id: str
+
+
+@dataclass
+class DatakeyResult:
+    envelope: str
+    envelope_id: str
+    key_version: int
+    plaintext: Optional[bytearray] = field(default=None, repr=False)
+
+
+@dataclass
+class RewrapResult:
+    text: str
+    from_version: int
+    key_version: int
+    envelope_id: str
+
+
+def _timeout(value: Any, default: float, name: str) -> Optional[float]:
+    if value is _UNSET:
+        return default
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise InvalidInput("config", f"{name} must be seconds >= 0, or None")
+    return float(value)
+
+
+class Client:
+    """A thread-safe client with a pool of pipelined connections."""
+
+    def __init__(
+        self,
+        socket: Optional[str] = None,
+        *,
+        connect_timeout: Optional[float] = _UNSET,
+        request_timeout: Optional[float] = _UNSET,
+        connections: int = 2,
+        client_name: Optional[str] = None,
+        on_event: Optional[EventCallback] = None,
+    ) -> None:
+        """``socket``: else ``$KEYHAVEN_SOCKET``, else ``/run/keyhaven/keyhaven.sock``.
+
+        Timeouts in seconds (5 to connect and greet, 30 per answer by
+        default; ``None`` or 0: no limit). ``connections``: 1..64.
+        """
+        path = socket if socket is not None else os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+        if not isinstance(path, str) or not path:
+            raise InvalidInput("config", "socket must be a non-empty path")
+        self.socket = path
+        self.connect_timeout = _timeout(connect_timeout, DEFAULT_CONNECT_TIMEOUT, "connect_timeout")
+        self.request_timeout = _timeout(request_timeout, DEFAULT_REQUEST_TIMEOUT, "request_timeout")
+        if isinstance(connections, bool) or not isinstance(connections, int) or not 1 <= connections <= 64:
+            raise InvalidInput("config", "connections must be an integer from 1 to 64")
+        self.client_name = client_name or f"keyhaven-python/{VERSION}"
+        self.on_event = on_event
+        self._slots: List[Optional[Connection]] = [None] * connections
+        self._cond = threading.Condition()
+        self._connecting: Set[int] = set()
+        self._closed = False
+        self.connections_opened = 0
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _connection(self) -> Connection:
+        """An idle open connection, else a new one in a free slot, else the least busy."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise InvalidInput("config", "the client is closed")
+                best: Optional[Connection] = None
+                free = -1
+                for i, c in enumerate(self._slots):
+                    if i in self._connecting:
+                        continue
+                    if c is None or c.closed:
+                        self._slots[i] = None
+                        if free < 0:
+                            free = i
+                    elif best is None or c.in_flight < best.in_flight:
+                        best = c
+                if best is not None and (best.in_flight == 0 or free < 0):
+                    return best
+                if free >= 0:
+                    self._connecting.add(free)
+                    break
+                self._cond.wait()  # every slot is connecting
+        try:
+            conn = Connection(self.socket, self.connect_timeout, self.client_name, self.on_event)
+        except BaseException:
+            with self._cond:
+                self._connecting.discard(free)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._connecting.discard(free)
+            self._cond.notify_all()
+            self.connections_opened += 1
+            if self._closed:
+                conn.close()
+                raise InvalidInput("config", "the client is closed")
+            self._slots[free] = conn
+        return conn
+
+    def call(self, op: str, params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Any operation by name (PROTOCOL.md §3); returns the ``ok`` object."""
+        return self._connection().request(op, params, self.request_timeout)
+
+    def close(self) -> None:
+        """Close every connection; calls in flight fail with ``connection_closed``."""
+        with self._cond:
+            self._closed = True
+            slots, self._slots = self._slots, [None] * len(self._slots)
+        for c in slots:
+            if c is not None:
+                c.close()
+
+    def health(self) -> Dict[str, Any]:
+        return self.call("health")
+
+    def whoami(self) -> Dict[str, Any]:
+        return self.call("whoami")
+
+    def key_create(self, path: KeyPathLike) -> Dict[str, Any]:
+        tenant, key = key_path(path)
+        return self.call("key_create", {"tenant": tenant, "key": key})
+
+    def key_show(self, path: KeyPathLike) -> Dict[str, Any]:
+        tenant, key = key_path(path)
+        return self.call("key_show", {"tenant": tenant, "key": key})
+
+    def key_list(
+        self, tenant: Optional[str] = None, *, page_size: Optional[int] = None
+    ) -> List[Dict[str, Any]]:
+        """Every key (of one tenant), following the daemon's pages (PROTOCOL.md §3.4).
+
+        ``page_size``: at most this many keys a page, 1..1000 (the daemon's default 1000).
+        """
+        params: Dict[str, Any] = {} if tenant is None else {"tenant": check_name(tenant, "tenant")}
+        if page_size is not None:
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
+                raise InvalidInput("bad_request", "page_size must be an int from 1 to 1000")
+            params["limit"] = page_size
+        keys: List[Dict[str, Any]] = []
+        while True:
+            ok = self.call("key_list", params)
+            keys.extend(ok["keys"])
+            nxt = ok.get("next")
+            if not isinstance(nxt, str):
+                return keys
+            if nxt == params.get("after"):
+                raise ProtocolError("`key_list` returned the same page again")
+            params["after"] = nxt
+
+    def encrypt(
+        self, path: KeyPathLike, plaintext: Union[Bytes, str], context: Context = None
+    ) -> EncryptResult:
+        tenant, key = key_path(path)
+        ok = self.call(
+            "encrypt",
+            {
+                "tenant": tenant,
+                "key": key,
+                "plaintext": b64encode(to_bytes(plaintext, "plaintext")),
+                "context": context_object(context),
+            },
+        )
+        return EncryptResult(ok["ciphertext"], ok["envelope_id"], ok["key_version"])
+
+    def decrypt(self, ciphertext: str, context: Context = None) -> DecryptResult:
+        if not isinstance(ciphertext, str):
+            raise InvalidInput("bad_request", "ciphertext must be a khc1: str")
+        ok = self.call("decrypt", {"ciphertext": ciphertext, "context": context_object(context)})
+        return DecryptResult(
+            b64decode(ok["plaintext"], "the plaintext"),
+            ok["tenant"],
+            ok["key"],
+            ok["key_version"],
+            ok["envelope_id"],
+        )
+
+    def datakey(
+        self, path: KeyPathLike, context: Context = None, *, include_plaintext: bool = True
+    ) -> DatakeyResult:
+        tenant, key = key_path(path)
+        ok = self.call(
+            "datakey",
+            {
+                "tenant": tenant,
+                "key": key,
+                "context": context_object(context),
+                "include_plaintext": bool(include_plaintext),
+            },
+        )
+        plain = ok.get("plaintext")
+        return DatakeyResult(
+            ok["envelope"],
+            ok["envelope_id"],
+            ok["key_version"],
+            None if plain is None else b64decode(plain, "the data key"),
+        )
+
+    def datakey_decrypt(self, envelope: str, context: Context = None) -> DecryptResult:
+        if not isinstance(envelope, str):
+            raise InvalidInput("bad_request", "envelope must be a khe1: str")
+        ok = self.call("datakey_decrypt", {"envelope": envelope, "context": context_object(context)})
+        return DecryptResult(
+            b64decode(ok["plaintext"], "the data key"),
+            ok["tenant"],
+            ok["key"],
+            ok["key_version"],
+            ok["envelope_id"],
+        )
+
+    def rewrap(self, text: str, context: Context = None) -> RewrapResult:
+        if not isinstance(text, str):
+            raise InvalidInput("bad_request", "text must be a khe1: or khc1: str")
+        ok = self.call("rewrap", {"text": text, "context": context_object(context)})
+        return RewrapResult(ok["text"], ok["from_version"], ok["key_version"], ok["envelope_id"])
+
+    def subscribe_revocations(self) -> Dict[str, Any]:
+        return self.call("subscribe_revocations")

@@ -1,0 +1,207 @@
+"""One connection to the daemon.
+
+Frames (PROTOCOL.md §1), pipelined requests paired with their answers by id
+(§2.3) through a reader thread, and event frames (§6) handed to a callback. A
+connection that closes fails its requests in flight; the ``Client`` opens a
+new one for the next call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import struct
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable, Dict, Optional
+
+from .errors import (
+    ConnectError,
+    ConnectionClosed,
+    DaemonError,
+    InvalidInput,
+    KeyhavenError,
+    KeyhavenTimeout,
+    ProtocolError,
+)
+
+MAX_FRAME = 1024 * 1024
+PROTOCOL_VERSION = 1
+
+EventCallback = Callable[[Dict[str, Any]], None]
+
+
+class Connection:
+    """A pipelined connection; thread-safe."""
+
+    def __init__(
+        self,
+        path: str,
+        connect_timeout: Optional[float],
+        client_name: str,
+        on_event: Optional[EventCallback] = None,
+        on_close: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.path = path
+        self.on_event = on_event
+        self.on_close = on_close
+        self._pending: Dict[int, Future[Dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self.closed = False
+        self._close_error: Optional[KeyhavenError] = None
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(connect_timeout)
+            self._sock.connect(path)
+        except socket.timeout:
+            self._sock.close()
+            raise KeyhavenTimeout(f"connecting to the daemon at {path}", connect_timeout or 0) from None
+        except OSError as e:
+            self._sock.close()
+            raise ConnectError(path, e) from None
+        self._sock.settimeout(None)
+        self._reader = threading.Thread(target=self._read_loop, name="keyhaven-reader", daemon=True)
+        self._reader.start()
+        try:
+            ok = self.request(
+                "hello",
+                {"protocol": PROTOCOL_VERSION, "client": client_name},
+                connect_timeout,
+                what=f"connecting to the daemon at {path}",
+            )
+        except BaseException:
+            self.close()
+            raise
+        if ok.get("protocol") != PROTOCOL_VERSION:
+            self.close()
+            raise ProtocolError(f"the daemon speaks protocol {ok.get('protocol')}, not {PROTOCOL_VERSION}")
+        self.server = str(ok.get("server", ""))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._pending)
+
+    def request(
+        self, op: str, params: Optional[Dict[str, Any]], timeout: Optional[float], what: Optional[str] = None
+    ) -> Dict[str, Any]:
+        """Send one request and wait for its ``ok`` object; errors are typed."""
+        fut: Future[Dict[str, Any]] = Future()
+        with self._lock:
+            if self.closed:
+                raise self._close_error or ConnectionClosed()
+            rid = next(self._ids)
+            self._pending[rid] = fut
+        msg: Dict[str, Any] = {"id": rid, "op": op}
+        if params is not None:
+            msg["params"] = params
+        body = json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if len(body) > MAX_FRAME:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise InvalidInput(
+                "frame_too_large",
+                f"a request of {len(body)} bytes is over the frame limit of {MAX_FRAME} bytes",
+            )
+        try:
+            with self._write_lock:
+                self._sock.sendall(struct.pack(">I", len(body)) + body)
+        except OSError as e:
+            self.close(ConnectionClosed(f"socket error: {e}"))
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise KeyhavenTimeout(what or f"the answer to `{op}`", timeout or 0) from None
+
+    def _recv_exact(self, n: int) -> Optional[bytes]:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(min(n - len(buf), 1 << 16))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def _read_loop(self) -> None:
+        err: Optional[KeyhavenError] = None
+        try:
+            while True:
+                head = self._recv_exact(4)
+                if head is None:
+                    break
+                (n,) = struct.unpack(">I", head)
+                if n > MAX_FRAME:
+                    err = ProtocolError(
+                        f"the daemon sent a frame of {n} bytes, over the limit of {MAX_FRAME}"
+                    )
+                    break
+                body = self._recv_exact(n)
+                if body is None:
+                    break
+                try:
+                    msg = json.loads(body.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    err = ProtocolError("the daemon sent a frame that is not JSON")
+                    break
+                if not isinstance(msg, dict):
+                    err = ProtocolError("the daemon sent a frame that is not an object")
+                    break
+                self._dispatch(msg)
+        except OSError as e:
+            err = ConnectionClosed(f"socket error: {e}")
+        self.close(err)
+
+    def _dispatch(self, msg: Dict[str, Any]) -> None:
+        if "id" not in msg and isinstance(msg.get("event"), str):
+            if self.on_event is not None:
+                try:
+                    self.on_event(msg)
+                except Exception:  # noqa: S110 (a failing callback must not end the reader thread)
+                    pass
+            return
+        rid = msg.get("id")
+        if rid is None:
+            # Not tied to a request (a frame the daemon could not read, `busy`
+            # at the connection limit): the daemon closes after it.
+            e = msg.get("error") or {}
+            self._close_error = DaemonError(str(e.get("code", "internal")), str(e.get("message", "")))
+            return
+        with self._lock:
+            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if fut is None:
+            return  # a request that timed out: its late answer is dropped
+        error = msg.get("error")
+        ok = msg.get("ok")
+        if isinstance(error, dict):
+            fut.set_exception(DaemonError(str(error.get("code")), str(error.get("message", ""))))
+        elif isinstance(ok, dict):
+            fut.set_result(ok)
+        else:
+            fut.set_exception(ProtocolError("an answer with neither `ok` nor `error`"))
+
+    def close(self, err: Optional[KeyhavenError] = None) -> None:
+        """Close, failing every request in flight."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            reason = self._close_error or err or ConnectionClosed()
+            self._close_error = reason
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(reason)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        if self.on_close is not None:
+            self.on_close()
