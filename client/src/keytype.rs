@@ -19,17 +19,41 @@ pub enum KeyType {
     Aes256Gcm,
     /// HMAC-SHA256 keys: `mac`, `mac_verify`.
     HmacSha256,
+    /// ECDSA key pairs on P-256, signing SHA-256 digests: `sign`,
+    /// `public_key`.
+    EcdsaP256,
+    /// ECDSA key pairs on P-384, signing SHA-384 digests: `sign`,
+    /// `public_key`.
+    EcdsaP384,
 }
 
 impl KeyType {
     /// Every type, in the order the docs list them.
-    pub const ALL: [KeyType; 2] = [KeyType::Aes256Gcm, KeyType::HmacSha256];
+    pub const ALL: [KeyType; 4] =
+        [KeyType::Aes256Gcm, KeyType::HmacSha256, KeyType::EcdsaP256, KeyType::EcdsaP384];
 
     /// The name on the wire and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
             KeyType::Aes256Gcm => "aes256-gcm",
             KeyType::HmacSha256 => "hmac-sha256",
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+        }
+    }
+
+    /// Whether keys of this type are signing key pairs (a private key in
+    /// the token, a public key stored with each version).
+    pub fn is_signing(self) -> bool {
+        matches!(self, KeyType::EcdsaP256 | KeyType::EcdsaP384)
+    }
+
+    /// The length of the digest a signing key signs (SHA-256 or SHA-384).
+    pub fn digest_len(self) -> Option<usize> {
+        match self {
+            KeyType::EcdsaP256 => Some(32),
+            KeyType::EcdsaP384 => Some(48),
+            _ => None,
         }
     }
 

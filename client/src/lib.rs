@@ -14,6 +14,8 @@
 //!   (docs/PROTOCOL.md §2–4).
 //! - [`keytype`]: the kinds of named key (`aes256-gcm`, `hmac-sha256`).
 //! - [`mac`]: MACs under HMAC keys, and the tag's text form.
+//! - [`sign`]: signatures under ECDSA keys, and their public keys.
+//! - [`jose`]: JWKs, JWKS and compact JWS (JWT) from those answers.
 //! - [`lifecycle`]: key versions, rotation, retirement, states, rewrap.
 //! - [`revocation`]: revocation scopes, reasons and operations.
 //! - [`client`]: an async client that pipelines requests on one connection,
@@ -37,6 +39,7 @@ pub mod context;
 pub mod envelope;
 pub mod error;
 pub mod frame;
+pub mod jose;
 pub mod keytype;
 pub mod lifecycle;
 pub mod mac;
@@ -45,6 +48,7 @@ pub mod revocation;
 pub mod seal;
 pub mod sealer;
 pub mod secret;
+pub mod sign;
 pub mod wire;
 
 pub use client::{Client, ClientBuilder, TimedOut, Timeouts};

@@ -40,11 +40,15 @@ pub enum Permission {
     Mac,
     /// `mac_verify`: checking MAC tags.
     MacVerify,
+    /// `sign`: signing with ECDSA keys.
+    Sign,
+    /// `public_key`: reading signing keys' public keys (grantable widely).
+    PublicKey,
 }
 
 impl Permission {
     /// Every permission, in the order `whoami` shows them.
-    pub const ALL: [Permission; 10] = [
+    pub const ALL: [Permission; 12] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Datakey,
@@ -55,6 +59,8 @@ impl Permission {
         Permission::Admin,
         Permission::Mac,
         Permission::MacVerify,
+        Permission::Sign,
+        Permission::PublicKey,
     ];
 
     /// The name used in the config and on the wire.
@@ -70,6 +76,8 @@ impl Permission {
             Permission::Admin => "admin",
             Permission::Mac => "mac",
             Permission::MacVerify => "mac-verify",
+            Permission::Sign => "sign",
+            Permission::PublicKey => "public-key",
         }
     }
 

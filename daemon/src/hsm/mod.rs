@@ -8,10 +8,13 @@
 //! - [`anchor`]: the store's and the audit log's anchors, token data objects.
 //! - [`confine`]: the unwrap template that keeps every KEK inside the token.
 //! - [`signing`]: the audit signing key (ECDSA P-256).
+//! - [`ec`]: ECDSA key pairs of signing keys, made in the token and
+//!   stored wrapped.
 //! - [`error`]: PKCS#11 return codes to [`HsmError`], in one place.
 
 pub mod anchor;
 pub mod confine;
+pub mod ec;
 pub mod error;
 pub mod signing;
 pub mod token;

@@ -15,6 +15,7 @@ use keyhaven::KeyPath;
 use zeroize::Zeroizing;
 
 use super::confine;
+use super::ec;
 use super::error::integrity_or;
 use super::token::{self, master_key_label};
 use super::{HsmError, Job, Shared};
@@ -39,6 +40,17 @@ pub struct KekRef {
     pub master_key_version: u32,
     /// What kind of key it is (the unwrap template and mechanisms follow).
     pub key_type: keyhaven::KeyType,
+}
+
+/// New key material for a version: its secret (or private key) wrapped
+/// under a master key, and a signing key's public key (DER
+/// SubjectPublicKeyInfo).
+#[derive(Clone)]
+pub struct Generated {
+    /// The wrapped secret or private key.
+    pub wrapped: Vec<u8>,
+    /// The public key, for signing key types.
+    pub public_key: Option<Vec<u8>>,
 }
 
 /// One worker's state. Handles are valid only while `session` is the session
@@ -267,7 +279,7 @@ impl Worker {
     /// their own non-extractable copy.
     /// An HMAC key (`key_type` `hmac-sha256`) is made and wrapped the same
     /// way.
-    pub fn generate_kek(&mut self, key_type: keyhaven::KeyType) -> Result<(Vec<u8>, u32), HsmError> {
+    pub fn generate_kek(&mut self, key_type: keyhaven::KeyType) -> Result<(Generated, u32), HsmError> {
         let version = self.shared.master_key_version.load(std::sync::atomic::Ordering::SeqCst);
         self.generate_kek_for(key_type, version).map(|w| (w, version))
     }
@@ -278,7 +290,7 @@ impl Worker {
         &mut self,
         key_type: keyhaven::KeyType,
         mk_version: u32,
-    ) -> Result<Vec<u8>, HsmError> {
+    ) -> Result<Generated, HsmError> {
         self.retrying(|w| w.generate_kek_under(key_type, mk_version))
     }
 
@@ -286,12 +298,27 @@ impl Worker {
         &mut self,
         key_type: keyhaven::KeyType,
         mk_version: u32,
-    ) -> Result<Vec<u8>, HsmError> {
+    ) -> Result<Generated, HsmError> {
         let mk = self.master_key(mk_version)?;
+        let s = self.session()?;
         match key_type {
-            keyhaven::KeyType::HmacSha256 => generate_wrapped_hmac(self.session()?, mk),
-            _ => generate_wrapped(self.session()?, mk),
+            keyhaven::KeyType::HmacSha256 => {
+                Ok(Generated { wrapped: generate_wrapped_hmac(s, mk)?, public_key: None })
+            }
+            keyhaven::KeyType::EcdsaP256 | keyhaven::KeyType::EcdsaP384 => {
+                ec::generate_wrapped(s, mk, key_type)
+            }
+            _ => Ok(Generated { wrapped: generate_wrapped(s, mk)?, public_key: None }),
         }
+    }
+
+    /// An ECDSA signature (`r || s`) of `digest` by a signing key version's
+    /// private key, in the token (CKM_ECDSA).
+    pub fn sign_digest(&mut self, key: &KekRef, digest: &[u8]) -> Result<Vec<u8>, HsmError> {
+        self.retrying(|w| {
+            let h = w.kek(key)?;
+            Ok(w.session()?.sign(&Mechanism::Ecdsa, h, digest)?)
+        })
     }
 
     /// Makes master key `version` in the token with `CKA_ID` `id` and
@@ -565,11 +592,14 @@ fn unwrap_kek(
     wrapped: &[u8],
     key_type: keyhaven::KeyType,
 ) -> Result<ObjectHandle, HsmError> {
-    let template = match key_type {
-        keyhaven::KeyType::HmacSha256 => confine::hmac_unwrap_template(),
-        _ => confine::kek_unwrap_template(),
+    let (mechanism, template) = match key_type {
+        keyhaven::KeyType::HmacSha256 => (Mechanism::AesKeyWrap, confine::hmac_unwrap_template()),
+        keyhaven::KeyType::EcdsaP256 | keyhaven::KeyType::EcdsaP384 => {
+            (Mechanism::AesKeyWrapPad, confine::ec_private_unwrap_template())
+        }
+        _ => (Mechanism::AesKeyWrap, confine::kek_unwrap_template()),
     };
-    s.unwrap_key(&Mechanism::AesKeyWrap, mk, wrapped, &template)
+    s.unwrap_key(&mechanism, mk, wrapped, &template)
         .map_err(|e| integrity_or(e, "the key material does not unwrap under its master key"))
 }
 

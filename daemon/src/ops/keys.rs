@@ -10,7 +10,7 @@ use super::{key_target, reply, route, tenant_target, Cx, Daemon, Op, Reply, Rout
 use crate::clock::now_unix;
 use crate::error::Error;
 use crate::policy::{Access, Permission};
-use crate::store::{KeyRecord, KeyVersion};
+use crate::store::KeyRecord;
 
 /// The public view of a key record.
 pub fn info(rec: &KeyRecord) -> KeyInfo {
@@ -34,14 +34,14 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
         return Err(Error::AlreadyExists(format!("key `{path}` exists already")));
     }
     let kind = req.key_type;
-    let (wrapped_kek, master_key_version) = d.hsm.run(move |w| w.generate_kek(kind)).await?;
+    let (generated, master_key_version) = d.hsm.run(move |w| w.generate_kek(kind)).await?;
     let now = now_unix();
     let rec = KeyRecord {
         tenant: path.tenant().into(),
         key: path.key().into(),
         created_at: now,
         current_version: 1,
-        versions: vec![KeyVersion::new(1, now, master_key_version, wrapped_kek)],
+        versions: vec![super::lifecycle::new_version(1, now, master_key_version, generated)],
         state: KeyState::Enabled,
         min_decryption_version: 1,
         rotate_every_secs: None,

@@ -19,6 +19,7 @@ use super::datakey::{kek_ref, seal_data_key, unwrap_data_key};
 use super::{blocking, key_target, reply, route, Cx, Daemon, Op, Reply, Route};
 use crate::clock::now_unix;
 use crate::error::Error;
+use crate::hsm::worker::Generated;
 use crate::policy::{Access, Permission};
 use crate::store::{KeyRecord, KeyVersion, Store};
 
@@ -139,7 +140,7 @@ pub async fn rotate_key_under(
     // A new version of the key's own type (an HMAC key's versions are HMAC
     // keys).
     let kind = rec.key_type;
-    let (wrapped_kek, master_key_version) = match master_key {
+    let (generated, master_key_version) = match master_key {
         None => d.hsm.run(move |w| w.generate_kek(kind)).await?,
         Some(mk) => (d.hsm.run(move |w| w.generate_kek_for(kind, mk)).await?, mk),
     };
@@ -148,13 +149,27 @@ pub async fn rotate_key_under(
     let rec = change_key(d, path, move |rec| {
         refuse_gone(rec, &p)?;
         let next = rec.versions.iter().map(|v| v.version).max().unwrap_or(0).max(rec.current_version) + 1;
-        rec.versions.push(KeyVersion::new(next, now, master_key_version, wrapped_kek.clone()));
+        rec.versions.push(new_version(next, now, master_key_version, generated.clone()));
         rec.current_version = next;
         Ok(())
     })
     .await?;
     tracing::info!(key = %format!("{}/{}", rec.tenant, rec.key), version = rec.current_version, "key rotated");
     Ok(rec)
+}
+
+/// A fresh version record holding `generated` (and a signing key's public
+/// key).
+pub(super) fn new_version(
+    version: u32,
+    now: u64,
+    master_key_version: u32,
+    generated: Generated,
+) -> KeyVersion {
+    use base64::Engine as _;
+    let mut v = KeyVersion::new(version, now, master_key_version, generated.wrapped);
+    v.public_key = generated.public_key.map(|p| base64::engine::general_purpose::STANDARD.encode(p));
+    v
 }
 
 fn refuse_gone(rec: &KeyRecord, path: &KeyPath) -> Result<(), Error> {

@@ -20,6 +20,7 @@ mod lifecycle;
 mod mac;
 pub mod master;
 mod revoke;
+mod sign;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -208,7 +209,7 @@ fn parse_and_handle<'a, T: Op>(cx: Cx<'a>, params: &'a str) -> Handling<'a> {
 }
 
 /// Every family's operations.
-const FAMILIES: [&[Route]; 10] = [
+const FAMILIES: [&[Route]; 11] = [
     health::OPS,
     admin::OPS,
     keys::OPS,
@@ -219,6 +220,7 @@ const FAMILIES: [&[Route]; 10] = [
     revoke::OPS,
     audit::OPS,
     mac::OPS,
+    sign::OPS,
 ];
 
 /// The declaration of operation `op`, if there is one.
@@ -290,17 +292,19 @@ fn scope_subject(scope: &Scope, s: &mut Subject) {
 /// The revocation event for `scope` as `caller` may see it (PROTOCOL.md
 /// §6): the scope itself when it names nothing (a data key's random id, the
 /// whole system) or when the policy grants the caller a key-use permission
-/// (`encrypt`, `decrypt`, `datakey`, `mac`, `mac-verify`) on it; otherwise no scope, which the
+/// (`encrypt`, `decrypt`, `datakey`, `mac`, `mac-verify`, `sign`) on it; otherwise no scope, which the
 /// client reads as "everything", so that names the caller may not learn
 /// stay hidden and no cached key is missed.
 pub fn revocation_event(d: &Daemon, caller: &Caller, scope: &Scope) -> wire::EventFrame {
-    use policy::Permission::{Datakey, Decrypt, Encrypt, Mac, MacVerify};
+    use policy::Permission::{Datakey, Decrypt, Encrypt, Mac, MacVerify, Sign};
     let policy = d.policy();
     let shown = match scope {
         Scope::Datakey { .. } | Scope::All => true,
         _ => {
             let target = scope_target(scope);
-            [Encrypt, Decrypt, Datakey, Mac, MacVerify].into_iter().any(|p| policy.allows(caller, p, &target))
+            [Encrypt, Decrypt, Datakey, Mac, MacVerify, Sign]
+                .into_iter()
+                .any(|p| policy.allows(caller, p, &target))
         }
     };
     wire::EventFrame { event: "revoked".into(), scope: shown.then(|| scope.clone()) }

@@ -273,6 +273,11 @@ pub struct KeyVersion {
     /// Last decryption or rewrap, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<u64>,
+    /// A signing key version's public key: DER SubjectPublicKeyInfo,
+    /// standard base64 (its private key is `wrapped_kek`). Absent for other
+    /// types.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 impl KeyVersion {
@@ -288,6 +293,7 @@ impl KeyVersion {
             decryptions: 0,
             rewraps: 0,
             last_used_at: None,
+            public_key: None,
         }
     }
 }

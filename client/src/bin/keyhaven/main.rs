@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 mod audit;
 mod bench;
 mod inspect;
+mod jwt;
 mod lifecycle;
 mod revoke;
 mod seal;
@@ -79,6 +80,22 @@ enum Command {
     Datakey(DatakeyArgs),
     /// MAC tags under hmac-sha256 keys: `mac TENANT/KEY < msg` prints a tag; `mac verify` checks one.
     Mac(MacArgs),
+    /// Sign stdin (at most 64 KiB, or a digest with --digest) with an ECDSA key; prints the DER
+    /// signature in base64.
+    Sign {
+        /// The key, as TENANT/KEY (of type ecdsa-p256 or ecdsa-p384).
+        key: KeyPath,
+        /// stdin is a digest, not the message: 32 bytes (SHA-256) for ecdsa-p256, 48 (SHA-384) for
+        /// ecdsa-p384, raw (e.g. `openssl dgst -sha256 -binary`).
+        #[arg(long)]
+        digest: bool,
+        /// Print the whole response as JSON (signature, key version, algorithm).
+        #[arg(long)]
+        json: bool,
+    },
+    /// JSON Web Tokens signed by an ECDSA key.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
     /// Rewrap envelopes or ciphertexts (one per line on stdin) under their key's newest version.
     Rewrap {
         #[command(flatten)]
@@ -145,7 +162,8 @@ enum KeyCommand {
         /// Rotate automatically this often (90d, 12h, …); none by default.
         #[arg(long, value_name = "PERIOD")]
         rotate_every: Option<String>,
-        /// What kind of key: aes256-gcm (encryption, data keys) or hmac-sha256 (MAC tags).
+        /// What kind of key: aes256-gcm (encryption, data keys), hmac-sha256 (MAC tags), ecdsa-p256 or
+        /// ecdsa-p384 (signatures).
         #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm")]
         key_type: keyhaven::KeyType,
     },
@@ -154,8 +172,33 @@ enum KeyCommand {
         /// Only this tenant.
         tenant: Option<String>,
     },
+    /// The public keys of a signing key's versions still in use, as a JWKS (kid = TENANT/KEY@N).
+    Jwks {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+    },
+    /// The public key of a signing key's version, PEM.
+    Public {
+        /// The key, as TENANT/KEY.
+        key: KeyPath,
+        /// The version; the current one by default.
+        #[arg(long)]
+        version: Option<u32>,
+    },
     #[command(flatten)]
     Lifecycle(lifecycle::Lifecycle),
+}
+
+#[derive(Subcommand)]
+enum JwtCommand {
+    /// A compact JWS (ES256/ES384) of the JSON object in FILE, `kid` = the signing version's id (TENANT/KEY@N).
+    Sign {
+        /// The key, as TENANT/KEY (ecdsa-p256 or ecdsa-p384).
+        key: KeyPath,
+        /// The claims, a JSON object.
+        #[arg(long, value_name = "FILE")]
+        claims: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -433,6 +476,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             "input",
             "; `encrypt` takes at most 64 KiB: use `keyhaven datakey` and encrypt locally",
         )?),
+        Command::Sign { .. } => Some(read_stdin(
+            MAX_ENCRYPT_PLAINTEXT,
+            "input",
+            "; `sign` takes at most 64 KiB: sign a digest (--digest) instead",
+        )?),
         Command::Mac(_) => Some(read_stdin(
             keyhaven::mac::MAX_MAC_MESSAGE,
             "message",
@@ -597,6 +645,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Datakey(DatakeyArgs { sub: Some(DatakeySub::Decrypt { .. }), .. }) => {
             let env = read_stdin_text("envelope")?;
             print_json(&client.datakey_decrypt(&env, &context).await?)
+        }
+        Command::Sign { key, digest, json } => {
+            let input = keyhaven::wire::SecretBytes::from_slice(&input.unwrap_or_default());
+            let (message, digest) = if digest { (None, Some(input)) } else { (Some(input), None) };
+            let req =
+                keyhaven::sign::Sign { tenant: key.tenant().into(), key: key.key().into(), message, digest };
+            let resp = client.call(&req).await?;
+            if json {
+                print_json(&resp)
+            } else {
+                println!("{}", resp.signature);
+                Ok(())
+            }
+        }
+        Command::Key(KeyCommand::Jwks { key }) => jwt::jwks(&client, &key).await,
+        Command::Jwt(JwtCommand::Sign { key, claims }) => jwt::sign(&client, &key, &claims).await,
+        Command::Key(KeyCommand::Public { key, version }) => {
+            let req =
+                keyhaven::sign::PublicKey { tenant: key.tenant().into(), key: key.key().into(), version };
+            print!("{}", client.call(&req).await?.pem);
+            Ok(())
         }
         Command::Mac(MacArgs { sub: Some(MacSub::Verify { key, tag }), .. }) => {
             let message = input.unwrap_or_default();

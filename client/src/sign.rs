@@ -1,0 +1,77 @@
+//! Signatures under ECDSA keys: the `sign` and `public_key` operations
+//! (docs/PROTOCOL.md §3.31–3.32). The private key of each version stays in
+//! the token; its public key is stored with the version and given out as
+//! PEM, so that verifiers (openssl, any JOSE or X.509 library) never need
+//! the daemon.
+
+use serde::{Deserialize, Serialize};
+
+use crate::keytype::KeyType;
+use crate::wire::{operation, Operation, SecretBytes};
+
+/// `sign`: an ECDSA signature of a message (hashed by the daemon with the
+/// key type's hash) or of a digest the caller computed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sign {
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+    /// The message, base64 (0 to 65 536 bytes). Exactly one of `message`
+    /// and `digest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<SecretBytes>,
+    /// A digest computed by the caller, base64: 32 bytes (SHA-256) for
+    /// `ecdsa-p256`, 48 (SHA-384) for `ecdsa-p384`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<SecretBytes>,
+}
+
+/// Answer to `sign`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignResponse {
+    /// The signature, DER `Ecdsa-Sig-Value` (what openssl reads), standard
+    /// base64.
+    pub signature: String,
+    /// The key version that signed (its public key verifies it).
+    pub key_version: u32,
+    /// `ecdsa-p256-sha256` or `ecdsa-p384-sha384`.
+    pub algorithm: String,
+}
+operation!(Sign, "sign", SignResponse);
+
+/// `public_key`: the public key of a version of a signing key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKey {
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+    /// The version; the current one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+}
+
+/// Answer to `public_key`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublicKeyResponse {
+    /// PEM `PUBLIC KEY` (DER SubjectPublicKeyInfo).
+    pub pem: String,
+    /// The version.
+    pub key_version: u32,
+    /// The key's type.
+    #[serde(rename = "type")]
+    pub key_type: KeyType,
+}
+operation!(PublicKey, "public_key", PublicKeyResponse);
+
+/// The algorithm name of a signing key type (`None` for other types).
+pub fn algorithm(key_type: KeyType) -> Option<&'static str> {
+    match key_type {
+        KeyType::EcdsaP256 => Some("ecdsa-p256-sha256"),
+        KeyType::EcdsaP384 => Some("ecdsa-p384-sha384"),
+        _ => None,
+    }
+}
