@@ -45,7 +45,7 @@ use crate::text::printable;
 use crate::usage::UsageBook;
 use crate::wraps::WrapBudget;
 
-/// Kept for the store's callers; the clock lives in [`crate::clock`].
+/// The operations' clock (it lives in [`crate::clock`]).
 pub use crate::clock::now_unix;
 pub use admin::{reload_pin, reload_policy};
 pub use lifecycle::{delete_if_due, notify_versions, rotate_key, unload};

@@ -224,7 +224,7 @@ pub fn attach(
     anchor: std::sync::Arc<dyn Anchor>,
     digest: StateDigest,
 ) -> Result<(Anchored, AnchorState), StoreError> {
-    let now = crate::ops::now_unix();
+    let now = crate::clock::now_unix();
     let state = match anchor.read()? {
         None => {
             tracing::warn!(
@@ -271,7 +271,7 @@ pub fn accept(
     let generation = old.as_ref().map_or(0, |a| a.generation + 1);
     let state = AnchorState {
         generation,
-        written_at: crate::ops::now_unix(),
+        written_at: crate::clock::now_unix(),
         committed: digest.digest(),
         pending: None,
     };
@@ -301,7 +301,7 @@ pub fn prepare_all(
     a.pending = Some(pending);
     let state = AnchorState {
         generation: a.generation,
-        written_at: crate::ops::now_unix(),
+        written_at: crate::clock::now_unix(),
         committed: a.digest.digest(),
         pending: Some(pending),
     };
@@ -342,7 +342,7 @@ pub fn settle(anchored: &mut Option<Anchored>, digest: StateDigest) -> Result<()
     a.pending = None;
     a.anchor.write(&AnchorState {
         generation: a.generation,
-        written_at: crate::ops::now_unix(),
+        written_at: crate::clock::now_unix(),
         committed: a.digest.digest(),
         pending: None,
     })
@@ -373,7 +373,7 @@ pub fn commit_all(
     a.pending = None;
     let state = AnchorState {
         generation: a.generation,
-        written_at: crate::ops::now_unix(),
+        written_at: crate::clock::now_unix(),
         committed: a.digest.digest(),
         pending: None,
     };
