@@ -114,6 +114,13 @@ pub fn run(config: Config, store: Option<Store>, on_ready: impl FnOnce(&Config))
     if let Err(e) = daemon.usage.flush(&daemon.store) {
         tracing::warn!(error = %e, "cannot write the last usage counts");
     }
+    match daemon.wraps.release() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(wraps = n, "gave back the data-key wraps reserved and not used"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot give back the unused wrap reservations (they stay counted)")
+        }
+    }
     daemon.hsm.shutdown();
     daemon.store.flush().context("flushing the store")?;
     // A daemon that was refused the socket leaves the other one's alone.

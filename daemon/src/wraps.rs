@@ -5,8 +5,11 @@
 //!
 //! Counting costs no store write per wrap: the daemon reserves a range of
 //! the persisted counter (`KeyVersion::wraps_reserved`) and hands wraps out
-//! of it in memory. A range cut short by a restart stays counted, so the
-//! persisted figure never underestimates the nonces used.
+//! of it in memory. A range cut short by a crash stays counted, so the
+//! persisted figure never underestimates the nonces used; a clean shutdown
+//! gives the unused part back ([`WrapBudget::release`]). Ranges are sized to
+//! the rate they are used at: small at first, doubling while each is used up
+//! within a minute, halving when one lasted longer.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,11 +24,21 @@ pub const MAX_WRAPS_PER_VERSION: u64 = 1 << 31;
 /// The largest range reserved at once.
 const MAX_RESERVATION: u64 = 1 << 20;
 
-/// Wraps reserved in the store and not yet used: `next..end`.
-#[derive(Clone, Copy, Default)]
+/// The first range of a version (unless the limit makes ranges smaller).
+const FIRST_RESERVATION: u64 = 256;
+
+/// A range used up faster than this makes the next one twice as large; a
+/// range that lasted longer makes it half as large.
+const BUSY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Wraps reserved in the store and not yet used: `next..end`, reserved at
+/// `at` with `size` wraps.
+#[derive(Clone, Copy)]
 struct Range {
     next: u64,
     end: u64,
+    size: u64,
+    at: std::time::Instant,
 }
 
 /// Counts wraps per KEK version.
@@ -49,36 +62,78 @@ impl WrapBudget {
     /// Takes one wrap under `kek`, or refuses when the version has used its
     /// budget. Call before the wrap: a failed wrap still counts.
     pub fn take(&self, kek: &KekId) -> Result<(), Error> {
-        if self.take_reserved(kek) {
-            return Ok(());
-        }
-        let range = self.reserve(kek)?;
+        let size = match self.take_reserved(kek) {
+            Ok(()) => return Ok(()),
+            Err(size) => size,
+        };
+        let (next, end) = self.reserve(kek, size)?;
         let mut ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
-        ranges.insert(kek.clone(), Range { next: range.next + 1, end: range.end });
+        ranges.insert(kek.clone(), Range { next: next + 1, end, size, at: std::time::Instant::now() });
         Ok(())
     }
 
-    fn take_reserved(&self, kek: &KekId) -> bool {
+    /// Takes a wrap from the version's range in memory, or says how large
+    /// the next range should be.
+    fn take_reserved(&self, kek: &KekId) -> Result<(), u64> {
         let mut ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
         match ranges.get_mut(kek) {
             Some(r) if r.next < r.end => {
                 r.next += 1;
-                true
+                Ok(())
             }
-            _ => false,
+            Some(r) if r.at.elapsed() < BUSY => Err((r.size * 2).min(self.reservation)),
+            Some(r) => Err((r.size / 2).clamp(FIRST_RESERVATION.min(self.reservation), self.reservation)),
+            None => Err(FIRST_RESERVATION.min(self.reservation)),
         }
     }
 
-    /// Reserves the next range in the store (durably) and returns it.
-    fn reserve(&self, kek: &KekId) -> Result<Range, Error> {
+    /// Gives back what was reserved and not used, for a clean shutdown:
+    /// each version's persisted count goes back to the wraps taken, where
+    /// it is still the end of this daemon's range (nobody reserved after
+    /// it). Returns the number of wraps given back. Takes after this
+    /// reserve afresh, from the persisted count.
+    pub fn release(&self) -> Result<u64, Error> {
+        let ranges: Vec<(KekId, Range)> = self
+            .ranges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .filter(|(_, r)| r.next < r.end)
+            .collect();
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        let mut paths: Vec<_> = ranges.iter().map(|(kek, _)| kek.path.clone()).collect();
+        paths.sort_by(|a, b| (a.tenant(), a.key()).cmp(&(b.tenant(), b.key())));
+        paths.dedup();
+        // Per key, as the change may run again on a newer record.
+        let mut returned = HashMap::new();
+        self.store.update_keys(&paths, &mut |path, rec| {
+            let mut given = 0;
+            for (kek, range) in ranges.iter().filter(|(kek, _)| &kek.path == path) {
+                if let Some(v) = rec.version_mut(kek.version) {
+                    if v.wraps_reserved == range.end {
+                        v.wraps_reserved = range.next;
+                        given += range.end - range.next;
+                    }
+                }
+            }
+            returned.insert(path.clone(), given);
+        })?;
+        Ok(returned.values().sum())
+    }
+
+    /// Reserves the next range of `size` wraps in the store (durably) and
+    /// returns it as `(first, end)`.
+    fn reserve(&self, kek: &KekId, size: u64) -> Result<(u64, u64), Error> {
         let mut granted = None;
-        let (limit, reservation) = (self.limit, self.reservation);
+        let (limit, reservation) = (self.limit, size.max(1));
         let written = self.store.update_key(&kek.path, &mut |rec| {
             granted = None;
             if let Some(v) = rec.version_mut(kek.version) {
                 if v.wraps_reserved < limit {
                     let end = v.wraps_reserved + reservation.min(limit - v.wraps_reserved);
-                    granted = Some(Range { next: v.wraps_reserved, end });
+                    granted = Some((v.wraps_reserved, end));
                     v.wraps_reserved = end;
                 }
             }
