@@ -390,6 +390,11 @@ async fn a_connection_cap_without_a_reserve_of_descriptors_stops_the_start() {
 async fn ask_raw(d: &TestDaemon, body: &[u8]) -> serde_json::Value {
     let mut s = UnixStream::connect(d.socket()).await.expect("connect");
     s.write_all(&frame(body)).await.expect("write");
+    read_answer(&mut s).await
+}
+
+/// The next answer on `s` (within 10 s), as JSON.
+async fn read_answer(s: &mut UnixStream) -> serde_json::Value {
     let mut len = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
         .await
@@ -594,17 +599,7 @@ async fn ten_thousand_pipelined_requests_and_deep_json_leave_a_good_client_serve
         let mut s = UnixStream::connect(d.socket()).await.expect("connect");
         s.write_all(&frame(&body)).await.expect("write");
         s.write_all(&frame(br#"{"id":7,"op":"health"}"#)).await.expect("write");
-        let mut answers = Vec::new();
-        while answers.len() < 2 {
-            let mut len = [0u8; 4];
-            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
-                .await
-                .expect("answer")
-                .expect("read");
-            let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-            s.read_exact(&mut buf).await.expect("read body");
-            answers.push(serde_json::from_slice::<serde_json::Value>(&buf).expect("JSON answer"));
-        }
+        let answers = [read_answer(&mut s).await, read_answer(&mut s).await];
         assert_eq!(answers[0]["error"]["code"], "bad_request", "{}", answers[0]);
         assert_eq!(answers[1]["id"], 7, "the connection still serves: {}", answers[1]);
         assert!(answers[1].get("ok").is_some(), "{}", answers[1]);
