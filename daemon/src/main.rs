@@ -59,6 +59,26 @@ enum Command {
     },
     /// Benchmark: a fresh dev install, the raw token rate, then `keyhaven bench` against it.
     Bench(keyhavend::bench::BenchArgs),
+    /// Store maintenance (docs/OPERATIONS.md).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy a keyring (keys, revocations, the whole audit log) from the store one configuration names into the
+    /// empty store another names (sled or PostgreSQL, either way), then verify the copy against the token's
+    /// anchor. Stop every daemon on the source first; afterwards point every daemon at the destination.
+    Copy {
+        /// Configuration naming the store to copy (and the token that anchors it).
+        #[arg(long, value_name = "CONFIG")]
+        from: PathBuf,
+        /// Configuration naming the empty store to copy into (the same token).
+        #[arg(long, value_name = "CONFIG")]
+        to: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -219,6 +239,28 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Some(Command::AcceptStore { reason }) => {
             let config = load(cli.config)?;
             println!("{}", keyhavend::anchor::accept_store(&config, &reason)?);
+            Ok(())
+        }
+        Some(Command::Store { command: StoreCommand::Copy { from, to } }) => {
+            // `from` last: its token environment (SOFTHSM2_CONF) is the one used.
+            let to_config = load(Some(to.clone()))?;
+            let from_config = load(Some(from.clone()))?;
+            let report = keyhavend::store::copy::copy(&from_config, &to_config, &mut |line| {
+                eprintln!("keyhavend: store copy: {line}")
+            })?;
+            println!(
+                "copied {} keys, {} revocations, {} audit records and {} seals from {} to {}; the copy matches \
+                 the token's anchor (write {}). Point every daemon at {} before starting them: the first write \
+                 to either store makes the other an older copy that the daemon refuses.",
+                report.keys,
+                report.revocations,
+                report.audit_records,
+                report.audit_seals,
+                from.display(),
+                to.display(),
+                report.anchor_generation,
+                to.display()
+            );
             Ok(())
         }
         Some(Command::Check) => unreachable!("handled in main"),

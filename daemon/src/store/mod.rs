@@ -10,6 +10,7 @@
 //! bent to an embedded one's shape. [`Store`] is what callers hold.
 
 pub mod audit_files;
+pub mod copy;
 pub mod postgres;
 pub mod sled_store;
 pub mod state;
