@@ -604,19 +604,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print!("{}", client.call(&keyhaven::wire::AuditPublicKey {}).await?.pem);
             Ok(())
         }
-        Command::Key(KeyCommand::Create { key, rotate_every: None, key_type }) => {
-            print_json(&client.key_create_of_type(&key, key_type).await?)
-        }
-        Command::Key(KeyCommand::Create { key, rotate_every: Some(p), key_type }) => {
-            client.key_create_of_type(&key, key_type).await?;
-            let req = keyhaven::lifecycle::KeySet {
-                tenant: key.tenant().into(),
-                key: key.key().into(),
-                min_decryption_version: None,
-                rotate_every_secs: Some(lifecycle::period(&p)?),
-                state: None,
-            };
-            print_json(&client.call(&req).await?)
+        Command::Key(KeyCommand::Create { key, rotate_every, key_type }) => {
+            let period = rotate_every.as_deref().map(lifecycle::period).transpose()?.filter(|p| *p != 0);
+            print_json(&client.key_create_with(&key, key_type, period).await?)
         }
         Command::Key(KeyCommand::Lifecycle(cmd)) => lifecycle::run(&client, cmd).await,
         Command::Rewrap { .. } => lifecycle::rewrap(&client, context).await,
