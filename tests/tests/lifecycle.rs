@@ -242,6 +242,17 @@ async fn bad_lifecycle_input_is_refused_and_changes_nothing() {
         (&["key", "set", "acme/pii"][..], "nothing to set"),
         (&["key", "schedule-deletion", "acme/pii", "--days", "3"][..], "7 to 30"),
         (&["key", "create", "acme/x", "--rotate-every", "0s"][..], "under one second"),
+        // Irreversible commands are guarded as `destroy` is.
+        (
+            &["key", "trim", "acme/pii"][..],
+            "trimming cannot be undone: repeat the name with --confirm acme/pii",
+        ),
+        (&["key", "trim", "acme/pii", "--confirm", "acme/other"][..], "does not repeat the name `acme/pii`"),
+        (
+            &["admin", "retire-master", "--version", "1"][..],
+            "cannot be undone: repeat the name with --confirm 1",
+        ),
+        (&["admin", "retire-master", "--version", "1", "--confirm", "2"][..], "does not repeat"),
     ] {
         let out = d.cli(args, b"");
         assert_eq!(out.status.code(), Some(2), "{args:?}");

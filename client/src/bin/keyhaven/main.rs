@@ -214,11 +214,15 @@ enum AdminCommand {
         #[arg(long)]
         rollback: bool,
     },
-    /// Destroy an old master key version in the HSM (refused while anything is wrapped under it).
+    /// Destroy an old master key version in the HSM (refused while anything is wrapped under it). Cannot be
+    /// undone: needs --confirm VERSION.
     RetireMaster {
         /// The master key version.
         #[arg(long)]
         version: u32,
+        /// The version number typed again: the key is destroyed in the HSM for good.
+        #[arg(long, value_name = "VERSION")]
+        confirm: Option<String>,
     },
 }
 
@@ -380,6 +384,16 @@ impl Failure {
     }
 }
 
+/// The guard of an irreversible command (`destroy`, `key trim`, `admin
+/// retire-master`): `--confirm` must repeat `name`.
+pub(crate) fn confirmed(action: &str, name: &str, given: Option<&str>) -> Result<(), Failure> {
+    match given {
+        None => Err(usage(format!("{action} cannot be undone: repeat the name with --confirm {name}"))),
+        Some(c) if c != name => Err(usage(format!("--confirm `{c}` does not repeat the name `{name}`"))),
+        Some(_) => Ok(()),
+    }
+}
+
 /// A usage error: the command line is wrong, nothing was sent.
 fn usage(e: impl std::fmt::Display) -> Failure {
     Failure { message: e.to_string(), exit: 2 }
@@ -465,6 +479,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Rewrap { context } => Some(context.parse().map_err(usage)?),
         Command::Destroy(args) => {
             revoke::check_destroy(args)?;
+            None
+        }
+        Command::Admin(AdminCommand::RetireMaster { version, confirm }) => {
+            confirmed("retiring a master key version", &version.to_string(), confirm.as_deref())?;
             None
         }
         _ => None,
@@ -584,7 +602,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Admin(AdminCommand::RotateMaster { batch, rollback }) => {
             lifecycle::rotate_master(&client, batch, rollback).await
         }
-        Command::Admin(AdminCommand::RetireMaster { version }) => {
+        Command::Admin(AdminCommand::RetireMaster { version, .. }) => {
             print_json(&client.call(&keyhaven::lifecycle::AdminRetireMaster { version }).await?)
         }
         Command::Admin(AdminCommand::Reload) => {

@@ -189,11 +189,7 @@ pub async fn revoke(client: &Client, args: RevokeArgs) -> Result<(), Failure> {
 pub fn check_destroy(args: &DestroyArgs) -> Result<(), Failure> {
     let (scope, name) = destroy_scope(&args.what);
     scope.validate().map_err(usage)?;
-    match &args.confirm {
-        None => Err(usage(format!("destruction cannot be undone: repeat the name with --confirm {name}"))),
-        Some(c) if *c != name => Err(usage(format!("--confirm `{c}` does not repeat the name `{name}`"))),
-        Some(_) => Ok(()),
-    }
+    crate::confirmed("destruction", &name, args.confirm.as_deref())
 }
 
 fn destroy_scope(what: &DestroyWhat) -> (Scope, String) {
