@@ -355,3 +355,72 @@ fn hostile_http_clients_do_not_hurt_socket_clients() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Sends one raw request frame (4-byte big-endian length, then the JSON)
+/// and reads the answer frame.
+fn raw_request(socket: &Path, body: &[u8]) -> serde_json::Value {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut answer = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut answer).unwrap();
+    serde_json::from_slice(&answer).unwrap()
+}
+
+#[test]
+fn operation_names_a_client_makes_up_are_one_label() {
+    let d = TestDaemon::start();
+    let names = ["evil_1", "evil\"op{le=\"x\"}\n# TYPE x counter", "keyhaven_requests_total", "\u{202e}rtl"];
+    for (i, op) in names.iter().enumerate() {
+        let frame = serde_json::json!({"id": i, "op": op, "params": {}}).to_string();
+        let answer = raw_request(d.socket(), frame.as_bytes());
+        assert_eq!(answer["error"]["code"], "unknown_operation", "{answer}");
+    }
+    let out = d.cli(&["metrics"], b"");
+    assert!(out.status.success(), "{}", text(&out));
+    let m = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        sample(&m, r#"keyhaven_requests_total{operation="unknown",outcome="unknown_operation"}"#),
+        Some(names.len() as f64),
+        "{m}"
+    );
+    assert!(!m.contains("evil") && !m.contains("rtl") && !m.contains("{le=\"x\"}"), "{m}");
+    promtool_accepts(&m, "`keyhaven metrics` after made-up operations");
+}
+
+#[test]
+fn key_versions_near_their_wrap_bound_are_named_and_no_others() {
+    let mut d = TestDaemon::start();
+    d.restart_with(|dir| {
+        let file = dir.join("keyhaven.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let line = text.lines().find(|l| l.starts_with("wraps_per_key_version")).expect("the limit line");
+        std::fs::write(&file, text.replace(line, "wraps_per_key_version = 10")).unwrap();
+    });
+    for key in ["acme/near", "acme/far"] {
+        let out = d.cli(&["key", "create", key], b"");
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let wrap = |key: &str, n: usize| {
+        for _ in 0..n {
+            let out = d.cli(&["datakey", key], b"");
+            assert!(out.status.success(), "{}", text(&out));
+        }
+    };
+    wrap("acme/near", 6);
+    wrap("acme/far", 5);
+    let m = String::from_utf8(d.cli(&["metrics"], b"").stdout).unwrap();
+    assert_eq!(sample(&m, "keyhaven_wrap_budget_limit"), Some(10.0), "{m}");
+    assert_eq!(sample(&m, "keyhaven_wrap_budget_versions_over_half"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(&m, r#"keyhaven_wrap_budget_used_ratio{tenant="acme",key="near",version="1"}"#),
+        Some(0.6),
+        "{m}"
+    );
+    assert!(!m.contains("key=\"far\""), "a version at half its bound is not named: {m}");
+    assert_eq!(sample(&m, r#"keyhaven_requests_total{operation="datakey",outcome="ok"}"#), Some(11.0), "{m}");
+    promtool_accepts(&m, "`keyhaven metrics` with a wrap series");
+}
