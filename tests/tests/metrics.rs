@@ -424,3 +424,46 @@ fn key_versions_near_their_wrap_bound_are_named_and_no_others() {
     assert_eq!(sample(&m, r#"keyhaven_requests_total{operation="datakey",outcome="ok"}"#), Some(11.0), "{m}");
     promtool_accepts(&m, "`keyhaven metrics` with a wrap series");
 }
+
+#[test]
+fn connections_open_and_refused_are_counted() {
+    let mut d = TestDaemon::start();
+    d.restart_with(|dir| {
+        let file = dir.join("keyhaven.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.replace("max_connections_per_uid = 1024", "max_connections_per_uid = 2"))
+            .unwrap();
+    });
+    let held: Vec<_> = (0..2).map(|_| std::os::unix::net::UnixStream::connect(d.socket()).unwrap()).collect();
+    let refused = d.cli(&["health"], b"");
+    let t = text(&refused);
+    assert!(!refused.status.success() && t.contains("max_connections_per_uid"), "{t}");
+    drop(held);
+    // The daemon sees the two close; then `metrics` has a slot.
+    // A try that comes before the daemon saw them close is refused too.
+    let mut refusals = 1.0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let out = d.cli(&["metrics"], b"");
+        let m = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && sample(&m, "keyhaven_connections_open") == Some(1.0) {
+            break m;
+        }
+        if text(&out).contains("max_connections_per_uid") {
+            refusals += 1.0;
+        }
+        assert!(Instant::now() < deadline, "connections not seen closed: {}{m}", text(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(&m, r#"keyhaven_connections_refused_total{reason="max_connections_per_uid"}"#),
+        Some(refusals),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, r#"keyhaven_connections_refused_total{reason="max_connections"}"#),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(sample(&m, "keyhaven_connections_total").unwrap() >= 3.0, "{m}");
+}
