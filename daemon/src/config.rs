@@ -310,8 +310,8 @@ pub struct HsmSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSection {
-    /// Count requests, latencies and the rest (default `true`); `false`
-    /// leaves the counters at zero (for measuring their cost).
+    /// Count requests and their latencies (default `true`); `false` leaves
+    /// those at zero (for measuring their cost on the request path).
     #[serde(default = "default_true")]
     pub collect: bool,
     /// `IP:PORT` to serve `GET /metrics` on; none (the default) serves

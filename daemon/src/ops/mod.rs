@@ -5,7 +5,8 @@
 //! ([`Cx::allow`]) before any store or HSM work, and runs. Each family lists
 //! its operations in an `OPS` table; [`dispatch`] finds the declaration by
 //! name, parses the params (refusing unknown fields) and runs it for a
-//! caller. Adding an operation touches its family's module only.
+//! caller, and counts it in [`crate::metrics`] by its place in the table.
+//! Adding an operation touches its family's module only.
 //!
 //! Every handler returns its response already serialised, in a zeroizing
 //! buffer, because some responses carry plaintext.
