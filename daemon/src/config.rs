@@ -908,6 +908,29 @@ fn check_store(store: &StoreSection, mode: Mode) -> Result<(), (&'static str, St
 mod tests {
     use super::*;
 
+    #[test]
+    fn metrics_listen_is_loopback_unless_allowed() {
+        let m = |listen: &str, allow_remote: bool| {
+            MetricsSection { collect: true, listen: Some(listen.into()), allow_remote }.listen_addr()
+        };
+        assert_eq!(m("127.0.0.1:9464", false).unwrap().unwrap().port(), 9464);
+        assert!(m("127.0.0.2:9464", false).is_ok(), "127.0.0.0/8 is loopback");
+        assert!(m("[::1]:9464", false).is_ok());
+        for remote in ["0.0.0.0:9464", "[::]:9464", "10.0.0.1:9464", "[::ffff:127.0.0.1]:9464"] {
+            let e = m(remote, false).unwrap_err();
+            assert!(e.contains("not a loopback address") && e.contains("allow_remote"), "{remote}: {e}");
+            assert!(m(remote, true).is_ok(), "{remote} with allow_remote");
+        }
+        for bad in ["localhost:9464", "127.0.0.1", ":9464", "127.0.0.1:99999", "", "\u{1b}[31m"] {
+            let e = m(bad, true).unwrap_err();
+            assert!(e.contains("not an IP address and port") && !e.contains('\u{1b}'), "{bad:?}: {e}");
+        }
+        assert!(m("127.0.0.1:0", false).unwrap_err().contains("port must not be 0"));
+        assert_eq!(MetricsSection::default().listen_addr(), Ok(None));
+        let e = MetricsSection { allow_remote: true, ..Default::default() }.listen_addr().unwrap_err();
+        assert!(e.contains("`listen` is not"), "{e}");
+    }
+
     /// A syntax error on or near an inline PIN line, or a PIN put where a
     /// path or name goes: the error names the place, never the PIN.
     #[test]
