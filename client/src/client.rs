@@ -399,6 +399,12 @@ impl Client {
         self.call(&wire::Health {}).await
     }
 
+    /// The daemon's metrics, in the Prometheus text format (needs the
+    /// `metrics` permission).
+    pub async fn metrics(&self) -> Result<String, Error> {
+        Ok(self.call(&wire::Metrics {}).await?.text)
+    }
+
     /// Creates a named key.
     pub async fn key_create(&self, path: &KeyPath) -> Result<wire::KeyInfo, Error> {
         self.key_create_of_type(path, crate::KeyType::default()).await

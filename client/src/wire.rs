@@ -647,3 +647,19 @@ pub struct AuditProblem {
     /// What was found.
     pub message: String,
 }
+
+/// `metrics`: the daemon's metrics in the Prometheus text format
+/// (PROTOCOL.md §3.33); needs the `metrics` permission.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {}
+
+/// Answer to `metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricsResponse {
+    /// The format of `text`: `prometheus-text-0.0.4`.
+    pub format: String,
+    /// The exposition, as `GET /metrics` serves it.
+    pub text: String,
+}
+operation!(Metrics, "metrics", MetricsResponse);

@@ -142,6 +142,7 @@ pub fn prepare(dir: &Path, postgres: Option<&str>) -> anyhow::Result<(PathBuf, O
         limits: Limits::default(),
         audit: AuditSection::default(),
         lifecycle: Default::default(),
+        metrics: Default::default(),
         // The quick start: whoever ran `keyhavend dev` may do everything.
         policy: PolicySection {
             rules: vec![RuleSection::new(

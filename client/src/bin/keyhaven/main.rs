@@ -43,6 +43,8 @@ struct Cli {
 enum Command {
     /// Daemon, token and store status.
     Health,
+    /// The daemon's metrics, in the Prometheus text format (needs the `metrics` permission).
+    Metrics,
     /// Named keys.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -598,6 +600,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Revoke(args) => revoke::revoke(&client, args).await,
         Command::Destroy(args) => revoke::destroy(&client, args).await,
+        Command::Metrics => {
+            use std::io::Write as _;
+            let text = client.metrics().await?;
+            std::io::stdout()
+                .lock()
+                .write_all(text.as_bytes())
+                .map_err(|e| Failure::new(format!("stdout: {e}")))
+        }
         Command::Whoami => print_json(&client.call(&keyhaven::wire::Whoami {}).await?),
         Command::Admin(AdminCommand::RotateMaster { batch, rollback }) => {
             lifecycle::rotate_master(&client, batch, rollback).await
