@@ -171,7 +171,7 @@ key_op!(
     KeyRotate, "key_rotate", KeyDetails {}
 );
 key_op!(
-    /// `key_show`: versions, states, dates, policy and usage.
+    /// `key_show`: versions, states, dates, rotation period and usage.
     KeyShow, "key_show", KeyDetails {}
 );
 key_op!(

@@ -13,7 +13,8 @@ use keyhavend::{daemon, dev, init, logging};
 #[derive(Parser)]
 #[command(name = "keyhavend", version)]
 struct Cli {
-    /// Configuration file (same as `run --config FILE`).
+    /// Configuration file (same as `run --config FILE`); not for `dev`, which writes its own in its folder,
+    /// nor `store copy`, which takes --from and --to.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Log format on stderr: `human` (default) or `json` (one object per line).
@@ -217,6 +218,12 @@ fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Some(Command::Dev { .. }) | Some(Command::Store { .. }) if cli.config.is_some() => {
+            anyhow::bail!(
+                "--config does not apply to `dev` (it writes and uses DIR/keyhaven.toml) nor to `store copy` (it \
+                 takes --from and --to)"
+            )
+        }
         Some(Command::Dev { dir, postgres }) => {
             let (path, store) = dev::prepare(&dir, postgres.as_deref())?;
             let config = load(Some(path))?;

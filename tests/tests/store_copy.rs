@@ -226,3 +226,20 @@ async fn a_copy_is_refused_from_an_altered_store_to_itself_and_across_tokens() {
         "the refused copy wrote the destination ({written} files)"
     );
 }
+
+/// A sled store that a running daemon holds cannot be copied (nor opened
+/// by a second daemon), and the message says so in words.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_held_by_a_running_daemon_is_refused_by_name() {
+    let d = TestDaemon::start();
+    let dir = d.dir().to_owned();
+    let target = sled_config(&dir, "copy.toml", &dir.join("copy"));
+    let out = store_copy(&dir.join("keyhaven.toml"), &target);
+    assert!(!out.status.success());
+    let expected = format!("another keyhavend holds the store at {}", dir.join("store").display());
+    assert!(text(&out).contains(&expected), "{}", text(&out));
+    assert!(!text(&out).contains("Os {"), "Rust Debug in a message: {}", text(&out));
+    let out = d.run_once();
+    assert!(!out.status.success());
+    assert!(text(&out).contains(&expected), "{}", text(&out));
+}

@@ -23,7 +23,7 @@ pub enum Lifecycle {
         /// The key, as TENANT/KEY.
         key: KeyPath,
     },
-    /// A key's versions, states, dates, policy and usage.
+    /// A key's versions, states, dates, rotation period and usage.
     Show {
         /// The key, as TENANT/KEY.
         key: KeyPath,

@@ -14,12 +14,12 @@ use crate::{print_json, usage, Failure};
 pub struct RevokeArgs {
     #[command(subcommand)]
     what: RevokeWhat,
-    /// Why: unspecified, key-compromise, affiliation-changed, superseded,
-    /// cessation-of-operation or privilege-withdrawn.
+    /// Why (to suspend or lift; not with `list`): unspecified, key-compromise, affiliation-changed,
+    /// superseded, cessation-of-operation or privilege-withdrawn.
     #[arg(long, global = true)]
     reason: Option<Reason>,
-    /// When the suspension ends by itself: an RFC 3339 UTC time
-    /// (2026-12-01T00:00:00Z) or a duration from now (24h, 7d).
+    /// To suspend only (`lift` and `list` refuse it): when the suspension ends by itself, an RFC 3339 UTC
+    /// time (2026-12-01T00:00:00Z) or a duration from now (24h, 7d).
     #[arg(long, global = true, value_name = "TIME")]
     expires: Option<String>,
 }
