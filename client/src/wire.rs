@@ -92,8 +92,27 @@ pub struct HelloResponse {
     pub protocol: u32,
     /// The daemon's name and version.
     pub server: String,
+    /// Every operation this daemon serves, sorted (empty from a daemon that
+    /// predates the list): a client can tell what an older daemon lacks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operations: Vec<String>,
+    /// Optional features beyond the operations (PROTOCOL.md §3.1), sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 operation!(Hello, "hello", HelloResponse);
+
+/// What `hello` lists in `features`: parameters and answer fields added to
+/// operations after protocol version 1 first shipped, and the key types.
+pub const FEATURES: &[&str] = &[
+    "key_create.rotate_every_secs",
+    "key_status",
+    "key_type.aes256-gcm",
+    "key_type.ecdsa-p256",
+    "key_type.ecdsa-p384",
+    "key_type.hmac-sha256",
+    "list_pages",
+];
 
 /// `health`: daemon, token and store status (PROTOCOL.md §3.2).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

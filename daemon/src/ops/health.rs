@@ -25,9 +25,13 @@ pub fn hello(req: wire::Hello) -> Result<Reply, Error> {
     if req.protocol != wire::PROTOCOL_VERSION {
         return Err(Error::UnsupportedProtocol(req.protocol));
     }
+    let mut operations: Vec<String> = super::names().map(str::to_owned).collect();
+    operations.sort();
     let resp = HelloResponse {
         protocol: wire::PROTOCOL_VERSION,
         server: format!("keyhavend/{}", env!("CARGO_PKG_VERSION")),
+        operations,
+        features: wire::FEATURES.iter().map(|f| (*f).to_owned()).collect(),
     };
     reply(&resp, 0)
 }
