@@ -56,6 +56,24 @@ pub struct Subject {
     pub context_keys: Vec<String>,
     /// Set when the policy was consulted for the request.
     pub checked: bool,
+    /// What a state change did, for the record (docs/AUDIT.md §2.1).
+    pub change: Change,
+}
+
+/// What a state change did: its reason, the state before and after (only
+/// names, versions, states and times: never key material), and a note.
+/// Filled in by the handler as it learns it; a request refused early
+/// carries what was known by then.
+#[derive(Default, Debug)]
+pub struct Change {
+    /// Why (`reason` in the record).
+    pub reason: Option<String>,
+    /// The state before (`before`).
+    pub before: Option<serde_json::Value>,
+    /// The state after (`after`).
+    pub after: Option<serde_json::Value>,
+    /// A note for people (`detail`), such as a break-glass lift.
+    pub detail: Option<String>,
 }
 
 impl Subject {
@@ -363,9 +381,17 @@ impl Audit {
     /// Records an act done outside the socket (an operator's command, such
     /// as `keyhavend accept-store`) as an `alert` record naming the uid that
     /// did it, and waits until it is durable.
-    pub async fn operator_event(&self, op: &str, uid: u32, detail: String) -> Result<(), Error> {
+    pub async fn operator_event(
+        &self,
+        op: &str,
+        uid: u32,
+        detail: String,
+        reason: Option<String>,
+    ) -> Result<(), Error> {
         let Some(log) = &self.log else { return Ok(()) };
-        log.append(alert_record(AuditCaller { uid, ..AuditCaller::default() }, op, detail)).await
+        let rec =
+            AuditRecord { reason, ..alert_record(AuditCaller { uid, ..AuditCaller::default() }, op, detail) };
+        log.append(rec).await
     }
 
     /// Records one request and waits until the record is durable. An
@@ -397,10 +423,62 @@ impl Audit {
             context_keys: subject.context_keys,
             outcome: outcome.to_owned(),
             code,
-            detail: None,
+            detail: subject.change.detail,
             unsealed: None,
+            actor: None,
+            reason: subject.change.reason,
+            before: subject.change.before,
+            after: subject.change.after,
         };
         log.append(rec).await
+    }
+
+    /// Records a state change the daemon made on its own (an automatic
+    /// rotation, a scheduled deletion: docs/AUDIT.md §2.1): `actor` is
+    /// `daemon` and `caller` the daemon's process. Waits until durable;
+    /// an error means the record may be lost.
+    pub async fn daemon_event(
+        &self,
+        op: &str,
+        subject: Subject,
+        outcome: Result<(), &Error>,
+    ) -> Result<(), Error> {
+        let Some(log) = &self.log else { return Ok(()) };
+        let (outcome, code) = match outcome {
+            Ok(()) => ("ok", None),
+            Err(e) => ("error", Some(e.code().as_str().to_owned())),
+        };
+        let rec = AuditRecord {
+            tenant: subject.tenant,
+            key: subject.key,
+            version: subject.version,
+            envelope_id: subject.envelope_id,
+            outcome: outcome.to_owned(),
+            code,
+            actor: Some(DAEMON_ACTOR.to_owned()),
+            reason: subject.change.reason,
+            before: subject.change.before,
+            after: subject.change.after,
+            detail: subject.change.detail,
+            ..alert_record(daemon_caller(), op, String::new())
+        };
+        log.append(rec).await
+    }
+}
+
+/// The `actor` of the records of the daemon's own work.
+pub const DAEMON_ACTOR: &str = "daemon";
+
+/// The daemon's own process as an audit caller.
+fn daemon_caller() -> AuditCaller {
+    AuditCaller {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+        user: None,
+        groups: Vec::new(),
+        pid: i32::try_from(std::process::id()).ok(),
+        exe: std::env::current_exe().ok().map(|p| p.display().to_string()),
+        cgroup: None,
     }
 }
 
@@ -428,6 +506,10 @@ fn alert_record(caller: AuditCaller, op: &str, detail: String) -> AuditRecord {
         code: None,
         detail: Some(detail),
         unsealed: None,
+        actor: None,
+        reason: None,
+        before: None,
+        after: None,
     }
 }
 
@@ -604,15 +686,7 @@ fn report_unsealed(
         seq,
         time_ms: now_ms(),
         prev: hex(&head),
-        caller: AuditCaller {
-            uid: nix::unistd::geteuid().as_raw(),
-            gid: nix::unistd::getegid().as_raw(),
-            user: None,
-            groups: Vec::new(),
-            pid: i32::try_from(std::process::id()).ok(),
-            exe: std::env::current_exe().ok().map(|p| p.display().to_string()),
-            cgroup: None,
-        },
+        caller: daemon_caller(),
         unsealed: Some([from, to]),
         ..alert_record(AuditCaller::default(), "alert", detail)
     };
@@ -1269,6 +1343,10 @@ mod tests {
             code: None,
             detail: None,
             unsealed: None,
+            actor: None,
+            reason: None,
+            before: None,
+            after: None,
         };
         serde_json::to_vec(&rec).unwrap()
     }

@@ -144,7 +144,7 @@ async fn record_store_accepted(d: &Arc<crate::ops::Daemon>) -> anyhow::Result<()
     let detail = format!("the store was accepted as it is over {replaced} at {when}: {}", a.reason);
     tracing::warn!(uid = a.uid, "keyhavend accept-store: {detail}");
     d.audit
-        .operator_event("accept_store", a.uid, detail)
+        .operator_event("accept_store", a.uid, detail, Some(a.reason.clone()))
         .await
         .context("recording accept-store in the audit log")?;
     let store = d.store.clone();

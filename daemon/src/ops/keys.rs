@@ -26,7 +26,11 @@ pub fn info(rec: &KeyRecord) -> KeyInfo {
 
 /// Generates version 1 of a new key of the requested type in the HSM and
 /// stores it wrapped.
-pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Error> {
+pub async fn create(
+    d: &Arc<Daemon>,
+    req: wire::KeyCreate,
+    change: &mut crate::audit::Change,
+) -> Result<Reply, Error> {
     let path = KeyPath::new(&req.tenant, &req.key)?;
     // No new key under a suspended or destroyed tenant (or the whole system).
     d.revocations.check(&path, None, None)?;
@@ -56,6 +60,7 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
         .await
         .map_err(|e| Error::Internal(format!("store task: {e}")))??;
     tracing::info!(key = %path, key_type = %kind, "key created");
+    change.after = Some(super::lifecycle::settings_json(&rec));
     reply(&info(&rec), 0)
 }
 
@@ -92,7 +97,7 @@ impl Op for wire::KeyCreate {
         let path = KeyPath::new(&self.tenant, &self.key)?;
         cx.s.key(&path);
         cx.allow(key_target(&path))?;
-        let r = create(cx.d, self).await?;
+        let r = create(cx.d, self, &mut cx.s.change).await?;
         cx.s.version = Some(1);
         Ok(r)
     }

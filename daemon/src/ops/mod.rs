@@ -48,7 +48,7 @@ use crate::wraps::WrapBudget;
 /// The operations' clock (it lives in [`crate::clock`]).
 pub use crate::clock::now_unix;
 pub use admin::{reload_pin, reload_policy};
-pub use lifecycle::{delete_if_due, notify_versions, rotate_key, unload};
+pub use lifecycle::{delete_if_due, notify_versions, rotate_key, settings_json, unload};
 
 /// What every request may use.
 pub struct Daemon {

@@ -91,6 +91,9 @@ fn human(r: &AuditRecord) -> String {
     if let Some(p) = r.caller.pid {
         line += &format!(" pid={p}");
     }
+    if let Some(a) = &r.actor {
+        line += &format!(" actor={a}");
+    }
     line += &format!(" {}", r.op);
     match (&r.tenant, &r.key) {
         (Some(t), Some(k)) => line += &format!(" {t}/{k}"),
@@ -112,6 +115,9 @@ fn human(r: &AuditRecord) -> String {
     }
     if let Some(d) = &r.detail {
         line += &format!(": {d}");
+    }
+    if let Some(why) = &r.reason {
+        line += &format!(" (reason: {why})");
     }
     line
 }
