@@ -848,10 +848,14 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
     let mut records = Vec::new();
     let mut size = 0;
     let mut more = false;
+    // With `last`, the newest record in the log (matching or not): the
+    // answer's `next`, so that reading on from it prints only what comes.
+    let mut newest = after;
     if let Some(last) = req.last {
         let want = last.min(10_000) as usize;
         for entry in store.audit_scan(AuditKind::Record, u64::MAX, true) {
             let (seq, bytes) = entry?;
+            newest = newest.max(seq);
             if seq <= after || records.len() >= want {
                 break;
             }
@@ -883,7 +887,7 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
             }
         }
     }
-    let next = records.last().map_or(after, |r| r.seq);
+    let next = records.last().map_or(after, |r| r.seq).max(newest);
     Ok(AuditReadResponse { records, next, more })
 }
 

@@ -235,9 +235,13 @@ enum AuditCommand {
         /// Only records from this time: Unix seconds, an age (15m, 2h, 7d) or 2026-01-31[T12:00:00Z].
         #[arg(long, value_parser = audit::parse_time)]
         since: Option<u64>,
-        /// How many records to show before following.
-        #[arg(short = 'n', long, default_value_t = 20)]
+        /// How many records to show before following (0: none, only new ones with -f).
+        #[arg(short = 'n', long, default_value_t = 20, conflicts_with = "after")]
         lines: u32,
+        /// Every record after this sequence number instead of the last N (with -f: then new
+        /// ones); to go on where an earlier tail stopped.
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
@@ -590,8 +594,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Admin(AdminCommand::Reload) => {
             print_json(&client.call(&keyhaven::wire::AdminReload {}).await?)
         }
-        Command::Audit(AuditCommand::Tail { follow, tenant, since, lines, json }) => {
-            audit::tail(&client, tenant, since, lines, follow, json).await
+        Command::Audit(AuditCommand::Tail { follow, tenant, since, lines, after, json }) => {
+            let start = match after {
+                Some(seq) => audit::Start::After(seq),
+                None => audit::Start::Last(lines),
+            };
+            let reconnect = audit::Reconnect {
+                socket: socket.clone(),
+                connect_timeout: Some(cli.connect_timeout).filter(|t| !t.is_zero()),
+                request_timeout: Some(request_timeout).filter(|t| !t.is_zero()),
+            };
+            audit::tail(client, reconnect, tenant, since, start, follow, json).await
         }
         Command::Audit(AuditCommand::Verify { json }) => audit::verify(&client, json).await,
         Command::Audit(AuditCommand::Export { since, tenant: _, signed: true }) => {
