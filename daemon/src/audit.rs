@@ -13,6 +13,8 @@
 //! written since its last flush, flushes once, and wakes every waiter.
 //! When the audit cannot be written, the request fails (fail closed).
 
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
+use crate::audit_sinks::Sinks;
 use crate::config::AuditSection;
 use crate::error::Error;
 use crate::hsm::anchor::AnchorKind;
@@ -191,6 +194,8 @@ struct Log {
     seal_every: u64,
     /// `[audit] commit_gather_us`.
     commit_gather: Duration,
+    /// The last record made durable (read by the sinks).
+    durable: Arc<AtomicU64>,
 }
 
 /// The audit log, or nothing when `[audit] enabled = false`.
@@ -198,6 +203,8 @@ pub struct Audit {
     log: Option<Arc<Log>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
     volume: Volume,
+    /// Where the log is shipped (`[[audit.sink]]`).
+    sinks: Sinks,
 }
 
 /// Decryptions counted per uid and per tenant in fixed one-minute windows,
@@ -283,10 +290,22 @@ fn outside_hours(from: u8, to: u8, now_ms: u64) -> bool {
 impl Audit {
     /// Opens the log in `store` (continuing its chain) and starts the
     /// flusher thread; with `enabled = false`, a log that records nothing.
-    pub fn open(store: Store, hsm: Arc<Hsm>, cfg: &AuditSection) -> Result<Audit, StoreError> {
+    /// Starts the sinks of `[[audit.sink]]` too, with their cursors in
+    /// `state_dir/audit-sinks/`.
+    pub fn open(
+        store: Store,
+        hsm: Arc<Hsm>,
+        cfg: &AuditSection,
+        state_dir: &Path,
+    ) -> Result<Audit, StoreError> {
         if !cfg.enabled {
             tracing::warn!("the audit log is off ([audit] enabled = false): nothing is recorded");
-            return Ok(Audit { log: None, flusher: Mutex::new(None), volume: Volume::new(cfg) });
+            return Ok(Audit {
+                log: None,
+                flusher: Mutex::new(None),
+                volume: Volume::new(cfg),
+                sinks: Sinks::none(),
+            });
         }
         let (mut last, mut head) = match newest(&store, AuditKind::Record) {
             Some((seq, bytes)) => (seq, Sha256::digest(&bytes).into()),
@@ -314,6 +333,9 @@ impl Audit {
         }
         // Here every record is sealed: `head` is the sealed head.
         let sealed_head = head;
+        let durable = Arc::new(AtomicU64::new(last));
+        let sinks = Sinks::start(&cfg.sinks, &store, state_dir, durable.clone())
+            .map_err(|e| StoreError::Backend(format!("audit sinks: {e}")))?;
         let log = Arc::new(Log {
             store,
             hsm,
@@ -329,13 +351,26 @@ impl Audit {
             seal_interval: Duration::from_millis(cfg.seal_interval_ms),
             seal_every: cfg.seal_every,
             commit_gather: Duration::from_micros(cfg.commit_gather_us),
+            durable,
         });
         let l = log.clone();
         let t = std::thread::Builder::new()
             .name("keyhaven-audit".into())
             .spawn(move || l.flusher(sealed, sealed_head))
             .map_err(|e| StoreError::Backend(format!("cannot start the audit thread: {e}")))?;
-        Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)), volume: Volume::new(cfg) })
+        Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)), volume: Volume::new(cfg), sinks })
+    }
+
+    /// Each sink's state (delivered, lag, lagging, error): for the metrics
+    /// and `health` (docs/AUDIT.md §11).
+    pub fn sink_status(&self) -> Vec<crate::audit_sinks::SinkStatus> {
+        self.sinks.status()
+    }
+
+    /// Waits while a sink with `on_lag = "wait"` is too far behind, and
+    /// refuses once it has waited its `wait_ms` (docs/AUDIT.md §11).
+    pub async fn admit(&self) -> Result<(), Error> {
+        self.sinks.admit().await
     }
 
     /// Seals the head, flushes, and stops the flusher (at shutdown, before
@@ -349,6 +384,8 @@ impl Audit {
         if let Some(t) = t {
             let _ = t.join();
         }
+        // After the last flush: the sinks deliver what is durable, then stop.
+        self.sinks.stop();
     }
 
     /// Counts a decryption on `tenant` for the unusual-volume alert
@@ -629,8 +666,9 @@ impl Log {
             }
             // ... and become durable in one write and one `fdatasync`.
             let flushed = put.and_then(|()| self.store.audit_flush());
-            if let Err(e) = &flushed {
-                tracing::error!("cannot flush the audit log: {e}");
+            match &flushed {
+                Ok(()) => self.durable.store(last, std::sync::atomic::Ordering::Release),
+                Err(e) => tracing::error!("cannot flush the audit log: {e}"),
             }
             for w in waiting {
                 let _ = w.send(flushed.is_ok());
