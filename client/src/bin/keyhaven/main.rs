@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 mod audit;
+mod audit_file;
 mod bench;
 mod inspect;
 mod jwt;
@@ -250,8 +251,16 @@ enum AuditCommand {
     /// intact but records were found unsealed at a start, 1 otherwise.
     Verify {
         /// Print the daemon's full answer as JSON.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "file")]
         json: bool,
+        /// Check exported or shipped JSON lines offline instead (`audit export --signed`, a
+        /// file sink's files, in any order; repeat for several files): no daemon needed.
+        #[arg(long, value_name = "EXPORT")]
+        file: Vec<PathBuf>,
+        /// With --file: the audit signing key (`keyhaven audit public-key`), to check the
+        /// signed heads.
+        #[arg(long, value_name = "PEM", requires = "file")]
+        public_key: Option<PathBuf>,
     },
     /// Every matching record as JSON lines (for a SIEM).
     Export {
@@ -495,6 +504,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Inspect { value } = &cli.command {
         return inspect::run(value.as_deref());
     }
+    if let Command::Audit(AuditCommand::Verify { file, public_key, .. }) = &cli.command {
+        if !file.is_empty() {
+            return audit_file::verify(file, public_key.as_deref());
+        }
+    }
     if let Command::Seal { chunk_size, .. } = &cli.command {
         if !(keyhaven::seal::MIN_CHUNK..=keyhaven::seal::MAX_CHUNK).contains(chunk_size) {
             return Err(usage(format!(
@@ -606,7 +620,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             audit::tail(client, reconnect, tenant, since, start, follow, json).await
         }
-        Command::Audit(AuditCommand::Verify { json }) => audit::verify(&client, json).await,
+        Command::Audit(AuditCommand::Verify { json, .. }) => audit::verify(&client, json).await,
         Command::Audit(AuditCommand::Export { since, tenant: _, signed: true }) => {
             audit::export_signed(&client, since).await
         }
