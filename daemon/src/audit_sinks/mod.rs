@@ -248,12 +248,13 @@ pub struct Sinks {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// The node name shipped with each record: the host name (a cluster will
-/// name its nodes).
+/// The node name shipped with each record: the host name (gethostname(2):
+/// the unit's `ProcSubset=pid` hides /proc/sys; a cluster will name its
+/// nodes).
 fn node_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
+    nix::unistd::gethostname()
         .ok()
+        .and_then(|h| h.into_string().ok())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
 }
