@@ -40,6 +40,10 @@ use crate::store::{AuditKind, Store};
 /// Records shipped per delivery (and per cursor write).
 const BATCH: usize = 1000;
 
+/// How long a sink goes on delivering at a clean stop before it stops
+/// behind (its cursor says where to go on).
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// `[[audit.sink]]`: one sink.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -441,6 +445,7 @@ fn run(
     let mut lagging = false;
     let mut failing_since: Option<Instant> = None;
     let mut seals_checked = Instant::now();
+    let mut stop_seen: Option<Instant> = None;
     loop {
         let head = durable.load(Ordering::Acquire);
         let cursor = sink.cursor.load(Ordering::Acquire);
@@ -453,6 +458,10 @@ fn run(
             tracing::info!(sink = %sink.name, lag, "audit sink caught up");
         }
         let stopping = stop.load(Ordering::Acquire);
+        if stopping && cursor < head && stop_seen.get_or_insert_with(Instant::now).elapsed() > STOP_GRACE {
+            tracing::warn!(sink = %sink.name, after = cursor, lag, "audit sink stopped behind; it goes on from its cursor at the next start");
+            return;
+        }
         if cursor >= head {
             // Seals made since, over records already delivered.
             if stopping || seals_checked.elapsed() >= Duration::from_millis(500) {
