@@ -586,3 +586,59 @@ fn shipped(records: &[Entry], seals: Vec<Entry>) -> Vec<Shipped<'_>> {
 fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    const HEAD: &str = "socket = \"/run/k.sock\"\nstore = \"/var/lib/k\"\n[hsm]\nmodule = \"m.so\"\n\
+                        token_label = \"t\"\npin_file = \"/etc/k/pin\"\n";
+
+    fn parse(sinks: &str) -> Result<Config, String> {
+        Config::parse(&format!("{HEAD}{sinks}"), Path::new("/etc/keyhaven/keyhaven.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sinks_parse_with_their_defaults() {
+        let c = parse(
+            "[[audit.sink]]\ntype = \"file\"\npath = \"/var/log/k/audit.jsonl\"\n\
+             [[audit.sink]]\ntype = \"syslog\"\non_lag = \"wait\"\nmax_lag = 5\n\
+             [[audit.sink]]\ntype = \"journald\"\n",
+        )
+        .unwrap();
+        let s = &c.audit.sinks;
+        assert_eq!(s.len(), 3);
+        assert_eq!(
+            (s[0].name(), s[0].max_bytes, s[0].keep, s[0].on_lag),
+            ("file".into(), 100 << 20, 10, super::OnLag::Continue)
+        );
+        assert_eq!(
+            (s[1].name(), s[1].on_lag, s[1].max_lag, s[1].wait_ms),
+            ("syslog".into(), super::OnLag::Wait, 5, 2000)
+        );
+        assert_eq!(s[2].path, None);
+        assert!(parse("").unwrap().audit.sinks.is_empty());
+    }
+
+    #[test]
+    fn bad_sinks_are_refused_naming_the_key() {
+        for (bad, names) in [
+            ("type = \"kafka\"\n", "unknown variant `kafka`"),
+            ("type = \"file\"\n", "a file sink needs `path`"),
+            ("type = \"file\"\npath = \"rel/a.log\"\n", "not an absolute path"),
+            ("type = \"syslog\"\nmax_bytes = 10\n", "audit.sink.max_bytes"),
+            ("type = \"syslog\"\nkeep = 0\n", "audit.sink.keep"),
+            ("type = \"syslog\"\nmax_lag = 0\n", "audit.sink.max_lag"),
+            ("type = \"syslog\"\nwait_ms = 60001\n", "audit.sink.wait_ms"),
+            ("type = \"syslog\"\non_lag = \"block\"\n", "unknown variant `block`"),
+            ("type = \"syslog\"\nname = \"../x\"\n", "audit.sink.name"),
+            ("type = \"syslog\"\ncolour = 1\n", "unknown field `colour`"),
+            ("type = \"syslog\"\n[[audit.sink]]\ntype = \"syslog\"\n", "two sinks are named `syslog`"),
+        ] {
+            let err = parse(&format!("[[audit.sink]]\n{bad}")).expect_err(bad);
+            assert!(err.contains(names), "{bad:?} -> {err}");
+        }
+    }
+}
