@@ -37,6 +37,10 @@ use crate::hsm::Hsm;
 use crate::policy::{Access, Permission, Target};
 use crate::store::{MasterKeyPin, MasterRotation, Meta, PendingMasterKey, Store};
 
+/// Most keys an `admin_rotate_master` audit record names (`rotated`
+/// counts them all).
+const RECORD_KEYS: usize = 100;
+
 /// Default and largest batch.
 const BATCH: (u32, u32) = (100, 10_000);
 
@@ -110,7 +114,10 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster, change: &mut Change
             "master_key_version": to, "from": from, "to": to, "rotated": rotated, "keys": keys,
         }));
         let (_, rec) = super::lifecycle::rotate_key_under(d, path.clone(), Some(to)).await?;
-        keys.push(format!("{path}@{}", rec.current_version));
+        // The record names the first keys of a batch, not thousands.
+        if keys.len() < RECORD_KEYS {
+            keys.push(format!("{path}@{}", rec.current_version));
+        }
         rotated += 1;
     }
     let (remaining, left_under_from) = blocking(d, move |store| {
