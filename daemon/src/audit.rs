@@ -471,12 +471,13 @@ impl Audit {
     }
 
     /// Records a state change the daemon made on its own (an automatic
-    /// rotation, a scheduled deletion: docs/AUDIT.md §2.1): `actor` is
-    /// `daemon` and `caller` the daemon's process. Waits until durable;
-    /// an error means the record may be lost.
+    /// rotation, a scheduled deletion: `actor` [`DAEMON_ACTOR`]) or on a
+    /// signal (`signal`), docs/AUDIT.md §2.1: `caller` is the daemon's
+    /// process. Waits until durable; an error means the record may be lost.
     pub async fn daemon_event(
         &self,
         op: &str,
+        actor: &str,
         subject: Subject,
         outcome: Result<(), &Error>,
     ) -> Result<(), Error> {
@@ -492,7 +493,7 @@ impl Audit {
             envelope_id: subject.envelope_id,
             outcome: outcome.to_owned(),
             code,
-            actor: Some(DAEMON_ACTOR.to_owned()),
+            actor: Some(actor.to_owned()),
             reason: subject.change.reason,
             before: subject.change.before,
             after: subject.change.after,

@@ -28,7 +28,7 @@ pub const DELETE_OP: &str = "key_delete";
 async fn record(d: &Daemon, op: &str, path: &keyhaven::KeyPath, version: Option<u32>, change: Change) {
     let mut subject = Subject { version, change, ..Subject::default() };
     subject.key(path);
-    if let Err(e) = d.audit.daemon_event(op, subject, Ok(())).await {
+    if let Err(e) = d.audit.daemon_event(op, crate::audit::DAEMON_ACTOR, subject, Ok(())).await {
         tracing::error!(key = %path, op, error = %e, "cannot write the audit record of the daemon's own change");
     }
 }

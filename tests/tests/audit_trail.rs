@@ -194,7 +194,43 @@ async fn every_key_and_revocation_change_records_its_reason_before_and_after() {
     assert!(field(&r.before, "policy_rules").as_u64().is_some(), "{r:?}");
     assert!(field(&r.after, "policy_rules").as_u64().is_some(), "{r:?}");
 
+    // SIGHUP: the same, with actor `signal`; a broken file: an error.
+    let seen = newest(&c, "admin_reload", 0).await.seq;
+    signal(d.pid(), "HUP");
+    let r = wait_for(&c, "admin_reload", seen).await;
+    assert_eq!((r.actor.as_deref(), r.outcome.as_str()), (Some("signal"), "ok"), "{r:?}");
+    assert_eq!(r.caller.pid, Some(d.pid() as i32));
+    assert!(field(&r.after, "policy_rules").as_u64().is_some(), "{r:?}");
+    let config = d.dir().join("keyhaven.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{good}
+[[policy.rules]]
+broken = 
+"
+        ),
+    )
+    .unwrap();
+    signal(d.pid(), "HUP");
+    let r = wait_for(&c, "admin_reload", r.seq).await;
+    assert_eq!((r.actor.as_deref(), r.outcome.as_str()), (Some("signal"), "error"), "{r:?}");
+    assert_eq!(r.after, None);
+    std::fs::write(&config, good).unwrap();
+
     no_material_in(&mut d, &c).await;
+}
+
+/// Waits (up to 10 s) for a record of `op` after `after`.
+async fn wait_for(c: &Client, op: &str, after: u64) -> AuditRecord {
+    for _ in 0..100 {
+        if let Some(r) = all_records(c).await.into_iter().find(|r| r.op == op && r.seq > after) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no `{op}` record after {after}");
 }
 
 fn keyhaven_now() -> u64 {
