@@ -510,6 +510,11 @@ pub struct AuditRecord {
     pub prev: String,
     /// Who asked.
     pub caller: AuditCaller,
+    /// `daemon` on the records of the daemon's own scheduled work
+    /// (automatic rotations, scheduled deletions): `caller` is then the
+    /// daemon's process. Absent when the caller asked (AUDIT.md §2.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
     /// The operation (`alert` for an alert record).
     pub op: String,
     /// Tenant concerned.
@@ -539,6 +544,17 @@ pub struct AuditRecord {
     /// covered by no valid seal: the first and last of them (AUDIT.md §4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsealed: Option<[u64; 2]>,
+    /// Why the state changed: the reason the caller gave (`revoke`,
+    /// `revoke_lift`) or, for the daemon's own work, what made it due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What a state change changed, as it was before (AUDIT.md §2.1):
+    /// names, versions, states and times, never key material.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<serde_json::Value>,
+    /// The same, after the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<serde_json::Value>,
 }
 
 /// The caller as an audit record holds it.

@@ -13,6 +13,8 @@
 //! written since its last flush, flushes once, and wakes every waiter.
 //! When the audit cannot be written, the request fails (fail closed).
 
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
+use crate::audit_sinks::Sinks;
 use crate::config::AuditSection;
 use crate::error::Error;
 use crate::hsm::anchor::AnchorKind;
@@ -56,6 +59,24 @@ pub struct Subject {
     pub context_keys: Vec<String>,
     /// Set when the policy was consulted for the request.
     pub checked: bool,
+    /// What a state change did, for the record (docs/AUDIT.md §2.1).
+    pub change: Change,
+}
+
+/// What a state change did: its reason, the state before and after (only
+/// names, versions, states and times: never key material), and a note.
+/// Filled in by the handler as it learns it; a request refused early
+/// carries what was known by then.
+#[derive(Default, Debug)]
+pub struct Change {
+    /// Why (`reason` in the record).
+    pub reason: Option<String>,
+    /// The state before (`before`).
+    pub before: Option<serde_json::Value>,
+    /// The state after (`after`).
+    pub after: Option<serde_json::Value>,
+    /// A note for people (`detail`), such as a break-glass lift.
+    pub detail: Option<String>,
 }
 
 impl Subject {
@@ -173,6 +194,8 @@ struct Log {
     seal_every: u64,
     /// `[audit] commit_gather_us`.
     commit_gather: Duration,
+    /// The last record made durable (read by the sinks).
+    durable: Arc<AtomicU64>,
 }
 
 /// The audit log, or nothing when `[audit] enabled = false`.
@@ -180,6 +203,8 @@ pub struct Audit {
     log: Option<Arc<Log>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
     volume: Volume,
+    /// Where the log is shipped (`[[audit.sink]]`).
+    sinks: Sinks,
 }
 
 /// Decryptions counted per uid and per tenant in fixed one-minute windows,
@@ -265,10 +290,22 @@ fn outside_hours(from: u8, to: u8, now_ms: u64) -> bool {
 impl Audit {
     /// Opens the log in `store` (continuing its chain) and starts the
     /// flusher thread; with `enabled = false`, a log that records nothing.
-    pub fn open(store: Store, hsm: Arc<Hsm>, cfg: &AuditSection) -> Result<Audit, StoreError> {
+    /// Starts the sinks of `[[audit.sink]]` too, with their cursors in
+    /// `state_dir/audit-sinks/`.
+    pub fn open(
+        store: Store,
+        hsm: Arc<Hsm>,
+        cfg: &AuditSection,
+        state_dir: &Path,
+    ) -> Result<Audit, StoreError> {
         if !cfg.enabled {
             tracing::warn!("the audit log is off ([audit] enabled = false): nothing is recorded");
-            return Ok(Audit { log: None, flusher: Mutex::new(None), volume: Volume::new(cfg) });
+            return Ok(Audit {
+                log: None,
+                flusher: Mutex::new(None),
+                volume: Volume::new(cfg),
+                sinks: Sinks::none(),
+            });
         }
         let (mut last, mut head) = match newest(&store, AuditKind::Record) {
             Some((seq, bytes)) => (seq, Sha256::digest(&bytes).into()),
@@ -296,6 +333,9 @@ impl Audit {
         }
         // Here every record is sealed: `head` is the sealed head.
         let sealed_head = head;
+        let durable = Arc::new(AtomicU64::new(last));
+        let sinks = Sinks::start(&cfg.sinks, &store, state_dir, durable.clone())
+            .map_err(|e| StoreError::Backend(format!("audit sinks: {e}")))?;
         let log = Arc::new(Log {
             store,
             hsm,
@@ -311,13 +351,26 @@ impl Audit {
             seal_interval: Duration::from_millis(cfg.seal_interval_ms),
             seal_every: cfg.seal_every,
             commit_gather: Duration::from_micros(cfg.commit_gather_us),
+            durable,
         });
         let l = log.clone();
         let t = std::thread::Builder::new()
             .name("keyhaven-audit".into())
             .spawn(move || l.flusher(sealed, sealed_head))
             .map_err(|e| StoreError::Backend(format!("cannot start the audit thread: {e}")))?;
-        Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)), volume: Volume::new(cfg) })
+        Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)), volume: Volume::new(cfg), sinks })
+    }
+
+    /// Each sink's state (delivered, lag, lagging, error): for the metrics
+    /// and `health` (docs/AUDIT.md §11).
+    pub fn sink_status(&self) -> Vec<crate::audit_sinks::SinkStatus> {
+        self.sinks.status()
+    }
+
+    /// Waits while a sink with `on_lag = "wait"` is too far behind, and
+    /// refuses once it has waited its `wait_ms` (docs/AUDIT.md §11).
+    pub async fn admit(&self) -> Result<(), Error> {
+        self.sinks.admit().await
     }
 
     /// Seals the head, flushes, and stops the flusher (at shutdown, before
@@ -331,6 +384,8 @@ impl Audit {
         if let Some(t) = t {
             let _ = t.join();
         }
+        // After the last flush: the sinks deliver what is durable, then stop.
+        self.sinks.stop();
     }
 
     /// Counts a decryption on `tenant` for the unusual-volume alert
@@ -364,9 +419,17 @@ impl Audit {
     /// Records an act done outside the socket (an operator's command, such
     /// as `keyhavend accept-store`) as an `alert` record naming the uid that
     /// did it, and waits until it is durable.
-    pub async fn operator_event(&self, op: &str, uid: u32, detail: String) -> Result<(), Error> {
+    pub async fn operator_event(
+        &self,
+        op: &str,
+        uid: u32,
+        detail: String,
+        reason: Option<String>,
+    ) -> Result<(), Error> {
         let Some(log) = &self.log else { return Ok(()) };
-        log.append(alert_record(AuditCaller { uid, ..AuditCaller::default() }, op, detail)).await
+        let rec =
+            AuditRecord { reason, ..alert_record(AuditCaller { uid, ..AuditCaller::default() }, op, detail) };
+        log.append(rec).await
     }
 
     /// Records one request and waits until the record is durable. An
@@ -398,10 +461,63 @@ impl Audit {
             context_keys: subject.context_keys,
             outcome: outcome.to_owned(),
             code,
-            detail: None,
+            detail: subject.change.detail,
             unsealed: None,
+            actor: None,
+            reason: subject.change.reason,
+            before: subject.change.before,
+            after: subject.change.after,
         };
         log.append(rec).await
+    }
+
+    /// Records a state change the daemon made on its own (an automatic
+    /// rotation, a scheduled deletion: `actor` [`DAEMON_ACTOR`]) or on a
+    /// signal (`signal`), docs/AUDIT.md §2.1: `caller` is the daemon's
+    /// process. Waits until durable; an error means the record may be lost.
+    pub async fn daemon_event(
+        &self,
+        op: &str,
+        actor: &str,
+        subject: Subject,
+        outcome: Result<(), &Error>,
+    ) -> Result<(), Error> {
+        let Some(log) = &self.log else { return Ok(()) };
+        let (outcome, code) = match outcome {
+            Ok(()) => ("ok", None),
+            Err(e) => ("error", Some(e.code().as_str().to_owned())),
+        };
+        let rec = AuditRecord {
+            tenant: subject.tenant,
+            key: subject.key,
+            version: subject.version,
+            envelope_id: subject.envelope_id,
+            outcome: outcome.to_owned(),
+            code,
+            actor: Some(actor.to_owned()),
+            reason: subject.change.reason,
+            before: subject.change.before,
+            after: subject.change.after,
+            detail: subject.change.detail,
+            ..alert_record(daemon_caller(), op, String::new())
+        };
+        log.append(rec).await
+    }
+}
+
+/// The `actor` of the records of the daemon's own work.
+pub const DAEMON_ACTOR: &str = "daemon";
+
+/// The daemon's own process as an audit caller.
+fn daemon_caller() -> AuditCaller {
+    AuditCaller {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+        user: None,
+        groups: Vec::new(),
+        pid: i32::try_from(std::process::id()).ok(),
+        exe: std::env::current_exe().ok().map(|p| p.display().to_string()),
+        cgroup: None,
     }
 }
 
@@ -429,6 +545,10 @@ fn alert_record(caller: AuditCaller, op: &str, detail: String) -> AuditRecord {
         code: None,
         detail: Some(detail),
         unsealed: None,
+        actor: None,
+        reason: None,
+        before: None,
+        after: None,
     }
 }
 
@@ -550,8 +670,9 @@ impl Log {
             // ... and become durable in one write and one `fdatasync`.
             let flushed = put.and_then(|()| self.store.audit_flush());
             crate::metrics::audit_written(if flushed.is_ok() { batch.len() } else { 0 });
-            if let Err(e) = &flushed {
-                tracing::error!("cannot flush the audit log: {e}");
+            match &flushed {
+                Ok(()) => self.durable.store(last, std::sync::atomic::Ordering::Release),
+                Err(e) => tracing::error!("cannot flush the audit log: {e}"),
             }
             for w in waiting {
                 let _ = w.send(flushed.is_ok());
@@ -607,15 +728,7 @@ fn report_unsealed(
         seq,
         time_ms: now_ms(),
         prev: hex(&head),
-        caller: AuditCaller {
-            uid: nix::unistd::geteuid().as_raw(),
-            gid: nix::unistd::getegid().as_raw(),
-            user: None,
-            groups: Vec::new(),
-            pid: i32::try_from(std::process::id()).ok(),
-            exe: std::env::current_exe().ok().map(|p| p.display().to_string()),
-            cgroup: None,
-        },
+        caller: daemon_caller(),
         unsealed: Some([from, to]),
         ..alert_record(AuditCaller::default(), "alert", detail)
     };
@@ -777,10 +890,14 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
     let mut records = Vec::new();
     let mut size = 0;
     let mut more = false;
+    // With `last`, the newest record in the log (matching or not): the
+    // answer's `next`, so that reading on from it prints only what comes.
+    let mut newest = after;
     if let Some(last) = req.last {
         let want = last.min(10_000) as usize;
         for entry in store.audit_scan(AuditKind::Record, u64::MAX, true) {
             let (seq, bytes) = entry?;
+            newest = newest.max(seq);
             if seq <= after || records.len() >= want {
                 break;
             }
@@ -812,7 +929,7 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
             }
         }
     }
-    let next = records.last().map_or(after, |r| r.seq);
+    let next = records.last().map_or(after, |r| r.seq).max(newest);
     Ok(AuditReadResponse { records, next, more })
 }
 
@@ -1272,6 +1389,10 @@ mod tests {
             code: None,
             detail: None,
             unsealed: None,
+            actor: None,
+            reason: None,
+            before: None,
+            after: None,
         };
         serde_json::to_vec(&rec).unwrap()
     }

@@ -241,6 +241,10 @@ pub struct AuditSection {
     /// (docs/AUDIT.md §4). 0 turns it off. Default 250.
     #[serde(default = "default_commit_gather_us")]
     pub commit_gather_us: u64,
+    /// `[[audit.sink]]`: where the log is shipped as it is written
+    /// (docs/AUDIT.md §11).
+    #[serde(default, rename = "sink", skip_serializing_if = "Vec::is_empty")]
+    pub sinks: Vec<crate::audit_sinks::SinkConfig>,
 }
 
 fn default_commit_gather_us() -> u64 {
@@ -257,6 +261,7 @@ impl Default for AuditSection {
             decrypt_hours_utc: None,
             decrypt_alert_block: false,
             commit_gather_us: default_commit_gather_us(),
+            sinks: Vec::new(),
         }
     }
 }
@@ -791,6 +796,9 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&cfg.audit.seal_every) {
             return Err(invalid_key("audit.seal_every", "must be from 1 to 1000000"));
+        }
+        if let Err((key, why)) = crate::audit_sinks::check_all(&cfg.audit.sinks) {
+            return Err(invalid_key(key, &why));
         }
         if cfg.audit.commit_gather_us > 10_000 {
             return Err(invalid_key("audit.commit_gather_us", "must be from 0 to 10000 (10 ms)"));

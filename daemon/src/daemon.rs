@@ -152,7 +152,7 @@ async fn record_store_accepted(d: &Arc<crate::ops::Daemon>) -> anyhow::Result<()
     let detail = format!("the store was accepted as it is over {replaced} at {when}: {}", a.reason);
     tracing::warn!(uid = a.uid, "keyhavend accept-store: {detail}");
     d.audit
-        .operator_event("accept_store", a.uid, detail)
+        .operator_event("accept_store", a.uid, detail, Some(a.reason.clone()))
         .await
         .context("recording accept-store in the audit log")?;
     let store = d.store.clone();
@@ -165,12 +165,33 @@ async fn record_store_accepted(d: &Arc<crate::ops::Daemon>) -> anyhow::Result<()
 /// SIGHUP: reloads what can change without a restart: the policy, and the
 /// PIN (which also lets the HSM workers try a refused login once more).
 /// Refusals are logged; what is in force stays.
-fn reload(d: &Daemon) {
+/// Returns the number of rules before and the reload's result, for the
+/// audit record.
+fn reload(d: &Daemon) -> (usize, Result<usize, crate::error::Error>) {
     tracing::info!("SIGHUP: reloading the policy and the PIN");
     crate::systemd::notify_reloading();
-    let _ = crate::ops::reload_policy(d);
+    let before = d.policy().len();
+    let result = crate::ops::reload_policy(d);
     crate::ops::reload_pin(d);
     crate::systemd::notify("READY=1\nSTATUS=listening");
+    (before, result)
+}
+
+/// Records a SIGHUP reload in the audit log: `admin_reload` with `actor`
+/// `signal` (whoever sent it is not known), the policy's size before and
+/// after (docs/AUDIT.md §2.1).
+async fn record_reload(d: &Daemon, before: usize, result: &Result<usize, crate::error::Error>) {
+    let change = crate::audit::Change {
+        reason: None,
+        before: Some(serde_json::json!({ "policy_rules": before })),
+        after: result.as_ref().ok().map(|n| serde_json::json!({ "policy_rules": n })),
+        detail: Some("SIGHUP: the policy and the PIN reloaded from the config file".into()),
+    };
+    let subject = crate::audit::Subject { change, ..Default::default() };
+    if let Err(e) = d.audit.daemon_event("admin_reload", "signal", subject, result.as_ref().map(|_| ())).await
+    {
+        tracing::error!(error = %e, "cannot write the audit record of the SIGHUP reload");
+    }
 }
 
 /// SIGTERM and SIGINT drain and stop; SIGHUP reloads (see [`reload`]).
@@ -205,7 +226,9 @@ impl Signals {
                 }
                 _ = self.hup.recv() => {
                     let d = daemon.clone();
-                    let _ = tokio::task::spawn_blocking(move || reload(&d)).await;
+                    if let Ok((before, result)) = tokio::task::spawn_blocking(move || reload(&d)).await {
+                        record_reload(&daemon, before, &result).await;
+                    }
                 }
             }
         }

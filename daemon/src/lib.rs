@@ -36,6 +36,7 @@
 
 pub mod anchor;
 pub mod audit;
+pub mod audit_sinks;
 pub mod bench;
 pub mod clock;
 pub mod config;

@@ -10,7 +10,28 @@ use std::time::Duration;
 use keyhaven::lifecycle::KeyState;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Change, Subject};
 use crate::ops::{self, Daemon};
+use crate::revocation::rfc3339;
+
+/// The `op` of an automatic rotation's audit record (the same as an
+/// operator's rotation; `actor` tells them apart).
+pub const ROTATE_OP: &str = "key_rotate";
+
+/// The `op` of a scheduled deletion's audit record (the erasure when the
+/// waiting period ends).
+pub const DELETE_OP: &str = "key_delete";
+
+/// Records the daemon's own change of the key at `path` (docs/AUDIT.md
+/// §2.1). The change is made already: a record that cannot be written is
+/// an error in the daemon's log.
+async fn record(d: &Daemon, op: &str, path: &keyhaven::KeyPath, version: Option<u32>, change: Change) {
+    let mut subject = Subject { version, change, ..Subject::default() };
+    subject.key(path);
+    if let Err(e) = d.audit.daemon_event(op, crate::audit::DAEMON_ACTOR, subject, Ok(())).await {
+        tracing::error!(key = %path, op, error = %e, "cannot write the audit record of the daemon's own change");
+    }
+}
 
 /// Runs until `shutdown`; the last usage flush is the caller's, after the
 /// drain.
@@ -52,13 +73,25 @@ pub async fn due_keys(d: &Arc<Daemon>) {
         if rec.state == KeyState::PendingDeletion && rec.deletion_at.is_some_and(|t| t <= now) {
             let (store, p) = (d.store.clone(), path.clone());
             match tokio::task::spawn_blocking(move || ops::delete_if_due(&store, &p, now)).await {
-                Ok(Ok(true)) => {
+                Ok(Ok(Some(was))) => {
                     tracing::warn!(key = %path, "scheduled deletion done: key material erased");
                     ops::notify_versions(d, &path, [None]);
                     let p = path.clone();
                     ops::unload(d, move |id| id.path == p).await;
+                    let after = d.store.backend().key(&path).await.ok().flatten();
+                    let reason = match was.deletion_at {
+                        Some(t) => format!("scheduled deletion: the waiting period ended at {}", rfc3339(t)),
+                        None => "scheduled deletion".to_owned(),
+                    };
+                    let change = Change {
+                        reason: Some(reason),
+                        before: Some(ops::settings_json(&was)),
+                        after: after.as_deref().map(ops::settings_json),
+                        detail: Some("every version's key material erased".into()),
+                    };
+                    record(d, DELETE_OP, &path, None, change).await;
                 }
-                Ok(Ok(false)) => {}
+                Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(key = %path, error = %e, "scheduled deletion failed; retried later")
                 }
@@ -79,7 +112,24 @@ pub async fn due_keys(d: &Arc<Daemon>) {
         }
         if due {
             match ops::rotate_key(d, path.clone()).await {
-                Ok(r) => tracing::info!(key = %path, version = r.current_version, "automatic rotation"),
+                Ok((was, r)) => {
+                    tracing::info!(key = %path, version = r.current_version, "automatic rotation");
+                    let reason = match (rec.rotate_every_secs, rec.version(rec.current_version)) {
+                        (Some(p), Some(v)) => format!(
+                            "automatic rotation: version {} was made at {}, and the key rotates every {p} s",
+                            v.version,
+                            rfc3339(v.created_at)
+                        ),
+                        _ => "automatic rotation".to_owned(),
+                    };
+                    let change = Change {
+                        reason: Some(reason),
+                        before: Some(ops::settings_json(&was)),
+                        after: Some(ops::settings_json(&r)),
+                        detail: None,
+                    };
+                    record(d, ROTATE_OP, &path, Some(r.current_version), change).await;
+                }
                 Err(e) => tracing::warn!(key = %path, error = %e, "automatic rotation failed; retried later"),
             }
         }

@@ -140,6 +140,26 @@ cp /root/keyhaven.toml.good /etc/keyhaven/keyhaven.toml
 systemctl reload keyhavend.service || fail "reload of the good policy failed"
 ok "reload refused (exit non-zero), the daemon and its old policy stayed"
 
+step "the journald audit sink: one journal entry per record, structured fields, priority by outcome"
+t_journal=$(date +%s)
+docs audit-journald
+entry() { journalctl --no-pager -o cat --output-fields="$1" SYSLOG_IDENTIFIER=keyhaven KEYHAVEN_OP=key_create KEYHAVEN_KEY=journald-shipped | tail -n 1; }
+for _ in $(seq 50); do [ -n "$(entry KEYHAVEN_SEQ)" ] && break; sleep 0.1; done
+seq=$(entry KEYHAVEN_SEQ)
+[ -n "$seq" ] || fail "no journal entry for the key_create record: $(journalctl --no-pager -o json SYSLOG_IDENTIFIER=keyhaven | tail -n 3)"
+[ "$(entry PRIORITY)" = 6 ] || fail "an ok record's PRIORITY is '$(entry PRIORITY)', not 6"
+[ "$(entry KEYHAVEN_OUTCOME)" = ok ] || fail "KEYHAVEN_OUTCOME is '$(entry KEYHAVEN_OUTCOME)'"
+[ "$(entry KEYHAVEN_NODE)" = "$(hostname)" ] || fail "KEYHAVEN_NODE is '$(entry KEYHAVEN_NODE)', not the host name $(hostname)"
+record=$(entry KEYHAVEN_RECORD)
+echo "$record" | grep "\"seq\":$seq," >/dev/null || fail "KEYHAVEN_RECORD is not record $seq: $record"
+[ "$(printf '%s' "$record" | sha256sum | cut -d' ' -f1)" = "$(entry KEYHAVEN_HASH)" ] ||
+    fail "KEYHAVEN_HASH is not the SHA-256 of KEYHAVEN_RECORD"
+# Every record from 1 to this one, once the sink started on the whole log.
+n=$(journalctl --no-pager -o cat --output-fields=KEYHAVEN_SEQ SYSLOG_IDENTIFIER=keyhaven | sort -un | awk -v s="$seq" '$1 <= s' | wc -l)
+[ "$n" -eq "$seq" ] || fail "the journal holds $n distinct records of 1..$seq"
+journal_since "$t_journal" | grep 'audit sink starting' >/dev/null || fail "no 'audit sink starting' line"
+ok "record $seq in the journal with KEYHAVEN_* fields, PRIORITY 6, its hash; records 1..$seq all there"
+
 step "stop under load drains; audit verify is intact"
 load_dir=$(mktemp -d)
 chmod 0777 "$load_dir"

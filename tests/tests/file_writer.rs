@@ -145,6 +145,7 @@ async fn an_older_copy_of_the_store_is_refused_until_an_operator_accepts_it() {
     assert_eq!(rec.outcome, "alert");
     assert_eq!(rec.caller.uid, my_uid());
     assert!(rec.detail.as_deref().unwrap_or_default().contains("after a disk failure"), "{rec:?}");
+    assert_eq!(rec.reason.as_deref(), Some("restored last night's backup after a disk failure"));
     drop(c);
     // Recorded once, not at every start.
     d.restart();

@@ -108,6 +108,10 @@ impl Op for wire::AdminReload {
         } else {
             cx.allow(Target::All)?;
         }
-        reload(cx.d).await
+        let before = cx.d.policy().len();
+        cx.s.change.before = Some(serde_json::json!({ "policy_rules": before }));
+        let r = reload(cx.d).await?;
+        cx.s.change.after = Some(serde_json::json!({ "policy_rules": cx.d.policy().len() }));
+        Ok(r)
     }
 }

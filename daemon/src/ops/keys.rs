@@ -48,7 +48,11 @@ pub fn status(rec: &KeyRecord, revocations: &Index) -> (KeyStatus, Option<Revoca
 
 /// Generates version 1 of a new key of the requested type in the HSM and
 /// stores it wrapped.
-pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Error> {
+pub async fn create(
+    d: &Arc<Daemon>,
+    req: wire::KeyCreate,
+    change: &mut crate::audit::Change,
+) -> Result<Reply, Error> {
     let path = KeyPath::new(&req.tenant, &req.key)?;
     // A name in use is `already_exists` whatever covers it (a destroyed
     // key's name is never reused), then: no new key under a suspended or
@@ -89,6 +93,7 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
         .await
         .map_err(|e| Error::Internal(format!("store task: {e}")))??;
     tracing::info!(key = %path, key_type = %kind, "key created");
+    change.after = Some(super::lifecycle::settings_json(&rec));
     reply(&info(&rec, &d.revocations), 0)
 }
 
@@ -125,7 +130,7 @@ impl Op for wire::KeyCreate {
         let path = KeyPath::new(&self.tenant, &self.key)?;
         cx.s.key(&path);
         cx.allow(key_target(&path))?;
-        let r = create(cx.d, self).await?;
+        let r = create(cx.d, self, &mut cx.s.change).await?;
         cx.s.version = Some(1);
         Ok(r)
     }

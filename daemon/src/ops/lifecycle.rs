@@ -17,6 +17,7 @@ use keyhaven::{Envelope, KeyPath};
 
 use super::datakey::{kek_ref, seal_data_key, unwrap_data_key};
 use super::{blocking, key_target, reply, route, Cx, Daemon, Op, Reply, Route};
+use crate::audit::Change;
 use crate::clock::now_unix;
 use crate::error::Error;
 use crate::hsm::worker::Generated;
@@ -101,33 +102,64 @@ fn path_of(tenant: &str, key: &str) -> Result<KeyPath, Error> {
 }
 
 /// Applies `change` to the key at `path`; `change` may refuse, and then
-/// nothing is written.
+/// nothing is written. Returns the record as it was before the change that
+/// was written, and after it.
 async fn change_key(
     d: &Arc<Daemon>,
     path: KeyPath,
     change: impl FnMut(&mut KeyRecord) -> Result<(), Error> + Send + 'static,
-) -> Result<KeyRecord, Error> {
+) -> Result<(KeyRecord, KeyRecord), Error> {
     let mut change = change;
     blocking(d, move |store| {
         let mut refused = None;
+        let mut was = None;
         let written = store.update_key(&path, &mut |rec| {
             let before = rec.clone();
             refused = change(rec).err();
             if refused.is_some() {
                 *rec = before; // written back unchanged
+            } else {
+                was = Some(before);
             }
         })?;
-        match (refused, written) {
-            (Some(e), _) => Err(e),
-            (None, None) => Err(Error::NotFound(format!("unknown key `{path}`"))),
-            (None, Some(rec)) => Ok(rec),
+        match (refused, written, was) {
+            (Some(e), _, _) => Err(e),
+            (None, Some(rec), Some(was)) => Ok((was, rec)),
+            (None, _, _) => Err(Error::NotFound(format!("unknown key `{path}`"))),
         }
     })
     .await
 }
 
-/// Adds a version generated in the HSM and makes it current.
-pub async fn rotate_key(d: &Arc<Daemon>, path: KeyPath) -> Result<KeyRecord, Error> {
+/// A key's settings and versions as an audit record's `before`/`after`
+/// (docs/AUDIT.md §2.1): names, numbers, states and times only.
+pub fn settings_json(rec: &KeyRecord) -> serde_json::Value {
+    serde_json::json!({
+        "key_type": rec.key_type.to_string(),
+        "state": rec.state.as_str(),
+        "current_version": rec.current_version,
+        "min_decryption_version": rec.min_decryption_version,
+        "rotate_every_secs": rec.rotate_every_secs,
+        "deletion_at": rec.deletion_at,
+        "versions": rec.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        "destroyed_versions": rec
+            .versions
+            .iter()
+            .filter(|v| v.destroyed_at.is_some())
+            .map(|v| v.version)
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// Notes a key change's before and after in the audit record.
+fn note(change: &mut Change, before: &KeyRecord, after: &KeyRecord) {
+    change.before = Some(settings_json(before));
+    change.after = Some(settings_json(after));
+}
+
+/// Adds a version generated in the HSM and makes it current; returns the
+/// record before and after.
+pub async fn rotate_key(d: &Arc<Daemon>, path: KeyPath) -> Result<(KeyRecord, KeyRecord), Error> {
     rotate_key_under(d, path, None).await
 }
 
@@ -137,7 +169,7 @@ pub async fn rotate_key_under(
     d: &Arc<Daemon>,
     path: KeyPath,
     master_key: Option<u32>,
-) -> Result<KeyRecord, Error> {
+) -> Result<(KeyRecord, KeyRecord), Error> {
     let rec = d
         .store
         .backend()
@@ -154,7 +186,7 @@ pub async fn rotate_key_under(
     };
     let now = now_unix();
     let p = path.clone();
-    let rec = change_key(d, path, move |rec| {
+    let (was, rec) = change_key(d, path, move |rec| {
         refuse_gone(rec, &p)?;
         let next = rec.versions.iter().map(|v| v.version).max().unwrap_or(0).max(rec.current_version) + 1;
         rec.versions.push(new_version(next, now, master_key_version, generated.clone()));
@@ -163,7 +195,7 @@ pub async fn rotate_key_under(
     })
     .await?;
     tracing::info!(key = %format!("{}/{}", rec.tenant, rec.key), version = rec.current_version, "key rotated");
-    Ok(rec)
+    Ok((was, rec))
 }
 
 /// A fresh version record holding `generated` (and a signing key's public
@@ -191,15 +223,17 @@ fn refuse_gone(rec: &KeyRecord, path: &KeyPath) -> Result<(), Error> {
 }
 
 /// `key_rotate`.
-pub async fn rotate(d: Arc<Daemon>, req: KeyRotate) -> Result<Reply, Error> {
+pub async fn rotate(d: Arc<Daemon>, req: KeyRotate, change: &mut Change) -> Result<Reply, Error> {
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
     d.revocations.check(&path, None, None)?;
-    reply(&details(&rotate_key(d, path).await?, &d.revocations), 0)
+    let (was, rec) = rotate_key(d, path).await?;
+    note(change, &was, &rec);
+    reply(&details(&rec, &d.revocations), 0)
 }
 
 /// `key_show`: flushes the usage counts first, so they are current.
-pub async fn show(d: Arc<Daemon>, req: KeyShow) -> Result<Reply, Error> {
+pub async fn show(d: Arc<Daemon>, req: KeyShow, _: &mut Change) -> Result<Reply, Error> {
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
     let dd = d.clone();
@@ -214,7 +248,7 @@ pub async fn show(d: Arc<Daemon>, req: KeyShow) -> Result<Reply, Error> {
 }
 
 /// `key_set`.
-pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
+pub async fn set(d: Arc<Daemon>, req: KeySet, change: &mut Change) -> Result<Reply, Error> {
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
     if req.min_decryption_version.is_none() && req.rotate_every_secs.is_none() && req.state.is_none() {
@@ -234,7 +268,7 @@ pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
         )));
     }
     let p = path.clone();
-    let rec = change_key(d, path, move |rec| {
+    let (was, rec) = change_key(d, path, move |rec| {
         refuse_gone(rec, &p)?;
         if let Some(min) = req.min_decryption_version {
             if min == 0 || min > rec.current_version {
@@ -260,6 +294,7 @@ pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
         Ok(())
     })
     .await?;
+    note(change, &was, &rec);
     if req.min_decryption_version.is_some() {
         // Retired versions: cached data keys under them must go too.
         let retired = rec.versions.iter().map(|v| v.version).filter(|v| *v < rec.min_decryption_version);
@@ -271,13 +306,13 @@ pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
 
 /// `key_trim`: removes the versions below the minimum decryption version,
 /// wrapped material and all.
-pub async fn trim(d: Arc<Daemon>, req: KeyTrim) -> Result<Reply, Error> {
+pub async fn trim(d: Arc<Daemon>, req: KeyTrim, change: &mut Change) -> Result<Reply, Error> {
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
     let before =
         d.store.backend().key(&path).await?.map(|r| r.versions.iter().map(|v| v.version).collect::<Vec<_>>());
     let p = path.clone();
-    let rec = change_key(d, path, move |rec| {
+    let (was, rec) = change_key(d, path, move |rec| {
         let min = rec.min_decryption_version;
         if !rec.versions.iter().any(|v| v.version < min) {
             return Err(Error::BadRequest(format!(
@@ -288,6 +323,7 @@ pub async fn trim(d: Arc<Daemon>, req: KeyTrim) -> Result<Reply, Error> {
         Ok(())
     })
     .await?;
+    note(change, &was, &rec);
     let old = rec.min_decryption_version;
     let trimmed: Vec<u32> =
         before.unwrap_or_default().into_iter().filter(|v| rec.version(*v).is_none()).collect();
@@ -299,7 +335,11 @@ pub async fn trim(d: Arc<Daemon>, req: KeyTrim) -> Result<Reply, Error> {
 }
 
 /// `key_schedule_deletion`.
-pub async fn schedule_deletion(d: Arc<Daemon>, req: KeyScheduleDeletion) -> Result<Reply, Error> {
+pub async fn schedule_deletion(
+    d: Arc<Daemon>,
+    req: KeyScheduleDeletion,
+    change: &mut Change,
+) -> Result<Reply, Error> {
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
     let days = req.days.unwrap_or(*DELETION_DAYS.end());
@@ -308,24 +348,29 @@ pub async fn schedule_deletion(d: Arc<Daemon>, req: KeyScheduleDeletion) -> Resu
     }
     let at = now_unix() + u64::from(days) * 86_400;
     let p = path.clone();
-    let rec = change_key(d, path, move |rec| {
+    let (was, rec) = change_key(d, path, move |rec| {
         refuse_gone(rec, &p)?;
         rec.state = KeyState::PendingDeletion;
         rec.deletion_at = Some(at);
         Ok(())
     })
     .await?;
+    note(change, &was, &rec);
     notify_versions(d, &rec.path()?, [None]);
     tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), days, "key scheduled for deletion");
     reply(&details(&rec, &d.revocations), 0)
 }
 
 /// `key_cancel_deletion`: back to `disabled`, for an operator to enable.
-pub async fn cancel_deletion(d: Arc<Daemon>, req: KeyCancelDeletion) -> Result<Reply, Error> {
+pub async fn cancel_deletion(
+    d: Arc<Daemon>,
+    req: KeyCancelDeletion,
+    change: &mut Change,
+) -> Result<Reply, Error> {
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
     let p = path.clone();
-    let rec = change_key(d, path, move |rec| {
+    let (was, rec) = change_key(d, path, move |rec| {
         if rec.state != KeyState::PendingDeletion {
             return Err(Error::BadRequest(format!(
                 "key `{p}` is {}, not scheduled for deletion",
@@ -337,6 +382,7 @@ pub async fn cancel_deletion(d: Arc<Daemon>, req: KeyCancelDeletion) -> Result<R
         Ok(())
     })
     .await?;
+    note(change, &was, &rec);
     tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), "key deletion cancelled; key disabled");
     reply(&details(&rec, &d.revocations), 0)
 }
@@ -369,18 +415,19 @@ pub async fn unload(d: &Daemon, covered: impl Fn(&crate::hsm::KekId) -> bool + S
 }
 
 /// Deletes a key whose waiting period is over: erases every version's
-/// wrapped material and marks it deleted. Returns whether it did.
-pub fn delete_if_due(store: &Store, path: &KeyPath, now: u64) -> Result<bool, Error> {
-    let mut done = false;
+/// wrapped material and marks it deleted. Returns the record as it was
+/// before when it did.
+pub fn delete_if_due(store: &Store, path: &KeyPath, now: u64) -> Result<Option<KeyRecord>, Error> {
+    let mut done = None;
     store.update_key(path, &mut |rec| {
-        done = false;
+        done = None;
         if rec.state == KeyState::PendingDeletion && rec.deletion_at.is_some_and(|t| t <= now) {
+            done = Some(rec.clone());
             for v in &mut rec.versions {
                 v.wrapped_kek.clear();
                 v.destroyed_at.get_or_insert(now);
             }
             rec.state = KeyState::Deleted;
-            done = true;
         }
     })?;
     Ok(done)
@@ -475,7 +522,7 @@ macro_rules! key_admin {
                 let path = KeyPath::new(self.tenant(), self.key())?;
                 cx.s.key(&path);
                 cx.allow(key_target(&path))?;
-                $run(cx.d.clone(), self).await
+                $run(cx.d.clone(), self, &mut cx.s.change).await
             }
         }
     )*};

@@ -30,11 +30,16 @@ use keyhaven::lifecycle::{AdminRetireMaster, AdminRotateMaster, MasterRotationSt
 use keyhaven::KeyPath;
 
 use super::{blocking, reply, route, Cx, Daemon, Op, Reply, Route};
+use crate::audit::Change;
 use crate::clock::now_unix;
 use crate::error::Error;
 use crate::hsm::Hsm;
 use crate::policy::{Access, Permission, Target};
 use crate::store::{MasterKeyPin, MasterRotation, Meta, PendingMasterKey, Store};
+
+/// Most keys an `admin_rotate_master` audit record names (`rotated`
+/// counts them all).
+const RECORD_KEYS: usize = 100;
 
 /// Default and largest batch.
 const BATCH: (u32, u32) = (100, 10_000);
@@ -68,7 +73,7 @@ fn behind(store: &Store, mk: u32) -> Result<Vec<KeyPath>, Error> {
 
 /// `admin_rotate_master`: starts, continues or rolls back a rotation by one
 /// batch.
-pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster) -> Result<Reply, Error> {
+pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster, change: &mut Change) -> Result<Reply, Error> {
     let batch = req.batch.unwrap_or(BATCH.0);
     if batch == 0 || batch > BATCH.1 {
         return Err(Error::BadRequest(format!("batch {batch} is out of range: 1 to {}", BATCH.1)));
@@ -81,6 +86,13 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster) -> Result<Reply, Er
         .meta()
         .await?
         .ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
+    change.before = Some(serde_json::json!({
+        "master_key_version": meta.master_key_version,
+        "rotation": meta.master_rotation.map(|r| serde_json::json!({"from": r.from, "to": r.to})),
+    }));
+    if req.rollback {
+        change.detail = Some("rollback".into());
+    }
     let rotation = match (meta.master_rotation, req.rollback) {
         (Some(r), false) => r,
         (Some(r), true) => begin(d, &meta, r.to, r.from).await?,
@@ -94,9 +106,18 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster) -> Result<Reply, Er
     };
     let MasterRotation { from, to, .. } = rotation;
     let mut rotated = 0u64;
+    let mut keys = Vec::new();
     let todo = blocking(d, move |store| behind(store, to)).await?;
     for path in todo.into_iter().take(batch as usize) {
-        super::lifecycle::rotate_key_under(d, path, Some(to)).await?;
+        // Progress so far goes in the record even if a key fails.
+        change.after = Some(serde_json::json!({
+            "master_key_version": to, "from": from, "to": to, "rotated": rotated, "keys": keys,
+        }));
+        let (_, rec) = super::lifecycle::rotate_key_under(d, path.clone(), Some(to)).await?;
+        // The record names the first keys of a batch, not thousands.
+        if keys.len() < RECORD_KEYS {
+            keys.push(format!("{path}@{}", rec.current_version));
+        }
         rotated += 1;
     }
     let (remaining, left_under_from) = blocking(d, move |store| {
@@ -118,6 +139,15 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster) -> Result<Reply, Er
     }
     let status =
         MasterRotationStatus { from, to, rotated, remaining, finished: remaining == 0, left_under_from };
+    change.after = Some(serde_json::json!({
+        "master_key_version": to,
+        "rotation": (remaining > 0).then(|| serde_json::json!({"from": from, "to": to})),
+        "rotated": rotated,
+        "keys": keys,
+        "remaining": remaining,
+        "finished": remaining == 0,
+        "left_under_from": left_under_from,
+    }));
     reply(&status, 0)
 }
 
@@ -197,7 +227,7 @@ async fn make_pinned(d: &Arc<Daemon>, meta: &Meta, version: u32) -> Result<(), E
 
 /// `admin_retire_master`: destroys an old master key version in the token,
 /// refused while it is current, part of a rotation, or still wraps a KEK.
-pub async fn retire(d: &Arc<Daemon>, req: AdminRetireMaster) -> Result<Reply, Error> {
+pub async fn retire(d: &Arc<Daemon>, req: AdminRetireMaster, change: &mut Change) -> Result<Reply, Error> {
     let _one = d.master_lock.lock().await;
     let v = req.version;
     let meta = d
@@ -206,6 +236,11 @@ pub async fn retire(d: &Arc<Daemon>, req: AdminRetireMaster) -> Result<Reply, Er
         .meta()
         .await?
         .ok_or_else(|| Error::Internal("the store has no meta record".into()))?;
+    let pinned = |m: &Meta| m.master_keys.iter().map(|p| p.version).collect::<Vec<_>>();
+    change.before = Some(serde_json::json!({
+        "master_key_version": meta.master_key_version,
+        "pinned_versions": pinned(&meta),
+    }));
     if v == meta.master_key_version {
         return Err(Error::BadRequest(format!("master key version {v} is the current one")));
     }
@@ -224,11 +259,16 @@ pub async fn retire(d: &Arc<Daemon>, req: AdminRetireMaster) -> Result<Reply, Er
         )));
     }
     let destroyed = d.hsm.run(move |w| w.destroy_master_key(v)).await?;
-    blocking(d, move |store| {
-        store.update_meta(&mut |m| m.master_keys.retain(|p| p.version != v))?;
-        Ok(())
+    let after = blocking(d, move |store| {
+        let m = store.update_meta(&mut |m| m.master_keys.retain(|p| p.version != v))?;
+        Ok(m)
     })
     .await?;
+    change.after = Some(serde_json::json!({
+        "master_key_version": meta.master_key_version,
+        "pinned_versions": pinned(&after),
+        "destroyed_in_token": destroyed,
+    }));
     if !destroyed {
         return Err(Error::NotFound(format!("master key version {v} is not in the token")));
     }
@@ -303,7 +343,7 @@ impl Op for AdminRotateMaster {
     const ACCESS: Access = Access::Needs(Permission::Admin);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
         cx.allow(Target::All)?;
-        rotate(cx.d, self).await
+        rotate(cx.d, self, &mut cx.s.change).await
     }
 }
 
@@ -311,6 +351,6 @@ impl Op for AdminRetireMaster {
     const ACCESS: Access = Access::Needs(Permission::Admin);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
         cx.allow(Target::All)?;
-        retire(cx.d, self).await
+        retire(cx.d, self, &mut cx.s.change).await
     }
 }

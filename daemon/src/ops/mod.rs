@@ -50,7 +50,7 @@ use crate::wraps::WrapBudget;
 /// The operations' clock (it lives in [`crate::clock`]).
 pub use crate::clock::now_unix;
 pub use admin::{reload_pin, reload_policy};
-pub use lifecycle::{delete_if_due, notify_versions, rotate_key, unload};
+pub use lifecycle::{delete_if_due, notify_versions, rotate_key, settings_json, unload};
 
 /// What every request may use.
 pub struct Daemon {
@@ -87,7 +87,7 @@ impl Daemon {
     /// revocations.
     pub fn new(hsm: Arc<Hsm>, store: Store, config: Config) -> Result<Daemon, StoreError> {
         let wraps = WrapBudget::new(store.clone(), config.limits.wraps_per_key_version);
-        let audit = Audit::open(store.clone(), hsm.clone(), &config.audit)?;
+        let audit = Audit::open(store.clone(), hsm.clone(), &config.audit, &config.store.path)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));
         let revocations = revocation::Index::new(store.revocations()?);
         let (revocation_events, _) = tokio::sync::broadcast::channel(REVOCATION_EVENTS_BUFFER);
@@ -260,9 +260,18 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
     let started = crate::metrics::request_started();
     let mut subject = Subject::default();
     let (number, route) = find_numbered(op).map_or((crate::metrics::MAX_OPS, None), |(n, r)| (n, Some(r)));
-    let mut result = match route {
-        Some(r) => (r.run)(Cx { d, caller, s: &mut subject, op: r.name, access: r.access }, params).await,
-        None => Err(Error::UnknownOperation(printable(op))),
+    // A sink with `on_lag = "wait"` that is too far behind holds requests
+    // back, and then refuses them (docs/AUDIT.md §11).
+    let admitted = match route.is_none_or(|r| r.audited) {
+        true => d.audit.admit().await,
+        false => Ok(()),
+    };
+    let mut result = match (admitted, route) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(r)) => {
+            (r.run)(Cx { d, caller, s: &mut subject, op: r.name, access: r.access }, params).await
+        }
+        (Ok(()), None) => Err(Error::UnknownOperation(printable(op))),
     };
     if result.is_ok() && !subject.checked && route.is_some_and(|r| r.access != Access::Open) {
         // A handler that forgot its policy check: fail closed, loudly.

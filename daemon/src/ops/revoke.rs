@@ -21,6 +21,7 @@ use keyhaven::KeyPath;
 use super::{
     blocking, reply, route, scope_subject, scope_target, tenant_target, Cx, Daemon, Op, Reply, Route,
 };
+use crate::audit::Change;
 use crate::clock::now_unix;
 use crate::error::Error;
 use crate::hsm::KekId;
@@ -101,7 +102,12 @@ async fn evict(d: &Daemon, scope: &Scope) {
 
 /// `revoke`: suspends a scope. Suspending it again replaces the reason and
 /// expiry and keeps the original time.
-pub async fn revoke(d: &Arc<Daemon>, caller: &Caller, req: Revoke) -> Result<Reply, Error> {
+pub async fn revoke(
+    d: &Arc<Daemon>,
+    caller: &Caller,
+    req: Revoke,
+    change: &mut Change,
+) -> Result<Reply, Error> {
     req.scope.validate().map_err(|e| Error::BadRequest(e.to_string()))?;
     let now = now_unix();
     if let Some(t) = req.expires_at.filter(|t| *t <= now) {
@@ -112,6 +118,7 @@ pub async fn revoke(d: &Arc<Daemon>, caller: &Caller, req: Revoke) -> Result<Rep
     if let Some(old) = old.as_ref().filter(|o| o.kind == RevocationKind::Destroyed) {
         return Err(Error::AlreadyExists(describe(old)));
     }
+    change.before = old.as_ref().map(revocation_json);
     let since = old.filter(|o| o.expires_at.is_none_or(|t| now < t)).map_or(now, |o| o.since);
     let r = Revocation {
         scope: req.scope,
@@ -127,6 +134,8 @@ pub async fn revoke(d: &Arc<Daemon>, caller: &Caller, req: Revoke) -> Result<Rep
     // Durable and in force: tell subscribed clients to drop cached keys.
     let _ = d.revocation_events.send(r.scope.clone());
     evict(d, &r.scope).await;
+    change.after = Some(revocation_json(&r));
+    change.detail = Some(describe(&r));
     tracing::warn!(scope = %r.scope, reason = %r.reason, uid = caller.uid, pid = ?caller.pid, "suspended");
     reply(&r, 0)
 }
@@ -134,7 +143,12 @@ pub async fn revoke(d: &Arc<Daemon>, caller: &Caller, req: Revoke) -> Result<Rep
 /// `revoke_lift`: ends a suspension. Lifting the whole-system suspension is
 /// break-glass (the policy check in `ops::dispatch` asks for it), and it is
 /// logged as a warning.
-pub async fn lift(d: &Arc<Daemon>, caller: &Caller, req: RevokeLift) -> Result<Reply, Error> {
+pub async fn lift(
+    d: &Arc<Daemon>,
+    caller: &Caller,
+    req: RevokeLift,
+    change: &mut Change,
+) -> Result<Reply, Error> {
     req.scope.validate().map_err(|e| Error::BadRequest(e.to_string()))?;
     let Some(old) = d.revocations.get(&req.scope) else {
         return Err(Error::NotFound(format!("{} is not suspended", req.scope)));
@@ -145,6 +159,12 @@ pub async fn lift(d: &Arc<Daemon>, caller: &Caller, req: RevokeLift) -> Result<R
     let scope = req.scope.clone();
     blocking(d, move |s| Ok(s.remove_revocation(&scope)?)).await?;
     d.revocations.remove(&req.scope);
+    change.before = Some(revocation_json(&old));
+    change.detail = Some(if req.scope == Scope::All {
+        format!("BREAK-GLASS: the whole-system suspension is lifted (it was: {})", describe(&old))
+    } else {
+        format!("lifted: {}", describe(&old))
+    });
     if req.scope == Scope::All {
         tracing::warn!(reason = %req.reason, uid = caller.uid, pid = ?caller.pid, "BREAK-GLASS: whole-system suspension lifted");
     } else {
@@ -182,7 +202,12 @@ pub fn list(d: &Arc<Daemon>, req: RevokeList) -> Result<Reply, Error> {
 
 /// `destroy`: erases the wrapped KEK material of a suspended key version,
 /// key or tenant, for good, and unloads it from the HSM.
-pub async fn destroy(d: &Arc<Daemon>, caller: &Caller, req: Destroy) -> Result<Reply, Error> {
+pub async fn destroy(
+    d: &Arc<Daemon>,
+    caller: &Caller,
+    req: Destroy,
+    change: &mut Change,
+) -> Result<Reply, Error> {
     req.scope.validate().map_err(|e| Error::BadRequest(e.to_string()))?;
     let name = match &req.scope {
         Scope::Key { tenant, key, .. } => format!("{tenant}/{key}"),
@@ -216,6 +241,8 @@ pub async fn destroy(d: &Arc<Daemon>, caller: &Caller, req: Destroy) -> Result<R
                 req.scope
             ))
         })?;
+    change.reason = Some(suspension.reason.as_str().to_owned());
+    change.before = Some(revocation_json(&suspension));
     let r = Revocation {
         scope: req.scope.clone(),
         kind: RevocationKind::Destroyed,
@@ -236,7 +263,19 @@ pub async fn destroy(d: &Arc<Daemon>, caller: &Caller, req: Destroy) -> Result<R
     let _ = d.revocation_events.send(r.scope.clone());
     evict(d, &r.scope).await;
     tracing::warn!(scope = %r.scope, erased = erased.len(), uid = caller.uid, pid = ?caller.pid, "destroyed");
+    let mut after = revocation_json(&r);
+    after["erased"] = serde_json::json!(erased);
+    change.after = Some(after);
+    change.detail = Some(describe(&r));
     reply(&DestroyResponse { revocation: r, erased }, 0)
+}
+
+/// A revocation as an audit record's `before`/`after`: its fields, and
+/// its scope as text (`scope_text`), which a SIEM can match as it is.
+fn revocation_json(r: &Revocation) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    v["scope_text"] = serde_json::Value::String(r.scope.to_string());
+    v
 }
 
 /// Erases the wrapped KEK of every version in `scope`; returns them as
@@ -282,8 +321,9 @@ impl Op for Revoke {
     const ACCESS: Access = Access::Needs(Permission::Revoke);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
         scope_subject(&self.scope, cx.s);
+        cx.s.change.reason = Some(self.reason.as_str().to_owned());
         cx.allow(scope_target(&self.scope))?;
-        revoke(cx.d, cx.caller, self).await
+        revoke(cx.d, cx.caller, self, &mut cx.s.change).await
     }
 }
 
@@ -291,12 +331,13 @@ impl Op for RevokeLift {
     const ACCESS: Access = Access::Needs(Permission::Revoke);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
         scope_subject(&self.scope, cx.s);
+        cx.s.change.reason = Some(self.reason.as_str().to_owned());
         cx.allow(scope_target(&self.scope))?;
         if self.scope == Scope::All {
             // Lifting everything is break-glass.
             cx.allow_perm(Permission::BreakGlass, Target::All)?;
         }
-        lift(cx.d, cx.caller, self).await
+        lift(cx.d, cx.caller, self, &mut cx.s.change).await
     }
 }
 
@@ -314,7 +355,7 @@ impl Op for Destroy {
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
         scope_subject(&self.scope, cx.s);
         cx.allow(scope_target(&self.scope))?;
-        destroy(cx.d, cx.caller, self).await
+        destroy(cx.d, cx.caller, self, &mut cx.s.change).await
     }
 }
 

@@ -91,6 +91,9 @@ fn human(r: &AuditRecord) -> String {
     if let Some(p) = r.caller.pid {
         line += &format!(" pid={p}");
     }
+    if let Some(a) = &r.actor {
+        line += &format!(" actor={a}");
+    }
     line += &format!(" {}", r.op);
     match (&r.tenant, &r.key) {
         (Some(t), Some(k)) => line += &format!(" {t}/{k}"),
@@ -113,6 +116,9 @@ fn human(r: &AuditRecord) -> String {
     if let Some(d) = &r.detail {
         line += &format!(": {d}");
     }
+    if let Some(why) = &r.reason {
+        line += &format!(" (reason: {why})");
+    }
     line
 }
 
@@ -134,31 +140,111 @@ fn print(records: &[AuditRecord], json: bool, skip_own_reads: bool) -> Result<()
     Ok(())
 }
 
-/// `audit tail`: the last `lines` records, then (with `follow`) new ones.
+/// How `audit tail -f` connects again after the daemon went away.
+pub struct Reconnect {
+    /// The socket.
+    pub socket: std::path::PathBuf,
+    /// Connect timeout.
+    pub connect_timeout: Option<Duration>,
+    /// Request timeout.
+    pub request_timeout: Option<Duration>,
+}
+
+impl Reconnect {
+    async fn connect(&self) -> Result<Client, keyhaven::Error> {
+        Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .request_timeout(self.request_timeout)
+            .connect(&self.socket)
+            .await
+    }
+}
+
+/// Whether `audit tail -f` should connect again and go on after `e`: the
+/// daemon went away (stopped, restarting, not yet listening) or is
+/// momentarily unable to answer. Any other answer ends it.
+fn passing(e: &keyhaven::Error) -> bool {
+    use keyhaven::ErrorCode::{Busy, HsmUnavailable, StoreUnavailable};
+    match e.code() {
+        None => !matches!(e, keyhaven::Error::Protocol(_) | keyhaven::Error::FrameTooLarge(_)),
+        Some(code) => matches!(code, Busy | StoreUnavailable | HsmUnavailable),
+    }
+}
+
+/// What `audit tail` prints first.
+pub enum Start {
+    /// The last this many matching records (`-n`; 0: none, only new ones).
+    Last(u32),
+    /// Every matching record after this sequence number (`--after`).
+    After(u64),
+}
+
+/// `audit tail`: the last records (or those after a sequence number),
+/// then (with `follow`) new ones as they come. Following survives the
+/// daemon's restarts: it connects again (every 0.5 s, saying so on stderr)
+/// and reads on after the last record it read, so that no record is
+/// printed twice or left out (docs/AUDIT.md §7).
+#[allow(clippy::too_many_arguments)]
 pub async fn tail(
-    client: &Client,
+    client: Client,
+    reconnect: Reconnect,
     tenant: Option<String>,
     since: Option<u64>,
-    lines: u32,
+    start: Start,
     follow: bool,
     json: bool,
 ) -> Result<(), Failure> {
-    let first =
-        client.call(&AuditRead { tenant: tenant.clone(), since, after: None, last: Some(lines) }).await?;
-    print(&first.records, json, false)?;
+    let mut client = client;
+    let mut next = match start {
+        Start::Last(lines) => {
+            let first = client
+                .call(&AuditRead { tenant: tenant.clone(), since, after: None, last: Some(lines) })
+                .await?;
+            print(&first.records, json, false)?;
+            // The newest record in the log, matching or not: nothing older
+            // is printed from here on.
+            first.next
+        }
+        Start::After(after) => {
+            let mut after = after;
+            loop {
+                let page = client
+                    .call(&AuditRead { tenant: tenant.clone(), since, after: Some(after), last: None })
+                    .await?;
+                print(&page.records, json, false)?;
+                after = page.next.max(after);
+                if !page.more {
+                    break after;
+                }
+            }
+        }
+    };
     if !follow {
         return Ok(());
     }
-    // Nothing matched yet: nothing older matches either, so reading on
-    // from the start prints only what comes.
-    let mut next = first.next;
     loop {
-        let page =
-            client.call(&AuditRead { tenant: tenant.clone(), since, after: Some(next), last: None }).await?;
-        print(&page.records, json, true)?;
-        next = page.next.max(next);
-        if !page.more {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        let read = AuditRead { tenant: tenant.clone(), since, after: Some(next), last: None };
+        match client.call(&read).await {
+            Ok(page) => {
+                print(&page.records, json, true)?;
+                next = page.next.max(next);
+                if !page.more {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            Err(e) if passing(&e) => {
+                eprintln!("keyhaven: audit tail: {e}; connecting again to go on after record {next}");
+                client = loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    match reconnect.connect().await {
+                        Ok(c) => break c,
+                        Err(e) if passing(&e) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                eprintln!("keyhaven: audit tail: connected again; going on after record {next}");
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -18,6 +18,7 @@ macro_rules! outln {
 }
 
 mod audit;
+mod audit_file;
 mod bench;
 mod inspect;
 mod jwt;
@@ -260,9 +261,13 @@ enum AuditCommand {
         /// Only records from this time: Unix seconds, an age (15m, 2h, 7d) or 2026-01-31[T12:00:00Z].
         #[arg(long, value_parser = audit::parse_time)]
         since: Option<u64>,
-        /// How many records to show before following.
-        #[arg(short = 'n', long, default_value_t = 20)]
+        /// How many records to show before following (0: none, only new ones with -f).
+        #[arg(short = 'n', long, default_value_t = 20, conflicts_with = "after")]
         lines: u32,
+        /// Every record after this sequence number instead of the last N (with -f: then new
+        /// ones); to go on where an earlier tail stopped.
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
@@ -271,8 +276,16 @@ enum AuditCommand {
     /// intact but records were found unsealed at a start, 1 otherwise.
     Verify {
         /// Print the daemon's full answer as JSON.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "file")]
         json: bool,
+        /// Check exported or shipped JSON lines offline instead (`audit export --signed`, a
+        /// file sink's files, in any order; repeat for several files): no daemon needed.
+        #[arg(long, value_name = "EXPORT")]
+        file: Vec<PathBuf>,
+        /// With --file: the audit signing key (`keyhaven audit public-key`), to check the
+        /// signed heads.
+        #[arg(long, value_name = "PEM", requires = "file")]
+        public_key: Option<PathBuf>,
     },
     /// Every matching record as JSON lines (for a SIEM).
     Export {
@@ -574,6 +587,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Inspect { value } = &cli.command {
         return inspect::run(value.as_deref());
     }
+    if let Command::Audit(AuditCommand::Verify { file, public_key, .. }) = &cli.command {
+        if !file.is_empty() {
+            return audit_file::verify(file, public_key.as_deref());
+        }
+    }
     if let Command::Seal { chunk_size, .. } = &cli.command {
         if !(keyhaven::seal::MIN_CHUNK..=keyhaven::seal::MAX_CHUNK).contains(chunk_size) {
             return Err(usage(format!(
@@ -681,10 +699,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Admin(AdminCommand::Reload) => {
             print_json(&client.call(&keyhaven::wire::AdminReload {}).await?)
         }
-        Command::Audit(AuditCommand::Tail { follow, tenant, since, lines, json }) => {
-            audit::tail(&client, tenant, since, lines, follow, json).await
+        Command::Audit(AuditCommand::Tail { follow, tenant, since, lines, after, json }) => {
+            let start = match after {
+                Some(seq) => audit::Start::After(seq),
+                None => audit::Start::Last(lines),
+            };
+            let reconnect = audit::Reconnect {
+                socket: socket.clone(),
+                connect_timeout: Some(cli.connect_timeout).filter(|t| !t.is_zero()),
+                request_timeout: Some(request_timeout).filter(|t| !t.is_zero()),
+            };
+            audit::tail(client, reconnect, tenant, since, start, follow, json).await
         }
-        Command::Audit(AuditCommand::Verify { json }) => audit::verify(&client, json).await,
+        Command::Audit(AuditCommand::Verify { json, .. }) => audit::verify(&client, json).await,
         Command::Audit(AuditCommand::Export { since, tenant: _, signed: true }) => {
             audit::export_signed(&client, since).await
         }
