@@ -1,0 +1,281 @@
+//! The slow token (tests/slow-token): a PKCS#11 module that forwards every
+//! call to SoftHSM2 after a delay, like a network HSM's round trip. Checked
+//! from outside: each call waits, sessions wait in parallel (the sleep is
+//! outside any lock), pkcs11-tool lists the token through it, a session
+//! limit is reported and enforced, a bad setting is refused by name, and
+//! the real daemon, loaded on it through the normal `[hsm] module` path,
+//! serves a full round trip.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use keyhaven_tests::*;
+
+/// The slow token's module, built next to the daemon by `cargo build --workspace`.
+fn slow_token_module() -> PathBuf {
+    let path = bin("keyhavend").with_file_name("libkeyhaven_slow_token.so");
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` first", path.display());
+    path
+}
+
+/// A `keyhavend dev` whose token is reached through the slow token (dev
+/// makes its SoftHSM2 token through the same module: `KEYHAVEN_SOFTHSM_MODULE`).
+struct SlowDaemon {
+    dir: tempfile::TempDir,
+    child: Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl SlowDaemon {
+    fn start(env: &[(&str, &str)]) -> SlowDaemon {
+        let dir = tempfile::Builder::new().prefix("keyhaven-slow-").tempdir().expect("temp dir");
+        let mut child = Command::new(bin("keyhavend"))
+            .args(["dev", "--dir"])
+            .arg(dir.path())
+            .env("KEYHAVEN_LOG", "info")
+            .env("KEYHAVEN_SOFTHSM_MODULE", slow_token_module())
+            .envs(env.iter().copied())
+            .env_remove("SOFTHSM2_CONF")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start keyhavend");
+        let stderr = child.stderr.take().expect("stderr");
+        let stderr = Some(std::thread::spawn(move || {
+            BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>().join("\n")
+        }));
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut d = SlowDaemon { dir, child, stderr };
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("export KEYHAVEN_SOCKET=") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("keyhavend stopped before serving:\n{}", d.stop()),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("keyhaven.sock")
+    }
+
+    fn cli(&self, args: &[&str], stdin: &[u8]) -> std::process::Output {
+        run_cli(&self.socket(), args, stdin)
+    }
+
+    /// Stops the daemon; returns its log.
+    fn stop(&mut self) -> String {
+        signal(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.wait();
+        self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+    }
+}
+
+impl Drop for SlowDaemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+fn ok(out: std::process::Output, what: &str) -> Vec<u8> {
+    assert!(out.status.success(), "{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// A SoftHSM2 token of its own in `dir` (softhsm2-util, not our code);
+/// returns the SOFTHSM2_CONF to use.
+fn softhsm_token(dir: &Path, label: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("tokens")).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.join("tokens").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", label, "--so-pin", "12345678", "--pin", "87654321"])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .expect("softhsm2-util");
+    ok(out, "softhsm2-util --init-token");
+    conf
+}
+
+#[test]
+fn the_daemon_serves_a_round_trip_through_the_slow_token_and_each_call_waits() {
+    let delay = Duration::from_millis(20);
+    let mut d =
+        SlowDaemon::start(&[("KEYHAVEN_SLOW_TOKEN_DELAY", "20ms"), ("KEYHAVEN_SLOW_TOKEN_PER", "call")]);
+    let config = std::fs::read_to_string(d.dir.path().join("keyhaven.toml")).unwrap();
+    assert!(
+        config.contains("libkeyhaven_slow_token.so"),
+        "the daemon's [hsm] module is the slow token:\n{config}"
+    );
+
+    ok(d.cli(&["key", "create", "acme/slow"], b""), "key create");
+    let sealed =
+        ok(d.cli(&["encrypt", "acme/slow", "--context", "app=slow"], b"through a slow token"), "encrypt");
+    // A decryption is at least the token's DecryptInit, the length query
+    // and C_Decrypt: three round trips.
+    let started = Instant::now();
+    let plain = ok(d.cli(&["decrypt", "--context", "app=slow"], &sealed), "decrypt");
+    let took = started.elapsed();
+    assert_eq!(plain, b"through a slow token");
+    assert!(took >= 3 * delay, "a decryption through a 20 ms token took {took:?}: the delay was not applied");
+    // The wrong context still fails as it should through the forwarding module.
+    let out = d.cli(&["decrypt", "--context", "app=other"], &sealed);
+    assert!(!out.status.success(), "a wrong context decrypted through the slow token");
+
+    // Data keys too: one made, its envelope decrypted.
+    let made =
+        ok(d.cli(&["datakey", "acme/slow", "--context", "app=slow", "--no-plaintext"], b""), "datakey");
+    let made: serde_json::Value = serde_json::from_slice(&made).expect("datakey --no-plaintext prints JSON");
+    let envelope = made["envelope"].as_str().expect("an envelope");
+    ok(d.cli(&["datakey", "decrypt", "--context", "app=slow"], envelope.as_bytes()), "datakey decrypt");
+
+    // pkcs11-tool (OpenSC, not ours) lists the dev token through the slow token.
+    let started = Instant::now();
+    let out = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(slow_token_module())
+        .args(["-L"])
+        .env("SOFTHSM2_CONF", d.dir.path().join("softhsm2.conf"))
+        .env("KEYHAVEN_SLOW_TOKEN_DELAY", "20ms")
+        .output()
+        .expect("pkcs11-tool");
+    let took = started.elapsed();
+    let listing = String::from_utf8_lossy(&ok(out, "pkcs11-tool -L")).into_owned();
+    assert!(listing.contains("token label        : keyhaven-dev"), "pkcs11-tool -L:\n{listing}");
+    // C_Initialize, C_GetSlotList twice, C_GetSlotInfo, C_GetTokenInfo at least.
+    assert!(took >= 5 * delay, "pkcs11-tool -L through a 20 ms token took {took:?}");
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "daemon log:\n{log}");
+}
+
+/// One process loading the slow token in-process, as the daemon does. The
+/// environment is read once, at the module's first call, so every test of
+/// this file that loads it in-process must go through here.
+fn in_process_token() -> (cryptoki::context::Pkcs11, PathBuf) {
+    static SETUP: Once = Once::new();
+    let dir = std::env::temp_dir().join(format!("keyhaven-slow-inproc-{}", std::process::id()));
+    SETUP.call_once(|| {
+        let _ = std::fs::remove_dir_all(&dir);
+        let conf = softhsm_token(&dir, "slow-inproc");
+        std::env::set_var("SOFTHSM2_CONF", conf);
+        std::env::set_var("KEYHAVEN_SLOW_TOKEN_DELAY", "100ms");
+        std::env::set_var("KEYHAVEN_SLOW_TOKEN_PER", "call");
+        std::env::set_var("KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS", "9");
+    });
+    let pkcs11 = cryptoki::context::Pkcs11::new(slow_token_module()).expect("load the slow token");
+    match pkcs11.initialize(cryptoki::context::CInitializeArgs::new(
+        cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
+    )) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("C_Initialize through the slow token: {e}"),
+    }
+    (pkcs11, dir)
+}
+
+#[test]
+fn sessions_wait_in_parallel_and_the_session_limit_holds() {
+    let (pkcs11, dir) = in_process_token();
+    let slot = *pkcs11.get_slots_with_initialized_token().expect("slots").first().expect("a token");
+    let info = pkcs11.get_token_info(slot).expect("token info");
+    assert!(
+        matches!(info.max_session_count(), cryptoki::slot::Limit::Max(9)),
+        "{:?}",
+        info.max_session_count()
+    );
+
+    // One session: five calls take at least five delays.
+    let session = pkcs11.open_ro_session(slot).expect("session");
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    for _ in 0..5 {
+        session.generate_random_slice(&mut buf).expect("random");
+    }
+    let serial = started.elapsed();
+    assert!(serial >= Duration::from_millis(500), "5 calls at 100 ms took {serial:?}");
+
+    // Eight more sessions (nine in all: the limit), each on its own thread,
+    // five calls each: 40 calls of 100 ms would take 4 s one after the
+    // other; in parallel about 0.5 s.
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            let pkcs11 = pkcs11.clone();
+            s.spawn(move || {
+                let session = pkcs11.open_ro_session(slot).expect("session");
+                let mut buf = [0u8; 16];
+                for _ in 0..5 {
+                    session.generate_random_slice(&mut buf).expect("random");
+                }
+                // All nine are open now or soon: the tenth is refused.
+                std::thread::sleep(Duration::from_millis(300));
+            });
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        match pkcs11.open_ro_session(slot) {
+            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::SessionCount, _)) => {}
+            Err(e) => panic!("a tenth session failed otherwise: {e}"),
+            Ok(_) => panic!("a tenth session opened past a limit of nine"),
+        }
+    });
+    let parallel = started.elapsed();
+    assert!(
+        parallel < Duration::from_millis(2500),
+        "8 sessions × 5 calls of 100 ms took {parallel:?}: the calls did not wait in parallel"
+    );
+    drop(session);
+    // Sessions closed give their places back.
+    let again = pkcs11.open_ro_session(slot).expect("a session after the others closed");
+    drop(again);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_bad_setting_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = softhsm_token(dir.path(), "slow-bad");
+    for (var, value, named) in [
+        ("KEYHAVEN_SLOW_TOKEN_DELAY", "fast", "KEYHAVEN_SLOW_TOKEN_DELAY"),
+        ("KEYHAVEN_SLOW_TOKEN_PER", "request", "KEYHAVEN_SLOW_TOKEN_PER"),
+        ("KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS", "0", "KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS"),
+        ("KEYHAVEN_SLOW_TOKEN_MODULE", "/nonexistent/libnothing.so", "/nonexistent/libnothing.so"),
+    ] {
+        let out = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(slow_token_module())
+            .arg("-L")
+            .env("SOFTHSM2_CONF", &conf)
+            .env(var, value)
+            .output()
+            .expect("pkcs11-tool");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        assert!(
+            stderr.contains("keyhaven-slow-token: ") && stderr.contains(named),
+            "{var}={value}: {stderr}"
+        );
+    }
+}
