@@ -21,10 +21,29 @@ fn slow_token_module() -> PathBuf {
     path
 }
 
+/// The slow token's settings. The in-process test sets them in this
+/// process's environment; every command started here starts without them
+/// and gets only its own.
+const SETTINGS: [&str; 4] = [
+    "KEYHAVEN_SLOW_TOKEN_DELAY",
+    "KEYHAVEN_SLOW_TOKEN_PER",
+    "KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS",
+    "KEYHAVEN_SLOW_TOKEN_MODULE",
+];
+
+fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for var in SETTINGS {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// A `keyhavend dev` whose token is reached through the slow token (dev
 /// makes its SoftHSM2 token through the same module: `KEYHAVEN_SOFTHSM_MODULE`).
 struct SlowDaemon {
     dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
     child: Child,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
@@ -32,12 +51,32 @@ struct SlowDaemon {
 impl SlowDaemon {
     fn start(env: &[(&str, &str)]) -> SlowDaemon {
         let dir = tempfile::Builder::new().prefix("keyhaven-slow-").tempdir().expect("temp dir");
-        let mut child = Command::new(bin("keyhavend"))
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (child, stderr) = Self::spawn(dir.path(), &env);
+        let mut d = SlowDaemon { dir, env, child, stderr: Some(stderr) };
+        d.wait_serving();
+        d
+    }
+
+    /// Stops the daemon, lets `change` edit its config text, and starts it
+    /// again; returns the log of the run that stopped.
+    fn restart_with(&mut self, change: impl FnOnce(String) -> String) -> String {
+        let log = self.stop();
+        let path = self.dir.path().join("keyhaven.toml");
+        std::fs::write(&path, change(std::fs::read_to_string(&path).unwrap())).unwrap();
+        let (child, stderr) = Self::spawn(self.dir.path(), &self.env);
+        (self.child, self.stderr) = (child, Some(stderr));
+        self.wait_serving();
+        log
+    }
+
+    fn spawn(dir: &Path, env: &[(String, String)]) -> (Child, std::thread::JoinHandle<String>) {
+        let mut child = command(bin("keyhavend"))
             .args(["dev", "--dir"])
-            .arg(dir.path())
+            .arg(dir)
             .env("KEYHAVEN_LOG", "info")
             .env("KEYHAVEN_SOFTHSM_MODULE", slow_token_module())
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("SOFTHSM2_CONF")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -45,20 +84,22 @@ impl SlowDaemon {
             .spawn()
             .expect("start keyhavend");
         let stderr = child.stderr.take().expect("stderr");
-        let stderr = Some(std::thread::spawn(move || {
+        let stderr = std::thread::spawn(move || {
             BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>().join("\n")
-        }));
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut d = SlowDaemon { dir, child, stderr };
+        });
+        (child, stderr)
+    }
+
+    fn wait_serving(&mut self) {
+        let mut lines = BufReader::new(self.child.stdout.take().expect("stdout")).lines();
         loop {
             match lines.next() {
                 Some(Ok(l)) if l.starts_with("export KEYHAVEN_SOCKET=") => break,
                 Some(Ok(_)) => {}
-                _ => panic!("keyhavend stopped before serving:\n{}", d.stop()),
+                _ => panic!("keyhavend stopped before serving:\n{}", self.stop()),
             }
         }
         std::thread::spawn(move || for _ in lines {});
-        d
     }
 
     fn socket(&self) -> PathBuf {
@@ -154,7 +195,7 @@ fn the_daemon_serves_a_round_trip_through_the_slow_token_and_each_call_waits() {
 
     // pkcs11-tool (OpenSC, not ours) lists the dev token through the slow token.
     let started = Instant::now();
-    let out = Command::new("pkcs11-tool")
+    let out = command("pkcs11-tool")
         .arg("--module")
         .arg(slow_token_module())
         .args(["-L"])
@@ -263,7 +304,7 @@ fn a_bad_setting_is_refused_by_name() {
         ("KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS", "0", "KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS"),
         ("KEYHAVEN_SLOW_TOKEN_MODULE", "/nonexistent/libnothing.so", "/nonexistent/libnothing.so"),
     ] {
-        let out = Command::new("pkcs11-tool")
+        let out = command("pkcs11-tool")
             .arg("--module")
             .arg(slow_token_module())
             .arg("-L")
@@ -278,4 +319,105 @@ fn a_bad_setting_is_refused_by_name() {
             "{var}={value}: {stderr}"
         );
     }
+}
+
+/// Sets `[hsm] workers` in a dev config's text.
+fn set_workers(config: String, value: &str) -> String {
+    assert!(config.contains("\nworkers = 1\n"), "a dev config sets one worker:\n{config}");
+    config.replace("\nworkers = 1\n", &format!("\nworkers = {value}\n"))
+}
+
+#[test]
+fn workers_auto_sizes_the_pool_from_the_token_latency_and_session_limit() {
+    // A 1 ms token allowing 40 sessions: the latency asks for 64 workers
+    // (2+ CPUs × 1 ms / 25 µs, at most 64), the limit allows three quarters of 40.
+    let mut d = SlowDaemon::start(&[
+        ("KEYHAVEN_SLOW_TOKEN_DELAY", "1ms"),
+        ("KEYHAVEN_SLOW_TOKEN_PER", "operation"),
+        ("KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS", "40"),
+    ]);
+    d.restart_with(|c| set_workers(c, "\"auto\""));
+    let health: serde_json::Value =
+        serde_json::from_slice(&ok(d.cli(&["health"], b""), "health")).expect("health prints JSON");
+    assert_eq!(health["token"]["workers"], 30, "{health}");
+    // Every worker's session works: as many requests in flight as workers.
+    ok(d.cli(&["key", "create", "acme/auto"], b""), "key create");
+    ok(d.cli(&["bench", "--op", "datakey-decrypt", "--concurrency", "30", "--duration", "1s"], b""), "bench");
+    let log = d.stop();
+    let line = log
+        .lines()
+        .find(|l| l.contains("HSM workers: 30"))
+        .unwrap_or_else(|| panic!("no sizing line:\n{log}"));
+    assert!(line.contains("the token allows 40 sessions") && line.contains("a remote token"), "{line}");
+    assert!(!log.contains("panicked"), "{log}");
+
+    // The same setting on SoftHSM2 itself (a local token): one worker.
+    let mut local = TestDaemon::start();
+    local.restart_with(|dir| {
+        let path = dir.join("keyhaven.toml");
+        std::fs::write(&path, set_workers(std::fs::read_to_string(&path).unwrap(), "\"auto\"")).unwrap();
+    });
+    let health: serde_json::Value =
+        serde_json::from_slice(&ok(local.cli(&["health"], b""), "health")).expect("health prints JSON");
+    assert_eq!(health["token"]["workers"], 1, "{health}");
+    let (_, log) = local.stop();
+    assert!(log.contains("HSM workers: 1") && log.contains("the token is local"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenants_burst_does_not_starve_another_tenants_requests() {
+    // One worker on a 5 ms token: a data-key decryption is three calls,
+    // 15 ms of token time. Tenant `burst` keeps 24 requests waiting;
+    // tenant `calm` asks one at a time. First come, first served would
+    // make each of calm's requests wait for the 24 (about 360 ms); taking
+    // turns makes it wait for at most one of burst's.
+    let d = SlowDaemon::start(&[("KEYHAVEN_SLOW_TOKEN_DELAY", "5ms"), ("KEYHAVEN_SLOW_TOKEN_PER", "call")]);
+    let socket = d.socket();
+    let client = Client::connect(&socket).await.expect("connect");
+    let ctx = ctx(&["app=fair"]);
+    let mut envelopes = Vec::new();
+    for tenant in ["burst", "calm"] {
+        let key = path(&format!("{tenant}/k"));
+        client.key_create(&key).await.expect("key create");
+        let env = client.datakey(&key, &ctx, false).await.expect("datakey").envelope;
+        client.datakey_decrypt(&env, &ctx).await.expect("warm-up");
+        envelopes.push(env);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut burst = Vec::new();
+    for _ in 0..24 {
+        let (socket, env, ctx, stop) = (socket.clone(), envelopes[0].clone(), ctx.clone(), stop.clone());
+        burst.push(tokio::spawn(async move {
+            let c = Client::connect(&socket).await.expect("connect");
+            let mut times = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = Instant::now();
+                c.datakey_decrypt(&env, &ctx).await.expect("burst decrypt");
+                times.push(t.elapsed());
+            }
+            times
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut calm = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        client.datakey_decrypt(&envelopes[1], &ctx).await.expect("calm decrypt");
+        calm.push(t.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut burst_times = Vec::new();
+    for b in burst {
+        burst_times.extend(b.await.expect("burst task"));
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (calm_p50, burst_p50) = (median(&mut calm), median(&mut burst_times));
+    eprintln!("calm p50 {calm_p50:?}, burst p50 {burst_p50:?} ({} burst requests)", burst_times.len());
+    assert!(
+        calm_p50 * 3 < burst_p50,
+        "the calm tenant waited {calm_p50:?} (median) against the burst's {burst_p50:?}: it waited its turn behind the burst"
+    );
 }
