@@ -421,3 +421,28 @@ async fn one_tenants_burst_does_not_starve_another_tenants_requests() {
         "the calm tenant waited {calm_p50:?} (median) against the burst's {burst_p50:?}: it waited its turn behind the burst"
     );
 }
+
+#[test]
+fn keyhavend_bench_token_latency_runs_the_comparison_and_prints_its_line() {
+    // A smoke run, not a measurement: nothing here checks a timing.
+    let dir = tempfile::tempdir().unwrap();
+    let out = command(bin("keyhavend"))
+        .args(["bench", "--token-latency", "200us", "--duration", "200ms", "--dir"])
+        .arg(dir.path().join("bench"))
+        .arg("--keyhaven")
+        .arg(bin("keyhaven"))
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("token: slow token, 200 µs per operation"), "{text}");
+    for sessions in [8, 32, 128] {
+        assert!(text.contains(&format!("raw token decrypt, {sessions} sess")), "{text}");
+    }
+    assert!(text.contains("[hsm] workers = \"auto\""), "{text}");
+    assert!(!text.contains("first error"), "{text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.starts_with("daemon/raw datakey-decrypt c=64 token 200 µs/operation: "), "{last}");
+    assert!(last.contains(" of raw at ") && last.ends_with(" µs)"), "{last}");
+}
