@@ -2,9 +2,11 @@
 //! call to SoftHSM2 after a delay, like a network HSM's round trip. Checked
 //! from outside: each call waits, sessions wait in parallel (the sleep is
 //! outside any lock), pkcs11-tool lists the token through it, a session
-//! limit is reported and enforced, a bad setting is refused by name, and
-//! the real daemon, loaded on it through the normal `[hsm] module` path,
-//! serves a full round trip.
+//! limit is reported and enforced, a session object serves every session
+//! of its process (what sharing KEK handles would rest on), a bad setting
+//! is refused by name, and the real daemon, loaded on it through the normal
+//! `[hsm] module` path, serves a full round trip, sizes `workers = "auto"`
+//! from it, and serves a calm tenant while another bursts.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -213,8 +215,8 @@ fn the_daemon_serves_a_round_trip_through_the_slow_token_and_each_call_waits() {
 }
 
 /// One process loading the slow token in-process, as the daemon does. The
-/// environment is read once, at the module's first call, so every test of
-/// this file that loads it in-process must go through here.
+/// environment is read once, at the module's first call: only one test
+/// of this file may load it in-process.
 fn in_process_token() -> (cryptoki::context::Pkcs11, PathBuf) {
     static SETUP: Once = Once::new();
     let dir = std::env::temp_dir().join(format!("keyhaven-slow-inproc-{}", std::process::id()));
@@ -291,6 +293,7 @@ fn sessions_wait_in_parallel_and_the_session_limit_holds() {
     // Sessions closed give their places back.
     let again = pkcs11.open_ro_session(slot).expect("a session after the others closed");
     drop(again);
+    a_session_object_serves_every_session_of_its_process(&pkcs11, slot);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -445,4 +448,42 @@ fn keyhavend_bench_token_latency_runs_the_comparison_and_prints_its_line() {
     let last = text.lines().last().unwrap_or_default();
     assert!(last.starts_with("daemon/raw datakey-decrypt c=64 token 200 µs/operation: "), "{last}");
     assert!(last.contains(" of raw at ") && last.ends_with(" µs)"), "{last}");
+}
+
+/// A session object made in one session serves another session of the
+/// same process, and dies with the session that made it.
+fn a_session_object_serves_every_session_of_its_process(
+    pkcs11: &cryptoki::context::Pkcs11,
+    slot: cryptoki::slot::Slot,
+) {
+    // What sharing KEK handles across workers would rest on (PKCS#11: an
+    // application's session objects are visible to all its sessions),
+    // checked on SoftHSM2 through the slow token. Not used by the daemon
+    // yet: each worker unwraps its own copy (docs/PERFORMANCE.md).
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    let maker = pkcs11.open_rw_session(slot).expect("session");
+    maker.login(cryptoki::session::UserType::User, Some(&"87654321".into())).expect("login");
+    let key = maker
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(false),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+            ],
+        )
+        .expect("a session key");
+    let user = pkcs11.open_rw_session(slot).expect("a second session");
+    let sealed = user.encrypt(&Mechanism::AesEcb, key, &[7u8; 16]).expect("the other session uses the key");
+    assert_eq!(maker.decrypt(&Mechanism::AesEcb, key, &sealed).expect("decrypt"), [7u8; 16]);
+    // The object lives as long as the session that made it.
+    drop(maker);
+    assert!(user.encrypt(&Mechanism::AesEcb, key, &[7u8; 16]).is_err(), "the key outlived its session");
 }
