@@ -11,6 +11,12 @@
 //! 4. prints the table and the ratio daemon/raw for data-key decryption at
 //!    the highest concurrency.
 //!
+//! With `--token-latency 1ms` the token is the slow token
+//! (tests/slow-token: SoftHSM2 behind a delay per call, like a network
+//! HSM), the daemon's `[hsm] workers` is `"auto"`, and the raw rate is
+//! measured with 8, 32 and 128 sessions in parallel and with as many as
+//! the daemon chose.
+//!
 //! A benchmark, not a test: nothing here fails on a timing.
 
 use std::io::{BufRead, BufReader};
@@ -34,12 +40,13 @@ pub struct BenchArgs {
     /// Folder for the dev install (must not exist or be empty) [default: a temporary one, removed after].
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Operations for `keyhaven bench --op`.
-    #[arg(long = "op", value_name = "OP", default_value = "health,encrypt,datakey,datakey-decrypt,rewrap")]
-    pub ops: String,
-    /// Concurrent clients for `keyhaven bench --concurrency`.
-    #[arg(long, default_value = "1,8,64")]
-    pub concurrency: String,
+    /// Operations for `keyhaven bench --op` [default: health,encrypt,datakey,datakey-decrypt,rewrap;
+    /// with --token-latency: datakey-decrypt].
+    #[arg(long = "op", value_name = "OP")]
+    pub ops: Option<String>,
+    /// Concurrent clients for `keyhaven bench --concurrency` [default: 1,8,64; with --token-latency: 8,64].
+    #[arg(long)]
+    pub concurrency: Option<String>,
     /// Time per measurement (and for the raw token rate).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -49,9 +56,19 @@ pub struct BenchArgs {
     /// Run the daemon with the audit log off ([audit] enabled = false), to measure its cost.
     #[arg(long)]
     pub no_audit: bool,
-    /// HSM worker threads of the daemon ([hsm] workers; the dev default is 1).
+    /// HSM worker threads of the daemon ([hsm] workers; the dev default is 1,
+    /// with --token-latency "auto").
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Put the slow token (tests/slow-token, next to this executable) in
+    /// front of SoftHSM2 with this delay per call, e.g. 1ms: a token shaped
+    /// like a network HSM.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub token_latency: Option<Duration>,
+    /// With --token-latency: `operation` (one delay per token operation;
+    /// init calls and length queries are free) or `call` (every call).
+    #[arg(long, default_value = "operation", value_parser = ["operation", "call"])]
+    pub token_latency_per: String,
     /// Then run datakey-decrypt at 64 clients for this long (e.g. 60s),
     /// sampling the daemon's resident memory every 10 s, and print its growth.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -88,34 +105,7 @@ pub fn raw_datakey_decrypt(config: &Config, duration: Duration) -> anyhow::Resul
     let pkcs11 = token::load_module(&hsm.module)?;
     let slot = token::find_token(&pkcs11, &hsm.token_label)?;
     let session = token::open_session(&pkcs11, slot, &hsm.token_label, &hsm.pin)?;
-    let key = session.generate_key(
-        &Mechanism::AesKeyGen,
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(false),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
-        ],
-    )?;
-    let path: KeyPath = "bench/bench".parse()?;
-    let ctx = EncryptionContext::from_pairs(["bench=1"])?;
-    let mut nonce = [0u8; NONCE_LEN];
-    session.generate_random_slice(&mut nonce)?;
-    let header = envelope::envelope_header(&path, 1, &EnvelopeId([7; 16]), &nonce);
-    let aad = envelope::aad(&header, &ctx);
-    let mut dek = [0u8; 32];
-    session.generate_random_slice(&mut dek)?;
-    let mut iv = nonce;
-    let sealed = session.encrypt(
-        &Mechanism::AesGcm(GcmParams::new(&mut iv, &aad, (8 * TAG_LEN as u64).into())?),
-        key,
-        &dek,
-    )?;
+    let (key, nonce, aad, sealed) = decrypt_fixture(&session)?;
     let mut n = 0u64;
     let start = Instant::now();
     while start.elapsed() < duration {
@@ -132,6 +122,99 @@ pub fn raw_datakey_decrypt(config: &Config, duration: Duration) -> anyhow::Resul
     let secs = start.elapsed().as_secs_f64();
     let _ = session.destroy_object(key);
     Ok(Raw { ops_per_sec: n as f64 / secs, mean_us: secs * 1e6 / n as f64 })
+}
+
+/// The raw token rate with `sessions` sessions, each on its own thread
+/// with its own key, doing what [`raw_datakey_decrypt`] does, at once, for
+/// `duration`: what the token gives when nothing but the calls stands
+/// between it and the caller.
+pub fn raw_datakey_decrypt_parallel(
+    config: &Config,
+    sessions: usize,
+    duration: Duration,
+) -> anyhow::Result<Raw> {
+    let hsm = config.hsm_config().map_err(anyhow::Error::msg)?;
+    let pkcs11 = token::load_module(&hsm.module)?;
+    let slot = token::find_token(&pkcs11, &hsm.token_label)?;
+    let barrier = std::sync::Barrier::new(sessions);
+    let results: Vec<anyhow::Result<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..sessions)
+            .map(|_| {
+                let (pkcs11, hsm, barrier) = (&pkcs11, &hsm, &barrier);
+                s.spawn(move || -> anyhow::Result<u64> {
+                    let session = token::open_session(pkcs11, slot, &hsm.token_label, &hsm.pin);
+                    // Every thread waits for the others, even one that failed.
+                    let ready = session.and_then(|s| Ok((decrypt_fixture(&s)?, s)));
+                    barrier.wait();
+                    let ((key, nonce, aad, sealed), session) = ready?;
+                    let start = Instant::now();
+                    let mut n = 0u64;
+                    while start.elapsed() < duration {
+                        let mut iv = nonce;
+                        let params = GcmParams::new(&mut iv, &aad, (8 * TAG_LEN as u64).into())?;
+                        let plain = zeroize::Zeroizing::new(session.decrypt(
+                            &Mechanism::AesGcm(params),
+                            key,
+                            &sealed,
+                        )?);
+                        if plain.len() != 32 {
+                            bail!("the token returned {} bytes, expected 32", plain.len());
+                        }
+                        n += 1;
+                    }
+                    let _ = session.destroy_object(key);
+                    Ok(n)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a thread panicked"))))
+            .collect()
+    });
+    let mut n = 0;
+    for r in results {
+        n += r?;
+    }
+    let secs = duration.as_secs_f64();
+    Ok(Raw { ops_per_sec: n as f64 / secs, mean_us: secs * 1e6 * sessions as f64 / n.max(1) as f64 })
+}
+
+/// A session-object AES-256 key as an unwrapped KEK is, and a data key
+/// sealed under it with a data-key decryption's AAD.
+#[allow(clippy::type_complexity)]
+fn decrypt_fixture(
+    session: &cryptoki::session::Session,
+) -> Result<(cryptoki::object::ObjectHandle, [u8; NONCE_LEN], Vec<u8>, Vec<u8>), crate::hsm::HsmError> {
+    let key = session.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+        ],
+    )?;
+    let path: KeyPath = "bench/bench".parse().expect("a key path");
+    let ctx = EncryptionContext::from_pairs(["bench=1"]).expect("a context");
+    let mut nonce = [0u8; NONCE_LEN];
+    session.generate_random_slice(&mut nonce)?;
+    let header = envelope::envelope_header(&path, 1, &EnvelopeId([7; 16]), &nonce);
+    let aad = envelope::aad(&header, &ctx);
+    let mut dek = [0u8; 32];
+    session.generate_random_slice(&mut dek)?;
+    let mut iv = nonce;
+    let sealed = session.encrypt(
+        &Mechanism::AesGcm(GcmParams::new(&mut iv, &aad, (8 * TAG_LEN as u64).into())?),
+        key,
+        &dek,
+    )?;
+    Ok((key, nonce, aad, sealed))
 }
 
 /// The daemon, stopped (SIGTERM) when dropped.
@@ -164,6 +247,28 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The daemon's HSM worker count, from `keyhaven health`.
+fn daemon_workers(bin: &Path, socket: &Path) -> Option<u64> {
+    let out = Command::new(bin).arg("--socket").arg(socket).arg("health").output().ok()?;
+    let health: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    health["token"]["workers"].as_u64()
+}
+
+/// The slow token's module, next to this executable (built with the
+/// workspace: `cargo build --workspace`, or `--release`).
+fn slow_token_module() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let module = exe.with_file_name("libkeyhaven_slow_token.so");
+    if !module.exists() {
+        bail!(
+            "{} is missing: build the workspace (`cargo build --workspace`, or `--release`), which builds \
+             the slow token (tests/slow-token)",
+            module.display()
+        );
+    }
+    Ok(module)
 }
 
 fn start_daemon(dir: &Path) -> anyhow::Result<(DaemonProcess, PathBuf)> {
@@ -313,7 +418,11 @@ fn machine() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "?".into());
-    format!("{cores} cores ({model}), SoftHSM2 {softhsm}")
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into());
+    format!("{cores} cores ({model}), SoftHSM2 {softhsm}, load average {load}")
 }
 
 /// Runs the comparison and prints it.
@@ -336,10 +445,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     let bin = keyhaven_binary(args)?;
+    if let Some(latency) = args.token_latency {
+        // The dev install's token, the daemon and the raw loops all load
+        // the slow token; it reads these at its first call.
+        std::env::set_var("KEYHAVEN_SOFTHSM_MODULE", slow_token_module()?);
+        std::env::set_var("KEYHAVEN_SLOW_TOKEN_DELAY", format!("{}us", latency.as_micros()));
+        std::env::set_var("KEYHAVEN_SLOW_TOKEN_PER", &args.token_latency_per);
+        std::env::remove_var("KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS");
+    }
     eprintln!("keyhavend bench: a fresh dev install in {}", dir.display());
     let (config_path, store) = crate::dev::prepare(dir, None)?;
     drop(store);
-    if args.no_audit || args.workers.is_some() {
+    if args.no_audit || args.workers.is_some() || args.token_latency.is_some() {
         let text = std::fs::read_to_string(&config_path)?;
         let mut doc: toml::Table = text.parse()?;
         let mut set = |section: &str, key: &str, value: toml::Value| {
@@ -353,6 +470,8 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         }
         if let Some(n) = args.workers {
             set("hsm", "workers", toml::Value::Integer(n as i64));
+        } else if args.token_latency.is_some() {
+            set("hsm", "workers", toml::Value::String("auto".into()));
         }
         std::fs::write(&config_path, toml::to_string(&doc)?)?;
     }
@@ -361,14 +480,17 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         return metrics_cost(args, &bin, dir, &config_path, &config);
     }
     let (daemon, socket) = start_daemon(dir)?;
+    if let Some(latency) = args.token_latency {
+        return slow_token_comparison(args, &bin, &config, daemon, &socket, latency);
+    }
     let rss_start = daemon.rss_kib();
     eprintln!("keyhavend bench: raw token rate, {} s", args.duration.as_secs_f64());
     let raw1 = raw_datakey_decrypt(&config, args.duration)?;
     let mut bench_args = vec![
         "--op".to_owned(),
-        args.ops.clone(),
+        args.ops.clone().unwrap_or_else(|| "health,encrypt,datakey,datakey-decrypt,rewrap".into()),
         "--concurrency".to_owned(),
-        args.concurrency.clone(),
+        args.concurrency.clone().unwrap_or_else(|| "1,8,64".into()),
         "--duration".to_owned(),
         format!("{}ms", args.duration.as_millis()),
     ];
@@ -398,24 +520,12 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
 
     println!("machine: {}", machine());
     println!("audit: {}, HSM workers: {}", if args.no_audit { "off" } else { "on" }, config.hsm.workers);
-    println!(
-        "{:<26} {:>5} {:>10} {:>9} {:>9} {:>9} {:>7}",
-        "op", "conc", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "errors"
-    );
+    print_header();
     println!(
         "{:<26} {:>5} {:>10.0} {:>9.1} {:>9} {:>9} {:>7}",
         "raw token decrypt", 1, raw.ops_per_sec, raw.mean_us, "-", "-", 0
     );
-    for r in &rows {
-        let name = if r.new_connection { format!("{} (new conn)", r.op) } else { r.op.clone() };
-        println!(
-            "{:<26} {:>5} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>7}",
-            name, r.concurrency, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us, r.errors
-        );
-        if let Some(e) = &r.first_error {
-            println!("  first error: {e}");
-        }
-    }
+    print_rows(&rows);
     if let (Some(a), Some(b)) = (rss_start, rss_end) {
         println!("daemon resident memory: {} MiB after start, {} MiB after the load", a / 1024, b / 1024);
     }
@@ -542,4 +652,108 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn list(v: &[f64]) -> String {
     v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ")
+}
+
+fn print_header() {
+    println!(
+        "{:<26} {:>5} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "op", "conc", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "errors"
+    );
+}
+
+fn print_rows(rows: &[Row]) {
+    for r in rows {
+        let name = if r.new_connection { format!("{} (new conn)", r.op) } else { r.op.clone() };
+        println!(
+            "{:<26} {:>5} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>7}",
+            name, r.concurrency, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us, r.errors
+        );
+        if let Some(e) = &r.first_error {
+            println!("  first error: {e}");
+        }
+    }
+}
+
+/// `--token-latency`: the daemon (workers as configured, "auto" unless
+/// `--workers`) against the raw token with 8, 32 and 128 sessions and with
+/// as many sessions as the daemon has workers, all through the slow token.
+fn slow_token_comparison(
+    args: &BenchArgs,
+    bin: &Path,
+    config: &Config,
+    daemon: DaemonProcess,
+    socket: &Path,
+    latency: Duration,
+) -> anyhow::Result<()> {
+    let workers =
+        daemon_workers(bin, socket).context("cannot read the daemon's worker count from `health`")?;
+    let bench_args = vec![
+        "--op".to_owned(),
+        args.ops.clone().unwrap_or_else(|| "datakey-decrypt".into()),
+        "--concurrency".to_owned(),
+        args.concurrency.clone().unwrap_or_else(|| "8,64".into()),
+        "--duration".to_owned(),
+        format!("{}ms", args.duration.as_millis()),
+    ];
+    eprintln!("keyhavend bench: the daemon ({workers} HSM workers) through a {latency:?} token");
+    let rows = client_bench(bin, socket, &bench_args)?;
+    drop(daemon);
+    let mut sessions: Vec<usize> = vec![8, 32, 128];
+    if !sessions.contains(&(workers as usize)) {
+        sessions.push(workers as usize);
+        sessions.sort_unstable();
+    }
+    let mut raw = Vec::new();
+    for &n in &sessions {
+        eprintln!("keyhavend bench: raw token rate with {n} sessions, {} s", args.duration.as_secs_f64());
+        raw.push((n, raw_datakey_decrypt_parallel(config, n, args.duration)?));
+    }
+    let per = &args.token_latency_per;
+    let ideal = |n: usize| n as f64 / latency.as_secs_f64();
+    println!("machine: {}", machine());
+    println!(
+        "token: slow token, {} µs per {per}, over SoftHSM2; audit: {}; HSM workers: {workers} ([hsm] workers = {})",
+        latency.as_micros(),
+        if args.no_audit { "off" } else { "on" },
+        args.workers.map_or("\"auto\"".to_owned(), |n| n.to_string())
+    );
+    print_header();
+    for (n, r) in &raw {
+        println!(
+            "{:<26} {:>5} {:>10.0} {:>9.1} {:>9} {:>9} {:>7}",
+            format!("raw token decrypt, {n} sess"),
+            n,
+            r.ops_per_sec,
+            r.mean_us,
+            "-",
+            "-",
+            0
+        );
+    }
+    print_rows(&rows);
+    let raw_line: Vec<String> = raw
+        .iter()
+        .map(|(n, r)| format!("{n}: {:.0} ({:.2} of {n}/latency)", r.ops_per_sec, r.ops_per_sec / ideal(*n)))
+        .collect();
+    println!("raw token decrypt by sessions: {}", raw_line.join(", "));
+    let best =
+        rows.iter().filter(|r| r.op == "datakey-decrypt" && !r.new_connection).max_by_key(|r| r.concurrency);
+    if let Some(r) = best {
+        let in_flight = (workers as usize).min(r.concurrency);
+        let raw_same =
+            raw.iter().find(|(n, _)| *n == workers as usize).map(|(_, r)| r.ops_per_sec).unwrap_or(0.0);
+        println!(
+            "daemon/raw datakey-decrypt c={} token {} µs/{per}: {:.2} of raw at {workers} sessions, {:.2} of {in_flight}/latency \
+             (daemon {:.0} ops/s with {workers} workers, raw {:.0} ops/s, p50 {:.0} µs, p99 {:.0} µs)",
+            r.concurrency,
+            latency.as_micros(),
+            r.ops_per_sec / raw_same.max(1.0),
+            r.ops_per_sec / ideal(in_flight),
+            r.ops_per_sec,
+            raw_same,
+            r.p50_us,
+            r.p99_us
+        );
+    }
+    Ok(())
 }

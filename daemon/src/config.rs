@@ -294,10 +294,10 @@ pub struct HsmSection {
     /// Base label of the master key (version N is `{label}-vN`).
     #[serde(default = "default_mk_label")]
     pub master_key_label: String,
-    /// HSM worker threads, each with its own session. On SoftHSM2 one is
-    /// fastest (its internal locking makes two slower than one).
-    #[serde(default = "default_workers")]
-    pub workers: usize,
+    /// HSM worker threads, each with its own session: `"auto"` (sized at
+    /// start from the token, `hsm::sizing`) or a number.
+    #[serde(default)]
+    pub workers: crate::hsm::Workers,
     /// Requests that may wait for a worker before new ones get `busy`.
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
@@ -503,9 +503,6 @@ fn default_audit_key_label() -> String {
 }
 fn default_mk_label() -> String {
     "keyhaven-mk".into()
-}
-fn default_workers() -> usize {
-    1
 }
 fn default_queue_depth() -> usize {
     4096
@@ -731,9 +728,7 @@ impl Config {
                 ));
             }
         }
-        if cfg.hsm.workers == 0 || cfg.hsm.workers > 64 {
-            return Err(invalid_key("hsm.workers", "must be from 1 to 64"));
-        }
+        cfg.hsm.workers.check().map_err(|reason| invalid_key("hsm.workers", &reason))?;
         if cfg.hsm.queue_depth == 0 {
             return Err(invalid_key("hsm.queue_depth", "must be at least 1"));
         }

@@ -135,7 +135,7 @@ pub fn prepare(dir: &Path, postgres: Option<&str>) -> anyhow::Result<(PathBuf, O
             allow_softhsm: false,
             master_key_label: "keyhaven-mk".into(),
             audit_key_label: "keyhaven-audit".into(),
-            workers: 1,
+            workers: crate::hsm::Workers::Fixed(1),
             queue_depth: 4096,
             softhsm2_conf: Some(softhsm_conf),
         },

@@ -856,7 +856,7 @@ mod tests {
             pin: crate::secret::Pin::new("debug-Pin-9271"),
             master_key_label: "keyhaven-mk".into(),
             audit_key_label: "keyhaven-audit".into(),
-            workers: 1,
+            workers: crate::hsm::Workers::Fixed(1),
             queue_depth: 1,
         };
         let dbg = format!("{cfg:?} {cfg:#?}");

@@ -301,7 +301,7 @@ fn config_errors_name_the_file_line_and_key() {
         std::fs::read_to_string(&file).unwrap().lines().position(|l| l.starts_with("workers")).unwrap() + 1;
     let err = i.refused("range.toml");
     assert!(err.contains(&format!("line {line}, key `hsm.workers`")), "{err}");
-    assert!(err.contains("from 1 to 64"), "{err}");
+    assert!(err.contains("\"auto\" or a number from 1 to 256"), "{err}");
 
     i.write_config("gather.toml", "pin_file = \"pin\"\n[audit]\ncommit_gather_us = 20000\n", "");
     let err = i.refused("gather.toml");

@@ -11,16 +11,20 @@
 //! - [`ec`]: ECDSA key pairs of signing keys, made in the token and
 //!   stored wrapped.
 //! - [`error`]: PKCS#11 return codes to [`HsmError`], in one place.
+//! - [`sizing`]: how many workers `[hsm] workers = "auto"` starts.
+//! - [`queue`]: the jobs, one queue per tenant served round-robin.
 
 pub mod anchor;
 pub mod confine;
 pub mod ec;
 pub mod error;
+pub mod queue;
 pub mod signing;
+pub mod sizing;
 pub mod token;
 pub mod worker;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -28,6 +32,7 @@ use cryptoki::context::Pkcs11;
 use tokio::sync::oneshot;
 
 pub use error::{HsmError, LoginFailure};
+pub use sizing::Workers;
 pub use worker::{KekId, KekRef, Worker};
 
 use crate::secret::Pin;
@@ -45,8 +50,8 @@ pub struct HsmConfig {
     pub master_key_label: String,
     /// Label of the audit (HMAC) key.
     pub audit_key_label: String,
-    /// Number of worker threads (sessions).
-    pub workers: usize,
+    /// Number of worker threads (sessions), or `auto` ([`sizing`]).
+    pub workers: Workers,
     /// Capacity of the job queue.
     pub queue_depth: usize,
 }
@@ -57,7 +62,8 @@ pub(crate) struct Shared {
     /// (see [`Shared::reinitialise`]).
     pkcs11: Mutex<Pkcs11>,
     module: String,
-    workers: usize,
+    /// The pool's size, once chosen.
+    workers: AtomicUsize,
     last_reinit: Mutex<Option<std::time::Instant>>,
     token_label: String,
     pin: Mutex<Pin>,
@@ -104,7 +110,7 @@ impl Shared {
     /// several workers needs a restart for such a module. Returns whether
     /// it re-initialised.
     fn reinitialise(&self) -> bool {
-        if self.workers != 1 {
+        if self.workers.load(Ordering::SeqCst) != 1 {
             return false;
         }
         let mut last = self.last_reinit.lock().unwrap_or_else(|e| e.into_inner());
@@ -135,11 +141,10 @@ pub type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
 /// The worker pool.
 pub struct Hsm {
-    jobs: async_channel::Sender<Job>,
+    jobs: Arc<queue::Queue<Job>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     token_label: String,
     workers: usize,
-    queue_depth: usize,
     shared: Arc<Shared>,
     /// For each master key version checked at start: whether the token
     /// refused to unwrap under it into an extractable key (`hsm::confine`).
@@ -161,7 +166,7 @@ impl Hsm {
         let shared = Arc::new(Shared {
             pkcs11: Mutex::new(pkcs11),
             module: cfg.module.clone(),
-            workers: cfg.workers.max(1),
+            workers: AtomicUsize::new(1),
             last_reinit: Mutex::new(None),
             token_label: cfg.token_label.clone(),
             pin: Mutex::new(cfg.pin),
@@ -171,10 +176,23 @@ impl Hsm {
             master_key_version: AtomicU32::new(master_key_version),
             master_ids: Mutex::new(Default::default()),
         });
-        let (tx, rx) = async_channel::bounded::<Job>(cfg.queue_depth.max(1));
+        let jobs = Arc::new(queue::Queue::new(cfg.queue_depth));
         let mut threads = Vec::new();
-        for i in 0..cfg.workers.max(1) {
-            let mut worker = Worker::new(shared.clone())?;
+        let mut first = Some(Worker::new(shared.clone())?);
+        let workers = match cfg.workers {
+            Workers::Fixed(n) => n.max(1),
+            Workers::Auto => {
+                let (n, why) = sizing::choose(first.as_mut().expect("first worker"))?;
+                tracing::info!(workers = n, "HSM workers: {n} ([hsm] workers = \"auto\": {why})");
+                n
+            }
+        };
+        shared.workers.store(workers, Ordering::SeqCst);
+        for i in 0..workers {
+            let mut worker = match first.take() {
+                Some(w) => w,
+                None => Worker::new(shared.clone())?,
+            };
             if probe {
                 worker.probe()?;
             }
@@ -183,19 +201,18 @@ impl Hsm {
                 worker.ensure_audit_key()?;
                 worker.ensure_audit_signing_key()?;
             }
-            let rx = rx.clone();
+            let jobs = jobs.clone();
             let t = std::thread::Builder::new()
                 .name(format!("keyhaven-hsm-{i}"))
-                .spawn(move || worker.run(rx))
+                .spawn(move || worker.run(jobs))
                 .map_err(|e| HsmError::Library(format!("cannot start an HSM thread: {e}")))?;
             threads.push(t);
         }
         Ok(Hsm {
-            jobs: tx,
+            jobs,
             threads: Mutex::new(threads),
             token_label: cfg.token_label,
-            workers: cfg.workers.max(1),
-            queue_depth: cfg.queue_depth.max(1),
+            workers,
             shared,
             confinement: Mutex::new(Default::default()),
         })
@@ -209,9 +226,23 @@ impl Hsm {
         self.shared.login_refused.lock().unwrap_or_else(|e| e.into_inner()).take().is_some()
     }
 
-    /// Runs `f` on a worker and waits for its result. Refuses with
+    /// Runs `f` on a worker and waits for its result: a request that
+    /// names no tenant (health, master-key steps), queued in a lane of its
+    /// own that takes its turn with the tenants'. Refuses with
     /// [`HsmError::Busy`] when the queue is full.
     pub async fn run<T, F>(&self, f: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Worker) -> Result<T, HsmError> + Send + 'static,
+    {
+        self.run_for("", f).await
+    }
+
+    /// Runs `f` on a worker for a request of `tenant` and waits for its
+    /// result. Tenants take turns ([`queue`]); refuses with
+    /// [`HsmError::Busy`] when the queue, or the tenant's half of it, is
+    /// full.
+    pub async fn run_for<T, F>(&self, tenant: &str, f: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Worker) -> Result<T, HsmError> + Send + 'static,
@@ -220,25 +251,19 @@ impl Hsm {
         let job: Job = Box::new(move |w| {
             let _ = tx.send(f(w));
         });
-        self.jobs.try_send(job).map_err(|e| match e {
-            async_channel::TrySendError::Full(_) => {
-                crate::metrics::hsm_busy();
-                HsmError::Busy(self.queue_depth)
-            }
-            async_channel::TrySendError::Closed(_) => HsmError::Stopped,
-        })?;
+        self.jobs.push(tenant, job).map_err(refused)?;
         rx.await.map_err(|_| HsmError::Stopped)?
     }
 
     /// The HSM jobs waiting for a worker, and how many may wait.
     pub fn queue(&self) -> (usize, usize) {
-        (self.jobs.len(), self.queue_depth)
+        (self.jobs.waiting(), self.jobs.depth())
     }
 
     /// Runs `f` once on every worker and waits until all have. Each worker
     /// holds at its job until the others have theirs, so no worker takes two
-    /// of them. Waits for room in the queue instead of answering `busy`: a
-    /// revocation must not be refused for load.
+    /// of them. Queued ahead of requests and never refused for load: a
+    /// revocation must not wait behind tenants' bursts.
     pub async fn on_every_worker<F>(&self, f: F) -> Result<(), HsmError>
     where
         F: Fn(&mut Worker) + Send + Sync + 'static,
@@ -254,7 +279,7 @@ impl Hsm {
                 f(w);
                 let _ = tx.send(());
             });
-            self.jobs.send(job).await.map_err(|_| HsmError::Stopped)?;
+            self.jobs.push_system(job).map_err(refused)?;
             done.push(rx);
         }
         for rx in done {
@@ -263,8 +288,9 @@ impl Hsm {
         Ok(())
     }
 
-    /// Like [`run`](Self::run), for a plain thread: waits for room in the
-    /// queue instead of refusing, and blocks until the job is done.
+    /// Like [`run`](Self::run), for a plain thread and the daemon's own
+    /// work (start-up checks, audit sealing): queued ahead of requests,
+    /// never refused for load, and blocks until the job is done.
     pub fn run_blocking<T, F>(&self, f: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
@@ -274,7 +300,7 @@ impl Hsm {
         let job: Job = Box::new(move |w| {
             let _ = tx.send(f(w));
         });
-        self.jobs.send_blocking(job).map_err(|_| HsmError::Stopped)?;
+        self.jobs.push_system(job).map_err(refused)?;
         rx.recv().map_err(|_| HsmError::Stopped)?
     }
 
@@ -332,6 +358,16 @@ impl Hsm {
     }
 }
 
+fn refused(r: queue::Refused) -> HsmError {
+    match r {
+        queue::Refused::Full(n) => {
+            crate::metrics::hsm_busy();
+            HsmError::Busy(n)
+        }
+        queue::Refused::Closed => HsmError::Stopped,
+    }
+}
+
 /// Where `n` jobs wait for each other, for at most five seconds (a worker
 /// that never comes must not hang the others).
 struct Rendezvous {
@@ -364,7 +400,7 @@ impl Rendezvous {
 /// in the token (for `keyhavend init`); returns the master key's `CKA_ID`
 /// and canary for the store to pin.
 pub fn create_first_master_key(cfg: HsmConfig) -> Result<(Vec<u8>, Vec<u8>), HsmError> {
-    let hsm = Hsm::start_with(HsmConfig { workers: 1, ..cfg }, 1, false)?;
+    let hsm = Hsm::start_with(HsmConfig { workers: Workers::Fixed(1), ..cfg }, 1, false)?;
     let r = hsm.run_blocking(|w| {
         let id = w.random_id()?;
         let canary = w.make_master_key(1, &id, false)?;

@@ -80,8 +80,8 @@ impl Worker {
     }
 
     /// Runs jobs until the queue closes.
-    pub(super) fn run(mut self, jobs: async_channel::Receiver<Job>) {
-        while let Ok(job) = jobs.recv_blocking() {
+    pub(super) fn run(mut self, jobs: Arc<super::queue::Queue<Job>>) {
+        while let Some(job) = jobs.pop() {
             job(&mut self);
             if self.lost {
                 tracing::warn!("HSM session lost; it will be reopened for the next request");

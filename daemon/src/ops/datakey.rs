@@ -114,8 +114,9 @@ pub async fn seal_data_key(
 ) -> Result<NewDataKey, Error> {
     d.wraps.take(&kek.id)?;
     let (path, version) = (kek.id.path.clone(), kek.id.version);
+    let tenant = path.tenant().to_owned();
     d.hsm
-        .run(move |w| {
+        .run_for(&tenant, move |w| {
             // One token call for every random value: key, id, two nonces.
             let mut rnd = Zeroizing::new([0u8; DEK_LEN + ID_LEN + 2 * NONCE_LEN]);
             w.random(&mut rnd[..])?;
@@ -168,7 +169,7 @@ pub async fn unwrap_data_key(
     let wrapped = *env.wrapped_dek();
     let key = d
         .hsm
-        .run(move |w| {
+        .run_for(path.tenant(), move |w| {
             let plain = w.open(&kek, &nonce, &aad, &wrapped)?;
             Ok(DataKey::from_slice(&plain))
         })

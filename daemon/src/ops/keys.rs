@@ -71,7 +71,7 @@ pub async fn create(
         )));
     }
     let kind = req.key_type;
-    let (generated, master_key_version) = d.hsm.run(move |w| w.generate_kek(kind)).await?;
+    let (generated, master_key_version) = d.hsm.run_for(path.tenant(), move |w| w.generate_kek(kind)).await?;
     let now = now_unix();
     let rec = KeyRecord {
         tenant: path.tenant().into(),

@@ -181,8 +181,8 @@ pub async fn rotate_key_under(
     // keys).
     let kind = rec.key_type;
     let (generated, master_key_version) = match master_key {
-        None => d.hsm.run(move |w| w.generate_kek(kind)).await?,
-        Some(mk) => (d.hsm.run(move |w| w.generate_kek_for(kind, mk)).await?, mk),
+        None => d.hsm.run_for(path.tenant(), move |w| w.generate_kek(kind)).await?,
+        Some(mk) => (d.hsm.run_for(path.tenant(), move |w| w.generate_kek_for(kind, mk)).await?, mk),
     };
     let now = now_unix();
     let p = path.clone();

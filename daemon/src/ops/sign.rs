@@ -104,7 +104,7 @@ async fn sign(d: &Arc<Daemon>, path: KeyPath, req: Sign, s: &mut Subject) -> Res
     d.revocations.check(&path, Some(version), None)?;
     let key = kek_ref(&rec, &path, version)?;
     s.version = Some(version);
-    let raw = d.hsm.run(move |w| w.sign_digest(&key, &digest)).await?;
+    let raw = d.hsm.run_for(path.tenant(), move |w| w.sign_digest(&key, &digest)).await?;
     let der = crate::hsm::signing::signature_der(&raw)
         .ok_or_else(|| Error::Internal(format!("the token gave a {}-byte ECDSA signature", raw.len())))?;
     let resp = SignResponse {
