@@ -38,6 +38,7 @@ pub mod anchor;
 pub mod audit;
 pub mod bench;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod daemon;

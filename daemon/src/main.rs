@@ -40,6 +40,13 @@ enum Command {
         /// instead of sled; written to DIR/postgres-url (0600) on the first run (docs/CLUSTER.md).
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
+        /// Start another node of the cluster of the dev install in this folder (on PostgreSQL): it shares
+        /// that install's token and database, with its own socket and node name (docs/CLUSTER.md).
+        #[arg(long, value_name = "DIR", conflicts_with = "postgres")]
+        join: Option<PathBuf>,
+        /// With --join: the node's name (default: DIR's folder name).
+        #[arg(long, value_name = "NAME", requires = "join")]
+        node: Option<String>,
     },
     /// Create the master key in an existing token and an empty store.
     Init,
@@ -197,7 +204,14 @@ fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Some(Command::Dev { dir, postgres }) => {
+        Some(Command::Dev { dir, postgres: None, join: Some(other), node }) => {
+            let path = dev::join(&dir, &other, node.as_deref())?;
+            let config = load(Some(path))?;
+            daemon::run(config, None, |c| {
+                println!("export KEYHAVEN_SOCKET={}", c.socket.display());
+            })
+        }
+        Some(Command::Dev { dir, postgres, .. }) => {
             let (path, store) = dev::prepare(&dir, postgres.as_deref())?;
             let config = load(Some(path))?;
             daemon::run(config, store, |c| {
