@@ -79,6 +79,9 @@ async fn three_nodes_share_keys_rotations_health_and_audit() {
     assert_eq!(cluster.nodes.len(), 3, "{cluster:?}");
     assert!(cluster.nodes.iter().all(|n| n.live && n.lease_left_ms > 0), "{cluster:?}");
     assert!(cluster.nodes.iter().any(|n| n.name == cluster.node));
+    // Each node is woken by the feed's NOTIFY on a LISTEN connection of its own.
+    let listening = pg.psql("keyhaven", "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'");
+    assert_eq!(listening, "3");
 
     // One audit chain per node, never colliding; any node verifies all.
     let names: std::collections::BTreeSet<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();

@@ -461,6 +461,14 @@ pub trait Backend: Send + Sync + 'static {
     /// for it.
     fn leave(&self) {}
 
+    /// The right to run the periodic jobs (automatic rotations, scheduled
+    /// deletions) now, held until the guard is dropped: on a cluster one
+    /// node at a time (`None`: another node is running them; the next
+    /// round sees what it did, so each runs once per due time).
+    fn jobs_lock(&self) -> StoreFuture<'_, Option<JobsGuard>> {
+        Box::pin(std::future::ready(Ok(Some(JobsGuard(Box::new(()))))))
+    }
+
     /// The nodes that have an audit chain in the store (none: only this
     /// daemon's log).
     fn audit_chains(&self) -> StoreFuture<'_, Vec<String>> {
@@ -472,6 +480,9 @@ pub trait Backend: Send + Sync + 'static {
         self.audit_scan(kind, from, reverse)
     }
 }
+
+/// Held while a node runs the periodic jobs ([`Backend::jobs_lock`]).
+pub struct JobsGuard(pub Box<dyn Send>);
 
 /// The cluster as one node sees it (`health`).
 pub type ClusterView = keyhaven::wire::ClusterHealth;

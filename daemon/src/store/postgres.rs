@@ -78,11 +78,16 @@ const MIGRATION_LOCK: i64 = 0x6b68_7363_6865_6d61;
 /// catch-up to the token anchor's commit): "khwrite" in ASCII.
 const WRITE_LOCK: i64 = 0x6b_6877_7269_7465;
 
+/// Held by the node running the periodic jobs (`pg_try_advisory_lock`):
+/// "khjobs" in ASCII.
+const JOBS_LOCK: i64 = 0x6b68_6a6f_6273;
+
 /// The channel of the change feed's `NOTIFY`.
 const FEED_CHANNEL: &str = "keyhaven_changes";
 
-/// How often a node reads the change feed (it is also woken by `NOTIFY`).
-const FEED_POLL: Duration = Duration::from_millis(100);
+/// How often a node reads the change feed when no `NOTIFY` woke it (the
+/// fallback: a notification is lost while its connection is down).
+const FEED_POLL: Duration = Duration::from_millis(250);
 
 /// How often a writer asks whether every live node applied its revocation.
 const APPLIED_POLL: Duration = Duration::from_millis(10);
@@ -146,6 +151,10 @@ pub struct PgStore {
     stop: tokio_util::sync::CancellationToken,
     /// This store, for its background tasks ([`PgStore::shared`]).
     me: OnceLock<Weak<PgStore>>,
+    /// How to open the change feed's `LISTEN` connection (outside the pool).
+    listen: (tokio_postgres::Config, postgres_native_tls::MakeTlsConnector),
+    /// Woken by a `NOTIFY` of the change feed.
+    woken: Arc<tokio::sync::Notify>,
 }
 
 /// The cluster's write lock, held on a connection of its own. Dropped
@@ -276,11 +285,10 @@ impl PgStore {
         }
         let tls = tls.build().map_err(|e| StoreError::Backend(format!("cannot set up TLS: {e}")))?;
         let location = describe(&config);
-        let manager = Manager::from_config(
-            config,
-            postgres_native_tls::MakeTlsConnector::new(tls),
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let tls = postgres_native_tls::MakeTlsConnector::new(tls);
+        let listen = (config.clone(), tls.clone());
+        let manager =
+            Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -308,6 +316,8 @@ impl PgStore {
             serving_until: Mutex::new(None),
             stop: tokio_util::sync::CancellationToken::new(),
             me: OnceLock::new(),
+            listen,
+            woken: Default::default(),
         };
         super::wait(Box::pin(store.migrate())).map_err(|e| match e {
             StoreError::Backend(why) => StoreError::Backend(format!("{}: {why}", store.location)),
@@ -1202,13 +1212,55 @@ impl Backend for PgStore {
                 }
             }
         });
-        let (stop, weak) = (self.stop.clone(), me);
+        let (stop, weak, woken) = (self.stop.clone(), me.clone(), self.woken.clone());
+        self.handle.spawn(async move {
+            // The feed's `LISTEN` connection, opened again whenever it drops.
+            loop {
+                let Some(s) = weak.upgrade() else { break };
+                let (config, tls) = s.listen.clone();
+                drop(s);
+                if let Ok((client, mut connection)) = config.connect(tls).await {
+                    let listen = format!("LISTEN {FEED_CHANNEL}");
+                    let listening = client.batch_execute(&listen);
+                    let mut listening = std::pin::pin!(listening);
+                    let mut subscribed = false;
+                    loop {
+                        let message = std::future::poll_fn(|cx| {
+                            if !subscribed {
+                                if let std::task::Poll::Ready(r) = listening.as_mut().poll(cx) {
+                                    subscribed = true;
+                                    if r.is_err() {
+                                        return std::task::Poll::Ready(None);
+                                    }
+                                }
+                            }
+                            connection.poll_message(cx)
+                        });
+                        let message = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            m = message => m,
+                        };
+                        match message {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => woken.notify_one(),
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => break,
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        let (stop, weak, woken) = (self.stop.clone(), me, self.woken.clone());
         self.handle.spawn(async move {
             let mut failing = false;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(FEED_POLL) => {}
+                    _ = woken.notified() => {}
                 }
                 let Some(s) = weak.upgrade() else { break };
                 match s.poll_feed().await {
@@ -1292,6 +1344,20 @@ impl Backend for PgStore {
         if let Err(e) = left {
             tracing::warn!(error = %e, "cannot give up this node's lease (it runs out by itself)");
         }
+    }
+
+    fn jobs_lock(&self) -> StoreFuture<'_, Option<super::JobsGuard>> {
+        Box::pin(async move {
+            let mut lock = WriteLock { conn: Some(self.conn().await?) };
+            let got: bool = lock
+                .client()
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&JOBS_LOCK])
+                .await
+                .map_err(db)?
+                .get(0);
+            // Dropped, the guard closes its connection, which releases the lock.
+            Ok(got.then(|| super::JobsGuard(Box::new(lock))))
+        })
     }
 
     fn audit_chains(&self) -> StoreFuture<'_, Vec<String>> {
