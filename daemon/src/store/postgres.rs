@@ -78,6 +78,9 @@ const MIGRATION_LOCK: i64 = 0x6b68_7363_6865_6d61;
 /// catch-up to the token anchor's commit): "khwrite" in ASCII.
 const WRITE_LOCK: i64 = 0x6b_6877_7269_7465;
 
+/// How long a write waits for the cluster's write lock.
+const WRITE_LOCK_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Held by the node running the periodic jobs (`pg_try_advisory_lock`):
 /// "khjobs" in ASCII.
 const JOBS_LOCK: i64 = 0x6b68_6a6f_6273;
@@ -414,6 +417,11 @@ impl PgStore {
     /// anchor's check at start, are serialised by it.
     async fn lock_cluster(&self) -> Result<WriteLock, StoreError> {
         let mut lock = WriteLock { conn: Some(self.conn().await?) };
+        // A node that holds the lock and stopped answering (paused, cut
+        // off with its connection still open) fails the others' writes
+        // after this long, rather than hanging them.
+        let timeout = format!("SET lock_timeout = '{}ms'", WRITE_LOCK_TIMEOUT.as_millis());
+        lock.client().batch_execute(&timeout).await.map_err(db)?;
         lock.client().execute("SELECT pg_advisory_lock($1)", &[&WRITE_LOCK]).await.map_err(db)?;
         Ok(lock)
     }
