@@ -330,3 +330,43 @@ async fn a_database_writer_who_is_not_a_node_is_still_caught() {
     assert_eq!(write.code(), Some(ErrorCode::StoreUnavailable), "{write}");
     assert!(write.to_string().contains("not a node"), "{write}");
 }
+
+/// The figure of docs/CLUSTER.md §4 (not run in CI: set
+/// `KEYHAVEN_CLUSTER_FIGURES=1`): 100 revocations, each made on one of
+/// three nodes while a client on every node decrypts; how long `revoke`
+/// takes to return (every live node has applied it by then), p50 and p99.
+#[tokio::test(flavor = "multi_thread")]
+async fn figures_revocation_delay_with_three_nodes() {
+    if std::env::var_os("KEYHAVEN_CLUSTER_FIGURES").is_none() {
+        return;
+    }
+    let Some(pg) = TestPostgres::start() else { return };
+    let nodes = three_nodes(&pg);
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(Arc::new(n.client().await));
+    }
+    let context = ctx(&["user=7"]);
+    let mut delays = Vec::new();
+    for round in 0..100 {
+        let p = path(&format!("f{round}/k"));
+        clients[0].key_create(&p).await.unwrap();
+        let dk = clients[1].datakey(&p, &context, false).await.unwrap();
+        let by = clients[round % 3].clone();
+        let scope = Scope::Datakey { envelope_id: dk.envelope_id.clone() };
+        let mut took = Duration::ZERO;
+        let (_, _, after_ok) = served_after_revoke(&clients, &dk.envelope, async {
+            let asked = Instant::now();
+            by.call(&Revoke { scope, reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
+            took = asked.elapsed();
+        })
+        .await;
+        assert_eq!(after_ok, 0);
+        delays.push(took);
+    }
+    delays.sort();
+    println!(
+        "revoke with 3 nodes decrypting, 100 revocations: p50 {:?}, p99 {:?}, max {:?}",
+        delays[49], delays[98], delays[99]
+    );
+}
