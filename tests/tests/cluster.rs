@@ -331,6 +331,59 @@ async fn a_database_writer_who_is_not_a_node_is_still_caught() {
     assert!(write.to_string().contains("not a node"), "{write}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarted_under_load_loses_no_acknowledged_write_and_the_nodes_recover() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let clients = [Arc::new(first.client().await), Arc::new(second.client().await)];
+    // Both nodes create keys in a loop; the server restarts under them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (n, c) in clients.iter().enumerate() {
+        let (c, stop) = (c.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let name = format!("n{n}/k{i}");
+                i += 1;
+                if c.key_create(&path(&name)).await.is_ok() {
+                    acknowledged.push(name);
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    pg.restart();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut acknowledged = Vec::new();
+    for w in writers {
+        acknowledged.extend(w.await.unwrap());
+    }
+    assert!(!acknowledged.is_empty());
+    // Every acknowledged key is in the database, and each node, without a
+    // restart, serves again: every key encrypts on both.
+    let context = ctx(&["a=b"]);
+    for c in &clients {
+        eventually(Duration::from_secs(15), || async {
+            c.health().await.ok().filter(|h| h.status == "ok").map(|_| ())
+        })
+        .await;
+    }
+    let stored: std::collections::BTreeSet<String> =
+        pg.psql("keyhaven", "SELECT tenant || '/' || name FROM keyring").lines().map(str::to_owned).collect();
+    for name in &acknowledged {
+        assert!(stored.contains(name), "acknowledged key {name} is not in the database");
+        for c in &clients {
+            c.encrypt(&path(name), b"x", &context).await.unwrap();
+        }
+    }
+}
+
 /// The figure of docs/CLUSTER.md §4 (not run in CI: set
 /// `KEYHAVEN_CLUSTER_FIGURES=1`): 100 revocations, each made on one of
 /// three nodes while a client on every node decrypts; how long `revoke`
