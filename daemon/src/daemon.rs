@@ -53,6 +53,9 @@ pub fn run(config: Config, store: Option<Store>, on_ready: impl FnOnce(&Config))
         .map_err(|e| crate::softhsm::explain(&config, e))
         .context("checking the store against its anchor in the token")?;
     tracing::info!(generation = anchored.generation, "the store matches its anchor in the token");
+    // Before anything of this node is written (its audit chain): a name
+    // another running node holds is refused (docs/CLUSTER.md).
+    store.backend().claim_node().context("claiming this node's name in the cluster")?;
     crate::ops::master::check_pins(&hsm, &store).context("checking the master keys against the store")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keyhaven-io").build()?;

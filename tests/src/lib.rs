@@ -86,6 +86,14 @@ impl TestDaemon {
         d
     }
 
+    /// Kills the daemon (SIGKILL: no drain, nothing given back) and reaps
+    /// it; [`TestDaemon::start_again`] starts it again.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// The dev folder (token, config, store, socket).
     pub fn dir(&self) -> &Path {
         self.dir.path()

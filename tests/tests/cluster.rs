@@ -296,6 +296,28 @@ async fn a_node_whose_lease_lapses_refuses_and_catches_up_before_serving_again()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_with_a_live_node_name_is_refused_and_a_killed_one_is_replaced() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let mut second = TestDaemon::join(&first);
+    // Another daemon on node 2's config (so node 2's name) while it runs:
+    // refused once node 2's lease has outlived the wait, exit 78.
+    let out = second.run_once();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{log}");
+    assert!(log.contains("holds the lease of node"), "{log}");
+    // Killed without giving its lease up, node 2 starts again: the new
+    // daemon waits for the old lease to run out, then takes the name.
+    second.kill();
+    second.start_again();
+    let c = second.client().await;
+    c.key_create(&path("acme/after")).await.unwrap();
+    let health = c.health().await.unwrap();
+    assert_eq!(health.status, "ok", "{health:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_database_writer_who_is_not_a_node_is_still_caught() {
     let Some(pg) = TestPostgres::start() else { return };
     pg.create_db("keyhaven");

@@ -73,6 +73,10 @@ pub enum StoreError {
     /// (altered, swapped, removed, or an older copy): see [`state`].
     #[error("the store does not match the token's anchor: {0}")]
     Tampered(String),
+    /// Another daemon holds the lease of this node's name: two daemons of
+    /// a cluster share a `[cluster] node` name.
+    #[error("another keyhavend holds the lease of node `{0}` in PostgreSQL: every node of a cluster needs its own [cluster] node name (docs/CLUSTER.md)")]
+    NodeNameTaken(String),
     /// An audit segment file cannot be read or written.
     #[error("audit log {file}, offset {offset}: {reason}")]
     AuditFile {
@@ -437,6 +441,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Anchors the store as it is now, whatever the token held
     /// (`keyhavend accept-store`). Returns the anchor it replaced.
     fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError>;
+
+    /// A node of a cluster, at start before it writes anything (its audit
+    /// log included): claims its name's lease row, waiting at most a lease
+    /// for a killed daemon's to run out; refuses a name another running
+    /// daemon holds ([`StoreError::NodeNameTaken`]).
+    fn claim_node(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// A node of a cluster: takes its first lease, catches up on the
     /// change feed, then keeps both up in the background, handing other

@@ -60,7 +60,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         // before is node '', anchored as before).
         "CREATE TABLE nodes (name text PRIMARY KEY, lease_until timestamptz NOT NULL,
                              applied bigint NOT NULL, started timestamptz NOT NULL DEFAULT now(),
-                             version text NOT NULL);
+                             version text NOT NULL, instance text NOT NULL);
          CREATE TABLE changes (revision bigint NOT NULL, node text NOT NULL, tree text NOT NULL,
                                key text NOT NULL, at timestamptz NOT NULL DEFAULT now(),
                                PRIMARY KEY (revision, tree, key));
@@ -158,6 +158,9 @@ pub struct PgStore {
     listen: (tokio_postgres::Config, postgres_native_tls::MakeTlsConnector),
     /// Woken by a `NOTIFY` of the change feed.
     woken: Arc<tokio::sync::Notify>,
+    /// This daemon among any that claim the node's name (process id and
+    /// start time): the lease row is one daemon's.
+    instance: String,
 }
 
 /// The cluster's write lock, held on a connection of its own. Dropped
@@ -321,6 +324,14 @@ impl PgStore {
             me: OnceLock::new(),
             listen,
             woken: Default::default(),
+            instance: format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos()
+            ),
         };
         super::wait(Box::pin(store.migrate())).map_err(|e| match e {
             StoreError::Backend(why) => StoreError::Backend(format!("{}: {why}", store.location)),
@@ -571,26 +582,41 @@ impl PgStore {
     async fn renew(&self, first: bool) -> Result<(), StoreError> {
         let sent = Instant::now();
         let lapsed = self.serving().is_err() || first;
-        let (name, ms, applied) =
-            (self.node.name.clone(), self.node.lease.as_millis() as i64, self.applied.load(Ordering::SeqCst));
-        self.on_db(move |c| async move {
-            c.execute(
-                "INSERT INTO nodes (name, lease_until, applied, version) \
-                 VALUES ($1, now() + $2::bigint * interval '1 millisecond', $3, $4) \
-                 ON CONFLICT (name) DO UPDATE SET lease_until = EXCLUDED.lease_until, \
-                 applied = EXCLUDED.applied, version = EXCLUDED.version, \
-                 started = CASE WHEN $5 THEN now() ELSE nodes.started END",
-                &[&name, &ms, &applied, &env!("CARGO_PKG_VERSION"), &first],
-            )
-            .await
-            .map_err(db)
-        })
-        .await?;
+        self.write_lease(first).await?;
         if lapsed {
             self.poll_feed().await?;
         }
         *self.serving_until.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(sent + self.node.lease - self.margin());
+        Ok(())
+    }
+
+    /// Writes this node's lease row: `lease_until = now() + lease` and the
+    /// revision applied (`first`: a start, which also sets `started`).
+    async fn write_lease(&self, first: bool) -> Result<(), StoreError> {
+        let (name, ms, applied) =
+            (self.node.name.clone(), self.node.lease.as_millis() as i64, self.applied.load(Ordering::SeqCst));
+        let instance = self.instance.clone();
+        // The row is this daemon's while its lease lasts: another daemon
+        // with the same name takes it only once that lease has run out.
+        let renewed = self
+            .on_db(move |c| async move {
+                c.execute(
+                    "INSERT INTO nodes (name, lease_until, applied, version, instance) \
+                     VALUES ($1, now() + $2::bigint * interval '1 millisecond', $3, $4, $6) \
+                     ON CONFLICT (name) DO UPDATE SET lease_until = EXCLUDED.lease_until, \
+                     applied = EXCLUDED.applied, version = EXCLUDED.version, instance = EXCLUDED.instance, \
+                     started = CASE WHEN $5 THEN now() ELSE nodes.started END \
+                     WHERE nodes.instance = EXCLUDED.instance OR nodes.lease_until < now()",
+                    &[&name, &ms, &applied, &env!("CARGO_PKG_VERSION"), &first, &instance],
+                )
+                .await
+                .map_err(db)
+            })
+            .await?;
+        if renewed == 0 {
+            return Err(StoreError::NodeNameTaken(self.node.name.clone()));
+        }
         Ok(())
     }
 
@@ -1194,7 +1220,9 @@ impl Backend for PgStore {
         if self.sink.set(sink).is_err() {
             return Ok(());
         }
-        super::wait(Box::pin(self.renew(true)))?;
+        // Claimed by `claim_node`; not serving yet, so this renewal
+        // catches up on the feed before the node serves.
+        super::wait(Box::pin(self.renew(false)))?;
         tracing::info!(node = %self.node.name, lease = ?self.node.lease, "joined the cluster");
         let every = self.node.lease / 3;
         let (stop, weak) = (self.stop.clone(), me.clone());
@@ -1284,6 +1312,20 @@ impl Backend for PgStore {
         Ok(())
     }
 
+    fn claim_node(&self) -> Result<(), StoreError> {
+        // A daemon of the same name that stopped without giving its lease
+        // up (killed) holds it for at most a lease: wait that long.
+        let deadline = Instant::now() + self.node.lease + Duration::from_secs(1);
+        loop {
+            match super::wait(Box::pin(self.write_lease(true))) {
+                Err(StoreError::NodeNameTaken(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn serving(&self) -> Result<(), StoreError> {
         if self.sink.get().is_none() {
             return Ok(());
@@ -1345,9 +1387,14 @@ impl Backend for PgStore {
             return;
         }
         *self.serving_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let name = self.node.name.clone();
+        let (name, instance) = (self.node.name.clone(), self.instance.clone());
         let left = super::wait(Box::pin(self.on_db(move |c| async move {
-            c.execute("UPDATE nodes SET lease_until = now() WHERE name = $1", &[&name]).await.map_err(db)
+            c.execute(
+                "UPDATE nodes SET lease_until = now() WHERE name = $1 AND instance = $2",
+                &[&name, &instance],
+            )
+            .await
+            .map_err(db)
         })));
         if let Err(e) = left {
             tracing::warn!(error = %e, "cannot give up this node's lease (it runs out by itself)");
