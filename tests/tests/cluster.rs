@@ -406,6 +406,48 @@ async fn postgres_restarted_under_load_loses_no_acknowledged_write_and_the_nodes
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_in_the_middle_of_rotations_leaves_the_others_unaffected() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let mut second = TestDaemon::join(&first);
+    let a = first.client().await;
+    let context = ctx(&["a=b"]);
+    a.key_create(&path("acme/r")).await.unwrap();
+    let before = a.encrypt(&path("acme/r"), b"before", &context).await.unwrap();
+    // Node 2 rotates in a loop and is killed (SIGKILL) in the middle,
+    // perhaps between the database's commit and the token anchor's.
+    let b = Arc::new(second.client().await);
+    let rotating = tokio::spawn(async move {
+        loop {
+            if b.call(&KeyRotate { tenant: "acme".into(), key: "r".into() }).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    second.kill();
+    rotating.await.unwrap();
+    // Node 1 goes on writing and serving: its next write settles what
+    // the killed node left (committed or not), and nothing is taken
+    // for tampering.
+    let rotated = a.call(&KeyRotate { tenant: "acme".into(), key: "r".into() }).await.unwrap();
+    let versions: Vec<u32> = rotated.versions.iter().map(|v| v.version).collect();
+    assert_eq!(versions, (1..=rotated.current_version).collect::<Vec<_>>(), "one version each, in order");
+    a.key_create(&path("acme/after")).await.unwrap();
+    let now = a.encrypt(&path("acme/r"), b"now", &context).await.unwrap();
+    assert_eq!(now.key_version, rotated.current_version);
+    for ct in [&before, &now] {
+        a.decrypt(&ct.ciphertext, &context).await.unwrap();
+    }
+    // The killed node comes back, checks the store against the anchor,
+    // and serves the same key.
+    second.start_again();
+    let b = second.client().await;
+    b.decrypt(&now.ciphertext, &context).await.unwrap();
+}
+
 /// The figure of docs/CLUSTER.md §4 (not run in CI: set
 /// `KEYHAVEN_CLUSTER_FIGURES=1`): 100 revocations, each made on one of
 /// three nodes while a client on every node decrypts; how long `revoke`
