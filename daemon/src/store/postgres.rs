@@ -778,7 +778,8 @@ impl Backend for PgStore {
             if let Some(rec) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
                 return Ok(Some(rec.clone()));
             }
-            for attempt in 0..2 {
+            let mut caught_up = false;
+            loop {
                 // Read under the writers' lock, so that a write finishing
                 // meanwhile cannot be overtaken in the cache by this older read.
                 let w = self.anchored.lock().await;
@@ -792,8 +793,9 @@ impl Backend for PgStore {
                 // wrote it since this node last read the feed).
                 if !vouches(&w, "keyring", &k, text.as_bytes()) {
                     drop(w);
-                    if attempt == 0 {
+                    if !caught_up {
                         self.poll_feed().await?;
+                        caught_up = true;
                         continue;
                     }
                     return Err(StoreError::Tampered(format!(
@@ -805,7 +807,6 @@ impl Backend for PgStore {
                 self.keys.write().unwrap_or_else(|e| e.into_inner()).insert(k, record.clone());
                 return Ok(Some(record));
             }
-            unreachable!("the loop returns")
         })
     }
 
