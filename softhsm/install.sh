@@ -2,8 +2,8 @@
 # Installs SoftHSM2 (the development token), OpenSC's pkcs11-tool (which
 # the tests use to inspect the token independently), pkcs11-spy (which counts
 # the daemon's calls to the module) and openssl (which checks the audit log's
-# signatures), and PostgreSQL and OpenSSL's headers (the PostgreSQL store)
-# when they are missing.
+# signatures), PostgreSQL and OpenSSL's headers (the PostgreSQL store), and
+# Prometheus with promtool (the metrics tests) when they are missing.
 # Debian and Ubuntu; uses sudo when not run as root.
 set -euo pipefail
 need=()
@@ -20,6 +20,8 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 [ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 # The signing tests verify `keyhaven jwt sign` tokens with PyJWT (Debian's).
 /usr/bin/python3 -c 'import jwt, cryptography' >/dev/null 2>&1 || need+=(python3-jwt python3-cryptography)
+# The metrics tests check the exposition with promtool and scrape the daemon with a real Prometheus.
+{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || need+=(prometheus)
 [ "${#need[@]}" -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo=sudo

@@ -399,6 +399,12 @@ impl Client {
         self.call(&wire::Health {}).await
     }
 
+    /// The daemon's metrics, in the Prometheus text format (needs the
+    /// `metrics` permission).
+    pub async fn metrics(&self) -> Result<String, Error> {
+        Ok(self.call(&wire::Metrics {}).await?.text)
+    }
+
     /// Creates a named key.
     pub async fn key_create(&self, path: &KeyPath) -> Result<wire::KeyInfo, Error> {
         self.key_create_of_type(path, crate::KeyType::default()).await
@@ -410,7 +416,24 @@ impl Client {
         path: &KeyPath,
         key_type: crate::KeyType,
     ) -> Result<wire::KeyInfo, Error> {
-        self.call(&wire::KeyCreate { tenant: path.tenant().into(), key: path.key().into(), key_type }).await
+        self.key_create_with(path, key_type, None).await
+    }
+
+    /// Creates a named key of type `key_type` that rotates automatically
+    /// every `rotate_every_secs` seconds (none when `None`), in one write.
+    pub async fn key_create_with(
+        &self,
+        path: &KeyPath,
+        key_type: crate::KeyType,
+        rotate_every_secs: Option<u64>,
+    ) -> Result<wire::KeyInfo, Error> {
+        self.call(&wire::KeyCreate {
+            tenant: path.tenant().into(),
+            key: path.key().into(),
+            key_type,
+            rotate_every_secs,
+        })
+        .await
     }
 
     /// The MAC tag (`khm1:…`) of `message` under an `hmac-sha256` key: its

@@ -35,6 +35,62 @@ impl KeyState {
     }
 }
 
+/// What an answer says about whether a key may be used: its lifecycle
+/// state ([`KeyState`]), unless a revocation in force covers the whole key
+/// (itself, its tenant or the whole system), which takes precedence:
+/// `suspended` (reversible) or `destroyed` (its material is erased). The
+/// revocation itself comes with it (`revocation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    /// Every use.
+    Enabled,
+    /// Decrypts what exists; no new data keys, ciphertexts, MAC tags or
+    /// signatures (see [`KeyState::Disabled`]).
+    Disabled,
+    /// No use at all until the deletion is cancelled or happens.
+    PendingDeletion,
+    /// Erased by a scheduled deletion.
+    Deleted,
+    /// A suspension covers the key: no use at all until it is lifted or
+    /// expires.
+    Suspended,
+    /// A destruction covers the key: its material is erased.
+    Destroyed,
+}
+
+impl From<KeyState> for KeyStatus {
+    fn from(s: KeyState) -> KeyStatus {
+        match s {
+            KeyState::Enabled => KeyStatus::Enabled,
+            KeyState::Disabled => KeyStatus::Disabled,
+            KeyState::PendingDeletion => KeyStatus::PendingDeletion,
+            KeyState::Deleted => KeyStatus::Deleted,
+        }
+    }
+}
+
+/// A status is its lifecycle state when no revocation covers the key.
+impl PartialEq<KeyState> for KeyStatus {
+    fn eq(&self, other: &KeyState) -> bool {
+        *self == KeyStatus::from(*other)
+    }
+}
+
+impl KeyStatus {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Enabled => "enabled",
+            KeyStatus::Disabled => "disabled",
+            KeyStatus::PendingDeletion => "pending_deletion",
+            KeyStatus::Deleted => "deleted",
+            KeyStatus::Suspended => "suspended",
+            KeyStatus::Destroyed => "destroyed",
+        }
+    }
+}
+
 /// One version as `key_show` describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionDetails {
@@ -68,8 +124,13 @@ pub struct KeyDetails {
     /// What kind of key (`aes256-gcm` from a daemon that predates types).
     #[serde(rename = "type", default)]
     pub key_type: crate::keytype::KeyType,
-    /// Whether it may be used.
-    pub state: KeyState,
+    /// Whether it may be used: the lifecycle state, or `suspended` /
+    /// `destroyed` when a revocation covers the whole key.
+    pub state: KeyStatus,
+    /// The revocation in force that covers the whole key (the broadest:
+    /// the whole system, then its tenant, then the key), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<crate::revocation::Revocation>,
     /// Creation time, Unix seconds.
     pub created_at: u64,
     /// The version new data keys use.
@@ -110,7 +171,7 @@ key_op!(
     KeyRotate, "key_rotate", KeyDetails {}
 );
 key_op!(
-    /// `key_show`: versions, states, dates, policy and usage.
+    /// `key_show`: versions, states, dates, rotation period and usage.
     KeyShow, "key_show", KeyDetails {}
 );
 key_op!(

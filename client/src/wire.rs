@@ -221,6 +221,10 @@ pub struct KeyCreate {
     /// What kind of key; `aes256-gcm` when absent.
     #[serde(rename = "type", default, skip_serializing_if = "KeyType::is_default")]
     pub key_type: KeyType,
+    /// Rotate automatically this often, in seconds, from creation; set in
+    /// the same write as the key (no period when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_every_secs: Option<u64>,
 }
 
 /// A named key as `key_create` and `key_list` show it.
@@ -239,6 +243,19 @@ pub struct KeyInfo {
     /// What kind of key (`aes256-gcm` from a daemon that predates types).
     #[serde(rename = "type", default)]
     pub key_type: KeyType,
+    /// Whether it may be used, as in `key_show` (absent from a daemon that
+    /// predates it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<crate::lifecycle::KeyStatus>,
+    /// The revocation in force that covers the whole key, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<crate::revocation::Revocation>,
+    /// The automatic rotation period in seconds, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_every_secs: Option<u64>,
+    /// When the next automatic rotation is due, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<u64>,
 }
 operation!(KeyCreate, "key_create", KeyInfo);
 
@@ -691,3 +708,19 @@ pub struct AuditProblem {
     /// What was found.
     pub message: String,
 }
+
+/// `metrics`: the daemon's metrics in the Prometheus text format
+/// (PROTOCOL.md §3.33); needs the `metrics` permission.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {}
+
+/// Answer to `metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricsResponse {
+    /// The format of `text`: `prometheus-text-0.0.4`.
+    pub format: String,
+    /// The exposition, as `GET /metrics` serves it.
+    pub text: String,
+}
+operation!(Metrics, "metrics", MetricsResponse);

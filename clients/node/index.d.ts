@@ -107,8 +107,17 @@ export interface KeyInfo {
   created_at: number;
   /** `aes256-gcm` or `hmac-sha256` (absent from daemons that predate key types). */
   type?: KeyType | string;
+  /** Whether the key may be used (PROTOCOL.md §3.17); absent from older daemons. */
+  state?: KeyStatus | string;
+  /** The revocation in force that covers the whole key, if any. */
+  revocation?: Record<string, unknown>;
+  /** The automatic rotation period in seconds, if any. */
+  rotate_every_secs?: number;
+  /** When the next automatic rotation is due, Unix seconds. */
+  next_rotation_at?: number;
   [field: string]: unknown;
 }
+export type KeyStatus = 'enabled' | 'disabled' | 'pending_deletion' | 'deleted' | 'suspended' | 'destroyed';
 export type KeyType = 'aes256-gcm' | 'hmac-sha256';
 export interface MacResult {
   /** `khm1:` text form, 53 characters (PROTOCOL.md §3.29). */
@@ -157,7 +166,8 @@ export declare class Client {
   close(): Promise<void>;
   health(): Promise<Record<string, any>>;
   whoami(): Promise<Record<string, any>>;
-  keyCreate(path: KeyPathLike, opts?: { type?: KeyType }): Promise<KeyInfo>;
+  /** `rotateEverySecs`: rotate automatically this often, set in the same request (0: none). */
+  keyCreate(path: KeyPathLike, opts?: { type?: KeyType; rotateEverySecs?: number }): Promise<KeyInfo>;
   /** KeyDetails (PROTOCOL.md §3.17). */
   keyShow(path: KeyPathLike): Promise<Record<string, any>>;
   /** Every key (of one tenant), following the daemon's pages of at most `pageSize` (1..1000). */

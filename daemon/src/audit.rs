@@ -343,6 +343,7 @@ impl Audit {
         }
         let now = now_ms();
         for alert in self.volume.count(caller, tenant, now) {
+            crate::metrics::alert_raised();
             tracing::warn!(%caller, tenant, "unusual volume: {alert}");
             if let Some(log) = &self.log {
                 let rec = AuditRecord {
@@ -534,6 +535,7 @@ impl Log {
             if due {
                 match self.seal(last, &head) {
                     Ok(()) => {
+                        crate::metrics::audit_sealed();
                         sealed = last;
                         sealed_head = head;
                         sealed_at = Instant::now();
@@ -547,6 +549,7 @@ impl Log {
             }
             // ... and become durable in one write and one `fdatasync`.
             let flushed = put.and_then(|()| self.store.audit_flush());
+            crate::metrics::audit_written(if flushed.is_ok() { batch.len() } else { 0 });
             if let Err(e) = &flushed {
                 tracing::error!("cannot flush the audit log: {e}");
             }

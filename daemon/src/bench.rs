@@ -56,6 +56,14 @@ pub struct BenchArgs {
     /// sampling the daemon's resident memory every 10 s, and print its growth.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub soak: Option<Duration>,
+    /// Instead of the table: the cost of counting metrics. datakey-decrypt at 64 clients for
+    /// `--duration`, against the daemon with `[metrics] collect` on and off in turn (a restart
+    /// each), `--metrics-rounds` times each; prints the median rates and the difference.
+    #[arg(long)]
+    pub metrics_cost: bool,
+    /// Rounds of each setting for `--metrics-cost`.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub metrics_rounds: u32,
     /// The `keyhaven` binary [default: the one next to keyhavend, else from PATH].
     #[arg(long)]
     pub keyhaven: Option<PathBuf>,
@@ -349,6 +357,9 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         std::fs::write(&config_path, toml::to_string(&doc)?)?;
     }
     let config = Config::load(&config_path)?;
+    if args.metrics_cost {
+        return metrics_cost(args, &bin, dir, &config_path, &config);
+    }
     let (daemon, socket) = start_daemon(dir)?;
     let rss_start = daemon.rss_kib();
     eprintln!("keyhavend bench: raw token rate, {} s", args.duration.as_secs_f64());
@@ -427,4 +438,108 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--metrics-cost`: datakey-decrypt at 64 clients with `[metrics] collect`
+/// on and off in turn, a daemon restarted for each measurement, the order
+/// swapped every round (on, off; off, on; …) so that a drift of the
+/// machine's load weighs on both alike.
+fn metrics_cost(
+    args: &BenchArgs,
+    bin: &Path,
+    dir: &Path,
+    config_path: &Path,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let original = std::fs::read_to_string(config_path)?;
+    let bench_args: Vec<String> = ["--op", "datakey-decrypt", "--concurrency", "64", "--duration"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([format!("{}ms", args.duration.as_millis())])
+        .collect();
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for round in 0..args.metrics_rounds {
+        let order = if round % 2 == 0 { [true, false] } else { [false, true] };
+        for collect in order {
+            let mut doc: toml::Table = original.parse()?;
+            let table = doc.entry("metrics").or_insert_with(|| toml::Value::Table(Default::default()));
+            if let Some(t) = table.as_table_mut() {
+                t.insert("collect".into(), toml::Value::Boolean(collect));
+            }
+            std::fs::write(config_path, toml::to_string(&doc)?)?;
+            let (daemon, socket) = start_daemon(dir)?;
+            let rows = client_bench(bin, &socket, &bench_args);
+            drop(daemon);
+            let row = rows?.into_iter().next().context("`keyhaven bench` printed no row")?;
+            if row.errors > 0 {
+                bail!("{} errors with metrics {}: {:?}", row.errors, on_off(collect), row.first_error);
+            }
+            eprintln!(
+                "keyhavend bench: round {}, metrics {}: {:.0} ops/s, p99 {:.0} µs",
+                round + 1,
+                on_off(collect),
+                row.ops_per_sec,
+                row.p99_us
+            );
+            if collect { &mut on } else { &mut off }.push(row.ops_per_sec);
+        }
+    }
+    std::fs::write(config_path, original)?;
+    let (m_on, m_off) = (median(&mut on), median(&mut off));
+    println!("machine: {}", machine());
+    println!(
+        "HSM workers: {}, datakey-decrypt at 64 clients, {} s per run",
+        config.hsm.workers,
+        args.duration.as_secs_f64()
+    );
+    println!("metrics on  (ops/s): {}", list(&on));
+    println!("metrics off (ops/s): {}", list(&off));
+    println!(
+        "metrics cost: {:+.1} % (median on {m_on:.0} ops/s, off {m_off:.0} ops/s; positive = slower with metrics)",
+        (m_off - m_on) / m_off * 100.0
+    );
+    // The same cost without the machine's noise: what counting one request
+    // takes, against the CPU time one request has at the rate measured.
+    let ns = counting_ns();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpu_us = cores * 1e6 / m_off;
+    println!(
+        "counting one request: {ns:.0} ns (one thread, in this process), {:.3} % of the {cpu_us:.0} µs of CPU \
+         a request has at {m_off:.0} ops/s on {cores} cores",
+        ns / 1e3 / cpu_us * 100.0
+    );
+    Ok(())
+}
+
+/// Nanoseconds per request of what the request path does for the metrics
+/// (`request_started`, `request_done`), over a million requests.
+fn counting_ns() -> f64 {
+    let n = 1_000_000u32;
+    let t = Instant::now();
+    for i in 0..n {
+        let started = std::hint::black_box(crate::metrics::request_started());
+        crate::metrics::request_done(std::hint::black_box(i as usize % 8), started, None);
+    }
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn list(v: &[f64]) -> String {
+    v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ")
 }

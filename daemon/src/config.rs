@@ -62,6 +62,9 @@ pub struct Config {
     /// Who may do what (docs/POLICY.md).
     #[serde(default)]
     pub policy: PolicySection,
+    /// Metrics for Prometheus (docs/OPERATIONS.md "Metrics").
+    #[serde(default, skip_serializing_if = "MetricsSection::is_default")]
+    pub metrics: MetricsSection,
     /// `policy`, compiled (by [`Config::load`]).
     #[serde(skip)]
     pub access: Policy,
@@ -303,6 +306,69 @@ pub struct HsmSection {
     /// For SoftHSM2 only: its configuration file (sets SOFTHSM2_CONF).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub softhsm2_conf: Option<PathBuf>,
+}
+
+/// `[metrics]`: whether the request path counts, and where (if anywhere)
+/// `GET /metrics` is served over HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Count requests and their latencies (default `true`); `false` leaves
+    /// those at zero (for measuring their cost on the request path).
+    #[serde(default = "default_true")]
+    pub collect: bool,
+    /// `IP:PORT` to serve `GET /metrics` on; none (the default) serves
+    /// nothing over the network (`keyhaven metrics` still works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Allow a `listen` address that is not loopback.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_remote: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection { collect: true, listen: None, allow_remote: false }
+    }
+}
+
+impl MetricsSection {
+    fn is_default(&self) -> bool {
+        *self == MetricsSection::default()
+    }
+
+    /// The checked `listen` address: an IP address and a port (no host
+    /// name: what it resolves to could change), loopback unless
+    /// `allow_remote`.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let Some(text) = &self.listen else {
+            if self.allow_remote {
+                return Err("`allow_remote` is set but `listen` is not".into());
+            }
+            return Ok(None);
+        };
+        let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+            format!(
+                "`{}` is not an IP address and port, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\" \
+                 (host names are not accepted)",
+                crate::text::printable(text)
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err("the port must not be 0: a scraper needs to know it".into());
+        }
+        if !addr.ip().is_loopback() && !self.allow_remote {
+            return Err(format!(
+                "{addr} is not a loopback address: anyone who can reach it could read the metrics; \
+                 set `allow_remote = true` in [metrics] to serve on it (and restrict it with a firewall)"
+            ));
+        }
+        Ok(Some(addr))
+    }
 }
 
 /// `[lifecycle]`: how often the daemon looks for due rotations and
@@ -811,6 +877,7 @@ impl Config {
             cfg.cluster.node_name().map_err(|e| invalid_key("cluster.node", &e))?;
         }
         cfg.cluster.lease().map_err(|e| invalid_key("cluster.lease", &e))?;
+        cfg.metrics.listen_addr().map_err(|reason| invalid_key("metrics.listen", &reason))?;
         check_store(&cfg.store, cfg.mode).map_err(|(key, reason)| invalid_key(key, &reason))?;
         cfg.access = Policy::compile(&cfg.policy, text).map_err(|e| invalid(&format!("[policy] {e}")))?;
         cfg.source = Some(path.to_owned());
@@ -901,6 +968,29 @@ fn check_store(store: &StoreSection, mode: Mode) -> Result<(), (&'static str, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_listen_is_loopback_unless_allowed() {
+        let m = |listen: &str, allow_remote: bool| {
+            MetricsSection { collect: true, listen: Some(listen.into()), allow_remote }.listen_addr()
+        };
+        assert_eq!(m("127.0.0.1:9464", false).unwrap().unwrap().port(), 9464);
+        assert!(m("127.0.0.2:9464", false).is_ok(), "127.0.0.0/8 is loopback");
+        assert!(m("[::1]:9464", false).is_ok());
+        for remote in ["0.0.0.0:9464", "[::]:9464", "10.0.0.1:9464", "[::ffff:127.0.0.1]:9464"] {
+            let e = m(remote, false).unwrap_err();
+            assert!(e.contains("not a loopback address") && e.contains("allow_remote"), "{remote}: {e}");
+            assert!(m(remote, true).is_ok(), "{remote} with allow_remote");
+        }
+        for bad in ["localhost:9464", "127.0.0.1", ":9464", "127.0.0.1:99999", "", "\u{1b}[31m"] {
+            let e = m(bad, true).unwrap_err();
+            assert!(e.contains("not an IP address and port") && !e.contains('\u{1b}'), "{bad:?}: {e}");
+        }
+        assert!(m("127.0.0.1:0", false).unwrap_err().contains("port must not be 0"));
+        assert_eq!(MetricsSection::default().listen_addr(), Ok(None));
+        let e = MetricsSection { allow_remote: true, ..Default::default() }.listen_addr().unwrap_err();
+        assert!(e.contains("`listen` is not"), "{e}");
+    }
 
     /// A syntax error on or near an inline PIN line, or a PIN put where a
     /// path or name goes: the error names the place, never the PIN.

@@ -108,6 +108,14 @@ pub fn run(config: Config, store: Option<Store>, on_ready: impl FnOnce(&Config))
         // daemon says it is ready is handled, not fatal.
         let signals = Signals::install().context("installing signal handlers")?;
         tokio::spawn(signals.handle(daemon.clone(), shutdown.clone()));
+        crate::metrics::METRICS.set_collecting(daemon.config.metrics.collect);
+        if let Some(addr) = daemon.config.metrics.listen_addr().map_err(anyhow::Error::msg)? {
+            let l = crate::metrics::http::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr} ([metrics] listen)"))?;
+            tracing::info!(%addr, "serving GET /metrics");
+            tokio::spawn(crate::metrics::http::serve(daemon.clone(), l, shutdown.clone()));
+        }
         tracing::info!(socket = %daemon.config.socket.display(), token = daemon.hsm.token_label(), "listening");
         // Rotations that fell due while the daemon was down happen before it
         // says it is ready, so no data key is made under an overdue version.

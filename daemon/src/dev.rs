@@ -144,6 +144,7 @@ pub fn prepare(dir: &Path, postgres: Option<&str>) -> anyhow::Result<(PathBuf, O
         lifecycle: Default::default(),
         // Several dev nodes share one host: each is named after its folder.
         cluster: crate::config::ClusterSection { node: postgres.map(|_| node_name_of(&dir)), lease: None },
+        metrics: Default::default(),
         // The quick start: whoever ran `keyhavend dev` may do everything.
         policy: PolicySection {
             rules: vec![RuleSection::new(

@@ -22,7 +22,7 @@ pub enum Error {
     #[error("protocol version {0} is not supported; this daemon speaks version {v}", v = keyhaven::wire::PROTOCOL_VERSION)]
     UnsupportedProtocol(u32),
     /// `encrypt` input over the limit.
-    #[error("plaintext of {0} bytes is over the `encrypt` limit of 65536 bytes; use `datakey` and encrypt locally")]
+    #[error("plaintext of {0} bytes is over the `encrypt` limit of 65536 bytes; seal it in the client (`keyhaven seal`, the clients' Sealer), or use `datakey` and encrypt locally")]
     PayloadTooLarge(usize),
     /// Another input over its operation's size limit (the message says
     /// which).

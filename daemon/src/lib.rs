@@ -29,7 +29,7 @@
 //!
 //! Around them: [`config`] (the TOML file), [`identity`] (SO_PEERCRED,
 //! user and groups), [`policy`] (who may do what),
-//! [`error`] (wire error codes), [`exit`] (exit statuses), [`logging`] (stderr and the journal), [`softhsm`] (its token files), [`refusal`] (a refused PIN is not presented again), [`hardening`] (production checks, no core dumps), [`secret`] (PIN and data-key types that
+//! [`error`] (wire error codes), [`exit`] (exit statuses), [`logging`] (stderr and the journal), [`metrics`] (counts for Prometheus, `GET /metrics`), [`softhsm`] (its token files), [`refusal`] (a refused PIN is not presented again), [`hardening`] (production checks, no core dumps), [`secret`] (PIN and data-key types that
 //! never print), [`init`] and [`dev`] (setting an install up), [`systemd`] (socket
 //! activation, sd_notify), [`text`] (client input made safe for messages), [`clock`]
 //! (Unix time), and [`daemon`] (starting and stopping it all).
@@ -50,6 +50,7 @@ pub mod hsm;
 pub mod identity;
 pub mod init;
 pub mod logging;
+pub mod metrics;
 pub mod ops;
 pub mod policy;
 pub mod refusal;

@@ -13,7 +13,8 @@ use keyhavend::{daemon, dev, init, logging};
 #[derive(Parser)]
 #[command(name = "keyhavend", version)]
 struct Cli {
-    /// Configuration file (same as `run --config FILE`).
+    /// Configuration file (same as `run --config FILE`); not for `dev`, which writes its own in its folder,
+    /// nor `store copy`, which takes --from and --to.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Log format on stderr: `human` (default) or `json` (one object per line).
@@ -66,6 +67,26 @@ enum Command {
     },
     /// Benchmark: a fresh dev install, the raw token rate, then `keyhaven bench` against it.
     Bench(keyhavend::bench::BenchArgs),
+    /// Store maintenance (docs/OPERATIONS.md).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy a keyring (keys, revocations, the whole audit log) from the store one configuration names into the
+    /// empty store another names (sled or PostgreSQL, either way), then verify the copy against the token's
+    /// anchor. Stop every daemon on the source first; afterwards point every daemon at the destination.
+    Copy {
+        /// Configuration naming the store to copy (and the token that anchors it).
+        #[arg(long, value_name = "CONFIG")]
+        from: PathBuf,
+        /// Configuration naming the empty store to copy into (the same token).
+        #[arg(long, value_name = "CONFIG")]
+        to: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -204,6 +225,12 @@ fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Some(Command::Dev { .. }) | Some(Command::Store { .. }) if cli.config.is_some() => {
+            anyhow::bail!(
+                "--config does not apply to `dev` (it writes and uses DIR/keyhaven.toml) nor to `store copy` (it \
+                 takes --from and --to)"
+            )
+        }
         Some(Command::Dev { dir, postgres: None, join: Some(other), node }) => {
             let path = dev::join(&dir, &other, node.as_deref())?;
             let config = load(Some(path))?;
@@ -233,6 +260,28 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Some(Command::AcceptStore { reason }) => {
             let config = load(cli.config)?;
             println!("{}", keyhavend::anchor::accept_store(&config, &reason)?);
+            Ok(())
+        }
+        Some(Command::Store { command: StoreCommand::Copy { from, to } }) => {
+            // `from` last: its token environment (SOFTHSM2_CONF) is the one used.
+            let to_config = load(Some(to.clone()))?;
+            let from_config = load(Some(from.clone()))?;
+            let report = keyhavend::store::copy::copy(&from_config, &to_config, &mut |line| {
+                eprintln!("keyhavend: store copy: {line}")
+            })?;
+            println!(
+                "copied {} keys, {} revocations, {} audit records and {} seals from {} to {}; the copy matches \
+                 the token's anchor (write {}). Point every daemon at {} before starting them: the first write \
+                 to either store makes the other an older copy that the daemon refuses.",
+                report.keys,
+                report.revocations,
+                report.audit_records,
+                report.audit_seals,
+                from.display(),
+                to.display(),
+                report.anchor_generation,
+                to.display()
+            );
             Ok(())
         }
         Some(Command::Check) => unreachable!("handled in main"),

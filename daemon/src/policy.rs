@@ -44,11 +44,13 @@ pub enum Permission {
     Sign,
     /// `public_key`: reading signing keys' public keys (grantable widely).
     PublicKey,
+    /// `metrics`: reading the daemon's metrics.
+    Metrics,
 }
 
 impl Permission {
     /// Every permission, in the order `whoami` shows them.
-    pub const ALL: [Permission; 12] = [
+    pub const ALL: [Permission; 13] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Datakey,
@@ -61,6 +63,7 @@ impl Permission {
         Permission::MacVerify,
         Permission::Sign,
         Permission::PublicKey,
+        Permission::Metrics,
     ];
 
     /// The name used in the config and on the wire.
@@ -78,6 +81,7 @@ impl Permission {
             Permission::MacVerify => "mac-verify",
             Permission::Sign => "sign",
             Permission::PublicKey => "public-key",
+            Permission::Metrics => "metrics",
         }
     }
 

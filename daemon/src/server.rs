@@ -232,16 +232,22 @@ pub async fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Cancella
         };
         let uid = stream.peer_cred().map(|c| c.uid()).ok();
         let admitted = match slots.clone().try_acquire_owned() {
-            Err(_) => Err(format!(
-                "the daemon holds its maximum of {cap} connections ([limits] max_connections); try again later"
-            )),
+            Err(_) => {
+                crate::metrics::connection_refused(crate::metrics::Refusal::MaxConnections);
+                Err(format!(
+                    "the daemon holds its maximum of {cap} connections ([limits] max_connections); try again later"
+                ))
+            }
             Ok(permit) => match uid.map(|u| per_uid.take(u, per_uid_max)) {
                 Some(Some(slot)) => Ok((permit, slot)),
-                Some(None) => Err(format!(
+                Some(None) => Err({
+                    crate::metrics::connection_refused(crate::metrics::Refusal::MaxConnectionsPerUid);
+                    format!(
                     "uid {} holds its maximum of {per_uid_max} connections ([limits] max_connections_per_uid); \
                      try again later",
                     uid.unwrap_or_default()
-                )),
+                    )
+                }),
                 // No peer credentials: `serve` logs and closes it.
                 None => match per_uid.take(u32::MAX, per_uid_max) {
                     Some(slot) => Ok((permit, slot)),
@@ -268,6 +274,7 @@ pub async fn run(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Cancella
         };
         let (d, s, b) = (daemon.clone(), shutdown.clone(), budget.clone());
         tracker.spawn(async move {
+            let _open = crate::metrics::OpenConnection::new();
             connection::serve(d, stream, s, b).await;
             drop((permit, uid_slot));
         });

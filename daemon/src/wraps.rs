@@ -87,6 +87,21 @@ impl WrapBudget {
         }
     }
 
+    /// Wraps allowed per version.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The versions used since start that have taken more than `over`
+    /// wraps, with their count, fullest first (for the metrics).
+    pub fn near_bound(&self, over: u64) -> Vec<(KekId, u64)> {
+        let ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        let mut near: Vec<(KekId, u64)> =
+            ranges.iter().filter(|(_, r)| r.next > over).map(|(k, r)| (k.clone(), r.next)).collect();
+        near.sort_by_key(|(_, used)| std::cmp::Reverse(*used));
+        near
+    }
+
     /// Gives back what was reserved and not used, for a clean shutdown:
     /// each version's persisted count goes back to the wraps taken, where
     /// it is still the end of this daemon's range (nobody reserved after

@@ -213,6 +213,33 @@ echo "exposure: $score"
 awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 1.0) }' || { echo "$out" | grep '✗'; fail "exposure $score is over 1.0"; }
 ok "exposure $score <= 1.0"
 
+step "metrics: keyhaven metrics over the socket; HTTP needs OPERATIONS.md's drop-in"
+as alice keyhaven metrics | grep '^keyhaven_build_info{version=' >/dev/null || fail "keyhaven metrics as an operator"
+systemctl stop keyhavend.socket keyhavend.service
+systemctl reset-failed keyhavend.service keyhavend.socket 2>/dev/null || true
+cp /etc/keyhaven/keyhaven.toml /root/keyhaven.toml.before-metrics
+printf '\n[metrics]\nlisten = "127.0.0.1:19464"\n' >> /etc/keyhaven/keyhaven.toml
+t_metrics=$(date +%s)
+if systemctl start keyhavend.service; then fail "started with [metrics] listen under the unit's RestrictAddressFamilies=AF_UNIX"; fi
+journal_since "$t_metrics" | grep 'cannot listen for metrics on 127.0.0.1:19464' >/dev/null ||
+    fail "no 'cannot listen for metrics' line without the drop-in"
+systemctl stop keyhavend.service; systemctl reset-failed keyhavend.service 2>/dev/null || true
+docs metrics-dropin
+systemctl start keyhavend.socket
+as billing keyhaven health >/dev/null || fail "not served with the metrics drop-in"
+scrape=""
+for _ in $(seq 1 50); do
+    scrape=$(bash -c 'exec 3<>/dev/tcp/127.0.0.1/19464 && printf "GET /metrics HTTP/1.0\r\n\r\n" >&3 && cat <&3' 2>/dev/null) && [ -n "$scrape" ] && break
+    sleep 0.2
+done
+echo "$scrape" | head -1 | grep '^HTTP/1.1 200 OK' >/dev/null || fail "GET /metrics with the drop-in: $(echo "$scrape" | head -3)"
+echo "$scrape" | grep '^keyhaven_requests_total{operation="health",outcome="ok"} [1-9]' >/dev/null || fail "no health count in the scrape"
+rm /etc/systemd/system/keyhavend.service.d/metrics.conf
+cp /root/keyhaven.toml.before-metrics /etc/keyhaven/keyhaven.toml
+systemctl daemon-reload
+systemctl restart keyhavend.service
+ok "keyhaven metrics served; [metrics] listen refused to start under the unit, served on loopback with the drop-in"
+
 step "upgrade: a newer package restarts a running daemon"
 pid=$(prop keyhavend.service MainPID)
 (cd upgrade && docs upgrade)

@@ -242,6 +242,17 @@ async fn bad_lifecycle_input_is_refused_and_changes_nothing() {
         (&["key", "set", "acme/pii"][..], "nothing to set"),
         (&["key", "schedule-deletion", "acme/pii", "--days", "3"][..], "7 to 30"),
         (&["key", "create", "acme/x", "--rotate-every", "0s"][..], "under one second"),
+        // Irreversible commands are guarded as `destroy` is.
+        (
+            &["key", "trim", "acme/pii"][..],
+            "trimming cannot be undone: repeat the name with --confirm acme/pii",
+        ),
+        (&["key", "trim", "acme/pii", "--confirm", "acme/other"][..], "does not repeat the name `acme/pii`"),
+        (
+            &["admin", "retire-master", "--version", "1"][..],
+            "cannot be undone: repeat the name with --confirm 1",
+        ),
+        (&["admin", "retire-master", "--version", "1", "--confirm", "2"][..], "does not repeat"),
     ] {
         let out = d.cli(args, b"");
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -258,7 +269,38 @@ async fn the_cli_rotates_shows_and_rewraps_a_column_through_a_pipe() {
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
-    ok(&["key", "create", "acme/pii", "--rotate-every", "90d"], b"");
+    // The period is set by the create itself (one request, one write):
+    // the answer and the audit log say so.
+    let created: serde_json::Value =
+        serde_json::from_str(&ok(&["key", "create", "acme/pii", "--rotate-every", "90d"], b"")).unwrap();
+    assert_eq!(created["rotate_every_secs"], 90 * 86_400, "{created}");
+    assert_eq!(created["state"], "enabled", "{created}");
+    assert_eq!(
+        created["next_rotation_at"].as_u64(),
+        created["created_at"].as_u64().map(|t| t + 90 * 86_400),
+        "{created}"
+    );
+    let c = d.client().await;
+    let ops: Vec<String> = c
+        .call(&keyhaven::wire::AuditRead { last: Some(20), ..Default::default() })
+        .await
+        .unwrap()
+        .records
+        .into_iter()
+        .map(|r| r.op)
+        .collect();
+    assert!(ops.contains(&"key_create".to_owned()) && !ops.contains(&"key_set".to_owned()), "{ops:?}");
+    // Out of range through the protocol: refused, nothing made.
+    let raw = c
+        .call_raw(
+            "key_create",
+            serde_json::json!({"tenant": "acme", "key": "far", "rotate_every_secs": u64::MAX}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(raw.code(), Some(ErrorCode::BadRequest), "{raw}");
+    assert!(raw.to_string().contains("rotate_every_secs"), "{raw}");
+    assert!(c.key_list(Some("acme")).await.unwrap().iter().all(|k| k.key != "far"));
     let column: Vec<String> = (0..5)
         .map(|i| ok(&["encrypt", "acme/pii"], format!("row {i}").as_bytes()).trim().to_owned())
         .collect();

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keyhaven::lifecycle::{KeyShow, KeyStatus};
 use keyhaven::revocation::{
     Destroy, Reason, Revocation, RevocationKind, Revoke, RevokeLift, RevokeList, Scope,
 };
@@ -201,6 +202,10 @@ async fn destruction_erases_the_material_for_good() {
         assert!(e.to_string().contains(needle), "{e}");
     }
     suspend(&c, key("acme", "pii", None), Reason::KeyCompromise).await;
+    // What the key's answers say while it is suspended.
+    let shown = c.call(&KeyShow { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    assert_eq!(shown.state, KeyStatus::Suspended, "{shown:?}");
+    assert_eq!(shown.revocation.as_ref().map(|r| r.reason), Some(Reason::KeyCompromise), "{shown:?}");
     let e = c.call(&destroy(key("acme", "pii", None), "acme/smtp")).await.unwrap_err();
     assert!(e.to_string().contains("does not repeat"), "{e}");
     assert!(refused(&f.opening(&c).await).iter().all(|n| n.contains("acme/pii")));
@@ -227,6 +232,18 @@ async fn destruction_erases_the_material_for_good() {
     assert!(e.to_string().contains("cannot be lifted"), "{e}");
     let again = Revoke { scope: key("acme", "pii", None), reason: Reason::Unspecified, expires_at: None };
     assert_eq!(c.call(&again).await.unwrap_err().code(), Some(ErrorCode::AlreadyExists));
+    // `key show` and `key list` say it is destroyed (not "enabled"), and
+    // its name is taken for good: `already_exists`, as PROTOCOL.md says.
+    let shown = c.call(&KeyShow { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    assert_eq!(shown.state, KeyStatus::Destroyed, "{shown:?}");
+    assert_eq!(shown.revocation.as_ref().map(|r| r.kind), Some(RevocationKind::Destroyed), "{shown:?}");
+    let listed = c.key_list(Some("acme")).await.unwrap();
+    let state = |name: &str| listed.iter().find(|k| k.key == name).and_then(|k| k.state);
+    assert_eq!((state("pii"), state("smtp")), (Some(KeyStatus::Destroyed), Some(KeyStatus::Enabled)));
+    let shown = run_cli(d.socket(), &["key", "show", "acme/pii"], b"");
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("\"state\": \"destroyed\""), "{shown:?}");
+    let e = c.key_create(&path("acme/pii")).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AlreadyExists), "{e}");
     // Other keys are untouched.
     let other: Vec<&str> = vec![];
     let still = f.opening(&c).await;

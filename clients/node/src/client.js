@@ -139,13 +139,19 @@ export class Client {
    * Make a key; `type` is `aes256-gcm` (the daemon's default when omitted)
    * or `hmac-sha256` (for `mac`/`macVerify`, PROTOCOL.md §3.3).
    */
-  keyCreate(path, { type } = {}) {
+  keyCreate(path, { type, rotateEverySecs } = {}) {
     const params = keyPath(path);
     if (type !== undefined) {
       if (typeof type !== 'string' || type === '') {
         throw new InvalidInputError('bad_request', 'type must be a key type string such as hmac-sha256');
       }
       params.type = type;
+    }
+    if (rotateEverySecs !== undefined) {
+      if (!Number.isSafeInteger(rotateEverySecs) || rotateEverySecs < 0) {
+        throw new InvalidInputError('bad_request', 'rotateEverySecs must be a whole number of seconds (0: none)');
+      }
+      params.rotate_every_secs = rotateEverySecs;
     }
     return this.call('key_create', params);
   }

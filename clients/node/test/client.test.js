@@ -48,6 +48,9 @@ test('health, whoami, key create/show/list', async () => {
   );
   await rejectsWith(kh.keyCreate('acme/smtp'), 'already_exists', DaemonError);
   await rejectsWith(kh.keyShow('acme/nope'), 'not_found', DaemonError);
+  const auto = await kh.keyCreate('sched/auto', { rotateEverySecs: 86400 });
+  assert.deepEqual([auto.state, auto.rotate_every_secs, auto.next_rotation_at], ['enabled', 86400, auto.created_at + 86400]);
+  assert.throws(() => kh.keyCreate('sched/bad', { rotateEverySecs: -1 }), InvalidInputError);
 });
 
 test('encrypt and decrypt, with the context in any order', async () => {

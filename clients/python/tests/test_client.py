@@ -51,6 +51,11 @@ def test_health_whoami_keys(kh: Client) -> None:
     with pytest.raises(DaemonError) as e:
         kh.key_show("acme/nope")
     assert e.value.code == "not_found"
+    auto = kh.key_create("sched/auto", rotate_every_secs=86400)
+    assert (auto["state"], auto["rotate_every_secs"]) == ("enabled", 86400)
+    assert auto["next_rotation_at"] == auto["created_at"] + 86400
+    with pytest.raises(InvalidInput):
+        kh.key_create("sched/bad", rotate_every_secs=-1)
 
 
 def test_encrypt_decrypt_with_context_in_any_order(kh: Client) -> None:

@@ -221,10 +221,18 @@ impl Hsm {
             let _ = tx.send(f(w));
         });
         self.jobs.try_send(job).map_err(|e| match e {
-            async_channel::TrySendError::Full(_) => HsmError::Busy(self.queue_depth),
+            async_channel::TrySendError::Full(_) => {
+                crate::metrics::hsm_busy();
+                HsmError::Busy(self.queue_depth)
+            }
             async_channel::TrySendError::Closed(_) => HsmError::Stopped,
         })?;
         rx.await.map_err(|_| HsmError::Stopped)?
+    }
+
+    /// The HSM jobs waiting for a worker, and how many may wait.
+    pub fn queue(&self) -> (usize, usize) {
+        (self.jobs.len(), self.queue_depth)
     }
 
     /// Runs `f` once on every worker and waits until all have. Each worker

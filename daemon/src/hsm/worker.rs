@@ -462,6 +462,7 @@ impl Worker {
     fn kek(&mut self, kek: &KekRef) -> Result<ObjectHandle, HsmError> {
         if let Some((wrapped, h)) = self.keks.get(&kek.id) {
             if *wrapped == kek.wrapped {
+                crate::metrics::kek_lookup(true);
                 return Ok(*h);
             }
             // Same name and version, other material (a key destroyed and made
@@ -470,8 +471,10 @@ impl Worker {
             self.keks.remove(&kek.id);
             let _ = self.session()?.destroy_object(stale);
         }
+        crate::metrics::kek_lookup(false);
         let mk = self.master_key(kek.master_key_version)?;
         let h = unwrap_kek(self.session()?, mk, &kek.wrapped, kek.key_type)?;
+        crate::metrics::kek_loaded();
         self.keks.insert(kek.id.clone(), (kek.wrapped.clone(), h));
         Ok(h)
     }

@@ -113,6 +113,12 @@ impl ProbeGate {
     }
 }
 
+/// The token's condition as a `health` call now would report it (`None`:
+/// fine), from a shared probe (see the module docs).
+pub(super) async fn token_condition(d: &Arc<Daemon>) -> Option<String> {
+    ProbeGate::probe(d).await.token_error.map(|(condition, _)| condition)
+}
+
 /// Probes the token and the store (shared with concurrent calls: see the
 /// module docs); reports each rather than failing the call. A whole-system
 /// suspension shows as status `suspended`.

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use keyhaven::lifecycle::KeyState;
+use keyhaven::lifecycle::{KeyState, KeyStatus};
+use keyhaven::revocation::{Revocation, RevocationKind};
 use keyhaven::wire::{self, KeyInfo, KeyListResponse};
 use keyhaven::KeyPath;
 
@@ -10,10 +11,13 @@ use super::{key_target, reply, route, tenant_target, Cx, Daemon, Op, Reply, Rout
 use crate::clock::now_unix;
 use crate::error::Error;
 use crate::policy::{Access, Permission};
+use crate::revocation::Index;
 use crate::store::KeyRecord;
 
-/// The public view of a key record.
-pub fn info(rec: &KeyRecord) -> KeyInfo {
+/// The public view of a key record, with its status under the
+/// revocations in force.
+pub fn info(rec: &KeyRecord, revocations: &Index) -> KeyInfo {
+    let (state, revocation) = status(rec, revocations);
     KeyInfo {
         tenant: rec.tenant.clone(),
         key: rec.key.clone(),
@@ -21,6 +25,24 @@ pub fn info(rec: &KeyRecord) -> KeyInfo {
         versions: rec.versions.iter().map(|v| v.version).collect(),
         created_at: rec.created_at,
         key_type: rec.key_type,
+        state: Some(state),
+        revocation,
+        rotate_every_secs: rec.rotate_every_secs,
+        next_rotation_at: super::lifecycle::next_rotation_at(rec),
+    }
+}
+
+/// Whether a key may be used, as answers say it (PROTOCOL.md §3.17): a
+/// revocation in force that covers the whole key (the broadest: the whole
+/// system, its tenant, the key) takes precedence over its lifecycle state.
+pub fn status(rec: &KeyRecord, revocations: &Index) -> (KeyStatus, Option<Revocation>) {
+    let covering = KeyPath::new(&rec.tenant, &rec.key)
+        .ok()
+        .and_then(|path| revocations.covering(&path, None, None, now_unix()));
+    match covering {
+        Some(r) if r.kind == RevocationKind::Destroyed => (KeyStatus::Destroyed, Some(r)),
+        Some(r) => (KeyStatus::Suspended, Some(r)),
+        None => (rec.state.into(), None),
     }
 }
 
@@ -28,10 +50,21 @@ pub fn info(rec: &KeyRecord) -> KeyInfo {
 /// stores it wrapped.
 pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Error> {
     let path = KeyPath::new(&req.tenant, &req.key)?;
-    // No new key under a suspended or destroyed tenant (or the whole system).
-    d.revocations.check(&path, None, None)?;
+    // A name in use is `already_exists` whatever covers it (a destroyed
+    // key's name is never reused), then: no new key under a suspended or
+    // destroyed tenant (or the whole system).
     if d.store.backend().key(&path).await?.is_some() {
         return Err(Error::AlreadyExists(format!("key `{path}` exists already")));
+    }
+    d.revocations.check(&path, None, None)?;
+    // 0, as in `key_set`, is no period.
+    let rotate_every_secs = req.rotate_every_secs.filter(|p| *p != 0);
+    if let Some(period) = rotate_every_secs.filter(|p| !super::lifecycle::ROTATE_EVERY_SECS.contains(p)) {
+        return Err(Error::BadRequest(format!(
+            "field `rotate_every_secs`: {period} is out of range: an automatic rotation period is from 1 s to {} \
+             s (100 years), or 0 for none",
+            super::lifecycle::ROTATE_EVERY_SECS.end()
+        )));
     }
     let kind = req.key_type;
     let (generated, master_key_version) = d.hsm.run(move |w| w.generate_kek(kind)).await?;
@@ -44,7 +77,7 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
         versions: vec![super::lifecycle::new_version(1, now, master_key_version, generated)],
         state: KeyState::Enabled,
         min_decryption_version: 1,
-        rotate_every_secs: None,
+        rotate_every_secs,
         deletion_at: None,
         key_type: kind,
     };
@@ -56,7 +89,7 @@ pub async fn create(d: &Arc<Daemon>, req: wire::KeyCreate) -> Result<Reply, Erro
         .await
         .map_err(|e| Error::Internal(format!("store task: {e}")))??;
     tracing::info!(key = %path, key_type = %kind, "key created");
-    reply(&info(&rec), 0)
+    reply(&info(&rec, &d.revocations), 0)
 }
 
 /// Lists keys, all or one tenant's, one page at a time (PROTOCOL.md §3.4).
@@ -78,7 +111,7 @@ pub async fn list(d: &Arc<Daemon>, req: wire::KeyList) -> Result<Reply, Error> {
         Some(a) => keys.partition_point(|k| (k.tenant.as_str(), k.key.as_str()) <= (a.tenant(), a.key())),
         None => 0,
     };
-    let (keys, more) = super::page(keys[start..].iter().map(info), limit);
+    let (keys, more) = super::page(keys[start..].iter().map(|k| info(k, &d.revocations)), limit);
     let next = more.then(|| keys.last().map(|k| format!("{}/{}", k.tenant, k.key))).flatten();
     reply(&KeyListResponse { keys, next }, 0)
 }

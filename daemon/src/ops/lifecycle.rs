@@ -30,19 +30,27 @@ pub const DELETION_DAYS: std::ops::RangeInclusive<u32> = 7..=30;
 /// off). Longer periods would wrap the due time around.
 pub const ROTATE_EVERY_SECS: std::ops::RangeInclusive<u64> = 1..=100 * 365 * 86_400;
 
-/// The public view of a key record.
-pub fn details(rec: &KeyRecord) -> KeyDetails {
-    let current = rec.version(rec.current_version);
+/// When `rec`'s next automatic rotation is due: its current version's
+/// creation time plus the period, if it has one.
+pub fn next_rotation_at(rec: &KeyRecord) -> Option<u64> {
+    rec.rotate_every_secs.zip(rec.version(rec.current_version)).map(|(p, v)| v.created_at.saturating_add(p))
+}
+
+/// The public view of a key record, with its status under the
+/// revocations in force ([`super::keys::status`]).
+pub fn details(rec: &KeyRecord, revocations: &crate::revocation::Index) -> KeyDetails {
+    let (state, revocation) = super::keys::status(rec, revocations);
     KeyDetails {
         tenant: rec.tenant.clone(),
         key: rec.key.clone(),
         key_type: rec.key_type,
-        state: rec.state,
+        state,
+        revocation,
         created_at: rec.created_at,
         current_version: rec.current_version,
         min_decryption_version: rec.min_decryption_version,
         rotate_every_secs: rec.rotate_every_secs,
-        next_rotation_at: rec.rotate_every_secs.zip(current).map(|(p, v)| v.created_at.saturating_add(p)),
+        next_rotation_at: next_rotation_at(rec),
         deletion_at: rec.deletion_at,
         versions: rec
             .versions
@@ -187,7 +195,7 @@ pub async fn rotate(d: Arc<Daemon>, req: KeyRotate) -> Result<Reply, Error> {
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
     d.revocations.check(&path, None, None)?;
-    reply(&details(&rotate_key(d, path).await?), 0)
+    reply(&details(&rotate_key(d, path).await?, &d.revocations), 0)
 }
 
 /// `key_show`: flushes the usage counts first, so they are current.
@@ -202,7 +210,7 @@ pub async fn show(d: Arc<Daemon>, req: KeyShow) -> Result<Reply, Error> {
         .key(&path)
         .await?
         .ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
-    reply(&details(&rec), 0)
+    reply(&details(&rec, &d.revocations), 0)
 }
 
 /// `key_set`.
@@ -258,7 +266,7 @@ pub async fn set(d: Arc<Daemon>, req: KeySet) -> Result<Reply, Error> {
         notify_versions(d, &rec.path()?, retired.map(Some));
     }
     tracing::info!(key = %format!("{}/{}", rec.tenant, rec.key), state = rec.state.as_str(), min_decryption_version = rec.min_decryption_version, "key settings changed");
-    reply(&details(&rec), 0)
+    reply(&details(&rec, &d.revocations), 0)
 }
 
 /// `key_trim`: removes the versions below the minimum decryption version,
@@ -287,7 +295,7 @@ pub async fn trim(d: Arc<Daemon>, req: KeyTrim) -> Result<Reply, Error> {
     notify_versions(d, &p, trimmed.iter().map(|v| Some(*v)));
     unload(d, move |id| id.path == p && id.version < old).await;
     tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), below = old, "key versions trimmed");
-    reply(&KeyTrimResponse { trimmed, details: details(&rec) }, 0)
+    reply(&KeyTrimResponse { trimmed, details: details(&rec, &d.revocations) }, 0)
 }
 
 /// `key_schedule_deletion`.
@@ -309,7 +317,7 @@ pub async fn schedule_deletion(d: Arc<Daemon>, req: KeyScheduleDeletion) -> Resu
     .await?;
     notify_versions(d, &rec.path()?, [None]);
     tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), days, "key scheduled for deletion");
-    reply(&details(&rec), 0)
+    reply(&details(&rec, &d.revocations), 0)
 }
 
 /// `key_cancel_deletion`: back to `disabled`, for an operator to enable.
@@ -330,7 +338,7 @@ pub async fn cancel_deletion(d: Arc<Daemon>, req: KeyCancelDeletion) -> Result<R
     })
     .await?;
     tracing::warn!(key = %format!("{}/{}", rec.tenant, rec.key), "key deletion cancelled; key disabled");
-    reply(&details(&rec), 0)
+    reply(&details(&rec, &d.revocations), 0)
 }
 
 /// Tells subscribed clients (PROTOCOL.md §6) to drop cached data keys of

@@ -5,7 +5,8 @@
 //! ([`Cx::allow`]) before any store or HSM work, and runs. Each family lists
 //! its operations in an `OPS` table; [`dispatch`] finds the declaration by
 //! name, parses the params (refusing unknown fields) and runs it for a
-//! caller. Adding an operation touches its family's module only.
+//! caller, and counts it in [`crate::metrics`] by its place in the table.
+//! Adding an operation touches its family's module only.
 //!
 //! Every handler returns its response already serialised, in a zeroizing
 //! buffer, because some responses carry plaintext.
@@ -19,6 +20,7 @@ mod keys;
 mod lifecycle;
 mod mac;
 pub mod master;
+mod metrics;
 mod revoke;
 mod sign;
 
@@ -209,7 +211,7 @@ fn parse_and_handle<'a, T: Op>(cx: Cx<'a>, params: &'a str) -> Handling<'a> {
 }
 
 /// Every family's operations.
-const FAMILIES: [&[Route]; 11] = [
+const FAMILIES: [&[Route]; 12] = [
     health::OPS,
     admin::OPS,
     keys::OPS,
@@ -221,11 +223,28 @@ const FAMILIES: [&[Route]; 11] = [
     audit::OPS,
     mac::OPS,
     sign::OPS,
+    metrics::OPS,
 ];
 
 /// The declaration of operation `op`, if there is one.
 fn find(op: &str) -> Option<&'static Route> {
-    FAMILIES.iter().flat_map(|f| f.iter()).find(|r| r.name == op)
+    find_numbered(op).map(|(_, r)| r)
+}
+
+/// The declaration of operation `op` and its number (its place in the
+/// table, which the metrics count by).
+fn find_numbered(op: &str) -> Option<(usize, &'static Route)> {
+    FAMILIES.iter().flat_map(|f| f.iter()).enumerate().find(|(_, r)| r.name == op)
+}
+
+/// Every operation's name, in the order of their numbers.
+fn names() -> impl Iterator<Item = &'static str> {
+    FAMILIES.iter().flat_map(|f| f.iter()).map(|r| r.name)
+}
+
+/// The metrics in the Prometheus text format (for `[metrics] listen`).
+pub async fn metrics_text(d: &Arc<Daemon>) -> String {
+    metrics::render(d).await
 }
 
 /// What operation `op` needs from the policy; `None` for an unknown
@@ -238,8 +257,9 @@ pub fn access_for(op: &str) -> Option<Access> {
 /// in the audit log before returning: when the record cannot be made
 /// durable, the result is withheld and the call fails.
 pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) -> Result<Reply, Error> {
+    let started = crate::metrics::request_started();
     let mut subject = Subject::default();
-    let route = find(op);
+    let (number, route) = find_numbered(op).map_or((crate::metrics::MAX_OPS, None), |(n, r)| (n, Some(r)));
     let mut result = match route {
         Some(r) => (r.run)(Cx { d, caller, s: &mut subject, op: r.name, access: r.access }, params).await,
         None => Err(Error::UnknownOperation(printable(op))),
@@ -250,8 +270,12 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
         result = Err(Error::Internal(format!("`{}` has no policy check", printable(op))));
     }
     if route.is_none_or(|r| r.audited) {
-        d.audit.record(caller, op, subject, &result).await?;
+        if let Err(e) = d.audit.record(caller, op, subject, &result).await {
+            crate::metrics::request_done(number, started, Some(e.code()));
+            return Err(e);
+        }
     }
+    crate::metrics::request_done(number, started, result.as_ref().err().map(Error::code));
     result
 }
 
@@ -415,6 +439,13 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), n, "an operation is declared twice");
+    }
+
+    #[test]
+    fn every_operation_has_a_metrics_slot() {
+        assert!(names().count() < crate::metrics::MAX_OPS, "raise metrics::MAX_OPS");
+        assert_eq!(find_numbered("metrics").map(|(n, _)| names().nth(n)), Some(Some("metrics")));
+        assert_eq!(access_for("metrics"), Some(Access::Needs(Permission::Metrics)));
     }
 
     #[test]

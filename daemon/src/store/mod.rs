@@ -11,6 +11,7 @@
 
 pub mod audit_files;
 pub mod cluster;
+pub mod copy;
 pub mod postgres;
 pub mod sled_store;
 pub mod state;

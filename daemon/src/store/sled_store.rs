@@ -73,8 +73,21 @@ impl SledStore {
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
         // A bounded page cache (sled would otherwise keep up to 1 GiB).
         let db =
-            sled::Config::new().cache_capacity(CACHE_BYTES).path(path).open().map_err(|e| {
-                StoreError::Backend(format!("cannot open the store at {}: {e}", path.display()))
+            sled::Config::new().cache_capacity(CACHE_BYTES).path(path).open().map_err(|e| match e {
+                // sled says "could not acquire lock on …: Os { code: 11, kind: WouldBlock, … }".
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
+                    StoreError::Backend(format!(
+                    "another keyhavend holds the store at {} (its lock is taken): stop it first, or use its socket",
+                    path.display()
+                ))
+                }
+                sled::Error::Io(io) => {
+                    StoreError::Backend(format!("cannot open the store at {}: {io}", path.display()))
+                }
+                other => StoreError::Backend(format!("cannot open the store at {}: {other}", path.display())),
             })?;
         let meta = db.open_tree("meta").map_err(backend)?;
         let keyring = db.open_tree("keyring").map_err(backend)?;

@@ -232,9 +232,10 @@ pub async fn verify(client: &Client, json: bool) -> Result<(), Failure> {
         }),
         None => {
             if !json {
-                println!(
+                outln!(
                     "audit log intact: {} records, {} seals, last sealed record {sealed}",
-                    v.records, v.seals
+                    v.records,
+                    v.seals
                 );
             }
             Ok(())

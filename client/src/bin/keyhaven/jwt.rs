@@ -62,7 +62,7 @@ pub async fn sign(client: &Client, key: &KeyPath, claims_file: &std::path::Path)
         };
         let resp = client.call(&req).await?;
         if resp.key_version == current.key_version {
-            println!("{}", jose::compact(&input, &resp.signature, current.key_type)?);
+            outln!("{}", jose::compact(&input, &resp.signature, current.key_type)?);
             return Ok(());
         }
     }

@@ -23,7 +23,7 @@ pub enum Lifecycle {
         /// The key, as TENANT/KEY.
         key: KeyPath,
     },
-    /// A key's versions, states, dates, policy and usage.
+    /// A key's versions, states, dates, rotation period and usage.
     Show {
         /// The key, as TENANT/KEY.
         key: KeyPath,
@@ -50,10 +50,14 @@ pub enum Lifecycle {
         #[arg(long)]
         enable: bool,
     },
-    /// Delete for good the versions below the minimum decryption version.
+    /// Delete for good the versions below the minimum decryption version. Cannot be undone: needs --confirm
+    /// TENANT/KEY.
     Trim {
         /// The key, as TENANT/KEY.
         key: KeyPath,
+        /// The key's name typed again: what is under the trimmed versions never opens again.
+        #[arg(long, value_name = "TENANT/KEY")]
+        confirm: Option<String>,
     },
     /// Stop every use now and erase the key after a waiting period (7–30 days).
     ScheduleDeletion {
@@ -99,6 +103,9 @@ pub fn check(cmd: &Lifecycle) -> Result<(), Failure> {
                 ));
             }
             Ok(())
+        }
+        Lifecycle::Trim { key, confirm } => {
+            crate::confirmed("trimming", &key.to_string(), confirm.as_deref())
         }
         Lifecycle::ScheduleDeletion { days, .. } if !(7..=30).contains(days) => {
             Err(usage(format!("--days {days}: a deletion waits 7 to 30 days")))
@@ -146,7 +153,7 @@ pub async fn run(client: &Client, cmd: Lifecycle) -> Result<(), Failure> {
             let req = KeySet { tenant, key, min_decryption_version, rotate_every_secs, state };
             print_json(&view(&client.call(&req).await?))
         }
-        Lifecycle::Trim { key } => {
+        Lifecycle::Trim { key, .. } => {
             let (tenant, key) = names(&key);
             let r = client.call(&KeyTrim { tenant, key }).await?;
             print_json(&json!({ "trimmed": r.trimmed, "key": view(&r.details) }))

@@ -8,6 +8,15 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// `println!` that returns a failure instead of panicking when stdout is
+/// closed (a broken pipe ends the command quietly, see `Failure`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 mod audit;
 mod bench;
 mod inspect;
@@ -43,6 +52,8 @@ struct Cli {
 enum Command {
     /// Daemon, token and store status.
     Health,
+    /// The daemon's metrics, in the Prometheus text format (needs the `metrics` permission).
+    Metrics,
     /// Named keys.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -55,11 +66,21 @@ enum Command {
         /// Print the whole response as JSON (ciphertext, envelope id, key version).
         #[arg(long)]
         json: bool,
+        /// Read the plaintext from this file instead of stdin.
+        #[arg(long = "in", value_name = "FILE", conflicts_with = "text")]
+        input: Option<PathBuf>,
+        /// The plaintext as an argument instead of stdin (it shows in the process list and shell history:
+        /// prefer stdin or --in for secrets).
+        #[arg(long, value_name = "TEXT")]
+        text: Option<String>,
     },
-    /// Decrypt a text ciphertext from stdin; the plaintext goes to stdout.
+    /// Decrypt a text ciphertext (khc1:) from stdin; the plaintext goes to stdout.
     Decrypt {
         #[command(flatten)]
         context: ContextArgs,
+        /// Print the whole response as JSON (tenant, key, key version, envelope id, plaintext in base64).
+        #[arg(long)]
+        json: bool,
     },
     /// Seal stdin under TENANT/KEY in this process (any size, streamed in chunks); binary to stdout.
     Seal {
@@ -214,11 +235,15 @@ enum AdminCommand {
         #[arg(long)]
         rollback: bool,
     },
-    /// Destroy an old master key version in the HSM (refused while anything is wrapped under it).
+    /// Destroy an old master key version in the HSM (refused while anything is wrapped under it). Cannot be
+    /// undone: needs --confirm VERSION.
     RetireMaster {
         /// The master key version.
         #[arg(long)]
         version: u32,
+        /// The version number typed again: the key is destroyed in the HSM for good.
+        #[arg(long, value_name = "VERSION")]
+        confirm: Option<String>,
     },
 }
 
@@ -360,6 +385,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.message.is_empty() => ExitCode::from(e.exit),
         Err(e) => {
             eprintln!("keyhaven: {e}");
             ExitCode::from(e.exit)
@@ -377,6 +403,16 @@ struct Failure {
 impl Failure {
     fn new(message: String) -> Failure {
         Failure { message, exit: 1 }
+    }
+}
+
+/// The guard of an irreversible command (`destroy`, `key trim`, `admin
+/// retire-master`): `--confirm` must repeat `name`.
+pub(crate) fn confirmed(action: &str, name: &str, given: Option<&str>) -> Result<(), Failure> {
+    match given {
+        None => Err(usage(format!("{action} cannot be undone: repeat the name with --confirm {name}"))),
+        Some(c) if c != name => Err(usage(format!("--confirm `{c}` does not repeat the name `{name}`"))),
+        Some(_) => Ok(()),
     }
 }
 
@@ -399,6 +435,11 @@ impl From<keyhaven::Error> for Failure {
 
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // The reader went away (`keyhaven key list | head`): stop
+            // quietly, as ripgrep and other filters do.
+            return Failure { message: String::new(), exit: 0 };
+        }
         Failure::new(e.to_string())
     }
 }
@@ -413,6 +454,48 @@ fn read_stdin(limit: usize, what: &str, hint: &str) -> Result<zeroize::Zeroizing
         return Err(Failure::new(format!("{what} on stdin is over {limit} bytes{hint}")));
     }
     Ok(buf)
+}
+
+/// `encrypt`'s plaintext: from `--text`, the file `--in`, or stdin.
+fn read_plaintext(
+    file: Option<&std::path::Path>,
+    text: Option<&str>,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, Failure> {
+    const HINT: &str = "; `encrypt` takes at most 64 KiB: use `keyhaven seal` (any size, streamed), or \
+                        `keyhaven datakey` and encrypt locally";
+    let buf = match (file, text) {
+        (_, Some(t)) => zeroize::Zeroizing::new(t.as_bytes().to_vec()),
+        (Some(path), None) => {
+            let mut buf = zeroize::Zeroizing::new(Vec::new());
+            std::fs::File::open(path)
+                .and_then(|f| f.take(MAX_ENCRYPT_PLAINTEXT as u64 + 1).read_to_end(&mut buf))
+                .map_err(|e| Failure::new(format!("cannot read --in {}: {e}", path.display())))?;
+            if buf.len() > MAX_ENCRYPT_PLAINTEXT {
+                return Err(Failure::new(format!(
+                    "--in {} is over {MAX_ENCRYPT_PLAINTEXT} bytes{HINT}",
+                    path.display()
+                )));
+            }
+            buf
+        }
+        (None, None) => return read_stdin(MAX_ENCRYPT_PLAINTEXT, "input", HINT),
+    };
+    if buf.len() > MAX_ENCRYPT_PLAINTEXT {
+        return Err(usage(format!("--text is over {MAX_ENCRYPT_PLAINTEXT} bytes{HINT}")));
+    }
+    Ok(buf)
+}
+
+/// A text form given to the wrong command: which command takes it.
+fn wrong_form(text: &str, expected: &str) -> Option<String> {
+    let (prefix, command) = [
+        ("khc1:", "keyhaven decrypt"),
+        ("khe1:", "keyhaven datakey decrypt"),
+        ("khm1:", "keyhaven mac verify"),
+    ]
+    .into_iter()
+    .find(|(p, _)| text.starts_with(p))?;
+    (prefix != expected).then(|| format!("this is a `{prefix}` text, which `{command}` takes"))
 }
 
 fn read_stdin_text(what: &str) -> Result<String, Failure> {
@@ -439,7 +522,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     // Arguments are checked before connecting, so usage errors need no daemon.
     let context = match &cli.command {
         Command::Encrypt { context, .. }
-        | Command::Decrypt { context }
+        | Command::Decrypt { context, .. }
         | Command::Seal { context, .. }
         | Command::Open { context } => Some(context.parse().map_err(usage)?),
         Command::Datakey(d) => match &d.sub {
@@ -467,15 +550,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             revoke::check_destroy(args)?;
             None
         }
+        Command::Admin(AdminCommand::RetireMaster { version, confirm }) => {
+            confirmed("retiring a master key version", &version.to_string(), confirm.as_deref())?;
+            None
+        }
         _ => None,
     }
     .unwrap_or_default();
     let input = match &cli.command {
-        Command::Encrypt { .. } => Some(read_stdin(
-            MAX_ENCRYPT_PLAINTEXT,
-            "input",
-            "; `encrypt` takes at most 64 KiB: use `keyhaven datakey` and encrypt locally",
-        )?),
+        Command::Encrypt { input, text, .. } => Some(read_plaintext(input.as_deref(), text.as_deref())?),
         Command::Sign { .. } => Some(read_stdin(
             MAX_ENCRYPT_PLAINTEXT,
             "input",
@@ -511,13 +594,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         if *rounds == 0 || concurrency.contains(&0) {
             return Err(usage("--revoke-delay and --concurrency need at least 1"));
         }
-        println!("{:>7} {:>7} {:>12} {:>12} {:>12}", "clients", "rounds", "p50 µs", "max µs", "min µs");
+        outln!("{:>7} {:>7} {:>12} {:>12} {:>12}", "clients", "rounds", "p50 µs", "max µs", "min µs");
         for c in concurrency {
             let mut r = bench::revoke_delay(&socket, key, *c, *payload, *rounds).await?;
             r.last_us.sort_unstable();
             let p50 = r.last_us[r.last_us.len() / 2];
             let (min, max) = (r.last_us[0], r.last_us[r.last_us.len() - 1]);
-            println!("{:>7} {:>7} {:>12} {:>12} {:>12}", r.clients, rounds, p50, max, min);
+            outln!("{:>7} {:>7} {:>12} {:>12} {:>12}", r.clients, rounds, p50, max, min);
         }
         return Ok(());
     }
@@ -546,7 +629,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             for c in concurrency {
                 let row = bench::run(&opts, *op, *c).await?;
                 if *json {
-                    println!("{}", serde_json::to_string(&row).map_err(|e| Failure::new(e.to_string()))?);
+                    outln!("{}", serde_json::to_string(&row).map_err(|e| Failure::new(e.to_string()))?);
                 } else {
                     bench::print(&row);
                 }
@@ -580,11 +663,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Revoke(args) => revoke::revoke(&client, args).await,
         Command::Destroy(args) => revoke::destroy(&client, args).await,
+        Command::Metrics => {
+            use std::io::Write as _;
+            let text = client.metrics().await?;
+            std::io::stdout()
+                .lock()
+                .write_all(text.as_bytes())
+                .map_err(|e| Failure::new(format!("stdout: {e}")))
+        }
         Command::Whoami => print_json(&client.call(&keyhaven::wire::Whoami {}).await?),
         Command::Admin(AdminCommand::RotateMaster { batch, rollback }) => {
             lifecycle::rotate_master(&client, batch, rollback).await
         }
-        Command::Admin(AdminCommand::RetireMaster { version }) => {
+        Command::Admin(AdminCommand::RetireMaster { version, .. }) => {
             print_json(&client.call(&keyhaven::lifecycle::AdminRetireMaster { version }).await?)
         }
         Command::Admin(AdminCommand::Reload) => {
@@ -601,22 +692,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             audit::export(&client, tenant, since).await
         }
         Command::Audit(AuditCommand::PublicKey) => {
-            print!("{}", client.call(&keyhaven::wire::AuditPublicKey {}).await?.pem);
+            std::io::stdout()
+                .lock()
+                .write_all(client.call(&keyhaven::wire::AuditPublicKey {}).await?.pem.as_bytes())?;
             Ok(())
         }
-        Command::Key(KeyCommand::Create { key, rotate_every: None, key_type }) => {
-            print_json(&client.key_create_of_type(&key, key_type).await?)
-        }
-        Command::Key(KeyCommand::Create { key, rotate_every: Some(p), key_type }) => {
-            client.key_create_of_type(&key, key_type).await?;
-            let req = keyhaven::lifecycle::KeySet {
-                tenant: key.tenant().into(),
-                key: key.key().into(),
-                min_decryption_version: None,
-                rotate_every_secs: Some(lifecycle::period(&p)?),
-                state: None,
-            };
-            print_json(&client.call(&req).await?)
+        Command::Key(KeyCommand::Create { key, rotate_every, key_type }) => {
+            let period = rotate_every.as_deref().map(lifecycle::period).transpose()?.filter(|p| *p != 0);
+            print_json(&client.key_create_with(&key, key_type, period).await?)
         }
         Command::Key(KeyCommand::Lifecycle(cmd)) => lifecycle::run(&client, cmd).await,
         Command::Rewrap { .. } => lifecycle::rewrap(&client, context).await,
@@ -630,13 +713,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&resp)
             } else {
-                println!("{}", resp.ciphertext);
+                outln!("{}", resp.ciphertext);
                 Ok(())
             }
         }
-        Command::Decrypt { .. } => {
+        Command::Decrypt { json, .. } => {
             let ct = read_stdin_text("ciphertext")?;
+            if let Some(hint) = wrong_form(&ct, "khc1:") {
+                return Err(Failure::new(format!("`decrypt` takes a ciphertext (khc1:): {hint}")));
+            }
             let resp = client.decrypt(&ct, &context).await?;
+            if json {
+                return print_json(&resp);
+            }
             let mut out = std::io::stdout().lock();
             out.write_all(resp.plaintext.expose())?;
             out.flush()?;
@@ -644,6 +733,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Datakey(DatakeyArgs { sub: Some(DatakeySub::Decrypt { .. }), .. }) => {
             let env = read_stdin_text("envelope")?;
+            if let Some(hint) = wrong_form(&env, "khe1:") {
+                return Err(Failure::new(format!("`datakey decrypt` takes an envelope (khe1:): {hint}")));
+            }
             print_json(&client.datakey_decrypt(&env, &context).await?)
         }
         Command::Sign { key, digest, json } => {
@@ -655,7 +747,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&resp)
             } else {
-                println!("{}", resp.signature);
+                outln!("{}", resp.signature);
                 Ok(())
             }
         }
@@ -664,7 +756,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Key(KeyCommand::Public { key, version }) => {
             let req =
                 keyhaven::sign::PublicKey { tenant: key.tenant().into(), key: key.key().into(), version };
-            print!("{}", client.call(&req).await?.pem);
+            std::io::stdout().lock().write_all(client.call(&req).await?.pem.as_bytes())?;
             Ok(())
         }
         Command::Mac(MacArgs { sub: Some(MacSub::Verify { key, tag }), .. }) => {
@@ -686,7 +778,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&resp)
             } else {
-                println!("{}", resp.tag);
+                outln!("{}", resp.tag);
                 Ok(())
             }
         }

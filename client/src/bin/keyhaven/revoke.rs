@@ -14,12 +14,12 @@ use crate::{print_json, usage, Failure};
 pub struct RevokeArgs {
     #[command(subcommand)]
     what: RevokeWhat,
-    /// Why: unspecified, key-compromise, affiliation-changed, superseded,
-    /// cessation-of-operation or privilege-withdrawn.
+    /// Why (to suspend or lift; not with `list`): unspecified, key-compromise, affiliation-changed,
+    /// superseded, cessation-of-operation or privilege-withdrawn.
     #[arg(long, global = true)]
     reason: Option<Reason>,
-    /// When the suspension ends by itself: an RFC 3339 UTC time
-    /// (2026-12-01T00:00:00Z) or a duration from now (24h, 7d).
+    /// To suspend only (`lift` and `list` refuse it): when the suspension ends by itself, an RFC 3339 UTC
+    /// time (2026-12-01T00:00:00Z) or a duration from now (24h, 7d).
     #[arg(long, global = true, value_name = "TIME")]
     expires: Option<String>,
 }
@@ -189,11 +189,7 @@ pub async fn revoke(client: &Client, args: RevokeArgs) -> Result<(), Failure> {
 pub fn check_destroy(args: &DestroyArgs) -> Result<(), Failure> {
     let (scope, name) = destroy_scope(&args.what);
     scope.validate().map_err(usage)?;
-    match &args.confirm {
-        None => Err(usage(format!("destruction cannot be undone: repeat the name with --confirm {name}"))),
-        Some(c) if *c != name => Err(usage(format!("--confirm `{c}` does not repeat the name `{name}`"))),
-        Some(_) => Ok(()),
-    }
+    crate::confirmed("destruction", &name, args.confirm.as_deref())
 }
 
 fn destroy_scope(what: &DestroyWhat) -> (Scope, String) {

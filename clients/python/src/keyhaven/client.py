@@ -190,14 +190,27 @@ class Client:
     def whoami(self) -> Dict[str, Any]:
         return self.call("whoami")
 
-    def key_create(self, path: KeyPathLike, *, type: Optional[str] = None) -> Dict[str, Any]:
-        """Make a key; ``type``: ``aes256-gcm`` (the daemon's default) or ``hmac-sha256`` (§3.3)."""
+    def key_create(
+        self, path: KeyPathLike, *, type: Optional[str] = None, rotate_every_secs: Optional[int] = None
+    ) -> Dict[str, Any]:
+        """Make a key; ``type``: ``aes256-gcm`` (the daemon's default) or ``hmac-sha256`` (§3.3);
+        ``rotate_every_secs``: rotate automatically this often, set in the same request (0: none)."""
         tenant, key = key_path(path)
         params: Dict[str, Any] = {"tenant": tenant, "key": key}
         if type is not None:
             if not isinstance(type, str) or not type:
                 raise InvalidInput("bad_request", "type must be a key type str such as hmac-sha256")
             params["type"] = type
+        if rotate_every_secs is not None:
+            if (
+                isinstance(rotate_every_secs, bool)
+                or not isinstance(rotate_every_secs, int)
+                or rotate_every_secs < 0
+            ):
+                raise InvalidInput(
+                    "bad_request", "rotate_every_secs must be a whole number of seconds (0: none)"
+                )
+            params["rotate_every_secs"] = rotate_every_secs
         return self.call("key_create", params)
 
     def key_show(self, path: KeyPathLike) -> Dict[str, Any]:
