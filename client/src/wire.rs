@@ -188,6 +188,45 @@ pub struct StoreHealth {
     pub ok: bool,
     /// Number of named keys.
     pub keys: u64,
+    /// Which backend: `sled` or `postgres` (absent from older daemons).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backend: String,
+    /// The cluster this node is part of (PostgreSQL only; docs/CLUSTER.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterHealth>,
+}
+
+/// The cluster as one node sees it (`health`, docs/CLUSTER.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterHealth {
+    /// This node's name.
+    pub node: String,
+    /// The change revision this node has applied.
+    pub applied: i64,
+    /// The newest revision in the change feed.
+    pub revision: i64,
+    /// Whether this node's lease is valid by its own clock (else it
+    /// refuses key operations with `store_unavailable`).
+    pub serving: bool,
+    /// Every node that ever joined, by name.
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One node of [`ClusterHealth`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterNode {
+    /// Its name.
+    pub name: String,
+    /// Whether its lease is live by PostgreSQL's clock.
+    pub live: bool,
+    /// Milliseconds until its lease ends (negative: it ended that long ago).
+    pub lease_left_ms: i64,
+    /// The change revision it last reported as applied.
+    pub applied: i64,
+    /// When it last joined, Unix seconds.
+    pub started: i64,
+    /// Its keyhavend version.
+    pub version: String,
 }
 
 /// `key_create`: a new named key at version 1 (PROTOCOL.md §3.3).
@@ -609,8 +648,30 @@ pub struct AuditVerifyResponse {
     /// (and were sealed only then), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unsealed: Vec<AuditUnsealed>,
+    /// On a cluster (docs/CLUSTER.md): every node's audit chain, each
+    /// checked by the node that answers (the fields above are its own; a
+    /// problem in any chain makes the whole answer not intact).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<AuditChainVerify>,
 }
 operation!(AuditVerify, "audit_verify", AuditVerifyResponse);
+
+/// One node's audit chain in [`AuditVerifyResponse::chains`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditChainVerify {
+    /// The node that wrote it (`""`: the log of the single daemon from
+    /// before the cluster).
+    pub node: String,
+    /// Its status, as [`AuditVerifyResponse::status`].
+    pub status: String,
+    /// Records walked.
+    pub records: u64,
+    /// Seals checked.
+    pub seals: u64,
+    /// Its first problem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<AuditProblem>,
+}
 
 /// Records that no valid seal covered when a daemon started (AUDIT.md §4):
 /// they were written before a crash, or changed while the daemon was

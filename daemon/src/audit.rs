@@ -1364,6 +1364,7 @@ pub async fn verify(store: Store, hsm: &Hsm) -> Result<AuditVerifyResponse, Erro
         problem,
         status: status.into(),
         unsealed: walk.unsealed,
+        chains: Vec::new(),
     })
 }
 

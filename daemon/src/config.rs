@@ -56,6 +56,9 @@ pub struct Config {
     /// Periodic key upkeep.
     #[serde(default)]
     pub lifecycle: LifecycleSection,
+    /// This node of a cluster on PostgreSQL (docs/CLUSTER.md).
+    #[serde(default, skip_serializing_if = "ClusterSection::is_default")]
+    pub cluster: ClusterSection,
     /// Who may do what (docs/POLICY.md).
     #[serde(default)]
     pub policy: PolicySection,
@@ -389,6 +392,60 @@ pub struct LifecycleSection {
     /// to the clock when deciding whether a deletion is due.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub test_clock_offset_seconds: u64,
+}
+
+/// `[cluster]`: this node's name and lease (docs/CLUSTER.md §2). Only a
+/// PostgreSQL store has nodes; sled ignores it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// The node's name (checked like a tenant name); default: the host
+    /// name, lowercased, with `.` turned into `-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// How long a lease lasts (`"5s"`, from 1 s to 60 s): the bound on how
+    /// long `revoke` waits for a node that stopped answering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+}
+
+/// The shortest and longest lease.
+pub const LEASE_BOUNDS: (std::time::Duration, std::time::Duration) =
+    (std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
+
+/// The lease when `[cluster] lease` is not set.
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl ClusterSection {
+    fn is_default(&self) -> bool {
+        *self == ClusterSection::default()
+    }
+
+    /// The node's name: `node`, or the host name made into a name.
+    pub fn node_name(&self) -> Result<String, String> {
+        let name = match &self.node {
+            Some(n) => n.clone(),
+            None => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map_err(|e| format!("cannot read the host name ({e}): set [cluster] node"))?;
+                host.trim().to_ascii_lowercase().replace('.', "-")
+            }
+        };
+        keyhaven::names::validate_name("cluster node", &name)
+            .map_err(|e| format!("{e} (set [cluster] node to a name of a-z, 0-9, `-`, `_`)"))?;
+        Ok(name)
+    }
+
+    /// The lease's length.
+    pub fn lease(&self) -> Result<std::time::Duration, String> {
+        let Some(text) = &self.lease else { return Ok(DEFAULT_LEASE) };
+        let d = humantime::parse_duration(text)
+            .map_err(|e| format!("`{}` is not a duration like \"5s\": {e}", text.escape_default()))?;
+        if !(LEASE_BOUNDS.0..=LEASE_BOUNDS.1).contains(&d) {
+            return Err("must be from 1s to 60s".into());
+        }
+        Ok(d)
+    }
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -819,6 +876,10 @@ impl Config {
         if !cfg.audit.enabled && cfg.mode == Mode::Production {
             return Err(invalid_key("audit.enabled", "`false` is refused in production mode"));
         }
+        if cfg.cluster.node.is_some() || cfg.store.backend == StoreBackend::Postgres {
+            cfg.cluster.node_name().map_err(|e| invalid_key("cluster.node", &e))?;
+        }
+        cfg.cluster.lease().map_err(|e| invalid_key("cluster.lease", &e))?;
         cfg.metrics.listen_addr().map_err(|reason| invalid_key("metrics.listen", &reason))?;
         check_store(&cfg.store, cfg.mode).map_err(|(key, reason)| invalid_key(key, &reason))?;
         cfg.access = Policy::compile(&cfg.policy, text).map_err(|e| invalid(&format!("[policy] {e}")))?;

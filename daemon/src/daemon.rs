@@ -53,6 +53,9 @@ pub fn run(config: Config, store: Option<Store>, on_ready: impl FnOnce(&Config))
         .map_err(|e| crate::softhsm::explain(&config, e))
         .context("checking the store against its anchor in the token")?;
     tracing::info!(generation = anchored.generation, "the store matches its anchor in the token");
+    // Before anything of this node is written (its audit chain): a name
+    // another running node holds is refused (docs/CLUSTER.md).
+    store.backend().claim_node().context("claiming this node's name in the cluster")?;
     crate::ops::master::check_pins(&hsm, &store).context("checking the master keys against the store")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keyhaven-io").build()?;
@@ -64,6 +67,16 @@ pub fn run(config: Config, store: Option<Store>, on_ready: impl FnOnce(&Config))
     }
     let daemon =
         Arc::new(Daemon::new(hsm, store, config).context("opening the audit log and the revocations")?);
+    // A node of a cluster serves only under a lease, and follows the other
+    // nodes' changes (docs/CLUSTER.md); the embedded store has no cluster.
+    daemon.revocations.gate_on(daemon.store.clone());
+    let follow = crate::cluster::FollowOthers {
+        revocations: daemon.revocations.clone(),
+        events: daemon.revocation_events.clone(),
+        hsm: daemon.hsm.clone(),
+        runtime: runtime.handle().clone(),
+    };
+    daemon.store.backend().start_cluster(Arc::new(follow)).context("joining the cluster")?;
     let mut bound = false;
     let activated = inherited.is_some();
     let result = runtime.block_on(async {
@@ -115,6 +128,8 @@ pub fn run(config: Config, store: Option<Store>, on_ready: impl FnOnce(&Config))
         anyhow::Ok(())
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // Nobody waits for this node's lease any more.
+    daemon.store.backend().leave();
     // The last seal needs the token, and so does every store write (its
     // anchor): stop the audit and write the usage counts before the HSM
     // workers stop.

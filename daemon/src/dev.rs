@@ -142,6 +142,8 @@ pub fn prepare(dir: &Path, postgres: Option<&str>) -> anyhow::Result<(PathBuf, O
         limits: Limits::default(),
         audit: AuditSection::default(),
         lifecycle: Default::default(),
+        // Several dev nodes share one host: each is named after its folder.
+        cluster: crate::config::ClusterSection { node: postgres.map(|_| node_name_of(&dir)), lease: None },
         metrics: Default::default(),
         // The quick start: whoever ran `keyhavend dev` may do everything.
         policy: PolicySection {
@@ -166,6 +168,73 @@ pub fn prepare(dir: &Path, postgres: Option<&str>) -> anyhow::Result<(PathBuf, O
     // The config appears last, so that a run that fails half way is noticed.
     fs::rename(&tmp, &config_path)?;
     Ok((config_path, Some(store)))
+}
+
+/// A node name made of a folder's name: lowercased, other characters
+/// turned into `-`, at most 63 bytes.
+pub fn node_name_of(dir: &Path) -> String {
+    let base = dir.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let name: String = base
+        .chars()
+        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' { c } else { '-' })
+        .skip_while(|c| !c.is_ascii_alphanumeric())
+        .take(63)
+        .collect();
+    if name.is_empty() {
+        "node".into()
+    } else {
+        name
+    }
+}
+
+/// `keyhavend dev --dir DIR --join OTHER`: another node of OTHER's
+/// cluster (a dev install on PostgreSQL), sharing its token, PIN and
+/// database, with its own socket, local notes and node name (`node`, or
+/// DIR's name). Returns its config path; a later run reuses it.
+pub fn join(dir: &Path, other: &Path, node: Option<&str>) -> anyhow::Result<PathBuf> {
+    let other_config = other.join("keyhaven.toml");
+    let theirs = Config::load(&other_config).with_context(|| {
+        format!("--join {}: no dev install there ({})", other.display(), other_config.display())
+    })?;
+    if theirs.store.backend != StoreBackend::Postgres {
+        bail!(
+            "--join {}: that dev install keeps its store in sled; only one on PostgreSQL (`keyhavend dev --postgres URL`) \
+             can have other nodes (docs/CLUSTER.md)",
+            other.display()
+        );
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    if dir == other.canonicalize()? {
+        bail!("--join names the folder of this node itself; give another --dir");
+    }
+    let config_path = dir.join("keyhaven.toml");
+    if config_path.exists() {
+        return Ok(config_path);
+    }
+    let name = node.map_or_else(|| node_name_of(&dir), str::to_owned);
+    keyhaven::names::validate_name("cluster node", &name)?;
+    if theirs.cluster.node_name().ok().as_deref() == Some(name.as_str()) {
+        bail!("node name `{name}` is the joined node's own; give another --dir or --node");
+    }
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir.join("store"))?;
+    let mut config = theirs;
+    config.socket = dir.join("keyhaven.sock");
+    config.store.path = dir.join("store");
+    config.cluster = crate::config::ClusterSection { node: Some(name), lease: config.cluster.lease.clone() };
+    config.source = None;
+    let text = format!(
+        "# Written by `keyhavend dev --join {}`: another node of its cluster, sharing\n\
+         # its SoftHSM2 token, PIN and PostgreSQL database.\n{}",
+        other.display(),
+        toml::to_string(&config)?
+    );
+    write_private(&config_path, &text)?;
+    Ok(config_path)
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {

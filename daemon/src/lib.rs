@@ -39,6 +39,7 @@ pub mod audit;
 pub mod audit_sinks;
 pub mod bench;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod daemon;

@@ -41,6 +41,13 @@ enum Command {
         /// instead of sled; written to DIR/postgres-url (0600) on the first run (docs/CLUSTER.md).
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
+        /// Start another node of the cluster of the dev install in this folder (on PostgreSQL): it shares
+        /// that install's token and database, with its own socket and node name (docs/CLUSTER.md).
+        #[arg(long, value_name = "DIR", conflicts_with = "postgres")]
+        join: Option<PathBuf>,
+        /// With --join: the node's name (default: DIR's folder name).
+        #[arg(long, value_name = "NAME", requires = "join")]
+        node: Option<String>,
     },
     /// Create the master key in an existing token and an empty store.
     Init,
@@ -224,7 +231,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                  takes --from and --to)"
             )
         }
-        Some(Command::Dev { dir, postgres }) => {
+        Some(Command::Dev { dir, postgres: None, join: Some(other), node }) => {
+            let path = dev::join(&dir, &other, node.as_deref())?;
+            let config = load(Some(path))?;
+            daemon::run(config, None, |c| {
+                println!("export KEYHAVEN_SOCKET={}", c.socket.display());
+            })
+        }
+        Some(Command::Dev { dir, postgres, .. }) => {
             let (path, store) = dev::prepare(&dir, postgres.as_deref())?;
             let config = load(Some(path))?;
             daemon::run(config, store, |c| {

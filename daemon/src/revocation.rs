@@ -107,6 +107,9 @@ pub struct Index {
     scopes: RwLock<Scopes>,
     /// Number of records, for the fast path.
     count: std::sync::atomic::AtomicUsize,
+    /// The store, asked whether this node may serve at all (a node of a
+    /// cluster only while its lease is valid: docs/CLUSTER.md).
+    gate: std::sync::OnceLock<crate::store::Store>,
 }
 
 /// Whether a record is in force at `now`: destructions always, suspensions
@@ -118,7 +121,8 @@ fn in_force(r: &Revocation, now: u64) -> bool {
 impl Index {
     /// An index of `records` (as the store holds them).
     pub fn new(records: Vec<Revocation>) -> Index {
-        let index = Index { scopes: RwLock::new(Scopes::default()), count: 0.into() };
+        let index =
+            Index { scopes: RwLock::new(Scopes::default()), count: 0.into(), gate: Default::default() };
         for r in records {
             index.put(r);
         }
@@ -131,6 +135,12 @@ impl Index {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Scopes> {
         self.scopes.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes every [`Index::check`] ask `store` first whether this node
+    /// may serve (its lease).
+    pub fn gate_on(&self, store: crate::store::Store) {
+        let _ = self.gate.set(store);
     }
 
     /// Adds or replaces the record of a scope.
@@ -227,6 +237,9 @@ impl Index {
     /// Refuses a use of `path` that a revocation in force covers. Costs an
     /// atomic load while nothing is revoked.
     pub fn check(&self, path: &KeyPath, version: Option<u32>, id: Option<&EnvelopeId>) -> Result<(), Error> {
+        if let Some(store) = self.gate.get() {
+            store.backend().serving()?;
+        }
         if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             return Ok(());
         }

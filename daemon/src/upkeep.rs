@@ -63,6 +63,12 @@ pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
 /// Rotates the keys whose period has passed and deletes those whose
 /// deletion is due.
 pub async fn due_keys(d: &Arc<Daemon>) {
+    // On a cluster, one node at a time runs them (docs/CLUSTER.md).
+    let _jobs = match d.store.backend().jobs_lock().await {
+        Ok(Some(guard)) => guard,
+        Ok(None) => return tracing::debug!("another node is running the periodic jobs"),
+        Err(e) => return tracing::warn!(error = %e, "cannot take the periodic jobs' lock"),
+    };
     let now = crate::clock::now_unix().saturating_add(d.config.lifecycle.test_clock_offset_seconds);
     let keys = match d.store.keys(None) {
         Ok(k) => k,

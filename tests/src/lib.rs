@@ -49,6 +49,8 @@ pub struct TestDaemon {
     stderr: Option<std::thread::JoinHandle<String>>,
     /// `keyhavend dev --postgres URL`: the store is that database.
     postgres: Option<String>,
+    /// `keyhavend dev --join DIR`: another node of DIR's cluster.
+    join: Option<PathBuf>,
 }
 
 impl TestDaemon {
@@ -56,7 +58,7 @@ impl TestDaemon {
     pub fn start() -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("keyhaven-test-").tempdir().expect("temp dir");
         let socket = dir.path().join("keyhaven.sock");
-        let mut d = TestDaemon { dir, socket, child: None, stderr: None, postgres: None };
+        let mut d = TestDaemon { dir, socket, child: None, stderr: None, postgres: None, join: None };
         d.spawn();
         d
     }
@@ -66,9 +68,30 @@ impl TestDaemon {
     pub fn start_postgres(url: &str) -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("keyhaven-test-").tempdir().expect("temp dir");
         let socket = dir.path().join("keyhaven.sock");
-        let mut d = TestDaemon { dir, socket, child: None, stderr: None, postgres: Some(url.to_owned()) };
+        let mut d =
+            TestDaemon { dir, socket, child: None, stderr: None, postgres: Some(url.to_owned()), join: None };
         d.spawn();
         d
+    }
+
+    /// Another node of `first`'s cluster (a daemon on PostgreSQL):
+    /// `keyhavend dev --dir NEW --join FIRST`, sharing its token and
+    /// database, with its own socket and node name (the folder's name).
+    pub fn join(first: &TestDaemon) -> TestDaemon {
+        let dir = tempfile::Builder::new().prefix("keyhaven-node-").tempdir().expect("temp dir");
+        let socket = dir.path().join("keyhaven.sock");
+        let join = Some(first.dir().to_owned());
+        let mut d = TestDaemon { dir, socket, child: None, stderr: None, postgres: None, join };
+        d.spawn();
+        d
+    }
+
+    /// Kills the daemon (SIGKILL: no drain, nothing given back) and reaps
+    /// it; [`TestDaemon::start_again`] starts it again.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// The dev folder (token, config, store, socket).
@@ -96,6 +119,7 @@ impl TestDaemon {
             .args(["dev", "--dir"])
             .arg(self.dir.path())
             .args(self.postgres.iter().flat_map(|url| ["--postgres", url]))
+            .args(self.join.iter().flat_map(|dir| [std::ffi::OsStr::new("--join"), dir.as_os_str()]))
             .env("KEYHAVEN_LOG", "info")
             .env_remove("SOFTHSM2_CONF")
             .stdin(Stdio::null())

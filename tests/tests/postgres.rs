@@ -42,7 +42,7 @@ async fn a_daemon_on_postgres_keeps_keys_revocations_and_audit_across_restarts()
         "hmac-sha256"
     );
     assert_eq!(pg.psql("keyhaven", "SELECT count(*) FROM revocations"), "1");
-    assert_eq!(pg.psql("keyhaven", "SELECT max(version) FROM schema_version"), "1");
+    assert_eq!(pg.psql("keyhaven", "SELECT max(version) FROM schema_version"), "2");
     drop(c);
 
     // The daemon restarts: everything is read back from the database.

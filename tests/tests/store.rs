@@ -239,8 +239,36 @@ fn postgres_keeps_every_write_across_a_reopen_and_a_server_restart() {
     assert_eq!(s.attach_anchor(anchor.clone()).unwrap().pending, None, "the same state as anchored");
     assert_eq!(s.key(&path("acme/pii")).unwrap().unwrap().current_version, 9);
     assert_eq!(s.revocations().unwrap().len(), 1);
-    // Opening again migrates nothing: one schema row.
-    assert_eq!(pg.psql("kh", "SELECT count(*) FROM schema_version"), "1");
+    // Opening again migrates nothing: one schema row per migration.
+    assert_eq!(pg.psql("kh", "SELECT count(*) FROM schema_version"), PG_SCHEMA_VERSION.to_string());
+}
+
+#[test]
+fn a_version_1_database_migrates_in_place_keeping_its_audit_chain() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("kh");
+    // The schema slice 1 made, with one audit entry in it.
+    pg.psql(
+        "kh",
+        "CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO schema_version (version) VALUES (1);
+         CREATE TABLE meta (id text PRIMARY KEY, record text NOT NULL, row_version bigint NOT NULL);
+         CREATE TABLE keyring (tenant text NOT NULL, name text NOT NULL, record text NOT NULL,
+                               row_version bigint NOT NULL, PRIMARY KEY (tenant, name));
+         CREATE TABLE revocations (scope text PRIMARY KEY, record text NOT NULL);
+         CREATE TABLE audit (kind smallint NOT NULL, seq bigint NOT NULL, entry bytea NOT NULL,
+                             PRIMARY KEY (kind, seq));
+         INSERT INTO audit VALUES (0, 1, 'entry one');",
+    );
+    let s = open_pg(&pg, "kh");
+    assert_eq!(pg.psql("kh", "SELECT max(version) FROM schema_version"), "2");
+    // The single daemon's chain is node '' now: read as before.
+    let entries: Vec<_> = s.audit_scan(AuditKind::Record, 0, false).map(Result::unwrap).collect();
+    assert_eq!(entries, vec![(1, b"entry one".to_vec())]);
+    assert_eq!(pg.psql("kh", "SELECT node = '' FROM audit"), "t");
+    // Two nodes' chains may now hold the same (kind, seq).
+    pg.psql("kh", "INSERT INTO audit (node, kind, seq, entry) VALUES ('n2', 0, 1, 'other node')");
+    assert_eq!(pg.psql("kh", "SELECT count(*) FROM nodes"), "0");
 }
 
 #[test]

@@ -20,12 +20,23 @@ pub enum AnchorKind {
     Audit,
 }
 
+/// The node whose audit chain this process writes, when it is a node of a
+/// cluster: each node's chain has its own anchor object in the shared token
+/// (`keyhaven-audit-anchor:NODE`). Unset: the one log of a single daemon.
+static AUDIT_CHAIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes the audit anchor this node's own (once, at start).
+pub fn set_audit_chain(node: &str) {
+    let _ = AUDIT_CHAIN.set(node.to_owned());
+}
+
 impl AnchorKind {
     /// The anchor object's `CKA_APPLICATION`.
-    pub fn application(self) -> &'static [u8] {
-        match self {
-            AnchorKind::Store => b"keyhaven-store-anchor",
-            AnchorKind::Audit => b"keyhaven-audit-anchor",
+    pub fn application(self) -> Vec<u8> {
+        match (self, AUDIT_CHAIN.get()) {
+            (AnchorKind::Store, _) => b"keyhaven-store-anchor".to_vec(),
+            (AnchorKind::Audit, None) => b"keyhaven-audit-anchor".to_vec(),
+            (AnchorKind::Audit, Some(node)) => format!("keyhaven-audit-anchor:{node}").into_bytes(),
         }
     }
 }
@@ -60,7 +71,7 @@ impl Worker {
                         Attribute::Token(true),
                         Attribute::Private(true),
                         Attribute::Modifiable(true),
-                        Attribute::Application(kind.application().to_vec()),
+                        Attribute::Application(kind.application()),
                         label,
                     ])?;
                 }
@@ -75,7 +86,7 @@ fn find_anchor(s: &Session, kind: AnchorKind) -> Result<Option<ObjectHandle>, Hs
     let found = s.find_objects(&[
         Attribute::Class(ObjectClass::DATA),
         Attribute::Token(true),
-        Attribute::Application(kind.application().to_vec()),
+        Attribute::Application(kind.application()),
     ])?;
     match found.as_slice() {
         [] => Ok(None),
@@ -83,7 +94,7 @@ fn find_anchor(s: &Session, kind: AnchorKind) -> Result<Option<ObjectHandle>, Hs
         _ => Err(HsmError::Library(format!(
             "{} token objects carry the anchor application `{}`; there must be one",
             found.len(),
-            String::from_utf8_lossy(kind.application())
+            String::from_utf8_lossy(&kind.application())
         ))),
     }
 }

@@ -20,7 +20,26 @@ pub async fn read(d: &Arc<Daemon>, req: wire::AuditRead) -> Result<Reply, Error>
 
 /// `audit_verify`.
 pub async fn verify(d: &Arc<Daemon>) -> Result<Reply, Error> {
-    let resp = crate::audit::verify(d.store.clone(), &d.hsm).await?;
+    let mut resp = crate::audit::verify(d.store.clone(), &d.hsm).await?;
+    // A cluster's nodes each write a chain; any node checks them all.
+    for node in d.store.backend().audit_chains().await? {
+        let chain = crate::audit::verify(d.store.for_audit_chain(&node), &d.hsm).await?;
+        if chain.status == "not_intact" && resp.status != "not_intact" {
+            resp.intact = false;
+            resp.status = chain.status.clone();
+            resp.problem = chain.problem.clone().map(|mut p| {
+                p.message = format!("node `{node}`'s audit chain: {}", p.message);
+                p
+            });
+        }
+        resp.chains.push(wire::AuditChainVerify {
+            node,
+            status: chain.status,
+            records: chain.records,
+            seals: chain.seals,
+            problem: chain.problem,
+        });
+    }
     reply(&resp, 0)
 }
 

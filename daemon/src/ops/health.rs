@@ -48,6 +48,8 @@ struct Probe {
     token_error: Option<(String, String)>,
     /// The number of keys, or `None` when the store failed.
     keys: Option<u64>,
+    /// The cluster's nodes (PostgreSQL).
+    cluster: Option<keyhaven::wire::ClusterHealth>,
 }
 
 impl Probe {
@@ -92,6 +94,7 @@ impl ProbeGate {
                 started: arrived,
                 token_error: Some(("internal".into(), format!("the health probe's task failed: {e}"))),
                 keys: None,
+                cluster: None,
             },
         }
     }
@@ -107,6 +110,7 @@ impl ProbeGate {
             started,
             token_error: token.err().map(|e| (e.condition().to_owned(), e.to_string())),
             keys: d.store.key_count().ok(),
+            cluster: d.store.backend().cluster().await.ok().flatten(),
         };
         *last = Some(p.clone());
         p
@@ -133,7 +137,13 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         condition,
         error,
     };
-    let store = StoreHealth { ok: probe.keys.is_some(), keys: probe.keys.unwrap_or(0) };
+    let serving = d.store.backend().serving().is_ok();
+    let store = StoreHealth {
+        ok: probe.keys.is_some() && serving,
+        keys: probe.keys.unwrap_or(0),
+        backend: d.store.kind().into(),
+        cluster: probe.cluster,
+    };
     let suspended = d.revocations.all(crate::clock::now_unix());
     let status = match (token.ok && store.ok, &suspended) {
         (false, _) => "degraded",

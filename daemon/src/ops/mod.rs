@@ -68,7 +68,7 @@ pub struct Daemon {
     /// The audit log.
     pub audit: Audit,
     /// Revocations in force.
-    pub revocations: revocation::Index,
+    pub revocations: Arc<revocation::Index>,
     /// Usage counts not yet in the store.
     pub usage: UsageBook,
     /// One master-key rotation step at a time.
@@ -89,7 +89,7 @@ impl Daemon {
         let wraps = WrapBudget::new(store.clone(), config.limits.wraps_per_key_version);
         let audit = Audit::open(store.clone(), hsm.clone(), &config.audit, &config.store.path)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));
-        let revocations = revocation::Index::new(store.revocations()?);
+        let revocations = Arc::new(revocation::Index::new(store.revocations()?));
         let (revocation_events, _) = tokio::sync::broadcast::channel(REVOCATION_EVENTS_BUFFER);
         Ok(Daemon {
             hsm,

@@ -10,6 +10,7 @@
 //! bent to an embedded one's shape. [`Store`] is what callers hold.
 
 pub mod audit_files;
+pub mod cluster;
 pub mod copy;
 pub mod postgres;
 pub mod sled_store;
@@ -73,6 +74,10 @@ pub enum StoreError {
     /// (altered, swapped, removed, or an older copy): see [`state`].
     #[error("the store does not match the token's anchor: {0}")]
     Tampered(String),
+    /// Another daemon holds the lease of this node's name: two daemons of
+    /// a cluster share a `[cluster] node` name.
+    #[error("another keyhavend holds the lease of node `{0}` in PostgreSQL: every node of a cluster needs its own [cluster] node name (docs/CLUSTER.md)")]
+    NodeNameTaken(String),
     /// An audit segment file cannot be read or written.
     #[error("audit log {file}, offset {offset}: {reason}")]
     AuditFile {
@@ -342,7 +347,13 @@ pub fn open(config: &crate::config::Config) -> Result<Store, StoreError> {
                 require_tls: config.mode == Mode::Production,
                 ca_file: config.store.tls_ca_file.clone(),
             };
-            Ok(Store::new(Arc::new(postgres::PgStore::open(&url, &options)?)))
+            let node = config.cluster.node_name().map_err(StoreError::Backend)?;
+            let lease = config.cluster.lease().map_err(StoreError::Backend)?;
+            // This node's audit chain has its own anchor in the shared token.
+            crate::hsm::anchor::set_audit_chain(&node);
+            let pg =
+                postgres::PgStore::open_node(&url, &options, postgres::NodeOptions { name: node, lease })?;
+            Ok(Store::new(pg.shared()))
         }
     }
 }
@@ -431,7 +442,66 @@ pub trait Backend: Send + Sync + 'static {
     /// Anchors the store as it is now, whatever the token held
     /// (`keyhavend accept-store`). Returns the anchor it replaced.
     fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError>;
+
+    /// A node of a cluster, at start before it writes anything (its audit
+    /// log included): claims its name's lease row, waiting at most a lease
+    /// for a killed daemon's to run out; refuses a name another running
+    /// daemon holds ([`StoreError::NodeNameTaken`]).
+    fn claim_node(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// A node of a cluster: takes its first lease, catches up on the
+    /// change feed, then keeps both up in the background, handing other
+    /// nodes' changes to `sink` ([`cluster`]). Called once the daemon's
+    /// state is loaded; the embedded store has no cluster.
+    fn start_cluster(&self, _sink: Arc<dyn cluster::ChangeSink>) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Whether this node may serve key operations now: a node of a
+    /// cluster only while its lease is valid by its own clock.
+    fn serving(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The cluster's nodes as the store lists them, for `health`.
+    fn cluster(&self) -> StoreFuture<'_, Option<ClusterView>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// Gives this node's lease up (a clean stop), so that no writer waits
+    /// for it.
+    fn leave(&self) {}
+
+    /// The right to run the periodic jobs (automatic rotations, scheduled
+    /// deletions) now, held until the guard is dropped: on a cluster one
+    /// node at a time (`None`: another node is running them; the next
+    /// round sees what it did, so each runs once per due time).
+    fn jobs_lock(&self) -> StoreFuture<'_, Option<JobsGuard>> {
+        Box::pin(std::future::ready(Ok(Some(JobsGuard(Box::new(()))))))
+    }
+
+    /// The nodes that have an audit chain in the store (none: only this
+    /// daemon's log).
+    fn audit_chains(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    /// [`Backend::audit_scan`] of another node's chain.
+    fn audit_scan_chain(&self, _chain: &str, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
+        self.audit_scan(kind, from, reverse)
+    }
 }
+
+/// Held while a node runs the periodic jobs ([`Backend::jobs_lock`]).
+pub struct JobsGuard(pub Box<dyn Send>);
+
+/// The cluster as one node sees it (`health`).
+pub type ClusterView = keyhaven::wire::ClusterHealth;
+
+/// One node of [`ClusterView`].
+pub type NodeView = keyhaven::wire::ClusterNode;
 
 /// The store as the daemon's callers use it: a [`Backend`], with each
 /// operation also callable from synchronous code ([`Store::meta`] etc.
@@ -441,12 +511,20 @@ pub trait Backend: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
+    /// Whose audit chain [`Store::audit_scan`] reads (`None`: this node's).
+    chain: Option<Arc<str>>,
 }
 
 impl Store {
     /// The store kept by `backend`.
     pub fn new(backend: Arc<dyn Backend>) -> Store {
-        Store { backend }
+        Store { backend, chain: None }
+    }
+
+    /// The same store, whose [`Store::audit_scan`] reads node `node`'s
+    /// audit chain (to verify it from here).
+    pub fn for_audit_chain(&self, node: &str) -> Store {
+        Store { backend: self.backend.clone(), chain: Some(node.into()) }
     }
 
     /// The backend, to await its operations.
@@ -551,7 +629,10 @@ impl Store {
 
     /// See [`Backend::audit_scan`].
     pub fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
-        self.backend.audit_scan(kind, from, reverse)
+        match &self.chain {
+            Some(node) => self.backend.audit_scan_chain(node, kind, from, reverse),
+            None => self.backend.audit_scan(kind, from, reverse),
+        }
     }
 
     /// See [`Backend::attach_anchor`].

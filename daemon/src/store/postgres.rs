@@ -16,10 +16,11 @@
 //! decrypt path reads key records from a cache kept in step with every
 //! write, never from the database.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use keyhaven::revocation::{Revocation, Scope};
@@ -27,32 +28,72 @@ use keyhaven::KeyPath;
 use serde::de::DeserializeOwned;
 use tokio_postgres::config::Host;
 
+use super::cluster::{scope_of_key, takes_away, ChangeSink};
 use super::sled_store::{keyring_key, revocation_key};
 use super::state::{
-    commit, commit_all, in_doubt, prepare, prepare_all, settle, Anchor, AnchorState, Anchored, StateDigest,
+    commit, commit_all, learn, prepare, prepare_all, reconcile, vouches, Anchor, AnchorState, Anchored,
+    StateDigest,
 };
 use super::{
-    AuditIter, AuditKind, Backend, KeyChange, KeyRecord, KeysChange, Meta, MetaChange, StoreError,
-    StoreFuture,
+    AuditIter, AuditKind, Backend, ClusterView, KeyChange, KeyRecord, KeysChange, Meta, MetaChange, NodeView,
+    StoreError, StoreFuture,
 };
 
 /// The database schema this daemon makes and reads (`schema_version`).
-pub const PG_SCHEMA_VERSION: i32 = 1;
+pub const PG_SCHEMA_VERSION: i32 = 2;
 
 /// Each migration, by the version it makes; applied in one transaction.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE meta (id text PRIMARY KEY, record text NOT NULL, row_version bigint NOT NULL);
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE meta (id text PRIMARY KEY, record text NOT NULL, row_version bigint NOT NULL);
      CREATE TABLE keyring (tenant text NOT NULL, name text NOT NULL, record text NOT NULL,
                            row_version bigint NOT NULL, PRIMARY KEY (tenant, name));
      CREATE TABLE revocations (scope text PRIMARY KEY, record text NOT NULL);
      CREATE TABLE audit (kind smallint NOT NULL, seq bigint NOT NULL, entry bytea NOT NULL,
                          PRIMARY KEY (kind, seq));",
-)];
+    ),
+    (
+        2,
+        // The cluster (docs/CLUSTER.md): nodes and their leases, the
+        // change feed, and one audit chain per node (the chain written
+        // before is node '', anchored as before).
+        "CREATE TABLE nodes (name text PRIMARY KEY, lease_until timestamptz NOT NULL,
+                             applied bigint NOT NULL, started timestamptz NOT NULL DEFAULT now(),
+                             version text NOT NULL, instance text NOT NULL);
+         CREATE TABLE changes (revision bigint NOT NULL, node text NOT NULL, tree text NOT NULL,
+                               key text NOT NULL, at timestamptz NOT NULL DEFAULT now(),
+                               PRIMARY KEY (revision, tree, key));
+         ALTER TABLE audit ADD COLUMN node text NOT NULL DEFAULT '';
+         ALTER TABLE audit DROP CONSTRAINT audit_pkey;
+         ALTER TABLE audit ADD PRIMARY KEY (node, kind, seq);",
+    ),
+];
 
 /// Serialises schema migrations of concurrent daemons
 /// (`pg_advisory_xact_lock`): "khschema" in ASCII.
 const MIGRATION_LOCK: i64 = 0x6b68_7363_6865_6d61;
+
+/// Serialises the writes of every node (`pg_advisory_lock`, held from the
+/// catch-up to the token anchor's commit): "khwrite" in ASCII.
+const WRITE_LOCK: i64 = 0x6b_6877_7269_7465;
+
+/// How long a write waits for the cluster's write lock.
+const WRITE_LOCK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Held by the node running the periodic jobs (`pg_try_advisory_lock`):
+/// "khjobs" in ASCII.
+const JOBS_LOCK: i64 = 0x6b68_6a6f_6273;
+
+/// The channel of the change feed's `NOTIFY`.
+const FEED_CHANNEL: &str = "keyhaven_changes";
+
+/// How often a node reads the change feed when no `NOTIFY` woke it (the
+/// fallback: a notification is lost while its connection is down).
+const FEED_POLL: Duration = Duration::from_millis(250);
+
+/// How often a writer asks whether every live node applied its revocation.
+const APPLIED_POLL: Duration = Duration::from_millis(10);
 
 /// Connections in the pool.
 const POOL_SIZE: usize = 8;
@@ -73,6 +114,14 @@ pub struct PgOptions {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// This node of a cluster: its name and lease (`[cluster]`).
+pub struct NodeOptions {
+    /// The node's name.
+    pub name: String,
+    /// Its lease's length.
+    pub lease: Duration,
+}
+
 /// PostgreSQL behind [`Backend`].
 pub struct PgStore {
     pool: Pool,
@@ -81,14 +130,67 @@ pub struct PgStore {
     handle: tokio::runtime::Handle,
     /// Where, without the password.
     location: String,
-    /// Decoded keyring records, kept in step with this store's writes
-    /// (the request path never queries the database).
+    /// Decoded keyring records, kept in step with this store's writes and
+    /// the change feed (the request path never queries the database).
     keys: RwLock<HashMap<Vec<u8>, Arc<KeyRecord>>>,
-    /// The token's anchor, once checked; also the writers' lock: every
-    /// mutation holds it from its anchor's `pending` to its `committed`.
+    /// The token's anchor, once checked; also this node's writers' lock:
+    /// every mutation holds it from its anchor's `pending` to its
+    /// `committed`, and the change feed's reader while it applies changes.
     anchored: tokio::sync::Mutex<Option<Anchored>>,
     /// Audit entries appended since the last flush.
     audit_pending: Mutex<Vec<(AuditKind, u64, Vec<u8>)>>,
+    /// This node.
+    node: NodeOptions,
+    /// The change revision whose changes (and all before) this node has
+    /// applied to its caches, digest and sink.
+    applied: AtomicI64,
+    /// The daemon's state that follows other nodes' writes; set by
+    /// [`Backend::start_cluster`].
+    sink: OnceLock<Arc<dyn ChangeSink>>,
+    /// Until when this node may serve key operations (its lease, by its
+    /// own monotonic clock, minus the margin); `None`: no lease.
+    serving_until: Mutex<Option<Instant>>,
+    /// The background tasks (lease, feed) stop when this is dropped.
+    stop: tokio_util::sync::CancellationToken,
+    /// This store, for its background tasks ([`PgStore::shared`]).
+    me: OnceLock<Weak<PgStore>>,
+    /// How to open the change feed's `LISTEN` connection (outside the pool).
+    listen: (tokio_postgres::Config, postgres_native_tls::MakeTlsConnector),
+    /// Woken by a `NOTIFY` of the change feed.
+    woken: Arc<tokio::sync::Notify>,
+    /// This daemon among any that claim the node's name (process id and
+    /// start time): the lease row is one daemon's.
+    instance: String,
+}
+
+/// The cluster's write lock, held on a connection of its own. Dropped
+/// without [`WriteLock::release`] (an error, a cancelled write), its
+/// connection is closed rather than pooled, which releases the lock.
+struct WriteLock {
+    conn: Option<Object>,
+}
+
+impl WriteLock {
+    fn client(&mut self) -> &mut tokio_postgres::Client {
+        self.conn.as_mut().expect("held until released")
+    }
+
+    async fn release(mut self) {
+        if let Some(mut c) = self.conn.take() {
+            let client: &mut tokio_postgres::Client = &mut c;
+            if client.execute("SELECT pg_advisory_unlock($1)", &[&WRITE_LOCK]).await.is_err() {
+                drop(Object::take(c));
+            }
+        }
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            drop(Object::take(c));
+        }
+    }
 }
 
 fn db(e: tokio_postgres::Error) -> StoreError {
@@ -100,6 +202,14 @@ fn db(e: tokio_postgres::Error) -> StoreError {
         text = format!("{text}: {cause}");
     }
     StoreError::Backend(format!("postgres: {text}"))
+}
+
+/// A conditional write that missed under the cluster's lock: only a
+/// database writer outside the cluster can have changed the row.
+fn outside_writer(what: &str) -> StoreError {
+    StoreError::Tampered(format!(
+        "{what} changed under the cluster's write lock: a database writer who is not a node; nothing was written"
+    ))
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -139,8 +249,18 @@ fn describe(config: &tokio_postgres::Config) -> String {
 
 impl PgStore {
     /// Connects to the database named by `url` (a libpq connection string
-    /// or `postgresql://` URL), and makes or migrates its schema.
+    /// or `postgresql://` URL), and makes or migrates its schema: a store
+    /// outside any cluster (tools, tests), whose audit chain is node `''`.
     pub fn open(url: &str, options: &PgOptions) -> Result<PgStore, StoreError> {
+        PgStore::open_node(
+            url,
+            options,
+            NodeOptions { name: String::new(), lease: crate::config::DEFAULT_LEASE },
+        )
+    }
+
+    /// [`PgStore::open`] for node `node` of a cluster.
+    pub fn open_node(url: &str, options: &PgOptions, node: NodeOptions) -> Result<PgStore, StoreError> {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
             // tokio-postgres's parse errors name the bad part, not the value.
             StoreError::Backend(format!("the PostgreSQL connection string does not parse: {e}"))
@@ -171,11 +291,10 @@ impl PgStore {
         }
         let tls = tls.build().map_err(|e| StoreError::Backend(format!("cannot set up TLS: {e}")))?;
         let location = describe(&config);
-        let manager = Manager::from_config(
-            config,
-            postgres_native_tls::MakeTlsConnector::new(tls),
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let tls = postgres_native_tls::MakeTlsConnector::new(tls);
+        let listen = (config.clone(), tls.clone());
+        let manager =
+            Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -197,6 +316,22 @@ impl PgStore {
             keys: Default::default(),
             anchored: tokio::sync::Mutex::new(None),
             audit_pending: Mutex::new(Vec::new()),
+            node,
+            applied: AtomicI64::new(0),
+            sink: OnceLock::new(),
+            serving_until: Mutex::new(None),
+            stop: tokio_util::sync::CancellationToken::new(),
+            me: OnceLock::new(),
+            listen,
+            woken: Default::default(),
+            instance: format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos()
+            ),
         };
         super::wait(Box::pin(store.migrate())).map_err(|e| match e {
             StoreError::Backend(why) => StoreError::Backend(format!("{}: {why}", store.location)),
@@ -256,47 +391,263 @@ impl PgStore {
     }
 
     /// The digest of every anchored record as the database holds them now.
-    fn state_digest(&self) -> Result<StateDigest, StoreError> {
-        super::wait(Box::pin(self.read_digest()))
-    }
-
-    /// Before a write, under the writers' lock: when the last write's
-    /// outcome is unknown (its commit may have happened before the
-    /// connection broke), reads the database's state and settles the
-    /// anchor on it ([`super::state::settle`]).
-    async fn settle(&self, w: &mut Option<Anchored>) -> Result<(), StoreError> {
-        if !in_doubt(w) {
-            return Ok(());
+    async fn read_digest(c: &tokio_postgres::Client) -> Result<StateDigest, StoreError> {
+        let mut rows: Vec<(&'static str, Vec<u8>, String)> = Vec::new();
+        for r in c.query("SELECT id, record FROM meta", &[]).await.map_err(db)? {
+            rows.push(("meta", r.get::<_, String>(0).into_bytes(), r.get(1)));
         }
-        let digest = self.read_digest().await?;
-        settle(w, digest)?;
-        // A key record the lost write did change is re-read.
-        self.keys.write().unwrap_or_else(|e| e.into_inner()).clear();
-        Ok(())
-    }
-
-    async fn read_digest(&self) -> Result<StateDigest, StoreError> {
-        let rows = (self.on_db(|c| async move {
-            let mut rows: Vec<(&'static str, Vec<u8>, String)> = Vec::new();
-            for r in c.query("SELECT id, record FROM meta", &[]).await.map_err(db)? {
-                rows.push(("meta", r.get::<_, String>(0).into_bytes(), r.get(1)));
-            }
-            for r in c.query("SELECT tenant, name, record FROM keyring", &[]).await.map_err(db)? {
-                let key = format!("{}/{}", r.get::<_, &str>(0), r.get::<_, &str>(1));
-                rows.push(("keyring", key.into_bytes(), r.get(2)));
-            }
-            for r in c.query("SELECT scope, record FROM revocations", &[]).await.map_err(db)? {
-                rows.push(("revocations", r.get::<_, String>(0).into_bytes(), r.get(1)));
-            }
-            Ok(rows)
-        }))
-        .await?;
+        for r in c.query("SELECT tenant, name, record FROM keyring", &[]).await.map_err(db)? {
+            let key = format!("{}/{}", r.get::<_, &str>(0), r.get::<_, &str>(1));
+            rows.push(("keyring", key.into_bytes(), r.get(2)));
+        }
+        for r in c.query("SELECT scope, record FROM revocations", &[]).await.map_err(db)? {
+            rows.push(("revocations", r.get::<_, String>(0).into_bytes(), r.get(1)));
+        }
         let mut digest = StateDigest::default();
         for (tree, key, value) in &rows {
             digest.load(tree, key, value.as_bytes());
         }
         digest.finish_load();
         Ok(digest)
+    }
+
+    /// This store behind an `Arc`, known to itself (its background tasks
+    /// hold it weakly).
+    pub fn shared(self) -> Arc<PgStore> {
+        let me = Arc::new(self);
+        let _ = me.me.set(Arc::downgrade(&me));
+        me
+    }
+
+    /// A pooled connection for this task.
+    async fn conn(&self) -> Result<Object, StoreError> {
+        self.on_db(|c| async move { Ok(c) }).await
+    }
+
+    /// Takes the cluster's write lock: every node's writes, and the
+    /// anchor's check at start, are serialised by it.
+    async fn lock_cluster(&self) -> Result<WriteLock, StoreError> {
+        let mut lock = WriteLock { conn: Some(self.conn().await?) };
+        // A node that holds the lock and stopped answering (paused, cut
+        // off with its connection still open) fails the others' writes
+        // after this long, rather than hanging them.
+        let timeout = format!("SET lock_timeout = '{}ms'", WRITE_LOCK_TIMEOUT.as_millis());
+        lock.client().batch_execute(&timeout).await.map_err(db)?;
+        lock.client().execute("SELECT pg_advisory_lock($1)", &[&WRITE_LOCK]).await.map_err(db)?;
+        Ok(lock)
+    }
+
+    /// Before a write: takes the cluster's write lock, catches up on the
+    /// change feed (other nodes' writes, and this node's own write in
+    /// doubt), and checks the result against the token's anchor as the
+    /// token holds it now ([`reconcile`]).
+    async fn begin_write(&self, w: &mut Option<Anchored>) -> Result<WriteLock, StoreError> {
+        let mut lock = self.lock_cluster().await?;
+        self.catch_up(&*lock.client(), w).await?;
+        reconcile(w)?;
+        Ok(lock)
+    }
+
+    /// In a write's transaction: the next revision of the change feed,
+    /// naming the records of `tree` it changes, and a `NOTIFY`.
+    async fn record_change(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        tree: &str,
+        keys: Vec<String>,
+    ) -> Result<i64, StoreError> {
+        let rows = tx
+            .query(
+                "WITH r AS (SELECT coalesce(max(revision), 0) + 1 AS rev FROM changes) \
+                 INSERT INTO changes (revision, node, tree, key) \
+                 SELECT r.rev, $1, $2, k FROM r, unnest($3::text[]) AS k RETURNING revision",
+                &[&self.node.name, &tree, &keys],
+            )
+            .await
+            .map_err(db)?;
+        let rev: i64 =
+            rows.first().map(|r| r.get(0)).ok_or_else(|| StoreError::Backend("empty change".into()))?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&FEED_CHANNEL, &rev.to_string()]).await.map_err(db)?;
+        Ok(rev)
+    }
+
+    /// Applies the change feed from this node's revision on: reloads each
+    /// record named into the caches, the digest and the sink, then moves
+    /// the applied revision. Returns whether anything was new. `c` must see
+    /// one state (the write lock, or a repeatable-read transaction).
+    async fn catch_up<C: tokio_postgres::GenericClient + Sync>(
+        &self,
+        c: &C,
+        w: &mut Option<Anchored>,
+    ) -> Result<bool, StoreError> {
+        let from = self.applied.load(Ordering::SeqCst);
+        let rows = c
+            .query("SELECT revision, tree, key FROM changes WHERE revision > $1 ORDER BY revision", &[&from])
+            .await
+            .map_err(db)?;
+        let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else { return Ok(false) };
+        let touched: BTreeSet<(String, String)> =
+            rows.iter().map(|r| (r.get::<_, String>(1), r.get::<_, String>(2))).collect();
+        let sink = self.sink.get();
+        for (tree, key) in &touched {
+            match tree.as_str() {
+                "meta" => {
+                    let row =
+                        c.query_opt("SELECT record FROM meta WHERE id = $1", &[key]).await.map_err(db)?;
+                    let text = row.map(|r| r.get::<_, String>(0));
+                    learn(w, "meta", key.as_bytes(), text.as_deref().map(str::as_bytes));
+                    if let (Some(sink), Some(text)) = (sink, &text) {
+                        sink.meta(&decode("meta", text)?);
+                    }
+                }
+                "keyring" => {
+                    let Some((tenant, name)) = key.split_once('/') else { continue };
+                    let row = c
+                        .query_opt(
+                            "SELECT record FROM keyring WHERE tenant = $1 AND name = $2",
+                            &[&tenant, &name],
+                        )
+                        .await
+                        .map_err(db)?;
+                    let text = row.map(|r| r.get::<_, String>(0));
+                    learn(w, "keyring", key.as_bytes(), text.as_deref().map(str::as_bytes));
+                    let record: Option<KeyRecord> =
+                        text.as_deref().map(|t| decode(&format!("keyring {key}"), t)).transpose()?;
+                    {
+                        let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
+                        match &record {
+                            Some(r) => cache.insert(key.clone().into_bytes(), Arc::new(r.clone())),
+                            None => cache.remove(key.as_bytes()),
+                        };
+                    }
+                    if let (Some(sink), Ok(path)) = (sink, KeyPath::new(tenant, name)) {
+                        sink.key(&path, record.as_ref());
+                    }
+                }
+                "revocations" => {
+                    let row = c
+                        .query_opt("SELECT record FROM revocations WHERE scope = $1", &[key])
+                        .await
+                        .map_err(db)?;
+                    let text = row.map(|r| r.get::<_, String>(0));
+                    learn(w, "revocations", key.as_bytes(), text.as_deref().map(str::as_bytes));
+                    let record: Option<Revocation> =
+                        text.as_deref().map(|t| decode(&format!("revocation {key}"), t)).transpose()?;
+                    if let (Some(sink), Some(scope)) = (sink, scope_of_key(key)) {
+                        sink.revocation(&scope, record.as_ref());
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.applied.store(last, Ordering::SeqCst);
+        Ok(true)
+    }
+
+    /// Reads the change feed (the background task, and a node coming back
+    /// from a lapsed lease), then reports the revision applied.
+    async fn poll_feed(&self) -> Result<(), StoreError> {
+        let mut w = self.anchored.lock().await;
+        let mut conn = self.conn().await?;
+        let client: &mut tokio_postgres::Client = &mut conn;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db)?;
+        let advanced = self.catch_up(&tx, &mut w).await?;
+        tx.commit().await.map_err(db)?;
+        drop(w);
+        if advanced {
+            let applied = self.applied.load(Ordering::SeqCst);
+            client
+                .execute("UPDATE nodes SET applied = $2 WHERE name = $1", &[&self.node.name, &applied])
+                .await
+                .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    /// The safety margin taken off the lease when deciding to serve.
+    fn margin(&self) -> Duration {
+        (self.node.lease / 5).max(Duration::from_millis(100))
+    }
+
+    /// Renews this node's lease (PostgreSQL's clock) with the revision it
+    /// applied; a node whose lease had lapsed (or never was) catches up on
+    /// the feed before it serves again. The lease counts, by this node's
+    /// clock, from before the renewal was sent.
+    async fn renew(&self, first: bool) -> Result<(), StoreError> {
+        let sent = Instant::now();
+        let lapsed = self.serving().is_err() || first;
+        self.write_lease(first).await?;
+        if lapsed {
+            self.poll_feed().await?;
+        }
+        *self.serving_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(sent + self.node.lease - self.margin());
+        Ok(())
+    }
+
+    /// Writes this node's lease row: `lease_until = now() + lease` and the
+    /// revision applied (`first`: a start, which also sets `started`).
+    async fn write_lease(&self, first: bool) -> Result<(), StoreError> {
+        let (name, ms, applied) =
+            (self.node.name.clone(), self.node.lease.as_millis() as i64, self.applied.load(Ordering::SeqCst));
+        let instance = self.instance.clone();
+        // The row is this daemon's while its lease lasts: another daemon
+        // with the same name takes it only once that lease has run out.
+        let renewed = self
+            .on_db(move |c| async move {
+                c.execute(
+                    "INSERT INTO nodes (name, lease_until, applied, version, instance) \
+                     VALUES ($1, now() + $2::bigint * interval '1 millisecond', $3, $4, $6) \
+                     ON CONFLICT (name) DO UPDATE SET lease_until = EXCLUDED.lease_until, \
+                     applied = EXCLUDED.applied, version = EXCLUDED.version, instance = EXCLUDED.instance, \
+                     started = CASE WHEN $5 THEN now() ELSE nodes.started END \
+                     WHERE nodes.instance = EXCLUDED.instance OR nodes.lease_until < now()",
+                    &[&name, &ms, &applied, &env!("CARGO_PKG_VERSION"), &first, &instance],
+                )
+                .await
+                .map_err(db)
+            })
+            .await?;
+        if renewed == 0 {
+            return Err(StoreError::NodeNameTaken(self.node.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// After a write that takes a right away, committed as revision `rev`:
+    /// returns once every other node with a live lease has applied it, or
+    /// its lease has run out (at most the longest lease).
+    async fn wait_applied(&self, rev: i64) -> Result<(), StoreError> {
+        let name = self.node.name.clone();
+        self.on_db(move |c| async move {
+            let deadline = Instant::now() + crate::config::LEASE_BOUNDS.1 + Duration::from_secs(1);
+            loop {
+                let behind: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM nodes WHERE name <> $1 AND lease_until > now() AND applied < $2",
+                        &[&name, &rev],
+                    )
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                if behind == 0 {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(StoreError::Backend(format!(
+                        "{behind} node(s) with a live lease have not applied change {rev}"
+                    )));
+                }
+                tokio::time::sleep(APPLIED_POLL).await;
+            }
+        })
+        .await
     }
 
     fn cache_put(&self, k: Vec<u8>, record: KeyRecord) {
@@ -324,6 +675,7 @@ impl PgStore {
 
 impl Drop for PgStore {
     fn drop(&mut self) {
+        self.stop.cancel();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -357,63 +709,66 @@ impl Backend for PgStore {
     fn init_meta<'a>(&'a self, meta: &'a Meta) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut w = self.anchored.lock().await;
-            self.settle(&mut w).await?;
+            let mut lock = self.begin_write(&mut w).await?;
             let value = encode(meta);
             prepare(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))?;
-            let v = value.clone();
-            let inserted = self
-                .on_db(move |c| async move {
-                    c.execute(
-                        "INSERT INTO meta (id, record, row_version) VALUES ($1, $2, 1) ON CONFLICT DO NOTHING",
-                        &[&META_ID, &v],
-                    )
-                    .await
-                    .map_err(db)
-                })
-                .await?;
+            let tx = lock.client().transaction().await.map_err(db)?;
+            let inserted = tx
+                .execute(
+                    "INSERT INTO meta (id, record, row_version) VALUES ($1, $2, 1) ON CONFLICT DO NOTHING",
+                    &[&META_ID, &value],
+                )
+                .await
+                .map_err(db)?;
             if inserted == 0 {
                 return Err(StoreError::AlreadyInitialised(self.location.clone()));
             }
-            commit(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))
+            let rev = self.record_change(&tx, "meta", vec![META_ID.to_owned()]).await?;
+            tx.commit().await.map_err(db)?;
+            commit(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))?;
+            self.applied.store(rev, Ordering::SeqCst);
+            lock.release().await;
+            Ok(())
         })
     }
 
     fn update_meta<'a>(&'a self, change: MetaChange<'a>) -> StoreFuture<'a, Meta> {
         Box::pin(async move {
             let mut w = self.anchored.lock().await;
-            self.settle(&mut w).await?;
-            loop {
-                let row = self
-                    .on_db(|c| async move {
-                        let row = c
-                            .query_opt("SELECT record, row_version FROM meta WHERE id = $1", &[&META_ID])
-                            .await
-                            .map_err(db)?;
-                        Ok(row.map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))))
-                    })
-                    .await?;
-                let (old, version) = row.ok_or_else(|| StoreError::NotInitialised(self.location.clone()))?;
-                let mut meta: Meta = decode("meta", &old)?;
-                change(&mut meta);
-                let value = encode(&meta);
-                prepare(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))?;
-                let v = value.clone();
-                let swapped = self
-                    .on_db(move |c| async move {
-                        c.execute(
-                            "UPDATE meta SET record = $2, row_version = row_version + 1 \
-                             WHERE id = $1 AND row_version = $3",
-                            &[&META_ID, &v, &version],
-                        )
-                        .await
-                        .map_err(db)
-                    })
-                    .await?;
-                if swapped == 1 {
-                    commit(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))?;
-                    return Ok(meta);
-                }
+            let mut lock = self.begin_write(&mut w).await?;
+            let tx = lock.client().transaction().await.map_err(db)?;
+            let row = tx
+                .query_opt("SELECT record, row_version FROM meta WHERE id = $1", &[&META_ID])
+                .await
+                .map_err(db)?;
+            let (old, version): (String, i64) = row
+                .map(|r| (r.get(0), r.get(1)))
+                .ok_or_else(|| StoreError::NotInitialised(self.location.clone()))?;
+            let mut meta: Meta = decode("meta", &old)?;
+            change(&mut meta);
+            let value = encode(&meta);
+            if value == old {
+                drop(tx);
+                lock.release().await;
+                return Ok(meta);
             }
+            prepare(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))?;
+            let swapped = tx
+                .execute(
+                    "UPDATE meta SET record = $2, row_version = row_version + 1 WHERE id = $1 AND row_version = $3",
+                    &[&META_ID, &value, &version],
+                )
+                .await
+                .map_err(db)?;
+            if swapped != 1 {
+                return Err(outside_writer("meta"));
+            }
+            let rev = self.record_change(&tx, "meta", vec![META_ID.to_owned()]).await?;
+            tx.commit().await.map_err(db)?;
+            commit(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))?;
+            self.applied.store(rev, Ordering::SeqCst);
+            lock.release().await;
+            Ok(meta)
         })
     }
 
@@ -423,16 +778,35 @@ impl Backend for PgStore {
             if let Some(rec) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
                 return Ok(Some(rec.clone()));
             }
-            // Read under the writers' lock, so that a write finishing
-            // meanwhile cannot be overtaken in the cache by this older read.
-            let _w = self.anchored.lock().await;
-            if let Some(rec) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
-                return Ok(Some(rec.clone()));
+            let mut caught_up = false;
+            loop {
+                // Read under the writers' lock, so that a write finishing
+                // meanwhile cannot be overtaken in the cache by this older read.
+                let w = self.anchored.lock().await;
+                if let Some(rec) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
+                    return Ok(Some(rec.clone()));
+                }
+                let Some((record, text, _)) = self.read_key(path).await? else { return Ok(None) };
+                // The row must be the one the anchored state holds: a row
+                // changed by a database writer who is not a node is refused
+                // (after one catch-up on the feed, in case another node
+                // wrote it since this node last read the feed).
+                if !vouches(&w, "keyring", &k, text.as_bytes()) {
+                    drop(w);
+                    if !caught_up {
+                        self.poll_feed().await?;
+                        caught_up = true;
+                        continue;
+                    }
+                    return Err(StoreError::Tampered(format!(
+                        "key `{path}`: its record in the database is not the one the token's anchor vouches \
+                         for: a database writer who is not a node changed it"
+                    )));
+                }
+                let record = Arc::new(record);
+                self.keys.write().unwrap_or_else(|e| e.into_inner()).insert(k, record.clone());
+                return Ok(Some(record));
             }
-            let Some((record, _, _)) = self.read_key(path).await? else { return Ok(None) };
-            let record = Arc::new(record);
-            self.keys.write().unwrap_or_else(|e| e.into_inner()).insert(k, record.clone());
-            Ok(Some(record))
         })
     }
 
@@ -441,29 +815,31 @@ impl Backend for PgStore {
             let path = record.path()?;
             let k = keyring_key(&path);
             let mut w = self.anchored.lock().await;
-            self.settle(&mut w).await?;
-            if self.read_key(&path).await?.is_some() {
-                return Err(StoreError::AlreadyExists(format!("key `{path}`")));
-            }
+            let mut lock = self.begin_write(&mut w).await?;
             let value = encode(record);
-            prepare(&mut w, "keyring", &k, Some(value.as_bytes()))?;
-            let (tenant, name, v) = (path.tenant().to_owned(), path.key().to_owned(), value.clone());
-            let inserted = self
-                .on_db(move |c| async move {
-                    c.execute(
-                        "INSERT INTO keyring (tenant, name, record, row_version) VALUES ($1, $2, $3, 1) \
-                         ON CONFLICT DO NOTHING",
-                        &[&tenant, &name, &v],
-                    )
-                    .await
-                    .map_err(db)
-                })
-                .await?;
+            let tx = lock.client().transaction().await.map_err(db)?;
+            let (tenant, name) = (path.tenant(), path.key());
+            let inserted = tx
+                .execute(
+                    "INSERT INTO keyring (tenant, name, record, row_version) VALUES ($1, $2, $3, 1) \
+                     ON CONFLICT DO NOTHING",
+                    &[&tenant, &name, &value],
+                )
+                .await
+                .map_err(db)?;
             if inserted == 0 {
+                drop(tx);
+                lock.release().await;
                 return Err(StoreError::AlreadyExists(format!("key `{path}`")));
             }
+            prepare(&mut w, "keyring", &k, Some(value.as_bytes()))?;
+            let rev = self.record_change(&tx, "keyring", vec![path.to_string()]).await?;
+            tx.commit().await.map_err(db)?;
             self.cache_put(k.clone(), record.clone());
-            commit(&mut w, "keyring", &k, Some(value.as_bytes()))
+            commit(&mut w, "keyring", &k, Some(value.as_bytes()))?;
+            self.applied.store(rev, Ordering::SeqCst);
+            lock.release().await;
+            Ok(())
         })
     }
 
@@ -475,47 +851,77 @@ impl Backend for PgStore {
         Box::pin(async move {
             let k = keyring_key(path);
             let mut w = self.anchored.lock().await;
-            self.settle(&mut w).await?;
-            loop {
-                let Some((mut record, old, version)) = self.read_key(path).await? else { return Ok(None) };
-                change(&mut record);
-                let value = encode(&record);
-                if value == old {
-                    return Ok(Some(record)); // nothing changed: nothing to write
-                }
-                prepare(&mut w, "keyring", &k, Some(value.as_bytes()))?;
-                let (tenant, name, v) = (path.tenant().to_owned(), path.key().to_owned(), value.clone());
-                // One statement, conditional on the row version read: a
-                // change made meanwhile by another writer is never lost.
-                let swapped = self
-                    .on_db(move |c| async move {
-                        c.execute(
-                            "UPDATE keyring SET record = $3, row_version = row_version + 1 \
-                             WHERE tenant = $1 AND name = $2 AND row_version = $4",
-                            &[&tenant, &name, &v, &version],
-                        )
-                        .await
-                        .map_err(db)
-                    })
-                    .await?;
-                if swapped == 1 {
-                    self.cache_put(k.clone(), record.clone());
-                    commit(&mut w, "keyring", &k, Some(value.as_bytes()))?;
-                    return Ok(Some(record));
-                }
+            let mut lock = self.begin_write(&mut w).await?;
+            let tx = lock.client().transaction().await.map_err(db)?;
+            let (tenant, name) = (path.tenant(), path.key());
+            let row = tx
+                .query_opt(
+                    "SELECT record, row_version FROM keyring WHERE tenant = $1 AND name = $2",
+                    &[&tenant, &name],
+                )
+                .await
+                .map_err(db)?;
+            let Some(row) = row else {
+                drop(tx);
+                lock.release().await;
+                return Ok(None);
+            };
+            let (old, version): (String, i64) = (row.get(0), row.get(1));
+            let before: KeyRecord = decode(&format!("keyring {path}"), &old)?;
+            let mut record = before.clone();
+            change(&mut record);
+            let value = encode(&record);
+            if value == old {
+                drop(tx);
+                lock.release().await;
+                return Ok(Some(record)); // nothing changed: nothing to write
             }
+            prepare(&mut w, "keyring", &k, Some(value.as_bytes()))?;
+            // Conditional on the row version read: the cluster's lock
+            // serialises the nodes, so a miss is a writer outside it.
+            let swapped = tx
+                .execute(
+                    "UPDATE keyring SET record = $3, row_version = row_version + 1 \
+                     WHERE tenant = $1 AND name = $2 AND row_version = $4",
+                    &[&tenant, &name, &value, &version],
+                )
+                .await
+                .map_err(db)?;
+            if swapped != 1 {
+                return Err(outside_writer(&format!("key `{path}`")));
+            }
+            let rev = self.record_change(&tx, "keyring", vec![path.to_string()]).await?;
+            tx.commit().await.map_err(db)?;
+            self.cache_put(k.clone(), record.clone());
+            commit(&mut w, "keyring", &k, Some(value.as_bytes()))?;
+            self.applied.store(rev, Ordering::SeqCst);
+            lock.release().await;
+            drop(w);
+            if takes_away(&before, &record) {
+                self.wait_applied(rev).await?;
+            }
+            Ok(Some(record))
         })
     }
 
     fn update_keys<'a>(&'a self, paths: &'a [KeyPath], change: KeysChange<'a>) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut w = self.anchored.lock().await;
-            self.settle(&mut w).await?;
-            // Writers hold `w`; the transaction's conditional updates refuse
-            // rows another writer changed, and then nothing is written.
+            let mut lock = self.begin_write(&mut w).await?;
+            let tx = lock.client().transaction().await.map_err(db)?;
             let mut writes: Vec<(KeyPath, String, i64, KeyRecord)> = Vec::new();
             for path in paths {
-                let Some((mut record, old, version)) = self.read_key(path).await? else { continue };
+                let (tenant, name) = (path.tenant(), path.key());
+                let row = tx
+                    .query_opt(
+                        "SELECT record, row_version FROM keyring WHERE tenant = $1 AND name = $2",
+                        &[&tenant, &name],
+                    )
+                    .await
+                    .map_err(db)?;
+                let Some(row) = row else { continue };
+                let (old, version): (String, i64) = (row.get(0), row.get(1));
+                let mut record: KeyRecord = decode(&format!("keyring {path}"), &old)?;
                 change(path, &mut record);
                 let value = encode(&record);
                 if value != old {
@@ -523,41 +929,38 @@ impl Backend for PgStore {
                 }
             }
             if writes.is_empty() {
+                drop(tx);
+                lock.release().await;
                 return Ok(());
             }
             let keys: Vec<Vec<u8>> = writes.iter().map(|(p, ..)| keyring_key(p)).collect();
             let changes: Vec<(&[u8], Option<&[u8]>)> =
                 keys.iter().zip(&writes).map(|(k, (_, v, ..))| (k.as_slice(), Some(v.as_bytes()))).collect();
             prepare_all(&mut w, "keyring", &changes)?;
-            let rows: Vec<(String, String, String, i64)> = writes
-                .iter()
-                .map(|(p, v, version, _)| (p.tenant().to_owned(), p.key().to_owned(), v.clone(), *version))
-                .collect();
-            self.on_db(move |mut c| async move {
-                let tx = c.transaction().await.map_err(db)?;
-                for (tenant, name, value, version) in &rows {
-                    let n = tx
-                        .execute(
-                            "UPDATE keyring SET record = $3, row_version = row_version + 1 \
-                             WHERE tenant = $1 AND name = $2 AND row_version = $4",
-                            &[tenant, name, value, version],
-                        )
-                        .await
-                        .map_err(db)?;
-                    if n != 1 {
-                        return Err(StoreError::Backend(format!(
-                            "key `{tenant}/{name}` was changed by another writer during a batch update; \
-                             nothing was written"
-                        )));
-                    }
+            for (path, value, version, _) in &writes {
+                let (tenant, name) = (path.tenant(), path.key());
+                let n = tx
+                    .execute(
+                        "UPDATE keyring SET record = $3, row_version = row_version + 1 \
+                         WHERE tenant = $1 AND name = $2 AND row_version = $4",
+                        &[&tenant, &name, value, version],
+                    )
+                    .await
+                    .map_err(db)?;
+                if n != 1 {
+                    return Err(outside_writer(&format!("key `{path}`")));
                 }
-                tx.commit().await.map_err(db)
-            })
-            .await?;
+            }
+            let names = writes.iter().map(|(p, ..)| p.to_string()).collect();
+            let rev = self.record_change(&tx, "keyring", names).await?;
+            tx.commit().await.map_err(db)?;
             for (k, (_, _, _, record)) in keys.iter().zip(writes.iter()) {
                 self.cache_put(k.clone(), record.clone());
             }
-            commit_all(&mut w, "keyring", &changes)
+            commit_all(&mut w, "keyring", &changes)?;
+            self.applied.store(rev, Ordering::SeqCst);
+            lock.release().await;
+            Ok(())
         })
     }
 
@@ -618,22 +1021,28 @@ impl Backend for PgStore {
     fn put_revocation<'a>(&'a self, revocation: &'a Revocation) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let k = revocation_key(&revocation.scope);
+            let scope = String::from_utf8_lossy(&k).into_owned();
             let value = encode(revocation);
             let mut w = self.anchored.lock().await;
-            self.settle(&mut w).await?;
+            let mut lock = self.begin_write(&mut w).await?;
             prepare(&mut w, "revocations", &k, Some(value.as_bytes()))?;
-            let (scope, v) = (String::from_utf8_lossy(&k).into_owned(), value.clone());
-            self.on_db(move |c| async move {
-                c.execute(
-                    "INSERT INTO revocations (scope, record) VALUES ($1, $2) \
-                     ON CONFLICT (scope) DO UPDATE SET record = EXCLUDED.record",
-                    &[&scope, &v],
-                )
-                .await
-                .map_err(db)
-            })
-            .await?;
-            commit(&mut w, "revocations", &k, Some(value.as_bytes()))
+            let tx = lock.client().transaction().await.map_err(db)?;
+            tx.execute(
+                "INSERT INTO revocations (scope, record) VALUES ($1, $2) \
+                 ON CONFLICT (scope) DO UPDATE SET record = EXCLUDED.record",
+                &[&scope, &value],
+            )
+            .await
+            .map_err(db)?;
+            let rev = self.record_change(&tx, "revocations", vec![scope]).await?;
+            tx.commit().await.map_err(db)?;
+            commit(&mut w, "revocations", &k, Some(value.as_bytes()))?;
+            self.applied.store(rev, Ordering::SeqCst);
+            lock.release().await;
+            drop(w);
+            // The guarantee (docs/CLUSTER.md §4): no live node serves what
+            // this covers once it returns.
+            self.wait_applied(rev).await
         })
     }
 
@@ -642,38 +1051,28 @@ impl Backend for PgStore {
             let k = revocation_key(scope);
             let key = String::from_utf8_lossy(&k).into_owned();
             let mut w = self.anchored.lock().await;
-            self.settle(&mut w).await?;
-            let sc = key.clone();
-            let present = self
-                .on_db(move |c| async move {
-                    let row = c
-                        .query_opt("SELECT 1 FROM revocations WHERE scope = $1", &[&sc])
-                        .await
-                        .map_err(db)?;
-                    Ok(row.is_some())
-                })
-                .await?;
-            if !present {
+            let mut lock = self.begin_write(&mut w).await?;
+            let tx = lock.client().transaction().await.map_err(db)?;
+            let present =
+                tx.query_opt("SELECT 1 FROM revocations WHERE scope = $1", &[&key]).await.map_err(db)?;
+            if present.is_none() {
+                drop(tx);
+                lock.release().await;
                 return Ok(None);
             }
             prepare(&mut w, "revocations", &k, None)?;
-            let sc = key.clone();
-            let removed = self
-                .on_db(move |c| async move {
-                    let row = c
-                        .query_opt("DELETE FROM revocations WHERE scope = $1 RETURNING record", &[&sc])
-                        .await
-                        .map_err(db)?;
-                    Ok(row.map(|r| r.get::<_, String>(0)))
-                })
-                .await?;
-            match removed {
-                Some(text) => {
-                    commit(&mut w, "revocations", &k, None)?;
-                    Ok(Some(decode(&format!("revocation {key}"), &text)?))
-                }
-                None => Ok(None),
-            }
+            let removed = tx
+                .query_opt("DELETE FROM revocations WHERE scope = $1 RETURNING record", &[&key])
+                .await
+                .map_err(db)?
+                .map(|r| r.get::<_, String>(0))
+                .ok_or_else(|| outside_writer(&format!("revocation {key}")))?;
+            let rev = self.record_change(&tx, "revocations", vec![key.clone()]).await?;
+            tx.commit().await.map_err(db)?;
+            commit(&mut w, "revocations", &k, None)?;
+            self.applied.store(rev, Ordering::SeqCst);
+            lock.release().await;
+            Ok(Some(decode(&format!("revocation {key}"), &removed)?))
         })
     }
 
@@ -697,16 +1096,17 @@ impl Backend for PgStore {
             let kinds: Vec<i16> = batch.iter().map(|(k, ..)| kind_code(*k)).collect();
             let seqs: Vec<i64> = batch.iter().map(|(_, s, _)| *s as i64).collect();
             let entries: Vec<Vec<u8>> = batch.iter().map(|(.., b)| b.clone()).collect();
+            let node = self.node.name.clone();
             // One statement for the whole batch. An entry already there (a
             // flush whose commit succeeded but whose answer was lost) is
             // kept as it is: the chain check would notice any difference.
             let written = self
                 .on_db(move |c| async move {
                     c.execute(
-                        "INSERT INTO audit (kind, seq, entry) \
-                         SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) \
-                         ON CONFLICT (kind, seq) DO NOTHING",
-                        &[&kinds, &seqs, &entries],
+                        "INSERT INTO audit (node, kind, seq, entry) \
+                         SELECT $4, * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) \
+                         ON CONFLICT (node, kind, seq) DO NOTHING",
+                        &[&kinds, &seqs, &entries, &node],
                     )
                     .await
                     .map_err(db)
@@ -723,6 +1123,11 @@ impl Backend for PgStore {
     }
 
     fn audit_scan(&self, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
+        self.audit_scan_chain(&self.node.name.clone(), kind, from, reverse)
+    }
+
+    fn audit_scan_chain(&self, chain: &str, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
+        let chain = chain.to_owned();
         let mut next = Some(from.min(i64::MAX as u64) as i64);
         let mut page: std::vec::IntoIter<(u64, Vec<u8>)> = Vec::new().into_iter();
         Box::new(std::iter::from_fn(move || loop {
@@ -731,13 +1136,15 @@ impl Backend for PgStore {
             }
             let at = next?;
             let code = kind_code(kind);
+            let chain = chain.clone();
             let rows = super::wait(Box::pin(self.on_db(move |c| async move {
                 let sql = if reverse {
-                    "SELECT seq, entry FROM audit WHERE kind = $1 AND seq <= $2 ORDER BY seq DESC LIMIT $3"
+                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq <= $2 \
+                     ORDER BY seq DESC LIMIT $3"
                 } else {
-                    "SELECT seq, entry FROM audit WHERE kind = $1 AND seq >= $2 ORDER BY seq LIMIT $3"
+                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq >= $2 ORDER BY seq LIMIT $3"
                 };
-                let rows = c.query(sql, &[&code, &at, &AUDIT_PAGE]).await.map_err(db)?;
+                let rows = c.query(sql, &[&code, &at, &AUDIT_PAGE, &chain]).await.map_err(db)?;
                 Ok(rows
                     .iter()
                     .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1)))
@@ -770,15 +1177,249 @@ impl Backend for PgStore {
 
     fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError> {
         let mut guard = self.anchored.blocking_lock();
-        let (anchored, state) = super::state::attach(anchor, self.state_digest()?)?;
-        *guard = Some(anchored);
-        Ok(state)
+        super::wait(Box::pin(async {
+            // Under the cluster's lock: no node writes between this read of
+            // the records and the check of the token's anchor.
+            let mut lock = self.lock_cluster().await?;
+            let rev: i64 = lock
+                .client()
+                .query_one("SELECT coalesce(max(revision), 0) FROM changes", &[])
+                .await
+                .map_err(db)?
+                .get(0);
+            let digest = PgStore::read_digest(lock.client()).await?;
+            let (anchored, state) = super::state::attach(anchor, digest)?;
+            lock.release().await;
+            self.applied.store(rev, Ordering::SeqCst);
+            *guard = Some(anchored);
+            Ok(state)
+        }))
     }
 
     fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError> {
         let mut guard = self.anchored.blocking_lock();
-        let (anchored, old) = super::state::accept(anchor, self.state_digest()?)?;
-        *guard = Some(anchored);
-        Ok(old)
+        super::wait(Box::pin(async {
+            let mut lock = self.lock_cluster().await?;
+            let rev: i64 = lock
+                .client()
+                .query_one("SELECT coalesce(max(revision), 0) FROM changes", &[])
+                .await
+                .map_err(db)?
+                .get(0);
+            let digest = PgStore::read_digest(lock.client()).await?;
+            let (anchored, old) = super::state::accept(anchor, digest)?;
+            lock.release().await;
+            self.applied.store(rev, Ordering::SeqCst);
+            *guard = Some(anchored);
+            Ok(old)
+        }))
+    }
+
+    fn start_cluster(&self, sink: Arc<dyn ChangeSink>) -> Result<(), StoreError> {
+        let me =
+            self.me.get().cloned().ok_or_else(|| StoreError::Backend("the store is not shared".into()))?;
+        if self.sink.set(sink).is_err() {
+            return Ok(());
+        }
+        // Claimed by `claim_node`; not serving yet, so this renewal
+        // catches up on the feed before the node serves.
+        super::wait(Box::pin(self.renew(false)))?;
+        tracing::info!(node = %self.node.name, lease = ?self.node.lease, "joined the cluster");
+        let every = self.node.lease / 3;
+        let (stop, weak) = (self.stop.clone(), me.clone());
+        self.handle.spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let Some(s) = weak.upgrade() else { break };
+                match s.renew(false).await {
+                    Ok(()) if failing => {
+                        tracing::info!("the lease is renewed again: serving");
+                        failing = false;
+                    }
+                    Ok(()) => {}
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "cannot renew this node's lease: key operations stop when it ends");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        let (stop, weak, woken) = (self.stop.clone(), me.clone(), self.woken.clone());
+        self.handle.spawn(async move {
+            // The feed's `LISTEN` connection, opened again whenever it drops.
+            loop {
+                let Some(s) = weak.upgrade() else { break };
+                let (config, tls) = s.listen.clone();
+                drop(s);
+                if let Ok((client, mut connection)) = config.connect(tls).await {
+                    let listen = format!("LISTEN {FEED_CHANNEL}");
+                    let listening = client.batch_execute(&listen);
+                    let mut listening = std::pin::pin!(listening);
+                    let mut subscribed = false;
+                    loop {
+                        let message = std::future::poll_fn(|cx| {
+                            if !subscribed {
+                                if let std::task::Poll::Ready(r) = listening.as_mut().poll(cx) {
+                                    subscribed = true;
+                                    if r.is_err() {
+                                        return std::task::Poll::Ready(None);
+                                    }
+                                }
+                            }
+                            connection.poll_message(cx)
+                        });
+                        let message = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            m = message => m,
+                        };
+                        match message {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => woken.notify_one(),
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => break,
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        let (stop, weak, woken) = (self.stop.clone(), me, self.woken.clone());
+        self.handle.spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(FEED_POLL) => {}
+                    _ = woken.notified() => {}
+                }
+                let Some(s) = weak.upgrade() else { break };
+                match s.poll_feed().await {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "cannot read the change feed");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn claim_node(&self) -> Result<(), StoreError> {
+        // A daemon of the same name that stopped without giving its lease
+        // up (killed) holds it for at most a lease: wait that long.
+        let deadline = Instant::now() + self.node.lease + Duration::from_secs(1);
+        loop {
+            match super::wait(Box::pin(self.write_lease(true))) {
+                Err(StoreError::NodeNameTaken(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn serving(&self) -> Result<(), StoreError> {
+        if self.sink.get().is_none() {
+            return Ok(());
+        }
+        match *self.serving_until.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(until) if Instant::now() < until => Ok(()),
+            _ => Err(StoreError::Backend(format!(
+                "node `{}` holds no valid lease in PostgreSQL: it serves no key operation until it renews its \
+                 lease and catches up on the cluster's changes (docs/CLUSTER.md)",
+                self.node.name
+            ))),
+        }
+    }
+
+    fn cluster(&self) -> StoreFuture<'_, Option<ClusterView>> {
+        Box::pin(async move {
+            let rows = self
+                .on_db(|c| async move {
+                    let rev: i64 = c
+                        .query_one("SELECT coalesce(max(revision), 0) FROM changes", &[])
+                        .await
+                        .map_err(db)?
+                        .get(0);
+                    let nodes = c
+                        .query(
+                            "SELECT name, lease_until > now(), \
+                             (extract(epoch FROM lease_until - now()) * 1000)::bigint, applied, \
+                             extract(epoch FROM started)::bigint, version FROM nodes ORDER BY name",
+                            &[],
+                        )
+                        .await
+                        .map_err(db)?
+                        .iter()
+                        .map(|r| NodeView {
+                            name: r.get(0),
+                            live: r.get(1),
+                            lease_left_ms: r.get(2),
+                            applied: r.get(3),
+                            started: r.get(4),
+                            version: r.get(5),
+                        })
+                        .collect::<Vec<_>>();
+                    Ok((rev, nodes))
+                })
+                .await?;
+            Ok(Some(ClusterView {
+                node: self.node.name.clone(),
+                applied: self.applied.load(Ordering::SeqCst),
+                revision: rows.0,
+                serving: self.serving().is_ok(),
+                nodes: rows.1,
+            }))
+        })
+    }
+
+    fn leave(&self) {
+        self.stop.cancel();
+        if self.sink.get().is_none() {
+            return;
+        }
+        *self.serving_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let (name, instance) = (self.node.name.clone(), self.instance.clone());
+        let left = super::wait(Box::pin(self.on_db(move |c| async move {
+            c.execute(
+                "UPDATE nodes SET lease_until = now() WHERE name = $1 AND instance = $2",
+                &[&name, &instance],
+            )
+            .await
+            .map_err(db)
+        })));
+        if let Err(e) = left {
+            tracing::warn!(error = %e, "cannot give up this node's lease (it runs out by itself)");
+        }
+    }
+
+    fn jobs_lock(&self) -> StoreFuture<'_, Option<super::JobsGuard>> {
+        Box::pin(async move {
+            let mut lock = WriteLock { conn: Some(self.conn().await?) };
+            let got: bool = lock
+                .client()
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&JOBS_LOCK])
+                .await
+                .map_err(db)?
+                .get(0);
+            // Dropped, the guard closes its connection, which releases the lock.
+            Ok(got.then(|| super::JobsGuard(Box::new(lock))))
+        })
+    }
+
+    fn audit_chains(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(self.on_db(|c| async move {
+            let rows = c.query("SELECT DISTINCT node FROM audit ORDER BY node", &[]).await.map_err(db)?;
+            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        }))
     }
 }

@@ -117,6 +117,12 @@ impl StateDigest {
         top(&hashes)
     }
 
+    /// Whether record `tree`/`key` is `value` in this digest.
+    pub fn holds(&self, tree: &str, key: &[u8], value: &[u8]) -> bool {
+        let p = path(tree, key);
+        self.buckets[bucket_of(&p)].get(&p) == Some(&leaf(&p, value))
+    }
+
     /// Sets record `tree`/`key` to `value` (`None`: removed).
     pub fn set(&mut self, tree: &str, key: &[u8], value: Option<&[u8]>) {
         let p = path(tree, key);
@@ -346,6 +352,59 @@ pub fn settle(anchored: &mut Option<Anchored>, digest: StateDigest) -> Result<()
         committed: a.digest.digest(),
         pending: None,
     })
+}
+
+/// Another node's write, read back from the change feed: record
+/// `tree`/`key` is now `value` (`None`: removed). Nothing is anchored
+/// here: the writer anchors its own writes, and [`reconcile`] checks the
+/// result before this node writes.
+pub fn learn(anchored: &mut Option<Anchored>, tree: &str, key: &[u8], value: Option<&[u8]>) {
+    if let Some(a) = anchored {
+        a.digest.set(tree, key, value);
+    }
+}
+
+/// Whether a record read from the store is the one the anchored state
+/// holds (always, before the anchor is attached).
+pub fn vouches(anchored: &Option<Anchored>, tree: &str, key: &[u8], value: &[u8]) -> bool {
+    anchored.as_ref().is_none_or(|a| a.digest.holds(tree, key, value))
+}
+
+/// Before a write by a node of a cluster, under the cluster's write lock
+/// and after catching up on the change feed: the token's anchor, read now
+/// (another node may have written it), must vouch for the digest of the
+/// records as this node now knows them: as committed, or as pending (its
+/// writer, maybe this node, stopped after the database's commit and before
+/// the anchor's: committed now). Anything else is a change no node
+/// anchored: a database writer who is not a node ([`StoreError::Tampered`]).
+pub fn reconcile(anchored: &mut Option<Anchored>) -> Result<(), StoreError> {
+    let Some(a) = anchored else { return Ok(()) };
+    let now = a.digest.digest();
+    let token = a.anchor.read()?.ok_or_else(|| {
+        StoreError::Tampered("the token no longer holds the store's anchor (removed or replaced)".into())
+    })?;
+    if token.committed == now && token.pending.is_none() {
+        a.generation = token.generation;
+        a.pending = None;
+        return Ok(());
+    }
+    if token.committed == now || token.pending == Some(now) {
+        // A write prepared and not done (its digest is not the records'),
+        // or done and not committed in the token: settled either way.
+        a.generation = if token.committed == now { token.generation } else { token.generation + 1 };
+        a.pending = None;
+        return a.anchor.write(&AnchorState {
+            generation: a.generation,
+            written_at: crate::clock::now_unix(),
+            committed: now,
+            pending: None,
+        });
+    }
+    Err(StoreError::Tampered(format!(
+        "the records this node reads are not the state the token vouches for (write {}): a record was \
+         altered, removed, added or swapped by a database writer who is not a node of the cluster",
+        token.generation
+    )))
 }
 
 /// After the write is durable: the store has the new state; records it in

@@ -1,0 +1,66 @@
+//! A node's in-memory state following the other nodes of its cluster
+//! (docs/CLUSTER.md): the store's change feed hands each change made
+//! elsewhere to [`FollowOthers`] before the node reports it applied, so a
+//! revocation made on any node is in this node's index before that
+//! node's `revoke` returns.
+
+use std::sync::Arc;
+
+use keyhaven::revocation::{Revocation, Scope};
+use keyhaven::KeyPath;
+
+use crate::hsm::Hsm;
+use crate::revocation::Index;
+use crate::store::cluster::ChangeSink;
+use crate::store::{KeyRecord, Meta};
+
+/// Applies other nodes' changes to this daemon.
+pub struct FollowOthers {
+    /// The revocations in force.
+    pub revocations: Arc<Index>,
+    /// Connections subscribed to revocations (PROTOCOL.md §6).
+    pub events: tokio::sync::broadcast::Sender<Scope>,
+    /// For unloading the KEKs of destroyed and trimmed versions.
+    pub hsm: Arc<Hsm>,
+    /// The daemon's runtime (unloading is asynchronous).
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl ChangeSink for FollowOthers {
+    fn revocation(&self, scope: &Scope, record: Option<&Revocation>) {
+        match record {
+            Some(r) => {
+                self.revocations.put(r.clone());
+                let _ = self.events.send(scope.clone());
+            }
+            None => self.revocations.remove(scope),
+        }
+    }
+
+    fn key(&self, path: &KeyPath, record: Option<&KeyRecord>) {
+        // KEKs of versions that are gone or destroyed are unloaded; the
+        // record itself was refreshed in the store's cache already.
+        let usable: Vec<u32> = record
+            .map(|r| r.versions.iter().filter(|v| v.destroyed_at.is_none()).map(|v| v.version).collect())
+            .unwrap_or_default();
+        let (hsm, path) = (self.hsm.clone(), path.clone());
+        self.runtime.spawn(async move {
+            let covered = move |id: &crate::hsm::KekId| id.path == path && !usable.contains(&id.version);
+            if let Err(e) = hsm
+                .on_every_worker(move |w| {
+                    w.evict(&covered);
+                })
+                .await
+            {
+                tracing::warn!(error = %e, "could not unload KEKs another node retired");
+            }
+        });
+    }
+
+    fn meta(&self, meta: &Meta) {
+        tracing::debug!(
+            master_key_version = meta.master_key_version,
+            "another node changed the store's meta"
+        );
+    }
+}

@@ -1,0 +1,497 @@
+//! Several nodes on one PostgreSQL database and one token (docs/CLUSTER.md):
+//! real daemons (`keyhavend dev --postgres URL`, then `keyhavend dev --join`),
+//! one SoftHSM2 token shared by every node, a throwaway PostgreSQL cluster.
+//! Keys, rotations and revocations made on one node hold on every node;
+//! concurrent writers on two nodes make one key and distinct versions; a
+//! revocation returned by one node is honoured by every node for every
+//! request that starts afterwards; a node whose lease lapses refuses, and
+//! catches up before it serves again; a database writer who is not a node
+//! is still caught by the token's anchor.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyhaven::lifecycle::{KeyRotate, KeySet};
+use keyhaven::revocation::{Reason, Revoke, Scope};
+use keyhaven::wire::AuditVerify;
+use keyhaven_tests::*;
+
+/// A database and three nodes on it (the first made it; two joined).
+fn three_nodes(pg: &TestPostgres) -> Vec<TestDaemon> {
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let third = TestDaemon::join(&first);
+    vec![first, second, third]
+}
+
+/// Retries `f` until it returns `Some`, for at most `limit`.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(limit: Duration, f: impl Fn() -> F) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_share_keys_rotations_health_and_audit() {
+    let Some(pg) = TestPostgres::start() else { return };
+    let nodes = three_nodes(&pg);
+    let mut c = Vec::new();
+    for n in &nodes {
+        c.push(n.client().await);
+    }
+    let context = ctx(&["user=7"]);
+    // Made on node 1, used for encryption on node 2, decrypted on node 3.
+    c[0].key_create(&path("acme/pii")).await.unwrap();
+    let ct = c[1].encrypt(&path("acme/pii"), b"across the cluster", &context).await.unwrap();
+    let plain = c[2].decrypt(&ct.ciphertext, &context).await.unwrap();
+    assert_eq!(plain.plaintext.expose(), b"across the cluster");
+    let dk = c[2].datakey(&path("acme/pii"), &context, true).await.unwrap();
+    let back = c[0].datakey_decrypt(&dk.envelope, &context).await.unwrap();
+    assert_eq!(back.plaintext.expose(), dk.plaintext.as_ref().unwrap().expose());
+
+    // A rotation on node 2 is used by every node (each learns it from the
+    // change feed; node 3 has the old record cached).
+    let rotated = c[1].call(&KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    assert_eq!(rotated.current_version, 2);
+    for (i, client) in c.iter().enumerate() {
+        let v = eventually(Duration::from_secs(3), || async {
+            let r = client.encrypt(&path("acme/pii"), b"x", &context).await.unwrap();
+            (r.key_version == 2).then_some(r.key_version)
+        })
+        .await;
+        assert_eq!(v, 2, "node {}", i + 1);
+    }
+
+    // Every node sees the same keys; health names the backend, the node,
+    // and the cluster's three live nodes.
+    let health = c[2].health().await.unwrap();
+    assert_eq!(health.status, "ok", "{health:?}");
+    assert_eq!(health.store.backend, "postgres");
+    let cluster = health.store.cluster.expect("a cluster in health");
+    assert!(cluster.serving);
+    assert_eq!(cluster.nodes.len(), 3, "{cluster:?}");
+    assert!(cluster.nodes.iter().all(|n| n.live && n.lease_left_ms > 0), "{cluster:?}");
+    assert!(cluster.nodes.iter().any(|n| n.name == cluster.node));
+    // Each node is woken by the feed's NOTIFY on a LISTEN connection of its own.
+    let listening = pg.psql("keyhaven", "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'");
+    assert_eq!(listening, "3");
+
+    // One audit chain per node, never colliding; any node verifies all.
+    let names: std::collections::BTreeSet<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let verified = eventually(Duration::from_secs(5), || async {
+        let v = c[0].call(&AuditVerify {}).await.unwrap();
+        let chains: std::collections::BTreeSet<String> = v.chains.iter().map(|ch| ch.node.clone()).collect();
+        (chains == names).then_some(v)
+    })
+    .await;
+    assert!(verified.intact, "{verified:?}");
+    assert!(verified.chains.iter().all(|ch| ch.problem.is_none() && ch.records > 0), "{verified:?}");
+    let per_node = pg.psql("keyhaven", "SELECT count(DISTINCT node) FROM audit");
+    assert_eq!(per_node, "3");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writers_on_two_nodes_make_one_key_and_distinct_versions() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let (a, b) = (Arc::new(first.client().await), Arc::new(second.client().await));
+    // The same key created on both nodes at once: one key, one `already_exists`.
+    for i in 0..6 {
+        let p = path(&format!("acme/k{i}"));
+        let (ra, rb) = tokio::join!(a.key_create(&p), b.key_create(&p));
+        let outcomes = [ra.map(|_| ()).map_err(|e| e.code()), rb.map(|_| ()).map_err(|e| e.code())];
+        assert_eq!(outcomes.iter().filter(|r| r.is_ok()).count(), 1, "{outcomes:?}");
+        assert!(outcomes.contains(&Err(Some(ErrorCode::AlreadyExists))), "{outcomes:?}");
+    }
+    // Rotations from both nodes at once: every one a distinct version.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            c.call(&KeyRotate { tenant: "acme".into(), key: "k0".into() }).await.unwrap().current_version
+        }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        versions.push(t.await.unwrap());
+    }
+    versions.sort();
+    assert_eq!(versions, (2..=9).collect::<Vec<u32>>());
+    // Data keys from both nodes under one version: their wrap reservations
+    // are ranges of one count, never overlapping.
+    let context = ctx(&["a=b"]);
+    for _ in 0..5 {
+        let k1 = path("acme/k1");
+        let (x, y) = tokio::join!(a.datakey(&k1, &context, false), b.datakey(&k1, &context, false));
+        assert_eq!((x.unwrap().key_version, y.unwrap().key_version), (1, 1));
+    }
+    // Each node reserved its own range: the stored count covers both.
+    let reserved = pg.psql(
+        "keyhaven",
+        "SELECT (record::jsonb->'versions'->0->>'wraps_reserved')::bigint FROM keyring WHERE name = 'k1'",
+    );
+    assert!(reserved.parse::<u64>().unwrap() >= 2 * 256, "two ranges reserved, found {reserved}");
+    // Alternating writers: each reads the anchor the other process wrote
+    // in the token (SoftHSM2 re-reads a changed object), or it would take
+    // the other's write for tampering.
+    for i in 0..6 {
+        let c = if i % 2 == 0 { &a } else { &b };
+        c.key_create(&path(&format!("beta/alt{i}"))).await.unwrap();
+    }
+}
+
+/// Clients decrypting on every node; a revocation made on one node; the
+/// requests that started after `revoke` returned and still succeeded.
+async fn served_after_revoke(
+    clients: &[Arc<Client>],
+    envelope: &str,
+    revoke: impl std::future::Future<Output = ()>,
+) -> (usize, usize, usize) {
+    let context = ctx(&["user=7"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = Vec::new();
+    for c in clients {
+        let (c, stop, envelope, context) = (c.clone(), stop.clone(), envelope.to_owned(), context.clone());
+        loops.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let ok = c.datakey_decrypt(&envelope, &context).await.is_ok();
+                seen.push((started, ok));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let asked = Instant::now();
+    revoke.await;
+    let returned = Instant::now();
+    eprintln!("revoke returned in {:?} with every node decrypting", returned - asked);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (mut before_ok, mut after, mut after_ok) = (0, 0, 0);
+    for l in loops {
+        for (started, ok) in l.await.unwrap() {
+            if started > returned {
+                after += 1;
+                after_ok += ok as usize;
+            } else {
+                before_ok += ok as usize;
+            }
+        }
+    }
+    (before_ok, after, after_ok)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_node_serves_a_request_that_starts_after_revoke_returned_on_another() {
+    let Some(pg) = TestPostgres::start() else { return };
+    let nodes = three_nodes(&pg);
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(Arc::new(n.client().await));
+    }
+    let context = ctx(&["user=7"]);
+    let mut round = 0;
+    for scope_kind in ["version", "key", "tenant", "datakey", "min_version"] {
+        for _ in 0..2 {
+            round += 1;
+            let tenant = format!("t{round}");
+            let p = path(&format!("{tenant}/k"));
+            clients[0].key_create(&p).await.unwrap();
+            let dk = clients[1].datakey(&p, &context, false).await.unwrap();
+            if scope_kind == "min_version" {
+                clients[2].call(&KeyRotate { tenant: tenant.clone(), key: "k".into() }).await.unwrap();
+            }
+            let scope = match scope_kind {
+                "version" => Scope::Key { tenant: tenant.clone(), key: "k".into(), version: Some(1) },
+                "key" => Scope::Key { tenant: tenant.clone(), key: "k".into(), version: None },
+                "tenant" => Scope::Tenant { tenant: tenant.clone() },
+                _ => Scope::Datakey { envelope_id: dk.envelope_id.clone() },
+            };
+            // The revoking node changes from round to round.
+            let by = clients[round % 3].clone();
+            let (before_ok, after, after_ok) = served_after_revoke(&clients, &dk.envelope, async {
+                if scope_kind == "min_version" {
+                    // Version 1 stops being accepted for decryption.
+                    let set = KeySet {
+                        tenant: tenant.clone(),
+                        key: "k".into(),
+                        min_decryption_version: Some(2),
+                        rotate_every_secs: None,
+                        state: None,
+                    };
+                    by.call(&set).await.unwrap();
+                } else {
+                    by.call(&Revoke { scope, reason: Reason::KeyCompromise, expires_at: None })
+                        .await
+                        .unwrap();
+                }
+            })
+            .await;
+            eprintln!(
+                "{scope_kind}: {before_ok} served before, {after} requests after, {after_ok} served after"
+            );
+            assert!(before_ok > 0, "{scope_kind}: nothing was served before the revocation");
+            assert!(after > 0, "{scope_kind}: no request after the revocation");
+            assert_eq!(after_ok, 0, "{scope_kind}: requests that started after revoke returned were served");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_lease_lapses_refuses_and_catches_up_before_serving_again() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let (a, b) = (first.client().await, second.client().await);
+    let context = ctx(&["user=7"]);
+    a.key_create(&path("acme/pii")).await.unwrap();
+    a.key_create(&path("acme/other")).await.unwrap();
+    let dk = a.datakey(&path("acme/pii"), &context, false).await.unwrap();
+    let other = a.datakey(&path("acme/other"), &context, false).await.unwrap();
+    b.datakey_decrypt(&dk.envelope, &context).await.unwrap();
+    b.datakey_decrypt(&other.envelope, &context).await.unwrap();
+
+    // Node 2 stops answering (SIGSTOP): a revocation on node 1 waits for
+    // its lease (5 s by default) to run out, and no longer.
+    signal(second.pid(), "STOP");
+    let started = Instant::now();
+    let scope = Scope::Key { tenant: "acme".into(), key: "pii".into(), version: None };
+    a.call(&Revoke { scope, reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(7), "revoke waited {waited:?}, more than the lease bound");
+    assert!(
+        waited > Duration::from_secs(2),
+        "revoke returned after {waited:?}, before node 2's lease ran out"
+    );
+    let health = a.health().await.unwrap().store.cluster.unwrap();
+    assert!(health.nodes.iter().any(|n| !n.live), "node 2's lease has ended: {health:?}");
+
+    // Node 2 resumes: its first request finds its lease over by its own
+    // clock, and is refused; once it renewed and caught up it serves
+    // again, and honours the revocation it missed.
+    signal(second.pid(), "CONT");
+    let first_answer = b.datakey_decrypt(&dk.envelope, &context).await.unwrap_err();
+    assert!(
+        matches!(first_answer.code(), Some(ErrorCode::StoreUnavailable) | Some(ErrorCode::Revoked)),
+        "{first_answer}"
+    );
+    eventually(Duration::from_secs(5), || async {
+        b.datakey_decrypt(&other.envelope, &context).await.ok().map(|_| ())
+    })
+    .await;
+    let refused = b.datakey_decrypt(&dk.envelope, &context).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Revoked), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_with_a_live_node_name_is_refused_and_a_killed_one_is_replaced() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let mut second = TestDaemon::join(&first);
+    // Another daemon on node 2's config (so node 2's name) while it runs:
+    // refused once node 2's lease has outlived the wait, exit 78.
+    let out = second.run_once();
+    let log = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() != Some(78) {
+        // Only if node 2's lease ran out meanwhile (a renewal starved for
+        // more than a lease on a loaded machine) may the name be taken; the
+        // newcomer then stops at node 2's socket, and node 2, which can no
+        // longer renew, serves nothing.
+        assert!(log.contains("cannot listen on"), "{log}");
+        eprintln!("node 2's lease ran out under load: the name was taken over, as designed");
+        return;
+    }
+    assert!(log.contains("holds the lease of node"), "{log}");
+    // Killed without giving its lease up, node 2 starts again: the new
+    // daemon waits for the old lease to run out, then takes the name.
+    second.kill();
+    second.start_again();
+    let c = second.client().await;
+    c.key_create(&path("acme/after")).await.unwrap();
+    let health = c.health().await.unwrap();
+    assert_eq!(health.status, "ok", "{health:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_writer_who_is_not_a_node_is_still_caught() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let a = first.client().await;
+    let context = ctx(&["user=7"]);
+    a.key_create(&path("acme/one")).await.unwrap();
+    a.key_create(&path("acme/two")).await.unwrap();
+    let ct = a.encrypt(&path("acme/two"), b"secret", &context).await.unwrap();
+    // Node 2 joins after the keys were made: it checked every record
+    // against the token's anchor at start, and has none in its cache.
+    let second = TestDaemon::join(&first);
+    let b = second.client().await;
+    // Key two's row gets key one's wrapped KEK, behind every node's back;
+    // node 2 must read the row now, and refuses it.
+    pg.psql(
+        "keyhaven",
+        "UPDATE keyring SET record = (SELECT record FROM keyring WHERE name = 'one')::jsonb \
+         || jsonb_build_object('key', 'two') #>> '{}' WHERE name = 'two'",
+    );
+    let refused = b.decrypt(&ct.ciphertext, &context).await.unwrap_err();
+    assert_ne!(refused.code(), None, "{refused}");
+    // And announced in the change feed as if a node wrote it: the next
+    // write on any node refuses, since the token's anchor does not vouch
+    // for it.
+    pg.psql(
+        "keyhaven",
+        "INSERT INTO changes (revision, node, tree, key) \
+         SELECT max(revision) + 1, 'intruder', 'keyring', 'acme/two' FROM changes",
+    );
+    let write = a.key_create(&path("acme/three")).await.unwrap_err();
+    assert_eq!(write.code(), Some(ErrorCode::StoreUnavailable), "{write}");
+    assert!(write.to_string().contains("not a node"), "{write}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarted_under_load_loses_no_acknowledged_write_and_the_nodes_recover() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let clients = [Arc::new(first.client().await), Arc::new(second.client().await)];
+    // Both nodes create keys in a loop; the server restarts under them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (n, c) in clients.iter().enumerate() {
+        let (c, stop) = (c.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let name = format!("n{n}/k{i}");
+                i += 1;
+                if c.key_create(&path(&name)).await.is_ok() {
+                    acknowledged.push(name);
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    pg.restart();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut acknowledged = Vec::new();
+    for w in writers {
+        acknowledged.extend(w.await.unwrap());
+    }
+    assert!(!acknowledged.is_empty());
+    // Every acknowledged key is in the database, and each node, without a
+    // restart, serves again: every key encrypts on both.
+    let context = ctx(&["a=b"]);
+    for c in &clients {
+        eventually(Duration::from_secs(15), || async {
+            c.health().await.ok().filter(|h| h.status == "ok").map(|_| ())
+        })
+        .await;
+    }
+    let stored: std::collections::BTreeSet<String> =
+        pg.psql("keyhaven", "SELECT tenant || '/' || name FROM keyring").lines().map(str::to_owned).collect();
+    for name in &acknowledged {
+        assert!(stored.contains(name), "acknowledged key {name} is not in the database");
+        for c in &clients {
+            c.encrypt(&path(name), b"x", &context).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_in_the_middle_of_rotations_leaves_the_others_unaffected() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let mut second = TestDaemon::join(&first);
+    let a = first.client().await;
+    let context = ctx(&["a=b"]);
+    a.key_create(&path("acme/r")).await.unwrap();
+    let before = a.encrypt(&path("acme/r"), b"before", &context).await.unwrap();
+    // Node 2 rotates in a loop and is killed (SIGKILL) in the middle,
+    // perhaps between the database's commit and the token anchor's.
+    let b = Arc::new(second.client().await);
+    let rotating = tokio::spawn(async move {
+        loop {
+            if b.call(&KeyRotate { tenant: "acme".into(), key: "r".into() }).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    second.kill();
+    rotating.await.unwrap();
+    // Node 1 goes on writing and serving: its next write settles what
+    // the killed node left (committed or not), and nothing is taken
+    // for tampering.
+    let rotated = a.call(&KeyRotate { tenant: "acme".into(), key: "r".into() }).await.unwrap();
+    let versions: Vec<u32> = rotated.versions.iter().map(|v| v.version).collect();
+    assert_eq!(versions, (1..=rotated.current_version).collect::<Vec<_>>(), "one version each, in order");
+    a.key_create(&path("acme/after")).await.unwrap();
+    let now = a.encrypt(&path("acme/r"), b"now", &context).await.unwrap();
+    assert_eq!(now.key_version, rotated.current_version);
+    for ct in [&before, &now] {
+        a.decrypt(&ct.ciphertext, &context).await.unwrap();
+    }
+    // The killed node comes back, checks the store against the anchor,
+    // and serves the same key.
+    second.start_again();
+    let b = second.client().await;
+    b.decrypt(&now.ciphertext, &context).await.unwrap();
+}
+
+/// The figure of docs/CLUSTER.md §4 (not run in CI: set
+/// `KEYHAVEN_CLUSTER_FIGURES=1`): 100 revocations, each made on one of
+/// three nodes while a client on every node decrypts; how long `revoke`
+/// takes to return (every live node has applied it by then), p50 and p99.
+#[tokio::test(flavor = "multi_thread")]
+async fn figures_revocation_delay_with_three_nodes() {
+    if std::env::var_os("KEYHAVEN_CLUSTER_FIGURES").is_none() {
+        return;
+    }
+    let Some(pg) = TestPostgres::start() else { return };
+    let nodes = three_nodes(&pg);
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(Arc::new(n.client().await));
+    }
+    let context = ctx(&["user=7"]);
+    let mut delays = Vec::new();
+    for round in 0..100 {
+        let p = path(&format!("f{round}/k"));
+        clients[0].key_create(&p).await.unwrap();
+        let dk = clients[1].datakey(&p, &context, false).await.unwrap();
+        let by = clients[round % 3].clone();
+        let scope = Scope::Datakey { envelope_id: dk.envelope_id.clone() };
+        let mut took = Duration::ZERO;
+        let (_, _, after_ok) = served_after_revoke(&clients, &dk.envelope, async {
+            let asked = Instant::now();
+            by.call(&Revoke { scope, reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
+            took = asked.elapsed();
+        })
+        .await;
+        assert_eq!(after_ok, 0);
+        delays.push(took);
+    }
+    delays.sort();
+    println!(
+        "revoke with 3 nodes decrypting, 100 revocations: p50 {:?}, p99 {:?}, max {:?}",
+        delays[49], delays[98], delays[99]
+    );
+}
