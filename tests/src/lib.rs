@@ -691,3 +691,18 @@ impl Drop for TestPostgres {
         let _ = self.command("pg_ctl").args(["stop", "-w", "-m", "immediate", "-D"]).arg(&data).output();
     }
 }
+
+/// Every audit record the daemon holds, read page by page with `audit_read`.
+pub async fn audit_records(c: &Client) -> Vec<keyhaven::wire::AuditRecord> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page =
+            c.call(&keyhaven::wire::AuditRead { after: Some(after), ..Default::default() }).await.unwrap();
+        out.extend(page.records);
+        if !page.more {
+            return out;
+        }
+        after = page.next;
+    }
+}

@@ -8,26 +8,13 @@ use std::path::Path;
 use std::process::Output;
 
 use base64::Engine as _;
-use keyhaven::wire::{AuditRead, AuditRecord};
+use keyhaven::wire::AuditRecord;
 use keyhaven_tests::*;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 fn out_text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-async fn all_records(c: &Client) -> Vec<AuditRecord> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = c.call(&AuditRead { after: Some(after), ..Default::default() }).await.unwrap();
-        out.extend(page.records);
-        if !page.more {
-            return out;
-        }
-        after = page.next;
-    }
 }
 
 /// What one record says, without time, chain and caller.
@@ -105,7 +92,7 @@ keys = ["*"]
     let c = d.client().await;
     let e = c.encrypt(&path("beta/pii"), SECRET, &context).await.unwrap_err(); // 11
     assert_eq!(e.code(), Some(ErrorCode::PermissionDenied));
-    let records = all_records(&c).await;
+    let records = audit_records(&c).await;
     assert_eq!(records.len(), 11, "{records:#?}");
 
     let ck: &[&str] = &["table", "user"];
@@ -539,7 +526,7 @@ async fn unusual_decrypt_volume_writes_alerts_and_can_block() {
     for _ in 0..8 {
         c.decrypt(&enc.ciphertext, &ctx(&[])).await.unwrap();
     }
-    let records = all_records(&c).await;
+    let records = audit_records(&c).await;
     let ops: Vec<&str> = records.iter().map(|r| r.op.as_str()).collect();
     let first_decrypt = ops.iter().position(|o| *o == "decrypt").unwrap();
     let alerts: Vec<&AuditRecord> = records.iter().filter(|r| r.op == "alert").collect();
@@ -567,7 +554,7 @@ async fn unusual_decrypt_volume_writes_alerts_and_can_block() {
     let e = c.decrypt(&enc.ciphertext, &ctx(&[])).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
     assert!(e.to_string().contains("unusual volume"), "{e}");
-    let last = all_records(&c).await.into_iter().rev().find(|r| r.op == "decrypt").unwrap();
+    let last = audit_records(&c).await.into_iter().rev().find(|r| r.op == "decrypt").unwrap();
     assert_eq!((last.outcome.as_str(), last.code.as_deref()), ("denied", Some("permission_denied")));
 }
 
@@ -634,7 +621,7 @@ async fn answered_requests_keep_their_records_across_sigkill() {
     assert!(!d.store_dir().join("audit.wal").exists(), "no write-ahead file any more");
     d.start_again();
     let c = d.client().await;
-    let records = all_records(&c).await;
+    let records = audit_records(&c).await;
     for id in &ids {
         assert!(
             records.iter().any(|r| r.op == "encrypt" && r.envelope_id.as_deref() == Some(id)),
@@ -688,7 +675,7 @@ async fn a_torn_tail_is_cut_off_and_the_chain_goes_on() {
     assert!(out.status.success(), "{}", out_text(&out));
     let c = d.client().await;
     c.encrypt(&path("acme/pii"), b"x", &ctx(&[])).await.unwrap();
-    let records = all_records(&c).await;
+    let records = audit_records(&c).await;
     for (i, r) in records.iter().enumerate() {
         assert_eq!(r.seq, i as u64 + 1, "{records:#?}");
     }
@@ -748,7 +735,7 @@ async fn an_old_store_moves_its_audit_log_out_of_sled() {
     let out = d.cli(&["audit", "verify"], b"");
     assert!(out.status.success(), "{}", out_text(&out));
     let c = d.client().await;
-    let records = all_records(&c).await;
+    let records = audit_records(&c).await;
     assert!(records.len() as u64 > n && records.iter().enumerate().all(|(i, r)| r.seq == i as u64 + 1));
     drop(c);
     let (status, log) = d.stop();
@@ -786,7 +773,7 @@ async fn a_burst_of_clients_keeps_every_record_once_in_an_intact_chain() {
         answered.extend(t.await.unwrap());
     }
     assert_eq!(answered.len(), 64 * 20);
-    let records = all_records(&c).await;
+    let records = audit_records(&c).await;
     let recorded: Vec<&str> =
         records.iter().filter(|r| r.op == "datakey").filter_map(|r| r.envelope_id.as_deref()).collect();
     assert_eq!(recorded.len(), answered.len(), "one record per answered request");
@@ -885,7 +872,7 @@ async fn records_no_seal_covers_at_start_are_reported_unsealed_not_sealed_as_int
     assert!(t.contains("UNSEALED in part") && t.contains(&format!("records {} to {n}", k + 1)), "{t}");
 
     let c = d.client().await;
-    let alert = all_records(&c).await.into_iter().find(|r| r.seq == n + 1).expect("the alert record");
+    let alert = audit_records(&c).await.into_iter().find(|r| r.seq == n + 1).expect("the alert record");
     assert_eq!((alert.op.as_str(), alert.outcome.as_str()), ("alert", "alert"));
     assert_eq!(alert.unsealed, Some([k + 1, n]));
     drop(c);

@@ -8,22 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use keyhaven::wire::{AuditRead, AuditRecord};
+use keyhaven::wire::AuditRecord;
 use keyhaven::Client;
 use keyhaven_tests::*;
-
-async fn all_records(c: &Client) -> Vec<AuditRecord> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = c.call(&AuditRead { after: Some(after), ..Default::default() }).await.unwrap();
-        out.extend(page.records);
-        if !page.more {
-            return out;
-        }
-        after = page.next;
-    }
-}
 
 /// `keyhaven audit tail ARGS --json`, its stdout lines sent to a channel.
 fn spawn_tail(d: &TestDaemon, args: &[&str]) -> (Child, Receiver<String>) {
@@ -76,7 +63,7 @@ async fn tail_follows_across_a_restart_and_a_kill_with_no_duplicate_and_no_gap()
     let mut d = TestDaemon::start();
     some_records(&d, "old", 30).await;
     // The newest record when the tail starts: the record of this read.
-    let head = all_records(&d.client().await).await.last().unwrap().seq + 1;
+    let head = audit_records(&d.client().await).await.last().unwrap().seq + 1;
 
     // -f -n 0: nothing from before, only what comes.
     let (mut tail, rx) = spawn_tail(&d, &["-f", "-n", "0"]);
@@ -126,7 +113,7 @@ async fn tail_follows_across_a_restart_and_a_kill_with_no_duplicate_and_no_gap()
     // Exactly the log's records after `head`, less its own reads, once each
     // and in order.
     let own = Some(tail.id() as i32);
-    let want: Vec<u64> = all_records(&d.client().await)
+    let want: Vec<u64> = audit_records(&d.client().await)
         .await
         .into_iter()
         .filter(|r| r.seq > head && !(r.op == "audit_read" && r.caller.pid == own))
@@ -146,7 +133,7 @@ async fn tail_follows_across_a_restart_and_a_kill_with_no_duplicate_and_no_gap()
 async fn after_seq_prints_exactly_the_records_after_it() {
     let d = TestDaemon::start();
     some_records(&d, "k", 25).await;
-    let records = all_records(&d.client().await).await;
+    let records = audit_records(&d.client().await).await;
     let from = records[9].seq;
     let out = d.cli(&["audit", "tail", "--json", "--after", &from.to_string()], b"");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -155,7 +142,7 @@ async fn after_seq_prints_exactly_the_records_after_it() {
         .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().seq)
         .collect();
     // Its own read is recorded after its answer: up to the one before.
-    let records = all_records(&d.client().await).await;
+    let records = audit_records(&d.client().await).await;
     assert_eq!(records.iter().find(|r| r.seq == got.last().unwrap() + 1).unwrap().op, "audit_read");
     let want: Vec<u64> =
         records.iter().map(|r| r.seq).filter(|s| *s > from && s <= got.last().unwrap()).collect();

@@ -11,27 +11,14 @@ use keyhaven::lifecycle::{
     KeyState, KeyTrim,
 };
 use keyhaven::revocation::{Destroy, Reason, Revoke, RevokeLift, Scope};
-use keyhaven::wire::{AdminReload, AuditRead, AuditRecord};
+use keyhaven::wire::{AdminReload, AuditRecord};
 use keyhaven::Client;
 use keyhaven_tests::*;
 use serde_json::Value;
 
-async fn all_records(c: &Client) -> Vec<AuditRecord> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = c.call(&AuditRead { after: Some(after), ..Default::default() }).await.unwrap();
-        out.extend(page.records);
-        if !page.more {
-            return out;
-        }
-        after = page.next;
-    }
-}
-
 /// The newest record of `op` (and `ok`), after sequence number `after`.
 async fn newest(c: &Client, op: &str, after: u64) -> AuditRecord {
-    let records = all_records(c).await;
+    let records = audit_records(c).await;
     records
         .into_iter()
         .rev()
@@ -225,7 +212,7 @@ broken =
 /// Waits (up to 10 s) for a record of `op` after `after`.
 async fn wait_for(c: &Client, op: &str, after: u64) -> AuditRecord {
     for _ in 0..100 {
-        if let Some(r) = all_records(c).await.into_iter().find(|r| r.op == op && r.seq > after) {
+        if let Some(r) = audit_records(c).await.into_iter().find(|r| r.op == op && r.seq > after) {
             return r;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -241,7 +228,7 @@ fn keyhaven_now() -> u64 {
 /// version's wrapped KEK, as the store holds it, is looked for in the
 /// segment files.
 async fn no_material_in(d: &mut TestDaemon, c: &Client) {
-    let records = all_records(c).await;
+    let records = audit_records(c).await;
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     let db = open_stopped_store(&d.store_dir());
@@ -288,7 +275,7 @@ async fn the_daemons_own_rotations_and_deletions_are_recorded_with_actor_daemon(
     let mut rotated = None;
     for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        rotated = all_records(&c).await.into_iter().find(|r| r.op == "key_rotate");
+        rotated = audit_records(&c).await.into_iter().find(|r| r.op == "key_rotate");
         if rotated.is_some() {
             break;
         }
@@ -322,7 +309,7 @@ async fn the_daemons_own_rotations_and_deletions_are_recorded_with_actor_daemon(
     let c = d.client().await;
     let mut deleted = None;
     for _ in 0..60 {
-        deleted = all_records(&c).await.into_iter().find(|r| r.op == "key_delete");
+        deleted = audit_records(&c).await.into_iter().find(|r| r.op == "key_delete");
         if deleted.is_some() {
             break;
         }
