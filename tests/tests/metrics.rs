@@ -467,3 +467,45 @@ fn connections_open_and_refused_are_counted() {
     );
     assert!(sample(&m, "keyhaven_connections_total").unwrap() >= 3.0, "{m}");
 }
+
+/// A node on PostgreSQL with an audit sink: its lease, feed lag and the
+/// cluster's nodes are exported, and so is the sink's delivery; promtool
+/// accepts the text.
+#[test]
+fn the_cluster_lease_and_the_audit_sinks_are_exported() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("metrics");
+    let mut d = TestDaemon::start_postgres(&pg.url("metrics"));
+    let ship = d.dir().join("ship.jsonl");
+    d.restart_with(|dir| {
+        append_config(dir, &format!("[[audit.sink]]\ntype = \"file\"\npath = \"{}\"\n", ship.display()))
+    });
+    assert!(d.cli(&["key", "create", "acme/app"], b"").status.success());
+    encrypt_n(&d, 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let m = loop {
+        let m = String::from_utf8(d.cli(&["metrics"], b"").stdout).unwrap();
+        let caught_up =
+            sample(&m, r#"keyhaven_audit_sink_lag_records{sink="file",type="file"}"#) == Some(0.0);
+        if caught_up || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(sample(&m, r#"keyhaven_audit_sink_lag_records{sink="file",type="file"}"#), Some(0.0), "{m}");
+    assert_eq!(sample(&m, r#"keyhaven_audit_sink_up{sink="file",type="file"}"#), Some(1.0), "{m}");
+    let delivered =
+        sample(&m, r#"keyhaven_audit_sink_delivered_seq{sink="file",type="file"}"#).unwrap_or(0.0);
+    assert!(delivered >= 4.0, "key_create and 3 encryptions at least were delivered: {m}");
+    assert_eq!(sample(&m, "keyhaven_cluster_serving"), Some(1.0), "{m}");
+    let node = m
+        .lines()
+        .find_map(|l| l.strip_prefix("keyhaven_cluster_node_live{node=\"")?.split('"').next())
+        .unwrap_or_else(|| panic!("no node series: {m}"))
+        .to_owned();
+    assert_eq!(sample(&m, &format!("keyhaven_cluster_node_live{{node=\"{node}\"}}")), Some(1.0), "{m}");
+    let left = sample(&m, &format!("keyhaven_cluster_node_lease_left_seconds{{node=\"{node}\"}}")).unwrap();
+    assert!(left > 0.0 && left <= 60.0, "lease left {left}: {m}");
+    assert!(sample(&m, "keyhaven_cluster_feed_lag_revisions").is_some(), "{m}");
+    promtool_accepts(&m, "`keyhaven metrics` on a cluster node with a sink");
+}

@@ -24,14 +24,9 @@
 //! An event count: a field here (a [`Counter`], or a [`Gauge`] for a level)
 //! with a small function next to the others that the code counting it
 //! calls, and its family in `crate::ops::metrics::render`. A state: read it
-//! in `render` from what owns it. Places left for work in progress:
-//! - audit shipping (sinks): records shipped per sink and the sink's lag
-//!   belong with [`Metrics::audit_written`] (`keyhaven_audit_shipped_total`,
-//!   `keyhaven_audit_sink_lag_records`, labelled by the sink's configured
-//!   name, a bounded set);
-//! - the cluster: lease held and change-feed lag
-//!   (`keyhaven_cluster_lease_held`, `keyhaven_cluster_feed_lag_seconds`),
-//!   read in `render` from the cluster's state.
+//! in `render` from what owns it: the audit sinks' cursors and lag
+//! (`Audit::sink_status`) and the cluster's lease and feed (the store's
+//! `cluster()`) are states read that way at each scrape.
 //!
 //! Collection can be switched off (`[metrics] collect = false`): then the
 //! request path skips its clock reads and counters, which is how the cost

@@ -238,6 +238,81 @@ pub async fn render(d: &Arc<Daemon>) -> String {
         m.alerts.get() as f64,
     );
 
+    // Audit sinks ([[audit.sink]]), one series each: names are the operator's.
+    let sinks = d.audit.sink_status();
+    if !sinks.is_empty() {
+        let families: [(&str, &str, SinkValue); 4] = [
+            (
+                "keyhaven_audit_sink_delivered_seq",
+                "The last audit record the sink delivered (its cursor).",
+                |s| s.delivered as f64,
+            ),
+            (
+                "keyhaven_audit_sink_lag_records",
+                "Audit records durable in the log and not yet delivered.",
+                |s| s.lag as f64,
+            ),
+            ("keyhaven_audit_sink_lagging", "1 while the sink's lag is over its max_lag.", |s| {
+                bool_value(s.lagging)
+            }),
+            ("keyhaven_audit_sink_up", "0 while the sink's last delivery failed.", |s| {
+                bool_value(s.error.is_none())
+            }),
+        ];
+        for (name, help, value) in families {
+            e.family(name, Kind::Gauge, help);
+            for s in &sinks {
+                e.sample(name, &[("sink", &s.name), ("type", s.kind)], value(s));
+            }
+        }
+    }
+
+    // The cluster (PostgreSQL): this node's lease and feed, and every node's.
+    if let Ok(Some(cluster)) = d.store.backend().cluster().await {
+        e.single(
+            "keyhaven_cluster_serving",
+            Kind::Gauge,
+            "1 while this node's lease is valid by its own clock (else key operations get store_unavailable).",
+            &[],
+            bool_value(cluster.serving),
+        );
+        e.single(
+            "keyhaven_cluster_feed_lag_revisions",
+            Kind::Gauge,
+            "Changes in the feed that this node has not applied yet.",
+            &[],
+            (cluster.revision - cluster.applied).max(0) as f64,
+        );
+        e.family(
+            "keyhaven_cluster_node_live",
+            Kind::Gauge,
+            "1 while the node's lease is live by PostgreSQL's clock.",
+        );
+        for n in &cluster.nodes {
+            e.sample("keyhaven_cluster_node_live", &[("node", &n.name)], bool_value(n.live));
+        }
+        e.family(
+            "keyhaven_cluster_node_lease_left_seconds",
+            Kind::Gauge,
+            "Time until the node's lease ends (negative: it ended that long ago).",
+        );
+        for n in &cluster.nodes {
+            e.sample(
+                "keyhaven_cluster_node_lease_left_seconds",
+                &[("node", &n.name)],
+                n.lease_left_ms as f64 / 1000.0,
+            );
+        }
+        e.family(
+            "keyhaven_cluster_node_applied_revision",
+            Kind::Gauge,
+            "The change revision the node last reported as applied.",
+        );
+        for n in &cluster.nodes {
+            e.sample("keyhaven_cluster_node_applied_revision", &[("node", &n.name)], n.applied as f64);
+        }
+    }
+
     // Wrap budgets.
     let limit = d.wraps.limit();
     e.single(
@@ -270,6 +345,9 @@ pub async fn render(d: &Arc<Daemon>) -> String {
     }
     e.finish()
 }
+
+/// One figure of a sink's status.
+type SinkValue = fn(&crate::audit_sinks::SinkStatus) -> f64;
 
 fn bool_value(b: bool) -> f64 {
     if b {
