@@ -165,6 +165,8 @@ export declare class Client {
   call(op: string, params?: Record<string, unknown>): Promise<Record<string, any>>;
   close(): Promise<void>;
   health(): Promise<Record<string, any>>;
+  /** The Prometheus text exposition (`metrics`; needs the `metrics` permission). */
+  metrics(): Promise<string>;
   whoami(): Promise<Record<string, any>>;
   /** `rotateEverySecs`: rotate automatically this often, set in the same request (0: none). */
   keyCreate(path: KeyPathLike, opts?: { type?: KeyType; rotateEverySecs?: number }): Promise<KeyInfo>;

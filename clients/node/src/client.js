@@ -131,6 +131,11 @@ export class Client {
     return this.call('health');
   }
 
+  /** The Prometheus text exposition (`metrics`, PROTOCOL.md §3.33; needs the `metrics` permission). */
+  async metrics() {
+    return (await this.call('metrics')).text;
+  }
+
   whoami() {
     return this.call('whoami');
   }

@@ -35,6 +35,9 @@ test('health, whoami, key create/show/list', async () => {
   const h = await kh.health();
   assert.equal(h.status, 'ok');
   assert.equal(h.token.ok, true);
+  const metrics = await kh.metrics();
+  assert.match(metrics, /^# HELP /m);
+  assert.match(metrics, /^keyhaven_requests_total\{operation="health",outcome="ok"\} [1-9]/m);
   const me = await kh.whoami();
   assert.equal(me.uid, process.getuid());
   const info = await kh.keyCreate({ tenant: 'acme', key: 'smtp' });

@@ -40,6 +40,8 @@ def kh(daemon: Daemon) -> Iterator[Client]:
 
 def test_health_whoami_keys(kh: Client) -> None:
     assert kh.health()["status"] == "ok"
+    metrics = kh.metrics()
+    assert '\nkeyhaven_requests_total{operation="health",outcome="ok"} ' in metrics
     assert kh.whoami()["uid"] == os.getuid()
     info = kh.key_create(("acme", "smtp"))
     assert (info["tenant"], info["key"], info["current_version"]) == ("acme", "smtp", 1)

@@ -187,6 +187,13 @@ class Client:
     def health(self) -> Dict[str, Any]:
         return self.call("health")
 
+    def metrics(self) -> str:
+        """The Prometheus text exposition (``metrics``, §3.33; needs the ``metrics`` permission)."""
+        text = self.call("metrics")["text"]
+        if not isinstance(text, str):
+            raise ProtocolError("`metrics` answered without text")
+        return text
+
     def whoami(self) -> Dict[str, Any]:
         return self.call("whoami")
 
