@@ -134,6 +134,10 @@ pub struct HealthResponse {
     /// The whole-system suspension in force, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspended: Option<crate::revocation::Revocation>,
+    /// That suspension in words, as the `revoked` errors say it: the scope,
+    /// since when (RFC 3339), until when, and the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended_message: Option<String>,
     /// What the token enforces to keep key material inside it
     /// (docs/SECURITY.md).
     #[serde(default)]

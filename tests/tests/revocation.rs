@@ -165,9 +165,18 @@ async fn suspensions_survive_a_restart_and_expire_by_themselves() {
     c.call(&Revoke { scope: key("acme", "smtp", None), reason: Reason::Superseded, expires_at: Some(soon) })
         .await
         .unwrap();
+    suspend(&c, Scope::All, Reason::KeyCompromise).await;
     drop(c);
     d.restart();
     let c = d.client().await;
+    // A start under a whole-system suspension says so (log below), and
+    // health says it in words.
+    let h = c.health().await.unwrap();
+    assert_eq!(h.status, "suspended");
+    let said = h.suspended_message.unwrap_or_default();
+    assert!(said.contains("is suspended since") && said.contains("key-compromise"), "{said}");
+    lift(&c, Scope::All).await;
+    assert_eq!(c.health().await.unwrap().suspended_message, None);
     let listed = c.call(&RevokeList::default()).await.unwrap().revocations;
     assert_eq!(listed.len(), 2, "{listed:?}");
     let acme_only = c.revoke_list(Some("acme")).await.unwrap();
@@ -182,6 +191,13 @@ async fn suspensions_survive_a_restart_and_expire_by_themselves() {
     let later = f.opening(&c).await;
     assert!(refused(&later).iter().all(|n| n.contains("beta/pii")), "{later:?}");
     assert_eq!(c.call(&RevokeList::default()).await.unwrap().revocations.len(), 1);
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("every key operation is refused until it is lifted"),
+        "the start did not say so: {log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

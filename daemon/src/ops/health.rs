@@ -162,6 +162,7 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         version: env!("CARGO_PKG_VERSION").into(),
         token,
         store,
+        suspended_message: suspended.as_ref().map(crate::revocation::describe),
         suspended,
         custody,
     };

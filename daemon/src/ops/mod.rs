@@ -90,6 +90,14 @@ impl Daemon {
         let audit = Audit::open(store.clone(), hsm.clone(), &config.audit, &config.store.path)?;
         let policy = RwLock::new(Arc::new(config.access.clone()));
         let revocations = Arc::new(revocation::Index::new(store.revocations()?));
+        if let Some(all) = revocations.all(crate::clock::now_unix()) {
+            // Said at every start, so that an operator who restarts a
+            // daemon that refuses everything sees why in its log.
+            tracing::warn!(
+                "{}: every key operation is refused until it is lifted (`keyhaven revoke lift all`) or expires",
+                revocation::describe(&all)
+            );
+        }
         let (revocation_events, _) = tokio::sync::broadcast::channel(REVOCATION_EVENTS_BUFFER);
         Ok(Daemon {
             hsm,
