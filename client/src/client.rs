@@ -432,6 +432,7 @@ impl Client {
             key: path.key().into(),
             key_type,
             rotate_every_secs,
+            idempotency_key: None,
         })
         .await
     }

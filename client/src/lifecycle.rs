@@ -168,7 +168,12 @@ macro_rules! key_op {
 
 key_op!(
     /// `key_rotate`: a new version, generated in the HSM; new data keys use it.
-    KeyRotate, "key_rotate", KeyDetails {}
+    KeyRotate, "key_rotate", KeyDetails {
+        /// Makes a retry safe: a `key_rotate` whose idempotency key made one
+        /// of the key's versions answers with the key as it is, adding none
+        /// (PROTOCOL.md §3.17).
+        idempotency_key: Option<String>
+    }
 );
 key_op!(
     /// `key_show`: versions, states, dates, rotation period and usage.

@@ -12,6 +12,28 @@ use crate::error::Error;
 /// Longest tenant or key name, in bytes.
 pub const MAX_NAME_LEN: usize = 63;
 
+/// The longest idempotency key (`key_create`, `key_rotate`).
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 64;
+
+/// Checks an idempotency key: 1 to 64 characters of `A-Z a-z 0-9 . _ : -`
+/// (a UUID, a request id, `deploy-2026-12-01:step3`).
+pub fn validate_idempotency_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(format!(
+            "field `idempotency_key`: {} characters; it takes 1 to {MAX_IDEMPOTENCY_KEY_LEN}",
+            key.chars().count()
+        ));
+    }
+    if let Some(c) = key.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(format!(
+            "field `idempotency_key`: {} is not allowed; it takes letters, digits and . _ : -",
+            c.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 /// Checks one tenant or key name; `what` names it in the error ("tenant", "key").
 pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
     let bad = |why: &str| Err(Error::InvalidName(format!("{what} name `{}`: {why}", printable(name))));

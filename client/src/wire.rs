@@ -105,6 +105,7 @@ operation!(Hello, "hello", HelloResponse);
 /// What `hello` lists in `features`: parameters and answer fields added to
 /// operations after protocol version 1 first shipped, and the key types.
 pub const FEATURES: &[&str] = &[
+    "idempotency_keys",
     "key_create.rotate_every_secs",
     "key_status",
     "key_type.aes256-gcm",
@@ -248,6 +249,11 @@ pub struct KeyCreate {
     /// the same write as the key (no period when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_every_secs: Option<u64>,
+    /// Makes a retry safe: a `key_create` with the idempotency key that made
+    /// the key answers as the first one did instead of `already_exists`
+    /// (PROTOCOL.md §3.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// A named key as `key_create` and `key_list` show it.

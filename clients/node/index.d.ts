@@ -169,7 +169,11 @@ export declare class Client {
   metrics(): Promise<string>;
   whoami(): Promise<Record<string, any>>;
   /** `rotateEverySecs`: rotate automatically this often, set in the same request (0: none). */
-  keyCreate(path: KeyPathLike, opts?: { type?: KeyType; rotateEverySecs?: number }): Promise<KeyInfo>;
+  /** `idempotencyKey`: a retry with the same key answers as the first call did (PROTOCOL.md §3.3). */
+  keyCreate(
+    path: KeyPathLike,
+    opts?: { type?: KeyType; rotateEverySecs?: number; idempotencyKey?: string },
+  ): Promise<KeyInfo>;
   /** KeyDetails (PROTOCOL.md §3.17). */
   keyShow(path: KeyPathLike): Promise<Record<string, any>>;
   /** Every key (of one tenant), following the daemon's pages of at most `pageSize` (1..1000). */

@@ -89,7 +89,7 @@ async fn every_key_and_revocation_change_records_its_reason_before_and_after() {
     assert_eq!(field(&r.after, "rotate_every_secs"), 86_400);
 
     // key_rotate and key_trim.
-    c.call(&KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    c.call(&KeyRotate { tenant: "acme".into(), key: "pii".into(), idempotency_key: None }).await.unwrap();
     let r = newest(&c, "key_rotate", 0).await;
     assert_eq!(
         (field(&r.before, "current_version"), field(&r.after, "current_version")),

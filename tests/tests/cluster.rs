@@ -58,7 +58,10 @@ async fn three_nodes_share_keys_rotations_health_and_audit() {
 
     // A rotation on node 2 is used by every node (each learns it from the
     // change feed; node 3 has the old record cached).
-    let rotated = c[1].call(&KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    let rotated = c[1]
+        .call(&KeyRotate { tenant: "acme".into(), key: "pii".into(), idempotency_key: None })
+        .await
+        .unwrap();
     assert_eq!(rotated.current_version, 2);
     for (i, client) in c.iter().enumerate() {
         let v = eventually(Duration::from_secs(3), || async {
@@ -117,7 +120,10 @@ async fn concurrent_writers_on_two_nodes_make_one_key_and_distinct_versions() {
     for i in 0..8 {
         let c = if i % 2 == 0 { a.clone() } else { b.clone() };
         tasks.push(tokio::spawn(async move {
-            c.call(&KeyRotate { tenant: "acme".into(), key: "k0".into() }).await.unwrap().current_version
+            c.call(&KeyRotate { tenant: "acme".into(), key: "k0".into(), idempotency_key: None })
+                .await
+                .unwrap()
+                .current_version
         }));
     }
     let mut versions = Vec::new();
@@ -210,7 +216,10 @@ async fn no_node_serves_a_request_that_starts_after_revoke_returned_on_another()
             clients[0].key_create(&p).await.unwrap();
             let dk = clients[1].datakey(&p, &context, false).await.unwrap();
             if scope_kind == "min_version" {
-                clients[2].call(&KeyRotate { tenant: tenant.clone(), key: "k".into() }).await.unwrap();
+                clients[2]
+                    .call(&KeyRotate { tenant: tenant.clone(), key: "k".into(), idempotency_key: None })
+                    .await
+                    .unwrap();
             }
             let scope = match scope_kind {
                 "version" => Scope::Key { tenant: tenant.clone(), key: "k".into(), version: Some(1) },
@@ -429,7 +438,10 @@ async fn a_node_killed_in_the_middle_of_rotations_leaves_the_others_unaffected()
     let b = Arc::new(second.client().await);
     let rotating = tokio::spawn(async move {
         loop {
-            if b.call(&KeyRotate { tenant: "acme".into(), key: "r".into() }).await.is_err() {
+            if b.call(&KeyRotate { tenant: "acme".into(), key: "r".into(), idempotency_key: None })
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -440,7 +452,8 @@ async fn a_node_killed_in_the_middle_of_rotations_leaves_the_others_unaffected()
     // Node 1 goes on writing and serving: its next write settles what
     // the killed node left (committed or not), and nothing is taken
     // for tampering.
-    let rotated = a.call(&KeyRotate { tenant: "acme".into(), key: "r".into() }).await.unwrap();
+    let rotated =
+        a.call(&KeyRotate { tenant: "acme".into(), key: "r".into(), idempotency_key: None }).await.unwrap();
     let versions: Vec<u32> = rotated.versions.iter().map(|v| v.version).collect();
     assert_eq!(versions, (1..=rotated.current_version).collect::<Vec<_>>(), "one version each, in order");
     a.key_create(&path("acme/after")).await.unwrap();

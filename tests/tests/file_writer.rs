@@ -42,7 +42,13 @@ async fn every_hand_edit_of_the_store_is_refused_at_start() {
     let c = d.client().await;
     c.key_create(&path("acme/pii")).await.unwrap();
     c.key_create(&path("beta/pii")).await.unwrap();
-    c.call(&keyhaven::lifecycle::KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    c.call(&keyhaven::lifecycle::KeyRotate {
+        tenant: "acme".into(),
+        key: "pii".into(),
+        idempotency_key: None,
+    })
+    .await
+    .unwrap();
     let set = keyhaven::lifecycle::KeySet {
         tenant: "acme".into(),
         key: "pii".into(),

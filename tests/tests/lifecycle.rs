@@ -12,7 +12,7 @@ use keyhaven::Client;
 use keyhaven_tests::*;
 
 async fn rotate(c: &Client, t: &str, k: &str) -> KeyDetails {
-    c.call(&KeyRotate { tenant: t.into(), key: k.into() }).await.unwrap()
+    c.call(&KeyRotate { tenant: t.into(), key: k.into(), idempotency_key: None }).await.unwrap()
 }
 
 async fn show(c: &Client, t: &str, k: &str) -> KeyDetails {
@@ -215,7 +215,10 @@ async fn bad_lifecycle_input_is_refused_and_changes_nothing() {
     let c = d.client().await;
     c.key_create(&path("acme/pii")).await.unwrap();
     let before = show(&c, "acme", "pii").await;
-    let e = c.call(&KeyRotate { tenant: "acme".into(), key: "nope".into() }).await.unwrap_err();
+    let e = c
+        .call(&KeyRotate { tenant: "acme".into(), key: "nope".into(), idempotency_key: None })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotFound));
     assert!(e.to_string().contains("acme/nope"), "{e}");
     for (min, needle) in [(0, "out of range"), (2, "out of range")] {
@@ -378,4 +381,54 @@ async fn rewrap_authenticates_and_honours_revocation_even_when_nothing_changes()
     c.call(&Revoke { scope, reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
     let e = c.call(&Rewrap { text: dk.envelope.clone(), context: context.clone() }).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+}
+
+/// A client that lost the answer retries with the same idempotency key:
+/// `key_create` answers as it did (not `already_exists`) and `key_rotate`
+/// adds no second version, also after a restart; a different or absent
+/// key is a new request; a malformed one is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_with_an_idempotency_key_make_nothing_twice() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    let create = |k: Option<&str>| {
+        let mut p = serde_json::json!({"tenant": "acme", "key": "idem"});
+        if let Some(k) = k {
+            p["idempotency_key"] = k.into();
+        }
+        p
+    };
+    let first = c.call_raw("key_create", create(Some("req-1"))).await.unwrap();
+    let again = c.call_raw("key_create", create(Some("req-1"))).await.unwrap();
+    assert_eq!(first, again, "the retry answers as the first call did");
+    for other in [None, Some("req-2")] {
+        let e = c.call_raw("key_create", create(other)).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::AlreadyExists), "{other:?}: {e}");
+    }
+    for bad in ["", "has space", &"x".repeat(65)] {
+        let e = c.call_raw("key_create", create(Some(bad))).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{bad:?}: {e}");
+        assert!(e.to_string().contains("idempotency_key"), "{e}");
+    }
+    let rotate =
+        |k: &str| KeyRotate { tenant: "acme".into(), key: "idem".into(), idempotency_key: Some(k.into()) };
+    assert_eq!(c.call(&rotate("rot-1")).await.unwrap().current_version, 2);
+    assert_eq!(c.call(&rotate("rot-1")).await.unwrap().current_version, 2, "a retry adds no version");
+    assert_eq!(c.call(&rotate("rot-2")).await.unwrap().current_version, 3);
+    drop(c);
+    d.restart();
+    let c = d.client().await;
+    let shown = c.call(&rotate("rot-1")).await.unwrap();
+    assert_eq!((shown.current_version, shown.versions.len()), (3, 3), "remembered across a restart");
+    // The retry answers with the key as it is now (it was rotated since).
+    let later = c.call_raw("key_create", create(Some("req-1"))).await.unwrap();
+    assert_eq!(
+        (&later["created_at"], &later["current_version"]),
+        (&first["created_at"], &3.into()),
+        "{later}"
+    );
+    let out = d.cli(&["key", "rotate", "acme/idem", "--idempotency-key", "rot-2"], b"");
+    assert!(out.status.success());
+    let out: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out["current_version"], 3, "the CLI's retry adds no version");
 }

@@ -240,7 +240,13 @@ async fn every_revocation_scope_covering_a_key_refuses_mac_and_verify() {
     c.key_create_of_type(&key, KeyType::HmacSha256).await.unwrap();
     c.key_create_of_type(&path("other/hooks"), KeyType::HmacSha256).await.unwrap();
     let tag1 = c.mac(&key, b"m", None).await.unwrap().tag;
-    c.call(&keyhaven::lifecycle::KeyRotate { tenant: "acme".into(), key: "hooks".into() }).await.unwrap();
+    c.call(&keyhaven::lifecycle::KeyRotate {
+        tenant: "acme".into(),
+        key: "hooks".into(),
+        idempotency_key: None,
+    })
+    .await
+    .unwrap();
     let tag2 = c.mac(&key, b"m", None).await.unwrap().tag;
     let k = |version| Scope::Key { tenant: "acme".into(), key: "hooks".into(), version };
     for scope in [k(None), Scope::Tenant { tenant: "acme".into() }, Scope::All] {

@@ -23,7 +23,7 @@ async fn fixture(c: &Client) -> Vec<(String, EncryptResponse)> {
         c.key_create(&path(name)).await.unwrap();
         out.push((name.to_owned(), c.encrypt(&path(name), name.as_bytes(), &ctx(&[])).await.unwrap()));
         let (t, k) = name.split_once('/').unwrap();
-        c.call(&KeyRotate { tenant: t.into(), key: k.into() }).await.unwrap();
+        c.call(&KeyRotate { tenant: t.into(), key: k.into(), idempotency_key: None }).await.unwrap();
         out.push((name.to_owned(), c.encrypt(&path(name), name.as_bytes(), &ctx(&[])).await.unwrap()));
     }
     out

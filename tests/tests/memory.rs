@@ -50,9 +50,13 @@ async fn no_data_key_is_left_in_the_daemons_memory_after_use() {
             let again = c.datakey_decrypt(&dk.envelope, &context).await.unwrap();
             assert_eq!(Some(again.plaintext), dk.plaintext);
             if i % 4 == 0 {
-                c.call(&keyhaven::lifecycle::KeyRotate { tenant: "acme".into(), key: "pii".into() })
-                    .await
-                    .unwrap();
+                c.call(&keyhaven::lifecycle::KeyRotate {
+                    tenant: "acme".into(),
+                    key: "pii".into(),
+                    idempotency_key: None,
+                })
+                .await
+                .unwrap();
             }
             c.call(&Rewrap { text: dk.envelope.clone(), context: context.clone() }).await.unwrap();
             // encrypt and decrypt use data keys the caller never sees.

@@ -22,7 +22,13 @@ async fn a_daemon_on_postgres_keeps_keys_revocations_and_audit_across_restarts()
     let context = ctx(&["user=42"]);
     let v1 = c.encrypt(&path("acme/pii"), b"under version 1", &context).await.unwrap();
     let envelope = c.datakey(&path("acme/pii"), &context, false).await.unwrap();
-    c.call(&keyhaven::lifecycle::KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    c.call(&keyhaven::lifecycle::KeyRotate {
+        tenant: "acme".into(),
+        key: "pii".into(),
+        idempotency_key: None,
+    })
+    .await
+    .unwrap();
     let v2 = c.encrypt(&path("acme/pii"), b"under version 2", &context).await.unwrap();
     assert_eq!((v1.key_version, v2.key_version), (1, 2));
     // A field the key record gained after the schema was written (its
@@ -68,7 +74,14 @@ async fn a_daemon_on_postgres_keeps_keys_revocations_and_audit_across_restarts()
     pg.restart();
     let mut rotated = None;
     for _ in 0..3 {
-        match c.call(&keyhaven::lifecycle::KeyRotate { tenant: "acme".into(), key: "pii".into() }).await {
+        match c
+            .call(&keyhaven::lifecycle::KeyRotate {
+                tenant: "acme".into(),
+                key: "pii".into(),
+                idempotency_key: None,
+            })
+            .await
+        {
             Ok(r) => {
                 rotated = Some(r);
                 break;

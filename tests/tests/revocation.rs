@@ -536,7 +536,7 @@ async fn a_version_scope_leaves_the_other_versions_alone() {
     let context = ctx(&[]);
     c.key_create(&path("acme/pii")).await.unwrap();
     let v1 = c.encrypt(&path("acme/pii"), b"one", &context).await.unwrap();
-    c.call(&KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    c.call(&KeyRotate { tenant: "acme".into(), key: "pii".into(), idempotency_key: None }).await.unwrap();
     let v2 = c.encrypt(&path("acme/pii"), b"two", &context).await.unwrap();
     suspend(&c, key("acme", "pii", Some(1)), Reason::Superseded).await;
     assert!(!opens(c.decrypt(&v1.ciphertext, &context).await));

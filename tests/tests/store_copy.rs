@@ -87,7 +87,13 @@ async fn a_keyring_moves_from_sled_to_postgres_and_back_and_everything_still_dec
     let context = ctx(&["user=42"]);
     c.key_create(&path("acme/pii")).await.unwrap();
     let v1 = c.encrypt(&path("acme/pii"), b"under version 1", &context).await.unwrap();
-    c.call(&keyhaven::lifecycle::KeyRotate { tenant: "acme".into(), key: "pii".into() }).await.unwrap();
+    c.call(&keyhaven::lifecycle::KeyRotate {
+        tenant: "acme".into(),
+        key: "pii".into(),
+        idempotency_key: None,
+    })
+    .await
+    .unwrap();
     let v2 = c.encrypt(&path("acme/pii"), b"under version 2", &context).await.unwrap();
     let envelope = c.datakey(&path("acme/pii"), &context, true).await.unwrap();
     c.key_create_of_type(&path("acme/hooks"), keyhaven::KeyType::HmacSha256).await.unwrap();

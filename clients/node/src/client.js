@@ -144,7 +144,7 @@ export class Client {
    * Make a key; `type` is `aes256-gcm` (the daemon's default when omitted)
    * or `hmac-sha256` (for `mac`/`macVerify`, PROTOCOL.md §3.3).
    */
-  keyCreate(path, { type, rotateEverySecs } = {}) {
+  keyCreate(path, { type, rotateEverySecs, idempotencyKey } = {}) {
     const params = keyPath(path);
     if (type !== undefined) {
       if (typeof type !== 'string' || type === '') {
@@ -157,6 +157,12 @@ export class Client {
         throw new InvalidInputError('bad_request', 'rotateEverySecs must be a whole number of seconds (0: none)');
       }
       params.rotate_every_secs = rotateEverySecs;
+    }
+    if (idempotencyKey !== undefined) {
+      if (typeof idempotencyKey !== 'string' || !/^[A-Za-z0-9._:-]{1,64}$/.test(idempotencyKey)) {
+        throw new InvalidInputError('bad_request', 'idempotencyKey must be 1 to 64 of A-Z a-z 0-9 . _ : -');
+      }
+      params.idempotency_key = idempotencyKey;
     }
     return this.call('key_create', params);
   }

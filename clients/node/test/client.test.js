@@ -54,6 +54,10 @@ test('health, whoami, key create/show/list', async () => {
   const auto = await kh.keyCreate('sched/auto', { rotateEverySecs: 86400 });
   assert.deepEqual([auto.state, auto.rotate_every_secs, auto.next_rotation_at], ['enabled', 86400, auto.created_at + 86400]);
   assert.throws(() => kh.keyCreate('sched/bad', { rotateEverySecs: -1 }), InvalidInputError);
+  const once = await kh.keyCreate('sched/once', { idempotencyKey: 'req-1' });
+  assert.equal((await kh.keyCreate('sched/once', { idempotencyKey: 'req-1' })).created_at, once.created_at);
+  await rejectsWith(kh.keyCreate('sched/once'), 'already_exists', DaemonError);
+  assert.throws(() => kh.keyCreate('sched/bad', { idempotencyKey: 'has space' }), InvalidInputError);
 });
 
 test('encrypt and decrypt, with the context in any order', async () => {

@@ -58,6 +58,13 @@ def test_health_whoami_keys(kh: Client) -> None:
     assert auto["next_rotation_at"] == auto["created_at"] + 86400
     with pytest.raises(InvalidInput):
         kh.key_create("sched/bad", rotate_every_secs=-1)
+    once = kh.key_create("sched/once", idempotency_key="req-1")
+    assert kh.key_create("sched/once", idempotency_key="req-1")["created_at"] == once["created_at"]
+    with pytest.raises(DaemonError) as e:
+        kh.key_create("sched/once")
+    assert e.value.code == "already_exists"
+    with pytest.raises(InvalidInput):
+        kh.key_create("sched/bad", idempotency_key="has space")
 
 
 def test_encrypt_decrypt_with_context_in_any_order(kh: Client) -> None:

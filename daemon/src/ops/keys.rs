@@ -57,7 +57,18 @@ pub async fn create(
     // A name in use is `already_exists` whatever covers it (a destroyed
     // key's name is never reused), then: no new key under a suspended or
     // destroyed tenant (or the whole system).
-    if d.store.backend().key(&path).await?.is_some() {
+    if let Some(k) = &req.idempotency_key {
+        keyhaven::names::validate_idempotency_key(k).map_err(Error::BadRequest)?;
+    }
+    if let Some(rec) = d.store.backend().key(&path).await? {
+        // A retry of the request that made it: the same answer.
+        if req.idempotency_key.is_some()
+            && rec.created_with == req.idempotency_key
+            && rec.key_type == req.key_type
+        {
+            change.after = Some(super::lifecycle::settings_json(&rec));
+            return reply(&info(&rec, &d.revocations), 0);
+        }
         return Err(Error::AlreadyExists(format!("key `{path}` exists already")));
     }
     d.revocations.check(&path, None, None)?;
@@ -84,6 +95,7 @@ pub async fn create(
         rotate_every_secs,
         deletion_at: None,
         key_type: kind,
+        created_with: req.idempotency_key.clone(),
     };
     // The flush makes it durable before we answer; it blocks, so it runs
     // off the async threads (key creation is rare, not a hot path).

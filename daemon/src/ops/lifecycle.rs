@@ -160,7 +160,7 @@ fn note(change: &mut Change, before: &KeyRecord, after: &KeyRecord) {
 /// Adds a version generated in the HSM and makes it current; returns the
 /// record before and after.
 pub async fn rotate_key(d: &Arc<Daemon>, path: KeyPath) -> Result<(KeyRecord, KeyRecord), Error> {
-    rotate_key_under(d, path, None).await
+    rotate_key_under(d, path, None, None).await
 }
 
 /// Like [`rotate_key`], with the new KEK wrapped under master key
@@ -169,6 +169,7 @@ pub async fn rotate_key_under(
     d: &Arc<Daemon>,
     path: KeyPath,
     master_key: Option<u32>,
+    made_with: Option<String>,
 ) -> Result<(KeyRecord, KeyRecord), Error> {
     let rec = d
         .store
@@ -188,8 +189,14 @@ pub async fn rotate_key_under(
     let p = path.clone();
     let (was, rec) = change_key(d, path, move |rec| {
         refuse_gone(rec, &p)?;
+        // A concurrent retry with the same idempotency key made it already.
+        if made_with.is_some() && rec.versions.iter().any(|v| v.made_with == made_with) {
+            return Ok(());
+        }
         let next = rec.versions.iter().map(|v| v.version).max().unwrap_or(0).max(rec.current_version) + 1;
-        rec.versions.push(new_version(next, now, master_key_version, generated.clone()));
+        let mut version = new_version(next, now, master_key_version, generated.clone());
+        version.made_with = made_with.clone();
+        rec.versions.push(version);
         rec.current_version = next;
         Ok(())
     })
@@ -227,7 +234,17 @@ pub async fn rotate(d: Arc<Daemon>, req: KeyRotate, change: &mut Change) -> Resu
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
     d.revocations.check(&path, None, None)?;
-    let (was, rec) = rotate_key(d, path).await?;
+    if let Some(k) = &req.idempotency_key {
+        keyhaven::names::validate_idempotency_key(k).map_err(Error::BadRequest)?;
+        // A retry of a rotation that was made: the key as it is, no new version.
+        let rec = d.store.backend().key(&path).await?;
+        if let Some(rec) =
+            rec.filter(|r| r.versions.iter().any(|v| v.made_with.as_deref() == Some(k.as_str())))
+        {
+            return reply(&details(&rec, &d.revocations), 0);
+        }
+    }
+    let (was, rec) = rotate_key_under(d, path, None, req.idempotency_key.clone()).await?;
     note(change, &was, &rec);
     reply(&details(&rec, &d.revocations), 0)
 }

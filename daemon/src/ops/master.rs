@@ -113,7 +113,7 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster, change: &mut Change
         change.after = Some(serde_json::json!({
             "master_key_version": to, "from": from, "to": to, "rotated": rotated, "keys": keys,
         }));
-        let (_, rec) = super::lifecycle::rotate_key_under(d, path.clone(), Some(to)).await?;
+        let (_, rec) = super::lifecycle::rotate_key_under(d, path.clone(), Some(to), None).await?;
         // The record names the first keys of a batch, not thousands.
         if keys.len() < RECORD_KEYS {
             keys.push(format!("{path}@{}", rec.current_version));

@@ -238,6 +238,9 @@ pub struct KeyRecord {
     /// from before key types, and every AES key) means `aes256-gcm`.
     #[serde(default, skip_serializing_if = "KeyType::is_default")]
     pub key_type: KeyType,
+    /// The idempotency key of the `key_create` that made it, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_with: Option<String>,
 }
 
 fn enabled() -> KeyState {
@@ -284,6 +287,9 @@ pub struct KeyVersion {
     /// types.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// The idempotency key of the `key_rotate` that made it, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made_with: Option<String>,
 }
 
 impl KeyVersion {
@@ -300,6 +306,7 @@ impl KeyVersion {
             rewraps: 0,
             last_used_at: None,
             public_key: None,
+            made_with: None,
         }
     }
 }

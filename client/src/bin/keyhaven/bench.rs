@@ -136,7 +136,11 @@ async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Erro
         // An envelope under a version that is no longer current, so that
         // every rewrap unwraps and wraps again.
         old_envelope = setup.datakey(&key, &ctx, false).await?.envelope;
-        let rotate = keyhaven::lifecycle::KeyRotate { tenant: key.tenant().into(), key: key.key().into() };
+        let rotate = keyhaven::lifecycle::KeyRotate {
+            tenant: key.tenant().into(),
+            key: key.key().into(),
+            idempotency_key: None,
+        };
         setup.call(&rotate).await?;
     }
     let envelope = setup.datakey(&key, &ctx, false).await?.envelope;

@@ -22,6 +22,9 @@ pub enum Lifecycle {
     Rotate {
         /// The key, as TENANT/KEY.
         key: KeyPath,
+        /// Makes a retry safe: a rotation with the same key as one that was made adds no version.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
     /// A key's versions, states, dates, rotation period and usage.
     Show {
@@ -120,9 +123,9 @@ fn names(key: &KeyPath) -> (String, String) {
 
 pub async fn run(client: &Client, cmd: Lifecycle) -> Result<(), Failure> {
     match cmd {
-        Lifecycle::Rotate { key } => {
+        Lifecycle::Rotate { key, idempotency_key } => {
             let (tenant, key) = names(&key);
-            print_json(&view(&client.call(&KeyRotate { tenant, key }).await?))
+            print_json(&view(&client.call(&KeyRotate { tenant, key, idempotency_key }).await?))
         }
         Lifecycle::Show { key } => {
             let (tenant, key) = names(&key);

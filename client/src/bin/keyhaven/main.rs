@@ -188,6 +188,9 @@ enum KeyCommand {
         /// ecdsa-p384 (signatures).
         #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm")]
         key_type: keyhaven::KeyType,
+        /// Makes a retry safe: a create with the same key as the one that made the key answers as it did.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
     /// List named keys, all or one tenant's.
     List {
@@ -724,9 +727,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .write_all(client.call(&keyhaven::wire::AuditPublicKey {}).await?.pem.as_bytes())?;
             Ok(())
         }
-        Command::Key(KeyCommand::Create { key, rotate_every, key_type }) => {
+        Command::Key(KeyCommand::Create { key, rotate_every, key_type, idempotency_key }) => {
             let period = rotate_every.as_deref().map(lifecycle::period).transpose()?.filter(|p| *p != 0);
-            print_json(&client.key_create_with(&key, key_type, period).await?)
+            let req = keyhaven::wire::KeyCreate {
+                tenant: key.tenant().into(),
+                key: key.key().into(),
+                key_type,
+                rotate_every_secs: period,
+                idempotency_key,
+            };
+            print_json(&client.call(&req).await?)
         }
         Command::Key(KeyCommand::Lifecycle(cmd)) => lifecycle::run(&client, cmd).await,
         Command::Rewrap { .. } => lifecycle::rewrap(&client, context).await,

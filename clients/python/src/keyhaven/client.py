@@ -9,6 +9,7 @@ the caller can wipe).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Union
@@ -198,7 +199,12 @@ class Client:
         return self.call("whoami")
 
     def key_create(
-        self, path: KeyPathLike, *, type: Optional[str] = None, rotate_every_secs: Optional[int] = None
+        self,
+        path: KeyPathLike,
+        *,
+        type: Optional[str] = None,
+        rotate_every_secs: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
     ) -> Dict[str, Any]:
         """Make a key; ``type``: ``aes256-gcm`` (the daemon's default) or ``hmac-sha256`` (§3.3);
         ``rotate_every_secs``: rotate automatically this often, set in the same request (0: none)."""
@@ -218,6 +224,12 @@ class Client:
                     "bad_request", "rotate_every_secs must be a whole number of seconds (0: none)"
                 )
             params["rotate_every_secs"] = rotate_every_secs
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not re.fullmatch(
+                r"[A-Za-z0-9._:-]{1,64}", idempotency_key
+            ):
+                raise InvalidInput("bad_request", "idempotency_key must be 1 to 64 of A-Z a-z 0-9 . _ : -")
+            params["idempotency_key"] = idempotency_key
         return self.call("key_create", params)
 
     def key_show(self, path: KeyPathLike) -> Dict[str, Any]:
