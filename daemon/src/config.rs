@@ -849,6 +849,12 @@ impl Config {
         if !(1..=1_000_000).contains(&cfg.audit.seal_every) {
             return Err(invalid_key("audit.seal_every", "must be from 1 to 1000000"));
         }
+        if !cfg.audit.enabled && !cfg.audit.sinks.is_empty() {
+            return Err(invalid_key(
+                "audit.sink",
+                "sinks ship the audit log, which `enabled = false` turns off: remove the sinks or the `false`",
+            ));
+        }
         if let Err((key, why)) = crate::audit_sinks::check_all(&cfg.audit.sinks) {
             return Err(invalid_key(key, &why));
         }

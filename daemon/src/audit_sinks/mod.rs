@@ -641,4 +641,19 @@ mod tests {
             assert!(err.contains(names), "{bad:?} -> {err}");
         }
     }
+
+    /// Sinks with the audit log turned off would ship nothing: refused, not
+    /// silently ignored.
+    #[test]
+    fn sinks_without_an_audit_log_are_refused() {
+        // Only a dev install may turn the log off.
+        let dev = |more: &str| {
+            Config::parse(&format!("mode = \"dev\"\n{HEAD}{more}"), Path::new("/tmp/k.toml"))
+                .map_err(|e| e.to_string())
+        };
+        let err = dev("[audit]\nenabled = false\n[[audit.sink]]\ntype = \"journald\"\n").unwrap_err();
+        assert!(err.contains("audit.sink") && err.contains("enabled = false"), "{err}");
+        let without = dev("[audit]\nenabled = false\n");
+        assert!(without.is_ok(), "{without:?}");
+    }
 }
