@@ -56,7 +56,7 @@ pub fn describe(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
             path.pop();
         }
     }
-    let msg = scrub(&msg);
+    let msg = surrogate(&scrub(&msg));
     if path.is_empty() {
         msg
     } else {
@@ -64,9 +64,38 @@ pub fn describe(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
     }
 }
 
+/// serde_json says "unexpected end of hex escape" or "lone leading
+/// surrogate" for a `\uD800`-style escape without its pair: name the real
+/// problem.
+pub fn surrogate(msg: &str) -> String {
+    if msg.contains("hex escape") || msg.contains("surrogate") {
+        let at = msg.find(" at line ").map(|i| &msg[i..]).unwrap_or("");
+        format!(
+            "a lone UTF-16 surrogate escape (\\uD800 to \\uDFFF without its pair) is not a character: JSON strings \
+             must be Unicode{at}"
+        )
+    } else {
+        msg.to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_surrogate_is_named() {
+        for text in
+            [r#"{"k":"\ud800"}"#, r#"{"k":"\ud800x"}"#, r#"{"k":"\udc00"}"#, r#"{"k":"\ud800\u0041"}"#]
+        {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let e =
+                serde_path_to_error::deserialize::<_, std::collections::BTreeMap<String, String>>(&mut de)
+                    .unwrap_err();
+            let said = describe(&e);
+            assert!(said.contains("lone UTF-16 surrogate"), "{text}: {said}");
+        }
+    }
 
     #[test]
     fn scrub_cuts_quoted_values() {

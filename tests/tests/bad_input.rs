@@ -246,6 +246,13 @@ fn frame_cases() -> Vec<Bad> {
         Bad::raw("truncated JSON", r#"{"id":1,"op":"health""#, None, br, malformed),
         Bad::raw("trailing garbage", r#"{"id":1,"op":"health"} x"#, None, br, malformed),
         Bad::raw(
+            "a lone surrogate in a context value",
+            r#"{"id":7,"op":"encrypt","params":{"tenant":"a","key":"b","plaintext":"","context":{"k":"\ud800"}}}"#,
+            Some(7),
+            br,
+            &["lone UTF-16 surrogate"],
+        ),
+        Bad::raw(
             "two objects in one frame",
             r#"{"id":1,"op":"health"}{"id":2,"op":"health"}"#,
             None,
