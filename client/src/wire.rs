@@ -105,6 +105,7 @@ operation!(Hello, "hello", HelloResponse);
 /// What `hello` lists in `features`: parameters and answer fields added to
 /// operations after protocol version 1 first shipped, and the key types.
 pub const FEATURES: &[&str] = &[
+    "audit_read.raw",
     "idempotency_keys",
     "key_create.rotate_every_secs",
     "key_status",
@@ -532,6 +533,10 @@ pub struct AuditRead {
     /// Only the last this many matching records (at most 10 000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<u32>,
+    /// Also answer each record's exact stored bytes (`lines`), the bytes
+    /// the hash chain covers (docs/AUDIT.md §3.1).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw: bool,
 }
 
 /// Answer to `audit_read`.
@@ -544,6 +549,10 @@ pub struct AuditReadResponse {
     /// `records` was cut short to fit a frame: more matching records follow
     /// (with `last`: older matching records were left out).
     pub more: bool,
+    /// With `raw`: each record of `records` as stored, same order; the
+    /// SHA-256 of one is the `prev` of the record after it in the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines: Option<Vec<String>>,
 }
 operation!(AuditRead, "audit_read", AuditReadResponse);
 

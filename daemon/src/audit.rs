@@ -881,10 +881,22 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
         req.tenant.as_ref().is_none_or(|t| r.tenant.as_ref() == Some(t))
             && since_ms.is_none_or(|s| r.time_ms >= s)
     };
+    let corrupt = |seq: u64, reason: String| {
+        Error::Store(StoreError::Corrupt { key: format!("audit record {seq}"), reason })
+    };
     let decode = |seq: u64, bytes: &[u8]| {
-        serde_json::from_slice::<AuditRecord>(bytes).map_err(|e| {
-            Error::Store(StoreError::Corrupt { key: format!("audit record {seq}"), reason: e.to_string() })
-        })
+        serde_json::from_slice::<AuditRecord>(bytes).map_err(|e| corrupt(seq, e.to_string()))
+    };
+    // With `raw`, the stored bytes go along, counted in the frame budget.
+    let mut lines = req.raw.then(Vec::new);
+    let mut keep = |seq: u64, bytes: Vec<u8>, records: &mut Vec<AuditRecord>, r: AuditRecord| {
+        let mut size = bytes.len();
+        if let Some(lines) = lines.as_mut() {
+            size *= 2;
+            lines.push(String::from_utf8(bytes).map_err(|_| corrupt(seq, "not UTF-8".into()))?);
+        }
+        records.push(r);
+        Ok::<usize, Error>(size)
     };
     let after = req.after.unwrap_or(0);
     let mut records = Vec::new();
@@ -910,11 +922,13 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
                 break;
             }
             if matches(&r) {
-                size += bytes.len();
-                records.push(r);
+                size += keep(seq, bytes, &mut records, r)?;
             }
         }
         records.reverse();
+        if let Some(lines) = lines.as_mut() {
+            lines.reverse();
+        }
     } else {
         for entry in store.audit_scan(AuditKind::Record, after.saturating_add(1), false) {
             let (seq, bytes) = entry?;
@@ -924,13 +938,12 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
             }
             let r = decode(seq, &bytes)?;
             if matches(&r) {
-                size += bytes.len();
-                records.push(r);
+                size += keep(seq, bytes, &mut records, r)?;
             }
         }
     }
     let next = records.last().map_or(after, |r| r.seq).max(newest);
-    Ok(AuditReadResponse { records, next, more })
+    Ok(AuditReadResponse { records, next, more, lines })
 }
 
 /// `audit_export`: records as stored and the seals after the records they

@@ -198,7 +198,13 @@ pub async fn tail(
     let mut next = match start {
         Start::Last(lines) => {
             let first = client
-                .call(&AuditRead { tenant: tenant.clone(), since, after: None, last: Some(lines) })
+                .call(&AuditRead {
+                    tenant: tenant.clone(),
+                    since,
+                    after: None,
+                    last: Some(lines),
+                    raw: false,
+                })
                 .await?;
             print(&first.records, json, false)?;
             // The newest record in the log, matching or not: nothing older
@@ -209,7 +215,13 @@ pub async fn tail(
             let mut after = after;
             loop {
                 let page = client
-                    .call(&AuditRead { tenant: tenant.clone(), since, after: Some(after), last: None })
+                    .call(&AuditRead {
+                        tenant: tenant.clone(),
+                        since,
+                        after: Some(after),
+                        last: None,
+                        raw: false,
+                    })
                     .await?;
                 print(&page.records, json, false)?;
                 after = page.next.max(after);
@@ -223,7 +235,7 @@ pub async fn tail(
         return Ok(());
     }
     loop {
-        let read = AuditRead { tenant: tenant.clone(), since, after: Some(next), last: None };
+        let read = AuditRead { tenant: tenant.clone(), since, after: Some(next), last: None, raw: false };
         match client.call(&read).await {
             Ok(page) => {
                 print(&page.records, json, true)?;
@@ -253,8 +265,9 @@ pub async fn tail(
 pub async fn export(client: &Client, tenant: Option<String>, since: Option<u64>) -> Result<(), Failure> {
     let mut after = 0;
     loop {
-        let page =
-            client.call(&AuditRead { tenant: tenant.clone(), since, after: Some(after), last: None }).await?;
+        let page = client
+            .call(&AuditRead { tenant: tenant.clone(), since, after: Some(after), last: None, raw: false })
+            .await?;
         print(&page.records, true, false)?;
         if !page.more {
             return Ok(());
