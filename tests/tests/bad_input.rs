@@ -291,6 +291,20 @@ fn frame_cases() -> Vec<Bad> {
             &["duplicate field `op`"],
         ),
         Bad::raw(
+            "duplicate params",
+            r#"{"id":10,"op":"health","params":{},"params":{}}"#,
+            Some(10),
+            br,
+            &["duplicate field `params`"],
+        ),
+        Bad::raw(
+            "a parameter twice",
+            r#"{"id":10,"op":"key_create","params":{"tenant":"acme","key":"x","key":"y"}}"#,
+            Some(10),
+            br,
+            &["params of `key_create`", "duplicate field `key`"],
+        ),
+        Bad::raw(
             "params an array",
             r#"{"id":11,"op":"health","params":[]}"#,
             Some(11),

@@ -82,6 +82,15 @@ async fn every_version_decrypts_after_rotations_and_rewrap_moves_to_the_newest()
         assert!(v.last_used_at.is_some());
     }
     assert_eq!(details.versions[3].state, "current");
+
+    // Input already current: returned as it is, counted as one decryption
+    // of the current version and no rewrap (PROTOCOL.md §3.23).
+    let current = c.encrypt(&path("acme/pii"), b"now", &context).await.unwrap().ciphertext;
+    let before = show(&c, "acme", "pii").await.versions[3].clone();
+    let r = c.call(&Rewrap { text: current.clone(), context: context.clone() }).await.unwrap();
+    assert_eq!((r.from_version, r.key_version, r.text.as_str()), (4, 4, current.as_str()));
+    let after = show(&c, "acme", "pii").await.versions[3].clone();
+    assert_eq!((after.decryptions, after.rewraps), (before.decryptions + 1, before.rewraps), "{after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -483,6 +483,9 @@ pub async fn rewrap(d: &Arc<Daemon>, req: Rewrap) -> Result<Reply, Error> {
         .await?
         .ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
     if from == rec.current_version {
+        // Nothing rewrapped, but the data key was opened under the current
+        // version: a decryption of it (PROTOCOL.md §3.23).
+        d.usage.decrypted(&old, now_unix());
         let resp = RewrapResponse {
             text: req.text,
             from_version: from,
