@@ -156,6 +156,11 @@ pub struct Revocation {
     pub expires_at: Option<u64>,
     /// The uid of the caller who revoked.
     pub by_uid: u32,
+    /// In `revoke`'s answer for a `datakey` scope only (never stored):
+    /// whether a record of the audit log names that envelope id (`false`:
+    /// none does, perhaps a typo; absent: the search ran out of time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope_seen: Option<bool>,
 }
 
 /// `revoke`: suspend a scope (PROTOCOL.md §3.13).

@@ -946,6 +946,44 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
     Ok(AuditReadResponse { records, next, more, lines })
 }
 
+/// Ops whose records name an envelope id they were only given to revoke.
+const REVOKING_OPS: &[&str] = &["revoke", "revoke_lift", "destroy"];
+
+/// Whether a record of the audit log (of every chain in `chains`, or this
+/// daemon's log when none is given) names envelope `id` as one that was
+/// made or used: `revoke datakey`'s check for a mistyped id. Searched
+/// newest first for at most `budget`; `None` when the time ran out first.
+/// Damaged entries are passed over (`audit_verify` names them).
+pub fn envelope_seen(store: &Store, chains: &[String], id: &str, budget: Duration) -> Option<bool> {
+    let until = Instant::now() + budget;
+    let needle = format!("\"envelope_id\":\"{id}\"");
+    let finder = memchr::memmem::Finder::new(needle.as_bytes());
+    let mut scans: Vec<crate::store::AuditIter<'_>> = Vec::new();
+    if chains.is_empty() {
+        scans.push(store.audit_scan(AuditKind::Record, u64::MAX, true));
+    } else {
+        for c in chains {
+            scans.push(store.backend().audit_scan_chain(c, AuditKind::Record, u64::MAX, true));
+        }
+    }
+    for scan in scans {
+        for (n, entry) in scan.enumerate() {
+            if n % 1024 == 0 && Instant::now() > until {
+                return None;
+            }
+            let Ok((_, bytes)) = entry else { continue };
+            if finder.find(&bytes).is_none() {
+                continue;
+            }
+            let op = serde_json::from_slice::<AuditRecord>(&bytes).map(|r| r.op).unwrap_or_default();
+            if !REVOKING_OPS.contains(&op.as_str()) {
+                return Some(true);
+            }
+        }
+    }
+    Some(false)
+}
+
 /// `audit_export`: records as stored and the seals after the records they
 /// cover, oldest first, cut to fit a frame (docs/AUDIT.md §7).
 pub fn export(store: &Store, req: &AuditExport) -> Result<AuditExportResponse, Error> {

@@ -477,9 +477,29 @@ async fn the_cli_revokes_lists_lifts_and_destroys() {
     assert!(fails(&["destroy", "key", "acme/pii"], 2).contains("--confirm acme/pii"));
     assert!(fails(&["destroy", "tenant", "acme", "--confirm", "acme/pii"], 2).contains("does not repeat"));
 
-    let r: serde_json::Value =
-        serde_json::from_str(&ok(&["revoke", "datakey", &id, "--reason", "key-compromise"], b"")).unwrap();
+    let out = d.cli(&["revoke", "datakey", &id, "--reason", "key-compromise"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"), "a real id is not warned about");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["kind"], "suspended");
+    assert_eq!(r["envelope_seen"], true, "{r}");
+    // An id no record names (a typo): suspended all the same, with a
+    // warning; its own revocation record does not count as a sighting.
+    let typo = format!("{}0", &id[..31]);
+    let typo = if typo == id { format!("{}1", &id[..31]) } else { typo };
+    for _ in 0..2 {
+        let out = d.cli(&["revoke", "datakey", &typo, "--reason", "key-compromise"], b"");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("warning: no audit record names envelope id {typo}")), "{err}");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (r["kind"].as_str(), r["envelope_seen"].as_bool()),
+            (Some("suspended"), Some(false)),
+            "{r}"
+        );
+    }
+    ok(&["revoke", "lift", "datakey", &typo, "--reason", "unspecified"], b"");
     let out = d.cli(&["decrypt"], ct.as_bytes());
     assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
     ok(&["revoke", "key", "acme/pii", "--version", "1", "--reason", "superseded", "--expires", "1h"], b"");
@@ -496,6 +516,9 @@ async fn the_cli_revokes_lists_lifts_and_destroys() {
     ))
     .unwrap();
     assert_eq!(destroyed["erased"], serde_json::json!(["acme/pii@1"]));
+    // The wire's `revocation` (PROTOCOL.md §3.16), with the CLI's own fields.
+    assert_eq!(destroyed["revocation"]["kind"], "destroyed", "{destroyed}");
+    assert!(destroyed["revocation"]["since_utc"].is_string(), "{destroyed}");
     let out = d.cli(&["decrypt"], ct.as_bytes());
     assert!(String::from_utf8_lossy(&out.stderr).contains("destroyed"));
 

@@ -127,6 +127,7 @@ pub async fn revoke(
         since,
         expires_at: req.expires_at,
         by_uid: caller.uid,
+        envelope_seen: None,
     };
     let stored = r.clone();
     blocking(d, move |s| Ok(s.put_revocation(&stored)?)).await?;
@@ -137,8 +138,21 @@ pub async fn revoke(
     change.after = Some(revocation_json(&r));
     change.detail = Some(describe(&r));
     tracing::warn!(scope = %r.scope, reason = %r.reason, uid = caller.uid, pid = ?caller.pid, "suspended");
-    reply(&r, 0)
+    let mut answer = r;
+    if let Scope::Datakey { envelope_id } = &answer.scope {
+        // In force already: now look for a typo, within a bounded time.
+        let chains = d.store.backend().audit_chains().await.unwrap_or_default();
+        let id = envelope_id.clone();
+        answer.envelope_seen =
+            blocking(d, move |s| Ok(crate::audit::envelope_seen(s, &chains, &id, ENVELOPE_SEARCH)))
+                .await
+                .unwrap_or(None);
+    }
+    reply(&answer, 0)
 }
+
+/// How long `revoke` of a data key looks through the audit log for its id.
+const ENVELOPE_SEARCH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `revoke_lift`: ends a suspension. Lifting the whole-system suspension is
 /// break-glass (the policy check in `ops::dispatch` asks for it), and it is
@@ -250,6 +264,7 @@ pub async fn destroy(
         since: now,
         expires_at: None,
         by_uid: caller.uid,
+        envelope_seen: None,
     };
     // The destruction record first: if the erasure below is cut short, the
     // scope stays refused and `destroy` can be run again to finish it.

@@ -181,6 +181,12 @@ pub async fn revoke(client: &Client, args: RevokeArgs) -> Result<(), Failure> {
                 expires_at: expires_at(args.expires.as_deref())?,
             };
             let r = client.call(&req).await?;
+            if let (Scope::Datakey { envelope_id }, Some(false)) = (&r.scope, r.envelope_seen) {
+                eprintln!(
+                    "keyhaven: warning: no audit record names envelope id {envelope_id}: check it for a typo \
+                     (the suspension is in force all the same)"
+                );
+            }
             print_json(&view(&r))
         }
     }
@@ -205,7 +211,7 @@ fn destroy_scope(what: &DestroyWhat) -> (Scope, String) {
 pub async fn destroy(client: &Client, args: DestroyArgs) -> Result<(), Failure> {
     let (scope, _) = destroy_scope(&args.what);
     let resp = client.call(&Destroy { scope, confirm: args.confirm.unwrap_or_default() }).await?;
-    print_json(&json!({ "destroyed": view(&resp.revocation), "erased": resp.erased }))
+    print_json(&json!({ "revocation": view(&resp.revocation), "erased": resp.erased }))
 }
 
 /// A revocation with readable times next to the Unix ones.
