@@ -27,7 +27,7 @@ pub fn validate_idempotency_key(key: &str) -> Result<(), String> {
     if let Some(c) = key.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
     {
         return Err(format!(
-            "field `idempotency_key`: {} is not allowed; it takes letters, digits and . _ : -",
+            "field `idempotency_key`: `{}` is not allowed; it takes letters, digits and . _ : -",
             c.escape_debug()
         ));
     }

@@ -23,7 +23,7 @@ pub enum Lifecycle {
         /// The key, as TENANT/KEY.
         key: KeyPath,
         /// Makes a retry safe: a rotation with the same key as one that was made adds no version.
-        #[arg(long, value_name = "KEY")]
+        #[arg(long, value_name = "KEY", value_parser = crate::idempotency_key)]
         idempotency_key: Option<String>,
     },
     /// A key's versions, states, dates, rotation period and usage.
@@ -41,7 +41,7 @@ pub enum Lifecycle {
         /// The key, as TENANT/KEY.
         key: KeyPath,
         /// Refuse decryption under versions below N (retirement).
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = crate::version)]
         min_decryption_version: Option<u32>,
         /// Rotate automatically this often (90d, 12h, …), or `off`.
         #[arg(long, value_name = "PERIOD")]
@@ -77,6 +77,9 @@ pub enum Lifecycle {
     },
 }
 
+/// The longest automatic rotation period the daemon takes (PROTOCOL.md §3.3).
+const MAX_ROTATE_EVERY_SECS: u64 = 100 * 365 * 86_400;
+
 /// `--rotate-every` in seconds (0 for `off`).
 pub fn period(text: &str) -> Result<u64, Failure> {
     if text == "off" || text == "none" {
@@ -86,6 +89,9 @@ pub fn period(text: &str) -> Result<u64, Failure> {
         .map_err(|_| usage(format!("--rotate-every `{text}` is not a period like 90d, 12h or `off`")))?;
     if d.as_secs() == 0 {
         return Err(usage(format!("--rotate-every `{text}` is under one second")));
+    }
+    if d.as_secs() > MAX_ROTATE_EVERY_SECS {
+        return Err(usage(format!("--rotate-every `{text}` is over 100 years, the longest period")));
     }
     Ok(d.as_secs())
 }

@@ -189,7 +189,7 @@ enum KeyCommand {
         #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm")]
         key_type: keyhaven::KeyType,
         /// Makes a retry safe: a create with the same key as the one that made the key answers as it did.
-        #[arg(long, value_name = "KEY")]
+        #[arg(long, value_name = "KEY", value_parser = crate::idempotency_key)]
         idempotency_key: Option<String>,
     },
     /// List named keys, all or one tenant's.
@@ -207,7 +207,7 @@ enum KeyCommand {
         /// The key, as TENANT/KEY.
         key: KeyPath,
         /// The version; the current one by default.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::version)]
         version: Option<u32>,
     },
     #[command(flatten)]
@@ -340,7 +340,7 @@ struct MacArgs {
     #[arg(required = true)]
     key: Option<KeyPath>,
     /// Use this key version instead of the current one (e.g. to compute a blind index under an older version).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::version)]
     version: Option<u32>,
     /// Print the whole response as JSON (tag, key version).
     #[arg(long)]
@@ -430,6 +430,22 @@ pub(crate) fn confirmed(action: &str, name: &str, given: Option<&str>) -> Result
         Some(c) if c != name => Err(usage(format!("--confirm `{c}` does not repeat the name `{name}`"))),
         Some(_) => Ok(()),
     }
+}
+
+/// A key version given on the command line (`--version`, `--min-decryption-version`).
+pub(crate) fn version(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(0) => Err("key versions start at 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a key version (1, 2, …)")),
+    }
+}
+
+/// `--idempotency-key`, checked as the daemon checks it, before anything is sent.
+pub(crate) fn idempotency_key(text: &str) -> Result<String, String> {
+    keyhaven::names::validate_idempotency_key(text)
+        .map(|()| text.to_owned())
+        .map_err(|e| e.trim_start_matches("field `idempotency_key`: ").to_owned())
 }
 
 /// A usage error: the command line is wrong, nothing was sent.

@@ -72,7 +72,7 @@ enum ScopeArg {
         /// The key, as TENANT/KEY.
         key: KeyPath,
         /// Only this version.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::version)]
         version: Option<u32>,
     },
     /// Every key of a tenant.
@@ -113,7 +113,7 @@ enum DestroyWhat {
         /// The key, as TENANT/KEY.
         key: KeyPath,
         /// Only this version.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::version)]
         version: Option<u32>,
     },
     /// Erase every key of a suspended tenant for good.
@@ -159,6 +159,9 @@ fn expires_at(text: Option<&str>) -> Result<Option<u64>, Failure> {
         .map_err(|_| {
             usage(format!("--expires `{text}` is neither an RFC 3339 time (2026-12-01T00:00:00Z) nor a duration (24h, 7d)"))
         })?;
+    if when <= SystemTime::now() {
+        return Err(usage(format!("--expires `{text}` is not in the future")));
+    }
     let secs = when.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
     Ok(Some(secs))
 }
