@@ -103,7 +103,14 @@ pub struct VersionDetails {
     pub created_at: u64,
     /// The master key version that wraps it.
     pub master_key_version: u32,
-    /// Data-key wraps counted against its nonce budget (reserved ranges).
+    /// Data-key wraps counted against its nonce budget, counted in reserved
+    /// ranges: an upper bound while the daemon runs (PROTOCOL.md §3.17).
+    /// Absent (0) from a daemon that predates the `key_shape` feature.
+    #[serde(default)]
+    pub wrap_budget_reserved: u64,
+    /// The same figure under its protocol-1 name; deprecated (PROTOCOL.md
+    /// §5): read `wrap_budget_reserved`.
+    #[serde(default)]
     pub wraps: u64,
     /// Decryptions (data-key unwraps) under it.
     pub decryptions: u64,

@@ -107,6 +107,7 @@ operation!(Hello, "hello", HelloResponse);
 pub const FEATURES: &[&str] = &[
     "idempotency_keys",
     "key_create.rotate_every_secs",
+    "key_shape",
     "key_status",
     "key_type.aes256-gcm",
     "key_type.ecdsa-p256",
@@ -285,6 +286,14 @@ pub struct KeyInfo {
     /// When the next automatic rotation is due, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_at: Option<u64>,
+    /// Versions below this one are refused for decryption, as in
+    /// `key_show` (absent from a daemon that predates the `key_shape`
+    /// feature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_decryption_version: Option<u32>,
+    /// When a scheduled deletion happens, Unix seconds, as in `key_show`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_at: Option<u64>,
 }
 operation!(KeyCreate, "key_create", KeyInfo);
 

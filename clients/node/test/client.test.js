@@ -44,6 +44,11 @@ test('health, whoami, key create/show/list', async () => {
   assert.deepEqual([info.tenant, info.key, info.current_version], ['acme', 'smtp', 1]);
   const shown = await kh.keyShow('acme/smtp');
   assert.equal(shown.state, 'enabled');
+  // One key shape (PROTOCOL.md §3.3): the same field names, `versions` aside.
+  const names = (o) => Object.keys(o).filter((f) => f !== 'versions').sort();
+  assert.deepEqual(names(info), names(shown));
+  assert.equal(info.min_decryption_version, 1);
+  assert.equal(shown.versions[0].wrap_budget_reserved, shown.versions[0].wraps);
   const keys = await kh.keyList('acme');
   assert.deepEqual(
     keys.map((k) => k.key),

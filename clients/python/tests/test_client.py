@@ -45,7 +45,13 @@ def test_health_whoami_keys(kh: Client) -> None:
     assert kh.whoami()["uid"] == os.getuid()
     info = kh.key_create(("acme", "smtp"))
     assert (info["tenant"], info["key"], info["current_version"]) == ("acme", "smtp", 1)
-    assert kh.key_show("acme/smtp")["state"] == "enabled"
+    shown = kh.key_show("acme/smtp")
+    assert shown["state"] == "enabled"
+    # One key shape (PROTOCOL.md §3.3): the same field names, `versions` aside.
+    listed = [k for k in kh.key_list("acme") if k["key"] == "smtp"][0]
+    assert set(listed) - {"versions"} == set(shown) - {"versions"}
+    assert listed["min_decryption_version"] == 1
+    assert shown["versions"][0]["wrap_budget_reserved"] == shown["versions"][0]["wraps"]
     assert [k["key"] for k in kh.key_list("acme")] == ["pii", "smtp"]
     with pytest.raises(DaemonError) as e:
         kh.key_create("acme/smtp")

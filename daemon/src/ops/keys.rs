@@ -29,6 +29,8 @@ pub fn info(rec: &KeyRecord, revocations: &Index) -> KeyInfo {
         revocation,
         rotate_every_secs: rec.rotate_every_secs,
         next_rotation_at: super::lifecycle::next_rotation_at(rec),
+        min_decryption_version: Some(rec.min_decryption_version),
+        deletion_at: rec.deletion_at,
     }
 }
 

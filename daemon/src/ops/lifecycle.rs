@@ -70,6 +70,7 @@ pub fn details(rec: &KeyRecord, revocations: &crate::revocation::Index) -> KeyDe
                 .into(),
                 created_at: v.created_at,
                 master_key_version: v.master_key_version,
+                wrap_budget_reserved: v.wraps_reserved,
                 wraps: v.wraps_reserved,
                 decryptions: v.decryptions,
                 rewraps: v.rewraps,

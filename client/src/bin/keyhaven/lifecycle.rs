@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::Subcommand;
 use keyhaven::lifecycle::{
-    AdminRotateMaster, KeyCancelDeletion, KeyDetails, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow,
-    KeyState, KeyTrim, Rewrap,
+    AdminRotateMaster, KeyCancelDeletion, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow, KeyState, KeyTrim,
+    Rewrap,
 };
 use keyhaven::{Client, EncryptionContext, KeyPath};
 use serde_json::json;
@@ -143,11 +143,12 @@ pub async fn run(client: &Client, cmd: Lifecycle) -> Result<(), Failure> {
                         "state": v.state,
                         "decryptions": v.decryptions,
                         "rewraps": v.rewraps,
-                        "last_used_utc": v.last_used_at.map(utc),
+                        "wrap_budget_reserved": v.wrap_budget_reserved,
+                        "last_used_at": v.last_used_at,
                     })
                 })
                 .collect();
-            print_json(&json!({ "key": format!("{}/{}", d.tenant, d.key), "versions": versions }))
+            print_json(&view(&json!({ "tenant": d.tenant, "key": d.key, "versions": versions })))
         }
         Lifecycle::Set { key, min_decryption_version, rotate_every, disable, enable } => {
             let (tenant, key) = names(&key);
@@ -250,14 +251,29 @@ fn utc(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
-/// Key details with readable times next to the Unix ones.
-fn view(d: &KeyDetails) -> serde_json::Value {
+/// A key answer as the CLI prints it (one shape for `key create`, `list`,
+/// `show`, `rotate`, `usage`, …): the daemon's fields, and next to every
+/// `X_at` time in Unix seconds its readable `X_utc` (RFC 3339); a field the
+/// daemon left out (`last_used_at` of an unused version) is `null`.
+pub fn view(d: &impl serde::Serialize) -> serde_json::Value {
     let mut v = serde_json::to_value(d).unwrap_or_default();
-    if let Some(t) = d.next_rotation_at {
-        v["next_rotation_utc"] = json!(utc(t));
-    }
-    if let Some(t) = d.deletion_at {
-        v["deletion_utc"] = json!(utc(t));
-    }
+    add_utc(&mut v);
     v
+}
+
+fn add_utc(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let times: Vec<(String, Option<u64>)> = map
+                .iter()
+                .filter_map(|(k, t)| k.strip_suffix("_at").map(|stem| (format!("{stem}_utc"), t.as_u64())))
+                .collect();
+            for (name, t) in times {
+                map.insert(name, json!(t.map(utc)));
+            }
+            map.values_mut().for_each(add_utc);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(add_utc),
+        _ => {}
+    }
 }

@@ -736,13 +736,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 rotate_every_secs: period,
                 idempotency_key,
             };
-            print_json(&client.call(&req).await?)
+            print_json(&lifecycle::view(&client.call(&req).await?))
         }
         Command::Key(KeyCommand::Lifecycle(cmd)) => lifecycle::run(&client, cmd).await,
         Command::Rewrap { .. } => lifecycle::rewrap(&client, context).await,
         Command::Key(KeyCommand::List { tenant }) => {
             let keys = client.key_list(tenant.as_deref()).await?;
-            print_json(&serde_json::json!({ "keys": keys }))
+            print_json(&lifecycle::view(&serde_json::json!({ "keys": keys })))
         }
         Command::Encrypt { key, json, .. } => {
             let plaintext = input.unwrap_or_default();
