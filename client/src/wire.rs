@@ -107,6 +107,7 @@ operation!(Hello, "hello", HelloResponse);
 pub const FEATURES: &[&str] = &[
     "idempotency_keys",
     "key_create.rotate_every_secs",
+    "key_labels",
     "key_shape",
     "key_status",
     "key_type.aes256-gcm",
@@ -255,6 +256,13 @@ pub struct KeyCreate {
     /// (PROTOCOL.md §3.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// What the key is for: free text, at most 256 bytes, no control
+    /// characters (PROTOCOL.md §3.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Tags, `name` to `value` (at most 50; PROTOCOL.md §3.3).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// A named key as `key_create` and `key_list` show it.
@@ -294,6 +302,12 @@ pub struct KeyInfo {
     /// When a scheduled deletion happens, Unix seconds, as in `key_show`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_at: Option<u64>,
+    /// What the key is for, if said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Its tags, by name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 operation!(KeyCreate, "key_create", KeyInfo);
 
@@ -311,6 +325,9 @@ pub struct KeyList {
     /// The keys after this one (`tenant/key`): the previous page's `next`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
+    /// Only keys that have every one of these tags with these values.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// The most entries a list answer (`key_list`, `revoke_list`) holds, and

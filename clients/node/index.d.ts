@@ -119,6 +119,10 @@ export interface KeyInfo {
   min_decryption_version?: number;
   /** When a scheduled deletion happens, Unix seconds. */
   deletion_at?: number;
+  /** What the key is for, if said (hello feature `key_labels`). */
+  description?: string;
+  /** Its tags, by name; absent when it has none. */
+  tags?: Record<string, string>;
   [field: string]: unknown;
 }
 /** One version in KeyDetails (PROTOCOL.md §3.17). */
@@ -196,12 +200,21 @@ export declare class Client {
   /** `idempotencyKey`: a retry with the same key answers as the first call did (PROTOCOL.md §3.3). */
   keyCreate(
     path: KeyPathLike,
-    opts?: { type?: KeyType; rotateEverySecs?: number; idempotencyKey?: string },
+    opts?: {
+      type?: KeyType;
+      rotateEverySecs?: number;
+      idempotencyKey?: string;
+      /** What the key is for, at most 256 bytes (hello feature `key_labels`). */
+      description?: string;
+      /** Tags, NAME: VALUE (at most 50; PROTOCOL.md §3.3). */
+      tags?: Record<string, string>;
+    },
   ): Promise<KeyInfo>;
   /** KeyDetails (PROTOCOL.md §3.17). */
   keyShow(path: KeyPathLike): Promise<KeyDetails>;
   /** Every key (of one tenant), following the daemon's pages of at most `pageSize` (1..1000). */
-  keyList(tenant?: string | null, opts?: { pageSize?: number }): Promise<KeyInfo[]>;
+  /** `tags`: only keys with every one of these tags (hello feature `key_labels`). */
+  keyList(tenant?: string | null, opts?: { pageSize?: number; tags?: Record<string, string> }): Promise<KeyInfo[]>;
   encrypt(path: KeyPathLike, plaintext: BytesLike, context?: EncryptionContext): Promise<EncryptResult>;
   decrypt(ciphertext: string, context?: EncryptionContext): Promise<DecryptResult>;
   datakey(path: KeyPathLike, context?: EncryptionContext, opts?: { includePlaintext?: boolean }): Promise<DatakeyResult>;

@@ -124,6 +124,13 @@ async fn every_message_and_shape_matches_its_snapshot() {
         ("key-show-destroyed", vec!["key", "show", "acme/gone"], b""),
         ("key-list", vec!["key", "list", "acme"], b""),
         ("key-usage", vec!["key", "usage", "acme/pii"], b""),
+        (
+            "key-create-with-labels",
+            vec!["key", "create", "acme/labelled", "--description", "for the tests", "--tag", "team=qa"],
+            b"",
+        ),
+        ("key-create-tag-not-name-value", vec!["key", "create", "acme/x", "--tag", "team"], b""),
+        ("key-set-bad-tag-name", vec!["key", "set", "acme/pii", "--tag", "a b=c"], b""),
     ];
     let mut failures = Vec::new();
     for (name, args, stdin) in &cases {

@@ -86,3 +86,179 @@ async fn the_cli_prints_one_shape_with_readable_times_next_to_unix_ones() {
     assert!(v1["wrap_budget_reserved"].is_u64(), "{usage}");
     assert!(v1.get("last_used_utc").is_some() && usage.get("last_used_utc").is_none());
 }
+
+/// The labels a key answer carries, for comparing.
+fn labels(v: &Value) -> (Value, Value) {
+    (v.get("description").cloned().unwrap_or(Value::Null), v.get("tags").cloned().unwrap_or(json!({})))
+}
+
+/// Description and tags on the store in `d`: set at create, changed by
+/// `key_set`, shown by every key answer, kept across a restart, filtered on
+/// by `key_list`, audited with before and after.
+async fn labels_round_trip(d: &mut TestDaemon) {
+    let c = d.client().await;
+    let created = c
+        .call_raw(
+            "key_create",
+            json!({"tenant": "acme", "key": "tokens", "description": "API tokens of the billing app",
+                   "tags": {"team": "billing", "env": "prod"}}),
+        )
+        .await
+        .unwrap();
+    let want = (json!("API tokens of the billing app"), json!({"env": "prod", "team": "billing"}));
+    assert_eq!(labels(&created), want);
+    c.call_raw(
+        "key_create",
+        json!({"tenant": "acme", "key": "search", "tags": {"team": "search", "env": "prod"}}),
+    )
+    .await
+    .unwrap();
+    c.call_raw("key_create", json!({"tenant": "acme", "key": "plain"})).await.unwrap();
+    let shown = c.call_raw("key_show", json!({"tenant": "acme", "key": "tokens"})).await.unwrap();
+    assert_eq!(labels(&shown), want);
+    let names = |v: Value| -> Vec<String> {
+        v["keys"].as_array().unwrap().iter().map(|k| k["key"].as_str().unwrap().to_owned()).collect()
+    };
+    let list = |tags: Value| {
+        let c = &c;
+        async move { names(c.call_raw("key_list", json!({"tenant": "acme", "tags": tags})).await.unwrap()) }
+    };
+    assert_eq!(list(json!({"env": "prod"})).await, ["search", "tokens"]);
+    assert_eq!(list(json!({"env": "prod", "team": "billing"})).await, ["tokens"]);
+    assert!(list(json!({"env": "dev"})).await.is_empty());
+    assert_eq!(list(json!({})).await, ["plain", "search", "tokens"]);
+
+    let set = c
+        .call_raw(
+            "key_set",
+            json!({"tenant": "acme", "key": "tokens", "description": "rotated quarterly",
+                   "set_tags": {"env": "staging", "owner": "ops"}, "remove_tags": ["team", "absent"]}),
+        )
+        .await
+        .unwrap();
+    let after = (json!("rotated quarterly"), json!({"env": "staging", "owner": "ops"}));
+    assert_eq!(labels(&set), after);
+    // The audit record of the change says the labels before and after.
+    let record = audit_records(&c).await.into_iter().rev().find(|r| r.op == "key_set").unwrap();
+    assert_eq!(record.outcome, "ok");
+    let (before, now) = (record.before.unwrap(), record.after.unwrap());
+    assert_eq!((before["description"].clone(), before["tags"].clone()), want);
+    assert_eq!((now["description"].clone(), now["tags"].clone()), after);
+
+    d.restart();
+    let c = d.client().await;
+    let listed = c.call_raw("key_list", json!({"tenant": "acme", "tags": {"owner": "ops"}})).await.unwrap();
+    assert_eq!(labels(&listed["keys"][0]), after, "{listed}");
+    // An empty description removes it.
+    let cleared =
+        c.call_raw("key_set", json!({"tenant": "acme", "key": "tokens", "description": ""})).await.unwrap();
+    assert_eq!(labels(&cleared), (Value::Null, after.1.clone()));
+    let plain = c.call_raw("key_show", json!({"tenant": "acme", "key": "plain"})).await.unwrap();
+    assert_eq!(labels(&plain), (Value::Null, json!({})));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn descriptions_and_tags_are_kept_shown_filtered_and_audited() {
+    let mut d = TestDaemon::start();
+    labels_round_trip(&mut d).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn descriptions_and_tags_on_postgresql() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let mut d = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    labels_round_trip(&mut d).await;
+    d.stop();
+    pg.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_descriptions_and_tags_are_refused_naming_the_field() {
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    c.call_raw("key_create", json!({"tenant": "acme", "key": "k", "tags": {"a": "1"}})).await.unwrap();
+    let many: serde_json::Map<String, Value> = (0..51).map(|i| (format!("t{i}"), json!("v"))).collect();
+    let fifty: serde_json::Map<String, Value> = (0..50).map(|i| (format!("t{i}"), json!("v"))).collect();
+    let long = "x".repeat(257);
+    let cases = [
+        ("key_create", json!({"tenant": "acme", "key": "n1", "description": "two\nlines"}), "`description`"),
+        ("key_create", json!({"tenant": "acme", "key": "n2", "description": long}), "`description`"),
+        ("key_create", json!({"tenant": "acme", "key": "n3", "tags": {"a b": "v"}}), "`tags`"),
+        ("key_create", json!({"tenant": "acme", "key": "n4", "tags": {"": "v"}}), "`tags`"),
+        ("key_create", json!({"tenant": "acme", "key": "n5", "tags": {"a": "\u{1b}[31m"}}), "`tags`"),
+        ("key_create", json!({"tenant": "acme", "key": "n6", "tags": {"a": long}}), "`tags`"),
+        ("key_create", json!({"tenant": "acme", "key": "n7", "tags": many}), "`tags`"),
+        ("key_create", json!({"tenant": "acme", "key": "n8", "tags": {"a": 1}}), "tags"),
+        ("key_set", json!({"tenant": "acme", "key": "k", "set_tags": {"-x": "v"}}), "`set_tags`"),
+        ("key_set", json!({"tenant": "acme", "key": "k", "remove_tags": ["a=b"]}), "`remove_tags`"),
+        (
+            "key_set",
+            json!({"tenant": "acme", "key": "k", "set_tags": {"a": "2"}, "remove_tags": ["a"]}),
+            "`remove_tags`",
+        ),
+        // 50 more on top of the one it has: over the bound once merged.
+        ("key_set", json!({"tenant": "acme", "key": "k", "set_tags": fifty}), "`set_tags`"),
+        ("key_list", json!({"tags": {"bad name": "v"}}), "`tags`"),
+    ];
+    for (op, params, field) in cases {
+        let e = c.call_raw(op, params.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{op} {params}: {e}");
+        assert!(e.to_string().contains(field), "{op} {params}: {e}");
+        assert!(!e.to_string().contains('\u{1b}'), "{e}");
+    }
+    // Nothing was made or changed by a refused request.
+    let keys = c.call_raw("key_list", json!({"tenant": "acme"})).await.unwrap();
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 1, "{keys}");
+    assert_eq!(keys["keys"][0]["tags"], json!({"a": "1"}));
+    // The CLI refuses a tag that is not NAME=VALUE before it connects.
+    let out = d.cli(&["key", "create", "acme/x", "--tag", "novalue"], b"");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tag `novalue` is not NAME=VALUE"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_sets_shows_and_filters_labels() {
+    let d = TestDaemon::start();
+    let json_of = |args: &[&str]| -> Value {
+        let out = d.cli(args, b"");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let made = json_of(&[
+        "key",
+        "create",
+        "acme/pii",
+        "--description",
+        "customer PII",
+        "--tag",
+        "team=crm",
+        "--tag",
+        "env=prod",
+    ]);
+    assert_eq!(labels(&made), (json!("customer PII"), json!({"env": "prod", "team": "crm"})));
+    json_of(&["key", "create", "acme/logs", "--tag", "env=dev"]);
+    let list = json_of(&["key", "list", "acme", "--tag", "env=prod"]);
+    assert_eq!(list["keys"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["keys"][0]["key"], "pii");
+    let set =
+        json_of(&["key", "set", "acme/pii", "--tag", "env=staging", "--untag", "team", "--description", ""]);
+    assert_eq!(labels(&set), (Value::Null, json!({"env": "staging"})));
+    let shown = json_of(&["key", "show", "acme/pii"]);
+    assert_eq!(labels(&shown), labels(&set));
+}
+
+/// A key record stored before descriptions and tags (sled and PostgreSQL
+/// both keep the record as this JSON) reads with none, and is written back
+/// without the new fields until it gets some.
+#[test]
+fn a_record_from_before_labels_reads_unchanged() {
+    let old = json!({
+        "tenant": "acme", "key": "pii", "created_at": 1, "current_version": 1,
+        "versions": [{"version": 1, "created_at": 1, "master_key_version": 1, "wrapped_kek": "AAAA"}]
+    });
+    let rec: keyhavend::store::KeyRecord = serde_json::from_value(old).unwrap();
+    assert_eq!((rec.description.as_deref(), rec.tags.len()), (None, 0));
+    let written = serde_json::to_value(&rec).unwrap();
+    assert!(written.get("description").is_none() && written.get("tags").is_none(), "{written}");
+}

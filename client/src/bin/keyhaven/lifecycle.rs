@@ -52,6 +52,15 @@ pub enum Lifecycle {
         /// Back to normal use.
         #[arg(long)]
         enable: bool,
+        /// A new description (`""` removes it).
+        #[arg(long, value_name = "TEXT")]
+        description: Option<String>,
+        /// Add a tag or give it a new value, NAME=VALUE; repeat for more.
+        #[arg(long = "tag", value_name = "NAME=VALUE")]
+        tags: Vec<String>,
+        /// Remove a tag, by name; repeat for more.
+        #[arg(long = "untag", value_name = "NAME")]
+        untags: Vec<String>,
     },
     /// Delete for good the versions below the minimum decryption version. Cannot be undone: needs --confirm
     /// TENANT/KEY.
@@ -90,19 +99,77 @@ pub fn period(text: &str) -> Result<u64, Failure> {
     Ok(d.as_secs())
 }
 
+/// `--tag NAME=VALUE` arguments as a map (split at the first `=`; the
+/// daemon checks the names and values).
+pub fn tags(args: &[String]) -> Result<std::collections::BTreeMap<String, String>, Failure> {
+    let mut map = std::collections::BTreeMap::new();
+    for arg in args {
+        let Some((name, value)) = arg.split_once('=') else {
+            return Err(usage(format!("--tag `{}` is not NAME=VALUE", arg.escape_debug())));
+        };
+        if map.insert(name.to_owned(), value.to_owned()).is_some() {
+            return Err(usage(format!("--tag `{}` is given twice", name.escape_debug())));
+        }
+    }
+    Ok(map)
+}
+
+/// Every key (of one tenant), following the daemon's pages; only those
+/// with every tag of `tags` when it is not empty.
+pub async fn list(
+    client: &Client,
+    tenant: Option<String>,
+    tags: std::collections::BTreeMap<String, String>,
+) -> Result<Vec<keyhaven::wire::KeyInfo>, Failure> {
+    let mut keys = Vec::new();
+    let mut after = None;
+    loop {
+        let req = keyhaven::wire::KeyList {
+            tenant: tenant.clone(),
+            limit: None,
+            after: after.take(),
+            tags: tags.clone(),
+        };
+        let page = client.call(&req).await?;
+        keys.extend(page.keys);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(keys),
+        }
+    }
+}
+
 /// Checks the arguments before anything is sent.
 pub fn check(cmd: &Lifecycle) -> Result<(), Failure> {
     match cmd {
-        Lifecycle::Set { min_decryption_version, rotate_every, disable, enable, .. } => {
+        Lifecycle::Set {
+            min_decryption_version,
+            rotate_every,
+            disable,
+            enable,
+            description,
+            tags: t,
+            untags,
+            ..
+        } => {
             if let Some(p) = rotate_every {
                 period(p)?;
             }
+            tags(t)?;
             if *min_decryption_version == Some(0) {
                 return Err(usage("--min-decryption-version starts at 1"));
             }
-            if min_decryption_version.is_none() && rotate_every.is_none() && !disable && !enable {
+            if min_decryption_version.is_none()
+                && rotate_every.is_none()
+                && !disable
+                && !enable
+                && description.is_none()
+                && t.is_empty()
+                && untags.is_empty()
+            {
                 return Err(usage(
-                    "nothing to set: give --min-decryption-version, --rotate-every, --disable or --enable",
+                    "nothing to set: give --min-decryption-version, --rotate-every, --disable, --enable, \
+                     --description, --tag or --untag",
                 ));
             }
             Ok(())
@@ -150,11 +217,30 @@ pub async fn run(client: &Client, cmd: Lifecycle) -> Result<(), Failure> {
                 .collect();
             print_json(&view(&json!({ "tenant": d.tenant, "key": d.key, "versions": versions })))
         }
-        Lifecycle::Set { key, min_decryption_version, rotate_every, disable, enable } => {
+        Lifecycle::Set {
+            key,
+            min_decryption_version,
+            rotate_every,
+            disable,
+            enable,
+            description,
+            tags: t,
+            untags,
+        } => {
             let (tenant, key) = names(&key);
             let state = if disable { Some(KeyState::Disabled) } else { enable.then_some(KeyState::Enabled) };
             let rotate_every_secs = rotate_every.as_deref().map(period).transpose()?;
-            let req = KeySet { tenant, key, min_decryption_version, rotate_every_secs, state };
+            let set_tags = tags(&t)?;
+            let req = KeySet {
+                tenant,
+                key,
+                min_decryption_version,
+                rotate_every_secs,
+                state,
+                description,
+                set_tags: (!set_tags.is_empty()).then_some(set_tags),
+                remove_tags: (!untags.is_empty()).then_some(untags),
+            };
             print_json(&view(&client.call(&req).await?))
         }
         Lifecycle::Trim { key, .. } => {
