@@ -85,6 +85,14 @@ async fn the_cli_prints_one_shape_with_readable_times_next_to_unix_ones() {
     assert!(v1["last_used_utc"].as_str().unwrap().ends_with('Z'), "{usage}");
     assert!(v1["wrap_budget_reserved"].is_u64(), "{usage}");
     assert!(v1.get("last_used_utc").is_some() && usage.get("last_used_utc").is_none());
+    // `key trim`: the key as `key show` prints it, plus what went.
+    json_of(&["key", "rotate", "acme/tokens"], b"");
+    json_of(&["key", "set", "acme/tokens", "--min-decryption-version", "2"], b"");
+    let trimmed = json_of(&["key", "trim", "acme/tokens", "--confirm", "acme/tokens"], b"");
+    assert_eq!(trimmed["trimmed"], json!([1]), "{trimmed}");
+    let mut with_trimmed = fields(&shown);
+    with_trimmed.insert("trimmed".into());
+    assert_eq!(fields(&trimmed), with_trimmed);
 }
 
 /// The labels a key answer carries, for comparing.

@@ -246,7 +246,10 @@ pub async fn run(client: &Client, cmd: Lifecycle) -> Result<(), Failure> {
         Lifecycle::Trim { key, .. } => {
             let (tenant, key) = names(&key);
             let r = client.call(&KeyTrim { tenant, key }).await?;
-            print_json(&json!({ "trimmed": r.trimmed, "key": view(&r.details) }))
+            // The key in the shape every key command prints, and what went.
+            let mut out = view(&r.details);
+            out["trimmed"] = json!(r.trimmed);
+            print_json(&out)
         }
         Lifecycle::ScheduleDeletion { key, days } => {
             let (tenant, key) = names(&key);
