@@ -270,3 +270,36 @@ fn a_record_from_before_labels_reads_unchanged() {
     let written = serde_json::to_value(&rec).unwrap();
     assert!(written.get("description").is_none() && written.get("tags").is_none(), "{written}");
 }
+
+/// In a cluster, a label change made on one node is what every node shows
+/// and filters on (it is a key-record write, as `key_set` is).
+#[tokio::test(flavor = "multi_thread")]
+async fn labels_set_on_one_node_are_seen_on_another() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let mut second = TestDaemon::join(&first);
+    let (a, b) = (first.client().await, second.client().await);
+    a.call_raw("key_create", json!({"tenant": "acme", "key": "pii", "tags": {"env": "prod"}})).await.unwrap();
+    a.call_raw(
+        "key_set",
+        json!({"tenant": "acme", "key": "pii", "set_tags": {"env": "dev"}, "description": "moved"}),
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let listed = b.call_raw("key_list", json!({"tenant": "acme", "tags": {"env": "dev"}})).await.unwrap();
+        if listed["keys"].as_array().unwrap().len() == 1 {
+            assert_eq!(labels(&listed["keys"][0]), (json!("moved"), json!({"env": "dev"})));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node 2 never saw the change: {listed}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let shown = b.call_raw("key_show", json!({"tenant": "acme", "key": "pii"})).await.unwrap();
+    assert_eq!(labels(&shown), (json!("moved"), json!({"env": "dev"})));
+    second.stop();
+    first.stop();
+    pg.stop();
+}
