@@ -433,6 +433,8 @@ impl Client {
             key_type,
             rotate_every_secs,
             idempotency_key: None,
+            description: None,
+            tags: Default::default(),
         })
         .await
     }
@@ -488,7 +490,8 @@ impl Client {
         after: Option<String>,
         limit: Option<u32>,
     ) -> Result<wire::KeyListResponse, Error> {
-        self.call(&wire::KeyList { tenant: tenant.map(Into::into), limit, after }).await
+        self.call(&wire::KeyList { tenant: tenant.map(Into::into), limit, after, tags: Default::default() })
+            .await
     }
 
     /// Every revocation in force (of one tenant, or all), following every

@@ -103,7 +103,14 @@ pub struct VersionDetails {
     pub created_at: u64,
     /// The master key version that wraps it.
     pub master_key_version: u32,
-    /// Data-key wraps counted against its nonce budget (reserved ranges).
+    /// Data-key wraps counted against its nonce budget, counted in reserved
+    /// ranges: an upper bound while the daemon runs (PROTOCOL.md §3.17).
+    /// Absent (0) from a daemon that predates the `key_shape` feature.
+    #[serde(default)]
+    pub wrap_budget_reserved: u64,
+    /// The same figure under its protocol-1 name; deprecated (PROTOCOL.md
+    /// §5): read `wrap_budget_reserved`.
+    #[serde(default)]
     pub wraps: u64,
     /// Decryptions (data-key unwraps) under it.
     pub decryptions: u64,
@@ -148,12 +155,18 @@ pub struct KeyDetails {
     pub deletion_at: Option<u64>,
     /// Every version still held, oldest first.
     pub versions: Vec<VersionDetails>,
+    /// What the key is for, if said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Its tags, by name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 macro_rules! key_op {
     ($(#[$doc:meta])* $name:ident, $op:literal, $resp:ty { $($(#[$fdoc:meta])* $field:ident : $ty:ty),* }) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Default, Serialize, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct $name {
             /// Tenant name.
@@ -187,7 +200,13 @@ key_op!(
         /// Automatic rotation period in seconds; 0 turns it off.
         rotate_every_secs: Option<u64>,
         /// `enabled` or `disabled`.
-        state: Option<KeyState>
+        state: Option<KeyState>,
+        /// A new description; `""` removes it.
+        description: Option<String>,
+        /// Tags to add, or to give a new value.
+        set_tags: Option<std::collections::BTreeMap<String, String>>,
+        /// Names of tags to remove (a name the key lacks is ignored).
+        remove_tags: Option<Vec<String>>
     }
 );
 key_op!(

@@ -108,6 +108,8 @@ pub const FEATURES: &[&str] = &[
     "audit_read.raw",
     "idempotency_keys",
     "key_create.rotate_every_secs",
+    "key_labels",
+    "key_shape",
     "key_status",
     "key_type.aes256-gcm",
     "key_type.ecdsa-p256",
@@ -255,6 +257,13 @@ pub struct KeyCreate {
     /// (PROTOCOL.md §3.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// What the key is for: free text, at most 256 bytes, no control
+    /// characters (PROTOCOL.md §3.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Tags, `name` to `value` (at most 50; PROTOCOL.md §3.3).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// A named key as `key_create` and `key_list` show it.
@@ -286,6 +295,20 @@ pub struct KeyInfo {
     /// When the next automatic rotation is due, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_at: Option<u64>,
+    /// Versions below this one are refused for decryption, as in
+    /// `key_show` (absent from a daemon that predates the `key_shape`
+    /// feature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_decryption_version: Option<u32>,
+    /// When a scheduled deletion happens, Unix seconds, as in `key_show`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_at: Option<u64>,
+    /// What the key is for, if said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Its tags, by name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 operation!(KeyCreate, "key_create", KeyInfo);
 
@@ -303,6 +326,9 @@ pub struct KeyList {
     /// The keys after this one (`tenant/key`): the previous page's `next`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
+    /// Only keys that have every one of these tags with these values.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// The most entries a list answer (`key_list`, `revoke_list`) holds, and

@@ -115,7 +115,35 @@ export interface KeyInfo {
   rotate_every_secs?: number;
   /** When the next automatic rotation is due, Unix seconds. */
   next_rotation_at?: number;
+  /** Versions below it are refused for decryption (hello feature `key_shape`; absent from older daemons). */
+  min_decryption_version?: number;
+  /** When a scheduled deletion happens, Unix seconds. */
+  deletion_at?: number;
+  /** What the key is for, if said (hello feature `key_labels`). */
+  description?: string;
+  /** Its tags, by name; absent when it has none. */
+  tags?: Record<string, string>;
   [field: string]: unknown;
+}
+/** One version in KeyDetails (PROTOCOL.md §3.17). */
+export interface VersionDetails {
+  version: number;
+  state: 'current' | 'active' | 'retired' | 'destroyed' | (string & {});
+  created_at: number;
+  master_key_version: number;
+  /** The version's nonce budget reserved so far: an upper bound on its wraps (hello feature `key_shape`). */
+  wrap_budget_reserved?: number;
+  /** @deprecated The same figure as `wrap_budget_reserved` (PROTOCOL.md §5). */
+  wraps: number;
+  decryptions: number;
+  rewraps: number;
+  last_used_at?: number;
+  [field: string]: unknown;
+}
+/** A key in full (`keyShow`): the fields of KeyInfo, with `versions` as objects (PROTOCOL.md §3.3 "One key shape"). */
+export interface KeyDetails extends Omit<KeyInfo, 'versions'> {
+  min_decryption_version: number;
+  versions: VersionDetails[];
 }
 export type KeyStatus = 'enabled' | 'disabled' | 'pending_deletion' | 'deleted' | 'suspended' | 'destroyed';
 export type KeyType = 'aes256-gcm' | 'hmac-sha256';
@@ -172,12 +200,21 @@ export declare class Client {
   /** `idempotencyKey`: a retry with the same key answers as the first call did (PROTOCOL.md §3.3). */
   keyCreate(
     path: KeyPathLike,
-    opts?: { type?: KeyType; rotateEverySecs?: number; idempotencyKey?: string },
+    opts?: {
+      type?: KeyType;
+      rotateEverySecs?: number;
+      idempotencyKey?: string;
+      /** What the key is for, at most 256 bytes (hello feature `key_labels`). */
+      description?: string;
+      /** Tags, NAME: VALUE (at most 50; PROTOCOL.md §3.3). */
+      tags?: Record<string, string>;
+    },
   ): Promise<KeyInfo>;
   /** KeyDetails (PROTOCOL.md §3.17). */
-  keyShow(path: KeyPathLike): Promise<Record<string, any>>;
+  keyShow(path: KeyPathLike): Promise<KeyDetails>;
   /** Every key (of one tenant), following the daemon's pages of at most `pageSize` (1..1000). */
-  keyList(tenant?: string | null, opts?: { pageSize?: number }): Promise<KeyInfo[]>;
+  /** `tags`: only keys with every one of these tags (hello feature `key_labels`). */
+  keyList(tenant?: string | null, opts?: { pageSize?: number; tags?: Record<string, string> }): Promise<KeyInfo[]>;
   encrypt(path: KeyPathLike, plaintext: BytesLike, context?: EncryptionContext): Promise<EncryptResult>;
   decrypt(ciphertext: string, context?: EncryptionContext): Promise<DecryptResult>;
   datakey(path: KeyPathLike, context?: EncryptionContext, opts?: { includePlaintext?: boolean }): Promise<DatakeyResult>;

@@ -50,6 +50,7 @@ pub mod hardening;
 pub mod hsm;
 pub mod identity;
 pub mod init;
+pub mod labels;
 pub mod logging;
 pub mod metrics;
 pub mod ops;

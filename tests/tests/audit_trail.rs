@@ -33,6 +33,7 @@ fn set(t: &str, k: &str) -> KeySet {
         min_decryption_version: None,
         rotate_every_secs: None,
         state: None,
+        ..Default::default()
     }
 }
 
@@ -49,11 +50,13 @@ fn only_settings(v: &Option<Value>) {
         [
             "current_version",
             "deletion_at",
+            "description",
             "destroyed_versions",
             "key_type",
             "min_decryption_version",
             "rotate_every_secs",
             "state",
+            "tags",
             "versions"
         ],
         "{v:?}"

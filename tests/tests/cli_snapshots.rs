@@ -43,25 +43,26 @@ fn normalise(text: &str, dir: &Path) -> String {
         }
     }
     flush(&mut token, &mut words);
-    // UTC times the CLI adds (`since_utc`): 2026-12-01T03:25:06Z.
-    let mut rest = words.as_str();
-    out = String::with_capacity(words.len());
-    while let Some(i) = rest.find("\"20") {
-        let (head, tail) = rest.split_at(i + 1);
-        out.push_str(head);
-        let t = tail.as_bytes();
-        let is_time = t.len() >= 21
-            && t[20] == b'"'
-            && t[19] == b'Z'
-            && (t[4], t[7], t[10], t[13], t[16]) == (b'-', b'-', b'T', b':', b':');
-        if is_time {
+    out = words;
+    readable_times(&out)
+}
+
+/// RFC 3339 times (`2026-12-01T02:47:24Z`, the CLI's `*_utc` fields) as `$UTC`.
+fn readable_times(text: &str) -> String {
+    const SHAPE: &[u8; 20] = b"dddd-dd-ddTdd:dd:ddZ";
+    let fits =
+        |w: &[u8]| w.iter().zip(SHAPE).all(|(b, s)| if *s == b'd' { b.is_ascii_digit() } else { b == s });
+    let (bytes, mut out, mut i) = (text.as_bytes(), String::with_capacity(text.len()), 0);
+    while i < bytes.len() {
+        if bytes.len() - i >= SHAPE.len() && fits(&bytes[i..i + SHAPE.len()]) {
             out.push_str("$UTC");
-            rest = &tail[20..];
+            i += SHAPE.len();
         } else {
-            rest = tail;
+            let c = text[i..].chars().next().unwrap();
+            out.push(c);
+            i += c.len_utf8();
         }
     }
-    out.push_str(rest);
     out
 }
 
@@ -122,6 +123,14 @@ async fn every_message_and_shape_matches_its_snapshot() {
         ("key-create-destroyed-name", vec!["key", "create", "acme/gone"], b""),
         ("key-show-destroyed", vec!["key", "show", "acme/gone"], b""),
         ("key-list", vec!["key", "list", "acme"], b""),
+        ("key-usage", vec!["key", "usage", "acme/pii"], b""),
+        (
+            "key-create-with-labels",
+            vec!["key", "create", "acme/labelled", "--description", "for the tests", "--tag", "team=qa"],
+            b"",
+        ),
+        ("key-create-tag-not-name-value", vec!["key", "create", "acme/x", "--tag", "team"], b""),
+        ("key-set-bad-tag-name", vec!["key", "set", "acme/pii", "--tag", "a b=c"], b""),
         (
             "revoke-datakey-unseen-id",
             vec!["revoke", "datakey", "0123456789abcdef0123456789abcdef", "--reason", "unspecified"],

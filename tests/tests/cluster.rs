@@ -238,6 +238,7 @@ async fn no_node_serves_a_request_that_starts_after_revoke_returned_on_another()
                         min_decryption_version: Some(2),
                         rotate_every_secs: None,
                         state: None,
+                        ..Default::default()
                     };
                     by.call(&set).await.unwrap();
                 } else {

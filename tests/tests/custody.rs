@@ -228,6 +228,7 @@ async fn the_departed_administrator_runbook_removes_their_access() {
         min_decryption_version: Some(2),
         rotate_every_secs: None,
         state: None,
+        ..Default::default()
     };
     c.call(&set).await.unwrap();
     c.call(&KeyTrim { tenant: "acme".into(), key: "pii".into() }).await.unwrap();

@@ -55,6 +55,7 @@ async fn every_hand_edit_of_the_store_is_refused_at_start() {
         min_decryption_version: Some(2),
         rotate_every_secs: None,
         state: None,
+        ..Default::default()
     };
     c.call(&set).await.unwrap();
     let scope = Scope::Tenant { tenant: "beta".into() };

@@ -26,6 +26,7 @@ fn set(t: &str, k: &str) -> KeySet {
         min_decryption_version: None,
         rotate_every_secs: None,
         state: None,
+        ..Default::default()
     }
 }
 

@@ -49,7 +49,10 @@ async fn key_list_pages_join_up_and_the_cli_follows_them() {
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let p = c.call(&KeyList { tenant: Some("small".into()), limit: Some(7), after }).await.unwrap();
+        let p = c
+            .call(&KeyList { tenant: Some("small".into()), limit: Some(7), after, ..Default::default() })
+            .await
+            .unwrap();
         assert!(p.keys.len() <= 7);
         seen.extend(p.keys.iter().map(|k| format!("{}/{}", k.tenant, k.key)));
         match p.next {
@@ -62,7 +65,12 @@ async fn key_list_pages_join_up_and_the_cli_follows_them() {
 
     // A cursor whose key is gone still works: the keys after its name.
     let p = c
-        .call(&KeyList { tenant: Some("small".into()), limit: Some(2), after: Some("small/k00003x".into()) })
+        .call(&KeyList {
+            tenant: Some("small".into()),
+            limit: Some(2),
+            after: Some("small/k00003x".into()),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(p.keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(), ["k00004", "k00005"]);

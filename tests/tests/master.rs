@@ -59,6 +59,7 @@ async fn rewrap_and_trim(c: &Client, sealed: &[(String, EncryptResponse)]) -> Ve
             min_decryption_version: min,
             rotate_every_secs: None,
             state: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -178,6 +179,7 @@ async fn retiring_the_old_master_key_makes_older_store_copies_useless() {
             min_decryption_version: Some(3),
             rotate_every_secs: None,
             state: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -144,7 +144,7 @@ export class Client {
    * Make a key; `type` is `aes256-gcm` (the daemon's default when omitted)
    * or `hmac-sha256` (for `mac`/`macVerify`, PROTOCOL.md §3.3).
    */
-  keyCreate(path, { type, rotateEverySecs, idempotencyKey } = {}) {
+  keyCreate(path, { type, rotateEverySecs, idempotencyKey, description, tags } = {}) {
     const params = keyPath(path);
     if (type !== undefined) {
       if (typeof type !== 'string' || type === '') {
@@ -164,6 +164,11 @@ export class Client {
       }
       params.idempotency_key = idempotencyKey;
     }
+    if (description !== undefined) {
+      if (typeof description !== 'string') throw new InvalidInputError('bad_request', 'description must be a string');
+      params.description = description;
+    }
+    if (tags !== undefined) params.tags = tagObject(tags, 'tags');
     return this.call('key_create', params);
   }
 
@@ -175,8 +180,9 @@ export class Client {
    * Every key (of one tenant): follows the daemon's pages (PROTOCOL.md §3.4)
    * of at most `pageSize` keys (1..1000; the daemon's default 1000).
    */
-  async keyList(tenant, { pageSize } = {}) {
+  async keyList(tenant, { pageSize, tags } = {}) {
     const params = tenant === undefined || tenant === null ? {} : { tenant: checkName(tenant, 'tenant') };
+    if (tags !== undefined) params.tags = tagObject(tags, 'tags');
     if (pageSize !== undefined) {
       if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > 1000) {
         throw new InvalidInputError('bad_request', 'pageSize must be an integer from 1 to 1000');
@@ -259,4 +265,17 @@ export class Client {
   subscribeRevocations() {
     return this.call('subscribe_revocations');
   }
+}
+
+/** Tags as the daemon takes them: an object of string values (the daemon checks names and bounds). */
+function tagObject(tags, what) {
+  if (tags === null || typeof tags !== 'object' || Array.isArray(tags)) {
+    throw new InvalidInputError('bad_request', `${what} must be an object of NAME: VALUE strings`);
+  }
+  for (const [name, value] of Object.entries(tags)) {
+    if (typeof value !== 'string') {
+      throw new InvalidInputError('bad_request', `${what}: the value of tag ${JSON.stringify(name)} must be a string`);
+    }
+  }
+  return { ...tags };
 }

@@ -44,10 +44,20 @@ test('health, whoami, key create/show/list', async () => {
   assert.deepEqual([info.tenant, info.key, info.current_version], ['acme', 'smtp', 1]);
   const shown = await kh.keyShow('acme/smtp');
   assert.equal(shown.state, 'enabled');
+  // One key shape (PROTOCOL.md §3.3): the same field names, `versions` aside.
+  const names = (o) => Object.keys(o).filter((f) => f !== 'versions').sort();
+  assert.deepEqual(names(info), names(shown));
+  assert.equal(info.min_decryption_version, 1);
+  assert.equal(shown.versions[0].wrap_budget_reserved, shown.versions[0].wraps);
+  const labelled = await kh.keyCreate('acme/labelled', { description: 'for tests', tags: { team: 'qa' } });
+  assert.deepEqual([labelled.description, labelled.tags], ['for tests', { team: 'qa' }]);
+  assert.deepEqual((await kh.keyList('acme', { tags: { team: 'qa' } })).map((k) => k.key), ['labelled']);
+  await rejectsWith(kh.keyCreate('acme/bad-tag', { tags: { 'a b': 'v' } }), 'bad_request', DaemonError);
+  assert.throws(() => kh.keyCreate('acme/bad-tag', { tags: { a: 1 } }), InvalidInputError);
   const keys = await kh.keyList('acme');
   assert.deepEqual(
     keys.map((k) => k.key),
-    ['pii', 'smtp'],
+    ['labelled', 'pii', 'smtp'],
   );
   await rejectsWith(kh.keyCreate('acme/smtp'), 'already_exists', DaemonError);
   await rejectsWith(kh.keyShow('acme/nope'), 'not_found', DaemonError);

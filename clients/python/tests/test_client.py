@@ -45,8 +45,22 @@ def test_health_whoami_keys(kh: Client) -> None:
     assert kh.whoami()["uid"] == os.getuid()
     info = kh.key_create(("acme", "smtp"))
     assert (info["tenant"], info["key"], info["current_version"]) == ("acme", "smtp", 1)
-    assert kh.key_show("acme/smtp")["state"] == "enabled"
-    assert [k["key"] for k in kh.key_list("acme")] == ["pii", "smtp"]
+    shown = kh.key_show("acme/smtp")
+    assert shown["state"] == "enabled"
+    # One key shape (PROTOCOL.md §3.3): the same field names, `versions` aside.
+    listed = next(k for k in kh.key_list("acme") if k["key"] == "smtp")
+    assert set(listed) - {"versions"} == set(shown) - {"versions"}
+    assert listed["min_decryption_version"] == 1
+    assert shown["versions"][0]["wrap_budget_reserved"] == shown["versions"][0]["wraps"]
+    labelled = kh.key_create("acme/labelled", description="for tests", tags={"team": "qa"})
+    assert (labelled["description"], labelled["tags"]) == ("for tests", {"team": "qa"})
+    assert [k["key"] for k in kh.key_list("acme", tags={"team": "qa"})] == ["labelled"]
+    with pytest.raises(DaemonError) as e:
+        kh.key_create("acme/bad-tag", tags={"a b": "v"})
+    assert e.value.code == "bad_request"
+    with pytest.raises(InvalidInput):
+        kh.key_create("acme/bad-tag", tags={"a": 1})  # type: ignore[dict-item]
+    assert [k["key"] for k in kh.key_list("acme")] == ["labelled", "pii", "smtp"]
     with pytest.raises(DaemonError) as e:
         kh.key_create("acme/smtp")
     assert e.value.code == "already_exists"

@@ -29,6 +29,10 @@ pub fn info(rec: &KeyRecord, revocations: &Index) -> KeyInfo {
         revocation,
         rotate_every_secs: rec.rotate_every_secs,
         next_rotation_at: super::lifecycle::next_rotation_at(rec),
+        min_decryption_version: Some(rec.min_decryption_version),
+        deletion_at: rec.deletion_at,
+        description: rec.description.clone(),
+        tags: rec.tags.clone(),
     }
 }
 
@@ -60,6 +64,10 @@ pub async fn create(
     if let Some(k) = &req.idempotency_key {
         keyhaven::names::validate_idempotency_key(k).map_err(Error::BadRequest)?;
     }
+    if let Some(text) = &req.description {
+        crate::labels::check_description("description", text)?;
+    }
+    crate::labels::check_tags("tags", &req.tags)?;
     if let Some(rec) = d.store.backend().key(&path).await? {
         // A retry of the request that made it: the same answer.
         if req.idempotency_key.is_some()
@@ -96,6 +104,8 @@ pub async fn create(
         deletion_at: None,
         key_type: kind,
         created_with: req.idempotency_key.clone(),
+        description: req.description.clone().filter(|t| !t.is_empty()),
+        tags: req.tags.clone(),
     };
     // The flush makes it durable before we answer; it blocks, so it runs
     // off the async threads (key creation is rare, not a hot path).
@@ -123,7 +133,11 @@ pub async fn list(d: &Arc<Daemon>, req: wire::KeyList) -> Result<Reply, Error> {
         })?),
         None => None,
     };
-    let keys = d.store.backend().keys(req.tenant.as_deref()).await?;
+    crate::labels::check_tags("tags", &req.tags)?;
+    let mut keys = d.store.backend().keys(req.tenant.as_deref()).await?;
+    if !req.tags.is_empty() {
+        keys.retain(|k| crate::labels::matches(&k.tags, &req.tags));
+    }
     let start = match &after {
         Some(a) => keys.partition_point(|k| (k.tenant.as_str(), k.key.as_str()) <= (a.tenant(), a.key())),
         None => 0,

@@ -53,6 +53,8 @@ pub fn details(rec: &KeyRecord, revocations: &crate::revocation::Index) -> KeyDe
         rotate_every_secs: rec.rotate_every_secs,
         next_rotation_at: next_rotation_at(rec),
         deletion_at: rec.deletion_at,
+        description: rec.description.clone(),
+        tags: rec.tags.clone(),
         versions: rec
             .versions
             .iter()
@@ -70,6 +72,7 @@ pub fn details(rec: &KeyRecord, revocations: &crate::revocation::Index) -> KeyDe
                 .into(),
                 created_at: v.created_at,
                 master_key_version: v.master_key_version,
+                wrap_budget_reserved: v.wraps_reserved,
                 wraps: v.wraps_reserved,
                 decryptions: v.decryptions,
                 rewraps: v.rewraps,
@@ -141,6 +144,8 @@ pub fn settings_json(rec: &KeyRecord) -> serde_json::Value {
         "min_decryption_version": rec.min_decryption_version,
         "rotate_every_secs": rec.rotate_every_secs,
         "deletion_at": rec.deletion_at,
+        "description": rec.description,
+        "tags": rec.tags,
         "versions": rec.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
         "destroyed_versions": rec
             .versions
@@ -268,8 +273,28 @@ pub async fn show(d: Arc<Daemon>, req: KeyShow, _: &mut Change) -> Result<Reply,
 pub async fn set(d: Arc<Daemon>, req: KeySet, change: &mut Change) -> Result<Reply, Error> {
     let d = &d;
     let path = path_of(&req.tenant, &req.key)?;
-    if req.min_decryption_version.is_none() && req.rotate_every_secs.is_none() && req.state.is_none() {
+    if req.min_decryption_version.is_none()
+        && req.rotate_every_secs.is_none()
+        && req.state.is_none()
+        && req.description.is_none()
+        && req.set_tags.is_none()
+        && req.remove_tags.is_none()
+    {
         return Err(Error::BadRequest("`key_set` needs at least one setting to change".into()));
+    }
+    if let Some(text) = &req.description {
+        crate::labels::check_description("description", text)?;
+    }
+    if let Some(tags) = &req.set_tags {
+        crate::labels::check_tags("set_tags", tags)?;
+    }
+    for name in req.remove_tags.iter().flatten() {
+        crate::labels::check_tag_name("remove_tags", name)?;
+        if req.set_tags.as_ref().is_some_and(|t| t.contains_key(name)) {
+            return Err(Error::BadRequest(format!(
+                "field `remove_tags`: tag `{name}` is also in `set_tags`; set it or remove it, not both"
+            )));
+        }
     }
     if let Some(period) = req.rotate_every_secs.filter(|p| *p != 0 && !ROTATE_EVERY_SECS.contains(p)) {
         return Err(Error::BadRequest(format!(
@@ -307,6 +332,22 @@ pub async fn set(d: Arc<Daemon>, req: KeySet, change: &mut Change) -> Result<Rep
         }
         if let Some(state) = req.state {
             rec.state = state;
+        }
+        if let Some(text) = &req.description {
+            rec.description = (!text.is_empty()).then(|| text.clone());
+        }
+        for name in req.remove_tags.iter().flatten() {
+            rec.tags.remove(name);
+        }
+        if let Some(tags) = &req.set_tags {
+            rec.tags.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if rec.tags.len() > crate::labels::MAX_TAGS {
+                return Err(Error::BadRequest(format!(
+                    "field `set_tags`: key `{p}` would have {} tags; a key holds at most {}",
+                    rec.tags.len(),
+                    crate::labels::MAX_TAGS
+                )));
+            }
         }
         Ok(())
     })

@@ -241,6 +241,12 @@ pub struct KeyRecord {
     /// The idempotency key of the `key_create` that made it, if it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_with: Option<String>,
+    /// What the key is for (absent in records from before descriptions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Its tags (absent in records from before tags, and when it has none).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: crate::labels::Tags,
 }
 
 fn enabled() -> KeyState {

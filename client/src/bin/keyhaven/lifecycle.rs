@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::Subcommand;
 use keyhaven::lifecycle::{
-    AdminRotateMaster, KeyCancelDeletion, KeyDetails, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow,
-    KeyState, KeyTrim, Rewrap,
+    AdminRotateMaster, KeyCancelDeletion, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow, KeyState, KeyTrim,
+    Rewrap,
 };
 use keyhaven::{Client, EncryptionContext, KeyPath};
 use serde_json::json;
@@ -52,6 +52,15 @@ pub enum Lifecycle {
         /// Back to normal use.
         #[arg(long)]
         enable: bool,
+        /// A new description (`""` removes it).
+        #[arg(long, value_name = "TEXT")]
+        description: Option<String>,
+        /// Add a tag or give it a new value, NAME=VALUE; repeat for more.
+        #[arg(long = "tag", value_name = "NAME=VALUE")]
+        tags: Vec<String>,
+        /// Remove a tag, by name; repeat for more.
+        #[arg(long = "untag", value_name = "NAME")]
+        untags: Vec<String>,
     },
     /// Delete for good the versions below the minimum decryption version. Cannot be undone: needs --confirm
     /// TENANT/KEY.
@@ -96,19 +105,77 @@ pub fn period(text: &str) -> Result<u64, Failure> {
     Ok(d.as_secs())
 }
 
+/// `--tag NAME=VALUE` arguments as a map (split at the first `=`; the
+/// daemon checks the names and values).
+pub fn tags(args: &[String]) -> Result<std::collections::BTreeMap<String, String>, Failure> {
+    let mut map = std::collections::BTreeMap::new();
+    for arg in args {
+        let Some((name, value)) = arg.split_once('=') else {
+            return Err(usage(format!("--tag `{}` is not NAME=VALUE", arg.escape_debug())));
+        };
+        if map.insert(name.to_owned(), value.to_owned()).is_some() {
+            return Err(usage(format!("--tag `{}` is given twice", name.escape_debug())));
+        }
+    }
+    Ok(map)
+}
+
+/// Every key (of one tenant), following the daemon's pages; only those
+/// with every tag of `tags` when it is not empty.
+pub async fn list(
+    client: &Client,
+    tenant: Option<String>,
+    tags: std::collections::BTreeMap<String, String>,
+) -> Result<Vec<keyhaven::wire::KeyInfo>, Failure> {
+    let mut keys = Vec::new();
+    let mut after = None;
+    loop {
+        let req = keyhaven::wire::KeyList {
+            tenant: tenant.clone(),
+            limit: None,
+            after: after.take(),
+            tags: tags.clone(),
+        };
+        let page = client.call(&req).await?;
+        keys.extend(page.keys);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(keys),
+        }
+    }
+}
+
 /// Checks the arguments before anything is sent.
 pub fn check(cmd: &Lifecycle) -> Result<(), Failure> {
     match cmd {
-        Lifecycle::Set { min_decryption_version, rotate_every, disable, enable, .. } => {
+        Lifecycle::Set {
+            min_decryption_version,
+            rotate_every,
+            disable,
+            enable,
+            description,
+            tags: t,
+            untags,
+            ..
+        } => {
             if let Some(p) = rotate_every {
                 period(p)?;
             }
+            tags(t)?;
             if *min_decryption_version == Some(0) {
                 return Err(usage("--min-decryption-version starts at 1"));
             }
-            if min_decryption_version.is_none() && rotate_every.is_none() && !disable && !enable {
+            if min_decryption_version.is_none()
+                && rotate_every.is_none()
+                && !disable
+                && !enable
+                && description.is_none()
+                && t.is_empty()
+                && untags.is_empty()
+            {
                 return Err(usage(
-                    "nothing to set: give --min-decryption-version, --rotate-every, --disable or --enable",
+                    "nothing to set: give --min-decryption-version, --rotate-every, --disable, --enable, \
+                     --description, --tag or --untag",
                 ));
             }
             Ok(())
@@ -149,23 +216,46 @@ pub async fn run(client: &Client, cmd: Lifecycle) -> Result<(), Failure> {
                         "state": v.state,
                         "decryptions": v.decryptions,
                         "rewraps": v.rewraps,
-                        "last_used_utc": v.last_used_at.map(utc),
+                        "wrap_budget_reserved": v.wrap_budget_reserved,
+                        "last_used_at": v.last_used_at,
                     })
                 })
                 .collect();
-            print_json(&json!({ "key": format!("{}/{}", d.tenant, d.key), "versions": versions }))
+            print_json(&view(&json!({ "tenant": d.tenant, "key": d.key, "versions": versions })))
         }
-        Lifecycle::Set { key, min_decryption_version, rotate_every, disable, enable } => {
+        Lifecycle::Set {
+            key,
+            min_decryption_version,
+            rotate_every,
+            disable,
+            enable,
+            description,
+            tags: t,
+            untags,
+        } => {
             let (tenant, key) = names(&key);
             let state = if disable { Some(KeyState::Disabled) } else { enable.then_some(KeyState::Enabled) };
             let rotate_every_secs = rotate_every.as_deref().map(period).transpose()?;
-            let req = KeySet { tenant, key, min_decryption_version, rotate_every_secs, state };
+            let set_tags = tags(&t)?;
+            let req = KeySet {
+                tenant,
+                key,
+                min_decryption_version,
+                rotate_every_secs,
+                state,
+                description,
+                set_tags: (!set_tags.is_empty()).then_some(set_tags),
+                remove_tags: (!untags.is_empty()).then_some(untags),
+            };
             print_json(&view(&client.call(&req).await?))
         }
         Lifecycle::Trim { key, .. } => {
             let (tenant, key) = names(&key);
             let r = client.call(&KeyTrim { tenant, key }).await?;
-            print_json(&json!({ "trimmed": r.trimmed, "key": view(&r.details) }))
+            // The key in the shape every key command prints, and what went.
+            let mut out = view(&r.details);
+            out["trimmed"] = json!(r.trimmed);
+            print_json(&out)
         }
         Lifecycle::ScheduleDeletion { key, days } => {
             let (tenant, key) = names(&key);
@@ -256,14 +346,29 @@ fn utc(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
-/// Key details with readable times next to the Unix ones.
-fn view(d: &KeyDetails) -> serde_json::Value {
+/// A key answer as the CLI prints it (one shape for `key create`, `list`,
+/// `show`, `rotate`, `usage`, …): the daemon's fields, and next to every
+/// `X_at` time in Unix seconds its readable `X_utc` (RFC 3339); a field the
+/// daemon left out (`last_used_at` of an unused version) is `null`.
+pub fn view(d: &impl serde::Serialize) -> serde_json::Value {
     let mut v = serde_json::to_value(d).unwrap_or_default();
-    if let Some(t) = d.next_rotation_at {
-        v["next_rotation_utc"] = json!(utc(t));
-    }
-    if let Some(t) = d.deletion_at {
-        v["deletion_utc"] = json!(utc(t));
-    }
+    add_utc(&mut v);
     v
+}
+
+fn add_utc(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let times: Vec<(String, Option<u64>)> = map
+                .iter()
+                .filter_map(|(k, t)| k.strip_suffix("_at").map(|stem| (format!("{stem}_utc"), t.as_u64())))
+                .collect();
+            for (name, t) in times {
+                map.insert(name, json!(t.map(utc)));
+            }
+            map.values_mut().for_each(add_utc);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(add_utc),
+        _ => {}
+    }
 }

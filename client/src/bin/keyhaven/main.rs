@@ -191,11 +191,20 @@ enum KeyCommand {
         /// Makes a retry safe: a create with the same key as the one that made the key answers as it did.
         #[arg(long, value_name = "KEY", value_parser = crate::idempotency_key)]
         idempotency_key: Option<String>,
+        /// What the key is for (at most 256 bytes).
+        #[arg(long, value_name = "TEXT")]
+        description: Option<String>,
+        /// A tag, NAME=VALUE; repeat for more.
+        #[arg(long = "tag", value_name = "NAME=VALUE")]
+        tags: Vec<String>,
     },
     /// List named keys, all or one tenant's.
     List {
         /// Only this tenant.
         tenant: Option<String>,
+        /// Only keys with this tag, NAME=VALUE; repeated, keys with every one.
+        #[arg(long = "tag", value_name = "NAME=VALUE")]
+        tags: Vec<String>,
     },
     /// The public keys of a signing key's versions still in use, as a JWKS (kid = TENANT/KEY@N).
     Jwks {
@@ -569,8 +578,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             lifecycle::check(cmd)?;
             None
         }
-        Command::Key(KeyCommand::Create { rotate_every: Some(p), .. }) => {
-            lifecycle::period(p)?;
+        Command::Key(KeyCommand::Create { rotate_every, tags, .. }) => {
+            if let Some(p) = rotate_every {
+                lifecycle::period(p)?;
+            }
+            lifecycle::tags(tags)?;
+            None
+        }
+        Command::Key(KeyCommand::List { tags, .. }) => {
+            lifecycle::tags(tags)?;
             None
         }
         Command::Mac(MacArgs { sub: Some(MacSub::Verify { tag, .. }), .. }) => {
@@ -743,7 +759,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .write_all(client.call(&keyhaven::wire::AuditPublicKey {}).await?.pem.as_bytes())?;
             Ok(())
         }
-        Command::Key(KeyCommand::Create { key, rotate_every, key_type, idempotency_key }) => {
+        Command::Key(KeyCommand::Create {
+            key,
+            rotate_every,
+            key_type,
+            idempotency_key,
+            description,
+            tags,
+        }) => {
             let period = rotate_every.as_deref().map(lifecycle::period).transpose()?.filter(|p| *p != 0);
             let req = keyhaven::wire::KeyCreate {
                 tenant: key.tenant().into(),
@@ -751,14 +774,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 key_type,
                 rotate_every_secs: period,
                 idempotency_key,
+                description,
+                tags: lifecycle::tags(&tags)?,
             };
-            print_json(&client.call(&req).await?)
+            print_json(&lifecycle::view(&client.call(&req).await?))
         }
         Command::Key(KeyCommand::Lifecycle(cmd)) => lifecycle::run(&client, cmd).await,
         Command::Rewrap { .. } => lifecycle::rewrap(&client, context).await,
-        Command::Key(KeyCommand::List { tenant }) => {
-            let keys = client.key_list(tenant.as_deref()).await?;
-            print_json(&serde_json::json!({ "keys": keys }))
+        Command::Key(KeyCommand::List { tenant, tags }) => {
+            let keys = lifecycle::list(&client, tenant, lifecycle::tags(&tags)?).await?;
+            print_json(&lifecycle::view(&serde_json::json!({ "keys": keys })))
         }
         Command::Encrypt { key, json, .. } => {
             let plaintext = input.unwrap_or_default();

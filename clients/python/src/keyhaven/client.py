@@ -205,6 +205,8 @@ class Client:
         type: Optional[str] = None,
         rotate_every_secs: Optional[int] = None,
         idempotency_key: Optional[str] = None,
+        description: Optional[str] = None,
+        tags: Optional[Dict[str, str]] = None,
     ) -> Dict[str, Any]:
         """Make a key; ``type``: ``aes256-gcm`` (the daemon's default) or ``hmac-sha256`` (§3.3);
         ``rotate_every_secs``: rotate automatically this often, set in the same request (0: none)."""
@@ -230,6 +232,12 @@ class Client:
             ):
                 raise InvalidInput("bad_request", "idempotency_key must be 1 to 64 of A-Z a-z 0-9 . _ : -")
             params["idempotency_key"] = idempotency_key
+        if description is not None:
+            if not isinstance(description, str):
+                raise InvalidInput("bad_request", "description must be a str")
+            params["description"] = description
+        if tags is not None:
+            params["tags"] = _tag_dict(tags)
         return self.call("key_create", params)
 
     def key_show(self, path: KeyPathLike) -> Dict[str, Any]:
@@ -237,7 +245,11 @@ class Client:
         return self.call("key_show", {"tenant": tenant, "key": key})
 
     def key_list(
-        self, tenant: Optional[str] = None, *, page_size: Optional[int] = None
+        self,
+        tenant: Optional[str] = None,
+        *,
+        page_size: Optional[int] = None,
+        tags: Optional[Dict[str, str]] = None,
     ) -> List[Dict[str, Any]]:
         """Every key (of one tenant), following the daemon's pages (PROTOCOL.md §3.4).
 
@@ -248,6 +260,8 @@ class Client:
             if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
                 raise InvalidInput("bad_request", "page_size must be an int from 1 to 1000")
             params["limit"] = page_size
+        if tags is not None:
+            params["tags"] = _tag_dict(tags)
         keys: List[Dict[str, Any]] = []
         while True:
             ok = self.call("key_list", params)
@@ -362,3 +376,12 @@ class Client:
 
     def subscribe_revocations(self) -> Dict[str, Any]:
         return self.call("subscribe_revocations")
+
+
+def _tag_dict(tags: Any) -> Dict[str, str]:
+    """Tags as the daemon takes them: str names and values (the daemon checks their bounds)."""
+    if not isinstance(tags, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
+    ):
+        raise InvalidInput("bad_request", "tags must be a dict of str NAME: str VALUE")
+    return dict(tags)
