@@ -20,7 +20,9 @@ use crate::context::EncryptionContext;
 use crate::error::Error;
 use crate::frame::{write_frame, FrameReader};
 use crate::names::KeyPath;
+pub use crate::options::{KeyOptions, Plaintext};
 use crate::revocation::Scope;
+use crate::typed::AsText;
 use crate::wire::{self, Operation, SecretBytes};
 
 /// Environment variable naming the daemon's socket.
@@ -58,6 +60,15 @@ pub struct ClientBuilder {
     hook: Option<EventHook>,
 }
 
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("timeouts", &self.timeouts)
+            .field("events", &self.hook.as_ref().map(|_| "<hook>"))
+            .finish()
+    }
+}
+
 impl ClientBuilder {
     /// The connect (and `hello`) timeout; `None` waits for ever.
     pub fn connect_timeout(mut self, timeout: Option<Duration>) -> Self {
@@ -93,6 +104,7 @@ impl ClientBuilder {
                 .await
                 .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
             let mut client = Client::from_stream_with_events(stream, self.hook);
+            client.socket = Some(path.to_owned());
             // `hello` is part of connecting: its wait counts against the
             // connect timeout, not the request timeout.
             client.request_timeout = None;
@@ -222,6 +234,22 @@ pub struct Client {
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
     request_timeout: Option<Duration>,
+    /// The socket it connected to (`None` for [`Client::from_stream`]).
+    socket: Option<PathBuf>,
+}
+
+/// The socket, the timeout and the connection's state; nothing a request
+/// carried (plaintexts, keys and contexts never stay in a client).
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let in_flight = self.pending.lock().expect("pending lock").as_ref().map(HashMap::len);
+        f.debug_struct("Client")
+            .field("socket", &self.socket)
+            .field("request_timeout", &self.request_timeout)
+            .field("closed", &in_flight.is_none())
+            .field("in_flight", &in_flight.unwrap_or(0))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -334,6 +362,7 @@ impl Client {
             next_id: AtomicU64::new(1),
             reader,
             request_timeout: Timeouts::default().request,
+            socket: None,
         }
     }
 
@@ -416,25 +445,76 @@ impl Client {
         path: &KeyPath,
         key_type: crate::KeyType,
     ) -> Result<wire::KeyInfo, Error> {
-        self.key_create_with(path, key_type, None).await
+        self.key_create_with(path, &KeyOptions::new().key_type(key_type)).await
     }
 
-    /// Creates a named key of type `key_type` that rotates automatically
-    /// every `rotate_every_secs` seconds (none when `None`), in one write.
+    /// Creates a named key with [`KeyOptions`] (type, automatic rotation,
+    /// idempotency key), in one request and one write.
     pub async fn key_create_with(
         &self,
         path: &KeyPath,
-        key_type: crate::KeyType,
-        rotate_every_secs: Option<u64>,
+        options: &KeyOptions,
     ) -> Result<wire::KeyInfo, Error> {
         self.call(&wire::KeyCreate {
             tenant: path.tenant().into(),
             key: path.key().into(),
-            key_type,
-            rotate_every_secs,
-            idempotency_key: None,
+            key_type: options.key_type,
+            rotate_every_secs: options.rotate_every.map(|d| d.as_secs()),
+            idempotency_key: options.idempotency_key.clone(),
         })
         .await
+    }
+
+    /// A key's versions, states, dates, rotation period and usage
+    /// (`key_show`).
+    pub async fn key_show(&self, path: &KeyPath) -> Result<crate::lifecycle::KeyDetails, Error> {
+        self.call(&crate::lifecycle::KeyShow { tenant: path.tenant().into(), key: path.key().into() }).await
+    }
+
+    /// Gives a key a new current version, made in the token (`key_rotate`).
+    /// With an `idempotency_key`, a retry of the same rotation (after a
+    /// lost answer) adds no second version, and a reconnecting client
+    /// retries it by itself.
+    pub async fn key_rotate(
+        &self,
+        path: &KeyPath,
+        idempotency_key: Option<&str>,
+    ) -> Result<crate::lifecycle::KeyDetails, Error> {
+        self.call(&crate::lifecycle::KeyRotate {
+            tenant: path.tenant().into(),
+            key: path.key().into(),
+            idempotency_key: idempotency_key.map(Into::into),
+        })
+        .await
+    }
+
+    /// An ECDSA signature (DER, base64 in the answer) of `message` under a
+    /// signing key's current version; the daemon hashes it with the key
+    /// type's hash.
+    pub async fn sign(&self, path: &KeyPath, message: &[u8]) -> Result<crate::sign::SignResponse, Error> {
+        self.call(&crate::sign::Sign {
+            tenant: path.tenant().into(),
+            key: path.key().into(),
+            message: Some(SecretBytes::from_slice(message)),
+            digest: None,
+        })
+        .await
+    }
+
+    /// The PEM public key of a signing key: its current version, or
+    /// `version`.
+    pub async fn public_key(
+        &self,
+        path: &KeyPath,
+        version: Option<u32>,
+    ) -> Result<crate::sign::PublicKeyResponse, Error> {
+        self.call(&crate::sign::PublicKey { tenant: path.tenant().into(), key: path.key().into(), version })
+            .await
+    }
+
+    /// Who the daemon takes this process for, and what it may do.
+    pub async fn whoami(&self) -> Result<wire::WhoamiResponse, Error> {
+        self.call(&wire::Whoami {}).await
     }
 
     /// The MAC tag (`khm1:…`) of `message` under an `hmac-sha256` key: its
@@ -454,14 +534,19 @@ impl Client {
         self.call(&req).await
     }
 
-    /// Whether `tag` is the MAC of `message` under the version of `path` it
-    /// names.
-    pub async fn mac_verify(&self, path: &KeyPath, message: &[u8], tag: &str) -> Result<bool, Error> {
+    /// Whether `tag` (`khm1:…` or a [`MacTag`](crate::mac::MacTag)) is the
+    /// MAC of `message` under the version of `path` it names.
+    pub async fn mac_verify(
+        &self,
+        path: &KeyPath,
+        message: &[u8],
+        tag: &(impl AsText + ?Sized),
+    ) -> Result<bool, Error> {
         let req = crate::mac::MacVerify {
             tenant: path.tenant().into(),
             key: path.key().into(),
             message: SecretBytes::from_slice(message),
-            tag: tag.into(),
+            tag: tag.as_text().into_owned(),
         };
         Ok(self.call(&req).await?.valid)
     }
@@ -531,39 +616,46 @@ impl Client {
         self.call(&req).await
     }
 
-    /// Decrypts a text ciphertext.
+    /// Decrypts a ciphertext: its text form (`khc1:…`) or a
+    /// [`Ciphertext`](crate::Ciphertext).
     pub async fn decrypt(
         &self,
-        ciphertext: &str,
+        ciphertext: &(impl AsText + ?Sized),
         context: &EncryptionContext,
     ) -> Result<wire::DecryptResponse, Error> {
-        self.call(&wire::Decrypt { ciphertext: ciphertext.into(), context: context.clone() }).await
+        self.call(&wire::Decrypt { ciphertext: ciphertext.as_text().into_owned(), context: context.clone() })
+            .await
     }
 
-    /// Generates a data key under `path`; with `include_plaintext` false
-    /// only the envelope comes back.
+    /// Generates a data key under `path`: the key and its envelope
+    /// ([`Plaintext::Include`]), or only the envelope ([`Plaintext::Omit`]).
     pub async fn datakey(
         &self,
         path: &KeyPath,
         context: &EncryptionContext,
-        include_plaintext: bool,
+        plaintext: Plaintext,
     ) -> Result<wire::DatakeyResponse, Error> {
         let req = wire::Datakey {
             tenant: path.tenant().into(),
             key: path.key().into(),
             context: context.clone(),
-            include_plaintext,
+            include_plaintext: plaintext == Plaintext::Include,
         };
         self.call(&req).await
     }
 
-    /// Unwraps a data key from its text envelope.
+    /// Unwraps a data key from its envelope: the text form (`khe1:…`) or
+    /// an [`Envelope`](crate::Envelope).
     pub async fn datakey_decrypt(
         &self,
-        envelope: &str,
+        envelope: &(impl AsText + ?Sized),
         context: &EncryptionContext,
     ) -> Result<wire::DecryptResponse, Error> {
-        self.call(&wire::DatakeyDecrypt { envelope: envelope.into(), context: context.clone() }).await
+        self.call(&wire::DatakeyDecrypt {
+            envelope: envelope.as_text().into_owned(),
+            context: context.clone(),
+        })
+        .await
     }
 }
 
@@ -590,6 +682,38 @@ mod tests {
         assert_eq!(frame[..4], ((frame.len() - 4) as u32).to_be_bytes());
         assert_eq!(serde_json::from_slice::<Value>(&frame[4..]).unwrap(), value);
         assert_eq!(frame.capacity(), frame.len());
+    }
+
+    /// Debug of a client with a request in flight, of its builder, and of
+    /// the answers that carry keys shows no plaintext, data key or
+    /// context value.
+    #[tokio::test]
+    async fn debug_shows_no_secret() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let client = Arc::new(Client::from_stream(ours));
+        let ctx = EncryptionContext::from_pairs(["user=alice@example.com"]).unwrap();
+        let path: KeyPath = "acme/pii".parse().unwrap();
+        let c = client.clone();
+        let ctx2 = ctx.clone();
+        let call = tokio::spawn(async move { c.encrypt(&path, b"hunter2-plaintext", &ctx2).await });
+        while client.pending.lock().unwrap().as_ref().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let shown = format!("{client:?} {:?}", Client::builder().events(Arc::new(|_| {})));
+        assert!(shown.contains("in_flight: 1") && shown.contains("<hook>"), "{shown}");
+        let key = [0x5au8; 32];
+        let dk = wire::DatakeyResponse {
+            envelope: "khe1:AAAA".into(),
+            envelope_id: "00".repeat(16),
+            key_version: 1,
+            plaintext: Some(SecretBytes::from_slice(&key)),
+        };
+        let shown = format!("{shown} {dk:?} {dk:#?} {ctx:?}");
+        for secret in ["hunter2", "alice", "Wlpa", "5a, 5a", "90, 90"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("32 bytes redacted"), "{shown}");
+        call.abort();
     }
 
     /// A daemon that closed the connection is `Closed` ("the daemon closed

@@ -226,7 +226,7 @@ impl Sealer {
             }
             s.epoch
         };
-        let resp = client.datakey(path, context, true).await?;
+        let resp = client.datakey(path, context, crate::client::Plaintext::Include).await?;
         let created = Instant::now();
         let plain =
             resp.plaintext.ok_or_else(|| Error::Protocol("`datakey` returned no plaintext key".into()))?;
@@ -318,7 +318,7 @@ impl Sealer {
     ) -> Result<(ChunkCipher, StreamHeader), Error> {
         context.validate()?;
         let client = self.client().await?;
-        let resp = client.datakey(path, context, true).await?;
+        let resp = client.datakey(path, context, crate::client::Plaintext::Include).await?;
         self.lock().stats.datakeys += 1;
         let plain =
             resp.plaintext.ok_or_else(|| Error::Protocol("`datakey` returned no plaintext key".into()))?;
