@@ -110,9 +110,14 @@ impl Client {
         self.inner.is_closed()
     }
 
+    /// Connections made so far; see [`crate::Client::connections`].
+    pub fn connections(&self) -> u64 {
+        self.inner.connections()
+    }
+
     /// Sends any operation and waits for its typed response; see
     /// [`crate::Client::call`].
-    pub fn call<O: Operation>(&self, params: &O) -> Result<O::Response, Error> {
+    pub fn call<O: Operation + 'static>(&self, params: &O) -> Result<O::Response, Error> {
         self.runtime.block_on(self.inner.call(params))
     }
 }
