@@ -58,13 +58,33 @@ impl EncryptionContext {
         Self::default()
     }
 
-    /// Adds a pair, refusing a duplicate key.
+    /// Adds a pair, refusing a duplicate key, a pair beyond the limits of
+    /// docs/ENVELOPE.md §4, or one pair too many. A refused pair is not
+    /// added: the context is as it was before the call.
+    ///
+    /// ```
+    /// use keyhaven::EncryptionContext;
+    ///
+    /// let mut ctx = EncryptionContext::new();
+    /// ctx.insert("table", "users")?;
+    /// assert!(ctx.insert("table", "orders").is_err()); // given twice
+    /// assert!(ctx.insert("", "x").is_err()); // empty key
+    /// assert_eq!(ctx.keys().collect::<Vec<_>>(), ["table"]);
+    /// # Ok::<(), keyhaven::Error>(())
+    /// ```
     pub fn insert(&mut self, key: &str, value: &str) -> Result<(), Error> {
         if self.0.contains_key(key) {
             return Err(Error::InvalidContext(format!("key `{}` given twice", shown(key))));
         }
+        check_pair(key, value)?;
+        if self.0.len() >= MAX_PAIRS {
+            return Err(Error::InvalidContext(format!(
+                "{} pairs, at most {MAX_PAIRS} are allowed",
+                self.0.len() + 1
+            )));
+        }
         self.0.insert(key.to_owned(), value.to_owned());
-        self.validate()
+        Ok(())
     }
 
     /// Parses `key=value` arguments, as the CLI takes them.
@@ -93,19 +113,7 @@ impl EncryptionContext {
             )));
         }
         for (k, v) in &self.0 {
-            if k.is_empty() || k.len() > MAX_KEY_LEN {
-                return Err(Error::InvalidContext(format!(
-                    "key of {} bytes, keys are 1 to {MAX_KEY_LEN} bytes",
-                    k.len()
-                )));
-            }
-            if v.len() > MAX_VALUE_LEN {
-                return Err(Error::InvalidContext(format!(
-                    "value of key `{}` is {} bytes, at most {MAX_VALUE_LEN} are allowed",
-                    shown(k),
-                    v.len()
-                )));
-            }
+            check_pair(k, v)?;
         }
         Ok(())
     }
@@ -134,6 +142,24 @@ impl EncryptionContext {
             out.extend_from_slice(v.as_bytes());
         }
     }
+}
+
+/// The limits of one pair (docs/ENVELOPE.md §4).
+fn check_pair(k: &str, v: &str) -> Result<(), Error> {
+    if k.is_empty() || k.len() > MAX_KEY_LEN {
+        return Err(Error::InvalidContext(format!(
+            "key of {} bytes, keys are 1 to {MAX_KEY_LEN} bytes",
+            k.len()
+        )));
+    }
+    if v.len() > MAX_VALUE_LEN {
+        return Err(Error::InvalidContext(format!(
+            "value of key `{}` is {} bytes, at most {MAX_VALUE_LEN} are allowed",
+            shown(k),
+            v.len()
+        )));
+    }
+    Ok(())
 }
 
 /// A context key as an error message quotes it: shortened and escaped, so
@@ -180,6 +206,28 @@ mod tests {
         assert!(EncryptionContext::from_pairs([long]).is_err());
         let many: Vec<String> = (0..=MAX_PAIRS).map(|i| format!("k{i}=v")).collect();
         assert!(EncryptionContext::from_pairs(many).is_err());
+    }
+
+    /// A refused pair leaves the context as it was: it is not encoded,
+    /// sent, or counted against the limit afterwards.
+    #[test]
+    fn a_refused_insert_keeps_nothing() {
+        let mut c = EncryptionContext::from_pairs(["a=1"]).unwrap();
+        let before = c.clone();
+        assert!(c.insert("", "v").is_err());
+        assert!(c.insert(&"k".repeat(MAX_KEY_LEN + 1), "v").is_err());
+        assert!(c.insert("big", &"v".repeat(MAX_VALUE_LEN + 1)).is_err());
+        assert!(c.insert("a", "2").is_err());
+        assert_eq!(c, before);
+        c.validate().unwrap();
+        for i in 1..MAX_PAIRS {
+            c.insert(&format!("k{i}"), "v").unwrap();
+        }
+        let full = c.clone();
+        let e = c.insert("one-too-many", "v").unwrap_err().to_string();
+        assert!(e.contains("33 pairs, at most 32"), "{e}");
+        assert_eq!(c, full);
+        c.validate().unwrap();
     }
 
     #[test]

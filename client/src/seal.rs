@@ -113,6 +113,27 @@ fn aad(header: &[u8], context: &EncryptionContext) -> Vec<u8> {
 /// Seals one record (ENVELOPE.md §10.1–10.2) under `key`, whose envelope is
 /// `envelope` (binary form), with a fresh random nonce from the operating
 /// system. The caller counts the message against the key's limits.
+/// [`Sealer`](crate::Sealer) does all this with keys from the daemon; here
+/// is the format alone, with a made-up key and envelope:
+///
+/// ```
+/// use keyhaven::seal::{seal_record, sealed_from_text, sealed_to_text, DataKey, SealedRecord};
+/// use keyhaven::{EncryptionContext, Envelope, EnvelopeId};
+///
+/// let envelope = Envelope::new("acme/pii".parse()?, 1, EnvelopeId([1; 16]), [2; 12], [3; 48]);
+/// let key = DataKey::new(&[9; 32])?;
+/// let ctx = EncryptionContext::from_pairs(["table=users"])?;
+/// let record = seal_record(&key, &envelope.to_bytes(), &ctx, b"hello")?;
+/// let text = sealed_to_text(&record); // `khs1:…`
+/// let bytes = sealed_from_text(&text)?;
+/// let parsed = SealedRecord::parse(&bytes)?;
+/// assert_eq!(parsed.envelope(), &envelope);
+/// assert_eq!(&parsed.open(&key, &ctx)?[..], b"hello");
+/// // Another context, or another key: refused, never garbage.
+/// assert!(parsed.open(&key, &EncryptionContext::new()).is_err());
+/// assert!(parsed.open(&DataKey::new(&[8; 32])?, &ctx).is_err());
+/// # Ok::<(), keyhaven::Error>(())
+/// ```
 pub fn seal_record(
     key: &DataKey,
     envelope: &[u8],

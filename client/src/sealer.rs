@@ -72,6 +72,9 @@ impl State {
                 let n = self.seal.revoke(scope.as_ref()) + self.open.revoke(scope.as_ref());
                 self.stats.revoked += n as u64;
             }
+            // The sealer's client does not reconnect by itself: it makes a
+            // new one (and a new generation) at its next operation.
+            Event::Reconnected => {}
             Event::Closed => {
                 // Any connection that ends empties the caches (a late
                 // notice from an old one only costs a refetch); only the
@@ -203,6 +206,22 @@ impl Sealer {
     /// with the partition's cached data key while its limits allow, else
     /// with a new one from the daemon. Returns the binary sealed record
     /// ([`seal::sealed_to_text`] gives the `khs1:` text form).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), keyhaven::Error> {
+    /// use std::time::Duration;
+    /// use keyhaven::{EncryptionContext, KeyPath, OpenLimits, SealLimits, Sealer};
+    ///
+    /// // One data key seals at most 10 000 records or 64 MiB, for 5 minutes.
+    /// let seal = SealLimits::new(Duration::from_secs(300), 10_000, 64 << 20)?;
+    /// let open = OpenLimits::new(Duration::from_secs(300), 1_000)?;
+    /// let sealer = Sealer::connect("/run/keyhaven/keyhaven.sock", seal, open).await?;
+    /// let key: KeyPath = "acme/events".parse()?;
+    /// let ctx = EncryptionContext::from_pairs(["stream=clicks"])?;
+    /// let record = sealer.seal(&key, b"{\"user\": 42}", &ctx).await?;
+    /// assert_eq!(&sealer.open(&record, &ctx).await?[..], b"{\"user\": 42}");
+    /// # Ok(()) }
+    /// ```
     pub async fn seal(
         &self,
         path: &KeyPath,
@@ -226,7 +245,7 @@ impl Sealer {
             }
             s.epoch
         };
-        let resp = client.datakey(path, context, true).await?;
+        let resp = client.datakey(path, context, crate::client::Plaintext::Include).await?;
         let created = Instant::now();
         let plain =
             resp.plaintext.ok_or_else(|| Error::Protocol("`datakey` returned no plaintext key".into()))?;
@@ -318,7 +337,7 @@ impl Sealer {
     ) -> Result<(ChunkCipher, StreamHeader), Error> {
         context.validate()?;
         let client = self.client().await?;
-        let resp = client.datakey(path, context, true).await?;
+        let resp = client.datakey(path, context, crate::client::Plaintext::Include).await?;
         self.lock().stats.datakeys += 1;
         let plain =
             resp.plaintext.ok_or_else(|| Error::Protocol("`datakey` returned no plaintext key".into()))?;

@@ -64,7 +64,7 @@ async fn every_operation_leaves_exactly_the_record_described() {
         c.key_create(&path("acme/pii")).await.unwrap(); // 1
         let enc = c.encrypt(&path("acme/pii"), SECRET, &context).await.unwrap(); // 2
         c.decrypt(&enc.ciphertext, &context).await.unwrap(); // 3
-        let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap(); // 4
+        let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap(); // 4
         c.datakey_decrypt(&dk.envelope, &context).await.unwrap(); // 5
         c.encrypt(&path("acme/nope"), b"x", &ctx(&[])).await.unwrap_err(); // 6
         c.decrypt(&enc.ciphertext, &ctx(&["user=ctxvalue-other"])).await.unwrap_err(); // 7
@@ -763,7 +763,12 @@ async fn a_burst_of_clients_keeps_every_record_once_in_an_intact_chain() {
             let c = Client::connect(&socket).await.unwrap();
             let mut ids = Vec::new();
             for _ in 0..20 {
-                ids.push(c.datakey(&path("acme/pii"), &ctx(&[]), false).await.unwrap().envelope_id);
+                ids.push(
+                    c.datakey(&path("acme/pii"), &ctx(&[]), keyhaven::Plaintext::Omit)
+                        .await
+                        .unwrap()
+                        .envelope_id,
+                );
             }
             ids
         }));

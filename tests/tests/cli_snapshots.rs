@@ -98,7 +98,7 @@ async fn every_message_and_shape_matches_its_snapshot() {
     c.key_create(&path("acme/pii")).await.unwrap();
     c.key_create(&path("acme/gone")).await.unwrap();
     let ciphertext = c.encrypt(&path("acme/pii"), b"secret", &context).await.unwrap().ciphertext;
-    let envelope = c.datakey(&path("acme/pii"), &context, false).await.unwrap().envelope;
+    let envelope = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await.unwrap().envelope;
     let too_big = vec![b'x'; 64 * 1024 + 1];
     let missing = d.dir().join("no-such-file");
     let missing = missing.to_str().unwrap();

@@ -52,7 +52,7 @@ async fn three_nodes_share_keys_rotations_health_and_audit() {
     let ct = c[1].encrypt(&path("acme/pii"), b"across the cluster", &context).await.unwrap();
     let plain = c[2].decrypt(&ct.ciphertext, &context).await.unwrap();
     assert_eq!(plain.plaintext.expose(), b"across the cluster");
-    let dk = c[2].datakey(&path("acme/pii"), &context, true).await.unwrap();
+    let dk = c[2].datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap();
     let back = c[0].datakey_decrypt(&dk.envelope, &context).await.unwrap();
     assert_eq!(back.plaintext.expose(), dk.plaintext.as_ref().unwrap().expose());
 
@@ -137,7 +137,10 @@ async fn concurrent_writers_on_two_nodes_make_one_key_and_distinct_versions() {
     let context = ctx(&["a=b"]);
     for _ in 0..5 {
         let k1 = path("acme/k1");
-        let (x, y) = tokio::join!(a.datakey(&k1, &context, false), b.datakey(&k1, &context, false));
+        let (x, y) = tokio::join!(
+            a.datakey(&k1, &context, keyhaven::Plaintext::Omit),
+            b.datakey(&k1, &context, keyhaven::Plaintext::Omit)
+        );
         assert_eq!((x.unwrap().key_version, y.unwrap().key_version), (1, 1));
     }
     // Each node reserved its own range: the stored count covers both.
@@ -214,7 +217,7 @@ async fn no_node_serves_a_request_that_starts_after_revoke_returned_on_another()
             let tenant = format!("t{round}");
             let p = path(&format!("{tenant}/k"));
             clients[0].key_create(&p).await.unwrap();
-            let dk = clients[1].datakey(&p, &context, false).await.unwrap();
+            let dk = clients[1].datakey(&p, &context, keyhaven::Plaintext::Omit).await.unwrap();
             if scope_kind == "min_version" {
                 clients[2]
                     .call(&KeyRotate { tenant: tenant.clone(), key: "k".into(), idempotency_key: None })
@@ -268,8 +271,8 @@ async fn a_node_whose_lease_lapses_refuses_and_catches_up_before_serving_again()
     let context = ctx(&["user=7"]);
     a.key_create(&path("acme/pii")).await.unwrap();
     a.key_create(&path("acme/other")).await.unwrap();
-    let dk = a.datakey(&path("acme/pii"), &context, false).await.unwrap();
-    let other = a.datakey(&path("acme/other"), &context, false).await.unwrap();
+    let dk = a.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await.unwrap();
+    let other = a.datakey(&path("acme/other"), &context, keyhaven::Plaintext::Omit).await.unwrap();
     b.datakey_decrypt(&dk.envelope, &context).await.unwrap();
     b.datakey_decrypt(&other.envelope, &context).await.unwrap();
 
@@ -490,7 +493,7 @@ async fn figures_revocation_delay_with_three_nodes() {
     for round in 0..100 {
         let p = path(&format!("f{round}/k"));
         clients[0].key_create(&p).await.unwrap();
-        let dk = clients[1].datakey(&p, &context, false).await.unwrap();
+        let dk = clients[1].datakey(&p, &context, keyhaven::Plaintext::Omit).await.unwrap();
         let by = clients[round % 3].clone();
         let scope = Scope::Datakey { envelope_id: dk.envelope_id.clone() };
         let mut took = Duration::ZERO;

@@ -163,7 +163,9 @@ async fn a_full_queue_answers_busy_and_every_other_request_succeeds() {
         tasks.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             for _ in 0..20 {
-                outcomes.push(c.datakey(&path("acme/pii"), &ctx(&[]), false).await.map(|_| ()));
+                outcomes.push(
+                    c.datakey(&path("acme/pii"), &ctx(&[]), keyhaven::Plaintext::Omit).await.map(|_| ()),
+                );
             }
             outcomes
         }));

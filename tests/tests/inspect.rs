@@ -47,7 +47,7 @@ async fn inspect_decodes_every_form_offline_and_revoke_datakey_takes_the_value()
 
     // An envelope, a sealed record (text and binary) and a stream, on stdin.
     let c = d.client().await;
-    let dk = c.datakey(&path("acme/pii"), &ctx(&[]), false).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &ctx(&[]), keyhaven::Plaintext::Omit).await.unwrap();
     let sealer = Sealer::connect(
         d.socket(),
         SealLimits::new(Duration::from_secs(60), 10, 1 << 20).unwrap(),

@@ -43,7 +43,7 @@ async fn every_version_decrypts_after_rotations_and_rewrap_moves_to_the_newest()
         }
         let sealed = c.encrypt(&path("acme/pii"), format!("secret {v}").as_bytes(), &context).await.unwrap();
         assert_eq!(sealed.key_version, v);
-        let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap();
+        let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap();
         assert_eq!(dk.key_version, v);
         made.push((v, sealed.ciphertext, dk));
     }
@@ -381,7 +381,7 @@ async fn rewrap_authenticates_and_honours_revocation_even_when_nothing_changes()
     let c = d.client().await;
     let context = ctx(&["row=1"]);
     c.key_create(&path("acme/pii")).await.unwrap();
-    let dk = c.datakey(&path("acme/pii"), &context, false).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await.unwrap();
     // Already current: returned as is, but only after it opened.
     let same = c.call(&Rewrap { text: dk.envelope.clone(), context: context.clone() }).await.unwrap();
     assert_eq!(same.text, dk.envelope);

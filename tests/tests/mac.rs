@@ -137,7 +137,10 @@ async fn an_operation_on_the_wrong_type_of_key_is_wrong_key_type() {
     let tag = c.mac(&path("acme/hooks"), b"m", None).await.unwrap().tag;
     assert_eq!(code_of(c.mac_verify(&path("acme/pii"), b"m", &tag).await), ErrorCode::WrongKeyType);
     assert_eq!(code_of(c.encrypt(&path("acme/hooks"), b"m", &ctx).await), ErrorCode::WrongKeyType);
-    assert_eq!(code_of(c.datakey(&path("acme/hooks"), &ctx, true).await), ErrorCode::WrongKeyType);
+    assert_eq!(
+        code_of(c.datakey(&path("acme/hooks"), &ctx, keyhaven::Plaintext::Include).await),
+        ErrorCode::WrongKeyType
+    );
     // The CLI says it by name.
     let out = d.cli(&["encrypt", "acme/hooks"], b"m");
     assert!(!out.status.success() && text(&out).contains("wrong_key_type"), "{}", text(&out));

@@ -45,7 +45,7 @@ async fn no_data_key_is_left_in_the_daemons_memory_after_use() {
         for i in 0..40 {
             let context = ctx(&[&format!("row={i}")]);
             // datakey with the plaintext; datakey_decrypt of it; rewrap of it.
-            let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap();
+            let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap();
             keys.push(dk.plaintext.clone().expect("plaintext").expose().to_vec());
             let again = c.datakey_decrypt(&dk.envelope, &context).await.unwrap();
             assert_eq!(Some(again.plaintext), dk.plaintext);

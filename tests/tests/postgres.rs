@@ -21,7 +21,7 @@ async fn a_daemon_on_postgres_keeps_keys_revocations_and_audit_across_restarts()
     assert_eq!(again.code(), Some(ErrorCode::AlreadyExists));
     let context = ctx(&["user=42"]);
     let v1 = c.encrypt(&path("acme/pii"), b"under version 1", &context).await.unwrap();
-    let envelope = c.datakey(&path("acme/pii"), &context, false).await.unwrap();
+    let envelope = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await.unwrap();
     c.call(&keyhaven::lifecycle::KeyRotate {
         tenant: "acme".into(),
         key: "pii".into(),

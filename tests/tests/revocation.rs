@@ -47,7 +47,10 @@ impl Fixture {
         for name in ["acme/pii", "acme/smtp", "beta/pii"] {
             c.key_create(&path(name)).await.unwrap();
             for _ in 0..2 {
-                dk.push((name.to_owned(), c.datakey(&path(name), &context, true).await.unwrap()));
+                dk.push((
+                    name.to_owned(),
+                    c.datakey(&path(name), &context, keyhaven::Plaintext::Include).await.unwrap(),
+                ));
             }
             let sealed = c.encrypt(&path(name), name.as_bytes(), &context).await.unwrap();
             ct.push((name.to_owned(), sealed.ciphertext));
@@ -69,7 +72,10 @@ impl Fixture {
             out.push((format!("ct {name}"), opens(c.decrypt(ct, &self.context).await)));
         }
         for name in ["acme/pii", "acme/smtp", "beta/pii"] {
-            out.push((format!("new {name}"), opens(c.datakey(&path(name), &self.context, false).await)));
+            out.push((
+                format!("new {name}"),
+                opens(c.datakey(&path(name), &self.context, keyhaven::Plaintext::Omit).await),
+            ));
         }
         out
     }
@@ -147,7 +153,7 @@ async fn every_scope_refuses_what_it_covers_and_nothing_else_until_lifted() {
     assert_eq!(h.status, "suspended");
     assert_eq!(h.suspended.unwrap().reason, Reason::KeyCompromise);
     // A tenant that does not exist is refused as revoked too: nothing leaks.
-    let e = c.datakey(&path("nobody/x"), &f.context, false).await.unwrap_err();
+    let e = c.datakey(&path("nobody/x"), &f.context, keyhaven::Plaintext::Omit).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Revoked));
     lift(&c, Scope::All).await;
     assert_eq!(c.health().await.unwrap().status, "ok");
@@ -328,7 +334,7 @@ async fn a_revoke_is_honoured_by_every_request_that_starts_after_it_returns() {
     let c = d.client().await;
     let context = ctx(&["app=load"]);
     c.key_create(&path("acme/pii")).await.unwrap();
-    let dk = c.datakey(&path("acme/pii"), &context, false).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await.unwrap();
     let envelope = Arc::new(dk.envelope);
     let stop = Instant::now() + Duration::from_secs(3);
     let mut tasks = Vec::new();

@@ -39,13 +39,13 @@ async fn every_operation_round_trips() {
     assert_eq!(too_big.code(), Some(ErrorCode::PayloadTooLarge));
     assert!(too_big.to_string().contains("datakey"), "{too_big}");
 
-    let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap();
     let key = dk.plaintext.clone().expect("plaintext asked for");
     assert_eq!(key.len(), 32);
     let back = c.datakey_decrypt(&dk.envelope, &context).await.unwrap();
     assert_eq!(back.plaintext, key);
     assert_eq!(back.envelope_id, dk.envelope_id);
-    let only_env = c.datakey(&path("acme/pii"), &context, false).await.unwrap();
+    let only_env = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await.unwrap();
     assert!(only_env.plaintext.is_none());
     let other = c.datakey_decrypt(&only_env.envelope, &context).await.unwrap();
     assert_ne!(other.plaintext, key, "two data keys must differ");
@@ -58,7 +58,7 @@ async fn wrong_or_missing_context_is_refused() {
     c.key_create(&path("acme/pii")).await.unwrap();
     let right = ctx(&["user=42"]);
     let enc = c.encrypt(&path("acme/pii"), b"secret", &right).await.unwrap();
-    let dk = c.datakey(&path("acme/pii"), &right, false).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &right, keyhaven::Plaintext::Omit).await.unwrap();
     for wrong in [ctx(&[]), ctx(&["user=43"]), ctx(&["user=42", "x=y"]), ctx(&["User=42"])] {
         let e = c.decrypt(&enc.ciphertext, &wrong).await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::Integrity), "{e}");
@@ -79,7 +79,7 @@ async fn an_envelope_of_one_tenant_is_useless_under_another() {
     c.key_create(&path("acme/pii")).await.unwrap();
     c.key_create(&path("beta/pii")).await.unwrap();
     let none = ctx(&[]);
-    let dk = c.datakey(&path("acme/pii"), &none, true).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &none, keyhaven::Plaintext::Include).await.unwrap();
     let enc = c.encrypt(&path("acme/pii"), b"acme secret", &none).await.unwrap();
 
     // Rewrite the tenant inside the envelope ("acme" -> "beta", same length):
@@ -110,7 +110,7 @@ async fn keys_and_ciphertexts_survive_a_restart() {
         let c = d.client().await;
         c.key_create(&path("acme/pii")).await.unwrap();
         let enc = c.encrypt(&path("acme/pii"), b"persist me", &context).await.unwrap();
-        let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap();
+        let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap();
         (enc, dk)
     };
     d.restart();

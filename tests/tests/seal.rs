@@ -331,7 +331,7 @@ async fn events_show_a_scope_only_to_callers_the_policy_lets_use_it() {
     for k in ["acme/pii", "acme/smtp", "beta/pii"] {
         c.key_create(&path(k)).await.unwrap();
     }
-    let id = c.datakey(&path("acme/pii"), &ctx(&[]), false).await.unwrap().envelope_id;
+    let id = c.datakey(&path("acme/pii"), &ctx(&[]), keyhaven::Plaintext::Omit).await.unwrap().envelope_id;
     drop(c);
     d.write_policy(&format!(
         r#"

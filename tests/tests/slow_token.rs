@@ -382,7 +382,7 @@ async fn one_tenants_burst_does_not_starve_another_tenants_requests() {
     for tenant in ["burst", "calm"] {
         let key = path(&format!("{tenant}/k"));
         client.key_create(&key).await.expect("key create");
-        let env = client.datakey(&key, &ctx, false).await.expect("datakey").envelope;
+        let env = client.datakey(&key, &ctx, keyhaven::Plaintext::Omit).await.expect("datakey").envelope;
         client.datakey_decrypt(&env, &ctx).await.expect("warm-up");
         envelopes.push(env);
     }

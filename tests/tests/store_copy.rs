@@ -95,7 +95,7 @@ async fn a_keyring_moves_from_sled_to_postgres_and_back_and_everything_still_dec
     .await
     .unwrap();
     let v2 = c.encrypt(&path("acme/pii"), b"under version 2", &context).await.unwrap();
-    let envelope = c.datakey(&path("acme/pii"), &context, true).await.unwrap();
+    let envelope = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap();
     c.key_create_of_type(&path("acme/hooks"), keyhaven::KeyType::HmacSha256).await.unwrap();
     let tag = c.mac(&path("acme/hooks"), b"webhook", None).await.unwrap().tag;
     c.key_create(&path("beta/x")).await.unwrap();

@@ -153,7 +153,7 @@ async fn every_single_byte_change_of_a_data_key_envelope_is_refused() {
     let c = Arc::new(d.client().await);
     c.key_create(&path("acme/pii")).await.unwrap();
     let context = ctx(&["user=42", "table=providers"]);
-    let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap();
     let key = dk.plaintext.clone().expect("plaintext asked for");
     let env: Envelope = dk.envelope.parse().unwrap();
     let bytes = env.to_bytes();
@@ -261,7 +261,7 @@ async fn a_flip_to_a_key_version_that_does_not_exist_is_not_found_naming_it() {
     let c = d.client().await;
     c.key_create(&path("acme/pii")).await.unwrap();
     let context = ctx(&["user=42"]);
-    let dk = c.datakey(&path("acme/pii"), &context, false).await.unwrap();
+    let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await.unwrap();
     let enc = c.encrypt(&path("acme/pii"), b"secret", &context).await.unwrap();
     assert_eq!((dk.key_version, enc.key_version), (1, 1));
 

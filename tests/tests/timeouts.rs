@@ -95,8 +95,7 @@ async fn a_stopped_daemon_times_out_each_request_and_the_connect() {
         .connect_timeout(Some(Duration::from_millis(500)))
         .connect(d.socket())
         .await
-        .err()
-        .expect("no hello from a stopped daemon");
+        .expect_err("no hello from a stopped daemon");
     assert!(matches!(&e, Error::Timeout { what: TimedOut::Connect(p), .. } if p == d.socket()), "{e:?}");
 
     signal(d.pid(), "CONT");

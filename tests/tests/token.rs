@@ -323,7 +323,7 @@ async fn pkcs11_tool_shows_one_sensitive_never_extractable_master_key() {
         let none = ctx(&[]);
         for p in ["acme/pii", "acme/smtp", "beta/pii"] {
             for _ in 0..3 {
-                let dk = c.datakey(&path(p), &none, true).await.unwrap();
+                let dk = c.datakey(&path(p), &none, keyhaven::Plaintext::Include).await.unwrap();
                 c.datakey_decrypt(&dk.envelope, &none).await.unwrap();
             }
             let enc = c.encrypt(&path(p), b"x", &none).await.unwrap();
@@ -351,7 +351,7 @@ async fn a_store_copied_next_to_another_token_decrypts_nothing() {
         let c = a.client().await;
         c.key_create(&path("acme/pii")).await.unwrap();
         let enc = c.encrypt(&path("acme/pii"), b"copied-store-secret", &context).await.unwrap();
-        let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap();
+        let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap();
         // Control: they decrypt where they were made.
         assert_eq!(
             c.decrypt(&enc.ciphertext, &context).await.unwrap().plaintext.expose(),
@@ -443,7 +443,7 @@ async fn the_store_holds_no_plaintext_data_key_plaintext_or_pin() {
         for i in 0..60 {
             let p = path(keys[i % keys.len()]);
             let context = if i % 2 == 0 { ctx(&[]) } else { ctx(&[&format!("row={i}")]) };
-            let dk = c.datakey(&p, &context, true).await.unwrap();
+            let dk = c.datakey(&p, &context, keyhaven::Plaintext::Include).await.unwrap();
             let key = dk.plaintext.expect("plaintext asked for");
             assert_eq!(key.len(), 32);
             data_keys.push(key.expose().to_vec());
@@ -707,7 +707,7 @@ async fn dev_again_on_the_same_folder_reuses_the_install() {
         let c = d.client().await;
         c.key_create(&path("acme/pii")).await.unwrap();
         let enc = c.encrypt(&path("acme/pii"), b"made in the first run", &context).await.unwrap();
-        let dk = c.datakey(&path("acme/pii"), &context, true).await.unwrap();
+        let dk = c.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Include).await.unwrap();
         (enc, dk)
     };
     let dir = d.dir().to_owned();

@@ -24,18 +24,18 @@ async fn a_key_version_wraps_no_more_than_its_limit_across_restarts() {
     c.key_create(&smtp).await.unwrap();
     let context = ctx(&["app=billing"]);
 
-    let first = c.datakey(&pii, &context, true).await.unwrap();
+    let first = c.datakey(&pii, &context, keyhaven::Plaintext::Include).await.unwrap();
     let sealed = c.encrypt(&pii, b"sk-live-1", &context).await.unwrap();
-    c.datakey(&pii, &context, false).await.unwrap();
+    c.datakey(&pii, &context, keyhaven::Plaintext::Omit).await.unwrap();
     drop(c);
 
     // Three wraps are counted in the store, so two remain after a restart.
     d.restart();
     let c = d.client().await;
-    c.datakey(&pii, &context, false).await.unwrap();
+    c.datakey(&pii, &context, keyhaven::Plaintext::Omit).await.unwrap();
     c.encrypt(&pii, b"x", &context).await.unwrap();
     for refused in [
-        c.datakey(&pii, &context, true).await.map(|_| ()).unwrap_err(),
+        c.datakey(&pii, &context, keyhaven::Plaintext::Include).await.map(|_| ()).unwrap_err(),
         c.encrypt(&pii, b"y", &context).await.map(|_| ()).unwrap_err(),
     ] {
         assert_eq!(refused.code(), Some(ErrorCode::KeyExhausted), "{refused}");
@@ -85,7 +85,7 @@ async fn a_clean_stop_gives_back_unused_reservations_and_a_crash_keeps_them_coun
     c.key_create(&pii).await.unwrap();
     let mut made = 0;
     for _ in 0..3 {
-        c.datakey(&pii, &ctx(&[]), false).await.unwrap();
+        c.datakey(&pii, &ctx(&[]), keyhaven::Plaintext::Omit).await.unwrap();
         made += 1;
     }
     let ahead = counted(c.call_raw("key_show", show.clone()).await.unwrap());
@@ -96,7 +96,7 @@ async fn a_clean_stop_gives_back_unused_reservations_and_a_crash_keeps_them_coun
         let c = d.client().await;
         assert_eq!(counted(c.call_raw("key_show", show.clone()).await.unwrap()), made, "after a clean stop");
         c.encrypt(&pii, b"x", &ctx(&[])).await.unwrap();
-        c.datakey(&pii, &ctx(&[]), false).await.unwrap();
+        c.datakey(&pii, &ctx(&[]), keyhaven::Plaintext::Omit).await.unwrap();
         made += 2;
     }
     signal(d.pid(), "KILL");

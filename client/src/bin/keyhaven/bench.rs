@@ -135,7 +135,7 @@ async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Erro
     if op == BenchOp::Rewrap {
         // An envelope under a version that is no longer current, so that
         // every rewrap unwraps and wraps again.
-        old_envelope = setup.datakey(&key, &ctx, false).await?.envelope;
+        old_envelope = setup.datakey(&key, &ctx, keyhaven::Plaintext::Omit).await?.envelope;
         let rotate = keyhaven::lifecycle::KeyRotate {
             tenant: key.tenant().into(),
             key: key.key().into(),
@@ -143,7 +143,7 @@ async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Erro
         };
         setup.call(&rotate).await?;
     }
-    let envelope = setup.datakey(&key, &ctx, false).await?.envelope;
+    let envelope = setup.datakey(&key, &ctx, keyhaven::Plaintext::Omit).await?.envelope;
     let data = vec![0x5a; opts.payload];
     let ciphertext = match op {
         BenchOp::Decrypt => setup.encrypt(&key, &data, &ctx).await?.ciphertext,
@@ -184,7 +184,7 @@ async fn one(client: &Client, op: BenchOp, m: &Material, local: &mut Local) -> R
         BenchOp::Seal | BenchOp::Open => unreachable!("a sealer is made for seal and open"),
         BenchOp::Health => client.health().await.map(drop),
         BenchOp::Encrypt => client.encrypt(&m.key, &m.data, &m.ctx).await.map(drop),
-        BenchOp::Datakey => client.datakey(&m.key, &m.ctx, true).await.map(drop),
+        BenchOp::Datakey => client.datakey(&m.key, &m.ctx, keyhaven::Plaintext::Include).await.map(drop),
         BenchOp::DatakeyDecrypt => client.datakey_decrypt(&m.envelope, &m.ctx).await.map(drop),
         BenchOp::Rewrap => {
             let req = keyhaven::lifecycle::Rewrap { text: m.old_envelope.clone(), context: m.ctx.clone() };

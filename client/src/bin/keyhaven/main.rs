@@ -862,7 +862,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Datakey(DatakeyArgs { key, no_plaintext, .. }) => {
             let key = key.ok_or_else(|| Failure::new("datakey needs TENANT/KEY".into()))?;
-            print_json(&client.datakey(&key, &context, !no_plaintext).await?)
+            print_json(
+                &client
+                    .datakey(
+                        &key,
+                        &context,
+                        if no_plaintext { keyhaven::Plaintext::Omit } else { keyhaven::Plaintext::Include },
+                    )
+                    .await?,
+            )
         }
     }
 }
