@@ -663,6 +663,11 @@ pub struct AuditVerifyResponse {
     /// problem in any chain makes the whole answer not intact).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chains: Vec<AuditChainVerify>,
+    /// After retention (docs/AUDIT.md §12): the first record kept; the
+    /// records before it were archived or deleted, and the walk started at
+    /// the boundary a retention record vouches for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_kept: Option<u64>,
 }
 operation!(AuditVerify, "audit_verify", AuditVerifyResponse);
 

@@ -2,7 +2,9 @@
 //! seconds, and, at start-up (before the daemon says it is ready) and then
 //! every `[lifecycle] check_seconds`,
 //! automatic rotations that are due (also those that fell due while the
-//! daemon was down) and scheduled deletions whose waiting period is over.
+//! daemon was down) and scheduled deletions whose waiting period is over;
+//! and every `[audit.retention] check_every`, audit log retention
+//! ([`crate::retention`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,10 +47,13 @@ pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
     }
     let mut check = tokio::time::interval(Duration::from_secs(d.config.lifecycle.check_seconds));
     let mut flush = tokio::time::interval(Duration::from_secs(d.config.lifecycle.usage_flush_seconds));
+    let retention = d.config.audit.retention.as_ref().map(|r| r.interval());
+    let mut retain = tokio::time::interval(retention.unwrap_or(Duration::from_secs(86_400)));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = check.tick() => due_keys(&d).await,
+            _ = retain.tick(), if retention.is_some() => crate::retention::run_once(&d).await,
             _ = flush.tick() => {
                 let dd = d.clone();
                 let r = tokio::task::spawn_blocking(move || dd.usage.flush(&dd.store)).await;
