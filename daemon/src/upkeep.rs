@@ -35,6 +35,21 @@ async fn record(d: &Daemon, op: &str, path: &keyhaven::KeyPath, version: Option<
     }
 }
 
+/// Records that the daemon's own change of the key at `path` failed
+/// (outcome `error`, its code, `reason` saying what was tried and why it
+/// failed); nothing was changed, and the next check tries again.
+async fn record_failure(d: &Daemon, op: &str, path: &keyhaven::KeyPath, what: &str, e: &crate::error::Error) {
+    let change = Change {
+        reason: Some(format!("{what} failed: {e}; retried at the next check")),
+        ..Change::default()
+    };
+    let mut subject = Subject { change, ..Subject::default() };
+    subject.key(path);
+    if let Err(e2) = d.audit.daemon_event(op, crate::audit::DAEMON_ACTOR, subject, Err(e)).await {
+        tracing::error!(key = %path, op, error = %e2, "cannot write the audit record of the daemon's failed change");
+    }
+}
+
 /// Runs until `shutdown`; the last usage flush is the caller's, after the
 /// drain.
 pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
@@ -104,9 +119,14 @@ pub async fn due_keys(d: &Arc<Daemon>) {
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(key = %path, error = %e, "scheduled deletion failed; retried later")
+                    tracing::warn!(key = %path, error = %e, "scheduled deletion failed; retried later");
+                    record_failure(d, DELETE_OP, &path, "scheduled deletion", &e).await;
                 }
-                Err(e) => tracing::warn!(key = %path, error = %e, "scheduled deletion task failed"),
+                Err(e) => {
+                    tracing::warn!(key = %path, error = %e, "scheduled deletion task failed");
+                    let e = crate::error::Error::Internal(format!("the deletion task failed: {e}"));
+                    record_failure(d, DELETE_OP, &path, "scheduled deletion", &e).await;
+                }
             }
             continue;
         }
@@ -141,7 +161,10 @@ pub async fn due_keys(d: &Arc<Daemon>) {
                     };
                     record(d, ROTATE_OP, &path, Some(r.current_version), change).await;
                 }
-                Err(e) => tracing::warn!(key = %path, error = %e, "automatic rotation failed; retried later"),
+                Err(e) => {
+                    tracing::warn!(key = %path, error = %e, "automatic rotation failed; retried later");
+                    record_failure(d, ROTATE_OP, &path, "automatic rotation", &e).await;
+                }
             }
         }
     }
