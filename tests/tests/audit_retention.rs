@@ -251,8 +251,14 @@ async fn archived_segments_stay_verifiable_and_tampering_is_caught() {
     ok(&d.cli(&["audit", "verify"], b""));
 }
 
+/// `keyhaven health`'s JSON and its stderr.
+fn health(d: &TestDaemon) -> (serde_json::Value, String) {
+    let out = d.cli(&["health"], b"");
+    (serde_json::from_slice(&out.stdout).unwrap(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unshipped_records_stay_a_failed_run_is_audited_and_delete_removes() {
+async fn unshipped_records_stay_sinks_show_in_health_and_a_failed_run_is_audited() {
     small_segments();
     let mut d = TestDaemon::start();
     let work = tempfile::tempdir().unwrap();
@@ -261,7 +267,7 @@ async fn unshipped_records_stay_a_failed_run_is_audited_and_delete_removes() {
     set_config(
         &mut d,
         &format!(
-            "[[audit.sink]]\ntype = \"syslog\"\npath = \"{}\"\n\n[audit.retention]\nafter = \"1s\"\naction = \"delete\"\ncheck_every = \"1s\"\n",
+            "[[audit.sink]]\nname = \"siem\"\ntype = \"syslog\"\npath = \"{}\"\n\n[audit.retention]\nafter = \"1s\"\naction = \"delete\"\ncheck_every = \"1s\"\n",
             gone.display()
         ),
     );
@@ -277,8 +283,56 @@ async fn unshipped_records_stay_a_failed_run_is_audited_and_delete_removes() {
     );
     assert!(retention_records(&c).await.is_empty());
     assert!(!d.store_dir().join("audit/boundary.json").exists());
+    // health names the sink, its state and why.
+    let (h, err) = health(&d);
+    let s = &h["audit_sinks"][0];
+    assert_eq!(
+        (&s["name"], &s["type"], &s["state"]),
+        (&"siem".into(), &"syslog".into(), &"failing".into()),
+        "{h}"
+    );
+    assert_eq!(s["delivered"], 0, "{h}");
+    assert!(s["lag"].as_u64().unwrap() > 100, "{h}");
+    assert!(!s["error"].as_str().unwrap().is_empty(), "{h}");
+    assert!(err.contains("audit sink `siem` (syslog) is failing"), "{err}");
 
-    // An archive folder that cannot be made (a file is in the way): a failed run, audited.
+    // The receiver comes (a datagram socket at the path): the sink ships,
+    // health says ok, and then retention deletes.
+    let rx = std::os::unix::net::UnixDatagram::bind(&gone).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, rx2) = (stop.clone(), rx.try_clone().unwrap());
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let mut n = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if rx2.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    });
+    let r = wait_for(&c, "delete", |r| r.outcome == "ok").await;
+    assert_eq!(r.after.as_ref().unwrap()["action"], "delete");
+    assert!(!audit_segments(&d.store_dir()).contains(&before[0]));
+    let (h, err) = health(&d);
+    assert_eq!(h["audit_sinks"][0]["state"], "ok", "{h}");
+    assert!(
+        h["audit_sinks"][0]["delivered"].as_u64().unwrap()
+            >= r.after.as_ref().unwrap()["through"].as_u64().unwrap()
+    );
+    assert!(h["audit_sinks"][0].get("error").is_none(), "{h}");
+    assert!(!err.contains("audit sink"), "{err}");
+    let out = ok(&d.cli(&["audit", "verify"], b""));
+    assert!(out.contains("starts at record"), "{out}");
+    // Reading the log from its start still works.
+    assert!(audit_records(&c).await[0].seq > 1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(drain.join().unwrap() > 100);
+
+    // An archive folder that cannot be made (a file is in the way): a
+    // failed run, audited, nothing removed.
+    traffic(&c, 120).await;
     let blocked = work.path().join("blocked");
     std::fs::write(&blocked, b"not a folder").unwrap();
     set_config(
@@ -288,24 +342,16 @@ async fn unshipped_records_stay_a_failed_run_is_audited_and_delete_removes() {
             blocked.display()
         ),
     );
+    let kept = audit_segments(&d.store_dir());
     let c = d.client().await;
     let r = wait_for(&c, "failed", |r| r.outcome == "error").await;
     assert_eq!(r.actor.as_deref(), Some("daemon"));
     let reason = r.reason.clone().unwrap_or_default();
     assert!(reason.contains("failed") && reason.contains(blocked.to_str().unwrap()), "{r:?}");
     assert!(r.code.is_some(), "{r:?}");
-    assert_eq!(audit_segments(&d.store_dir())[0], before[0], "nothing removed by a failed run");
-
-    // Delete: the segments go, nothing is archived, the live log verifies.
-    set_config(&mut d, "[audit.retention]\nafter = \"1s\"\naction = \"delete\"\ncheck_every = \"1s\"\n");
-    let c = d.client().await;
-    let r = wait_for(&c, "delete", |r| r.outcome == "ok").await;
-    assert_eq!(r.after.as_ref().unwrap()["action"], "delete");
-    assert!(!audit_segments(&d.store_dir()).contains(&before[0]));
-    let out = ok(&d.cli(&["audit", "verify"], b""));
-    assert!(out.contains("starts at record"), "{out}");
-    // Reading the log from its start still works.
-    assert!(audit_records(&c).await[0].seq > 1);
+    assert_eq!(audit_segments(&d.store_dir())[0], kept[0], "nothing removed by a failed run");
+    assert!(h.get("audit_sinks").is_some());
+    assert!(health(&d).0.get("audit_sinks").is_none(), "no sinks, no field");
 }
 
 #[test]

@@ -684,6 +684,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Health => {
             let h = client.health().await?;
             print_json(&h)?;
+            for s in h.audit_sinks.iter().filter(|s| s.state != "ok") {
+                eprintln!(
+                    "keyhaven: audit sink `{}` ({}) is {}: {} records behind{}",
+                    s.name,
+                    s.kind,
+                    s.state,
+                    s.lag,
+                    s.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                );
+            }
             match h.status.as_str() {
                 "ok" => Ok(()),
                 other => Err(Failure::new(format!("the daemon is {other}"))),
