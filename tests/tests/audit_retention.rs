@@ -352,6 +352,32 @@ async fn unshipped_records_stay_sinks_show_in_health_and_a_failed_run_is_audited
     assert_eq!(audit_segments(&d.store_dir())[0], kept[0], "nothing removed by a failed run");
     assert!(h.get("audit_sinks").is_some());
     assert!(health(&d).0.get("audit_sinks").is_none(), "no sinks, no field");
+
+    // `keyhavend store copy` takes the boundary along: the copy verifies.
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let config = d.dir().join("keyhaven.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let (from, to) = (
+        format!("store = {:?}", d.store_dir().display()),
+        format!("store = {:?}", work.path().join("copy").display()),
+    );
+    assert!(text.contains(&from), "{text}");
+    let copy_config = work.path().join("copy.toml");
+    std::fs::write(&copy_config, text.replace(&from, &to)).unwrap();
+    let out = Command::new(bin("keyhavend"))
+        .args(["store", "copy", "--from"])
+        .arg(&config)
+        .arg("--to")
+        .arg(&copy_config)
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .unwrap();
+    ok(&out);
+    std::fs::copy(&copy_config, &config).unwrap();
+    d.start_again();
+    let out = ok(&d.cli(&["audit", "verify"], b""));
+    assert!(out.contains("starts at record"), "{out}");
 }
 
 #[test]

@@ -268,17 +268,7 @@ impl AuditFiles {
     /// renamed), then removes every segment before `boundary.first` —
     /// never the segment being written. Returns the files removed.
     pub fn retire(&self, boundary: &Boundary) -> Result<Vec<PathBuf>, StoreError> {
-        let path = self.dir.join(BOUNDARY_FILE);
-        let tmp = self.dir.join(format!("{BOUNDARY_FILE}.tmp"));
-        let bytes = serde_json::to_vec(boundary).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-            std::io::Write::write_all(&mut f, &bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| io_err(&path, 0, "cannot write the retention boundary", e))?;
-        sync_dir(&self.dir)?;
+        self.write_boundary(boundary)?;
         let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
         let keep = index.len().saturating_sub(1);
         self.retired_below.fetch_max(boundary.first, std::sync::atomic::Ordering::AcqRel);
@@ -295,6 +285,23 @@ impl AuditFiles {
         drop(index);
         sync_dir(&self.dir)?;
         Ok(removed)
+    }
+
+    /// Writes the retention boundary (a temporary file, synced, renamed,
+    /// the folder synced): by [`retire`](AuditFiles::retire), and by a
+    /// store copy of a trimmed log.
+    pub fn write_boundary(&self, boundary: &Boundary) -> Result<(), StoreError> {
+        let path = self.dir.join(BOUNDARY_FILE);
+        let tmp = self.dir.join(format!("{BOUNDARY_FILE}.tmp"));
+        let bytes = serde_json::to_vec(boundary).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            std::io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| io_err(&path, 0, "cannot write the retention boundary", e))?;
+        sync_dir(&self.dir)
     }
 
     /// [`open`](AuditFiles::open) with another segment size (for tests).
@@ -849,6 +856,36 @@ mod tests {
         fill(&files, 201, 230);
         assert_eq!(seqs(&files, AuditKind::Record, 0, false), (1..=230).collect::<Vec<_>>());
         assert_eq!(seqs(&files, AuditKind::Seal, u64::MAX, true)[0], 230);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn retire_removes_old_segments_never_the_last_and_keeps_the_boundary() {
+        let d = dir("retire");
+        let files = AuditFiles::open_with(&d, 1000).unwrap();
+        fill(&files, 1, 200);
+        let segs = files.segments();
+        assert!(segs.len() > 5);
+        // A scan listed before the removal passes over the removed files.
+        let early = files.scan(AuditKind::Record, 0, false);
+        let b = Boundary { first: segs[3].first, prev: "00".repeat(32) };
+        let removed = files.retire(&b).unwrap();
+        assert_eq!(removed.len(), 3);
+        assert!(removed.iter().all(|p| !p.exists()));
+        let first = segs[3].first;
+        assert_eq!(early.map(|e| e.unwrap().0).collect::<Vec<_>>(), (first..=200).collect::<Vec<_>>());
+        assert_eq!(seqs(&files, AuditKind::Record, 0, false), (first..=200).collect::<Vec<_>>());
+        assert_eq!(files.boundary().unwrap(), Some(b.clone()));
+        // Past the end: everything but the segment being written.
+        let n = files.segments().len();
+        let all = files.retire(&Boundary { first: u64::MAX, prev: b.prev.clone() }).unwrap();
+        assert_eq!(all.len(), n - 1);
+        assert_eq!(files.segments().len(), 1);
+        drop(files);
+        // Reopened: the boundary file is not taken for a segment.
+        let files = AuditFiles::open_with(&d, 1000).unwrap();
+        assert_eq!(files.segments().len(), 1);
+        assert_eq!(files.boundary().unwrap().map(|b| b.first), Some(u64::MAX));
         let _ = std::fs::remove_dir_all(d);
     }
 
