@@ -146,8 +146,33 @@ pub struct HealthResponse {
     /// (docs/SECURITY.md).
     #[serde(default)]
     pub custody: CustodyHealth,
+    /// Each `[[audit.sink]]` (docs/AUDIT.md §11): how far it shipped, its
+    /// lag and its state; absent when there is none. A failing sink does
+    /// not change `status` (the log itself is kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audit_sinks: Vec<AuditSinkHealth>,
 }
 operation!(Health, "health", HealthResponse);
+
+/// One audit sink in [`HealthResponse::audit_sinks`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditSinkHealth {
+    /// The sink's name (`[[audit.sink]] name`, else its type).
+    pub name: String,
+    /// `file`, `syslog` or `journald`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `ok`; `lagging` (more than its `max_lag` records behind); `failing`
+    /// (its last delivery failed: `error` says why).
+    pub state: String,
+    /// The last record it delivered (its durable cursor).
+    pub delivered: u64,
+    /// Records durable in the log and not delivered yet.
+    pub lag: u64,
+    /// The last delivery error, while it cannot deliver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
 
 /// The custody part of `health`: what the token was seen to enforce when
 /// the daemon started.
@@ -698,6 +723,11 @@ pub struct AuditVerifyResponse {
     /// problem in any chain makes the whole answer not intact).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chains: Vec<AuditChainVerify>,
+    /// After retention (docs/AUDIT.md §12): the first record kept; the
+    /// records before it were archived or deleted, and the walk started at
+    /// the boundary a retention record vouches for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_kept: Option<u64>,
 }
 operation!(AuditVerify, "audit_verify", AuditVerifyResponse);
 

@@ -1070,6 +1070,9 @@ pub struct Walk {
     pub last_sealed: Option<u64>,
     /// Records reported at a start as covered by no valid seal.
     pub unsealed: Vec<AuditUnsealed>,
+    /// The first record kept by retention (docs/AUDIT.md §12), when the
+    /// log no longer starts at record 1.
+    pub first_kept: Option<u64>,
 }
 
 /// How the `unsealed` field of a record starts in its JSON (the daemon
@@ -1154,11 +1157,39 @@ pub fn walk(store: &Store) -> Result<Walk, Error> {
         seal_count: seals.len() as u64,
         last_sealed,
         unsealed: Vec::new(),
+        first_kept: None,
     };
     let mut expected = 1u64;
     let mut prev = [0u8; 32];
     let mut first: Option<AuditProblem> = None;
+    // After retention the chain starts at the boundary, which a retention
+    // record in the chain must vouch for (docs/AUDIT.md §12).
+    let boundary = match store.audit_files() {
+        Some(f) => f.boundary()?,
+        None => None,
+    };
+    let mut vouched = false;
+    if let Some(b) = &boundary {
+        out.first_kept = Some(b.first);
+        expected = b.first;
+        match unhex32(&b.prev) {
+            Some(h) => prev = h,
+            None => {
+                first = problem(
+                    b.first,
+                    "altered",
+                    "the retention boundary's hash does not decode: audit/boundary.json was altered".into(),
+                )
+            }
+        }
+    }
     for entry in store.audit_scan(AuditKind::Record, 0, false) {
+        if let (Some(b), Ok((pos, _))) = (&boundary, &entry) {
+            // Left over by a retention that stopped before it removed them.
+            if *pos < b.first {
+                continue;
+            }
+        }
         let (pos, bytes) = match entry {
             Ok(e) => e,
             // A frame that is not intact (its checksum, or not a frame at
@@ -1269,6 +1300,19 @@ pub fn walk(store: &Store) -> Result<Walk, Error> {
                             )
                         };
                     }
+                    Ok(r)
+                        if unhex32(&r.prev) != Some(prev)
+                            && boundary.as_ref().is_some_and(|b| b.first == pos) =>
+                    {
+                        first = problem(
+                            pos,
+                            "altered",
+                            format!(
+                                "record {pos}, the first kept by retention, does not follow the hash the \
+                                 retention boundary holds: it or the boundary was altered"
+                            ),
+                        );
+                    }
                     Ok(r) if unhex32(&r.prev) != Some(prev) && pos == 1 => {
                         first =
                             problem(1, "altered", "record 1 does not start the chain: it was altered".into());
@@ -1345,8 +1389,28 @@ pub fn walk(store: &Store) -> Result<Walk, Error> {
                 out.unsealed.push(AuditUnsealed { from, to, reported_in: pos, time_ms });
             }
         }
+        if let Some(b) = &boundary {
+            if !vouched
+                && bytes
+                    .windows(crate::retention::RETENTION_OP.len())
+                    .any(|w| w == crate::retention::RETENTION_OP.as_bytes())
+            {
+                vouched = crate::retention::vouches_for(&bytes, b);
+            }
+        }
         prev = hash;
         expected = pos.saturating_add(1);
+    }
+    if let Some(b) = boundary.as_ref().filter(|_| !vouched) {
+        first = first.or(problem(
+            b.first,
+            "removed",
+            format!(
+                "records before {} are missing: the retention boundary says they were archived or deleted, \
+                 but no retention record in the log vouches for it (audit/boundary.json was put in or changed)",
+                b.first
+            ),
+        ));
     }
     if let Some(s) = seals.iter().find(|s| s.seq >= expected) {
         let last = expected - 1;
@@ -1416,6 +1480,7 @@ pub async fn verify(store: Store, hsm: &Hsm) -> Result<AuditVerifyResponse, Erro
         status: status.into(),
         unsealed: walk.unsealed,
         chains: Vec::new(),
+        first_kept: walk.first_kept,
     })
 }
 

@@ -78,7 +78,13 @@ pub struct BenchArgs {
     /// each), `--metrics-rounds` times each; prints the median rates and the difference.
     #[arg(long)]
     pub metrics_cost: bool,
-    /// Rounds of each setting for `--metrics-cost`.
+    /// Instead of the table: audit shipping. datakey-decrypt at 64 clients for `--duration`
+    /// without sinks, then with a file sink and a syslog sink (to a datagram socket this
+    /// command reads), `--metrics-rounds` times each; prints the rates, each sink's lag when the
+    /// load stops, how long it takes to catch up, and its shipping rate.
+    #[arg(long, conflicts_with = "metrics_cost")]
+    pub audit_sinks: bool,
+    /// Rounds of each setting for `--metrics-cost` and `--audit-sinks`.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub metrics_rounds: u32,
     /// The `keyhaven` binary [default: the one next to keyhavend, else from PATH].
@@ -479,6 +485,9 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     if args.metrics_cost {
         return metrics_cost(args, &bin, dir, &config_path, &config);
     }
+    if args.audit_sinks {
+        return audit_sinks(args, &bin, dir, &config_path, &config);
+    }
     let (daemon, socket) = start_daemon(dir)?;
     if let Some(latency) = args.token_latency {
         return slow_token_comparison(args, &bin, &config, daemon, &socket, latency);
@@ -618,6 +627,150 @@ fn metrics_cost(
          a request has at {m_off:.0} ops/s on {cores} cores",
         ns / 1e3 / cpu_us * 100.0
     );
+    Ok(())
+}
+
+/// Each sink's `(name, delivered, lag)` from `keyhaven health`.
+fn sink_lags(bin: &Path, socket: &Path) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let out = Command::new(bin).arg("--socket").arg(socket).arg("health").stderr(Stdio::null()).output()?;
+    let h: keyhaven::wire::HealthResponse =
+        serde_json::from_slice(&out.stdout).context("`keyhaven health` printed no answer")?;
+    Ok(h.audit_sinks.into_iter().map(|s| (s.name, s.delivered, s.lag)).collect())
+}
+
+/// `--audit-sinks`: datakey-decrypt at 64 clients without sinks and with a
+/// file and a syslog sink, in turn (a restart each, the order swapped every
+/// round); for the runs with sinks, each sink's lag when the load stops,
+/// the time it then takes to deliver everything, and its rate over the
+/// whole run (records delivered / seconds from the load's start until it
+/// caught up).
+fn audit_sinks(
+    args: &BenchArgs,
+    bin: &Path,
+    dir: &Path,
+    config_path: &Path,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let original = std::fs::read_to_string(config_path)?;
+    let bench_args: Vec<String> = ["--op", "datakey-decrypt", "--concurrency", "64", "--duration"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([format!("{}ms", args.duration.as_millis())])
+        .collect();
+    let syslog = dir.join("bench-syslog.sock");
+    let file = dir.join("bench-sink").join("audit.jsonl");
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let mut shipped: Vec<String> = Vec::new();
+    for round in 0..args.metrics_rounds {
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for sinks in order {
+            let mut text = original.clone();
+            let _ = std::fs::remove_file(&syslog);
+            let _ = std::fs::remove_dir_all(dir.join("bench-sink"));
+            let receiver = if sinks {
+                text.push_str(&format!(
+                    "\n[[audit.sink]]\nname = \"file\"\ntype = \"file\"\npath = \"{}\"\n\n[[audit.sink]]\nname = \"syslog\"\ntype = \"syslog\"\npath = \"{}\"\n",
+                    file.display(),
+                    syslog.display()
+                ));
+                std::fs::create_dir_all(file.parent().context("sink folder")?)?;
+                let rx = std::os::unix::net::UnixDatagram::bind(&syslog)?;
+                rx.set_read_timeout(Some(Duration::from_millis(200)))?;
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let flag = stop.clone();
+                let t = std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut n = 0u64;
+                    while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                        if rx.recv(&mut buf).is_ok() {
+                            n += 1;
+                        }
+                    }
+                    n
+                });
+                Some((stop, t))
+            } else {
+                None
+            };
+            std::fs::write(config_path, &text)?;
+            let (daemon, socket) = start_daemon(dir)?;
+            // The sinks first ship what earlier runs without them wrote.
+            let mut start_seq = 0;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while sinks && Instant::now() < deadline {
+                let lags = sink_lags(bin, &socket)?;
+                start_seq = lags.iter().map(|s| s.1).min().unwrap_or(0);
+                if lags.iter().all(|s| s.2 == 0) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let started = Instant::now();
+            let rows = client_bench(bin, &socket, &bench_args);
+            let load = started.elapsed();
+            let row = rows?.into_iter().next().context("`keyhaven bench` printed no row")?;
+            if row.errors > 0 {
+                bail!("{} errors (sinks {}): {:?}", row.errors, on_off(sinks), row.first_error);
+            }
+            eprintln!(
+                "keyhavend bench: round {}, sinks {}: {:.0} ops/s, p99 {:.0} µs",
+                round + 1,
+                on_off(sinks),
+                row.ops_per_sec,
+                row.p99_us
+            );
+            if let Some((stop, t)) = receiver {
+                let at_end = sink_lags(bin, &socket)?;
+                let mut caught: Vec<Option<(Duration, u64)>> = vec![None; at_end.len()];
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while caught.iter().any(Option::is_none) && Instant::now() < deadline {
+                    for (i, (_, delivered, lag)) in sink_lags(bin, &socket)?.into_iter().enumerate() {
+                        if lag == 0 && caught.get(i).is_some_and(Option::is_none) {
+                            caught[i] = Some((started.elapsed(), delivered));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                for ((name, _, lag), c) in at_end.iter().zip(&caught) {
+                    shipped.push(match c {
+                        Some((t, delivered)) => format!(
+                            "round {}: {name}: {lag} records behind when the load stopped, caught up {:.2} s later; \
+                             {:.0} records/s shipped over the run",
+                            round + 1,
+                            t.saturating_sub(load).as_secs_f64(),
+                            delivered.saturating_sub(start_seq) as f64 / t.as_secs_f64()
+                        ),
+                        None => format!("round {}: {name}: {lag} records behind, not caught up within 120 s", round + 1),
+                    });
+                }
+                drop(daemon);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let got = t.join().unwrap_or(0);
+                shipped.push(format!("round {}: the syslog receiver got {got} datagrams", round + 1));
+                with.push(row.ops_per_sec);
+            } else {
+                drop(daemon);
+                without.push(row.ops_per_sec);
+            }
+        }
+    }
+    std::fs::write(config_path, original)?;
+    let (m_with, m_without) = (median(&mut with), median(&mut without));
+    println!("machine: {}", machine());
+    println!(
+        "HSM workers: {}, datakey-decrypt at 64 clients, {} s per run; sinks: file + syslog (datagram socket)",
+        config.hsm.workers,
+        args.duration.as_secs_f64()
+    );
+    println!("without sinks (ops/s): {}", list(&without));
+    println!("with sinks    (ops/s): {}", list(&with));
+    println!(
+        "sinks cost: {:+.1} % (median with {m_with:.0} ops/s, without {m_without:.0} ops/s; positive = slower)",
+        (m_without - m_with) / m_without * 100.0
+    );
+    for l in shipped {
+        println!("{l}");
+    }
     Ok(())
 }
 

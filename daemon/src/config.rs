@@ -248,6 +248,10 @@ pub struct AuditSection {
     /// (docs/AUDIT.md §11).
     #[serde(default, rename = "sink", skip_serializing_if = "Vec::is_empty")]
     pub sinks: Vec<crate::audit_sinks::SinkConfig>,
+    /// `[audit.retention]`: old sealed segments archived or deleted
+    /// (docs/AUDIT.md §12); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::retention::RetentionSection>,
 }
 
 fn default_commit_gather_us() -> u64 {
@@ -265,6 +269,7 @@ impl Default for AuditSection {
             decrypt_alert_block: false,
             commit_gather_us: default_commit_gather_us(),
             sinks: Vec::new(),
+            retention: None,
         }
     }
 }
@@ -857,6 +862,16 @@ impl Config {
         }
         if let Err((key, why)) = crate::audit_sinks::check_all(&cfg.audit.sinks) {
             return Err(invalid_key(key, &why));
+        }
+        if let Some(r) = &cfg.audit.retention {
+            if !cfg.audit.enabled {
+                return Err(invalid_key(
+                    "audit.retention",
+                    "retention trims the audit log, which `enabled = false` turns off: remove one of them",
+                ));
+            }
+            r.check(&cfg.store.path, cfg.store.backend == StoreBackend::Postgres)
+                .map_err(|(key, why)| invalid_key(key, &why))?;
         }
         if cfg.audit.commit_gather_us > 10_000 {
             return Err(invalid_key("audit.commit_gather_us", "must be from 0 to 10000 (10 ms)"));

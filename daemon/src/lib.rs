@@ -56,6 +56,7 @@ pub mod metrics;
 pub mod ops;
 pub mod policy;
 pub mod refusal;
+pub mod retention;
 pub mod revocation;
 pub mod secret;
 pub mod server;

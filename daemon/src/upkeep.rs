@@ -2,7 +2,9 @@
 //! seconds, and, at start-up (before the daemon says it is ready) and then
 //! every `[lifecycle] check_seconds`,
 //! automatic rotations that are due (also those that fell due while the
-//! daemon was down) and scheduled deletions whose waiting period is over.
+//! daemon was down) and scheduled deletions whose waiting period is over;
+//! and every `[audit.retention] check_every`, audit log retention
+//! ([`crate::retention`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +35,21 @@ async fn record(d: &Daemon, op: &str, path: &keyhaven::KeyPath, version: Option<
     }
 }
 
+/// Records that the daemon's own change of the key at `path` failed
+/// (outcome `error`, its code, `reason` saying what was tried and why it
+/// failed); nothing was changed, and the next check tries again.
+async fn record_failure(d: &Daemon, op: &str, path: &keyhaven::KeyPath, what: &str, e: &crate::error::Error) {
+    let change = Change {
+        reason: Some(format!("{what} failed: {e}; retried at the next check")),
+        ..Change::default()
+    };
+    let mut subject = Subject { change, ..Subject::default() };
+    subject.key(path);
+    if let Err(e2) = d.audit.daemon_event(op, crate::audit::DAEMON_ACTOR, subject, Err(e)).await {
+        tracing::error!(key = %path, op, error = %e2, "cannot write the audit record of the daemon's failed change");
+    }
+}
+
 /// Runs until `shutdown`; the last usage flush is the caller's, after the
 /// drain.
 pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
@@ -45,10 +62,13 @@ pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
     }
     let mut check = tokio::time::interval(Duration::from_secs(d.config.lifecycle.check_seconds));
     let mut flush = tokio::time::interval(Duration::from_secs(d.config.lifecycle.usage_flush_seconds));
+    let retention = d.config.audit.retention.as_ref().map(|r| r.interval());
+    let mut retain = tokio::time::interval(retention.unwrap_or(Duration::from_secs(86_400)));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = check.tick() => due_keys(&d).await,
+            _ = retain.tick(), if retention.is_some() => crate::retention::run_once(&d).await,
             _ = flush.tick() => {
                 let dd = d.clone();
                 let r = tokio::task::spawn_blocking(move || dd.usage.flush(&dd.store)).await;
@@ -99,9 +119,14 @@ pub async fn due_keys(d: &Arc<Daemon>) {
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(key = %path, error = %e, "scheduled deletion failed; retried later")
+                    tracing::warn!(key = %path, error = %e, "scheduled deletion failed; retried later");
+                    record_failure(d, DELETE_OP, &path, "scheduled deletion", &e).await;
                 }
-                Err(e) => tracing::warn!(key = %path, error = %e, "scheduled deletion task failed"),
+                Err(e) => {
+                    tracing::warn!(key = %path, error = %e, "scheduled deletion task failed");
+                    let e = crate::error::Error::Internal(format!("the deletion task failed: {e}"));
+                    record_failure(d, DELETE_OP, &path, "scheduled deletion", &e).await;
+                }
             }
             continue;
         }
@@ -136,7 +161,10 @@ pub async fn due_keys(d: &Arc<Daemon>) {
                     };
                     record(d, ROTATE_OP, &path, Some(r.current_version), change).await;
                 }
-                Err(e) => tracing::warn!(key = %path, error = %e, "automatic rotation failed; retried later"),
+                Err(e) => {
+                    tracing::warn!(key = %path, error = %e, "automatic rotation failed; retried later");
+                    record_failure(d, ROTATE_OP, &path, "automatic rotation", &e).await;
+                }
             }
         }
     }

@@ -157,6 +157,24 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         unconfined_master_keys: unconfined,
         pinned_master_keys: confinement.iter().map(|(v, _)| *v).collect(),
     };
+    let audit_sinks = d
+        .audit
+        .sink_status()
+        .into_iter()
+        .map(|s| wire::AuditSinkHealth {
+            state: match (&s.error, s.lagging) {
+                (Some(_), _) => "failing",
+                (None, true) => "lagging",
+                (None, false) => "ok",
+            }
+            .into(),
+            name: s.name,
+            kind: s.kind.into(),
+            delivered: s.delivered,
+            lag: s.lag,
+            error: s.error,
+        })
+        .collect();
     let resp = HealthResponse {
         status: status.into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -165,6 +183,7 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         suspended_message: suspended.as_ref().map(crate::revocation::describe),
         suspended,
         custody,
+        audit_sinks,
     };
     reply(&resp, 0)
 }

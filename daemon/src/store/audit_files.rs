@@ -48,6 +48,10 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 const PREALLOCATE: u64 = 4 << 20;
 /// Distance between two offsets remembered for reverse scans.
 const MARK_EVERY: u64 = 64 << 10;
+/// The test-only knob for the segment size (see [`AuditFiles::open`]).
+pub const TEST_SEGMENT_BYTES_ENV: &str = "KEYHAVEN_TEST_AUDIT_SEGMENT_BYTES";
+/// The file in the folder that holds the retention [`Boundary`].
+pub const BOUNDARY_FILE: &str = "boundary.json";
 /// Bytes before a frame's value: kind, seq, length.
 pub const FRAME_HEAD: usize = 1 + 8 + 4;
 /// Bytes of a frame around its value.
@@ -160,7 +164,29 @@ struct Segment {
     marks: Vec<u64>,
 }
 
-fn segment_name(first: u64) -> String {
+/// A segment as [`AuditFiles::segments`] lists it.
+#[derive(Clone, Debug)]
+pub struct SegmentInfo {
+    /// The first sequence number it holds (its name).
+    pub first: u64,
+    pub path: PathBuf,
+    /// Bytes of frames.
+    pub len: u64,
+}
+
+/// Where the log starts after retention (docs/AUDIT.md §12): record
+/// `first` is the first one kept, and `prev` (hex) the hash of the record
+/// before it, which `first`'s own `prev` must match. A retention record
+/// in the chain (op `audit_retention`) says the same, and `audit verify`
+/// checks that it does.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Boundary {
+    pub first: u64,
+    pub prev: String,
+}
+
+pub fn segment_name(first: u64) -> String {
     format!("{first:020}.log")
 }
 
@@ -190,6 +216,9 @@ pub struct AuditFiles {
     segment_bytes: u64,
     index: RwLock<Vec<Segment>>,
     writer: Mutex<Writer>,
+    /// Segments named below this were removed by retention: a scan that
+    /// listed one before it went passes over it.
+    retired_below: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn io_err(path: &Path, offset: u64, what: &str, e: std::io::Error) -> StoreError {
@@ -203,9 +232,76 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 
 impl AuditFiles {
     /// Opens (creating it when needed, 0700) the folder, indexes its
-    /// segments, and cuts off a torn tail of the last one.
+    /// segments, and cuts off a torn tail of the last one. The segment size
+    /// is [`SEGMENT_BYTES`], or for tests `KEYHAVEN_TEST_AUDIT_SEGMENT_BYTES`
+    /// (at least 4096), so that a test makes several segments quickly.
     pub fn open(dir: &Path) -> Result<AuditFiles, StoreError> {
-        AuditFiles::open_with(dir, SEGMENT_BYTES)
+        let size = std::env::var(TEST_SEGMENT_BYTES_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(SEGMENT_BYTES, |n| n.clamp(4096, SEGMENT_BYTES));
+        AuditFiles::open_with(dir, size)
+    }
+
+    /// The segments, oldest first; the last is the one being written.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.iter().map(|s| SegmentInfo { first: s.first, path: s.path.clone(), len: s.len }).collect()
+    }
+
+    /// The retention boundary (docs/AUDIT.md §12): records before it were
+    /// archived or deleted. `None` when the log starts at record 1.
+    pub fn boundary(&self) -> Result<Option<Boundary>, StoreError> {
+        let path = self.dir.join(BOUNDARY_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::AuditFile {
+                file: path.display().to_string(),
+                offset: 0,
+                reason: format!("not a retention boundary: {e}"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path, 0, "cannot read the retention boundary", e)),
+        }
+    }
+
+    /// Retention: records `boundary` (written to a temporary file, synced,
+    /// renamed), then removes every segment before `boundary.first` —
+    /// never the segment being written. Returns the files removed.
+    pub fn retire(&self, boundary: &Boundary) -> Result<Vec<PathBuf>, StoreError> {
+        self.write_boundary(boundary)?;
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let keep = index.len().saturating_sub(1);
+        self.retired_below.fetch_max(boundary.first, std::sync::atomic::Ordering::AcqRel);
+        let mut removed = Vec::new();
+        while removed.len() < keep && index.first().is_some_and(|s| s.first < boundary.first) {
+            let seg = index.remove(0);
+            if let Err(e) = std::fs::remove_file(&seg.path) {
+                let err = io_err(&seg.path, 0, "cannot remove the retired segment", e);
+                index.insert(0, seg);
+                return Err(err);
+            }
+            removed.push(seg.path);
+        }
+        drop(index);
+        sync_dir(&self.dir)?;
+        Ok(removed)
+    }
+
+    /// Writes the retention boundary (a temporary file, synced, renamed,
+    /// the folder synced): by [`retire`](AuditFiles::retire), and by a
+    /// store copy of a trimmed log.
+    pub fn write_boundary(&self, boundary: &Boundary) -> Result<(), StoreError> {
+        let path = self.dir.join(BOUNDARY_FILE);
+        let tmp = self.dir.join(format!("{BOUNDARY_FILE}.tmp"));
+        let bytes = serde_json::to_vec(boundary).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            std::io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| io_err(&path, 0, "cannot write the retention boundary", e))?;
+        sync_dir(&self.dir)
     }
 
     /// [`open`](AuditFiles::open) with another segment size (for tests).
@@ -226,6 +322,9 @@ impl AuditFiles {
                 .filter(|s| s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u64>().ok());
             let Some(first) = first else {
+                if name == BOUNDARY_FILE || name.ends_with(".tmp") {
+                    continue;
+                }
                 tracing::warn!("{}: not an audit segment; ignored", entry.path().display());
                 continue;
             };
@@ -255,6 +354,7 @@ impl AuditFiles {
             segment_bytes,
             index: RwLock::new(index),
             writer: Mutex::new(Writer { pending: Vec::new(), first_record: None, first_any: None, active }),
+            retired_below: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
 
@@ -371,7 +471,8 @@ impl AuditFiles {
             index[after.saturating_sub(1)..].to_vec()
         };
         drop(index);
-        Box::new(Scan { segments: segments.into_iter(), kind, from, reverse, current: None })
+        let retired = self.retired_below.clone();
+        Box::new(Scan { segments: segments.into_iter(), kind, from, reverse, current: None, retired })
     }
 }
 
@@ -548,6 +649,7 @@ struct Scan {
     from: u64,
     reverse: bool,
     current: Option<Current>,
+    retired: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The segment a scan is in.
@@ -671,6 +773,12 @@ impl Iterator for Scan {
                 let seg = self.segments.next()?;
                 let file = match File::open(&seg.path) {
                     Ok(f) => Arc::new(f),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound
+                            && seg.first < self.retired.load(std::sync::atomic::Ordering::Acquire) =>
+                    {
+                        continue
+                    }
                     Err(e) => return Some(Err(io_err(&seg.path, 0, "cannot open the segment", e))),
                 };
                 // Reverse: chunks between marks (one chunk for a segment
@@ -748,6 +856,36 @@ mod tests {
         fill(&files, 201, 230);
         assert_eq!(seqs(&files, AuditKind::Record, 0, false), (1..=230).collect::<Vec<_>>());
         assert_eq!(seqs(&files, AuditKind::Seal, u64::MAX, true)[0], 230);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn retire_removes_old_segments_never_the_last_and_keeps_the_boundary() {
+        let d = dir("retire");
+        let files = AuditFiles::open_with(&d, 1000).unwrap();
+        fill(&files, 1, 200);
+        let segs = files.segments();
+        assert!(segs.len() > 5);
+        // A scan listed before the removal passes over the removed files.
+        let early = files.scan(AuditKind::Record, 0, false);
+        let b = Boundary { first: segs[3].first, prev: "00".repeat(32) };
+        let removed = files.retire(&b).unwrap();
+        assert_eq!(removed.len(), 3);
+        assert!(removed.iter().all(|p| !p.exists()));
+        let first = segs[3].first;
+        assert_eq!(early.map(|e| e.unwrap().0).collect::<Vec<_>>(), (first..=200).collect::<Vec<_>>());
+        assert_eq!(seqs(&files, AuditKind::Record, 0, false), (first..=200).collect::<Vec<_>>());
+        assert_eq!(files.boundary().unwrap(), Some(b.clone()));
+        // Past the end: everything but the segment being written.
+        let n = files.segments().len();
+        let all = files.retire(&Boundary { first: u64::MAX, prev: b.prev.clone() }).unwrap();
+        assert_eq!(all.len(), n - 1);
+        assert_eq!(files.segments().len(), 1);
+        drop(files);
+        // Reopened: the boundary file is not taken for a segment.
+        let files = AuditFiles::open_with(&d, 1000).unwrap();
+        assert_eq!(files.segments().len(), 1);
+        assert_eq!(files.boundary().unwrap().map(|b| b.first), Some(u64::MAX));
         let _ = std::fs::remove_dir_all(d);
     }
 

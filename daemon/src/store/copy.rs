@@ -84,6 +84,23 @@ pub fn copy(from: &Config, to: &Config, progress: &mut dyn FnMut(&str)) -> anyho
         }
     }
 
+    // A log trimmed by retention starts at its boundary (docs/AUDIT.md
+    // §12), which goes with it; PostgreSQL has no boundary yet.
+    let boundary = match source.audit_files() {
+        Some(f) => f.boundary().context("reading the source's retention boundary")?,
+        None => None,
+    };
+    if let Some(b) = &boundary {
+        match destination.audit_files() {
+            Some(f) => f.write_boundary(b).context("writing the retention boundary")?,
+            None => bail!(
+                "the source's audit log was trimmed by retention (it starts at record {}): copying it into \
+                 PostgreSQL is not supported yet",
+                b.first
+            ),
+        }
+    }
+
     let hsm_config = from.hsm_config().map_err(anyhow::Error::msg)?;
     let hsm = Arc::new(Hsm::start(hsm_config, meta.master_key_version).context("starting the HSM workers")?);
     let result = copy_with(&source, &destination, TokenAnchor::new(hsm.clone()), progress);

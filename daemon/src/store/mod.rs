@@ -501,6 +501,13 @@ pub trait Backend: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
 
+    /// The audit log's segment files, for retention (docs/AUDIT.md §12):
+    /// the embedded store's; PostgreSQL has none (retention is refused
+    /// there at config).
+    fn audit_files(&self) -> Option<&audit_files::AuditFiles> {
+        None
+    }
+
     /// [`Backend::audit_scan`] of another node's chain.
     fn audit_scan_chain(&self, _chain: &str, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
         self.audit_scan(kind, from, reverse)
@@ -645,6 +652,14 @@ impl Store {
         match &self.chain {
             Some(node) => self.backend.audit_scan_chain(node, kind, from, reverse),
             None => self.backend.audit_scan(kind, from, reverse),
+        }
+    }
+
+    /// See [`Backend::audit_files`].
+    pub fn audit_files(&self) -> Option<&audit_files::AuditFiles> {
+        match &self.chain {
+            Some(_) => None,
+            None => self.backend.audit_files(),
         }
     }
 

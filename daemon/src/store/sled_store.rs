@@ -620,6 +620,10 @@ impl Backend for SledStore {
         self.audit.scan(kind, from, reverse)
     }
 
+    fn audit_files(&self) -> Option<&AuditFiles> {
+        Some(&self.audit)
+    }
+
     fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError> {
         SledStore::attach_anchor(self, anchor)
     }

@@ -331,8 +331,15 @@ pub async fn verify(client: &Client, json: bool) -> Result<(), Failure> {
         }),
         None => {
             if !json {
+                let kept = match v.first_kept {
+                    Some(f) => format!(
+                        "; it starts at record {f}: the records before were archived or deleted by \
+                         retention (check an archive with `audit verify --archive DIR`)"
+                    ),
+                    None => String::new(),
+                };
                 outln!(
-                    "audit log intact: {} records, {} seals, last sealed record {sealed}",
+                    "audit log intact: {} records, {} seals, last sealed record {sealed}{kept}",
                     v.records,
                     v.seals
                 );

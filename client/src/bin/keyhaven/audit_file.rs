@@ -1,8 +1,12 @@
-//! `keyhaven audit verify --file FILE…`: checks an exported or shipped
-//! audit log offline, with no daemon and no token (docs/AUDIT.md §3.3,
-//! §11): the hash chain, each seal's head against the chain, and, with
-//! `--public-key` (from `keyhaven audit public-key`), each seal's ECDSA
-//! P-256 signature.
+//! `keyhaven audit verify --file FILE… --archive DIR`: checks an exported
+//! or shipped audit log, and segments archived by retention, offline, with
+//! no daemon and no token (docs/AUDIT.md §3.3, §11, §12): the hash chain,
+//! each seal's head against the chain, and, with `--public-key` (from
+//! `keyhaven audit public-key`), each seal's ECDSA P-256 signature.
+//!
+//! An archive folder holds `NNNNNNNNNNNNNNNNNNNN.log.gz` files: gzip of the
+//! daemon's segment files, frames of `kind || u64be(seq) || u32be(len) ||
+//! value || SHA-256(all before)`, each frame's checksum checked here.
 //!
 //! It reads both forms: `audit export --signed` (each record's stored
 //! bytes on a line, `{"seal":{…}}` after the record a seal covers) and a
@@ -61,8 +65,115 @@ fn problem(kind: &str, seq: u64, msg: String) -> Failure {
     Failure::new(format!("audit log NOT intact at record {seq} ({kind}): {msg}"))
 }
 
-fn read(files: &[PathBuf]) -> Result<Log, Failure> {
-    let mut log = Log { records: BTreeMap::new(), seals: BTreeMap::new() };
+/// Largest archived segment read (the daemon's are 64 MiB).
+const MAX_SEGMENT: u64 = 1 << 30;
+/// Bytes before a frame's value: kind, seq, length.
+const FRAME_HEAD: usize = 13;
+
+/// Adds the records and seals of every `*.log.gz` in `dir`.
+fn read_archive(dir: &Path, log: &mut Log) -> Result<usize, Failure> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Failure::new(format!("cannot list {}: {e}", dir.display())))?;
+    let mut files = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| Failure::new(format!("cannot list {}: {e}", dir.display())))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let segment = name
+            .strip_suffix(".log.gz")
+            .is_some_and(|n| n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit()));
+        if segment {
+            files.push(e.path());
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(Failure::new(format!(
+            "no archived segments (NNNNNNNNNNNNNNNNNNNN.log.gz) in {}",
+            dir.display()
+        )));
+    }
+    for file in &files {
+        let f = std::fs::File::open(file)
+            .map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(flate2::read::GzDecoder::new(f), MAX_SEGMENT + 1),
+            &mut bytes,
+        )
+        .map_err(|e| problem("altered", 0, format!("{}: not an intact gzip file: {e}", file.display())))?;
+        if bytes.len() as u64 > MAX_SEGMENT {
+            return Err(Failure::new(format!("{}: over 1 GiB decompressed: not a segment", file.display())));
+        }
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let bad = |seq: u64, why: &str| {
+                problem("altered", seq, format!("{}, offset {at} (decompressed): {why}", file.display()))
+            };
+            let head = bytes.get(at..at + FRAME_HEAD).ok_or_else(|| bad(0, "a frame cut short"))?;
+            let seq = u64::from_be_bytes(head[1..9].try_into().unwrap_or_default());
+            let len = u32::from_be_bytes(head[9..13].try_into().unwrap_or_default()) as usize;
+            let end = at + FRAME_HEAD + len;
+            let frame = bytes.get(at..end + 32).ok_or_else(|| bad(seq, "a frame cut short"))?;
+            let sum: [u8; 32] = Sha256::digest(&frame[..end - at]).into();
+            if frame[end - at..] != sum {
+                return Err(bad(seq, "the frame's checksum does not match: it was altered"));
+            }
+            let value = &bytes[at + FRAME_HEAD..end];
+            let where_ = || format!("{} record {seq}", file.display());
+            match head[0] {
+                b'r' => add_record(log, value, None, &where_)?,
+                b's' => add_seal(log, value, &where_)?,
+                _ => return Err(bad(seq, "not a frame (unknown kind byte)")),
+            }
+            at = end + 32;
+        }
+    }
+    Ok(files.len())
+}
+
+fn add_seal(log: &mut Log, raw: &[u8], at: &dyn Fn() -> String) -> Result<(), Failure> {
+    let s: Seal = serde_json::from_slice(raw)
+        .map_err(|e| problem("bad_seal", 0, format!("{}: a seal that does not decode: {e}", at())))?;
+    if let Some(old) = log.seals.get(&s.seq) {
+        if old.head != s.head || old.sig != s.sig || old.time_ms != s.time_ms {
+            return Err(problem("bad_seal", s.seq, format!("{}: two different seals of it", at())));
+        }
+    }
+    log.seals.insert(s.seq, s);
+    Ok(())
+}
+
+fn add_record(
+    log: &mut Log,
+    raw: &[u8],
+    shipped: Option<&str>,
+    at: &dyn Fn() -> String,
+) -> Result<(), Failure> {
+    let hash: [u8; 32] = Sha256::digest(raw).into();
+    let r: AuditRecord = serde_json::from_slice(raw)
+        .map_err(|e| problem("altered", 0, format!("{}: a record that does not decode: {e}", at())))?;
+    if shipped.is_some_and(|h| *h != hex(&hash)) {
+        return Err(problem(
+            "altered",
+            r.seq,
+            format!("{}: its bytes do not hash to the hash shipped with it", at()),
+        ));
+    }
+    if let Some((old, _)) = log.records.get(&r.seq) {
+        if *old != hash {
+            return Err(problem(
+                "altered",
+                r.seq,
+                format!("{}: it appears twice, with different bytes", at()),
+            ));
+        }
+        return Ok(());
+    }
+    log.records.insert(r.seq, (hash, r));
+    Ok(())
+}
+
+fn read(files: &[PathBuf], log: &mut Log) -> Result<(), Failure> {
     for file in files {
         let text = std::fs::read_to_string(file)
             .map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))?;
@@ -71,52 +182,20 @@ fn read(files: &[PathBuf]) -> Result<Log, Failure> {
             let line: Line = serde_json::from_str(l)
                 .map_err(|e| Failure::new(format!("{}: not an audit log line: {e}", at())))?;
             if let Some(seal) = line.seal {
-                let s: Seal = serde_json::from_str(seal.get()).map_err(|e| {
-                    problem("bad_seal", 0, format!("{}: a seal that does not decode: {e}", at()))
-                })?;
-                if let Some(old) = log.seals.get(&s.seq) {
-                    if old.head != s.head || old.sig != s.sig || old.time_ms != s.time_ms {
-                        return Err(problem(
-                            "bad_seal",
-                            s.seq,
-                            format!("{}: two different seals of it", at()),
-                        ));
-                    }
-                }
-                log.seals.insert(s.seq, s);
+                add_seal(log, seal.get().as_bytes(), &at)?;
                 continue;
             }
             let raw = line.record.map_or(l, |r| r.get());
-            let hash: [u8; 32] = Sha256::digest(raw.as_bytes()).into();
-            let r: AuditRecord = serde_json::from_str(raw).map_err(|e| {
-                problem("altered", 0, format!("{}: a record that does not decode: {e}", at()))
-            })?;
-            if line.hash.as_ref().is_some_and(|h| *h != hex(&hash)) {
-                return Err(problem(
-                    "altered",
-                    r.seq,
-                    format!("{}: its bytes do not hash to the hash shipped with it", at()),
-                ));
-            }
-            if let Some((old, _)) = log.records.get(&r.seq) {
-                if *old != hash {
-                    return Err(problem(
-                        "altered",
-                        r.seq,
-                        format!("{}: it appears twice, with different bytes", at()),
-                    ));
-                }
-                continue;
-            }
-            log.records.insert(r.seq, (hash, r));
+            add_record(log, raw.as_bytes(), line.hash.as_deref(), &at)?;
         }
     }
-    Ok(log)
+    Ok(())
 }
 
-/// `audit verify --file FILE… [--public-key PEM]`: exits 0 when intact,
-/// 1 when not, 3 when intact but records were reported unsealed at a start.
-pub fn verify(files: &[PathBuf], public_key: Option<&Path>) -> Result<(), Failure> {
+/// `audit verify --file FILE… --archive DIR… [--public-key PEM]`: exits 0
+/// when intact, 1 when not, 3 when intact but records were reported
+/// unsealed at a start.
+pub fn verify(files: &[PathBuf], archives: &[PathBuf], public_key: Option<&Path>) -> Result<(), Failure> {
     let key = match public_key {
         Some(p) => {
             let pem =
@@ -131,7 +210,12 @@ pub fn verify(files: &[PathBuf], public_key: Option<&Path>) -> Result<(), Failur
         }
         None => None,
     };
-    let log = read(files)?;
+    let mut log = Log { records: BTreeMap::new(), seals: BTreeMap::new() };
+    let mut segments = 0;
+    for dir in archives {
+        segments += read_archive(dir, &mut log)?;
+    }
+    read(files, &mut log)?;
     let (Some(&first), Some(&last)) = (log.records.keys().next(), log.records.keys().next_back()) else {
         return Err(Failure::new("no audit records in the file(s)".into()));
     };
@@ -219,7 +303,14 @@ pub fn verify(files: &[PathBuf], public_key: Option<&Path>) -> Result<(), Failur
         }
         (Some(_), None) => "no signed head in the file(s): nothing vouches for the records".to_owned(),
     };
-    let summary = format!("records {first} to {last}, {seals} seals; {vouched}");
+    let start = if first == 1 {
+        String::new()
+    } else {
+        format!(" (records before {first} are in none of these: deleted, or in another archive)")
+    };
+    let archived =
+        if archives.is_empty() { String::new() } else { format!(", {segments} archived segments") };
+    let summary = format!("records {first} to {last}{start}, {seals} seals{archived}; {vouched}");
     if !unsealed.is_empty() {
         return Err(Failure {
             message: format!(

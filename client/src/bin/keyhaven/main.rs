@@ -288,15 +288,19 @@ enum AuditCommand {
     /// intact but records were found unsealed at a start, 1 otherwise.
     Verify {
         /// Print the daemon's full answer as JSON.
-        #[arg(long, conflicts_with = "file")]
+        #[arg(long, conflicts_with_all = ["file", "archive"])]
         json: bool,
         /// Check exported or shipped JSON lines offline instead (`audit export --signed`, a
         /// file sink's files, in any order; repeat for several files): no daemon needed.
         #[arg(long, value_name = "EXPORT")]
         file: Vec<PathBuf>,
-        /// With --file: the audit signing key (`keyhaven audit public-key`), to check the
-        /// signed heads.
-        #[arg(long, value_name = "PEM", requires = "file")]
+        /// Check a folder of segments archived by retention (`*.log.gz`) offline; with
+        /// --file (the live log's `audit export --signed`) the whole chain across the boundary.
+        #[arg(long, value_name = "DIR")]
+        archive: Vec<PathBuf>,
+        /// With --file or --archive: the audit signing key (`keyhaven audit public-key`), to
+        /// check the signed heads.
+        #[arg(long, value_name = "PEM")]
         public_key: Option<PathBuf>,
     },
     /// Every matching record as JSON lines (for a SIEM).
@@ -622,9 +626,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Inspect { value } = &cli.command {
         return inspect::run(value.as_deref());
     }
-    if let Command::Audit(AuditCommand::Verify { file, public_key, .. }) = &cli.command {
-        if !file.is_empty() {
-            return audit_file::verify(file, public_key.as_deref());
+    if let Command::Audit(AuditCommand::Verify { file, archive, public_key, .. }) = &cli.command {
+        if !file.is_empty() || !archive.is_empty() {
+            return audit_file::verify(file, archive, public_key.as_deref());
+        }
+        if public_key.is_some() {
+            return Err(usage("--public-key is for checking offline, with --file or --archive"));
         }
     }
     if let Command::Seal { chunk_size, .. } = &cli.command {
@@ -709,6 +716,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Health => {
             let h = client.health().await?;
             print_json(&h)?;
+            for s in h.audit_sinks.iter().filter(|s| s.state != "ok") {
+                eprintln!(
+                    "keyhaven: audit sink `{}` ({}) is {}: {} records behind{}",
+                    s.name,
+                    s.kind,
+                    s.state,
+                    s.lag,
+                    s.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                );
+            }
             match h.status.as_str() {
                 "ok" => Ok(()),
                 other => Err(Failure::new(format!("the daemon is {other}"))),
