@@ -75,3 +75,40 @@ pub fn algorithm(key_type: KeyType) -> Option<&'static str> {
         _ => None,
     }
 }
+
+/// `verify`: whether a signature is a version's signature of a message (or
+/// of a digest the caller computed), checked by the daemon in the token
+/// with the version's public key (docs/PROTOCOL.md §3.34).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verify {
+    /// Tenant name.
+    pub tenant: String,
+    /// Key name.
+    pub key: String,
+    /// The version whose public key checks the signature; the current one
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// The message, base64 (0 to 65 536 bytes). Exactly one of `message`
+    /// and `digest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<SecretBytes>,
+    /// A digest computed by the caller, base64, of the length `sign` takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<SecretBytes>,
+    /// The signature as `sign` gives it, standard base64.
+    pub signature: String,
+}
+
+/// Answer to `verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyResponse {
+    /// Whether the signature verifies.
+    pub valid: bool,
+    /// The version whose public key checked it.
+    pub key_version: u32,
+    /// The algorithm, as `sign` names it.
+    pub algorithm: String,
+}
+operation!(Verify, "verify", VerifyResponse);

@@ -118,6 +118,24 @@ enum Command {
     /// JSON Web Tokens signed by an ECDSA key.
     #[command(subcommand)]
     Jwt(JwtCommand),
+    /// Check a signature (from `sign`) of stdin in the daemon, with a version's public key; exits 0 when
+    /// it verifies, 1 when it does not, 2 for a usage error, 3 for any other error.
+    Verify {
+        /// The key, as TENANT/KEY (a signing key).
+        key: KeyPath,
+        /// The signature, base64, as `keyhaven sign` prints it.
+        #[arg(long, value_name = "BASE64")]
+        signature: String,
+        /// The version whose public key checks it; the current one by default.
+        #[arg(long)]
+        version: Option<u32>,
+        /// stdin is a digest, not the message (as for `sign --digest`).
+        #[arg(long)]
+        digest: bool,
+        /// Print the whole response as JSON (valid, key version, algorithm).
+        #[arg(long)]
+        json: bool,
+    },
     /// Rewrap envelopes or ciphertexts (one per line on stdin) under their key's newest version.
     Rewrap {
         #[command(flatten)]
@@ -580,6 +598,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             "input",
             "; `sign` takes at most 64 KiB: sign a digest (--digest) instead",
         )?),
+        Command::Verify { .. } => Some(read_stdin(
+            MAX_ENCRYPT_PLAINTEXT,
+            "input",
+            "; `verify` takes at most 64 KiB: give a digest (--digest) instead",
+        )?),
         Command::Mac(_) => Some(read_stdin(
             keyhaven::mac::MAX_MAC_MESSAGE,
             "message",
@@ -659,6 +682,45 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         return Ok(());
     }
+    if let Command::Verify { key, signature, version, digest, json } = &cli.command {
+        if *version == Some(0) {
+            return Err(usage("--version: key versions start at 1"));
+        }
+        let input = keyhaven::wire::SecretBytes::from_slice(&input.unwrap_or_default());
+        let (message, digest) = if *digest { (None, Some(input)) } else { (Some(input), None) };
+        let req = keyhaven::sign::Verify {
+            tenant: key.tenant().into(),
+            key: key.key().into(),
+            version: *version,
+            message,
+            digest,
+            signature: signature.clone(),
+        };
+        let timeout = cli.timeout.unwrap_or(keyhaven::client::DEFAULT_REQUEST_TIMEOUT);
+        // Exit 1 means "does not verify": every error exits 3.
+        let resp = async {
+            let client = Client::builder()
+                .connect_timeout(Some(cli.connect_timeout).filter(|t| !t.is_zero()))
+                .request_timeout(Some(timeout).filter(|t| !t.is_zero()))
+                .connect(&socket)
+                .await?;
+            client.call(&req).await
+        }
+        .await
+        .map_err(|e| Failure { message: e.to_string(), exit: 3 })?;
+        if *json {
+            print_json(&resp)?;
+        }
+        return if resp.valid {
+            eprintln!("keyhaven: the signature verifies (key `{key}` version {})", resp.key_version);
+            Ok(())
+        } else {
+            Err(Failure::new(format!(
+                "the signature does not verify under key `{key}` version {}",
+                resp.key_version
+            )))
+        };
+    }
     let request_timeout = match cli.timeout {
         Some(t) => t,
         // One request that walks the whole log and asks the token about every seal.
@@ -671,7 +733,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .connect(&socket)
         .await?;
     match cli.command {
-        Command::Bench { .. } | Command::Seal { .. } | Command::Open { .. } | Command::Inspect { .. } => {
+        Command::Bench { .. }
+        | Command::Seal { .. }
+        | Command::Open { .. }
+        | Command::Inspect { .. }
+        | Command::Verify { .. } => {
             unreachable!("handled above")
         }
         Command::Health => {
