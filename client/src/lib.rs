@@ -49,6 +49,7 @@ pub mod seal;
 pub mod sealer;
 pub mod secret;
 pub mod sign;
+pub mod spki;
 pub mod wire;
 
 pub use client::{Client, ClientBuilder, TimedOut, Timeouts};

@@ -1,7 +1,8 @@
 //! Signature checks in the token (`verify`, PROTOCOL.md §3.34): the stored
 //! public key of a version is loaded as a session object (C_CreateObject,
 //! destroyed after use) and the token checks the signature with C_Verify,
-//! so the daemon does no signature arithmetic of its own.
+//! so the daemon does no signature arithmetic of its own. RSA signatures
+//! are checked over the digest (CKM_RSA_PKCS_PSS).
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
@@ -20,6 +21,10 @@ pub fn public_key_template(key_type: keyhaven::KeyType, spki: &[u8]) -> Result<V
         Attribute::Encrypt(false),
         Attribute::Wrap(false),
     ];
+    if key_type.is_rsa() {
+        t.extend(super::rsa::public_key_attributes(spki)?);
+        return Ok(t);
+    }
     let (params, point_len) = ec::curve(key_type)?;
     let point = spki.get(spki.len().saturating_sub(point_len)..).unwrap_or_default();
     if point.len() != point_len || ec::spki(params, point) != spki {
@@ -67,5 +72,18 @@ impl Worker {
         signature: &[u8],
     ) -> Result<bool, HsmError> {
         self.retrying(|w| check(w.session()?, key_type, spki, &Mechanism::Ecdsa, digest, signature))
+    }
+
+    /// Whether `signature` is an RSASSA-PSS signature of `digest` (SHA-256)
+    /// under the RSA public key `spki` (CKM_RSA_PKCS_PSS in the token).
+    pub fn verify_pss(
+        &mut self,
+        key_type: keyhaven::KeyType,
+        spki: &[u8],
+        digest: &[u8],
+        signature: &[u8],
+    ) -> Result<bool, HsmError> {
+        let mechanism = Mechanism::RsaPkcsPss(super::rsa::pss_params());
+        self.retrying(|w| check(w.session()?, key_type, spki, &mechanism, digest, signature))
     }
 }

@@ -1,11 +1,13 @@
-//! Signatures under ECDSA keys: `sign`, `public_key` and `verify`
+//! Signatures under ECDSA and RSA-PSS keys: `sign`, `public_key` and `verify`
 //! (PROTOCOL.md §3.31–3.32, §3.34).
 //!
 //! Each version's private key is made in the token and stored wrapped
 //! (`hsm::ec`); it signs in the token with CKM_ECDSA over a digest the
 //! daemon computes (SHA-256 for P-256, SHA-384 for P-384: SoftHSM2 2.6.1
 //! offers CKM_ECDSA but not the hash-and-sign mechanisms, `hsm::signing`,
-//! and the result is the same signature) or the caller gives. The public key
+//! and the result is the same signature) or the caller gives. An
+//! `rsa-3072-pss` key (`hsm::rsa`) signs a message with
+//! CKM_SHA256_RSA_PKCS_PSS and a digest with CKM_RSA_PKCS_PSS. The public key
 //! is stored with the version and served as PEM; `verify` loads it into the
 //! token and checks a signature there (`hsm::verify`).
 
@@ -71,7 +73,7 @@ fn require_signing(rec: &KeyRecord, path: &KeyPath, op: &str) -> Result<(), Erro
         Ok(())
     } else {
         Err(Error::WrongKeyType(format!(
-            "key `{path}` is of type `{}`; `{op}` needs a signing key (`ecdsa-p256` or `ecdsa-p384`)",
+            "key `{path}` is of type `{}`; `{op}` needs a signing key (`ecdsa-p256`, `ecdsa-p384` or `rsa-3072-pss`)",
             rec.key_type
         )))
     }
@@ -120,6 +122,11 @@ async fn sign(d: &Arc<Daemon>, path: KeyPath, req: Sign, s: &mut Subject) -> Res
     d.revocations.check(&path, None, None)?;
     let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
     require_signing(&rec, &path, "sign")?;
+    // An RSA key hashes a message in the token (CKM_SHA256_RSA_PKCS_PSS).
+    let rsa_message = match &input {
+        Ok(m) if rec.key_type.is_rsa() => Some(m.clone()),
+        _ => None,
+    };
     let digest = digest_of(rec.key_type, input)?;
     match rec.state {
         KeyState::Enabled => {}
@@ -132,9 +139,16 @@ async fn sign(d: &Arc<Daemon>, path: KeyPath, req: Sign, s: &mut Subject) -> Res
     d.revocations.check(&path, Some(version), None)?;
     let key = kek_ref(&rec, &path, version)?;
     s.version = Some(version);
-    let raw = d.hsm.run_for(path.tenant(), move |w| w.sign_digest(&key, &digest)).await?;
-    let der = crate::hsm::signing::signature_der(&raw)
-        .ok_or_else(|| Error::Internal(format!("the token gave a {}-byte ECDSA signature", raw.len())))?;
+    let raw = match rsa_message {
+        Some(m) => d.hsm.run_for(path.tenant(), move |w| w.sign_message_pss(&key, m.expose())).await?,
+        None => d.hsm.run_for(path.tenant(), move |w| w.sign_digest(&key, &digest)).await?,
+    };
+    let der = if rec.key_type.is_rsa() {
+        raw
+    } else {
+        crate::hsm::signing::signature_der(&raw)
+            .ok_or_else(|| Error::Internal(format!("the token gave a {}-byte ECDSA signature", raw.len())))?
+    };
     let resp = SignResponse {
         signature: base64::engine::general_purpose::STANDARD.encode(der),
         key_version: version,
@@ -164,11 +178,15 @@ async fn verify(d: &Arc<Daemon>, path: KeyPath, req: Verify, s: &mut Subject) ->
     let spki = stored_public_key(&rec, &path, version)?;
     let key_type = rec.key_type;
     let n = key_type.digest_len().unwrap_or(32);
-    let valid = match keyhaven::jose::raw_signature(&signature, n) {
-        Ok(raw) => {
-            d.hsm.run_for(path.tenant(), move |w| w.verify_ecdsa(key_type, &spki, &digest, &raw)).await?
+    let valid = if key_type.is_rsa() {
+        d.hsm.run_for(path.tenant(), move |w| w.verify_pss(key_type, &spki, &digest, &signature)).await?
+    } else {
+        match keyhaven::jose::raw_signature(&signature, n) {
+            Ok(raw) => {
+                d.hsm.run_for(path.tenant(), move |w| w.verify_ecdsa(key_type, &spki, &digest, &raw)).await?
+            }
+            Err(_) => false,
         }
-        Err(_) => false,
     };
     // A verification keeps an old version needed, as a decryption does.
     d.usage.decrypted(&key.id, crate::clock::now_unix());

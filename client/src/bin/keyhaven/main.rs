@@ -102,13 +102,13 @@ enum Command {
     Datakey(DatakeyArgs),
     /// MAC tags under hmac-sha256 keys: `mac TENANT/KEY < msg` prints a tag; `mac verify` checks one.
     Mac(MacArgs),
-    /// Sign stdin (at most 64 KiB, or a digest with --digest) with an ECDSA key; prints the DER
-    /// signature in base64.
+    /// Sign stdin (at most 64 KiB, or a digest with --digest) with an ECDSA or RSA-PSS key; prints the
+    /// signature (DER for ECDSA) in base64.
     Sign {
-        /// The key, as TENANT/KEY (of type ecdsa-p256 or ecdsa-p384).
+        /// The key, as TENANT/KEY (of type ecdsa-p256, ecdsa-p384 or rsa-3072-pss).
         key: KeyPath,
-        /// stdin is a digest, not the message: 32 bytes (SHA-256) for ecdsa-p256, 48 (SHA-384) for
-        /// ecdsa-p384, raw (e.g. `openssl dgst -sha256 -binary`).
+        /// stdin is a digest, not the message: 32 bytes (SHA-256) for ecdsa-p256 and rsa-3072-pss, 48
+        /// (SHA-384) for ecdsa-p384, raw (e.g. `openssl dgst -sha256 -binary`).
         #[arg(long)]
         digest: bool,
         /// Print the whole response as JSON (signature, key version, algorithm).
@@ -202,8 +202,8 @@ enum KeyCommand {
         /// Rotate automatically this often (90d, 12h, …); none by default.
         #[arg(long, value_name = "PERIOD")]
         rotate_every: Option<String>,
-        /// What kind of key: aes256-gcm (encryption, data keys), hmac-sha256 (MAC tags), ecdsa-p256 or
-        /// ecdsa-p384 (signatures).
+        /// What kind of key: aes256-gcm (encryption, data keys), hmac-sha256 (MAC tags), ecdsa-p256,
+        /// ecdsa-p384 or rsa-3072-pss (signatures).
         #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm")]
         key_type: keyhaven::KeyType,
         /// Makes a retry safe: a create with the same key as the one that made the key answers as it did.
@@ -234,9 +234,9 @@ enum KeyCommand {
 
 #[derive(Subcommand)]
 enum JwtCommand {
-    /// A compact JWS (ES256/ES384) of the JSON object in FILE, `kid` = the signing version's id (TENANT/KEY@N).
+    /// A compact JWS (ES256/ES384/PS256) of the JSON object in FILE, `kid` = the signing version's id (TENANT/KEY@N).
     Sign {
-        /// The key, as TENANT/KEY (ecdsa-p256 or ecdsa-p384).
+        /// The key, as TENANT/KEY (ecdsa-p256, ecdsa-p384 or rsa-3072-pss).
         key: KeyPath,
         /// The claims, a JSON object.
         #[arg(long, value_name = "FILE")]
