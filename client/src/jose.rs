@@ -41,12 +41,18 @@ pub fn jwk(pem: &str, key_type: KeyType, kid: &str) -> Result<Value, Error> {
     if key_type.is_rsa() {
         let der = crate::spki::pem_der(pem).ok_or_else(|| bad("PEM is not base64"))?;
         let (n, e) = crate::spki::rsa_public(&der).ok_or_else(|| bad("not an RSA public key"))?;
+        // An encryption key's JWK says so (RFC 7518 §4.3: RSA-OAEP is
+        // OAEP with SHA-1 and MGF1-SHA-1, what khp1: uses).
+        let (usage, alg) = match key_type {
+            KeyType::RsaOaep4096 => ("enc", Some("RSA-OAEP")),
+            _ => ("sig", jws_alg(key_type)),
+        };
         return Ok(json!({
             "kty": "RSA",
             "n": URL_SAFE_NO_PAD.encode(n),
             "e": URL_SAFE_NO_PAD.encode(e),
-            "use": "sig",
-            "alg": jws_alg(key_type),
+            "use": usage,
+            "alg": alg,
             "kid": kid,
         }));
     }

@@ -29,16 +29,23 @@ pub enum KeyType {
     /// 32-byte salt): `sign`, `verify`, `public_key`.
     #[serde(rename = "rsa-3072-pss")]
     RsaPss3072,
+    /// RSA-4096 key pairs for public-key encryption: anyone with the
+    /// public key (`public_key`) makes a `khp1:` ciphertext offline, whose
+    /// data key only the token's private key unwraps (RSA-OAEP) in
+    /// `decrypt`.
+    #[serde(rename = "rsa-4096-oaep")]
+    RsaOaep4096,
 }
 
 impl KeyType {
     /// Every type, in the order the docs list them.
-    pub const ALL: [KeyType; 5] = [
+    pub const ALL: [KeyType; 6] = [
         KeyType::Aes256Gcm,
         KeyType::HmacSha256,
         KeyType::EcdsaP256,
         KeyType::EcdsaP384,
         KeyType::RsaPss3072,
+        KeyType::RsaOaep4096,
     ];
 
     /// The name on the wire and on the command line.
@@ -49,6 +56,7 @@ impl KeyType {
             KeyType::EcdsaP256 => "ecdsa-p256",
             KeyType::EcdsaP384 => "ecdsa-p384",
             KeyType::RsaPss3072 => "rsa-3072-pss",
+            KeyType::RsaOaep4096 => "rsa-4096-oaep",
         }
     }
 
@@ -60,7 +68,12 @@ impl KeyType {
 
     /// Whether keys of this type are RSA key pairs.
     pub fn is_rsa(self) -> bool {
-        matches!(self, KeyType::RsaPss3072)
+        matches!(self, KeyType::RsaPss3072 | KeyType::RsaOaep4096)
+    }
+
+    /// Whether each version has a public key (`public_key` serves it).
+    pub fn has_public_key(self) -> bool {
+        self.is_signing() || self == KeyType::RsaOaep4096
     }
 
     /// The length of the digest a signing key signs (SHA-256 or SHA-384).

@@ -22,6 +22,7 @@ const EXPONENT: [u8; 3] = [0x01, 0x00, 0x01];
 fn modulus_bits(key_type: keyhaven::KeyType) -> Result<u64, HsmError> {
     match key_type {
         keyhaven::KeyType::RsaPss3072 => Ok(3072),
+        keyhaven::KeyType::RsaOaep4096 => Ok(4096),
         other => Err(HsmError::Library(format!("`{other}` is not an RSA key type"))),
     }
 }
@@ -40,6 +41,8 @@ pub fn generate_wrapped(
     key_type: keyhaven::KeyType,
 ) -> Result<Generated, HsmError> {
     let bits = modulus_bits(key_type)?;
+    // A signing key signs; an encryption key decrypts (RSA-OAEP).
+    let decrypts = key_type == keyhaven::KeyType::RsaOaep4096;
     let (public, private) = s.generate_key_pair(
         &Mechanism::RsaPkcsKeyPairGen,
         &[
@@ -48,8 +51,8 @@ pub fn generate_wrapped(
             Attribute::ModulusBits(bits.into()),
             Attribute::PublicExponent(EXPONENT.to_vec()),
             Attribute::Token(false),
-            Attribute::Verify(true),
-            Attribute::Encrypt(false),
+            Attribute::Verify(!decrypts),
+            Attribute::Encrypt(decrypts),
         ],
         &[
             Attribute::Class(ObjectClass::PRIVATE_KEY),
@@ -58,8 +61,8 @@ pub fn generate_wrapped(
             Attribute::Private(true),
             Attribute::Sensitive(true),
             Attribute::Extractable(true),
-            Attribute::Sign(true),
-            Attribute::Decrypt(false),
+            Attribute::Sign(!decrypts),
+            Attribute::Decrypt(decrypts),
             Attribute::Derive(false),
         ],
     )?;
@@ -86,6 +89,17 @@ fn public_spki(s: &Session, public: ObjectHandle) -> Result<Vec<u8>, HsmError> {
         (Some(n), Some(e)) if !n.is_empty() && !e.is_empty() => Ok(keyhaven::spki::rsa_spki(&n, &e)),
         _ => Err(HsmError::Library("the token gave no RSA modulus or exponent".into())),
     }
+}
+
+/// RSA-OAEP as `khp1:` uses it (docs/ENVELOPE.md §11): SHA-1 and
+/// MGF1-SHA-1, empty label. SoftHSM2 2.6.1 refuses any other hash
+/// (CKR_ARGUMENTS_BAD for SHA-256, checked with pkcs11-tool).
+pub fn oaep() -> Mechanism<'static> {
+    Mechanism::RsaPkcsOaep(cryptoki::mechanism::rsa::PkcsOaepParams::new(
+        MechanismType::SHA1,
+        PkcsMgfType::MGF1_SHA1,
+        cryptoki::mechanism::rsa::PkcsOaepSource::empty(),
+    ))
 }
 
 /// The attributes of a session public-key object holding the RSA key of

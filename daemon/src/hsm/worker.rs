@@ -308,7 +308,9 @@ impl Worker {
             keyhaven::KeyType::EcdsaP256 | keyhaven::KeyType::EcdsaP384 => {
                 ec::generate_wrapped(s, mk, key_type)
             }
-            keyhaven::KeyType::RsaPss3072 => super::rsa::generate_wrapped(s, mk, key_type),
+            keyhaven::KeyType::RsaPss3072 | keyhaven::KeyType::RsaOaep4096 => {
+                super::rsa::generate_wrapped(s, mk, key_type)
+            }
             _ => Ok(Generated { wrapped: generate_wrapped(s, mk)?, public_key: None }),
         }
     }
@@ -325,6 +327,23 @@ impl Worker {
         self.retrying(|w| {
             let h = w.kek(key)?;
             Ok(w.session()?.sign(&mechanism, h, digest)?)
+        })
+    }
+
+    /// The data key of a `khp1:` ciphertext: `wrapped` decrypted with
+    /// RSA-OAEP ([`rsa::oaep`](super::rsa::oaep)) by an `rsa-4096-oaep`
+    /// version's private key, in the token. A wrapped key that does not
+    /// decrypt is [`HsmError::Integrity`].
+    pub fn oaep_decrypt(&mut self, key: &KekRef, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        self.retrying(|w| {
+            let h = w.kek(key)?;
+            let plain = w.session()?.decrypt(&super::rsa::oaep(), h, wrapped).map_err(|e| {
+                integrity_or(
+                    e,
+                    "the wrapped data key does not decrypt: it was altered, or it is for another key",
+                )
+            })?;
+            Ok(Zeroizing::new(plain))
         })
     }
 
@@ -618,6 +637,7 @@ fn unwrap_kek(
             (Mechanism::AesKeyWrapPad, confine::ec_private_unwrap_template())
         }
         keyhaven::KeyType::RsaPss3072 => (Mechanism::AesKeyWrapPad, confine::rsa_sign_unwrap_template()),
+        keyhaven::KeyType::RsaOaep4096 => (Mechanism::AesKeyWrapPad, confine::rsa_decrypt_unwrap_template()),
         _ => (Mechanism::AesKeyWrap, confine::kek_unwrap_template()),
     };
     s.unwrap_key(&mechanism, mk, wrapped, &template)

@@ -212,7 +212,12 @@ fn stored_public_key(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<Ve
 fn public_key(d: &Arc<Daemon>, path: KeyPath, req: PublicKey, s: &mut Subject) -> Result<Reply, Error> {
     d.revocations.check(&path, None, None)?;
     let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
-    require_signing(&rec, &path, "public_key")?;
+    if !rec.key_type.has_public_key() {
+        return Err(Error::WrongKeyType(format!(
+            "key `{path}` is of type `{}`; `public_key` needs a key pair (a signing key or `rsa-4096-oaep`)",
+            rec.key_type
+        )));
+    }
     let version = req.version.unwrap_or(rec.current_version);
     s.version = Some(version);
     d.revocations.check(&path, Some(version), None)?;

@@ -58,10 +58,16 @@ enum Command {
     /// Named keys.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Encrypt stdin (at most 64 KiB) under TENANT/KEY; the text ciphertext goes to stdout.
+    /// Encrypt stdin (at most 64 KiB) under TENANT/KEY; the text ciphertext goes to stdout. With
+    /// --public-key, offline: no daemon, a khp1: ciphertext that only the daemon opens.
     Encrypt {
         /// The key, as TENANT/KEY.
-        key: KeyPath,
+        #[arg(required_unless_present = "public_key", conflicts_with = "public_key")]
+        key: Option<KeyPath>,
+        /// Encrypt offline to an rsa-4096-oaep key's public key: the JWK that `keyhaven key public
+        /// TENANT/KEY --format jwk` writes (its kid names the key and version).
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
         #[command(flatten)]
         context: ContextArgs,
         /// Print the whole response as JSON (ciphertext, envelope id, key version).
@@ -220,13 +226,16 @@ enum KeyCommand {
         /// The key, as TENANT/KEY.
         key: KeyPath,
     },
-    /// The public key of a signing key's version, PEM.
+    /// The public key of a signing or rsa-4096-oaep key's version, PEM (or a JWK).
     Public {
         /// The key, as TENANT/KEY.
         key: KeyPath,
         /// The version; the current one by default.
         #[arg(long)]
         version: Option<u32>,
+        /// pem, or jwk (kid = TENANT/KEY@N; what `encrypt --public-key` reads).
+        #[arg(long, default_value = "pem", value_parser = ["pem", "jwk"])]
+        format: String,
     },
     #[command(flatten)]
     Lifecycle(lifecycle::Lifecycle),
@@ -532,6 +541,65 @@ fn wrong_form(text: &str, expected: &str) -> Option<String> {
     (prefix != expected).then(|| format!("this is a `{prefix}` text, which `{command}` takes"))
 }
 
+/// `encrypt --public-key`: a `khp1:` ciphertext made here, with no daemon
+/// (docs/ENVELOPE.md §11): a fresh data key, RSA-OAEP-encrypted (OpenSSL;
+/// SHA-1 and MGF1-SHA-1, what the token decrypts) to the JWK in `file`,
+/// seals `plaintext` with the context as AAD.
+fn public_encrypt(
+    file: &std::path::Path,
+    plaintext: &[u8],
+    context: &EncryptionContext,
+    json: bool,
+) -> Result<(), Failure> {
+    use base64::Engine as _;
+    use keyhaven::hybrid::{PublicCiphertext, WRAPPED_LEN};
+    let bad = |why: &str| Failure::new(format!("--public-key {}: {why}", file.display()));
+    let text = std::fs::read_to_string(file).map_err(|e| bad(&e.to_string()))?;
+    let jwk: serde_json::Value =
+        serde_json::from_str(&text).map_err(|_| bad("not a JWK (`keyhaven key public KEY --format jwk`)"))?;
+    let field =
+        |name: &str| jwk.get(name).and_then(|v| v.as_str()).ok_or_else(|| bad(&format!("no `{name}`")));
+    if field("kty")? != "RSA" || field("alg")? != "RSA-OAEP" {
+        return Err(bad("not the public key of an rsa-4096-oaep key (kty RSA, alg RSA-OAEP)"));
+    }
+    let (path, version) = field("kid")?
+        .rsplit_once('@')
+        .and_then(|(p, v)| Some((p.parse::<KeyPath>().ok()?, v.parse::<u32>().ok().filter(|v| *v > 0)?)))
+        .ok_or_else(|| bad("its kid is not TENANT/KEY@VERSION"))?;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let n = b64.decode(field("n")?).map_err(|_| bad("`n` is not base64url"))?;
+    let e = b64.decode(field("e")?).map_err(|_| bad("`e` is not base64url"))?;
+    let ssl = |e: openssl::error::ErrorStack| Failure::new(format!("OpenSSL: {e}"));
+    let rsa = openssl::rsa::Rsa::from_public_components(
+        openssl::bn::BigNum::from_slice(&n).map_err(ssl)?,
+        openssl::bn::BigNum::from_slice(&e).map_err(ssl)?,
+    )
+    .map_err(ssl)?;
+    if rsa.size() as usize != WRAPPED_LEN {
+        return Err(bad("not a 4096-bit RSA key"));
+    }
+    let pkey = openssl::pkey::PKey::from_rsa(rsa).map_err(ssl)?;
+    let data_key = PublicCiphertext::new_data_key();
+    let mut enc = openssl::encrypt::Encrypter::new(&pkey).map_err(ssl)?;
+    enc.set_rsa_padding(openssl::rsa::Padding::PKCS1_OAEP).map_err(ssl)?;
+    enc.set_rsa_oaep_md(openssl::hash::MessageDigest::sha1()).map_err(ssl)?;
+    enc.set_rsa_mgf1_md(openssl::hash::MessageDigest::sha1()).map_err(ssl)?;
+    let mut wrapped = vec![0u8; enc.encrypt_len(&data_key[..]).map_err(ssl)?];
+    let len = enc.encrypt(&data_key[..], &mut wrapped).map_err(ssl)?;
+    wrapped.truncate(len);
+    let ct = PublicCiphertext::seal(&path, version, wrapped, &data_key, plaintext, context)?;
+    if json {
+        return print_json(&serde_json::json!({
+            "ciphertext": ct.to_string(),
+            "tenant": path.tenant(),
+            "key": path.key(),
+            "key_version": version,
+        }));
+    }
+    outln!("{ct}");
+    Ok(())
+}
+
 fn read_stdin_text(what: &str) -> Result<String, Failure> {
     let raw = read_stdin(keyhaven::frame::MAX_FRAME_LEN, what, "")?;
     let text = std::str::from_utf8(&raw).map_err(|_| Failure::new(format!("{what} on stdin is not text")))?;
@@ -626,6 +694,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 keyhaven::seal::MAX_CHUNK
             )));
         }
+    }
+    if let Command::Encrypt { public_key: Some(file), json, .. } = &cli.command {
+        return public_encrypt(file, &input.unwrap_or_default(), &context, *json);
     }
     match &cli.command {
         Command::Seal { key, chunk_size, .. } => {
@@ -811,6 +882,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_json(&serde_json::json!({ "keys": keys }))
         }
         Command::Encrypt { key, json, .. } => {
+            let key = key.ok_or_else(|| usage("encrypt needs TENANT/KEY or --public-key"))?;
             let plaintext = input.unwrap_or_default();
             let resp = client.encrypt(&key, &plaintext, &context).await?;
             if json {
@@ -822,7 +894,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Decrypt { json, .. } => {
             let ct = read_stdin_text("ciphertext")?;
-            if let Some(hint) = wrong_form(&ct, "khc1:") {
+            if let Some(hint) = wrong_form(&ct, "khc1:").filter(|_| !ct.starts_with("khp1:")) {
                 return Err(Failure::new(format!("`decrypt` takes a ciphertext (khc1:): {hint}")));
             }
             let resp = client.decrypt(&ct, &context).await?;
@@ -856,10 +928,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Key(KeyCommand::Jwks { key }) => jwt::jwks(&client, &key).await,
         Command::Jwt(JwtCommand::Sign { key, claims }) => jwt::sign(&client, &key, &claims).await,
-        Command::Key(KeyCommand::Public { key, version }) => {
+        Command::Key(KeyCommand::Public { key, version, format }) => {
             let req =
                 keyhaven::sign::PublicKey { tenant: key.tenant().into(), key: key.key().into(), version };
-            std::io::stdout().lock().write_all(client.call(&req).await?.pem.as_bytes())?;
+            let resp = client.call(&req).await?;
+            if format == "jwk" {
+                let kid = keyhaven::jose::kid(&key, resp.key_version);
+                return print_json(&keyhaven::jose::jwk(&resp.pem, resp.key_type, &kid)?);
+            }
+            std::io::stdout().lock().write_all(resp.pem.as_bytes())?;
             Ok(())
         }
         Command::Mac(MacArgs { sub: Some(MacSub::Verify { key, tag }), .. }) => {
