@@ -58,6 +58,10 @@ async fn offline_ciphertexts_open_through_the_daemon_and_altered_ones_do_not() {
     ))
     .unwrap();
     assert_eq!((json["key"].as_str(), json["key_version"].as_u64()), (Some("vault"), Some(1)));
+    // `inspect` reads it offline and names the same data-key id.
+    let seen: serde_json::Value = serde_json::from_str(&ok(offline(&["inspect", &ct], b""))).unwrap();
+    assert_eq!((seen["format"].as_str(), seen["key_version"].as_u64()), (Some("public_ciphertext"), Some(1)));
+    assert_eq!((seen["plaintext_bytes"].as_u64(), &seen["envelope_id"]), (Some(11), &json["envelope_id"]));
 
     // Wrong or missing context: refused.
     for ctx in [&["--context", "provider=paypal"][..], &[][..]] {

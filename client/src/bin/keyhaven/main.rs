@@ -153,7 +153,7 @@ enum Command {
     Destroy(revoke::DestroyArgs),
     /// Who the daemon sees you as (uid, groups, process) and what the policy grants you.
     Whoami,
-    /// Decode a khe1:/khc1:/khs1: text form (argument, or one per line on stdin) or a binary envelope,
+    /// Decode a khe1:/khc1:/khs1:/khp1: text form (argument, or one per line on stdin) or a binary envelope,
     /// ciphertext, record or stream (stdin) offline: format, tenant, key, version, envelope id; one JSON
     /// object each. Nothing is checked with the daemon: the fields are claims until it unwraps the envelope.
     Inspect {
