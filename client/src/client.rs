@@ -903,6 +903,27 @@ impl Client {
         Ok(self.call(&req).await?.valid)
     }
 
+    /// Checks `signature` (as `sign` gives it, base64) of `message` under
+    /// `version` of the signing key `path` (the current one when `None`),
+    /// in the daemon's token. `valid` says whether it verifies.
+    pub async fn verify(
+        &self,
+        path: &KeyPath,
+        message: &[u8],
+        signature: &str,
+        version: Option<u32>,
+    ) -> Result<crate::sign::VerifyResponse, Error> {
+        let req = crate::sign::Verify {
+            tenant: path.tenant().into(),
+            key: path.key().into(),
+            version,
+            message: Some(SecretBytes::from_slice(message)),
+            digest: None,
+            signature: signature.into(),
+        };
+        self.call(&req).await
+    }
+
     /// Lists named keys, of one tenant or all, following every page.
     pub async fn key_list(&self, tenant: Option<&str>) -> Result<Vec<wire::KeyInfo>, Error> {
         let mut keys = Vec::new();

@@ -20,6 +20,7 @@ pub fn jws_alg(key_type: KeyType) -> Option<&'static str> {
     match key_type {
         KeyType::EcdsaP256 => Some("ES256"),
         KeyType::EcdsaP384 => Some("ES384"),
+        KeyType::RsaPss3072 => Some("PS256"),
         _ => None,
     }
 }
@@ -34,9 +35,27 @@ fn coordinate_len(key_type: KeyType) -> Option<usize> {
     key_type.digest_len()
 }
 
-/// The JWK of a PEM EC public key (SubjectPublicKeyInfo with an
-/// uncompressed point) of `key_type`.
+/// The JWK of a PEM public key of `key_type`: an EC key
+/// (SubjectPublicKeyInfo with an uncompressed point) or an RSA key.
 pub fn jwk(pem: &str, key_type: KeyType, kid: &str) -> Result<Value, Error> {
+    if key_type.is_rsa() {
+        let der = crate::spki::pem_der(pem).ok_or_else(|| bad("PEM is not base64"))?;
+        let (n, e) = crate::spki::rsa_public(&der).ok_or_else(|| bad("not an RSA public key"))?;
+        // An encryption key's JWK says so (RFC 7518 §4.3: RSA-OAEP is
+        // OAEP with SHA-1 and MGF1-SHA-1, what khp1: uses).
+        let (usage, alg) = match key_type {
+            KeyType::RsaOaep4096 => ("enc", Some("RSA-OAEP")),
+            _ => ("sig", jws_alg(key_type)),
+        };
+        return Ok(json!({
+            "kty": "RSA",
+            "n": URL_SAFE_NO_PAD.encode(n),
+            "e": URL_SAFE_NO_PAD.encode(e),
+            "use": usage,
+            "alg": alg,
+            "kid": kid,
+        }));
+    }
     let n = coordinate_len(key_type).ok_or_else(|| bad("not a signing key type"))?;
     let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     let der = STANDARD.decode(body.trim()).map_err(|_| bad("PEM is not base64"))?;
@@ -98,9 +117,13 @@ pub fn signing_input(key_type: KeyType, kid: &str, claims: &Value) -> Result<Str
 }
 
 /// The compact JWS: the signing input and the base64url raw signature.
+/// An RSA signature is used as it is (RFC 7518 §3.5).
 pub fn compact(signing_input: &str, der_signature_b64: &str, key_type: KeyType) -> Result<String, Error> {
     let n = coordinate_len(key_type).ok_or_else(|| bad("not a signing key type"))?;
     let der = STANDARD.decode(der_signature_b64.trim()).map_err(|_| bad("signature is not base64"))?;
+    if key_type.is_rsa() {
+        return Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(der)));
+    }
     Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(raw_signature(&der, n)?)))
 }
 

@@ -25,12 +25,28 @@ pub enum KeyType {
     /// ECDSA key pairs on P-384, signing SHA-384 digests: `sign`,
     /// `public_key`.
     EcdsaP384,
+    /// RSA-3072 key pairs signing with RSASSA-PSS (SHA-256, MGF1-SHA-256,
+    /// 32-byte salt): `sign`, `verify`, `public_key`.
+    #[serde(rename = "rsa-3072-pss")]
+    RsaPss3072,
+    /// RSA-4096 key pairs for public-key encryption: anyone with the
+    /// public key (`public_key`) makes a `khp1:` ciphertext offline, whose
+    /// data key only the token's private key unwraps (RSA-OAEP) in
+    /// `decrypt`.
+    #[serde(rename = "rsa-4096-oaep")]
+    RsaOaep4096,
 }
 
 impl KeyType {
     /// Every type, in the order the docs list them.
-    pub const ALL: [KeyType; 4] =
-        [KeyType::Aes256Gcm, KeyType::HmacSha256, KeyType::EcdsaP256, KeyType::EcdsaP384];
+    pub const ALL: [KeyType; 6] = [
+        KeyType::Aes256Gcm,
+        KeyType::HmacSha256,
+        KeyType::EcdsaP256,
+        KeyType::EcdsaP384,
+        KeyType::RsaPss3072,
+        KeyType::RsaOaep4096,
+    ];
 
     /// The name on the wire and on the command line.
     pub fn as_str(self) -> &'static str {
@@ -39,19 +55,31 @@ impl KeyType {
             KeyType::HmacSha256 => "hmac-sha256",
             KeyType::EcdsaP256 => "ecdsa-p256",
             KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::RsaPss3072 => "rsa-3072-pss",
+            KeyType::RsaOaep4096 => "rsa-4096-oaep",
         }
     }
 
     /// Whether keys of this type are signing key pairs (a private key in
     /// the token, a public key stored with each version).
     pub fn is_signing(self) -> bool {
-        matches!(self, KeyType::EcdsaP256 | KeyType::EcdsaP384)
+        matches!(self, KeyType::EcdsaP256 | KeyType::EcdsaP384 | KeyType::RsaPss3072)
+    }
+
+    /// Whether keys of this type are RSA key pairs.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, KeyType::RsaPss3072 | KeyType::RsaOaep4096)
+    }
+
+    /// Whether each version has a public key (`public_key` serves it).
+    pub fn has_public_key(self) -> bool {
+        self.is_signing() || self == KeyType::RsaOaep4096
     }
 
     /// The length of the digest a signing key signs (SHA-256 or SHA-384).
     pub fn digest_len(self) -> Option<usize> {
         match self {
-            KeyType::EcdsaP256 => Some(32),
+            KeyType::EcdsaP256 | KeyType::RsaPss3072 => Some(32),
             KeyType::EcdsaP384 => Some(48),
             _ => None,
         }

@@ -83,6 +83,7 @@ pub mod envelope;
 pub mod error;
 #[doc(hidden)]
 pub mod frame;
+pub mod hybrid;
 pub mod jose;
 pub mod keytype;
 pub mod lifecycle;
@@ -96,6 +97,7 @@ pub mod sealer;
 #[doc(hidden)]
 pub mod secret;
 pub mod sign;
+pub mod spki;
 mod typed;
 pub mod wire;
 

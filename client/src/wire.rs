@@ -115,6 +115,8 @@ pub const FEATURES: &[&str] = &[
     "key_type.ecdsa-p256",
     "key_type.ecdsa-p384",
     "key_type.hmac-sha256",
+    "key_type.rsa-3072-pss",
+    "key_type.rsa-4096-oaep",
     "list_pages",
 ];
 

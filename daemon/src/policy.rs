@@ -46,11 +46,13 @@ pub enum Permission {
     PublicKey,
     /// `metrics`: reading the daemon's metrics.
     Metrics,
+    /// `verify`: checking signatures in the daemon (the token).
+    Verify,
 }
 
 impl Permission {
     /// Every permission, in the order `whoami` shows them.
-    pub const ALL: [Permission; 13] = [
+    pub const ALL: [Permission; 14] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Datakey,
@@ -64,6 +66,7 @@ impl Permission {
         Permission::Sign,
         Permission::PublicKey,
         Permission::Metrics,
+        Permission::Verify,
     ];
 
     /// The name used in the config and on the wire.
@@ -82,6 +85,7 @@ impl Permission {
             Permission::Sign => "sign",
             Permission::PublicKey => "public-key",
             Permission::Metrics => "metrics",
+            Permission::Verify => "verify",
         }
     }
 

@@ -103,6 +103,41 @@ pub fn ec_private_unwrap_template() -> Vec<Attribute> {
     ]
 }
 
+/// The template an `rsa-3072-pss` version's RSA private key is unwrapped
+/// with: [`confined`] plus what the key is for (it signs, and nothing else).
+pub fn rsa_sign_unwrap_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Token(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Private(true),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// The template an `rsa-4096-oaep` version's RSA private key is unwrapped
+/// with: [`confined`] plus what the key is for (it decrypts data keys with
+/// RSA-OAEP, and nothing else).
+pub fn rsa_decrypt_unwrap_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::RSA),
+        Attribute::Token(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Private(true),
+        Attribute::Sign(false),
+        Attribute::Decrypt(true),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
 /// `CKA_UNWRAP_TEMPLATE` = [`confined`], as an attribute for C_GenerateKey.
 pub fn master_unwrap_template() -> Attribute {
     const _: () = assert!(

@@ -10,6 +10,9 @@
 //! - [`signing`]: the audit signing key (ECDSA P-256).
 //! - [`ec`]: ECDSA key pairs of signing keys, made in the token and
 //!   stored wrapped.
+//! - [`rsa`]: RSA key pairs of `rsa-3072-pss` keys, made in the token
+//!   and stored wrapped.
+//! - [`verify`]: signature checks in the token with a stored public key.
 //! - [`error`]: PKCS#11 return codes to [`HsmError`], in one place.
 //! - [`sizing`]: how many workers `[hsm] workers = "auto"` starts.
 //! - [`queue`]: the jobs, one queue per tenant served round-robin.
@@ -19,9 +22,11 @@ pub mod confine;
 pub mod ec;
 pub mod error;
 pub mod queue;
+pub mod rsa;
 pub mod signing;
 pub mod sizing;
 pub mod token;
+pub mod verify;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};

@@ -308,16 +308,52 @@ impl Worker {
             keyhaven::KeyType::EcdsaP256 | keyhaven::KeyType::EcdsaP384 => {
                 ec::generate_wrapped(s, mk, key_type)
             }
+            keyhaven::KeyType::RsaPss3072 | keyhaven::KeyType::RsaOaep4096 => {
+                super::rsa::generate_wrapped(s, mk, key_type)
+            }
             _ => Ok(Generated { wrapped: generate_wrapped(s, mk)?, public_key: None }),
         }
     }
 
-    /// An ECDSA signature (`r || s`) of `digest` by a signing key version's
-    /// private key, in the token (CKM_ECDSA).
+    /// A signature of `digest` by a signing key version's private key, in
+    /// the token: ECDSA (`r || s`, CKM_ECDSA) or RSASSA-PSS
+    /// (CKM_RSA_PKCS_PSS, [`rsa::pss_params`](super::rsa::pss_params)).
     pub fn sign_digest(&mut self, key: &KekRef, digest: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let mechanism = if key.key_type.is_rsa() {
+            Mechanism::RsaPkcsPss(super::rsa::pss_params())
+        } else {
+            Mechanism::Ecdsa
+        };
         self.retrying(|w| {
             let h = w.kek(key)?;
-            Ok(w.session()?.sign(&Mechanism::Ecdsa, h, digest)?)
+            Ok(w.session()?.sign(&mechanism, h, digest)?)
+        })
+    }
+
+    /// The data key of a `khp1:` ciphertext: `wrapped` decrypted with
+    /// RSA-OAEP ([`rsa::oaep`](super::rsa::oaep)) by an `rsa-4096-oaep`
+    /// version's private key, in the token. A wrapped key that does not
+    /// decrypt is [`HsmError::Integrity`].
+    pub fn oaep_decrypt(&mut self, key: &KekRef, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        self.retrying(|w| {
+            let h = w.kek(key)?;
+            let plain = w.session()?.decrypt(&super::rsa::oaep(), h, wrapped).map_err(|e| {
+                integrity_or(
+                    e,
+                    "the wrapped data key does not decrypt: it was altered, or it is for another key",
+                )
+            })?;
+            Ok(Zeroizing::new(plain))
+        })
+    }
+
+    /// An RSASSA-PSS signature of `message` (hashed in the token,
+    /// CKM_SHA256_RSA_PKCS_PSS) by an RSA signing key version.
+    pub fn sign_message_pss(&mut self, key: &KekRef, message: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let mechanism = Mechanism::Sha256RsaPkcsPss(super::rsa::pss_params());
+        self.retrying(|w| {
+            let h = w.kek(key)?;
+            Ok(w.session()?.sign(&mechanism, h, message)?)
         })
     }
 
@@ -600,6 +636,8 @@ fn unwrap_kek(
         keyhaven::KeyType::EcdsaP256 | keyhaven::KeyType::EcdsaP384 => {
             (Mechanism::AesKeyWrapPad, confine::ec_private_unwrap_template())
         }
+        keyhaven::KeyType::RsaPss3072 => (Mechanism::AesKeyWrapPad, confine::rsa_sign_unwrap_template()),
+        keyhaven::KeyType::RsaOaep4096 => (Mechanism::AesKeyWrapPad, confine::rsa_decrypt_unwrap_template()),
         _ => (Mechanism::AesKeyWrap, confine::kek_unwrap_template()),
     };
     s.unwrap_key(&mechanism, mk, wrapped, &template)

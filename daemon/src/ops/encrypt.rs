@@ -7,11 +7,13 @@ use std::sync::Arc;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use keyhaven::envelope::{self, Ciphertext};
+use keyhaven::hybrid::{PublicCiphertext, PUBLIC_PREFIX};
 use keyhaven::wire::{self, EncryptResponse, SecretBytes, MAX_ENCRYPT_PLAINTEXT};
-use keyhaven::{EncryptionContext, KeyPath};
+use keyhaven::{EncryptionContext, KeyPath, KeyType};
+use sha2::Digest as _;
 use zeroize::Zeroizing;
 
-use super::datakey::{new_data_key, open_data_key, opened, NewDataKey};
+use super::datakey::{check_decrypt, kek_ref, new_data_key, open_data_key, opened, unknown_key, NewDataKey};
 use super::{key_target, reply, route, Cx, Daemon, Op, Reply, Route};
 use crate::audit::Subject;
 use crate::error::Error;
@@ -52,6 +54,46 @@ pub async fn decrypt(d: &Arc<Daemon>, ct: Ciphertext, context: EncryptionContext
     let plain = open_payload(&ct, &key, &context)?;
     let hint = plain.len() * 4 / 3;
     reply(&opened(ct.envelope(), SecretBytes::from_slice(&plain)), hint)
+}
+
+/// `decrypt` of a parsed public-key ciphertext (docs/ENVELOPE.md §11): the
+/// data key is decrypted with RSA-OAEP by the version's private key in the
+/// token, under the same revocation, state and retirement checks as any
+/// decryption, then opens the payload.
+async fn decrypt_public(
+    d: &Arc<Daemon>,
+    ct: PublicCiphertext,
+    context: EncryptionContext,
+) -> Result<Reply, Error> {
+    let path = ct.path().clone();
+    let version = ct.key_version();
+    d.revocations.check(&path, Some(version), None)?;
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
+    super::require_type(&rec, &path, KeyType::RsaOaep4096, "opening a public-key ciphertext")?;
+    check_decrypt(&rec, &path, version)?;
+    let key = kek_ref(&rec, &path, version)?;
+    let id = key.id.clone();
+    let wrapped = ct.wrapped_key().to_vec();
+    let data_key = d.hsm.run_for(path.tenant(), move |w| w.oaep_decrypt(&key, &wrapped)).await?;
+    if data_key.len() != 32 {
+        return Err(Error::Integrity("the wrapped data key is not a 256-bit key".into()));
+    }
+    let plain = ct.open(&data_key, &context).map_err(|_| {
+        Error::Integrity(
+            "the ciphertext does not authenticate: it was altered, or the encryption context differs".into(),
+        )
+    })?;
+    d.usage.decrypted(&id, crate::clock::now_unix());
+    let digest = sha2::Sha256::digest(ct.wrapped_key());
+    let resp = wire::DecryptResponse {
+        plaintext: SecretBytes::from_slice(&plain),
+        tenant: path.tenant().into(),
+        key: path.key().into(),
+        key_version: version,
+        envelope_id: digest[..16].iter().map(|b| format!("{b:02x}")).collect(),
+    };
+    let hint = plain.len() * 4 / 3;
+    reply(&resp, hint)
 }
 
 /// Seals `plaintext` with a new data key's key and spare nonce into a
@@ -110,6 +152,14 @@ impl Op for wire::Decrypt {
     const ACCESS: Access = Access::Needs(Permission::Decrypt);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
         cx.s.context(&self.context);
+        if self.ciphertext.trim_start().starts_with(PUBLIC_PREFIX) {
+            let ct: PublicCiphertext = self.ciphertext.parse().map_err(Error::from)?;
+            cx.s.key(ct.path());
+            cx.s.version = Some(ct.key_version());
+            cx.allow(key_target(ct.path()))?;
+            cx.d.audit.watch_decrypt(cx.caller, ct.path().tenant()).await?;
+            return decrypt_public(cx.d, ct, self.context).await;
+        }
         let ct: Ciphertext = self.ciphertext.parse()?;
         cx.s.envelope(ct.envelope());
         cx.allow(key_target(ct.envelope().path()))?;

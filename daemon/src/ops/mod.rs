@@ -333,17 +333,17 @@ fn scope_subject(scope: &Scope, s: &mut Subject) {
 /// The revocation event for `scope` as `caller` may see it (PROTOCOL.md
 /// §6): the scope itself when it names nothing (a data key's random id, the
 /// whole system) or when the policy grants the caller a key-use permission
-/// (`encrypt`, `decrypt`, `datakey`, `mac`, `mac-verify`, `sign`) on it; otherwise no scope, which the
+/// (`encrypt`, `decrypt`, `datakey`, `mac`, `mac-verify`, `sign`, `verify`) on it; otherwise no scope, which the
 /// client reads as "everything", so that names the caller may not learn
 /// stay hidden and no cached key is missed.
 pub fn revocation_event(d: &Daemon, caller: &Caller, scope: &Scope) -> wire::EventFrame {
-    use policy::Permission::{Datakey, Decrypt, Encrypt, Mac, MacVerify, Sign};
+    use policy::Permission::{Datakey, Decrypt, Encrypt, Mac, MacVerify, Sign, Verify};
     let policy = d.policy();
     let shown = match scope {
         Scope::Datakey { .. } | Scope::All => true,
         _ => {
             let target = scope_target(scope);
-            [Encrypt, Decrypt, Datakey, Mac, MacVerify, Sign]
+            [Encrypt, Decrypt, Datakey, Mac, MacVerify, Sign, Verify]
                 .into_iter()
                 .any(|p| policy.allows(caller, p, &target))
         }

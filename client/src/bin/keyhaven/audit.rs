@@ -328,6 +328,7 @@ pub async fn verify(client: &Client, json: bool) -> Result<(), Failure> {
                 v.seals
             ),
             exit: 3,
+            no: false,
         }),
         None => {
             if !json {
@@ -346,7 +347,7 @@ pub async fn verify(client: &Client, json: bool) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Some(p) => Err(Failure::new(format!(
+        Some(p) => Err(Failure::no(format!(
             "audit log NOT intact at record {} ({}): {} [{} records, {} seals walked]",
             p.seq, p.kind, p.message, v.records, v.seals
         ))),

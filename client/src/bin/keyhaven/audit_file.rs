@@ -62,7 +62,7 @@ struct Log {
 }
 
 fn problem(kind: &str, seq: u64, msg: String) -> Failure {
-    Failure::new(format!("audit log NOT intact at record {seq} ({kind}): {msg}"))
+    Failure::no(format!("audit log NOT intact at record {seq} ({kind}): {msg}"))
 }
 
 /// Largest archived segment read (the daemon's are 64 MiB).
@@ -102,7 +102,7 @@ fn read_archive(dir: &Path, log: &mut Log) -> Result<usize, Failure> {
         )
         .map_err(|e| problem("altered", 0, format!("{}: not an intact gzip file: {e}", file.display())))?;
         if bytes.len() as u64 > MAX_SEGMENT {
-            return Err(Failure::new(format!("{}: over 1 GiB decompressed: not a segment", file.display())));
+            return Err(Failure::no(format!("{}: over 1 GiB decompressed: not a segment", file.display())));
         }
         let mut at = 0usize;
         while at < bytes.len() {
@@ -180,7 +180,7 @@ fn read(files: &[PathBuf], log: &mut Log) -> Result<(), Failure> {
         for (n, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let at = || format!("{} line {}", file.display(), n + 1);
             let line: Line = serde_json::from_str(l)
-                .map_err(|e| Failure::new(format!("{}: not an audit log line: {e}", at())))?;
+                .map_err(|e| Failure::no(format!("{}: not an audit log line: {e}", at())))?;
             if let Some(seal) = line.seal {
                 add_seal(log, seal.get().as_bytes(), &at)?;
                 continue;
@@ -217,7 +217,7 @@ pub fn verify(files: &[PathBuf], archives: &[PathBuf], public_key: Option<&Path>
     }
     read(files, &mut log)?;
     let (Some(&first), Some(&last)) = (log.records.keys().next(), log.records.keys().next_back()) else {
-        return Err(Failure::new("no audit records in the file(s)".into()));
+        return Err(Failure::no("no audit records in the file(s)".into()));
     };
     // The chain: no gap, each `prev` the hash of the record before.
     let mut before: Option<(u64, [u8; 32])> = None;
@@ -318,10 +318,11 @@ pub fn verify(files: &[PathBuf], archives: &[PathBuf], public_key: Option<&Path>
                 unsealed.join(", ")
             ),
             exit: 3,
+            no: false,
         });
     }
     if key.is_some() && signed_up_to.is_none() {
-        return Err(Failure::new(format!("audit log not vouched for: {summary}")));
+        return Err(Failure::no(format!("audit log not vouched for: {summary}")));
     }
     println!("audit log intact: {summary}");
     if key.is_none() {

@@ -20,7 +20,7 @@ const INPUT_LIMIT: u64 = 16 << 20;
 #[derive(Serialize)]
 pub struct Inspected {
     /// `envelope` (`khe1:`), `ciphertext` (`khc1:`), `sealed_record`
-    /// (`khs1:`) or `sealed_stream`.
+    /// (`khs1:`), `sealed_stream` or `public_ciphertext` (`khp1:`).
     format: &'static str,
     /// `text` or `binary`.
     form: &'static str,
@@ -56,7 +56,7 @@ impl Inspected {
     }
 }
 
-/// Decodes one text form (`khe1:`, `khc1:`, `khs1:`).
+/// Decodes one text form (`khe1:`, `khc1:`, `khs1:`, `khp1:`).
 pub fn text(s: &str) -> Result<Inspected, String> {
     let s = s.trim();
     let prefix = s.split_once(':').map(|(p, _)| p).unwrap_or("");
@@ -74,8 +74,25 @@ pub fn text(s: &str) -> Result<Inspected, String> {
             out.form = "text";
             Ok(out)
         }
+        "khp1" => {
+            use sha2::Digest as _;
+            let c = s.parse::<keyhaven::hybrid::PublicCiphertext>().map_err(|e| e.to_string())?;
+            // The id `decrypt` gives it (ENVELOPE.md §11.3).
+            let digest = sha2::Sha256::digest(c.wrapped_key());
+            Ok(Inspected {
+                format: "public_ciphertext",
+                form: "text",
+                tenant: c.path().tenant().to_owned(),
+                key: c.path().key().to_owned(),
+                key_version: c.key_version(),
+                envelope_id: digest[..16].iter().map(|b| format!("{b:02x}")).collect(),
+                envelope: None,
+                plaintext_bytes: Some(c.payload().len().saturating_sub(16)),
+                chunk_size: None,
+            })
+        }
         _ => Err(format!(
-            "not a Keyhaven text form: it must start with `{ENVELOPE_PREFIX}`, `khc1:` or `khs1:` (got `{}`)",
+            "not a Keyhaven text form: it must start with `{ENVELOPE_PREFIX}`, `khc1:`, `khs1:` or `khp1:` (got `{}`)",
             s.chars().take(12).collect::<String>().escape_debug()
         )),
     }

@@ -58,10 +58,16 @@ enum Command {
     /// Named keys.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Encrypt stdin (at most 64 KiB) under TENANT/KEY; the text ciphertext goes to stdout.
+    /// Encrypt stdin (at most 64 KiB) under TENANT/KEY; the text ciphertext goes to stdout. With
+    /// --public-key, offline: no daemon, a khp1: ciphertext that only the daemon opens.
     Encrypt {
         /// The key, as TENANT/KEY.
-        key: KeyPath,
+        #[arg(required_unless_present = "public_key", conflicts_with = "public_key")]
+        key: Option<KeyPath>,
+        /// Encrypt offline to an rsa-4096-oaep key's public key: the JWK that `keyhaven key public
+        /// TENANT/KEY --format jwk` writes (its kid names the key and version).
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
         #[command(flatten)]
         context: ContextArgs,
         /// Print the whole response as JSON (ciphertext, envelope id, key version).
@@ -102,13 +108,13 @@ enum Command {
     Datakey(DatakeyArgs),
     /// MAC tags under hmac-sha256 keys: `mac TENANT/KEY < msg` prints a tag; `mac verify` checks one.
     Mac(MacArgs),
-    /// Sign stdin (at most 64 KiB, or a digest with --digest) with an ECDSA key; prints the DER
-    /// signature in base64.
+    /// Sign stdin (at most 64 KiB, or a digest with --digest) with an ECDSA or RSA-PSS key; prints the
+    /// signature (DER for ECDSA) in base64.
     Sign {
-        /// The key, as TENANT/KEY (of type ecdsa-p256 or ecdsa-p384).
+        /// The key, as TENANT/KEY (of type ecdsa-p256, ecdsa-p384 or rsa-3072-pss).
         key: KeyPath,
-        /// stdin is a digest, not the message: 32 bytes (SHA-256) for ecdsa-p256, 48 (SHA-384) for
-        /// ecdsa-p384, raw (e.g. `openssl dgst -sha256 -binary`).
+        /// stdin is a digest, not the message: 32 bytes (SHA-256) for ecdsa-p256 and rsa-3072-pss, 48
+        /// (SHA-384) for ecdsa-p384, raw (e.g. `openssl dgst -sha256 -binary`).
         #[arg(long)]
         digest: bool,
         /// Print the whole response as JSON (signature, key version, algorithm).
@@ -118,6 +124,24 @@ enum Command {
     /// JSON Web Tokens signed by an ECDSA key.
     #[command(subcommand)]
     Jwt(JwtCommand),
+    /// Check a signature (from `sign`) of stdin in the daemon, with a version's public key; exits 0 when
+    /// it verifies, 1 when it does not, 2 for a usage error, 3 for any other error.
+    Verify {
+        /// The key, as TENANT/KEY (a signing key).
+        key: KeyPath,
+        /// The signature, base64, as `keyhaven sign` prints it.
+        #[arg(long, value_name = "BASE64")]
+        signature: String,
+        /// The version whose public key checks it; the current one by default.
+        #[arg(long)]
+        version: Option<u32>,
+        /// stdin is a digest, not the message (as for `sign --digest`).
+        #[arg(long)]
+        digest: bool,
+        /// Print the whole response as JSON (valid, key version, algorithm).
+        #[arg(long)]
+        json: bool,
+    },
     /// Rewrap envelopes or ciphertexts (one per line on stdin) under their key's newest version.
     Rewrap {
         #[command(flatten)]
@@ -129,7 +153,7 @@ enum Command {
     Destroy(revoke::DestroyArgs),
     /// Who the daemon sees you as (uid, groups, process) and what the policy grants you.
     Whoami,
-    /// Decode a khe1:/khc1:/khs1: text form (argument, or one per line on stdin) or a binary envelope,
+    /// Decode a khe1:/khc1:/khs1:/khp1: text form (argument, or one per line on stdin) or a binary envelope,
     /// ciphertext, record or stream (stdin) offline: format, tenant, key, version, envelope id; one JSON
     /// object each. Nothing is checked with the daemon: the fields are claims until it unwraps the envelope.
     Inspect {
@@ -184,8 +208,8 @@ enum KeyCommand {
         /// Rotate automatically this often (90d, 12h, …); none by default.
         #[arg(long, value_name = "PERIOD")]
         rotate_every: Option<String>,
-        /// What kind of key: aes256-gcm (encryption, data keys), hmac-sha256 (MAC tags), ecdsa-p256 or
-        /// ecdsa-p384 (signatures).
+        /// What kind of key: aes256-gcm (encryption, data keys), hmac-sha256 (MAC tags), ecdsa-p256,
+        /// ecdsa-p384 or rsa-3072-pss (signatures).
         #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm")]
         key_type: keyhaven::KeyType,
         /// Makes a retry safe: a create with the same key as the one that made the key answers as it did.
@@ -211,13 +235,16 @@ enum KeyCommand {
         /// The key, as TENANT/KEY.
         key: KeyPath,
     },
-    /// The public key of a signing key's version, PEM.
+    /// The public key of a signing or rsa-4096-oaep key's version, PEM (or a JWK).
     Public {
         /// The key, as TENANT/KEY.
         key: KeyPath,
         /// The version; the current one by default.
         #[arg(long, value_parser = crate::version)]
         version: Option<u32>,
+        /// pem, or jwk (kid = TENANT/KEY@N; what `encrypt --public-key` reads).
+        #[arg(long, default_value = "pem", value_parser = ["pem", "jwk"])]
+        format: String,
     },
     #[command(flatten)]
     Lifecycle(lifecycle::Lifecycle),
@@ -225,9 +252,9 @@ enum KeyCommand {
 
 #[derive(Subcommand)]
 enum JwtCommand {
-    /// A compact JWS (ES256/ES384) of the JSON object in FILE, `kid` = the signing version's id (TENANT/KEY@N).
+    /// A compact JWS (ES256/ES384/PS256) of the JSON object in FILE, `kid` = the signing version's id (TENANT/KEY@N).
     Sign {
-        /// The key, as TENANT/KEY (ecdsa-p256 or ecdsa-p384).
+        /// The key, as TENANT/KEY (ecdsa-p256, ecdsa-p384 or rsa-3072-pss).
         key: KeyPath,
         /// The claims, a JSON object.
         #[arg(long, value_name = "FILE")]
@@ -412,7 +439,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let checks = matches!(
+        cli.command,
+        Command::Verify { .. }
+            | Command::Mac(MacArgs { sub: Some(MacSub::Verify { .. }), .. })
+            | Command::Audit(AuditCommand::Verify { .. })
+    );
+    let result = runtime.block_on(run(cli)).map_err(|mut e| {
+        // A checking command's failure to check is not its "no".
+        if checks && e.exit == 1 && !e.no {
+            e.exit = EXIT_NOT_CHECKED;
+        }
+        e
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.message.is_empty() => ExitCode::from(e.exit),
         Err(e) => {
@@ -427,11 +467,23 @@ fn main() -> ExitCode {
 struct Failure {
     message: String,
     exit: u8,
+    /// A check's answer "no" (exit 1), as opposed to a check that could
+    /// not be made (exit 4 for the checking commands: [`EXIT_NOT_CHECKED`]).
+    no: bool,
 }
+
+/// The status of `verify`, `mac verify` and `audit verify` when they could
+/// not reach a verdict (no daemon, refused, timed out, unreadable file).
+const EXIT_NOT_CHECKED: u8 = 4;
 
 impl Failure {
     fn new(message: String) -> Failure {
-        Failure { message, exit: 1 }
+        Failure { message, exit: 1, no: false }
+    }
+
+    /// A check that answers no: the signature, tag or log does not hold.
+    fn no(message: String) -> Failure {
+        Failure { message, exit: 1, no: true }
     }
 }
 
@@ -463,7 +515,7 @@ pub(crate) fn idempotency_key(text: &str) -> Result<String, String> {
 
 /// A usage error: the command line is wrong, nothing was sent.
 fn usage(e: impl std::fmt::Display) -> Failure {
-    Failure { message: e.to_string(), exit: 2 }
+    Failure { message: e.to_string(), exit: 2, no: false }
 }
 
 impl std::fmt::Display for Failure {
@@ -483,7 +535,7 @@ impl From<std::io::Error> for Failure {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             // The reader went away (`keyhaven key list | head`): stop
             // quietly, as ripgrep and other filters do.
-            return Failure { message: String::new(), exit: 0 };
+            return Failure { message: String::new(), exit: 0, no: false };
         }
         Failure::new(e.to_string())
     }
@@ -541,6 +593,65 @@ fn wrong_form(text: &str, expected: &str) -> Option<String> {
     .into_iter()
     .find(|(p, _)| text.starts_with(p))?;
     (prefix != expected).then(|| format!("this is a `{prefix}` text, which `{command}` takes"))
+}
+
+/// `encrypt --public-key`: a `khp1:` ciphertext made here, with no daemon
+/// (docs/ENVELOPE.md §11): a fresh data key, RSA-OAEP-encrypted (OpenSSL;
+/// SHA-1 and MGF1-SHA-1, what the token decrypts) to the JWK in `file`,
+/// seals `plaintext` with the context as AAD.
+fn public_encrypt(
+    file: &std::path::Path,
+    plaintext: &[u8],
+    context: &EncryptionContext,
+    json: bool,
+) -> Result<(), Failure> {
+    use base64::Engine as _;
+    use keyhaven::hybrid::{PublicCiphertext, WRAPPED_LEN};
+    let bad = |why: &str| Failure::new(format!("--public-key {}: {why}", file.display()));
+    let text = std::fs::read_to_string(file).map_err(|e| bad(&e.to_string()))?;
+    let jwk: serde_json::Value =
+        serde_json::from_str(&text).map_err(|_| bad("not a JWK (`keyhaven key public KEY --format jwk`)"))?;
+    let field =
+        |name: &str| jwk.get(name).and_then(|v| v.as_str()).ok_or_else(|| bad(&format!("no `{name}`")));
+    if field("kty")? != "RSA" || field("alg")? != "RSA-OAEP" {
+        return Err(bad("not the public key of an rsa-4096-oaep key (kty RSA, alg RSA-OAEP)"));
+    }
+    let (path, version) = field("kid")?
+        .rsplit_once('@')
+        .and_then(|(p, v)| Some((p.parse::<KeyPath>().ok()?, v.parse::<u32>().ok().filter(|v| *v > 0)?)))
+        .ok_or_else(|| bad("its kid is not TENANT/KEY@VERSION"))?;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let n = b64.decode(field("n")?).map_err(|_| bad("`n` is not base64url"))?;
+    let e = b64.decode(field("e")?).map_err(|_| bad("`e` is not base64url"))?;
+    let ssl = |e: openssl::error::ErrorStack| Failure::new(format!("OpenSSL: {e}"));
+    let rsa = openssl::rsa::Rsa::from_public_components(
+        openssl::bn::BigNum::from_slice(&n).map_err(ssl)?,
+        openssl::bn::BigNum::from_slice(&e).map_err(ssl)?,
+    )
+    .map_err(ssl)?;
+    if rsa.size() as usize != WRAPPED_LEN {
+        return Err(bad("not a 4096-bit RSA key"));
+    }
+    let pkey = openssl::pkey::PKey::from_rsa(rsa).map_err(ssl)?;
+    let data_key = PublicCiphertext::new_data_key();
+    let mut enc = openssl::encrypt::Encrypter::new(&pkey).map_err(ssl)?;
+    enc.set_rsa_padding(openssl::rsa::Padding::PKCS1_OAEP).map_err(ssl)?;
+    enc.set_rsa_oaep_md(openssl::hash::MessageDigest::sha1()).map_err(ssl)?;
+    enc.set_rsa_mgf1_md(openssl::hash::MessageDigest::sha1()).map_err(ssl)?;
+    let mut wrapped = vec![0u8; enc.encrypt_len(&data_key[..]).map_err(ssl)?];
+    let len = enc.encrypt(&data_key[..], &mut wrapped).map_err(ssl)?;
+    wrapped.truncate(len);
+    let ct = PublicCiphertext::seal(&path, version, wrapped, &data_key, plaintext, context)?;
+    if json {
+        return print_json(&serde_json::json!({
+            "ciphertext": ct.to_string(),
+            "tenant": path.tenant(),
+            "key": path.key(),
+            "key_version": version,
+        }));
+    }
+    outln!("{ct}");
+    Ok(())
 }
 
 fn read_stdin_text(what: &str) -> Result<String, Failure> {
@@ -616,6 +727,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             "input",
             "; `sign` takes at most 64 KiB: sign a digest (--digest) instead",
         )?),
+        Command::Verify { .. } => Some(read_stdin(
+            MAX_ENCRYPT_PLAINTEXT,
+            "input",
+            "; `verify` takes at most 64 KiB: give a digest (--digest) instead",
+        )?),
         Command::Mac(_) => Some(read_stdin(
             keyhaven::mac::MAX_MAC_MESSAGE,
             "message",
@@ -642,6 +758,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 keyhaven::seal::MAX_CHUNK
             )));
         }
+    }
+    if let Command::Encrypt { public_key: Some(file), json, .. } = &cli.command {
+        return public_encrypt(file, &input.unwrap_or_default(), &context, *json);
     }
     match &cli.command {
         Command::Seal { key, chunk_size, .. } => {
@@ -698,6 +817,45 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         return Ok(());
     }
+    if let Command::Verify { key, signature, version, digest, json } = &cli.command {
+        if *version == Some(0) {
+            return Err(usage("--version: key versions start at 1"));
+        }
+        let input = keyhaven::wire::SecretBytes::from_slice(&input.unwrap_or_default());
+        let (message, digest) = if *digest { (None, Some(input)) } else { (Some(input), None) };
+        let req = keyhaven::sign::Verify {
+            tenant: key.tenant().into(),
+            key: key.key().into(),
+            version: *version,
+            message,
+            digest,
+            signature: signature.clone(),
+        };
+        let timeout = cli.timeout.unwrap_or(keyhaven::client::DEFAULT_REQUEST_TIMEOUT);
+        // Exit 1 means "does not verify"; an error is EXIT_NOT_CHECKED (in main).
+        let resp = async {
+            let client = Client::builder()
+                .connect_timeout(Some(cli.connect_timeout).filter(|t| !t.is_zero()))
+                .request_timeout(Some(timeout).filter(|t| !t.is_zero()))
+                .connect(&socket)
+                .await?;
+            client.call(&req).await
+        }
+        .await
+        .map_err(Failure::from)?;
+        if *json {
+            print_json(&resp)?;
+        }
+        return if resp.valid {
+            eprintln!("keyhaven: the signature verifies (key `{key}` version {})", resp.key_version);
+            Ok(())
+        } else {
+            Err(Failure::no(format!(
+                "the signature does not verify under key `{key}` version {}",
+                resp.key_version
+            )))
+        };
+    }
     let request_timeout = match cli.timeout {
         Some(t) => t,
         // One request that walks the whole log and asks the token about every seal.
@@ -710,7 +868,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .connect(&socket)
         .await?;
     match cli.command {
-        Command::Bench { .. } | Command::Seal { .. } | Command::Open { .. } | Command::Inspect { .. } => {
+        Command::Bench { .. }
+        | Command::Seal { .. }
+        | Command::Open { .. }
+        | Command::Inspect { .. }
+        | Command::Verify { .. } => {
             unreachable!("handled above")
         }
         Command::Health => {
@@ -803,6 +965,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_json(&lifecycle::view(&serde_json::json!({ "keys": keys })))
         }
         Command::Encrypt { key, json, .. } => {
+            let key = key.ok_or_else(|| usage("encrypt needs TENANT/KEY or --public-key"))?;
             let plaintext = input.unwrap_or_default();
             let resp = client.encrypt(&key, &plaintext, &context).await?;
             if json {
@@ -814,7 +977,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Decrypt { json, .. } => {
             let ct = read_stdin_text("ciphertext")?;
-            if let Some(hint) = wrong_form(&ct, "khc1:") {
+            if let Some(hint) = wrong_form(&ct, "khc1:").filter(|_| !ct.starts_with("khp1:")) {
                 return Err(Failure::new(format!("`decrypt` takes a ciphertext (khc1:): {hint}")));
             }
             let resp = client.decrypt(&ct, &context).await?;
@@ -848,10 +1011,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Key(KeyCommand::Jwks { key }) => jwt::jwks(&client, &key).await,
         Command::Jwt(JwtCommand::Sign { key, claims }) => jwt::sign(&client, &key, &claims).await,
-        Command::Key(KeyCommand::Public { key, version }) => {
+        Command::Key(KeyCommand::Public { key, version, format }) => {
             let req =
                 keyhaven::sign::PublicKey { tenant: key.tenant().into(), key: key.key().into(), version };
-            std::io::stdout().lock().write_all(client.call(&req).await?.pem.as_bytes())?;
+            let resp = client.call(&req).await?;
+            if format == "jwk" {
+                let kid = keyhaven::jose::kid(&key, resp.key_version);
+                return print_json(&keyhaven::jose::jwk(&resp.pem, resp.key_type, &kid)?);
+            }
+            std::io::stdout().lock().write_all(resp.pem.as_bytes())?;
             Ok(())
         }
         Command::Mac(MacArgs { sub: Some(MacSub::Verify { key, tag }), .. }) => {
@@ -861,7 +1029,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 eprintln!("keyhaven: the tag matches (key `{key}` version {tag_version})");
                 Ok(())
             } else {
-                Err(Failure::new(format!(
+                Err(Failure::no(format!(
                     "the tag does not match the message under key `{key}` version {tag_version}"
                 )))
             }
