@@ -46,7 +46,7 @@ impl Op for PublicKey {
             return Err(Error::BadRequest("field `version`: key versions start at 1".into()));
         }
         cx.allow(key_target(&path))?;
-        public_key(cx.d, path, self, cx.s)
+        public_key(cx.d, path, self, cx.s).await
     }
 }
 
@@ -78,7 +78,9 @@ async fn sign(d: &Arc<Daemon>, path: KeyPath, req: Sign, s: &mut Subject) -> Res
         _ => return Err(Error::BadRequest("give exactly one of the fields `message` and `digest`".into())),
     };
     d.revocations.check(&path, None, None)?;
-    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    // The backend's own future: a PostgreSQL store answers on its runtime
+    // while this task waits, without holding an async thread.
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
     require_signing(&rec, &path, "sign")?;
     let digest_len = rec.key_type.digest_len().unwrap_or(32);
     let digest: Vec<u8> = match input {
@@ -118,9 +120,9 @@ async fn sign(d: &Arc<Daemon>, path: KeyPath, req: Sign, s: &mut Subject) -> Res
 /// `public_key` of a version of `path` (current by default): refused
 /// under revocation and once the version is retired or destroyed, like any
 /// use of it.
-fn public_key(d: &Arc<Daemon>, path: KeyPath, req: PublicKey, s: &mut Subject) -> Result<Reply, Error> {
+async fn public_key(d: &Arc<Daemon>, path: KeyPath, req: PublicKey, s: &mut Subject) -> Result<Reply, Error> {
     d.revocations.check(&path, None, None)?;
-    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
     require_signing(&rec, &path, "public_key")?;
     let version = req.version.unwrap_or(rec.current_version);
     s.version = Some(version);
