@@ -39,6 +39,7 @@ pub mod context;
 pub mod envelope;
 pub mod error;
 pub mod frame;
+pub mod import;
 pub mod jose;
 pub mod keytype;
 pub mod lifecycle;

@@ -112,6 +112,10 @@ pub struct VersionDetails {
     /// Last decryption or rewrap, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<u64>,
+    /// `external` for imported material (`key_import`); left out for
+    /// material generated in the token.
+    #[serde(default, skip_serializing_if = "crate::import::Origin::is_default")]
+    pub origin: crate::import::Origin,
 }
 
 /// A named key in full (`key_show` and the lifecycle operations).
@@ -148,6 +152,10 @@ pub struct KeyDetails {
     pub deletion_at: Option<u64>,
     /// Every version still held, oldest first.
     pub versions: Vec<VersionDetails>,
+    /// `external` for a key made by `key_import` (its versions come only
+    /// from imports); left out for keys generated in the token.
+    #[serde(default, skip_serializing_if = "crate::import::Origin::is_default")]
+    pub origin: crate::import::Origin,
 }
 
 macro_rules! key_op {

@@ -285,6 +285,9 @@ pub struct KeyInfo {
     /// When the next automatic rotation is due, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_at: Option<u64>,
+    /// `external` for an imported key (`key_import`), left out otherwise.
+    #[serde(default, skip_serializing_if = "crate::import::Origin::is_default")]
+    pub origin: crate::import::Origin,
 }
 operation!(KeyCreate, "key_create", KeyInfo);
 

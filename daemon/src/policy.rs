@@ -46,11 +46,14 @@ pub enum Permission {
     PublicKey,
     /// `metrics`: reading the daemon's metrics.
     Metrics,
+    /// `key_import_params`, `key_import`: bringing key material of one's
+    /// own (BYOK).
+    Import,
 }
 
 impl Permission {
     /// Every permission, in the order `whoami` shows them.
-    pub const ALL: [Permission; 13] = [
+    pub const ALL: [Permission; 14] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Datakey,
@@ -64,6 +67,7 @@ impl Permission {
         Permission::Sign,
         Permission::PublicKey,
         Permission::Metrics,
+        Permission::Import,
     ];
 
     /// The name used in the config and on the wire.
@@ -82,6 +86,7 @@ impl Permission {
             Permission::Sign => "sign",
             Permission::PublicKey => "public-key",
             Permission::Metrics => "metrics",
+            Permission::Import => "import",
         }
     }
 

@@ -18,6 +18,7 @@ pub mod anchor;
 pub mod confine;
 pub mod ec;
 pub mod error;
+pub mod import;
 pub mod queue;
 pub mod signing;
 pub mod sizing;

@@ -29,6 +29,7 @@ pub fn info(rec: &KeyRecord, revocations: &Index) -> KeyInfo {
         revocation,
         rotate_every_secs: rec.rotate_every_secs,
         next_rotation_at: super::lifecycle::next_rotation_at(rec),
+        origin: rec.origin,
     }
 }
 
@@ -96,6 +97,7 @@ pub async fn create(
         deletion_at: None,
         key_type: kind,
         created_with: req.idempotency_key.clone(),
+        origin: Default::default(),
     };
     // The flush makes it durable before we answer; it blocks, so it runs
     // off the async threads (key creation is rare, not a hot path).

@@ -241,6 +241,10 @@ pub struct KeyRecord {
     /// The idempotency key of the `key_create` that made it, if it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_with: Option<String>,
+    /// `external` for a key made by `key_import` (left out otherwise, so
+    /// older records are byte-identical).
+    #[serde(default, skip_serializing_if = "keyhaven::import::Origin::is_default")]
+    pub origin: keyhaven::import::Origin,
 }
 
 fn enabled() -> KeyState {
@@ -290,6 +294,10 @@ pub struct KeyVersion {
     /// The idempotency key of the `key_rotate` that made it, if it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub made_with: Option<String>,
+    /// `external` for imported material (left out when generated in the
+    /// token).
+    #[serde(default, skip_serializing_if = "keyhaven::import::Origin::is_default")]
+    pub origin: keyhaven::import::Origin,
 }
 
 impl KeyVersion {
@@ -307,6 +315,7 @@ impl KeyVersion {
             last_used_at: None,
             public_key: None,
             made_with: None,
+            origin: Default::default(),
         }
     }
 }
