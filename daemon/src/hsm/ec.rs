@@ -21,7 +21,7 @@ const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 const EC_PUBLIC_KEY_OID: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 
 /// The curve's CKA_EC_PARAMS and the length of an uncompressed point.
-fn curve(key_type: keyhaven::KeyType) -> Result<(&'static [u8], usize), HsmError> {
+pub(crate) fn curve(key_type: keyhaven::KeyType) -> Result<(&'static [u8], usize), HsmError> {
     match key_type {
         keyhaven::KeyType::EcdsaP256 => Ok((P256_PARAMS, 65)),
         keyhaven::KeyType::EcdsaP384 => Ok((P384_PARAMS, 97)),
