@@ -178,8 +178,15 @@ async fn openssl_wrapped_material_imports_and_agrees_with_software_holding_it() 
     assert_eq!((tag2.version, hex2), (2, offline_mac(&material2)));
     // The old version's tags verify until it is retired, as for any key.
     ok(d.cli(&["mac", "verify", "acme/hooks", "--tag", &tag.to_string()], b"webhook body"));
-    // The token makes no versions of an imported key.
+    // The token makes no versions of an imported key, not even in a
+    // master-key rotation, which passes it by (OPERATIONS.md §16.4).
     refused(d.cli(&["key", "rotate", "acme/hooks"], b""), "bad_request", "imported material");
+    ok(d.cli(&["admin", "rotate-master"], b""));
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(d.cli(&["key", "show", "acme/hooks"], b""))).unwrap();
+    assert_eq!((shown["current_version"].as_u64(), shown["origin"].as_str()), (Some(2), Some("external")));
+    let tag3: MacTag = ok(d.cli(&["mac", "acme/hooks"], b"webhook body")).parse().unwrap();
+    assert_eq!(tag3.mac, tag2.mac);
     refused(
         d.cli(&["key", "set", "acme/hooks", "--rotate-every", "30d"], b""),
         "bad_request",
