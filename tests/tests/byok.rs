@@ -359,3 +359,41 @@ keys = ["acme/*"]
         ok(import(&d, dir, "acme/k", &token, &[]));
     }
 }
+
+/// An imported version is destroyed like any (its material erased from the
+/// store); the owner's copy can be imported again, as a new version: data
+/// under the destroyed version stays refused, new data uses the new one.
+#[tokio::test]
+async fn an_imported_version_is_destroyed_and_its_material_imported_again() {
+    let d = TestDaemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let token = params(&d, dir, "acme/k", &[]);
+    let material = wrap_oaep(dir, 32);
+    ok(import(&d, dir, "acme/k", &token, &[]));
+    let c = d.client().await;
+    let context = ctx(&[]);
+    let old = c.encrypt(&path("acme/k"), b"under v1", &context).await.unwrap();
+    let scope = Scope::Key { tenant: "acme".into(), key: "k".into(), version: Some(1) };
+    c.call(&Revoke { scope: scope.clone(), reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
+    let done = c.call(&keyhaven::revocation::Destroy { scope, confirm: "acme/k".into() }).await.unwrap();
+    assert_eq!(done.erased, ["acme/k@1"]);
+    // The same material, wrapped to new import parameters.
+    let token = params(&d, dir, "acme/k", &[]);
+    std::fs::write(dir.join("KeyMaterial.bin"), &material).unwrap();
+    sh(
+        dir,
+        "openssl pkeyutl -encrypt -pubin -inkey WrappingPublicKey.pem -in KeyMaterial.bin \
+         -out EncryptedKeyMaterial.bin -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha1 \
+         -pkeyopt rsa_mgf1_md:sha1",
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(import(&d, dir, "acme/k", &token, &[]))).unwrap();
+    assert_eq!(json["current_version"], 2, "{json}");
+    assert_eq!(json["versions"][0]["state"], "destroyed", "{json}");
+    assert_eq!(json["versions"][1]["origin"], "external", "{json}");
+    let refused = c.decrypt(&old.ciphertext, &context).await.unwrap_err();
+    assert_eq!(refused.code(), Some(keyhaven::ErrorCode::Revoked));
+    let new = c.encrypt(&path("acme/k"), b"under v2", &context).await.unwrap();
+    assert_eq!(new.key_version, 2);
+    assert_eq!(c.decrypt(&new.ciphertext, &context).await.unwrap().plaintext.expose(), b"under v2");
+}
