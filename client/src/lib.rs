@@ -84,6 +84,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod frame;
 pub mod hybrid;
+pub mod import;
 pub mod jose;
 pub mod keytype;
 pub mod lifecycle;

@@ -119,6 +119,10 @@ pub struct VersionDetails {
     /// Last decryption or rewrap, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<u64>,
+    /// `external` for imported material (`key_import`); left out for
+    /// material generated in the token.
+    #[serde(default, skip_serializing_if = "crate::import::Origin::is_default")]
+    pub origin: crate::import::Origin,
 }
 
 /// A named key in full (`key_show` and the lifecycle operations).
@@ -161,6 +165,10 @@ pub struct KeyDetails {
     /// Its tags, by name.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// `external` for a key made by `key_import` (its versions come only
+    /// from imports); left out for keys generated in the token.
+    #[serde(default, skip_serializing_if = "crate::import::Origin::is_default")]
+    pub origin: crate::import::Origin,
 }
 
 macro_rules! key_op {

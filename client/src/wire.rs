@@ -336,6 +336,9 @@ pub struct KeyInfo {
     /// Its tags, by name.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// `external` for an imported key (`key_import`), left out otherwise.
+    #[serde(default, skip_serializing_if = "crate::import::Origin::is_default")]
+    pub origin: crate::import::Origin,
 }
 operation!(KeyCreate, "key_create", KeyInfo);
 

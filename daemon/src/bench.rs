@@ -9,7 +9,9 @@
 //! 3. runs `keyhaven bench` (a second process, as an application would be)
 //!    against the daemon;
 //! 4. prints the table and the ratio daemon/raw for data-key decryption at
-//!    the highest concurrency.
+//!    the highest concurrency, and for `mac` and `sign-p256`/`sign-p384`
+//!    (when asked for) at each concurrency against the token's own rate of
+//!    HMAC-SHA256 and ECDSA signing.
 //!
 //! With `--token-latency 1ms` the token is the slow token
 //! (tests/slow-token: SoftHSM2 behind a delay per call, like a network
@@ -41,7 +43,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Operations for `keyhaven bench --op` [default: health,encrypt,datakey,datakey-decrypt,rewrap;
-    /// with --token-latency: datakey-decrypt].
+    /// with --token-latency: datakey-decrypt]. With mac, sign-p256 or sign-p384 the token's own rate
+    /// of that operation is measured too, and compared.
     #[arg(long = "op", value_name = "OP")]
     pub ops: Option<String>,
     /// Concurrent clients for `keyhaven bench --concurrency` [default: 1,8,64; with --token-latency: 8,64].
@@ -127,6 +130,82 @@ pub fn raw_datakey_decrypt(config: &Config, duration: Duration) -> anyhow::Resul
     }
     let secs = start.elapsed().as_secs_f64();
     let _ = session.destroy_object(key);
+    Ok(Raw { ops_per_sec: n as f64 / secs, mean_us: secs * 1e6 / n as f64 })
+}
+
+/// The raw token rate of the operation behind `mac` or `sign` (`op`:
+/// `mac`, `sign-p256`, `sign-p384`), one session, one thread, for
+/// `duration`: HMAC-SHA256 (C_Sign, CKM_SHA256_HMAC) of a `payload`-byte
+/// message with a sensitive, non-extractable session-object generic secret
+/// (as an unwrapped HMAC key version is), or ECDSA (C_Sign, CKM_ECDSA) of a
+/// SHA-256/384 digest with a session-object EC private key (as an
+/// unwrapped signing key version is; the daemon hashes, the token signs).
+pub fn raw_mac_or_sign(config: &Config, op: &str, payload: usize, duration: Duration) -> anyhow::Result<Raw> {
+    let hsm = config.hsm_config().map_err(anyhow::Error::msg)?;
+    let pkcs11 = token::load_module(&hsm.module)?;
+    let slot = token::find_token(&pkcs11, &hsm.token_label)?;
+    let session = token::open_session(&pkcs11, slot, &hsm.token_label, &hsm.pin)?;
+    let (key, others, mechanism, data) = match op {
+        "mac" => {
+            let key = session.generate_key(
+                &Mechanism::GenericSecretKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Sign(true),
+                ],
+            )?;
+            (key, None, Mechanism::Sha256Hmac, vec![0x5a; payload])
+        }
+        "sign-p256" | "sign-p384" => {
+            let kind =
+                if op == "sign-p256" { keyhaven::KeyType::EcdsaP256 } else { keyhaven::KeyType::EcdsaP384 };
+            let (params, _) = crate::hsm::ec::curve(kind)?;
+            let (public, private) = session.generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &[
+                    Attribute::Class(ObjectClass::PUBLIC_KEY),
+                    Attribute::KeyType(KeyType::EC),
+                    Attribute::EcParams(params.to_vec()),
+                    Attribute::Token(false),
+                    Attribute::Verify(true),
+                ],
+                &[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::KeyType(KeyType::EC),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Sign(true),
+                ],
+            )?;
+            let digest = if op == "sign-p256" { 32 } else { 48 };
+            (private, Some(public), Mechanism::Ecdsa, vec![0x5a; digest])
+        }
+        other => bail!("no raw token rate for `{other}`"),
+    };
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        for _ in 0..16 {
+            let out = session.sign(&mechanism, key, &data)?;
+            if out.is_empty() {
+                bail!("the token returned an empty {op} result");
+            }
+        }
+        n += 16;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = session.destroy_object(key);
+    if let Some(p) = others {
+        let _ = session.destroy_object(p);
+    }
     Ok(Raw { ops_per_sec: n as f64 / secs, mean_us: secs * 1e6 / n as f64 })
 }
 
@@ -524,6 +603,13 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     // Once more after the load, with the daemon idle: the better of the two
     // is the token's limit (the machine's other load only lowers it).
     let raw2 = raw_datakey_decrypt(&config, args.duration)?;
+    let mut raw_typed = Vec::new();
+    for op in ["mac", "sign-p256", "sign-p384"] {
+        if rows.iter().any(|r| r.op == op) {
+            eprintln!("keyhavend bench: raw token {op} rate, {} s", args.duration.as_secs_f64());
+            raw_typed.push((op, raw_mac_or_sign(&config, op, 32, args.duration)?));
+        }
+    }
     drop(daemon);
     let raw = if raw2.ops_per_sec > raw1.ops_per_sec { raw2 } else { raw1 };
 
@@ -540,6 +626,29 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     }
     if let Some(samples) = soak {
         print_soak(&samples);
+    }
+    // mac and sign against the token's own rate of the same operation.
+    for (op, raw) in &raw_typed {
+        println!(
+            "{:<26} {:>5} {:>10.0} {:>9.1} {:>9} {:>9} {:>7}",
+            format!("raw token {op}"),
+            1,
+            raw.ops_per_sec,
+            raw.mean_us,
+            "-",
+            "-",
+            0
+        );
+        for r in rows.iter().filter(|r| r.op == *op && !r.new_connection) {
+            println!(
+                "daemon/raw {op} c={}: {:.2} (daemon {:.0} ops/s, raw {:.0} ops/s, p99 {:.0} µs)",
+                r.concurrency,
+                r.ops_per_sec / raw.ops_per_sec,
+                r.ops_per_sec,
+                raw.ops_per_sec,
+                r.p99_us
+            );
+        }
     }
     let best =
         rows.iter().filter(|r| r.op == "datakey-decrypt" && !r.new_connection).max_by_key(|r| r.concurrency);

@@ -48,11 +48,14 @@ pub enum Permission {
     Metrics,
     /// `verify`: checking signatures in the daemon (the token).
     Verify,
+    /// `key_import_params`, `key_import`: bringing key material of one's
+    /// own (BYOK).
+    Import,
 }
 
 impl Permission {
     /// Every permission, in the order `whoami` shows them.
-    pub const ALL: [Permission; 14] = [
+    pub const ALL: [Permission; 15] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Datakey,
@@ -67,6 +70,7 @@ impl Permission {
         Permission::PublicKey,
         Permission::Metrics,
         Permission::Verify,
+        Permission::Import,
     ];
 
     /// The name used in the config and on the wire.
@@ -86,6 +90,7 @@ impl Permission {
             Permission::PublicKey => "public-key",
             Permission::Metrics => "metrics",
             Permission::Verify => "verify",
+            Permission::Import => "import",
         }
     }
 

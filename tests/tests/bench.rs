@@ -33,3 +33,33 @@ fn keyhavend_bench_runs_every_op_and_prints_the_ratio() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("is not empty"));
 }
+
+/// `mac` and `sign-*` rows, each with the token's own rate of the
+/// operation and a daemon/raw line (PERFORMANCE.md, issue 16).
+#[test]
+fn keyhavend_bench_compares_mac_and_sign_with_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin("keyhavend"))
+        .args([
+            "bench",
+            "--duration",
+            "200ms",
+            "--concurrency",
+            "1",
+            "--op",
+            "mac,sign-p256,sign-p384",
+            "--dir",
+        ])
+        .arg(dir.path().join("bench"))
+        .arg("--keyhaven")
+        .arg(bin("keyhaven"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for op in ["mac", "sign-p256", "sign-p384"] {
+        assert!(text.contains(&format!("raw token {op} ")), "no raw `{op}` row: {text}");
+        assert!(text.contains(&format!("daemon/raw {op} c=1: ")), "no `{op}` ratio: {text}");
+    }
+    assert!(!text.contains("first error"), "{text}");
+}

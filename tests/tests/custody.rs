@@ -1,8 +1,9 @@
 //! Custody against a PIN holder (docs/SECURITY.md): someone with the user
 //! PIN works on the real token directly, past the daemon, with an attacker's
 //! PKCS#11 probe (`p11probe`, cryptoki on the SoftHSM2 module). They must
-//! not get a KEK out in plaintext, and a master key they plant or swap in
-//! must never be adopted.
+//! not get a KEK out in plaintext (nor an HMAC key, an EC private key or
+//! imported material, stored the same way), and a master key they plant or
+//! swap in must never be adopted.
 
 use std::path::Path;
 use std::process::Output;
@@ -84,6 +85,93 @@ async fn a_pin_holder_cannot_take_a_kek_out_of_the_token() {
     d.start_again();
     let back = d.client().await.decrypt(&sealed.ciphertext, &ctx(&[])).await.unwrap();
     assert_eq!(back.plaintext.expose(), b"card 4111");
+}
+
+/// What the PIN holder tries on every stored version (see `p11probe`).
+const ATTACKS: [&str; 13] = [
+    "unwrap-plain",
+    "unwrap-extractable",
+    "unwrap-pad-plain",
+    "unwrap-generic",
+    "unwrap-derivable",
+    "unwrap-token-object",
+    "decrypt-with-master-key",
+    "wrap-under-own-key",
+    "wrap-under-own-key-kw",
+    "set-extractable",
+    "set-not-sensitive",
+    "copy-extractable",
+    "read-value",
+];
+
+/// HMAC keys, EC private keys and imported material are stored like KEKs
+/// and confined like them: the same attacks, each with the template and
+/// mechanism of its kind, are refused, and the control (the template the
+/// master key allows) works, so the refusals are the token's doing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pin_holder_cannot_take_hmac_ec_or_imported_material_out() {
+    let mut d = TestDaemon::start();
+    for (key, key_type) in
+        [("acme/hooks", "hmac-sha256"), ("acme/p256", "ecdsa-p256"), ("acme/p384", "ecdsa-p384")]
+    {
+        let out = d.cli(&["key", "create", key, "--type", key_type], b"");
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // Imported material (OPERATIONS.md §16), an AES key and an HMAC key.
+    let tmp = tempfile::tempdir().unwrap();
+    for (key, key_type) in [("acme/byok", "aes256-gcm"), ("acme/byok-mac", "hmac-sha256")] {
+        let pem = tmp.path().join("WrappingPublicKey.pem");
+        let out = d.cli(
+            &["key", "import-params", key, "--type", key_type, "--public-key-out", pem.to_str().unwrap()],
+            b"",
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let sh = std::process::Command::new("sh")
+            .arg("-ec")
+            .arg(
+                "openssl rand -out KeyMaterial.bin 32 && openssl pkeyutl -encrypt -pubin -inkey \
+                 WrappingPublicKey.pem -in KeyMaterial.bin -out EncryptedKeyMaterial.bin -pkeyopt \
+                 rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha1 -pkeyopt rsa_mgf1_md:sha1",
+            )
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(sh.status.success(), "{}", stderr(&sh));
+        let wrapped = tmp.path().join("EncryptedKeyMaterial.bin");
+        let out = d.cli(
+            &["key", "import", key, "--wrapped", wrapped.to_str().unwrap(), "--import-token", &token],
+            b"",
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+
+    for (name, kind) in [
+        ("acme/hooks", "hmac"),
+        ("acme/p256", "ec"),
+        ("acme/p384", "ec"),
+        ("acme/byok", "aes"),
+        ("acme/byok-mac", "hmac"),
+    ] {
+        let (wrapped, mk) = stored_kek(&d.store_dir(), name);
+        let report = probe_ok(&d, &["extract", &format!("keyhaven-mk-v{mk}"), &wrapped, kind]);
+        assert!(report.contains("control-confined-unwrap: ok"), "{name}: {report}");
+        for attack in ATTACKS {
+            let line = report
+                .lines()
+                .find(|l| l.starts_with(&format!("{attack}:")))
+                .unwrap_or_else(|| panic!("{name}: {report}"));
+            assert!(line.contains("refused"), "the token let a PIN holder do {attack} to {name}:\n{report}");
+        }
+    }
+    // Nothing the probe did harmed the daemon: the keys still work.
+    d.start_again();
+    for (key, args) in [("acme/hooks", ["mac"]), ("acme/p256", ["sign"]), ("acme/byok-mac", ["mac"])] {
+        let out = d.cli(&[args[0], key], b"m");
+        assert!(out.status.success(), "{key}: {}", stderr(&out));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

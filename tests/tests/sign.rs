@@ -4,7 +4,8 @@
 //! and over digests the caller computed, before and after key rotation and
 //! master-key rotation; altered messages and other versions' keys fail.
 //! Wrong key types, revocation scopes, permissions, audit and bad input
-//! are checked too.
+//! are checked too. The signing tests run on the sled store and on a
+//! throwaway PostgreSQL.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -47,7 +48,19 @@ fn openssl_verifies(dir: &Path, hash: &str, pem: &str, sig_b64: &str, msg: &[u8]
 
 #[tokio::test]
 async fn openssl_verifies_every_signature_from_the_exported_public_key() {
-    let mut d = TestDaemon::start();
+    openssl_verifies_every_signature(TestDaemon::start());
+}
+
+/// The same on the PostgreSQL store: the public keys are stored with each
+/// version there too, and read back after a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn openssl_verifies_every_signature_on_postgres() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    openssl_verifies_every_signature(TestDaemon::start_postgres(&pg.url("keyhaven")));
+}
+
+fn openssl_verifies_every_signature(mut d: TestDaemon) {
     let tmp = tempfile::tempdir().unwrap();
     for (key_type, hash) in [("ecdsa-p256", "sha256"), ("ecdsa-p384", "sha384")] {
         let key = format!("acme/{key_type}");
@@ -259,7 +272,18 @@ print(claims["sub"])
 
 #[tokio::test]
 async fn pyjwt_verifies_keyhaven_jwts_against_the_jwks_across_a_rotation() {
-    let d = TestDaemon::start();
+    pyjwt_verifies_jwts(TestDaemon::start());
+}
+
+/// `key jwks` and `jwt sign` on the PostgreSQL store.
+#[tokio::test(flavor = "multi_thread")]
+async fn pyjwt_verifies_keyhaven_jwts_on_postgres() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    pyjwt_verifies_jwts(TestDaemon::start_postgres(&pg.url("keyhaven")));
+}
+
+fn pyjwt_verifies_jwts(d: TestDaemon) {
     let tmp = tempfile::tempdir().unwrap();
     let claims = tmp.path().join("claims.json");
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;

@@ -21,6 +21,7 @@ pub mod anchor;
 pub mod confine;
 pub mod ec;
 pub mod error;
+pub mod import;
 pub mod queue;
 pub mod rsa;
 pub mod signing;

@@ -217,7 +217,7 @@ impl Worker {
         })
     }
 
-    fn master_key(&mut self, version: u32) -> Result<ObjectHandle, HsmError> {
+    pub(super) fn master_key(&mut self, version: u32) -> Result<ObjectHandle, HsmError> {
         if let Some(h) = self.master_keys.get(&version) {
             return Ok(*h);
         }

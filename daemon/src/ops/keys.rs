@@ -33,6 +33,7 @@ pub fn info(rec: &KeyRecord, revocations: &Index) -> KeyInfo {
         deletion_at: rec.deletion_at,
         description: rec.description.clone(),
         tags: rec.tags.clone(),
+        origin: rec.origin,
     }
 }
 
@@ -106,6 +107,7 @@ pub async fn create(
         created_with: req.idempotency_key.clone(),
         description: req.description.clone().filter(|t| !t.is_empty()),
         tags: req.tags.clone(),
+        origin: Default::default(),
     };
     // The flush makes it durable before we answer; it blocks, so it runs
     // off the async threads (key creation is rare, not a hot path).

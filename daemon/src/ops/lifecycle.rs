@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use keyhaven::envelope::Ciphertext;
+use keyhaven::import::Origin;
 use keyhaven::lifecycle::{
     KeyCancelDeletion, KeyDetails, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow, KeyState, KeyTrim,
     KeyTrimResponse, Rewrap, RewrapResponse, VersionDetails,
@@ -77,8 +78,10 @@ pub fn details(rec: &KeyRecord, revocations: &crate::revocation::Index) -> KeyDe
                 decryptions: v.decryptions,
                 rewraps: v.rewraps,
                 last_used_at: v.last_used_at,
+                origin: v.origin,
             })
             .collect(),
+        origin: rec.origin,
     }
 }
 
@@ -183,6 +186,9 @@ pub async fn rotate_key_under(
         .await?
         .ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
     refuse_gone(&rec, &path)?;
+    if rec.origin == Origin::External {
+        return Err(refuse_imported(&path));
+    }
     // A new version of the key's own type (an HMAC key's versions are HMAC
     // keys).
     let kind = rec.key_type;
@@ -222,6 +228,15 @@ pub(super) fn new_version(
     let mut v = KeyVersion::new(version, now, master_key_version, generated.wrapped);
     v.public_key = generated.public_key.map(|p| base64::engine::general_purpose::STANDARD.encode(p));
     v
+}
+
+/// An imported key's versions come from its owner's material only: the
+/// token makes none (no rotation, automatic or by master-key rotation).
+fn refuse_imported(path: &KeyPath) -> Error {
+    Error::BadRequest(format!(
+        "key `{path}` holds imported material (origin external): the token makes no versions of it; give it a \
+         new version with `key import` (key_import_params, then key_import)"
+    ))
 }
 
 fn refuse_gone(rec: &KeyRecord, path: &KeyPath) -> Result<(), Error> {
@@ -328,6 +343,9 @@ pub async fn set(d: Arc<Daemon>, req: KeySet, change: &mut Change) -> Result<Rep
             rec.min_decryption_version = min;
         }
         if let Some(period) = req.rotate_every_secs {
+            if period != 0 && rec.origin == Origin::External {
+                return Err(refuse_imported(&p));
+            }
             rec.rotate_every_secs = (period != 0).then_some(period);
         }
         if let Some(state) = req.state {

@@ -60,7 +60,11 @@ fn behind(store: &Store, mk: u32) -> Result<Vec<KeyPath>, Error> {
     use keyhaven::lifecycle::KeyState;
     let mut out = Vec::new();
     for rec in store.keys(None)? {
-        if matches!(rec.state, KeyState::PendingDeletion | KeyState::Deleted) {
+        // An imported key gets no generated version: it stays under its
+        // master key until its owner imports again (OPERATIONS.md, BYOK).
+        if matches!(rec.state, KeyState::PendingDeletion | KeyState::Deleted)
+            || rec.origin == keyhaven::import::Origin::External
+        {
             continue;
         }
         match rec.version(rec.current_version) {

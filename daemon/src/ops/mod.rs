@@ -16,6 +16,7 @@ mod audit;
 mod datakey;
 mod encrypt;
 mod health;
+mod import;
 mod keys;
 mod lifecycle;
 mod mac;
@@ -80,6 +81,8 @@ pub struct Daemon {
     health_probe: health::ProbeGate,
     /// Recent user-database lookups of connecting callers.
     pub identities: crate::identity::Identities,
+    /// Outstanding BYOK import tokens (memory only: `ops::import`).
+    imports: import::PendingImports,
 }
 
 impl Daemon {
@@ -112,6 +115,7 @@ impl Daemon {
             revocation_events,
             health_probe: Default::default(),
             identities: Default::default(),
+            imports: Default::default(),
         })
     }
 
@@ -219,7 +223,7 @@ fn parse_and_handle<'a, T: Op>(cx: Cx<'a>, params: &'a str) -> Handling<'a> {
 }
 
 /// Every family's operations.
-const FAMILIES: [&[Route]; 12] = [
+const FAMILIES: [&[Route]; 13] = [
     health::OPS,
     admin::OPS,
     keys::OPS,
@@ -232,6 +236,7 @@ const FAMILIES: [&[Route]; 12] = [
     mac::OPS,
     sign::OPS,
     metrics::OPS,
+    import::OPS,
 ];
 
 /// The declaration of operation `op`, if there is one.

@@ -49,7 +49,7 @@ impl Op for PublicKey {
             return Err(Error::BadRequest("field `version`: key versions start at 1".into()));
         }
         cx.allow(key_target(&path))?;
-        public_key(cx.d, path, self, cx.s)
+        public_key(cx.d, path, self, cx.s).await
     }
 }
 
@@ -120,7 +120,9 @@ fn digest_of(key_type: KeyType, input: Result<SecretBytes, SecretBytes>) -> Resu
 async fn sign(d: &Arc<Daemon>, path: KeyPath, req: Sign, s: &mut Subject) -> Result<Reply, Error> {
     let input = message_or_digest(req.message, req.digest, "sign")?;
     d.revocations.check(&path, None, None)?;
-    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    // The backend's own future: a PostgreSQL store answers on its runtime
+    // while this task waits, without holding an async thread.
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
     require_signing(&rec, &path, "sign")?;
     // An RSA key hashes a message in the token (CKM_SHA256_RSA_PKCS_PSS).
     let rsa_message = match &input {
@@ -209,9 +211,9 @@ fn stored_public_key(rec: &KeyRecord, path: &KeyPath, version: u32) -> Result<Ve
 /// `public_key` of a version of `path` (current by default): refused
 /// under revocation and once the version is retired or destroyed, like any
 /// use of it.
-fn public_key(d: &Arc<Daemon>, path: KeyPath, req: PublicKey, s: &mut Subject) -> Result<Reply, Error> {
+async fn public_key(d: &Arc<Daemon>, path: KeyPath, req: PublicKey, s: &mut Subject) -> Result<Reply, Error> {
     d.revocations.check(&path, None, None)?;
-    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
     if !rec.key_type.has_public_key() {
         return Err(Error::WrongKeyType(format!(
             "key `{path}` is of type `{}`; `public_key` needs a key pair (a signing key or `rsa-4096-oaep`)",

@@ -247,6 +247,10 @@ pub struct KeyRecord {
     /// Its tags (absent in records from before tags, and when it has none).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub tags: crate::labels::Tags,
+    /// `external` for a key made by `key_import` (left out otherwise, so
+    /// older records are byte-identical).
+    #[serde(default, skip_serializing_if = "keyhaven::import::Origin::is_default")]
+    pub origin: keyhaven::import::Origin,
 }
 
 fn enabled() -> KeyState {
@@ -296,6 +300,10 @@ pub struct KeyVersion {
     /// The idempotency key of the `key_rotate` that made it, if it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub made_with: Option<String>,
+    /// `external` for imported material (left out when generated in the
+    /// token).
+    #[serde(default, skip_serializing_if = "keyhaven::import::Origin::is_default")]
+    pub origin: keyhaven::import::Origin,
 }
 
 impl KeyVersion {
@@ -313,6 +321,7 @@ impl KeyVersion {
             last_used_at: None,
             public_key: None,
             made_with: None,
+            origin: Default::default(),
         }
     }
 }

@@ -63,7 +63,8 @@ fn main() {
         }
         "extract" => {
             let wrapped = base64::engine::general_purpose::STANDARD.decode(&args[6]).expect("base64");
-            extract(&session, one(&session, &args[5]), &wrapped);
+            let kind = args.get(7).map_or("aes", String::as_str);
+            extract(&session, one(&session, &args[5]), &wrapped, kind);
         }
         other => panic!("unknown command {other}"),
     }
@@ -113,9 +114,79 @@ fn generated_key(label: &str, id: Vec<u8>) -> Vec<Attribute> {
 }
 
 fn aes(sensitive: bool, extractable: bool) -> Vec<Attribute> {
+    secret(KeyType::AES, sensitive, extractable)
+}
+
+fn secret(key_type: KeyType, sensitive: bool, extractable: bool) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
+        Attribute::KeyType(key_type),
+        Attribute::Token(false),
+        Attribute::Sensitive(sensitive),
+        Attribute::Extractable(extractable),
+    ]
+}
+
+/// A stored version's kind: the template of the key it holds (an AES KEK,
+/// an HMAC key, an EC private key), the mechanism that wrapped it, another
+/// type to ask for, and the template the master key allows (the control).
+struct Kind {
+    base: fn(bool, bool) -> Vec<Attribute>,
+    mechanism: Mechanism<'static>,
+    other_mechanism: Mechanism<'static>,
+    other_type: fn(bool, bool) -> Vec<Attribute>,
+    confined: Vec<Attribute>,
+}
+
+fn kind(name: &str) -> Kind {
+    let use_ = |v: Vec<Attribute>| {
+        [vec![Attribute::Private(true), Attribute::Derive(false), Attribute::Unwrap(false)], v].concat()
+    };
+    match name {
+        "aes" => Kind {
+            base: aes,
+            mechanism: Mechanism::AesKeyWrap,
+            other_mechanism: Mechanism::AesKeyWrapPad,
+            other_type: |s, e| secret(KeyType::GENERIC_SECRET, s, e),
+            confined: [
+                aes(true, false),
+                use_(vec![Attribute::Wrap(false), Attribute::Encrypt(true), Attribute::Decrypt(true)]),
+            ]
+            .concat(),
+        },
+        "hmac" => Kind {
+            base: |s, e| secret(KeyType::GENERIC_SECRET, s, e),
+            mechanism: Mechanism::AesKeyWrap,
+            other_mechanism: Mechanism::AesKeyWrapPad,
+            other_type: aes,
+            confined: [
+                secret(KeyType::GENERIC_SECRET, true, false),
+                use_(vec![
+                    Attribute::Wrap(false),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                    Attribute::Sign(true),
+                    Attribute::Verify(true),
+                ]),
+            ]
+            .concat(),
+        },
+        "ec" => Kind {
+            base: ec_private,
+            mechanism: Mechanism::AesKeyWrapPad,
+            other_mechanism: Mechanism::AesKeyWrap,
+            other_type: |s, e| secret(KeyType::GENERIC_SECRET, s, e),
+            confined: [ec_private(true, false), use_(vec![Attribute::Sign(true), Attribute::Decrypt(false)])]
+                .concat(),
+        },
+        other => panic!("unknown kind {other}: aes, hmac or ec"),
+    }
+}
+
+fn ec_private(sensitive: bool, extractable: bool) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC),
         Attribute::Token(false),
         Attribute::Sensitive(sensitive),
         Attribute::Extractable(extractable),
@@ -139,46 +210,37 @@ fn value_of(session: &Session, h: ObjectHandle) -> String {
     }
 }
 
-fn extract(session: &Session, mk: ObjectHandle, wrapped: &[u8]) {
-    let kw = Mechanism::AesKeyWrap;
-    report("unwrap-plain", session.unwrap_key(&kw, mk, wrapped, &aes(false, true)), |h| value_of(session, h));
-    report("unwrap-extractable", session.unwrap_key(&kw, mk, wrapped, &aes(true, true)), |_| {
+fn extract(session: &Session, mk: ObjectHandle, wrapped: &[u8], kind_name: &str) {
+    let k = kind(kind_name);
+    let kw = &k.mechanism;
+    let base = k.base;
+    report("unwrap-plain", session.unwrap_key(kw, mk, wrapped, &base(false, true)), |h| value_of(session, h));
+    report("unwrap-extractable", session.unwrap_key(kw, mk, wrapped, &base(true, true)), |_| {
         "extractable copy".into()
     });
-    let pad = Mechanism::AesKeyWrapPad;
-    report("unwrap-pad-plain", session.unwrap_key(&pad, mk, wrapped, &aes(false, true)), |h| {
+    report(
+        "unwrap-pad-plain",
+        session.unwrap_key(&k.other_mechanism, mk, wrapped, &base(false, true)),
+        |h| value_of(session, h),
+    );
+    report("unwrap-generic", session.unwrap_key(kw, mk, wrapped, &(k.other_type)(false, true)), |h| {
         value_of(session, h)
     });
-    let mut generic = aes(false, true);
-    generic[1] = Attribute::KeyType(KeyType::GENERIC_SECRET);
-    report("unwrap-generic", session.unwrap_key(&kw, mk, wrapped, &generic), |h| value_of(session, h));
-    let mut derivable = aes(true, false);
+    let mut derivable = base(true, false);
     derivable.push(Attribute::Derive(true));
-    report("unwrap-derivable", session.unwrap_key(&kw, mk, wrapped, &derivable), |_| {
+    report("unwrap-derivable", session.unwrap_key(kw, mk, wrapped, &derivable), |_| {
         "a copy that derives (CKM_CONCATENATE_BASE_AND_DATA would copy its bits where the token has it)"
             .into()
     });
-    let mut as_token = aes(true, true);
+    let mut as_token = base(true, true);
     as_token[2] = Attribute::Token(true);
-    report("unwrap-token-object", session.unwrap_key(&kw, mk, wrapped, &as_token), |_| "token copy".into());
+    report("unwrap-token-object", session.unwrap_key(kw, mk, wrapped, &as_token), |_| "token copy".into());
     report("decrypt-with-master-key", session.decrypt(&Mechanism::AesEcb, mk, wrapped), |_| {
         "decrypted".into()
     });
     // The template the master key allows: the control (this must work, or
     // the refusals above prove nothing), then what a confined copy allows.
-    let confined = [
-        aes(true, false),
-        vec![
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::Private(true),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
-            Attribute::Derive(false),
-        ],
-    ]
-    .concat();
-    let kek = match session.unwrap_key(&kw, mk, wrapped, &confined) {
+    let kek = match session.unwrap_key(kw, mk, wrapped, &k.confined) {
         Ok(h) => {
             println!("control-confined-unwrap: ok");
             h
@@ -197,7 +259,12 @@ fn extract(session: &Session, mk: ObjectHandle, wrapped: &[u8]) {
             Attribute::Wrap(true),
         ])
         .expect("a wrapping key of the attacker's");
-    report("wrap-under-own-key", session.wrap_key(&kw, mine, kek), |_| "wrapped under a known key".into());
+    report("wrap-under-own-key", session.wrap_key(&Mechanism::AesKeyWrapPad, mine, kek), |_| {
+        "wrapped under a known key".into()
+    });
+    report("wrap-under-own-key-kw", session.wrap_key(&Mechanism::AesKeyWrap, mine, kek), |_| {
+        "wrapped under a known key".into()
+    });
     report("set-extractable", session.update_attributes(kek, &[Attribute::Extractable(true)]), |_| {
         "now extractable".into()
     });

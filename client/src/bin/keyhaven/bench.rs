@@ -38,6 +38,12 @@ pub enum BenchOp {
     Seal,
     /// Client-side `open` of records of the payload, with the opening cache.
     Open,
+    /// `mac` of the payload under an `hmac-sha256` key (KEY with `-hmac` after it).
+    Mac,
+    /// `sign` of the payload with an `ecdsa-p256` key (KEY with `-p256` after it).
+    SignP256,
+    /// `sign` of the payload with an `ecdsa-p384` key (KEY with `-p384` after it).
+    SignP384,
 }
 
 impl BenchOp {
@@ -53,6 +59,9 @@ impl BenchOp {
             BenchOp::KeyCreate => "key-create",
             BenchOp::Seal => "seal",
             BenchOp::Open => "open",
+            BenchOp::Mac => "mac",
+            BenchOp::SignP256 => "sign-p256",
+            BenchOp::SignP384 => "sign-p384",
         }
     }
 }
@@ -117,6 +126,8 @@ struct Material {
     old_envelope: String,
     ciphertext: String,
     data: Vec<u8>,
+    /// For `mac` and `sign-*`: the key of that type.
+    typed_key: KeyPath,
     /// For `key-create`: this run's prefix, and keys made so far.
     run: u128,
     created: AtomicU64,
@@ -149,8 +160,36 @@ async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Erro
         BenchOp::Decrypt => setup.encrypt(&key, &data, &ctx).await?.ciphertext,
         _ => String::new(),
     };
+    let typed = match op {
+        BenchOp::Mac => Some(("hmac", keyhaven::KeyType::HmacSha256)),
+        BenchOp::SignP256 => Some(("p256", keyhaven::KeyType::EcdsaP256)),
+        BenchOp::SignP384 => Some(("p384", keyhaven::KeyType::EcdsaP384)),
+        _ => None,
+    };
+    let typed_key = match typed {
+        Some((suffix, kind)) => {
+            let k = KeyPath::new(key.tenant(), &format!("{}-{suffix}", key.key()))?;
+            match setup.key_create_of_type(&k, kind).await {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(keyhaven::ErrorCode::AlreadyExists) => {}
+                Err(e) => return Err(e),
+            }
+            k
+        }
+        None => key.clone(),
+    };
     let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    Ok(Material { key, ctx, envelope, old_envelope, ciphertext, data, run, created: AtomicU64::new(0) })
+    Ok(Material {
+        key,
+        ctx,
+        envelope,
+        old_envelope,
+        ciphertext,
+        data,
+        typed_key,
+        run,
+        created: AtomicU64::new(0),
+    })
 }
 
 /// A client's own state: its sealer (for `seal` and `open`) and the
@@ -188,6 +227,16 @@ async fn one(client: &Client, op: BenchOp, m: &Material, local: &mut Local) -> R
         BenchOp::DatakeyDecrypt => client.datakey_decrypt(&m.envelope, &m.ctx).await.map(drop),
         BenchOp::Rewrap => {
             let req = keyhaven::lifecycle::Rewrap { text: m.old_envelope.clone(), context: m.ctx.clone() };
+            client.call(&req).await.map(drop)
+        }
+        BenchOp::Mac => client.mac(&m.typed_key, &m.data, None).await.map(drop),
+        BenchOp::SignP256 | BenchOp::SignP384 => {
+            let req = keyhaven::sign::Sign {
+                tenant: m.typed_key.tenant().into(),
+                key: m.typed_key.key().into(),
+                message: Some(keyhaven::wire::SecretBytes::new(m.data.clone())),
+                digest: None,
+            };
             client.call(&req).await.map(drop)
         }
     }

@@ -20,6 +20,7 @@ macro_rules! outln {
 mod audit;
 mod audit_file;
 mod bench;
+mod import;
 mod inspect;
 mod jwt;
 mod lifecycle;
@@ -248,6 +249,12 @@ enum KeyCommand {
     },
     #[command(flatten)]
     Lifecycle(lifecycle::Lifecycle),
+    /// Get a one-time wrapping public key (RSA-3072, made in the HSM) and an import token, to bring key
+    /// material of your own (BYOK).
+    ImportParams(import::ParamsArgs),
+    /// Make a key (or a new version of an imported key) from key material wrapped to the import
+    /// parameters' public key.
+    Import(import::ImportArgs),
 }
 
 #[derive(Subcommand)]
@@ -1010,6 +1017,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Key(KeyCommand::Jwks { key }) => jwt::jwks(&client, &key).await,
+        Command::Key(KeyCommand::ImportParams(args)) => import::params(&client, args).await,
+        Command::Key(KeyCommand::Import(args)) => import::import(&client, args).await,
         Command::Jwt(JwtCommand::Sign { key, claims }) => jwt::sign(&client, &key, &claims).await,
         Command::Key(KeyCommand::Public { key, version, format }) => {
             let req =
