@@ -46,11 +46,14 @@ pub enum Permission {
     PublicKey,
     /// `metrics`: reading the daemon's metrics.
     Metrics,
+    /// `alias_create`, `alias_update`, `alias_delete`, `alias_list`:
+    /// managing key aliases (granted on the alias's and the key's names).
+    Alias,
 }
 
 impl Permission {
     /// Every permission, in the order `whoami` shows them.
-    pub const ALL: [Permission; 13] = [
+    pub const ALL: [Permission; 14] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Datakey,
@@ -64,6 +67,7 @@ impl Permission {
         Permission::Sign,
         Permission::PublicKey,
         Permission::Metrics,
+        Permission::Alias,
     ];
 
     /// The name used in the config and on the wire.
@@ -82,6 +86,7 @@ impl Permission {
             Permission::Sign => "sign",
             Permission::PublicKey => "public-key",
             Permission::Metrics => "metrics",
+            Permission::Alias => "alias",
         }
     }
 

@@ -30,8 +30,7 @@ pub(super) const OPS: &[Route] = &[route::<Sign>(), route::<PublicKey>()];
 impl Op for Sign {
     const ACCESS: Access = Access::Needs(Permission::Sign);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
-        let path = KeyPath::new(&self.tenant, &self.key)?;
-        cx.s.key(&path);
+        let path = cx.key_path(&self.tenant, &self.key).await?;
         cx.allow(key_target(&path))?;
         sign(cx.d, path, self, cx.s).await
     }
@@ -40,8 +39,7 @@ impl Op for Sign {
 impl Op for PublicKey {
     const ACCESS: Access = Access::Needs(Permission::PublicKey);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
-        let path = KeyPath::new(&self.tenant, &self.key)?;
-        cx.s.key(&path);
+        let path = cx.key_path(&self.tenant, &self.key).await?;
         if self.version == Some(0) {
             return Err(Error::BadRequest("field `version`: key versions start at 1".into()));
         }
