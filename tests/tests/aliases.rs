@@ -256,3 +256,32 @@ fn the_cli_manages_aliases() {
     assert_eq!(ok(&["alias", "delete", "acme/app"])["key"], "k2");
     assert_eq!(ok(&["alias", "list"]), json!([]));
 }
+
+/// On PostgreSQL, aliases live in the same shared record: one node's
+/// alias is seen (and moved) by the other at once, and both survive a
+/// restart of the cluster.
+#[tokio::test(flavor = "multi_thread")]
+async fn aliases_on_postgres_are_shared_by_the_nodes_of_a_cluster() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let (a, b) = (first.client().await, second.client().await);
+    a.key_create(&path("acme/k1")).await.unwrap();
+    a.key_create(&path("acme/k2")).await.unwrap();
+    a.alias_create("app", &path("acme/k1")).await.unwrap();
+    let ctx = ctx(&[]);
+    let old = b.encrypt(&path("acme/app"), b"one", &ctx).await.unwrap();
+    assert_eq!(old.ciphertext.parse::<keyhaven::Ciphertext>().unwrap().envelope().path().key(), "k1");
+    b.alias_update("app", &path("acme/k2")).await.unwrap();
+    let new = a.encrypt(&path("acme/app"), b"two", &ctx).await.unwrap();
+    assert_eq!(new.ciphertext.parse::<keyhaven::Ciphertext>().unwrap().envelope().path().key(), "k2");
+    assert_eq!(code(b.key_create(&path("acme/app")).await.unwrap_err()), ErrorCode::AlreadyExists);
+    drop(a);
+    first.restart();
+    let a = first.client().await;
+    assert_eq!(a.alias_list(Some("acme")).await.unwrap()[0].key, "k2");
+    assert_eq!(a.decrypt(&old.ciphertext, &ctx).await.unwrap().plaintext.expose(), b"one");
+    b.alias_delete("acme", "app").await.unwrap();
+    assert!(a.alias_list(None).await.unwrap().is_empty());
+}
