@@ -60,6 +60,15 @@ async fn an_alias_names_a_key_moves_and_old_data_still_opens() {
     let again = c.encrypt(&path("acme/web"), b"x", &ctx).await.unwrap();
     assert_eq!(again.ciphertext.parse::<keyhaven::Ciphertext>().unwrap().envelope().path().key(), "web-2026");
 
+    // A suspension names the key, and covers uses through the alias; the
+    // alias's name is no scope.
+    let out = d.cli(&["revoke", "key", "acme/web", "--reason", "key-compromise"], b"");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is an alias, not a key"), "{out:?}");
+    let out = d.cli(&["revoke", "key", "acme/web-2026", "--reason", "key-compromise"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(code(c.encrypt(&path("acme/web"), b"x", &ctx).await.unwrap_err()), ErrorCode::Revoked);
+    let out = d.cli(&["revoke", "lift", "key", "acme/web-2026", "--reason", "key-compromise"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Deleted: the name names nothing any more; the key stays.
     let gone = c.alias_delete("acme", "web").await.unwrap();
     assert_eq!(gone.key, "web-2026");
