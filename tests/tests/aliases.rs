@@ -296,3 +296,45 @@ async fn aliases_on_postgres_are_shared_by_the_nodes_of_a_cluster() {
     b.alias_delete("acme", "app").await.unwrap();
     assert!(a.alias_list(None).await.unwrap().is_empty());
 }
+
+/// A store takes at most 1000 aliases (they live in one record, and
+/// `alias_list` answers them in one frame): the next is refused, typed,
+/// and the list still fits.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_number_of_aliases_is_bounded() {
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    c.key_create(&path("acme/k")).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let c = d.client().await;
+        tasks.push(tokio::spawn(async move {
+            for i in (t..1000).step_by(8) {
+                let long = format!("{i:04}-{}", "a".repeat(58));
+                c.alias_create(&long, &path("acme/k")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eprintln!("1000 aliases made in {:?}", started.elapsed());
+    let e = c.alias_create("one-more", &path("acme/k")).await.unwrap_err();
+    assert!(e.to_string().contains("1000 aliases"), "{e}");
+    assert_eq!(code(e), ErrorCode::BadRequest);
+    assert_eq!(c.alias_list(None).await.unwrap().len(), 1000);
+    // What resolving costs with the store full of aliases (printed, for
+    // the figures; not asserted: the machine is shared).
+    let alias = format!("0999-{}", "a".repeat(58));
+    for name in ["acme/k".to_owned(), format!("acme/{alias}")] {
+        let started = std::time::Instant::now();
+        for _ in 0..200 {
+            c.encrypt(&path(&name), b"x", &ctx(&[])).await.unwrap();
+        }
+        eprintln!("200 encrypts through {} in {:?}", &name[..name.len().min(10)], started.elapsed());
+    }
+    // Room again after a delete.
+    c.alias_delete("acme", &format!("0000-{}", "a".repeat(58))).await.unwrap();
+    c.alias_create("one-more", &path("acme/k")).await.unwrap();
+}

@@ -14,6 +14,11 @@ use crate::error::Error;
 use crate::policy::{Access, Permission};
 use crate::store::AliasRecord;
 
+/// The most aliases a store holds: they live in one record, rewritten at
+/// every change, and `alias_list` answers them all in one frame (1 MiB;
+/// an alias takes at most ~250 bytes of it).
+pub const MAX_ALIASES: usize = 1000;
+
 /// The alias operations (`alias`).
 pub(super) const OPS: &[Route] =
     &[route::<AliasCreate>(), route::<AliasUpdate>(), route::<AliasDelete>(), route::<AliasList>()];
@@ -86,15 +91,16 @@ enum Outcome {
 async fn change_alias(
     d: &std::sync::Arc<Daemon>,
     name: &KeyPath,
-    change: impl Fn(Option<&AliasRecord>) -> Result<Option<AliasRecord>, Error> + Send + Sync + 'static,
+    change: impl Fn(Option<&AliasRecord>, usize) -> Result<Option<AliasRecord>, Error> + Send + Sync + 'static,
 ) -> Result<(Option<AliasRecord>, Option<AliasRecord>), Error> {
     let (tenant, alias) = (name.tenant().to_owned(), name.key().to_owned());
     let outcome = blocking(d, move |store| {
         let mut outcome = Outcome::Refused(Error::Internal("alias change did not run".into()));
         store.update_meta(&mut |meta| {
+            let count = meta.aliases.values().map(|t| t.len()).sum();
             let table = meta.aliases.entry(tenant.clone()).or_default();
             let before = table.get(&alias).cloned();
-            outcome = match change(before.as_ref()) {
+            outcome = match change(before.as_ref(), count) {
                 Ok(after) => {
                     match &after {
                         Some(rec) => table.insert(alias.clone(), rec.clone()),
@@ -130,9 +136,12 @@ impl Op for AliasCreate {
         check_target(cx.d, &key).await?;
         let shown = name.to_string();
         let target = key.key().to_owned();
-        let (_, after) = change_alias(cx.d, &name, move |old| match old {
+        let (_, after) = change_alias(cx.d, &name, move |old, count| match old {
             Some(_) => Err(Error::AlreadyExists(format!(
                 "alias `{shown}` exists already; `alias_update` moves it to another key"
+            ))),
+            None if count >= MAX_ALIASES => Err(Error::BadRequest(format!(
+                "the store holds {count} aliases, the most it takes; delete unused ones first (`keyhaven alias list`)"
             ))),
             None => Ok(Some(AliasRecord { key: target.clone(), created_at: now_unix(), updated_at: None })),
         })
@@ -156,7 +165,7 @@ impl Op for AliasUpdate {
         check_target(cx.d, &key).await?;
         let shown = name.to_string();
         let target = key.key().to_owned();
-        let (before, after) = change_alias(cx.d, &name, move |old| match old {
+        let (before, after) = change_alias(cx.d, &name, move |old, _| match old {
             None => Err(Error::NotFound(format!("alias `{shown}` does not exist; `alias_create` makes it"))),
             Some(old) => {
                 Ok(Some(AliasRecord { key: target.clone(), updated_at: Some(now_unix()), ..old.clone() }))
@@ -180,7 +189,7 @@ impl Op for AliasDelete {
         cx.s.change.detail = Some(format!("alias `{name}`"));
         cx.allow(key_target(&name))?;
         let shown = name.to_string();
-        let (before, _) = change_alias(cx.d, &name, move |old| match old {
+        let (before, _) = change_alias(cx.d, &name, move |old, _| match old {
             None => Err(Error::NotFound(format!("alias `{shown}` does not exist"))),
             Some(_) => Ok(None),
         })
