@@ -163,6 +163,10 @@ blocking_methods! {
     fn mac_verify(&self, path: &KeyPath, message: &[u8], tag: &(impl AsText + ?Sized)) -> bool;
     fn sign(&self, path: &KeyPath, message: &[u8]) -> crate::sign::SignResponse;
     fn public_key(&self, path: &KeyPath, version: Option<u32>) -> crate::sign::PublicKeyResponse;
+    fn alias_create(&self, alias: &str, key: &KeyPath) -> crate::alias::AliasInfo;
+    fn alias_update(&self, alias: &str, key: &KeyPath) -> crate::alias::AliasInfo;
+    fn alias_delete(&self, tenant: &str, alias: &str) -> crate::alias::AliasInfo;
+    fn alias_list(&self, tenant: Option<&str>) -> Vec<crate::alias::AliasInfo>;
 }
 
 /// The blocking sealer.

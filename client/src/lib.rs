@@ -74,6 +74,7 @@
 //! `cache` (the sealer's caches; their limits are re-exported here) and
 //! `secret` ([`SecretBytes`], re-exported here).
 
+pub mod alias;
 pub mod blocking;
 #[doc(hidden)]
 pub mod cache;

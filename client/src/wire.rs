@@ -107,6 +107,7 @@ operation!(Hello, "hello", HelloResponse);
 pub const FEATURES: &[&str] = &[
     "audit_read.raw",
     "idempotency_keys",
+    "key_aliases",
     "key_create.rotate_every_secs",
     "key_labels",
     "key_shape",

@@ -28,6 +28,7 @@ pub fn initialise(config: &Config) -> anyhow::Result<Store> {
         master_keys: vec![MasterKeyPin { version: 1, id, canary, pinned_at: now }],
         master_pending: None,
         store_accepted: None,
+        aliases: Default::default(),
     };
     store.init_meta(&meta)?;
     Ok(store)

@@ -51,11 +51,14 @@ pub enum Permission {
     /// `key_import_params`, `key_import`: bringing key material of one's
     /// own (BYOK).
     Import,
+    /// `alias_create`, `alias_update`, `alias_delete`, `alias_list`:
+    /// managing key aliases (granted on the alias's and the key's names).
+    Alias,
 }
 
 impl Permission {
     /// Every permission, in the order `whoami` shows them.
-    pub const ALL: [Permission; 15] = [
+    pub const ALL: [Permission; 16] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Datakey,
@@ -71,6 +74,7 @@ impl Permission {
         Permission::Metrics,
         Permission::Verify,
         Permission::Import,
+        Permission::Alias,
     ];
 
     /// The name used in the config and on the wire.
@@ -91,6 +95,7 @@ impl Permission {
             Permission::Metrics => "metrics",
             Permission::Verify => "verify",
             Permission::Import => "import",
+            Permission::Alias => "alias",
         }
     }
 

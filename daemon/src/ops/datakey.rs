@@ -219,8 +219,7 @@ pub(super) const OPS: &[Route] = &[route::<wire::Datakey>(), route::<wire::Datak
 impl Op for wire::Datakey {
     const ACCESS: Access = Access::Needs(Permission::Datakey);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
-        let path = KeyPath::new(&self.tenant, &self.key)?;
-        cx.s.key(&path);
+        let path = cx.key_path(&self.tenant, &self.key).await?;
         cx.s.context(&self.context);
         cx.allow(key_target(&path))?;
         generate(cx.d, path, self, cx.s).await

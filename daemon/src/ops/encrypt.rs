@@ -140,8 +140,7 @@ pub(super) const OPS: &[Route] = &[route::<wire::Encrypt>(), route::<wire::Decry
 impl Op for wire::Encrypt {
     const ACCESS: Access = Access::Needs(Permission::Encrypt);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
-        let path = KeyPath::new(&self.tenant, &self.key)?;
-        cx.s.key(&path);
+        let path = cx.key_path(&self.tenant, &self.key).await?;
         cx.s.context(&self.context);
         cx.allow(key_target(&path))?;
         encrypt(cx.d, path, self, cx.s).await

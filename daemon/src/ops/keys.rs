@@ -80,6 +80,11 @@ pub async fn create(
         }
         return Err(Error::AlreadyExists(format!("key `{path}` exists already")));
     }
+    if super::alias::find(d, &path).await?.is_some() {
+        return Err(Error::AlreadyExists(format!(
+            "`{path}` is an alias; a key cannot have an alias's name (see `keyhaven alias list`)"
+        )));
+    }
     d.revocations.check(&path, None, None)?;
     // 0, as in `key_set`, is no period.
     let rotate_every_secs = req.rotate_every_secs.filter(|p| *p != 0);

@@ -608,12 +608,23 @@ macro_rules! key_admin {
 }
 key_admin!(
     KeyRotate => rotate,
-    KeyShow => show,
     KeySet => set,
     KeyTrim => trim,
     KeyScheduleDeletion => schedule_deletion,
     KeyCancelDeletion => cancel_deletion,
 );
+
+// `key_show` reads only: it takes an alias too (as AWS KMS `DescribeKey`
+// does), and answers with the key it names.
+impl Op for KeyShow {
+    const ACCESS: Access = Access::Needs(Permission::KeyAdmin);
+    async fn handle(mut self, mut cx: Cx<'_>) -> Result<Reply, Error> {
+        let path = cx.key_path(&self.tenant, &self.key).await?;
+        self.key = path.key().to_owned();
+        cx.allow(key_target(&path))?;
+        show(cx.d.clone(), self, &mut cx.s.change).await
+    }
+}
 
 // Rewrap opens a data key (inside the daemon) and seals it again: it needs
 // `decrypt`, and counts as a decryption.

@@ -27,8 +27,7 @@ pub(super) const OPS: &[Route] = &[route::<Mac>(), route::<MacVerify>()];
 impl Op for Mac {
     const ACCESS: Access = Access::Needs(Permission::Mac);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
-        let path = KeyPath::new(&self.tenant, &self.key)?;
-        cx.s.key(&path);
+        let path = cx.key_path(&self.tenant, &self.key).await?;
         if self.version == Some(0) {
             return Err(Error::BadRequest("field `version`: key versions start at 1".into()));
         }
@@ -40,8 +39,7 @@ impl Op for Mac {
 impl Op for MacVerify {
     const ACCESS: Access = Access::Needs(Permission::MacVerify);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
-        let path = KeyPath::new(&self.tenant, &self.key)?;
-        cx.s.key(&path);
+        let path = cx.key_path(&self.tenant, &self.key).await?;
         let tag: MacTag =
             self.tag.parse().map_err(|e: keyhaven::Error| Error::BadRequest(format!("field `tag`: {e}")))?;
         cx.s.version = Some(tag.version);

@@ -12,6 +12,7 @@
 //! buffer, because some responses carry plaintext.
 
 mod admin;
+mod alias;
 mod audit;
 mod datakey;
 mod encrypt;
@@ -175,6 +176,9 @@ struct Cx<'a> {
     op: &'static str,
     /// What the operation needs.
     access: Access,
+    /// The name the request gave when it was an alias ([`Cx::key_path`]):
+    /// a refusal names it, not the key it resolved to.
+    via_alias: Option<KeyPath>,
 }
 
 impl Cx<'_> {
@@ -194,11 +198,51 @@ impl Cx<'_> {
         if self.d.policy().allows(self.caller, perm, &target) {
             Ok(())
         } else {
+            // Through an alias, the refusal names what the caller asked
+            // for, word for word as for a key of that name: it tells
+            // nothing of the alias, nor of the key behind it.
+            let shown =
+                self.via_alias.as_ref().map_or_else(|| target.to_string(), |p| key_target(p).to_string());
             Err(Error::PermissionDenied(format!(
-                "`{}` on {target} needs `{perm}`, which the policy does not grant to {}",
+                "`{}` on {shown} needs `{perm}`, which the policy does not grant to {}",
                 self.op, self.caller
             )))
         }
+    }
+
+    /// The key a key-use request names by `tenant` and `key`: the key of
+    /// that name, or else the key that the alias of that name names
+    /// (PROTOCOL.md §3.37). Resolved before the policy check, so that the
+    /// policy is asked about the real key; noted in the audit subject (the
+    /// real key, and the alias in `detail`).
+    async fn key_path(&mut self, tenant: &str, key: &str) -> Result<KeyPath, Error> {
+        let asked = KeyPath::new(tenant, key)?;
+        let path = match resolve_alias(self.d, &asked).await? {
+            Some(real) => {
+                self.s.change.detail = Some(format!("through alias `{asked}`"));
+                self.via_alias = Some(asked);
+                real
+            }
+            None => asked,
+        };
+        self.s.key(&path);
+        Ok(path)
+    }
+}
+
+/// The key that `path` names when it is an alias rather than a key: a key
+/// of that name wins (a key and an alias never share a name, but a key
+/// made in a race with an alias of the same name would).
+pub(crate) async fn resolve_alias(d: &Daemon, path: &KeyPath) -> Result<Option<KeyPath>, Error> {
+    if d.store.backend().key(path).await?.is_some() {
+        return Ok(None);
+    }
+    let Some(meta) = d.store.backend().meta().await? else {
+        return Ok(None);
+    };
+    match meta.aliases.get(path.tenant()).and_then(|t| t.get(path.key())) {
+        Some(alias) => Ok(Some(KeyPath::new(path.tenant(), &alias.key)?)),
+        None => Ok(None),
     }
 }
 
@@ -223,7 +267,7 @@ fn parse_and_handle<'a, T: Op>(cx: Cx<'a>, params: &'a str) -> Handling<'a> {
 }
 
 /// Every family's operations.
-const FAMILIES: [&[Route]; 13] = [
+const FAMILIES: [&[Route]; 14] = [
     health::OPS,
     admin::OPS,
     keys::OPS,
@@ -237,6 +281,7 @@ const FAMILIES: [&[Route]; 13] = [
     sign::OPS,
     metrics::OPS,
     import::OPS,
+    alias::OPS,
 ];
 
 /// The declaration of operation `op`, if there is one.
@@ -282,7 +327,8 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
     let mut result = match (admitted, route) {
         (Err(e), _) => Err(e),
         (Ok(()), Some(r)) => {
-            (r.run)(Cx { d, caller, s: &mut subject, op: r.name, access: r.access }, params).await
+            (r.run)(Cx { d, caller, s: &mut subject, op: r.name, access: r.access, via_alias: None }, params)
+                .await
         }
         (Ok(()), None) => Err(Error::UnknownOperation(printable(op))),
     };

@@ -36,7 +36,20 @@ fn must_exist(d: &Daemon, scope: &Scope) -> Result<(), Error> {
     match scope {
         Scope::Key { tenant, key, version } => {
             let path = KeyPath::new(tenant, key)?;
-            let rec = d.store.key(&path)?.ok_or_else(|| Error::NotFound(format!("unknown key `{path}`")))?;
+            let Some(rec) = d.store.key(&path)? else {
+                // An alias is no scope: a suspension of its name would
+                // cover nothing, since uses through it resolve to the key.
+                let alias = d
+                    .store
+                    .meta()?
+                    .is_some_and(|m| m.aliases.get(tenant).is_some_and(|t| t.contains_key(key)));
+                return Err(Error::NotFound(match alias {
+                    true => format!(
+                        "`{path}` is an alias, not a key: revoke the key it names (`keyhaven alias list {tenant}`)"
+                    ),
+                    false => format!("unknown key `{path}`"),
+                }));
+            };
             if let Some(v) = version {
                 rec.version(*v).ok_or_else(|| Error::NotFound(format!("key `{path}` has no version {v}")))?;
             }

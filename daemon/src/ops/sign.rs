@@ -33,8 +33,7 @@ pub(super) const OPS: &[Route] = &[route::<Sign>(), route::<PublicKey>(), route:
 impl Op for Sign {
     const ACCESS: Access = Access::Needs(Permission::Sign);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
-        let path = KeyPath::new(&self.tenant, &self.key)?;
-        cx.s.key(&path);
+        let path = cx.key_path(&self.tenant, &self.key).await?;
         cx.allow(key_target(&path))?;
         sign(cx.d, path, self, cx.s).await
     }
@@ -43,8 +42,7 @@ impl Op for Sign {
 impl Op for PublicKey {
     const ACCESS: Access = Access::Needs(Permission::PublicKey);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
-        let path = KeyPath::new(&self.tenant, &self.key)?;
-        cx.s.key(&path);
+        let path = cx.key_path(&self.tenant, &self.key).await?;
         if self.version == Some(0) {
             return Err(Error::BadRequest("field `version`: key versions start at 1".into()));
         }
@@ -56,8 +54,7 @@ impl Op for PublicKey {
 impl Op for Verify {
     const ACCESS: Access = Access::Needs(Permission::Verify);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
-        let path = KeyPath::new(&self.tenant, &self.key)?;
-        cx.s.key(&path);
+        let path = cx.key_path(&self.tenant, &self.key).await?;
         if self.version == Some(0) {
             return Err(Error::BadRequest("field `version`: key versions start at 1".into()));
         }

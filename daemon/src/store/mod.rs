@@ -133,6 +133,24 @@ pub struct Meta {
     /// daemon records it in the audit log at its next start, then clears it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_accepted: Option<StoreAccepted>,
+    /// Key aliases (PROTOCOL.md §3.34): tenant, then alias name, then the
+    /// alias. Kept with the global facts so that every backend stores them
+    /// the same way, in one atomic, anchored record.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub aliases: std::collections::BTreeMap<String, std::collections::BTreeMap<String, AliasRecord>>,
+}
+
+/// A key alias: a second name for a key of the same tenant, that can be
+/// moved to another key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AliasRecord {
+    /// The key it names (in the alias's tenant).
+    pub key: String,
+    /// When it was made, Unix seconds.
+    pub created_at: u64,
+    /// When it was last moved, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<u64>,
 }
 
 /// `keyhavend accept-store`: who, when, why, and what it replaced.

@@ -17,6 +17,7 @@ macro_rules! outln {
     }};
 }
 
+mod alias;
 mod audit;
 mod audit_file;
 mod bench;
@@ -59,6 +60,9 @@ enum Command {
     /// Named keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Key aliases: second names for keys, movable from one key to another (as AWS KMS aliases).
+    #[command(subcommand)]
+    Alias(alias::AliasCommand),
     /// Encrypt stdin (at most 64 KiB) under TENANT/KEY; the text ciphertext goes to stdout. With
     /// --public-key, offline: no daemon, a khp1: ciphertext that only the daemon opens.
     Encrypt {
@@ -720,6 +724,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             revoke::check_destroy(args)?;
             None
         }
+        Command::Alias(cmd) => {
+            alias::check(cmd)?;
+            None
+        }
         Command::Admin(AdminCommand::RetireMaster { version, confirm }) => {
             confirmed("retiring a master key version", &version.to_string(), confirm.as_deref())?;
             None
@@ -901,6 +909,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Revoke(args) => revoke::revoke(&client, args).await,
+        Command::Alias(cmd) => alias::run(&client, cmd).await,
         Command::Destroy(args) => revoke::destroy(&client, args).await,
         Command::Metrics => {
             use std::io::Write as _;
