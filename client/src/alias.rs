@@ -1,4 +1,4 @@
-//! Key aliases on the wire (docs/PROTOCOL.md §3.34–3.37): a second name
+//! Key aliases on the wire (docs/PROTOCOL.md §3.37–3.40): a second name
 //! for a key of the same tenant that can be moved to another key, as AWS
 //! KMS aliases are. The key-use operations accept an alias wherever they
 //! take a key name; the daemon resolves it and answers with the real key.

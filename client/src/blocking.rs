@@ -167,6 +167,17 @@ blocking_methods! {
     fn alias_update(&self, alias: &str, key: &KeyPath) -> crate::alias::AliasInfo;
     fn alias_delete(&self, tenant: &str, alias: &str) -> crate::alias::AliasInfo;
     fn alias_list(&self, tenant: Option<&str>) -> Vec<crate::alias::AliasInfo>;
+    fn verify(&self, path: &KeyPath, message: &[u8], signature: &str, version: Option<u32>) -> crate::sign::VerifyResponse;
+    fn revoke(&self, scope: &crate::revocation::Scope, reason: crate::revocation::Reason, expires_at: Option<u64>) -> crate::revocation::Revocation;
+    fn revoke_lift(&self, scope: &crate::revocation::Scope, reason: crate::revocation::Reason) -> crate::revocation::Revocation;
+    fn destroy(&self, scope: &crate::revocation::Scope, confirm: &str) -> crate::revocation::DestroyResponse;
+    fn key_set(&self, path: &KeyPath, change: crate::lifecycle::KeySet) -> crate::lifecycle::KeyDetails;
+    fn key_trim(&self, path: &KeyPath) -> crate::lifecycle::KeyTrimResponse;
+    fn key_schedule_deletion(&self, path: &KeyPath, days: Option<u32>) -> crate::lifecycle::KeyDetails;
+    fn key_cancel_deletion(&self, path: &KeyPath) -> crate::lifecycle::KeyDetails;
+    fn rewrap(&self, text: &(impl AsText + ?Sized), context: &EncryptionContext) -> crate::lifecycle::RewrapResponse;
+    fn key_import_params(&self, path: &KeyPath, key_type: crate::KeyType, expires_in_secs: Option<u64>) -> crate::import::KeyImportParamsResponse;
+    fn key_import(&self, path: &KeyPath, import_token: &str, algorithm: crate::import::WrappingAlgorithm, wrapped: &str) -> crate::lifecycle::KeyDetails;
 }
 
 /// The blocking sealer.

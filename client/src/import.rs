@@ -136,7 +136,7 @@ pub struct KeyImportParamsResponse {
     #[serde(rename = "type")]
     pub key_type: KeyType,
     /// The wrapping algorithms the daemon accepts (the token may refuse the
-    /// SHA-256 ones: PROTOCOL.md §3.34).
+    /// SHA-256 ones: PROTOCOL.md §3.35).
     pub algorithms: Vec<WrappingAlgorithm>,
 }
 operation!(KeyImportParams, "key_import_params", KeyImportParamsResponse);

@@ -90,6 +90,7 @@ pub mod jose;
 pub mod keytype;
 pub mod lifecycle;
 pub mod mac;
+mod manage;
 pub mod names;
 mod options;
 pub mod retry;

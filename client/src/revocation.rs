@@ -44,6 +44,27 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// The key `path`, every version of it.
+    pub fn key(path: &KeyPath) -> Scope {
+        Scope::Key { tenant: path.tenant().into(), key: path.key().into(), version: None }
+    }
+
+    /// One version of the key `path`.
+    pub fn version(path: &KeyPath, version: u32) -> Scope {
+        Scope::Key { tenant: path.tenant().into(), key: path.key().into(), version: Some(version) }
+    }
+
+    /// Every key of `tenant`.
+    pub fn tenant(tenant: &str) -> Scope {
+        Scope::Tenant { tenant: tenant.into() }
+    }
+
+    /// One data key, by the envelope id that `encrypt` and `datakey`
+    /// answer (or that [`crate::Envelope::id`] reads from a stored value).
+    pub fn datakey(id: &crate::EnvelopeId) -> Scope {
+        Scope::Datakey { envelope_id: id.to_string() }
+    }
+
     /// Checks the names and the envelope id.
     pub fn validate(&self) -> Result<(), Error> {
         match self {

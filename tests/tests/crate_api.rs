@@ -136,8 +136,15 @@ async fn a_subscription_survives_a_restart() {
     };
     // No call of ours made it reconnect: the subscription did.
     wait_for("Reconnected", |e| *e == Event::Reconnected).await;
-    assert_eq!(events.lock().unwrap()[..2], [Event::Closed, Event::Reconnected]);
-    assert_eq!(c.connections(), 2);
+    {
+        // A reconnection may reach the old daemon while it drains and be
+        // closed again (seen on a loaded machine): Closed once or more, then
+        // Reconnected.
+        let events = events.lock().unwrap();
+        let first_back = events.iter().position(|e| *e == Event::Reconnected).unwrap();
+        assert!(first_back >= 1 && events[..first_back].iter().all(|e| *e == Event::Closed), "{events:?}");
+        assert!(c.connections() >= 2, "{events:?}");
+    }
 
     let other = d.client().await;
     let id = "ab".repeat(16);
@@ -211,4 +218,87 @@ fn the_blocking_client_and_typed_answers() {
         assert!(!shown.contains(secret), "{secret} in {shown}");
     }
     assert!(shown.contains("32 bytes redacted"), "{shown}");
+}
+
+/// An operator's work through the crate alone: the key's lifecycle, rewrap,
+/// revocation of a key and of one data key, destroy. Every answer is typed
+/// and checked against what the daemon then does.
+#[tokio::test(flavor = "multi_thread")]
+async fn revocation_and_the_key_lifecycle_through_the_crate() {
+    use keyhaven::lifecycle::{KeySet, KeyState};
+    use keyhaven::revocation::{Reason, RevocationKind, Scope};
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    let key = path("acme/pii");
+    let context = ctx(&["row=7"]);
+    c.key_create(&key).await.unwrap();
+    let old = c.encrypt(&key, b"under v1", &context).await.unwrap();
+    c.key_rotate(&key, None).await.unwrap();
+
+    // rewrap moves it to v2; already-current input comes back unchanged.
+    let moved = c.rewrap(&old.ciphertext, &context).await.unwrap();
+    assert_eq!((moved.from_version, moved.key_version), (1, 2));
+    assert_eq!(c.rewrap(&moved.text, &context).await.unwrap().text, moved.text);
+    assert_eq!(c.decrypt(&moved.text, &context).await.unwrap().plaintext.expose(), b"under v1");
+
+    // key_set: disable (nothing new, old data opens), then raise the floor and trim v1.
+    let set = |state| KeySet { state: Some(state), ..Default::default() };
+    assert_eq!(c.key_set(&key, set(KeyState::Disabled)).await.unwrap().state, KeyState::Disabled);
+    let refused = c.encrypt(&key, b"x", &context).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::KeyDisabled), "{refused}");
+    c.key_set(&key, set(KeyState::Enabled)).await.unwrap();
+    let floor = KeySet { min_decryption_version: Some(2), ..Default::default() };
+    assert_eq!(c.key_set(&key, floor).await.unwrap().min_decryption_version, 2);
+    let trimmed = c.key_trim(&key).await.unwrap();
+    assert_eq!(trimmed.trimmed, [1]);
+    assert!(c.decrypt(&old.ciphertext, &context).await.is_err());
+
+    // Scheduled deletion and its cancellation.
+    let scheduled = c.key_schedule_deletion(&key, Some(7)).await.unwrap();
+    assert!(scheduled.deletion_at.is_some());
+    assert!(c.decrypt(&moved.text, &context).await.is_err());
+    assert_eq!(c.key_cancel_deletion(&key).await.unwrap().state, KeyState::Disabled);
+    c.key_set(&key, set(KeyState::Enabled)).await.unwrap();
+
+    // One data key: suspended by its id, lifted.
+    let one = c.encrypt(&key, b"one row", &context).await.unwrap();
+    let id = one.id().unwrap();
+    let suspended = c.revoke(&Scope::datakey(&id), Reason::KeyCompromise, None).await.unwrap();
+    assert_eq!((suspended.kind, suspended.envelope_seen), (RevocationKind::Suspended, Some(true)));
+    let e = c.decrypt(&one.ciphertext, &context).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+    assert_eq!(
+        c.revoke_lift(&Scope::datakey(&id), Reason::Unspecified).await.unwrap().scope,
+        Scope::datakey(&id)
+    );
+    assert_eq!(c.decrypt(&one.ciphertext, &context).await.unwrap().plaintext.expose(), b"one row");
+
+    // A malformed scope is refused before anything is sent.
+    let bad = Scope::Key { tenant: "acme".into(), key: "pii".into(), version: Some(0) };
+    assert!(c.revoke(&bad, Reason::Unspecified, None).await.unwrap_err().code().is_none());
+
+    // The key: suspended, then destroyed (the name typed again), for good.
+    c.revoke(&Scope::key(&key), Reason::KeyCompromise, None).await.unwrap();
+    let wrong = c.destroy(&Scope::key(&key), "acme/other").await.unwrap_err();
+    assert_eq!(wrong.code(), Some(ErrorCode::BadRequest), "{wrong}");
+    let destroyed = c.destroy(&Scope::key(&key), "acme/pii").await.unwrap();
+    assert_eq!(destroyed.revocation.kind, RevocationKind::Destroyed);
+    assert_eq!(destroyed.erased, ["acme/pii@2"]);
+    let e = c.decrypt(&moved.text, &context).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+
+    // The blocking twins answer alike.
+    let b = tokio::task::spawn_blocking({
+        let socket = d.socket().to_owned();
+        move || {
+            let b = blocking::Client::connect(socket).unwrap();
+            let k = path("acme/other");
+            b.key_create(&k).unwrap();
+            b.revoke(&Scope::version(&k, 1), Reason::Superseded, None).unwrap();
+            let listed = b.revoke_list(Some("acme")).unwrap();
+            b.revoke_lift(&Scope::version(&k, 1), Reason::Unspecified).unwrap();
+            (listed.len(), b.key_schedule_deletion(&k, None).unwrap().deletion_at.is_some())
+        }
+    });
+    assert_eq!(b.await.unwrap(), (2, true));
 }

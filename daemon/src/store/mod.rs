@@ -133,7 +133,7 @@ pub struct Meta {
     /// daemon records it in the audit log at its next start, then clears it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_accepted: Option<StoreAccepted>,
-    /// Key aliases (PROTOCOL.md §3.34): tenant, then alias name, then the
+    /// Key aliases (PROTOCOL.md §3.37): tenant, then alias name, then the
     /// alias. Kept with the global facts so that every backend stores them
     /// the same way, in one atomic, anchored record.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

@@ -1,5 +1,5 @@
 //! `keyhaven alias`: second names for keys, movable from one key to
-//! another (docs/PROTOCOL.md §3.34–3.37).
+//! another (docs/PROTOCOL.md §3.37–3.40).
 
 use clap::Subcommand;
 use keyhaven::{Client, KeyPath};
