@@ -105,7 +105,7 @@ export interface KeyInfo {
   current_version: number;
   versions: number[];
   created_at: number;
-  /** `aes256-gcm` or `hmac-sha256` (absent from daemons that predate key types). */
+  /** The key's type (PROTOCOL.md §3.3; absent from daemons that predate key types). */
   type?: KeyType | string;
   /** Whether the key may be used (PROTOCOL.md §3.17); absent from older daemons. */
   state?: KeyStatus | string;
@@ -146,7 +146,50 @@ export interface KeyDetails extends Omit<KeyInfo, 'versions'> {
   versions: VersionDetails[];
 }
 export type KeyStatus = 'enabled' | 'disabled' | 'pending_deletion' | 'deleted' | 'suspended' | 'destroyed';
-export type KeyType = 'aes256-gcm' | 'hmac-sha256';
+export type KeyType = 'aes256-gcm' | 'hmac-sha256' | 'ecdsa-p256' | 'ecdsa-p384' | 'rsa-3072-pss' | 'rsa-4096-oaep';
+/** What `sign` and `verify` take: the message (the daemon hashes it), or the caller's digest of it. */
+export type SignInput = BytesLike | { message: BytesLike } | { digest: Buffer | Uint8Array };
+export type SignatureAlgorithm = 'ecdsa-p256-sha256' | 'ecdsa-p384-sha384' | 'rsa-3072-pss-sha256' | (string & {});
+export interface SignResult {
+  /** DER `Ecdsa-Sig-Value` (ECDSA), or the 384-byte RSASSA-PSS signature (PROTOCOL.md §3.31). */
+  signature: Buffer;
+  key_version: number;
+  algorithm: SignatureAlgorithm;
+}
+export interface VerifyResult {
+  valid: boolean;
+  /** The version whose public key checked the signature. */
+  key_version: number;
+  algorithm: SignatureAlgorithm;
+}
+export interface PublicKeyResult {
+  /** PEM `PUBLIC KEY` (SubjectPublicKeyInfo). */
+  pem: string;
+  key_version: number;
+  type: KeyType | (string & {});
+}
+/** An alias: a second name for a key of the same tenant (PROTOCOL.md §3.37). */
+export interface AliasInfo {
+  tenant: string;
+  alias: string;
+  /** The key it names, within the tenant. */
+  key: string;
+  created_at: number;
+  /** When it was last moved; absent if never. */
+  updated_at?: number;
+  /** `aliasUpdate` only: the key it named before. */
+  previous_key?: string;
+  [field: string]: unknown;
+}
+/** A `khm1:` tag, parsed: the key version that made it and the 32 MAC bytes. */
+export interface MacTag {
+  version: number;
+  mac: Buffer;
+}
+export declare const MAC_TAG_PREFIX: 'khm1:';
+export declare const MAC_TAG_LENGTH: 53;
+/** Parse a `khm1:` tag strictly; a bad one throws InvalidInputError `bad_request`. */
+export declare function parseMacTag(text: string): MacTag;
 export interface MacResult {
   /** `khm1:` text form, 53 characters (PROTOCOL.md §3.29). */
   tag: string;
@@ -222,6 +265,20 @@ export declare class Client {
   rewrap(text: string, context?: EncryptionContext): Promise<RewrapResult>;
   mac(path: KeyPathLike, message: BytesLike, opts?: { version?: number }): Promise<MacResult>;
   macVerify(path: KeyPathLike, message: BytesLike, tag: string): Promise<MacVerifyResult>;
+  /** Sign with the current version of an `ecdsa-p256`, `ecdsa-p384` or `rsa-3072-pss` key (PROTOCOL.md §3.31). */
+  sign(path: KeyPathLike, input: SignInput): Promise<SignResult>;
+  /** Check a signature in the daemon (§3.34); `signature`: bytes, or their standard base64. */
+  verify(path: KeyPathLike, input: SignInput, signature: Buffer | Uint8Array | string, opts?: { version?: number }): Promise<VerifyResult>;
+  /** A version's public key (§3.32); the current version by default. */
+  publicKey(path: KeyPathLike, opts?: { version?: number }): Promise<PublicKeyResult>;
+  /** `alias` becomes a name for `path` in the key's tenant (§3.37). */
+  aliasCreate(alias: string, path: KeyPathLike): Promise<AliasInfo>;
+  /** Move `alias` to another key of its tenant (§3.38). */
+  aliasUpdate(alias: string, path: KeyPathLike): Promise<AliasInfo>;
+  /** Remove an alias; resolves with what it was (§3.39). */
+  aliasDelete(tenant: string, alias: string): Promise<AliasInfo>;
+  /** Aliases of one tenant, or of every tenant (§3.40). */
+  aliasList(tenant?: string | null): Promise<AliasInfo[]>;
   subscribeRevocations(): Promise<{ subscribed: boolean }>;
 }
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Writes vectors.json: language-neutral test vectors for every Keyhaven client.
 
-Self-contained on purpose: it uses only `struct` and `cryptography`'s AESGCM,
-none of the clients' code, so the vectors are an independent implementation
-of docs/ENVELOPE.md §4, §5, §8 and §10 that the Rust crate, the Node.js
-package and the Python package are each checked against. The envelopes are
+Self-contained on purpose: it uses only `struct` and `cryptography`'s AESGCM
+and HMAC, none of the clients' code, so the vectors are an independent
+implementation of docs/ENVELOPE.md §4, §5, §8 and §10, and of the `khm1:`
+MAC tag of docs/PROTOCOL.md §3.29, that the Rust crate, the Node.js package
+and the Python package are each checked against. The envelopes are
 wrapped under the test KEK of ENVELOPE.md §9 (never a real Keyhaven KEK), so
 that the vectors need no daemon; the first reproduces §9's vector A.
 
@@ -18,6 +19,8 @@ import json
 import struct
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEK = bytes(range(0x00, 0x20))
@@ -60,6 +63,14 @@ def stream(env: bytes, chunk: int, pairs: list[tuple[str, str]], plaintext: byte
         tail = struct.pack(">QB", i, 1 if i == len(pieces) - 1 else 0)
         out += AESGCM(DEK).encrypt(tail + b"\x00\x00\x00", p, header + c(pairs) + tail)
     return out
+
+
+def mac_tag(version: int, key: bytes, message: bytes) -> tuple[bytes, str]:
+    """HMAC-SHA256(key, message) and its `khm1:` text, PROTOCOL.md §3.29."""
+    h = crypto_hmac.HMAC(key, hashes.SHA256())
+    h.update(message)
+    mac = h.finalize()
+    return mac, "khm1:" + b64url(struct.pack(">I", version) + mac)
 
 
 def flip(b: bytes, i: int) -> bytes:
@@ -178,8 +189,48 @@ def main() -> None:
         {"name": "kind 03 (a record)", "stream": (s3[:3] + b"\x03" + s3[4:]).hex(), "context": cb, "error": "bad_envelope"},
     ]
 
+    # MAC tags (PROTOCOL.md §3.29): version (u32 BE, >= 1) || HMAC-SHA256(K_v, message),
+    # unpadded base64url after `khm1:`. The HMAC keys are test keys (never a
+    # real key's material); a test may import them as an hmac-sha256 key
+    # (PROTOCOL.md §3.36) and check that the daemon makes the same tags.
+    mac_k1 = bytes(range(0x40, 0x60))
+    mac_k2 = bytes(range(0x60, 0x80))
+    mac_tags = []
+    for name, version, key, msg in [
+        ("version 1, an e-mail address", 1, mac_k1, b"alice@example.com"),
+        ("version 1, empty message", 1, mac_k1, b""),
+        ("version 1, binary message", 1, mac_k1, bytes(range(256))),
+        ("version 2 (another secret), the same address", 2, mac_k2, b"alice@example.com"),
+        ("highest version", 0xFFFFFFFF, mac_k2, b"x"),
+    ]:
+        mac, text = mac_tag(version, key, msg)
+        mac_tags.append({"name": name, "key": key.hex(), "message": msg.hex(), "version": version, "mac": mac.hex(), "text": text})
+    _, t1 = mac_tag(1, mac_k1, b"alice@example.com")
+    mac_tags.append({**mac_tags[0], "name": "surrounding whitespace is removed", "text": " \t\r\n" + t1 + "\n"})
+    body1 = base64.urlsafe_b64decode(t1[5:] + "====")
+    bad_mac_tags = [
+        {"name": "empty", "text": ""},
+        {"name": "prefix only", "text": "khm1:"},
+        {"name": "no prefix", "text": t1[5:]},
+        {"name": "prefix KHM1:", "text": "KHM1:" + t1[5:]},
+        {"name": "prefix khe1:", "text": "khe1:" + t1[5:]},
+        {"name": "key version 0", "text": "khm1:" + b64url(bytes(4) + body1[4:])},
+        {"name": "35 bytes (last MAC byte cut)", "text": "khm1:" + b64url(body1[:-1])},
+        {"name": "37 bytes (a byte appended)", "text": "khm1:" + b64url(body1 + b"\x00")},
+        {"name": "only the 32 MAC bytes, no version", "text": "khm1:" + b64url(body1[4:])},
+        {"name": "padding appended", "text": t1 + "="},
+        {"name": "last character removed", "text": t1[:-1]},
+        {"name": "a character appended", "text": t1 + "A"},
+        {"name": "standard alphabet (+)", "text": t1[:20] + "+" + t1[21:]},
+        {"name": "standard alphabet (/)", "text": t1[:20] + "/" + t1[21:]},
+        {"name": "inner whitespace", "text": t1[:30] + " " + t1[30:]},
+        {"name": "a hex MAC, not base64url", "text": "khm1:" + body1.hex()},
+    ]
+    for b in bad_mac_tags:
+        b["error"] = "bad_request"
+
     out = {
-        "about": "Keyhaven conformance vectors (docs/ENVELOPE.md §4, §5, §8, §10), written by tests/conformance/generate.py; see tests/conformance/README.md",
+        "about": "Keyhaven conformance vectors (docs/ENVELOPE.md §4, §5, §8, §10; MAC tags of docs/PROTOCOL.md §3.29), written by tests/conformance/generate.py; see tests/conformance/README.md",
         "kek": KEK.hex(),
         "contexts": contexts,
         "bad_contexts": bad_contexts,
@@ -189,6 +240,8 @@ def main() -> None:
         "bad_records": bad_records,
         "streams": streams,
         "bad_streams": bad_streams,
+        "mac_tags": mac_tags,
+        "bad_mac_tags": bad_mac_tags,
     }
     path = Path(__file__).with_name("vectors.json")
     path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,16 +1,16 @@
 //! The language-neutral vectors of tests/conformance/vectors.json, which an
 //! independent generator (tests/conformance/generate.py, Python
 //! `cryptography` only) wrote and which the Node.js and Python packages run
-//! too: contexts, envelopes, sealed records and sealed streams, each with
-//! the failure class a bad one must get. No daemon: the vectors carry their
-//! data keys.
+//! too: contexts, envelopes, sealed records, sealed streams and `khm1:` MAC
+//! tags, each with the failure class a bad one must get. No daemon: the
+//! vectors carry their data keys.
 
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
 use keyhaven::seal::{self, ChunkCipher, DataKey, SealedRecord, StreamHeader};
-use keyhaven::{EncryptionContext, Envelope, Error};
+use keyhaven::{EncryptionContext, Envelope, Error, MacTag};
 use serde_json::Value;
 
 fn vectors() -> Value {
@@ -139,5 +139,24 @@ fn streams_seal_byte_for_byte_open_and_bad_ones_are_refused() {
         let ctx = context(&s["context"]).unwrap();
         let err = open_stream(&dek, &hex(&s["stream"]), &ctx).expect_err(name(s));
         assert_eq!(class(&err), s["error"].as_str().unwrap(), "{}: {err}", name(s));
+    }
+}
+
+#[test]
+fn mac_tags_parse_to_their_fields_and_bad_ones_are_refused() {
+    let v = vectors();
+    for t in v["mac_tags"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        let tag: MacTag = text.parse().unwrap_or_else(|e| panic!("{}: {e}", name(t)));
+        assert_eq!(u64::from(tag.version), t["version"].as_u64().unwrap(), "{}", name(t));
+        assert_eq!(to_hex(&tag.mac), t["mac"].as_str().unwrap(), "{}", name(t));
+        assert_eq!(tag.to_string(), text.trim(), "{}", name(t));
+    }
+    // The vectors say `bad_request`, what `mac_verify` answers for such a tag
+    // (the daemon parses it with this crate); the crate's own parser reports
+    // a malformed tag as `Error::Envelope`.
+    for t in v["bad_mac_tags"].as_array().unwrap() {
+        let err = t["text"].as_str().unwrap().parse::<MacTag>().expect_err(name(t));
+        assert_eq!(class(&err), "bad_envelope", "{}: {err}", name(t));
     }
 }

@@ -141,8 +141,10 @@ export class Client {
   }
 
   /**
-   * Make a key; `type` is `aes256-gcm` (the daemon's default when omitted)
-   * or `hmac-sha256` (for `mac`/`macVerify`, PROTOCOL.md §3.3).
+   * Make a key; `type` is `aes256-gcm` (the daemon's default when omitted),
+   * `hmac-sha256` (for `mac`/`macVerify`), `ecdsa-p256`, `ecdsa-p384` or
+   * `rsa-3072-pss` (for `sign`/`verify`/`publicKey`) or `rsa-4096-oaep`
+   * (PROTOCOL.md §3.3).
    */
   keyCreate(path, { type, rotateEverySecs, idempotencyKey, description, tags } = {}) {
     const params = keyPath(path);
@@ -243,12 +245,7 @@ export class Client {
    */
   async mac(path, message, { version } = {}) {
     const params = { ...keyPath(path), message: b64encode(toBytes(message, 'message')) };
-    if (version !== undefined) {
-      if (!Number.isInteger(version) || version < 1 || version > 0xffffffff) {
-        throw new InvalidInputError('bad_request', 'version must be an integer >= 1');
-      }
-      params.version = version;
-    }
+    if (version !== undefined) params.version = checkVersion(version);
     return this.call('mac', params);
   }
 
@@ -262,9 +259,118 @@ export class Client {
     return this.call('mac_verify', { ...keyPath(path), message: b64encode(toBytes(message, 'message')), tag });
   }
 
+  /**
+   * A signature by the current version of a signing key (`ecdsa-p256`,
+   * `ecdsa-p384`, `rsa-3072-pss`), made in the token (PROTOCOL.md §3.31).
+   * `input`: the message (bytes or a UTF-8 string; the daemon hashes it), or
+   * `{ digest }`, its SHA-256 (SHA-384 for P-384) computed by the caller.
+   * Resolves with `{ signature: Buffer, key_version, algorithm }`: DER
+   * `Ecdsa-Sig-Value` for ECDSA, the 384-byte PSS signature for RSA.
+   */
+  async sign(path, input) {
+    const ok = await this.call('sign', { ...keyPath(path), ...messageOrDigest(input) });
+    return { ...ok, signature: b64decode(ok.signature, 'the signature') };
+  }
+
+  /**
+   * Whether `signature` is a signature of `input` (a message, or
+   * `{ digest }`) by a version of a signing key, checked in the token
+   * (PROTOCOL.md §3.34). `signature`: bytes as `sign` gave them, or their
+   * standard base64. `version`: the version whose public key checks it (the
+   * current one by default). Resolves with `{ valid, key_version, algorithm }`;
+   * a signature that does not verify is `valid: false`, not an error.
+   */
+  async verify(path, input, signature, { version } = {}) {
+    const params = { ...keyPath(path), ...messageOrDigest(input), signature: signatureText(signature) };
+    if (version !== undefined) params.version = checkVersion(version);
+    return this.call('verify', params);
+  }
+
+  /**
+   * The public key of a version (the current one by default) of a signing
+   * key or an `rsa-4096-oaep` key (PROTOCOL.md §3.32). Resolves with
+   * `{ pem, key_version, type }`: `pem` is a SubjectPublicKeyInfo PEM, which
+   * `crypto.createPublicKey` reads (and can `export({ format: 'jwk' })`).
+   */
+  async publicKey(path, { version } = {}) {
+    const params = keyPath(path);
+    if (version !== undefined) params.version = checkVersion(version);
+    return this.call('public_key', params);
+  }
+
+  /**
+   * Make `alias` a second name for the key `path` (in the key's tenant;
+   * PROTOCOL.md §3.37). Resolves with the AliasInfo.
+   */
+  async aliasCreate(alias, path) {
+    const { tenant, key } = keyPath(path);
+    return this.call('alias_create', { tenant, alias: checkName(alias, 'alias'), key });
+  }
+
+  /** Move `alias` to the key `path` of the same tenant (§3.38); the answer has `previous_key`. */
+  async aliasUpdate(alias, path) {
+    const { tenant, key } = keyPath(path);
+    return this.call('alias_update', { tenant, alias: checkName(alias, 'alias'), key });
+  }
+
+  /** Remove an alias (its key is untouched; §3.39); resolves with the AliasInfo removed. */
+  async aliasDelete(tenant, alias) {
+    return this.call('alias_delete', { tenant: checkName(tenant, 'tenant'), alias: checkName(alias, 'alias') });
+  }
+
+  /** Aliases (of one tenant, else of every tenant), sorted by tenant then alias (§3.40). */
+  async aliasList(tenant) {
+    const params = tenant === undefined || tenant === null ? {} : { tenant: checkName(tenant, 'tenant') };
+    const ok = await this.call('alias_list', params);
+    if (!Array.isArray(ok.aliases)) throw new ProtocolError('`alias_list` answered without `aliases`');
+    return ok.aliases;
+  }
+
   subscribeRevocations() {
     return this.call('subscribe_revocations');
   }
+}
+
+function checkVersion(version) {
+  if (!Number.isInteger(version) || version < 1 || version > 0xffffffff) {
+    throw new InvalidInputError('bad_request', 'version must be an integer >= 1');
+  }
+  return version;
+}
+
+/** `sign`/`verify` input: the message (bytes or a string), or `{ digest }` of 32 or 48 bytes. */
+function messageOrDigest(input) {
+  if (input !== null && typeof input === 'object' && !(input instanceof Uint8Array)) {
+    const fields = Object.keys(input);
+    if (fields.length !== 1 || (fields[0] !== 'digest' && fields[0] !== 'message')) {
+      throw new InvalidInputError('bad_request', 'give the message, or exactly one of { message } and { digest }');
+    }
+    if (fields[0] === 'message') return { message: b64encode(toBytes(input.message, 'message')) };
+    if (typeof input.digest === 'string') {
+      throw new InvalidInputError('bad_request', 'digest must be bytes (a Buffer or a Uint8Array), not a string');
+    }
+    const digest = toBytes(input.digest, 'digest');
+    if (digest.length !== 32 && digest.length !== 48) {
+      throw new InvalidInputError(
+        'bad_request',
+        `digest of ${digest.length} bytes: a SHA-256 digest has 32, a SHA-384 digest 48`,
+      );
+    }
+    return { digest: b64encode(digest) };
+  }
+  return { message: b64encode(toBytes(input, 'message')) };
+}
+
+/** A signature as the wire takes it: bytes, or a string of standard base64 (checked). */
+function signatureText(signature) {
+  if (typeof signature === 'string') {
+    b64decode(signature, 'signature');
+    return signature;
+  }
+  if (!(signature instanceof Uint8Array)) {
+    throw new InvalidInputError('bad_request', 'signature must be a Buffer, a Uint8Array or a base64 string');
+  }
+  return b64encode(toBytes(signature, 'signature'));
 }
 
 /** Tags as the daemon takes them: an object of string values (the daemon checks names and bounds). */

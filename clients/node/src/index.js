@@ -21,3 +21,4 @@ export {
   DEFAULT_CHUNK,
 } from './seal.js';
 export { EncryptedColumn, BlindIndex, normaliseText } from './fields.js';
+export { parseMacTag, MAC_TAG_PREFIX, MAC_TAG_LENGTH } from './mactag.js';

@@ -1,11 +1,12 @@
 // The language-neutral vectors of tests/conformance/vectors.json (written by
-// an independent generator): contexts, envelopes, records and streams.
+// an independent generator): contexts, envelopes, records, streams and MAC tags.
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 
-import { encodeContext } from '../src/index.js';
+import { Client, encodeContext, parseMacTag } from '../src/index.js';
 import {
   ChunkCipher,
   envelopeFromText,
@@ -18,7 +19,7 @@ import {
   sealedToText,
   streamHeader,
 } from '../src/seal.js';
-import { ROOT } from './daemon.js';
+import { ROOT, startDaemon } from './daemon.js';
 
 const V = JSON.parse(fs.readFileSync(path.join(ROOT, 'tests/conformance/vectors.json'), 'utf8'));
 const hex = (s) => Buffer.from(s, 'hex');
@@ -102,5 +103,56 @@ test('streams: sealed byte for byte, opened; reordered, cut or extended ones ref
   const dek = hex(V.streams[0].dek);
   for (const v of V.bad_streams) {
     assert.equal(codeOf(() => openStream(dek, hex(v.stream), ctx(v.context))), v.error, v.name);
+  }
+});
+
+test('MAC tags parse to their version and MAC; bad ones are bad_request', () => {
+  for (const v of V.mac_tags) {
+    const tag = parseMacTag(v.text);
+    assert.deepEqual([tag.version, tag.mac.toString('hex')], [v.version, v.mac], v.name);
+    // The MAC is HMAC-SHA256 of the message alone under the version's secret.
+    assert.equal(crypto.createHmac('sha256', hex(v.key)).update(hex(v.message)).digest('hex'), v.mac, v.name);
+  }
+  for (const v of V.bad_mac_tags) {
+    assert.equal(codeOf(() => parseMacTag(v.text)), v.error, v.name);
+  }
+});
+
+test('MAC tags: the daemon makes the vectors\' tags from their secrets (imported, PROTOCOL.md §3.36)', async () => {
+  const d = await startDaemon();
+  const kh = new Client({ socket: d.socket });
+  try {
+    // Versions 1 and 2 of one key: each vector's secret imported as that version.
+    const byVersion = new Map();
+    for (const v of V.mac_tags) if (v.version <= 2 && !byVersion.has(v.version)) byVersion.set(v.version, v.key);
+    for (const version of [1, 2]) {
+      const p = await kh.call('key_import_params', { tenant: 'vec', key: 'mac', type: 'hmac-sha256' });
+      const wrapped = crypto.publicEncrypt(
+        { key: p.public_key, padding: crypto.constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha1' },
+        hex(byVersion.get(version)),
+      );
+      const info = await kh.call('key_import', {
+        tenant: 'vec',
+        key: 'mac',
+        import_token: p.import_token,
+        wrapped: wrapped.toString('base64'),
+      });
+      assert.equal(info.current_version, version);
+    }
+    let checked = 0;
+    for (const v of V.mac_tags) {
+      if (v.version > 2) continue;
+      const m = await kh.mac('vec/mac', hex(v.message), { version: v.version });
+      assert.equal(m.tag, v.text.trim(), v.name);
+      assert.equal((await kh.macVerify('vec/mac', hex(v.message), v.text)).valid, true, v.name);
+      checked++;
+    }
+    assert.ok(checked >= 4, `${checked} vectors checked against the daemon`);
+    for (const v of V.bad_mac_tags) {
+      await assert.rejects(kh.macVerify('vec/mac', 'x', v.text), (e) => e.code === v.error, v.name);
+    }
+  } finally {
+    await kh.close();
+    await d.stop();
   }
 });

@@ -16,6 +16,12 @@ import {
   type ErrorCode,
   type MacResult,
   type MacVerifyResult,
+  parseMacTag,
+  type AliasInfo,
+  type MacTag,
+  type PublicKeyResult,
+  type SignResult,
+  type VerifyResult,
 } from 'keyhaven';
 
 export async function example(): Promise<void> {
@@ -35,6 +41,21 @@ export async function example(): Promise<void> {
   const m: MacResult = await kh.mac('acme/email-index', 'alice@example.com', { version: idx.current_version });
   const ok: MacVerifyResult = await kh.macVerify('acme/email-index', Buffer.from('x'), m.tag);
   const valid: boolean = ok.valid && m.key_version === ok.key_version;
+  const parsed: MacTag = parseMacTag(m.tag);
+  const tagMac: Buffer = parsed.mac;
+  await kh.keyCreate('acme/signer', { type: 'ecdsa-p256' });
+  const sig: SignResult = await kh.sign('acme/signer', 'payload');
+  const sig2: SignResult = await kh.sign({ tenant: 'acme', key: 'signer' }, { digest: Buffer.alloc(32) });
+  const checked: VerifyResult = await kh.verify('acme/signer', 'payload', sig.signature, { version: sig.key_version });
+  const checked2: VerifyResult = await kh.verify('acme/signer', { digest: Buffer.alloc(32) }, sig2.signature.toString('base64'));
+  const pk: PublicKeyResult = await kh.publicKey('acme/signer', { version: 1 });
+  const pem: string = pk.pem;
+  const created: AliasInfo = await kh.aliasCreate('signing', 'acme/signer');
+  const moved: AliasInfo = await kh.aliasUpdate('signing', { tenant: 'acme', key: 'signer' });
+  const prev: string | undefined = moved.previous_key;
+  const aliases: AliasInfo[] = await kh.aliasList('acme');
+  const deleted: AliasInfo = await kh.aliasDelete('acme', 'signing');
+  void [parsed.version, tagMac, checked.valid, checked2.algorithm, pem, created.key, prev, aliases, deleted, (await kh.aliasList()).length];
   const col = new EncryptedColumn(kh, 'acme/pii', 'users', 'email');
   const stored: string | null = await col.encrypt(['u1', 2], 'alice@example.com');
   const back: string | null = await col.decrypt('u1/2', stored);

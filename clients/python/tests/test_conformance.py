@@ -1,15 +1,21 @@
 """The language-neutral vectors of tests/conformance/vectors.json (written by
-an independent generator): contexts, envelopes, records and streams."""
+an independent generator): contexts, envelopes, records, streams and MAC tags."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import io
 import json
 from typing import Any, Callable, Dict, List
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from keyhaven import KeyhavenError, encode_context
+from keyhaven import Client, KeyhavenError, encode_context, parse_mac_tag
 from keyhaven.seal import (
     ChunkCipher,
     envelope_from_text,
@@ -24,7 +30,7 @@ from keyhaven.seal import (
 )
 from keyhaven.sealer import _read_full
 
-from .conftest import ROOT
+from .conftest import ROOT, Daemon
 
 V: Dict[str, Any] = json.loads((ROOT / "tests" / "conformance" / "vectors.json").read_text(encoding="utf-8"))
 
@@ -122,3 +128,50 @@ def test_streams(v: Dict[str, Any]) -> None:
 def test_bad_streams(v: Dict[str, Any]) -> None:
     dek = bytes.fromhex(V["streams"][0]["dek"])
     assert code_of(open_stream, dek, bytes.fromhex(v["stream"]), ctx(v["context"])) == v["error"]
+
+
+def test_mac_tags() -> None:
+    for v in V["mac_tags"]:
+        tag = parse_mac_tag(v["text"])
+        assert (tag.version, tag.mac.hex()) == (v["version"], v["mac"]), v["name"]
+        # The MAC is HMAC-SHA256 of the message alone under the version's secret.
+        mac = hmac.new(bytes.fromhex(v["key"]), bytes.fromhex(v["message"]), hashlib.sha256).hexdigest()
+        assert mac == v["mac"], v["name"]
+    for v in V["bad_mac_tags"]:
+        assert code_of(parse_mac_tag, v["text"]) == v["error"], v["name"]
+
+
+def test_mac_tags_are_what_the_daemon_makes_from_their_secrets(daemon: Daemon) -> None:
+    """Each vector's secret imported (PROTOCOL.md §3.36) as version 1 or 2 of one key."""
+    secrets: Dict[int, bytes] = {}
+    for v in V["mac_tags"]:
+        if v["version"] <= 2:
+            secrets.setdefault(v["version"], bytes.fromhex(v["key"]))
+    with Client(daemon.socket) as kh:
+        for version in (1, 2):
+            p = kh.call("key_import_params", {"tenant": "vec", "key": "mac", "type": "hmac-sha256"})
+            public = load_pem_public_key(p["public_key"].encode())
+            assert isinstance(public, rsa.RSAPublicKey)
+            oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
+            wrapped = public.encrypt(secrets[version], oaep)
+            info = kh.call(
+                "key_import",
+                {
+                    "tenant": "vec",
+                    "key": "mac",
+                    "import_token": p["import_token"],
+                    "wrapped": base64.b64encode(wrapped).decode(),
+                },
+            )
+            assert info["current_version"] == version
+        checked = 0
+        for v in V["mac_tags"]:
+            if v["version"] > 2:
+                continue
+            message = bytes.fromhex(v["message"])
+            assert kh.mac("vec/mac", message, version=v["version"]).tag == v["text"].strip(), v["name"]
+            assert kh.mac_verify("vec/mac", message, v["text"]).valid, v["name"]
+            checked += 1
+        assert checked >= 4
+        for v in V["bad_mac_tags"]:
+            assert code_of(kh.mac_verify, "vec/mac", b"x", v["text"]) == v["error"], v["name"]

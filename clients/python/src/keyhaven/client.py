@@ -82,6 +82,95 @@ class MacVerifyResult:
     key_version: int
 
 
+@dataclass
+class SignResult:
+    signature: bytes
+    """DER ``Ecdsa-Sig-Value`` (ECDSA), or the 384-byte RSASSA-PSS signature (§3.31)."""
+    key_version: int
+    algorithm: str
+    """``ecdsa-p256-sha256``, ``ecdsa-p384-sha384`` or ``rsa-3072-pss-sha256``."""
+
+
+@dataclass
+class VerifyResult:
+    valid: bool
+    key_version: int
+    """The version whose public key checked the signature."""
+    algorithm: str
+
+
+@dataclass
+class PublicKeyResult:
+    pem: str
+    """PEM ``PUBLIC KEY`` (SubjectPublicKeyInfo), for ``load_pem_public_key``."""
+    key_version: int
+    type: str
+
+
+@dataclass
+class AliasInfo:
+    """A second name for a key of the same tenant (PROTOCOL.md §3.37)."""
+
+    tenant: str
+    alias: str
+    key: str
+    """The key it names, within the tenant."""
+    created_at: int
+    updated_at: Optional[int] = None
+    """When it was last moved; ``None`` if never."""
+    previous_key: Optional[str] = None
+    """``alias_update`` only: the key it named before."""
+
+
+def _alias_info(ok: Any) -> AliasInfo:
+    if not isinstance(ok, dict):
+        raise ProtocolError("an alias answer is not an object")
+    try:
+        return AliasInfo(
+            ok["tenant"],
+            ok["alias"],
+            ok["key"],
+            ok["created_at"],
+            ok.get("updated_at"),
+            ok.get("previous_key"),
+        )
+    except KeyError as e:
+        raise ProtocolError(f"an alias answer without `{e.args[0]}`") from None
+
+
+def _version(version: object) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 0xFFFFFFFF:
+        raise InvalidInput("bad_request", "version must be an int >= 1")
+    return version
+
+
+def _message_or_digest(message: Optional[Union[Bytes, str]], digest: Optional[Bytes]) -> Dict[str, str]:
+    """``sign``/``verify`` input: exactly one of the message and its 32- or 48-byte digest."""
+    if (message is None) == (digest is None):
+        raise InvalidInput("bad_request", "give exactly one of message and digest")
+    if digest is not None:
+        if not isinstance(digest, (bytes, bytearray, memoryview)):
+            raise InvalidInput("bad_request", "digest must be bytes")
+        d = bytes(digest)
+        if len(d) not in (32, 48):
+            raise InvalidInput(
+                "bad_request", f"digest of {len(d)} bytes: a SHA-256 digest has 32, a SHA-384 digest 48"
+            )
+        return {"digest": b64encode(d)}
+    assert message is not None
+    return {"message": b64encode(to_bytes(message, "message"))}
+
+
+def _signature_text(signature: object) -> str:
+    """A signature as the wire takes it: bytes, or a str of standard base64 (checked)."""
+    if isinstance(signature, str):
+        b64decode(signature, "signature")
+        return signature
+    if isinstance(signature, (bytes, bytearray, memoryview)):
+        return b64encode(signature)
+    raise InvalidInput("bad_request", "signature must be bytes or a base64 str")
+
+
 def _timeout(value: Any, default: float, name: str) -> Optional[float]:
     if value is _UNSET:
         return default
@@ -208,7 +297,8 @@ class Client:
         description: Optional[str] = None,
         tags: Optional[Dict[str, str]] = None,
     ) -> Dict[str, Any]:
-        """Make a key; ``type``: ``aes256-gcm`` (the daemon's default) or ``hmac-sha256`` (§3.3);
+        """Make a key; ``type``: ``aes256-gcm`` (the daemon's default), ``hmac-sha256``,
+        ``ecdsa-p256``, ``ecdsa-p384``, ``rsa-3072-pss`` or ``rsa-4096-oaep`` (§3.3);
         ``rotate_every_secs``: rotate automatically this often, set in the same request (0: none)."""
         tenant, key = key_path(path)
         params: Dict[str, Any] = {"tenant": tenant, "key": key}
@@ -354,9 +444,7 @@ class Client:
             "message": b64encode(to_bytes(message, "message")),
         }
         if version is not None:
-            if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 0xFFFFFFFF:
-                raise InvalidInput("bad_request", "version must be an int >= 1")
-            params["version"] = version
+            params["version"] = _version(version)
         ok = self.call("mac", params)
         return MacResult(ok["tag"], ok["key_version"])
 
@@ -373,6 +461,94 @@ class Client:
             {"tenant": tenant, "key": key, "message": b64encode(to_bytes(message, "message")), "tag": tag},
         )
         return MacVerifyResult(bool(ok["valid"]), ok["key_version"])
+
+    def sign(
+        self,
+        path: KeyPathLike,
+        message: Optional[Union[Bytes, str]] = None,
+        *,
+        digest: Optional[Bytes] = None,
+    ) -> SignResult:
+        """A signature by the current version of an ``ecdsa-p256``, ``ecdsa-p384`` or
+        ``rsa-3072-pss`` key, made in the token (§3.31).
+
+        Give the message (the daemon hashes it) or ``digest``, its SHA-256
+        (SHA-384 for P-384) computed by the caller; exactly one.
+        """
+        tenant, key = key_path(path)
+        ok = self.call("sign", {"tenant": tenant, "key": key, **_message_or_digest(message, digest)})
+        return SignResult(
+            bytes(b64decode(ok["signature"], "the signature")), ok["key_version"], ok["algorithm"]
+        )
+
+    def verify(
+        self,
+        path: KeyPathLike,
+        message: Optional[Union[Bytes, str]],
+        signature: Union[Bytes, str],
+        *,
+        digest: Optional[Bytes] = None,
+        version: Optional[int] = None,
+    ) -> VerifyResult:
+        """Whether ``signature`` (bytes as ``sign`` gave them, or their base64) signs the
+        message (or ``digest``, with ``message=None``) under a version of a signing key,
+        checked in the token (§3.34).
+
+        ``version``: the version whose public key checks it (the current one
+        by default). A signature that does not verify is ``valid=False``, not
+        an error.
+        """
+        tenant, key = key_path(path)
+        params: Dict[str, Any] = {
+            "tenant": tenant,
+            "key": key,
+            **_message_or_digest(message, digest),
+            "signature": _signature_text(signature),
+        }
+        if version is not None:
+            params["version"] = _version(version)
+        ok = self.call("verify", params)
+        return VerifyResult(bool(ok["valid"]), ok["key_version"], ok["algorithm"])
+
+    def public_key(self, path: KeyPathLike, *, version: Optional[int] = None) -> PublicKeyResult:
+        """The public key of a version (the current one by default) of a signing key or
+        an ``rsa-4096-oaep`` key (§3.32), as PEM."""
+        tenant, key = key_path(path)
+        params: Dict[str, Any] = {"tenant": tenant, "key": key}
+        if version is not None:
+            params["version"] = _version(version)
+        ok = self.call("public_key", params)
+        return PublicKeyResult(ok["pem"], ok["key_version"], ok["type"])
+
+    def alias_create(self, alias: str, path: KeyPathLike) -> AliasInfo:
+        """Make ``alias`` a second name for the key ``path``, in the key's tenant (§3.37)."""
+        tenant, key = key_path(path)
+        return _alias_info(
+            self.call("alias_create", {"tenant": tenant, "alias": check_name(alias, "alias"), "key": key})
+        )
+
+    def alias_update(self, alias: str, path: KeyPathLike) -> AliasInfo:
+        """Move ``alias`` to the key ``path`` of the same tenant (§3.38); ``previous_key`` says from where."""
+        tenant, key = key_path(path)
+        return _alias_info(
+            self.call("alias_update", {"tenant": tenant, "alias": check_name(alias, "alias"), "key": key})
+        )
+
+    def alias_delete(self, tenant: str, alias: str) -> AliasInfo:
+        """Remove an alias (its key is untouched; §3.39); returns what it was."""
+        return _alias_info(
+            self.call(
+                "alias_delete", {"tenant": check_name(tenant, "tenant"), "alias": check_name(alias, "alias")}
+            )
+        )
+
+    def alias_list(self, tenant: Optional[str] = None) -> List[AliasInfo]:
+        """Aliases of one tenant, else of every tenant, sorted by tenant then alias (§3.40)."""
+        params: Dict[str, Any] = {} if tenant is None else {"tenant": check_name(tenant, "tenant")}
+        aliases = self.call("alias_list", params).get("aliases")
+        if not isinstance(aliases, list):
+            raise ProtocolError("`alias_list` answered without `aliases`")
+        return [_alias_info(a) for a in aliases]
 
     def subscribe_revocations(self) -> Dict[str, Any]:
         return self.call("subscribe_revocations")
