@@ -9,9 +9,10 @@
 //! 3. runs `keyhaven bench` (a second process, as an application would be)
 //!    against the daemon;
 //! 4. prints the table and the ratio daemon/raw for data-key decryption at
-//!    the highest concurrency, and for `mac` and `sign-p256`/`sign-p384`
-//!    (when asked for) at each concurrency against the token's own rate of
-//!    HMAC-SHA256 and ECDSA signing.
+//!    the highest concurrency, and for `mac`, `sign-p256`/`sign-p384`/
+//!    `sign-rsa3072` and `pk-decrypt` (when asked for) at each concurrency
+//!    against the token's own rate of HMAC-SHA256, ECDSA and RSASSA-PSS
+//!    signing and RSA-OAEP decryption.
 //!
 //! With `--token-latency 1ms` the token is the slow token
 //! (tests/slow-token: SoftHSM2 behind a delay per call, like a network
@@ -43,8 +44,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Operations for `keyhaven bench --op` [default: health,encrypt,datakey,datakey-decrypt,rewrap;
-    /// with --token-latency: datakey-decrypt]. With mac, sign-p256 or sign-p384 the token's own rate
-    /// of that operation is measured too, and compared.
+    /// with --token-latency: datakey-decrypt]. With mac, sign-p256, sign-p384, sign-rsa3072 or
+    /// pk-decrypt the token's own rate of that operation is measured too, and compared.
     #[arg(long = "op", value_name = "OP")]
     pub ops: Option<String>,
     /// Concurrent clients for `keyhaven bench --concurrency` [default: 1,8,64; with --token-latency: 8,64].
@@ -133,13 +134,17 @@ pub fn raw_datakey_decrypt(config: &Config, duration: Duration) -> anyhow::Resul
     Ok(Raw { ops_per_sec: n as f64 / secs, mean_us: secs * 1e6 / n as f64 })
 }
 
-/// The raw token rate of the operation behind `mac` or `sign` (`op`:
-/// `mac`, `sign-p256`, `sign-p384`), one session, one thread, for
+/// The raw token rate of the operation behind `mac`, `sign` or a
+/// public-key `decrypt` (`op`: `mac`, `sign-p256`, `sign-p384`,
+/// `sign-rsa3072`, `pk-decrypt`), one session, one thread, for
 /// `duration`: HMAC-SHA256 (C_Sign, CKM_SHA256_HMAC) of a `payload`-byte
 /// message with a sensitive, non-extractable session-object generic secret
 /// (as an unwrapped HMAC key version is), or ECDSA (C_Sign, CKM_ECDSA) of a
 /// SHA-256/384 digest with a session-object EC private key (as an
-/// unwrapped signing key version is; the daemon hashes, the token signs).
+/// unwrapped signing key version is; the daemon hashes, the token signs),
+/// RSASSA-PSS (CKM_RSA_PKCS_PSS) of a SHA-256 digest with a 3072-bit key,
+/// or RSA-OAEP decryption (CKM_RSA_PKCS_OAEP, SHA-1) of a 32-byte data key
+/// with a 4096-bit key, as a `khp1:` ciphertext's is.
 pub fn raw_mac_or_sign(config: &Config, op: &str, payload: usize, duration: Duration) -> anyhow::Result<Raw> {
     let hsm = config.hsm_config().map_err(anyhow::Error::msg)?;
     let pkcs11 = token::load_module(&hsm.module)?;
@@ -188,13 +193,50 @@ pub fn raw_mac_or_sign(config: &Config, op: &str, payload: usize, duration: Dura
             let digest = if op == "sign-p256" { 32 } else { 48 };
             (private, Some(public), Mechanism::Ecdsa, vec![0x5a; digest])
         }
+        "sign-rsa3072" | "pk-decrypt" => {
+            let decrypts = op == "pk-decrypt";
+            let bits: u64 = if decrypts { 4096 } else { 3072 };
+            let (public, private) = session.generate_key_pair(
+                &Mechanism::RsaPkcsKeyPairGen,
+                &[
+                    Attribute::Class(ObjectClass::PUBLIC_KEY),
+                    Attribute::KeyType(KeyType::RSA),
+                    Attribute::ModulusBits(bits.into()),
+                    Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                    Attribute::Token(false),
+                    Attribute::Verify(!decrypts),
+                    Attribute::Encrypt(decrypts),
+                ],
+                &[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::KeyType(KeyType::RSA),
+                    Attribute::Token(false),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Sign(!decrypts),
+                    Attribute::Decrypt(decrypts),
+                ],
+            )?;
+            if decrypts {
+                // A 32-byte data key under RSA-OAEP, as in a `khp1:` ciphertext.
+                let block = session.encrypt(&crate::hsm::rsa::oaep(), public, &[0x5a; 32])?;
+                (private, Some(public), crate::hsm::rsa::oaep(), block)
+            } else {
+                (private, Some(public), Mechanism::RsaPkcsPss(crate::hsm::rsa::pss_params()), vec![0x5a; 32])
+            }
+        }
         other => bail!("no raw token rate for `{other}`"),
     };
+    let decrypts = op == "pk-decrypt";
     let mut n = 0u64;
     let start = Instant::now();
     while start.elapsed() < duration {
         for _ in 0..16 {
-            let out = session.sign(&mechanism, key, &data)?;
+            let out = match decrypts {
+                true => session.decrypt(&mechanism, key, &data)?,
+                false => session.sign(&mechanism, key, &data)?,
+            };
             if out.is_empty() {
                 bail!("the token returned an empty {op} result");
             }
@@ -604,7 +646,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     // is the token's limit (the machine's other load only lowers it).
     let raw2 = raw_datakey_decrypt(&config, args.duration)?;
     let mut raw_typed = Vec::new();
-    for op in ["mac", "sign-p256", "sign-p384"] {
+    for op in ["mac", "sign-p256", "sign-p384", "sign-rsa3072", "pk-decrypt"] {
         if rows.iter().any(|r| r.op == op) {
             eprintln!("keyhavend bench: raw token {op} rate, {} s", args.duration.as_secs_f64());
             raw_typed.push((op, raw_mac_or_sign(&config, op, 32, args.duration)?));
@@ -627,7 +669,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     if let Some(samples) = soak {
         print_soak(&samples);
     }
-    // mac and sign against the token's own rate of the same operation.
+    // mac, sign and pk-decrypt against the token's own rate of the same operation.
     for (op, raw) in &raw_typed {
         println!(
             "{:<26} {:>5} {:>10.0} {:>9.1} {:>9} {:>9} {:>7}",

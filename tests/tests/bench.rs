@@ -34,7 +34,7 @@ fn keyhavend_bench_runs_every_op_and_prints_the_ratio() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("is not empty"));
 }
 
-/// `mac` and `sign-*` rows, each with the token's own rate of the
+/// `mac`, `sign-*` and `pk-decrypt` rows, each with the token's own rate of the
 /// operation and a daemon/raw line (PERFORMANCE.md, issue 16).
 #[test]
 fn keyhavend_bench_compares_mac_and_sign_with_the_token() {
@@ -47,7 +47,7 @@ fn keyhavend_bench_compares_mac_and_sign_with_the_token() {
             "--concurrency",
             "1",
             "--op",
-            "mac,sign-p256,sign-p384",
+            "mac,sign-p256,sign-p384,sign-rsa3072,pk-decrypt",
             "--dir",
         ])
         .arg(dir.path().join("bench"))
@@ -57,7 +57,7 @@ fn keyhavend_bench_compares_mac_and_sign_with_the_token() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for op in ["mac", "sign-p256", "sign-p384"] {
+    for op in ["mac", "sign-p256", "sign-p384", "sign-rsa3072", "pk-decrypt"] {
         assert!(text.contains(&format!("raw token {op} ")), "no raw `{op}` row: {text}");
         assert!(text.contains(&format!("daemon/raw {op} c=1: ")), "no `{op}` ratio: {text}");
     }

@@ -44,6 +44,12 @@ pub enum BenchOp {
     SignP256,
     /// `sign` of the payload with an `ecdsa-p384` key (KEY with `-p384` after it).
     SignP384,
+    /// `sign` of the payload with an `rsa-3072-pss` key (KEY with `-rsa3072` after it).
+    SignRsa3072,
+    /// `decrypt` of a `khp1:` public-key ciphertext of the payload, made
+    /// offline to an `rsa-4096-oaep` key (KEY with `-oaep` after it): the
+    /// token decrypts its data key with RSA-OAEP, the daemon opens the rest.
+    PkDecrypt,
 }
 
 impl BenchOp {
@@ -62,6 +68,8 @@ impl BenchOp {
             BenchOp::Mac => "mac",
             BenchOp::SignP256 => "sign-p256",
             BenchOp::SignP384 => "sign-p384",
+            BenchOp::SignRsa3072 => "sign-rsa3072",
+            BenchOp::PkDecrypt => "pk-decrypt",
         }
     }
 }
@@ -164,6 +172,8 @@ async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Erro
         BenchOp::Mac => Some(("hmac", keyhaven::KeyType::HmacSha256)),
         BenchOp::SignP256 => Some(("p256", keyhaven::KeyType::EcdsaP256)),
         BenchOp::SignP384 => Some(("p384", keyhaven::KeyType::EcdsaP384)),
+        BenchOp::SignRsa3072 => Some(("rsa3072", keyhaven::KeyType::RsaPss3072)),
+        BenchOp::PkDecrypt => Some(("oaep", keyhaven::KeyType::RsaOaep4096)),
         _ => None,
     };
     let typed_key = match typed {
@@ -178,6 +188,10 @@ async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Erro
         }
         None => key.clone(),
     };
+    let ciphertext = match op {
+        BenchOp::PkDecrypt => public_ciphertext(&setup, &typed_key, &data, &ctx).await?,
+        _ => ciphertext,
+    };
     let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     Ok(Material {
         key,
@@ -190,6 +204,23 @@ async fn prepare(opts: &Options, op: BenchOp) -> Result<Material, keyhaven::Erro
         run,
         created: AtomicU64::new(0),
     })
+}
+
+/// A `khp1:` ciphertext of `data` to the current version of the
+/// `rsa-4096-oaep` key `key`, made offline as `keyhaven encrypt
+/// --public-key` makes one.
+async fn public_ciphertext(
+    setup: &Client,
+    key: &KeyPath,
+    data: &[u8],
+    ctx: &EncryptionContext,
+) -> Result<String, keyhaven::Error> {
+    let public = setup.public_key(key, None).await?;
+    let pkey = openssl::pkey::PKey::public_key_from_pem(public.pem.as_bytes())
+        .map_err(|e| keyhaven::Error::Protocol(format!("the daemon's public key: {e}")))?;
+    crate::seal_to_public_key(&pkey, key, public.key_version, data, ctx)
+        .map(|ct| ct.to_string())
+        .map_err(|f| keyhaven::Error::Protocol(f.to_string()))
 }
 
 /// A client's own state: its sealer (for `seal` and `open`) and the
@@ -230,7 +261,8 @@ async fn one(client: &Client, op: BenchOp, m: &Material, local: &mut Local) -> R
             client.call(&req).await.map(drop)
         }
         BenchOp::Mac => client.mac(&m.typed_key, &m.data, None).await.map(drop),
-        BenchOp::SignP256 | BenchOp::SignP384 => {
+        BenchOp::PkDecrypt => client.decrypt(&m.ciphertext, &m.ctx).await.map(drop),
+        BenchOp::SignP256 | BenchOp::SignP384 | BenchOp::SignRsa3072 => {
             let req = keyhaven::sign::Sign {
                 tenant: m.typed_key.tenant().into(),
                 key: m.typed_key.key().into(),

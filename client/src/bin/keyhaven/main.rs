@@ -617,7 +617,7 @@ fn public_encrypt(
     json: bool,
 ) -> Result<(), Failure> {
     use base64::Engine as _;
-    use keyhaven::hybrid::{PublicCiphertext, WRAPPED_LEN};
+    use keyhaven::hybrid::WRAPPED_LEN;
     let bad = |why: &str| Failure::new(format!("--public-key {}: {why}", file.display()));
     let text = std::fs::read_to_string(file).map_err(|e| bad(&e.to_string()))?;
     let jwk: serde_json::Value =
@@ -644,15 +644,7 @@ fn public_encrypt(
         return Err(bad("not a 4096-bit RSA key"));
     }
     let pkey = openssl::pkey::PKey::from_rsa(rsa).map_err(ssl)?;
-    let data_key = PublicCiphertext::new_data_key();
-    let mut enc = openssl::encrypt::Encrypter::new(&pkey).map_err(ssl)?;
-    enc.set_rsa_padding(openssl::rsa::Padding::PKCS1_OAEP).map_err(ssl)?;
-    enc.set_rsa_oaep_md(openssl::hash::MessageDigest::sha1()).map_err(ssl)?;
-    enc.set_rsa_mgf1_md(openssl::hash::MessageDigest::sha1()).map_err(ssl)?;
-    let mut wrapped = vec![0u8; enc.encrypt_len(&data_key[..]).map_err(ssl)?];
-    let len = enc.encrypt(&data_key[..], &mut wrapped).map_err(ssl)?;
-    wrapped.truncate(len);
-    let ct = PublicCiphertext::seal(&path, version, wrapped, &data_key, plaintext, context)?;
+    let ct = seal_to_public_key(&pkey, &path, version, plaintext, context)?;
     if json {
         return print_json(&serde_json::json!({
             "ciphertext": ct.to_string(),
@@ -663,6 +655,33 @@ fn public_encrypt(
     }
     outln!("{ct}");
     Ok(())
+}
+
+/// A `khp1:` ciphertext of `plaintext` for version `version` of the
+/// `rsa-4096-oaep` key `path`, whose public key is `pkey`: a fresh data key
+/// RSA-OAEP-encrypted with OpenSSL (SHA-1 and MGF1-SHA-1, what the token
+/// decrypts), the plaintext sealed under it with the context as AAD.
+pub(crate) fn seal_to_public_key(
+    pkey: &openssl::pkey::PKeyRef<openssl::pkey::Public>,
+    path: &KeyPath,
+    version: u32,
+    plaintext: &[u8],
+    context: &EncryptionContext,
+) -> Result<keyhaven::hybrid::PublicCiphertext, Failure> {
+    use keyhaven::hybrid::{PublicCiphertext, WRAPPED_LEN};
+    let ssl = |e: openssl::error::ErrorStack| Failure::new(format!("OpenSSL: {e}"));
+    if pkey.size() != WRAPPED_LEN {
+        return Err(Failure::new("not a 4096-bit RSA public key".into()));
+    }
+    let data_key = PublicCiphertext::new_data_key();
+    let mut enc = openssl::encrypt::Encrypter::new(pkey).map_err(ssl)?;
+    enc.set_rsa_padding(openssl::rsa::Padding::PKCS1_OAEP).map_err(ssl)?;
+    enc.set_rsa_oaep_md(openssl::hash::MessageDigest::sha1()).map_err(ssl)?;
+    enc.set_rsa_mgf1_md(openssl::hash::MessageDigest::sha1()).map_err(ssl)?;
+    let mut wrapped = vec![0u8; enc.encrypt_len(&data_key[..]).map_err(ssl)?];
+    let len = enc.encrypt(&data_key[..], &mut wrapped).map_err(ssl)?;
+    wrapped.truncate(len);
+    Ok(PublicCiphertext::seal(path, version, wrapped, &data_key, plaintext, context)?)
 }
 
 fn read_stdin_text(what: &str) -> Result<String, Failure> {
