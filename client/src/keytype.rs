@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// What a named key is and which operations it serves.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum KeyType {
@@ -98,10 +98,27 @@ impl fmt::Display for KeyType {
     }
 }
 
+/// Read through [`FromStr`], so that the daemon's refusal of a type names
+/// the types there are (and says why `ed25519` is not one).
+impl<'de> Deserialize<'de> for KeyType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KeyType, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for KeyType {
     type Err = String;
 
     fn from_str(s: &str) -> Result<KeyType, String> {
+        if s == "ed25519" {
+            return Err(
+                "`ed25519` is not available: a key of the hierarchy is stored wrapped under the master \
+                        key, and SoftHSM2 2.6 cannot wrap an EdDSA private key (PROTOCOL.md §3.3); sign with \
+                        `ecdsa-p256` (ES256) or `rsa-3072-pss` (PS256)"
+                    .into(),
+            );
+        }
         KeyType::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
             let names: Vec<&str> = KeyType::ALL.iter().map(|t| t.as_str()).collect();
             format!("unknown key type `{}`; one of {}", crate::names::printable(s), names.join(", "))

@@ -51,7 +51,18 @@ async fn hello_lists_exactly_the_documented_operations_and_the_key_types() {
     }
     let e =
         c.call_raw("key_create", serde_json::json!({"tenant": "acme", "key": "x", "type": "ed25519"})).await;
-    assert!(!hello.features.iter().any(|f| f == "key_type.ed25519") && e.is_err());
+    assert!(!hello.features.iter().any(|f| f == "key_type.ed25519"));
+    // Refused, typed, saying why and what to use instead.
+    let e = e.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
+    for said in
+        ["field `type`", "`ed25519` is not available", "cannot wrap an EdDSA private key", "ecdsa-p256"]
+    {
+        assert!(e.to_string().contains(said), "{said}: {e}");
+    }
+    let other =
+        c.call_raw("key_create", serde_json::json!({"tenant": "acme", "key": "x", "type": "des"})).await;
+    assert!(other.unwrap_err().to_string().contains("unknown key type `des`; one of aes256-gcm"));
     let mut sorted = hello.features.clone();
     sorted.sort();
     assert_eq!(sorted, hello.features, "features are sorted");
