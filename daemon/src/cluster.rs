@@ -57,6 +57,49 @@ impl ChangeSink for FollowOthers {
         });
     }
 
+    fn reload(&self, meta: Option<&Meta>, keys: &[KeyRecord], revocations: &[Revocation]) {
+        // Subscribers hear of every revocation that is new or changed.
+        let news: Vec<Scope> = revocations
+            .iter()
+            .filter(|r| self.revocations.get(&r.scope).as_ref() != Some(*r))
+            .map(|r| r.scope.clone())
+            .collect();
+        self.revocations.replace_all(revocations.to_vec());
+        for scope in news {
+            let _ = self.events.send(scope);
+        }
+        // One pass over every worker: KEKs of keys that are gone, and of
+        // versions destroyed or trimmed, are unloaded.
+        let usable: std::collections::HashMap<(String, String), Vec<u32>> = keys
+            .iter()
+            .map(|r| {
+                let live =
+                    r.versions.iter().filter(|v| v.destroyed_at.is_none()).map(|v| v.version).collect();
+                ((r.tenant.clone(), r.key.clone()), live)
+            })
+            .collect();
+        let usable = Arc::new(usable);
+        let hsm = self.hsm.clone();
+        self.runtime.spawn(async move {
+            let covered = move |id: &crate::hsm::KekId| {
+                usable
+                    .get(&(id.path.tenant().to_owned(), id.path.key().to_owned()))
+                    .is_none_or(|live| !live.contains(&id.version))
+            };
+            if let Err(e) = hsm
+                .on_every_worker(move |w| {
+                    w.evict(&covered);
+                })
+                .await
+            {
+                tracing::warn!(error = %e, "could not unload KEKs retired while this node was away");
+            }
+        });
+        if let Some(meta) = meta {
+            self.meta(meta);
+        }
+    }
+
     fn meta(&self, meta: &Meta) {
         tracing::debug!(
             master_key_version = meta.master_key_version,

@@ -512,3 +512,151 @@ async fn figures_revocation_delay_with_three_nodes() {
         delays[49], delays[98], delays[99]
     );
 }
+
+/// Restarts `node` with `[cluster] lease = LEASE` and `[lifecycle]
+/// check_seconds = CHECK` (nodes that join it afterwards copy the lease).
+fn reconfigure(node: &mut TestDaemon, lease: &str, check_seconds: u64) {
+    node.restart_with(|dir| {
+        let file = dir.join("keyhaven.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains("[cluster]") && text.contains("check_seconds = 60"), "{text}");
+        let text = text
+            .replace("[cluster]", &format!("[cluster]\nlease = \"{lease}\""))
+            .replace("check_seconds = 60", &format!("check_seconds = {check_seconds}"));
+        std::fs::write(&file, text).unwrap();
+    });
+}
+
+/// Retries `f` while the node answers `store_unavailable` (a short lease
+/// on a loaded machine lapses now and then), for at most 15 s.
+async fn steady<T, F: std::future::Future<Output = Result<T, keyhaven::Error>>>(f: impl Fn() -> F) -> T {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if e.code() == Some(ErrorCode::StoreUnavailable) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn rotate(key: &str) -> KeyRotate {
+    let (tenant, key) = key.split_once('/').unwrap();
+    KeyRotate { tenant: tenant.into(), key: key.into(), idempotency_key: None }
+}
+
+/// The change feed is trimmed to what some node may still need: with
+/// writes going on it stays a few revisions long. A node paused (SIGSTOP)
+/// for longer than the trimming waits for it, and a node stopped cleanly
+/// and started again later, both end with the cluster's state: a
+/// revocation made while they were away is enforced, one lifted is not,
+/// a key rotated while they were away encrypts under its new version.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_state() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    // A 1 s lease: the trimming waits 10 leases for a node that went away.
+    reconfigure(&mut first, "1s", 60);
+    let paused = TestDaemon::join(&first);
+    let mut stopped = TestDaemon::join(&first);
+    let a = first.client().await;
+    let context = ctx(&["user=7"]);
+    for k in ["acme/pii", "acme/other", "acme/lifted", "acme/churn"] {
+        steady(|| async { a.key_create(&path(k)).await }).await;
+    }
+    let dk =
+        steady(|| async { a.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await }).await;
+    let other =
+        steady(|| async { a.datakey(&path("acme/other"), &context, keyhaven::Plaintext::Omit).await }).await;
+    let lifted =
+        steady(|| async { a.datakey(&path("acme/lifted"), &context, keyhaven::Plaintext::Omit).await }).await;
+    let suspended = Scope::Key { tenant: "acme".into(), key: "lifted".into(), version: None };
+    steady(|| async {
+        a.call(&Revoke { scope: suspended.clone(), reason: Reason::Superseded, expires_at: None }).await
+    })
+    .await;
+    let mut names = Vec::new();
+    for node in [&paused, &stopped] {
+        let c = node.client().await;
+        steady(|| async { c.datakey_decrypt(&dk.envelope, &context).await }).await;
+        // Each caches key `other` at version 1.
+        let ct = steady(|| async { c.encrypt(&path("acme/other"), b"x", &context).await }).await;
+        assert_eq!(ct.key_version, 1);
+        let e = c.datakey_decrypt(&lifted.envelope, &context).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+        names.push(steady(|| async { c.health().await }).await.store.cluster.unwrap().node);
+    }
+
+    // Many writes: the feed stays a few revisions long.
+    let mut longest = 0;
+    for i in 0..150 {
+        steady(|| async { a.call(&rotate("acme/churn")).await }).await;
+        if i % 10 == 9 {
+            longest = longest
+                .max(pg.psql("keyhaven", "SELECT count(DISTINCT revision) FROM changes").parse().unwrap());
+        }
+    }
+    let newest: i64 = pg.psql("keyhaven", "SELECT max(revision) FROM changes").parse().unwrap();
+    assert!(newest > 150, "{newest}");
+    eprintln!("150 writes: at most {longest} revisions in the feed");
+    assert!(longest < 60, "the feed held {longest} revisions during 150 writes");
+    eventually(Duration::from_secs(5), || async {
+        let n: i64 = pg.psql("keyhaven", "SELECT count(DISTINCT revision) FROM changes").parse().unwrap();
+        (n <= 3).then_some(())
+    })
+    .await;
+
+    // One node paused, one stopped cleanly; meanwhile a revocation, a lift,
+    // a rotation, and more writes; the feed is trimmed past both.
+    signal(paused.pid(), "STOP");
+    let (status, log) = stopped.stop();
+    assert!(status.success(), "{log}");
+    let away: i64 = pg
+        .psql(
+            "keyhaven",
+            &format!("SELECT max(applied) FROM nodes WHERE name IN ('{}', '{}')", names[0], names[1]),
+        )
+        .parse()
+        .unwrap();
+    let scope = Scope::Key { tenant: "acme".into(), key: "pii".into(), version: None };
+    steady(|| async {
+        a.call(&Revoke { scope: scope.clone(), reason: Reason::KeyCompromise, expires_at: None }).await
+    })
+    .await;
+    let lift = keyhaven::revocation::RevokeLift { scope: suspended.clone(), reason: Reason::Superseded };
+    steady(|| async { a.call(&lift).await }).await;
+    let rotated = steady(|| async { a.call(&rotate("acme/other")).await }).await;
+    assert_eq!(rotated.current_version, 2);
+    // Once their leases ran out 10 leases ago, the feed is trimmed to its
+    // newest revision, past what either applied.
+    eventually(Duration::from_secs(25), || async {
+        let trimmed = pg.psql("keyhaven", "SELECT min(revision) = max(revision), min(revision) FROM changes");
+        let (all, oldest) = trimmed.split_once('|').unwrap();
+        (all == "t" && oldest.parse::<i64>().unwrap() > away + 1).then_some(())
+    })
+    .await;
+
+    // Both come back and end with the cluster's state.
+    signal(paused.pid(), "CONT");
+    stopped.start_again();
+    for node in [&paused, &stopped] {
+        let c = node.client().await;
+        eventually(Duration::from_secs(10), || async {
+            c.datakey_decrypt(&other.envelope, &context).await.ok().map(|_| ())
+        })
+        .await;
+        let e = c.datakey_decrypt(&dk.envelope, &context).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+        steady(|| async { c.datakey_decrypt(&lifted.envelope, &context).await }).await;
+        let ct = steady(|| async { c.encrypt(&path("acme/other"), b"x", &context).await }).await;
+        assert_eq!(ct.key_version, 2, "key `other` was rotated while the node was away");
+    }
+    let mut paused = paused;
+    let (_, log) = paused.stop();
+    assert!(log.contains("trimmed past this node's revision"), "the paused node did not reload:\n{log}");
+    let verified = steady(|| async { a.call(&AuditVerify {}).await }).await;
+    assert!(verified.intact, "{verified:?}");
+}
