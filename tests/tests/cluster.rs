@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyhaven::lifecycle::{KeyRotate, KeySet};
+use keyhaven::lifecycle::{KeyRotate, KeyScheduleDeletion, KeySet, KeyShow};
 use keyhaven::revocation::{Reason, Revoke, Scope};
 use keyhaven::wire::AuditVerify;
+use keyhaven::Client;
 use keyhaven_tests::*;
 
 /// A database and three nodes on it (the first made it; two joined).
@@ -513,15 +514,18 @@ async fn figures_revocation_delay_with_three_nodes() {
     );
 }
 
-/// Restarts `node` with `[cluster] lease = LEASE` and `[lifecycle]
-/// check_seconds = CHECK` (nodes that join it afterwards copy the lease).
-fn reconfigure(node: &mut TestDaemon, lease: &str, check_seconds: u64) {
+/// Restarts `node` with `[cluster] lease = LEASE`, `[lifecycle]
+/// check_seconds = CHECK` and its periodic jobs' clock `ahead` seconds
+/// ahead (`test_clock_offset_seconds`); nodes that join it afterwards copy
+/// its config.
+fn reconfigure(node: &mut TestDaemon, lease: &str, check_seconds: u64, ahead: u64) {
     node.restart_with(|dir| {
         let file = dir.join("keyhaven.toml");
         let text = std::fs::read_to_string(&file).unwrap();
         assert!(text.contains("[cluster]") && text.contains("check_seconds = 60"), "{text}");
         let text = text
             .replace("[cluster]", &format!("[cluster]\nlease = \"{lease}\""))
+            .replace("[lifecycle]", &format!("[lifecycle]\ntest_clock_offset_seconds = {ahead}"))
             .replace("check_seconds = 60", &format!("check_seconds = {check_seconds}"));
         std::fs::write(&file, text).unwrap();
     });
@@ -559,7 +563,7 @@ async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_
     pg.create_db("keyhaven");
     let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
     // A 1 s lease: the trimming waits 10 leases for a node that went away.
-    reconfigure(&mut first, "1s", 60);
+    reconfigure(&mut first, "1s", 60, 0);
     let paused = TestDaemon::join(&first);
     let mut stopped = TestDaemon::join(&first);
     let a = first.client().await;
@@ -658,5 +662,100 @@ async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_
     let (_, log) = paused.stop();
     assert!(log.contains("trimmed past this node's revision"), "the paused node did not reload:\n{log}");
     let verified = steady(|| async { a.call(&AuditVerify {}).await }).await;
+    assert!(verified.intact, "{verified:?}");
+}
+
+async fn show(c: &Client, key: &str) -> keyhaven::lifecycle::KeyDetails {
+    let (tenant, key) = key.split_once('/').unwrap();
+    steady(|| async { c.call(&KeyShow { tenant: tenant.into(), key: key.into() }).await }).await
+}
+
+/// The periodic jobs (automatic rotation, scheduled deletion) run on every
+/// node every second, and each due job happens once: a key rotating every
+/// 2 s gets one version per period, never two, and one audit record per
+/// rotation across the three nodes' chains; a scheduled deletion erases
+/// the key once, with one audit record.
+#[tokio::test(flavor = "multi_thread")]
+async fn periodic_jobs_run_once_on_a_cluster_of_three_nodes() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    // The jobs' clock is 8 days ahead on every node: a deletion scheduled
+    // in 7 days is due at once, and a rotation period of 8 days and 2 s
+    // falls due 2 s after each version.
+    const AHEAD: u64 = 8 * 86_400;
+    reconfigure(&mut first, "5s", 1, AHEAD);
+    let second = TestDaemon::join(&first);
+    let third = TestDaemon::join(&first);
+    let c = [first.client().await, second.client().await, third.client().await];
+    let context = ctx(&["a=b"]);
+    c[0].key_create(&path("acme/doomed")).await.unwrap();
+    let sealed = c[0].encrypt(&path("acme/doomed"), b"gone", &context).await.unwrap();
+    c[0].key_create(&path("acme/auto")).await.unwrap();
+    let every = |secs| KeySet {
+        tenant: "acme".into(),
+        key: "auto".into(),
+        min_decryption_version: None,
+        rotate_every_secs: Some(secs),
+        state: None,
+        ..Default::default()
+    };
+    steady(|| async { c[1].call(&every(AHEAD + 2)).await }).await;
+    let schedule = KeyScheduleDeletion { tenant: "acme".into(), key: "doomed".into(), days: Some(7) };
+    steady(|| async { c[2].call(&schedule).await }).await;
+
+    // Three automatic rotations, then none.
+    eventually(Duration::from_secs(25), || async {
+        (show(&c[0], "acme/auto").await.current_version >= 4).then_some(())
+    })
+    .await;
+    steady(|| async { c[1].call(&every(0)).await }).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let auto = show(&c[2], "acme/auto").await;
+    let n = auto.current_version;
+    let numbers: Vec<u32> = auto.versions.iter().map(|v| v.version).collect();
+    assert_eq!(numbers, (1..=n).collect::<Vec<_>>(), "{auto:?}");
+    for pair in auto.versions.windows(2) {
+        let gap = pair[1].created_at - pair[0].created_at;
+        assert!(
+            gap >= 2,
+            "versions {} and {} made {gap} s apart: a rotation ran twice",
+            pair[0].version,
+            pair[1].version
+        );
+    }
+
+    // The deletion happened, on every node.
+    for client in &c {
+        eventually(Duration::from_secs(10), || async {
+            (show(client, "acme/doomed").await.state == keyhaven::lifecycle::KeyState::Deleted).then_some(())
+        })
+        .await;
+        let e = client.decrypt(&sealed.ciphertext, &context).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::KeyDisabled), "{e}");
+    }
+
+    // One audit record per job, across the three chains.
+    let (mut rotations, mut deletions, mut by_node) = (Vec::new(), 0, Vec::new());
+    for client in &c {
+        let mut here = 0;
+        for r in audit_records(client).await {
+            if r.actor.as_deref() != Some("daemon") || r.outcome != "ok" {
+                continue;
+            }
+            match (r.op.as_str(), r.key.as_deref()) {
+                ("key_rotate", Some("auto")) => rotations.push(r.version.unwrap()),
+                ("key_delete", Some("doomed")) => deletions += 1,
+                _ => continue,
+            }
+            here += 1;
+        }
+        by_node.push(here);
+    }
+    rotations.sort_unstable();
+    eprintln!("{} versions; the jobs ran on the nodes {by_node:?} times", n);
+    assert_eq!(rotations, (2..=n).collect::<Vec<_>>(), "one audit record per automatic rotation");
+    assert_eq!(deletions, 1, "one audit record for the scheduled deletion");
+    let verified = steady(|| async { c[0].call(&AuditVerify {}).await }).await;
     assert!(verified.intact, "{verified:?}");
 }
