@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyhaven::lifecycle::{KeyRotate, KeyScheduleDeletion, KeySet, KeyShow};
+use keyhaven::lifecycle::{AdminRotateMaster, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow};
 use keyhaven::revocation::{Reason, Revoke, Scope};
 use keyhaven::wire::AuditVerify;
 use keyhaven::Client;
@@ -665,6 +665,10 @@ async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_
     assert!(verified.intact, "{verified:?}");
 }
 
+async fn step(c: &Client) -> keyhaven::lifecycle::MasterRotationStatus {
+    c.call(&AdminRotateMaster { batch: Some(2), rollback: false }).await.unwrap()
+}
+
 async fn show(c: &Client, key: &str) -> keyhaven::lifecycle::KeyDetails {
     let (tenant, key) = key.split_once('/').unwrap();
     steady(|| async { c.call(&KeyShow { tenant: tenant.into(), key: key.into() }).await }).await
@@ -757,5 +761,76 @@ async fn periodic_jobs_run_once_on_a_cluster_of_three_nodes() {
     assert_eq!(rotations, (2..=n).collect::<Vec<_>>(), "one audit record per automatic rotation");
     assert_eq!(deletions, 1, "one audit record for the scheduled deletion");
     let verified = steady(|| async { c[0].call(&AuditVerify {}).await }).await;
+    assert!(verified.intact, "{verified:?}");
+}
+
+/// A master-key rotation started on one node is continued and finished on
+/// another: the second node learns the new current master key version from
+/// the change feed (its pin checked in its own token session) and wraps
+/// its new keys under it, each key ends with its current version under the
+/// new master key, and both nodes open data made before, during and after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_key_rotation_started_on_one_node_finishes_on_another() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let (a, b) = (first.client().await, second.client().await);
+    let context = ctx(&["row=1"]);
+    let keys: Vec<String> = (0..5).map(|i| format!("mk/k{i}")).collect();
+    let mut sealed = Vec::new();
+    for k in &keys {
+        a.key_create(&path(k)).await.unwrap();
+        sealed.push(a.encrypt(&path(k), k.as_bytes(), &context).await.unwrap());
+    }
+    let dk = b.datakey(&path("mk/k0"), &context, keyhaven::Plaintext::Include).await.unwrap();
+
+    let s = step(&a).await;
+    assert_eq!((s.from, s.to, s.rotated, s.remaining, s.finished), (1, 2, 2, 3, false), "{s:?}");
+    // Node 2 follows: version 2 becomes current there too.
+    eventually(Duration::from_secs(5), || async {
+        (b.health().await.unwrap().token.master_key_version == 2).then_some(())
+    })
+    .await;
+    b.key_create(&path("mk/during")).await.unwrap();
+    sealed.push(b.encrypt(&path("mk/during"), b"mk/during", &context).await.unwrap());
+    // Node 2 continues the same rotation (from 1 to 2, not a new one), and
+    // finishes it.
+    let s = step(&b).await;
+    assert_eq!((s.from, s.to, s.rotated, s.remaining, s.finished), (1, 2, 2, 1, false), "{s:?}");
+    let s = step(&b).await;
+    assert_eq!((s.from, s.to, s.rotated, s.remaining, s.finished), (1, 2, 1, 0, true), "{s:?}");
+    assert_eq!(a.health().await.unwrap().token.master_key_version, 2);
+
+    // Every key: version 1 under master key 1, its current version under 2.
+    for k in keys.iter().chain(["mk/during".to_owned()].iter()) {
+        let d = show(&a, k).await;
+        let current = d.versions.iter().find(|v| v.version == d.current_version).unwrap();
+        assert_eq!(current.master_key_version, 2, "{k}: {d:?}");
+        if k != "mk/during" {
+            assert_eq!((d.current_version, d.versions[0].master_key_version), (2, 1), "{k}: {d:?}");
+        }
+    }
+    // New data on both nodes; both open everything.
+    for (i, k) in keys.iter().enumerate() {
+        let by = if i % 2 == 0 { &a } else { &b };
+        let ct = by.encrypt(&path(k), k.as_bytes(), &context).await.unwrap();
+        assert_eq!(ct.key_version, 2);
+        sealed.push(ct);
+    }
+    for c in [&a, &b] {
+        for ct in &sealed {
+            c.decrypt(&ct.ciphertext, &context).await.unwrap();
+        }
+        let back = c.datakey_decrypt(&dk.envelope, &context).await.unwrap();
+        assert_eq!(back.plaintext.expose(), dk.plaintext.as_ref().unwrap().expose());
+    }
+    // One audit record per step, on the chain of the node that made it.
+    let steps = |records: Vec<keyhaven::wire::AuditRecord>| {
+        records.iter().filter(|r| r.op == "admin_rotate_master" && r.outcome == "ok").count()
+    };
+    assert_eq!(steps(audit_records(&a).await), 1);
+    assert_eq!(steps(audit_records(&b).await), 2);
+    let verified = a.call(&AuditVerify {}).await.unwrap();
     assert!(verified.intact, "{verified:?}");
 }
