@@ -153,6 +153,20 @@ impl Index {
         }
     }
 
+    /// Replaces every record with `records` (as the store holds them: one
+    /// per scope), in one step: a node of a cluster that reloads the
+    /// revocations afresh (docs/CLUSTER.md §4).
+    pub fn replace_all(&self, records: Vec<Revocation>) {
+        let (mut fresh, mut n) = (Scopes::default(), 0);
+        for r in records {
+            n += usize::from(fresh.get(&r.scope).is_none());
+            fresh.put(r);
+        }
+        let mut s = self.write();
+        *s = fresh;
+        self.count.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Removes the record of exactly `scope`.
     pub fn remove(&self, scope: &Scope) {
         let mut s = self.write();

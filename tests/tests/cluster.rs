@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyhaven::lifecycle::{KeyRotate, KeySet};
+use keyhaven::lifecycle::{AdminRotateMaster, KeyRotate, KeyScheduleDeletion, KeySet, KeyShow};
 use keyhaven::revocation::{Reason, Revoke, Scope};
 use keyhaven::wire::AuditVerify;
+use keyhaven::Client;
 use keyhaven_tests::*;
 
 /// A database and three nodes on it (the first made it; two joined).
@@ -511,4 +512,440 @@ async fn figures_revocation_delay_with_three_nodes() {
         "revoke with 3 nodes decrypting, 100 revocations: p50 {:?}, p99 {:?}, max {:?}",
         delays[49], delays[98], delays[99]
     );
+}
+
+/// Restarts `node` with `[cluster] lease = LEASE`, `[lifecycle]
+/// check_seconds = CHECK` and its periodic jobs' clock `ahead` seconds
+/// ahead (`test_clock_offset_seconds`); nodes that join it afterwards copy
+/// its config.
+fn reconfigure(node: &mut TestDaemon, lease: &str, check_seconds: u64, ahead: u64) {
+    node.restart_with(|dir| {
+        let file = dir.join("keyhaven.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains("[cluster]") && text.contains("check_seconds = 60"), "{text}");
+        let text = text
+            .replace("[cluster]", &format!("[cluster]\nlease = \"{lease}\""))
+            .replace("[lifecycle]", &format!("[lifecycle]\ntest_clock_offset_seconds = {ahead}"))
+            .replace("check_seconds = 60", &format!("check_seconds = {check_seconds}"));
+        std::fs::write(&file, text).unwrap();
+    });
+}
+
+/// Retries `f` while the node answers `store_unavailable` (a short lease
+/// on a loaded machine lapses now and then), for at most 15 s.
+async fn steady<T, F: std::future::Future<Output = Result<T, keyhaven::Error>>>(f: impl Fn() -> F) -> T {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if e.code() == Some(ErrorCode::StoreUnavailable) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn rotate(key: &str) -> KeyRotate {
+    let (tenant, key) = key.split_once('/').unwrap();
+    KeyRotate { tenant: tenant.into(), key: key.into(), idempotency_key: None }
+}
+
+/// The change feed is trimmed to what some node may still need: with
+/// writes going on it stays a few revisions long. A node paused (SIGSTOP)
+/// for longer than the trimming waits for it, and a node stopped cleanly
+/// and started again later, both end with the cluster's state: a
+/// revocation made while they were away is enforced, one lifted is not,
+/// a key rotated while they were away encrypts under its new version.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_state() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    // A 1 s lease: the trimming waits 10 leases for a node that went away.
+    reconfigure(&mut first, "1s", 60, 0);
+    let paused = TestDaemon::join(&first);
+    let mut stopped = TestDaemon::join(&first);
+    let a = first.client().await;
+    let context = ctx(&["user=7"]);
+    for k in ["acme/pii", "acme/other", "acme/lifted", "acme/churn"] {
+        steady(|| async { a.key_create(&path(k)).await }).await;
+    }
+    let dk =
+        steady(|| async { a.datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await }).await;
+    let other =
+        steady(|| async { a.datakey(&path("acme/other"), &context, keyhaven::Plaintext::Omit).await }).await;
+    let lifted =
+        steady(|| async { a.datakey(&path("acme/lifted"), &context, keyhaven::Plaintext::Omit).await }).await;
+    let suspended = Scope::Key { tenant: "acme".into(), key: "lifted".into(), version: None };
+    steady(|| async {
+        a.call(&Revoke { scope: suspended.clone(), reason: Reason::Superseded, expires_at: None }).await
+    })
+    .await;
+    let mut names = Vec::new();
+    for node in [&paused, &stopped] {
+        let c = node.client().await;
+        steady(|| async { c.datakey_decrypt(&dk.envelope, &context).await }).await;
+        // Each caches key `other` at version 1.
+        let ct = steady(|| async { c.encrypt(&path("acme/other"), b"x", &context).await }).await;
+        assert_eq!(ct.key_version, 1);
+        let e = c.datakey_decrypt(&lifted.envelope, &context).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+        names.push(steady(|| async { c.health().await }).await.store.cluster.unwrap().node);
+    }
+
+    // Many writes: the feed stays a few revisions long.
+    let mut longest = 0;
+    for i in 0..150 {
+        steady(|| async { a.call(&rotate("acme/churn")).await }).await;
+        if i % 10 == 9 {
+            longest = longest
+                .max(pg.psql("keyhaven", "SELECT count(DISTINCT revision) FROM changes").parse().unwrap());
+        }
+    }
+    let newest: i64 = pg.psql("keyhaven", "SELECT max(revision) FROM changes").parse().unwrap();
+    assert!(newest > 150, "{newest}");
+    eprintln!("150 writes: at most {longest} revisions in the feed");
+    assert!(longest < 60, "the feed held {longest} revisions during 150 writes");
+    eventually(Duration::from_secs(5), || async {
+        let n: i64 = pg.psql("keyhaven", "SELECT count(DISTINCT revision) FROM changes").parse().unwrap();
+        (n <= 3).then_some(())
+    })
+    .await;
+
+    // One node paused, one stopped cleanly; meanwhile a revocation, a lift,
+    // a rotation, and more writes; the feed is trimmed past both.
+    signal(paused.pid(), "STOP");
+    let (status, log) = stopped.stop();
+    assert!(status.success(), "{log}");
+    let away: i64 = pg
+        .psql(
+            "keyhaven",
+            &format!("SELECT max(applied) FROM nodes WHERE name IN ('{}', '{}')", names[0], names[1]),
+        )
+        .parse()
+        .unwrap();
+    let scope = Scope::Key { tenant: "acme".into(), key: "pii".into(), version: None };
+    steady(|| async {
+        a.call(&Revoke { scope: scope.clone(), reason: Reason::KeyCompromise, expires_at: None }).await
+    })
+    .await;
+    let lift = keyhaven::revocation::RevokeLift { scope: suspended.clone(), reason: Reason::Superseded };
+    steady(|| async { a.call(&lift).await }).await;
+    let rotated = steady(|| async { a.call(&rotate("acme/other")).await }).await;
+    assert_eq!(rotated.current_version, 2);
+    // Once their leases ran out 10 leases ago, the feed is trimmed to its
+    // newest revision, past what either applied.
+    eventually(Duration::from_secs(25), || async {
+        let trimmed = pg.psql("keyhaven", "SELECT min(revision) = max(revision), min(revision) FROM changes");
+        let (all, oldest) = trimmed.split_once('|').unwrap();
+        (all == "t" && oldest.parse::<i64>().unwrap() > away + 1).then_some(())
+    })
+    .await;
+
+    // Both come back and end with the cluster's state.
+    signal(paused.pid(), "CONT");
+    stopped.start_again();
+    for node in [&paused, &stopped] {
+        let c = node.client().await;
+        eventually(Duration::from_secs(10), || async {
+            c.datakey_decrypt(&other.envelope, &context).await.ok().map(|_| ())
+        })
+        .await;
+        let e = c.datakey_decrypt(&dk.envelope, &context).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+        steady(|| async { c.datakey_decrypt(&lifted.envelope, &context).await }).await;
+        let ct = steady(|| async { c.encrypt(&path("acme/other"), b"x", &context).await }).await;
+        assert_eq!(ct.key_version, 2, "key `other` was rotated while the node was away");
+    }
+    let mut paused = paused;
+    let (_, log) = paused.stop();
+    assert!(log.contains("trimmed past this node's revision"), "the paused node did not reload:\n{log}");
+    let verified = steady(|| async { a.call(&AuditVerify {}).await }).await;
+    assert!(verified.intact, "{verified:?}");
+}
+
+async fn step(c: &Client) -> keyhaven::lifecycle::MasterRotationStatus {
+    c.call(&AdminRotateMaster { batch: Some(2), rollback: false }).await.unwrap()
+}
+
+async fn show(c: &Client, key: &str) -> keyhaven::lifecycle::KeyDetails {
+    let (tenant, key) = key.split_once('/').unwrap();
+    steady(|| async { c.call(&KeyShow { tenant: tenant.into(), key: key.into() }).await }).await
+}
+
+/// The periodic jobs (automatic rotation, scheduled deletion) run on every
+/// node every second, and each due job happens once: a key rotating every
+/// 2 s gets one version per period, never two, and one audit record per
+/// rotation across the three nodes' chains; a scheduled deletion erases
+/// the key once, with one audit record.
+#[tokio::test(flavor = "multi_thread")]
+async fn periodic_jobs_run_once_on_a_cluster_of_three_nodes() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    // The jobs' clock is 8 days ahead on every node: a deletion scheduled
+    // in 7 days is due at once, and a rotation period of 8 days and 2 s
+    // falls due 2 s after each version.
+    const AHEAD: u64 = 8 * 86_400;
+    reconfigure(&mut first, "5s", 1, AHEAD);
+    let second = TestDaemon::join(&first);
+    let third = TestDaemon::join(&first);
+    let c = [first.client().await, second.client().await, third.client().await];
+    let context = ctx(&["a=b"]);
+    c[0].key_create(&path("acme/doomed")).await.unwrap();
+    let sealed = c[0].encrypt(&path("acme/doomed"), b"gone", &context).await.unwrap();
+    c[0].key_create(&path("acme/auto")).await.unwrap();
+    let every = |secs| KeySet {
+        tenant: "acme".into(),
+        key: "auto".into(),
+        min_decryption_version: None,
+        rotate_every_secs: Some(secs),
+        state: None,
+        ..Default::default()
+    };
+    steady(|| async { c[1].call(&every(AHEAD + 2)).await }).await;
+    let schedule = KeyScheduleDeletion { tenant: "acme".into(), key: "doomed".into(), days: Some(7) };
+    steady(|| async { c[2].call(&schedule).await }).await;
+
+    // Three automatic rotations, then none.
+    eventually(Duration::from_secs(25), || async {
+        (show(&c[0], "acme/auto").await.current_version >= 4).then_some(())
+    })
+    .await;
+    steady(|| async { c[1].call(&every(0)).await }).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let auto = show(&c[2], "acme/auto").await;
+    let n = auto.current_version;
+    let numbers: Vec<u32> = auto.versions.iter().map(|v| v.version).collect();
+    assert_eq!(numbers, (1..=n).collect::<Vec<_>>(), "{auto:?}");
+    for pair in auto.versions.windows(2) {
+        let gap = pair[1].created_at - pair[0].created_at;
+        assert!(
+            gap >= 2,
+            "versions {} and {} made {gap} s apart: a rotation ran twice",
+            pair[0].version,
+            pair[1].version
+        );
+    }
+
+    // The deletion happened, on every node.
+    for client in &c {
+        eventually(Duration::from_secs(10), || async {
+            (show(client, "acme/doomed").await.state == keyhaven::lifecycle::KeyState::Deleted).then_some(())
+        })
+        .await;
+        let e = client.decrypt(&sealed.ciphertext, &context).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::KeyDisabled), "{e}");
+    }
+
+    // One audit record per job, across the three chains.
+    let (mut rotations, mut deletions, mut by_node) = (Vec::new(), 0, Vec::new());
+    for client in &c {
+        let mut here = 0;
+        for r in audit_records(client).await {
+            if r.actor.as_deref() != Some("daemon") || r.outcome != "ok" {
+                continue;
+            }
+            match (r.op.as_str(), r.key.as_deref()) {
+                ("key_rotate", Some("auto")) => rotations.push(r.version.unwrap()),
+                ("key_delete", Some("doomed")) => deletions += 1,
+                _ => continue,
+            }
+            here += 1;
+        }
+        by_node.push(here);
+    }
+    rotations.sort_unstable();
+    eprintln!("{} versions; the jobs ran on the nodes {by_node:?} times", n);
+    assert_eq!(rotations, (2..=n).collect::<Vec<_>>(), "one audit record per automatic rotation");
+    assert_eq!(deletions, 1, "one audit record for the scheduled deletion");
+    let verified = steady(|| async { c[0].call(&AuditVerify {}).await }).await;
+    assert!(verified.intact, "{verified:?}");
+}
+
+/// A master-key rotation started on one node is continued and finished on
+/// another: the second node learns the new current master key version from
+/// the change feed (its pin checked in its own token session) and wraps
+/// its new keys under it, each key ends with its current version under the
+/// new master key, and both nodes open data made before, during and after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_key_rotation_started_on_one_node_finishes_on_another() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let (a, b) = (first.client().await, second.client().await);
+    let context = ctx(&["row=1"]);
+    let keys: Vec<String> = (0..5).map(|i| format!("mk/k{i}")).collect();
+    let mut sealed = Vec::new();
+    for k in &keys {
+        a.key_create(&path(k)).await.unwrap();
+        sealed.push(a.encrypt(&path(k), k.as_bytes(), &context).await.unwrap());
+    }
+    let dk = b.datakey(&path("mk/k0"), &context, keyhaven::Plaintext::Include).await.unwrap();
+
+    let s = step(&a).await;
+    assert_eq!((s.from, s.to, s.rotated, s.remaining, s.finished), (1, 2, 2, 3, false), "{s:?}");
+    // Node 2 follows: version 2 becomes current there too.
+    eventually(Duration::from_secs(5), || async {
+        (b.health().await.unwrap().token.master_key_version == 2).then_some(())
+    })
+    .await;
+    b.key_create(&path("mk/during")).await.unwrap();
+    sealed.push(b.encrypt(&path("mk/during"), b"mk/during", &context).await.unwrap());
+    // Node 2 continues the same rotation (from 1 to 2, not a new one), and
+    // finishes it.
+    let s = step(&b).await;
+    assert_eq!((s.from, s.to, s.rotated, s.remaining, s.finished), (1, 2, 2, 1, false), "{s:?}");
+    let s = step(&b).await;
+    assert_eq!((s.from, s.to, s.rotated, s.remaining, s.finished), (1, 2, 1, 0, true), "{s:?}");
+    assert_eq!(a.health().await.unwrap().token.master_key_version, 2);
+
+    // Every key: version 1 under master key 1, its current version under 2.
+    for k in keys.iter().chain(["mk/during".to_owned()].iter()) {
+        let d = show(&a, k).await;
+        let current = d.versions.iter().find(|v| v.version == d.current_version).unwrap();
+        assert_eq!(current.master_key_version, 2, "{k}: {d:?}");
+        if k != "mk/during" {
+            assert_eq!((d.current_version, d.versions[0].master_key_version), (2, 1), "{k}: {d:?}");
+        }
+    }
+    // New data on both nodes; both open everything.
+    for (i, k) in keys.iter().enumerate() {
+        let by = if i % 2 == 0 { &a } else { &b };
+        let ct = by.encrypt(&path(k), k.as_bytes(), &context).await.unwrap();
+        assert_eq!(ct.key_version, 2);
+        sealed.push(ct);
+    }
+    for c in [&a, &b] {
+        for ct in &sealed {
+            c.decrypt(&ct.ciphertext, &context).await.unwrap();
+        }
+        let back = c.datakey_decrypt(&dk.envelope, &context).await.unwrap();
+        assert_eq!(back.plaintext.expose(), dk.plaintext.as_ref().unwrap().expose());
+    }
+    // One audit record per step, on the chain of the node that made it.
+    let steps = |records: Vec<keyhaven::wire::AuditRecord>| {
+        records.iter().filter(|r| r.op == "admin_rotate_master" && r.outcome == "ok").count()
+    };
+    assert_eq!(steps(audit_records(&a).await), 1);
+    assert_eq!(steps(audit_records(&b).await), 2);
+    let verified = a.call(&AuditVerify {}).await.unwrap();
+    assert!(verified.intact, "{verified:?}");
+}
+
+/// A node killed (SIGKILL) in the middle of a master-key rotation batch,
+/// while another node creates keys: the rotation resumes where it stopped
+/// once the node is back, nothing acknowledged is lost, no key gets a
+/// version twice, every key ends under the new master key, every older
+/// ciphertext opens on both nodes, and the audit chains verify.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_in_a_master_key_rotation_batch_resumes_it_after_a_restart() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let mut second = TestDaemon::join(&first);
+    let a = Arc::new(first.client().await);
+    let context = ctx(&["row=1"]);
+    const KEYS: usize = 60;
+    let mut sealed = Vec::new();
+    for i in 0..KEYS {
+        let k = format!("mk/k{i:02}");
+        a.key_create(&path(&k)).await.unwrap();
+        sealed.push(a.encrypt(&path(&k), k.as_bytes(), &context).await.unwrap());
+    }
+    // Node 1 creates keys all along; node 2 rotates the master key in one
+    // batch of every key and is killed in its middle.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (a, stop) = (a.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let k = format!("w/k{i}");
+                i += 1;
+                if a.key_create(&path(&k)).await.is_ok() {
+                    acknowledged.push(k);
+                }
+            }
+            acknowledged
+        })
+    };
+    let b = second.client().await;
+    let batch =
+        tokio::spawn(async move { b.call(&AdminRotateMaster { batch: Some(1000), rollback: false }).await });
+    let rotated_sql = "SELECT count(*) FROM keyring WHERE tenant = 'mk' \
+                       AND jsonb_array_length(record::jsonb -> 'versions') > 1";
+    eventually(Duration::from_secs(20), || async {
+        (pg.psql("keyhaven", rotated_sql).parse::<usize>().unwrap() >= 5).then_some(())
+    })
+    .await;
+    second.kill();
+    let answer = batch.await.unwrap();
+    assert!(answer.is_err(), "the batch finished before the kill: {answer:?}");
+    let at_kill: usize = pg.psql("keyhaven", rotated_sql).parse().unwrap();
+    let under_way = pg.psql("keyhaven", "SELECT record::jsonb -> 'master_rotation' IS NOT NULL FROM meta");
+    assert_eq!(under_way, "t", "the rotation is under way in the store");
+    assert!(at_kill < KEYS, "{at_kill} keys of {KEYS} rotated at the kill");
+
+    // Node 2 starts again (the store matches the token's anchor, whatever
+    // the kill cut short) and resumes the same rotation.
+    second.start_again();
+    let b = second.client().await;
+    let mut steps = 0;
+    let resumed = loop {
+        let s = b.call(&AdminRotateMaster { batch: Some(1000), rollback: false }).await.unwrap();
+        assert_eq!((s.from, s.to), (1, 2), "the same rotation resumes: {s:?}");
+        steps += 1;
+        if s.finished {
+            break s;
+        }
+        assert!(steps < 5, "{s:?}");
+    };
+    eprintln!("{at_kill} of {KEYS} keys rotated when node 2 was killed; resumed: {resumed:?}");
+    stop.store(true, Ordering::SeqCst);
+    let acknowledged = writer.await.unwrap();
+    assert!(!acknowledged.is_empty());
+
+    // Every acknowledged key is there; every original key has exactly two
+    // versions (one made before the kill or after, never both); every key's
+    // current version is under master key 2.
+    let stored: std::collections::BTreeSet<String> =
+        pg.psql("keyhaven", "SELECT tenant || '/' || name FROM keyring").lines().map(str::to_owned).collect();
+    for k in &acknowledged {
+        assert!(stored.contains(k), "acknowledged key {k} is not in the database");
+    }
+    let twice = pg.psql(
+        "keyhaven",
+        "SELECT name FROM keyring WHERE tenant = 'mk' AND jsonb_array_length(record::jsonb -> 'versions') <> 2",
+    );
+    assert_eq!(twice, "", "keys without exactly two versions");
+    let behind = pg.psql(
+        "keyhaven",
+        "SELECT k.tenant || '/' || k.name FROM keyring k, jsonb_array_elements(k.record::jsonb -> 'versions') v \
+         WHERE (v ->> 'version')::int = (k.record::jsonb ->> 'current_version')::int \
+         AND (v ->> 'master_key_version')::int <> 2",
+    );
+    assert_eq!(behind, "", "keys whose current version is not under master key 2");
+    let a2 = second.client().await;
+    for c in [&*a, &a2] {
+        for (i, ct) in sealed.iter().enumerate() {
+            let back = c.decrypt(&ct.ciphertext, &context).await.unwrap();
+            assert_eq!(back.plaintext.expose(), format!("mk/k{i:02}").as_bytes());
+        }
+        for k in acknowledged.iter().step_by(7) {
+            let ct = c.encrypt(&path(k), b"x", &context).await.unwrap();
+            c.decrypt(&ct.ciphertext, &context).await.unwrap();
+        }
+    }
+    for c in [&*a, &a2] {
+        let verified = eventually(Duration::from_secs(5), || async {
+            let v = c.call(&AuditVerify {}).await.unwrap();
+            v.intact.then_some(v)
+        })
+        .await;
+        assert!(verified.chains.iter().all(|ch| ch.problem.is_none()), "{verified:?}");
+    }
 }

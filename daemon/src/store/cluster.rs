@@ -21,6 +21,11 @@ pub trait ChangeSink: Send + Sync {
     fn key(&self, path: &KeyPath, record: Option<&KeyRecord>);
     /// The global facts changed (a master-key rotation step).
     fn meta(&self, meta: &Meta);
+    /// The feed no longer held every change this node had not applied
+    /// (trimmed while the node was away, docs/CLUSTER.md §4): the whole
+    /// state, read afresh in one snapshot: every revocation and every key
+    /// record in the store, and the meta record.
+    fn reload(&self, meta: Option<&Meta>, keys: &[KeyRecord], revocations: &[Revocation]);
 }
 
 /// The revocation scope whose record key (`super::sled_store::revocation_key`)

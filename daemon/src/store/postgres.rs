@@ -31,8 +31,8 @@ use tokio_postgres::config::Host;
 use super::cluster::{scope_of_key, takes_away, ChangeSink};
 use super::sled_store::{keyring_key, revocation_key};
 use super::state::{
-    commit, commit_all, learn, prepare, prepare_all, reconcile, vouches, Anchor, AnchorState, Anchored,
-    StateDigest,
+    commit, commit_all, learn, prepare, prepare_all, reconcile, relearn, vouches, Anchor, AnchorState,
+    Anchored, StateDigest,
 };
 use super::{
     AuditIter, AuditKind, Backend, ClusterView, KeyChange, KeyRecord, KeysChange, Meta, MetaChange, NodeView,
@@ -94,6 +94,15 @@ const FEED_POLL: Duration = Duration::from_millis(250);
 
 /// How often a writer asks whether every live node applied its revocation.
 const APPLIED_POLL: Duration = Duration::from_millis(10);
+
+/// The most revisions of the change feed one trimming round deletes.
+const TRIM_BATCH: i64 = 10_000;
+
+/// A node whose lease ran out more than this many of the trimming node's
+/// leases ago no longer holds the change feed's trimming back: if it comes
+/// back without a restart, it finds the feed trimmed past what it applied,
+/// and reloads everything (docs/CLUSTER.md §4).
+const TRIM_GRACE_LEASES: u32 = 10;
 
 /// Connections in the pool.
 const POOL_SIZE: usize = 8;
@@ -392,6 +401,23 @@ impl PgStore {
 
     /// The digest of every anchored record as the database holds them now.
     async fn read_digest(c: &tokio_postgres::Client) -> Result<StateDigest, StoreError> {
+        Ok(PgStore::digest_of(&PgStore::read_rows(c).await?))
+    }
+
+    fn digest_of(rows: &[(&'static str, Vec<u8>, String)]) -> StateDigest {
+        let mut digest = StateDigest::default();
+        for (tree, key, value) in rows {
+            digest.load(tree, key, value.as_bytes());
+        }
+        digest.finish_load();
+        digest
+    }
+
+    /// Every anchored record (`tree`, key, record text) as the database
+    /// holds them now (`c` must see one state).
+    async fn read_rows<C: tokio_postgres::GenericClient + Sync>(
+        c: &C,
+    ) -> Result<Vec<(&'static str, Vec<u8>, String)>, StoreError> {
         let mut rows: Vec<(&'static str, Vec<u8>, String)> = Vec::new();
         for r in c.query("SELECT id, record FROM meta", &[]).await.map_err(db)? {
             rows.push(("meta", r.get::<_, String>(0).into_bytes(), r.get(1)));
@@ -403,12 +429,7 @@ impl PgStore {
         for r in c.query("SELECT scope, record FROM revocations", &[]).await.map_err(db)? {
             rows.push(("revocations", r.get::<_, String>(0).into_bytes(), r.get(1)));
         }
-        let mut digest = StateDigest::default();
-        for (tree, key, value) in &rows {
-            digest.load(tree, key, value.as_bytes());
-        }
-        digest.finish_load();
-        Ok(digest)
+        Ok(rows)
     }
 
     /// This store behind an `Arc`, known to itself (its background tasks
@@ -481,11 +502,35 @@ impl PgStore {
         w: &mut Option<Anchored>,
     ) -> Result<bool, StoreError> {
         let from = self.applied.load(Ordering::SeqCst);
+        // With the oldest revision the feed still holds, in the same
+        // statement (so the same state, whatever `c` is): the feed is
+        // trimmed, but never its newest revision, so no row newer than
+        // `from` means nothing was missed.
         let rows = c
-            .query("SELECT revision, tree, key FROM changes WHERE revision > $1 ORDER BY revision", &[&from])
+            .query(
+                "SELECT revision, tree, key, (SELECT min(revision) FROM changes) FROM changes \
+                 WHERE revision > $1 ORDER BY revision",
+                &[&from],
+            )
             .await
             .map_err(db)?;
         let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else { return Ok(false) };
+        let oldest: i64 = rows[0].get(3);
+        if oldest > from + 1 {
+            // Revisions after `from` were trimmed before this node applied
+            // them (it was away longer than the trimming waits for): what
+            // they changed is unknown, so everything is read afresh.
+            self.reload(c, w).await?;
+            tracing::warn!(
+                node = %self.node.name,
+                applied = from,
+                oldest,
+                revision = last,
+                "the change feed was trimmed past this node's revision: reloaded every record"
+            );
+            self.applied.store(last, Ordering::SeqCst);
+            return Ok(true);
+        }
         let touched: BTreeSet<(String, String)> =
             rows.iter().map(|r| (r.get::<_, String>(1), r.get::<_, String>(2))).collect();
         let sink = self.sink.get();
@@ -542,6 +587,67 @@ impl PgStore {
         }
         self.applied.store(last, Ordering::SeqCst);
         Ok(true)
+    }
+
+    /// Reads every record afresh into the caches, the digest and the sink
+    /// (the feed was trimmed past this node's revision). `c` must see one
+    /// state, as for [`PgStore::catch_up`].
+    async fn reload<C: tokio_postgres::GenericClient + Sync>(
+        &self,
+        c: &C,
+        w: &mut Option<Anchored>,
+    ) -> Result<(), StoreError> {
+        let rows = PgStore::read_rows(c).await?;
+        let (mut meta, mut keys, mut revocations) = (None, Vec::new(), Vec::new());
+        let mut fresh: HashMap<Vec<u8>, Arc<KeyRecord>> = HashMap::new();
+        {
+            let cached = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            for (tree, key, text) in &rows {
+                let name = String::from_utf8_lossy(key);
+                match *tree {
+                    "meta" if key == META_ID.as_bytes() => meta = Some(decode::<Meta>("meta", text)?),
+                    "keyring" => {
+                        let record: KeyRecord = decode(&format!("keyring {name}"), text)?;
+                        // The cache keeps the keys it held, each as it is now.
+                        if cached.contains_key(key) {
+                            fresh.insert(key.clone(), Arc::new(record.clone()));
+                        }
+                        keys.push(record);
+                    }
+                    "revocations" => revocations.push(decode(&format!("revocation {name}"), text)?),
+                    _ => {}
+                }
+            }
+        }
+        relearn(w, PgStore::digest_of(&rows));
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        if let Some(sink) = self.sink.get() {
+            sink.reload(meta.as_ref(), &keys, &revocations);
+        }
+        Ok(())
+    }
+
+    /// Deletes the change feed's oldest revisions that no node needs any
+    /// more (docs/CLUSTER.md §4): those below the revision every node
+    /// applied, counting the nodes whose lease is live or ran out less than
+    /// [`TRIM_GRACE_LEASES`] leases ago; never the newest revision (the
+    /// next write numbers its revision after it); at most [`TRIM_BATCH`]
+    /// revisions a round. Returns the rows deleted.
+    async fn trim_feed(&self) -> Result<u64, StoreError> {
+        let grace = (self.node.lease * TRIM_GRACE_LEASES).as_millis() as i64;
+        self.on_db(move |c| async move {
+            c.execute(
+                "DELETE FROM changes WHERE revision < (SELECT least( \
+                   (SELECT coalesce(min(applied), 0) FROM nodes \
+                    WHERE lease_until > now() - $1::bigint * interval '1 millisecond'), \
+                   (SELECT coalesce(max(revision), 0) FROM changes), \
+                   (SELECT coalesce(min(revision), 0) FROM changes) + $2::bigint))",
+                &[&grace, &TRIM_BATCH],
+            )
+            .await
+            .map_err(db)
+        })
+        .await
     }
 
     /// Reads the change feed (the background task, and a node coming back
@@ -1235,7 +1341,16 @@ impl Backend for PgStore {
                     _ = tokio::time::sleep(every) => {}
                 }
                 let Some(s) = weak.upgrade() else { break };
-                match s.renew(false).await {
+                let renewed = s.renew(false).await;
+                if renewed.is_ok() {
+                    // Rows every node applied are deleted as the lease is renewed.
+                    match s.trim_feed().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(rows = n, "change feed trimmed"),
+                        Err(e) => tracing::debug!(error = %e, "cannot trim the change feed"),
+                    }
+                }
+                match renewed {
                     Ok(()) if failing => {
                         tracing::info!("the lease is renewed again: serving");
                         failing = false;

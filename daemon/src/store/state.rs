@@ -364,6 +364,16 @@ pub fn learn(anchored: &mut Option<Anchored>, tree: &str, key: &[u8], value: Opt
     }
 }
 
+/// The feed no longer holds every change this node missed (trimmed while
+/// it was away): `digest`, the store's records read afresh, replaces the
+/// digest this node kept. Nothing is anchored here either: [`reconcile`]
+/// checks the result before this node writes.
+pub fn relearn(anchored: &mut Option<Anchored>, digest: StateDigest) {
+    if let Some(a) = anchored {
+        a.digest = digest;
+    }
+}
+
 /// Whether a record read from the store is the one the anchored state
 /// holds (always, before the anchor is attached).
 pub fn vouches(anchored: &Option<Anchored>, tree: &str, key: &[u8], value: &[u8]) -> bool {
