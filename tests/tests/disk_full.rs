@@ -447,6 +447,10 @@ async fn a_full_disk_fails_closed_says_why_and_service_resumes_by_itself() {
     let reads_refused = phase.refused.iter().filter(|(op, _, _)| op == "decrypt").count();
     assert_eq!(reads_refused, 0, "decryptions were refused while the log had room");
     check_health_full(&d, "store", &store);
+    let metrics = d.cli(&["metrics"], b"");
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("\nkeyhaven_store_writable 0\n"), "{metrics}");
+    assert!(metrics.contains("\nkeyhaven_audit_writable 1\n"), "{metrics}");
     merge(&mut acked, phase);
     std::fs::remove_file(&filler).unwrap();
     let back = wait_for_service(&c, &d, &mut acked, "after-store").await;

@@ -130,6 +130,12 @@ pub(super) async fn token_condition(d: &Arc<Daemon>) -> Option<String> {
     ProbeGate::probe(d).await.token_error.map(|(condition, _)| condition)
 }
 
+/// Why the store cannot be written now (`None`: it can), from a shared
+/// probe, for the metrics.
+pub(super) async fn store_failure(d: &Arc<Daemon>) -> Option<crate::store::StoreFailure> {
+    ProbeGate::probe(d).await.store_failure
+}
+
 /// Probes the token and the store (shared with concurrent calls: see the
 /// module docs); reports each rather than failing the call. A whole-system
 /// suspension shows as status `suspended`.
