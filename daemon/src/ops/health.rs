@@ -113,7 +113,7 @@ impl ProbeGate {
             started,
             token_error: token.err().map(|e| (e.condition().to_owned(), e.to_string())),
             // A store that failed a write tries one here (sled: a small
-            // write, at most every 250 ms), so that recovery shows even
+            // write, at most every 250 ms to 2 s), so that recovery shows even
             // when no request writes.
             store_failure: d.store.backend().failure(),
             keys: d.store.key_count().ok(),

@@ -19,7 +19,8 @@
 //! one), settles the token's anchor on what the files hold (the write
 //! happened or not), and forgets its cached keys. Until a write succeeds
 //! the store is *failing*: writes are tried at most every
-//! [`RETRY_EVERY`] (each failure opens the database again), and refused
+//! [`RETRY_EVERY`], backing off to [`RETRY_MAX`] while they keep failing
+//! (each failure opens the database again, which reads sled's log), and refused
 //! meanwhile with the error that names the condition and the place; reads
 //! are served from the reopened files (or refused while they cannot be
 //! opened). Readers never see a change before it is durable: a key being
@@ -52,6 +53,9 @@ struct Trees {
 /// How often a failing store tries a write again (and opens its files
 /// again), at most.
 pub const RETRY_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// ... and at least this often while writes keep failing (the interval
+/// doubles at each failure up to this).
+pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A store whose last write failed (see the module docs).
 struct Failing {
@@ -59,8 +63,19 @@ struct Failing {
     error: StoreError,
     /// Since when, for the log line when it recovers.
     since: std::time::Instant,
-    /// When a write or an opening was last tried.
-    tried: std::time::Instant,
+    /// When the next write or opening may be tried.
+    next: std::time::Instant,
+    /// The wait after the next failure ([`RETRY_EVERY`] doubling up to
+    /// [`RETRY_MAX`]).
+    interval: std::time::Duration,
+}
+
+impl Failing {
+    /// After a failed try: the next one waits `interval`, which doubles.
+    fn backoff(&mut self) {
+        self.next = std::time::Instant::now() + self.interval;
+        self.interval = (self.interval * 2).min(RETRY_MAX);
+    }
 }
 
 /// sled behind [`Store`].
@@ -209,7 +224,7 @@ impl SledStore {
     }
 
     /// The open database, to read: when a failed write left none, it is
-    /// opened again (at most every [`RETRY_EVERY`]), else refused with the
+    /// opened again (when the next try is due), else refused with the
     /// failure's error.
     fn trees(&self) -> Result<Arc<Trees>, StoreError> {
         if let Some(t) = self.trees.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -220,17 +235,17 @@ impl SledStore {
     }
 
     /// The open database, for a writer (holding the writers' lock `w`): a
-    /// failing store tries again only every [`RETRY_EVERY`], and refuses
-    /// in between with the failure's error; it opens the database again
+    /// failing store tries again only when the next try is due (every
+    /// [`RETRY_EVERY`] to [`RETRY_MAX`]), and refuses in between with the
+    /// failure's error; it opens the database again
     /// first when a failed write left none.
     fn trees_to_write(&self, w: &mut Option<Anchored>) -> Result<Arc<Trees>, StoreError> {
         {
             let mut f = self.failing();
             if let Some(f) = f.as_mut() {
-                if f.tried.elapsed() < RETRY_EVERY {
+                if std::time::Instant::now() < f.next {
                     return Err(again(&f.error));
                 }
-                f.tried = std::time::Instant::now();
             }
         }
         let open = self.trees.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -241,7 +256,7 @@ impl SledStore {
     }
 
     /// [`reopen`](Self::reopen) when there is no open database and the
-    /// last try is [`RETRY_EVERY`] ago; else the open one, or the failure.
+    /// next try is due; else the open one, or the failure.
     fn reopen_if_due(&self, w: &mut Option<Anchored>) -> Result<Arc<Trees>, StoreError> {
         if let Some(t) = self.trees.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Ok(t.clone());
@@ -249,13 +264,19 @@ impl SledStore {
         {
             let mut f = self.failing();
             if let Some(f) = f.as_mut() {
-                if f.tried.elapsed() < RETRY_EVERY {
+                if std::time::Instant::now() < f.next {
                     return Err(again(&f.error));
                 }
-                f.tried = std::time::Instant::now();
             }
         }
-        self.reopen(w)
+        let trees = self.reopen(w)?;
+        // Opened by a reader or `health`, not by a failed write: the next
+        // write may be tried at once.
+        if let Some(f) = self.failing().as_mut() {
+            f.next = std::time::Instant::now();
+            f.interval = RETRY_EVERY;
+        }
+        Ok(trees)
     }
 
     /// After a write failed (`error`), under the writers' lock: the store
@@ -268,16 +289,22 @@ impl SledStore {
             match f.as_mut() {
                 Some(f) => {
                     f.error = again(&error);
-                    f.tried = std::time::Instant::now();
+                    f.backoff();
                 }
                 None => {
                     tracing::error!(
                         "the store cannot be written: {error}; writes are refused, and tried again every \
-                         {} ms, until they succeed (docs/OPERATIONS.md §7.1)",
-                        RETRY_EVERY.as_millis()
+                         {} ms to {} s, until they succeed (docs/OPERATIONS.md §7.1)",
+                        RETRY_EVERY.as_millis(),
+                        RETRY_MAX.as_secs()
                     );
                     let now = std::time::Instant::now();
-                    *f = Some(Failing { error: again(&error), since: now, tried: now });
+                    *f = Some(Failing {
+                        error: again(&error),
+                        since: now,
+                        next: now + RETRY_EVERY,
+                        interval: RETRY_EVERY * 2,
+                    });
                 }
             }
         }
@@ -324,7 +351,7 @@ impl SledStore {
                 }
                 Err(e) => {
                     if let Some(f) = self.failing().as_mut() {
-                        f.tried = std::time::Instant::now();
+                        f.backoff();
                     }
                     return Err(e);
                 }
