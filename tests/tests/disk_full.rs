@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,32 @@ fn fill(dir: &Path) -> (PathBuf, u64) {
     (path, written)
 }
 
+/// Refusals seen so far by the writers and readers: all, and those the
+/// store itself made (`store: …`), so that each phase runs until the full
+/// disk was met rather than for a fixed time.
+static REFUSED: AtomicUsize = AtomicUsize::new(0);
+static REFUSED_BY_STORE: AtomicUsize = AtomicUsize::new(0);
+
+/// Notes a refusal in `acked` and in the counters.
+fn note_refusal(acked: &mut Acked, op: &str, e: &keyhaven::Error) {
+    let message = e.to_string();
+    REFUSED.fetch_add(1, Ordering::AcqRel);
+    if message.starts_with("store: ") {
+        REFUSED_BY_STORE.fetch_add(1, Ordering::AcqRel);
+    }
+    acked.refused.push((op.to_owned(), e.code(), message));
+}
+
+/// Waits until `counter` has grown by `n` since `from` and at least
+/// `at_least` has passed; fails after 30 s.
+async fn until_refused(what: &str, counter: &AtomicUsize, from: usize, n: usize, at_least: Duration) {
+    let t = Instant::now();
+    while counter.load(Ordering::Acquire) < from + n || t.elapsed() < at_least {
+        assert!(t.elapsed() < Duration::from_secs(30), "{what}: fewer than {n} refusals within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// What the writer got acknowledged.
 #[derive(Default, Debug)]
 struct Acked {
@@ -119,7 +145,7 @@ async fn writer(c: Client, worker: usize, stop: Arc<AtomicBool>) -> Acked {
         let name = format!("t/{key}");
         let refuse = |acked: &mut Acked, op: &str, e: keyhaven::Error| {
             assert!(e.code().is_some(), "{op} {name}: no answer from the daemon (did it die?): {e}");
-            acked.refused.push((op.to_owned(), e.code(), e.to_string()));
+            note_refusal(acked, op, &e);
         };
         match c.call_raw("key_create", json!({"tenant": "t", "key": key, "tags": big_tags()})).await {
             Ok(_) => {
@@ -187,14 +213,14 @@ async fn reader(c: Client, stop: Arc<AtomicBool>) -> Acked {
                     Ok(v) => assert_eq!(B64.decode(v["plaintext"].as_str().unwrap()).unwrap(), plaintext),
                     Err(e) => {
                         assert!(e.code().is_some(), "decrypt: no answer from the daemon: {e}");
-                        acked.refused.push(("decrypt".into(), e.code(), e.to_string()));
+                        note_refusal(&mut acked, "decrypt", &e);
                     }
                 }
                 acked.ciphertexts.push(("t/before".into(), ciphertext, plaintext));
             }
             Err(e) => {
                 assert!(e.code().is_some(), "encrypt: no answer from the daemon: {e}");
-                acked.refused.push(("encrypt".into(), e.code(), e.to_string()));
+                note_refusal(&mut acked, "encrypt", &e);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -429,9 +455,10 @@ async fn a_full_disk_fails_closed_says_why_and_service_resumes_by_itself() {
     }
     tasks.push(tokio::spawn(reader(d.client().await, stop.clone())));
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let by_store = REFUSED_BY_STORE.load(Ordering::Acquire);
     let (filler, filled) = fill(&store);
     eprintln!("store's disk full: filler of {} KiB on {}", filled / 1024, store.display());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    until_refused("store full", &REFUSED_BY_STORE, by_store, 5, Duration::from_secs(1)).await;
     stop.store(true, Ordering::Release);
     let mut phase = Acked::default();
     for t in tasks {
@@ -461,9 +488,10 @@ async fn a_full_disk_fails_closed_says_why_and_service_resumes_by_itself() {
     let stop = Arc::new(AtomicBool::new(false));
     let reading = tokio::spawn(reader(d.client().await, stop.clone()));
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = REFUSED.load(Ordering::Acquire);
     let (filler, filled) = fill(&audit);
     eprintln!("audit log's disk full: filler of {} KiB on {}", filled / 1024, audit.display());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    until_refused("log full", &REFUSED, refused, 5, Duration::from_secs(1)).await;
     stop.store(true, Ordering::Release);
     let mut phase = reading.await.unwrap();
     // A write, refused before it runs: the key must not exist afterwards.
