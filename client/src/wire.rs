@@ -149,6 +149,10 @@ pub struct HealthResponse {
     /// (docs/SECURITY.md).
     #[serde(default)]
     pub custody: CustodyHealth,
+    /// The audit log: whether its records can be written (absent when the
+    /// log is off, and from older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditHealth>,
     /// Each `[[audit.sink]]` (docs/AUDIT.md §11): how far it shipped, its
     /// lag and its state; absent when there is none. A failing sink does
     /// not change `status` (the log itself is kept).
@@ -156,6 +160,29 @@ pub struct HealthResponse {
     pub audit_sinks: Vec<AuditSinkHealth>,
 }
 operation!(Health, "health", HealthResponse);
+
+/// The audit log in [`HealthResponse::audit`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditHealth {
+    /// Whether the log's last write succeeded. While it is false, requests
+    /// that need a record are refused with `store_unavailable` before they
+    /// run, and the write is tried again every 250 ms (docs/AUDIT.md §4).
+    pub ok: bool,
+    /// Why not, when not: `no_space` (the disk is full), `read_only`,
+    /// `io_error`, `unavailable` (docs/PROTOCOL.md §3.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// The last write's error, naming the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Requests refused since the log could not be written.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 /// One audit sink in [`HealthResponse::audit_sinks`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,6 +257,13 @@ pub struct StoreHealth {
     /// The cluster this node is part of (PostgreSQL only; docs/CLUSTER.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterHealth>,
+    /// Why the store cannot be written, when it cannot: `no_space` (the
+    /// disk is full), `read_only`, `io_error` (docs/PROTOCOL.md §3.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// The failed write's error, naming the place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The cluster as one node sees it (`health`, docs/CLUSTER.md).

@@ -12,6 +12,15 @@
 //! requests share flushes (group commit): the flusher takes everything
 //! written since its last flush, flushes once, and wakes every waiter.
 //! When the audit cannot be written, the request fails (fail closed).
+//!
+//! When a flush fails (a full disk), the log is *failing*: the requests of
+//! that round fail with the error (their results withheld), and until a
+//! flush succeeds again new requests are refused before they run
+//! ([`Audit::refuse_while_failing`]), so that nothing takes effect that
+//! cannot be recorded and the frames waiting in memory do not grow. The
+//! flusher tries the write again every [`RETRY_EVERY`] on its own, so
+//! the log recovers by itself once there is room; it then records how many
+//! requests were refused meanwhile, in one alert record (docs/AUDIT.md §4).
 
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
@@ -173,8 +182,8 @@ struct State {
     /// SHA-256 of the last record's bytes.
     head: [u8; 32],
     /// Requests waiting for their record to be durable, in sequence
-    /// order; the flusher answers each once (true: durable).
-    waiting: Vec<oneshot::Sender<bool>>,
+    /// order; the flusher answers each once (`Err`: the flush failed, why).
+    waiting: Vec<oneshot::Sender<Result<(), Arc<str>>>>,
     /// Records appended since the last flush, to put in the store (by the
     /// flusher, in one go, before it answers their requests).
     batch: Vec<(u64, Vec<u8>)>,
@@ -196,6 +205,37 @@ struct Log {
     commit_gather: Duration,
     /// The last record made durable (read by the sinks).
     durable: Arc<AtomicU64>,
+    /// Set while flushes fail (see the module docs).
+    failing: Mutex<Option<Failing>>,
+    /// Whether `failing` is set: read by every request, without the lock.
+    is_failing: std::sync::atomic::AtomicBool,
+}
+
+/// How often a failing log tries its write again.
+pub const RETRY_EVERY: Duration = Duration::from_millis(250);
+
+/// The log while its flushes fail.
+struct Failing {
+    /// `no_space`, `read_only`, `io_error` or `unavailable` (as
+    /// [`StoreError::condition`]).
+    condition: &'static str,
+    /// The last flush's error, naming the file.
+    message: String,
+    /// Since when (Unix ms).
+    since_ms: u64,
+    /// Requests refused before they ran since then.
+    refused: u64,
+}
+
+/// Why the audit log cannot be written now, for `health`.
+#[derive(Clone, Debug)]
+pub struct AuditFailure {
+    /// As [`StoreError::condition`].
+    pub condition: &'static str,
+    /// The last write's error, naming the file.
+    pub message: String,
+    /// Requests refused before they ran since the log began failing.
+    pub refused: u64,
 }
 
 /// The audit log, or nothing when `[audit] enabled = false`.
@@ -352,6 +392,8 @@ impl Audit {
             seal_every: cfg.seal_every,
             commit_gather: Duration::from_micros(cfg.commit_gather_us),
             durable,
+            failing: Mutex::new(None),
+            is_failing: std::sync::atomic::AtomicBool::new(false),
         });
         let l = log.clone();
         let t = std::thread::Builder::new()
@@ -365,6 +407,47 @@ impl Audit {
     /// and `health` (docs/AUDIT.md §11).
     pub fn sink_status(&self) -> Vec<crate::audit_sinks::SinkStatus> {
         self.sinks.status()
+    }
+
+    /// Refuses a request before it runs while the log cannot be written
+    /// (its last flush failed; see the module docs), naming why; the
+    /// refusal is counted, and the count recorded once the log is written
+    /// again. Dispatch does not record such a request: its record could
+    /// not be written either.
+    pub fn refuse_while_failing(&self) -> Result<(), Error> {
+        let Some(log) = &self.log else { return Ok(()) };
+        if !log.is_failing.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut f = log.failing.lock().unwrap_or_else(|e| e.into_inner());
+        match f.as_mut() {
+            None => Ok(()),
+            Some(f) => {
+                f.refused += 1;
+                Err(Error::Audit(format!(
+                    "{}; the request was refused without running, because its record could not be written \
+                     (docs/AUDIT.md §4)",
+                    f.message
+                )))
+            }
+        }
+    }
+
+    /// Why the log cannot be written now (its last flush failed), for
+    /// `health`; `None` when it can (or the log is off).
+    pub fn failure(&self) -> Option<AuditFailure> {
+        let log = self.log.as_ref()?;
+        let f = log.failing.lock().unwrap_or_else(|e| e.into_inner());
+        f.as_ref().map(|f| AuditFailure {
+            condition: f.condition,
+            message: f.message.clone(),
+            refused: f.refused,
+        })
+    }
+
+    /// Whether the log is on (`[audit] enabled`).
+    pub fn enabled(&self) -> bool {
+        self.log.is_some()
     }
 
     /// Waits while a sink with `on_lag = "wait"` is too far behind, and
@@ -564,6 +647,20 @@ fn audit_caller(c: &Caller) -> AuditCaller {
     }
 }
 
+/// Gives `rec` its place in the chain (sequence number, time, link) and
+/// adds it to the next flush's batch.
+fn chain(st: &mut State, rec: &mut AuditRecord) -> Result<(), Error> {
+    rec.seq =
+        st.last.checked_add(1).ok_or_else(|| Error::Audit("the sequence numbers are used up".into()))?;
+    rec.time_ms = now_ms();
+    rec.prev = hex(&st.head);
+    let bytes = serde_json::to_vec(&rec).map_err(|e| Error::Internal(format!("audit record: {e}")))?;
+    st.last = rec.seq;
+    st.head = Sha256::digest(&bytes).into();
+    st.batch.push((rec.seq, bytes));
+    Ok(())
+}
+
 impl Log {
     async fn append(&self, mut rec: AuditRecord) -> Result<(), Error> {
         let durable = {
@@ -571,17 +668,7 @@ impl Log {
             if st.stop {
                 return Err(Error::Audit("the daemon is stopping".into()));
             }
-            rec.seq = st
-                .last
-                .checked_add(1)
-                .ok_or_else(|| Error::Audit("the sequence numbers are used up".into()))?;
-            rec.time_ms = now_ms();
-            rec.prev = hex(&st.head);
-            let bytes =
-                serde_json::to_vec(&rec).map_err(|e| Error::Internal(format!("audit record: {e}")))?;
-            st.last = rec.seq;
-            st.head = Sha256::digest(&bytes).into();
-            st.batch.push((rec.seq, bytes));
+            chain(&mut st, &mut rec)?;
             let (tx, rx) = oneshot::channel();
             st.waiting.push(tx);
             (rx, std::mem::take(&mut st.idle))
@@ -591,10 +678,11 @@ impl Log {
             self.wake.notify_one();
         }
         match durable.await {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                Err(Error::Audit("flushing the audit log failed; the request's result is withheld".into()))
-            }
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(Error::Audit(format!(
+                "{why}; the record of the request could not be written, so its result is withheld \
+                 (docs/AUDIT.md §4)"
+            ))),
             Err(_) => Err(Error::Audit("the audit thread has stopped".into())),
         }
     }
@@ -610,20 +698,28 @@ impl Log {
         // When the last round started, and how many records it served.
         let mut round_at = Instant::now();
         let mut round_records = 0;
+        // While flushes fail: when the last one was tried.
+        let mut failed_at: Option<Instant> = None;
         loop {
             let (last, head, stop, waiting, batch) = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
                     let due = st.last > sealed
                         && (sealed_at.elapsed() >= self.seal_interval || st.last - sealed >= self.seal_every);
-                    if st.stop || !st.waiting.is_empty() || due {
+                    // A failed flush is tried again on its own, so that
+                    // the log recovers without a request.
+                    let retry = failed_at.is_some_and(|t| t.elapsed() >= RETRY_EVERY);
+                    if st.stop || !st.waiting.is_empty() || due || retry || !st.batch.is_empty() {
                         break;
                     }
-                    let wait = if st.last > sealed {
+                    let mut wait = if st.last > sealed {
                         self.seal_interval.saturating_sub(sealed_at.elapsed())
                     } else {
                         Duration::from_secs(3600)
                     };
+                    if let Some(t) = failed_at {
+                        wait = wait.min(RETRY_EVERY.saturating_sub(t.elapsed()));
+                    }
                     st.idle = true;
                     st = self.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
                     st.idle = false;
@@ -670,12 +766,29 @@ impl Log {
             // ... and become durable in one write and one `fdatasync`.
             let flushed = put.and_then(|()| self.store.audit_flush());
             crate::metrics::audit_written(if flushed.is_ok() { batch.len() } else { 0 });
-            match &flushed {
-                Ok(()) => self.durable.store(last, std::sync::atomic::Ordering::Release),
-                Err(e) => tracing::error!("cannot flush the audit log: {e}"),
-            }
+            let answer = match &flushed {
+                Ok(()) => {
+                    self.durable.store(last, std::sync::atomic::Ordering::Release);
+                    if failed_at.take().is_some() {
+                        self.recovered();
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    if failed_at.is_none() {
+                        tracing::error!(
+                            "cannot write the audit log: {e}; requests are refused, and the write tried again \
+                             every {} ms, until it succeeds (docs/OPERATIONS.md §7.1)",
+                            RETRY_EVERY.as_millis()
+                        );
+                    }
+                    failed_at = Some(Instant::now());
+                    self.failed(e);
+                    Err(Arc::<str>::from(e.to_string()))
+                }
+            };
             for w in waiting {
-                let _ = w.send(flushed.is_ok());
+                let _ = w.send(answer.clone());
             }
             // A durable seal is anchored in the token (after the answers:
             // the anchor only ever trails the log).
@@ -691,9 +804,61 @@ impl Log {
             if stop {
                 return;
             }
-            if flushed.is_err() {
-                std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A flush failed with `e`: the log is failing (see the module docs).
+    fn failed(&self, e: &StoreError) {
+        let mut f = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        match f.as_mut() {
+            Some(f) => {
+                f.condition = e.condition();
+                f.message = e.to_string();
             }
+            None => {
+                *f = Some(Failing {
+                    condition: e.condition(),
+                    message: e.to_string(),
+                    since_ms: now_ms(),
+                    refused: 0,
+                });
+                self.is_failing.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+
+    /// A flush succeeded after failures: the log is not failing any more;
+    /// the requests refused meanwhile are recorded in one alert record
+    /// (made durable by the next round, at once).
+    fn recovered(&self) {
+        let was = {
+            let mut f = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+            self.is_failing.store(false, std::sync::atomic::Ordering::Release);
+            f.take()
+        };
+        let Some(was) = was else { return };
+        let secs = now_ms().saturating_sub(was.since_ms) as f64 / 1000.0;
+        tracing::warn!(
+            "the audit log can be written again after {secs:.1} s; {} requests were refused meanwhile",
+            was.refused
+        );
+        if was.refused == 0 {
+            return;
+        }
+        let since = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(was.since_ms));
+        let mut rec = alert_record(
+            daemon_caller(),
+            "alert",
+            format!(
+                "{} requests were refused without running from {since} for {secs:.1} s, because the audit log \
+                 could not be written ({}); they are not recorded one by one",
+                was.refused, was.message
+            ),
+        );
+        rec.code = Some(keyhaven::ErrorCode::StoreUnavailable.as_str().to_owned());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = chain(&mut st, &mut rec) {
+            tracing::error!("cannot record the requests refused while the audit log failed: {e}");
         }
     }
 

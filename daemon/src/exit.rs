@@ -9,7 +9,7 @@
 //! | 0 | clean stop | SIGTERM, drained |
 //! | 78 `EX_CONFIG` | an operator must act | wrong or locked PIN (or one the token refused at an earlier start), config that does not load, production checks refused, PIN unreadable, module that cannot be loaded, master or audit key missing or not the one recorded, store not initialised or not matching its anchor |
 //! | 69 `EX_UNAVAILABLE` | the token is not there (yet) | no token with the label, the token failing (unless SoftHSM2's token files are the cause: 78) |
-//! | 75 `EX_TEMPFAIL` | try again later | store locked by another process, socket in use by another daemon, store I/O |
+//! | 75 `EX_TEMPFAIL` | try again later | store locked by another process, socket in use by another daemon, store I/O, a full disk under the store or its audit log |
 //! | 1 | anything else | |
 
 use crate::config::ConfigError;
@@ -95,7 +95,9 @@ fn hsm(e: &HsmError) -> u8 {
 
 fn store(e: &StoreError) -> Option<u8> {
     match e {
-        StoreError::Backend(_) => Some(EX_TEMPFAIL),
+        // A full disk: the start succeeds once there is room (systemd
+        // restarts the unit meanwhile).
+        StoreError::Backend(_) | StoreError::Unwritable { .. } => Some(EX_TEMPFAIL),
         StoreError::AlreadyExists(_) => None,
         _ => Some(EX_CONFIG),
     }
@@ -120,5 +122,9 @@ mod tests {
         let tampered: anyhow::Result<()> = Err(StoreError::Tampered("x".into())).context("anchor");
         assert_eq!(status(&tampered.unwrap_err()), EX_CONFIG);
         assert_eq!(status(&anyhow::anyhow!("something else")), 1);
+        let full = std::io::Error::from_raw_os_error(28);
+        let full: anyhow::Result<()> =
+            Err(crate::store::unwritable(std::path::Path::new("/s"), "writing", &full)).context("opening");
+        assert_eq!(status(&full.unwrap_err()), EX_TEMPFAIL);
     }
 }

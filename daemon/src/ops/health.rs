@@ -48,6 +48,8 @@ struct Probe {
     token_error: Option<(String, String)>,
     /// The number of keys, or `None` when the store failed.
     keys: Option<u64>,
+    /// Why the store cannot be written (a full disk), when it cannot.
+    store_failure: Option<crate::store::StoreFailure>,
     /// The cluster's nodes (PostgreSQL).
     cluster: Option<keyhaven::wire::ClusterHealth>,
 }
@@ -57,7 +59,7 @@ impl Probe {
     /// probe: it started after the call arrived, or it was good and
     /// started at most [`REUSE_GOOD`] before.
     fn reusable(&self, arrived: Instant) -> bool {
-        let good = self.token_error.is_none() && self.keys.is_some();
+        let good = self.token_error.is_none() && self.keys.is_some() && self.store_failure.is_none();
         self.started >= arrived || (good && arrived.duration_since(self.started) <= REUSE_GOOD)
     }
 }
@@ -94,6 +96,7 @@ impl ProbeGate {
                 started: arrived,
                 token_error: Some(("internal".into(), format!("the health probe's task failed: {e}"))),
                 keys: None,
+                store_failure: None,
                 cluster: None,
             },
         }
@@ -109,6 +112,10 @@ impl ProbeGate {
         let p = Probe {
             started,
             token_error: token.err().map(|e| (e.condition().to_owned(), e.to_string())),
+            // A store that failed a write tries one here (sled: a small
+            // write, at most every 250 ms to 2 s), so that recovery shows even
+            // when no request writes.
+            store_failure: d.store.backend().failure(),
             keys: d.store.key_count().ok(),
             cluster: d.store.backend().cluster().await.ok().flatten(),
         };
@@ -121,6 +128,12 @@ impl ProbeGate {
 /// fine), from a shared probe (see the module docs).
 pub(super) async fn token_condition(d: &Arc<Daemon>) -> Option<String> {
     ProbeGate::probe(d).await.token_error.map(|(condition, _)| condition)
+}
+
+/// Why the store cannot be written now (`None`: it can), from a shared
+/// probe, for the metrics.
+pub(super) async fn store_failure(d: &Arc<Daemon>) -> Option<crate::store::StoreFailure> {
+    ProbeGate::probe(d).await.store_failure
 }
 
 /// Probes the token and the store (shared with concurrent calls: see the
@@ -139,13 +152,27 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
     };
     let serving = d.store.backend().serving().is_ok();
     let store = StoreHealth {
-        ok: probe.keys.is_some() && serving,
+        ok: probe.keys.is_some() && serving && probe.store_failure.is_none(),
         keys: probe.keys.unwrap_or(0),
         backend: d.store.kind().into(),
         cluster: probe.cluster,
+        condition: probe.store_failure.as_ref().map(|f| f.condition.to_owned()),
+        error: probe.store_failure.map(|f| f.message),
     };
+    // The audit log's state is known without a probe: its flusher tries a
+    // failed write again on its own (docs/AUDIT.md §4).
+    let audit = d.audit.enabled().then(|| {
+        let failure = d.audit.failure();
+        wire::AuditHealth {
+            ok: failure.is_none(),
+            condition: failure.as_ref().map(|f| f.condition.to_owned()),
+            refused: failure.as_ref().map_or(0, |f| f.refused),
+            error: failure.map(|f| f.message),
+        }
+    });
+    let audit_ok = audit.as_ref().is_none_or(|a| a.ok);
     let suspended = d.revocations.all(crate::clock::now_unix());
-    let status = match (token.ok && store.ok, &suspended) {
+    let status = match (token.ok && store.ok && audit_ok, &suspended) {
         (false, _) => "degraded",
         (true, Some(_)) => "suspended",
         (true, None) => "ok",
@@ -183,6 +210,7 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         suspended_message: suspended.as_ref().map(crate::revocation::describe),
         suspended,
         custody,
+        audit,
         audit_sinks,
     };
     reply(&resp, 0)

@@ -133,6 +133,23 @@ pub async fn render(d: &Arc<Daemon>) -> String {
     for c in CONDITIONS {
         e.sample("keyhaven_token_condition", &[("condition", c)], bool_value(c == current));
     }
+    // A full disk (docs/OPERATIONS.md §7.1).
+    let store_failure = super::health::store_failure(d).await;
+    e.single(
+        "keyhaven_store_writable",
+        Kind::Gauge,
+        "0 while the store's last write failed (e.g. a full disk: `keyhaven health` says why), else 1.",
+        &[],
+        bool_value(store_failure.is_none()),
+    );
+    let audit_failure = d.audit.failure();
+    e.single(
+        "keyhaven_audit_writable",
+        Kind::Gauge,
+        "0 while the audit log cannot be written (requests are refused before they run), else 1.",
+        &[],
+        bool_value(audit_failure.is_none()),
+    );
     e.single(
         "keyhaven_master_key_version",
         Kind::Gauge,

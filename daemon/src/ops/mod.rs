@@ -318,6 +318,15 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
     let started = crate::metrics::request_started();
     let mut subject = Subject::default();
     let (number, route) = find_numbered(op).map_or((crate::metrics::MAX_OPS, None), |(n, r)| (n, Some(r)));
+    // While the audit log cannot be written (a full disk), a request that
+    // needs a record is refused before it runs, and not recorded: its
+    // record could not be written either (docs/AUDIT.md §4).
+    if route.is_none_or(|r| r.audited) {
+        if let Err(e) = d.audit.refuse_while_failing() {
+            crate::metrics::request_done(number, started, Some(e.code()));
+            return Err(e);
+        }
+    }
     // A sink with `on_lag = "wait"` that is too far behind holds requests
     // back, and then refuses them (docs/AUDIT.md §11).
     let admitted = match route.is_none_or(|r| r.audited) {

@@ -198,6 +198,10 @@ struct Active {
     len: u64,
     /// Bytes of the file (frames, then zeros).
     allocated: u64,
+    /// The folder was `fsync`ed after the file was created: until it is,
+    /// no flush to this file counts as durable (a failed folder sync is
+    /// tried again by the next flush, rather than creating the file again).
+    dir_synced: bool,
 }
 
 /// Frames waiting for [`AuditFiles::flush`], and the file they go to.
@@ -225,9 +229,15 @@ fn io_err(path: &Path, offset: u64, what: &str, e: std::io::Error) -> StoreError
     StoreError::AuditFile { file: path.display().to_string(), offset, reason: format!("{what}: {e}") }
 }
 
+/// A write of the log that failed: [`StoreError::Unwritable`], so that the
+/// refusals and `health` name the condition (a full disk) and the file.
+fn write_err(path: &Path, offset: u64, what: &str, e: std::io::Error) -> StoreError {
+    super::unwritable(path, &format!("{what} at offset {offset}"), &e)
+}
+
 /// `fsync` of a folder, so that a file created (or removed) in it stays.
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, 0, "cannot sync the folder", e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| write_err(dir, 0, "cannot sync the folder", e))
 }
 
 impl AuditFiles {
@@ -400,13 +410,17 @@ impl AuditFiles {
                 let n = (target - at).min(zeros.len() as u64) as usize;
                 a.file
                     .write_all_at(&zeros[..n], at)
-                    .map_err(|e| io_err(&a.path, at, "cannot extend it", e))?;
+                    .map_err(|e| write_err(&a.path, at, "cannot extend it", e))?;
                 at += n as u64;
             }
             a.allocated = target;
         }
-        a.file.write_all_at(pending, start).map_err(|e| io_err(&a.path, start, "cannot write", e))?;
-        a.file.sync_data().map_err(|e| io_err(&a.path, start, "cannot fdatasync", e))?;
+        a.file.write_all_at(pending, start).map_err(|e| write_err(&a.path, start, "cannot write", e))?;
+        a.file.sync_data().map_err(|e| write_err(&a.path, start, "cannot fdatasync", e))?;
+        if !a.dir_synced {
+            sync_dir(&self.dir)?;
+            a.dir_synced = true;
+        }
         a.len = end;
         pending.clear();
         *first_record = None;
@@ -427,7 +441,7 @@ impl AuditFiles {
         if let Some(a) = w.active.take() {
             let trim = a.file.set_len(a.len).and_then(|()| a.file.sync_all());
             if let Err(e) = trim {
-                let err = io_err(&a.path, a.len, "cannot trim the full segment", e);
+                let err = write_err(&a.path, a.len, "cannot trim the full segment", e);
                 w.active = Some(a);
                 return Err(err);
             }
@@ -446,8 +460,7 @@ impl AuditFiles {
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| io_err(&path, 0, "cannot create the segment", e))?;
-        sync_dir(&self.dir)?;
+            .map_err(|e| write_err(&path, 0, "cannot create the segment", e))?;
         tracing::debug!("audit log: new segment {}", path.display());
         self.index.write().unwrap_or_else(|e| e.into_inner()).push(Segment {
             first,
@@ -455,7 +468,14 @@ impl AuditFiles {
             len: 0,
             marks: vec![0],
         });
-        w.active = Some(Active { file, path, len: 0, allocated: 0 });
+        // The segment is the one written from now on even if the folder's
+        // sync fails: the next flush syncs it before it counts (creating
+        // it again would find it there).
+        w.active = Some(Active { file, path, len: 0, allocated: 0, dir_synced: false });
+        sync_dir(&self.dir)?;
+        if let Some(a) = w.active.as_mut() {
+            a.dir_synced = true;
+        }
         Ok(())
     }
 
@@ -538,7 +558,7 @@ fn open_last(seg: &Segment) -> Result<(Active, Vec<u64>), StoreError> {
             .map_err(|e| io_err(path, good_end as u64, "cannot truncate the torn tail", e))?;
         allocated = good_end as u64;
     }
-    Ok((Active { file, path: path.clone(), len: good_end as u64, allocated }, marks))
+    Ok((Active { file, path: path.clone(), len: good_end as u64, allocated, dir_synced: true }, marks))
 }
 
 /// A frame found by a scan of one segment, or the damage found instead.

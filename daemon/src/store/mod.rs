@@ -88,6 +88,19 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
+    /// A file of the store cannot be written: the disk is full, the
+    /// filesystem is read-only, or another I/O error (`condition`, see
+    /// [`io_condition`]). Writes are refused, and tried again, until they
+    /// can be made (docs/OPERATIONS.md §7.1).
+    #[error("{} at {place} ({what})", condition_text(condition))]
+    Unwritable {
+        /// The file or folder.
+        place: String,
+        /// `no_space`, `read_only` or `io_error`.
+        condition: &'static str,
+        /// What was being done, and the system's error.
+        what: String,
+    },
     /// An audit segment holds bytes that are not an intact frame (altered,
     /// or not a frame at all).
     #[error("audit log {file}, offset {offset}{}: {reason}", seq.map(|s| format!(" (entry {s})")).unwrap_or_default())]
@@ -101,6 +114,61 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// Which condition an I/O error is, for messages and `health`
+/// (docs/PROTOCOL.md §3.2): `no_space` (ENOSPC, or EDQUOT: a quota),
+/// `read_only` (EROFS), else `io_error`. By the error's kind too, since
+/// sled hands out copies of an error that keep only its kind.
+pub fn io_condition(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match (e.raw_os_error(), e.kind()) {
+        (Some(28 | 122), _) | (_, ErrorKind::StorageFull | ErrorKind::QuotaExceeded) => "no_space",
+        (Some(30), _) | (_, ErrorKind::ReadOnlyFilesystem) => "read_only",
+        _ => "io_error",
+    }
+}
+
+/// A condition of [`io_condition`] in words.
+pub fn condition_text(condition: &str) -> &'static str {
+    match condition {
+        "no_space" => "no space left on device",
+        "read_only" => "read-only file system",
+        _ => "I/O error",
+    }
+}
+
+/// [`StoreError::Unwritable`] for `e`, met while doing `what` to `place`.
+/// The system's error is given when it is one (sled hands out copies of
+/// its error that hold only the original's debug text, which is left out).
+pub fn unwritable(place: &std::path::Path, what: &str, e: &std::io::Error) -> StoreError {
+    StoreError::Unwritable {
+        place: place.display().to_string(),
+        condition: io_condition(e),
+        what: if e.raw_os_error().is_some() { format!("{what}: {e}") } else { what.to_owned() },
+    }
+}
+
+impl StoreError {
+    /// The condition of a failed write, for `health`: `no_space`,
+    /// `read_only` or `io_error` for the store's files, `unavailable` for
+    /// anything else (a database that does not answer).
+    pub fn condition(&self) -> &'static str {
+        match self {
+            StoreError::Unwritable { condition, .. } => condition,
+            _ => "unavailable",
+        }
+    }
+}
+
+/// Why the store cannot be written now, for `health`
+/// ([`Backend::failure`]).
+#[derive(Clone, Debug)]
+pub struct StoreFailure {
+    /// As [`StoreError::condition`].
+    pub condition: &'static str,
+    /// The error, naming the place.
+    pub message: String,
 }
 
 /// The store's global facts (the `meta` tree).
@@ -503,6 +571,14 @@ pub trait Backend: Send + Sync + 'static {
     /// cluster only while its lease is valid by its own clock.
     fn serving(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Why the store cannot be written now (a full disk), or `None` when
+    /// it can, for `health`. A store in that state tries again here (at
+    /// most a few times a second), so that `health` sees it recover even
+    /// when no request writes.
+    fn failure(&self) -> Option<StoreFailure> {
+        None
     }
 
     /// The cluster's nodes as the store lists them, for `health`.

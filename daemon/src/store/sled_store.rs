@@ -9,6 +9,22 @@
 //! in an `audit` tree (keys `r` or `s` then the sequence number as 8
 //! big-endian bytes) made durable by `audit.wal`; opening such a store
 //! moves it into the files once ([`migrate_audit`]).
+//!
+//! **A write that fails** (a full disk: docs/OPERATIONS.md §7.1). sled
+//! applies a change in memory, then writes its log; when that write fails
+//! it keeps the error and refuses every later write until the database is
+//! opened again, and the change it failed to write is still in its memory.
+//! So the store does not use those handles again: it closes them and opens
+//! the database afresh from its files (what a restart would do, without
+//! one), settles the token's anchor on what the files hold (the write
+//! happened or not), and forgets its cached keys. Until a write succeeds
+//! the store is *failing*: writes are tried at most every
+//! [`RETRY_EVERY`], backing off to [`RETRY_MAX`] while they keep failing
+//! (each failure opens the database again, which reads sled's log), and refused
+//! meanwhile with the error that names the condition and the place; reads
+//! are served from the reopened files (or refused while they cannot be
+//! opened). Readers never see a change before it is durable: a key being
+//! written is pinned in the cache at its old record until its write is.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,24 +41,64 @@ use super::{
     StoreFuture,
 };
 
-/// sled behind [`Store`].
-pub struct SledStore {
-    path: PathBuf,
+/// sled's handles: one database and its trees. Replaced by fresh ones
+/// when a write fails (see the module docs).
+struct Trees {
     db: sled::Db,
     meta: sled::Tree,
     keyring: sled::Tree,
     revocations: sled::Tree,
+}
+
+/// How often a failing store tries a write again (and opens its files
+/// again), at most.
+pub const RETRY_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// ... and at least this often while writes keep failing (the interval
+/// doubles at each failure up to this).
+pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A store whose last write failed (see the module docs).
+struct Failing {
+    /// Why (names the condition and the place).
+    error: StoreError,
+    /// Since when, for the log line when it recovers.
+    since: std::time::Instant,
+    /// When the next write or opening may be tried.
+    next: std::time::Instant,
+    /// The wait after the next failure ([`RETRY_EVERY`] doubling up to
+    /// [`RETRY_MAX`]).
+    interval: std::time::Duration,
+}
+
+impl Failing {
+    /// After a failed try: the next one waits `interval`, which doubles.
+    fn backoff(&mut self) {
+        self.next = std::time::Instant::now() + self.interval;
+        self.interval = (self.interval * 2).min(RETRY_MAX);
+    }
+}
+
+/// sled behind [`Store`].
+pub struct SledStore {
+    path: PathBuf,
+    /// The open database; `None` while it cannot be opened again after a
+    /// failed write (see the module docs).
+    trees: RwLock<Option<Arc<Trees>>>,
     audit: AuditFiles,
     /// Decoded keyring records, kept in step with every write made through
     /// this store, so that the request path does not decode JSON and base64
-    /// for every request. Writers hold the lock across their
+    /// for every request. A record being written is pinned here at its old
+    /// value (`None`: no key yet) until the write is durable, so that no
+    /// reader sees it before; writers hold the lock across their
     /// compare-and-swap, so the cache never goes back to an older record.
-    keys: RwLock<HashMap<Vec<u8>, Arc<KeyRecord>>>,
+    keys: RwLock<HashMap<Vec<u8>, Option<Arc<KeyRecord>>>>,
     /// The token's anchor and the digest of every record, once
     /// [`attach_anchor`](SledStore::attach_anchor) has checked the store
     /// against it (docs/SECURITY.md §3). Also the writers' lock: every
     /// mutation holds it from its anchor's `pending` to its `committed`.
     anchored: Mutex<Option<Anchored>>,
+    /// Set while writes fail (see the module docs).
+    failing: Mutex<Option<Failing>>,
 }
 
 /// The trees whose records the anchor covers.
@@ -68,53 +124,301 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialise")
 }
 
+/// Opens sled's database and its trees. sled 0.34 writes a snapshot when it
+/// opens a database whose log went on since the last one, first as
+/// `snap.N.generating`, renamed once whole and synced; a write cut short (a
+/// full disk) leaves that file, which the next opening takes for the newest
+/// snapshot and refuses as corrupt, for ever (sled issue #1527). Such a
+/// file is never a snapshot sled finished (it would have been renamed), so
+/// when opening fails as corrupt and there is one, it is removed (logged)
+/// and the opening tried once more. sled holds the store's lock before it
+/// reads snapshots, so no other sled is writing one then.
+fn open_trees(path: &Path) -> Result<Trees, StoreError> {
+    match open_trees_once(path) {
+        Err(StoreError::Backend(m)) if m.contains(CORRUPT) => {
+            let unfinished: Vec<PathBuf> = std::fs::read_dir(path)
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .map(|e| e.path())
+                        .filter(|p| {
+                            p.file_name()
+                                .map(|n| n.to_string_lossy())
+                                .is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if unfinished.is_empty() {
+                return Err(StoreError::Backend(m));
+            }
+            for f in &unfinished {
+                tracing::warn!(
+                    "{}: a snapshot sled never finished writing (cut short, e.g. by a full disk); removed, \
+                     since sled would refuse to open the store because of it",
+                    f.display()
+                );
+                std::fs::remove_file(f).map_err(|e| super::unwritable(f, "cannot remove it", &e))?;
+            }
+            std::fs::File::open(path)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| super::unwritable(path, "cannot sync the folder", &e))?;
+            open_trees_once(path)
+        }
+        other => other,
+    }
+}
+
+/// What sled's corruption error says (`Error::Corruption`).
+const CORRUPT: &str = "Read corrupted data";
+
+fn open_trees_once(path: &Path) -> Result<Trees, StoreError> {
+    // A bounded page cache (sled would otherwise keep up to 1 GiB).
+    let db = sled::Config::new().cache_capacity(CACHE_BYTES).path(path).open().map_err(|e| match e {
+        // sled says "could not acquire lock on …: Os { code: 11, kind: WouldBlock, … }".
+        sled::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock") =>
+        {
+            StoreError::Backend(format!(
+                "another keyhavend holds the store at {} (its lock is taken): stop it first, or use its socket",
+                path.display()
+            ))
+        }
+        sled::Error::Io(io) if super::io_condition(&io) != "io_error" => {
+            super::unwritable(path, "cannot open the store", &io)
+        }
+        sled::Error::Io(io) => StoreError::Backend(format!("cannot open the store at {}: {io}", path.display())),
+        other => StoreError::Backend(format!("cannot open the store at {}: {other}", path.display())),
+    })?;
+    let meta = db.open_tree("meta").map_err(|e| sled_err(path, e))?;
+    let keyring = db.open_tree("keyring").map_err(|e| sled_err(path, e))?;
+    let revocations = db.open_tree("revocations").map_err(|e| sled_err(path, e))?;
+    Ok(Trees { db, meta, keyring, revocations })
+}
+
+/// A sled error met while using the store at `path`: an I/O error is
+/// [`StoreError::Unwritable`] (naming its condition and the place).
+fn sled_err(path: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Io(io) => super::unwritable(path, "sled could not write its log", &io),
+        other => backend(other),
+    }
+}
+
 impl SledStore {
     /// Opens (or creates) the store directory.
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
-        // A bounded page cache (sled would otherwise keep up to 1 GiB).
-        let db =
-            sled::Config::new().cache_capacity(CACHE_BYTES).path(path).open().map_err(|e| match e {
-                // sled says "could not acquire lock on …: Os { code: 11, kind: WouldBlock, … }".
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("could not acquire lock") =>
-                {
-                    StoreError::Backend(format!(
-                    "another keyhavend holds the store at {} (its lock is taken): stop it first, or use its socket",
-                    path.display()
-                ))
-                }
-                sled::Error::Io(io) => {
-                    StoreError::Backend(format!("cannot open the store at {}: {io}", path.display()))
-                }
-                other => StoreError::Backend(format!("cannot open the store at {}: {other}", path.display())),
-            })?;
-        let meta = db.open_tree("meta").map_err(backend)?;
-        let keyring = db.open_tree("keyring").map_err(backend)?;
-        let revocations = db.open_tree("revocations").map_err(backend)?;
-        let audit = migrate_audit(path, &db)?;
+        let trees = open_trees(path)?;
+        let audit = migrate_audit(path, &trees.db)?;
         Ok(SledStore {
             path: path.to_owned(),
-            db,
-            meta,
-            keyring,
-            revocations,
+            trees: RwLock::new(Some(Arc::new(trees))),
             audit,
             keys: Default::default(),
             anchored: Mutex::new(None),
+            failing: Mutex::new(None),
         })
     }
 
-    fn durable(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(backend)?;
-        Ok(())
+    fn failing(&self) -> MutexGuard<'_, Option<Failing>> {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The open database, to read: when a failed write left none, it is
+    /// opened again (when the next try is due), else refused with the
+    /// failure's error.
+    fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        if let Some(t) = self.trees.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(t.clone());
+        }
+        let mut w = self.writer();
+        self.reopen_if_due(&mut w)
+    }
+
+    /// The open database, for a writer (holding the writers' lock `w`): a
+    /// failing store tries again only when the next try is due (every
+    /// [`RETRY_EVERY`] to [`RETRY_MAX`]), and refuses in between with the
+    /// failure's error; it opens the database again
+    /// first when a failed write left none.
+    fn trees_to_write(&self, w: &mut Option<Anchored>) -> Result<Arc<Trees>, StoreError> {
+        {
+            let mut f = self.failing();
+            if let Some(f) = f.as_mut() {
+                if std::time::Instant::now() < f.next {
+                    return Err(again(&f.error));
+                }
+            }
+        }
+        let open = self.trees.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match open {
+            Some(t) => Ok(t),
+            None => self.reopen(w),
+        }
+    }
+
+    /// [`reopen`](Self::reopen) when there is no open database and the
+    /// next try is due; else the open one, or the failure.
+    fn reopen_if_due(&self, w: &mut Option<Anchored>) -> Result<Arc<Trees>, StoreError> {
+        if let Some(t) = self.trees.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(t.clone());
+        }
+        {
+            let mut f = self.failing();
+            if let Some(f) = f.as_mut() {
+                if std::time::Instant::now() < f.next {
+                    return Err(again(&f.error));
+                }
+            }
+        }
+        let trees = self.reopen(w)?;
+        // Opened by a reader or `health`, not by a failed write: the next
+        // write may be tried at once.
+        if let Some(f) = self.failing().as_mut() {
+            f.next = std::time::Instant::now();
+            f.interval = RETRY_EVERY;
+        }
+        Ok(trees)
+    }
+
+    /// After a write failed (`error`), under the writers' lock: the store
+    /// is failing; sled's handles, which may hold the change in memory
+    /// only, are closed, and the database is opened afresh from its files
+    /// (see the module docs). Returns `error` for the caller.
+    fn write_failed(&self, w: &mut Option<Anchored>, error: StoreError) -> StoreError {
+        {
+            let mut f = self.failing();
+            match f.as_mut() {
+                Some(f) => {
+                    f.error = again(&error);
+                    f.backoff();
+                }
+                None => {
+                    tracing::error!(
+                        "the store cannot be written: {error}; writes are refused, and tried again every \
+                         {} ms to {} s, until they succeed (docs/OPERATIONS.md §7.1)",
+                        RETRY_EVERY.as_millis(),
+                        RETRY_MAX.as_secs()
+                    );
+                    let now = std::time::Instant::now();
+                    *f = Some(Failing {
+                        error: again(&error),
+                        since: now,
+                        next: now + RETRY_EVERY,
+                        interval: RETRY_EVERY * 2,
+                    });
+                }
+            }
+        }
+        if let Err(e) = self.reopen(w) {
+            tracing::debug!("the store cannot be opened again yet: {e}");
+        }
+        error
+    }
+
+    /// A write succeeded: the store is not failing any more.
+    fn write_succeeded(&self) {
+        let mut f = self.failing();
+        if let Some(was) = f.take() {
+            tracing::warn!(
+                "the store can be written again, after {:.1} s of refused writes ({})",
+                was.since.elapsed().as_secs_f64(),
+                was.error
+            );
+        }
+    }
+
+    /// Closes sled's handles and opens the database again from its files,
+    /// under the writers' lock: the write in doubt (if any) is settled
+    /// against the token's anchor, the key cache is emptied. While this
+    /// fails, the store has no open database.
+    fn reopen(&self, w: &mut Option<Anchored>) -> Result<Arc<Trees>, StoreError> {
+        // The key cache is kept meanwhile: it holds durable records only
+        // (a record being written is pinned at its old one), so requests
+        // on keys in it are still served while the store cannot be opened.
+        let old = self.trees.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(old) = old {
+            close(old);
+        }
+        // sled's own threads let go of the file lock shortly after the
+        // last handle: try for a while.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let trees = loop {
+            match open_trees(&self.path) {
+                Ok(t) => break Arc::new(t),
+                Err(StoreError::Backend(m))
+                    if m.contains("its lock is taken") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    if let Some(f) = self.failing().as_mut() {
+                        f.backoff();
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        if super::state::in_doubt(w) {
+            super::state::settle(w, state_digest(&trees)?)?;
+        }
+        // The files may hold the write that failed (settled above): read
+        // every key afresh.
+        self.keys.write().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(trees.clone());
+        tracing::info!("the store at {} was opened again from its files", self.path.display());
+        Ok(trees)
+    }
+
+    /// Runs a write (`f`, with the open database and the writers' lock):
+    /// on a failure of the store's files, the store is failing (see the
+    /// module docs); on success, it is not any more.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Trees, &mut Option<Anchored>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut w = self.writer();
+        let trees = self.trees_to_write(&mut w)?;
+        match f(&trees, &mut w) {
+            Ok(v) => {
+                self.write_succeeded();
+                Ok(v)
+            }
+            Err(e @ StoreError::Unwritable { .. }) => {
+                drop(trees);
+                Err(self.write_failed(&mut w, e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the store can be written, trying a small write when it was
+    /// failing (for `health`): a value in sled's default tree, which the
+    /// anchor does not cover and nothing reads.
+    fn probe_failure(&self) -> Option<super::StoreFailure> {
+        let failing = |f: &Option<Failing>| {
+            f.as_ref()
+                .map(|f| super::StoreFailure { condition: f.error.condition(), message: f.error.to_string() })
+        };
+        if self.failing().is_none() {
+            return None;
+        }
+        let probe = self.write(|t, _| {
+            let now = crate::clock::now_unix().to_be_bytes();
+            t.db.insert(b"write-probe", &now[..]).map_err(|e| sled_err(&self.path, e))?;
+            t.db.flush().map_err(|e| sled_err(&self.path, e))?;
+            Ok(())
+        });
+        match probe {
+            Ok(()) => None,
+            Err(_) => failing(&self.failing()),
+        }
     }
 
     /// Checks the store against the token's anchor, then anchors every
     /// write from now on (see [`Backend::attach_anchor`]).
     pub fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError> {
+        let trees = self.trees()?;
         let mut guard = self.writer();
-        let (anchored, state) = super::state::attach(anchor, self.state_digest()?)?;
+        let (anchored, state) = super::state::attach(anchor, state_digest(&trees)?)?;
         *guard = Some(anchored);
         Ok(state)
     }
@@ -122,27 +426,62 @@ impl SledStore {
     /// Anchors the store as it is now, whatever the token held (see
     /// [`Backend::accept_as_is`]).
     pub fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError> {
-        let (anchored, old) = super::state::accept(anchor, self.state_digest()?)?;
+        let (anchored, old) = super::state::accept(anchor, state_digest(&*self.trees()?)?)?;
         *self.writer() = Some(anchored);
         Ok(old)
-    }
-
-    /// The digest of every anchored record as the store holds them now.
-    fn state_digest(&self) -> Result<StateDigest, StoreError> {
-        let mut digest = StateDigest::default();
-        for (name, tree) in ANCHORED_TREES.iter().zip([&self.meta, &self.keyring, &self.revocations]) {
-            for kv in tree.iter() {
-                let (k, v) = kv.map_err(backend)?;
-                digest.load(name, &k, &v);
-            }
-        }
-        digest.finish_load();
-        Ok(digest)
     }
 
     /// The writers' lock (see `anchored`).
     fn writer(&self) -> MutexGuard<'_, Option<Anchored>> {
         self.anchored.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The digest of every anchored record as the store holds them now.
+fn state_digest(t: &Trees) -> Result<StateDigest, StoreError> {
+    let mut digest = StateDigest::default();
+    for (name, tree) in ANCHORED_TREES.iter().zip([&t.meta, &t.keyring, &t.revocations]) {
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            digest.load(name, &k, &v);
+        }
+    }
+    digest.finish_load();
+    Ok(digest)
+}
+
+/// A failure's error again, for the writes refused while the store is
+/// failing (the error itself is not `Clone`).
+fn again(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unwritable { place, condition, what } => {
+            StoreError::Unwritable { place: place.clone(), condition, what: what.clone() }
+        }
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+/// Drops sled's handles, once nobody else holds them (readers let go
+/// within microseconds; a few seconds at most are waited for).
+fn close(trees: Arc<Trees>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut trees = trees;
+    loop {
+        match Arc::try_unwrap(trees) {
+            Ok(t) => {
+                drop(t);
+                return;
+            }
+            Err(shared) if std::time::Instant::now() < deadline => {
+                trees = shared;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(shared) => {
+                tracing::warn!("sled's handles are still held after 5 s; opening the store anyway");
+                drop(shared);
+                return;
+            }
+        }
     }
 }
 
@@ -336,162 +675,186 @@ pub(super) fn revocation_key(scope: &Scope) -> Vec<u8> {
 }
 
 /// The operations, synchronous (sled's calls block); [`Backend`]'s
-/// futures run them when polled.
+/// futures run them when polled. Writes go through
+/// [`write`](SledStore::write), so that a failed one is handled as the
+/// module docs say.
 impl SledStore {
+    fn err(&self, e: sled::Error) -> StoreError {
+        sled_err(&self.path, e)
+    }
+
     fn meta(&self) -> Result<Option<Meta>, StoreError> {
-        match self.meta.get(META_KEY).map_err(backend)? {
+        match self.trees()?.meta.get(META_KEY).map_err(|e| self.err(e))? {
             Some(v) => Ok(Some(decode(META_KEY, &v)?)),
             None => Ok(None),
         }
     }
 
     fn init_meta(&self, meta: &Meta) -> Result<(), StoreError> {
-        let mut w = self.writer();
-        let value = encode(meta);
-        prepare(&mut w, "meta", META_KEY, Some(&value))?;
-        let swapped = self
-            .meta
-            .compare_and_swap(META_KEY, None as Option<&[u8]>, Some(value.clone()))
-            .map_err(backend)?;
-        if swapped.is_err() {
-            return Err(StoreError::AlreadyInitialised(self.path.display().to_string()));
-        }
-        self.durable()?;
-        commit(&mut w, "meta", META_KEY, Some(&value))
+        self.write(|t, w| {
+            let value = encode(meta);
+            prepare(w, "meta", META_KEY, Some(&value))?;
+            let swapped = t
+                .meta
+                .compare_and_swap(META_KEY, None as Option<&[u8]>, Some(value.clone()))
+                .map_err(|e| self.err(e))?;
+            if swapped.is_err() {
+                return Err(StoreError::AlreadyInitialised(self.path.display().to_string()));
+            }
+            t.db.flush().map_err(|e| self.err(e))?;
+            commit(w, "meta", META_KEY, Some(&value))
+        })
     }
 
     fn update_meta(&self, change: MetaChange<'_>) -> Result<Meta, StoreError> {
-        let mut w = self.writer();
-        loop {
-            let old = self
+        self.write(|t, w| loop {
+            let old = t
                 .meta
                 .get(META_KEY)
-                .map_err(backend)?
+                .map_err(|e| self.err(e))?
                 .ok_or_else(|| StoreError::NotInitialised(self.path.display().to_string()))?;
             let mut meta: Meta = decode(META_KEY, &old)?;
             change(&mut meta);
             let value = encode(&meta);
-            prepare(&mut w, "meta", META_KEY, Some(&value))?;
+            prepare(w, "meta", META_KEY, Some(&value))?;
             let swapped =
-                self.meta.compare_and_swap(META_KEY, Some(old), Some(value.clone())).map_err(backend)?;
+                t.meta.compare_and_swap(META_KEY, Some(old), Some(value.clone())).map_err(|e| self.err(e))?;
             if swapped.is_ok() {
-                self.durable()?;
-                commit(&mut w, "meta", META_KEY, Some(&value))?;
+                t.db.flush().map_err(|e| self.err(e))?;
+                commit(w, "meta", META_KEY, Some(&value))?;
                 return Ok(meta);
             }
-        }
+        })
     }
 
     fn key(&self, path: &KeyPath) -> Result<Option<Arc<KeyRecord>>, StoreError> {
         let k = keyring_key(path);
         if let Some(rec) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
-            return Ok(Some(rec.clone()));
+            return Ok(rec.clone());
         }
+        let t = self.trees()?;
         let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        match self.keyring.get(&k).map_err(backend)? {
+        if let Some(rec) = cache.get(&k) {
+            return Ok(rec.clone()); // pinned by a writer meanwhile
+        }
+        match t.keyring.get(&k).map_err(|e| self.err(e))? {
             Some(v) => {
                 let rec: Arc<KeyRecord> = Arc::new(decode(&k, &v)?);
-                cache.insert(k, rec.clone());
+                cache.insert(k, Some(rec.clone()));
                 Ok(Some(rec))
             }
             None => Ok(None),
         }
     }
 
+    /// Pins key `k` in the cache at its record as it is (`old`; `None`:
+    /// no key), so that readers see it, not sled's copy, until the write
+    /// under way is durable.
+    fn pin(&self, k: &[u8], old: Option<&[u8]>) -> Result<(), StoreError> {
+        let old = match old {
+            Some(v) => Some(Arc::new(decode::<KeyRecord>(k, v)?)),
+            None => None,
+        };
+        self.keys.write().unwrap_or_else(|e| e.into_inner()).insert(k.to_vec(), old);
+        Ok(())
+    }
+
+    /// The cache after a durable write of key `k`.
+    fn cached(&self, k: Vec<u8>, record: KeyRecord) {
+        self.keys.write().unwrap_or_else(|e| e.into_inner()).insert(k, Some(Arc::new(record)));
+    }
+
     fn create_key(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let k = keyring_key(&record.path()?);
-        let mut w = self.writer();
-        let value = encode(record);
-        if self.keyring.contains_key(&k).map_err(backend)? {
-            return Err(StoreError::AlreadyExists(format!("key `{}/{}`", record.tenant, record.key)));
-        }
-        prepare(&mut w, "keyring", &k, Some(&value))?;
-        {
-            let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
-            let swapped = self
-                .keyring
-                .compare_and_swap(&k, None as Option<&[u8]>, Some(value.clone()))
-                .map_err(backend)?;
-            if swapped.is_err() {
+        self.write(|t, w| {
+            let value = encode(record);
+            if t.keyring.contains_key(&k).map_err(|e| self.err(e))? {
                 return Err(StoreError::AlreadyExists(format!("key `{}/{}`", record.tenant, record.key)));
             }
-            cache.insert(k.clone(), Arc::new(record.clone()));
-        }
-        self.durable()?;
-        commit(&mut w, "keyring", &k, Some(&value))
+            prepare(w, "keyring", &k, Some(&value))?;
+            self.pin(&k, None)?;
+            let swapped = t
+                .keyring
+                .compare_and_swap(&k, None as Option<&[u8]>, Some(value.clone()))
+                .map_err(|e| self.err(e))?;
+            if swapped.is_err() {
+                // Only writers change the keyring, and they hold the lock.
+                self.keys.write().unwrap_or_else(|e| e.into_inner()).remove(&k);
+                return Err(StoreError::AlreadyExists(format!("key `{}/{}`", record.tenant, record.key)));
+            }
+            t.db.flush().map_err(|e| self.err(e))?;
+            self.cached(k.clone(), record.clone());
+            commit(w, "keyring", &k, Some(&value))
+        })
     }
 
     fn update_key(&self, path: &KeyPath, change: KeyChange<'_>) -> Result<Option<KeyRecord>, StoreError> {
         let k = keyring_key(path);
-        let mut w = self.writer();
-        loop {
-            let Some(old) = self.keyring.get(&k).map_err(backend)? else { return Ok(None) };
+        self.write(|t, w| loop {
+            let Some(old) = t.keyring.get(&k).map_err(|e| self.err(e))? else { return Ok(None) };
             let mut record: KeyRecord = decode(&k, &old)?;
             change(&mut record);
             let value = encode(&record);
             if value[..] == old[..] {
                 return Ok(Some(record)); // nothing changed: nothing to write
             }
-            prepare(&mut w, "keyring", &k, Some(&value))?;
-            let swapped = {
-                let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
-                let swapped =
-                    self.keyring.compare_and_swap(&k, Some(old), Some(value.clone())).map_err(backend)?;
-                if swapped.is_ok() {
-                    cache.insert(k.clone(), Arc::new(record.clone()));
-                }
-                swapped.is_ok()
-            };
-            if swapped {
-                self.durable()?;
-                commit(&mut w, "keyring", &k, Some(&value))?;
+            prepare(w, "keyring", &k, Some(&value))?;
+            self.pin(&k, Some(&old))?;
+            let swapped =
+                t.keyring.compare_and_swap(&k, Some(old), Some(value.clone())).map_err(|e| self.err(e))?;
+            if swapped.is_ok() {
+                t.db.flush().map_err(|e| self.err(e))?;
+                self.cached(k.clone(), record.clone());
+                commit(w, "keyring", &k, Some(&value))?;
                 return Ok(Some(record));
             }
-        }
+        })
     }
 
     fn update_keys(&self, paths: &[KeyPath], change: KeysChange<'_>) -> Result<(), StoreError> {
-        let mut w = self.writer();
-        // Writers hold `w`, so nothing changes these records under us.
-        let mut writes: Vec<(Vec<u8>, Vec<u8>, KeyRecord)> = Vec::new();
-        for path in paths {
-            let k = keyring_key(path);
-            let Some(old) = self.keyring.get(&k).map_err(backend)? else { continue };
-            let mut record: KeyRecord = decode(&k, &old)?;
-            change(path, &mut record);
-            let value = encode(&record);
-            if value[..] != old[..] {
-                writes.push((k, value, record));
+        self.write(|t, w| {
+            // Writers hold `w`, so nothing changes these records under us.
+            let mut writes: Vec<(Vec<u8>, Vec<u8>, KeyRecord)> = Vec::new();
+            let mut olds = Vec::new();
+            for path in paths {
+                let k = keyring_key(path);
+                let Some(old) = t.keyring.get(&k).map_err(|e| self.err(e))? else { continue };
+                let mut record: KeyRecord = decode(&k, &old)?;
+                change(path, &mut record);
+                let value = encode(&record);
+                if value[..] != old[..] {
+                    writes.push((k, value, record));
+                    olds.push(old);
+                }
             }
-        }
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let changes: Vec<(&[u8], Option<&[u8]>)> =
-            writes.iter().map(|(k, v, _)| (k.as_slice(), Some(v.as_slice()))).collect();
-        prepare_all(&mut w, "keyring", &changes)?;
-        let mut batch = sled::Batch::default();
-        for (k, v, _) in &writes {
-            batch.insert(k.as_slice(), v.as_slice());
-        }
-        {
-            let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
-            self.keyring.apply_batch(batch).map_err(backend)?;
+            if writes.is_empty() {
+                return Ok(());
+            }
+            let changes: Vec<(&[u8], Option<&[u8]>)> =
+                writes.iter().map(|(k, v, _)| (k.as_slice(), Some(v.as_slice()))).collect();
+            prepare_all(w, "keyring", &changes)?;
+            let mut batch = sled::Batch::default();
+            for ((k, v, _), old) in writes.iter().zip(&olds) {
+                self.pin(k, Some(old))?;
+                batch.insert(k.as_slice(), v.as_slice());
+            }
+            t.keyring.apply_batch(batch).map_err(|e| self.err(e))?;
+            t.db.flush().map_err(|e| self.err(e))?;
             for (k, _, record) in &writes {
-                cache.insert(k.clone(), Arc::new(record.clone()));
+                self.cached(k.clone(), record.clone());
             }
-        }
-        self.durable()?;
-        commit_all(&mut w, "keyring", &changes)
+            commit_all(w, "keyring", &changes)
+        })
     }
 
     fn keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
         let prefix = tenant.map(|t| format!("{t}/")).unwrap_or_default();
-        let mut keys = self
+        let t = self.trees()?;
+        let mut keys = t
             .keyring
             .scan_prefix(prefix.as_bytes())
             .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
+                let (k, v) = kv.map_err(|e| self.err(e))?;
                 decode(&k, &v)
             })
             .collect::<Result<Vec<KeyRecord>, _>>()?;
@@ -501,14 +864,15 @@ impl SledStore {
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {
-        Ok(self.keyring.len() as u64)
+        Ok(self.trees()?.keyring.len() as u64)
     }
 
     fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
-        self.revocations
+        self.trees()?
+            .revocations
             .iter()
             .map(|kv| {
-                let (k, v) = kv.map_err(backend)?;
+                let (k, v) = kv.map_err(|e| self.err(e))?;
                 decode(&k, &v)
             })
             .collect()
@@ -517,28 +881,37 @@ impl SledStore {
     fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
         let k = revocation_key(&revocation.scope);
         let value = encode(revocation);
-        let mut w = self.writer();
-        prepare(&mut w, "revocations", &k, Some(&value))?;
-        self.revocations.insert(&k, value.clone()).map_err(backend)?;
-        self.durable()?;
-        commit(&mut w, "revocations", &k, Some(&value))
+        self.write(|t, w| {
+            prepare(w, "revocations", &k, Some(&value))?;
+            t.revocations.insert(&k, value.clone()).map_err(|e| self.err(e))?;
+            t.db.flush().map_err(|e| self.err(e))?;
+            commit(w, "revocations", &k, Some(&value))
+        })
     }
 
     fn remove_revocation(&self, scope: &Scope) -> Result<Option<Revocation>, StoreError> {
         let k = revocation_key(scope);
-        let mut w = self.writer();
-        if !self.revocations.contains_key(&k).map_err(backend)? {
-            return Ok(None);
-        }
-        prepare(&mut w, "revocations", &k, None)?;
-        match self.revocations.remove(&k).map_err(backend)? {
-            Some(v) => {
-                self.durable()?;
-                commit(&mut w, "revocations", &k, None)?;
-                Ok(Some(decode(&k, &v)?))
+        self.write(|t, w| {
+            if !t.revocations.contains_key(&k).map_err(|e| self.err(e))? {
+                return Ok(None);
             }
-            None => Ok(None),
-        }
+            prepare(w, "revocations", &k, None)?;
+            match t.revocations.remove(&k).map_err(|e| self.err(e))? {
+                Some(v) => {
+                    t.db.flush().map_err(|e| self.err(e))?;
+                    commit(w, "revocations", &k, None)?;
+                    Ok(Some(decode(&k, &v)?))
+                }
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn durable(&self) -> Result<(), StoreError> {
+        self.write(|t, _| {
+            t.db.flush().map_err(|e| self.err(e))?;
+            Ok(())
+        })
     }
 }
 
@@ -605,6 +978,10 @@ impl Backend for SledStore {
 
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(std::future::ready(self.durable()))
+    }
+
+    fn failure(&self) -> Option<super::StoreFailure> {
+        self.probe_failure()
     }
 
     fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {

@@ -912,6 +912,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Health => {
             let h = client.health().await?;
             print_json(&h)?;
+            if let Some(e) = &h.store.error {
+                eprintln!(
+                    "keyhaven: the store cannot be written ({}): {e}",
+                    h.store.condition.as_deref().unwrap_or("unknown")
+                );
+            }
+            if let Some(a) = h.audit.as_ref().filter(|a| !a.ok) {
+                eprintln!(
+                    "keyhaven: the audit log cannot be written ({}): {}; requests are refused until it can ({} so far)",
+                    a.condition.as_deref().unwrap_or("unknown"),
+                    a.error.as_deref().unwrap_or("no reason given"),
+                    a.refused
+                );
+            }
             for s in h.audit_sinks.iter().filter(|s| s.state != "ok") {
                 eprintln!(
                     "keyhaven: audit sink `{}` ({}) is {}: {} records behind{}",
