@@ -271,14 +271,16 @@ fn describe(config: &tokio_postgres::Config) -> String {
 /// Only the peer's kernel has to answer: a slow query is not cut short.
 fn bound_dead_links(config: &mut tokio_postgres::Config, lease: Duration) {
     let bound = lease.max(Duration::from_secs(1));
+    // The kernel takes keepalive times in whole seconds.
+    let seconds = |d: Duration| Duration::from_secs(d.as_secs().max(1));
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(bound);
     }
     if config.get_keepalives() && config.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE {
-        config.keepalives_idle(bound);
+        config.keepalives_idle(seconds(bound));
     }
     if config.get_keepalives_interval().is_none() {
-        config.keepalives_interval((bound / 3).max(Duration::from_secs(1)));
+        config.keepalives_interval(seconds(bound / 3));
     }
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(3);
@@ -1612,5 +1614,39 @@ impl Backend for PgStore {
             let rows = c.query("SELECT DISTINCT node FROM audit ORDER BY node", &[]).await.map_err(db)?;
             Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_links_are_bounded_by_the_lease_unless_the_connection_string_says_otherwise() {
+        let mut c: tokio_postgres::Config = "host=db.example user=k dbname=k".parse().unwrap();
+        bound_dead_links(&mut c, Duration::from_secs(5));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(5));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(1)));
+        assert_eq!(c.get_keepalives_retries(), Some(3));
+        // A 60 s lease probes every 20 s.
+        let mut c: tokio_postgres::Config = "host=db.example user=k dbname=k".parse().unwrap();
+        bound_dead_links(&mut c, Duration::from_secs(60));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(20)));
+
+        let mut c: tokio_postgres::Config = "host=db.example user=k dbname=k tcp_user_timeout=30 \
+             keepalives_idle=40 keepalives_interval=7 keepalives_retries=9"
+            .parse()
+            .unwrap();
+        bound_dead_links(&mut c, Duration::from_secs(5));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(40));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(7)));
+        assert_eq!(c.get_keepalives_retries(), Some(9));
+        let mut c: tokio_postgres::Config = "host=db.example user=k dbname=k keepalives=0".parse().unwrap();
+        bound_dead_links(&mut c, Duration::from_secs(5));
+        assert!(!c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), DEFAULT_KEEPALIVES_IDLE);
     }
 }
