@@ -51,6 +51,9 @@ pub struct TestDaemon {
     postgres: Option<String>,
     /// `keyhavend dev --join DIR`: another node of DIR's cluster.
     join: Option<PathBuf>,
+    /// The network namespace the daemon runs in (`ip netns exec NAME`),
+    /// from its next start on ([`TestDaemon::run_in_netns`]).
+    netns: Option<String>,
 }
 
 impl TestDaemon {
@@ -58,7 +61,8 @@ impl TestDaemon {
     pub fn start() -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("keyhaven-test-").tempdir().expect("temp dir");
         let socket = dir.path().join("keyhaven.sock");
-        let mut d = TestDaemon { dir, socket, child: None, stderr: None, postgres: None, join: None };
+        let mut d =
+            TestDaemon { dir, socket, child: None, stderr: None, postgres: None, join: None, netns: None };
         d.spawn();
         d
     }
@@ -68,8 +72,15 @@ impl TestDaemon {
     pub fn start_postgres(url: &str) -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("keyhaven-test-").tempdir().expect("temp dir");
         let socket = dir.path().join("keyhaven.sock");
-        let mut d =
-            TestDaemon { dir, socket, child: None, stderr: None, postgres: Some(url.to_owned()), join: None };
+        let mut d = TestDaemon {
+            dir,
+            socket,
+            child: None,
+            stderr: None,
+            postgres: Some(url.to_owned()),
+            join: None,
+            netns: None,
+        };
         d.spawn();
         d
     }
@@ -81,7 +92,7 @@ impl TestDaemon {
         let dir = tempfile::Builder::new().prefix("keyhaven-node-").tempdir().expect("temp dir");
         let socket = dir.path().join("keyhaven.sock");
         let join = Some(first.dir().to_owned());
-        let mut d = TestDaemon { dir, socket, child: None, stderr: None, postgres: None, join };
+        let mut d = TestDaemon { dir, socket, child: None, stderr: None, postgres: None, join, netns: None };
         d.spawn();
         d
     }
@@ -114,8 +125,24 @@ impl TestDaemon {
         self.child.as_ref().expect("daemon running").id()
     }
 
+    /// From the next start on, runs the daemon in network namespace
+    /// `netns` (`ip netns exec NETNS keyhavend …`, which execs the daemon
+    /// itself: [`TestDaemon::pid`] is the daemon's); `None`: in the test's.
+    /// Its socket is a file, which the test reaches from any namespace.
+    pub fn run_in_netns(&mut self, netns: Option<&str>) {
+        self.netns = netns.map(str::to_owned);
+    }
+
     fn spawn(&mut self) {
-        let mut child = Command::new(bin("keyhavend"))
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new(ip_tool());
+                c.args(["netns", "exec", ns]).arg(bin("keyhavend"));
+                c
+            }
+            None => Command::new(bin("keyhavend")),
+        };
+        let mut child = command
             .args(["dev", "--dir"])
             .arg(self.dir.path())
             .args(self.postgres.iter().flat_map(|url| ["--postgres", url]))
@@ -561,13 +588,18 @@ pub fn postgres_bin_dir() -> Result<PathBuf, String> {
 }
 
 /// A throwaway PostgreSQL cluster for one test: `initdb` in a temporary
-/// folder, a Unix socket in that folder and no TCP listener, run as
-/// `nobody` when the tests run as root (PostgreSQL refuses root); stopped
+/// folder, a Unix socket in that folder and no TCP listener (but for
+/// [`TestPostgres::start_listening_on`]), run as `nobody` when the tests
+/// run as root (PostgreSQL refuses root); stopped
 /// (and its folder removed) on drop.
 pub struct TestPostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     user: Option<&'static str>,
+    /// The server's port (its Unix socket is `.s.PGSQL.PORT` in `dir`).
+    port: u16,
+    /// The address it also listens on over TCP, if any.
+    tcp: Option<String>,
 }
 
 impl TestPostgres {
@@ -575,6 +607,18 @@ impl TestPostgres {
     /// PostgreSQL is not installed, outside CI. In CI (`CI` set) a missing
     /// PostgreSQL fails the test.
     pub fn start() -> Option<TestPostgres> {
+        TestPostgres::start_with(None)
+    }
+
+    /// As [`TestPostgres::start`], and listening over TCP on `addr` (an
+    /// IPv4 address of this machine, such as a [`TestNetns`]'s host side)
+    /// on a free port, trusting connections from `addr`'s /24 (the test
+    /// network's). [`TestPostgres::tcp_url`] is how to reach it that way.
+    pub fn start_listening_on(addr: &str) -> Option<TestPostgres> {
+        TestPostgres::start_with(Some(addr))
+    }
+
+    fn start_with(tcp: Option<&str>) -> Option<TestPostgres> {
         let bin = match postgres_bin_dir() {
             Ok(b) => b,
             Err(why) if std::env::var_os("CI").is_none() => {
@@ -592,7 +636,16 @@ impl TestPostgres {
             std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
                 .unwrap();
         }
-        let pg = TestPostgres { dir, bin, user };
+        // A free port on that address (5432 may be taken by a server
+        // listening on every address); the default without TCP.
+        let port = match tcp {
+            Some(addr) => std::net::TcpListener::bind((addr, 0))
+                .and_then(|l| l.local_addr())
+                .unwrap_or_else(|e| panic!("no free port on {addr}: {e}"))
+                .port(),
+            None => 5432,
+        };
+        let pg = TestPostgres { dir, bin, user, port, tcp: tcp.map(str::to_owned) };
         let data = pg.dir.path().join("data");
         let out = pg
             .command("initdb")
@@ -602,9 +655,18 @@ impl TestPostgres {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        if let Some(addr) = tcp {
+            let net = addr.rsplit_once('.').map(|(n, _)| n).expect("an IPv4 address");
+            let hba = data.join("pg_hba.conf");
+            let mut text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+            text.push_str(&format!("host all keyhaven {net}.0/24 trust\n"));
+            std::fs::write(&hba, text).expect("write pg_hba.conf");
+        }
         let options = format!(
-            "-k {} -c listen_addresses='' -c shared_buffers=16MB -c max_connections=40",
-            pg.dir.path().display()
+            "-k {} -p {} -c listen_addresses='{}' -c shared_buffers=16MB -c max_connections=40",
+            pg.dir.path().display(),
+            pg.port,
+            tcp.unwrap_or("")
         );
         let out = pg
             .command("pg_ctl")
@@ -638,7 +700,15 @@ impl TestPostgres {
 
     /// The connection string of database `db` (over the Unix socket).
     pub fn url(&self, db: &str) -> String {
-        format!("host={} user=keyhaven dbname={db}", self.dir.path().display())
+        let port = if self.port == 5432 { String::new() } else { format!(" port={}", self.port) };
+        format!("host={}{port} user=keyhaven dbname={db}", self.dir.path().display())
+    }
+
+    /// The connection string of database `db` over TCP, for a server
+    /// started by [`TestPostgres::start_listening_on`].
+    pub fn tcp_url(&self, db: &str) -> String {
+        let addr = self.tcp.as_deref().expect("a server listening over TCP");
+        format!("host={addr} port={} user=keyhaven dbname={db}", self.port)
     }
 
     /// Runs `sql` in database `db` with `psql`; returns its output
@@ -647,6 +717,8 @@ impl TestPostgres {
         let out = Command::new(self.bin.join("psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(self.dir.path())
+            .arg("-p")
+            .arg(self.port.to_string())
             .args(["-U", "keyhaven", "-d", db, "-c", sql])
             .output()
             .expect("run psql");
@@ -705,4 +777,168 @@ pub async fn audit_records(c: &Client) -> Vec<keyhaven::wire::AuditRecord> {
         }
         after = page.next;
     }
+}
+
+/// iproute2's `ip`: the first of the usual places that has it, else `ip`
+/// on the `PATH`.
+pub fn ip_tool() -> PathBuf {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("ip"))
+}
+
+/// A network namespace of its own joined to this one by a veth pair, for
+/// cutting a process off the network while it keeps running: a process
+/// started in it (`ip netns exec`, [`TestDaemon::run_in_netns`]) reaches
+/// this namespace's `host_addr` (a server listening there, such as
+/// [`TestPostgres::start_listening_on`]) through the pair, and
+/// [`TestNetns::cut`] takes the host side's link down, so that every packet
+/// between them vanishes (nothing answers, nothing is refused: the
+/// namespace's side keeps its route and a permanent neighbour entry for
+/// `host_addr`, so its connections and connection attempts just time out,
+/// as across a dead link). Names and a 10.x.y.0/24 network unique to this
+/// one; the pair and the namespace are deleted on drop, panic or not.
+pub struct TestNetns {
+    name: String,
+    host_dev: String,
+    host_addr: String,
+    ns_addr: String,
+}
+
+impl TestNetns {
+    /// Makes the namespace and its link; `None` (after saying why) when
+    /// not root or when network namespaces or veth pairs are not available
+    /// here, outside CI. In CI (`CI` set) that fails the test.
+    pub fn create() -> Option<TestNetns> {
+        let skip = |why: String| {
+            if std::env::var_os("CI").is_some() {
+                panic!("this test needs a network namespace: {why}");
+            }
+            eprintln!("SKIPPED: this test needs a network namespace: {why}");
+            None
+        };
+        if my_uid() != 0 {
+            return skip("it must run as root (it makes a namespace and a veth pair)".into());
+        }
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let pid = std::process::id();
+        // Interface names are at most 15 bytes: "kh" + pid in hex (at most
+        // 6) + n + 1.
+        let id = format!("{pid:x}{n}");
+        let used = format!(
+            "{}{}",
+            ip(&["-4", "-o", "addr", "show"]).unwrap_or_default(),
+            ip(&["-4", "route", "show", "table", "all"]).unwrap_or_default()
+        );
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64);
+        let net = (0..64u64)
+            .map(|attempt| {
+                let seed = (pid as u64) * 7919 + (n as u64) * 104_729 + attempt * 7_777 + nanos;
+                format!("10.{}.{}", 200 + seed % 54, (seed / 54) % 256)
+            })
+            .find(|net| !used.contains(&format!("{net}.")))
+            .expect("a free 10.x.y.0/24 network");
+        let ns = TestNetns {
+            name: format!("khtest-{id}"),
+            host_dev: format!("kh{id}h"),
+            host_addr: format!("{net}.1"),
+            ns_addr: format!("{net}.2"),
+        };
+        let ns_dev = format!("kh{id}n");
+        if let Err(why) = ip(&["netns", "add", &ns.name]) {
+            return skip(why);
+        }
+        let host_mac = |ns: &TestNetns| {
+            std::fs::read_to_string(format!("/sys/class/net/{}/address", ns.host_dev))
+                .map(|m| m.trim().to_owned())
+                .map_err(|e| format!("the MAC address of {}: {e}", ns.host_dev))
+        };
+        let made =
+            ip(&["link", "add", &ns.host_dev, "type", "veth", "peer", "name", &ns_dev, "netns", &ns.name])
+                .and_then(|_| ip(&["addr", "add", &format!("{}/24", ns.host_addr), "dev", &ns.host_dev]))
+                .and_then(|_| ip(&["link", "set", &ns.host_dev, "up"]))
+                .and_then(|_| {
+                    ip(&["-n", &ns.name, "addr", "add", &format!("{}/24", ns.ns_addr), "dev", &ns_dev])
+                })
+                .and_then(|_| ip(&["-n", &ns.name, "link", "set", &ns_dev, "up"]))
+                .and_then(|_| ip(&["-n", &ns.name, "link", "set", "lo", "up"]))
+                .and_then(|_| host_mac(&ns))
+                .and_then(|mac| {
+                    let host = &ns.host_addr;
+                    ip(&[
+                        "-n",
+                        &ns.name,
+                        "neigh",
+                        "replace",
+                        host,
+                        "lladdr",
+                        &mac,
+                        "dev",
+                        &ns_dev,
+                        "nud",
+                        "permanent",
+                    ])
+                });
+        match made {
+            Ok(_) => Some(ns),
+            Err(why) => skip(why), // `ns` is dropped: what was made is deleted
+        }
+    }
+
+    /// The namespace's name (for `ip netns exec`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This namespace's address on the link (where a server listens for
+    /// the process in the namespace).
+    pub fn host_addr(&self) -> &str {
+        &self.host_addr
+    }
+
+    /// The namespace's address on the link.
+    pub fn ns_addr(&self) -> &str {
+        &self.ns_addr
+    }
+
+    /// Cuts the link: the host side goes down, and every packet either
+    /// way vanishes.
+    pub fn cut(&self) {
+        ip(&["link", "set", &self.host_dev, "down"]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Brings the link back.
+    pub fn restore(&self) {
+        ip(&["link", "set", &self.host_dev, "up"]).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        // Deleting one end of a veth pair deletes both.
+        let _ = ip(&["link", "del", &self.host_dev]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Runs `ip ARGS`; `Err` names the command and what it said.
+fn ip(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(ip_tool())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", ip_tool().display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

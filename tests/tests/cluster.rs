@@ -5,8 +5,10 @@
 //! concurrent writers on two nodes make one key and distinct versions; a
 //! revocation returned by one node is honoured by every node for every
 //! request that starts afterwards; a node whose lease lapses refuses, and
-//! catches up before it serves again; a database writer who is not a node
-//! is still caught by the token's anchor.
+//! catches up before it serves again, also when it is cut off from the
+//! database by a partition (a network namespace whose link goes down) while
+//! the others keep it; a database writer who is not a node is still caught
+//! by the token's anchor.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -948,4 +950,227 @@ async fn a_node_killed_in_a_master_key_rotation_batch_resumes_it_after_a_restart
         .await;
         assert!(verified.chains.iter().all(|ch| ch.problem.is_none()), "{verified:?}");
     }
+}
+
+/// One request of a client loop: when it started, when its answer came,
+/// and the answer (`Err(None)`: no code, a client-side timeout).
+type Outcome = (Instant, Instant, Result<(), Option<ErrorCode>>);
+
+/// Decrypts `envelope` on `client` in a loop until `stop`; sets `refused`
+/// when the node answers `store_unavailable`.
+fn decrypt_loop(
+    client: Arc<Client>,
+    envelope: String,
+    stop: Arc<AtomicBool>,
+    refused: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Outcome>> {
+    let context = ctx(&["user=7"]);
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let started = Instant::now();
+            let answer = client.datakey_decrypt(&envelope, &context).await.map(|_| ()).map_err(|e| e.code());
+            if answer == Err(Some(ErrorCode::StoreUnavailable)) {
+                refused.store(true, Ordering::SeqCst);
+            }
+            seen.push((started, Instant::now(), answer));
+            if answer.is_err() {
+                // No busy loop on a node that refuses at once.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        seen
+    })
+}
+
+/// A partition (docs/CLUSTER.md §5): node 2 runs in a network namespace of
+/// its own and reaches PostgreSQL over TCP through a veth pair, while nodes
+/// 1 and 3 reach it over its Unix socket. The link is cut (the host side
+/// goes down: every packet between node 2 and the server vanishes, nothing
+/// is refused) while a client on every node decrypts two data keys in a
+/// loop; node 2 keeps running and must notice by itself. A revocation on
+/// node 1 returns within node 2's lease; node 2 serves no request that
+/// started after it returned, and answers `store_unavailable`; nodes 1 and 3
+/// serve throughout; when the link is back, node 2 renews, catches up and
+/// serves again, refusing the revoked key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_cut_off_from_postgres_stops_serving_within_its_lease_and_catches_up_when_the_link_returns() {
+    let Some(net) = TestNetns::create() else { return };
+    let Some(pg) = TestPostgres::start_listening_on(net.host_addr()) else { return };
+    const LEASE: Duration = Duration::from_secs(3);
+    pg.create_db("keyhaven");
+    let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    reconfigure(&mut first, "3s", 60, 0);
+    let mut cut = TestDaemon::join(&first);
+    let third = TestDaemon::join(&first);
+    // Node 2 moves into the namespace, with the server's TCP address as its
+    // connection string (its folder's own file, instead of node 1's).
+    let tcp_url = pg.tcp_url("keyhaven");
+    let shared_url = first.dir().join("postgres-url").display().to_string();
+    cut.run_in_netns(Some(net.name()));
+    cut.restart_with(|dir| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let own = dir.join("postgres-url");
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&own).unwrap();
+        std::io::Write::write_all(&mut f, format!("{tcp_url}\n").as_bytes()).unwrap();
+        let file = dir.join("keyhaven.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains(&shared_url), "{text}");
+        std::fs::write(&file, text.replace(&shared_url, &own.display().to_string())).unwrap();
+    });
+    let over_tcp = format!("SELECT count(*) FROM pg_stat_activity WHERE client_addr = '{}'", net.ns_addr());
+    let from_ns: u32 = pg.psql("keyhaven", &over_tcp).parse().unwrap();
+    assert!(from_ns > 0, "node 2 has no connection from its namespace");
+
+    let nodes = [&first, &cut, &third];
+    let mut clients = Vec::new();
+    for n in nodes {
+        clients.push(Arc::new(n.client().await));
+    }
+    let context = ctx(&["user=7"]);
+    for k in ["acme/pii", "acme/other"] {
+        steady(|| async { clients[0].key_create(&path(k)).await }).await;
+    }
+    let dk =
+        steady(|| async { clients[0].datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await })
+            .await;
+    let other = steady(|| async {
+        clients[0].datakey(&path("acme/other"), &context, keyhaven::Plaintext::Omit).await
+    })
+    .await;
+    for c in &clients {
+        steady(|| async { c.datakey_decrypt(&dk.envelope, &context).await }).await;
+        steady(|| async { c.datakey_decrypt(&other.envelope, &context).await }).await;
+    }
+
+    // Every node decrypts both data keys in a loop, all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = [(); 3].map(|_| Arc::new(AtomicBool::new(false)));
+    let mut loops = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        for envelope in [&dk.envelope, &other.envelope] {
+            let (c, stop, refused) = (c.clone(), stop.clone(), refused[i].clone());
+            loops.push((i, envelope == &dk.envelope, decrypt_loop(c, envelope.clone(), stop, refused)));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The cut; then a revocation on node 1.
+    net.cut();
+    let cut_at = Instant::now();
+    let scope = Scope::Key { tenant: "acme".into(), key: "pii".into(), version: None };
+    clients[0].call(&Revoke { scope, reason: Reason::KeyCompromise, expires_at: None }).await.unwrap();
+    let returned = Instant::now();
+    let waited = returned - cut_at;
+    eprintln!("cut: revoke on node 1 returned after {waited:?} (lease {LEASE:?})");
+    // (a) Within the bound: node 2's lease, plus the time to notice.
+    assert!(waited < LEASE + Duration::from_secs(2), "revoke waited {waited:?}, more than the lease bound");
+    // It waited for node 2's lease (a node that applies it takes milliseconds).
+    assert!(
+        waited > Duration::from_secs(1),
+        "revoke returned after {waited:?}, before node 2's lease ran out"
+    );
+    let health = clients[0].health().await.unwrap().store.cluster.unwrap();
+    assert!(health.nodes.iter().any(|n| !n.live), "node 2's lease has ended: {health:?}");
+
+    // The link stays cut until node 2 was seen answering `store_unavailable`
+    // (and at least two leases), at most 20 s.
+    let deadline = cut_at + Duration::from_secs(20);
+    while Instant::now() < deadline && (!refused[1].load(Ordering::SeqCst) || cut_at.elapsed() < 2 * LEASE) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused_in_cut = refused[1].load(Ordering::SeqCst);
+    net.restore();
+    let restored = Instant::now();
+    eprintln!("cut: link restored after {:?}", restored - cut_at);
+
+    // (c) Node 2 renews, catches up, and serves again: its other keys, not
+    // the revoked one.
+    let b = cut.client().await;
+    eventually(Duration::from_secs(15), || async {
+        b.datakey_decrypt(&other.envelope, &context).await.ok().map(|_| ())
+    })
+    .await;
+    let back = restored.elapsed();
+    let e = b.datakey_decrypt(&dk.envelope, &context).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+    eprintln!("cut: node 2 served again {back:?} after the link returned");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+
+    let mut by_node = [[0usize; 4]; 3]; // ok, revoked, store_unavailable, other errors
+                                        // Node 2 during the cut: the last request it served (when it started),
+                                        // its first `store_unavailable` (when answered), its slowest answer.
+    let (mut last_served, mut first_refusal, mut slowest) = (None, None, Duration::ZERO);
+    for (node, revoked_key, l) in loops {
+        for (started, answered, answer) in l.await.unwrap() {
+            let slot = match answer {
+                Ok(()) => 0,
+                Err(Some(ErrorCode::Revoked)) => 1,
+                Err(Some(ErrorCode::StoreUnavailable)) => 2,
+                Err(_) => 3,
+            };
+            by_node[node][slot] += 1;
+            // (b) No request that started after revoke returned is served
+            // under the revoked key, on any node.
+            assert!(
+                !(revoked_key && started > returned && answer.is_ok()),
+                "node {}: a request that started {:?} after revoke returned was served",
+                node + 1,
+                started - returned
+            );
+            if node == 1 {
+                // Nor any request on node 2 while it is cut off, once its
+                // lease has run out.
+                if started > returned && answered < restored {
+                    assert!(answer.is_err(), "node 2 served a request during the cut, after its lease");
+                }
+                if answered > cut_at && started < restored {
+                    slowest = slowest.max(answered - started);
+                    if answer.is_ok() && started > cut_at {
+                        last_served = last_served.max(Some(started - cut_at));
+                    }
+                    if answer == Err(Some(ErrorCode::StoreUnavailable)) && answered < restored {
+                        first_refusal = Some(first_refusal.unwrap_or(Duration::MAX).min(answered - cut_at));
+                    }
+                }
+            } else {
+                // (d) Nodes 1 and 3 never stopped serving: every request
+                // was answered, the revoked key's with `revoked` at most,
+                // and none took long.
+                assert!(
+                    answer.is_ok() || (revoked_key && answer == Err(Some(ErrorCode::Revoked))),
+                    "node {}: {answer:?} {:?} after the cut",
+                    node + 1,
+                    started.checked_duration_since(cut_at)
+                );
+                assert!(
+                    answered - started < Duration::from_secs(2),
+                    "node {}: a request took {:?}",
+                    node + 1,
+                    answered - started
+                );
+            }
+        }
+    }
+    eprintln!("cut: answers by node [ok, revoked, store_unavailable, other]: {by_node:?}");
+    eprintln!(
+        "cut: node 2 in the cut: last request served started at {last_served:?}, first store_unavailable \
+         answered at {first_refusal:?} (after the cut), slowest answer {slowest:?}"
+    );
+    assert!(refused_in_cut, "node 2 answered no `store_unavailable` while cut off");
+    // Its answers wait for their audit records to be durable in PostgreSQL,
+    // so none is served from the cut on; they fail once the daemon gives up
+    // on the dead connection (about a lease) or on opening a new one (5 s).
+    let first_refusal = first_refusal.expect("a `store_unavailable` answered during the cut");
+    assert!(first_refusal < LEASE + Duration::from_secs(7), "node 2 first refused after {first_refusal:?}");
+    assert!(by_node[0][0] > 0 && by_node[2][0] > 0, "nodes 1 and 3 served nothing");
+    let health = steady(|| async { b.health().await }).await.store.cluster.unwrap();
+    assert!(health.serving, "{health:?}");
+    assert!(health.nodes.iter().all(|n| n.live), "{health:?}");
+    // Node 2 noticed by itself, and said so.
+    drop((b, clients));
+    let (_, log) = cut.stop();
+    assert!(log.contains("cannot renew this node's lease"), "{log}");
+    assert!(log.contains("the lease is renewed again"), "{log}");
 }

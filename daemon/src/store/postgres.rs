@@ -110,6 +110,10 @@ const POOL_SIZE: usize = 8;
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What tokio-postgres takes for TCP keepalives when the connection string
+/// says nothing (`keepalives_idle`): two hours, libpq's and the kernel's.
+const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
 /// Audit entries read per query by [`Backend::audit_scan`].
 const AUDIT_PAGE: i64 = 512;
 
@@ -256,6 +260,36 @@ fn describe(config: &tokio_postgres::Config) -> String {
     format!("postgres {} database {}", hosts.join(","), config.get_dbname().unwrap_or("(default)"))
 }
 
+/// Over TCP, a connection whose packets vanish (a partition, a dead link,
+/// a host gone without a reset) fails nothing by itself: a call on it waits
+/// until the kernel gives up on retransmitting (about 15 minutes), and an
+/// idle one looks alive for ever. Unless the connection string sets them,
+/// a connection whose sent data stays unacknowledged for a lease is closed
+/// (`tcp_user_timeout`), and an idle one is probed after a lease
+/// (`keepalives_idle`, then every third of it, at least 1 s), so that every
+/// call on a dead link fails within about a lease (docs/CLUSTER.md §5).
+/// Only the peer's kernel has to answer: a slow query is not cut short.
+fn bound_dead_links(config: &mut tokio_postgres::Config, lease: Duration) {
+    let bound = lease.max(Duration::from_secs(1));
+    // The kernel takes keepalive times in whole seconds.
+    let seconds = |d: Duration| Duration::from_secs(d.as_secs().max(1));
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(bound);
+    }
+    if config.get_keepalives() && config.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE {
+        config.keepalives_idle(seconds(bound));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(seconds(bound / 3));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+}
+
+/// A database call's future, borrowing its connection.
+type DbFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
 impl PgStore {
     /// Connects to the database named by `url` (a libpq connection string
     /// or `postgresql://` URL), and makes or migrates its schema: a store
@@ -289,6 +323,7 @@ impl PgStore {
             )));
         }
         config.connect_timeout(CONNECT_TIMEOUT);
+        bound_dead_links(&mut config, node.lease);
         config.application_name("keyhavend");
         let mut tls = native_tls::TlsConnector::builder();
         if let Some(ca) = &options.ca_file {
@@ -360,6 +395,40 @@ impl PgStore {
         let task = self.handle.spawn(async move {
             let client = pool.get().await.map_err(pool_error)?;
             f(client).await
+        });
+        async move { task.await.map_err(|e| StoreError::Backend(format!("postgres task: {e}")))? }
+    }
+
+    /// Runs `f` with a pooled connection on the store's runtime, giving up
+    /// after `limit` (waiting for a connection included): a connection whose
+    /// call outlived it is closed, never pooled again (the call may still
+    /// have been applied; the next one runs on another connection).
+    fn on_db_within<T, F>(
+        &self,
+        limit: Duration,
+        what: &'static str,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: for<'a> FnOnce(&'a tokio_postgres::Client) -> DbFuture<'a, T> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let task = self.handle.spawn(async move {
+            let late = || StoreError::Backend(format!("postgres: {what} took longer than {limit:?}"));
+            let deadline = tokio::time::Instant::now() + limit;
+            let conn = tokio::time::timeout_at(deadline, pool.get())
+                .await
+                .map_err(|_| late())?
+                .map_err(pool_error)?;
+            let done = tokio::time::timeout_at(deadline, f(&conn)).await;
+            match done {
+                Ok(result) => result,
+                Err(_) => {
+                    drop(Object::take(conn));
+                    Err(late())
+                }
+            }
         });
         async move { task.await.map_err(|e| StoreError::Backend(format!("postgres task: {e}")))? }
     }
@@ -698,26 +767,35 @@ impl PgStore {
     }
 
     /// Writes this node's lease row: `lease_until = now() + lease` and the
-    /// revision applied (`first`: a start, which also sets `started`).
+    /// revision applied (`first`: a start, which also sets `started`). A
+    /// renewal gives up once the lease it would give could no longer be
+    /// used (the lease less the margin): one stuck on a dead connection
+    /// must not hold the next back. A start may also open a connection.
     async fn write_lease(&self, first: bool) -> Result<(), StoreError> {
         let (name, ms, applied) =
             (self.node.name.clone(), self.node.lease.as_millis() as i64, self.applied.load(Ordering::SeqCst));
         let instance = self.instance.clone();
+        let limit = match first {
+            true => CONNECT_TIMEOUT + self.node.lease,
+            false => self.node.lease.saturating_sub(self.margin()),
+        };
         // The row is this daemon's while its lease lasts: another daemon
         // with the same name takes it only once that lease has run out.
         let renewed = self
-            .on_db(move |c| async move {
-                c.execute(
-                    "INSERT INTO nodes (name, lease_until, applied, version, instance) \
-                     VALUES ($1, now() + $2::bigint * interval '1 millisecond', $3, $4, $6) \
-                     ON CONFLICT (name) DO UPDATE SET lease_until = EXCLUDED.lease_until, \
-                     applied = EXCLUDED.applied, version = EXCLUDED.version, instance = EXCLUDED.instance, \
-                     started = CASE WHEN $5 THEN now() ELSE nodes.started END \
-                     WHERE nodes.instance = EXCLUDED.instance OR nodes.lease_until < now()",
-                    &[&name, &ms, &applied, &env!("CARGO_PKG_VERSION"), &first, &instance],
-                )
-                .await
-                .map_err(db)
+            .on_db_within(limit, "renewing the lease", move |c| {
+                Box::pin(async move {
+                    c.execute(
+                        "INSERT INTO nodes (name, lease_until, applied, version, instance) \
+                         VALUES ($1, now() + $2::bigint * interval '1 millisecond', $3, $4, $6) \
+                         ON CONFLICT (name) DO UPDATE SET lease_until = EXCLUDED.lease_until, \
+                         applied = EXCLUDED.applied, version = EXCLUDED.version, instance = EXCLUDED.instance, \
+                         started = CASE WHEN $5 THEN now() ELSE nodes.started END \
+                         WHERE nodes.instance = EXCLUDED.instance OR nodes.lease_until < now()",
+                        &[&name, &ms, &applied, &env!("CARGO_PKG_VERSION"), &first, &instance],
+                    )
+                    .await
+                    .map_err(db)
+                })
             })
             .await?;
         if renewed == 0 {
@@ -1536,5 +1614,39 @@ impl Backend for PgStore {
             let rows = c.query("SELECT DISTINCT node FROM audit ORDER BY node", &[]).await.map_err(db)?;
             Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_links_are_bounded_by_the_lease_unless_the_connection_string_says_otherwise() {
+        let mut c: tokio_postgres::Config = "host=db.example user=k dbname=k".parse().unwrap();
+        bound_dead_links(&mut c, Duration::from_secs(5));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(5));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(1)));
+        assert_eq!(c.get_keepalives_retries(), Some(3));
+        // A 60 s lease probes every 20 s.
+        let mut c: tokio_postgres::Config = "host=db.example user=k dbname=k".parse().unwrap();
+        bound_dead_links(&mut c, Duration::from_secs(60));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(20)));
+
+        let mut c: tokio_postgres::Config = "host=db.example user=k dbname=k tcp_user_timeout=30 \
+             keepalives_idle=40 keepalives_interval=7 keepalives_retries=9"
+            .parse()
+            .unwrap();
+        bound_dead_links(&mut c, Duration::from_secs(5));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(40));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(7)));
+        assert_eq!(c.get_keepalives_retries(), Some(9));
+        let mut c: tokio_postgres::Config = "host=db.example user=k dbname=k keepalives=0".parse().unwrap();
+        bound_dead_links(&mut c, Duration::from_secs(5));
+        assert!(!c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), DEFAULT_KEEPALIVES_IDLE);
     }
 }
