@@ -192,13 +192,32 @@ struct State {
     /// The flusher is waiting on the condition variable (appends notify it
     /// only then: a notification is a system call).
     idle: bool,
+    /// The seal the sealer thread is to make next: the record it covers
+    /// and that record's hash. Asked for by the flusher once the record is
+    /// durable; one at a time.
+    seal_wanted: Option<(u64, [u8; 32])>,
+    /// A seal the sealer made (its bytes), or why it could not, for the
+    /// flusher's next round to write.
+    seal_made: Option<MadeSeal>,
+    /// The newest durable seal, for the sealer to anchor in the token.
+    anchor_wanted: Option<(u64, [u8; 32])>,
+    /// Set by the flusher when it stops: the sealer finishes its job, if
+    /// any, and stops.
+    sealer_stop: bool,
 }
+
+/// A seal the sealer made: the record it covers, that record's hash, and
+/// the seal's bytes or why it could not be made.
+type MadeSeal = (u64, [u8; 32], Result<Vec<u8>, String>);
 
 struct Log {
     store: Store,
     hsm: Arc<Hsm>,
     state: Mutex<State>,
+    /// Wakes the flusher.
     wake: Condvar,
+    /// Wakes the sealer.
+    seal_wake: Condvar,
     seal_interval: Duration,
     seal_every: u64,
     /// `[audit] commit_gather_us`.
@@ -386,8 +405,13 @@ impl Audit {
                 batch: Vec::new(),
                 stop: false,
                 idle: false,
+                seal_wanted: None,
+                seal_made: None,
+                anchor_wanted: None,
+                sealer_stop: false,
             }),
             wake: Condvar::new(),
+            seal_wake: Condvar::new(),
             seal_interval: Duration::from_millis(cfg.seal_interval_ms),
             seal_every: cfg.seal_every,
             commit_gather: Duration::from_micros(cfg.commit_gather_us),
@@ -396,9 +420,14 @@ impl Audit {
             is_failing: std::sync::atomic::AtomicBool::new(false),
         });
         let l = log.clone();
+        let sealer = std::thread::Builder::new()
+            .name("keyhaven-audit-seal".into())
+            .spawn(move || l.sealer())
+            .map_err(|e| StoreError::Backend(format!("cannot start the audit sealing thread: {e}")))?;
+        let l = log.clone();
         let t = std::thread::Builder::new()
             .name("keyhaven-audit".into())
-            .spawn(move || l.flusher(sealed, sealed_head))
+            .spawn(move || l.flusher(sealed, sealed_head, sealer))
             .map_err(|e| StoreError::Backend(format!("cannot start the audit thread: {e}")))?;
         Ok(Audit { log: Some(log), flusher: Mutex::new(Some(t)), volume: Volume::new(cfg), sinks })
     }
@@ -689,11 +718,18 @@ impl Log {
 
     /// The flusher: one flush for every batch of records written since the
     /// last one (each waiting request is woken once, after the flush that
-    /// covers its record), a seal when one is due, until stopped.
-    fn flusher(&self, mut sealed: u64, mut sealed_head: [u8; 32]) {
+    /// covers its record), until stopped. When a seal is due it asks the
+    /// sealer thread for one over the newest durable record and writes it
+    /// in a later round, so that no round waits for the token (on a network
+    /// HSM a seal and an anchor are several round trips); at the stop it
+    /// seals and anchors the head itself, after the sealer has stopped.
+    fn flusher(&self, mut sealed: u64, mut sealed_head: [u8; 32], sealer: JoinHandle<()>) {
+        let mut sealer = Some(sealer);
         let mut sealed_at = Instant::now();
-        // The last seal anchored in the token by this run (none yet: the
-        // first round anchors the seal it started from).
+        // Whether a seal was asked of the sealer and not yet written.
+        let mut in_flight = false;
+        // The last seal given to the sealer to anchor in the token (none
+        // yet: the first round anchors the seal it started from).
         let mut anchored = 0u64;
         // When the last round started, and how many records it served.
         let mut round_at = Instant::now();
@@ -701,18 +737,25 @@ impl Log {
         // While flushes fail: when the last one was tried.
         let mut failed_at: Option<Instant> = None;
         loop {
-            let (last, head, stop, waiting, batch) = {
+            let (last, head, stop, waiting, batch, made) = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
-                    let due = st.last > sealed
+                    let due = !in_flight
+                        && st.last > sealed
                         && (sealed_at.elapsed() >= self.seal_interval || st.last - sealed >= self.seal_every);
                     // A failed flush is tried again on its own, so that
                     // the log recovers without a request.
                     let retry = failed_at.is_some_and(|t| t.elapsed() >= RETRY_EVERY);
-                    if st.stop || !st.waiting.is_empty() || due || retry || !st.batch.is_empty() {
+                    if st.stop
+                        || !st.waiting.is_empty()
+                        || due
+                        || retry
+                        || !st.batch.is_empty()
+                        || st.seal_made.is_some()
+                    {
                         break;
                     }
-                    let mut wait = if st.last > sealed {
+                    let mut wait = if st.last > sealed && !in_flight {
                         self.seal_interval.saturating_sub(sealed_at.elapsed())
                     } else {
                         Duration::from_secs(3600)
@@ -723,6 +766,17 @@ impl Log {
                     st.idle = true;
                     st = self.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
                     st.idle = false;
+                }
+                if st.stop && sealer.is_some() {
+                    // The last round seals and anchors on this thread: the
+                    // sealer finishes what it is doing and stops first.
+                    st.sealer_stop = true;
+                    self.seal_wake.notify_all();
+                    drop(st);
+                    if let Some(t) = sealer.take() {
+                        let _ = t.join();
+                    }
+                    st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 }
                 // Under load (the last round served more than
                 // GATHER_AFTER records), let the records of requests still
@@ -736,34 +790,54 @@ impl Log {
                     st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 }
                 round_at = Instant::now();
-                (st.last, st.head, st.stop, std::mem::take(&mut st.waiting), std::mem::take(&mut st.batch))
+                (
+                    st.last,
+                    st.head,
+                    st.stop,
+                    std::mem::take(&mut st.waiting),
+                    std::mem::take(&mut st.batch),
+                    st.seal_made.take(),
+                )
             };
             round_records = batch.len();
-            // The round's records go to the store's pending write...
             let mut put = Ok(());
-            for (seq, bytes) in &batch {
-                if put.is_ok() {
-                    put = self.store.audit_put(AuditKind::Record, *seq, bytes);
-                }
-            }
-            let due = last > sealed
-                && (stop || sealed_at.elapsed() >= self.seal_interval || last - sealed >= self.seal_every);
-            if due {
-                match self.seal(last, &head) {
-                    Ok(()) => {
+            // A seal the sealer made covers a record of an earlier round:
+            // it goes first, so that the frames stay in sequence order...
+            if let Some((seq, h, made)) = made {
+                in_flight = false;
+                match made {
+                    Ok(bytes) => {
+                        put = self.store.audit_put(AuditKind::Seal, seq, &bytes);
                         crate::metrics::audit_sealed();
-                        sealed = last;
-                        sealed_head = head;
+                        sealed = seq;
+                        sealed_head = h;
                         sealed_at = Instant::now();
                     }
                     Err(e) => {
-                        tracing::warn!("cannot seal the audit log at record {last}: {e}");
+                        tracing::warn!("cannot seal the audit log at record {seq}: {e}");
                         // Try again after an interval, not at once.
                         sealed_at = Instant::now();
                     }
                 }
             }
-            // ... and become durable in one write and one `fdatasync`.
+            // ... then the round's records...
+            for (seq, bytes) in &batch {
+                if put.is_ok() {
+                    put = self.store.audit_put(AuditKind::Record, *seq, bytes);
+                }
+            }
+            // ... and at the stop the seal of the head, made here.
+            if stop && last > sealed {
+                match self.seal(last, &head) {
+                    Ok(()) => {
+                        crate::metrics::audit_sealed();
+                        sealed = last;
+                        sealed_head = head;
+                    }
+                    Err(e) => tracing::warn!("cannot seal the audit log at record {last}: {e}"),
+                }
+            }
+            // All become durable in one write and one `fdatasync`.
             let flushed = put.and_then(|()| self.store.audit_flush());
             crate::metrics::audit_written(if flushed.is_ok() { batch.len() } else { 0 });
             let answer = match &flushed {
@@ -778,7 +852,7 @@ impl Log {
                     if failed_at.is_none() {
                         tracing::error!(
                             "cannot write the audit log: {e}; requests are refused, and the write tried again \
-                             every {} ms, until it succeeds (docs/OPERATIONS.md §7.1)",
+                             every {} ms, until it succeeds (docs/AUDIT.md §4, docs/OPERATIONS.md §7.1)",
                             RETRY_EVERY.as_millis()
                         );
                     }
@@ -790,19 +864,76 @@ impl Log {
             for w in waiting {
                 let _ = w.send(answer.clone());
             }
-            // A durable seal is anchored in the token (after the answers:
-            // the anchor only ever trails the log).
-            if flushed.is_ok() && sealed > anchored {
-                let text = AuditAnchor { seq: sealed, head: sealed_head }.encode();
-                match self.hsm.run_blocking(move |w| w.write_anchor(AnchorKind::Audit, &text)) {
-                    Ok(()) => anchored = sealed,
-                    Err(e) => tracing::warn!(
-                        "cannot anchor the audit log's seal of record {sealed} in the token: {e}"
-                    ),
+            if flushed.is_err() {
+                if stop {
+                    return;
                 }
+                continue;
             }
             if stop {
+                // A durable seal is anchored in the token (after the
+                // answers: the anchor only ever trails the log).
+                if sealed > anchored {
+                    let text = AuditAnchor { seq: sealed, head: sealed_head }.encode();
+                    if let Err(e) = self.hsm.run_blocking(move |w| w.write_anchor(AnchorKind::Audit, &text)) {
+                        tracing::warn!(
+                            "cannot anchor the audit log's seal of record {sealed} in the token: {e}"
+                        );
+                    }
+                }
                 return;
+            }
+            let ask_seal = !in_flight
+                && last > sealed
+                && (sealed_at.elapsed() >= self.seal_interval || last - sealed >= self.seal_every);
+            let ask_anchor = sealed > anchored;
+            if ask_seal || ask_anchor {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if ask_seal {
+                    // `last` is durable now: the seal over it may be made.
+                    st.seal_wanted = Some((last, head));
+                    in_flight = true;
+                }
+                if ask_anchor {
+                    st.anchor_wanted = Some((sealed, sealed_head));
+                    anchored = sealed;
+                }
+                drop(st);
+                self.seal_wake.notify_one();
+            }
+        }
+    }
+
+    /// The sealer: makes the seals the flusher asks for and anchors the
+    /// durable ones in the token (docs/AUDIT.md §3.2, §4), off the
+    /// flusher's path, until the flusher stops it.
+    fn sealer(&self) {
+        loop {
+            let (seal, anchor) = {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if st.sealer_stop {
+                        return;
+                    }
+                    if st.seal_wanted.is_some() || st.anchor_wanted.is_some() {
+                        break;
+                    }
+                    st = self.seal_wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                (st.seal_wanted.take(), st.anchor_wanted.take())
+            };
+            if let Some((seq, head)) = anchor {
+                let text = AuditAnchor { seq, head }.encode();
+                if let Err(e) = self.hsm.run_blocking(move |w| w.write_anchor(AnchorKind::Audit, &text)) {
+                    // The next durable seal is anchored instead.
+                    tracing::warn!("cannot anchor the audit log's seal of record {seq} in the token: {e}");
+                }
+            }
+            if let Some((seq, head)) = seal {
+                let made = make_seal(&self.hsm, seq, &head)
+                    .and_then(|seal| serde_json::to_vec(&seal).map_err(|e| e.to_string()));
+                self.state.lock().unwrap_or_else(|e| e.into_inner()).seal_made = Some((seq, head, made));
+                self.wake.notify_one();
             }
         }
     }

@@ -134,8 +134,14 @@ async fn the_file_sink_ships_every_record_across_rotation_a_kill_and_an_outage()
     );
     let c = d.client().await;
     c.key_create(&path("acme/pii")).await.unwrap();
-    write_some(&c, "acme/pii", 100).await;
-    let h = head(&c).await;
+    // Three bursts, each shipped before the next, each over 16 KiB (the
+    // file rotates between deliveries, so one big delivery would not).
+    let mut h = 0;
+    for _ in 0..3 {
+        write_some(&c, "acme/pii", 40).await;
+        h = head(&c).await;
+        wait_for(|| files_of(&ship, "audit.jsonl"), h);
+    }
     let got = wait_for(|| files_of(&ship, "audit.jsonl"), h);
     check_chain(&got, 1, h);
     let files = files_of(&ship, "audit.jsonl");

@@ -486,7 +486,7 @@ fn run(
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
-        let result = batch(store, cursor, head).and_then(|(records, mut seals)| {
+        let result = batch(store, cursor, head, sealed).and_then(|(records, mut seals)| {
             seals.retain(|s| s.0 > sealed);
             let last_seal = seals.last().map_or(sealed, |s| s.0);
             let shipped = shipped(&records, seals);
@@ -524,9 +524,10 @@ fn run(
 /// A stored record: sequence number and bytes.
 type Entry = (u64, Vec<u8>);
 
-/// Up to [`BATCH`] records after `cursor` up to `head`, and the seals of
-/// the records among them.
-fn batch(store: &Store, cursor: u64, head: u64) -> Result<(Vec<Entry>, Vec<Entry>), String> {
+/// Up to [`BATCH`] records after `cursor` up to `head`, and the seals
+/// after `sealed` up to the last of them: a seal is made after the record
+/// it covers is durable, so it may cover a record delivered before.
+fn batch(store: &Store, cursor: u64, head: u64, sealed: u64) -> Result<(Vec<Entry>, Vec<Entry>), String> {
     let mut records = Vec::new();
     for entry in store.audit_scan(AuditKind::Record, cursor.saturating_add(1), false) {
         let (seq, bytes) = entry.map_err(|e| format!("reading the audit log: {e}"))?;
@@ -539,7 +540,7 @@ fn batch(store: &Store, cursor: u64, head: u64) -> Result<(Vec<Entry>, Vec<Entry
         return Ok((records, Vec::new()));
     };
     let mut seals = Vec::new();
-    for entry in store.audit_scan(AuditKind::Seal, first, false) {
+    for entry in store.audit_scan(AuditKind::Seal, first.min(sealed.saturating_add(1)), false) {
         let (seq, bytes) = entry.map_err(|e| format!("reading the audit log's seals: {e}"))?;
         if seq > last {
             break;
