@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// init calls and length queries are free) or `call` (every call).
     #[arg(long, default_value = "operation", value_parser = ["operation", "call"])]
     pub token_latency_per: String,
+    /// With --token-latency: the session counts to measure the daemon's scaling at, each with
+    /// `[hsm] workers` set to it and three clients per session, against `sessions / latency`
+    /// and the raw token with as many sessions; `none` to skip.
+    #[arg(long, default_value = "8,32,128")]
+    pub sessions: String,
     /// Then run datakey-decrypt at 64 clients for this long (e.g. 60s),
     /// sampling the daemon's resident memory every 10 s, and print its growth.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -572,6 +577,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     let bin = keyhaven_binary(args)?;
+    let sessions = parse_sessions(&args.sessions)?;
     if let Some(latency) = args.token_latency {
         // The dev install's token, the daemon and the raw loops all load
         // the slow token; it reads these at its first call.
@@ -609,10 +615,12 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     if args.audit_sinks {
         return audit_sinks(args, &bin, dir, &config_path, &config);
     }
-    let (daemon, socket) = start_daemon(dir)?;
     if let Some(latency) = args.token_latency {
-        return slow_token_comparison(args, &bin, &config, daemon, &socket, latency);
+        let (daemon, socket) = start_daemon(dir)?;
+        return slow_token_comparison(args, &bin, &config, daemon, &socket, latency)
+            .and_then(|()| slow_token_scaling(args, &bin, dir, &config_path, &config, latency, &sessions));
     }
+    let (daemon, socket) = start_daemon(dir)?;
     let rss_start = daemon.rss_kib();
     eprintln!("keyhavend bench: raw token rate, {} s", args.duration.as_secs_f64());
     let raw1 = raw_datakey_decrypt(&config, args.duration)?;
@@ -976,6 +984,90 @@ fn print_rows(rows: &[Row]) {
             println!("  first error: {e}");
         }
     }
+}
+
+/// `--sessions`: a list of session counts (1 to the most workers), or `none`.
+fn parse_sessions(text: &str) -> anyhow::Result<Vec<usize>> {
+    if text == "none" {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|n| match n.trim().parse::<usize>() {
+            Ok(n) if (1..=crate::hsm::sizing::MAX_WORKERS).contains(&n) => Ok(n),
+            _ => bail!(
+                "--sessions: {n:?} is not a session count from 1 to {} (a list such as 8,32,128, or none)",
+                crate::hsm::sizing::MAX_WORKERS
+            ),
+        })
+        .collect()
+}
+
+/// Clients per session in `--sessions` runs: while a worker waits on the
+/// token for one request, the others of its clients are in the daemon's
+/// own path or waiting for the audit log's write, so one client per
+/// session would leave sessions idle.
+const CLIENTS_PER_SESSION: usize = 3;
+
+/// `--token-latency` with `--sessions`: how the daemon scales with the
+/// token's sessions. For each count S, the daemon with `[hsm] workers = S`
+/// and 3 × S clients, against `S / latency` and the raw token with S
+/// sessions (each on its own thread), one line each.
+fn slow_token_scaling(
+    args: &BenchArgs,
+    bin: &Path,
+    dir: &Path,
+    config_path: &Path,
+    config: &Config,
+    latency: Duration,
+    sessions: &[usize],
+) -> anyhow::Result<()> {
+    let per = &args.token_latency_per;
+    let mut lines = Vec::new();
+    for &n in sessions {
+        let text = std::fs::read_to_string(config_path)?;
+        let mut doc: toml::Table = text.parse()?;
+        if let Some(hsm) = doc.get_mut("hsm").and_then(|t| t.as_table_mut()) {
+            hsm.insert("workers".into(), toml::Value::Integer(n as i64));
+        }
+        std::fs::write(config_path, toml::to_string(&doc)?)?;
+        let clients = n * CLIENTS_PER_SESSION;
+        eprintln!("keyhavend bench: the daemon with {n} HSM workers, {clients} clients, through a {latency:?} token");
+        let (daemon, socket) = start_daemon(dir)?;
+        let bench_args = vec![
+            "--op".to_owned(),
+            "datakey-decrypt".to_owned(),
+            "--concurrency".to_owned(),
+            clients.to_string(),
+            "--duration".to_owned(),
+            format!("{}ms", args.duration.as_millis()),
+        ];
+        let rows = client_bench(bin, &socket, &bench_args)?;
+        drop(daemon);
+        let row = rows
+            .iter()
+            .find(|r| r.op == "datakey-decrypt" && !r.new_connection)
+            .context("`keyhaven bench` printed no datakey-decrypt row")?;
+        eprintln!("keyhavend bench: raw token rate with {n} sessions, {} s", args.duration.as_secs_f64());
+        let raw = raw_datakey_decrypt_parallel(config, n, args.duration)?;
+        let ideal = n as f64 / latency.as_secs_f64();
+        lines.push(format!(
+            "daemon/ideal datakey-decrypt sessions={n} c={clients} token {} µs/{per}: {:.2} of {n}/latency, \
+             {:.2} of raw at {n} sessions (daemon {:.0} ops/s, {} errors, p50 {:.0} µs, p99 {:.0} µs; \
+             raw {:.0} ops/s)",
+            latency.as_micros(),
+            row.ops_per_sec / ideal,
+            row.ops_per_sec / raw.ops_per_sec.max(1.0),
+            row.ops_per_sec,
+            row.errors,
+            row.p50_us,
+            row.p99_us,
+            raw.ops_per_sec
+        ));
+    }
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
 }
 
 /// `--token-latency`: the daemon (workers as configured, "auto" unless

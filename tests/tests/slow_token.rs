@@ -430,7 +430,7 @@ fn keyhavend_bench_token_latency_runs_the_comparison_and_prints_its_line() {
     // A smoke run, not a measurement: nothing here checks a timing.
     let dir = tempfile::tempdir().unwrap();
     let out = command(bin("keyhavend"))
-        .args(["bench", "--token-latency", "200us", "--duration", "200ms", "--dir"])
+        .args(["bench", "--token-latency", "200us", "--duration", "200ms", "--sessions", "8", "--dir"])
         .arg(dir.path().join("bench"))
         .arg("--keyhaven")
         .arg(bin("keyhaven"))
@@ -445,9 +445,16 @@ fn keyhavend_bench_token_latency_runs_the_comparison_and_prints_its_line() {
     }
     assert!(text.contains("[hsm] workers = \"auto\""), "{text}");
     assert!(!text.contains("first error"), "{text}");
+    let summary = text.lines().find(|l| l.starts_with("daemon/raw ")).unwrap_or_default();
+    assert!(summary.starts_with("daemon/raw datakey-decrypt c=64 token 200 µs/operation: "), "{text}");
+    assert!(summary.contains(" of raw at ") && summary.ends_with(" µs)"), "{summary}");
+    // --sessions 8: the daemon with 8 workers and 24 clients, last.
     let last = text.lines().last().unwrap_or_default();
-    assert!(last.starts_with("daemon/raw datakey-decrypt c=64 token 200 µs/operation: "), "{last}");
-    assert!(last.contains(" of raw at ") && last.ends_with(" µs)"), "{last}");
+    assert!(
+        last.starts_with("daemon/ideal datakey-decrypt sessions=8 c=24 token 200 µs/operation: "),
+        "{text}"
+    );
+    assert!(last.contains(" of 8/latency, ") && last.contains(" 0 errors,"), "{last}");
 }
 
 /// A session object made in one session serves another session of the
