@@ -15,7 +15,7 @@ import struct
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 from .errors import (
     ConnectError,
@@ -69,17 +69,18 @@ class Connection:
         try:
             ok = self.request(
                 "hello",
-                {"protocol": PROTOCOL_VERSION, "client": client_name},
+                hello_params(client_name),
                 connect_timeout,
                 what=f"connecting to the daemon at {path}",
             )
         except BaseException:
             self.close()
             raise
-        if ok.get("protocol") != PROTOCOL_VERSION:
+        try:
+            self.server = check_hello(ok)
+        except ProtocolError:
             self.close()
-            raise ProtocolError(f"the daemon speaks protocol {ok.get('protocol')}, not {PROTOCOL_VERSION}")
-        self.server = str(ok.get("server", ""))
+            raise
 
     @property
     def in_flight(self) -> int:
@@ -96,20 +97,15 @@ class Connection:
                 raise self._close_error or ConnectionClosed()
             rid = next(self._ids)
             self._pending[rid] = fut
-        msg: Dict[str, Any] = {"id": rid, "op": op}
-        if params is not None:
-            msg["params"] = params
-        body = json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        if len(body) > MAX_FRAME:
+        try:
+            frame = encode_request(rid, op, params)
+        except BaseException:
             with self._lock:
                 self._pending.pop(rid, None)
-            raise InvalidInput(
-                "frame_too_large",
-                f"a request of {len(body)} bytes is over the frame limit of {MAX_FRAME} bytes",
-            )
+            raise
         try:
             with self._write_lock:
-                self._sock.sendall(struct.pack(">I", len(body)) + body)
+                self._sock.sendall(frame)
         except OSError as e:
             self.close(ConnectionClosed(f"socket error: {e}"))
         try:
@@ -135,30 +131,18 @@ class Connection:
                 head = self._recv_exact(4)
                 if head is None:
                     break
-                (n,) = struct.unpack(">I", head)
-                if n > MAX_FRAME:
-                    err = ProtocolError(
-                        f"the daemon sent a frame of {n} bytes, over the limit of {MAX_FRAME}"
-                    )
-                    break
-                body = self._recv_exact(n)
+                body = self._recv_exact(frame_length(head))
                 if body is None:
                     break
-                try:
-                    msg = json.loads(body.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError):
-                    err = ProtocolError("the daemon sent a frame that is not JSON")
-                    break
-                if not isinstance(msg, dict):
-                    err = ProtocolError("the daemon sent a frame that is not an object")
-                    break
-                self._dispatch(msg)
+                self._dispatch(decode_frame(body))
+        except ProtocolError as e:
+            err = e
         except OSError as e:
             err = ConnectionClosed(f"socket error: {e}")
         self.close(err)
 
     def _dispatch(self, msg: Dict[str, Any]) -> None:
-        if "id" not in msg and isinstance(msg.get("event"), str):
+        if is_event(msg):
             if self.on_event is not None:
                 try:
                     self.on_event(msg)
@@ -167,23 +151,17 @@ class Connection:
             return
         rid = msg.get("id")
         if rid is None:
-            # Not tied to a request (a frame the daemon could not read, `busy`
-            # at the connection limit): the daemon closes after it.
-            e = msg.get("error") or {}
-            self._close_error = DaemonError(str(e.get("code", "internal")), str(e.get("message", "")))
+            self._close_error = unsolicited_error(msg)
             return
         with self._lock:
             fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
         if fut is None:
             return  # a request that timed out: its late answer is dropped
-        error = msg.get("error")
-        ok = msg.get("ok")
-        if isinstance(error, dict):
-            fut.set_exception(DaemonError(str(error.get("code")), str(error.get("message", ""))))
-        elif isinstance(ok, dict):
-            fut.set_result(ok)
+        result = answer(msg)
+        if isinstance(result, KeyhavenError):
+            fut.set_exception(result)
         else:
-            fut.set_exception(ProtocolError("an answer with neither `ok` nor `error`"))
+            fut.set_result(result)
 
     def close(self, err: Optional[KeyhavenError] = None) -> None:
         """Close, failing every request in flight."""
@@ -205,3 +183,71 @@ class Connection:
         self._sock.close()
         if self.on_close is not None:
             self.on_close()
+
+
+def hello_params(client_name: str) -> Dict[str, Any]:
+    """The params of the first request on every connection (PROTOCOL.md §2.2)."""
+    return {"protocol": PROTOCOL_VERSION, "client": client_name}
+
+
+def check_hello(ok: Dict[str, Any]) -> str:
+    """The server name from a ``hello`` answer; ``ProtocolError`` for another protocol."""
+    if ok.get("protocol") != PROTOCOL_VERSION:
+        raise ProtocolError(f"the daemon speaks protocol {ok.get('protocol')}, not {PROTOCOL_VERSION}")
+    return str(ok.get("server", ""))
+
+
+def encode_request(rid: int, op: str, params: Optional[Dict[str, Any]]) -> bytes:
+    """One request frame: length prefix and JSON; ``frame_too_large`` over the limit (nothing sent)."""
+    msg: Dict[str, Any] = {"id": rid, "op": op}
+    if params is not None:
+        msg["params"] = params
+    body = json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if len(body) > MAX_FRAME:
+        raise InvalidInput(
+            "frame_too_large",
+            f"a request of {len(body)} bytes is over the frame limit of {MAX_FRAME} bytes",
+        )
+    return struct.pack(">I", len(body)) + body
+
+
+def frame_length(head: bytes) -> int:
+    """The length in a frame's 4-byte prefix; ``ProtocolError`` over the limit."""
+    (n,) = struct.unpack(">I", head)
+    if n > MAX_FRAME:
+        raise ProtocolError(f"the daemon sent a frame of {n} bytes, over the limit of {MAX_FRAME}")
+    return int(n)
+
+
+def decode_frame(body: bytes) -> Dict[str, Any]:
+    """A frame's JSON object; ``ProtocolError`` if it is not one."""
+    try:
+        msg = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("the daemon sent a frame that is not JSON") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("the daemon sent a frame that is not an object")
+    return msg
+
+
+def is_event(msg: Dict[str, Any]) -> bool:
+    """An event frame (§6): no id, an ``event`` name."""
+    return "id" not in msg and isinstance(msg.get("event"), str)
+
+
+def unsolicited_error(msg: Dict[str, Any]) -> DaemonError:
+    """An error not tied to a request (``id: null``: a frame the daemon could not read,
+    ``busy`` at the connection limit); the daemon closes the connection after it."""
+    e = msg.get("error") or {}
+    return DaemonError(str(e.get("code", "internal")), str(e.get("message", "")))
+
+
+def answer(msg: Dict[str, Any]) -> Union[Dict[str, Any], KeyhavenError]:
+    """An answer's ``ok`` object, or the typed error it carries."""
+    error = msg.get("error")
+    ok = msg.get("ok")
+    if isinstance(error, dict):
+        return DaemonError(str(error.get("code")), str(error.get("message", "")))
+    if isinstance(ok, dict):
+        return ok
+    return ProtocolError("an answer with neither `ok` nor `error`")
