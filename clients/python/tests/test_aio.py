@@ -231,6 +231,18 @@ def test_connect_failures_and_timeouts_are_typed(tmp_path: Path) -> None:
             assert 0.25 < time.monotonic() - t0 < 3
             conn = c._slots[0]
             assert conn is not None and conn.in_flight == 0  # forgotten, the connection kept
+            # A shorter timeout than a call already waiting still expires on time.
+            c.request_timeout = 30
+            slow = asyncio.ensure_future(c.health())
+            await asyncio.sleep(0.01)
+            c.request_timeout = 0.2
+            t0 = time.monotonic()
+            with pytest.raises(KeyhavenTimeout):
+                await c.whoami()
+            assert time.monotonic() - t0 < 2
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
             # The peer goes away with 64 calls in flight: each fails with connection_closed.
             c.request_timeout = None
             calls = [asyncio.ensure_future(c.encrypt("acme/pii", f"m{i}")) for i in range(64)]

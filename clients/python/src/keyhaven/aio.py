@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any, Dict, List, Optional, Set, TypeVar, Union
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple, TypeVar, Union
 
 from . import ops
 from .client import (
@@ -65,8 +66,13 @@ T = TypeVar("T")
 Ok = Dict[str, Any]
 
 
-class AsyncConnection(asyncio.Protocol):
-    """One pipelined connection on the running event loop (no thread)."""
+class AsyncConnection(asyncio.BufferedProtocol):
+    """One pipelined connection on the running event loop (no thread).
+
+    A buffered protocol: the loop reads into one preallocated buffer
+    (``recv_into``), where a plain protocol gets a fresh 256 KiB ``bytes``
+    for every read.
+    """
 
     def __init__(self, path: str, on_event: Optional[EventCallback] = None) -> None:
         self.path = path
@@ -77,8 +83,13 @@ class AsyncConnection(asyncio.Protocol):
         self._pending: Dict[int, asyncio.Future[Ok]] = {}
         self._ids = itertools.count(1)
         self._buf = bytearray()
+        self._chunk = memoryview(bytearray(1 << 16))
         self._transport: Optional[asyncio.Transport] = None
         self._writable: Optional[asyncio.Event] = None
+        self._loop = asyncio.get_running_loop()
+        # (deadline, id, future, op, what, timeout) of calls with a timeout, in deadline order.
+        self._deadlines: Deque[Tuple[float, int, asyncio.Future[Ok], str, Optional[str], float]] = deque()
+        self._sweeper: Optional[asyncio.TimerHandle] = None
 
     @classmethod
     async def open(
@@ -120,9 +131,12 @@ class AsyncConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._chunk
+
+    def buffer_updated(self, nbytes: int) -> None:
         buf = self._buf
-        buf += data
+        buf += self._chunk[:nbytes]
         try:
             while len(buf) >= 4:
                 n = frame_length(bytes(buf[:4]))
@@ -178,13 +192,26 @@ class AsyncConnection(asyncio.Protocol):
             await self._writable.wait()
             if self.closed:
                 raise self._close_error or ConnectionClosed()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         fut: asyncio.Future[Ok] = loop.create_future()
         self._pending[rid] = fut
         self._transport.write(frame)
         timer = None
         if timeout is not None:
-            timer = loop.call_later(timeout, self._expire, rid, fut, what or f"the answer to `{op}`", timeout)
+            deadline = loop.time() + timeout
+            queue = self._deadlines
+            while queue and queue[0][2].done():  # answered, mostly in order: keep the queue short
+                queue.popleft()
+            if not queue or deadline >= queue[-1][0]:
+                # One timer per connection: with one request timeout, deadlines come in order.
+                queue.append((deadline, rid, fut, op, what, timeout))
+                sweeper = self._sweeper
+                if sweeper is None or sweeper.when() > deadline:  # none, or set for a call now answered
+                    if sweeper is not None:
+                        sweeper.cancel()
+                    self._sweeper = loop.call_at(deadline, self._sweep)
+            else:  # an earlier deadline than a call already waiting (the timeout was changed)
+                timer = loop.call_later(timeout, self._expire, rid, fut, op, what, timeout)
         try:
             return await fut
         finally:
@@ -192,10 +219,26 @@ class AsyncConnection(asyncio.Protocol):
                 timer.cancel()
             self._pending.pop(rid, None)
 
-    def _expire(self, rid: int, fut: asyncio.Future[Ok], what: str, after: float) -> None:
+    def _sweep(self) -> None:
+        """Expire the calls whose deadline has passed; wake again at the next one's."""
+        self._sweeper = None
+        now = self._loop.time()
+        queue = self._deadlines
+        while queue:
+            deadline, rid, fut, op, what, after = queue[0]
+            if fut.done():
+                queue.popleft()
+            elif deadline <= now:
+                queue.popleft()
+                self._expire(rid, fut, op, what, after)
+            else:
+                self._sweeper = self._loop.call_at(deadline, self._sweep)
+                return
+
+    def _expire(self, rid: int, fut: asyncio.Future[Ok], op: str, what: Optional[str], after: float) -> None:
         self._pending.pop(rid, None)
         if not fut.done():
-            fut.set_exception(KeyhavenTimeout(what, after))
+            fut.set_exception(KeyhavenTimeout(what or f"the answer to `{op}`", after))
 
     def close(self, err: Optional[KeyhavenError] = None) -> None:
         """Close, failing every request in flight."""
@@ -211,6 +254,10 @@ class AsyncConnection(asyncio.Protocol):
                 fut.set_exception(reason)
         if self._writable is not None:
             self._writable.set()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._deadlines.clear()
         if self._transport is not None:
             self._transport.abort()
 

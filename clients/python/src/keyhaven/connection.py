@@ -13,8 +13,6 @@ import json
 import socket
 import struct
 import threading
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Dict, Optional, Union
 
 from .errors import (
@@ -33,6 +31,30 @@ PROTOCOL_VERSION = 1
 EventCallback = Callable[[Dict[str, Any]], None]
 
 
+class _Waiter:
+    """One call's answer slot: a lock held until the reader thread fills it.
+
+    Cheaper than a ``concurrent.futures.Future`` (no condition variable, no
+    callbacks) on the path every request takes.
+    """
+
+    __slots__ = ("_lock", "error", "ok")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.ok: Optional[Dict[str, Any]] = None
+        self.error: Optional[BaseException] = None
+
+    def set(self, ok: Optional[Dict[str, Any]], error: Optional[BaseException]) -> None:
+        """Fill it, once (callers hold the connection's lock or own the waiter alone)."""
+        self.ok, self.error = ok, error
+        self._lock.release()
+
+    def wait(self, timeout: Optional[float]) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else timeout)
+
+
 class Connection:
     """A pipelined connection; thread-safe."""
 
@@ -47,7 +69,7 @@ class Connection:
         self.path = path
         self.on_event = on_event
         self.on_close = on_close
-        self._pending: Dict[int, Future[Dict[str, Any]]] = {}
+        self._pending: Dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -91,12 +113,12 @@ class Connection:
         self, op: str, params: Optional[Dict[str, Any]], timeout: Optional[float], what: Optional[str] = None
     ) -> Dict[str, Any]:
         """Send one request and wait for its ``ok`` object; errors are typed."""
-        fut: Future[Dict[str, Any]] = Future()
+        waiter = _Waiter()
         with self._lock:
             if self.closed:
                 raise self._close_error or ConnectionClosed()
             rid = next(self._ids)
-            self._pending[rid] = fut
+            self._pending[rid] = waiter
         try:
             frame = encode_request(rid, op, params)
         except BaseException:
@@ -108,33 +130,38 @@ class Connection:
                 self._sock.sendall(frame)
         except OSError as e:
             self.close(ConnectionClosed(f"socket error: {e}"))
-        try:
-            return fut.result(timeout)
-        except FutureTimeout:
+        if not waiter.wait(timeout):
             with self._lock:
-                self._pending.pop(rid, None)
-            raise KeyhavenTimeout(what or f"the answer to `{op}`", timeout or 0) from None
-
-    def _recv_exact(self, n: int) -> Optional[bytes]:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._sock.recv(min(n - len(buf), 1 << 16))
-            if not chunk:
-                return None
-            buf += chunk
-        return bytes(buf)
+                forgotten = self._pending.pop(rid, None) is not None
+            if forgotten:
+                raise KeyhavenTimeout(what or f"the answer to `{op}`", timeout or 0)
+            waiter.wait(None)  # answered (or closed) just as the time ran out: it is being filled
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.ok is not None
+        return waiter.ok
 
     def _read_loop(self) -> None:
+        """Read frames, several a ``recv`` when answers queue up, and hand each to its caller."""
         err: Optional[KeyhavenError] = None
+        buf = bytearray()
+        recv_into = self._sock.recv_into
+        chunk = bytearray(1 << 16)
+        view = memoryview(chunk)
         try:
             while True:
-                head = self._recv_exact(4)
-                if head is None:
+                n = recv_into(view)
+                if n == 0:
                     break
-                body = self._recv_exact(frame_length(head))
-                if body is None:
-                    break
-                self._dispatch(decode_frame(body))
+                buf += view[:n]
+                while len(buf) >= 4:
+                    size = frame_length(bytes(buf[:4]))
+                    end = 4 + size
+                    if len(buf) < end:
+                        break
+                    body = bytes(buf[4:end])
+                    del buf[:end]
+                    self._dispatch(decode_frame(body))
         except ProtocolError as e:
             err = e
         except OSError as e:
@@ -153,15 +180,15 @@ class Connection:
         if rid is None:
             self._close_error = unsolicited_error(msg)
             return
-        with self._lock:
-            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
-        if fut is None:
-            return  # a request that timed out: its late answer is dropped
         result = answer(msg)
-        if isinstance(result, KeyhavenError):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result)
+        with self._lock:
+            waiter = self._pending.pop(rid, None) if isinstance(rid, int) else None
+            if waiter is None:
+                return  # a request that timed out: its late answer is dropped
+            if isinstance(result, KeyhavenError):
+                waiter.set(None, result)
+            else:
+                waiter.set(result, None)
 
     def close(self, err: Optional[KeyhavenError] = None) -> None:
         """Close, failing every request in flight."""
@@ -173,9 +200,8 @@ class Connection:
             self._close_error = reason
             pending = list(self._pending.values())
             self._pending.clear()
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(reason)
+        for waiter in pending:
+            waiter.set(None, reason)
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
