@@ -90,6 +90,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
         # (deadline, id, future, op, what, timeout) of calls with a timeout, in deadline order.
         self._deadlines: Deque[Tuple[float, int, asyncio.Future[Ok], str, Optional[str], float]] = deque()
         self._sweeper: Optional[asyncio.TimerHandle] = None
+        self._outbox: List[bytes] = []
 
     @classmethod
     async def open(
@@ -195,7 +196,12 @@ class AsyncConnection(asyncio.BufferedProtocol):
         loop = self._loop
         fut: asyncio.Future[Ok] = loop.create_future()
         self._pending[rid] = fut
-        self._transport.write(frame)
+        # Requests made in the same loop iteration leave in one write, not one syscall each.
+        if self._outbox:
+            self._outbox.append(frame)
+        else:
+            self._outbox = [frame]
+            loop.call_soon(self._flush)
         timer = None
         if timeout is not None:
             deadline = loop.time() + timeout
@@ -218,6 +224,11 @@ class AsyncConnection(asyncio.BufferedProtocol):
             if timer is not None:
                 timer.cancel()
             self._pending.pop(rid, None)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if frames and not self.closed and self._transport is not None:
+            self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def _sweep(self) -> None:
         """Expire the calls whose deadline has passed; wake again at the next one's."""

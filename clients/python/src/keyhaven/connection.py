@@ -13,7 +13,7 @@ import json
 import socket
 import struct
 import threading
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from .errors import (
     ConnectError,
@@ -73,6 +73,8 @@ class Connection:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._outbox: List[bytes] = []
+        self._sending = False
         self.closed = False
         self._close_error: Optional[KeyhavenError] = None
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -125,11 +127,7 @@ class Connection:
             with self._lock:
                 self._pending.pop(rid, None)
             raise
-        try:
-            with self._write_lock:
-                self._sock.sendall(frame)
-        except OSError as e:
-            self.close(ConnectionClosed(f"socket error: {e}"))
+        self._send(frame)
         if not waiter.wait(timeout):
             with self._lock:
                 forgotten = self._pending.pop(rid, None) is not None
@@ -140,6 +138,28 @@ class Connection:
             raise waiter.error
         assert waiter.ok is not None
         return waiter.ok
+
+    def _send(self, frame: bytes) -> None:
+        """Queue a frame; the thread that finds nobody sending sends every queued frame,
+        so calls made while a send is under way leave together (one syscall, not one each)."""
+        with self._write_lock:
+            self._outbox.append(frame)
+            if self._sending:
+                return
+            self._sending = True
+        try:
+            while True:
+                with self._write_lock:
+                    frames, self._outbox = self._outbox, []
+                    if not frames:
+                        self._sending = False
+                        return
+                self._sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+        except OSError as e:
+            with self._write_lock:
+                self._outbox.clear()
+                self._sending = False
+            self.close(ConnectionClosed(f"socket error: {e}"))
 
     def _read_loop(self) -> None:
         """Read frames, several a ``recv`` when answers queue up, and hand each to its caller."""
