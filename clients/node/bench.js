@@ -1,7 +1,9 @@
 // Measures this client against a running daemon, as `keyhaven bench` does for
 // the Rust client: ops/s and p50/p99 per op and concurrency. Concurrent
 // callers share one Client (pipelined on its pool); seal/open run in this
-// process with a Sealer's caches.
+// process with a Sealer's caches. `cpu us/op` is this process's CPU time
+// (user and system) per operation: less sensitive to other load on the
+// machine than ops/s.
 //   node bench.js [--socket S] [--duration-ms 3000] [--concurrency 1,16] [--payload 32]
 import { performance } from 'node:perf_hooks';
 
@@ -40,11 +42,12 @@ function pct(sorted, p) {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
-console.log('op          conc      ops/s   p50 ms   p99 ms');
+console.log('op          conc      ops/s   p50 ms   p99 ms  cpu us/op');
 for (const [name, op] of Object.entries(ops)) {
   for (const c of levels) {
     const lat = [];
     const end = performance.now() + durationMs;
+    const cpu0 = process.cpuUsage();
     await Promise.all(
       Array.from({ length: c }, async () => {
         while (performance.now() < end) {
@@ -54,10 +57,12 @@ for (const [name, op] of Object.entries(ops)) {
         }
       }),
     );
+    const cpu = process.cpuUsage(cpu0);
     lat.sort((a, b) => a - b);
     const rate = lat.length / (durationMs / 1000);
+    const cpuPerOp = (cpu.user + cpu.system) / Math.max(lat.length, 1);
     console.log(
-      `${name.padEnd(11)} ${String(c).padStart(4)} ${rate.toFixed(0).padStart(10)} ${pct(lat, 50).toFixed(2).padStart(8)} ${pct(lat, 99).toFixed(2).padStart(8)}`,
+      `${name.padEnd(11)} ${String(c).padStart(4)} ${rate.toFixed(0).padStart(10)} ${pct(lat, 50).toFixed(2).padStart(8)} ${pct(lat, 99).toFixed(2).padStart(8)} ${cpuPerOp.toFixed(1).padStart(10)}`,
     );
   }
 }

@@ -48,6 +48,12 @@ export declare class IntegrityError extends KeyhavenError {
   constructor(message: string);
 }
 /** `protocol`: the daemon sent something unreadable. */
+/** A database column holds a malformed value (`bad_request`); `column` names it. */
+export declare class BadStoredValueError extends InvalidInputError {
+  constructor(column: string, reason: string);
+  readonly column: string;
+  readonly reason: string;
+}
 export declare class ProtocolError extends KeyhavenError {
   constructor(message: string);
 }
@@ -190,6 +196,12 @@ export declare const MAC_TAG_PREFIX: 'khm1:';
 export declare const MAC_TAG_LENGTH: 53;
 /** Parse a `khm1:` tag strictly; a bad one throws InvalidInputError `bad_request`. */
 export declare function parseMacTag(text: string): MacTag;
+/**
+ * A stored blind-index tag: parseMacTag's strict parse, and exactly the 53
+ * characters (no surrounding whitespace); anything else throws a
+ * BadStoredValueError naming `column`, never echoing the value.
+ */
+export declare function parseStoredTag(value: unknown, column: string): MacTag;
 export interface MacResult {
   /** `khm1:` text form, 53 characters (PROTOCOL.md §3.29). */
   tag: string;
@@ -402,3 +414,52 @@ export declare class BlindIndex {
   /** The tag under every version the key still has (or `versions`): `WHERE col = ANY($1)`. */
   tags(value: string, versions?: number[]): Promise<string[]>;
 }
+/** What `reindexBlindIndex` did; `lastKey` is where to resume (`after`). */
+export interface ReindexReport {
+  /** The index key's current version when the run began: every tag written names it. */
+  targetVersion: number;
+  /** Rows whose tag was recomputed. */
+  updated: number;
+  /** Rows whose tag already named the target version (or a later one). */
+  current: number;
+  /** Rows written by someone else between the read and the update: left to that writer. */
+  changed: number;
+  /** Rows with no value (NULL). */
+  empty: number;
+  batches: number;
+  /** The primary key (one value per column) of the last row looked at. */
+  lastKey: unknown[] | null;
+  /** The end of the table was reached (not stopped by `maxBatches`). */
+  done: boolean;
+}
+/** A node-postgres Pool, or a Client used by nothing else during the run. */
+export interface Queryable {
+  query(text: string, values?: unknown[]): Promise<{ rows: Record<string, unknown>[]; rowCount: number | null }>;
+}
+export interface ReindexOptions {
+  /** The encrypted column (its `table` and `column` are the SQL names unless `table` is given). */
+  column: EncryptedColumn;
+  index: BlindIndex;
+  /** The SQL column holding the tags. */
+  indexColumn: string;
+  /** The primary-key column(s), in order; default `id`. */
+  primaryKey?: string | string[];
+  /** The SQL table (`['schema', 'table']` for a qualified name); default `column.table`. */
+  table?: string | string[];
+  /** Rows a batch (one transaction); default 500. */
+  batchSize?: number;
+  /** Resume after this primary key (a report's `lastKey`). */
+  after?: unknown | unknown[] | null;
+  maxBatches?: number;
+  /** Daemon calls at once; default 8. */
+  concurrency?: number;
+  /** Called with a copy of the report after each committed batch (to persist `lastKey`). */
+  onBatch?: (report: ReindexReport) => void | Promise<void>;
+}
+/**
+ * Recompute a blind-index column under the index key's current version, in
+ * batches, after a rotation of that key: idempotent, resumable, a row written
+ * meanwhile keeps its writer's tag. Lookups with `BlindIndex.tags` keep finding
+ * every row while it runs.
+ */
+export declare function reindexBlindIndex(db: Queryable, opts: ReindexOptions): Promise<ReindexReport>;

@@ -63,6 +63,7 @@ export class Connection {
     this.nextId = 1;
     this.closed = false;
     this.closeError = null;
+    this.corked = false;
     this.buf = Buffer.alloc(0);
     this.sock = net.createConnection({ path: socket });
     this.sock.on('data', (chunk) => this.#onData(chunk));
@@ -79,15 +80,20 @@ export class Connection {
   request(op, params, timeoutMs) {
     if (this.closed) return Promise.reject(this.closeError ?? new ConnectionClosedError());
     const id = this.nextId++;
-    const body = Buffer.from(JSON.stringify(params === undefined ? { id, op } : { id, op, params }), 'utf8');
-    if (body.length > MAX_FRAME) {
+    const json = JSON.stringify(params === undefined ? { id, op } : { id, op, params });
+    const length = Buffer.byteLength(json, 'utf8');
+    if (length > MAX_FRAME) {
       return Promise.reject(
         new InvalidInputError(
           'frame_too_large',
-          `a request of ${body.length} bytes is over the frame limit of ${MAX_FRAME} bytes`,
+          `a request of ${length} bytes is over the frame limit of ${MAX_FRAME} bytes`,
         ),
       );
     }
+    // One buffer a frame (length prefix and body), no concatenation.
+    const frame = Buffer.allocUnsafe(4 + length);
+    frame.writeUInt32BE(length, 0);
+    frame.write(json, 4, 'utf8');
     return new Promise((resolve, reject) => {
       const entry = { resolve, reject, timer: null };
       if (timeoutMs) {
@@ -99,9 +105,16 @@ export class Connection {
       }
       this.pending.set(id, entry);
       this.sock.ref();
-      const head = Buffer.alloc(4);
-      head.writeUInt32BE(body.length);
-      this.sock.write(Buffer.concat([head, body]));
+      // Requests made in the same tick leave in one write (writev), not one syscall each.
+      if (!this.corked) {
+        this.corked = true;
+        this.sock.cork();
+        process.nextTick(() => {
+          this.corked = false;
+          this.sock.uncork();
+        });
+      }
+      this.sock.write(frame);
     });
   }
 

@@ -84,3 +84,17 @@ export class ProtocolError extends KeyhavenError {
     this.name = 'ProtocolError';
   }
 }
+
+/**
+ * A value read from a database column is not what the column holds, e.g. a
+ * blind-index column with a malformed `khm1:` tag (`bad_request`). `column`
+ * names the column; the value itself is never in the message.
+ */
+export class BadStoredValueError extends InvalidInputError {
+  constructor(column, reason) {
+    super('bad_request', `column ${column}: ${reason}`);
+    this.name = 'BadStoredValueError';
+    this.column = column;
+    this.reason = reason;
+  }
+}

@@ -6,6 +6,7 @@
 // makes the values and the parameters, the application keeps its SQL.
 
 import { DaemonError, InvalidInputError } from './errors.js';
+import { parseStoredTag } from './mactag.js';
 
 /** The default normalisation of a blind index: NFKC, surrounding space removed, lower-cased. */
 export function normaliseText(value) {
@@ -94,4 +95,135 @@ export class BlindIndex {
     }
     return out;
   }
+}
+
+/** A SQL identifier, quoted: `"name"` (inner quotes doubled); an array is a qualified name. */
+function ident(name) {
+  const parts = Array.isArray(name) ? name : [name];
+  if (parts.length === 0 || parts.some((p) => typeof p !== 'string' || p === '' || p.includes('\0'))) {
+    throw new InvalidInputError('config', 'SQL names must be non-empty strings');
+  }
+  return parts.map((p) => `"${p.replaceAll('"', '""')}"`).join('.');
+}
+
+/** Run `fn` over `items`, at most `limit` at once; results in order. */
+async function mapLimit(items, limit, fn) {
+  const out = new Array(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i]);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
+}
+
+/**
+ * Recompute a blind-index column under the index key's current version, in
+ * batches, after a rotation of that key (node-postgres: `db` is a pg.Pool,
+ * or a pg.Client used by nothing else meanwhile; anything with
+ * `query(text, values)` answering `{rows, rowCount}`).
+ *
+ * Rows are walked in primary-key order. A row whose stored tag already names
+ * the target version (or a later one) costs no daemon call; for the others
+ * the value is decrypted with the row's context, its tag made under the
+ * target version, and the row updated only if its ciphertext and tag are still
+ * those read (a row written meanwhile keeps its writer's tag: `changed`).
+ * Each batch is one transaction, opened after the daemon calls. Idempotent,
+ * and resumable from a report's `lastKey` (`after`). A malformed stored tag
+ * throws a BadStoredValueError naming the column; a value that does not
+ * decrypt, the daemon's error.
+ */
+export async function reindexBlindIndex(db, opts) {
+  const {
+    column,
+    index,
+    indexColumn,
+    primaryKey = 'id',
+    table = column?.table,
+    batchSize = 500,
+    after = null,
+    maxBatches = Infinity,
+    concurrency = 8,
+    onBatch,
+  } = opts ?? {};
+  if (!(column instanceof EncryptedColumn) || !(index instanceof BlindIndex)) {
+    throw new InvalidInputError('config', 'column must be an EncryptedColumn and index a BlindIndex');
+  }
+  if (!Number.isInteger(batchSize) || batchSize < 1) throw new InvalidInputError('config', 'batchSize must be an integer >= 1');
+  if (!Number.isInteger(concurrency) || concurrency < 1 || concurrency > 64) {
+    throw new InvalidInputError('config', 'concurrency must be an integer from 1 to 64');
+  }
+  const pk = Array.isArray(primaryKey) ? primaryKey : [primaryKey];
+  const pkSql = pk.map((c) => ident(c));
+  const t = ident(table);
+  const enc = ident(column.column);
+  const idx = ident(indexColumn);
+  const named = `${Array.isArray(table) ? table.join('.') : table}.${indexColumn}`;
+  let last = after === null || after === undefined ? null : Array.isArray(after) ? [...after] : [after];
+  if (last !== null && last.length !== pk.length) {
+    throw new InvalidInputError('config', `after must have ${pk.length} value(s), one per primary-key column`);
+  }
+  const target = (await index.client.keyShow(index.key)).current_version;
+  const report = { targetVersion: target, updated: 0, current: 0, changed: 0, empty: 0, batches: 0, lastKey: null, done: false };
+  const tuple = (offset) => `(${pk.map((_, i) => `$${offset + i}`).join(', ')})`;
+  const select = (where) =>
+    `SELECT ${pkSql.join(', ')}, ${enc} AS kh_enc, ${idx} AS kh_idx FROM ${t}` +
+    `${where} ORDER BY ${pkSql.join(', ')} LIMIT ${batchSize}`;
+  const update =
+    `UPDATE ${t} SET ${idx} = $1 WHERE (${pkSql.join(', ')}) = ${tuple(4)}` +
+    ` AND ${enc} = $2 AND ${idx} IS NOT DISTINCT FROM $3`;
+  while (report.batches < maxBatches) {
+    const where = last === null ? '' : ` WHERE (${pkSql.join(', ')}) > ${tuple(1)}`;
+    const { rows } = await db.query(select(where), last ?? []);
+    if (rows.length === 0) {
+      report.done = true;
+      break;
+    }
+    const todo = [];
+    for (const row of rows) {
+      const key = pk.map((c) => row[c]);
+      if (row.kh_enc === null) report.empty += 1;
+      else if (row.kh_idx !== null && parseStoredTag(row.kh_idx, named).version >= target) report.current += 1;
+      else todo.push({ key, enc: row.kh_enc, old: row.kh_idx });
+    }
+    const tags = await mapLimit(todo, concurrency, async ({ key, enc: stored }) => {
+      const { plaintext } = await column.client.decrypt(stored, column.context(key));
+      try {
+        return (await index.client.mac(index.key, index.message(plaintext.toString('utf8')), { version: target })).tag;
+      } finally {
+        plaintext.fill(0);
+      }
+    });
+    if (todo.length) {
+      const conn = typeof db.connect === 'function' && typeof db.totalCount === 'number' ? await db.connect() : db;
+      try {
+        await conn.query('BEGIN');
+        try {
+          for (let i = 0; i < todo.length; i++) {
+            const r = await conn.query(update, [tags[i], todo[i].enc, todo[i].old, ...todo[i].key]);
+            if (r.rowCount === 1) report.updated += 1;
+            else report.changed += 1;
+          }
+          await conn.query('COMMIT');
+        } catch (e) {
+          await conn.query('ROLLBACK').catch(() => {});
+          throw e;
+        }
+      } finally {
+        if (conn !== db) conn.release();
+      }
+    }
+    last = pk.map((c) => rows.at(-1)[c]);
+    report.lastKey = last;
+    report.batches += 1;
+    await onBatch?.({ ...report });
+    if (rows.length < batchSize) {
+      report.done = true;
+      break;
+    }
+  }
+  return report;
 }

@@ -20,5 +20,5 @@ export {
   MAX_CHUNK,
   DEFAULT_CHUNK,
 } from './seal.js';
-export { EncryptedColumn, BlindIndex, normaliseText } from './fields.js';
-export { parseMacTag, MAC_TAG_PREFIX, MAC_TAG_LENGTH } from './mactag.js';
+export { EncryptedColumn, BlindIndex, normaliseText, reindexBlindIndex } from './fields.js';
+export { parseMacTag, parseStoredTag, MAC_TAG_PREFIX, MAC_TAG_LENGTH } from './mactag.js';

@@ -4,7 +4,7 @@
 // made it. Applications that store tags (a blind index) can read that
 // version, e.g. to find the rows to re-index before retiring it.
 
-import { InvalidInputError } from './errors.js';
+import { BadStoredValueError, InvalidInputError } from './errors.js';
 import { b64urlDecode } from './codec.js';
 
 export const MAC_TAG_PREFIX = 'khm1:';
@@ -28,4 +28,27 @@ export function parseMacTag(text) {
   const version = raw.readUInt32BE(0);
   if (version === 0) throw new InvalidInputError('bad_request', 'MAC tag: key version 0 (versions start at 1)');
   return { version, mac: Buffer.from(raw.subarray(4)) };
+}
+
+/**
+ * A stored blind-index tag (a column's value), parsed as strictly as
+ * parseMacTag and exact: the 53 characters of the canonical tag, no
+ * surrounding whitespace. Anything else throws a BadStoredValueError naming
+ * `column` (never the value).
+ * @param {unknown} value
+ * @param {string} column
+ */
+export function parseStoredTag(value, column) {
+  if (typeof value !== 'string') {
+    throw new BadStoredValueError(column, `a blind-index tag must be a khm1: string, not ${value === null ? 'null' : typeof value}`);
+  }
+  if (value.length !== MAC_TAG_LENGTH || value.trim() !== value) {
+    throw new BadStoredValueError(column, `not a khm1: tag (${value.length} characters, a tag has ${MAC_TAG_LENGTH})`);
+  }
+  try {
+    return parseMacTag(value);
+  } catch (e) {
+    if (e instanceof InvalidInputError) throw new BadStoredValueError(column, `not a khm1: tag: ${e.message.replace(` (${e.code})`, '')}`);
+    throw e;
+  }
 }

@@ -2,7 +2,12 @@
 // declarations the way an application would, so that a wrong or missing
 // declaration fails the check.
 import {
+  BadStoredValueError,
   BlindIndex,
+  parseStoredTag,
+  reindexBlindIndex,
+  type Queryable,
+  type ReindexReport,
   Client,
   EncryptedColumn,
   normaliseText,
@@ -63,6 +68,23 @@ export async function example(): Promise<void> {
   const tags: string[] = await bidx.tags('alice@example.com');
   const t: string | null = await bidx.tag(back);
   void [v, c, p, valid, tags, t];
+  const db: Queryable = { query: async () => ({ rows: [], rowCount: 0 }) };
+  const report: ReindexReport = await reindexBlindIndex(db, {
+    column: col,
+    index: bidx,
+    indexColumn: 'email_bidx',
+    primaryKey: ['org', 'id'],
+    batchSize: 100,
+    after: report0().lastKey,
+    onBatch: async (r: ReindexReport) => void r.lastKey,
+  });
+  const done: boolean = report.done && report.targetVersion === parseStoredTag(tags[0], 'users.email_bidx').version;
+  try {
+    parseStoredTag(null, 'users.email_bidx');
+  } catch (e) {
+    if (e instanceof BadStoredValueError) void [e.column, e.reason, e.code];
+  }
+  void done;
   try {
     await kh.health();
   } catch (e) {
@@ -94,4 +116,8 @@ export async function sealing(): Promise<void> {
   await pipeline(Readable.from([]), s.openStream({}), new Writable());
   void [id, stats.sealKeys];
   s.close();
+}
+
+function report0(): ReindexReport {
+  return { targetVersion: 1, updated: 0, current: 0, changed: 0, empty: 0, batches: 0, lastKey: null, done: false };
 }

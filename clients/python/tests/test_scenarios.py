@@ -2,7 +2,8 @@
 through this package's public API against a real dev daemon, one fresh
 tenant per scenario. The Rust crate (tests/tests/conformance.rs) and the
 Node.js package (clients/node/test/scenarios.test.js) run the same file;
-the format is in tests/conformance/README.md.
+the format is in tests/conformance/README.md. Every scenario runs twice:
+through the threaded ``Client`` and through the asyncio ``AsyncClient``.
 
 An op, an argument, a check or a result field this runner does not know
 fails the scenario, so that no step is skipped silently.
@@ -10,6 +11,7 @@ fails the scenario, so that no step is skipped silently.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -19,6 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from keyhaven import Client, DaemonError, IntegrityError, InvalidInput, KeyhavenError
+from keyhaven.aio import AsyncClient
 
 from .conftest import ROOT
 
@@ -248,6 +251,42 @@ def test_an_unknown_op_or_check_fails_the_scenario(kh: Client) -> None:
             run_scenario(kh, {"name": "probe", "steps": [step]})
 
 
+class _Awaited:
+    """An AsyncClient driven from plain code: each operation awaited on a loop of its own."""
+
+    def __init__(self, client: AsyncClient, loop: asyncio.AbstractEventLoop) -> None:
+        self._client = client
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._loop.run_until_complete(method(*args, **kwargs))
+
+        return call
+
+
+@pytest.fixture(scope="module")
+def akh(daemon: Any) -> Iterator[Any]:
+    loop = asyncio.new_event_loop()
+    client = loop.run_until_complete(_make_async_client(daemon.socket))
+    try:
+        yield _Awaited(client, loop)
+    finally:
+        loop.run_until_complete(client.close())
+        loop.close()
+
+
+async def _make_async_client(socket: str) -> AsyncClient:
+    return AsyncClient(socket)
+
+
 @pytest.mark.parametrize("scenario", S["scenarios"], ids=[s["name"] for s in S["scenarios"]])
 def test_scenario(kh: Client, scenario: Dict[str, Any]) -> None:
     run_scenario(kh, scenario)
+
+
+@pytest.mark.parametrize("scenario", S["scenarios"], ids=[s["name"] for s in S["scenarios"]])
+def test_scenario_asyncio(akh: Any, scenario: Dict[str, Any]) -> None:
+    run_scenario(akh, scenario)

@@ -23,6 +23,7 @@ from .client import (
 from .codec import context_object, encode_context, key_path
 from .errors import (
     CLIENT_CODES,
+    BadStoredValue,
     ConnectError,
     ConnectionClosed,
     DaemonError,
@@ -63,6 +64,7 @@ __all__ = [
     "SOCKET_ENV",
     "VERSION",
     "AliasInfo",
+    "BadStoredValue",
     "Client",
     "ConnectError",
     "ConnectionClosed",

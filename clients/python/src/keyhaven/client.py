@@ -1,32 +1,54 @@
-"""The Client: the operations an application uses.
+"""The Client: the operations an application uses, from threads.
 
 Calls go over a small pool of pipelined connections, (re)opened on demand,
-and may be made from many threads at once. Results carry the wire's field
-names (PROTOCOL.md §3); base64 fields are decoded to ``bytearray`` (which
-the caller can wipe).
+and may be made from many threads at once. Each operation's request and
+result are built in ``ops`` (shared with ``keyhaven.aio.AsyncClient``).
+Results carry the wire's field names (PROTOCOL.md §3); base64 fields are
+decoded to ``bytearray`` (which the caller can wipe).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Union
+from typing import Any, Dict, List, Optional, Set, TypeVar, Union
 
-from .codec import (
-    Bytes,
-    Context,
-    KeyPathLike,
-    b64decode,
-    b64encode,
-    check_name,
-    context_object,
-    key_path,
-    to_bytes,
-)
+from . import ops
+from .codec import Bytes, Context, KeyPathLike
 from .connection import Connection, EventCallback
-from .errors import InvalidInput, ProtocolError
+from .errors import InvalidInput
+from .ops import (
+    AliasInfo,
+    DatakeyResult,
+    DecryptResult,
+    EncryptResult,
+    MacResult,
+    MacVerifyResult,
+    PublicKeyResult,
+    Request,
+    RewrapResult,
+    SignResult,
+    VerifyResult,
+)
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "DEFAULT_SOCKET",
+    "SOCKET_ENV",
+    "VERSION",
+    "AliasInfo",
+    "Client",
+    "DatakeyResult",
+    "DecryptResult",
+    "EncryptResult",
+    "MacResult",
+    "MacVerifyResult",
+    "PublicKeyResult",
+    "RewrapResult",
+    "SignResult",
+    "VerifyResult",
+]
 
 SOCKET_ENV = "KEYHAVEN_SOCKET"
 DEFAULT_SOCKET = "/run/keyhaven/keyhaven.sock"
@@ -34,144 +56,27 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_REQUEST_TIMEOUT = 30.0
 VERSION = "0.1.0"
 
+T = TypeVar("T")
+
 _UNSET: Any = object()
 
 
-@dataclass
-class EncryptResult:
-    ciphertext: str
-    envelope_id: str
-    key_version: int
+def socket_path(socket: Optional[str]) -> str:
+    """``socket``, else ``$KEYHAVEN_SOCKET``, else the default path; checked."""
+    path = socket if socket is not None else os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+    if not isinstance(path, str) or not path:
+        raise InvalidInput("config", "socket must be a non-empty path")
+    return path
 
 
-@dataclass
-class DecryptResult:
-    plaintext: bytearray = field(repr=False)
-    tenant: str
-    key: str
-    key_version: int
-    envelope_id: str
+def pool_size(connections: object) -> int:
+    if isinstance(connections, bool) or not isinstance(connections, int) or not 1 <= connections <= 64:
+        raise InvalidInput("config", "connections must be an integer from 1 to 64")
+    return connections
 
 
-@dataclass
-class DatakeyResult:
-    envelope: str
-    envelope_id: str
-    key_version: int
-    plaintext: Optional[bytearray] = field(default=None, repr=False)
-
-
-@dataclass
-class RewrapResult:
-    text: str
-    from_version: int
-    key_version: int
-    envelope_id: str
-
-
-@dataclass
-class MacResult:
-    tag: str
-    """``khm1:`` text form, 53 characters (PROTOCOL.md §3.29)."""
-    key_version: int
-
-
-@dataclass
-class MacVerifyResult:
-    valid: bool
-    key_version: int
-
-
-@dataclass
-class SignResult:
-    signature: bytes
-    """DER ``Ecdsa-Sig-Value`` (ECDSA), or the 384-byte RSASSA-PSS signature (§3.31)."""
-    key_version: int
-    algorithm: str
-    """``ecdsa-p256-sha256``, ``ecdsa-p384-sha384`` or ``rsa-3072-pss-sha256``."""
-
-
-@dataclass
-class VerifyResult:
-    valid: bool
-    key_version: int
-    """The version whose public key checked the signature."""
-    algorithm: str
-
-
-@dataclass
-class PublicKeyResult:
-    pem: str
-    """PEM ``PUBLIC KEY`` (SubjectPublicKeyInfo), for ``load_pem_public_key``."""
-    key_version: int
-    type: str
-
-
-@dataclass
-class AliasInfo:
-    """A second name for a key of the same tenant (PROTOCOL.md §3.37)."""
-
-    tenant: str
-    alias: str
-    key: str
-    """The key it names, within the tenant."""
-    created_at: int
-    updated_at: Optional[int] = None
-    """When it was last moved; ``None`` if never."""
-    previous_key: Optional[str] = None
-    """``alias_update`` only: the key it named before."""
-
-
-def _alias_info(ok: Any) -> AliasInfo:
-    if not isinstance(ok, dict):
-        raise ProtocolError("an alias answer is not an object")
-    try:
-        return AliasInfo(
-            ok["tenant"],
-            ok["alias"],
-            ok["key"],
-            ok["created_at"],
-            ok.get("updated_at"),
-            ok.get("previous_key"),
-        )
-    except KeyError as e:
-        raise ProtocolError(f"an alias answer without `{e.args[0]}`") from None
-
-
-def _version(version: object) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 0xFFFFFFFF:
-        raise InvalidInput("bad_request", "version must be an int >= 1")
-    return version
-
-
-def _message_or_digest(message: Optional[Union[Bytes, str]], digest: Optional[Bytes]) -> Dict[str, str]:
-    """``sign``/``verify`` input: exactly one of the message and its 32- or 48-byte digest."""
-    if (message is None) == (digest is None):
-        raise InvalidInput("bad_request", "give exactly one of message and digest")
-    if digest is not None:
-        if not isinstance(digest, (bytes, bytearray, memoryview)):
-            raise InvalidInput("bad_request", "digest must be bytes")
-        d = bytes(digest)
-        if len(d) not in (32, 48):
-            raise InvalidInput(
-                "bad_request", f"digest of {len(d)} bytes: a SHA-256 digest has 32, a SHA-384 digest 48"
-            )
-        return {"digest": b64encode(d)}
-    assert message is not None
-    return {"message": b64encode(to_bytes(message, "message"))}
-
-
-def _signature_text(signature: object) -> str:
-    """A signature as the wire takes it: bytes, or a str of standard base64 (checked)."""
-    if isinstance(signature, str):
-        b64decode(signature, "signature")
-        return signature
-    if isinstance(signature, (bytes, bytearray, memoryview)):
-        return b64encode(signature)
-    raise InvalidInput("bad_request", "signature must be bytes or a base64 str")
-
-
-def _timeout(value: Any, default: float, name: str) -> Optional[float]:
+def timeout_option(value: Any, default: float, name: str) -> Optional[float]:
+    """A timeout option in seconds: unset is ``default``; ``None`` or 0 is no limit."""
     if value is _UNSET:
         return default
     if value is None or value == 0:
@@ -199,14 +104,10 @@ class Client:
         Timeouts in seconds (5 to connect and greet, 30 per answer by
         default; ``None`` or 0: no limit). ``connections``: 1..64.
         """
-        path = socket if socket is not None else os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
-        if not isinstance(path, str) or not path:
-            raise InvalidInput("config", "socket must be a non-empty path")
-        self.socket = path
-        self.connect_timeout = _timeout(connect_timeout, DEFAULT_CONNECT_TIMEOUT, "connect_timeout")
-        self.request_timeout = _timeout(request_timeout, DEFAULT_REQUEST_TIMEOUT, "request_timeout")
-        if isinstance(connections, bool) or not isinstance(connections, int) or not 1 <= connections <= 64:
-            raise InvalidInput("config", "connections must be an integer from 1 to 64")
+        self.socket = socket_path(socket)
+        self.connect_timeout = timeout_option(connect_timeout, DEFAULT_CONNECT_TIMEOUT, "connect_timeout")
+        self.request_timeout = timeout_option(request_timeout, DEFAULT_REQUEST_TIMEOUT, "request_timeout")
+        connections = pool_size(connections)
         self.client_name = client_name or f"keyhaven-python/{VERSION}"
         self.on_event = on_event
         self._slots: List[Optional[Connection]] = [None] * connections
@@ -274,18 +175,18 @@ class Client:
             if c is not None:
                 c.close()
 
+    def _run(self, req: Request[T]) -> T:
+        return req.parse(self._connection().request(req.op, req.params, self.request_timeout))
+
     def health(self) -> Dict[str, Any]:
-        return self.call("health")
+        return self._run(ops.health())
 
     def metrics(self) -> str:
         """The Prometheus text exposition (``metrics``, §3.33; needs the ``metrics`` permission)."""
-        text = self.call("metrics")["text"]
-        if not isinstance(text, str):
-            raise ProtocolError("`metrics` answered without text")
-        return text
+        return self._run(ops.metrics())
 
     def whoami(self) -> Dict[str, Any]:
-        return self.call("whoami")
+        return self._run(ops.whoami())
 
     def key_create(
         self,
@@ -300,39 +201,19 @@ class Client:
         """Make a key; ``type``: ``aes256-gcm`` (the daemon's default), ``hmac-sha256``,
         ``ecdsa-p256``, ``ecdsa-p384``, ``rsa-3072-pss`` or ``rsa-4096-oaep`` (§3.3);
         ``rotate_every_secs``: rotate automatically this often, set in the same request (0: none)."""
-        tenant, key = key_path(path)
-        params: Dict[str, Any] = {"tenant": tenant, "key": key}
-        if type is not None:
-            if not isinstance(type, str) or not type:
-                raise InvalidInput("bad_request", "type must be a key type str such as hmac-sha256")
-            params["type"] = type
-        if rotate_every_secs is not None:
-            if (
-                isinstance(rotate_every_secs, bool)
-                or not isinstance(rotate_every_secs, int)
-                or rotate_every_secs < 0
-            ):
-                raise InvalidInput(
-                    "bad_request", "rotate_every_secs must be a whole number of seconds (0: none)"
-                )
-            params["rotate_every_secs"] = rotate_every_secs
-        if idempotency_key is not None:
-            if not isinstance(idempotency_key, str) or not re.fullmatch(
-                r"[A-Za-z0-9._:-]{1,64}", idempotency_key
-            ):
-                raise InvalidInput("bad_request", "idempotency_key must be 1 to 64 of A-Z a-z 0-9 . _ : -")
-            params["idempotency_key"] = idempotency_key
-        if description is not None:
-            if not isinstance(description, str):
-                raise InvalidInput("bad_request", "description must be a str")
-            params["description"] = description
-        if tags is not None:
-            params["tags"] = _tag_dict(tags)
-        return self.call("key_create", params)
+        return self._run(
+            ops.key_create(
+                path,
+                type=type,
+                rotate_every_secs=rotate_every_secs,
+                idempotency_key=idempotency_key,
+                description=description,
+                tags=tags,
+            )
+        )
 
     def key_show(self, path: KeyPathLike) -> Dict[str, Any]:
-        tenant, key = key_path(path)
-        return self.call("key_show", {"tenant": tenant, "key": key})
+        return self._run(ops.key_show(path))
 
     def key_list(
         self,
@@ -345,89 +226,30 @@ class Client:
 
         ``page_size``: at most this many keys a page, 1..1000 (the daemon's default 1000).
         """
-        params: Dict[str, Any] = {} if tenant is None else {"tenant": check_name(tenant, "tenant")}
-        if page_size is not None:
-            if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
-                raise InvalidInput("bad_request", "page_size must be an int from 1 to 1000")
-            params["limit"] = page_size
-        if tags is not None:
-            params["tags"] = _tag_dict(tags)
+        params = ops.key_list_params(tenant, page_size, tags)
         keys: List[Dict[str, Any]] = []
-        while True:
-            ok = self.call("key_list", params)
-            keys.extend(ok["keys"])
-            nxt = ok.get("next")
-            if not isinstance(nxt, str):
-                return keys
-            if nxt == params.get("after"):
-                raise ProtocolError("`key_list` returned the same page again")
-            params["after"] = nxt
+        while ops.key_list_page(self.call("key_list", params), params, keys):
+            pass
+        return keys
 
     def encrypt(
         self, path: KeyPathLike, plaintext: Union[Bytes, str], context: Context = None
     ) -> EncryptResult:
-        tenant, key = key_path(path)
-        ok = self.call(
-            "encrypt",
-            {
-                "tenant": tenant,
-                "key": key,
-                "plaintext": b64encode(to_bytes(plaintext, "plaintext")),
-                "context": context_object(context),
-            },
-        )
-        return EncryptResult(ok["ciphertext"], ok["envelope_id"], ok["key_version"])
+        return self._run(ops.encrypt(path, plaintext, context))
 
     def decrypt(self, ciphertext: str, context: Context = None) -> DecryptResult:
-        if not isinstance(ciphertext, str):
-            raise InvalidInput("bad_request", "ciphertext must be a khc1: str")
-        ok = self.call("decrypt", {"ciphertext": ciphertext, "context": context_object(context)})
-        return DecryptResult(
-            b64decode(ok["plaintext"], "the plaintext"),
-            ok["tenant"],
-            ok["key"],
-            ok["key_version"],
-            ok["envelope_id"],
-        )
+        return self._run(ops.decrypt(ciphertext, context))
 
     def datakey(
         self, path: KeyPathLike, context: Context = None, *, include_plaintext: bool = True
     ) -> DatakeyResult:
-        tenant, key = key_path(path)
-        ok = self.call(
-            "datakey",
-            {
-                "tenant": tenant,
-                "key": key,
-                "context": context_object(context),
-                "include_plaintext": bool(include_plaintext),
-            },
-        )
-        plain = ok.get("plaintext")
-        return DatakeyResult(
-            ok["envelope"],
-            ok["envelope_id"],
-            ok["key_version"],
-            None if plain is None else b64decode(plain, "the data key"),
-        )
+        return self._run(ops.datakey(path, context, include_plaintext=include_plaintext))
 
     def datakey_decrypt(self, envelope: str, context: Context = None) -> DecryptResult:
-        if not isinstance(envelope, str):
-            raise InvalidInput("bad_request", "envelope must be a khe1: str")
-        ok = self.call("datakey_decrypt", {"envelope": envelope, "context": context_object(context)})
-        return DecryptResult(
-            b64decode(ok["plaintext"], "the data key"),
-            ok["tenant"],
-            ok["key"],
-            ok["key_version"],
-            ok["envelope_id"],
-        )
+        return self._run(ops.datakey_decrypt(envelope, context))
 
     def rewrap(self, text: str, context: Context = None) -> RewrapResult:
-        if not isinstance(text, str):
-            raise InvalidInput("bad_request", "text must be a khe1: or khc1: str")
-        ok = self.call("rewrap", {"text": text, "context": context_object(context)})
-        return RewrapResult(ok["text"], ok["from_version"], ok["key_version"], ok["envelope_id"])
+        return self._run(ops.rewrap(text, context))
 
     def mac(
         self, path: KeyPathLike, message: Union[Bytes, str], *, version: Optional[int] = None
@@ -437,30 +259,14 @@ class Client:
         ``version``: an older key version, to reproduce the tags it gave
         (e.g. to look up a blind index made before a rotation).
         """
-        tenant, key = key_path(path)
-        params: Dict[str, Any] = {
-            "tenant": tenant,
-            "key": key,
-            "message": b64encode(to_bytes(message, "message")),
-        }
-        if version is not None:
-            params["version"] = _version(version)
-        ok = self.call("mac", params)
-        return MacResult(ok["tag"], ok["key_version"])
+        return self._run(ops.mac(path, message, version=version))
 
     def mac_verify(self, path: KeyPathLike, message: Union[Bytes, str], tag: str) -> MacVerifyResult:
         """Whether ``tag`` is the MAC of ``message`` under the version it names (§3.30).
 
         A mismatch is ``valid=False``, not an error.
         """
-        if not isinstance(tag, str):
-            raise InvalidInput("bad_request", "tag must be a khm1: str")
-        tenant, key = key_path(path)
-        ok = self.call(
-            "mac_verify",
-            {"tenant": tenant, "key": key, "message": b64encode(to_bytes(message, "message")), "tag": tag},
-        )
-        return MacVerifyResult(bool(ok["valid"]), ok["key_version"])
+        return self._run(ops.mac_verify(path, message, tag))
 
     def sign(
         self,
@@ -475,11 +281,7 @@ class Client:
         Give the message (the daemon hashes it) or ``digest``, its SHA-256
         (SHA-384 for P-384) computed by the caller; exactly one.
         """
-        tenant, key = key_path(path)
-        ok = self.call("sign", {"tenant": tenant, "key": key, **_message_or_digest(message, digest)})
-        return SignResult(
-            bytes(b64decode(ok["signature"], "the signature")), ok["key_version"], ok["algorithm"]
-        )
+        return self._run(ops.sign(path, message, digest=digest))
 
     def verify(
         self,
@@ -498,66 +300,28 @@ class Client:
         by default). A signature that does not verify is ``valid=False``, not
         an error.
         """
-        tenant, key = key_path(path)
-        params: Dict[str, Any] = {
-            "tenant": tenant,
-            "key": key,
-            **_message_or_digest(message, digest),
-            "signature": _signature_text(signature),
-        }
-        if version is not None:
-            params["version"] = _version(version)
-        ok = self.call("verify", params)
-        return VerifyResult(bool(ok["valid"]), ok["key_version"], ok["algorithm"])
+        return self._run(ops.verify(path, message, signature, digest=digest, version=version))
 
     def public_key(self, path: KeyPathLike, *, version: Optional[int] = None) -> PublicKeyResult:
         """The public key of a version (the current one by default) of a signing key or
         an ``rsa-4096-oaep`` key (§3.32), as PEM."""
-        tenant, key = key_path(path)
-        params: Dict[str, Any] = {"tenant": tenant, "key": key}
-        if version is not None:
-            params["version"] = _version(version)
-        ok = self.call("public_key", params)
-        return PublicKeyResult(ok["pem"], ok["key_version"], ok["type"])
+        return self._run(ops.public_key(path, version=version))
 
     def alias_create(self, alias: str, path: KeyPathLike) -> AliasInfo:
         """Make ``alias`` a second name for the key ``path``, in the key's tenant (§3.37)."""
-        tenant, key = key_path(path)
-        return _alias_info(
-            self.call("alias_create", {"tenant": tenant, "alias": check_name(alias, "alias"), "key": key})
-        )
+        return self._run(ops.alias_create(alias, path))
 
     def alias_update(self, alias: str, path: KeyPathLike) -> AliasInfo:
         """Move ``alias`` to the key ``path`` of the same tenant (§3.38); ``previous_key`` says from where."""
-        tenant, key = key_path(path)
-        return _alias_info(
-            self.call("alias_update", {"tenant": tenant, "alias": check_name(alias, "alias"), "key": key})
-        )
+        return self._run(ops.alias_update(alias, path))
 
     def alias_delete(self, tenant: str, alias: str) -> AliasInfo:
         """Remove an alias (its key is untouched; §3.39); returns what it was."""
-        return _alias_info(
-            self.call(
-                "alias_delete", {"tenant": check_name(tenant, "tenant"), "alias": check_name(alias, "alias")}
-            )
-        )
+        return self._run(ops.alias_delete(tenant, alias))
 
     def alias_list(self, tenant: Optional[str] = None) -> List[AliasInfo]:
         """Aliases of one tenant, else of every tenant, sorted by tenant then alias (§3.40)."""
-        params: Dict[str, Any] = {} if tenant is None else {"tenant": check_name(tenant, "tenant")}
-        aliases = self.call("alias_list", params).get("aliases")
-        if not isinstance(aliases, list):
-            raise ProtocolError("`alias_list` answered without `aliases`")
-        return [_alias_info(a) for a in aliases]
+        return self._run(ops.alias_list(tenant))
 
     def subscribe_revocations(self) -> Dict[str, Any]:
-        return self.call("subscribe_revocations")
-
-
-def _tag_dict(tags: Any) -> Dict[str, str]:
-    """Tags as the daemon takes them: str names and values (the daemon checks their bounds)."""
-    if not isinstance(tags, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
-    ):
-        raise InvalidInput("bad_request", "tags must be a dict of str NAME: str VALUE")
-    return dict(tags)
+        return self._run(ops.subscribe_revocations())

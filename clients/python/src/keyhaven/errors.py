@@ -54,6 +54,20 @@ class InvalidInput(KeyhavenError):
     """A bad argument, caught before anything was sent."""
 
 
+class BadStoredValue(InvalidInput):
+    """A value read from (or about to be written to) a database column is not what the
+    column holds, e.g. a blind-index column with a malformed ``khm1:`` tag (``bad_request``).
+
+    ``column`` names the column (``table.column`` when known); the value itself
+    is never in the message.
+    """
+
+    def __init__(self, column: str, reason: str) -> None:
+        super().__init__("bad_request", f"column {column}: {reason}")
+        self.column = column
+        self.reason = reason
+
+
 class IntegrityError(KeyhavenError):
     """Local decryption failed to authenticate (``integrity``)."""
 
