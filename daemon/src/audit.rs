@@ -1108,7 +1108,7 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
         }
     }
     let next = records.last().map_or(after, |r| r.seq).max(newest);
-    Ok(AuditReadResponse { records, next, more, lines })
+    Ok(AuditReadResponse { records, next, more, lines, node: None, chains: Vec::new() })
 }
 
 /// Ops whose records name an envelope id they were only given to revoke.

@@ -1174,3 +1174,138 @@ async fn a_node_cut_off_from_postgres_stops_serving_within_its_lease_and_catches
     assert!(log.contains("cannot renew this node's lease"), "{log}");
     assert!(log.contains("the lease is renewed again"), "{log}");
 }
+
+/// `keyhaven audit tail ARGS --json` on `node`, its stdout lines sent to a
+/// channel; killed on drop.
+struct Tail {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Tail {
+    fn spawn(node: &TestDaemon, args: &[&str]) -> Tail {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(bin("keyhaven"))
+            .arg("--socket")
+            .arg(node.socket())
+            .args(["audit", "tail", "--json"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        Tail { child, lines }
+    }
+
+    /// Reads printed records until one satisfies `until` (or 20 s pass).
+    fn until(&self, seen: &mut Vec<serde_json::Value>, until: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "audit tail did not print what was expected: {seen:#?}");
+            if let Ok(r) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                let done = until(&r);
+                seen.push(r);
+                if done {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn created(r: &serde_json::Value, key: &str) -> bool {
+    r["op"] == "key_create" && r["key"] == key
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_tail_on_one_node_follows_every_nodes_chain() {
+    let Some(pg) = TestPostgres::start() else { return };
+    let nodes = three_nodes(&pg);
+    let mut c = Vec::new();
+    let mut names = Vec::new();
+    for n in &nodes {
+        let client = n.client().await;
+        names.push(client.health().await.unwrap().store.cluster.expect("a cluster").node);
+        c.push(client);
+    }
+    c[1].key_create(&path("tail/before-2")).await.unwrap();
+    c[2].key_create(&path("tail/before-3")).await.unwrap();
+
+    // Followed on node 1: a record made on node 3 (and one on node 2)
+    // comes, labelled with its node.
+    let all = Tail::spawn(&nodes[0], &["--all-nodes", "-f", "-n", "0"]);
+    let one = Tail::spawn(&nodes[0], &["--node", &names[2], "-f", "-n", "0"]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c[2].key_create(&path("tail/on-3")).await.unwrap();
+    c[1].key_create(&path("tail/on-2")).await.unwrap();
+    let mut seen = Vec::new();
+    all.until(&mut seen, |r| created(r, "on-3"));
+    all.until(&mut seen, |r| created(r, "on-2"));
+    let on3 = seen.iter().find(|r| created(r, "on-3")).unwrap();
+    assert_eq!(on3["node"], names[2].as_str(), "{on3}");
+    let on2 = seen.iter().find(|r| created(r, "on-2")).unwrap();
+    assert_eq!(on2["node"], names[1].as_str(), "{on2}");
+    assert!(!seen.iter().any(|r| created(r, "before-3")), "-n 0 printed an older record: {seen:#?}");
+    let mut seen_one = Vec::new();
+    one.until(&mut seen_one, |r| created(r, "on-3"));
+    assert!(seen_one.iter().all(|r| r["node"] == names[2].as_str()), "{seen_one:#?}");
+    assert!(!seen_one.iter().any(|r| created(r, "on-2")), "--node printed another chain: {seen_one:#?}");
+    // Every node's chain is in time order within the merge, each chain in
+    // its own order.
+    for name in &names {
+        let seqs: Vec<u64> =
+            seen.iter().filter(|r| r["node"] == name.as_str()).map(|r| r["seq"].as_u64().unwrap()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "node {name}: {seqs:?}");
+    }
+    drop((all, one));
+
+    // Without -f: the last records of every chain together, labelled.
+    let out = nodes[0].cli(&["audit", "tail", "--all-nodes", "-n", "200", "--json"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (key, node) in [("before-2", &names[1]), ("before-3", &names[2]), ("on-3", &names[2])] {
+        let r = printed.iter().find(|r| created(r, key)).unwrap_or_else(|| panic!("{key}: {printed:#?}"));
+        assert_eq!(r["node"], node.as_str());
+    }
+    let times: Vec<u64> = printed.iter().map(|r| r["time_ms"].as_u64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "not in time order: {times:?}");
+    let text = nodes[0].cli(&["audit", "tail", "--node", &names[1], "-n", "50"], b"");
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.lines().all(|l| l.starts_with(&format!("[{}] ", names[1]))), "{text}");
+    assert!(text.contains("key_create tail/on-2"), "{text}");
+
+    // A node that has no chain is refused by name; so is `node` on sled.
+    let out = nodes[0].cli(&["audit", "tail", "--node", "nosuch"], b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no audit chain of node `nosuch`"), "{out:?}");
+    let single = TestDaemon::start();
+    let refused = single
+        .client()
+        .await
+        .call(&keyhaven::wire::AuditRead { node: Some("x".into()), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::BadRequest), "{refused}");
+    let out = single.cli(&["audit", "tail", "--all-nodes"], b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a cluster"), "{out:?}");
+}

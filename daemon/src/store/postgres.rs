@@ -1611,8 +1611,25 @@ impl Backend for PgStore {
 
     fn audit_chains(&self) -> StoreFuture<'_, Vec<String>> {
         Box::pin(self.on_db(|c| async move {
-            let rows = c.query("SELECT DISTINCT node FROM audit ORDER BY node", &[]).await.map_err(db)?;
-            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+            // One index probe per chain (the primary key starts with
+            // `node`), not a scan of every entry: `audit_read` asks on
+            // every call.
+            let rows = c
+                .query(
+                    "WITH RECURSIVE chains AS ( \
+                       (SELECT node FROM audit ORDER BY node LIMIT 1) \
+                       UNION ALL \
+                       SELECT (SELECT a.node FROM audit a WHERE a.node > chains.node ORDER BY a.node LIMIT 1) \
+                       FROM chains WHERE chains.node IS NOT NULL) \
+                     SELECT node FROM chains WHERE node IS NOT NULL",
+                    &[],
+                )
+                .await
+                .map_err(db)?;
+            let mut chains: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+            // Byte order, not the database's collation.
+            chains.sort();
+            Ok(chains)
         }))
     }
 }
