@@ -611,6 +611,27 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// [`Backend::audit_put`] into node `chain`'s audit chain (`store
+    /// copy` between clusters); the embedded store keeps one log.
+    fn audit_put_chain(
+        &self,
+        chain: &str,
+        _kind: AuditKind,
+        _seq: u64,
+        _bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Backend(format!(
+            "the {} store keeps one audit log: it cannot hold node `{chain}`'s chain",
+            self.kind()
+        )))
+    }
+
+    /// The nodes whose lease is live now (none: the embedded store has no
+    /// cluster).
+    fn live_nodes(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
     /// [`Backend::audit_scan`] of another node's chain.
     fn audit_scan_chain(&self, _chain: &str, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
         self.audit_scan(kind, from, reverse)

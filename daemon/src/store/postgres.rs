@@ -135,6 +135,9 @@ pub struct NodeOptions {
     pub lease: Duration,
 }
 
+/// An audit entry not yet flushed: its chain (node), kind, `seq` and bytes.
+type PendingAudit = (String, AuditKind, u64, Vec<u8>);
+
 /// PostgreSQL behind [`Backend`].
 pub struct PgStore {
     pool: Pool,
@@ -150,8 +153,8 @@ pub struct PgStore {
     /// every mutation holds it from its anchor's `pending` to its
     /// `committed`, and the change feed's reader while it applies changes.
     anchored: tokio::sync::Mutex<Option<Anchored>>,
-    /// Audit entries appended since the last flush.
-    audit_pending: Mutex<Vec<(AuditKind, u64, Vec<u8>)>>,
+    /// Audit entries appended since the last flush, each with its chain.
+    audit_pending: Mutex<Vec<PendingAudit>>,
     /// This node.
     node: NodeOptions,
     /// The change revision whose changes (and all before) this node has
@@ -1267,7 +1270,20 @@ impl Backend for PgStore {
     }
 
     fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).push((kind, seq, bytes.to_vec()));
+        let entry = (self.node.name.clone(), kind, seq, bytes.to_vec());
+        self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+        Ok(())
+    }
+
+    fn audit_put_chain(
+        &self,
+        chain: &str,
+        kind: AuditKind,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let entry = (chain.to_owned(), kind, seq, bytes.to_vec());
+        self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
         Ok(())
     }
 
@@ -1277,10 +1293,10 @@ impl Backend for PgStore {
             if batch.is_empty() {
                 return Ok(());
             }
-            let kinds: Vec<i16> = batch.iter().map(|(k, ..)| kind_code(*k)).collect();
-            let seqs: Vec<i64> = batch.iter().map(|(_, s, _)| *s as i64).collect();
+            let chains: Vec<String> = batch.iter().map(|(c, ..)| c.clone()).collect();
+            let kinds: Vec<i16> = batch.iter().map(|(_, k, ..)| kind_code(*k)).collect();
+            let seqs: Vec<i64> = batch.iter().map(|(_, _, s, _)| *s as i64).collect();
             let entries: Vec<Vec<u8>> = batch.iter().map(|(.., b)| b.clone()).collect();
-            let node = self.node.name.clone();
             // One statement for the whole batch. An entry already there (a
             // flush whose commit succeeded but whose answer was lost) is
             // kept as it is: the chain check would notice any difference.
@@ -1288,9 +1304,9 @@ impl Backend for PgStore {
                 .on_db(move |c| async move {
                     c.execute(
                         "INSERT INTO audit (node, kind, seq, entry) \
-                         SELECT $4, * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) \
+                         SELECT * FROM unnest($4::text[], $1::smallint[], $2::bigint[], $3::bytea[]) \
                          ON CONFLICT (node, kind, seq) DO NOTHING",
-                        &[&kinds, &seqs, &entries, &node],
+                        &[&kinds, &seqs, &entries, &chains],
                     )
                     .await
                     .map_err(db)
@@ -1607,6 +1623,16 @@ impl Backend for PgStore {
             // Dropped, the guard closes its connection, which releases the lock.
             Ok(got.then(|| super::JobsGuard(Box::new(lock))))
         })
+    }
+
+    fn live_nodes(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(self.on_db(|c| async move {
+            let rows = c
+                .query("SELECT name FROM nodes WHERE lease_until > now() ORDER BY name", &[])
+                .await
+                .map_err(db)?;
+            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        }))
     }
 
     fn audit_chains(&self) -> StoreFuture<'_, Vec<String>> {
