@@ -573,6 +573,14 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Completes once this node stops serving ([`Backend::serving`] fails:
+    /// its lease lapsed by its own clock); never on a store without a
+    /// cluster. A request waiting for its audit record gives up then
+    /// (docs/CLUSTER.md §5).
+    fn until_not_serving(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::pending())
+    }
+
     /// Why the store cannot be written now (a full disk), or `None` when
     /// it can, for `health`. A store in that state tries again here (at
     /// most a few times a second), so that `health` sees it recover even

@@ -1543,11 +1543,27 @@ impl Backend for PgStore {
         match *self.serving_until.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(until) if Instant::now() < until => Ok(()),
             _ => Err(StoreError::Backend(format!(
-                "node `{}` holds no valid lease in PostgreSQL: it serves no key operation until it renews its \
-                 lease and catches up on the cluster's changes (docs/CLUSTER.md)",
+                "node `{}` holds no valid lease in PostgreSQL: it serves nothing but `hello` and `health` until \
+                 it renews its lease and catches up on the cluster's changes (docs/CLUSTER.md)",
                 self.node.name
             ))),
         }
+    }
+
+    fn until_not_serving(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if self.sink.get().is_none() {
+                return std::future::pending().await;
+            }
+            // Renewals move the end on; each wake-up reads it again.
+            loop {
+                let until = *self.serving_until.lock().unwrap_or_else(|e| e.into_inner());
+                match until {
+                    Some(t) if Instant::now() < t => tokio::time::sleep_until(t.into()).await,
+                    _ => return,
+                }
+            }
+        })
     }
 
     fn cluster(&self) -> StoreFuture<'_, Option<ClusterView>> {
