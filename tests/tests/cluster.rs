@@ -1374,3 +1374,129 @@ async fn audit_tail_on_one_node_follows_every_nodes_chain() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a cluster"), "{out:?}");
 }
+
+/// A PostgreSQL server on a Unix socket that stops answering (SIGSTOP on
+/// the postmaster and every backend: nothing is closed, nothing refused,
+/// and a Unix socket has no TCP time limit): each node stops serving
+/// within its lease, answers `store_unavailable` (and `health`) in bounded
+/// time all along, and serves again once the server resumes (docs/CLUSTER.md
+/// §5).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_postgres_server_makes_the_nodes_stop_serving_within_their_lease_and_they_recover() {
+    let Some(pg) = TestPostgres::start() else { return };
+    const LEASE: Duration = Duration::from_secs(3);
+    pg.create_db("keyhaven");
+    let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    reconfigure(&mut first, "3s", 60, 0);
+    let second = TestDaemon::join(&first);
+    let clients = [Arc::new(first.client().await), Arc::new(second.client().await)];
+    let context = ctx(&["user=7"]);
+    steady(|| async { clients[0].key_create(&path("acme/pii")).await }).await;
+    let dk =
+        steady(|| async { clients[0].datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await })
+            .await;
+    for c in &clients {
+        steady(|| async { c.datakey_decrypt(&dk.envelope, &context).await }).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = [(); 2].map(|_| Arc::new(AtomicBool::new(false)));
+    let loops: Vec<_> = clients
+        .iter()
+        .zip(&refused)
+        .map(|(c, r)| decrypt_loop(c.clone(), dk.envelope.clone(), stop.clone(), r.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The server stops answering for three leases (resumed on drop too,
+    // should the test fail, before the server is stopped).
+    struct Resume(Vec<u32>);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            for pid in self.0.iter().rev() {
+                signal(*pid, "CONT");
+            }
+        }
+    }
+    let pids = pg.server_pids();
+    assert!(pids.len() > 2, "the postmaster and its backends: {pids:?}");
+    for pid in &pids {
+        signal(*pid, "STOP");
+    }
+    let resume = Resume(pids);
+    let stopped = Instant::now();
+    // A write waits, and fails in bounded time.
+    let write = {
+        let c = clients[1].clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = c.key_create(&path("acme/during")).await;
+            (t.elapsed(), r.map(|_| ()).map_err(|e| e.code()))
+        })
+    };
+    tokio::time::sleep(LEASE + Duration::from_millis(500)).await;
+    // `health` answers, saying the node does not serve.
+    let asked = Instant::now();
+    let health = tokio::time::timeout(LEASE * 3, clients[0].health()).await;
+    let took = asked.elapsed();
+    let health = health.unwrap_or_else(|_| panic!("health did not answer within {:?}", LEASE * 3)).unwrap();
+    eprintln!("stopped: health answered in {took:?}: status {}", health.status);
+    assert_ne!(health.status, "ok", "{health:?}");
+    while stopped.elapsed() < 3 * LEASE {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(resume);
+    let resumed = Instant::now();
+    eprintln!("stopped: server resumed after {:?}", resumed - stopped);
+
+    // Both nodes serve again, and write.
+    for (i, c) in clients.iter().enumerate() {
+        eventually(Duration::from_secs(15), || async {
+            c.datakey_decrypt(&dk.envelope, &context).await.ok()
+        })
+        .await;
+        eprintln!("stopped: node {} served again {:?} after the server resumed", i + 1, resumed.elapsed());
+    }
+    let (write_took, write) = write.await.unwrap();
+    eprintln!("stopped: the write in the stop answered {write:?} after {write_took:?}");
+    steady(|| async { clients[0].key_create(&path("acme/after")).await }).await;
+    steady(|| async { clients[1].encrypt(&path("acme/after"), b"x", &context).await }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+
+    for (node, l) in loops.into_iter().enumerate() {
+        let (mut first_refusal, mut slowest, mut by) = (None, Duration::ZERO, [0usize; 3]);
+        for (started, answered, answer) in l.await.unwrap() {
+            by[match answer {
+                Ok(()) => 0,
+                Err(Some(ErrorCode::StoreUnavailable)) => 1,
+                Err(_) => 2,
+            }] += 1;
+            if answered < stopped || started > resumed {
+                continue;
+            }
+            slowest = slowest.max(answered - started);
+            // Nothing is served from a lease after the stop on.
+            assert!(
+                !(answer.is_ok() && started > stopped + LEASE),
+                "node {} served a request that started {:?} into the stop",
+                node + 1,
+                started - stopped
+            );
+            if answer == Err(Some(ErrorCode::StoreUnavailable)) {
+                first_refusal = Some(first_refusal.unwrap_or(Duration::MAX).min(answered - stopped));
+            }
+        }
+        eprintln!(
+            "stopped: node {}: [ok, store_unavailable, other] {by:?}, first store_unavailable {first_refusal:?} \
+             after the stop, slowest answer in it {slowest:?}",
+            node + 1
+        );
+        assert!(refused[node].load(Ordering::SeqCst), "node {} never refused", node + 1);
+        let first_refusal = first_refusal.expect("a refusal in the stop");
+        assert!(first_refusal < LEASE + Duration::from_secs(1), "node {}: {first_refusal:?}", node + 1);
+        assert!(slowest < LEASE + Duration::from_secs(1), "node {}: an answer took {slowest:?}", node + 1);
+        assert_eq!(by[2], 0, "node {}: other errors", node + 1);
+    }
+    let verified = steady(|| async { clients[0].call(&AuditVerify {}).await }).await;
+    assert!(verified.intact, "{verified:?}");
+}
