@@ -516,6 +516,109 @@ async fn figures_revocation_delay_with_three_nodes() {
     );
 }
 
+/// Data-key decryptions by `clients` connections spread over `nodes`, for
+/// `secs`: (ops per second, p50, p99) per node, in node order.
+async fn decrypt_rate(
+    nodes: &[&TestDaemon],
+    clients: usize,
+    envelope: &str,
+    secs: u64,
+) -> Vec<(f64, Duration, Duration)> {
+    let context = ctx(&["user=7"]);
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let node = i % nodes.len();
+        let c = nodes[node].client().await;
+        let (envelope, context) = (envelope.to_owned(), context.clone());
+        tasks.push((
+            node,
+            tokio::spawn(async move {
+                let mut took = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    c.datakey_decrypt(&envelope, &context).await.unwrap();
+                    took.push(t.elapsed());
+                }
+                took
+            }),
+        ));
+    }
+    let mut per_node = vec![Vec::new(); nodes.len()];
+    for (node, t) in tasks {
+        per_node[node].extend(t.await.unwrap());
+    }
+    per_node
+        .into_iter()
+        .map(|mut took| {
+            took.sort();
+            let n = took.len();
+            (n as f64 / secs as f64, took[n / 2], took[n * 99 / 100])
+        })
+        .collect()
+}
+
+/// `count` key creations one after another on `c`: (p50, p99).
+async fn create_latency(c: &Client, prefix: &str, count: usize) -> (Duration, Duration) {
+    let mut took = Vec::new();
+    for i in 0..count {
+        let t = Instant::now();
+        c.key_create(&path(&format!("{prefix}/k{i}"))).await.unwrap();
+        took.push(t.elapsed());
+    }
+    took.sort();
+    (took[count / 2], took[count * 99 / 100])
+}
+
+/// The figures of docs/CLUSTER.md §4 (not a test: `KEYHAVEN_CLUSTER_FIGURES=1
+/// cargo test -p keyhaven-tests --test cluster figures_decryption -- --nocapture`):
+/// data-key decryption with 64 clients spread over three nodes, and on one
+/// node of the same cluster; key creation latency on PostgreSQL (a node of
+/// three) and on sled (one daemon).
+#[tokio::test(flavor = "multi_thread")]
+async fn figures_decryption_through_three_nodes_and_key_create_on_postgres_and_sled() {
+    if std::env::var_os("KEYHAVEN_CLUSTER_FIGURES").is_none() {
+        return;
+    }
+    let Some(pg) = TestPostgres::start() else { return };
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned();
+    let nodes = three_nodes(&pg);
+    let c = nodes[0].client().await;
+    let context = ctx(&["user=7"]);
+    c.key_create(&path("bench/k")).await.unwrap();
+    let dk = c.datakey(&path("bench/k"), &context, keyhaven::Plaintext::Omit).await.unwrap();
+    for n in &nodes {
+        n.client().await.datakey_decrypt(&dk.envelope, &context).await.unwrap();
+    }
+    println!("load before: {}", load());
+    let three = decrypt_rate(&[&nodes[0], &nodes[1], &nodes[2]], 64, &dk.envelope, 10).await;
+    let total: f64 = three.iter().map(|r| r.0).sum();
+    for (i, (rate, p50, p99)) in three.iter().enumerate() {
+        println!(
+            "datakey_decrypt, 64 clients over 3 nodes: node {}: {rate:.0} ops/s, p50 {p50:?}, p99 {p99:?}",
+            i + 1
+        );
+    }
+    println!("datakey_decrypt, 64 clients over 3 nodes: {total:.0} ops/s in all (load {})", load());
+    let one = decrypt_rate(&[&nodes[0]], 64, &dk.envelope, 10).await;
+    println!(
+        "datakey_decrypt, 64 clients on node 1 alone: {:.0} ops/s, p50 {:?}, p99 {:?} (load {})",
+        one[0].0,
+        one[0].1,
+        one[0].2,
+        load()
+    );
+    let (p50, p99) = create_latency(&c, "create", 200).await;
+    println!(
+        "key_create on PostgreSQL (node 1 of 3), 200 in a row: p50 {p50:?}, p99 {p99:?} (load {})",
+        load()
+    );
+    drop((c, nodes));
+    let sled = TestDaemon::start();
+    let (p50, p99) = create_latency(&sled.client().await, "create", 200).await;
+    println!("key_create on sled, 200 in a row: p50 {p50:?}, p99 {p99:?} (load {})", load());
+}
+
 /// Restarts `node` with `[cluster] lease = LEASE`, `[lifecycle]
 /// check_seconds = CHECK` and its periodic jobs' clock `ahead` seconds
 /// ahead (`test_clock_offset_seconds`); nodes that join it afterwards copy
