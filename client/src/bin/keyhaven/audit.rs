@@ -557,4 +557,24 @@ mod tests {
         assert_eq!(format_ms(1767225600123 + 3723000), "2026-01-01T01:02:03.123Z");
         assert_eq!(format_ms(951868800000), "2000-03-01T00:00:00.000Z");
     }
+
+    fn record(seq: u64, time_ms: u64) -> AuditRecord {
+        serde_json::from_value(serde_json::json!({
+            "seq": seq, "time_ms": time_ms, "prev": "", "caller": {"uid": 0, "gid": 0}, "op": "x", "outcome": "ok",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn chains_merge_in_time_order_each_in_its_own_order() {
+        use std::collections::VecDeque;
+        // Node b's clock went back between its records 2 and 3: its
+        // chain keeps its order; the rest goes by time, ties by node.
+        let a = VecDeque::from([record(1, 10), record(2, 30), record(3, 50)]);
+        let b = VecDeque::from([record(1, 20), record(2, 40), record(3, 35), record(4, 50)]);
+        let merged = merge(vec![("b".into(), b), ("a".into(), a), ("c".into(), VecDeque::new())]);
+        let order: Vec<(String, u64)> = merged.iter().map(|(n, r)| (n.clone(), r.seq)).collect();
+        let expected = [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3), ("b", 4)];
+        assert_eq!(order, expected.map(|(n, s)| (n.to_owned(), s)));
+    }
 }
