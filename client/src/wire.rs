@@ -105,6 +105,7 @@ operation!(Hello, "hello", HelloResponse);
 /// What `hello` lists in `features`: parameters and answer fields added to
 /// operations after protocol version 1 first shipped, and the key types.
 pub const FEATURES: &[&str] = &[
+    "audit_read.node",
     "audit_read.raw",
     "idempotency_keys",
     "key_aliases",
@@ -628,6 +629,11 @@ pub struct AuditRead {
     /// the hash chain covers (docs/AUDIT.md §3.1).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub raw: bool,
+    /// On a cluster: read node `node`'s audit chain instead of the
+    /// answering node's (docs/CLUSTER.md §3). `seq`, `after` and `next`
+    /// are that chain's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Answer to `audit_read`.
@@ -644,6 +650,13 @@ pub struct AuditReadResponse {
     /// SHA-256 of one is the `prev` of the record after it in the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lines: Option<Vec<String>>,
+    /// On a cluster: the node whose chain `records` come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// On a cluster: every node that has an audit chain in the store, sorted
+    /// (to read them all: one `audit_read` with `node` per chain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<String>,
 }
 operation!(AuditRead, "audit_read", AuditReadResponse);
 

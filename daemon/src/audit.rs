@@ -244,6 +244,9 @@ struct Failing {
     since_ms: u64,
     /// Requests refused before they ran since then.
     refused: u64,
+    /// Whether a flush failed (else requests were refused only because
+    /// this node of a cluster held no lease: [`Audit::refuse_unserved`]).
+    flush: bool,
 }
 
 /// Why the audit log cannot be written now, for `health`.
@@ -462,12 +465,56 @@ impl Audit {
         }
     }
 
+    /// Refuses a request before it runs because this node of a cluster
+    /// holds no valid lease (`why`, docs/CLUSTER.md §5): its record would
+    /// wait on a database the node cannot count on. Counted with the
+    /// refusals of a failing log, and recorded with them in one alert
+    /// record once the node serves again ([`Audit::serving_again`]).
+    pub fn refuse_unserved(&self, why: StoreError) -> Error {
+        if let Some(log) = &self.log {
+            let mut f = log.failing.lock().unwrap_or_else(|e| e.into_inner());
+            let f = f.get_or_insert_with(|| Failing {
+                condition: why.condition(),
+                message: why.to_string(),
+                since_ms: now_ms(),
+                refused: 0,
+                flush: false,
+            });
+            f.refused += 1;
+            log.is_failing.store(true, std::sync::atomic::Ordering::Release);
+        }
+        Error::Store(StoreError::Backend(format!(
+            "{why}; refused without running, and counted in one alert record when the node serves again \
+             (docs/CLUSTER.md §5)"
+        )))
+    }
+
+    /// This node of a cluster serves again: the requests refused while it
+    /// held no lease are recorded in one alert record (unless the log's own
+    /// flush is failing: then the flusher does that when it recovers).
+    /// Costs an atomic load when nothing was refused.
+    pub fn serving_again(&self) {
+        let Some(log) = &self.log else { return };
+        if !log.is_failing.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let unserved =
+            log.failing.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|f| !f.flush);
+        if unserved {
+            log.recovered();
+            let idle = std::mem::take(&mut log.state.lock().unwrap_or_else(|e| e.into_inner()).idle);
+            if idle {
+                log.wake.notify_one();
+            }
+        }
+    }
+
     /// Why the log cannot be written now (its last flush failed), for
     /// `health`; `None` when it can (or the log is off).
     pub fn failure(&self) -> Option<AuditFailure> {
         let log = self.log.as_ref()?;
         let f = log.failing.lock().unwrap_or_else(|e| e.into_inner());
-        f.as_ref().map(|f| AuditFailure {
+        f.as_ref().filter(|f| f.flush).map(|f| AuditFailure {
             condition: f.condition,
             message: f.message.clone(),
             refused: f.refused,
@@ -945,6 +992,7 @@ impl Log {
             Some(f) => {
                 f.condition = e.condition();
                 f.message = e.to_string();
+                f.flush = true;
             }
             None => {
                 *f = Some(Failing {
@@ -952,6 +1000,7 @@ impl Log {
                     message: e.to_string(),
                     since_ms: now_ms(),
                     refused: 0,
+                    flush: true,
                 });
                 self.is_failing.store(true, std::sync::atomic::Ordering::Release);
             }
@@ -977,12 +1026,16 @@ impl Log {
             return;
         }
         let since = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(was.since_ms));
+        let because = match was.flush {
+            true => "the audit log could not be written",
+            false => "this node of the cluster held no valid lease",
+        };
         let mut rec = alert_record(
             daemon_caller(),
             "alert",
             format!(
-                "{} requests were refused without running from {since} for {secs:.1} s, because the audit log \
-                 could not be written ({}); they are not recorded one by one",
+                "{} requests were refused without running from {since} for {secs:.1} s, because {because} ({}); \
+                 they are not recorded one by one",
                 was.refused, was.message
             ),
         );
@@ -1239,7 +1292,7 @@ pub fn read(store: &Store, req: &AuditRead) -> Result<AuditReadResponse, Error> 
         }
     }
     let next = records.last().map_or(after, |r| r.seq).max(newest);
-    Ok(AuditReadResponse { records, next, more, lines })
+    Ok(AuditReadResponse { records, next, more, lines, node: None, chains: Vec::new() })
 }
 
 /// Ops whose records name an envelope id they were only given to revoke.

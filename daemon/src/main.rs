@@ -86,6 +86,10 @@ enum StoreCommand {
         /// Configuration naming the empty store to copy into (the same token).
         #[arg(long, value_name = "CONFIG")]
         to: PathBuf,
+        /// Copy even when nodes hold live leases in a PostgreSQL source or destination (a running
+        /// node writing during the copy makes its verification fail).
+        #[arg(long)]
+        allow_live_nodes: bool,
     },
 }
 
@@ -262,21 +266,32 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{}", keyhavend::anchor::accept_store(&config, &reason)?);
             Ok(())
         }
-        Some(Command::Store { command: StoreCommand::Copy { from, to } }) => {
+        Some(Command::Store { command: StoreCommand::Copy { from, to, allow_live_nodes } }) => {
             // `from` last: its token environment (SOFTHSM2_CONF) is the one used.
             let to_config = load(Some(to.clone()))?;
             let from_config = load(Some(from.clone()))?;
-            let report = keyhavend::store::copy::copy(&from_config, &to_config, &mut |line| {
+            let options = keyhavend::store::copy::CopyOptions { allow_live_nodes };
+            let report = keyhavend::store::copy::copy(&from_config, &to_config, &options, &mut |line| {
                 eprintln!("keyhavend: store copy: {line}")
             })?;
+            let exported = match report.exported.as_slice() {
+                [] => String::new(),
+                files => format!(
+                    " Other nodes' audit chains were written alongside as signed exports ({}): check them with \
+                     `keyhaven audit verify --file FILE --public-key PEM`.",
+                    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            };
             println!(
-                "copied {} keys, {} revocations, {} audit records and {} seals from {} to {}; the copy matches \
-                 the token's anchor (write {}). Point every daemon at {} before starting them: the first write \
-                 to either store makes the other an older copy that the daemon refuses.",
+                "copied {} keys, {} revocations, {} audit records and {} seals ({} audit chain(s)) from {} to {}; \
+                 the copy matches the token's anchor (write {}).{exported} Point every daemon at {} before \
+                 starting them: the first write to either store makes the other an older copy that the daemon \
+                 refuses.",
                 report.keys,
                 report.revocations,
                 report.audit_records,
                 report.audit_seals,
+                report.chains,
                 from.display(),
                 to.display(),
                 report.anchor_generation,

@@ -740,6 +740,26 @@ impl TestPostgres {
         assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// The server's processes: the postmaster (first) and its children
+    /// (the backends and helpers), for signals (SIGSTOP: a server that
+    /// stops answering without closing anything).
+    pub fn server_pids(&self) -> Vec<u32> {
+        let pidfile = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid"))
+            .expect("postmaster.pid");
+        let postmaster: u32 = pidfile.lines().next().and_then(|l| l.trim().parse().ok()).expect("a pid");
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // `pid (comm) state ppid …`; comm may hold spaces or parentheses.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if ppid.and_then(|p| p.parse::<u32>().ok()) == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// Stops the server (fast: open connections are cut) and starts it
     /// again, as a restart under load would; or starts it after
     /// [`TestPostgres::stop`].

@@ -516,6 +516,109 @@ async fn figures_revocation_delay_with_three_nodes() {
     );
 }
 
+/// Data-key decryptions by `clients` connections spread over `nodes`, for
+/// `secs`: (ops per second, p50, p99) per node, in node order.
+async fn decrypt_rate(
+    nodes: &[&TestDaemon],
+    clients: usize,
+    envelope: &str,
+    secs: u64,
+) -> Vec<(f64, Duration, Duration)> {
+    let context = ctx(&["user=7"]);
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let node = i % nodes.len();
+        let c = nodes[node].client().await;
+        let (envelope, context) = (envelope.to_owned(), context.clone());
+        tasks.push((
+            node,
+            tokio::spawn(async move {
+                let mut took = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    c.datakey_decrypt(&envelope, &context).await.unwrap();
+                    took.push(t.elapsed());
+                }
+                took
+            }),
+        ));
+    }
+    let mut per_node = vec![Vec::new(); nodes.len()];
+    for (node, t) in tasks {
+        per_node[node].extend(t.await.unwrap());
+    }
+    per_node
+        .into_iter()
+        .map(|mut took| {
+            took.sort();
+            let n = took.len();
+            (n as f64 / secs as f64, took[n / 2], took[n * 99 / 100])
+        })
+        .collect()
+}
+
+/// `count` key creations one after another on `c`: (p50, p99).
+async fn create_latency(c: &Client, prefix: &str, count: usize) -> (Duration, Duration) {
+    let mut took = Vec::new();
+    for i in 0..count {
+        let t = Instant::now();
+        c.key_create(&path(&format!("{prefix}/k{i}"))).await.unwrap();
+        took.push(t.elapsed());
+    }
+    took.sort();
+    (took[count / 2], took[count * 99 / 100])
+}
+
+/// The figures of docs/CLUSTER.md §4 (not a test: `KEYHAVEN_CLUSTER_FIGURES=1
+/// cargo test -p keyhaven-tests --test cluster figures_decryption -- --nocapture`):
+/// data-key decryption with 64 clients spread over three nodes, and on one
+/// node of the same cluster; key creation latency on PostgreSQL (a node of
+/// three) and on sled (one daemon).
+#[tokio::test(flavor = "multi_thread")]
+async fn figures_decryption_through_three_nodes_and_key_create_on_postgres_and_sled() {
+    if std::env::var_os("KEYHAVEN_CLUSTER_FIGURES").is_none() {
+        return;
+    }
+    let Some(pg) = TestPostgres::start() else { return };
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned();
+    let nodes = three_nodes(&pg);
+    let c = nodes[0].client().await;
+    let context = ctx(&["user=7"]);
+    c.key_create(&path("bench/k")).await.unwrap();
+    let dk = c.datakey(&path("bench/k"), &context, keyhaven::Plaintext::Omit).await.unwrap();
+    for n in &nodes {
+        n.client().await.datakey_decrypt(&dk.envelope, &context).await.unwrap();
+    }
+    println!("load before: {}", load());
+    let three = decrypt_rate(&[&nodes[0], &nodes[1], &nodes[2]], 64, &dk.envelope, 10).await;
+    let total: f64 = three.iter().map(|r| r.0).sum();
+    for (i, (rate, p50, p99)) in three.iter().enumerate() {
+        println!(
+            "datakey_decrypt, 64 clients over 3 nodes: node {}: {rate:.0} ops/s, p50 {p50:?}, p99 {p99:?}",
+            i + 1
+        );
+    }
+    println!("datakey_decrypt, 64 clients over 3 nodes: {total:.0} ops/s in all (load {})", load());
+    let one = decrypt_rate(&[&nodes[0]], 64, &dk.envelope, 10).await;
+    println!(
+        "datakey_decrypt, 64 clients on node 1 alone: {:.0} ops/s, p50 {:?}, p99 {:?} (load {})",
+        one[0].0,
+        one[0].1,
+        one[0].2,
+        load()
+    );
+    let (p50, p99) = create_latency(&c, "create", 200).await;
+    println!(
+        "key_create on PostgreSQL (node 1 of 3), 200 in a row: p50 {p50:?}, p99 {p99:?} (load {})",
+        load()
+    );
+    drop((c, nodes));
+    let sled = TestDaemon::start();
+    let (p50, p99) = create_latency(&sled.client().await, "create", 200).await;
+    println!("key_create on sled, 200 in a row: p50 {p50:?}, p99 {p99:?} (load {})", load());
+}
+
 /// Restarts `node` with `[cluster] lease = LEASE`, `[lifecycle]
 /// check_seconds = CHECK` and its periodic jobs' clock `ahead` seconds
 /// ahead (`test_clock_offset_seconds`); nodes that join it afterwards copy
@@ -888,6 +991,15 @@ async fn a_node_killed_in_a_master_key_rotation_batch_resumes_it_after_a_restart
     let answer = batch.await.unwrap();
     assert!(answer.is_err(), "the batch finished before the kill: {answer:?}");
     let at_kill: usize = pg.psql("keyhaven", rotated_sql).parse().unwrap();
+    let rotated_at_kill: Vec<String> = pg
+        .psql(
+            "keyhaven",
+            "SELECT tenant || '/' || name FROM keyring WHERE tenant = 'mk' \
+             AND jsonb_array_length(record::jsonb -> 'versions') > 1",
+        )
+        .lines()
+        .map(str::to_owned)
+        .collect();
     let under_way = pg.psql("keyhaven", "SELECT record::jsonb -> 'master_rotation' IS NOT NULL FROM meta");
     assert_eq!(under_way, "t", "the rotation is under way in the store");
     assert!(at_kill < KEYS, "{at_kill} keys of {KEYS} rotated at the kill");
@@ -950,6 +1062,46 @@ async fn a_node_killed_in_a_master_key_rotation_batch_resumes_it_after_a_restart
         .await;
         assert!(verified.chains.iter().all(|ch| ch.problem.is_none()), "{verified:?}");
     }
+
+    // Every key the killed call rotated is named by an audit record, though
+    // that call's own record was never written: the batch named each group
+    // of its keys, durably, before rotating them (docs/CLUSTER.md §5).
+    let records: Vec<(String, serde_json::Value)> = pg
+        .psql(
+            "keyhaven",
+            "SELECT node, convert_from(entry, 'UTF8') FROM audit WHERE kind = 0 ORDER BY node, seq",
+        )
+        .lines()
+        .map(|l| {
+            let (node, json) = l.split_once('|').unwrap();
+            (node.to_owned(), serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}")))
+        })
+        .collect();
+    let named_in = |op: &str| -> std::collections::BTreeSet<String> {
+        records
+            .iter()
+            .filter(|(_, r)| r["op"] == op)
+            .flat_map(|(_, r)| r["after"]["keys"].as_array().cloned().unwrap_or_default())
+            .filter_map(|k| k.as_str().map(|k| k.split('@').next().unwrap().to_owned()))
+            .collect()
+    };
+    let grouped = named_in("admin_rotate_master_keys");
+    let completed = named_in("admin_rotate_master");
+    assert!(!rotated_at_kill.is_empty());
+    for k in &rotated_at_kill {
+        assert!(grouped.contains(k), "key {k}, rotated by the killed batch, is named by no record");
+    }
+    // And after the resumption, every rotated key is named.
+    for i in 0..KEYS {
+        let k = format!("mk/k{i:02}");
+        assert!(grouped.contains(&k) || completed.contains(&k), "key {k} is named by no record");
+    }
+    let killed_only: Vec<&String> = rotated_at_kill.iter().filter(|k| !completed.contains(*k)).collect();
+    eprintln!(
+        "{} key(s) rotated by the killed batch; {} of them named only by its admin_rotate_master_keys record(s)",
+        rotated_at_kill.len(),
+        killed_only.len(),
+    );
 }
 
 /// One request of a client loop: when it started, when its answer came,
@@ -1160,17 +1312,294 @@ async fn a_node_cut_off_from_postgres_stops_serving_within_its_lease_and_catches
     );
     assert!(refused_in_cut, "node 2 answered no `store_unavailable` while cut off");
     // Its answers wait for their audit records to be durable in PostgreSQL,
-    // so none is served from the cut on; they fail once the daemon gives up
-    // on the dead connection (about a lease) or on opening a new one (5 s).
+    // so none is served from the cut on; a request waiting for its record
+    // gives up when the node's lease ends by its own clock (before the
+    // lease), and from then on every request is refused at once, without
+    // running (docs/CLUSTER.md §5).
     let first_refusal = first_refusal.expect("a `store_unavailable` answered during the cut");
-    assert!(first_refusal < LEASE + Duration::from_secs(7), "node 2 first refused after {first_refusal:?}");
+    assert!(first_refusal < LEASE + Duration::from_secs(1), "node 2 first refused after {first_refusal:?}");
+    assert!(slowest < LEASE + Duration::from_secs(1), "node 2 took {slowest:?} to answer during the cut");
     assert!(by_node[0][0] > 0 && by_node[2][0] > 0, "nodes 1 and 3 served nothing");
     let health = steady(|| async { b.health().await }).await.store.cluster.unwrap();
     assert!(health.serving, "{health:?}");
     assert!(health.nodes.iter().all(|n| n.live), "{health:?}");
+    // The requests it refused without running are counted in one alert
+    // record on its chain, written once it could write again.
+    let alerts = format!(
+        "SELECT convert_from(entry, 'UTF8') FROM audit WHERE node = '{}' AND kind = 0 \
+         AND convert_from(entry, 'UTF8') LIKE '%requests were refused without running%'",
+        health.node
+    );
+    let alert = eventually(Duration::from_secs(5), || async {
+        let text = pg.psql("keyhaven", &alerts);
+        (!text.is_empty()).then_some(text)
+    })
+    .await;
+    eprintln!("cut: node 2's alert: {alert}");
     // Node 2 noticed by itself, and said so.
     drop((b, clients));
     let (_, log) = cut.stop();
     assert!(log.contains("cannot renew this node's lease"), "{log}");
     assert!(log.contains("the lease is renewed again"), "{log}");
+}
+
+/// `keyhaven audit tail ARGS --json` on `node`, its stdout lines sent to a
+/// channel; killed on drop.
+struct Tail {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Tail {
+    fn spawn(node: &TestDaemon, args: &[&str]) -> Tail {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(bin("keyhaven"))
+            .arg("--socket")
+            .arg(node.socket())
+            .args(["audit", "tail", "--json"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        Tail { child, lines }
+    }
+
+    /// Reads printed records until one satisfies `until` (or 20 s pass).
+    fn until(&self, seen: &mut Vec<serde_json::Value>, until: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "audit tail did not print what was expected: {seen:#?}");
+            if let Ok(r) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                let done = until(&r);
+                seen.push(r);
+                if done {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn created(r: &serde_json::Value, key: &str) -> bool {
+    r["op"] == "key_create" && r["key"] == key
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_tail_on_one_node_follows_every_nodes_chain() {
+    let Some(pg) = TestPostgres::start() else { return };
+    let nodes = three_nodes(&pg);
+    let mut c = Vec::new();
+    let mut names = Vec::new();
+    for n in &nodes {
+        let client = n.client().await;
+        names.push(client.health().await.unwrap().store.cluster.expect("a cluster").node);
+        c.push(client);
+    }
+    c[1].key_create(&path("tail/before-2")).await.unwrap();
+    c[2].key_create(&path("tail/before-3")).await.unwrap();
+
+    // Followed on node 1: a record made on node 3 (and one on node 2)
+    // comes, labelled with its node.
+    let all = Tail::spawn(&nodes[0], &["--all-nodes", "-f", "-n", "0"]);
+    let one = Tail::spawn(&nodes[0], &["--node", &names[2], "-f", "-n", "0"]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c[2].key_create(&path("tail/on-3")).await.unwrap();
+    c[1].key_create(&path("tail/on-2")).await.unwrap();
+    let mut seen = Vec::new();
+    all.until(&mut seen, |r| created(r, "on-3"));
+    all.until(&mut seen, |r| created(r, "on-2"));
+    let on3 = seen.iter().find(|r| created(r, "on-3")).unwrap();
+    assert_eq!(on3["node"], names[2].as_str(), "{on3}");
+    let on2 = seen.iter().find(|r| created(r, "on-2")).unwrap();
+    assert_eq!(on2["node"], names[1].as_str(), "{on2}");
+    assert!(!seen.iter().any(|r| created(r, "before-3")), "-n 0 printed an older record: {seen:#?}");
+    let mut seen_one = Vec::new();
+    one.until(&mut seen_one, |r| created(r, "on-3"));
+    assert!(seen_one.iter().all(|r| r["node"] == names[2].as_str()), "{seen_one:#?}");
+    assert!(!seen_one.iter().any(|r| created(r, "on-2")), "--node printed another chain: {seen_one:#?}");
+    // Every node's chain is in time order within the merge, each chain in
+    // its own order.
+    for name in &names {
+        let seqs: Vec<u64> =
+            seen.iter().filter(|r| r["node"] == name.as_str()).map(|r| r["seq"].as_u64().unwrap()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "node {name}: {seqs:?}");
+    }
+    drop((all, one));
+
+    // Without -f: the last records of every chain together, labelled.
+    let out = nodes[0].cli(&["audit", "tail", "--all-nodes", "-n", "200", "--json"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (key, node) in [("before-2", &names[1]), ("before-3", &names[2]), ("on-3", &names[2])] {
+        let r = printed.iter().find(|r| created(r, key)).unwrap_or_else(|| panic!("{key}: {printed:#?}"));
+        assert_eq!(r["node"], node.as_str());
+    }
+    let times: Vec<u64> = printed.iter().map(|r| r["time_ms"].as_u64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "not in time order: {times:?}");
+    let text = nodes[0].cli(&["audit", "tail", "--node", &names[1], "-n", "50"], b"");
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.lines().all(|l| l.starts_with(&format!("[{}] ", names[1]))), "{text}");
+    assert!(text.contains("key_create tail/on-2"), "{text}");
+
+    // A node that has no chain is refused by name; so is `node` on sled.
+    let out = nodes[0].cli(&["audit", "tail", "--node", "nosuch"], b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no audit chain of node `nosuch`"), "{out:?}");
+    let single = TestDaemon::start();
+    let refused = single
+        .client()
+        .await
+        .call(&keyhaven::wire::AuditRead { node: Some("x".into()), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::BadRequest), "{refused}");
+    let out = single.cli(&["audit", "tail", "--all-nodes"], b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a cluster"), "{out:?}");
+}
+
+/// A PostgreSQL server on a Unix socket that stops answering (SIGSTOP on
+/// the postmaster and every backend: nothing is closed, nothing refused,
+/// and a Unix socket has no TCP time limit): each node stops serving
+/// within its lease, answers `store_unavailable` (and `health`) in bounded
+/// time all along, and serves again once the server resumes (docs/CLUSTER.md
+/// §5).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_postgres_server_makes_the_nodes_stop_serving_within_their_lease_and_they_recover() {
+    let Some(pg) = TestPostgres::start() else { return };
+    const LEASE: Duration = Duration::from_secs(3);
+    pg.create_db("keyhaven");
+    let mut first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    reconfigure(&mut first, "3s", 60, 0);
+    let second = TestDaemon::join(&first);
+    let clients = [Arc::new(first.client().await), Arc::new(second.client().await)];
+    let context = ctx(&["user=7"]);
+    steady(|| async { clients[0].key_create(&path("acme/pii")).await }).await;
+    let dk =
+        steady(|| async { clients[0].datakey(&path("acme/pii"), &context, keyhaven::Plaintext::Omit).await })
+            .await;
+    for c in &clients {
+        steady(|| async { c.datakey_decrypt(&dk.envelope, &context).await }).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = [(); 2].map(|_| Arc::new(AtomicBool::new(false)));
+    let loops: Vec<_> = clients
+        .iter()
+        .zip(&refused)
+        .map(|(c, r)| decrypt_loop(c.clone(), dk.envelope.clone(), stop.clone(), r.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The server stops answering for three leases (resumed on drop too,
+    // should the test fail, before the server is stopped).
+    struct Resume(Vec<u32>);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            for pid in self.0.iter().rev() {
+                signal(*pid, "CONT");
+            }
+        }
+    }
+    let pids = pg.server_pids();
+    assert!(pids.len() > 2, "the postmaster and its backends: {pids:?}");
+    for pid in &pids {
+        signal(*pid, "STOP");
+    }
+    let resume = Resume(pids);
+    let stopped = Instant::now();
+    // A write waits, and fails in bounded time.
+    let write = {
+        let c = clients[1].clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = c.key_create(&path("acme/during")).await;
+            (t.elapsed(), r.map(|_| ()).map_err(|e| e.code()))
+        })
+    };
+    tokio::time::sleep(LEASE + Duration::from_millis(500)).await;
+    // `health` answers, saying the node does not serve.
+    let asked = Instant::now();
+    let health = tokio::time::timeout(LEASE * 3, clients[0].health()).await;
+    let took = asked.elapsed();
+    let health = health.unwrap_or_else(|_| panic!("health did not answer within {:?}", LEASE * 3)).unwrap();
+    eprintln!("stopped: health answered in {took:?}: status {}", health.status);
+    assert_ne!(health.status, "ok", "{health:?}");
+    while stopped.elapsed() < 3 * LEASE {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(resume);
+    let resumed = Instant::now();
+    eprintln!("stopped: server resumed after {:?}", resumed - stopped);
+
+    // Both nodes serve again, and write.
+    for (i, c) in clients.iter().enumerate() {
+        eventually(Duration::from_secs(15), || async {
+            c.datakey_decrypt(&dk.envelope, &context).await.ok()
+        })
+        .await;
+        eprintln!("stopped: node {} served again {:?} after the server resumed", i + 1, resumed.elapsed());
+    }
+    let (write_took, write) = write.await.unwrap();
+    eprintln!("stopped: the write in the stop answered {write:?} after {write_took:?}");
+    steady(|| async { clients[0].key_create(&path("acme/after")).await }).await;
+    steady(|| async { clients[1].encrypt(&path("acme/after"), b"x", &context).await }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+
+    for (node, l) in loops.into_iter().enumerate() {
+        let (mut first_refusal, mut slowest, mut by) = (None, Duration::ZERO, [0usize; 3]);
+        for (started, answered, answer) in l.await.unwrap() {
+            by[match answer {
+                Ok(()) => 0,
+                Err(Some(ErrorCode::StoreUnavailable)) => 1,
+                Err(_) => 2,
+            }] += 1;
+            if answered < stopped || started > resumed {
+                continue;
+            }
+            slowest = slowest.max(answered - started);
+            // Nothing is served from a lease after the stop on.
+            assert!(
+                !(answer.is_ok() && started > stopped + LEASE),
+                "node {} served a request that started {:?} into the stop",
+                node + 1,
+                started - stopped
+            );
+            if answer == Err(Some(ErrorCode::StoreUnavailable)) {
+                first_refusal = Some(first_refusal.unwrap_or(Duration::MAX).min(answered - stopped));
+            }
+        }
+        eprintln!(
+            "stopped: node {}: [ok, store_unavailable, other] {by:?}, first store_unavailable {first_refusal:?} \
+             after the stop, slowest answer in it {slowest:?}",
+            node + 1
+        );
+        assert!(refused[node].load(Ordering::SeqCst), "node {} never refused", node + 1);
+        let first_refusal = first_refusal.expect("a refusal in the stop");
+        assert!(first_refusal < LEASE + Duration::from_secs(1), "node {}: {first_refusal:?}", node + 1);
+        assert!(slowest < LEASE + Duration::from_secs(1), "node {}: an answer took {slowest:?}", node + 1);
+        assert_eq!(by[2], 0, "node {}: other errors", node + 1);
+    }
+    let verified = steady(|| async { clients[0].call(&AuditVerify {}).await }).await;
+    assert!(verified.intact, "{verified:?}");
 }

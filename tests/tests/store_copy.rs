@@ -249,3 +249,130 @@ async fn a_store_held_by_a_running_daemon_is_refused_by_name() {
     assert!(!out.status.success());
     assert!(text(&out).contains(&expected), "{}", text(&out));
 }
+
+/// A cluster's store holds one audit chain per node: a copy to PostgreSQL
+/// takes every chain; a copy to sled makes the chain of `--from`'s node the
+/// log and writes the others alongside as signed exports that `keyhaven
+/// audit verify --file` checks; a database whose nodes hold live leases is
+/// refused by name.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_is_copied_with_every_nodes_audit_chain_to_postgres_and_to_sled() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("cluster");
+    pg.create_db("copy");
+    let mut first = TestDaemon::start_postgres(&pg.url("cluster"));
+    let mut second = TestDaemon::join(&first);
+    let mut third = TestDaemon::join(&first);
+    let context = ctx(&["row=1"]);
+    let mut sealed = Vec::new();
+    let mut names = Vec::new();
+    for (i, node) in [&first, &second, &third].into_iter().enumerate() {
+        let c = node.client().await;
+        names.push(c.health().await.unwrap().store.cluster.expect("a cluster").node);
+        let key = path(&format!("acme/k{i}"));
+        c.key_create(&key).await.unwrap();
+        for j in 0..3 {
+            let plain = format!("made on node {i}, {j}");
+            sealed.push((c.encrypt(&key, plain.as_bytes(), &context).await.unwrap(), plain));
+        }
+    }
+    let dir = first.dir().to_owned();
+    let source = dir.join("source.toml");
+    std::fs::copy(dir.join("keyhaven.toml"), &source).unwrap();
+    let on_pg = postgres_config(&dir, "copy.toml", &pg.url("copy"));
+
+    // Running nodes: refused, naming them.
+    let out = store_copy(&source, &on_pg);
+    assert!(!out.status.success(), "copied a database with live nodes: {}", text(&out));
+    for name in &names {
+        assert!(text(&out).contains(&format!("`{name}`")), "{name}: {}", text(&out));
+    }
+    assert!(text(&out).contains("--allow-live-nodes"), "{}", text(&out));
+    assert_eq!(pg.psql("copy", "SELECT count(*) FROM keyring"), "0");
+    for node in [&mut first, &mut second, &mut third] {
+        let (status, log) = node.stop();
+        assert!(status.success(), "{log}");
+    }
+    let chains_sql = "SELECT node, kind, count(*) FROM audit GROUP BY node, kind ORDER BY node, kind";
+    let per_chain = pg.psql("cluster", chains_sql);
+    assert_eq!(pg.psql("cluster", "SELECT count(DISTINCT node) FROM audit"), "3", "{per_chain}");
+
+    // PostgreSQL → PostgreSQL: every chain, entry for entry.
+    let out = store_copy(&source, &on_pg);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(3 audit chain(s))"), "{}", text(&out));
+    assert!(text(&out).contains("verified: 3 audit chain(s)"), "{}", text(&out));
+    let entries = "SELECT node, kind, seq, md5(entry) FROM audit ORDER BY node, kind, seq";
+    assert_eq!(pg.psql("copy", entries), pg.psql("cluster", entries));
+    assert_eq!(pg.psql("copy", chains_sql), per_chain);
+
+    // A node on the copy: every key decrypts, every chain verifies.
+    use_config(&dir, &on_pg);
+    first.start_again();
+    let c = first.client().await;
+    for (ct, plain) in &sealed {
+        assert_eq!(c.decrypt(&ct.ciphertext, &context).await.unwrap().plaintext.expose(), plain.as_bytes());
+    }
+    let verified = c.call(&AuditVerify {}).await.unwrap();
+    assert!(verified.intact, "{verified:?}");
+    let mut chains: Vec<String> = verified.chains.iter().map(|ch| ch.node.clone()).collect();
+    chains.sort();
+    let mut expected = names.clone();
+    expected.sort();
+    assert_eq!(chains, expected, "{verified:?}");
+    assert!(verified.chains.iter().all(|ch| ch.status == "intact" && ch.records > 0), "{verified:?}");
+    let pem = first.cli(&["audit", "public-key"], b"");
+    assert!(pem.status.success());
+    let pem_file = dir.join("audit.pem");
+    std::fs::write(&pem_file, &pem.stdout).unwrap();
+    drop(c);
+    let (status, log) = first.stop();
+    assert!(status.success(), "{log}");
+
+    // PostgreSQL → sled: node 1's chain is the log, the others go
+    // alongside as signed exports, each the whole chain.
+    let sled_store = dir.join("sled-copy");
+    let on_sled = sled_config(&dir, "sled.toml", &sled_store);
+    let out = store_copy(&on_pg, &on_sled);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signed exports"), "{}", text(&out));
+    let exports = sled_store.join("audit-chains");
+    assert!(!exports.join(format!("node-{}.jsonl", names[0])).exists(), "node 1's chain is the log");
+    for name in &names[1..] {
+        let file = exports.join(format!("node-{name}.jsonl"));
+        let body = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let records = body.lines().filter(|l| !l.starts_with("{\"seal\":")).count();
+        let stored =
+            pg.psql("copy", &format!("SELECT count(*) FROM audit WHERE node = '{name}' AND kind = 0"));
+        assert_eq!(records.to_string(), stored, "{name}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        let check = first.cli(
+            &[
+                "audit",
+                "verify",
+                "--file",
+                file.to_str().unwrap(),
+                "--public-key",
+                pem_file.to_str().unwrap(),
+            ],
+            b"",
+        );
+        assert!(check.status.success(), "{name}: {}", text(&check));
+        assert!(String::from_utf8_lossy(&check.stdout).contains("audit log intact"), "{}", text(&check));
+    }
+    use_config(&dir, &on_sled);
+    first.start_again();
+    let c = first.client().await;
+    for (ct, plain) in &sealed {
+        assert_eq!(c.decrypt(&ct.ciphertext, &context).await.unwrap().plaintext.expose(), plain.as_bytes());
+    }
+    let verified = c.call(&AuditVerify {}).await.unwrap();
+    assert!(verified.intact, "{verified:?}");
+    let node1 =
+        pg.psql("copy", &format!("SELECT count(*) FROM audit WHERE node = '{}' AND kind = 0", names[0]));
+    assert!(verified.records >= node1.parse::<u64>().unwrap(), "{verified:?} < {node1}");
+    drop(c);
+    let (status, log) = first.stop();
+    assert!(status.success(), "{log}");
+}

@@ -9,12 +9,45 @@ use super::{reply, route, tenant_target, Cx, Daemon, Op, Reply, Route};
 use crate::error::Error;
 use crate::policy::{Access, Permission, Target};
 
-/// `audit_read`.
+/// `audit_read`: this node's chain, or (on a cluster, with `node`) another
+/// node's; on a cluster the answer names the chain read and every chain
+/// the store holds (docs/CLUSTER.md §3).
 pub async fn read(d: &Arc<Daemon>, req: wire::AuditRead) -> Result<Reply, Error> {
-    let store = d.store.clone();
-    let resp = tokio::task::spawn_blocking(move || crate::audit::read(&store, &req))
+    let cluster = d.store.kind() == "postgres";
+    let (store, node, chains) = if cluster {
+        let chains = d.store.backend().audit_chains().await?;
+        let this = d.config.cluster.node_name().map_err(Error::Internal)?;
+        match req.node.clone() {
+            None => (d.store.clone(), this, chains),
+            Some(node) if node == this => (d.store.clone(), node, chains),
+            Some(node) => {
+                if !chains.contains(&node) {
+                    return Err(Error::NotFound(format!(
+                        "no audit chain of node `{}` in this cluster's store (chains: {})",
+                        node.escape_default(),
+                        chains.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                (d.store.for_audit_chain(&node), node, chains)
+            }
+        }
+    } else {
+        if req.node.is_some() {
+            return Err(Error::BadRequest(
+                "`node` names a node of a cluster, and this daemon's store is not one (it keeps one audit log): \
+                 leave `node` out"
+                    .into(),
+            ));
+        }
+        (d.store.clone(), String::new(), Vec::new())
+    };
+    let mut resp = tokio::task::spawn_blocking(move || crate::audit::read(&store, &req))
         .await
         .map_err(|e| Error::Internal(format!("audit read task: {e}")))??;
+    if cluster {
+        resp.node = Some(node);
+        resp.chains = chains;
+    }
     reply(&resp, 0)
 }
 

@@ -44,6 +44,15 @@ const RECORD_KEYS: usize = 100;
 /// Default and largest batch.
 const BATCH: (u32, u32) = (100, 10_000);
 
+/// Keys per `admin_rotate_master_keys` record: a durable record names
+/// each group of a batch's keys before they are rotated, so a call killed
+/// in its middle (whose own record is never written) leaves every key it
+/// rotated named in the audit log (docs/AUDIT.md §2.1).
+const RECORD_GROUP: usize = 50;
+
+/// The op of the records that name the keys a batch is about to rotate.
+pub const GROUP_OP: &str = "admin_rotate_master_keys";
+
 /// Number of key versions wrapped under master key `mk`.
 fn versions_under(store: &Store, mk: u32) -> Result<u64, Error> {
     let mut n = 0;
@@ -77,7 +86,12 @@ fn behind(store: &Store, mk: u32) -> Result<Vec<KeyPath>, Error> {
 
 /// `admin_rotate_master`: starts, continues or rolls back a rotation by one
 /// batch.
-pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster, change: &mut Change) -> Result<Reply, Error> {
+pub async fn rotate(
+    d: &Arc<Daemon>,
+    caller: &crate::identity::Caller,
+    req: AdminRotateMaster,
+    change: &mut Change,
+) -> Result<Reply, Error> {
     let batch = req.batch.unwrap_or(BATCH.0);
     if batch == 0 || batch > BATCH.1 {
         return Err(Error::BadRequest(format!("batch {batch} is out of range: 1 to {}", BATCH.1)));
@@ -112,17 +126,37 @@ pub async fn rotate(d: &Arc<Daemon>, req: AdminRotateMaster, change: &mut Change
     let mut rotated = 0u64;
     let mut keys = Vec::new();
     let todo = blocking(d, move |store| behind(store, to)).await?;
-    for path in todo.into_iter().take(batch as usize) {
-        // Progress so far goes in the record even if a key fails.
-        change.after = Some(serde_json::json!({
-            "master_key_version": to, "from": from, "to": to, "rotated": rotated, "keys": keys,
-        }));
-        let (_, rec) = super::lifecycle::rotate_key_under(d, path.clone(), Some(to), None).await?;
-        // The record names the first keys of a batch, not thousands.
-        if keys.len() < RECORD_KEYS {
-            keys.push(format!("{path}@{}", rec.current_version));
+    let todo: Vec<KeyPath> = todo.into_iter().take(batch as usize).collect();
+    for group in todo.chunks(RECORD_GROUP) {
+        // Named durably before any of them changes: the call's own record
+        // comes only when it completes, and a node killed meanwhile would
+        // leave the keys it rotated in no record.
+        let names: Vec<String> = group.iter().map(|p| p.to_string()).collect();
+        let subject = crate::audit::Subject {
+            change: Change {
+                detail: Some(format!(
+                    "about to give these {} key(s) a new version under master key version {to} (rotation from \
+                     {from}); each is one write, so a key's versions show whether it got one",
+                    names.len()
+                )),
+                after: Some(serde_json::json!({"from": from, "to": to, "keys": names})),
+                ..Change::default()
+            },
+            ..crate::audit::Subject::default()
+        };
+        d.audit.record(caller, GROUP_OP, subject, &Ok::<(), Error>(())).await?;
+        for path in group {
+            // Progress so far goes in the record even if a key fails.
+            change.after = Some(serde_json::json!({
+                "master_key_version": to, "from": from, "to": to, "rotated": rotated, "keys": keys,
+            }));
+            let (_, rec) = super::lifecycle::rotate_key_under(d, path.clone(), Some(to), None).await?;
+            // The record names the first keys of a batch, not thousands.
+            if keys.len() < RECORD_KEYS {
+                keys.push(format!("{path}@{}", rec.current_version));
+            }
+            rotated += 1;
         }
-        rotated += 1;
     }
     let (remaining, left_under_from) = blocking(d, move |store| {
         let remaining = behind(store, to)?.len() as u64;
@@ -347,7 +381,7 @@ impl Op for AdminRotateMaster {
     const ACCESS: Access = Access::Needs(Permission::Admin);
     async fn handle(self, mut cx: Cx<'_>) -> Result<Reply, Error> {
         cx.allow(Target::All)?;
-        rotate(cx.d, self, &mut cx.s.change).await
+        rotate(cx.d, cx.caller, self, &mut cx.s.change).await
     }
 }
 

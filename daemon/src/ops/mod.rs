@@ -322,6 +322,18 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
     // needs a record is refused before it runs, and not recorded: its
     // record could not be written either (docs/AUDIT.md §4).
     if route.is_none_or(|r| r.audited) {
+        // A node of a cluster without a valid lease (cut off from
+        // PostgreSQL, or paused) refuses at once, unrecorded but counted,
+        // rather than make each refusal wait for a record it cannot make
+        // durable (docs/CLUSTER.md §5).
+        match d.store.backend().serving() {
+            Err(why) => {
+                let e = d.audit.refuse_unserved(why);
+                crate::metrics::request_done(number, started, Some(e.code()));
+                return Err(e);
+            }
+            Ok(()) => d.audit.serving_again(),
+        }
         if let Err(e) = d.audit.refuse_while_failing() {
             crate::metrics::request_done(number, started, Some(e.code()));
             return Err(e);
@@ -347,13 +359,41 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
         result = Err(Error::Internal(format!("`{}` has no policy check", printable(op))));
     }
     if route.is_none_or(|r| r.audited) {
-        if let Err(e) = d.audit.record(caller, op, subject, &result).await {
+        let recorded = until_recorded(d, d.audit.record(caller, op, subject, &result)).await;
+        if let Err(e) = recorded {
             crate::metrics::request_done(number, started, Some(e.code()));
             return Err(e);
         }
     }
     crate::metrics::request_done(number, started, result.as_ref().err().map(Error::code));
     result
+}
+
+/// Waits for a request's audit record to be durable. On a cluster the wait
+/// ends when this node stops serving (its lease lapsed by its own clock):
+/// the database the record would be durable in may be out of reach for
+/// good, and the result is withheld either way (the record may still be
+/// written later, as after a failed flush; docs/CLUSTER.md §5).
+async fn until_recorded(
+    d: &Daemon,
+    record: impl std::future::Future<Output = Result<(), Error>>,
+) -> Result<(), Error> {
+    if d.store.kind() == "sled" {
+        // No lease to lapse on the embedded store.
+        return record.await;
+    }
+    tokio::select! {
+        biased;
+        r = record => r,
+        () = d.store.backend().until_not_serving() => {
+            let why = d.store.backend().serving().err();
+            let why = why.map_or_else(|| "this node's lease ended".to_owned(), |e| e.to_string());
+            Err(Error::Store(crate::store::StoreError::Backend(format!(
+                "{why}; the request's audit record could not be made durable before the lease ended, so its \
+                 result is withheld (docs/CLUSTER.md §5)"
+            ))))
+        }
+    }
 }
 
 /// Whether requests of `op` are recorded in the audit log: all but `hello`

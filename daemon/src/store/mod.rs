@@ -573,6 +573,14 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Completes once this node stops serving ([`Backend::serving`] fails:
+    /// its lease lapsed by its own clock); never on a store without a
+    /// cluster. A request waiting for its audit record gives up then
+    /// (docs/CLUSTER.md §5).
+    fn until_not_serving(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::pending())
+    }
+
     /// Why the store cannot be written now (a full disk), or `None` when
     /// it can, for `health`. A store in that state tries again here (at
     /// most a few times a second), so that `health` sees it recover even
@@ -609,6 +617,27 @@ pub trait Backend: Send + Sync + 'static {
     /// there at config).
     fn audit_files(&self) -> Option<&audit_files::AuditFiles> {
         None
+    }
+
+    /// [`Backend::audit_put`] into node `chain`'s audit chain (`store
+    /// copy` between clusters); the embedded store keeps one log.
+    fn audit_put_chain(
+        &self,
+        chain: &str,
+        _kind: AuditKind,
+        _seq: u64,
+        _bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Backend(format!(
+            "the {} store keeps one audit log: it cannot hold node `{chain}`'s chain",
+            self.kind()
+        )))
+    }
+
+    /// The nodes whose lease is live now (none: the embedded store has no
+    /// cluster).
+    fn live_nodes(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
     }
 
     /// [`Backend::audit_scan`] of another node's chain.

@@ -107,6 +107,9 @@ const TRIM_GRACE_LEASES: u32 = 10;
 /// Connections in the pool.
 const POOL_SIZE: usize = 8;
 
+/// How long the schema's migration may take (at start).
+const MIGRATION_LIMIT: Duration = Duration::from_secs(300);
+
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -135,6 +138,9 @@ pub struct NodeOptions {
     pub lease: Duration,
 }
 
+/// An audit entry not yet flushed: its chain (node), kind, `seq` and bytes.
+type PendingAudit = (String, AuditKind, u64, Vec<u8>);
+
 /// PostgreSQL behind [`Backend`].
 pub struct PgStore {
     pool: Pool,
@@ -150,8 +156,8 @@ pub struct PgStore {
     /// every mutation holds it from its anchor's `pending` to its
     /// `committed`, and the change feed's reader while it applies changes.
     anchored: tokio::sync::Mutex<Option<Anchored>>,
-    /// Audit entries appended since the last flush.
-    audit_pending: Mutex<Vec<(AuditKind, u64, Vec<u8>)>>,
+    /// Audit entries appended since the last flush, each with its chain.
+    audit_pending: Mutex<Vec<PendingAudit>>,
     /// This node.
     node: NodeOptions,
     /// The change revision whose changes (and all before) this node has
@@ -174,6 +180,15 @@ pub struct PgStore {
     /// This daemon among any that claim the node's name (process id and
     /// start time): the lease row is one daemon's.
     instance: String,
+}
+
+/// A task aborted when this is dropped (a [`PgStore::bounded`] call's timer).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The cluster's write lock, held on a connection of its own. Dropped
@@ -384,8 +399,40 @@ impl PgStore {
         Ok(store)
     }
 
-    /// Runs `f` with a pooled connection on the store's runtime.
+    /// How long one database call may take, a new connection included:
+    /// a server that stops answering (paused, hung) over a Unix socket has
+    /// no TCP bound, and a call on it would wait for ever (docs/CLUSTER.md
+    /// §5).
+    fn limit(&self) -> Duration {
+        CONNECT_TIMEOUT + self.node.lease
+    }
+
+    /// How long a write may take: the cluster's write lock may be waited
+    /// for (`lock_timeout`), then its statements.
+    fn write_limit(&self) -> Duration {
+        WRITE_LOCK_TIMEOUT + self.limit()
+    }
+
+    /// Runs `f` with a pooled connection on the store's runtime, given up
+    /// after [`PgStore::limit`].
     fn on_db<T, F, Fut>(&self, f: F) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(Object) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        self.on_db_limit(self.limit(), f)
+    }
+
+    /// Runs `f` with a pooled connection on the store's runtime, giving up
+    /// after `limit` (waiting for the connection included) with
+    /// `store_unavailable`. The connection goes back to the pool; the late
+    /// answer of a call given up is discarded when it comes.
+    fn on_db_limit<T, F, Fut>(
+        &self,
+        limit: Duration,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
     where
         T: Send + 'static,
         F: FnOnce(Object) -> Fut + Send + 'static,
@@ -393,10 +440,47 @@ impl PgStore {
     {
         let pool = self.pool.clone();
         let task = self.handle.spawn(async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            f(client).await
+            let deadline = tokio::time::Instant::now() + limit;
+            let late =
+                || StoreError::Backend(format!("postgres: the server did not answer within {limit:?}"));
+            let client = tokio::time::timeout_at(deadline, pool.get())
+                .await
+                .map_err(|_| late())?
+                .map_err(pool_error)?;
+            tokio::time::timeout_at(deadline, f(client)).await.map_err(|_| late())?
         });
         async move { task.await.map_err(|e| StoreError::Backend(format!("postgres task: {e}")))? }
+    }
+
+    /// `fut`, given up after `limit` with `store_unavailable` (`what`
+    /// names it): for calls on connections held outside
+    /// [`PgStore::on_db`] (the write lock's, the change feed's). Dropping
+    /// the call releases what it held: the write lock's connection is
+    /// closed, the cluster's lock with it. Pollable from any thread: the
+    /// timer runs on the store's runtime.
+    fn bounded<'a, T: Send + 'a>(
+        &self,
+        limit: Duration,
+        what: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>> + Send + 'a,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'a {
+        let timer = AbortOnDrop(self.handle.spawn(async move { tokio::time::sleep(limit).await }));
+        async move {
+            let mut timer = timer;
+            let mut fut = std::pin::pin!(fut);
+            std::future::poll_fn(move |cx| {
+                if let std::task::Poll::Ready(r) = fut.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(r);
+                }
+                match std::pin::Pin::new(&mut timer.0).poll(cx) {
+                    std::task::Poll::Ready(_) => std::task::Poll::Ready(Err(StoreError::Backend(format!(
+                        "postgres: {what} took longer than {limit:?}: the server does not answer"
+                    )))),
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            })
+            .await
+        }
     }
 
     /// Runs `f` with a pooled connection on the store's runtime, giving up
@@ -437,7 +521,7 @@ impl PgStore {
     /// a database whose schema is newer than this daemon knows.
     async fn migrate(&self) -> Result<(), StoreError> {
         let location = self.location.clone();
-        self.on_db(move |mut c| async move {
+        self.on_db_limit(MIGRATION_LIMIT, move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
             // `IF NOT EXISTS` on a made schema is not news.
             tx.batch_execute("SET LOCAL client_min_messages = warning").await.map_err(db)?;
@@ -722,6 +806,11 @@ impl PgStore {
     /// Reads the change feed (the background task, and a node coming back
     /// from a lapsed lease), then reports the revision applied.
     async fn poll_feed(&self) -> Result<(), StoreError> {
+        self.bounded(self.limit(), "reading the change feed", self.read_feed()).await
+    }
+
+    /// [`PgStore::poll_feed`], without its time limit.
+    async fn read_feed(&self) -> Result<(), StoreError> {
         let mut w = self.anchored.lock().await;
         let mut conn = self.conn().await?;
         let client: &mut tokio_postgres::Client = &mut conn;
@@ -809,7 +898,8 @@ impl PgStore {
     /// its lease has run out (at most the longest lease).
     async fn wait_applied(&self, rev: i64) -> Result<(), StoreError> {
         let name = self.node.name.clone();
-        self.on_db(move |c| async move {
+        let limit = crate::config::LEASE_BOUNDS.1 + Duration::from_secs(2) + self.limit();
+        self.on_db_limit(limit, move |c| async move {
             let deadline = Instant::now() + crate::config::LEASE_BOUNDS.1 + Duration::from_secs(1);
             loop {
                 let behind: i64 = c
@@ -891,7 +981,7 @@ impl Backend for PgStore {
     }
 
     fn init_meta<'a>(&'a self, meta: &'a Meta) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
+        Box::pin(self.bounded(self.write_limit(), "a write", async move {
             let mut w = self.anchored.lock().await;
             let mut lock = self.begin_write(&mut w).await?;
             let value = encode(meta);
@@ -913,11 +1003,11 @@ impl Backend for PgStore {
             self.applied.store(rev, Ordering::SeqCst);
             lock.release().await;
             Ok(())
-        })
+        }))
     }
 
     fn update_meta<'a>(&'a self, change: MetaChange<'a>) -> StoreFuture<'a, Meta> {
-        Box::pin(async move {
+        Box::pin(self.bounded(self.write_limit(), "a write", async move {
             let mut w = self.anchored.lock().await;
             let mut lock = self.begin_write(&mut w).await?;
             let tx = lock.client().transaction().await.map_err(db)?;
@@ -953,7 +1043,7 @@ impl Backend for PgStore {
             self.applied.store(rev, Ordering::SeqCst);
             lock.release().await;
             Ok(meta)
-        })
+        }))
     }
 
     fn key<'a>(&'a self, path: &'a KeyPath) -> StoreFuture<'a, Option<Arc<KeyRecord>>> {
@@ -995,7 +1085,7 @@ impl Backend for PgStore {
     }
 
     fn create_key<'a>(&'a self, record: &'a KeyRecord) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
+        Box::pin(self.bounded(self.write_limit(), "a write", async move {
             let path = record.path()?;
             let k = keyring_key(&path);
             let mut w = self.anchored.lock().await;
@@ -1024,7 +1114,7 @@ impl Backend for PgStore {
             self.applied.store(rev, Ordering::SeqCst);
             lock.release().await;
             Ok(())
-        })
+        }))
     }
 
     fn update_key<'a>(
@@ -1033,55 +1123,64 @@ impl Backend for PgStore {
         change: KeyChange<'a>,
     ) -> StoreFuture<'a, Option<KeyRecord>> {
         Box::pin(async move {
-            let k = keyring_key(path);
-            let mut w = self.anchored.lock().await;
-            let mut lock = self.begin_write(&mut w).await?;
-            let tx = lock.client().transaction().await.map_err(db)?;
-            let (tenant, name) = (path.tenant(), path.key());
-            let row = tx
-                .query_opt(
-                    "SELECT record, row_version FROM keyring WHERE tenant = $1 AND name = $2",
-                    &[&tenant, &name],
-                )
-                .await
-                .map_err(db)?;
-            let Some(row) = row else {
-                drop(tx);
-                lock.release().await;
-                return Ok(None);
-            };
-            let (old, version): (String, i64) = (row.get(0), row.get(1));
-            let before: KeyRecord = decode(&format!("keyring {path}"), &old)?;
-            let mut record = before.clone();
-            change(&mut record);
-            let value = encode(&record);
-            if value == old {
-                drop(tx);
-                lock.release().await;
-                return Ok(Some(record)); // nothing changed: nothing to write
-            }
-            prepare(&mut w, "keyring", &k, Some(value.as_bytes()))?;
-            // Conditional on the row version read: the cluster's lock
-            // serialises the nodes, so a miss is a writer outside it.
-            let swapped = tx
-                .execute(
-                    "UPDATE keyring SET record = $3, row_version = row_version + 1 \
+            // The write, bounded; then (when it takes a right away) the wait
+            // for every live node to apply it, bounded by the leases.
+            let written = self
+                .bounded(self.write_limit(), "a write", async move {
+                    let k = keyring_key(path);
+                    let mut w = self.anchored.lock().await;
+                    let mut lock = self.begin_write(&mut w).await?;
+                    let tx = lock.client().transaction().await.map_err(db)?;
+                    let (tenant, name) = (path.tenant(), path.key());
+                    let row = tx
+                        .query_opt(
+                            "SELECT record, row_version FROM keyring WHERE tenant = $1 AND name = $2",
+                            &[&tenant, &name],
+                        )
+                        .await
+                        .map_err(db)?;
+                    let Some(row) = row else {
+                        drop(tx);
+                        lock.release().await;
+                        return Ok(None);
+                    };
+                    let (old, version): (String, i64) = (row.get(0), row.get(1));
+                    let before: KeyRecord = decode(&format!("keyring {path}"), &old)?;
+                    let mut record = before.clone();
+                    change(&mut record);
+                    let value = encode(&record);
+                    if value == old {
+                        drop(tx);
+                        lock.release().await;
+                        return Ok(Some((record, None))); // nothing changed: nothing to write
+                    }
+                    prepare(&mut w, "keyring", &k, Some(value.as_bytes()))?;
+                    // Conditional on the row version read: the cluster's lock
+                    // serialises the nodes, so a miss is a writer outside it.
+                    let swapped = tx
+                        .execute(
+                            "UPDATE keyring SET record = $3, row_version = row_version + 1 \
                      WHERE tenant = $1 AND name = $2 AND row_version = $4",
-                    &[&tenant, &name, &value, &version],
-                )
-                .await
-                .map_err(db)?;
-            if swapped != 1 {
-                return Err(outside_writer(&format!("key `{path}`")));
-            }
-            let rev = self.record_change(&tx, "keyring", vec![path.to_string()]).await?;
-            tx.commit().await.map_err(db)?;
-            self.cache_put(k.clone(), record.clone());
-            commit(&mut w, "keyring", &k, Some(value.as_bytes()))?;
-            self.applied.store(rev, Ordering::SeqCst);
-            lock.release().await;
-            drop(w);
-            if takes_away(&before, &record) {
+                            &[&tenant, &name, &value, &version],
+                        )
+                        .await
+                        .map_err(db)?;
+                    if swapped != 1 {
+                        return Err(outside_writer(&format!("key `{path}`")));
+                    }
+                    let rev = self.record_change(&tx, "keyring", vec![path.to_string()]).await?;
+                    tx.commit().await.map_err(db)?;
+                    self.cache_put(k.clone(), record.clone());
+                    commit(&mut w, "keyring", &k, Some(value.as_bytes()))?;
+                    self.applied.store(rev, Ordering::SeqCst);
+                    lock.release().await;
+                    drop(w);
+                    let wait = takes_away(&before, &record).then_some(rev);
+                    Ok(Some((record, wait)))
+                })
+                .await?;
+            let Some((record, wait)) = written else { return Ok(None) };
+            if let Some(rev) = wait {
                 self.wait_applied(rev).await?;
             }
             Ok(Some(record))
@@ -1089,7 +1188,7 @@ impl Backend for PgStore {
     }
 
     fn update_keys<'a>(&'a self, paths: &'a [KeyPath], change: KeysChange<'a>) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
+        Box::pin(self.bounded(self.write_limit(), "a write", async move {
             let mut w = self.anchored.lock().await;
             let mut lock = self.begin_write(&mut w).await?;
             let tx = lock.client().transaction().await.map_err(db)?;
@@ -1145,7 +1244,7 @@ impl Backend for PgStore {
             self.applied.store(rev, Ordering::SeqCst);
             lock.release().await;
             Ok(())
-        })
+        }))
     }
 
     fn keys<'a>(&'a self, tenant: Option<&'a str>) -> StoreFuture<'a, Vec<KeyRecord>> {
@@ -1178,8 +1277,9 @@ impl Backend for PgStore {
 
     fn key_count(&self) -> StoreFuture<'_, u64> {
         Box::pin(async move {
+            // `health` asks: answered within a lease, whatever the server.
             let n: i64 = self
-                .on_db(|c| async move {
+                .on_db_limit(self.node.lease, |c| async move {
                     Ok(c.query_one("SELECT count(*) FROM keyring", &[]).await.map_err(db)?.get(0))
                 })
                 .await?;
@@ -1207,23 +1307,28 @@ impl Backend for PgStore {
             let k = revocation_key(&revocation.scope);
             let scope = String::from_utf8_lossy(&k).into_owned();
             let value = encode(revocation);
-            let mut w = self.anchored.lock().await;
-            let mut lock = self.begin_write(&mut w).await?;
-            prepare(&mut w, "revocations", &k, Some(value.as_bytes()))?;
-            let tx = lock.client().transaction().await.map_err(db)?;
-            tx.execute(
-                "INSERT INTO revocations (scope, record) VALUES ($1, $2) \
+            let rev = self
+                .bounded(self.write_limit(), "a write", async {
+                    let mut w = self.anchored.lock().await;
+                    let mut lock = self.begin_write(&mut w).await?;
+                    prepare(&mut w, "revocations", &k, Some(value.as_bytes()))?;
+                    let tx = lock.client().transaction().await.map_err(db)?;
+                    tx.execute(
+                        "INSERT INTO revocations (scope, record) VALUES ($1, $2) \
                  ON CONFLICT (scope) DO UPDATE SET record = EXCLUDED.record",
-                &[&scope, &value],
-            )
-            .await
-            .map_err(db)?;
-            let rev = self.record_change(&tx, "revocations", vec![scope]).await?;
-            tx.commit().await.map_err(db)?;
-            commit(&mut w, "revocations", &k, Some(value.as_bytes()))?;
-            self.applied.store(rev, Ordering::SeqCst);
-            lock.release().await;
-            drop(w);
+                        &[&scope, &value],
+                    )
+                    .await
+                    .map_err(db)?;
+                    let rev = self.record_change(&tx, "revocations", vec![scope]).await?;
+                    tx.commit().await.map_err(db)?;
+                    commit(&mut w, "revocations", &k, Some(value.as_bytes()))?;
+                    self.applied.store(rev, Ordering::SeqCst);
+                    lock.release().await;
+                    drop(w);
+                    Ok(rev)
+                })
+                .await?;
             // The guarantee (docs/CLUSTER.md §4): no live node serves what
             // this covers once it returns.
             self.wait_applied(rev).await
@@ -1231,7 +1336,7 @@ impl Backend for PgStore {
     }
 
     fn remove_revocation<'a>(&'a self, scope: &'a Scope) -> StoreFuture<'a, Option<Revocation>> {
-        Box::pin(async move {
+        Box::pin(self.bounded(self.write_limit(), "a write", async move {
             let k = revocation_key(scope);
             let key = String::from_utf8_lossy(&k).into_owned();
             let mut w = self.anchored.lock().await;
@@ -1257,7 +1362,7 @@ impl Backend for PgStore {
             self.applied.store(rev, Ordering::SeqCst);
             lock.release().await;
             Ok(Some(decode(&format!("revocation {key}"), &removed)?))
-        })
+        }))
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
@@ -1267,7 +1372,20 @@ impl Backend for PgStore {
     }
 
     fn audit_put(&self, kind: AuditKind, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).push((kind, seq, bytes.to_vec()));
+        let entry = (self.node.name.clone(), kind, seq, bytes.to_vec());
+        self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+        Ok(())
+    }
+
+    fn audit_put_chain(
+        &self,
+        chain: &str,
+        kind: AuditKind,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let entry = (chain.to_owned(), kind, seq, bytes.to_vec());
+        self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
         Ok(())
     }
 
@@ -1277,10 +1395,10 @@ impl Backend for PgStore {
             if batch.is_empty() {
                 return Ok(());
             }
-            let kinds: Vec<i16> = batch.iter().map(|(k, ..)| kind_code(*k)).collect();
-            let seqs: Vec<i64> = batch.iter().map(|(_, s, _)| *s as i64).collect();
+            let chains: Vec<String> = batch.iter().map(|(c, ..)| c.clone()).collect();
+            let kinds: Vec<i16> = batch.iter().map(|(_, k, ..)| kind_code(*k)).collect();
+            let seqs: Vec<i64> = batch.iter().map(|(_, _, s, _)| *s as i64).collect();
             let entries: Vec<Vec<u8>> = batch.iter().map(|(.., b)| b.clone()).collect();
-            let node = self.node.name.clone();
             // One statement for the whole batch. An entry already there (a
             // flush whose commit succeeded but whose answer was lost) is
             // kept as it is: the chain check would notice any difference.
@@ -1288,9 +1406,9 @@ impl Backend for PgStore {
                 .on_db(move |c| async move {
                     c.execute(
                         "INSERT INTO audit (node, kind, seq, entry) \
-                         SELECT $4, * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[]) \
+                         SELECT * FROM unnest($4::text[], $1::smallint[], $2::bigint[], $3::bytea[]) \
                          ON CONFLICT (node, kind, seq) DO NOTHING",
-                        &[&kinds, &seqs, &entries, &node],
+                        &[&kinds, &seqs, &entries, &chains],
                     )
                     .await
                     .map_err(db)
@@ -1527,17 +1645,34 @@ impl Backend for PgStore {
         match *self.serving_until.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(until) if Instant::now() < until => Ok(()),
             _ => Err(StoreError::Backend(format!(
-                "node `{}` holds no valid lease in PostgreSQL: it serves no key operation until it renews its \
-                 lease and catches up on the cluster's changes (docs/CLUSTER.md)",
+                "node `{}` holds no valid lease in PostgreSQL: it serves nothing but `hello` and `health` until \
+                 it renews its lease and catches up on the cluster's changes (docs/CLUSTER.md)",
                 self.node.name
             ))),
         }
     }
 
+    fn until_not_serving(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if self.sink.get().is_none() {
+                return std::future::pending().await;
+            }
+            // Renewals move the end on; each wake-up reads it again.
+            loop {
+                let until = *self.serving_until.lock().unwrap_or_else(|e| e.into_inner());
+                match until {
+                    Some(t) if Instant::now() < t => tokio::time::sleep_until(t.into()).await,
+                    _ => return,
+                }
+            }
+        })
+    }
+
     fn cluster(&self) -> StoreFuture<'_, Option<ClusterView>> {
         Box::pin(async move {
+            // `health` asks: answered within a lease, whatever the server.
             let rows = self
-                .on_db(|c| async move {
+                .on_db_limit(self.node.lease, |c| async move {
                     let rev: i64 = c
                         .query_one("SELECT coalesce(max(revision), 0) FROM changes", &[])
                         .await
@@ -1598,21 +1733,52 @@ impl Backend for PgStore {
     fn jobs_lock(&self) -> StoreFuture<'_, Option<super::JobsGuard>> {
         Box::pin(async move {
             let mut lock = WriteLock { conn: Some(self.conn().await?) };
-            let got: bool = lock
-                .client()
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&JOBS_LOCK])
-                .await
-                .map_err(db)?
-                .get(0);
+            let got: bool = self
+                .bounded(self.limit(), "taking the periodic jobs' lock", async {
+                    Ok(lock
+                        .client()
+                        .query_one("SELECT pg_try_advisory_lock($1)", &[&JOBS_LOCK])
+                        .await
+                        .map_err(db)?
+                        .get::<_, bool>(0))
+                })
+                .await?;
             // Dropped, the guard closes its connection, which releases the lock.
             Ok(got.then(|| super::JobsGuard(Box::new(lock))))
         })
     }
 
+    fn live_nodes(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(self.on_db(|c| async move {
+            let rows = c
+                .query("SELECT name FROM nodes WHERE lease_until > now() ORDER BY name", &[])
+                .await
+                .map_err(db)?;
+            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        }))
+    }
+
     fn audit_chains(&self) -> StoreFuture<'_, Vec<String>> {
         Box::pin(self.on_db(|c| async move {
-            let rows = c.query("SELECT DISTINCT node FROM audit ORDER BY node", &[]).await.map_err(db)?;
-            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+            // One index probe per chain (the primary key starts with
+            // `node`), not a scan of every entry: `audit_read` asks on
+            // every call.
+            let rows = c
+                .query(
+                    "WITH RECURSIVE chains AS ( \
+                       (SELECT node FROM audit ORDER BY node LIMIT 1) \
+                       UNION ALL \
+                       SELECT (SELECT a.node FROM audit a WHERE a.node > chains.node ORDER BY a.node LIMIT 1) \
+                       FROM chains WHERE chains.node IS NOT NULL) \
+                     SELECT node FROM chains WHERE node IS NOT NULL",
+                    &[],
+                )
+                .await
+                .map_err(db)?;
+            let mut chains: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+            // Byte order, not the database's collation.
+            chains.sort();
+            Ok(chains)
         }))
     }
 }

@@ -123,21 +123,75 @@ fn human(r: &AuditRecord) -> String {
 }
 
 fn print(records: &[AuditRecord], json: bool, skip_own_reads: bool) -> Result<(), Failure> {
+    let records: Vec<(Option<&str>, &AuditRecord)> = records.iter().map(|r| (None, r)).collect();
+    print_labelled(&records, json, skip_own_reads)
+}
+
+/// Prints records, each labelled (when it has a label) with the node whose
+/// chain it is on: `[node] ` before a line of text, a `node` field in JSON.
+fn print_labelled(
+    records: &[(Option<&str>, &AuditRecord)],
+    json: bool,
+    skip_own_reads: bool,
+) -> Result<(), Failure> {
     let me = std::process::id() as i32;
     let mut out = std::io::stdout().lock();
-    for r in records {
+    for (node, r) in records {
         // `tail -f` polls; its own reads would otherwise fill the screen.
         if skip_own_reads && r.op == "audit_read" && r.caller.pid == Some(me) {
             continue;
         }
-        if json {
-            writeln!(out, "{}", serde_json::to_string(r).map_err(|e| Failure::new(e.to_string()))?)?;
-        } else {
-            writeln!(out, "{}", human(r))?;
+        match (json, node) {
+            (true, None) => {
+                writeln!(out, "{}", serde_json::to_string(r).map_err(|e| Failure::new(e.to_string()))?)?
+            }
+            (true, Some(node)) => {
+                let mut value = serde_json::to_value(r).map_err(|e| Failure::new(e.to_string()))?;
+                if let Some(object) = value.as_object_mut() {
+                    object.insert("node".into(), serde_json::Value::String((*node).to_owned()));
+                }
+                writeln!(out, "{value}")?
+            }
+            (false, None) => writeln!(out, "{}", human(r))?,
+            (false, Some(node)) => writeln!(out, "[{node}] {}", human(r))?,
         }
     }
     out.flush()?;
     Ok(())
+}
+
+/// Whose audit records `audit tail` follows (docs/CLUSTER.md §3).
+pub enum Nodes {
+    /// The answering node's (the only log of a daemon on sled).
+    This,
+    /// One node's chain of a cluster (`--node`), labelled with its name.
+    One(String),
+    /// Every node's chain of a cluster (`--all-nodes`), labelled.
+    All,
+}
+
+/// Merges chains' records into time order, each chain's records staying in
+/// its own order (a clock set back on one node does not reorder its chain);
+/// ties go by node name.
+fn merge(mut chains: Vec<(String, std::collections::VecDeque<AuditRecord>)>) -> Vec<(String, AuditRecord)> {
+    chains.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::new();
+    loop {
+        let next = chains
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, records))| records.front().map(|r| (r.time_ms, i)))
+            .min();
+        let Some((_, i)) = next else { return out };
+        let record = chains[i].1.pop_front().expect("a head");
+        out.push((chains[i].0.clone(), record));
+    }
+}
+
+fn print_merged(records: &[(String, AuditRecord)], json: bool, skip_own_reads: bool) -> Result<(), Failure> {
+    let labelled: Vec<(Option<&str>, &AuditRecord)> =
+        records.iter().map(|(node, r)| (Some(node.as_str()), r)).collect();
+    print_labelled(&labelled, json, skip_own_reads)
 }
 
 /// How `audit tail -f` connects again after the daemon went away.
@@ -193,7 +247,29 @@ pub async fn tail(
     start: Start,
     follow: bool,
     json: bool,
+    nodes: Nodes,
 ) -> Result<(), Failure> {
+    let node = match nodes {
+        Nodes::This => None,
+        Nodes::One(node) => Some(node),
+        Nodes::All => {
+            let Start::Last(lines) = start else {
+                return Err(Failure::new(
+                    "--after names a record of one node's chain: use it with --node, or --since with --all-nodes"
+                        .into(),
+                ));
+            };
+            return tail_all(client, reconnect, tenant, since, lines, follow, json).await;
+        }
+    };
+    let print = |records: &[AuditRecord], json: bool, skip: bool| match &node {
+        None => print(records, json, skip),
+        Some(n) => {
+            let labelled: Vec<(Option<&str>, &AuditRecord)> =
+                records.iter().map(|r| (Some(n.as_str()), r)).collect();
+            print_labelled(&labelled, json, skip)
+        }
+    };
     let mut client = client;
     let mut next = match start {
         Start::Last(lines) => {
@@ -204,6 +280,7 @@ pub async fn tail(
                     after: None,
                     last: Some(lines),
                     raw: false,
+                    node: node.clone(),
                 })
                 .await?;
             print(&first.records, json, false)?;
@@ -221,6 +298,7 @@ pub async fn tail(
                         after: Some(after),
                         last: None,
                         raw: false,
+                        node: node.clone(),
                     })
                     .await?;
                 print(&page.records, json, false)?;
@@ -235,7 +313,14 @@ pub async fn tail(
         return Ok(());
     }
     loop {
-        let read = AuditRead { tenant: tenant.clone(), since, after: Some(next), last: None, raw: false };
+        let read = AuditRead {
+            tenant: tenant.clone(),
+            since,
+            after: Some(next),
+            last: None,
+            raw: false,
+            node: node.clone(),
+        };
         match client.call(&read).await {
             Ok(page) => {
                 print(&page.records, json, true)?;
@@ -261,12 +346,112 @@ pub async fn tail(
     }
 }
 
+/// `audit tail --all-nodes`: every node's chain of a cluster, read through
+/// the answering node (each `audit_read` names one chain; each answer lists
+/// the chains, so a node that joins is followed from its first record).
+/// The last `lines` records of all chains together first; then, every half
+/// second, each chain's new records, merged in time order within the round
+/// and labelled with their node. A record made durable later than a newer
+/// one on another node comes in a later round, so times are ordered within
+/// a round, and within a chain always (docs/CLUSTER.md §3).
+async fn tail_all(
+    client: Client,
+    reconnect: Reconnect,
+    tenant: Option<String>,
+    since: Option<u64>,
+    lines: u32,
+    follow: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    use std::collections::{BTreeMap, VecDeque};
+    let mut client = client;
+    let read = |node: Option<String>, after: Option<u64>, last: Option<u32>| AuditRead {
+        tenant: tenant.clone(),
+        since,
+        after,
+        last,
+        raw: false,
+        node,
+    };
+    let first = client.call(&read(None, None, Some(0))).await?;
+    if first.chains.is_empty() {
+        return Err(Failure::new(
+            "--all-nodes: this daemon's store is not a cluster (it keeps one audit log): leave --all-nodes out".into(),
+        ));
+    }
+    // Each chain's cursor: the `next` to read on from.
+    let mut cursors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut start = Vec::new();
+    for chain in &first.chains {
+        let page = client.call(&read(Some(chain.clone()), None, Some(lines))).await?;
+        cursors.insert(chain.clone(), page.next);
+        start.push((chain.clone(), VecDeque::from(page.records)));
+    }
+    let merged = merge(start);
+    let skip = merged.len().saturating_sub(lines as usize);
+    print_merged(&merged[skip..], json, false)?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        let round = async {
+            let mut news = Vec::new();
+            let mut more = false;
+            let chains: Vec<String> = cursors.keys().cloned().collect();
+            let mut known = Vec::new();
+            for chain in chains {
+                let after = cursors[&chain];
+                let page = client.call(&read(Some(chain.clone()), Some(after), None)).await?;
+                more |= page.more;
+                known = page.chains;
+                cursors.insert(chain.clone(), page.next.max(after));
+                news.push((chain, VecDeque::from(page.records)));
+            }
+            // A node that joined meanwhile: followed from its first record.
+            for chain in known {
+                cursors.entry(chain).or_insert(0);
+            }
+            Ok::<_, keyhaven::Error>((news, more))
+        };
+        match round.await {
+            Ok((news, more)) => {
+                print_merged(&merge(news), json, true)?;
+                if !more {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            Err(e) if passing(&e) => {
+                eprintln!(
+                    "keyhaven: audit tail: {e}; connecting again to go on after each chain's last record"
+                );
+                client = loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    match reconnect.connect().await {
+                        Ok(c) => break c,
+                        Err(e) if passing(&e) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                eprintln!("keyhaven: audit tail: connected again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// `audit export`: every matching record as JSON lines.
 pub async fn export(client: &Client, tenant: Option<String>, since: Option<u64>) -> Result<(), Failure> {
     let mut after = 0;
     loop {
         let page = client
-            .call(&AuditRead { tenant: tenant.clone(), since, after: Some(after), last: None, raw: false })
+            .call(&AuditRead {
+                tenant: tenant.clone(),
+                since,
+                after: Some(after),
+                last: None,
+                raw: false,
+                node: None,
+            })
             .await?;
         print(&page.records, true, false)?;
         if !page.more {
@@ -371,5 +556,25 @@ mod tests {
         }
         assert_eq!(format_ms(1767225600123 + 3723000), "2026-01-01T01:02:03.123Z");
         assert_eq!(format_ms(951868800000), "2000-03-01T00:00:00.000Z");
+    }
+
+    fn record(seq: u64, time_ms: u64) -> AuditRecord {
+        serde_json::from_value(serde_json::json!({
+            "seq": seq, "time_ms": time_ms, "prev": "", "caller": {"uid": 0, "gid": 0}, "op": "x", "outcome": "ok",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn chains_merge_in_time_order_each_in_its_own_order() {
+        use std::collections::VecDeque;
+        // Node b's clock went back between its records 2 and 3: its
+        // chain keeps its order; the rest goes by time, ties by node.
+        let a = VecDeque::from([record(1, 10), record(2, 30), record(3, 50)]);
+        let b = VecDeque::from([record(1, 20), record(2, 40), record(3, 35), record(4, 50)]);
+        let merged = merge(vec![("b".into(), b), ("a".into(), a), ("c".into(), VecDeque::new())]);
+        let order: Vec<(String, u64)> = merged.iter().map(|(n, r)| (n.clone(), r.seq)).collect();
+        let expected = [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3), ("b", 4)];
+        assert_eq!(order, expected.map(|(n, s)| (n.to_owned(), s)));
     }
 }

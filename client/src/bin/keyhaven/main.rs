@@ -321,6 +321,14 @@ enum AuditCommand {
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
+        /// On a cluster: node NAME's audit chain instead of the answering node's; each record
+        /// labelled with NAME.
+        #[arg(long, value_name = "NAME", conflicts_with = "all_nodes")]
+        node: Option<String>,
+        /// On a cluster: every node's audit chain, merged in time order and each record
+        /// labelled with its node (not with --after: sequence numbers are per chain).
+        #[arg(long, conflicts_with = "after")]
+        all_nodes: bool,
     },
     /// Walk the whole hash chain and check every seal in the token; exits 0 when intact, 3 when
     /// intact but records were found unsealed at a start, 1 otherwise.
@@ -962,7 +970,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Admin(AdminCommand::Reload) => {
             print_json(&client.call(&keyhaven::wire::AdminReload {}).await?)
         }
-        Command::Audit(AuditCommand::Tail { follow, tenant, since, lines, after, json }) => {
+        Command::Audit(AuditCommand::Tail { follow, tenant, since, lines, after, json, node, all_nodes }) => {
             let start = match after {
                 Some(seq) => audit::Start::After(seq),
                 None => audit::Start::Last(lines),
@@ -972,7 +980,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 connect_timeout: Some(cli.connect_timeout).filter(|t| !t.is_zero()),
                 request_timeout: Some(request_timeout).filter(|t| !t.is_zero()),
             };
-            audit::tail(client, reconnect, tenant, since, start, follow, json).await
+            let nodes = match (node, all_nodes) {
+                (_, true) => audit::Nodes::All,
+                (Some(node), false) => audit::Nodes::One(node),
+                (None, false) => audit::Nodes::This,
+            };
+            audit::tail(client, reconnect, tenant, since, start, follow, json, nodes).await
         }
         Command::Audit(AuditCommand::Verify { json, .. }) => audit::verify(&client, json).await,
         Command::Audit(AuditCommand::Export { since, tenant: _, signed: true }) => {
