@@ -570,11 +570,36 @@ async fn create_latency(c: &Client, prefix: &str, count: usize) -> (Duration, Du
     (took[count / 2], took[count * 99 / 100])
 }
 
+/// p50 and p99 of `count` data-key revocations in a row (each a fresh data
+/// key of `key`, made beforehand), by `c`.
+async fn revoke_latency(c: &Client, key: &str, count: usize) -> (Duration, Duration) {
+    let context = ctx(&["user=7"]);
+    let _ = c.key_create(&path(key)).await;
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        ids.push(c.datakey(&path(key), &context, keyhaven::Plaintext::Omit).await.unwrap().envelope_id);
+    }
+    let mut took = Vec::new();
+    for envelope_id in ids {
+        let t = Instant::now();
+        c.call(&Revoke {
+            scope: Scope::Datakey { envelope_id },
+            reason: Reason::KeyCompromise,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+        took.push(t.elapsed());
+    }
+    took.sort();
+    (took[count / 2], took[count * 99 / 100])
+}
+
 /// The figures of docs/CLUSTER.md §4 (not a test: `KEYHAVEN_CLUSTER_FIGURES=1
 /// cargo test -p keyhaven-tests --test cluster figures_decryption -- --nocapture`):
 /// data-key decryption with 64 clients spread over three nodes, and on one
-/// node of the same cluster; key creation latency on PostgreSQL (a node of
-/// three) and on sled (one daemon).
+/// node of the same cluster; key creation and data-key revocation latency
+/// on PostgreSQL (a node of three) and on sled (one daemon).
 #[tokio::test(flavor = "multi_thread")]
 async fn figures_decryption_through_three_nodes_and_key_create_on_postgres_and_sled() {
     if std::env::var_os("KEYHAVEN_CLUSTER_FIGURES").is_none() {
@@ -613,10 +638,19 @@ async fn figures_decryption_through_three_nodes_and_key_create_on_postgres_and_s
         "key_create on PostgreSQL (node 1 of 3), 200 in a row: p50 {p50:?}, p99 {p99:?} (load {})",
         load()
     );
+    let (p50, p99) = revoke_latency(&c, "revoke/k", 100).await;
+    println!(
+        "revoke (a data key) on PostgreSQL (node 1 of 3, every node live), 100 in a row: p50 {p50:?}, \
+         p99 {p99:?} (load {})",
+        load()
+    );
     drop((c, nodes));
     let sled = TestDaemon::start();
-    let (p50, p99) = create_latency(&sled.client().await, "create", 200).await;
+    let sc = sled.client().await;
+    let (p50, p99) = create_latency(&sc, "create", 200).await;
     println!("key_create on sled, 200 in a row: p50 {p50:?}, p99 {p99:?} (load {})", load());
+    let (p50, p99) = revoke_latency(&sc, "revoke/k", 100).await;
+    println!("revoke (a data key) on sled, 100 in a row: p50 {p50:?}, p99 {p99:?} (load {})", load());
 }
 
 /// Restarts `node` with `[cluster] lease = LEASE`, `[lifecycle]
