@@ -655,3 +655,86 @@ async fn a_full_disk_fails_closed_says_why_and_service_resumes_by_itself() {
         began.elapsed().as_secs_f64()
     );
 }
+
+/// The token's own files on a full disk: SoftHSM2's token folder on a
+/// 4 MiB tmpfs, filled. What SoftHSM2 rewrites in place needs no new room:
+/// the store's anchor (every write) and the audit log's (every seal) keep
+/// being written, so key writes, reads and seals go on. What needs a new
+/// token object fails closed and named: a master-key rotation is
+/// `hsm_unavailable` saying that the token directory has no space left
+/// (SoftHSM2 itself says only CKR_GENERAL_ERROR), changes nothing (the
+/// master key version stays), and succeeds once there is room again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_token_folder_fails_closed_and_says_why() {
+    if my_uid() != 0 {
+        eprintln!("SKIPPED: not root: mounting a tmpfs needs root");
+        return;
+    }
+    let mut d = TestDaemon::start();
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let tokens = d.dir().join("tokens");
+    let original = d.dir().join("tokens.orig");
+    std::fs::rename(&tokens, &original).unwrap();
+    let token_fs = match Tmpfs::mount(&tokens, "4m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    copy_dir(&original, &tokens);
+    d.start_again();
+    let c = d.client().await;
+    c.call_raw("key_create", json!({"tenant": "t", "key": "before"})).await.unwrap();
+    let before = c
+        .call_raw("encrypt", json!({"tenant": "t", "key": "before", "plaintext": B64.encode(b"x")}))
+        .await
+        .unwrap();
+    let (filler, filled) = fill(&tokens);
+    eprintln!("token's disk full: filler of {} KiB on {}", filled / 1024, tokens.display());
+
+    // Writes anchored in the token, reads and their audit records go on.
+    let mut acked = Acked::default();
+    acked.keys.insert("t/before".into(), 1);
+    acked.ciphertexts.push(("t/before".into(), before["ciphertext"].as_str().unwrap().into(), b"x".to_vec()));
+    for n in 0..20 {
+        let key = format!("k{n}");
+        c.call_raw("key_create", json!({"tenant": "t", "key": key}))
+            .await
+            .unwrap_or_else(|e| panic!("key_create with the token's folder full: {e}"));
+        acked.keys.insert(format!("t/{key}"), 1);
+    }
+    check_acked(&c, &acked).await;
+
+    // A new token object: refused, named, nothing changed.
+    let e = c.call_raw("admin_rotate_master", json!({"batch": 100})).await.unwrap_err();
+    eprintln!("master-key rotation with the token's folder full: {e}");
+    assert_eq!(e.code(), Some(ErrorCode::HsmUnavailable), "{e}");
+    let message = e.to_string();
+    assert!(says_full(&message), "{message}");
+    assert!(message.contains(&tokens.display().to_string()), "does not name the token folder: {message}");
+    let health = c.call_raw("health", json!({})).await.unwrap();
+    assert_eq!(health["token"]["master_key_version"], json!(1), "{health}");
+    assert_eq!(health["status"], json!("ok"), "{health}");
+    check_acked(&c, &acked).await;
+
+    // Room again: the rotation goes through, on the same process.
+    std::fs::remove_file(&filler).unwrap();
+    let pid = d.pid();
+    let mut rotated =
+        c.call_raw("admin_rotate_master", json!({"batch": 100})).await.expect("rotation with room");
+    while rotated["finished"] != json!(true) {
+        rotated = c.call_raw("admin_rotate_master", json!({"batch": 100})).await.expect("rotation step");
+    }
+    assert_eq!(rotated["to"], json!(2), "{rotated}");
+    assert_eq!(d.pid(), pid);
+    check_acked(&c, &acked).await;
+    let verify = c.call_raw("audit_verify", json!({})).await.expect("audit_verify");
+    assert_eq!(verify["status"], json!("intact"), "{verify}");
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    drop(token_fs);
+}

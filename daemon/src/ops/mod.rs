@@ -354,6 +354,15 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
         }
         (Ok(()), None) => Err(Error::UnknownOperation(printable(op))),
     };
+    // SoftHSM2 says only CKR_GENERAL_ERROR when its token directory is
+    // full (a master-key rotation's new key): name the cause.
+    if let Err(Error::Hsm(crate::hsm::HsmError::Pkcs11 { .. })) = &result {
+        if let Some(problem) = crate::softhsm::token_room_problem(&d.config) {
+            if let Err(Error::Hsm(e)) = result {
+                result = Err(Error::Hsm(crate::hsm::HsmError::TokenFull { problem, source: Box::new(e) }));
+            }
+        }
+    }
     if result.is_ok() && !subject.checked && route.is_some_and(|r| r.access != Access::Open) {
         // A handler that forgot its policy check: fail closed, loudly.
         tracing::error!(op = %printable(op), "operation ran without a policy check; result withheld");
