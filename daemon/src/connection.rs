@@ -58,7 +58,7 @@ struct InFrame<'a> {
 /// throughout, not well formed, trailing bytes) gets `null`, and so does an
 /// object with `id` twice (which of them would be the request's?) or an
 /// `id` that is not an unsigned integer.
-fn echoed_id(body: &[u8]) -> Option<u64> {
+pub(crate) fn echoed_id(body: &[u8]) -> Option<u64> {
     use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
     struct Ids;
     impl<'de> Visitor<'de> for Ids {
@@ -303,15 +303,9 @@ pub async fn serve(
             frame = next_frame(&mut frames), if can_read => match frame {
                 Ok(Some(body)) => {
                     active = Instant::now();
-                    match parse_request(body) {
-                        Ok(f) => {
-                            let op = f.op.into_owned();
-                            let params = Zeroizing::new(f.params.map_or("{}", |p| p.get()).to_owned());
-                            running.push(request(d, caller, f.id, op, params));
-                        }
-                        Err(err) => {
-                            out.push_error(echoed_id(body), err.code(), &err);
-                        }
+                    match read_request(body) {
+                        Ok((id, op, params)) => running.push(request(d, caller, id, op, params)),
+                        Err(answer) => out.push(&answer),
                     }
                 }
                 Ok(None) => reading = false,
@@ -473,6 +467,19 @@ fn push_event(out: &mut Outbox, event: &EventFrame) {
     out.push(&Zeroizing::new(encode_frame(event).unwrap_or_default()));
 }
 
+/// A frame body as a request to run (its id, operation and params, `{}`
+/// when omitted), or else the error frame that answers it, with the id
+/// PROTOCOL.md §1 says.
+pub(crate) fn read_request(body: &[u8]) -> Result<(u64, String, Zeroizing<String>), Zeroizing<Vec<u8>>> {
+    match parse_request(body) {
+        Ok(f) => {
+            let params = Zeroizing::new(f.params.map_or("{}", |p| p.get()).to_owned());
+            Ok((f.id, f.op.into_owned(), params))
+        }
+        Err(err) => Err(error_frame(echoed_id(body), err.code(), &err)),
+    }
+}
+
 /// Parses a request frame; the frame and its params must be JSON objects
 /// (serde would also read a struct from an array).
 fn parse_request(buf: &[u8]) -> Result<InFrame<'_>, Error> {
@@ -517,7 +524,7 @@ fn log_failure(caller: &Caller, op: &str, e: &Error) {
     }
 }
 
-fn error_frame(id: Option<u64>, code: keyhaven::ErrorCode, e: &Error) -> Zeroizing<Vec<u8>> {
+pub(crate) fn error_frame(id: Option<u64>, code: keyhaven::ErrorCode, e: &Error) -> Zeroizing<Vec<u8>> {
     let resp = ResponseFrame { id, ok: None, error: Some(WireError { code, message: e.to_string() }) };
     Zeroizing::new(encode_frame(&resp).unwrap_or_default())
 }

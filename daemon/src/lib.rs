@@ -46,6 +46,8 @@ pub mod daemon;
 pub mod dev;
 pub mod error;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hardening;
 pub mod hsm;
 pub mod identity;

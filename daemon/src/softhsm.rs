@@ -85,6 +85,34 @@ pub fn token_files_problem(config: &Config) -> Option<String> {
     Some(format!("SoftHSM2 could not open its token files ({}: {}; {fix})", path.display(), errno.desc()))
 }
 
+/// Below this much free space, a write to the token directory is taken to
+/// have failed for want of room (SoftHSM2 writes each object to a file of
+/// a few KiB).
+const TOKEN_ROOM_MIN: u64 = 64 << 10;
+
+/// When SoftHSM2's token directory is (nearly) full, says so, with its
+/// path, what is free and what to do: the cause of a token failure that
+/// SoftHSM2 reports only as CKR_GENERAL_ERROR. `None` when the module is
+/// not SoftHSM2, the directory is unknown, or it has room.
+pub fn token_room_problem(config: &Config) -> Option<String> {
+    if !is_softhsm(config) {
+        return None;
+    }
+    let dir = token_dir(config)?;
+    let fs = nix::sys::statvfs::statvfs(&dir).ok()?;
+    let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+    let no_inodes = fs.files() > 0 && fs.files_available() == 0;
+    if free >= TOKEN_ROOM_MIN && !no_inodes {
+        return None;
+    }
+    let what = if no_inodes { "no free inodes".to_owned() } else { format!("{free} bytes free") };
+    Some(format!(
+        "no space left on device in SoftHSM2's token directory {} ({what}): the token cannot store a new \
+         object; make room there (docs/OPERATIONS.md §7.1)",
+        dir.display()
+    ))
+}
+
 /// A failure of the token whose cause is SoftHSM2's token files: an
 /// operator must fix their owner or mount (exit 78, not the 69 of a token
 /// that is merely absent).

@@ -14,7 +14,7 @@
 //! is an HSM, not a file on the store's disk. Needs root (to mount the
 //! tmpfs); skipped, saying why, otherwise.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -122,6 +122,10 @@ struct Acked {
     envelope_ids: Vec<String>,
     /// Refusals: (op, code, message).
     refused: Vec<(String, Option<ErrorCode>, String)>,
+    /// Aliases (`t/NAME`) whose `alias_create` was answered, or that an
+    /// `alias_list` showed: each must be there afterwards (a reader must
+    /// not see the meta record's change before it is durable).
+    aliases: BTreeSet<String>,
 }
 
 /// Tags that make a key's record about 7 KiB, so that a few writes need
@@ -228,9 +232,65 @@ async fn reader(c: Client, stop: Arc<AtomicBool>) -> Acked {
     acked
 }
 
+/// Until `stop` (at most 400): `alias_create` of `t/aW-N` for `t/before`
+/// (each a write of the store's meta record), each answer noted as
+/// [`writer`] does.
+async fn alias_writer(c: Client, worker: usize, stop: Arc<AtomicBool>) -> Acked {
+    let mut acked = Acked::default();
+    let mut n = 0u64;
+    // Far under the 1,000 aliases the store takes.
+    while !stop.load(Ordering::Acquire) && n < 400 {
+        n += 1;
+        let alias = format!("a{worker}-{n}");
+        match c.call_raw("alias_create", json!({"tenant": "t", "alias": alias, "key": "before"})).await {
+            Ok(_) => {
+                acked.aliases.insert(format!("t/{alias}"));
+            }
+            Err(e) => {
+                assert!(e.code().is_some(), "alias_create: no answer from the daemon: {e}");
+                note_refusal(&mut acked, "alias_create", &e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    acked
+}
+
+/// The aliases of tenant `t` as `alias_list` shows them.
+async fn alias_list(c: &Client) -> Result<BTreeSet<String>, keyhaven::Error> {
+    let v = c.call_raw("alias_list", json!({"tenant": "t"})).await?;
+    Ok(v["aliases"]
+        .as_array()
+        .expect("aliases")
+        .iter()
+        .map(|a| format!("t/{}", a["alias"].as_str().expect("alias")))
+        .collect())
+}
+
+/// `alias_list` in a loop until `stop`, while [`alias_writer`]s write:
+/// every alias shown is noted, for it must be there afterwards.
+async fn alias_reader(c: Client, stop: Arc<AtomicBool>) -> Acked {
+    let mut acked = Acked::default();
+    while !stop.load(Ordering::Acquire) {
+        match alias_list(&c).await {
+            Ok(seen) => acked.aliases.extend(seen),
+            Err(e) => {
+                assert!(e.code().is_some(), "alias_list: no answer from the daemon: {e}");
+                note_refusal(&mut acked, "alias_list", &e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    acked
+}
+
 /// Every acknowledged write is there: keys at (at least) their acknowledged
-/// version, ciphertexts and data keys open to what was answered.
+/// version, ciphertexts and data keys open to what was answered, aliases
+/// acknowledged or seen.
 async fn check_acked(c: &Client, acked: &Acked) {
+    let aliases = alias_list(c).await.expect("alias_list");
+    let lost: Vec<&String> = acked.aliases.difference(&aliases).collect();
+    assert!(lost.is_empty(), "aliases acknowledged or seen by a reader, and then gone: {lost:?}");
     for (name, version) in &acked.keys {
         let (tenant, key) = name.split_once('/').unwrap();
         let show = c
@@ -262,6 +322,7 @@ fn merge(into: &mut Acked, from: Acked) {
     into.datakeys.extend(from.datakeys);
     into.envelope_ids.extend(from.envelope_ids);
     into.refused.extend(from.refused);
+    into.aliases.extend(from.aliases);
 }
 
 /// `keyhaven health`: its exit code, its JSON, its stderr.
@@ -421,6 +482,10 @@ async fn a_full_disk_fails_closed_says_why_and_service_resumes_by_itself() {
     // preallocated zeros, less what the last one gave back), so a full disk
     // reaches the log within 16 KiB of records rather than 4 MiB.
     std::env::set_var("KEYHAVEN_TEST_AUDIT_SEGMENT_BYTES", "16384");
+    // Each change of the meta record (an alias) waits 20 ms in sled's
+    // memory before its flush, so that `alias_list` meets such writes,
+    // some of which fail for the full disk and must never have been seen.
+    std::env::set_var("KEYHAVEN_TEST_META_WRITE_DELAY_MS", "20");
     let mut d = TestDaemon::start();
     // The store onto a 16 MiB tmpfs, its audit folder onto a 32 MiB one.
     let (status, log) = d.stop();
@@ -446,6 +511,13 @@ async fn a_full_disk_fails_closed_says_why_and_service_resumes_by_itself() {
     let before = c.call_raw("key_create", json!({"tenant": "t", "key": "before"})).await.unwrap();
     assert_eq!(before["current_version"], json!(1), "{before}");
     acked.keys.insert("t/before".into(), 1);
+    // A meta record of about 11 KiB (100 aliases of long names), so that
+    // each of its writes needs room as a key's does.
+    for n in 0..100 {
+        let alias = format!("pre{n:03}-{}", "x".repeat(56));
+        c.call_raw("alias_create", json!({"tenant": "t", "alias": alias, "key": "before"})).await.unwrap();
+        acked.aliases.insert(format!("t/{alias}"));
+    }
 
     // 1. The store's disk fills under writers and a reader; the log has room.
     let stop = Arc::new(AtomicBool::new(false));
@@ -454,6 +526,8 @@ async fn a_full_disk_fails_closed_says_why_and_service_resumes_by_itself() {
         tasks.push(tokio::spawn(writer(d.client().await, w, stop.clone())));
     }
     tasks.push(tokio::spawn(reader(d.client().await, stop.clone())));
+    tasks.push(tokio::spawn(alias_writer(d.client().await, 0, stop.clone())));
+    tasks.push(tokio::spawn(alias_reader(d.client().await, stop.clone())));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let by_store = REFUSED_BY_STORE.load(Ordering::Acquire);
     let (filler, filled) = fill(&store);
@@ -462,6 +536,19 @@ async fn a_full_disk_fails_closed_says_why_and_service_resumes_by_itself() {
     stop.store(true, Ordering::Release);
     let mut phase = Acked::default();
     for t in tasks {
+        merge(&mut phase, t.await.unwrap());
+    }
+    // Then aliases alone for 3 s (the store tries a write every 250 ms to
+    // 2 s): their failing writes wait in sled's memory while `alias_list`
+    // runs; what it shows must be there afterwards (`check_acked`).
+    let stop = Arc::new(AtomicBool::new(false));
+    let aliases = [
+        tokio::spawn(alias_writer(d.client().await, 1, stop.clone())),
+        tokio::spawn(alias_reader(d.client().await, stop.clone())),
+    ];
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Release);
+    for t in aliases {
         merge(&mut phase, t.await.unwrap());
     }
     print_refusals("store full", &phase.refused);
@@ -567,4 +654,87 @@ async fn a_full_disk_fails_closed_says_why_and_service_resumes_by_itself() {
         acked.keys.len() + acked.ciphertexts.len() + acked.datakeys.len(),
         began.elapsed().as_secs_f64()
     );
+}
+
+/// The token's own files on a full disk: SoftHSM2's token folder on a
+/// 4 MiB tmpfs, filled. What SoftHSM2 rewrites in place needs no new room:
+/// the store's anchor (every write) and the audit log's (every seal) keep
+/// being written, so key writes, reads and seals go on. What needs a new
+/// token object fails closed and named: a master-key rotation is
+/// `hsm_unavailable` saying that the token directory has no space left
+/// (SoftHSM2 itself says only CKR_GENERAL_ERROR), changes nothing (the
+/// master key version stays), and succeeds once there is room again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_token_folder_fails_closed_and_says_why() {
+    if my_uid() != 0 {
+        eprintln!("SKIPPED: not root: mounting a tmpfs needs root");
+        return;
+    }
+    let mut d = TestDaemon::start();
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let tokens = d.dir().join("tokens");
+    let original = d.dir().join("tokens.orig");
+    std::fs::rename(&tokens, &original).unwrap();
+    let token_fs = match Tmpfs::mount(&tokens, "4m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    copy_dir(&original, &tokens);
+    d.start_again();
+    let c = d.client().await;
+    c.call_raw("key_create", json!({"tenant": "t", "key": "before"})).await.unwrap();
+    let before = c
+        .call_raw("encrypt", json!({"tenant": "t", "key": "before", "plaintext": B64.encode(b"x")}))
+        .await
+        .unwrap();
+    let (filler, filled) = fill(&tokens);
+    eprintln!("token's disk full: filler of {} KiB on {}", filled / 1024, tokens.display());
+
+    // Writes anchored in the token, reads and their audit records go on.
+    let mut acked = Acked::default();
+    acked.keys.insert("t/before".into(), 1);
+    acked.ciphertexts.push(("t/before".into(), before["ciphertext"].as_str().unwrap().into(), b"x".to_vec()));
+    for n in 0..20 {
+        let key = format!("k{n}");
+        c.call_raw("key_create", json!({"tenant": "t", "key": key}))
+            .await
+            .unwrap_or_else(|e| panic!("key_create with the token's folder full: {e}"));
+        acked.keys.insert(format!("t/{key}"), 1);
+    }
+    check_acked(&c, &acked).await;
+
+    // A new token object: refused, named, nothing changed.
+    let e = c.call_raw("admin_rotate_master", json!({"batch": 100})).await.unwrap_err();
+    eprintln!("master-key rotation with the token's folder full: {e}");
+    assert_eq!(e.code(), Some(ErrorCode::HsmUnavailable), "{e}");
+    let message = e.to_string();
+    assert!(says_full(&message), "{message}");
+    assert!(message.contains(&tokens.display().to_string()), "does not name the token folder: {message}");
+    let health = c.call_raw("health", json!({})).await.unwrap();
+    assert_eq!(health["token"]["master_key_version"], json!(1), "{health}");
+    assert_eq!(health["status"], json!("ok"), "{health}");
+    check_acked(&c, &acked).await;
+
+    // Room again: the rotation goes through, on the same process.
+    std::fs::remove_file(&filler).unwrap();
+    let pid = d.pid();
+    let mut rotated =
+        c.call_raw("admin_rotate_master", json!({"batch": 100})).await.expect("rotation with room");
+    while rotated["finished"] != json!(true) {
+        rotated = c.call_raw("admin_rotate_master", json!({"batch": 100})).await.expect("rotation step");
+    }
+    assert_eq!(rotated["to"], json!(2), "{rotated}");
+    assert_eq!(d.pid(), pid);
+    check_acked(&c, &acked).await;
+    let verify = c.call_raw("audit_verify", json!({})).await.expect("audit_verify");
+    assert_eq!(verify["status"], json!("intact"), "{verify}");
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    drop(token_fs);
 }

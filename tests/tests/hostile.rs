@@ -32,6 +32,69 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value")
 }
 
+/// What one attack did to the daemon's memory and to a good client,
+/// printed as one `attack figures:` line (run with `--nocapture`; the
+/// figures of docs/PERFORMANCE.md "The hostile-client limits"): resident
+/// memory before, at its highest sample during, and after (once the
+/// attackers are gone and a moment has passed), and the good client's
+/// requests, errors (any fails the test: 0 when it passes) and p50/p99.
+struct Figures {
+    attack: &'static str,
+    pid: u32,
+    baseline: u64,
+    during: u64,
+    good: Vec<Duration>,
+}
+
+impl Figures {
+    /// Before the attack: the baseline.
+    fn before(attack: &'static str, pid: u32) -> Figures {
+        let baseline = rss_kib(pid);
+        Figures { attack, pid, baseline, during: baseline, good: Vec::new() }
+    }
+
+    /// A sample of the memory during the attack.
+    fn sample(&mut self) {
+        self.during = self.during.max(rss_kib(self.pid));
+    }
+
+    /// A good client's request that took `t` (sampling the memory too).
+    fn good(&mut self, t: Duration) {
+        self.good.push(t);
+        self.sample();
+    }
+
+    /// After the attack: prints the line.
+    fn after(mut self) {
+        std::thread::sleep(Duration::from_millis(500));
+        let after = rss_kib(self.pid);
+        self.good.sort();
+        let at =
+            |q: f64| self.good.get(((self.good.len() as f64 * q) as usize).min(self.good.len().max(1) - 1));
+        let ms =
+            |d: Option<&Duration>| d.map_or("-".to_owned(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
+        eprintln!(
+            "attack figures: {}: VmRSS {} KiB before, {} KiB during, {} KiB after ({:+.1} % of before); \
+             good client: {} requests, 0 errors, p50 {}, p99 {}",
+            self.attack,
+            self.baseline,
+            self.during,
+            after,
+            (after as f64 / self.baseline as f64 - 1.0) * 100.0,
+            self.good.len(),
+            ms(at(0.50)),
+            ms(at(0.99)),
+        );
+    }
+}
+
+/// Times a good client's request.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let t = Instant::now();
+    let out = f.await;
+    (out, t.elapsed())
+}
+
 /// The daemon's open file descriptors.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
@@ -137,6 +200,7 @@ async fn slow_frames_hold_little_memory_and_are_dropped_after_the_deadline() {
     good.key_create(&path("acme/pii")).await.expect("create acme/pii");
     round_trip(&good, 0).await;
     let baseline = rss_kib(d.pid());
+    let mut figures = Figures::before("1,000 slow frames (1 MiB announced, 10 bytes sent), twice", d.pid());
 
     // Two waves, the first closed by the clients: memory the first
     // touched and gave back is reused by the second.
@@ -145,7 +209,10 @@ async fn slow_frames_hold_little_memory_and_are_dropped_after_the_deadline() {
     let started = Instant::now();
     let mut slow = slow_wave(d.socket(), SLOW).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    round_trip(&good, 1).await;
+    for n in 0..50 {
+        let ((), t) = timed(round_trip(&good, 100 + n)).await;
+        figures.good(t);
+    }
     let during = rss_kib(d.pid());
     eprintln!("VmRSS: {baseline} KiB before, {during} KiB with {SLOW} slow frames");
     assert!(
@@ -172,6 +239,7 @@ async fn slow_frames_hold_little_memory_and_are_dropped_after_the_deadline() {
     let after = rss_kib(d.pid());
     eprintln!("VmRSS: {after} KiB after the slow connections were dropped");
     assert!(after < baseline + 32 * 1024, "{baseline} KiB before, {after} KiB after");
+    figures.after();
     finish(&mut d);
 }
 
@@ -190,6 +258,7 @@ async fn clients_that_never_read_are_dropped_and_health_stays_prompt() {
     let monitor = d.client().await;
     healthy_within(&monitor, Duration::from_secs(5)).await;
     let fds_before = open_fds(d.pid());
+    let mut figures = Figures::before("100 clients pipelining 3,000 `health` each, never reading", d.pid());
 
     let mut writers = Vec::new();
     let mut reads = Vec::new();
@@ -210,9 +279,11 @@ async fn clients_that_never_read_are_dropped_and_health_stays_prompt() {
     }
     let flood_began = Instant::now();
     while flood_began.elapsed() < Duration::from_secs(WRITE_TIMEOUT + 2) {
-        healthy_within(&monitor, Duration::from_secs(5)).await;
+        let ((), t) = timed(healthy_within(&monitor, Duration::from_secs(5))).await;
+        figures.good(t);
         let fresh = d.client().await;
-        healthy_within(&fresh, Duration::from_secs(5)).await;
+        let ((), t) = timed(healthy_within(&fresh, Duration::from_secs(5))).await;
+        figures.good(t);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Reading now would make them readers: wait (bounded) for the daemon
@@ -236,6 +307,8 @@ async fn clients_that_never_read_are_dropped_and_health_stays_prompt() {
         let _ = w.await;
     }
     healthy_within(&monitor, Duration::from_secs(5)).await;
+    drop(reads);
+    figures.after();
     let log = finish(&mut d);
     assert!(log.contains("dropping a client: answers unread for 3 s"), "{log}");
 }
@@ -276,6 +349,7 @@ keys = ["acme/*"]
         .status()
         .expect("prlimit");
     assert!(cut.success(), "prlimit failed");
+    let mut figures = Figures::before("2,000 connections from one uid (cap 100 a uid, 200 in all)", d.pid());
 
     let socket = d.socket().to_owned();
     let flood = tokio::spawn(async move {
@@ -309,20 +383,23 @@ keys = ["acme/*"]
     while !flood.is_finished() || good_runs < 5 {
         let gu = good_user.clone();
         let s2 = s.clone();
-        let out = within(tokio::task::spawn_blocking(move || {
+        let (out, t) = timed(within(tokio::task::spawn_blocking(move || {
             run_cli_as(&gu, &s2, &["encrypt", "acme/pii", "--context", "row=1"], b"good user's secret")
-        }))
+        })))
         .await;
+        figures.good(t);
         assert!(out.status.success(), "good user's encrypt: {}", String::from_utf8_lossy(&out.stderr));
         let ct = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let (gu, s2) = (good_user.clone(), s.clone());
-        let back = within(tokio::task::spawn_blocking(move || {
+        let (back, t) = timed(within(tokio::task::spawn_blocking(move || {
             run_cli_as(&gu, &s2, &["decrypt", "--context", "row=1"], ct.as_bytes())
-        }))
+        })))
         .await;
+        figures.good(t);
         assert!(back.status.success(), "good user's decrypt: {}", String::from_utf8_lossy(&back.stderr));
         assert_eq!(String::from_utf8_lossy(&back.stdout), "good user's secret");
-        healthy_within(&monitor, Duration::from_secs(5)).await;
+        let ((), t) = timed(healthy_within(&monitor, Duration::from_secs(5))).await;
+        figures.good(t);
         good_runs += 1;
         assert!(began.elapsed() < Duration::from_secs(120), "the flood did not end in 120 s");
     }
@@ -330,6 +407,8 @@ keys = ["acme/*"]
     assert!(busy > 0, "no flood connection was told max_connections_per_uid ({} held)", held.len());
     healthy_within(&monitor, Duration::from_secs(5)).await;
     drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    figures.after();
     let log = finish(&mut d);
     for bad in ["Too many open files", "session lost", "cannot seal"] {
         assert!(!log.contains(bad), "the daemon's log shows `{bad}`:\n{log}");
@@ -506,6 +585,10 @@ async fn partly_received_frames_share_one_budget() {
     let _alone = one_at_a_time().await;
     let mut d = TestDaemon::start();
     d.restart_with(|dir| set_limits(dir, &[("request_buffer_bytes", "2097152")]));
+    let good = d.client().await;
+    good.key_create(&path("acme/pii")).await.expect("create acme/pii");
+    round_trip(&good, 0).await;
+    let mut figures = Figures::before("4 frames of 600 KiB of 1 MiB against a 2 MiB budget", d.pid());
     let mut conns = Vec::new();
     for _ in 0..4 {
         let mut s = UnixStream::connect(d.socket()).await.expect("connect");
@@ -528,6 +611,10 @@ async fn partly_received_frames_share_one_budget() {
         }
     }
     assert!((1..=3).contains(&busy), "{busy} of 4 connections were told busy");
+    for n in 0..50 {
+        let ((), t) = timed(round_trip(&good, 100 + n)).await;
+        figures.good(t);
+    }
     drop(conns);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A 900 KiB frame now fits: it is read whole (and is a bad request).
@@ -537,6 +624,7 @@ async fn partly_received_frames_share_one_budget() {
     let a = ask_raw(&d, &big).await;
     assert_eq!(a["id"], 77, "{a}");
     assert_eq!(a["error"]["code"], "bad_request", "{a}");
+    figures.after();
     finish(&mut d);
 }
 
@@ -553,6 +641,8 @@ async fn ten_thousand_pipelined_requests_and_deep_json_leave_a_good_client_serve
     let mut d = TestDaemon::start();
     let good = d.client().await;
     good.key_create(&path("acme/pii")).await.expect("create acme/pii");
+    round_trip(&good, 0).await;
+    let mut figures = Figures::before("10,000 pipelined encrypts, 100,000-deep JSON, invalid UTF-8", d.pid());
 
     let s = UnixStream::connect(d.socket()).await.expect("connect");
     let (mut rd, mut wr) = s.into_split();
@@ -609,9 +699,9 @@ async fn ten_thousand_pipelined_requests_and_deep_json_leave_a_good_client_serve
 
     let mut latencies = Vec::new();
     for n in 0..300 {
-        let t = Instant::now();
-        round_trip(&good, n).await;
-        latencies.push(t.elapsed());
+        let ((), t) = timed(round_trip(&good, n)).await;
+        latencies.push(t);
+        figures.good(t);
     }
     latencies.sort();
     let (seen, errors) = tokio::time::timeout(Duration::from_secs(120), reader)
@@ -626,5 +716,6 @@ async fn ten_thousand_pipelined_requests_and_deep_json_leave_a_good_client_serve
         "good client under 10,000 pipelined requests: 300 round trips, 0 errors, p50 {:?}, p99 {:?}",
         latencies[150], latencies[296]
     );
+    figures.after();
     finish(&mut d);
 }

@@ -66,6 +66,16 @@ pub enum HsmError {
     /// Ciphertext or wrapped material did not authenticate.
     #[error("{0}")]
     Integrity(&'static str),
+    /// The token could not store what it was asked to, and SoftHSM2's
+    /// token directory has no room left: the cause named, then the
+    /// module's own failure (CKR_GENERAL_ERROR says nothing of it).
+    #[error("{problem}: {source}")]
+    TokenFull {
+        /// The full directory, what is free, what to do.
+        problem: String,
+        /// The module's own failure.
+        source: Box<HsmError>,
+    },
     /// The worker queue is full.
     #[error("the HSM queue is full ({0} requests waiting); retry shortly")]
     Busy(usize),

@@ -108,20 +108,44 @@ impl ProbeGate {
             return p.clone();
         }
         let started = Instant::now();
+        // The token probe runs on an HSM thread (which retries a lost
+        // session there); the store's write probe may block, so it runs
+        // on a blocking thread (below): nothing here holds the async
+        // thread that runs this task.
         let token = d.hsm.run(|w| w.probe()).await;
+        let (store_failure, keys) = store_probe(d).await;
         let p = Probe {
             started,
             token_error: token.err().map(|e| (e.condition().to_owned(), e.to_string())),
-            // A store that failed a write tries one here (sled: a small
-            // write, at most every 250 ms to 2 s), so that recovery shows even
-            // when no request writes.
-            store_failure: d.store.backend().failure(),
-            keys: d.store.key_count().ok(),
+            store_failure,
+            keys,
             cluster: d.store.backend().cluster().await.ok().flatten(),
         };
         *last = Some(p.clone());
         p
     }
+}
+
+/// Why the store cannot be written, if it cannot, and its number of keys
+/// (`None`: the store failed). A store that failed a write tries one here
+/// (sled: a small write and a flush, at most every 250 ms to 2 s, after
+/// taking the writers' lock, and opening the database again if need be,
+/// which waits up to 5 s for sled's file lock), so that recovery shows
+/// even when no request writes; counting the keys may open the database
+/// too (sled) or wait for the database (PostgreSQL). All of which blocks:
+/// it runs on a blocking thread, not on the async thread of the probe's
+/// task.
+async fn store_probe(d: &Daemon) -> (Option<crate::store::StoreFailure>, Option<u64>) {
+    let store = d.store.clone();
+    tokio::task::spawn_blocking(move || (store.backend().failure(), store.key_count().ok()))
+        .await
+        .unwrap_or_else(|e| {
+            let failure = crate::store::StoreFailure {
+                condition: "unavailable",
+                message: format!("the store's probe failed: {e}"),
+            };
+            (Some(failure), None)
+        })
 }
 
 /// The token's condition as a `health` call now would report it (`None`:

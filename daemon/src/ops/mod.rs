@@ -255,11 +255,24 @@ struct Route {
     access: Access,
     audited: bool,
     run: for<'a> fn(Cx<'a>, &'a str) -> Handling<'a>,
+    /// Parses the params only, as `run` does first (for the fuzz target
+    /// of [`crate::fuzzing`]).
+    parse: fn(&str) -> Result<(), Error>,
 }
 
 /// The table entry of operation `T`.
 const fn route<T: Op>() -> Route {
-    Route { name: T::OP, access: T::ACCESS, audited: T::AUDITED, run: parse_and_handle::<T> }
+    Route {
+        name: T::OP,
+        access: T::ACCESS,
+        audited: T::AUDITED,
+        run: parse_and_handle::<T>,
+        parse: parse_only::<T>,
+    }
+}
+
+fn parse_only<T: Op>(params: &str) -> Result<(), Error> {
+    parse::<T>(T::OP, params).map(drop)
 }
 
 fn parse_and_handle<'a, T: Op>(cx: Cx<'a>, params: &'a str) -> Handling<'a> {
@@ -353,6 +366,15 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
         }
         (Ok(()), None) => Err(Error::UnknownOperation(printable(op))),
     };
+    // SoftHSM2 says only CKR_GENERAL_ERROR when its token directory is
+    // full (a master-key rotation's new key): name the cause.
+    if let Err(Error::Hsm(crate::hsm::HsmError::Pkcs11 { .. })) = &result {
+        if let Some(problem) = crate::softhsm::token_room_problem(&d.config) {
+            if let Err(Error::Hsm(e)) = result {
+                result = Err(Error::Hsm(crate::hsm::HsmError::TokenFull { problem, source: Box::new(e) }));
+            }
+        }
+    }
     if result.is_ok() && !subject.checked && route.is_some_and(|r| r.access != Access::Open) {
         // A handler that forgot its policy check: fail closed, loudly.
         tracing::error!(op = %printable(op), "operation ran without a policy check; result withheld");
@@ -394,6 +416,29 @@ async fn until_recorded(
             ))))
         }
     }
+}
+
+/// What [`dispatch`] does with a request before any daemon state is
+/// asked: finds the operation (`unknown_operation`) and parses its params
+/// into the operation's type (`bad_request`); returns what the operation
+/// needs from the policy. For [`crate::fuzzing`]; `dispatch` itself goes
+/// on to the audit log's state and the handler, whose first checks (names,
+/// an alias through the store) come before its policy check.
+pub(crate) fn parse_request_params(op: &str, params: &str) -> Result<Access, Error> {
+    let route = find(op).ok_or_else(|| Error::UnknownOperation(printable(op)))?;
+    (route.parse)(params)?;
+    Ok(route.access)
+}
+
+/// What the daemon computes from a key record it reads (listing, details,
+/// the rotation schedule): for [`crate::fuzzing`], on records a database
+/// writer made.
+pub(crate) fn key_record_views(rec: &crate::store::KeyRecord) -> Result<(), Error> {
+    let details = lifecycle::details(rec, &revocation::Index::new(Vec::new()));
+    serde_json::to_vec(&details).map_err(|e| Error::Internal(format!("serialising key details: {e}")))?;
+    let _ = lifecycle::next_rotation_at(rec);
+    let _ = lifecycle::settings_json(rec);
+    Ok(())
 }
 
 /// Whether requests of `op` are recorded in the audit log: all but `hello`

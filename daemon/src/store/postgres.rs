@@ -247,7 +247,7 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
-fn decode<T: DeserializeOwned>(key: &str, text: &str) -> Result<T, StoreError> {
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt { key: key.to_owned(), reason: e.to_string() })
 }
 

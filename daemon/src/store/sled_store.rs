@@ -24,7 +24,8 @@
 //! meanwhile with the error that names the condition and the place; reads
 //! are served from the reopened files (or refused while they cannot be
 //! opened). Readers never see a change before it is durable: a key being
-//! written is pinned in the cache at its old record until its write is.
+//! written is pinned in the cache at its old record until its write is,
+//! and so is the meta record (aliases, master keys).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -92,6 +93,18 @@ pub struct SledStore {
     /// reader sees it before; writers hold the lock across their
     /// compare-and-swap, so the cache never goes back to an older record.
     keys: RwLock<HashMap<Vec<u8>, Option<Arc<KeyRecord>>>>,
+    /// The meta record (aliases, master keys) pinned at its old value
+    /// (`Some(None)`: none yet) while a write of it is under way, as a key
+    /// is in `keys`: readers get it, not sled's copy of the new one, until
+    /// that is durable. `None` while no write of it is under way (readers
+    /// read sled). Readers hold it across their read of sled, so that a
+    /// writer pins it before its change reaches sled's memory.
+    meta_pin: RwLock<Option<Option<Vec<u8>>>>,
+    /// For tests only (`KEYHAVEN_TEST_META_WRITE_DELAY_MS`, at most 1 s;
+    /// zero otherwise): a wait between a meta record's change reaching
+    /// sled's memory and its flush, so that a test's readers meet the
+    /// write under way.
+    meta_write_delay: std::time::Duration,
     /// The token's anchor and the digest of every record, once
     /// [`attach_anchor`](SledStore::attach_anchor) has checked the store
     /// against it (docs/SECURITY.md §3). Also the writers' lock: every
@@ -105,6 +118,9 @@ pub struct SledStore {
 const ANCHORED_TREES: [&str; 3] = ["meta", "keyring", "revocations"];
 
 const META_KEY: &[u8] = b"meta";
+
+/// The test-only knob of `meta_write_delay` (see [`SledStore`]).
+pub const TEST_META_WRITE_DELAY_ENV: &str = "KEYHAVEN_TEST_META_WRITE_DELAY_MS";
 
 fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -214,6 +230,11 @@ impl SledStore {
             trees: RwLock::new(Some(Arc::new(trees))),
             audit,
             keys: Default::default(),
+            meta_pin: Default::default(),
+            meta_write_delay: std::env::var(TEST_META_WRITE_DELAY_ENV)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(std::time::Duration::ZERO, |ms| std::time::Duration::from_millis(ms.min(1000))),
             anchored: Mutex::new(None),
             failing: Mutex::new(None),
         })
@@ -363,6 +384,7 @@ impl SledStore {
         // The files may hold the write that failed (settled above): read
         // every key afresh.
         self.keys.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.unpin_meta();
         *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(trees.clone());
         tracing::info!("the store at {} was opened again from its files", self.path.display());
         Ok(trees)
@@ -684,24 +706,48 @@ impl SledStore {
     }
 
     fn meta(&self) -> Result<Option<Meta>, StoreError> {
-        match self.trees()?.meta.get(META_KEY).map_err(|e| self.err(e))? {
-            Some(v) => Ok(Some(decode(META_KEY, &v)?)),
-            None => Ok(None),
-        }
+        // The database first (opening it may unpin), then the pin, held
+        // across the read of sled. While the database cannot be opened,
+        // only a pinned record is served.
+        let trees = self.trees();
+        let pin = self.meta_pin.read().unwrap_or_else(|e| e.into_inner());
+        let value = match &*pin {
+            Some(pinned) => pinned.clone(), // a write of it is under way
+            None => trees?.meta.get(META_KEY).map_err(|e| self.err(e))?.map(|v| v.to_vec()),
+        };
+        drop(pin);
+        value.map(|v| decode(META_KEY, &v)).transpose()
+    }
+
+    /// Pins the meta record at `old` until [`unpin_meta`](Self::unpin_meta),
+    /// before a write of it reaches sled (see `meta_pin`).
+    fn pin_meta(&self, old: Option<&[u8]>) {
+        *self.meta_pin.write().unwrap_or_else(|e| e.into_inner()) = Some(old.map(<[u8]>::to_vec));
+    }
+
+    /// The write of the meta record is durable, or did not happen: readers
+    /// read sled again.
+    fn unpin_meta(&self) {
+        *self.meta_pin.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn init_meta(&self, meta: &Meta) -> Result<(), StoreError> {
         self.write(|t, w| {
             let value = encode(meta);
             prepare(w, "meta", META_KEY, Some(&value))?;
+            self.pin_meta(None);
             let swapped = t
                 .meta
                 .compare_and_swap(META_KEY, None as Option<&[u8]>, Some(value.clone()))
                 .map_err(|e| self.err(e))?;
             if swapped.is_err() {
+                self.unpin_meta();
                 return Err(StoreError::AlreadyInitialised(self.path.display().to_string()));
             }
+            // On a failure the pin stays until the database is opened
+            // again from its files (`reopen`), which settles the write.
             t.db.flush().map_err(|e| self.err(e))?;
+            self.unpin_meta();
             commit(w, "meta", META_KEY, Some(&value))
         })
     }
@@ -717,13 +763,22 @@ impl SledStore {
             change(&mut meta);
             let value = encode(&meta);
             prepare(w, "meta", META_KEY, Some(&value))?;
+            // Readers keep the old record until the new one is durable; on
+            // a failure, until the database is opened again from its files
+            // (`reopen`), which settles the write.
+            self.pin_meta(Some(&old));
             let swapped =
                 t.meta.compare_and_swap(META_KEY, Some(old), Some(value.clone())).map_err(|e| self.err(e))?;
             if swapped.is_ok() {
+                if !self.meta_write_delay.is_zero() {
+                    std::thread::sleep(self.meta_write_delay);
+                }
                 t.db.flush().map_err(|e| self.err(e))?;
+                self.unpin_meta();
                 commit(w, "meta", META_KEY, Some(&value))?;
                 return Ok(meta);
             }
+            self.unpin_meta();
         })
     }
 

@@ -37,6 +37,7 @@ fn path(tree: &str, key: &[u8]) -> Vec<u8> {
 
 /// The digest of every record's path and value, kept up to date write by
 /// write.
+#[derive(Clone)]
 pub struct StateDigest {
     buckets: Vec<BTreeMap<Vec<u8>, [u8; 32]>>,
     bucket_hashes: Vec<[u8; 32]>,
