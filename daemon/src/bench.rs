@@ -589,25 +589,16 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     eprintln!("keyhavend bench: a fresh dev install in {}", dir.display());
     let (config_path, store) = crate::dev::prepare(dir, None)?;
     drop(store);
-    if args.no_audit || args.workers.is_some() || args.token_latency.is_some() {
-        let text = std::fs::read_to_string(&config_path)?;
-        let mut doc: toml::Table = text.parse()?;
-        let mut set = |section: &str, key: &str, value: toml::Value| {
-            let table = doc.entry(section).or_insert_with(|| toml::Value::Table(Default::default()));
-            if let Some(t) = table.as_table_mut() {
-                t.insert(key.into(), value);
-            }
-        };
-        if args.no_audit {
-            set("audit", "enabled", toml::Value::Boolean(false));
-        }
-        if let Some(n) = args.workers {
-            set("hsm", "workers", toml::Value::Integer(n as i64));
-        } else if args.token_latency.is_some() {
-            set("hsm", "workers", toml::Value::String("auto".into()));
-        }
-        std::fs::write(&config_path, toml::to_string(&doc)?)?;
+    let mut settings = Vec::new();
+    if args.no_audit {
+        settings.push(("audit", "enabled", toml::Value::Boolean(false)));
     }
+    if let Some(n) = args.workers {
+        settings.push(("hsm", "workers", toml::Value::Integer(n as i64)));
+    } else if args.token_latency.is_some() {
+        settings.push(("hsm", "workers", toml::Value::String("auto".into())));
+    }
+    set_config(&config_path, settings)?;
     let config = Config::load(&config_path)?;
     if args.metrics_cost {
         return metrics_cost(args, &bin, dir, &config_path, &config);
@@ -986,6 +977,23 @@ fn print_rows(rows: &[Row]) {
     }
 }
 
+/// Sets `section.key = value` for each of `settings` in the dev config at
+/// `path` (nothing to do: the file is left alone).
+fn set_config(path: &Path, settings: Vec<(&str, &str, toml::Value)>) -> anyhow::Result<()> {
+    if settings.is_empty() {
+        return Ok(());
+    }
+    let mut doc: toml::Table = std::fs::read_to_string(path)?.parse()?;
+    for (section, key, value) in settings {
+        let table = doc.entry(section).or_insert_with(|| toml::Value::Table(Default::default()));
+        if let Some(t) = table.as_table_mut() {
+            t.insert(key.into(), value);
+        }
+    }
+    std::fs::write(path, toml::to_string(&doc)?)?;
+    Ok(())
+}
+
 /// `--sessions`: a list of session counts (1 to the most workers), or `none`.
 fn parse_sessions(text: &str) -> anyhow::Result<Vec<usize>> {
     if text == "none" {
@@ -1024,12 +1032,7 @@ fn slow_token_scaling(
     let per = &args.token_latency_per;
     let mut lines = Vec::new();
     for &n in sessions {
-        let text = std::fs::read_to_string(config_path)?;
-        let mut doc: toml::Table = text.parse()?;
-        if let Some(hsm) = doc.get_mut("hsm").and_then(|t| t.as_table_mut()) {
-            hsm.insert("workers".into(), toml::Value::Integer(n as i64));
-        }
-        std::fs::write(config_path, toml::to_string(&doc)?)?;
+        set_config(config_path, vec![("hsm", "workers", toml::Value::Integer(n as i64))])?;
         let clients = n * CLIENTS_PER_SESSION;
         eprintln!("keyhavend bench: the daemon with {n} HSM workers, {clients} clients, through a {latency:?} token");
         let (daemon, socket) = start_daemon(dir)?;
