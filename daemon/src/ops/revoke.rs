@@ -31,17 +31,20 @@ use crate::revocation::{describe, rfc3339};
 use crate::store::Store;
 
 /// Refuses a scope that names a key, version or tenant that does not exist:
-/// a typo must not leave a suspension that protects nothing.
-fn must_exist(d: &Daemon, scope: &Scope) -> Result<(), Error> {
+/// a typo must not leave a suspension that protects nothing. Asks the
+/// store through its async calls: a PostgreSQL round trip must not hold a
+/// runtime thread.
+async fn must_exist(d: &Daemon, scope: &Scope) -> Result<(), Error> {
+    let store = d.store.backend();
     match scope {
         Scope::Key { tenant, key, version } => {
             let path = KeyPath::new(tenant, key)?;
-            let Some(rec) = d.store.key(&path)? else {
+            let Some(rec) = store.key(&path).await? else {
                 // An alias is no scope: a suspension of its name would
                 // cover nothing, since uses through it resolve to the key.
-                let alias = d
-                    .store
-                    .meta()?
+                let alias = store
+                    .meta()
+                    .await?
                     .is_some_and(|m| m.aliases.get(tenant).is_some_and(|t| t.contains_key(key)));
                 return Err(Error::NotFound(match alias {
                     true => format!(
@@ -55,7 +58,7 @@ fn must_exist(d: &Daemon, scope: &Scope) -> Result<(), Error> {
             }
             Ok(())
         }
-        Scope::Tenant { tenant } if d.store.keys(Some(tenant))?.is_empty() => {
+        Scope::Tenant { tenant } if store.keys(Some(tenant)).await?.is_empty() => {
             Err(Error::NotFound(format!("tenant `{tenant}` has no keys")))
         }
         _ => Ok(()),
@@ -126,7 +129,7 @@ pub async fn revoke(
     if let Some(t) = req.expires_at.filter(|t| *t <= now) {
         return Err(Error::BadRequest(format!("expiry {} is not in the future", rfc3339(t))));
     }
-    must_exist(d, &req.scope)?;
+    must_exist(d, &req.scope).await?;
     let old = d.revocations.get(&req.scope);
     if let Some(old) = old.as_ref().filter(|o| o.kind == RevocationKind::Destroyed) {
         return Err(Error::AlreadyExists(describe(old)));
@@ -256,7 +259,7 @@ pub async fn destroy(
             super::printable(&req.confirm)
         )));
     }
-    must_exist(d, &req.scope)?;
+    must_exist(d, &req.scope).await?;
     let now = now_unix();
     let suspension = enclosing(&req.scope)
         .iter()
