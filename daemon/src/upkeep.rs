@@ -53,7 +53,7 @@ async fn record_failure(d: &Daemon, op: &str, path: &keyhaven::KeyPath, what: &s
 /// Runs until `shutdown`; the last usage flush is the caller's, after the
 /// drain.
 pub async fn run(d: Arc<Daemon>, shutdown: CancellationToken) {
-    if let Ok(Some(r)) = d.store.meta().map(|m| m.and_then(|m| m.master_rotation)) {
+    if let Ok(Some(r)) = d.store.backend().meta().await.map(|m| m.and_then(|m| m.master_rotation)) {
         tracing::warn!(
             from = r.from,
             to = r.to,
@@ -90,7 +90,7 @@ pub async fn due_keys(d: &Arc<Daemon>) {
         Err(e) => return tracing::warn!(error = %e, "cannot take the periodic jobs' lock"),
     };
     let now = crate::clock::now_unix().saturating_add(d.config.lifecycle.test_clock_offset_seconds);
-    let keys = match d.store.keys(None) {
+    let keys = match d.store.backend().keys(None).await {
         Ok(k) => k,
         Err(e) => return tracing::warn!(error = %e, "cannot list keys for rotation and deletion"),
     };

@@ -166,7 +166,7 @@ async fn verify(d: &Arc<Daemon>, path: KeyPath, req: Verify, s: &mut Subject) ->
         .decode(req.signature.trim())
         .map_err(|_| Error::BadRequest("field `signature`: not standard base64".into()))?;
     d.revocations.check(&path, None, None)?;
-    let rec = d.store.key(&path)?.ok_or_else(|| unknown_key(&path))?;
+    let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
     require_signing(&rec, &path, "verify")?;
     let digest = digest_of(rec.key_type, input)?;
     let version = req.version.unwrap_or(rec.current_version);
