@@ -366,12 +366,26 @@ pub async fn dispatch(d: &Arc<Daemon>, caller: &Caller, op: &str, params: &str) 
         }
         (Ok(()), None) => Err(Error::UnknownOperation(printable(op))),
     };
-    // SoftHSM2 says only CKR_GENERAL_ERROR when its token directory is
-    // full (a master-key rotation's new key): name the cause.
-    if let Err(Error::Hsm(crate::hsm::HsmError::Pkcs11 { .. })) = &result {
-        if let Some(problem) = crate::softhsm::token_room_problem(&d.config) {
-            if let Err(Error::Hsm(e)) = result {
-                result = Err(Error::Hsm(crate::hsm::HsmError::TokenFull { problem, source: Box::new(e) }));
+    // SoftHSM2 says only CKR_FUNCTION_FAILED or CKR_GENERAL_ERROR when its token directory is
+    // full (a master-key rotation's new key): name the cause. The look at
+    // the directory reads files, so off the runtime's threads, and only for
+    // the return values a full directory gives.
+    if let Err(Error::Hsm(crate::hsm::HsmError::Pkcs11 { rv, .. })) = &result {
+        use cryptoki::error::RvError;
+        if matches!(
+            rv,
+            RvError::FunctionFailed | RvError::GeneralError | RvError::DeviceMemory | RvError::DeviceError
+        ) {
+            let config = d.config.clone();
+            let problem = tokio::task::spawn_blocking(move || crate::softhsm::token_room_problem(&config))
+                .await
+                .ok()
+                .flatten();
+            if let Some(problem) = problem {
+                if let Err(Error::Hsm(e)) = result {
+                    result =
+                        Err(Error::Hsm(crate::hsm::HsmError::TokenFull { problem, source: Box::new(e) }));
+                }
             }
         }
     }
