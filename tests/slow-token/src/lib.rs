@@ -20,6 +20,11 @@
 //!   reported as `ulMaxSessionCount` and `ulMaxRwSessionCount` by
 //!   `C_GetTokenInfo`, and `C_OpenSession` past it is `CKR_SESSION_COUNT`
 //!   (default: SoftHSM2's own, no limit);
+//! - `KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS`: room for objects like a real HSM's:
+//!   once this many objects made through this module (`C_UnwrapKey`,
+//!   `C_GenerateKey`, `C_CreateObject`) are alive, another is
+//!   `CKR_DEVICE_MEMORY`; a destroyed object and a closed session's objects
+//!   give their room back (default: no limit);
 //! - `KEYHAVEN_SLOW_TOKEN_MODULE`: the module to forward to (default:
 //!   SoftHSM2 where Debian and other distributions put it).
 //!
@@ -28,9 +33,10 @@
 
 #![allow(non_snake_case)]
 
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use cryptoki_sys::*;
@@ -49,6 +55,7 @@ struct Settings {
     delay: Duration,
     per_operation: bool,
     max_sessions: Option<CK_ULONG>,
+    max_objects: Option<usize>,
 }
 
 /// The module calls are forwarded to, loaded once and never unloaded.
@@ -69,6 +76,51 @@ static REAL: OnceLock<Result<Real, String>> = OnceLock::new();
 
 /// Sessions open through this module (for `KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS`).
 static OPEN_SESSIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// The live objects made through this module, by the session that made
+/// them (for `KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS`).
+static OBJECTS: Mutex<Option<HashMap<CK_SESSION_HANDLE, HashSet<CK_OBJECT_HANDLE>>>> = Mutex::new(None);
+
+/// Runs `make` (a call that makes one object into `*handle`) unless the
+/// object limit is reached (`CKR_DEVICE_MEMORY`), and counts what it made.
+fn making(
+    real: &Real,
+    session: CK_SESSION_HANDLE,
+    handle: *mut CK_OBJECT_HANDLE,
+    make: impl FnOnce() -> CK_RV,
+) -> CK_RV {
+    let Some(max) = real.settings.max_objects else { return make() };
+    // Held across the call, so that two sessions cannot both take the last room.
+    let mut objects = OBJECTS.lock().unwrap_or_else(|e| e.into_inner());
+    let table = objects.get_or_insert_with(HashMap::new);
+    if table.values().map(HashSet::len).sum::<usize>() >= max {
+        return CKR_DEVICE_MEMORY;
+    }
+    let rv = make();
+    if rv == CKR_OK && !handle.is_null() {
+        // SAFETY: `handle` is the caller's output pointer, non-null, which
+        // the real module has just filled in with the new object's handle.
+        let made = unsafe { *handle };
+        table.entry(session).or_default().insert(made);
+    }
+    rv
+}
+
+/// Gives back the room of `object` (destroyed), or of every object of
+/// `session` (closed), or of all (`None`, `None`: every session closed).
+fn unmade(session: Option<CK_SESSION_HANDLE>, object: Option<CK_OBJECT_HANDLE>) {
+    let mut objects = OBJECTS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(table) = objects.as_mut() else { return };
+    match (session, object) {
+        (_, Some(o)) => table.values_mut().for_each(|set| {
+            set.remove(&o);
+        }),
+        (Some(s), None) => {
+            table.remove(&s);
+        }
+        (None, None) => table.clear(),
+    }
+}
 
 /// Parses `1ms`, `250us`, `1.5ms`, `2s`, `500ns`, `0`.
 fn parse_delay(text: &str) -> Result<Duration, String> {
@@ -113,7 +165,14 @@ fn settings() -> Result<Settings, String> {
         },
         None => None,
     };
-    Ok(Settings { delay, per_operation, max_sessions })
+    let max_objects = match var("KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS") {
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => return Err(format!("KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS: {v:?} is not a number above 0")),
+        },
+        None => None,
+    };
+    Ok(Settings { delay, per_operation, max_sessions, max_objects })
 }
 
 fn load() -> Result<Real, String> {
@@ -206,9 +265,7 @@ forward! {
     C_SetOperationState(a1: CK_SESSION_HANDLE, a2: *mut CK_BYTE, a3: CK_ULONG, a4: CK_OBJECT_HANDLE, a5: CK_OBJECT_HANDLE);
     C_Login(a1: CK_SESSION_HANDLE, a2: CK_USER_TYPE, a3: *mut CK_UTF8CHAR, a4: CK_ULONG);
     C_Logout(a1: CK_SESSION_HANDLE);
-    C_CreateObject(a1: CK_SESSION_HANDLE, a2: *mut CK_ATTRIBUTE, a3: CK_ULONG, a4: *mut CK_OBJECT_HANDLE);
     C_CopyObject(a1: CK_SESSION_HANDLE, a2: CK_OBJECT_HANDLE, a3: *mut CK_ATTRIBUTE, a4: CK_ULONG, a5: *mut CK_OBJECT_HANDLE);
-    C_DestroyObject(a1: CK_SESSION_HANDLE, a2: CK_OBJECT_HANDLE);
     C_GetObjectSize(a1: CK_SESSION_HANDLE, a2: CK_OBJECT_HANDLE, a3: *mut CK_ULONG);
     C_GetAttributeValue(a1: CK_SESSION_HANDLE, a2: CK_OBJECT_HANDLE, a3: *mut CK_ATTRIBUTE, a4: CK_ULONG);
     C_SetAttributeValue(a1: CK_SESSION_HANDLE, a2: CK_OBJECT_HANDLE, a3: *mut CK_ATTRIBUTE, a4: CK_ULONG);
@@ -244,16 +301,88 @@ forward! {
     C_DecryptDigestUpdate(a1: CK_SESSION_HANDLE, a2: *mut CK_BYTE, a3: CK_ULONG, a4: *mut CK_BYTE, a5: *mut CK_ULONG) free a4.is_null();
     C_SignEncryptUpdate(a1: CK_SESSION_HANDLE, a2: *mut CK_BYTE, a3: CK_ULONG, a4: *mut CK_BYTE, a5: *mut CK_ULONG) free a4.is_null();
     C_DecryptVerifyUpdate(a1: CK_SESSION_HANDLE, a2: *mut CK_BYTE, a3: CK_ULONG, a4: *mut CK_BYTE, a5: *mut CK_ULONG) free a4.is_null();
-    C_GenerateKey(a1: CK_SESSION_HANDLE, a2: *mut CK_MECHANISM, a3: *mut CK_ATTRIBUTE, a4: CK_ULONG, a5: *mut CK_OBJECT_HANDLE);
     C_GenerateKeyPair(a1: CK_SESSION_HANDLE, a2: *mut CK_MECHANISM, a3: *mut CK_ATTRIBUTE, a4: CK_ULONG, a5: *mut CK_ATTRIBUTE, a6: CK_ULONG, a7: *mut CK_OBJECT_HANDLE, a8: *mut CK_OBJECT_HANDLE);
     C_WrapKey(a1: CK_SESSION_HANDLE, a2: *mut CK_MECHANISM, a3: CK_OBJECT_HANDLE, a4: CK_OBJECT_HANDLE, a5: *mut CK_BYTE, a6: *mut CK_ULONG) free a5.is_null();
-    C_UnwrapKey(a1: CK_SESSION_HANDLE, a2: *mut CK_MECHANISM, a3: CK_OBJECT_HANDLE, a4: *mut CK_BYTE, a5: CK_ULONG, a6: *mut CK_ATTRIBUTE, a7: CK_ULONG, a8: *mut CK_OBJECT_HANDLE);
     C_DeriveKey(a1: CK_SESSION_HANDLE, a2: *mut CK_MECHANISM, a3: CK_OBJECT_HANDLE, a4: *mut CK_ATTRIBUTE, a5: CK_ULONG, a6: *mut CK_OBJECT_HANDLE);
     C_SeedRandom(a1: CK_SESSION_HANDLE, a2: *mut CK_BYTE, a3: CK_ULONG);
     C_GenerateRandom(a1: CK_SESSION_HANDLE, a2: *mut CK_BYTE, a3: CK_ULONG);
     C_GetFunctionStatus(a1: CK_SESSION_HANDLE);
     C_CancelFunction(a1: CK_SESSION_HANDLE);
     C_WaitForSlotEvent(a1: CK_FLAGS, a2: *mut CK_SLOT_ID, a3: *mut c_void) free true;
+}
+
+/// Makes an object on the real module, within `KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS`.
+unsafe extern "C" fn C_CreateObject(
+    session: CK_SESSION_HANDLE,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    object: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    let real = match real() {
+        Ok(r) => r,
+        Err(rv) => return rv,
+    };
+    let Some(f) = real.list.C_CreateObject else { return CKR_FUNCTION_NOT_SUPPORTED };
+    round_trip(real, false);
+    // SAFETY: the caller's arguments, passed on unchanged (PKCS#11 contract).
+    making(real, session, object, || unsafe { f(session, template, count, object) })
+}
+
+/// Generates a key on the real module, within `KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS`.
+unsafe extern "C" fn C_GenerateKey(
+    session: CK_SESSION_HANDLE,
+    mechanism: *mut CK_MECHANISM,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    key: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    let real = match real() {
+        Ok(r) => r,
+        Err(rv) => return rv,
+    };
+    let Some(f) = real.list.C_GenerateKey else { return CKR_FUNCTION_NOT_SUPPORTED };
+    round_trip(real, false);
+    // SAFETY: the caller's arguments, passed on unchanged (PKCS#11 contract).
+    making(real, session, key, || unsafe { f(session, mechanism, template, count, key) })
+}
+
+/// Unwraps a key on the real module, within `KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS`.
+unsafe extern "C" fn C_UnwrapKey(
+    session: CK_SESSION_HANDLE,
+    mechanism: *mut CK_MECHANISM,
+    unwrapping_key: CK_OBJECT_HANDLE,
+    wrapped: *mut CK_BYTE,
+    wrapped_len: CK_ULONG,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    key: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    let real = match real() {
+        Ok(r) => r,
+        Err(rv) => return rv,
+    };
+    let Some(f) = real.list.C_UnwrapKey else { return CKR_FUNCTION_NOT_SUPPORTED };
+    round_trip(real, false);
+    making(real, session, key, || {
+        // SAFETY: the caller's arguments, passed on unchanged (PKCS#11 contract).
+        unsafe { f(session, mechanism, unwrapping_key, wrapped, wrapped_len, template, count, key) }
+    })
+}
+
+/// Destroys an object on the real module and gives its room back.
+unsafe extern "C" fn C_DestroyObject(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
+    let real = match real() {
+        Ok(r) => r,
+        Err(rv) => return rv,
+    };
+    let Some(f) = real.list.C_DestroyObject else { return CKR_FUNCTION_NOT_SUPPORTED };
+    round_trip(real, false);
+    // SAFETY: the caller's arguments, passed on unchanged (PKCS#11 contract).
+    let rv = unsafe { f(session, object) };
+    if rv == CKR_OK {
+        unmade(None, Some(object));
+    }
+    rv
 }
 
 /// Loads the real module (reporting a bad setting once, on standard
@@ -357,6 +486,7 @@ unsafe extern "C" fn C_CloseSession(session: CK_SESSION_HANDLE) -> CK_RV {
     // SAFETY: the caller's argument, passed on unchanged (PKCS#11 contract).
     let rv = unsafe { f(session) };
     if rv == CKR_OK {
+        unmade(Some(session), None);
         let _ = OPEN_SESSIONS.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
     rv
@@ -373,6 +503,7 @@ unsafe extern "C" fn C_CloseAllSessions(slot: CK_SLOT_ID) -> CK_RV {
     // SAFETY: the caller's argument, passed on unchanged (PKCS#11 contract).
     let rv = unsafe { f(slot) };
     if rv == CKR_OK {
+        unmade(None, None);
         OPEN_SESSIONS.store(0, Ordering::SeqCst);
     }
     rv
