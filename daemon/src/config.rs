@@ -309,6 +309,11 @@ pub struct HsmSection {
     /// Requests that may wait for a worker before new ones get `busy`.
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
+    /// The most keys kept unwrapped in the token at once, all workers
+    /// together (each worker holds its share, least recently used out
+    /// first): a network HSM has room for only so many objects.
+    #[serde(default = "default_loaded_keys")]
+    pub loaded_keys: usize,
     /// Label of the audit key (an HMAC key in the token that seals the
     /// audit log; created on start when missing).
     #[serde(default = "default_audit_key_label")]
@@ -569,6 +574,9 @@ fn default_mk_label() -> String {
 fn default_queue_depth() -> usize {
     4096
 }
+fn default_loaded_keys() -> usize {
+    crate::hsm::DEFAULT_LOADED_KEYS
+}
 fn default_max_connections() -> usize {
     4096
 }
@@ -794,6 +802,12 @@ impl Config {
         if cfg.hsm.queue_depth == 0 {
             return Err(invalid_key("hsm.queue_depth", "must be at least 1"));
         }
+        if !(1..=crate::hsm::MAX_LOADED_KEYS).contains(&cfg.hsm.loaded_keys) {
+            return Err(invalid_key(
+                "hsm.loaded_keys",
+                &format!("must be a number from 1 to {}", crate::hsm::MAX_LOADED_KEYS),
+            ));
+        }
         if cfg.limits.max_connections == 0 {
             return Err(invalid_key("limits.max_connections", "must be at least 1"));
         }
@@ -946,6 +960,7 @@ impl Config {
             audit_key_label: self.hsm.audit_key_label.clone(),
             workers: self.hsm.workers,
             queue_depth: self.hsm.queue_depth,
+            loaded_keys: self.hsm.loaded_keys,
         })
     }
 }

@@ -858,6 +858,7 @@ mod tests {
             audit_key_label: "keyhaven-audit".into(),
             workers: crate::hsm::Workers::Fixed(1),
             queue_depth: 1,
+            loaded_keys: 1,
         };
         let dbg = format!("{cfg:?} {cfg:#?}");
         assert!(!dbg.contains("debug-Pin-9271") && dbg.contains("redacted"), "{dbg}");

@@ -303,6 +303,10 @@ fn config_errors_name_the_file_line_and_key() {
     assert!(err.contains(&format!("line {line}, key `hsm.workers`")), "{err}");
     assert!(err.contains("\"auto\" or a number from 1 to 256"), "{err}");
 
+    i.write_config("loaded.toml", "pin_file = \"pin\"\nloaded_keys = 0\n", "");
+    let err = i.refused("loaded.toml");
+    assert!(err.contains("key `hsm.loaded_keys`") && err.contains("from 1 to 1048576"), "{err}");
+
     i.write_config("gather.toml", "pin_file = \"pin\"\n[audit]\ncommit_gather_us = 20000\n", "");
     let err = i.refused("gather.toml");
     assert!(err.contains("key `audit.commit_gather_us`") && err.contains("from 0 to 10000"), "{err}");

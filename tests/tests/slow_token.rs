@@ -3,10 +3,12 @@
 //! from outside: each call waits, sessions wait in parallel (the sleep is
 //! outside any lock), pkcs11-tool lists the token through it, a session
 //! limit is reported and enforced, a session object serves every session
-//! of its process (what sharing KEK handles would rest on), a bad setting
+//! of its process (what sharing KEK handles would rest on), its object
+//! limit makes the daemon unload keys and carry on, a bad setting
 //! is refused by name, and the real daemon, loaded on it through the normal
 //! `[hsm] module` path, serves a full round trip, sizes `workers = "auto"`
-//! from it, and serves a calm tenant while another bursts.
+//! from it, serves a calm tenant while another bursts, and keeps no more
+//! keys unwrapped than `[hsm] loaded_keys`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -26,10 +28,11 @@ fn slow_token_module() -> PathBuf {
 /// The slow token's settings. The in-process test sets them in this
 /// process's environment; every command started here starts without them
 /// and gets only its own.
-const SETTINGS: [&str; 4] = [
+const SETTINGS: [&str; 5] = [
     "KEYHAVEN_SLOW_TOKEN_DELAY",
     "KEYHAVEN_SLOW_TOKEN_PER",
     "KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS",
+    "KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS",
     "KEYHAVEN_SLOW_TOKEN_MODULE",
 ];
 
@@ -305,6 +308,7 @@ fn a_bad_setting_is_refused_by_name() {
         ("KEYHAVEN_SLOW_TOKEN_DELAY", "fast", "KEYHAVEN_SLOW_TOKEN_DELAY"),
         ("KEYHAVEN_SLOW_TOKEN_PER", "request", "KEYHAVEN_SLOW_TOKEN_PER"),
         ("KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS", "0", "KEYHAVEN_SLOW_TOKEN_MAX_SESSIONS"),
+        ("KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS", "none", "KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS"),
         ("KEYHAVEN_SLOW_TOKEN_MODULE", "/nonexistent/libnothing.so", "/nonexistent/libnothing.so"),
     ] {
         let out = command("pkcs11-tool")
@@ -493,4 +497,66 @@ fn a_session_object_serves_every_session_of_its_process(
     // The object lives as long as the session that made it.
     drop(maker);
     assert!(user.encrypt(&Mechanism::AesEcb, key, &[7u8; 16]).is_err(), "the key outlived its session");
+}
+
+/// A Prometheus sample's value from `metrics` text (a family without labels).
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample `{name}` in:\n{text}"))
+}
+
+/// Encrypts under `n` keys of a fresh tenant, then decrypts each ciphertext
+/// `rounds` times, all keys in turn; every request must succeed.
+async fn use_keys(client: &Client, tenant: &str, n: usize, rounds: usize) {
+    let ctx = ctx(&["app=room"]);
+    let mut sealed = Vec::new();
+    for i in 0..n {
+        let key = path(&format!("{tenant}/k{i}"));
+        client.key_create(&key).await.expect("key create");
+        let secret = format!("secret {i}");
+        sealed.push((client.encrypt(&key, secret.as_bytes(), &ctx).await.expect("encrypt"), secret));
+    }
+    for _ in 0..rounds {
+        for (ct, secret) in &sealed {
+            let opened = client.decrypt(ct.ciphertext.as_str(), &ctx).await.expect("decrypt");
+            assert_eq!(opened.plaintext.expose(), secret.as_bytes());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loaded_keys_bounds_the_keys_kept_in_the_token_and_a_full_token_is_survived() {
+    // `[hsm] loaded_keys = 3`: ten keys in turn are served, but never more
+    // than three KEKs sit unwrapped in the token (least recently used out).
+    let mut d = SlowDaemon::start(&[("KEYHAVEN_SLOW_TOKEN_DELAY", "0")]);
+    d.restart_with(|c| {
+        assert!(c.contains("\nloaded_keys = 4096\n"), "a dev config says the default:\n{c}");
+        c.replace("\nloaded_keys = 4096\n", "\nloaded_keys = 3\n")
+    });
+    let client = Client::connect(&d.socket()).await.expect("connect");
+    use_keys(&client, "bounded", 10, 2).await;
+    let m = client.metrics().await.expect("metrics");
+    assert!(sample(&m, "keyhaven_keks_loaded") <= 3.0, "{m}");
+    assert!(sample(&m, "keyhaven_keks_loaded") >= 1.0, "{m}");
+    // Each key version is loaded again at each round: 10 encrypts + 20 decrypts.
+    assert!(sample(&m, "keyhaven_kek_loads_total") >= 30.0, "{m}");
+    drop(client);
+    let log = d.stop();
+    assert!(!log.contains("panicked"), "{log}");
+
+    // A token with room for six objects of ours, and the default
+    // `loaded_keys` (4096): once it is full, a worker unloads its KEKs and
+    // tries again; the client never sees the token's CKR_DEVICE_MEMORY.
+    let mut d =
+        SlowDaemon::start(&[("KEYHAVEN_SLOW_TOKEN_DELAY", "0"), ("KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS", "6")]);
+    let client = Client::connect(&d.socket()).await.expect("connect");
+    use_keys(&client, "full", 10, 2).await;
+    let m = client.metrics().await.expect("metrics");
+    assert!(sample(&m, "keyhaven_keks_loaded") <= 6.0, "{m}");
+    drop(client);
+    let log = d.stop();
+    assert!(log.contains("the token has no room for another object"), "the retry is logged:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -132,6 +132,11 @@ impl HsmError {
     }
 
     /// The failure mode, as `health` names it (docs/OPERATIONS.md §6).
+    /// The token has no room for another object (`CKR_DEVICE_MEMORY`).
+    pub fn out_of_room(&self) -> bool {
+        matches!(self, HsmError::Pkcs11 { rv: RvError::DeviceMemory, .. })
+    }
+
     pub fn condition(&self) -> &'static str {
         match self {
             HsmError::Module { .. } => "module_unavailable",

@@ -60,7 +60,16 @@ pub struct HsmConfig {
     pub workers: Workers,
     /// Capacity of the job queue.
     pub queue_depth: usize,
+    /// The most KEKs unwrapped in the token at once, all workers together.
+    pub loaded_keys: usize,
 }
+
+/// `[hsm] loaded_keys` by default: room for the keys in use on most
+/// deployments, and well under a network HSM's object capacity.
+pub const DEFAULT_LOADED_KEYS: usize = 4096;
+
+/// The largest `[hsm] loaded_keys` accepted.
+pub const MAX_LOADED_KEYS: usize = 1 << 20;
 
 /// What every worker shares.
 pub(crate) struct Shared {
@@ -70,6 +79,8 @@ pub(crate) struct Shared {
     module: String,
     /// The pool's size, once chosen.
     workers: AtomicUsize,
+    /// `[hsm] loaded_keys`: KEKs unwrapped at once, all workers together.
+    loaded_keys: usize,
     last_reinit: Mutex<Option<std::time::Instant>>,
     token_label: String,
     pin: Mutex<Pin>,
@@ -173,6 +184,7 @@ impl Hsm {
             pkcs11: Mutex::new(pkcs11),
             module: cfg.module.clone(),
             workers: AtomicUsize::new(1),
+            loaded_keys: cfg.loaded_keys.max(1),
             last_reinit: Mutex::new(None),
             token_label: cfg.token_label.clone(),
             pin: Mutex::new(cfg.pin),

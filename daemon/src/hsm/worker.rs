@@ -53,13 +53,27 @@ pub struct Generated {
     pub public_key: Option<Vec<u8>>,
 }
 
+/// A KEK unwrapped in this worker's session.
+struct LoadedKek {
+    /// The wrapped material it came from (a key made again under the same
+    /// name and version has other material: the handle is then stale).
+    wrapped: Arc<[u8]>,
+    handle: ObjectHandle,
+    /// [`Worker::uses`] at its last use: the least recent goes first.
+    used: u64,
+}
+
 /// One worker's state. Handles are valid only while `session` is the session
 /// that loaded them; a lost session clears them all.
 pub struct Worker {
     pub(super) shared: Arc<Shared>,
     session: Option<Session>,
     master_keys: HashMap<u32, ObjectHandle>,
-    keks: HashMap<KekId, (Arc<[u8]>, ObjectHandle)>,
+    /// The KEKs loaded in `session`: at most this worker's share of
+    /// `[hsm] loaded_keys` ([`Worker::kek_room`]).
+    keks: HashMap<KekId, LoadedKek>,
+    /// KEK uses so far, the clock of [`LoadedKek::used`].
+    uses: u64,
     audit_key: Option<ObjectHandle>,
     lost: bool,
 }
@@ -72,6 +86,7 @@ impl Worker {
             session: None,
             master_keys: HashMap::new(),
             keks: HashMap::new(),
+            uses: 0,
             audit_key: None,
             lost: false,
         };
@@ -94,7 +109,10 @@ impl Worker {
     /// Runs `op`; when it fails because the session, the login or a cached
     /// handle is gone (the token went away and came back, the session was
     /// closed), drops the session and its handles, opens a new one, logs in
-    /// and runs `op` once more, so the client sees no error. Every
+    /// and runs `op` once more, so the client sees no error. When the
+    /// token has no room for another object, unloads this worker's KEKs
+    /// and runs `op` once more; still no room is
+    /// [`HsmError::TokenFull`], naming `[hsm] loaded_keys`. Every
     /// operation is safe to repeat: a failed one produced nothing.
     pub(super) fn retrying<T>(
         &mut self,
@@ -110,6 +128,28 @@ impl Worker {
                 }
                 self.note(r)
             }
+            Err(e) if e.out_of_room() => {
+                let unloaded = self.unload_keks();
+                tracing::warn!(
+                    error = %e,
+                    unloaded,
+                    "the token has no room for another object; unloaded this worker's keys and retrying once"
+                );
+                let r = op(self).map_err(|e| match e.out_of_room() {
+                    true => HsmError::TokenFull {
+                        problem: format!(
+                            "the token has no room for another object, even after this worker unloaded its \
+                             {unloaded} loaded keys: free objects in the token, or lower `[hsm] loaded_keys` \
+                             (now {}) so that the keys the daemon keeps loaded fit beside what else the token \
+                             holds (docs/OPERATIONS.md §2)",
+                            self.shared.loaded_keys
+                        ),
+                        source: Box::new(e),
+                    },
+                    false => e,
+                });
+                self.note(r)
+            }
             r => self.note(r),
         }
     }
@@ -117,10 +157,39 @@ impl Worker {
     /// Drops the session (and with it every session object) and the caches.
     fn reset(&mut self) {
         self.master_keys.clear();
+        crate::metrics::keks_unloaded(self.keks.len());
         self.keks.clear();
         self.audit_key = None;
         self.session = None;
         self.lost = false;
+    }
+
+    /// How many KEKs this worker may keep loaded: its share of
+    /// `[hsm] loaded_keys`.
+    fn kek_room(&self) -> usize {
+        let workers = self.shared.workers.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        (self.shared.loaded_keys / workers).max(1)
+    }
+
+    /// Destroys the session object of a loaded KEK; a failure closes the
+    /// session after this job (which destroys every object it made).
+    fn destroy_kek(&mut self, handle: ObjectHandle) {
+        crate::metrics::keks_unloaded(1);
+        if let Some(s) = &self.session {
+            if let Err(e) = s.destroy_object(handle) {
+                tracing::warn!(error = %e, "cannot destroy a KEK's session object; closing the session");
+                self.lost = true;
+            }
+        }
+    }
+
+    /// Unloads every KEK of this worker; returns how many.
+    fn unload_keks(&mut self) -> usize {
+        let handles: Vec<ObjectHandle> = self.keks.drain().map(|(_, k)| k.handle).collect();
+        for h in &handles {
+            self.destroy_kek(*h);
+        }
+        handles.len()
     }
 
     /// Notes a lost session so that the next job reconnects.
@@ -481,37 +550,45 @@ impl Worker {
     pub fn evict(&mut self, covered: &dyn Fn(&KekId) -> bool) -> usize {
         let ids: Vec<KekId> = self.keks.keys().filter(|id| covered(id)).cloned().collect();
         for id in &ids {
-            if let Some((_, h)) = self.keks.remove(id) {
-                if let Some(s) = &self.session {
-                    if let Err(e) = s.destroy_object(h) {
-                        // Closing the session destroys every object it made.
-                        tracing::warn!(error = %e, "cannot destroy a revoked KEK's session object; closing the session");
-                        self.lost = true;
-                    }
-                }
+            if let Some(k) = self.keks.remove(id) {
+                // Closing the session (on a failure) destroys every object it made.
+                self.destroy_kek(k.handle);
             }
         }
         ids.len()
     }
 
-    /// The session handle of a KEK, unwrapping it on first use.
+    /// The session handle of a KEK, unwrapping it on first use. When this
+    /// worker holds its share of `[hsm] loaded_keys` already, the least
+    /// recently used KEK is unloaded first.
     fn kek(&mut self, kek: &KekRef) -> Result<ObjectHandle, HsmError> {
-        if let Some((wrapped, h)) = self.keks.get(&kek.id) {
-            if *wrapped == kek.wrapped {
+        self.uses += 1;
+        if let Some(loaded) = self.keks.get_mut(&kek.id) {
+            if loaded.wrapped == kek.wrapped {
                 crate::metrics::kek_lookup(true);
-                return Ok(*h);
+                loaded.used = self.uses;
+                return Ok(loaded.handle);
             }
             // Same name and version, other material (a key destroyed and made
             // again): never use the old handle.
-            let stale = *h;
+            let stale = loaded.handle;
             self.keks.remove(&kek.id);
-            let _ = self.session()?.destroy_object(stale);
+            self.destroy_kek(stale);
         }
         crate::metrics::kek_lookup(false);
+        while self.keks.len() >= self.kek_room() {
+            let Some(oldest) = self.keks.iter().min_by_key(|(_, k)| k.used).map(|(id, _)| id.clone()) else {
+                break;
+            };
+            if let Some(k) = self.keks.remove(&oldest) {
+                self.destroy_kek(k.handle);
+            }
+        }
         let mk = self.master_key(kek.master_key_version)?;
         let h = unwrap_kek(self.session()?, mk, &kek.wrapped, kek.key_type)?;
         crate::metrics::kek_loaded();
-        self.keks.insert(kek.id.clone(), (kek.wrapped.clone(), h));
+        self.keks
+            .insert(kek.id.clone(), LoadedKek { wrapped: kek.wrapped.clone(), handle: h, used: self.uses });
         Ok(h)
     }
 

@@ -117,6 +117,8 @@ pub struct Metrics {
     pub kek_cache_misses: Counter,
     /// KEKs unwrapped into a worker's session.
     pub kek_loads: Counter,
+    /// KEKs loaded in the workers' sessions now.
+    pub keks_loaded: Gauge,
     /// Connections being served.
     pub connections_open: Gauge,
     /// Connections accepted and served, since start.
@@ -144,6 +146,7 @@ impl Metrics {
             kek_cache_hits: Counter::new(),
             kek_cache_misses: Counter::new(),
             kek_loads: Counter::new(),
+            keks_loaded: Gauge::new(),
             connections_open: Gauge::new(),
             connections: Counter::new(),
             connections_refused: [const { Counter::new() }; 2],
@@ -211,6 +214,13 @@ pub fn kek_lookup(hit: bool) {
 /// A KEK unwrapped into a worker's session.
 pub fn kek_loaded() {
     METRICS.kek_loads.inc();
+    METRICS.keks_loaded.add(1);
+}
+
+/// `n` KEKs unloaded from a worker's session (destroyed, or the session
+/// closed).
+pub fn keks_unloaded(n: usize) {
+    METRICS.keks_loaded.add(-(n as i64));
 }
 
 /// A connection refused.

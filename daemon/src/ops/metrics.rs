@@ -178,6 +178,13 @@ pub async fn render(d: &Arc<Daemon>) -> String {
         &[],
         m.kek_loads.get() as f64,
     );
+    e.single(
+        "keyhaven_keks_loaded",
+        Kind::Gauge,
+        "KEKs unwrapped in the workers' sessions now (at most [hsm] loaded_keys).",
+        &[],
+        m.keks_loaded.get() as f64,
+    );
 
     // Connections.
     e.single(
