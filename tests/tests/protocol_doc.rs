@@ -13,7 +13,8 @@
 //!    operation with documented params of the documented types, each
 //!    response line fits the response table the same way, and each error
 //!    code in them is one of §4's;
-//! 4. each code an "Errors:" sentence names is one of §4's.
+//! 4. each code an "Errors:" sentence names is one of §4's, and §4's
+//!    "returned by" for that code names the operation.
 //!
 //! The document is parsed as it is written: a `| param | type | |` table or
 //! "Params: none"; a `| response field | type | |` table or "Response: a
@@ -83,6 +84,8 @@ struct Doc {
     named: BTreeMap<String, Vec<Field>>,
     /// §4's codes.
     codes: BTreeSet<String>,
+    /// §4's "returned by" cell of each code.
+    returned_by: BTreeMap<String, String>,
     /// §2.1's text.
     requests_section: String,
 }
@@ -141,6 +144,7 @@ fn parse_doc() -> Doc {
     let mut ops: Vec<OpDoc> = Vec::new();
     let mut named = BTreeMap::new();
     let mut codes = BTreeSet::new();
+    let mut returned_by = BTreeMap::new();
     let mut in_s3 = false;
     let mut in_s4 = false;
     let mut i = 0;
@@ -151,7 +155,9 @@ fn parse_doc() -> Doc {
             in_s4 = line.starts_with("## 4.");
         }
         if in_s4 && line.starts_with("| `") {
-            codes.insert(backticked(line)[0].clone());
+            let code = backticked(line)[0].clone();
+            returned_by.insert(code.clone(), cells(line).last().cloned().unwrap_or_default());
+            codes.insert(code);
         }
         if !in_s3 {
             i += 1;
@@ -258,7 +264,7 @@ fn parse_doc() -> Doc {
     }
     let start = DOC.find("### 2.1").unwrap();
     let end = DOC.find("### 2.2").unwrap();
-    Doc { ops, named, codes, requests_section: DOC[start..end].to_owned() }
+    Doc { ops, named, codes, returned_by, requests_section: DOC[start..end].to_owned() }
 }
 
 impl Doc {
@@ -469,6 +475,17 @@ fn the_document_is_complete_and_its_examples_and_errors_agree_with_its_tables() 
                 && !["all", "datakey", "key", "tenant"].contains(&word.as_str());
             if codelike && !doc.codes.contains(word) && !own.contains(word) {
                 errs.push(format!("§{s} `{}`: Errors names `{word}`, which is not a §4 code", op.op));
+            }
+            // And §4 says that the operation returns it.
+            if let Some(by) = doc.returned_by.get(word) {
+                let said =
+                    by.contains(&format!("`{}`", op.op)) || by.contains("any op") || by.contains("every op");
+                if !said {
+                    errs.push(format!(
+                        "§{s} `{}`: Errors names `{word}`, whose §4 row does not list it",
+                        op.op
+                    ));
+                }
             }
         }
         // 3. The examples.
@@ -784,6 +801,158 @@ async fn call_every_operation(c: &Client, events: &Client) -> Vec<(String, Value
     k.answers
 }
 
+/// The codes every operation may return besides its "Errors:" list (§3's
+/// opening paragraphs).
+const COMMON_CODES: &[&str] = &["bad_request", "internal", "permission_denied", "store_unavailable"];
+
+/// The key operations probed with keys in every state, and their params
+/// for a key (`tenant`, `key`).
+fn probe_params(op: &str, tenant: &str, key: &str) -> Value {
+    use base64::Engine;
+    let mut tag = vec![0, 0, 0, 1];
+    tag.extend([7u8; 32]);
+    let tag = format!("khm1:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag));
+    let mut p = json!({"tenant": tenant, "key": key});
+    let extra = match op {
+        "encrypt" => json!({"plaintext": b64(b"p")}),
+        "mac" | "sign" => json!({"message": b64(b"m")}),
+        "mac_verify" => json!({"message": b64(b"m"), "tag": tag}),
+        "verify" => json!({"message": b64(b"m"), "signature": b64(b"not a signature")}),
+        "key_set" => json!({"description": "probed"}),
+        "alias_create" => json!({"alias": format!("al-{key}")}),
+        _ => json!({}),
+    };
+    p.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    p
+}
+
+const PROBED: &[&str] = &[
+    "encrypt",
+    "datakey",
+    "mac",
+    "mac_verify",
+    "sign",
+    "verify",
+    "public_key",
+    "key_rotate",
+    "key_show",
+    "key_set",
+    "key_trim",
+    "key_schedule_deletion",
+    "key_cancel_deletion",
+    "key_import_params",
+    "alias_create",
+];
+
+/// Each key operation on a key that is missing, of each type, disabled,
+/// pending deletion, and under a suspended tenant: every error it answers
+/// is one its "Errors:" sentence (or §3's common list) names.
+async fn probe_key_states(doc: &Doc, c: &Client, errs: &mut Vec<String>) {
+    let mut seen = BTreeSet::new();
+    for op in PROBED {
+        let t = format!("pr_{op}");
+        let s = format!("ps_{op}");
+        for (key, ty) in [
+            ("a", "aes256-gcm"),
+            ("h", "hmac-sha256"),
+            ("e", "ecdsa-p256"),
+            ("d", "aes256-gcm"),
+            ("p", "aes256-gcm"),
+        ] {
+            c.call_raw("key_create", json!({"tenant": t, "key": key, "type": ty})).await.unwrap();
+        }
+        c.call_raw("key_set", json!({"tenant": t, "key": "d", "state": "disabled"})).await.unwrap();
+        c.call_raw("key_schedule_deletion", json!({"tenant": t, "key": "p"})).await.unwrap();
+        c.call_raw("key_create", json!({"tenant": s, "key": "a"})).await.unwrap();
+        c.call_raw("revoke", json!({"scope": {"kind": "tenant", "tenant": s}, "reason": "unspecified"}))
+            .await
+            .unwrap();
+        let listed = &doc.op(op).errors;
+        for (tenant, key) in [(&t, "zz"), (&t, "a"), (&t, "h"), (&t, "e"), (&t, "d"), (&t, "p"), (&s, "a")] {
+            let sent = probe_params(op, tenant, key);
+            if let Err(keyhaven::Error::Daemon { code, message }) = c.call_raw(op, sent.clone()).await {
+                let code = code.as_str();
+                seen.insert(code);
+                // §4: the message names the key, its type and the type needed.
+                if code == "wrong_key_type"
+                    && !(message.contains(&format!("`{op}`")) && message.contains("type `"))
+                {
+                    errs.push(format!("`{op}` {sent}: a `wrong_key_type` message that does not name the operation and the types: {message}"));
+                }
+                if !listed.iter().any(|l| l == code) && !COMMON_CODES.contains(&code) {
+                    errs.push(format!(
+                        "`{op}` {sent} answered `{code}` ({message}), which its Errors sentence (§{}) does not name",
+                        doc.op(op).section
+                    ));
+                }
+            }
+        }
+    }
+    // The probes reach the refusals they are for.
+    for code in ["not_found", "wrong_key_type", "key_disabled", "revoked", "already_exists"] {
+        assert!(seen.contains(code), "no probe answered `{code}`: {seen:?}");
+    }
+}
+
+/// Each operation that opens a ciphertext or an envelope, on input made
+/// under a key then disabled, scheduled for deletion, retired, trimmed,
+/// suspended (its tenant) and destroyed: every error it answers is one its
+/// "Errors:" sentence (or §3's common list) names.
+async fn probe_opened_states(doc: &Doc, c: &Client, errs: &mut Vec<String>) {
+    for op in ["decrypt", "datakey_decrypt", "rewrap"] {
+        let mut seen = BTreeSet::new();
+        let t = format!("po_{op}");
+        let mut made = Vec::new();
+        for key in ["a", "d", "p", "r", "x", "s", "z"] {
+            let tenant = if key == "s" { format!("ps_{op}") } else { t.clone() };
+            c.call_raw("key_create", json!({"tenant": tenant, "key": key})).await.unwrap();
+            let ct = c
+                .call_raw("encrypt", json!({"tenant": tenant, "key": key, "plaintext": b64(b"p")}))
+                .await
+                .unwrap();
+            let dk = c.call_raw("datakey", json!({"tenant": tenant, "key": key})).await.unwrap();
+            made.push((tenant, key, ct["ciphertext"].clone(), dk["envelope"].clone()));
+        }
+        let k = |key: &str| json!({"tenant": t, "key": key});
+        c.call_raw("key_set", json!({"tenant": t, "key": "d", "state": "disabled"})).await.unwrap();
+        c.call_raw("key_schedule_deletion", k("p")).await.unwrap();
+        for key in ["r", "x"] {
+            c.call_raw("key_rotate", k(key)).await.unwrap();
+            c.call_raw("key_set", json!({"tenant": t, "key": key, "min_decryption_version": 2}))
+                .await
+                .unwrap();
+        }
+        c.call_raw("key_trim", k("x")).await.unwrap();
+        let suspended = json!({"kind": "tenant", "tenant": format!("ps_{op}")});
+        c.call_raw("revoke", json!({"scope": suspended, "reason": "unspecified"})).await.unwrap();
+        let doomed = json!({"kind": "key", "tenant": t, "key": "z"});
+        c.call_raw("revoke", json!({"scope": doomed, "reason": "key-compromise"})).await.unwrap();
+        c.call_raw("destroy", json!({"scope": doomed, "confirm": format!("{t}/z")})).await.unwrap();
+        let listed = &doc.op(op).errors;
+        for (tenant, key, ct, env) in &made {
+            let sent = match op {
+                "decrypt" => json!({"ciphertext": ct}),
+                "datakey_decrypt" => json!({"envelope": env}),
+                _ => json!({"text": ct}),
+            };
+            if let Err(keyhaven::Error::Daemon { code, message }) = c.call_raw(op, sent).await {
+                let code = code.as_str();
+                seen.insert(code);
+                if !listed.iter().any(|l| l == code) && !COMMON_CODES.contains(&code) {
+                    errs.push(format!(
+                        "`{op}` of input under `{tenant}/{key}` answered `{code}` ({message}), which its \
+                         Errors sentence (§{}) does not name",
+                        doc.op(op).section
+                    ));
+                }
+            }
+        }
+        for code in ["key_disabled", "version_retired", "revoked"] {
+            assert!(seen.contains(code), "no `{op}` probe answered `{code}`: {seen:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_operation_takes_its_documented_params_and_answers_its_documented_fields() {
     let doc = parse_doc();
@@ -865,6 +1034,10 @@ async fn every_operation_takes_its_documented_params_and_answers_its_documented_
     for (op, _) in &answers {
         assert!(doc.ops.iter().any(|o| &o.op == op), "`{op}` is called but not documented");
     }
+
+    // 4. The errors each key operation answers are the ones it documents.
+    probe_key_states(&doc, &c, &mut errs).await;
+    probe_opened_states(&doc, &c, &mut errs).await;
 
     // 3. The examples' requests, sent as they are: none is refused for
     // the shape of its params (an elided value such as `khe1:…` may be
