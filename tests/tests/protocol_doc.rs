@@ -14,7 +14,10 @@
 //!    response line fits the response table the same way, and each error
 //!    code in them is one of §4's;
 //! 4. each code an "Errors:" sentence names is one of §4's, and §4's
-//!    "returned by" for that code names the operation.
+//!    "returned by" for that code names the operation; and each key
+//!    operation, called on keys missing, of every type, disabled, pending
+//!    deletion, retired, trimmed, suspended and destroyed, answers only
+//!    codes that its "Errors:" sentence (or §3's common list) names.
 //!
 //! The document is parsed as it is written: a `| param | type | |` table or
 //! "Params: none"; a `| response field | type | |` table or "Response: a
@@ -29,7 +32,8 @@ use serde_json::{json, Map, Value};
 const DOC: &str = include_str!("../../docs/PROTOCOL.md");
 
 /// Words in a response field's description that mark it as sometimes
-/// absent (§3 says so): every other documented field is always sent.
+/// absent (§3's "Reading an operation's section"): every other documented
+/// field is always sent.
 const ABSENT_MARKERS: &[&str] = &["absent", "present only", "present when", "omitted", "only:", "only;"];
 
 #[derive(Debug, Clone)]
@@ -446,6 +450,21 @@ fn the_document_is_complete_and_its_examples_and_errors_agree_with_its_tables() 
         assert!(doc.named.contains_key(*name), "no `| field | type | |` table for **{name}**");
     }
     let mut errs = Vec::new();
+    // §3's summary table lists every heading, with its section number.
+    let summary: Vec<(String, String)> = DOC
+        .lines()
+        .skip_while(|l| !l.starts_with("| op | § |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let c = cells(l);
+            (backticked(&c[0])[0].clone(), c[1].clone())
+        })
+        .collect();
+    let headings: Vec<(String, String)> = doc.ops.iter().map(|o| (o.op.clone(), o.section.clone())).collect();
+    if summary != headings {
+        errs.push(format!("§3's table lists {summary:?}; the headings are {headings:?}"));
+    }
     for op in &doc.ops {
         let s = &op.section;
         if op.params.is_none() {
@@ -1012,6 +1031,28 @@ async fn every_operation_takes_its_documented_params_and_answers_its_documented_
 
     // 2. Responses: a real call of each.
     let answers = call_every_operation(&c, &events).await;
+    // `hello`'s features are the ones §3.1's table explains, and its
+    // example lists them all.
+    let hello = &answers.iter().find(|(o, _)| o == "hello").unwrap().1;
+    let features: BTreeSet<String> =
+        hello["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_owned()).collect();
+    let tabled: BTreeSet<String> = DOC
+        .lines()
+        .skip_while(|l| !l.starts_with("| feature |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .flat_map(|l| backticked(&cells(l)[0]))
+        .collect();
+    if features != tabled {
+        errs.push(format!("`hello` answers the features {features:?}; §3.1's table explains {tabled:?}"));
+    }
+    let example = doc.op("hello").examples.iter().find_map(|e| e.get("ok")).unwrap()["features"].clone();
+    if example != hello["features"] {
+        errs.push(format!(
+            "§3.1's example lists the features {example}; `hello` answers {}",
+            hello["features"]
+        ));
+    }
     for op in &doc.ops {
         let name = &op.op;
         let mine: Vec<&Value> = answers.iter().filter(|(o, _)| o == name).map(|(_, v)| v).collect();
