@@ -85,17 +85,19 @@ pub(super) fn check_decrypt(rec: &KeyRecord, path: &KeyPath, version: u32) -> Re
     Ok(())
 }
 
-/// Makes a data key under the current version of `path`.
+/// Makes a data key under the current version of `path`, for operation
+/// `op` (`encrypt` or `datakey`, named in a `wrong_key_type` refusal).
 pub async fn new_data_key(
     d: &Daemon,
     path: KeyPath,
     context: EncryptionContext,
+    op: &str,
 ) -> Result<NewDataKey, Error> {
     context.validate()?;
     // Revocation before the keyring: a refusal must not say whether a key exists.
     d.revocations.check(&path, None, None)?;
     let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
-    super::require_type(&rec, &path, KeyType::Aes256Gcm, "making a data key")?;
+    super::require_type(&rec, &path, KeyType::Aes256Gcm, op)?;
     check_new_use(&rec, &path)?;
     let version = rec.current_version;
     d.revocations.check(&path, Some(version), None)?;
@@ -185,7 +187,7 @@ pub async fn generate(
     req: wire::Datakey,
     s: &mut Subject,
 ) -> Result<Reply, Error> {
-    let new = new_data_key(d, path, req.context).await?;
+    let new = new_data_key(d, path, req.context, "datakey").await?;
     s.envelope(&new.envelope);
     let resp = DatakeyResponse {
         envelope: new.envelope.to_string(),

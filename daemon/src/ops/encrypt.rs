@@ -30,7 +30,7 @@ pub async fn encrypt(
     if req.plaintext.len() > MAX_ENCRYPT_PLAINTEXT {
         return Err(Error::PayloadTooLarge(req.plaintext.len()));
     }
-    let new = new_data_key(d, path, req.context.clone()).await?;
+    let new = new_data_key(d, path, req.context.clone(), "encrypt").await?;
     s.envelope(&new.envelope);
     let ct = seal_payload(&new, req.plaintext.expose(), &req.context)?;
     let text = ct.to_string();
