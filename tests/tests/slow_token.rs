@@ -532,8 +532,8 @@ async fn loaded_keys_bounds_the_keys_kept_in_the_token_and_a_full_token_is_survi
     // than three KEKs sit unwrapped in the token (least recently used out).
     let mut d = SlowDaemon::start(&[("KEYHAVEN_SLOW_TOKEN_DELAY", "0")]);
     d.restart_with(|c| {
-        assert!(c.contains("\nloaded_keys = 4096\n"), "a dev config says the default:\n{c}");
-        c.replace("\nloaded_keys = 4096\n", "\nloaded_keys = 3\n")
+        assert!(c.contains("\nloaded_keys = 16384\n"), "a dev config says the default:\n{c}");
+        c.replace("\nloaded_keys = 16384\n", "\nloaded_keys = 3\n")
     });
     let client = Client::connect(&d.socket()).await.expect("connect");
     use_keys(&client, "bounded", 10, 2).await;
@@ -547,7 +547,7 @@ async fn loaded_keys_bounds_the_keys_kept_in_the_token_and_a_full_token_is_survi
     assert!(!log.contains("panicked"), "{log}");
 
     // A token with room for six objects of ours, and the default
-    // `loaded_keys` (4096): once it is full, a worker unloads its KEKs and
+    // `loaded_keys` (16384): once it is full, a worker unloads its KEKs and
     // tries again; the client never sees the token's CKR_DEVICE_MEMORY.
     let mut d =
         SlowDaemon::start(&[("KEYHAVEN_SLOW_TOKEN_DELAY", "0"), ("KEYHAVEN_SLOW_TOKEN_MAX_OBJECTS", "6")]);

@@ -65,8 +65,10 @@ pub struct HsmConfig {
 }
 
 /// `[hsm] loaded_keys` by default: room for the keys in use on most
-/// deployments, and well under a network HSM's object capacity.
-pub const DEFAULT_LOADED_KEYS: usize = 4096;
+/// deployments (256 a worker with 64 workers), and under most network
+/// HSMs' object capacity; a token that is full anyway is survived
+/// ([`Worker::retrying`]).
+pub const DEFAULT_LOADED_KEYS: usize = 16384;
 
 /// The largest `[hsm] loaded_keys` accepted.
 pub const MAX_LOADED_KEYS: usize = 1 << 20;

@@ -576,12 +576,18 @@ impl Worker {
             self.destroy_kek(stale);
         }
         crate::metrics::kek_lookup(false);
-        while self.keks.len() >= self.kek_room() {
-            let Some(oldest) = self.keks.iter().min_by_key(|(_, k)| k.used).map(|(id, _)| id.clone()) else {
-                break;
-            };
-            if let Some(k) = self.keks.remove(&oldest) {
-                self.destroy_kek(k.handle);
+        let room = self.kek_room();
+        if self.keks.len() >= room {
+            // The least recently used sixteenth at once (at least one), so
+            // that a worker at its share sorts once per room/16 loads.
+            let mut by_use: Vec<(u64, KekId)> =
+                self.keks.iter().map(|(id, k)| (k.used, id.clone())).collect();
+            let out = (self.keks.len() + 1 - room).max(room / 16).clamp(1, by_use.len());
+            by_use.select_nth_unstable_by_key(out - 1, |(used, _)| *used);
+            for (_, id) in by_use.into_iter().take(out) {
+                if let Some(k) = self.keks.remove(&id) {
+                    self.destroy_kek(k.handle);
+                }
             }
         }
         let mk = self.master_key(kek.master_key_version)?;
