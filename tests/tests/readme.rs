@@ -418,3 +418,61 @@ fn normalising_keeps_what_the_readme_promises() {
     assert!(shows_failure(&["keyhaven: x (integrity); the output written so far is not valid".into()]));
     assert!(!shows_failure(&["keyhaven: the tag matches (key `acme/email-index` version 1)".into()]));
 }
+
+/// Every ```rust block of README.md is a program in client/examples (its
+/// text after the file's `//!` header), and those programs, as built, run
+/// against a dev daemon.
+#[test]
+fn readme_rust_programs_are_the_examples_and_run() {
+    let lines: Vec<&str> = README.lines().collect();
+    let mut shown = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i] == "```rust" {
+            let j = i + 1 + lines[i + 1..].iter().position(|l| *l == "```").expect("block closes");
+            shown.push((i + 1, lines[i + 1..j].join("\n")));
+            i = j;
+        }
+        i += 1;
+    }
+    assert_eq!(shown.len(), 2, "README.md's Rust programs");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/examples");
+    let mut names = Vec::new();
+    for (line, text) in &shown {
+        let found = std::fs::read_dir(&examples).expect("client/examples").find_map(|e| {
+            let path = e.expect("entry").path();
+            let file = std::fs::read_to_string(&path).expect("read example");
+            let body: Vec<&str> =
+                file.lines().skip_while(|l| l.starts_with("//!")).skip_while(|l| l.is_empty()).collect();
+            (body.join("\n") == *text).then(|| path.file_stem().expect("stem").to_string_lossy().into_owned())
+        });
+        let name = found.unwrap_or_else(|| {
+            panic!("README.md:{line}: this Rust program is not the text of any file in client/examples")
+        });
+        names.push(name);
+    }
+    assert_eq!(names, ["quickstart", "seal_records"]);
+
+    let d = keyhaven_tests::TestDaemon::start();
+    let built = bin("keyhavend").parent().expect("target/debug").join("examples");
+    for (name, says) in [
+        ("quickstart", "created acme/pii at version 1"),
+        ("seal_records", "sealed and opened 27 bytes as khs1:"),
+    ] {
+        let exe = built.join(name);
+        assert!(
+            exe.exists(),
+            "{} is missing: build with `cargo test --workspace` (it builds the examples)",
+            exe.display()
+        );
+        let out = Command::new(&exe).env("KEYHAVEN_SOCKET", d.socket()).output().expect("run example");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(says), "{name} printed {stdout}");
+    }
+}
