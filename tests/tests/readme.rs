@@ -237,6 +237,11 @@ impl Drop for Daemon {
 #[test]
 fn readme_quick_start_and_cli_tour_run_as_written() {
     let all = blocks(README);
+    // The tour's own tools, as a reader of it needs them.
+    for tool in ["jq", "openssl", "base64", "tee"] {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().expect("sh");
+        assert!(found.status.success(), "the README's CLI tour uses `{tool}`, which is not installed");
+    }
     let dir = tempfile::Builder::new().prefix("keyhaven-readme-").tempdir().expect("temp dir");
     let home = dir.path();
     // `target/debug/keyhavend` from the folder reaches this build.
