@@ -3,7 +3,8 @@
 # the tests use to inspect the token independently), pkcs11-spy (which counts
 # the daemon's calls to the module) and openssl (which checks the audit log's
 # signatures), PostgreSQL and OpenSSL's headers (the PostgreSQL store), and
-# Prometheus with promtool (the metrics tests) when they are missing.
+# Prometheus with promtool (the metrics tests) and jq (the README's CLI
+# tour) when they are missing.
 # Debian and Ubuntu; uses sudo when not run as root.
 set -euo pipefail
 need=()
@@ -24,6 +25,8 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 { command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || need+=(prometheus)
 # The audit sink tests ship records to a real rsyslogd (run by the test).
 command -v rsyslogd >/dev/null 2>&1 || [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
+# The README's CLI tour (tests/tests/readme.rs runs it as written) pipes JSON through jq.
+command -v jq >/dev/null 2>&1 || need+=(jq)
 [ "${#need[@]}" -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo=sudo
