@@ -1440,11 +1440,24 @@ impl Backend for PgStore {
             let code = kind_code(kind);
             let chain = chain.clone();
             let rows = super::wait(Box::pin(self.on_db(move |c| async move {
+                // A page is the entries of a range of `seq` that starts at
+                // the chain's first entry past `at` (found through the
+                // primary key, whatever the statistics say): a page reads
+                // at most `AUDIT_PAGE` rows. `ORDER BY seq LIMIT` alone let
+                // the planner, on a table filled since it was last analysed,
+                // read and sort every entry of the chain past `at` for each
+                // page (docs/CLUSTER.md §4).
                 let sql = if reverse {
-                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq <= $2 \
-                     ORDER BY seq DESC LIMIT $3"
+                    "SELECT a.seq, a.entry FROM audit a, \
+                       (SELECT max(seq) AS top FROM audit WHERE node = $4 AND kind = $1 AND seq <= $2) t \
+                     WHERE a.node = $4 AND a.kind = $1 AND a.seq <= t.top AND a.seq > t.top - $3 \
+                     ORDER BY a.seq DESC"
                 } else {
-                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq >= $2 ORDER BY seq LIMIT $3"
+                    "SELECT a.seq, a.entry FROM audit a, \
+                       (SELECT min(seq) AS low FROM audit WHERE node = $4 AND kind = $1 AND seq >= $2) t \
+                     WHERE a.node = $4 AND a.kind = $1 AND a.seq >= t.low \
+                       AND a.seq < least(t.low, 9223372036854775807 - $3) + $3 \
+                     ORDER BY a.seq"
                 };
                 let rows = c.query(sql, &[&code, &at, &AUDIT_PAGE, &chain]).await.map_err(db)?;
                 Ok(rows
@@ -1458,15 +1471,17 @@ impl Backend for PgStore {
                     return Some(Err(e));
                 }
                 Ok(rows) => {
+                    // A page may be short (a gap in `seq`): the chain ends
+                    // at the first empty one.
                     next = match rows.last() {
-                        Some((last, _)) if (rows.len() as i64) == AUDIT_PAGE => {
+                        Some((last, _)) => {
                             if reverse {
                                 (*last as i64).checked_sub(1).filter(|n| *n >= 0)
                             } else {
                                 (*last as i64).checked_add(1)
                             }
                         }
-                        _ => None,
+                        None => None,
                     };
                     if rows.is_empty() {
                         return None;
