@@ -1452,8 +1452,17 @@ impl Backend for PgStore {
     }
 
     fn audit_scan_chain(&self, chain: &str, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
+        // A page is one range of `AUDIT_PAGE` values of `seq` whose bounds
+        // the query names, so that whatever plan PostgreSQL picks, a page
+        // reads at most that many entries. (`ORDER BY seq LIMIT`, with
+        // statistics from before the table filled, let the planner read and
+        // sort every entry of the chain past the cursor for each page:
+        // docs/CLUSTER.md §4.) The range is placed at the nearest entry
+        // first, and again past a gap wider than a page.
         let chain = chain.to_owned();
         let mut next = Some(from.min(i64::MAX as u64) as i64);
+        // Whether `next` needs placing at the nearest entry first.
+        let mut place = true;
         let mut page: std::vec::IntoIter<(u64, Vec<u8>)> = Vec::new().into_iter();
         Box::new(std::iter::from_fn(move || loop {
             if let Some(entry) = page.next() {
@@ -1462,53 +1471,59 @@ impl Backend for PgStore {
             let at = next?;
             let code = kind_code(kind);
             let chain = chain.clone();
+            let placing = place;
             let rows = super::wait(Box::pin(self.on_db(move |c| async move {
-                // A page is the entries of a range of `seq` that starts at
-                // the chain's first entry past `at` (found through the
-                // primary key, whatever the statistics say): a page reads
-                // at most `AUDIT_PAGE` rows. `ORDER BY seq LIMIT` alone let
-                // the planner, on a table filled since it was last analysed,
-                // read and sort every entry of the chain past `at` for each
-                // page (docs/CLUSTER.md §4).
-                let sql = if reverse {
-                    "SELECT a.seq, a.entry FROM audit a, \
-                       (SELECT max(seq) AS top FROM audit WHERE node = $4 AND kind = $1 AND seq <= $2) t \
-                     WHERE a.node = $4 AND a.kind = $1 AND a.seq <= t.top AND a.seq > t.top - $3 \
-                     ORDER BY a.seq DESC"
-                } else {
-                    "SELECT a.seq, a.entry FROM audit a, \
-                       (SELECT min(seq) AS low FROM audit WHERE node = $4 AND kind = $1 AND seq >= $2) t \
-                     WHERE a.node = $4 AND a.kind = $1 AND a.seq >= t.low \
-                       AND a.seq < least(t.low, 9223372036854775807 - $3) + $3 \
-                     ORDER BY a.seq"
+                let mut at = at;
+                if placing {
+                    let nearest = if reverse {
+                        "SELECT seq FROM audit WHERE node = $3 AND kind = $1 AND seq <= $2 ORDER BY seq DESC LIMIT 1"
+                    } else {
+                        "SELECT seq FROM audit WHERE node = $3 AND kind = $1 AND seq >= $2 ORDER BY seq LIMIT 1"
+                    };
+                    match c.query_opt(nearest, &[&code, &at, &chain]).await.map_err(db)? {
+                        Some(row) => at = row.get(0),
+                        None => return Ok(None),
+                    }
+                }
+                // [at - AUDIT_PAGE + 1, at] or [at, at + AUDIT_PAGE - 1],
+                // without overflowing.
+                let (low, high) = match reverse {
+                    true => (at.saturating_sub(AUDIT_PAGE - 1), at),
+                    false => (at, at.saturating_add(AUDIT_PAGE - 1)),
                 };
-                let rows = c.query(sql, &[&code, &at, &AUDIT_PAGE, &chain]).await.map_err(db)?;
-                Ok(rows
-                    .iter()
-                    .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1)))
-                    .collect::<Vec<_>>())
+                let sql = if reverse {
+                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq >= $2 AND seq <= $3 \
+                     ORDER BY seq DESC"
+                } else {
+                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq >= $2 AND seq <= $3 \
+                     ORDER BY seq"
+                };
+                let rows = c.query(sql, &[&code, &low, &high, &chain]).await.map_err(db)?;
+                let rows: Vec<(u64, Vec<u8>)> =
+                    rows.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1))).collect();
+                Ok(Some((at, rows)))
             })));
             match rows {
                 Err(e) => {
                     next = None;
                     return Some(Err(e));
                 }
-                Ok(rows) => {
-                    // A page may be short (a gap in `seq`): the chain ends
-                    // at the first empty one.
-                    next = match rows.last() {
-                        Some((last, _)) => {
-                            if reverse {
-                                (*last as i64).checked_sub(1).filter(|n| *n >= 0)
-                            } else {
-                                (*last as i64).checked_add(1)
-                            }
-                        }
-                        None => None,
+                // No entry left on that side.
+                Ok(None) => return None,
+                Ok(Some((at, rows))) => {
+                    // On from the last entry read (one appended meanwhile
+                    // past it is read too). An empty range (a gap wider
+                    // than a page): on from the nearest entry, looked for
+                    // from the same place (or past it, when that place was
+                    // an entry deleted meanwhile).
+                    let last = rows.last().map_or(at, |(seq, _)| *seq as i64);
+                    let step = !rows.is_empty() || placing;
+                    next = match (reverse, step) {
+                        (_, false) => Some(last),
+                        (true, true) => last.checked_sub(1).filter(|n| *n >= 0),
+                        (false, true) => last.checked_add(1),
                     };
-                    if rows.is_empty() {
-                        return None;
-                    }
+                    place = rows.is_empty();
                     page = rows.into_iter();
                 }
             }
