@@ -1301,8 +1301,11 @@ const REVOKING_OPS: &[&str] = &["revoke", "revoke_lift", "destroy"];
 /// Whether a record of the audit log (of every chain in `chains`, or this
 /// daemon's log when none is given) names envelope `id` as one that was
 /// made or used: `revoke datakey`'s check for a mistyped id. Searched
-/// newest first for at most `budget`; `None` when the time ran out first.
-/// Damaged entries are passed over (`audit_verify` names them).
+/// newest first, the chains in turn (an entry of each, so that an envelope
+/// made or used lately on any node is found in the first page of its
+/// chain, however long the other chains are), for at most `budget`;
+/// `None` when the time ran out first. Damaged entries are passed over
+/// (`audit_verify` names them).
 pub fn envelope_seen(store: &Store, chains: &[String], id: &str, budget: Duration) -> Option<bool> {
     let until = Instant::now() + budget;
     let needle = format!("\"envelope_id\":\"{id}\"");
@@ -1315,11 +1318,21 @@ pub fn envelope_seen(store: &Store, chains: &[String], id: &str, budget: Duratio
             scans.push(store.backend().audit_scan_chain(c, AuditKind::Record, u64::MAX, true));
         }
     }
-    for scan in scans {
-        for (n, entry) in scan.enumerate() {
+    // One chain after the other read every other node's whole chain
+    // before the last one's newest entry (docs/CLUSTER.md §4).
+    let mut n = 0usize;
+    while !scans.is_empty() {
+        let mut i = 0;
+        while i < scans.len() {
+            let Some(entry) = scans[i].next() else {
+                drop(scans.remove(i));
+                continue;
+            };
+            i += 1;
             if n % 1024 == 0 && Instant::now() > until {
                 return None;
             }
+            n += 1;
             let Ok((_, bytes)) = entry else { continue };
             if finder.find(&bytes).is_none() {
                 continue;

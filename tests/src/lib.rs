@@ -147,7 +147,7 @@ impl TestDaemon {
             .arg(self.dir.path())
             .args(self.postgres.iter().flat_map(|url| ["--postgres", url]))
             .args(self.join.iter().flat_map(|dir| [std::ffi::OsStr::new("--join"), dir.as_os_str()]))
-            .env("KEYHAVEN_LOG", "info")
+            .env("KEYHAVEN_LOG", std::env::var("KEYHAVEN_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("SOFTHSM2_CONF")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

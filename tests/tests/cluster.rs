@@ -311,6 +311,63 @@ async fn a_node_whose_lease_lapses_refuses_and_catches_up_before_serving_again()
     assert_eq!(refused.code(), Some(ErrorCode::Revoked), "{refused}");
 }
 
+/// Entries in the long audit chain of
+/// [`revoking_a_data_key_on_idle_nodes_answers_quickly_however_long_the_other_chains`].
+const LONG_CHAIN: u32 = 300_000;
+
+/// `revoke` of a data key answers once the revocation is in force on every
+/// live node, and after a bounded search of the audit log for the envelope
+/// (`envelope_seen`). Here, on three idle nodes, the audit log also holds a
+/// long chain that comes first in the chains' order (a node that served a
+/// lot and left: its rows are written straight into the database, one per
+/// decryption it would have logged, and PostgreSQL has not analysed them
+/// yet), and each envelope was made on node 1 just before. The search takes
+/// the chains in turn, newest first, a page of each, and a page reads only
+/// its range of `seq`: each envelope is found at the head of node 1's chain.
+/// Before (docs/CLUSTER.md §4), the search read the long chain to its end
+/// first, and each page of it read and sorted the whole chain: the first
+/// `revoke` here ran out of the search's 2 s, without `envelope_seen`.
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_a_data_key_on_idle_nodes_answers_quickly_however_long_the_other_chains() {
+    let Some(pg) = TestPostgres::start() else { return };
+    let nodes = three_nodes(&pg);
+    pg.psql(
+        "keyhaven",
+        &format!(
+            "INSERT INTO audit (node, kind, seq, entry) \
+             SELECT 'a-node-that-left', 0, g, convert_to(format( \
+               '{{\"op\":\"datakey_decrypt\",\"envelope_id\":\"%s\",\"outcome\":\"ok\"}}', md5(g::text)), 'UTF8') \
+             FROM generate_series(1, {LONG_CHAIN}) AS g"
+        ),
+    );
+    let c = nodes[0].client().await;
+    let context = ctx(&["user=7"]);
+    c.key_create(&path("idle/k")).await.unwrap();
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        let envelope_id =
+            c.datakey(&path("idle/k"), &context, keyhaven::Plaintext::Omit).await.unwrap().envelope_id;
+        let asked = Instant::now();
+        let answer = c
+            .call(&Revoke {
+                scope: Scope::Datakey { envelope_id },
+                reason: Reason::KeyCompromise,
+                expires_at: None,
+            })
+            .await
+            .unwrap();
+        took.push(asked.elapsed());
+        assert_eq!(answer.envelope_seen, Some(true), "node 1's audit chain names the envelope it just made");
+    }
+    took.sort();
+    eprintln!(
+        "idle revoke beside a chain of {LONG_CHAIN} entries, 20 in a row: p50 {:?}, max {:?}",
+        took[10], took[19]
+    );
+    // Measured (debug build, 2-core machine at load 5–8): p50 15–30 ms.
+    assert!(took[10] < Duration::from_millis(150), "revoke p50 {:?}: {took:?}", took[10]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_daemon_with_a_live_node_name_is_refused_and_a_killed_one_is_replaced() {
     let Some(pg) = TestPostgres::start() else { return };

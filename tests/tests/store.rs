@@ -192,9 +192,21 @@ fn audit_entries_appear_at_flush_in_order(s: &Store) {
     assert_eq!(seqs(AuditKind::Record, 700, true), (1..=700).rev().collect::<Vec<_>>());
     assert_eq!(seqs(AuditKind::Record, u64::MAX, true).len(), 1200);
     assert_eq!(seqs(AuditKind::Seal, 1, false), (1..=12).map(|n| n * 100).collect::<Vec<_>>());
+    assert_eq!(seqs(AuditKind::Seal, 650, true), (1..=6).rev().map(|n| n * 100).collect::<Vec<_>>());
     let (seq, bytes) = s.audit_scan(AuditKind::Record, 777, false).next().unwrap().unwrap();
     assert_eq!((seq, bytes), (777, b"record 777".to_vec()));
     s.audit_flush().unwrap(); // nothing pending: nothing to do
+
+    // Gaps wider than a page (PostgreSQL pages by ranges of `seq`).
+    for seq in [5000u64, 9000, 9001] {
+        s.audit_put(AuditKind::Record, seq, format!("record {seq}").as_bytes()).unwrap();
+    }
+    s.audit_flush().unwrap();
+    let all: Vec<u64> = (1..=1200).chain([5000, 9000, 9001]).collect();
+    assert_eq!(seqs(AuditKind::Record, 1, false), all);
+    assert_eq!(seqs(AuditKind::Record, u64::MAX, true), all.iter().rev().copied().collect::<Vec<_>>());
+    assert_eq!(seqs(AuditKind::Record, 8999, true)[..3], [5000, 1200, 1199]);
+    assert_eq!(seqs(AuditKind::Record, 1201, false), [5000, 9000, 9001]);
 }
 
 #[test]

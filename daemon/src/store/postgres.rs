@@ -92,8 +92,14 @@ const FEED_CHANNEL: &str = "keyhaven_changes";
 /// fallback: a notification is lost while its connection is down).
 const FEED_POLL: Duration = Duration::from_millis(250);
 
-/// How often a writer asks whether every live node applied its revocation.
+/// How often, at most, a writer asks whether every live node applied its
+/// revocation: first 1 ms after its commit, then after twice the previous
+/// pause, up to this (a node applies a change a few milliseconds after its
+/// `NOTIFY`).
 const APPLIED_POLL: Duration = Duration::from_millis(10);
+
+/// The first of those pauses.
+const APPLIED_POLL_FIRST: Duration = Duration::from_millis(1);
 
 /// The most revisions of the change feed one trimming round deletes.
 const TRIM_BATCH: i64 = 10_000;
@@ -805,12 +811,13 @@ impl PgStore {
 
     /// Reads the change feed (the background task, and a node coming back
     /// from a lapsed lease), then reports the revision applied.
-    async fn poll_feed(&self) -> Result<(), StoreError> {
+    /// Returns the revision reported when anything was new.
+    async fn poll_feed(&self) -> Result<Option<i64>, StoreError> {
         self.bounded(self.limit(), "reading the change feed", self.read_feed()).await
     }
 
     /// [`PgStore::poll_feed`], without its time limit.
-    async fn read_feed(&self) -> Result<(), StoreError> {
+    async fn read_feed(&self) -> Result<Option<i64>, StoreError> {
         let mut w = self.anchored.lock().await;
         let mut conn = self.conn().await?;
         let client: &mut tokio_postgres::Client = &mut conn;
@@ -827,11 +834,19 @@ impl PgStore {
         if advanced {
             let applied = self.applied.load(Ordering::SeqCst);
             client
-                .execute("UPDATE nodes SET applied = $2 WHERE name = $1", &[&self.node.name, &applied])
+                // Never backwards: a concurrent reader of the feed (a
+                // renewal's, a cache miss's) may report a newer revision
+                // first. Only this daemon's row (not a successor's that took
+                // the name once this one's lease ran out).
+                .execute(
+                    "UPDATE nodes SET applied = greatest(applied, $2) WHERE name = $1 AND instance = $3",
+                    &[&self.node.name, &applied, &self.instance],
+                )
                 .await
                 .map_err(db)?;
+            return Ok(Some(applied));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The safety margin taken off the lease when deciding to serve.
@@ -870,6 +885,10 @@ impl PgStore {
         };
         // The row is this daemon's while its lease lasts: another daemon
         // with the same name takes it only once that lease has run out.
+        // The revision applied never goes backwards for the same daemon:
+        // `applied` was read before this statement, and the change feed's
+        // reader may have reported a newer one meanwhile (a writer waiting
+        // for it would then wait for the next renewal).
         let renewed = self
             .on_db_within(limit, "renewing the lease", move |c| {
                 Box::pin(async move {
@@ -877,7 +896,9 @@ impl PgStore {
                         "INSERT INTO nodes (name, lease_until, applied, version, instance) \
                          VALUES ($1, now() + $2::bigint * interval '1 millisecond', $3, $4, $6) \
                          ON CONFLICT (name) DO UPDATE SET lease_until = EXCLUDED.lease_until, \
-                         applied = EXCLUDED.applied, version = EXCLUDED.version, instance = EXCLUDED.instance, \
+                         applied = CASE WHEN nodes.instance = EXCLUDED.instance \
+                           THEN greatest(nodes.applied, EXCLUDED.applied) ELSE EXCLUDED.applied END, \
+                         version = EXCLUDED.version, instance = EXCLUDED.instance, \
                          started = CASE WHEN $5 THEN now() ELSE nodes.started END \
                          WHERE nodes.instance = EXCLUDED.instance OR nodes.lease_until < now()",
                         &[&name, &ms, &applied, &env!("CARGO_PKG_VERSION"), &first, &instance],
@@ -901,6 +922,7 @@ impl PgStore {
         let limit = crate::config::LEASE_BOUNDS.1 + Duration::from_secs(2) + self.limit();
         self.on_db_limit(limit, move |c| async move {
             let deadline = Instant::now() + crate::config::LEASE_BOUNDS.1 + Duration::from_secs(1);
+            let mut pause = APPLIED_POLL_FIRST;
             loop {
                 let behind: i64 = c
                     .query_one(
@@ -918,7 +940,8 @@ impl PgStore {
                         "{behind} node(s) with a live lease have not applied change {rev}"
                     )));
                 }
-                tokio::time::sleep(APPLIED_POLL).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(APPLIED_POLL);
             }
         })
         .await
@@ -1429,8 +1452,17 @@ impl Backend for PgStore {
     }
 
     fn audit_scan_chain(&self, chain: &str, kind: AuditKind, from: u64, reverse: bool) -> AuditIter<'_> {
+        // A page is one range of `AUDIT_PAGE` values of `seq` whose bounds
+        // the query names, so that whatever plan PostgreSQL picks, a page
+        // reads at most that many entries. (`ORDER BY seq LIMIT`, with
+        // statistics from before the table filled, let the planner read and
+        // sort every entry of the chain past the cursor for each page:
+        // docs/CLUSTER.md §4.) The range is placed at the nearest entry
+        // first, and again past a gap wider than a page.
         let chain = chain.to_owned();
         let mut next = Some(from.min(i64::MAX as u64) as i64);
+        // Whether `next` needs placing at the nearest entry first.
+        let mut place = true;
         let mut page: std::vec::IntoIter<(u64, Vec<u8>)> = Vec::new().into_iter();
         Box::new(std::iter::from_fn(move || loop {
             if let Some(entry) = page.next() {
@@ -1439,38 +1471,59 @@ impl Backend for PgStore {
             let at = next?;
             let code = kind_code(kind);
             let chain = chain.clone();
+            let placing = place;
             let rows = super::wait(Box::pin(self.on_db(move |c| async move {
-                let sql = if reverse {
-                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq <= $2 \
-                     ORDER BY seq DESC LIMIT $3"
-                } else {
-                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq >= $2 ORDER BY seq LIMIT $3"
+                let mut at = at;
+                if placing {
+                    let nearest = if reverse {
+                        "SELECT seq FROM audit WHERE node = $3 AND kind = $1 AND seq <= $2 ORDER BY seq DESC LIMIT 1"
+                    } else {
+                        "SELECT seq FROM audit WHERE node = $3 AND kind = $1 AND seq >= $2 ORDER BY seq LIMIT 1"
+                    };
+                    match c.query_opt(nearest, &[&code, &at, &chain]).await.map_err(db)? {
+                        Some(row) => at = row.get(0),
+                        None => return Ok(None),
+                    }
+                }
+                // [at - AUDIT_PAGE + 1, at] or [at, at + AUDIT_PAGE - 1],
+                // without overflowing.
+                let (low, high) = match reverse {
+                    true => (at.saturating_sub(AUDIT_PAGE - 1), at),
+                    false => (at, at.saturating_add(AUDIT_PAGE - 1)),
                 };
-                let rows = c.query(sql, &[&code, &at, &AUDIT_PAGE, &chain]).await.map_err(db)?;
-                Ok(rows
-                    .iter()
-                    .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1)))
-                    .collect::<Vec<_>>())
+                let sql = if reverse {
+                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq >= $2 AND seq <= $3 \
+                     ORDER BY seq DESC"
+                } else {
+                    "SELECT seq, entry FROM audit WHERE node = $4 AND kind = $1 AND seq >= $2 AND seq <= $3 \
+                     ORDER BY seq"
+                };
+                let rows = c.query(sql, &[&code, &low, &high, &chain]).await.map_err(db)?;
+                let rows: Vec<(u64, Vec<u8>)> =
+                    rows.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1))).collect();
+                Ok(Some((at, rows)))
             })));
             match rows {
                 Err(e) => {
                     next = None;
                     return Some(Err(e));
                 }
-                Ok(rows) => {
-                    next = match rows.last() {
-                        Some((last, _)) if (rows.len() as i64) == AUDIT_PAGE => {
-                            if reverse {
-                                (*last as i64).checked_sub(1).filter(|n| *n >= 0)
-                            } else {
-                                (*last as i64).checked_add(1)
-                            }
-                        }
-                        _ => None,
+                // No entry left on that side.
+                Ok(None) => return None,
+                Ok(Some((at, rows))) => {
+                    // On from the last entry read (one appended meanwhile
+                    // past it is read too). An empty range (a gap wider
+                    // than a page): on from the nearest entry, looked for
+                    // from the same place (or past it, when that place was
+                    // an entry deleted meanwhile).
+                    let last = rows.last().map_or(at, |(seq, _)| *seq as i64);
+                    let step = !rows.is_empty() || placing;
+                    next = match (reverse, step) {
+                        (_, false) => Some(last),
+                        (true, true) => last.checked_sub(1).filter(|n| *n >= 0),
+                        (false, true) => last.checked_add(1),
                     };
-                    if rows.is_empty() {
-                        return None;
-                    }
+                    place = rows.is_empty();
                     page = rows.into_iter();
                 }
             }
@@ -1589,7 +1642,10 @@ impl Backend for PgStore {
                             m = message => m,
                         };
                         match message {
-                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => woken.notify_one(),
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                                tracing::trace!(revision = n.payload(), "change feed: NOTIFY received");
+                                woken.notify_one()
+                            }
                             Some(Ok(_)) => {}
                             Some(Err(_)) | None => break,
                         }
@@ -1605,14 +1661,20 @@ impl Backend for PgStore {
         self.handle.spawn(async move {
             let mut failing = false;
             loop {
-                tokio::select! {
+                let by = tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(FEED_POLL) => {}
-                    _ = woken.notified() => {}
-                }
+                    _ = tokio::time::sleep(FEED_POLL) => "poll",
+                    _ = woken.notified() => "notify",
+                };
                 let Some(s) = weak.upgrade() else { break };
                 match s.poll_feed().await {
-                    Ok(()) => failing = false,
+                    Ok(advanced) => {
+                        if let Some(applied) = advanced {
+                            // `poll`: a NOTIFY was lost (or came late).
+                            tracing::debug!(applied, by, "change feed: applied and reported");
+                        }
+                        failing = false;
+                    }
                     Err(e) if !failing => {
                         tracing::warn!(error = %e, "cannot read the change feed");
                         failing = true;
