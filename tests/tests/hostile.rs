@@ -67,7 +67,7 @@ impl Figures {
 
     /// After the attack (the attackers gone): prints the line and fails
     /// the test unless "after" is back within 10 % of the baseline (issue
-    /// 20's target; measured at +0.6 to +4.6 %).
+    /// 20's target; measured at +0.6 to +4.1 %).
     ///
     /// The allocator gives freed pages back to the system after a short
     /// decay (docs/PERFORMANCE.md "The hostile-client limits"), so "after"
