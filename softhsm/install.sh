@@ -2,9 +2,10 @@
 # Installs SoftHSM2 (the development token), OpenSC's pkcs11-tool (which
 # the tests use to inspect the token independently), pkcs11-spy (which counts
 # the daemon's calls to the module) and openssl (which checks the audit log's
-# signatures), PostgreSQL and OpenSSL's headers (the PostgreSQL store), and
-# Prometheus with promtool (the metrics tests) and jq (the README's CLI
-# tour) when they are missing.
+# signatures), PostgreSQL and OpenSSL's headers (the PostgreSQL store), a C
+# compiler and make (the daemon's allocator, jemalloc), Prometheus with
+# promtool (the metrics tests) and jq (the README's CLI tour) when they are
+# missing.
 # Debian and Ubuntu; uses sudo when not run as root.
 set -euo pipefail
 need=()
@@ -18,6 +19,9 @@ compgen -G "/usr/lib/*/pkcs11-spy.so" >/dev/null || compgen -G "/usr/lib/*/*/pkc
 # binaries (initdb, pg_ctl, psql); its TLS builds on the system's OpenSSL.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+# The daemon's allocator, jemalloc, is built from source (daemon/Cargo.toml).
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v make >/dev/null 2>&1 || need+=(make)
 [ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 # The signing tests verify `keyhaven jwt sign` tokens with PyJWT (Debian's).
 /usr/bin/python3 -c 'import jwt, cryptography' >/dev/null 2>&1 || need+=(python3-jwt python3-cryptography)

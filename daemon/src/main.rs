@@ -9,6 +9,18 @@ use keyhavend::exit::{StartError, EX_CONFIG};
 use keyhavend::hardening::{self, MemoryLock};
 use keyhavend::{daemon, dev, init, logging};
 
+/// jemalloc, configured in .cargo/config.toml: freed pages go back to the
+/// system about a second after they are freed (`dirty_decay_ms:1000`,
+/// `muzzy_decay_ms:0`, a background thread), by `munmap` rather than
+/// `madvise` (`retain:false`), which also works on memory locked by
+/// `mlockall`. glibc's malloc kept the memory clients that never read had
+/// made the daemon allocate (+109 % after the attack); `malloc_trim` needs
+/// `unsafe`, and `madvise` cannot free locked pages anyway
+/// (docs/PERFORMANCE.md "The hostile-client limits").
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Keyhaven daemon: HSM-backed key management over a Unix socket.
 #[derive(Parser)]
 #[command(name = "keyhavend", version)]

@@ -35,9 +35,10 @@ fn rss_kib(pid: u32) -> u64 {
 /// What one attack did to the daemon's memory and to a good client,
 /// printed as one `attack figures:` line (run with `--nocapture`; the
 /// figures of docs/PERFORMANCE.md "The hostile-client limits"): resident
-/// memory before, at its highest sample during, and after (once the
-/// attackers are gone and a moment has passed), and the good client's
-/// requests, errors (any fails the test: 0 when it passes) and p50/p99.
+/// memory before, at its highest sample during, 0.5 s after the attackers
+/// are gone, and "after": once it has settled (see [`Figures::after`]); and
+/// the good client's requests, errors (any fails the test: 0 when it
+/// passes) and p50/p99.
 struct Figures {
     attack: &'static str,
     pid: u32,
@@ -64,26 +65,58 @@ impl Figures {
         self.sample();
     }
 
-    /// After the attack: prints the line.
+    /// After the attack (the attackers gone): prints the line and fails
+    /// the test unless "after" is back within 10 % of the baseline (issue
+    /// 20's target; measured at +0.6 to +4.1 %).
+    ///
+    /// The allocator gives freed pages back to the system after a short
+    /// decay (docs/PERFORMANCE.md "The hostile-client limits"), so "after"
+    /// is the resident memory once it has settled: sampled every 100 ms
+    /// from 0.5 s on, the first sample after which it has not fallen for
+    /// 1 s, and at most 5 s after the attackers are gone (the 5 s sample
+    /// if it is still falling). The 0.5 s sample is printed too.
     fn after(mut self) {
+        let gone = Instant::now();
         std::thread::sleep(Duration::from_millis(500));
-        let after = rss_kib(self.pid);
+        let early = rss_kib(self.pid);
+        let (mut low, mut low_at) = (early, Instant::now());
+        while low_at.elapsed() < Duration::from_secs(1) && gone.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = rss_kib(self.pid);
+            if now < low {
+                (low, low_at) = (now, Instant::now());
+            }
+        }
+        let settled = rss_kib(self.pid);
+        let waited = gone.elapsed();
         self.good.sort();
         let at =
             |q: f64| self.good.get(((self.good.len() as f64 * q) as usize).min(self.good.len().max(1) - 1));
         let ms =
             |d: Option<&Duration>| d.map_or("-".to_owned(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
+        let change = |kib: u64| (kib as f64 / self.baseline as f64 - 1.0) * 100.0;
         eprintln!(
-            "attack figures: {}: VmRSS {} KiB before, {} KiB during, {} KiB after ({:+.1} % of before); \
-             good client: {} requests, 0 errors, p50 {}, p99 {}",
+            "attack figures: {}: VmRSS {} KiB before, {} KiB during, {} KiB 0.5 s after ({:+.1} %), {} KiB \
+             after ({:+.1} % of before, settled {:.1} s after); good client: {} requests, 0 errors, p50 {}, p99 {}",
             self.attack,
             self.baseline,
             self.during,
-            after,
-            (after as f64 / self.baseline as f64 - 1.0) * 100.0,
+            early,
+            change(early),
+            settled,
+            change(settled),
+            waited.as_secs_f64(),
             self.good.len(),
             ms(at(0.50)),
             ms(at(0.99)),
+        );
+        assert!(
+            change(settled) <= 10.0,
+            "{}: the daemon's memory did not come back within 10 % of {} KiB: {} KiB {:.1} s after the attack",
+            self.attack,
+            self.baseline,
+            settled,
+            waited.as_secs_f64()
         );
     }
 }
@@ -691,7 +724,12 @@ async fn ten_thousand_pipelined_requests_and_deep_json_leave_a_good_client_serve
         let mut s = UnixStream::connect(d.socket()).await.expect("connect");
         s.write_all(&frame(&body)).await.expect("write");
         s.write_all(&frame(br#"{"id":7,"op":"health"}"#)).await.expect("write");
-        let answers = [read_answer(&mut s).await, read_answer(&mut s).await];
+        // Answers arrive in any order (PROTOCOL.md §2.3): the `health` may
+        // overtake the refusal.
+        let mut answers = [read_answer(&mut s).await, read_answer(&mut s).await];
+        if answers[0]["id"] == 7 {
+            answers.swap(0, 1);
+        }
         assert_eq!(answers[0]["error"]["code"], "bad_request", "{}", answers[0]);
         assert_eq!(answers[1]["id"], 7, "the connection still serves: {}", answers[1]);
         assert!(answers[1].get("ok").is_some(), "{}", answers[1]);
