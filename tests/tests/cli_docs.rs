@@ -2,9 +2,10 @@
 //! `khseal` exists as written, and every subcommand is documented.
 //!
 //! The command lines are read from the files themselves (never a copy):
-//! README.md, docs/*.md, clients/*/README.md, systemd/, packaging/ and
-//! tests/*/README.md. In Markdown: fenced blocks (```sh, ```bash, ```console,
-//! plain ```; in ```console only the `$ ` lines) and inline code spans; in
+//! README.md, docs/*.md, clients/*/README.md, systemd/, packaging/,
+//! tests/*/README.md, and the binaries' own `--help` texts. In Markdown:
+//! fenced blocks (```sh, ```bash, ```console, plain ```; in ```console
+//! only the `$ ` lines) and inline code spans; in
 //! the units, `Exec…=` lines; in the shell scripts, every line; in comments,
 //! code spans and lines indented as code (`#   keyhavend check …`). Each line
 //! is split as a shell would (`\` continuations, quotes, pipes, `&&`, `;`,
@@ -606,6 +607,8 @@ struct Help {
     options: HashMap<String, Opt>,
     /// It lists `Arguments:` (it takes positional values).
     takes_arguments: bool,
+    /// The help as printed.
+    text: String,
 }
 
 /// One option of a `--help`.
@@ -618,7 +621,7 @@ struct Opt {
 }
 
 fn parse_help(text: &str) -> Help {
-    let mut help = Help::default();
+    let mut help = Help { text: text.to_owned(), ..Help::default() };
     let mut section = "";
     let mut current: Vec<String> = Vec::new();
     for line in text.lines() {
@@ -924,6 +927,41 @@ fn every_documented_command_line_exists_as_written() {
         );
     }
     assert!(invocations.len() > 200, "only {} command lines found: {per_file:?}", invocations.len());
+}
+
+/// The binaries' own `--help` texts are docs too: the command lines they
+/// quote (`keyhaven key public TENANT/KEY --format jwk`) exist as written.
+#[test]
+fn every_command_line_in_the_help_exists() {
+    let mut cli = Cli::default();
+    let mut errors = Vec::new();
+    let mut seen = 0;
+    for binary in ["keyhaven", "keyhavend"] {
+        for path in std::iter::once(Vec::new()).chain(cli.tree(binary)) {
+            let text = cli.help(binary, &path).expect("help").text.clone();
+            let shown =
+                format!("`{binary}{} --help`", path.iter().map(|p| format!(" {p}")).collect::<String>());
+            let mut paragraph: Vec<(usize, String)> = Vec::new();
+            for (n, line) in text.lines().chain([""]).enumerate() {
+                if !line.trim().is_empty() {
+                    paragraph.push((n + 1, line.trim().to_owned()));
+                    continue;
+                }
+                for (line, span) in spans(&paragraph) {
+                    for words in simple_commands(&span) {
+                        let Some((b, args)) = invocation(&words) else { continue };
+                        seen += 1;
+                        if let Err(e) = cli.check(b, &args) {
+                            errors.push(format!("{shown}, line {line}: `{span}`\n    {e}"));
+                        }
+                    }
+                }
+                paragraph.clear();
+            }
+        }
+    }
+    assert!(errors.is_empty(), "command lines in --help that do not exist:\n{}", errors.join("\n"));
+    assert!(seen >= 3, "only {seen} command lines found in the help texts");
 }
 
 #[test]
