@@ -214,7 +214,8 @@ enum KeyCommand {
         #[arg(long, value_name = "PERIOD")]
         rotate_every: Option<String>,
         /// What kind of key: aes256-gcm (encryption, data keys), hmac-sha256 (MAC tags), ecdsa-p256,
-        /// ecdsa-p384 or rsa-3072-pss (signatures).
+        /// ecdsa-p384 or rsa-3072-pss (signatures), rsa-4096-oaep (offline public-key encryption:
+        /// `encrypt --public-key`).
         #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm")]
         key_type: keyhaven::KeyType,
         /// Makes a retry safe: a create with the same key as the one that made the key answers as it did.
