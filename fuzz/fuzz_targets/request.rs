@@ -1,13 +1,19 @@
 //! A request frame's body, arbitrary bytes, through what the daemon does
 //! with it before anything needs its state (PROTOCOL.md §1, §2.1): the
 //! frame parsed, the operation found, its params parsed into the
-//! operation's own type. Every refusal is one answer frame of valid JSON:
-//! `id` and `error` only, a known code, a message that quotes no
-//! `plaintext`, and the id PROTOCOL.md §1 says.
+//! operation's own type, the names in them checked and the policy asked
+//! (POLICY.md; `keyhavend::fuzzing::FUZZ_POLICY`: user `fuzz` may encrypt
+//! and decrypt under `acme/*`, nothing else). Every refusal is one answer
+//! frame of valid JSON: `id` and `error` only, a known code, a message that
+//! quotes no `plaintext`, and the id PROTOCOL.md §1 says. The policy
+//! allows exactly what its one rule grants: never another permission,
+//! tenant or a request without names, and always `acme`'s keys for
+//! encrypt and decrypt.
 #![no_main]
 
 use keyhaven::ErrorCode;
 use keyhavend::fuzzing::{echoed_id, request, Request};
+use keyhavend::policy::{Access, Permission};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -30,13 +36,29 @@ fuzz_target!(|body: &[u8]| {
         }
     }
     match request(body) {
-        Request::Parsed { id, op, access: _ } => {
+        Request::Parsed { id, op, access, allowed } => {
             // A request the daemon runs is an object with that one id and op.
             assert_eq!(echoed, Some(id), "a parsed request's id is not the one §1 echoes");
             assert!(well_formed, "a request run from a body that is not JSON text");
-            if let Some(v) = parsed {
+            if let Some(v) = &parsed {
                 assert_eq!(v.get("op").and_then(Value::as_str), Some(op.as_str()));
                 assert!(v.as_object().unwrap().keys().all(|k| ["id", "op", "params"].contains(&k.as_str())));
+            }
+            let Access::Needs(permission) = access else {
+                assert!(allowed.is_none(), "an open operation was put to the policy");
+                return;
+            };
+            let allowed = allowed.expect("an operation that needs a permission was not put to the policy");
+            let params = parsed.as_ref().and_then(|v| v.get("params"));
+            let name = |field: &str| params.and_then(|p| p.get(field)).and_then(Value::as_str);
+            let granted = matches!(permission, Permission::Encrypt | Permission::Decrypt);
+            match (name("tenant"), name("key")) {
+                // The rule's own keys: granted exactly for its two operations.
+                (Some("acme"), Some(_)) => assert_eq!(allowed, granted, "{op} on acme's key: {permission:?}"),
+                // Anything else (another tenant, a whole tenant, every key): never.
+                (tenant, key) => {
+                    assert!(!allowed || tenant == Some("acme"), "{op} allowed on {tenant:?}/{key:?}");
+                }
             }
         }
         Request::Refused(frame) => {
