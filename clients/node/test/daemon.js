@@ -11,6 +11,16 @@ export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 export const KEYHAVEND = path.join(ROOT, 'target/debug/keyhavend');
 export const KEYHAVEN = path.join(ROOT, 'target/debug/keyhaven');
 
+/** PostgreSQL's server binaries (initdb, pg_ctl) for the tests that make a throwaway cluster:
+ * $KEYHAVEN_PG_BIN, else the newest /usr/lib/postgresql/N/bin. */
+export const PG_BIN = (() => {
+  if (process.env.KEYHAVEN_PG_BIN) return process.env.KEYHAVEN_PG_BIN;
+  const base = '/usr/lib/postgresql';
+  const versions = fs.existsSync(base) ? fs.readdirSync(base).filter((v) => /^\d+$/.test(v)) : [];
+  versions.sort((a, b) => Number(a) - Number(b));
+  return path.join(base, versions.at(-1) ?? '15', 'bin');
+})();
+
 /** Start a dev daemon; `dir` reuses the install of an earlier one (a restart). */
 export async function startDaemon(dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kh-node-'))) {
   const child = spawn(KEYHAVEND, ['dev', '--dir', path.join(dir, 'dev')], {

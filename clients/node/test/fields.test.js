@@ -20,16 +20,8 @@ import {
   parseStoredTag,
   reindexBlindIndex,
 } from '../src/index.js';
-import { startDaemon } from './daemon.js';
+import { PG_BIN, startDaemon } from './daemon.js';
 
-function pgBin() {
-  if (process.env.KEYHAVEN_PG_BIN) return process.env.KEYHAVEN_PG_BIN;
-  const base = '/usr/lib/postgresql';
-  const versions = fs.existsSync(base) ? fs.readdirSync(base).filter((v) => /^\d+$/.test(v)) : [];
-  versions.sort((a, b) => Number(a) - Number(b));
-  return path.join(base, versions.at(-1) ?? '15', 'bin');
-}
-const PG_BIN = pgBin();
 let pg = null;
 try {
   pg = (await import('pg')).default;

@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { ROOT, startDaemon } from './daemon.js';
+import { PG_BIN, ROOT, startDaemon } from './daemon.js';
 
 const PKG = path.join(ROOT, 'clients/node');
 const RUNNABLE = new Set(['js', 'javascript', 'mjs', 'ts', 'sh']);
@@ -50,15 +50,7 @@ const blocks = [
     .map((b) => ({ ...b, file: 'README.md' })),
 ].filter((b) => RUNNABLE.has(b.lang));
 
-// PostgreSQL for the node-postgres examples, as test/fields.test.js makes it.
-function pgBin() {
-  if (process.env.KEYHAVEN_PG_BIN) return process.env.KEYHAVEN_PG_BIN;
-  const base = '/usr/lib/postgresql';
-  const versions = fs.existsSync(base) ? fs.readdirSync(base).filter((v) => /^\d+$/.test(v)) : [];
-  versions.sort((a, b) => Number(a) - Number(b));
-  return path.join(base, versions.at(-1) ?? '15', 'bin');
-}
-const PG_BIN = pgBin();
+// PostgreSQL's server binaries (PG_BIN, test/daemon.js), as test/fields.test.js uses them.
 const pgMissing = !fs.existsSync(path.join(PG_BIN, 'initdb'))
   ? `PostgreSQL is not installed: no ${PG_BIN}/initdb (apt-get install postgresql, or set KEYHAVEN_PG_BIN)`
   : !fs.existsSync(path.join(PKG, 'node_modules/pg'))
