@@ -60,13 +60,17 @@ impl WrapBudget {
     }
 
     /// Takes one wrap under `kek`, or refuses when the version has used its
-    /// budget. Call before the wrap: a failed wrap still counts.
-    pub fn take(&self, kek: &KekId) -> Result<(), Error> {
+    /// budget. Call before the wrap: a failed wrap still counts. A new range
+    /// is written through the store's async call: on PostgreSQL the write
+    /// waits for the database and for this node's own change feed, which
+    /// run on the runtime's threads, so blocking one of them here could
+    /// stop the daemon (every runtime thread waiting in a reservation).
+    pub async fn take(&self, kek: &KekId) -> Result<(), Error> {
         let size = match self.take_reserved(kek) {
             Ok(()) => return Ok(()),
             Err(size) => size,
         };
-        let (next, end) = self.reserve(kek, size)?;
+        let (next, end) = self.reserve(kek, size).await?;
         let mut ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
         ranges.insert(kek.clone(), Range { next: next + 1, end, size, at: std::time::Instant::now() });
         Ok(())
@@ -140,10 +144,10 @@ impl WrapBudget {
 
     /// Reserves the next range of `size` wraps in the store (durably) and
     /// returns it as `(first, end)`.
-    fn reserve(&self, kek: &KekId, size: u64) -> Result<(u64, u64), Error> {
+    async fn reserve(&self, kek: &KekId, size: u64) -> Result<(u64, u64), Error> {
         let mut granted = None;
         let (limit, reservation) = (self.limit, size.max(1));
-        let written = self.store.update_key(&kek.path, &mut |rec| {
+        let mut change = |rec: &mut crate::store::KeyRecord| {
             granted = None;
             if let Some(v) = rec.version_mut(kek.version) {
                 if v.wraps_reserved < limit {
@@ -152,7 +156,8 @@ impl WrapBudget {
                     v.wraps_reserved = end;
                 }
             }
-        })?;
+        };
+        let written = self.store.backend().update_key(&kek.path, &mut change).await?;
         if written.as_ref().and_then(|rec| rec.version(kek.version)).is_none() {
             return Err(Error::NotFound(format!("key `{}` has no version {}", kek.path, kek.version)));
         }

@@ -196,3 +196,52 @@ async fn with_postgres_down_the_daemon_withholds_answers_and_recovers_when_it_re
     let verified = c.call(&AuditVerify {}).await.unwrap();
     assert!(verified.intact, "{verified:?}");
 }
+
+/// Encryptions through an alias by 16 clients at once on PostgreSQL: every
+/// few hundred, a version's next range of wraps is reserved in the store
+/// (ENVELOPE.md §7). The reservation used to wait for the database on the
+/// runtime's own thread while requests through the alias held the store's
+/// writers' lock on that runtime: with both runtime threads waiting, the
+/// daemon stopped answering anything, `health` included (found with
+/// `keyhaven bench --key ALIAS` on `softhsm/dev-cluster`).
+#[tokio::test(flavor = "multi_thread")]
+async fn wrap_reservations_under_load_through_an_alias_never_stop_the_daemon() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let d = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let c = d.client().await;
+    c.key_create(&path("acme/pii")).await.unwrap();
+    c.call(&keyhaven::alias::AliasCreate {
+        tenant: "acme".into(),
+        alias: "current".into(),
+        key: "pii".into(),
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let c = d.client().await;
+        clients.push(tokio::spawn(async move {
+            let (key, context) = (path("acme/current"), ctx(&["load=1"]));
+            let mut done = 0u32;
+            while started.elapsed() < std::time::Duration::from_secs(4) {
+                let call = c.encrypt(&key, b"through the alias", &context);
+                match tokio::time::timeout(std::time::Duration::from_secs(10), call).await {
+                    Ok(r) => assert_eq!(r.expect("encrypt through the alias").key_version, 1),
+                    Err(_) => panic!("an encrypt through the alias got no answer in 10 s (after {done})"),
+                }
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for t in clients {
+        total += t.await.expect("client task");
+    }
+    // More than the first ranges (256, then 512, …): several reservations ran.
+    assert!(total > 800, "only {total} encryptions in 4 s");
+    let health = tokio::time::timeout(std::time::Duration::from_secs(5), c.health()).await;
+    assert!(health.expect("health answers").expect("health").store.ok);
+}

@@ -114,7 +114,7 @@ pub async fn seal_data_key(
     existing: Option<(DataKey, EnvelopeId)>,
     context: EncryptionContext,
 ) -> Result<NewDataKey, Error> {
-    d.wraps.take(&kek.id)?;
+    d.wraps.take(&kek.id).await?;
     let (path, version) = (kek.id.path.clone(), kek.id.version);
     let tenant = path.tenant().to_owned();
     d.hsm
