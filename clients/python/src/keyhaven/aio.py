@@ -36,6 +36,7 @@ from .connection import (
     frame_length,
     hello_params,
     is_event,
+    pick_slot,
     unsolicited_error,
 )
 from .errors import (
@@ -317,17 +318,7 @@ class AsyncClient:
         while True:
             if self._closed:
                 raise InvalidInput("config", "the client is closed")
-            best: Optional[AsyncConnection] = None
-            free = -1
-            for i, c in enumerate(self._slots):
-                if i in self._connecting:
-                    continue
-                if c is None or c.closed:
-                    self._slots[i] = None
-                    if free < 0:
-                        free = i
-                elif best is None or c.in_flight < best.in_flight:
-                    best = c
+            best, free = pick_slot(self._slots, self._connecting)
             if best is not None and (best.in_flight == 0 or free < 0):
                 return best
             if free >= 0:

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Set, TypeVar, Union
 
 from . import ops
 from .codec import Bytes, Context, KeyPathLike
-from .connection import Connection, EventCallback
+from .connection import Connection, EventCallback, pick_slot
 from .errors import InvalidInput
 from .ops import (
     AliasInfo,
@@ -128,17 +128,7 @@ class Client:
             while True:
                 if self._closed:
                     raise InvalidInput("config", "the client is closed")
-                best: Optional[Connection] = None
-                free = -1
-                for i, c in enumerate(self._slots):
-                    if i in self._connecting:
-                        continue
-                    if c is None or c.closed:
-                        self._slots[i] = None
-                        if free < 0:
-                            free = i
-                    elif best is None or c.in_flight < best.in_flight:
-                        best = c
+                best, free = pick_slot(self._slots, self._connecting)
                 if best is not None and (best.in_flight == 0 or free < 0):
                     return best
                 if free >= 0:

@@ -13,7 +13,7 @@ import json
 import socket
 import struct
 import threading
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Collection, Dict, List, Optional, Protocol, Tuple, TypeVar, Union
 
 from .errors import (
     ConnectError,
@@ -297,3 +297,34 @@ def answer(msg: Dict[str, Any]) -> Union[Dict[str, Any], KeyhavenError]:
     if isinstance(ok, dict):
         return ok
     return ProtocolError("an answer with neither `ok` nor `error`")
+
+
+class _Pooled(Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+
+_P = TypeVar("_P", bound=_Pooled)
+
+
+def pick_slot(slots: List[Optional[_P]], connecting: Collection[int]) -> Tuple[Optional[_P], int]:
+    """The pool's choice for the next request, for both clients: the least busy
+    open connection (skipping slots being connected), and the first free slot
+    (``-1`` for none); closed connections are cleared from ``slots`` on the way.
+    The caller takes the connection when it is idle or no slot is free, else
+    connects in the free slot."""
+    best: Optional[_P] = None
+    free = -1
+    for i, c in enumerate(slots):
+        if i in connecting:
+            continue
+        if c is None or c.closed:
+            slots[i] = None
+            if free < 0:
+                free = i
+        elif best is None or c.in_flight < best.in_flight:
+            best = c
+    return best, free
