@@ -453,9 +453,24 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// Opens a stopped daemon's sled store to read or edit it by hand. Without
 /// sled's background flusher, so that the file lock goes with the handle
-/// (a daemon started right after must not find it held).
+/// (a daemon started right after must not find it held). A handle this
+/// process dropped just before may hold the lock for a moment longer (sled
+/// lets go of it when its last internal reference goes): the open is
+/// retried for up to 10 s while the lock is held, and fails on anything else.
 pub fn open_stopped_store(store: &Path) -> sled::Db {
-    sled::Config::new().path(store).flush_every_ms(None).open().expect("open the stopped store")
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::Config::new().path(store).flush_every_ms(None).open() {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("open the stopped store: {e:?}"),
+        }
+    }
 }
 
 /// Which of `needles` occur in `hay` (their indices, ascending), in one
