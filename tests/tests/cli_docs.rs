@@ -1071,3 +1071,46 @@ fn the_reader_and_the_checker_on_known_lines() {
     assert!(check(&mut cli, &synopsis).unwrap_err().contains("--before"));
     assert_eq!(span_command("ExecReload=keyhaven admin reload"), "keyhaven admin reload");
 }
+
+/// `keyhaven key create --help` lists every key type the daemon makes
+/// (`KeyType::ALL`, the daemon's own list), each with what it is for; a
+/// type it does not know is refused by the command line (exit 2, nothing
+/// sent) naming them all, and `ed25519` says why it is not one.
+#[test]
+fn key_create_help_lists_every_key_type_and_refuses_others_with_the_list() {
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("keyhaven"))
+            .args(args)
+            .env("KEYHAVEN_SOCKET", "/nonexistent/keyhaven.sock")
+            .output()
+            .expect("keyhaven");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let names: Vec<&str> = keyhaven::KeyType::ALL.iter().map(|t| t.as_str()).collect();
+    let (code, help, _) = run(&["key", "create", "--help"]);
+    assert_eq!(code, Some(0), "{help}");
+    let listed =
+        help.split_once("Possible values:").map(|(_, rest)| rest).unwrap_or_else(|| panic!("{help}"));
+    for name in &names {
+        assert!(
+            listed.contains(&format!("- {name}: ")),
+            "`{name}` is not among the possible values:\n{help}"
+        );
+    }
+    let (code, short, _) = run(&["key", "create", "-h"]);
+    assert_eq!(code, Some(0), "{short}");
+    assert!(short.contains(&format!("[possible values: {}]", names.join(", "))), "{short}");
+    for bad in ["ed448", "AES256-GCM", "rsa"] {
+        let (code, _, err) = run(&["key", "create", "acme/k", "--type", bad]);
+        assert_eq!(code, Some(2), "`--type {bad}` is a usage error: {err}");
+        assert!(err.contains(&format!("one of {}", names.join(", "))), "`--type {bad}`: {err}");
+        assert!(!err.contains("connect"), "nothing was sent: {err}");
+    }
+    let (code, _, err) = run(&["key", "create", "acme/k", "--type", "ed25519"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("`ed25519` is not available") && err.contains("ecdsa-p256"), "{err}");
+}

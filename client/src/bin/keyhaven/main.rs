@@ -213,10 +213,8 @@ enum KeyCommand {
         /// Rotate automatically this often (90d, 12h, …); none by default.
         #[arg(long, value_name = "PERIOD")]
         rotate_every: Option<String>,
-        /// What kind of key: aes256-gcm (encryption, data keys), hmac-sha256 (MAC tags), ecdsa-p256,
-        /// ecdsa-p384 or rsa-3072-pss (signatures), rsa-4096-oaep (offline public-key encryption:
-        /// `encrypt --public-key`).
-        #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm")]
+        /// What kind of key (fixed for good: every version is of this type).
+        #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm", value_parser = crate::KeyTypeParser)]
         key_type: keyhaven::KeyType,
         /// Makes a retry safe: a create with the same key as the one that made the key answers as it did.
         #[arg(long, value_name = "KEY", value_parser = crate::idempotency_key)]
@@ -523,6 +521,52 @@ pub(crate) fn version(text: &str) -> Result<u32, String> {
         Ok(0) => Err("key versions start at 1".into()),
         Ok(n) => Ok(n),
         Err(_) => Err(format!("`{text}` is not a key version (1, 2, …)")),
+    }
+}
+
+/// `key create --type`: every type the daemon makes ([`keyhaven::KeyType::ALL`]),
+/// listed as clap's possible values (so `--help` shows them, each with what
+/// it is for) and read through [`keyhaven::KeyType`]'s `FromStr`, so that a
+/// refusal names the types there are (and says why `ed25519` is not one)
+/// before anything is sent.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeyTypeParser;
+
+impl KeyTypeParser {
+    /// What each type is for, as `--help` says it.
+    fn purpose(t: keyhaven::KeyType) -> &'static str {
+        use keyhaven::KeyType as T;
+        match t {
+            T::Aes256Gcm => "encryption and data keys (the default)",
+            T::HmacSha256 => "MAC tags (`mac`, `mac verify`)",
+            T::EcdsaP256 => "ECDSA P-256 signatures (ES256)",
+            T::EcdsaP384 => "ECDSA P-384 signatures (ES384)",
+            T::RsaPss3072 => "RSA-PSS signatures (PS256)",
+            T::RsaOaep4096 => "offline public-key encryption (`encrypt --public-key`)",
+            _ => "",
+        }
+    }
+}
+
+impl clap::builder::TypedValueParser for KeyTypeParser {
+    type Value = keyhaven::KeyType;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<keyhaven::KeyType, clap::Error> {
+        let by_name = clap::builder::StringValueParser::new().try_map(|s| s.parse::<keyhaven::KeyType>());
+        by_name.parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            keyhaven::KeyType::ALL
+                .into_iter()
+                .map(|t| clap::builder::PossibleValue::new(t.as_str()).help(Self::purpose(t))),
+        ))
     }
 }
 
