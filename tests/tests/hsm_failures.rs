@@ -81,6 +81,8 @@ async fn a_master_key_deleted_with_pkcs11_tool_is_named_in_health_and_errors() {
     let mut d = TestDaemon::start();
     let c = d.client().await;
     c.key_create(&path("acme/pii")).await.unwrap();
+    c.key_create_of_type(&path("acme/hooks"), keyhaven::KeyType::HmacSha256).await.unwrap();
+    c.key_create_of_type(&path("acme/signer"), keyhaven::KeyType::EcdsaP256).await.unwrap();
     let pin = read_pin(d.dir());
     pkcs11_tool(
         d.dir(),
@@ -91,6 +93,17 @@ async fn a_master_key_deleted_with_pkcs11_tool_is_named_in_health_and_errors() {
     let e = c.key_create(&path("acme/two")).await.expect_err("no master key, no new key");
     assert_eq!(e.code(), Some(ErrorCode::MasterKeyUnavailable), "{e}");
     assert!(e.to_string().contains("keyhaven-mk-v1"), "names the key: {e}");
+    // Keys of the other types, never loaded yet, and import parameters
+    // (their key pair is wrapped under the master key): PROTOCOL.md §4.
+    let e = c.mac(&path("acme/hooks"), b"m", None).await.expect_err("no master key, no MAC");
+    assert_eq!(e.code(), Some(ErrorCode::MasterKeyUnavailable), "mac: {e}");
+    let e =
+        c.call_raw("sign", serde_json::json!({"tenant": "acme", "key": "signer", "message": "bQ=="})).await;
+    let e = e.expect_err("no master key, no signature");
+    assert_eq!(e.code(), Some(ErrorCode::MasterKeyUnavailable), "sign: {e}");
+    let e = c.call_raw("key_import_params", serde_json::json!({"tenant": "acme", "key": "byok"})).await;
+    let e = e.expect_err("no master key, no wrapping key");
+    assert_eq!(e.code(), Some(ErrorCode::MasterKeyUnavailable), "key_import_params: {e}");
     drop(c);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
@@ -107,11 +120,87 @@ async fn a_master_key_deleted_with_pkcs11_tool_is_named_in_health_and_errors() {
 /// tried again by itself (which could lock the token), requests get
 /// `hsm_login_failed`, health says `pin_incorrect`; once the PIN file holds
 /// the new PIN, SIGHUP recovers without a restart.
+/// The operations docs/PROTOCOL.md §4 says return `code` (its "returned
+/// by" cell, the words that name operations of §3's table).
+fn documented_returners(code: &str) -> Vec<String> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/PROTOCOL.md")).unwrap();
+    let backticked =
+        |t: &str| -> Vec<String> { t.split('`').skip(1).step_by(2).map(str::to_owned).collect() };
+    let ops: Vec<String> = doc
+        .lines()
+        .skip_while(|l| !l.starts_with("| op | § |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| backticked(l)[0].clone())
+        .collect();
+    let row = doc.lines().find(|l| l.starts_with(&format!("| `{code}` |"))).expect("§4 row");
+    let by = row.trim_end().trim_end_matches('|').rsplit(" | ").next().unwrap();
+    backticked(by).into_iter().filter(|w| ops.contains(w)).collect()
+}
+
+/// A request for `op` that reaches the token (what the setup of
+/// [`a_refused_pin_is_not_retried_until_sighup`] made is in `made`).
+fn token_request(op: &str, made: &serde_json::Value) -> serde_json::Value {
+    use serde_json::json;
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
+    match op {
+        "key_create" => json!({"tenant": "acme", "key": "refused"}),
+        "encrypt" => json!({"tenant": "acme", "key": "pii", "plaintext": b64(b"p")}),
+        "decrypt" => json!({"ciphertext": made["ciphertext"]}),
+        "datakey" => json!({"tenant": "acme", "key": "pii"}),
+        "datakey_decrypt" => json!({"envelope": made["envelope"]}),
+        "key_rotate" => json!({"tenant": "acme", "key": "pii"}),
+        "rewrap" => json!({"text": made["old"]}),
+        "mac" => json!({"tenant": "acme", "key": "hooks", "message": b64(b"m")}),
+        "mac_verify" => json!({"tenant": "acme", "key": "hooks", "message": b64(b"m"), "tag": made["tag"]}),
+        "sign" => json!({"tenant": "acme", "key": "signer", "message": b64(b"m")}),
+        "verify" => {
+            json!({"tenant": "acme", "key": "signer", "message": b64(b"m"), "signature": made["signature"]})
+        }
+        "key_import_params" => json!({"tenant": "acme", "key": "byok2"}),
+        "key_import" => json!({"tenant": "acme", "key": "byok", "import_token": made["import_token"],
+                                "algorithm": "rsaes-oaep-sha1", "wrapped": b64(&[7u8; 384])}),
+        "audit_verify" | "audit_public_key" => json!({}),
+        "admin_rotate_master" => json!({}),
+        "admin_retire_master" => json!({"version": 99}),
+        other => {
+            panic!("PROTOCOL.md §4 says `{other}` can answer `hsm_login_failed`: give it a request here")
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_pin_is_not_retried_until_sighup() {
     let mut d = TestDaemon::start();
     let c = d.client().await;
     c.key_create(&path("acme/pii")).await.unwrap();
+    // Something for each operation that uses the token to work on.
+    let call = |op: &'static str, params: serde_json::Value| {
+        let c = &c;
+        async move { c.call_raw(op, params).await.unwrap_or_else(|e| panic!("{op}: {e}")) }
+    };
+    use serde_json::json;
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
+    for (key, ty) in [("hooks", "hmac-sha256"), ("signer", "ecdsa-p256"), ("old", "aes256-gcm")] {
+        call("key_create", json!({"tenant": "acme", "key": key, "type": ty})).await;
+    }
+    let ct = call("encrypt", json!({"tenant": "acme", "key": "pii", "plaintext": b64(b"s")})).await;
+    let dk = call("datakey", json!({"tenant": "acme", "key": "pii"})).await;
+    let old = call("encrypt", json!({"tenant": "acme", "key": "old", "plaintext": b64(b"s")})).await;
+    call("key_rotate", json!({"tenant": "acme", "key": "old"})).await;
+    let tag = call("mac", json!({"tenant": "acme", "key": "hooks", "message": b64(b"m")})).await;
+    let sig = call("sign", json!({"tenant": "acme", "key": "signer", "message": b64(b"m")})).await;
+    let offer = call("key_import_params", json!({"tenant": "acme", "key": "byok"})).await;
+    let made = json!({"ciphertext": ct["ciphertext"], "envelope": dk["envelope"], "old": old["ciphertext"],
+                      "tag": tag["tag"], "signature": sig["signature"], "import_token": offer["import_token"]});
+    // `audit_verify` asks the token only when there are seals to check: one
+    // is made within `seal_interval_ms` (1 s by default, AUDIT.md §3).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call("audit_verify", json!({})).await["seals"].as_u64() == Some(0) {
+        assert!(std::time::Instant::now() < deadline, "no audit seal within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let old = read_pin(d.dir());
     let new = format!("{old}-new");
     pkcs11_tool(d.dir(), &["--login", "--pin", &old, "--change-pin", "--new-pin", &new]);
@@ -133,6 +222,15 @@ async fn a_refused_pin_is_not_retried_until_sighup() {
     }
     let (status, condition) = token_condition(&c).await;
     assert_eq!((status.as_str(), condition.as_deref()), ("degraded", Some("pin_incorrect")));
+    // Every operation PROTOCOL.md §4 lists for `hsm_login_failed` answers
+    // it now (and those are the ones §3's table says use the token:
+    // protocol_doc.rs).
+    let listed = documented_returners("hsm_login_failed");
+    assert!(listed.len() >= 15, "{listed:?}");
+    for op in &listed {
+        let e = c.call_raw(op, token_request(op, &made)).await.expect_err(op);
+        assert_eq!(e.code(), Some(ErrorCode::HsmLoginFailed), "`{op}`: {e}");
+    }
 
     std::fs::write(d.dir().join("pin"), format!("{new}\n")).unwrap();
     signal(d.pid(), "HUP");

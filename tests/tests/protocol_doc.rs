@@ -465,6 +465,37 @@ fn the_document_is_complete_and_its_examples_and_errors_agree_with_its_tables() 
     if summary != headings {
         errs.push(format!("§3's table lists {summary:?}; the headings are {headings:?}"));
     }
+    // The token's errors: §4's rows name every operation whose "uses token"
+    // cell in §3's table says yes (and no other), `master_key_unavailable`
+    // all of them but `verify` (hsm_failures.rs calls each in the rows
+    // while the PIN is refused).
+    let uses_token: BTreeSet<String> = DOC
+        .lines()
+        .skip_while(|l| !l.starts_with("| op | § | uses token |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(cells)
+        .filter(|c| c[2].starts_with("yes"))
+        .map(|c| backticked(&c[0])[0].clone())
+        .collect();
+    assert!(uses_token.len() >= 15 && uses_token.contains("mac"), "§3's uses-token column: {uses_token:?}");
+    let op_names: BTreeSet<String> = doc.ops.iter().map(|o| o.op.clone()).collect();
+    for (code, except) in [
+        ("hsm_unavailable", &[][..]),
+        ("hsm_login_failed", &[][..]),
+        ("master_key_unavailable", &["verify"][..]),
+    ] {
+        let listed: BTreeSet<String> =
+            backticked(&doc.returned_by[code]).into_iter().filter(|w| op_names.contains(w)).collect();
+        let want: BTreeSet<String> =
+            uses_token.iter().filter(|o| !except.contains(&o.as_str())).cloned().collect();
+        if listed != want {
+            errs.push(format!(
+                "§4 `{code}` is returned by {listed:?}; the operations that use the token (§3's table{}) are {want:?}",
+                if except.is_empty() { String::new() } else { format!(", but {except:?}") }
+            ));
+        }
+    }
     for op in &doc.ops {
         let s = &op.section;
         if op.params.is_none() {
