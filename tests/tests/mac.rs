@@ -152,6 +152,37 @@ async fn an_operation_on_the_wrong_type_of_key_is_wrong_key_type() {
     // The CLI says it by name.
     let out = d.cli(&["encrypt", "acme/hooks"], b"m");
     assert!(!out.status.success() && text(&out).contains("wrong_key_type"), "{}", text(&out));
+
+    // A crafted envelope or ciphertext naming the HMAC key: each opening
+    // operation is refused naming itself (as `encrypt` and `datakey` are),
+    // the key and both types, before the token is asked.
+    let envelope = keyhaven::envelope::Envelope::new(
+        path("acme/hooks"),
+        1,
+        keyhaven::envelope::EnvelopeId([0x11; 16]),
+        [0x22; 12],
+        [0x33; 48],
+    );
+    let ciphertext = keyhaven::envelope::Ciphertext::new(envelope.clone(), [0x44; 12], vec![0x55; 23]);
+    let (envelope, ciphertext) = (envelope.to_string(), ciphertext.to_string());
+    let refusals = [
+        ("decrypt", c.decrypt(&ciphertext, &ctx).await.map(|_| ())),
+        ("datakey_decrypt", c.datakey_decrypt(&envelope, &ctx).await.map(|_| ())),
+        ("rewrap", c.rewrap(&envelope, &ctx).await.map(|_| ())),
+        ("rewrap", c.rewrap(&ciphertext, &ctx).await.map(|_| ())),
+    ];
+    for (op, r) in refusals {
+        let e = r.expect_err(op);
+        assert_eq!(e.code(), Some(ErrorCode::WrongKeyType), "{op}: {e}");
+        let m = e.to_string();
+        assert!(
+            m.contains(&format!("`{op}` needs a key of type `aes256-gcm`"))
+                && m.contains("acme/hooks")
+                && m.contains("hmac-sha256")
+                && !m.contains("opening"),
+            "{op}: {m}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -183,6 +183,12 @@ async fn public_key_encryption_refuses_other_types_and_bad_files() {
             ok(offline(&["encrypt", "--public-key", tmp.path().join("forged.jwk").to_str().unwrap()], b"m"));
         let out = d.cli(&["decrypt"], ct.trim().as_bytes());
         assert!(text(&out).contains("wrong_key_type"), "{other}: {}", text(&out));
+        // Named as the operation asked for, with the type a `khp1:` ciphertext needs.
+        assert!(
+            text(&out).contains("`decrypt` needs a key of type `rsa-4096-oaep`"),
+            "{other}: {}",
+            text(&out)
+        );
     }
     // Bad files: named, before anything is written.
     std::fs::write(tmp.path().join("junk"), "not json").unwrap();

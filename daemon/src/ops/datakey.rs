@@ -144,25 +144,34 @@ pub async fn seal_data_key(
         .map_err(Error::from)
 }
 
-/// Unwraps the data key of `env` under `context`, counting a decryption.
-pub async fn open_data_key(d: &Daemon, env: &Envelope, context: EncryptionContext) -> Result<DataKey, Error> {
-    let (key, kek) = unwrap_data_key(d, env, context).await?;
+/// Unwraps the data key of `env` under `context`, counting a decryption,
+/// for operation `op` (`decrypt` or `datakey_decrypt`, named in a
+/// `wrong_key_type` refusal).
+pub async fn open_data_key(
+    d: &Daemon,
+    env: &Envelope,
+    context: EncryptionContext,
+    op: &str,
+) -> Result<DataKey, Error> {
+    let (key, kek) = unwrap_data_key(d, env, context, op).await?;
     d.usage.decrypted(&kek, crate::clock::now_unix());
     Ok(key)
 }
 
-/// Unwraps the data key of `env` under `context`; counts nothing. Returns
-/// the key and the version that wrapped it.
+/// Unwraps the data key of `env` under `context` for operation `op`
+/// (named in a `wrong_key_type` refusal); counts nothing. Returns the key
+/// and the version that wrapped it.
 pub async fn unwrap_data_key(
     d: &Daemon,
     env: &Envelope,
     context: EncryptionContext,
+    op: &str,
 ) -> Result<(DataKey, KekId), Error> {
     context.validate()?;
     let path = env.path().clone();
     d.revocations.check(&path, Some(env.key_version()), Some(&env.id()))?;
     let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
-    super::require_type(&rec, &path, KeyType::Aes256Gcm, "opening an envelope")?;
+    super::require_type(&rec, &path, KeyType::Aes256Gcm, op)?;
     check_decrypt(&rec, &path, env.key_version())?;
     let kek = kek_ref(&rec, &path, env.key_version())?;
     let id = kek.id.clone();
@@ -200,7 +209,7 @@ pub async fn generate(
 
 /// `datakey_decrypt` of a parsed envelope.
 pub async fn decrypt(d: &Arc<Daemon>, env: Envelope, context: EncryptionContext) -> Result<Reply, Error> {
-    let key = open_data_key(d, &env, context).await?;
+    let key = open_data_key(d, &env, context, "datakey_decrypt").await?;
     reply(&opened(&env, SecretBytes::from_slice(&key[..])), 256)
 }
 

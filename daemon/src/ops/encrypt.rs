@@ -50,7 +50,7 @@ pub async fn decrypt(d: &Arc<Daemon>, ct: Ciphertext, context: EncryptionContext
             ct.payload().len()
         )));
     }
-    let key = open_data_key(d, ct.envelope(), context.clone()).await?;
+    let key = open_data_key(d, ct.envelope(), context.clone(), "decrypt").await?;
     let plain = open_payload(&ct, &key, &context)?;
     let hint = plain.len() * 4 / 3;
     reply(&opened(ct.envelope(), SecretBytes::from_slice(&plain)), hint)
@@ -69,7 +69,7 @@ async fn decrypt_public(
     let version = ct.key_version();
     d.revocations.check(&path, Some(version), None)?;
     let rec = d.store.backend().key(&path).await?.ok_or_else(|| unknown_key(&path))?;
-    super::require_type(&rec, &path, KeyType::RsaOaep4096, "opening a public-key ciphertext")?;
+    super::require_type(&rec, &path, KeyType::RsaOaep4096, "decrypt")?;
     check_decrypt(&rec, &path, version)?;
     let key = kek_ref(&rec, &path, version)?;
     let id = key.id.clone();

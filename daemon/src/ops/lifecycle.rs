@@ -534,7 +534,7 @@ pub async fn rewrap(d: &Arc<Daemon>, req: Rewrap) -> Result<Reply, Error> {
     // before anything is said about the key.
     let path = env.path().clone();
     let from = env.key_version();
-    let (key, old) = unwrap_data_key(d, &env, req.context.clone()).await?;
+    let (key, old) = unwrap_data_key(d, &env, req.context.clone(), "rewrap").await?;
     let rec = d
         .store
         .backend()
