@@ -13,7 +13,7 @@ use crate::policy::{Access, Permission, Target};
 /// node's; on a cluster the answer names the chain read and every chain
 /// the store holds (docs/CLUSTER.md §3).
 pub async fn read(d: &Arc<Daemon>, req: wire::AuditRead) -> Result<Reply, Error> {
-    let cluster = d.store.kind() == "postgres";
+    let cluster = d.store.is_cluster();
     let (store, node, chains) = if cluster {
         let chains = d.store.backend().audit_chains().await?;
         let this = d.config.cluster.node_name().map_err(Error::Internal)?;

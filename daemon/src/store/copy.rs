@@ -174,7 +174,7 @@ pub fn copy(
     let chains = super::wait(source.backend().audit_chains()).context("reading the source's audit chains")?;
     let parts: Vec<Part> = if chains.is_empty() {
         vec![Part { from: None, into: Dest::Log }]
-    } else if destination.kind() == "postgres" {
+    } else if destination.is_cluster() {
         chains.iter().map(|c| Part { from: Some(c.clone()), into: Dest::Chain(c.clone()) }).collect()
     } else {
         let own = from.cluster.node_name().map_err(anyhow::Error::msg)?;

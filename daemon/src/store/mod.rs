@@ -485,8 +485,15 @@ pub type MetaChange<'a> = &'a mut (dyn FnMut(&mut Meta) + Send);
 /// a batch of records, or a conditional update of one) and its future
 /// completes only once the change is durable.
 pub trait Backend: Send + Sync + 'static {
-    /// Which backend this is, for `health` and messages.
+    /// Which backend this is, for `health` and messages. Behaviour is
+    /// decided by what a backend answers below, never by this name.
     fn kind(&self) -> &'static str;
+    /// Whether the nodes of a cluster share this store (PostgreSQL, even
+    /// with one node: docs/CLUSTER.md): each node serves only under a
+    /// lease ([`Backend::serving`], [`Backend::until_not_serving`]) and
+    /// keeps an audit chain of its own ([`Backend::audit_chains`]). The
+    /// embedded store has one daemon, no lease and one audit log.
+    fn is_cluster(&self) -> bool;
     /// Where the store is, for messages (a folder, or a database without
     /// its password).
     fn location(&self) -> String;
@@ -687,6 +694,11 @@ impl Store {
     /// Which backend this is.
     pub fn kind(&self) -> &'static str {
         self.backend.kind()
+    }
+
+    /// See [`Backend::is_cluster`].
+    pub fn is_cluster(&self) -> bool {
+        self.backend.is_cluster()
     }
 
     /// Where the store is, for messages.

@@ -984,6 +984,10 @@ impl Backend for PgStore {
         "postgres"
     }
 
+    fn is_cluster(&self) -> bool {
+        true
+    }
+
     fn location(&self) -> String {
         self.location.clone()
     }

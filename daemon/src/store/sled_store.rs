@@ -975,6 +975,10 @@ impl Backend for SledStore {
         "sled"
     }
 
+    fn is_cluster(&self) -> bool {
+        false
+    }
+
     fn location(&self) -> String {
         self.path.display().to_string()
     }
