@@ -200,7 +200,9 @@ pub struct AuditSinkHealth {
     pub delivered: u64,
     /// Records durable in the log and not delivered yet.
     pub lag: u64,
-    /// The last delivery error, while it cannot deliver.
+    /// The last delivery error, while it cannot deliver; sent only to a
+    /// caller granted `admin` on `*` (it names paths of the daemon's
+    /// config), absent for others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -486,3 +486,50 @@ fn fd_passing_borrower() {
     });
     println!("BORROWER {report}");
 }
+
+/// `health` is free, but a failing audit sink's error text names paths of
+/// the daemon's config: only a caller granted `admin` on `*` sees it;
+/// callers named by no rule, or granted other things, see the sink's state
+/// (PROTOCOL.md §3.2).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_audit_sinks_error_text_is_shown_only_to_admins() {
+    let p = people();
+    let mut d = TestDaemon::start();
+    let gone = d.dir().join("siem-gone.sock");
+    d.write_policy(&format!(
+        "{}\n[[audit.sink]]\nname = \"siem\"\ntype = \"syslog\"\npath = \"{}\"\n",
+        rules(&p),
+        gone.display()
+    ));
+    d.restart();
+    let s = d.socket();
+    let health_of = |out: Output| -> serde_json::Value { serde_json::from_str(&ok(out)).unwrap() };
+    // Root is granted `admin` on `*` (ROOT_ADMIN): the state and why.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut n = 0;
+    let admin = loop {
+        n += 1;
+        // A request, so that the sink has a record to deliver.
+        ok(run_cli(s, &["key", "create", &format!("acme/traffic-{n}")], b""));
+        let h = health_of(run_cli(s, &["health"], b""));
+        if h["audit_sinks"][0]["state"] == "failing" {
+            break h;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sink did not fail: {h}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let error = admin["audit_sinks"][0]["error"].as_str().unwrap_or_else(|| panic!("{admin}"));
+    assert!(error.contains("siem-gone.sock"), "the admin sees the error naming the socket: {admin}");
+    // dave (no rule), alice (encrypt and decrypt on acme/*) and carol
+    // (audit-read on acme/*): the sink and its state, not the error.
+    for (who, user) in [("dave", &p.dave), ("alice", &p.alice), ("carol", &p.carol)] {
+        let out = run_cli_as(user, s, &["health"], b"");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let h = health_of(out);
+        let sink = &h["audit_sinks"][0];
+        assert_eq!((&sink["name"], &sink["state"]), (&"siem".into(), &"failing".into()), "{who}: {h}");
+        assert!(sink.get("error").is_none(), "{who} sees the sink's error: {h}");
+        assert!(!h.to_string().contains("siem-gone") && !stderr.contains("siem-gone"), "{who}: {h} {stderr}");
+        assert!(stderr.contains("audit sink `siem` (syslog) is failing"), "{who}: {stderr}");
+    }
+}

@@ -19,7 +19,8 @@ use keyhaven::wire::{self, CustodyHealth, HealthResponse, HelloResponse, StoreHe
 
 use super::{reply, route, Cx, Daemon, Op, Reply, Route};
 use crate::error::Error;
-use crate::policy::Access;
+use crate::identity::Caller;
+use crate::policy::{Access, Permission, Target};
 
 pub fn hello(req: wire::Hello) -> Result<Reply, Error> {
     if req.protocol != wire::PROTOCOL_VERSION {
@@ -162,8 +163,11 @@ pub(super) async fn store_failure(d: &Arc<Daemon>) -> Option<crate::store::Store
 
 /// Probes the token and the store (shared with concurrent calls: see the
 /// module docs); reports each rather than failing the call. A whole-system
-/// suspension shows as status `suspended`.
-pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error> {
+/// suspension shows as status `suspended`. An audit sink's error text
+/// names paths of the daemon's config (a file, a socket): only a caller
+/// the policy grants `admin` on `*` gets it; others see the sink's state
+/// (docs/PROTOCOL.md §3.2).
+pub async fn health(d: &Arc<Daemon>, caller: &Caller, _req: wire::Health) -> Result<Reply, Error> {
     let probe = ProbeGate::probe(d).await;
     let (condition, error) = probe.token_error.map_or((None, None), |(c, e)| (Some(c), Some(e)));
     let token = TokenHealth {
@@ -208,6 +212,7 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
         unconfined_master_keys: unconfined,
         pinned_master_keys: confinement.iter().map(|(v, _)| *v).collect(),
     };
+    let operator = d.policy().allows(caller, Permission::Admin, &Target::All);
     let audit_sinks = d
         .audit
         .sink_status()
@@ -223,7 +228,7 @@ pub async fn health(d: &Arc<Daemon>, _req: wire::Health) -> Result<Reply, Error>
             kind: s.kind.into(),
             delivered: s.delivered,
             lag: s.lag,
-            error: s.error,
+            error: s.error.filter(|_| operator),
         })
         .collect();
     let resp = HealthResponse {
@@ -256,6 +261,6 @@ impl Op for wire::Health {
     const ACCESS: Access = Access::Open;
     const AUDITED: bool = false;
     async fn handle(self, cx: Cx<'_>) -> Result<Reply, Error> {
-        health(cx.d, self).await
+        health(cx.d, cx.caller, self).await
     }
 }
