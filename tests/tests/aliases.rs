@@ -349,3 +349,144 @@ async fn the_number_of_aliases_is_bounded() {
     c.alias_delete("acme", &format!("0000-{}", "a".repeat(58))).await.unwrap();
     c.alias_create("one-more", &path("acme/k")).await.unwrap();
 }
+
+/// The key an encryption through `name` on `c` used, or the refusal's code.
+async fn used_key(c: &keyhaven::Client, name: &str) -> Result<String, ErrorCode> {
+    match c.encrypt(&path(name), b"x", &ctx(&[])).await {
+        Ok(r) => Ok(r.ciphertext.parse::<keyhaven::Ciphertext>().unwrap().envelope().path().key().to_owned()),
+        Err(e) => Err(code(e)),
+    }
+}
+
+/// How long a change made on one node may take to reach another's answers:
+/// the change feed's `NOTIFY` takes milliseconds, its poll (a lost
+/// notification) 250 ms; the rest is room for a loaded machine.
+const FEED_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Asks `c` about `name` until it answers `want`, for at most
+/// [`FEED_BOUND`]; then asks 20 times more, and every answer must be `want`
+/// (a node that saw a change never goes back to what was before). Returns
+/// how long it took.
+async fn until_answers(
+    c: &keyhaven::Client,
+    name: &str,
+    want: Result<&str, ErrorCode>,
+) -> std::time::Duration {
+    let want = want.map(str::to_owned);
+    let started = std::time::Instant::now();
+    loop {
+        let got = used_key(c, name).await;
+        if got == want {
+            break;
+        }
+        assert!(started.elapsed() < FEED_BOUND, "`{name}`: {got:?}, not {want:?}, after {FEED_BOUND:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    for _ in 0..20 {
+        assert_eq!(used_key(c, name).await, want, "`{name}` went back");
+    }
+    took
+}
+
+/// On PostgreSQL a node answers names from its caches (docs/CLUSTER.md §4):
+/// an alias made, moved and deleted on node 1 is honoured on node 2 within
+/// the change feed's bound (and on node 1 at once), a name node 2 found to
+/// be nothing becomes usable there once node 1 makes a key of it, and a
+/// name that is neither key nor alias is `not_found` on both, every time.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_postgres_alias_changes_on_one_node_reach_another_within_the_feeds_bound() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let (a, b) = (first.client().await, second.client().await);
+    a.key_create(&path("acme/k1")).await.unwrap();
+    a.key_create(&path("acme/k2")).await.unwrap();
+    // Node 2 meets every name first as nothing (and keeps that in mind).
+    for name in ["acme/app", "acme/late", "acme/nothing", "acme/nothing"] {
+        assert_eq!(used_key(&b, name).await, Err(ErrorCode::NotFound), "{name}");
+        assert_eq!(used_key(&a, name).await, Err(ErrorCode::NotFound), "{name}");
+    }
+    until_answers(&b, "acme/k1", Ok("k1")).await;
+
+    a.alias_create("app", &path("acme/k1")).await.unwrap();
+    assert_eq!(used_key(&a, "acme/app").await, Ok("k1".into()), "on the node that made it, at once");
+    let made = until_answers(&b, "acme/app", Ok("k1")).await;
+
+    b.alias_update("app", &path("acme/k2")).await.unwrap();
+    assert_eq!(used_key(&b, "acme/app").await, Ok("k2".into()), "on the node that moved it, at once");
+    let moved = until_answers(&a, "acme/app", Ok("k2")).await;
+    a.alias_update("app", &path("acme/k1")).await.unwrap();
+    let moved_back = until_answers(&b, "acme/app", Ok("k1")).await;
+
+    // A name node 2 knows to be nothing, made a key on node 1.
+    a.key_create(&path("acme/late")).await.unwrap();
+    let late = until_answers(&b, "acme/late", Ok("late")).await;
+
+    a.alias_delete("acme", "app").await.unwrap();
+    assert_eq!(used_key(&a, "acme/app").await, Err(ErrorCode::NotFound));
+    let deleted = until_answers(&b, "acme/app", Err(ErrorCode::NotFound)).await;
+    for c in [&a, &b] {
+        assert_eq!(used_key(c, "acme/nothing").await, Err(ErrorCode::NotFound));
+        assert_eq!(used_key(c, "acme/k1").await, Ok("k1".into()));
+    }
+    eprintln!(
+        "seen on the other node after: alias made {made:?}, moved {moved:?}, moved back {moved_back:?}, \
+         key made {late:?}, alias deleted {deleted:?}"
+    );
+}
+
+/// A key and an alias of one name made at once on two nodes: `key_create`
+/// checks for an alias, `alias_create` for a key, and neither sees the
+/// other's write in flight, so both may succeed; then the key wins on every
+/// node (PROTOCOL.md §3.37), and the alias stays listed until deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_postgres_a_key_and_an_alias_made_at_once_under_one_name_the_key_wins() {
+    let Some(pg) = TestPostgres::start() else { return };
+    pg.create_db("keyhaven");
+    let first = TestDaemon::start_postgres(&pg.url("keyhaven"));
+    let second = TestDaemon::join(&first);
+    let (a, b) = (first.client().await, second.client().await);
+    a.key_create(&path("acme/target")).await.unwrap();
+    until_answers(&b, "acme/target", Ok("target")).await;
+    let (mut both, mut keys, mut aliases) = (0, 0, 0);
+    for i in 0..30 {
+        let name = format!("acme/r{i}");
+        // Node 1 has looked the name up: nothing (as it was).
+        assert_eq!(used_key(&a, &name).await, Err(ErrorCode::NotFound));
+        let (key_path, alias_name, target) = (path(&name), format!("r{i}"), path("acme/target"));
+        let (key, alias) = tokio::join!(b.key_create(&key_path), a.alias_create(&alias_name, &target));
+        for r in [key.as_ref().err(), alias.as_ref().err()].into_iter().flatten() {
+            assert_eq!(r.code(), Some(ErrorCode::AlreadyExists), "{r}");
+        }
+        let want = match (key.is_ok(), alias.is_ok()) {
+            (true, true) => {
+                both += 1;
+                format!("r{i}")
+            }
+            (true, false) => {
+                keys += 1;
+                format!("r{i}")
+            }
+            (false, true) => {
+                aliases += 1;
+                "target".to_owned()
+            }
+            (false, false) => panic!("`{name}`: neither the key nor the alias was made"),
+        };
+        for c in [&a, &b] {
+            until_answers(c, &name, Ok(&want)).await;
+        }
+        let listed = a.alias_list(Some("acme")).await.unwrap().iter().any(|x| x.alias == format!("r{i}"));
+        assert_eq!(listed, alias.is_ok(), "{name}");
+        if alias.is_ok() {
+            a.alias_delete("acme", &format!("r{i}")).await.unwrap();
+            for c in [&a, &b] {
+                let after = if key.is_ok() { Ok(want.as_str()) } else { Err(ErrorCode::NotFound) };
+                until_answers(c, &name, after).await;
+            }
+        }
+    }
+    eprintln!("30 races: both made {both}, only the key {keys}, only the alias {aliases}");
+}

@@ -752,7 +752,9 @@ fn rotate(key: &str) -> KeyRotate {
 /// for longer than the trimming waits for it, and a node stopped cleanly
 /// and started again later, both end with the cluster's state: a
 /// revocation made while they were away is enforced, one lifted is not,
-/// a key rotated while they were away encrypts under its new version.
+/// a key rotated while they were away encrypts under its new version, an
+/// alias moved names its new key, and a key made under a name they had
+/// found to be nothing is used.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_state() {
     let Some(pg) = TestPostgres::start() else { return };
@@ -778,6 +780,7 @@ async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_
         a.call(&Revoke { scope: suspended.clone(), reason: Reason::Superseded, expires_at: None }).await
     })
     .await;
+    steady(|| async { a.alias_create("current", &path("acme/other")).await }).await;
     let mut names = Vec::new();
     for node in [&paused, &stopped] {
         let c = node.client().await;
@@ -787,6 +790,16 @@ async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_
         assert_eq!(ct.key_version, 1);
         let e = c.datakey_decrypt(&lifted.envelope, &context).await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+        // Each caches the alias, and that `later` is nothing.
+        let ct = steady(|| async { c.encrypt(&path("acme/current"), b"x", &context).await }).await;
+        assert_eq!(key_of(&ct.ciphertext), "other");
+        steady(|| async {
+            match c.encrypt(&path("acme/later"), b"x", &context).await {
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(()),
+                other => other.map(|_| panic!("`acme/later` is no key yet")),
+            }
+        })
+        .await;
         names.push(steady(|| async { c.health().await }).await.store.cluster.unwrap().node);
     }
 
@@ -830,6 +843,8 @@ async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_
     steady(|| async { a.call(&lift).await }).await;
     let rotated = steady(|| async { a.call(&rotate("acme/other")).await }).await;
     assert_eq!(rotated.current_version, 2);
+    steady(|| async { a.alias_update("current", &path("acme/churn")).await }).await;
+    steady(|| async { a.key_create(&path("acme/later")).await }).await;
     // Once their leases ran out 10 leases ago, the feed is trimmed to its
     // newest revision, past what either applied.
     eventually(Duration::from_secs(25), || async {
@@ -853,12 +868,20 @@ async fn the_change_feed_is_trimmed_and_nodes_away_meanwhile_end_with_the_right_
         steady(|| async { c.datakey_decrypt(&lifted.envelope, &context).await }).await;
         let ct = steady(|| async { c.encrypt(&path("acme/other"), b"x", &context).await }).await;
         assert_eq!(ct.key_version, 2, "key `other` was rotated while the node was away");
+        let ct = steady(|| async { c.encrypt(&path("acme/current"), b"x", &context).await }).await;
+        assert_eq!(key_of(&ct.ciphertext), "churn", "the alias was moved while the node was away");
+        steady(|| async { c.encrypt(&path("acme/later"), b"x", &context).await }).await;
     }
     let mut paused = paused;
     let (_, log) = paused.stop();
     assert!(log.contains("trimmed past this node's revision"), "the paused node did not reload:\n{log}");
     let verified = steady(|| async { a.call(&AuditVerify {}).await }).await;
     assert!(verified.intact, "{verified:?}");
+}
+
+/// The key a ciphertext names.
+fn key_of(ciphertext: &str) -> String {
+    ciphertext.parse::<keyhaven::Ciphertext>().unwrap().envelope().path().key().to_owned()
 }
 
 async fn step(c: &Client) -> keyhaven::lifecycle::MasterRotationStatus {

@@ -232,16 +232,11 @@ impl Cx<'_> {
 
 /// The key that `path` names when it is an alias rather than a key: a key
 /// of that name wins (a key and an alias never share a name, but a key
-/// made in a race with an alias of the same name would).
+/// made in a race with an alias of the same name would). On PostgreSQL,
+/// answered from the node's caches (docs/CLUSTER.md §4).
 pub(crate) async fn resolve_alias(d: &Daemon, path: &KeyPath) -> Result<Option<KeyPath>, Error> {
-    if d.store.backend().key(path).await?.is_some() {
-        return Ok(None);
-    }
-    let Some(meta) = d.store.backend().meta().await? else {
-        return Ok(None);
-    };
-    match meta.aliases.get(path.tenant()).and_then(|t| t.get(path.key())) {
-        Some(alias) => Ok(Some(KeyPath::new(path.tenant(), &alias.key)?)),
+    match d.store.backend().alias_target(path).await? {
+        Some(key) => Ok(Some(KeyPath::new(path.tenant(), &key)?)),
         None => Ok(None),
     }
 }

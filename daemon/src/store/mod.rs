@@ -205,7 +205,16 @@ pub struct Meta {
     /// alias. Kept with the global facts so that every backend stores them
     /// the same way, in one atomic, anchored record.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub aliases: std::collections::BTreeMap<String, std::collections::BTreeMap<String, AliasRecord>>,
+    pub aliases: Aliases,
+}
+
+/// The alias table of [`Meta::aliases`]: tenant, then alias name, then the
+/// alias.
+pub type Aliases = std::collections::BTreeMap<String, std::collections::BTreeMap<String, AliasRecord>>;
+
+/// The key that the alias `path` names in `aliases`, if there is one.
+pub fn alias_of(aliases: &Aliases, path: &KeyPath) -> Option<String> {
+    aliases.get(path.tenant()).and_then(|t| t.get(path.key())).map(|a| a.key.clone())
 }
 
 /// A key alias: a second name for a key of the same tenant, that can be
@@ -505,6 +514,19 @@ pub trait Backend: Send + Sync + 'static {
     fn update_meta<'a>(&'a self, change: MetaChange<'a>) -> StoreFuture<'a, Meta>;
     /// A named key.
     fn key<'a>(&'a self, path: &'a KeyPath) -> StoreFuture<'a, Option<Arc<KeyRecord>>>;
+    /// When `path` names no key but an alias (PROTOCOL.md §3.37): the
+    /// name of the key the alias names, in the same tenant. `None` when a
+    /// key has that name (a key wins over an alias of the same name, made
+    /// in a race) or nothing does. For key-use requests, on every request:
+    /// PostgreSQL answers from its caches ([`postgres::PgStore`]).
+    fn alias_target<'a>(&'a self, path: &'a KeyPath) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move {
+            if self.key(path).await?.is_some() {
+                return Ok(None);
+            }
+            Ok(self.meta().await?.and_then(|m| alias_of(&m.aliases, path)))
+        })
+    }
     /// Creates a named key; refuses when one exists with that path.
     fn create_key<'a>(&'a self, record: &'a KeyRecord) -> StoreFuture<'a, ()>;
     /// Changes a named key atomically: `change` edits the current record,

@@ -16,7 +16,7 @@
 //! decrypt path reads key records from a cache kept in step with every
 //! write, never from the database.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -35,8 +35,8 @@ use super::state::{
     Anchored, StateDigest,
 };
 use super::{
-    AuditIter, AuditKind, Backend, ClusterView, KeyChange, KeyRecord, KeysChange, Meta, MetaChange, NodeView,
-    StoreError, StoreFuture,
+    alias_of, Aliases, AuditIter, AuditKind, Backend, ClusterView, KeyChange, KeyRecord, KeysChange, Meta,
+    MetaChange, NodeView, StoreError, StoreFuture,
 };
 
 /// The database schema this daemon makes and reads (`schema_version`).
@@ -128,6 +128,53 @@ const AUDIT_PAGE: i64 = 512;
 
 const META_ID: &str = "meta";
 
+/// The most names a node remembers as having no key ([`KeyCache::absent`]);
+/// past it, the set starts again empty (a name forgotten is read again).
+const MAX_ABSENT: usize = 10_000;
+
+/// The keyring as this node knows it, kept in step with its own writes and
+/// the change feed (docs/CLUSTER.md §4). Changed only under the writers'
+/// lock ([`PgStore::anchored`]), which the feed's reader holds too.
+#[derive(Default)]
+struct KeyCache {
+    /// Records read or written, by `tenant/name`.
+    present: HashMap<Vec<u8>, Arc<KeyRecord>>,
+    /// Names read and found to have no key while the node follows the
+    /// feed: a key made on any node afterwards comes through the feed (or
+    /// this node's own write), which moves its name to `present`.
+    absent: HashSet<Vec<u8>>,
+}
+
+impl KeyCache {
+    /// `Some(Some(_))`: the key; `Some(None)`: known to have none; `None`:
+    /// unknown (read the database).
+    fn get(&self, k: &[u8]) -> Option<Option<Arc<KeyRecord>>> {
+        match self.present.get(k) {
+            Some(r) => Some(Some(r.clone())),
+            None => self.absent.contains(k).then_some(None),
+        }
+    }
+
+    fn put(&mut self, k: Vec<u8>, record: Arc<KeyRecord>) {
+        self.absent.remove(&k);
+        self.present.insert(k, record);
+    }
+
+    /// Forgets `k` either way (read again on its next use).
+    fn forget(&mut self, k: &[u8]) {
+        self.present.remove(k);
+        self.absent.remove(k);
+    }
+
+    fn put_absent(&mut self, k: Vec<u8>) {
+        self.present.remove(&k);
+        if self.absent.len() >= MAX_ABSENT {
+            self.absent.clear();
+        }
+        self.absent.insert(k);
+    }
+}
+
 /// How the daemon connects to PostgreSQL.
 pub struct PgOptions {
     /// Whether a TCP connection must use TLS (production: yes).
@@ -155,9 +202,13 @@ pub struct PgStore {
     handle: tokio::runtime::Handle,
     /// Where, without the password.
     location: String,
-    /// Decoded keyring records, kept in step with this store's writes and
-    /// the change feed (the request path never queries the database).
-    keys: RwLock<HashMap<Vec<u8>, Arc<KeyRecord>>>,
+    /// Decoded keyring records, and names known to have no key, kept in
+    /// step with this store's writes and the change feed (the request path
+    /// never queries the database for a name it met before).
+    keys: RwLock<KeyCache>,
+    /// The alias table as the meta record holds it, kept in step the same
+    /// way; `None` until first read (under the writers' lock).
+    aliases: RwLock<Option<Arc<Aliases>>>,
     /// The token's anchor, once checked; also this node's writers' lock:
     /// every mutation holds it from its anchor's `pending` to its
     /// `committed`, and the change feed's reader while it applies changes.
@@ -379,6 +430,7 @@ impl PgStore {
             runtime: Some(runtime),
             location,
             keys: Default::default(),
+            aliases: RwLock::new(None),
             anchored: tokio::sync::Mutex::new(None),
             audit_pending: Mutex::new(Vec::new()),
             node,
@@ -700,8 +752,12 @@ impl PgStore {
                         c.query_opt("SELECT record FROM meta WHERE id = $1", &[key]).await.map_err(db)?;
                     let text = row.map(|r| r.get::<_, String>(0));
                     learn(w, "meta", key.as_bytes(), text.as_deref().map(str::as_bytes));
-                    if let (Some(sink), Some(text)) = (sink, &text) {
-                        sink.meta(&decode("meta", text)?);
+                    let meta: Option<Meta> = text.as_deref().map(|t| decode("meta", t)).transpose()?;
+                    if key == META_ID {
+                        self.cache_aliases(meta.as_ref());
+                    }
+                    if let (Some(sink), Some(meta)) = (sink, &meta) {
+                        sink.meta(meta);
                     }
                 }
                 "keyring" => {
@@ -720,8 +776,8 @@ impl PgStore {
                     {
                         let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
                         match &record {
-                            Some(r) => cache.insert(key.clone().into_bytes(), Arc::new(r.clone())),
-                            None => cache.remove(key.as_bytes()),
+                            Some(r) => cache.put(key.clone().into_bytes(), Arc::new(r.clone())),
+                            None => cache.forget(key.as_bytes()),
                         };
                     }
                     if let (Some(sink), Ok(path)) = (sink, KeyPath::new(tenant, name)) {
@@ -768,7 +824,7 @@ impl PgStore {
                     "keyring" => {
                         let record: KeyRecord = decode(&format!("keyring {name}"), text)?;
                         // The cache keeps the keys it held, each as it is now.
-                        if cached.contains_key(key) {
+                        if cached.present.contains_key(key) {
                             fresh.insert(key.clone(), Arc::new(record.clone()));
                         }
                         keys.push(record);
@@ -779,7 +835,10 @@ impl PgStore {
             }
         }
         relearn(w, PgStore::digest_of(&rows));
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        // Names known to have no key are forgotten: any may have one now.
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) =
+            KeyCache { present: fresh, absent: HashSet::new() };
+        self.cache_aliases(meta.as_ref());
         if let Some(sink) = self.sink.get() {
             sink.reload(meta.as_ref(), &keys, &revocations);
         }
@@ -948,7 +1007,38 @@ impl PgStore {
     }
 
     fn cache_put(&self, k: Vec<u8>, record: KeyRecord) {
-        self.keys.write().unwrap_or_else(|e| e.into_inner()).insert(k, Arc::new(record));
+        self.keys.write().unwrap_or_else(|e| e.into_inner()).put(k, Arc::new(record));
+    }
+
+    /// The alias table is now `meta`'s (under the writers' lock: a write
+    /// of the meta record, or the feed's reader applying one).
+    fn cache_aliases(&self, meta: Option<&Meta>) {
+        let table = meta.map(|m| m.aliases.clone()).unwrap_or_default();
+        *self.aliases.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(table));
+    }
+
+    /// Whether this node follows the change feed ([`Backend::start_cluster`]
+    /// ran): only then do its caches answer that a name is no key
+    /// ([`KeyCache::absent`]) and what an alias names, since only then does
+    /// every other node's change reach them.
+    fn following(&self) -> bool {
+        self.sink.get().is_some()
+    }
+
+    /// The alias table, from the cache; read from the database the first
+    /// time, under the writers' lock (so that the feed's reader, which
+    /// holds it too, cannot apply an older meta record over it).
+    async fn alias_table(&self) -> Result<Arc<Aliases>, StoreError> {
+        if let Some(table) = self.aliases.read().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(table);
+        }
+        let _w = self.anchored.lock().await;
+        if let Some(table) = self.aliases.read().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(table);
+        }
+        let meta = self.meta().await?;
+        self.cache_aliases(meta.as_ref());
+        Ok(Arc::new(meta.map(|m| m.aliases).unwrap_or_default()))
     }
 
     async fn read_key(&self, path: &KeyPath) -> Result<Option<(KeyRecord, String, i64)>, StoreError> {
@@ -1026,6 +1116,7 @@ impl Backend for PgStore {
             }
             let rev = self.record_change(&tx, "meta", vec![META_ID.to_owned()]).await?;
             tx.commit().await.map_err(db)?;
+            self.cache_aliases(Some(meta));
             commit(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))?;
             self.applied.store(rev, Ordering::SeqCst);
             lock.release().await;
@@ -1066,6 +1157,7 @@ impl Backend for PgStore {
             }
             let rev = self.record_change(&tx, "meta", vec![META_ID.to_owned()]).await?;
             tx.commit().await.map_err(db)?;
+            self.cache_aliases(Some(&meta));
             commit(&mut w, "meta", META_ID.as_bytes(), Some(value.as_bytes()))?;
             self.applied.store(rev, Ordering::SeqCst);
             lock.release().await;
@@ -1076,18 +1168,26 @@ impl Backend for PgStore {
     fn key<'a>(&'a self, path: &'a KeyPath) -> StoreFuture<'a, Option<Arc<KeyRecord>>> {
         Box::pin(async move {
             let k = keyring_key(path);
-            if let Some(rec) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
-                return Ok(Some(rec.clone()));
+            if let Some(known) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
+                return Ok(known);
             }
             let mut caught_up = false;
             loop {
                 // Read under the writers' lock, so that a write finishing
                 // meanwhile cannot be overtaken in the cache by this older read.
                 let w = self.anchored.lock().await;
-                if let Some(rec) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
-                    return Ok(Some(rec.clone()));
+                if let Some(known) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(&k) {
+                    return Ok(known);
                 }
-                let Some((record, text, _)) = self.read_key(path).await? else { return Ok(None) };
+                let Some((record, text, _)) = self.read_key(path).await? else {
+                    // No key now: one made after this read has a revision
+                    // past the one this node applied (the feed's reader
+                    // waits for this lock), so the feed brings it.
+                    if self.following() {
+                        self.keys.write().unwrap_or_else(|e| e.into_inner()).put_absent(k);
+                    }
+                    return Ok(None);
+                };
                 // The row must be the one the anchored state holds: a row
                 // changed by a database writer who is not a node is refused
                 // (after one catch-up on the feed, in case another node
@@ -1105,9 +1205,21 @@ impl Backend for PgStore {
                     )));
                 }
                 let record = Arc::new(record);
-                self.keys.write().unwrap_or_else(|e| e.into_inner()).insert(k, record.clone());
+                self.keys.write().unwrap_or_else(|e| e.into_inner()).put(k, record.clone());
                 return Ok(Some(record));
             }
+        })
+    }
+
+    fn alias_target<'a>(&'a self, path: &'a KeyPath) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move {
+            if self.key(path).await?.is_some() {
+                return Ok(None);
+            }
+            if !self.following() {
+                return Ok(self.meta().await?.and_then(|m| alias_of(&m.aliases, path)));
+            }
+            Ok(alias_of(&*self.alias_table().await?, path))
         })
     }
 
