@@ -11,7 +11,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Mutex as AsyncMutex};
 use zeroize::Zeroizing;
@@ -299,7 +298,7 @@ struct Shared {
 struct Connection {
     /// Which of the client's connections this is (1, 2, ...).
     number: u64,
-    writer: AsyncMutex<OwnedWriteHalf>,
+    writer: AsyncMutex<crate::socket::WriteHalf>,
     pending: Pending,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -415,7 +414,9 @@ impl Shared {
                     Err(source) => return Err(Error::Connect { path: path.to_owned(), source }),
                 };
                 let number = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
-                let conn = Arc::new(Connection::open(stream, self.hook_for(number), number));
+                let conn = Connection::open(stream, self.hook_for(number), number)
+                    .map_err(|source| Error::Connect { path: path.to_owned(), source })?;
+                let conn = Arc::new(conn);
                 // `hello` is part of connecting: its wait counts against the
                 // connect timeout, not the request timeout.
                 let hello = wire::Hello {
@@ -499,11 +500,11 @@ async fn resubscribe(weak: Weak<Shared>, dead: u64) {
 
 impl Connection {
     /// Starts the reader task of a connected stream.
-    fn open(stream: UnixStream, hook: Option<EventHook>, number: u64) -> Connection {
-        let (read, write) = stream.into_split();
+    fn open(stream: UnixStream, hook: Option<EventHook>, number: u64) -> std::io::Result<Connection> {
+        let (read, write) = crate::socket::split(stream)?;
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let reader = tokio::spawn(read_frames(read, pending.clone(), hook));
-        Connection { number, writer: AsyncMutex::new(write), pending, reader }
+        Ok(Connection { number, writer: AsyncMutex::new(write), pending, reader })
     }
 
     /// Requests waiting for their answer; `None` once the connection ended.
@@ -552,7 +553,7 @@ impl Connection {
 
 /// The reader task of a connection: answers to their waiters, events to
 /// the hook, and, at the end, [`Event::Closed`] and every waiter failed.
-async fn read_frames(read: tokio::net::unix::OwnedReadHalf, table: Pending, hook: Option<EventHook>) {
+async fn read_frames(read: crate::socket::ReadHalf, table: Pending, hook: Option<EventHook>) {
     // The reader zeroes each frame's bytes once the next is asked for.
     let mut frames = FrameReader::new(read);
     let end = loop {
@@ -648,7 +649,9 @@ impl Client {
         let shared = Arc::new(Shared::new(None, ClientBuilder { hook: hook.clone(), ..Default::default() }));
         shared.connections.store(1, Ordering::SeqCst);
         shared.attempts.store(1, Ordering::SeqCst);
-        *shared.conn.lock().expect("conn lock") = Some(Arc::new(Connection::open(stream, hook, 1)));
+        // A stream the runtime cannot watch gives a client that is closed
+        // from the start (every call fails `Closed`).
+        *shared.conn.lock().expect("conn lock") = Connection::open(stream, hook, 1).ok().map(Arc::new);
         Client { shared, request_timeout: Timeouts::default().request }
     }
 

@@ -100,6 +100,7 @@ pub mod sealer;
 #[doc(hidden)]
 pub mod secret;
 pub mod sign;
+pub mod socket;
 pub mod spki;
 mod typed;
 pub mod wire;

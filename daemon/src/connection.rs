@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use keyhaven::socket::{ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -207,7 +207,13 @@ pub async fn serve(
     let idle_timeout = Duration::from_secs(limits.idle_timeout_seconds);
     let write_timeout = Duration::from_secs(limits.write_timeout_seconds);
     let outbox_max = limits.outbox_bytes;
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = match keyhaven::socket::split(stream) {
+        Ok(halves) => halves,
+        Err(e) => {
+            tracing::warn!("cannot watch a connection's socket, closing it: {e}");
+            return;
+        }
+    };
     let mut frames = Some(FrameReader::with_budget(rd, budget));
     let mut wr = Some(wr);
     let mut running = FuturesUnordered::new();
@@ -383,8 +389,8 @@ fn drop_client(
     caller: &Caller,
     why: DropReason,
     text: &str,
-    wr: &mut Option<OwnedWriteHalf>,
-    frames: &mut Option<FrameReader<OwnedReadHalf>>,
+    wr: &mut Option<WriteHalf>,
+    frames: &mut Option<FrameReader<ReadHalf>>,
     out: &mut Outbox,
 ) {
     match why {
@@ -403,7 +409,7 @@ fn drop_client(
 }
 
 /// Writes what it can of `buf`; `Ok(0)` is an error (the client is gone).
-async fn write_some(wr: &mut Option<OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
+async fn write_some(wr: &mut Option<WriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
     match wr {
         Some(w) => match w.write(buf).await? {
             0 => Err(std::io::ErrorKind::WriteZero.into()),
@@ -415,7 +421,7 @@ async fn write_some(wr: &mut Option<OwnedWriteHalf>, buf: &[u8]) -> std::io::Res
 
 /// The next frame, from a reader not yet dropped.
 async fn next_frame(
-    frames: &mut Option<FrameReader<OwnedReadHalf>>,
+    frames: &mut Option<FrameReader<ReadHalf>>,
 ) -> Result<Option<&[u8]>, keyhaven::Error> {
     match frames {
         Some(f) => f.next().await,
