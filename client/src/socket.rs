@@ -58,7 +58,7 @@ impl AsyncRead for ReadHalf {
         loop {
             let mut ready = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match ready.try_io(|fd| (&*fd.get_ref()).read(unfilled)) {
+            match ready.try_io(|fd| fd.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -85,7 +85,7 @@ pub struct WriteHalf {
 impl WriteHalf {
     /// Writes what the socket takes now, without waiting.
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        (&*self.fd.get_ref()).write(buf)
+        self.fd.get_ref().write(buf)
     }
 }
 
@@ -108,7 +108,7 @@ impl AsyncWrite for WriteHalf {
             }
             let watch = this.writable.as_ref().expect("just set");
             let mut ready = ready!(watch.poll_write_ready(cx))?;
-            match ready.try_io(|_| (&*this.fd.get_ref()).write(buf)) {
+            match ready.try_io(|_| this.fd.get_ref().write(buf)) {
                 Ok(done) => {
                     drop(ready);
                     this.writable = None;

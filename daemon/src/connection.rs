@@ -24,12 +24,12 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use keyhaven::frame::{encode_frame, FrameBudget, FrameReader};
 use keyhaven::revocation::Scope;
+use keyhaven::socket::{ReadHalf, WriteHalf};
 use keyhaven::wire::{EventFrame, Operation, ResponseFrame, SubscribeRevocations, WireError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use keyhaven::socket::{ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -420,9 +420,7 @@ async fn write_some(wr: &mut Option<WriteHalf>, buf: &[u8]) -> std::io::Result<u
 }
 
 /// The next frame, from a reader not yet dropped.
-async fn next_frame(
-    frames: &mut Option<FrameReader<ReadHalf>>,
-) -> Result<Option<&[u8]>, keyhaven::Error> {
+async fn next_frame(frames: &mut Option<FrameReader<ReadHalf>>) -> Result<Option<&[u8]>, keyhaven::Error> {
     match frames {
         Some(f) => f.next().await,
         None => Ok(None),
