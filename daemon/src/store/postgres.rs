@@ -2171,8 +2171,8 @@ mod tests {
             "the PostgreSQL server at 127.0.0.1:6543 (database kh) did not answer within 2.4 s while opening a \
              connection (the limit: [store] connect_timeout_seconds = 2)"
         );
-        let e: anyhow::Result<()> = Err(anyhow::Error::new(e).context("opening the store"));
-        assert_eq!(crate::exit::status(&e.unwrap_err()), crate::exit::EX_TEMPFAIL);
+        let e = anyhow::Error::new(e).context("opening the store");
+        assert_eq!(crate::exit::status(&e), crate::exit::EX_TEMPFAIL);
     }
 
     #[test]
