@@ -582,6 +582,15 @@ impl PgStore {
         }
     }
 
+    /// A connection attempt for the call named `what` that gave up on
+    /// its socket's connect (tokio-postgres's `connect_timeout`).
+    fn connect_late(server: &str, what: &str, connect: &Limit) -> StoreError {
+        match what {
+            "opening a connection" => PgStore::no_answer(server, what, connect),
+            _ => PgStore::no_answer(server, &format!("opening a connection ({what})"), connect),
+        }
+    }
+
     /// Runs `f` with a pooled connection on the store's runtime, given up
     /// after [`PgStore::limit`]; `what` names the call in its error.
     fn on_db<T, F, Fut>(
@@ -614,13 +623,13 @@ impl PgStore {
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let pool = self.pool.clone();
-        let server = self.server.clone();
+        let (server, connect) = (self.server.clone(), self.connect_limit());
         let task = self.handle.spawn(async move {
             let deadline = tokio::time::Instant::now() + limit.total;
             let late = || PgStore::no_answer(&server, what, &limit);
             let client = match tokio::time::timeout_at(deadline, pool.get()).await {
                 Err(_) => return Err(late()),
-                Ok(Err(e)) if timed_out(&e) => return Err(late()),
+                Ok(Err(e)) if timed_out(&e) => return Err(PgStore::connect_late(&server, what, &connect)),
                 Ok(got) => got.map_err(pool_error)?,
             };
             tokio::time::timeout_at(deadline, f(client)).await.map_err(|_| late())?
@@ -676,13 +685,13 @@ impl PgStore {
         F: for<'a> FnOnce(&'a tokio_postgres::Client) -> DbFuture<'a, T> + Send + 'static,
     {
         let pool = self.pool.clone();
-        let server = self.server.clone();
+        let (server, connect) = (self.server.clone(), self.connect_limit());
         let task = self.handle.spawn(async move {
             let late = || PgStore::no_answer(&server, what, &limit);
             let deadline = tokio::time::Instant::now() + limit.total;
             let conn = match tokio::time::timeout_at(deadline, pool.get()).await {
                 Err(_) => return Err(late()),
-                Ok(Err(e)) if timed_out(&e) => return Err(late()),
+                Ok(Err(e)) if timed_out(&e) => return Err(PgStore::connect_late(&server, what, &connect)),
                 Ok(got) => got.map_err(pool_error)?,
             };
             let done = tokio::time::timeout_at(deadline, f(&conn)).await;
