@@ -110,7 +110,20 @@ pub struct StoreSection {
     /// the system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
+    /// postgres: how long opening a connection may take, from the socket's
+    /// connect to the end of authentication (TLS included), in seconds
+    /// (from 1 to 300; default [`DEFAULT_CONNECT_TIMEOUT`]). It also sets
+    /// the time limit of every database call, at start and after
+    /// (docs/CLUSTER.md §2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_seconds: Option<u64>,
 }
+
+/// `[store] connect_timeout_seconds` when it is not set.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The shortest and longest `[store] connect_timeout_seconds`.
+pub const CONNECT_TIMEOUT_BOUNDS: (u64, u64) = (1, 300);
 
 impl std::fmt::Debug for StoreSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,6 +135,8 @@ impl std::fmt::Debug for StoreSection {
             .field("url_env", &self.url_env)
             .field("url_credential", &self.url_credential)
             .field("url", &self.url.as_ref().map(|_| "(redacted)"))
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("connect_timeout_seconds", &self.connect_timeout_seconds)
             .finish()
     }
 }
@@ -137,7 +152,13 @@ impl StoreSection {
             url_credential: None,
             url: None,
             tls_ca_file: None,
+            connect_timeout_seconds: None,
         }
+    }
+
+    /// `connect_timeout_seconds`, or its default.
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        self.connect_timeout_seconds.map_or(DEFAULT_CONNECT_TIMEOUT, std::time::Duration::from_secs)
     }
 
     /// The PostgreSQL connection string, from where the section says.
@@ -185,7 +206,8 @@ fn write_store_section<S: serde::Serializer>(store: &StoreSection, s: S) -> Resu
     let plain = StoreSection::sled(store.path.clone());
     let is_plain = store.backend == StoreBackend::Sled
         && [&store.url_file, &store.tls_ca_file].iter().all(|f| f.is_none())
-        && [&store.url_env, &store.url_credential, &store.url].iter().all(|v| v.is_none());
+        && [&store.url_env, &store.url_credential, &store.url].iter().all(|v| v.is_none())
+        && store.connect_timeout_seconds.is_none();
     if is_plain {
         plain.path.serialize(s)
     } else {
@@ -975,11 +997,23 @@ fn check_store(store: &StoreSection, mode: Mode) -> Result<(), (&'static str, St
         store.url.is_some(),
     ];
     let n = sources.iter().filter(|s| **s).count();
+    if let Some(s) = store.connect_timeout_seconds {
+        let (low, high) = CONNECT_TIMEOUT_BOUNDS;
+        if !(low..=high).contains(&s) {
+            return Err(("store.connect_timeout_seconds", format!("must be from {low} to {high} (seconds)")));
+        }
+    }
     match store.backend {
-        StoreBackend::Sled if n > 0 || store.tls_ca_file.is_some() => Err((
-            "store.backend",
-            "the connection settings (`url*`, `tls_ca_file`) are for `backend = \"postgres\"`".into(),
-        )),
+        StoreBackend::Sled
+            if n > 0 || store.tls_ca_file.is_some() || store.connect_timeout_seconds.is_some() =>
+        {
+            Err((
+                "store.backend",
+                "the connection settings (`url*`, `tls_ca_file`, `connect_timeout_seconds`) are for \
+                 `backend = \"postgres\"`"
+                    .into(),
+            ))
+        }
         StoreBackend::Sled => Ok(()),
         StoreBackend::Postgres if store.url.is_some() && mode == Mode::Production => Err((
             "store.url",

@@ -9,7 +9,7 @@
 //! | 0 | clean stop | SIGTERM, drained |
 //! | 78 `EX_CONFIG` | an operator must act | wrong or locked PIN (or one the token refused at an earlier start), config that does not load, production checks refused, PIN unreadable, module that cannot be loaded, master or audit key missing or not the one recorded, store not initialised or not matching its anchor |
 //! | 69 `EX_UNAVAILABLE` | the token is not there (yet) | no token with the label, the token failing (unless SoftHSM2's token files are the cause: 78) |
-//! | 75 `EX_TEMPFAIL` | try again later | store locked by another process, socket in use by another daemon, store I/O, a full disk under the store or its audit log |
+//! | 75 `EX_TEMPFAIL` | try again later | store locked by another process, socket in use by another daemon, store I/O, a full disk under the store or its audit log, PostgreSQL unreachable or not answering within its time limit |
 //! | 1 | anything else | |
 
 use crate::config::ConfigError;
@@ -97,7 +97,11 @@ fn store(e: &StoreError) -> Option<u8> {
     match e {
         // A full disk: the start succeeds once there is room (systemd
         // restarts the unit meanwhile).
-        StoreError::Backend(_) | StoreError::Unwritable { .. } => Some(EX_TEMPFAIL),
+        // A PostgreSQL server that does not answer: the start succeeds once
+        // it answers again.
+        StoreError::Backend(_) | StoreError::NoAnswer { .. } | StoreError::Unwritable { .. } => {
+            Some(EX_TEMPFAIL)
+        }
         StoreError::AlreadyExists(_) => None,
         _ => Some(EX_CONFIG),
     }

@@ -121,6 +121,9 @@ pub async fn due_keys(d: &Arc<Daemon>) {
                 Ok(Err(e)) => {
                     tracing::warn!(key = %path, error = %e, "scheduled deletion failed; retried later");
                     record_failure(d, DELETE_OP, &path, "scheduled deletion", &e).await;
+                    if silent(&e) {
+                        return;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(key = %path, error = %e, "scheduled deletion task failed");
@@ -164,8 +167,23 @@ pub async fn due_keys(d: &Arc<Daemon>) {
                 Err(e) => {
                     tracing::warn!(key = %path, error = %e, "automatic rotation failed; retried later");
                     record_failure(d, ROTATE_OP, &path, "automatic rotation", &e).await;
+                    if silent(&e) {
+                        return;
+                    }
                 }
             }
         }
     }
+}
+
+/// A PostgreSQL server that did not answer within its time limit: the
+/// other keys due would each wait as long, so the round stops (the next
+/// one, or the next start, does them), and a start waits for one such
+/// limit, not one per key (docs/CLUSTER.md §2).
+fn silent(e: &crate::error::Error) -> bool {
+    let silent = matches!(e, crate::error::Error::Store(crate::store::StoreError::NoAnswer { .. }));
+    if silent {
+        tracing::warn!("the database does not answer: the other keys due wait for the next round");
+    }
+    silent
 }

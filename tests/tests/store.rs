@@ -64,7 +64,7 @@ fn revocation(scope: Scope, since: u64) -> Revocation {
 }
 
 fn open_pg(pg: &TestPostgres, db: &str) -> Store {
-    let options = PgOptions { require_tls: false, ca_file: None };
+    let options = PgOptions::default();
     Store::new(Arc::new(PgStore::open(&pg.url(db), &options).expect("open the PostgreSQL store")))
 }
 
@@ -342,7 +342,7 @@ fn a_newer_schema_is_refused_by_name_and_a_bad_connection_string_is_named() {
     pg.create_db("kh");
     drop(open_pg(&pg, "kh"));
     pg.psql("kh", &format!("INSERT INTO schema_version (version) VALUES ({})", PG_SCHEMA_VERSION + 1));
-    let options = PgOptions { require_tls: false, ca_file: None };
+    let options = PgOptions::default();
     match PgStore::open(&pg.url("kh"), &options) {
         Err(e @ StoreError::NewerSchema { .. }) => {
             let text = e.to_string();
@@ -362,7 +362,7 @@ fn a_newer_schema_is_refused_by_name_and_a_bad_connection_string_is_named() {
 
 #[test]
 fn production_refuses_postgres_over_tcp_without_tls() {
-    let production = PgOptions { require_tls: true, ca_file: None };
+    let production = PgOptions { require_tls: true, ..PgOptions::default() };
     for url in [
         "host=db.example password=hunter2 dbname=kh",
         "postgresql://kh:hunter2@db.example/kh",

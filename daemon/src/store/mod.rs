@@ -70,6 +70,25 @@ pub enum StoreError {
     /// The backend failed.
     #[error("store backend: {0}")]
     Backend(String),
+    /// The PostgreSQL server did not answer a call within its time limit:
+    /// it stopped answering (paused, hung, its host frozen), or what
+    /// listens there is not a PostgreSQL server. Names the server (never
+    /// the connection string), what was being done, and what sets the
+    /// limit (docs/CLUSTER.md §2).
+    #[error(
+        "the PostgreSQL server at {server} did not answer within {} while {what} (the limit: {set_by})",
+        seconds_text(*limit)
+    )]
+    NoAnswer {
+        /// `host:port` or the socket's path, and the database.
+        server: String,
+        /// What the daemon was doing.
+        what: String,
+        /// The limit.
+        limit: std::time::Duration,
+        /// What sets it (the config keys).
+        set_by: String,
+    },
     /// The store's records are not the state the token's anchor vouches for
     /// (altered, swapped, removed, or an older copy): see [`state`].
     #[error("the store does not match the token's anchor: {0}")]
@@ -114,6 +133,15 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// A time limit in seconds, for messages: `5 s`, `2.4 s`.
+pub fn seconds_text(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
 }
 
 /// Which condition an I/O error is, for messages and `health`
@@ -463,6 +491,7 @@ pub fn open(config: &crate::config::Config) -> Result<Store, StoreError> {
             let options = postgres::PgOptions {
                 require_tls: config.mode == Mode::Production,
                 ca_file: config.store.tls_ca_file.clone(),
+                connect_timeout: config.store.connect_timeout(),
             };
             let node = config.cluster.node_name().map_err(StoreError::Backend)?;
             let lease = config.cluster.lease().map_err(StoreError::Backend)?;

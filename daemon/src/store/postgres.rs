@@ -113,11 +113,9 @@ const TRIM_GRACE_LEASES: u32 = 10;
 /// Connections in the pool.
 const POOL_SIZE: usize = 8;
 
-/// How long the schema's migration may take (at start).
+/// How long the schema's migration may take (at start, only when the
+/// database's schema is older than this daemon's).
 const MIGRATION_LIMIT: Duration = Duration::from_secs(300);
-
-/// How long opening a connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What tokio-postgres takes for TCP keepalives when the connection string
 /// says nothing (`keepalives_idle`): two hours, libpq's and the kernel's.
@@ -181,6 +179,29 @@ pub struct PgOptions {
     pub require_tls: bool,
     /// A PEM file of CA certificates to trust, besides the system's.
     pub ca_file: Option<std::path::PathBuf>,
+    /// How long opening a connection may take, authentication included
+    /// (`[store] connect_timeout_seconds`); also part of every call's
+    /// time limit ([`PgStore`]'s `limit`).
+    pub connect_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    /// No TLS required, the system's CAs, the default connection timeout.
+    fn default() -> PgOptions {
+        PgOptions {
+            require_tls: false,
+            ca_file: None,
+            connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// A time limit on a database call, and what sets it (named in the
+/// message of a call given up: [`StoreError::NoAnswer`]).
+#[derive(Clone, Debug)]
+struct Limit {
+    total: Duration,
+    set_by: String,
 }
 
 /// This node of a cluster: its name and lease (`[cluster]`).
@@ -202,6 +223,11 @@ pub struct PgStore {
     handle: tokio::runtime::Handle,
     /// Where, without the password.
     location: String,
+    /// The server (`host:port` or the socket's path) and the database,
+    /// for [`StoreError::NoAnswer`].
+    server: String,
+    /// How long opening a connection may take.
+    connect_timeout: Duration,
     /// Decoded keyring records, and names known to have no key, kept in
     /// step with this store's writes and the change feed (the request path
     /// never queries the database for a name it met before).
@@ -332,6 +358,43 @@ fn describe(config: &tokio_postgres::Config) -> String {
     format!("postgres {} database {}", hosts.join(","), config.get_dbname().unwrap_or("(default)"))
 }
 
+/// `host:port` (or the Unix socket's path) of every host of a connection
+/// config, and the database: `127.0.0.1:5432 (database kh)`. Never the
+/// user or the password.
+fn servers(config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            // As tokio-postgres picks it: the host's own, else the first.
+            let port = ports.get(i).or_else(|| ports.first()).copied().unwrap_or(5432);
+            match h {
+                Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => dir.join(format!(".s.PGSQL.{port}")).display().to_string(),
+            }
+        })
+        .collect();
+    format!("{} (database {})", hosts.join(", "), config.get_dbname().unwrap_or("(default)"))
+}
+
+/// Whether a failed connection attempt failed on tokio-postgres's own
+/// connect timeout (the socket's connect): reported as the call's
+/// [`StoreError::NoAnswer`], naming the limit.
+fn timed_out(e: &deadpool_postgres::PoolError) -> bool {
+    let deadpool_postgres::PoolError::Backend(e) = e else { return false };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Over TCP, a connection whose packets vanish (a partition, a dead link,
 /// a host gone without a reset) fails nothing by itself: a call on it waits
 /// until the kernel gives up on retransmitting (about 15 minutes), and an
@@ -394,7 +457,10 @@ impl PgStore {
                 describe(&config)
             )));
         }
-        config.connect_timeout(CONNECT_TIMEOUT);
+        // The socket's connect (tokio-postgres's `connect_timeout`, which
+        // this overrides); the whole opening, authentication included, is
+        // bounded by the calls' limits (`PgStore::on_db_limit`).
+        config.connect_timeout(options.connect_timeout);
         bound_dead_links(&mut config, node.lease);
         config.application_name("keyhavend");
         let mut tls = native_tls::TlsConnector::builder();
@@ -407,6 +473,7 @@ impl PgStore {
         }
         let tls = tls.build().map_err(|e| StoreError::Backend(format!("cannot set up TLS: {e}")))?;
         let location = describe(&config);
+        let server = servers(&config);
         let tls = postgres_native_tls::MakeTlsConnector::new(tls);
         let listen = (config.clone(), tls.clone());
         let manager =
@@ -429,6 +496,8 @@ impl PgStore {
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
             location,
+            server,
+            connect_timeout: options.connect_timeout,
             keys: Default::default(),
             aliases: RwLock::new(None),
             anchored: tokio::sync::Mutex::new(None),
@@ -457,38 +526,95 @@ impl PgStore {
         Ok(store)
     }
 
+    /// How long opening a connection may take (`[store]
+    /// connect_timeout_seconds`).
+    fn connect_limit(&self) -> Limit {
+        Limit {
+            total: self.connect_timeout,
+            set_by: format!("[store] connect_timeout_seconds = {}", self.connect_timeout.as_secs()),
+        }
+    }
+
     /// How long one database call may take, a new connection included:
     /// a server that stops answering (paused, hung) over a Unix socket has
     /// no TCP bound, and a call on it would wait for ever (docs/CLUSTER.md
     /// §5).
-    fn limit(&self) -> Duration {
-        CONNECT_TIMEOUT + self.node.lease
+    fn limit(&self) -> Limit {
+        Limit {
+            total: self.connect_timeout + self.node.lease,
+            set_by: format!(
+                "[store] connect_timeout_seconds = {} plus [cluster] lease = {}",
+                self.connect_timeout.as_secs(),
+                humantime::format_duration(self.node.lease)
+            ),
+        }
     }
 
     /// How long a write may take: the cluster's write lock may be waited
     /// for (`lock_timeout`), then its statements.
-    fn write_limit(&self) -> Duration {
-        WRITE_LOCK_TIMEOUT + self.limit()
+    fn write_limit(&self) -> Limit {
+        let call = self.limit();
+        Limit {
+            total: WRITE_LOCK_TIMEOUT + call.total,
+            set_by: format!(
+                "{} plus {} for the cluster's write lock",
+                call.set_by,
+                super::seconds_text(WRITE_LOCK_TIMEOUT)
+            ),
+        }
+    }
+
+    /// A lease (`health`'s queries).
+    fn lease_limit(&self) -> Limit {
+        Limit {
+            total: self.node.lease,
+            set_by: format!("[cluster] lease = {}", humantime::format_duration(self.node.lease)),
+        }
+    }
+
+    /// The call named `what`, given up after `limit`.
+    fn no_answer(server: &str, what: &str, limit: &Limit) -> StoreError {
+        StoreError::NoAnswer {
+            server: server.to_owned(),
+            what: what.to_owned(),
+            limit: limit.total,
+            set_by: limit.set_by.clone(),
+        }
+    }
+
+    /// A connection attempt for the call named `what` that gave up on
+    /// its socket's connect (tokio-postgres's `connect_timeout`).
+    fn connect_late(server: &str, what: &str, connect: &Limit) -> StoreError {
+        match what {
+            "opening a connection" => PgStore::no_answer(server, what, connect),
+            _ => PgStore::no_answer(server, &format!("opening a connection ({what})"), connect),
+        }
     }
 
     /// Runs `f` with a pooled connection on the store's runtime, given up
-    /// after [`PgStore::limit`].
-    fn on_db<T, F, Fut>(&self, f: F) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    /// after [`PgStore::limit`]; `what` names the call in its error.
+    fn on_db<T, F, Fut>(
+        &self,
+        what: &'static str,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
     where
         T: Send + 'static,
         F: FnOnce(Object) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        self.on_db_limit(self.limit(), f)
+        self.on_db_limit(self.limit(), what, f)
     }
 
     /// Runs `f` with a pooled connection on the store's runtime, giving up
     /// after `limit` (waiting for the connection included) with
-    /// `store_unavailable`. The connection goes back to the pool; the late
-    /// answer of a call given up is discarded when it comes.
+    /// [`StoreError::NoAnswer`] (`store_unavailable`) naming the server,
+    /// `what` and the limit. The connection goes back to the pool; the
+    /// late answer of a call given up is discarded when it comes.
     fn on_db_limit<T, F, Fut>(
         &self,
-        limit: Duration,
+        limit: Limit,
+        what: &'static str,
         f: F,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
     where
@@ -497,32 +623,35 @@ impl PgStore {
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let (server, connect) = (self.server.clone(), self.connect_limit());
         let task = self.handle.spawn(async move {
-            let deadline = tokio::time::Instant::now() + limit;
-            let late =
-                || StoreError::Backend(format!("postgres: the server did not answer within {limit:?}"));
-            let client = tokio::time::timeout_at(deadline, pool.get())
-                .await
-                .map_err(|_| late())?
-                .map_err(pool_error)?;
+            let deadline = tokio::time::Instant::now() + limit.total;
+            let late = || PgStore::no_answer(&server, what, &limit);
+            let client = match tokio::time::timeout_at(deadline, pool.get()).await {
+                Err(_) => return Err(late()),
+                Ok(Err(e)) if timed_out(&e) => return Err(PgStore::connect_late(&server, what, &connect)),
+                Ok(got) => got.map_err(pool_error)?,
+            };
             tokio::time::timeout_at(deadline, f(client)).await.map_err(|_| late())?
         });
         async move { task.await.map_err(|e| StoreError::Backend(format!("postgres task: {e}")))? }
     }
 
-    /// `fut`, given up after `limit` with `store_unavailable` (`what`
-    /// names it): for calls on connections held outside
-    /// [`PgStore::on_db`] (the write lock's, the change feed's). Dropping
-    /// the call releases what it held: the write lock's connection is
-    /// closed, the cluster's lock with it. Pollable from any thread: the
-    /// timer runs on the store's runtime.
+    /// `fut`, given up after `limit` with [`StoreError::NoAnswer`]
+    /// (`store_unavailable`; `what` names it): for calls on connections
+    /// held outside [`PgStore::on_db`] (the write lock's, the change
+    /// feed's). Dropping the call releases what it held: the write lock's
+    /// connection is closed, the cluster's lock with it. Pollable from any
+    /// thread: the timer runs on the store's runtime.
     fn bounded<'a, T: Send + 'a>(
         &self,
-        limit: Duration,
+        limit: Limit,
         what: &'static str,
         fut: impl Future<Output = Result<T, StoreError>> + Send + 'a,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'a {
-        let timer = AbortOnDrop(self.handle.spawn(async move { tokio::time::sleep(limit).await }));
+        let total = limit.total;
+        let timer = AbortOnDrop(self.handle.spawn(async move { tokio::time::sleep(total).await }));
+        let server = self.server.clone();
         async move {
             let mut timer = timer;
             let mut fut = std::pin::pin!(fut);
@@ -531,9 +660,9 @@ impl PgStore {
                     return std::task::Poll::Ready(r);
                 }
                 match std::pin::Pin::new(&mut timer.0).poll(cx) {
-                    std::task::Poll::Ready(_) => std::task::Poll::Ready(Err(StoreError::Backend(format!(
-                        "postgres: {what} took longer than {limit:?}: the server does not answer"
-                    )))),
+                    std::task::Poll::Ready(_) => {
+                        std::task::Poll::Ready(Err(PgStore::no_answer(&server, what, &limit)))
+                    }
                     std::task::Poll::Pending => std::task::Poll::Pending,
                 }
             })
@@ -547,7 +676,7 @@ impl PgStore {
     /// have been applied; the next one runs on another connection).
     fn on_db_within<T, F>(
         &self,
-        limit: Duration,
+        limit: Limit,
         what: &'static str,
         f: F,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
@@ -556,13 +685,15 @@ impl PgStore {
         F: for<'a> FnOnce(&'a tokio_postgres::Client) -> DbFuture<'a, T> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let (server, connect) = (self.server.clone(), self.connect_limit());
         let task = self.handle.spawn(async move {
-            let late = || StoreError::Backend(format!("postgres: {what} took longer than {limit:?}"));
-            let deadline = tokio::time::Instant::now() + limit;
-            let conn = tokio::time::timeout_at(deadline, pool.get())
-                .await
-                .map_err(|_| late())?
-                .map_err(pool_error)?;
+            let late = || PgStore::no_answer(&server, what, &limit);
+            let deadline = tokio::time::Instant::now() + limit.total;
+            let conn = match tokio::time::timeout_at(deadline, pool.get()).await {
+                Err(_) => return Err(late()),
+                Ok(Err(e)) if timed_out(&e) => return Err(PgStore::connect_late(&server, what, &connect)),
+                Ok(got) => got.map_err(pool_error)?,
+            };
             let done = tokio::time::timeout_at(deadline, f(&conn)).await;
             match done {
                 Ok(result) => result,
@@ -576,10 +707,41 @@ impl PgStore {
     }
 
     /// Makes the schema, or brings it up to [`PG_SCHEMA_VERSION`]; refuses
-    /// a database whose schema is newer than this daemon knows.
+    /// a database whose schema is newer than this daemon knows. A server
+    /// that does not answer fails it within the connection's time limit
+    /// (opening the first connection), then the call's (reading the
+    /// schema's version); only a migration itself, when the schema is
+    /// older, may take up to [`MIGRATION_LIMIT`].
     async fn migrate(&self) -> Result<(), StoreError> {
+        self.on_db_limit(self.connect_limit(), "opening a connection", |_| async { Ok(()) }).await?;
+        let found: i32 = self
+            .on_db("reading the schema's version", |c| async move {
+                let made: bool = c
+                    .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                if !made {
+                    return Ok(0);
+                }
+                Ok(c.query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+                    .await
+                    .map_err(db)?
+                    .get(0))
+            })
+            .await?;
         let location = self.location.clone();
-        self.on_db_limit(MIGRATION_LIMIT, move |mut c| async move {
+        if found > PG_SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema { store: location, found, known: PG_SCHEMA_VERSION });
+        }
+        if found == PG_SCHEMA_VERSION {
+            return Ok(());
+        }
+        let limit = Limit {
+            total: MIGRATION_LIMIT,
+            set_by: format!("{} for a migration of the schema", super::seconds_text(MIGRATION_LIMIT)),
+        };
+        self.on_db_limit(limit, "migrating the schema", move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
             // `IF NOT EXISTS` on a made schema is not news.
             tx.batch_execute("SET LOCAL client_min_messages = warning").await.map_err(db)?;
@@ -653,7 +815,7 @@ impl PgStore {
 
     /// A pooled connection for this task.
     async fn conn(&self) -> Result<Object, StoreError> {
-        self.on_db(|c| async move { Ok(c) }).await
+        self.on_db("getting a connection", |c| async move { Ok(c) }).await
     }
 
     /// Takes the cluster's write lock: every node's writes, and the
@@ -853,7 +1015,7 @@ impl PgStore {
     /// revisions a round. Returns the rows deleted.
     async fn trim_feed(&self) -> Result<u64, StoreError> {
         let grace = (self.node.lease * TRIM_GRACE_LEASES).as_millis() as i64;
-        self.on_db(move |c| async move {
+        self.on_db("trimming the change feed", move |c| async move {
             c.execute(
                 "DELETE FROM changes WHERE revision < (SELECT least( \
                    (SELECT coalesce(min(applied), 0) FROM nodes \
@@ -939,8 +1101,15 @@ impl PgStore {
             (self.node.name.clone(), self.node.lease.as_millis() as i64, self.applied.load(Ordering::SeqCst));
         let instance = self.instance.clone();
         let limit = match first {
-            true => CONNECT_TIMEOUT + self.node.lease,
-            false => self.node.lease.saturating_sub(self.margin()),
+            true => self.limit(),
+            false => Limit {
+                total: self.node.lease.saturating_sub(self.margin()),
+                set_by: format!(
+                    "[cluster] lease = {} less its margin of {}",
+                    humantime::format_duration(self.node.lease),
+                    humantime::format_duration(self.margin())
+                ),
+            },
         };
         // The row is this daemon's while its lease lasts: another daemon
         // with the same name takes it only once that lease has run out.
@@ -978,8 +1147,16 @@ impl PgStore {
     /// its lease has run out (at most the longest lease).
     async fn wait_applied(&self, rev: i64) -> Result<(), StoreError> {
         let name = self.node.name.clone();
-        let limit = crate::config::LEASE_BOUNDS.1 + Duration::from_secs(2) + self.limit();
-        self.on_db_limit(limit, move |c| async move {
+        let call = self.limit();
+        let limit = Limit {
+            total: crate::config::LEASE_BOUNDS.1 + Duration::from_secs(2) + call.total,
+            set_by: format!(
+                "the longest lease, {}, plus 2 s plus {}",
+                super::seconds_text(crate::config::LEASE_BOUNDS.1),
+                call.set_by
+            ),
+        };
+        self.on_db_limit(limit, "waiting for the nodes to apply a change", move |c| async move {
             let deadline = Instant::now() + crate::config::LEASE_BOUNDS.1 + Duration::from_secs(1);
             let mut pause = APPLIED_POLL_FIRST;
             loop {
@@ -1044,7 +1221,7 @@ impl PgStore {
     async fn read_key(&self, path: &KeyPath) -> Result<Option<(KeyRecord, String, i64)>, StoreError> {
         let (tenant, name) = (path.tenant().to_owned(), path.key().to_owned());
         let row = self
-            .on_db(move |c| async move {
+            .on_db("reading a key", move |c| async move {
                 c.query_opt(
                     "SELECT record, row_version FROM keyring WHERE tenant = $1 AND name = $2",
                     &[&tenant, &name],
@@ -1085,7 +1262,7 @@ impl Backend for PgStore {
     fn meta(&self) -> StoreFuture<'_, Option<Meta>> {
         Box::pin(async move {
             let text = self
-                .on_db(|c| async move {
+                .on_db("reading the global facts", |c| async move {
                     let row = c
                         .query_opt("SELECT record FROM meta WHERE id = $1", &[&META_ID])
                         .await
@@ -1098,7 +1275,7 @@ impl Backend for PgStore {
     }
 
     fn init_meta<'a>(&'a self, meta: &'a Meta) -> StoreFuture<'a, ()> {
-        Box::pin(self.bounded(self.write_limit(), "a write", async move {
+        Box::pin(self.bounded(self.write_limit(), "writing", async move {
             let mut w = self.anchored.lock().await;
             let mut lock = self.begin_write(&mut w).await?;
             let value = encode(meta);
@@ -1125,7 +1302,7 @@ impl Backend for PgStore {
     }
 
     fn update_meta<'a>(&'a self, change: MetaChange<'a>) -> StoreFuture<'a, Meta> {
-        Box::pin(self.bounded(self.write_limit(), "a write", async move {
+        Box::pin(self.bounded(self.write_limit(), "writing", async move {
             let mut w = self.anchored.lock().await;
             let mut lock = self.begin_write(&mut w).await?;
             let tx = lock.client().transaction().await.map_err(db)?;
@@ -1224,7 +1401,7 @@ impl Backend for PgStore {
     }
 
     fn create_key<'a>(&'a self, record: &'a KeyRecord) -> StoreFuture<'a, ()> {
-        Box::pin(self.bounded(self.write_limit(), "a write", async move {
+        Box::pin(self.bounded(self.write_limit(), "writing", async move {
             let path = record.path()?;
             let k = keyring_key(&path);
             let mut w = self.anchored.lock().await;
@@ -1265,7 +1442,7 @@ impl Backend for PgStore {
             // The write, bounded; then (when it takes a right away) the wait
             // for every live node to apply it, bounded by the leases.
             let written = self
-                .bounded(self.write_limit(), "a write", async move {
+                .bounded(self.write_limit(), "writing", async move {
                     let k = keyring_key(path);
                     let mut w = self.anchored.lock().await;
                     let mut lock = self.begin_write(&mut w).await?;
@@ -1327,7 +1504,7 @@ impl Backend for PgStore {
     }
 
     fn update_keys<'a>(&'a self, paths: &'a [KeyPath], change: KeysChange<'a>) -> StoreFuture<'a, ()> {
-        Box::pin(self.bounded(self.write_limit(), "a write", async move {
+        Box::pin(self.bounded(self.write_limit(), "writing", async move {
             let mut w = self.anchored.lock().await;
             let mut lock = self.begin_write(&mut w).await?;
             let tx = lock.client().transaction().await.map_err(db)?;
@@ -1390,7 +1567,7 @@ impl Backend for PgStore {
         Box::pin(async move {
             let tenant = tenant.map(str::to_owned);
             let rows = self
-                .on_db(move |c| async move {
+                .on_db("listing the keys", move |c| async move {
                     let rows = match &tenant {
                         Some(t) => {
                             c.query("SELECT tenant, name, record FROM keyring WHERE tenant = $1", &[t]).await
@@ -1418,7 +1595,7 @@ impl Backend for PgStore {
         Box::pin(async move {
             // `health` asks: answered within a lease, whatever the server.
             let n: i64 = self
-                .on_db_limit(self.node.lease, |c| async move {
+                .on_db_limit(self.lease_limit(), "counting the keys", |c| async move {
                     Ok(c.query_one("SELECT count(*) FROM keyring", &[]).await.map_err(db)?.get(0))
                 })
                 .await?;
@@ -1429,7 +1606,7 @@ impl Backend for PgStore {
     fn revocations(&self) -> StoreFuture<'_, Vec<Revocation>> {
         Box::pin(async move {
             let rows = self
-                .on_db(|c| async move {
+                .on_db("reading the revocations", |c| async move {
                     let rows = c.query("SELECT scope, record FROM revocations", &[]).await.map_err(db)?;
                     Ok(rows
                         .iter()
@@ -1447,7 +1624,7 @@ impl Backend for PgStore {
             let scope = String::from_utf8_lossy(&k).into_owned();
             let value = encode(revocation);
             let rev = self
-                .bounded(self.write_limit(), "a write", async {
+                .bounded(self.write_limit(), "writing", async {
                     let mut w = self.anchored.lock().await;
                     let mut lock = self.begin_write(&mut w).await?;
                     prepare(&mut w, "revocations", &k, Some(value.as_bytes()))?;
@@ -1475,7 +1652,7 @@ impl Backend for PgStore {
     }
 
     fn remove_revocation<'a>(&'a self, scope: &'a Scope) -> StoreFuture<'a, Option<Revocation>> {
-        Box::pin(self.bounded(self.write_limit(), "a write", async move {
+        Box::pin(self.bounded(self.write_limit(), "writing", async move {
             let k = revocation_key(scope);
             let key = String::from_utf8_lossy(&k).into_owned();
             let mut w = self.anchored.lock().await;
@@ -1542,7 +1719,7 @@ impl Backend for PgStore {
             // flush whose commit succeeded but whose answer was lost) is
             // kept as it is: the chain check would notice any difference.
             let written = self
-                .on_db(move |c| async move {
+                .on_db("writing audit records", move |c| async move {
                     c.execute(
                         "INSERT INTO audit (node, kind, seq, entry) \
                          SELECT * FROM unnest($4::text[], $1::smallint[], $2::bigint[], $3::bytea[]) \
@@ -1588,7 +1765,7 @@ impl Backend for PgStore {
             let code = kind_code(kind);
             let chain = chain.clone();
             let placing = place;
-            let rows = super::wait(Box::pin(self.on_db(move |c| async move {
+            let rows = super::wait(Box::pin(self.on_db("reading the audit log", move |c| async move {
                 let mut at = at;
                 if placing {
                     let nearest = if reverse {
@@ -1648,7 +1825,11 @@ impl Backend for PgStore {
 
     fn attach_anchor(&self, anchor: Arc<dyn Anchor>) -> Result<AnchorState, StoreError> {
         let mut guard = self.anchored.blocking_lock();
-        super::wait(Box::pin(async {
+        // Bounded like a write (it waits for the cluster's write lock, then
+        // reads every record): a server that stops answering fails the
+        // start, naming it, rather than hanging it.
+        let what = "checking the store against its anchor in the token";
+        super::wait(Box::pin(self.bounded(self.write_limit(), what, async {
             // Under the cluster's lock: no node writes between this read of
             // the records and the check of the token's anchor.
             let mut lock = self.lock_cluster().await?;
@@ -1664,12 +1845,13 @@ impl Backend for PgStore {
             self.applied.store(rev, Ordering::SeqCst);
             *guard = Some(anchored);
             Ok(state)
-        }))
+        })))
     }
 
     fn accept_as_is(&self, anchor: Arc<dyn Anchor>) -> Result<Option<AnchorState>, StoreError> {
         let mut guard = self.anchored.blocking_lock();
-        super::wait(Box::pin(async {
+        let what = "reading the store to anchor it as it is";
+        super::wait(Box::pin(self.bounded(self.write_limit(), what, async {
             let mut lock = self.lock_cluster().await?;
             let rev: i64 = lock
                 .client()
@@ -1683,7 +1865,7 @@ impl Backend for PgStore {
             self.applied.store(rev, Ordering::SeqCst);
             *guard = Some(anchored);
             Ok(old)
-        }))
+        })))
     }
 
     fn start_cluster(&self, sink: Arc<dyn ChangeSink>) -> Result<(), StoreError> {
@@ -1735,8 +1917,15 @@ impl Backend for PgStore {
             loop {
                 let Some(s) = weak.upgrade() else { break };
                 let (config, tls) = s.listen.clone();
+                let connect_timeout = s.connect_timeout;
                 drop(s);
-                if let Ok((client, mut connection)) = config.connect(tls).await {
+                // A server that accepts and never answers does not hold
+                // this loop (nor the store's drop) for ever.
+                let opened = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    o = tokio::time::timeout(connect_timeout, config.connect(tls)) => o,
+                };
+                if let Ok(Ok((client, mut connection))) = opened {
                     let listen = format!("LISTEN {FEED_CHANNEL}");
                     let listening = client.batch_execute(&listen);
                     let mut listening = std::pin::pin!(listening);
@@ -1850,7 +2039,7 @@ impl Backend for PgStore {
         Box::pin(async move {
             // `health` asks: answered within a lease, whatever the server.
             let rows = self
-                .on_db_limit(self.node.lease, |c| async move {
+                .on_db_limit(self.lease_limit(), "reading the cluster's nodes", |c| async move {
                     let rev: i64 = c
                         .query_one("SELECT coalesce(max(revision), 0) FROM changes", &[])
                         .await
@@ -1895,7 +2084,7 @@ impl Backend for PgStore {
         }
         *self.serving_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let (name, instance) = (self.node.name.clone(), self.instance.clone());
-        let left = super::wait(Box::pin(self.on_db(move |c| async move {
+        let left = super::wait(Box::pin(self.on_db("giving up the lease", move |c| async move {
             c.execute(
                 "UPDATE nodes SET lease_until = now() WHERE name = $1 AND instance = $2",
                 &[&name, &instance],
@@ -1927,7 +2116,7 @@ impl Backend for PgStore {
     }
 
     fn live_nodes(&self) -> StoreFuture<'_, Vec<String>> {
-        Box::pin(self.on_db(|c| async move {
+        Box::pin(self.on_db("reading the live nodes", |c| async move {
             let rows = c
                 .query("SELECT name FROM nodes WHERE lease_until > now() ORDER BY name", &[])
                 .await
@@ -1937,7 +2126,7 @@ impl Backend for PgStore {
     }
 
     fn audit_chains(&self) -> StoreFuture<'_, Vec<String>> {
-        Box::pin(self.on_db(|c| async move {
+        Box::pin(self.on_db("listing the audit chains", |c| async move {
             // One index probe per chain (the primary key starts with
             // `node`), not a scan of every entry: `audit_read` asks on
             // every call.
@@ -1964,6 +2153,36 @@ impl Backend for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_is_named_by_address_and_database_never_by_its_password() {
+        let named = |url: &str| servers(&url.parse().unwrap());
+        assert_eq!(
+            named("host=127.0.0.1 port=6543 user=k password=S3cret dbname=kh"),
+            "127.0.0.1:6543 (database kh)"
+        );
+        assert_eq!(
+            named("host=/run/postgresql user=k dbname=kh"),
+            "/run/postgresql/.s.PGSQL.5432 (database kh)"
+        );
+        assert_eq!(named("postgresql://k:S3cret@db1,db2:5433/kh"), "db1:5432, db2:5433 (database kh)");
+        assert_eq!(named("host=::1 port=1,2 dbname=kh"), "[::1]:1 (database kh)");
+        let e = PgStore::no_answer(
+            "127.0.0.1:6543 (database kh)",
+            "opening a connection",
+            &Limit {
+                total: Duration::from_millis(2400),
+                set_by: "[store] connect_timeout_seconds = 2".into(),
+            },
+        );
+        assert_eq!(
+            e.to_string(),
+            "the PostgreSQL server at 127.0.0.1:6543 (database kh) did not answer within 2.4 s while opening a \
+             connection (the limit: [store] connect_timeout_seconds = 2)"
+        );
+        let e = anyhow::Error::new(e).context("opening the store");
+        assert_eq!(crate::exit::status(&e), crate::exit::EX_TEMPFAIL);
+    }
 
     #[test]
     fn dead_links_are_bounded_by_the_lease_unless_the_connection_string_says_otherwise() {
