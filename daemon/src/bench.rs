@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// with --token-latency "auto").
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Run the daemon with `[hsm] inline = true`: AES-GCM and HMAC calls on
+    /// the I/O threads, each with its own session.
+    #[arg(long)]
+    pub inline: bool,
     /// Put the slow token (tests/slow-token, next to this executable) in
     /// front of SoftHSM2 with this delay per call, e.g. 1ms: a token shaped
     /// like a network HSM.
@@ -593,6 +597,9 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     if args.no_audit {
         settings.push(("audit", "enabled", toml::Value::Boolean(false)));
     }
+    if args.inline {
+        settings.push(("hsm", "inline", toml::Value::Boolean(true)));
+    }
     if let Some(n) = args.workers {
         settings.push(("hsm", "workers", toml::Value::Integer(n as i64)));
     } else if args.token_latency.is_some() {
@@ -655,7 +662,12 @@ fn run_in(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     let raw = if raw2.ops_per_sec > raw1.ops_per_sec { raw2 } else { raw1 };
 
     println!("machine: {}", machine());
-    println!("audit: {}, HSM workers: {}", if args.no_audit { "off" } else { "on" }, config.hsm.workers);
+    println!(
+        "audit: {}, HSM workers: {}{}",
+        if args.no_audit { "off" } else { "on" },
+        config.hsm.workers,
+        if config.hsm.inline { ", inline sessions on the I/O threads" } else { "" }
+    );
     print_header();
     println!(
         "{:<26} {:>5} {:>10.0} {:>9.1} {:>9} {:>9} {:>7}",

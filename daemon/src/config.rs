@@ -328,6 +328,11 @@ pub struct HsmSection {
     /// start from the token, `hsm::sizing`) or a number.
     #[serde(default)]
     pub workers: crate::hsm::Workers,
+    /// AES-GCM and HMAC calls of requests made on the I/O thread that runs
+    /// the request, each I/O thread with a session of its own, instead of
+    /// on a worker (`hsm::inline`): for a local token only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inline: bool,
     /// Requests that may wait for a worker before new ones get `busy`.
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
@@ -981,6 +986,7 @@ impl Config {
             master_key_label: self.hsm.master_key_label.clone(),
             audit_key_label: self.hsm.audit_key_label.clone(),
             workers: self.hsm.workers,
+            inline: self.hsm.inline,
             queue_depth: self.hsm.queue_depth,
             loaded_keys: self.hsm.loaded_keys,
         })

@@ -136,6 +136,7 @@ pub fn prepare(dir: &Path, postgres: Option<&str>) -> anyhow::Result<(PathBuf, O
             master_key_label: "keyhaven-mk".into(),
             audit_key_label: "keyhaven-audit".into(),
             workers: crate::hsm::Workers::Fixed(1),
+            inline: false,
             queue_depth: 4096,
             loaded_keys: crate::hsm::DEFAULT_LOADED_KEYS,
             softhsm2_conf: Some(softhsm_conf),

@@ -857,6 +857,7 @@ mod tests {
             master_key_label: "keyhaven-mk".into(),
             audit_key_label: "keyhaven-audit".into(),
             workers: crate::hsm::Workers::Fixed(1),
+            inline: false,
             queue_depth: 1,
             loaded_keys: 1,
         };

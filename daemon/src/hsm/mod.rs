@@ -16,12 +16,14 @@
 //! - [`error`]: PKCS#11 return codes to [`HsmError`], in one place.
 //! - [`sizing`]: how many workers `[hsm] workers = "auto"` starts.
 //! - [`queue`]: the jobs, one queue per tenant served round-robin.
+//! - [`inline`]: `[hsm] inline`, short token calls on the I/O threads.
 
 pub mod anchor;
 pub mod confine;
 pub mod ec;
 pub mod error;
 pub mod import;
+pub mod inline;
 pub mod queue;
 pub mod rsa;
 pub mod signing;
@@ -58,6 +60,8 @@ pub struct HsmConfig {
     pub audit_key_label: String,
     /// Number of worker threads (sessions), or `auto` ([`sizing`]).
     pub workers: Workers,
+    /// Short calls of requests on the I/O threads ([`inline`]).
+    pub inline: bool,
     /// Capacity of the job queue.
     pub queue_depth: usize,
     /// The most KEKs unwrapped in the token at once, all workers together.
@@ -161,6 +165,8 @@ pub type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 /// The worker pool.
 pub struct Hsm {
     jobs: Arc<queue::Queue<Job>>,
+    /// The I/O threads' sessions, with `[hsm] inline` (else none).
+    inline: inline::Sessions,
     threads: Mutex<Vec<JoinHandle<()>>>,
     token_label: String,
     workers: usize,
@@ -207,7 +213,16 @@ impl Hsm {
                 n
             }
         };
-        shared.workers.store(workers, Ordering::SeqCst);
+        let inline_sessions = match cfg.inline {
+            true => inline::sessions_wanted(),
+            false => 0,
+        };
+        // Every session counts: for the KEKs each may keep, and so that no
+        // worker re-initialises the module under the others' feet.
+        shared.workers.store(workers + inline_sessions, Ordering::SeqCst);
+        if cfg.inline {
+            inline::warn_if_remote(first.as_mut().expect("first worker"))?;
+        }
         for i in 0..workers {
             let mut worker = match first.take() {
                 Some(w) => w,
@@ -228,8 +243,16 @@ impl Hsm {
                 .map_err(|e| HsmError::Library(format!("cannot start an HSM thread: {e}")))?;
             threads.push(t);
         }
+        let inline = inline::Sessions::open(&shared, inline_sessions)?;
+        if inline_sessions > 0 {
+            tracing::info!(
+                sessions = inline_sessions,
+                "[hsm] inline: AES-GCM and HMAC calls of requests run on the I/O threads, each with its own session"
+            );
+        }
         Ok(Hsm {
             jobs,
+            inline,
             threads: Mutex::new(threads),
             token_label: cfg.token_label,
             workers,
@@ -275,6 +298,20 @@ impl Hsm {
         rx.await.map_err(|_| HsmError::Stopped)?
     }
 
+    /// Runs `f`, a short call of a request of `tenant` (AES-GCM, HMAC:
+    /// microseconds on a local token), on this thread's own session with
+    /// `[hsm] inline`; otherwise as [`run_for`](Self::run_for) does.
+    pub async fn run_short<T, F>(&self, tenant: &str, f: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Worker) -> Result<T, HsmError> + Send + 'static,
+    {
+        match self.inline.run(f) {
+            Ok(r) => r,
+            Err(f) => self.run_for(tenant, f).await,
+        }
+    }
+
     /// The HSM jobs waiting for a worker, and how many may wait.
     pub fn queue(&self) -> (usize, usize) {
         (self.jobs.waiting(), self.jobs.depth())
@@ -305,6 +342,7 @@ impl Hsm {
         for rx in done {
             rx.await.map_err(|_| HsmError::Stopped)?;
         }
+        self.inline.on_each(&*f);
         Ok(())
     }
 
@@ -332,6 +370,11 @@ impl Hsm {
     /// Number of workers.
     pub fn workers(&self) -> usize {
         self.workers
+    }
+
+    /// Number of sessions of the I/O threads (`[hsm] inline`; else 0).
+    pub fn inline_sessions(&self) -> usize {
+        self.inline.len()
     }
 
     /// The master key version new KEKs are wrapped under.
@@ -371,6 +414,7 @@ impl Hsm {
     /// close their sessions.
     pub fn shutdown(&self) {
         self.jobs.close();
+        self.inline.close();
         let threads = std::mem::take(&mut *self.threads.lock().expect("thread list lock"));
         for t in threads {
             let _ = t.join();
@@ -420,7 +464,7 @@ impl Rendezvous {
 /// in the token (for `keyhavend init`); returns the master key's `CKA_ID`
 /// and canary for the store to pin.
 pub fn create_first_master_key(cfg: HsmConfig) -> Result<(Vec<u8>, Vec<u8>), HsmError> {
-    let hsm = Hsm::start_with(HsmConfig { workers: Workers::Fixed(1), ..cfg }, 1, false)?;
+    let hsm = Hsm::start_with(HsmConfig { workers: Workers::Fixed(1), inline: false, ..cfg }, 1, false)?;
     let r = hsm.run_blocking(|w| {
         let id = w.random_id()?;
         let canary = w.make_master_key(1, &id, false)?;

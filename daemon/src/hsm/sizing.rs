@@ -131,15 +131,7 @@ pub fn size_for(latency: Duration, cpus: usize, session_limit: Option<u64>) -> (
 /// median of [`PROBE_CALLS`] random-number calls (the cheapest call that
 /// reaches the token) and the token's stated session limits.
 pub(super) fn choose(first: &mut Worker) -> Result<(usize, String), HsmError> {
-    let mut times = Vec::with_capacity(PROBE_CALLS);
-    let mut buf = [0u8; 16];
-    for _ in 0..PROBE_CALLS {
-        let start = Instant::now();
-        first.random(&mut buf)?;
-        times.push(start.elapsed());
-    }
-    times.sort();
-    let latency = times[times.len() / 2];
+    let latency = call_latency(first)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shared = first.shared.clone();
     let pkcs11 = shared.pkcs11();
@@ -156,6 +148,20 @@ pub(super) fn choose(first: &mut Worker) -> Result<(usize, String), HsmError> {
                 .min()
         });
     Ok(size_for(latency, cpus, limit))
+}
+
+/// The median time of [`PROBE_CALLS`] random-number calls on `worker`'s
+/// session: the cheapest call that reaches the token.
+pub(super) fn call_latency(worker: &mut Worker) -> Result<Duration, HsmError> {
+    let mut times = Vec::with_capacity(PROBE_CALLS);
+    let mut buf = [0u8; 16];
+    for _ in 0..PROBE_CALLS {
+        let start = Instant::now();
+        worker.random(&mut buf)?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
 }
 
 /// Token calls timed by [`choose`].

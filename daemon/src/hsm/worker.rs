@@ -98,11 +98,22 @@ impl Worker {
     pub(super) fn run(mut self, jobs: Arc<super::queue::Queue<Job>>) {
         while let Some(job) = jobs.pop() {
             job(&mut self);
-            if self.lost {
-                tracing::warn!("HSM session lost; it will be reopened for the next request");
-                self.reset();
-            }
+            self.after_job();
         }
+        self.reset();
+    }
+
+    /// After each job: a session found lost is dropped, to be reopened by
+    /// the next one.
+    pub(super) fn after_job(&mut self) {
+        if self.lost {
+            tracing::warn!("HSM session lost; it will be reopened for the next request");
+            self.reset();
+        }
+    }
+
+    /// Closes the session (and with it every object it made).
+    pub(super) fn close(&mut self) {
         self.reset();
     }
 

@@ -118,7 +118,7 @@ pub async fn seal_data_key(
     let (path, version) = (kek.id.path.clone(), kek.id.version);
     let tenant = path.tenant().to_owned();
     d.hsm
-        .run_for(&tenant, move |w| {
+        .run_short(&tenant, move |w| {
             // One token call for every random value: key, id, two nonces.
             let mut rnd = Zeroizing::new([0u8; DEK_LEN + ID_LEN + 2 * NONCE_LEN]);
             w.random(&mut rnd[..])?;
@@ -180,7 +180,7 @@ pub async fn unwrap_data_key(
     let wrapped = *env.wrapped_dek();
     let key = d
         .hsm
-        .run_for(path.tenant(), move |w| {
+        .run_short(path.tenant(), move |w| {
             let plain = w.open(&kek, &nonce, &aad, &wrapped)?;
             Ok(DataKey::from_slice(&plain))
         })

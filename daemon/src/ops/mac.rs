@@ -79,7 +79,7 @@ async fn mac(d: &Arc<Daemon>, path: KeyPath, req: Mac, s: &mut Subject) -> Resul
     let key = kek_ref(&rec, &path, version)?;
     s.version = Some(version);
     let message = req.message;
-    let mac = d.hsm.run_for(path.tenant(), move |w| w.mac(&key, message.expose())).await?;
+    let mac = d.hsm.run_short(path.tenant(), move |w| w.mac(&key, message.expose())).await?;
     let mac: [u8; MAC_LEN] = mac.as_slice().try_into().map_err(|_| {
         Error::Internal(format!("HMAC-SHA256 returned {} bytes, expected {MAC_LEN}", mac.len()))
     })?;
@@ -96,7 +96,7 @@ async fn verify(d: &Arc<Daemon>, path: KeyPath, req: MacVerify, tag: MacTag) -> 
     let key = kek_ref(&rec, &path, tag.version)?;
     let id = key.id.clone();
     let message = req.message;
-    let valid = d.hsm.run_for(path.tenant(), move |w| w.mac_ok(&key, message.expose(), &tag.mac)).await?;
+    let valid = d.hsm.run_short(path.tenant(), move |w| w.mac_ok(&key, message.expose(), &tag.mac)).await?;
     // A verification is what keeps an old version needed, as a decryption
     // does for an AES key: it is counted in the same place.
     d.usage.decrypted(&id, crate::clock::now_unix());

@@ -1,0 +1,99 @@
+//! `[hsm] inline` (OPERATIONS.md §2, PERFORMANCE.md "Token calls on the I/O
+//! threads"): AES-GCM and HMAC calls of requests made on the I/O threads,
+//! each with its own session. Against a real SoftHSM2 token and the real
+//! daemon: every request is answered under concurrent load, and a
+//! revocation unloads the key from the I/O threads' sessions as from the
+//! workers'.
+
+use keyhaven::revocation::{Reason, Scope};
+use keyhaven::{Client, ErrorCode, KeyOptions, KeyType, Plaintext};
+use keyhaven_tests::{ctx, path, TestDaemon};
+
+/// A daemon with `[hsm] inline = true`.
+fn inline_daemon() -> TestDaemon {
+    let mut d = TestDaemon::start();
+    d.restart_with(|dir| {
+        let file = dir.join("keyhaven.toml");
+        let config = std::fs::read_to_string(&file).unwrap();
+        assert!(config.contains("\n[hsm]\n"), "{config}");
+        std::fs::write(&file, config.replace("\n[hsm]\n", "\n[hsm]\ninline = true\n")).unwrap();
+    });
+    d
+}
+
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample `{name}` in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_sessions_answer_every_request_and_a_revocation_unloads_their_keys() {
+    let mut d = inline_daemon();
+    let c = d.client().await;
+    let (aes, hmac) = (path("acme/pii"), path("acme/index"));
+    c.key_create(&aes).await.unwrap();
+    c.key_create_with(&hmac, &KeyOptions::new().key_type(KeyType::HmacSha256)).await.unwrap();
+    let context = ctx(&["table=users"]);
+
+    // 16 clients at once, each its own connection: encrypt, decrypt,
+    // data keys, MACs; every answer right.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let socket = d.socket().to_owned();
+        let (aes, hmac, context) = (aes.clone(), hmac.clone(), context.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = Client::connect(&socket).await.unwrap();
+            for j in 0..40 {
+                let secret = format!("row {i}/{j}");
+                let sealed = c.encrypt(&aes, secret.as_bytes(), &context).await.unwrap();
+                let opened = c.decrypt(&sealed.ciphertext, &context).await.unwrap();
+                assert_eq!(opened.plaintext.expose(), secret.as_bytes());
+                let dk = c.datakey(&aes, &context, Plaintext::Include).await.unwrap();
+                let again = c.datakey_decrypt(&dk.to_envelope().unwrap(), &context).await.unwrap();
+                assert_eq!(again.plaintext, dk.plaintext.expect("asked for it"));
+                let tag = c.mac(&hmac, secret.as_bytes(), None).await.unwrap().to_tag().unwrap();
+                assert!(c.mac_verify(&hmac, secret.as_bytes(), &tag).await.unwrap());
+                assert!(!c.mac_verify(&hmac, b"another row", &tag).await.unwrap());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a client task");
+    }
+    let m = c.metrics().await.unwrap();
+    let loaded = sample(&m, "keyhaven_keks_loaded");
+    // The AES key and the HMAC key, in the I/O threads' sessions (and the
+    // worker's, for a call that found its thread's session busy).
+    assert!(loaded >= 2.0, "keys loaded in the inline sessions: {loaded}\n{m}");
+
+    // Revoked: refused, and no session keeps it unwrapped.
+    let kept = c.encrypt(&aes, b"before", &context).await.unwrap();
+    c.revoke(&Scope::key(&aes), Reason::KeyCompromise, None).await.unwrap();
+    let e = c.decrypt(&kept.ciphertext, &context).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+    c.revoke(&Scope::key(&hmac), Reason::KeyCompromise, None).await.unwrap();
+    let m = c.metrics().await.unwrap();
+    assert_eq!(sample(&m, "keyhaven_keks_loaded"), 0.0, "every session unloaded both keys:\n{m}");
+
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("[hsm] inline: AES-GCM and HMAC calls of requests run on the I/O threads"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn inline_takes_only_true_or_false() {
+    let mut d = TestDaemon::start();
+    let (status, _) = d.stop();
+    assert!(status.success());
+    let file = d.dir().join("keyhaven.toml");
+    let config = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, config.replace("\n[hsm]\n", "\n[hsm]\ninline = \"yes\"\n")).unwrap();
+    let out = d.run_once();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("inline"), "the refusal names the key: {err}");
+}
