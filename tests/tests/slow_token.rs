@@ -560,3 +560,27 @@ async fn loaded_keys_bounds_the_keys_kept_in_the_token_and_a_full_token_is_survi
     assert!(log.contains("the token has no room for another object"), "the retry is logged:\n{log}");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_on_a_token_as_slow_as_a_network_hsm_is_warned_about_and_still_serves() {
+    // `[hsm] inline = true` on a 1 ms token: every inline call would hold
+    // an I/O thread for a round trip; the start says so (OPERATIONS.md §2).
+    let mut d = SlowDaemon::start(&[("KEYHAVEN_SLOW_TOKEN_DELAY", "1ms")]);
+    d.restart_with(|c| {
+        assert!(c.contains("\n[hsm]\n"), "{c}");
+        c.replace("\n[hsm]\n", "\n[hsm]\ninline = true\n")
+    });
+    let client = Client::connect(&d.socket()).await.expect("connect");
+    use_keys(&client, "inline", 2, 2).await;
+    drop(client);
+    let log = d.stop();
+    assert!(log.contains("[hsm] inline is set, but a token call takes"), "the warning:\n{log}");
+    assert!(log.contains("run on the I/O threads"), "inline is on all the same:\n{log}");
+
+    // On the same token without the delay, no warning.
+    let mut d = SlowDaemon::start(&[("KEYHAVEN_SLOW_TOKEN_DELAY", "0")]);
+    d.restart_with(|c| c.replace("\n[hsm]\n", "\n[hsm]\ninline = true\n"));
+    let log = d.stop();
+    assert!(log.contains("run on the I/O threads"), "{log}");
+    assert!(!log.contains("[hsm] inline is set, but"), "a fast token is not warned about:\n{log}");
+}
