@@ -252,11 +252,15 @@ async fn bad_import_tokens_and_material_are_typed_refusals() {
     refused(import(&d, dir, "acme/k", &token, &[]), "bad_request", "restart");
     ok(d.cli(&["encrypt", "acme/k"], b"still here"));
     // Types that cannot be imported; keys whose material the token made.
-    refused(
-        d.cli(&["key", "import-params", "acme/e", "--type", "ecdsa-p256"], b""),
-        "bad_request",
-        "ecdsa-p256",
-    );
+    // The CLI offers only the importable types and refuses others before
+    // sending anything (exit 2); the daemon refuses them for any client.
+    let out = d.cli(&["key", "import-params", "acme/e", "--type", "ecdsa-p256"], b"");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("[possible values: aes256-gcm, hmac-sha256]"), "{}", text(&out));
+    let c = d.client().await;
+    let e = c.key_import_params(&path("acme/e"), keyhaven::KeyType::EcdsaP256, None).await.unwrap_err();
+    assert_eq!(e.code(), Some(keyhaven::ErrorCode::BadRequest), "{e}");
+    assert!(e.to_string().contains("`ecdsa-p256` cannot be imported"), "{e}");
     ok(d.cli(&["key", "create", "acme/generated"], b""));
     refused(
         d.cli(&["key", "import-params", "acme/generated"], b""),

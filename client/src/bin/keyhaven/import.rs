@@ -19,8 +19,8 @@ const MAX_WRAPPED_FILE: u64 = 4096;
 pub struct ParamsArgs {
     /// The key to import into, as TENANT/KEY (a new key, or an imported key for a new version).
     pub key: KeyPath,
-    /// What kind of key the material is: aes256-gcm or hmac-sha256 (32 bytes either way).
-    #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm")]
+    /// What kind of key the material is (32 bytes either way).
+    #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm", value_parser = crate::KeyTypeParser::IMPORTABLE)]
     pub key_type: keyhaven::KeyType,
     /// Seconds the import token stays good, 1 to 86400 (the default, 24 hours).
     #[arg(long, value_name = "SECS")]

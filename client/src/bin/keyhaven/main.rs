@@ -214,7 +214,7 @@ enum KeyCommand {
         #[arg(long, value_name = "PERIOD")]
         rotate_every: Option<String>,
         /// What kind of key (fixed for good: every version is of this type).
-        #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm", value_parser = crate::KeyTypeParser)]
+        #[arg(long = "type", value_name = "TYPE", default_value = "aes256-gcm", value_parser = crate::KeyTypeParser::ANY)]
         key_type: keyhaven::KeyType,
         /// Makes a retry safe: a create with the same key as the one that made the key answers as it did.
         #[arg(long, value_name = "KEY", value_parser = crate::idempotency_key)]
@@ -529,10 +529,21 @@ pub(crate) fn version(text: &str) -> Result<u32, String> {
 /// it is for) and read through [`keyhaven::KeyType`]'s `FromStr`, so that a
 /// refusal names the types there are (and says why `ed25519` is not one)
 /// before anything is sent.
+///
+/// `key import-params --type` uses [`KeyTypeParser::IMPORTABLE`]: only the
+/// types the daemon imports (PROTOCOL.md, `key_import_params`).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct KeyTypeParser;
+pub(crate) struct KeyTypeParser {
+    types: &'static [keyhaven::KeyType],
+}
 
 impl KeyTypeParser {
+    /// Every type the daemon makes.
+    pub(crate) const ANY: KeyTypeParser = KeyTypeParser { types: &keyhaven::KeyType::ALL };
+    /// The types whose material can be imported (32 bytes either way).
+    pub(crate) const IMPORTABLE: KeyTypeParser =
+        KeyTypeParser { types: &[keyhaven::KeyType::Aes256Gcm, keyhaven::KeyType::HmacSha256] };
+
     /// What each type is for, as `--help` says it.
     fn purpose(t: keyhaven::KeyType) -> &'static str {
         use keyhaven::KeyType as T;
@@ -558,14 +569,35 @@ impl clap::builder::TypedValueParser for KeyTypeParser {
         value: &std::ffi::OsStr,
     ) -> Result<keyhaven::KeyType, clap::Error> {
         let by_name = clap::builder::StringValueParser::new().try_map(|s| s.parse::<keyhaven::KeyType>());
-        by_name.parse_ref(cmd, arg, value)
+        let parsed = by_name.parse_ref(cmd, arg, value);
+        match parsed {
+            Ok(t) if self.types.contains(&t) => return Ok(t),
+            // Every type allowed: the type's own refusal names them all.
+            Err(e) if self.types.len() == keyhaven::KeyType::ALL.len() => return Err(e),
+            _ => {}
+        }
+        let allowed: Vec<&str> = self.types.iter().map(|t| t.as_str()).collect();
+        let mut e = clap::Error::new(clap::error::ErrorKind::InvalidValue).with_cmd(cmd);
+        if let Some(arg) = arg {
+            e.insert(
+                clap::error::ContextKind::InvalidArg,
+                clap::error::ContextValue::String(arg.to_string()),
+            );
+        }
+        e.insert(
+            clap::error::ContextKind::InvalidValue,
+            clap::error::ContextValue::String(value.to_string_lossy().into_owned()),
+        );
+        e.insert(
+            clap::error::ContextKind::ValidValue,
+            clap::error::ContextValue::Strings(allowed.iter().map(|s| s.to_string()).collect()),
+        );
+        Err(e)
     }
 
     fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
         Some(Box::new(
-            keyhaven::KeyType::ALL
-                .into_iter()
-                .map(|t| clap::builder::PossibleValue::new(t.as_str()).help(Self::purpose(t))),
+            self.types.iter().map(|t| clap::builder::PossibleValue::new(t.as_str()).help(Self::purpose(*t))),
         ))
     }
 }
