@@ -223,6 +223,8 @@ impl Hsm {
         if cfg.inline {
             inline::warn_if_remote(first.as_mut().expect("first worker"))?;
         }
+        // Before any worker thread starts: a token that refuses them fails the start cleanly.
+        let inline = inline::Sessions::open(&shared, inline_sessions)?;
         for i in 0..workers {
             let mut worker = match first.take() {
                 Some(w) => w,
@@ -243,7 +245,6 @@ impl Hsm {
                 .map_err(|e| HsmError::Library(format!("cannot start an HSM thread: {e}")))?;
             threads.push(t);
         }
-        let inline = inline::Sessions::open(&shared, inline_sessions)?;
         if inline_sessions > 0 {
             tracing::info!(
                 sessions = inline_sessions,
