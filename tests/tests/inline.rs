@@ -97,3 +97,66 @@ fn inline_takes_only_true_or_false() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("inline"), "the refusal names the key: {err}");
 }
+
+/// The token's directory (SoftHSM2 keeps one per token under `tokens/`).
+fn token_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut entries: Vec<std::path::PathBuf> =
+        std::fs::read_dir(dir.join("tokens")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_inline_a_token_gone_is_a_typed_refusal_and_a_restart_brings_it_back() {
+    // OPERATIONS.md §6: with inline sessions the daemon does not
+    // re-initialise the module; requests are refused `hsm_unavailable`
+    // (never a hang or a crash) while the token is away, and a restart
+    // once it is back serves again.
+    let mut d = inline_daemon();
+    let c = d.client().await;
+    let key = path("acme/pii");
+    c.key_create(&key).await.unwrap();
+    let context = ctx(&["table=users"]);
+    let kept = c.encrypt(&key, b"before", &context).await.unwrap();
+    // A key no session has loaded yet: using it needs the token.
+    let unused = path("acme/unused");
+    c.key_create(&unused).await.unwrap();
+
+    let tokdir = token_dir(d.dir());
+    let away = d.dir().join("token-away");
+    std::fs::rename(&tokdir, &away).unwrap();
+    for _ in 0..4 {
+        let r =
+            tokio::time::timeout(std::time::Duration::from_secs(10), c.decrypt(&kept.ciphertext, &context))
+                .await
+                .expect("answered while the token is away");
+        let Err(e) = r else { continue };
+        // A session whose key is loaded may still answer; one that must
+        // unwrap it finds no master key (SoftHSM2 keeps sessions of a
+        // token whose files went away, without its objects).
+        assert!(matches!(e.code(), Some(ErrorCode::HsmUnavailable | ErrorCode::MasterKeyUnavailable)), "{e}");
+    }
+    // Its first encryption reserves wraps (a store write, anchored in the
+    // token) and unwraps the key: either refusal names the token's side.
+    let e = c.encrypt(&unused, b"x", &context).await.expect_err("a key to unwrap, and no token");
+    assert!(
+        matches!(
+            e.code(),
+            Some(ErrorCode::HsmUnavailable | ErrorCode::MasterKeyUnavailable | ErrorCode::StoreUnavailable)
+        ),
+        "{e}"
+    );
+    let h = c.health().await.unwrap();
+    assert_eq!(h.status, "degraded", "{h:?}");
+
+    std::fs::rename(&away, &tokdir).unwrap();
+    drop(c);
+    d.restart();
+    let c = d.client().await;
+    let opened = c.decrypt(&kept.ciphertext, &context).await.expect("served again after the restart");
+    assert_eq!(opened.plaintext.expose(), b"before");
+    drop(c);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
