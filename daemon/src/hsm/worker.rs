@@ -302,7 +302,20 @@ impl Worker {
             return Ok(*h);
         }
         let label = master_key_label(&self.shared.master_key_label, version);
-        let (h, id) = token::find_master_key(self.session()?, &label)?;
+        let (h, id) = match token::find_master_key(self.session()?, &label) {
+            Err(HsmError::KeyMissing { label }) => {
+                // A session outlives the token's going away on some modules
+                // (SoftHSM2), which then find no objects in it: say the
+                // token is gone, not that the key was deleted (whose advice
+                // is to restore it from a backup).
+                if let Err(gone) = token::find_token(&self.shared.pkcs11(), &self.shared.token_label) {
+                    self.lost = true;
+                    return Err(gone);
+                }
+                return Err(HsmError::KeyMissing { label });
+            }
+            r => r?,
+        };
         self.shared.check_master_id(version, &label, &id)?;
         self.master_keys.insert(version, h);
         Ok(h)
