@@ -17,7 +17,10 @@
 //! queue, and so does a short call when the thread's session is busy with
 //! a pool-wide job. Each session keeps its own KEKs, counted in
 //! `[hsm] loaded_keys` with the workers'; a revocation evicts from every
-//! session ([`Sessions::on_each`]).
+//! session ([`Sessions::on_each`]). These sessions never re-initialise the
+//! module themselves: every call holds it shared ([`in_module`]) so that a
+//! worker's re-initialisation waits for them, and a session opened before
+//! one is dropped unclosed ([`Worker::stale`]) and reopened.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,6 +64,23 @@ thread_local! {
     static SLOT: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
+/// Runs `f` on `worker` while no re-initialisation of the module can
+/// happen ([`Shared::in_module`]), first dropping a session that one made
+/// stale (it is reopened in the module as it is now).
+fn in_module<T>(
+    worker: &mut Worker,
+    f: impl FnOnce(&mut Worker) -> Result<T, HsmError>,
+) -> Result<T, HsmError> {
+    let shared = worker.shared.clone();
+    let _inside = shared.in_module.read().unwrap_or_else(|e| e.into_inner());
+    if worker.stale() {
+        worker.close();
+    }
+    let r = f(worker);
+    worker.after_job();
+    r
+}
+
 /// The next slot to hand out.
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
@@ -68,7 +88,7 @@ impl Sessions {
     /// Opens and logs in `n` sessions.
     pub(crate) fn open(shared: &Arc<Shared>, n: usize) -> Result<Sessions, HsmError> {
         let sessions = (0..n)
-            .map(|_| Worker::new(shared.clone()).map(|w| Mutex::new(Some(w))))
+            .map(|_| Worker::for_io_thread(shared.clone()).map(|w| Mutex::new(Some(w))))
             .collect::<Result<_, _>>()?;
         Ok(Sessions { sessions })
     }
@@ -102,9 +122,7 @@ impl Sessions {
             Err(TryLockError::WouldBlock) => return Err(f),
         };
         let Some(worker) = held.as_mut() else { return Err(f) };
-        let r = f(worker);
-        worker.after_job();
-        Ok(r)
+        Ok(in_module(worker, f))
     }
 
     /// Runs `f` on every session, waiting for each that is in use.
@@ -112,8 +130,10 @@ impl Sessions {
         for s in &self.sessions {
             let mut held = s.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(worker) = held.as_mut() {
-                f(worker);
-                worker.after_job();
+                let _ = in_module(worker, |w| {
+                    f(w);
+                    Ok(())
+                });
             }
         }
     }

@@ -32,8 +32,8 @@ pub mod token;
 pub mod verify;
 pub mod worker;
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use cryptoki::context::Pkcs11;
@@ -83,8 +83,19 @@ pub(crate) struct Shared {
     /// (see [`Shared::reinitialise`]).
     pkcs11: Mutex<Pkcs11>,
     module: String,
-    /// The pool's size, once chosen.
+    /// Sessions of the daemon, once chosen: the pool's workers and the I/O
+    /// threads' ([`inline`]).
     workers: AtomicUsize,
+    /// The pool's worker threads, once chosen.
+    threads: AtomicUsize,
+    /// How many times the module was re-initialised: a session opened in
+    /// an earlier generation is stale, and its handles may name another
+    /// session's objects in this one ([`Worker`] never closes or uses it).
+    generation: AtomicU64,
+    /// Held shared by every call on an I/O thread's session, and exclusive
+    /// by a re-initialisation, so that no call is inside the module while
+    /// it is finalised. Taken before [`Shared::pkcs11`]'s lock.
+    in_module: RwLock<()>,
     /// `[hsm] loaded_keys`: KEKs unwrapped at once, all workers together.
     loaded_keys: usize,
     last_reinit: Mutex<Option<std::time::Instant>>,
@@ -127,15 +138,18 @@ impl Shared {
     /// Finalises and initialises the module again, at most once every two
     /// seconds. Some modules (SoftHSM2 among them) never see a token again
     /// that went away while they were initialised; a fresh C_Initialize
-    /// does. Only with one worker, whose session is closed already: with
-    /// more, C_Finalize would pull sessions from under the other workers
-    /// (and their stale handles could close new sessions), so a pool of
-    /// several workers needs a restart for such a module. Returns whether
-    /// it re-initialised.
+    /// does. Only with one worker thread, whose session is closed already:
+    /// with more, C_Finalize would pull sessions from under the other
+    /// workers in the middle of their calls, so a pool of several workers
+    /// needs a restart for such a module. The I/O threads' sessions
+    /// ([`inline`]) are held out of the module meanwhile ([`Shared::in_module`])
+    /// and, being of an earlier [`Shared::generation`], dropped unclosed
+    /// before their next call. Returns whether it re-initialised.
     fn reinitialise(&self) -> bool {
-        if self.workers.load(Ordering::SeqCst) != 1 {
+        if self.threads.load(Ordering::SeqCst) != 1 {
             return false;
         }
+        let _quiet = self.in_module.write().unwrap_or_else(|e| e.into_inner());
         let mut last = self.last_reinit.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(2)) {
             return false;
@@ -148,6 +162,7 @@ impl Shared {
         match token::load_module(&self.module) {
             Ok(fresh) => {
                 *current = fresh;
+                self.generation.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(module = %self.module, "PKCS#11 module re-initialised to look for the token again");
                 true
             }
@@ -167,6 +182,9 @@ pub struct Hsm {
     jobs: Arc<queue::Queue<Job>>,
     /// The I/O threads' sessions, with `[hsm] inline` (else none).
     inline: inline::Sessions,
+    /// When (Unix seconds) an I/O thread's session last had a worker probe
+    /// the token ([`Hsm::nudge`]).
+    nudged: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
     token_label: String,
     workers: usize,
@@ -192,6 +210,9 @@ impl Hsm {
             pkcs11: Mutex::new(pkcs11),
             module: cfg.module.clone(),
             workers: AtomicUsize::new(1),
+            threads: AtomicUsize::new(1),
+            generation: AtomicU64::new(0),
+            in_module: RwLock::new(()),
             loaded_keys: cfg.loaded_keys.max(1),
             last_reinit: Mutex::new(None),
             token_label: cfg.token_label.clone(),
@@ -220,6 +241,7 @@ impl Hsm {
         // Every session counts: for the KEKs each may keep, and so that no
         // worker re-initialises the module under the others' feet.
         shared.workers.store(workers + inline_sessions, Ordering::SeqCst);
+        shared.threads.store(workers, Ordering::SeqCst);
         if cfg.inline {
             inline::warn_if_remote(first.as_mut().expect("first worker"))?;
         }
@@ -254,6 +276,7 @@ impl Hsm {
         Ok(Hsm {
             jobs,
             inline,
+            nudged: AtomicU64::new(0),
             threads: Mutex::new(threads),
             token_label: cfg.token_label,
             workers,
@@ -308,9 +331,32 @@ impl Hsm {
         F: FnOnce(&mut Worker) -> Result<T, HsmError> + Send + 'static,
     {
         match self.inline.run(f) {
+            Ok(Err(HsmError::TokenNotFound(label))) => {
+                self.nudge();
+                Err(HsmError::TokenNotFound(label))
+            }
             Ok(r) => r,
             Err(f) => self.run_for(tenant, f).await,
         }
+    }
+
+    /// An I/O thread's session found the token gone; it may not
+    /// re-initialise the module itself ([`inline`]), so a worker probes
+    /// the token (re-initialising the module when it is back, at most
+    /// every 2 s): the token is found again without waiting for `health`.
+    /// At most one such probe a second.
+    fn nudge(&self) {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.nudged.swap(now, Ordering::SeqCst) == now {
+            return;
+        }
+        let job: Job = Box::new(|w| {
+            if let Err(e) = w.probe() {
+                tracing::debug!("probing the token for the I/O threads' sessions: {e}");
+            }
+        });
+        let _ = self.jobs.push_system(job);
     }
 
     /// The HSM jobs waiting for a worker, and how many may wait.

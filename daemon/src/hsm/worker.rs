@@ -76,6 +76,11 @@ pub struct Worker {
     uses: u64,
     audit_key: Option<ObjectHandle>,
     lost: bool,
+    /// The module's generation when `session` was opened ([`Shared`]).
+    generation: u64,
+    /// Whether this worker may re-initialise the module (a worker thread;
+    /// not an I/O thread's session, which holds the module shared).
+    may_reinit: bool,
 }
 
 impl Worker {
@@ -89,9 +94,27 @@ impl Worker {
             uses: 0,
             audit_key: None,
             lost: false,
+            generation: 0,
+            may_reinit: true,
         };
         w.session()?;
         Ok(w)
+    }
+
+    /// A worker for an I/O thread ([`super::inline`]): it never
+    /// re-initialises the module.
+    pub(super) fn for_io_thread(shared: Arc<Shared>) -> Result<Worker, HsmError> {
+        let mut w = Worker::new(shared)?;
+        w.may_reinit = false;
+        Ok(w)
+    }
+
+    /// Whether the session was opened before the module was re-initialised:
+    /// its handle, and its objects' handles, may now name another
+    /// session's.
+    pub(super) fn stale(&self) -> bool {
+        self.session.is_some()
+            && self.generation != self.shared.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Runs jobs until the queue closes.
@@ -171,6 +194,11 @@ impl Worker {
         crate::metrics::keks_unloaded(self.keks.len());
         self.keks.clear();
         self.audit_key = None;
+        if self.stale() {
+            // Closing it could close another session that now has its
+            // handle; the module's re-initialisation ended it already.
+            std::mem::forget(self.session.take());
+        }
         self.session = None;
         self.lost = false;
     }
@@ -186,6 +214,9 @@ impl Worker {
     /// session after this job (which destroys every object it made).
     fn destroy_kek(&mut self, handle: ObjectHandle) {
         crate::metrics::keks_unloaded(1);
+        if self.stale() {
+            return;
+        }
         if let Some(s) = &self.session {
             if let Err(e) = s.destroy_object(handle) {
                 tracing::warn!(error = %e, "cannot destroy a KEK's session object; closing the session");
@@ -231,7 +262,7 @@ impl Worker {
             let (pkcs11, slot) = match token::find_token(&pkcs11, &sh.token_label) {
                 Ok(slot) => (pkcs11, slot),
                 Err(e) => {
-                    if !sh.reinitialise() {
+                    if !self.may_reinit || !sh.reinitialise() {
                         return Err(e);
                     }
                     let pkcs11 = sh.pkcs11();
@@ -241,7 +272,10 @@ impl Worker {
             };
             let pin = sh.pin.lock().unwrap_or_else(|e| e.into_inner());
             match token::open_session(&pkcs11, slot, &sh.token_label, &pin) {
-                Ok(s) => self.session = Some(s),
+                Ok(s) => {
+                    self.session = Some(s);
+                    self.generation = sh.generation.load(std::sync::atomic::Ordering::SeqCst);
+                }
                 Err(HsmError::Login { label, kind, reason }) => {
                     tracing::error!(
                         token = %label,
