@@ -143,6 +143,8 @@ impl Sessions {
     pub(crate) fn close(&self) {
         for s in &self.sessions {
             if let Some(mut worker) = s.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let shared = worker.shared.clone();
+                let _inside = shared.in_module.read().unwrap_or_else(|e| e.into_inner());
                 worker.close();
             }
         }

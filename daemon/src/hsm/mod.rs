@@ -94,7 +94,10 @@ pub(crate) struct Shared {
     generation: AtomicU64,
     /// Held shared by every call on an I/O thread's session, and exclusive
     /// by a re-initialisation, so that no call is inside the module while
-    /// it is finalised. Taken before [`Shared::pkcs11`]'s lock.
+    /// it is finalised. Lock order: a slot of [`inline`], then this, then
+    /// `login_refused`, `pin`, `pkcs11`; the worker that re-initialises
+    /// holds no other lock while it waits for this one (a session waiting
+    /// for `login_refused` under it would otherwise never let go).
     in_module: RwLock<()>,
     /// `[hsm] loaded_keys`: KEKs unwrapped at once, all workers together.
     loaded_keys: usize,

@@ -246,18 +246,11 @@ impl Worker {
 
     pub(super) fn session(&mut self) -> Result<&Session, HsmError> {
         if self.session.is_none() {
-            let sh = &self.shared;
-            let mut refused = sh.login_refused.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((kind, reason)) = &*refused {
-                // Never try a refused PIN again by ourselves: that could lock the token.
-                return Err(HsmError::Login {
-                    label: sh.token_label.clone(),
-                    kind: *kind,
-                    reason: format!(
-                        "{reason}; not retried: fix the PIN, then send SIGHUP (or restart) to try it once"
-                    ),
-                });
-            }
+            let sh = self.shared.clone();
+            // The token first, re-initialising the module if need be, and
+            // not under the login lock: an I/O thread's session waiting for
+            // that lock holds the module shared, which a re-initialisation
+            // waits for ([`Shared::in_module`]).
             let pkcs11 = sh.pkcs11();
             let (pkcs11, slot) = match token::find_token(&pkcs11, &sh.token_label) {
                 Ok(slot) => (pkcs11, slot),
@@ -270,6 +263,18 @@ impl Worker {
                     (pkcs11, slot)
                 }
             };
+            // One login at a time, and none after a refusal.
+            let mut refused = sh.login_refused.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((kind, reason)) = &*refused {
+                // Never try a refused PIN again by ourselves: that could lock the token.
+                return Err(HsmError::Login {
+                    label: sh.token_label.clone(),
+                    kind: *kind,
+                    reason: format!(
+                        "{reason}; not retried: fix the PIN, then send SIGHUP (or restart) to try it once"
+                    ),
+                });
+            }
             let pin = sh.pin.lock().unwrap_or_else(|e| e.into_inner());
             match token::open_session(&pkcs11, slot, &sh.token_label, &pin) {
                 Ok(s) => {
