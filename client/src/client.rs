@@ -391,8 +391,9 @@ impl Shared {
     }
 
     /// Connects to the socket and says `hello`, within the connect
-    /// timeout; `patient` waits for a socket that is missing or refuses (a
-    /// daemon restarting) until then.
+    /// timeout; `patient` waits for a socket that is missing, refuses, or
+    /// resets the connection (a daemon restarting: one killed with the
+    /// connection still in its listening queue resets it) until then.
     async fn open(self: &Arc<Self>, patient: bool) -> Result<Arc<Connection>, Error> {
         let path = self.socket.as_deref().ok_or(Error::Closed)?;
         let attempt = async {
@@ -404,7 +405,9 @@ impl Shared {
                         if patient
                             && matches!(
                                 e.kind(),
-                                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                                std::io::ErrorKind::NotFound
+                                    | std::io::ErrorKind::ConnectionRefused
+                                    | std::io::ErrorKind::ConnectionReset
                             ) =>
                     {
                         tokio::time::sleep(pause).await;
