@@ -977,3 +977,19 @@ fn ip(args: &[&str]) -> Result<String, String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A dev install's SoftHSM2 token folder (one per token under `tokens/`).
+pub fn token_dir(dir: &Path) -> PathBuf {
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(dir.join("tokens")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries.remove(0)
+}
+
+/// The value of the unlabelled series `name` in a metrics exposition.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample `{name}` in:\n{text}"))
+}

@@ -5,7 +5,7 @@
 //! gives a named wire error, a `health` condition, and recovery without a
 //! restart where recovery is possible.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -27,14 +27,6 @@ fn pkcs11_tool(dir: &Path, args: &[&str]) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "pkcs11-tool {args:?} failed:\n{text}");
     text
-}
-
-/// The token's directory (SoftHSM2 keeps one per token under `tokens/`).
-fn token_dir(dir: &Path) -> PathBuf {
-    let mut entries: Vec<PathBuf> =
-        std::fs::read_dir(dir.join("tokens")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(entries.len(), 1, "{entries:?}");
-    entries.remove(0)
 }
 
 async fn token_condition(c: &Client) -> (String, Option<String>) {

@@ -7,7 +7,7 @@
 
 use keyhaven::revocation::{Reason, Scope};
 use keyhaven::{Client, ErrorCode, KeyOptions, KeyType, Plaintext};
-use keyhaven_tests::{ctx, path, TestDaemon};
+use keyhaven_tests::{ctx, path, sample, token_dir, TestDaemon};
 
 /// A daemon with `[hsm] inline = true`.
 fn inline_daemon() -> TestDaemon {
@@ -30,13 +30,6 @@ fn inline_daemon_with(edits: &[(&str, &str)]) -> TestDaemon {
         std::fs::write(&file, config).unwrap();
     });
     d
-}
-
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample `{name}` in:\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,14 +100,6 @@ fn inline_takes_only_true_or_false() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("inline"), "the refusal names the key: {err}");
-}
-
-/// The token's directory (SoftHSM2 keeps one per token under `tokens/`).
-fn token_dir(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut entries: Vec<std::path::PathBuf> =
-        std::fs::read_dir(dir.join("tokens")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(entries.len(), 1, "{entries:?}");
-    entries.remove(0)
 }
 
 async fn token_condition(c: &Client) -> String {

@@ -499,14 +499,6 @@ fn a_session_object_serves_every_session_of_its_process(
     assert!(user.encrypt(&Mechanism::AesEcb, key, &[7u8; 16]).is_err(), "the key outlived its session");
 }
 
-/// A Prometheus sample's value from `metrics` text (a family without labels).
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample `{name}` in:\n{text}"))
-}
-
 /// Encrypts under `n` keys of a fresh tenant, then decrypts each ciphertext
 /// `rounds` times, all keys in turn; every request must succeed.
 async fn use_keys(client: &Client, tenant: &str, n: usize, rounds: usize) {

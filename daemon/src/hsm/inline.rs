@@ -74,7 +74,7 @@ fn in_module<T>(
     let shared = worker.shared.clone();
     let _inside = shared.in_module.read().unwrap_or_else(|e| e.into_inner());
     if worker.stale() {
-        worker.close();
+        worker.reset();
     }
     let r = f(worker);
     worker.after_job();
@@ -91,11 +91,6 @@ impl Sessions {
             .map(|_| Worker::for_io_thread(shared.clone()).map(|w| Mutex::new(Some(w))))
             .collect::<Result<_, _>>()?;
         Ok(Sessions { sessions })
-    }
-
-    /// How many sessions.
-    pub(crate) fn len(&self) -> usize {
-        self.sessions.len()
     }
 
     /// Runs `f` on this thread's session, or gives `f` back when there is
@@ -145,7 +140,7 @@ impl Sessions {
             if let Some(mut worker) = s.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let shared = worker.shared.clone();
                 let _inside = shared.in_module.read().unwrap_or_else(|e| e.into_inner());
-                worker.close();
+                worker.reset();
             }
         }
     }

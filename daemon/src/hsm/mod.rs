@@ -152,11 +152,13 @@ impl Shared {
         if self.threads.load(Ordering::SeqCst) != 1 {
             return false;
         }
-        let _quiet = self.in_module.write().unwrap_or_else(|e| e.into_inner());
         let mut last = self.last_reinit.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(2)) {
             return false;
         }
+        // Only now, so that the I/O threads' calls are held back only for
+        // a re-initialisation, not for every look while the token is away.
+        let _quiet = self.in_module.write().unwrap_or_else(|e| e.into_inner());
         *last = Some(std::time::Instant::now());
         let mut current = self.pkcs11.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = current.clone().finalize() {
@@ -420,11 +422,6 @@ impl Hsm {
     /// Number of workers.
     pub fn workers(&self) -> usize {
         self.workers
-    }
-
-    /// Number of sessions of the I/O threads (`[hsm] inline`; else 0).
-    pub fn inline_sessions(&self) -> usize {
-        self.inline.len()
     }
 
     /// The master key version new KEKs are wrapped under.

@@ -135,11 +135,6 @@ impl Worker {
         }
     }
 
-    /// Closes the session (and with it every object it made).
-    pub(super) fn close(&mut self) {
-        self.reset();
-    }
-
     /// Runs `op`; when it fails because the session, the login or a cached
     /// handle is gone (the token went away and came back, the session was
     /// closed), drops the session and its handles, opens a new one, logs in
@@ -189,7 +184,7 @@ impl Worker {
     }
 
     /// Drops the session (and with it every session object) and the caches.
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.master_keys.clear();
         crate::metrics::keks_unloaded(self.keks.len());
         self.keks.clear();
